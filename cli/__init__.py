@@ -1,0 +1,1 @@
+"""The ``spl`` command line (import name ``superlinear.cli``)."""

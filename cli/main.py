@@ -1,0 +1,78 @@
+"""Assemble ``spl`` from the commands that plugins register, and run it.
+
+Errors a user can cause end in one line on stderr and exit code 2 (click's own usage errors
+included); anything else is a bug: one line plus a hint to rerun with ``SPL_TRACE=1``, which
+shows the traceback.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+
+import click
+
+from superlinear import __version__
+from superlinear.errors import UserError
+
+USAGE_EXIT = 2
+
+
+def build_cli() -> click.Group:
+    from superlinear.pluginloader import collect
+
+    @click.group(
+        context_settings={"help_option_names": ["-h", "--help"]},
+        help="spl: long-context inference with superlinear attention. Commands come from plugins "
+        "(`spl plugins` lists them).",
+    )
+    @click.version_option(__version__, "-V", "--version", prog_name="spl")
+    def cli() -> None:
+        pass
+
+    for plugin, args, _kwargs in collect("register_commands"):
+        command = args[0]
+        if command.name in cli.commands:
+            print(f"spl: warning: plugin {plugin!r}: command {command.name!r} already exists; skipped",
+                  file=sys.stderr)
+            continue
+        cli.add_command(command)
+    return cli
+
+
+def fail(message: str, code: int = USAGE_EXIT) -> None:
+    first_line = message.strip().splitlines()[0] if message.strip() else "failed"
+    print(f"spl: error: {first_line}", file=sys.stderr)
+    sys.exit(code)
+
+
+def main(argv: list[str] | None = None) -> None:
+    cli = build_cli()
+    try:
+        result = cli.main(args=argv, prog_name="spl", standalone_mode=False)
+    except click.exceptions.NoSuchOption as exc:
+        fail(exc.format_message())
+    except click.UsageError as exc:
+        hint = " (try `spl --help`)" if "No such command" in exc.format_message() else ""
+        fail(exc.format_message() + hint)
+    except click.ClickException as exc:
+        fail(exc.format_message())
+    except (click.Abort, KeyboardInterrupt):
+        print("spl: interrupted", file=sys.stderr)
+        sys.exit(130)
+    except UserError as exc:
+        fail(exc.message)
+    except BrokenPipeError:
+        sys.exit(0)
+    except Exception as exc:
+        if os.environ.get("SPL_TRACE") == "1":
+            raise
+        print(f"spl: internal error: {type(exc).__name__}: {exc} (rerun with SPL_TRACE=1 for the traceback)"
+              .splitlines()[0], file=sys.stderr)
+        sys.exit(1)
+    if isinstance(result, int):
+        sys.exit(result)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,176 @@
+"""The command bus: every user action is a small typed command with one handler.
+
+The CLI, the REPL's slash commands and the HTTP layer build the same ``Command`` values and
+``dispatch`` them, so a feature is written once. Plugins add handlers through the
+``register_handlers`` hook and middleware through ``register_middleware``.
+
+Built-in middleware (outermost first):
+- error mapping: library errors a user can cause (missing file, refused connection...)
+  become ``UserError`` with one readable line;
+- tracing: with ``SPL_TRACE=1`` each dispatch prints ``trace: <name> <ms>`` on stderr;
+- timing: the last dispatch's duration is kept on the context (``ctx.last_duration_s``).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import sys
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any, ClassVar
+
+from superlinear.errors import Unavailable, UserError
+
+
+@dataclass(frozen=True)
+class Command:
+    """Base of all bus commands. Subclasses are frozen dataclasses with a dotted ``name``."""
+
+    name: ClassVar[str] = "command"
+
+    def describe(self) -> str:
+        fields = ", ".join(f"{f.name}={getattr(self, f.name)!r}" for f in dataclasses.fields(self))
+        return f"{self.name}({fields})"
+
+
+@dataclass
+class Context:
+    """What a handler may need beyond its command: where it was called from and shared state."""
+
+    origin: str = "cli"  # "cli" | "repl" | "http"
+    state: dict[str, Any] = field(default_factory=dict)
+    last_duration_s: float = 0.0
+
+
+@dataclass(frozen=True)
+class SlashCommand:
+    """A REPL slash command. ``run(argument_text, repl)`` usually builds a bus command."""
+
+    name: str  # without the slash
+    help: str
+    run: Callable[[str, Any], Any]
+    usage: str = ""
+
+
+Handler = Callable[[Command, Context], Any]
+Middleware = Callable[[Command, Context, Callable[[Command, Context], Any]], Any]
+
+
+class UnknownCommand(UserError):
+    pass
+
+
+class Bus:
+    def __init__(self) -> None:
+        self._handlers: dict[type[Command], Handler] = {}
+        self._middleware: list[Middleware] = []
+
+    def register(self, command_type: type[Command], handler: Handler) -> None:
+        if command_type in self._handlers:
+            raise ValueError(f"a handler for {command_type.name!r} is already registered")
+        self._handlers[command_type] = handler
+
+    def use(self, middleware: Middleware) -> None:
+        self._middleware.append(middleware)
+
+    def handles(self, command_type: type[Command]) -> bool:
+        return command_type in self._handlers
+
+    def commands(self) -> list[str]:
+        return sorted(t.name for t in self._handlers)
+
+    def dispatch(self, command: Command, ctx: Context | None = None) -> Any:
+        ctx = ctx or Context()
+
+        def call_handler(cmd: Command, c: Context) -> Any:
+            handler = self._handlers.get(type(cmd))
+            if handler is None:
+                raise UnknownCommand(f"no handler for command {cmd.name!r}")
+            return handler(cmd, c)
+
+        call = call_handler
+        for middleware in reversed(self._middleware):
+            call = _bind(middleware, call)
+        return call(command, ctx)
+
+
+def _bind(middleware: Middleware, call_next: Callable) -> Callable:
+    return lambda cmd, ctx: middleware(cmd, ctx, call_next)
+
+
+def map_errors(command: Command, ctx: Context, call_next) -> Any:
+    """Turn errors a user can cause into ``UserError`` with one clear line."""
+    try:
+        return call_next(command, ctx)
+    except UserError:
+        raise
+    except FileNotFoundError as exc:
+        raise UserError(f"no such file or directory: {exc.filename or exc}") from exc
+    except PermissionError as exc:
+        raise UserError(f"permission denied: {exc.filename or exc}") from exc
+    except IsADirectoryError as exc:
+        raise UserError(f"is a directory: {exc.filename or exc}") from exc
+    except ConnectionError as exc:
+        raise Unavailable(f"cannot connect: {exc}") from exc
+    except Exception as exc:
+        # httpx is optional at import time; map its transport errors by name.
+        if type(exc).__module__.startswith("httpx") and "Connect" in type(exc).__name__:
+            raise Unavailable(f"cannot reach the spl server ({exc}); start it with `spl server start`") from exc
+        raise
+
+
+def trace(command: Command, ctx: Context, call_next) -> Any:
+    if os.environ.get("SPL_TRACE") != "1":
+        return call_next(command, ctx)
+    start = time.perf_counter()
+    status = "error"
+    try:
+        result = call_next(command, ctx)
+        status = "ok"
+        return result
+    finally:
+        ms = (time.perf_counter() - start) * 1000
+        print(f"trace: {command.describe()} {status} {ms:.1f} ms", file=sys.stderr)
+
+
+def timing(command: Command, ctx: Context, call_next) -> Any:
+    start = time.perf_counter()
+    try:
+        return call_next(command, ctx)
+    finally:
+        ctx.last_duration_s = time.perf_counter() - start
+
+
+_bus: Bus | None = None
+
+
+def get_bus() -> Bus:
+    """The process-wide bus with every plugin's handlers and middleware registered."""
+    global _bus
+    if _bus is not None:
+        return _bus
+    from superlinear.pluginloader import collect
+
+    bus = Bus()
+    for middleware in (map_errors, trace, timing):
+        bus.use(middleware)
+    for _plugin, args, kwargs in collect("register_middleware"):
+        bus.use(*args, **kwargs)
+    for plugin, args, kwargs in collect("register_handlers"):
+        try:
+            bus.register(*args, **kwargs)
+        except ValueError as exc:
+            print(f"spl: warning: plugin {plugin!r}: {exc}", file=sys.stderr)
+    _bus = bus
+    return bus
+
+
+def dispatch(command: Command, ctx: Context | None = None) -> Any:
+    return get_bus().dispatch(command, ctx)
+
+
+def reset_for_tests() -> None:
+    global _bus
+    _bus = None

@@ -1,0 +1,75 @@
+"""Errors a user can cause. Each carries its HTTP status and an OpenAI-style type/code.
+
+The bus middleware turns these into one readable line and exit code 2 on the CLI; the server
+turns them into ``{"error": {...}}`` bodies with ``http_status``. Anything that is not a
+``UserError`` is a bug (500 / traceback under ``SPL_TRACE=1``).
+"""
+
+from __future__ import annotations
+
+
+class UserError(Exception):
+    """Something the user asked for cannot be done; the message says why and what to do."""
+
+    http_status = 400
+    error_type = "invalid_request_error"
+    code: str | None = None
+
+    def __init__(self, message: str, *, param: str | None = None, code: str | None = None):
+        super().__init__(message)
+        self.message = message
+        self.param = param
+        if code is not None:
+            self.code = code
+
+    def to_openai(self) -> dict:
+        return {
+            "error": {
+                "message": self.message,
+                "type": self.error_type,
+                "param": self.param,
+                "code": self.code,
+            }
+        }
+
+
+class InvalidRequest(UserError):
+    http_status = 400
+
+
+class Unauthorized(UserError):
+    http_status = 401
+    error_type = "authentication_error"
+    code = "invalid_api_key"
+
+
+class NotFound(UserError):
+    http_status = 404
+    error_type = "not_found_error"
+    code = "not_found"
+
+
+class Conflict(UserError):
+    http_status = 409
+    error_type = "conflict_error"
+    code = "conflict"
+
+
+class TooLarge(UserError):
+    http_status = 413
+    error_type = "invalid_request_error"
+    code = "context_length_exceeded"
+
+
+class Busy(UserError):
+    http_status = 429
+    error_type = "rate_limit_error"
+    code = "server_busy"
+
+
+class Unavailable(UserError):
+    """A dependency (server, model hub) cannot be reached."""
+
+    http_status = 503
+    error_type = "service_unavailable"
+    code = "unavailable"
