@@ -38,7 +38,8 @@ def test_every_package_is_listed_in_pyproject():
 def test_non_editable_install_into_fresh_venv(tmp_path):
     wheel_dir = tmp_path / "wheel"
     build = subprocess.run(
-        [sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "-q", "-w", str(wheel_dir), str(ROOT)],
+        [sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "-q",
+         "-w", str(wheel_dir), str(ROOT)],
         capture_output=True, text=True, timeout=300,
     )
     assert build.returncode == 0, build.stderr
