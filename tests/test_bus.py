@@ -5,6 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import pytest
+
 from superlinear.bus import Bus, Command, Context, map_errors, timing, trace
 from superlinear.errors import NotFound, Unavailable, UserError
 
