@@ -1,0 +1,9 @@
+"""Sessions (live conversations whose cache stays hot) and snapshots (their state on disk).
+
+Importing this package does not import torch; the classes do when they are used.
+"""
+
+from superlinear.sessions.ids import validate_id
+from superlinear.sessions.snapshots import CorruptSnapshot, ModelMismatch, SnapshotStore, check_model
+
+__all__ = ["CorruptSnapshot", "ModelMismatch", "SnapshotStore", "check_model", "validate_id"]

@@ -1,0 +1,507 @@
+"""Snapshots: a session's state frozen on disk, one directory per snapshot.
+
+Layout of ``<root>/<id>/``::
+
+    manifest.json         schema_version, id, created_at, updated_at, model {name, fingerprint},
+                          session {position, max_seq_len, message_count, ...}, title,
+                          description, tags, files {name: {sha256, bytes}}, spl_version
+    transcript.json       {"messages": [...], "engine": {...}}: the chat transcript and the
+                          engine's bookkeeping (token ids live in the tensors file)
+    tensors.safetensors   KV cache trimmed to the position, recurrent state, checkpoints
+
+Durability: a snapshot is written into ``<root>/.tmp.<pid>.<rand>/``, every file is fsynced,
+the directory is fsynced, then renamed to ``<root>/<id>`` and the root is fsynced. A crash at
+any point leaves either no visible snapshot or a complete one; leftover temporary directories
+are ignored by ``list()`` and removed once their writer process is gone. Every file's SHA-256
+is in the manifest and is checked before anything is loaded, so a truncated or edited file is
+refused (``CorruptSnapshot``). Tensors are safetensors; nothing is ever unpickled.
+"""
+
+from __future__ import annotations
+
+import datetime as _dt
+import json
+import os
+import re
+import secrets
+import shutil
+import tarfile
+import threading
+from pathlib import Path
+
+from superlinear.errors import Conflict, InvalidRequest, NotFound
+from superlinear.sessions import tensorfile
+from superlinear.sessions.ids import new_id, validate_id
+
+SCHEMA_VERSION = 1
+MANIFEST = "manifest.json"
+TRANSCRIPT = "transcript.json"
+TENSORS = "tensors.safetensors"
+EXPORT_SUFFIX = ".spl-snapshot.tar"
+
+MAX_TITLE = 200
+MAX_DESCRIPTION = 10_000
+MAX_TAGS = 64
+MAX_TAG_LEN = 64
+_FILE_NAME_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,127}")
+_UNSET = object()
+
+
+class CorruptSnapshot(InvalidRequest):
+    """A snapshot's files do not match its manifest (truncated, edited, missing)."""
+
+    code = "snapshot_corrupted"
+
+
+class ModelMismatch(Conflict):
+    """A snapshot was made with another model than the one loaded."""
+
+    code = "model_mismatch"
+
+
+def _now() -> str:
+    return _dt.datetime.now(_dt.UTC).isoformat(timespec="milliseconds").replace("+00:00", "Z")
+
+
+def _pid_alive(pid: int) -> bool:
+    if pid <= 0:
+        return False
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    except OSError:
+        return False
+    return True
+
+
+def model_identity(model) -> dict:
+    """``{"name", "fingerprint"}`` from a model object or a dict with those keys."""
+    if isinstance(model, dict):
+        name, fingerprint = model.get("name"), model.get("fingerprint")
+    else:
+        name, fingerprint = getattr(model, "name", None), getattr(model, "fingerprint", None)
+    if not fingerprint:
+        raise ValueError("the model has no fingerprint; snapshots need one to be checked on load")
+    return {"name": str(name or "unknown"), "fingerprint": str(fingerprint)}
+
+
+def check_model(manifest: dict, model) -> None:
+    """Refuse a snapshot made with another model, naming both models."""
+    want = model_identity(model)
+    have = manifest.get("model") or {}
+    if have.get("fingerprint") != want["fingerprint"]:
+        raise ModelMismatch(
+            f"snapshot {manifest.get('id')!r} was made with model {have.get('name')!r} "
+            f"(fingerprint {str(have.get('fingerprint'))[:16]}), but the loaded model is "
+            f"{want['name']!r} (fingerprint {want['fingerprint'][:16]}); load it with the model it "
+            "was made with",
+            param="snapshot_id",
+        )
+
+
+def _clean_title(value, what: str, limit: int) -> str:
+    if value is None:
+        return ""
+    if not isinstance(value, str):
+        raise InvalidRequest(f"{what} must be a string", param=what)
+    if len(value) > limit:
+        raise InvalidRequest(f"{what} is {len(value)} characters long; at most {limit} are allowed",
+                             param=what)
+    return value
+
+
+def _clean_tags(tags) -> list[str]:
+    if tags is None:
+        return []
+    if isinstance(tags, str):
+        tags = [tags]
+    out: list[str] = []
+    for tag in tags:
+        if not isinstance(tag, str) or not tag.strip():
+            raise InvalidRequest(f"tags must be non-empty strings, got {tag!r}", param="tags")
+        tag = tag.strip()
+        if len(tag) > MAX_TAG_LEN or any(ord(c) < 32 for c in tag):
+            raise InvalidRequest(f"invalid tag {tag!r}: at most {MAX_TAG_LEN} printable characters",
+                                 param="tags")
+        if tag not in out:
+            out.append(tag)
+    if len(out) > MAX_TAGS:
+        raise InvalidRequest(f"{len(out)} tags; at most {MAX_TAGS} are allowed", param="tags")
+    return out
+
+
+class SnapshotStore:
+    """Snapshots on disk under ``root`` (default ``superlinear.paths.snapshots_dir()``)."""
+
+    def __init__(self, root: str | os.PathLike | None = None, *, cleanup: bool = True):
+        if root is None:
+            from superlinear.paths import snapshots_dir
+
+            root = snapshots_dir()
+        self.root = Path(root)
+        self._lock = threading.RLock()
+        if cleanup:
+            self.cleanup()
+
+    # ------------------------------------------------------------------ paths and ids
+    def _dir(self, snapshot_id: str) -> Path:
+        return self.root / validate_id(snapshot_id, "snapshot id", param="snapshot_id")
+
+    def _tmp_dir(self, kind: str = "tmp", suffix: str = "") -> Path:
+        name = f".{kind}.{os.getpid()}.{secrets.token_hex(6)}"
+        return self.root / (name + (f".{suffix}" if suffix else ""))
+
+    def exists(self, snapshot_id: str) -> bool:
+        return (self._dir(snapshot_id) / MANIFEST).is_file()
+
+    def cleanup(self) -> list[str]:
+        """Remove what crashed writers left behind (``.tmp.*``, ``.del.*``) and put back a
+        snapshot whose replacement was cut short (``.old.*``). Returns the names handled.
+        Directories of live processes are left alone."""
+        handled: list[str] = []
+        if not self.root.is_dir():
+            return handled
+        for entry in self.root.iterdir():
+            name = entry.name
+            if not name.startswith(".") or not entry.is_dir():
+                continue
+            parts = name[1:].split(".", 3)
+            if len(parts) < 3 or parts[0] not in ("tmp", "del", "old") or not parts[1].isdigit():
+                continue
+            if _pid_alive(int(parts[1])):
+                continue  # its writer (maybe this process) may still be at work
+            if parts[0] == "old" and len(parts) == 4:
+                target = self.root / parts[3]
+                if not target.exists() and (entry / MANIFEST).is_file():
+                    os.rename(entry, target)
+                    handled.append(name)
+                    continue
+            shutil.rmtree(entry, ignore_errors=True)
+            handled.append(name)
+        if handled:
+            tensorfile.fsync_dir(self.root)
+        return handled
+
+    # ------------------------------------------------------------------ writing
+    def save(
+        self,
+        *,
+        model,
+        session: dict,
+        transcript,
+        tensors: dict,
+        title: str | None = None,
+        description: str | None = None,
+        tags=None,
+        snapshot_id: str | None = None,
+        replace: bool = False,
+    ) -> dict:
+        """Write a new snapshot atomically; returns its manifest.
+
+        ``model``: the model (or ``{"name", "fingerprint"}``); ``session``: at least
+        ``position``, ``max_seq_len``, ``message_count``; ``transcript``: JSON-serialisable;
+        ``tensors``: name -> torch.Tensor (any device). An existing id is a ``Conflict``
+        unless ``replace`` (then the old snapshot is swapped out atomically).
+        """
+        snapshot_id = new_id("snap") if snapshot_id is None \
+            else validate_id(snapshot_id, "snapshot id", param="snapshot_id")
+        for key in ("position", "max_seq_len", "message_count"):
+            if key not in session:
+                raise ValueError(f"session info lacks {key!r}")
+        created = _now()
+        manifest = {
+            "schema_version": SCHEMA_VERSION,
+            "id": snapshot_id,
+            "created_at": created,
+            "updated_at": created,
+            "model": model_identity(model),
+            "session": dict(session),
+            "title": _clean_title(title, "title", MAX_TITLE),
+            "description": _clean_title(description, "description", MAX_DESCRIPTION),
+            "tags": _clean_tags(tags),
+            "files": {},
+            "spl_version": _spl_version(),
+        }
+        if not replace and self.exists(snapshot_id):
+            raise Conflict(f"snapshot {snapshot_id!r} already exists; pick another id or delete it first",
+                           param="snapshot_id")
+        self.root.mkdir(parents=True, exist_ok=True)
+        tmp = self._tmp_dir()
+        tmp.mkdir()
+        try:
+            transcript_bytes = json.dumps(transcript, ensure_ascii=False, separators=(",", ":")).encode()
+            manifest["files"][TRANSCRIPT] = tensorfile.write_bytes(tmp / TRANSCRIPT, transcript_bytes)
+            manifest["files"][TENSORS] = tensorfile.write_safetensors(
+                tmp / TENSORS, tensors, metadata={"snapshot_id": snapshot_id, "format": "spl-session"})
+            self._write_manifest(tmp, manifest)
+            tensorfile.fsync_dir(tmp)
+            self._publish(tmp, snapshot_id, replace)
+        except BaseException:
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise
+        return manifest
+
+    def _write_manifest(self, directory: Path, manifest: dict) -> None:
+        data = json.dumps(manifest, ensure_ascii=False, indent=2).encode() + b"\n"
+        part = directory / f".{MANIFEST}.{secrets.token_hex(4)}"
+        tensorfile.write_bytes(part, data)
+        os.replace(part, directory / MANIFEST)
+
+    def _publish(self, tmp: Path, snapshot_id: str, replace: bool) -> None:
+        """Rename a complete temporary directory to its final name."""
+        target = self.root / snapshot_id
+        with self._lock:
+            old = None
+            if target.exists():
+                if not replace:
+                    raise Conflict(f"snapshot {snapshot_id!r} already exists; pick another id or "
+                                   "delete it first", param="snapshot_id")
+                old = self._tmp_dir("old", snapshot_id)
+                os.rename(target, old)
+            try:
+                os.rename(tmp, target)
+            except OSError as exc:
+                if old is not None:
+                    os.rename(old, target)
+                if target.exists():
+                    raise Conflict(f"snapshot {snapshot_id!r} already exists", param="snapshot_id") from exc
+                raise
+            tensorfile.fsync_dir(self.root)
+            if old is not None:
+                shutil.rmtree(old, ignore_errors=True)
+
+    # ------------------------------------------------------------------ reading
+    def _load_manifest(self, directory: Path, snapshot_id: str) -> dict:
+        path = directory / MANIFEST
+        try:
+            raw = path.read_bytes()
+        except FileNotFoundError:
+            raise NotFound(f"no snapshot {snapshot_id!r} in {self.root}", param="snapshot_id") from None
+        try:
+            manifest = json.loads(raw)
+        except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+            raise CorruptSnapshot(f"snapshot {snapshot_id!r}: manifest.json is not valid JSON ({exc}); "
+                                  "the snapshot is damaged, delete it", param="snapshot_id") from None
+        problem = _manifest_problem(manifest)
+        if problem:
+            raise CorruptSnapshot(f"snapshot {snapshot_id!r}: manifest.json {problem}; the snapshot is "
+                                  "damaged, delete it", param="snapshot_id")
+        if manifest["schema_version"] > SCHEMA_VERSION:
+            raise InvalidRequest(
+                f"snapshot {snapshot_id!r} has schema version {manifest['schema_version']}, newer than "
+                f"this spl understands ({SCHEMA_VERSION}); upgrade spl", param="snapshot_id")
+        if manifest["id"] != snapshot_id:
+            manifest = dict(manifest, id=snapshot_id)  # renamed by hand: the directory name wins
+        return manifest
+
+    def get(self, snapshot_id: str) -> dict:
+        """The manifest of one snapshot (files are not hashed; ``verify`` or ``read`` do)."""
+        return self._load_manifest(self._dir(snapshot_id), snapshot_id)
+
+    def list(self, *, tag: str | None = None, include_broken: bool = False) -> list[dict]:
+        """Manifests of every snapshot, oldest first; ``tag`` filters. Broken ones are left
+        out unless ``include_broken`` (then they appear as ``{"id", "error"}``)."""
+        out: list[dict] = []
+        if not self.root.is_dir():
+            return out
+        for entry in sorted(self.root.iterdir()):
+            if entry.name.startswith(".") or not entry.is_dir():
+                continue
+            try:
+                validate_id(entry.name)
+                manifest = self._load_manifest(entry, entry.name)
+            except (InvalidRequest, NotFound) as exc:
+                if include_broken:
+                    out.append({"id": entry.name, "error": str(exc)})
+                continue
+            if tag is None or tag in manifest.get("tags", ()):
+                out.append(manifest)
+        out.sort(key=lambda m: (m.get("created_at", ""), m["id"]))
+        return out
+
+    def verify(self, snapshot_id: str) -> dict:
+        """Check every file against the manifest's hashes; returns the manifest."""
+        directory = self._dir(snapshot_id)
+        manifest = self._load_manifest(directory, snapshot_id)
+        _verify_files(directory, manifest, snapshot_id)
+        return manifest
+
+    def read(self, snapshot_id: str, *, model=None, device=None) -> tuple[dict, object, dict]:
+        """``(manifest, transcript, tensors)`` after checking the model (if given) and every
+        file's hash. Tensors are loaded onto ``device`` (default CPU)."""
+        directory = self._dir(snapshot_id)
+        manifest = self._load_manifest(directory, snapshot_id)
+        if model is not None:
+            check_model(manifest, model)
+        _verify_files(directory, manifest, snapshot_id)
+        try:
+            transcript = json.loads((directory / TRANSCRIPT).read_bytes())
+            tensors = tensorfile.read_safetensors(directory / TENSORS, device=device)
+        except FileNotFoundError:
+            raise NotFound(f"snapshot {snapshot_id!r} was deleted while it was read",
+                           param="snapshot_id") from None
+        except Exception as exc:  # a file that hashes right but does not parse
+            raise CorruptSnapshot(f"snapshot {snapshot_id!r} cannot be read: {exc}",
+                                  param="snapshot_id") from None
+        return manifest, transcript, tensors
+
+    def bytes(self, snapshot_id: str) -> int:
+        return sum(f["bytes"] for f in self.get(snapshot_id)["files"].values())
+
+    # ------------------------------------------------------------------ metadata and removal
+    def patch(self, snapshot_id: str, *, title=_UNSET, description=_UNSET, tags=_UNSET,
+              add_tags=(), remove_tags=()) -> dict:
+        """Change title / description / tags; the manifest is rewritten atomically."""
+        directory = self._dir(snapshot_id)
+        with self._lock:
+            manifest = self._load_manifest(directory, snapshot_id)
+            if title is not _UNSET:
+                manifest["title"] = _clean_title(title, "title", MAX_TITLE)
+            if description is not _UNSET:
+                manifest["description"] = _clean_title(description, "description", MAX_DESCRIPTION)
+            if tags is not _UNSET:
+                manifest["tags"] = _clean_tags(tags)
+            if add_tags or remove_tags:
+                drop = set(_clean_tags(remove_tags))
+                manifest["tags"] = _clean_tags([t for t in manifest.get("tags", []) if t not in drop]
+                                               + _clean_tags(add_tags))
+            manifest["updated_at"] = _now()
+            self._write_manifest(directory, manifest)
+            tensorfile.fsync_dir(directory)
+        return manifest
+
+    def delete(self, snapshot_id: str) -> None:
+        """Remove a snapshot: renamed away first (atomic), then its files are deleted."""
+        directory = self._dir(snapshot_id)
+        with self._lock:
+            if not directory.is_dir():
+                raise NotFound(f"no snapshot {snapshot_id!r} in {self.root}", param="snapshot_id")
+            trash = self._tmp_dir("del")
+            os.rename(directory, trash)
+            tensorfile.fsync_dir(self.root)
+        shutil.rmtree(trash, ignore_errors=True)
+
+    # ------------------------------------------------------------------ export / import
+    def export(self, snapshot_id: str, dest: str | os.PathLike) -> Path:
+        """Write one snapshot as a single tar file (``dest`` may be a directory). The files are
+        verified first; the tar is written to a temporary name and renamed."""
+        manifest = self.verify(snapshot_id)
+        directory = self._dir(snapshot_id)
+        dest = Path(dest)
+        if dest.is_dir():
+            dest = dest / f"{snapshot_id}{EXPORT_SUFFIX}"
+        part = dest.with_name(f".{dest.name}.{secrets.token_hex(4)}.part")
+        try:
+            with tarfile.open(part, "w", format=tarfile.PAX_FORMAT) as tar:
+                for name in [MANIFEST, *manifest["files"]]:
+                    tar.add(directory / name, arcname=f"{snapshot_id}/{name}", recursive=False)
+            with open(part, "rb+") as f:
+                os.fsync(f.fileno())
+            os.replace(part, dest)
+        except BaseException:
+            part.unlink(missing_ok=True)
+            raise
+        tensorfile.fsync_dir(dest.parent)
+        return dest
+
+    def import_(self, file: str | os.PathLike, *, snapshot_id: str | None = None,
+                replace: bool = False) -> dict:
+        """Add a snapshot from a file made by ``export``; every hash is checked before it
+        becomes visible. ``snapshot_id`` renames it; an existing id is a ``Conflict``."""
+        file = Path(file)
+        if not file.is_file():
+            raise NotFound(f"no such file: {file}", param="file")
+        if snapshot_id is not None:
+            validate_id(snapshot_id, "snapshot id", param="snapshot_id")
+        self.root.mkdir(parents=True, exist_ok=True)
+        tmp = self._tmp_dir()
+        tmp.mkdir()
+        try:
+            top = None
+            try:
+                with tarfile.open(file, "r:*") as tar:
+                    for member in tar:
+                        parts = member.name.split("/")
+                        if member.isdir() and len(parts) == 1:
+                            continue
+                        if (not member.isfile() or len(parts) != 2
+                                or not _FILE_NAME_RE.fullmatch(parts[1]) or (top not in (None, parts[0]))):
+                            raise CorruptSnapshot(f"{file} is not a snapshot export: unexpected entry "
+                                                  f"{member.name!r}", param="file")
+                        top = parts[0]
+                        if (tmp / parts[1]).exists():
+                            raise CorruptSnapshot(f"{file}: entry {member.name!r} appears twice", param="file")
+                        src = tar.extractfile(member)
+                        with open(tmp / parts[1], "wb") as out:
+                            shutil.copyfileobj(src, out, 8 << 20)
+                            out.flush()
+                            os.fsync(out.fileno())
+            except tarfile.TarError as exc:
+                raise CorruptSnapshot(f"{file} is not a readable snapshot export ({exc})", param="file") from None
+            if top is None:
+                raise CorruptSnapshot(f"{file} is empty, not a snapshot export", param="file")
+            original = validate_id(top, "snapshot id", param="file")
+            manifest = self._load_manifest(tmp, original)
+            _verify_files(tmp, manifest, original)
+            extra = {p.name for p in tmp.iterdir()} - {MANIFEST, *manifest["files"]}
+            if extra:
+                raise CorruptSnapshot(f"{file} holds files the manifest does not list: {sorted(extra)}",
+                                      param="file")
+            final_id = snapshot_id or original
+            if manifest.get("id") != final_id:
+                manifest["id"] = final_id
+                self._write_manifest(tmp, manifest)
+            tensorfile.fsync_dir(tmp)
+            if not replace and self.exists(final_id):
+                raise Conflict(f"snapshot {final_id!r} already exists; import it under another id "
+                               "or delete the existing one", param="snapshot_id")
+            self._publish(tmp, final_id, replace)
+        except BaseException:
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise
+        return manifest
+
+
+def _manifest_problem(manifest) -> str | None:
+    if not isinstance(manifest, dict):
+        return "is not an object"
+    for key, kind in (("schema_version", int), ("id", str), ("model", dict), ("session", dict),
+                      ("files", dict)):
+        if not isinstance(manifest.get(key), kind):
+            return f"lacks a valid {key!r}"
+    for name, entry in manifest["files"].items():
+        if not _FILE_NAME_RE.fullmatch(name) or name == MANIFEST:
+            return f"lists an invalid file name {name!r}"
+        if not (isinstance(entry, dict) and isinstance(entry.get("sha256"), str)
+                and isinstance(entry.get("bytes"), int)):
+            return f"has no valid hash for {name!r}"
+    return None
+
+
+def _verify_files(directory: Path, manifest: dict, snapshot_id: str) -> None:
+    for name, want in manifest["files"].items():
+        path = directory / name
+        if not path.is_file():
+            raise CorruptSnapshot(f"snapshot {snapshot_id!r} is incomplete: {name} is missing; delete it",
+                                  param="snapshot_id")
+        size = path.stat().st_size
+        if size != want["bytes"]:
+            raise CorruptSnapshot(
+                f"snapshot {snapshot_id!r} is damaged: {name} has {size} bytes, the manifest says "
+                f"{want['bytes']} (truncated or edited); it cannot be loaded, delete it",
+                param="snapshot_id")
+        got = tensorfile.file_digest(path)
+        if got["sha256"] != want["sha256"]:
+            raise CorruptSnapshot(
+                f"snapshot {snapshot_id!r} is damaged: the SHA-256 of {name} does not match the "
+                "manifest (the file was edited or corrupted); it cannot be loaded, delete it",
+                param="snapshot_id")
+
+
+def _spl_version() -> str:
+    from superlinear import __version__
+
+    return __version__

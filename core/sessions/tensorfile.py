@@ -1,0 +1,126 @@
+"""Write tensors as a safetensors file, streamed, hashed and fsynced as they are written.
+
+``safetensors.torch.save_file`` first turns every tensor into a Python ``bytes`` object, which
+doubles the memory a large cache needs. The format is simple (8-byte little-endian header
+length, a JSON header, raw little-endian data), so we write it ourselves in bounded chunks,
+computing the SHA-256 on the way. Reading goes through the ``safetensors`` library (mmap,
+no pickle).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import struct
+from pathlib import Path
+
+# Bytes copied (device -> host) and written per chunk. Tests patch it to make writes slow.
+CHUNK_BYTES = 64 << 20
+
+
+def _dtype_names():
+    import torch
+
+    names = {
+        torch.float64: "F64", torch.float32: "F32", torch.float16: "F16", torch.bfloat16: "BF16",
+        torch.int64: "I64", torch.int32: "I32", torch.int16: "I16", torch.int8: "I8",
+        torch.uint8: "U8", torch.bool: "BOOL",
+    }
+    for attr, name in (("float8_e4m3fn", "F8_E4M3"), ("float8_e5m2", "F8_E5M2"),
+                       ("uint16", "U16"), ("uint32", "U32"), ("uint64", "U64")):
+        if hasattr(torch, attr):
+            names[getattr(torch, attr)] = name
+    return names
+
+
+def _write(f, data, digest) -> None:
+    """One write; a module-level function so a test can slow it down."""
+    digest.update(data)
+    f.write(data)
+
+
+def write_safetensors(path: str | os.PathLike, tensors: dict, metadata: dict | None = None) -> dict:
+    """Write ``tensors`` (name -> torch.Tensor, any device) to ``path``; fsync it.
+
+    Returns ``{"sha256": hex, "bytes": size}`` of the file as written.
+    """
+    import torch
+
+    dtype_names = _dtype_names()
+    header: dict = {}
+    offset = 0
+    names = sorted(tensors)
+    for name in names:
+        t = tensors[name]
+        if not isinstance(t, torch.Tensor):
+            raise TypeError(f"tensor {name!r} is a {type(t).__name__}, not a torch.Tensor")
+        if t.dtype not in dtype_names:
+            raise TypeError(f"tensor {name!r} has dtype {t.dtype}, which safetensors cannot store")
+        size = t.numel() * t.element_size()
+        header[name] = {"dtype": dtype_names[t.dtype], "shape": list(t.shape),
+                        "data_offsets": [offset, offset + size]}
+        offset += size
+    if metadata:
+        header["__metadata__"] = {str(k): str(v) for k, v in metadata.items()}
+    blob = json.dumps(header, separators=(",", ":")).encode("utf-8")
+    blob += b" " * ((8 - len(blob) % 8) % 8)
+
+    digest = hashlib.sha256()
+    path = Path(path)
+    with open(path, "wb") as f:
+        _write(f, struct.pack("<Q", len(blob)), digest)
+        _write(f, blob, digest)
+        for name in names:
+            t = tensors[name].detach()
+            if t.numel() == 0:
+                continue
+            flat = t.reshape(-1)
+            step = max(1, CHUNK_BYTES // t.element_size())
+            for start in range(0, flat.numel(), step):
+                piece = flat[start:start + step].to("cpu").contiguous().view(torch.uint8)
+                _write(f, memoryview(piece.numpy()), digest)
+        f.flush()
+        os.fsync(f.fileno())
+    return {"sha256": digest.hexdigest(), "bytes": path.stat().st_size}
+
+
+def read_safetensors(path: str | os.PathLike, device=None) -> dict:
+    """Load a safetensors file (no pickle) onto ``device`` (default CPU)."""
+    from safetensors.torch import load_file
+
+    return load_file(str(path), device=str(device) if device is not None else "cpu")
+
+
+def write_bytes(path: str | os.PathLike, data: bytes) -> dict:
+    """Write ``data`` to ``path`` and fsync it; returns ``{"sha256", "bytes"}``."""
+    digest = hashlib.sha256()
+    with open(path, "wb") as f:
+        _write(f, data, digest)
+        f.flush()
+        os.fsync(f.fileno())
+    return {"sha256": digest.hexdigest(), "bytes": len(data)}
+
+
+def file_digest(path: str | os.PathLike) -> dict:
+    digest = hashlib.sha256()
+    size = 0
+    with open(path, "rb") as f:
+        while chunk := f.read(8 << 20):
+            digest.update(chunk)
+            size += len(chunk)
+    return {"sha256": digest.hexdigest(), "bytes": size}
+
+
+def fsync_dir(path: str | os.PathLike) -> None:
+    """fsync a directory so a rename or a new entry in it survives a power loss."""
+    try:
+        fd = os.open(path, os.O_RDONLY | getattr(os, "O_DIRECTORY", 0))
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)

@@ -1,0 +1,347 @@
+"""SnapshotStore on real files: atomic writes, hashes, ids, metadata, export/import.
+
+No model is needed: tensors are made up, the model identity is a dict.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import tarfile
+import textwrap
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from superlinear.errors import Conflict, InvalidRequest, NotFound, UserError
+from superlinear.sessions import CorruptSnapshot, ModelMismatch, SnapshotStore, check_model
+from superlinear.sessions.snapshots import MANIFEST, TENSORS, TRANSCRIPT
+
+MODEL = {"name": "tiny-a", "fingerprint": "a" * 64}
+OTHER = {"name": "tiny-b", "fingerprint": "b" * 64}
+REPO = Path(__file__).resolve().parents[1]
+
+
+def make_tensors():
+    g = torch.Generator().manual_seed(0)
+    return {
+        "layers.0.k": torch.randn(1, 2, 7, 4, generator=g).to(torch.bfloat16),
+        "layers.0.v": torch.randn(1, 2, 7, 4, generator=g).to(torch.float16),
+        "token_ids": torch.arange(7, dtype=torch.int64),
+        "mask": torch.tensor([True, False, True]),
+        "empty": torch.zeros(0, 3),
+        "scalar": torch.tensor(3.5),
+    }
+
+
+def save(store, **kw):
+    args = dict(model=MODEL, session={"position": 7, "max_seq_len": 16, "message_count": 2},
+                transcript={"messages": [{"role": "user", "content": "héllo ☃"}]}, tensors=make_tensors())
+    args.update(kw)
+    return store.save(**args)
+
+
+@pytest.fixture
+def store(tmp_path):
+    return SnapshotStore(tmp_path / "snaps")
+
+
+def test_round_trip_and_manifest(store):
+    m = save(store, title="first", description="d", tags=["x", "y", "x"], snapshot_id="s1")
+    assert m["id"] == "s1" and m["schema_version"] == 1
+    assert m["tags"] == ["x", "y"]
+    assert set(m["files"]) == {TRANSCRIPT, TENSORS}
+    d = store.root / "s1"
+    assert sorted(p.name for p in d.iterdir()) == sorted([MANIFEST, TRANSCRIPT, TENSORS])
+    on_disk = json.loads((d / MANIFEST).read_text())
+    assert on_disk == m
+    manifest, transcript, tensors = store.read("s1")
+    assert transcript["messages"][0]["content"] == "héllo ☃"
+    want = make_tensors()
+    assert set(tensors) == set(want)
+    for k, v in want.items():
+        assert tensors[k].dtype == v.dtype and torch.equal(tensors[k], v), k
+    # the file is a standard safetensors file
+    from safetensors import safe_open
+
+    with safe_open(str(d / TENSORS), framework="pt") as f:
+        assert set(f.keys()) == set(want)
+    assert [x["id"] for x in store.list()] == ["s1"]
+    assert store.get("s1")["title"] == "first"
+    assert store.bytes("s1") == sum(f["bytes"] for f in m["files"].values())
+
+
+def test_generated_ids_and_duplicates(store):
+    a = save(store)
+    b = save(store)
+    assert a["id"] != b["id"] and a["id"].startswith("snap-")
+    with pytest.raises(Conflict, match="already exists"):
+        save(store, snapshot_id=a["id"])
+    assert [m["id"] for m in store.list()] == [a["id"], b["id"]]
+
+
+@pytest.mark.parametrize("bad", ["../x", "..", "/", "/etc", "a/b", "", ".hidden", "a\\b", "x y",
+                                 "a..b", "é", "x" * 129, "-lead", "a\nb", "a\x00b"])
+def test_bad_ids_refused(store, bad, tmp_path):
+    save(store, snapshot_id="ok")
+    for call in (lambda: save(store, snapshot_id=bad), lambda: store.get(bad), lambda: store.read(bad),
+                 lambda: store.delete(bad), lambda: store.patch(bad, title="t"),
+                 lambda: store.export(bad, tmp_path)):
+        with pytest.raises(InvalidRequest, match="id"):
+            call()
+    exported = store.export("ok", tmp_path)
+    with pytest.raises(InvalidRequest):
+        store.import_(exported, snapshot_id=bad)
+    assert not (tmp_path / "x").exists()
+    assert [m["id"] for m in store.list()] == ["ok"]
+
+
+def test_missing_is_not_found(store):
+    for call in (lambda: store.get("nope"), lambda: store.read("nope"), lambda: store.delete("nope"),
+                 lambda: store.patch("nope", title="x")):
+        with pytest.raises(NotFound, match="nope"):
+            call()
+    assert store.list() == []  # root does not even exist yet
+
+
+def test_patch_delete(store):
+    save(store, snapshot_id="s", title="a", tags=["t1"])
+    before = store.verify("s")
+    m = store.patch("s", title="b", description="long text", add_tags=["t2"])
+    assert (m["title"], m["description"], m["tags"]) == ("b", "long text", ["t1", "t2"])
+    m = store.patch("s", remove_tags=["t1"])
+    assert m["tags"] == ["t2"]
+    m = store.patch("s", tags=[])
+    assert m["tags"] == [] and store.get("s")["title"] == "b"
+    assert m["created_at"] == before["created_at"] and m["files"] == before["files"]
+    assert sorted(p.name for p in (store.root / "s").iterdir()) == sorted([MANIFEST, TRANSCRIPT, TENSORS])
+    store.read("s")  # still valid
+    with pytest.raises(InvalidRequest):
+        store.patch("s", tags=["ok", ""])
+    with pytest.raises(InvalidRequest):
+        store.patch("s", title="x" * 1000)
+    assert store.list(tag="t2") == []
+    store.patch("s", tags=["t2"])
+    assert [x["id"] for x in store.list(tag="t2")] == ["s"]
+    store.delete("s")
+    assert store.list() == [] and list(store.root.iterdir()) == []
+    with pytest.raises(NotFound):
+        store.read("s")
+
+
+def test_replace_is_atomic_and_interrupted_replace_is_recovered(store):
+    save(store, snapshot_id="s", title="old")
+    save(store, snapshot_id="s", title="new", replace=True)
+    assert store.get("s")["title"] == "new"
+    assert [p.name for p in store.root.iterdir()] == ["s"]
+    # a replace cut short after the old one was moved aside: cleanup puts it back
+    os.rename(store.root / "s", store.root / ".old.999999999.abcd.s")
+    assert store.list() == []
+    assert SnapshotStore(store.root).get("s")["title"] == "new"
+
+
+def _corrupt(path: Path, how: str):
+    data = path.read_bytes()
+    if how == "truncate":
+        path.write_bytes(data[: len(data) // 2])
+    elif how == "flip":
+        i = len(data) - 3
+        path.write_bytes(data[:i] + bytes([data[i] ^ 0x01]) + data[i + 1:])
+    elif how == "delete":
+        path.unlink()
+
+
+@pytest.mark.parametrize("name,how,msg", [
+    (TENSORS, "truncate", "truncated or edited"),
+    (TENSORS, "flip", "SHA-256"),
+    (TRANSCRIPT, "flip", "SHA-256"),
+    (TENSORS, "delete", "missing"),
+])
+def test_corrupted_files_refused(store, name, how, msg):
+    save(store, snapshot_id="s")
+    _corrupt(store.root / "s" / name, how)
+    with pytest.raises(CorruptSnapshot, match=msg) as err:
+        store.read("s")
+    assert "'s'" in err.value.message and name in err.value.message
+    assert isinstance(err.value, UserError) and err.value.http_status == 400
+    with pytest.raises(CorruptSnapshot):
+        store.export("s", store.root.parent)
+    # the store itself keeps working
+    save(store, snapshot_id="t")
+    store.read("t")
+
+
+def test_broken_manifest(store):
+    save(store, snapshot_id="s")
+    save(store, snapshot_id="t")
+    (store.root / "s" / MANIFEST).write_text("{not json")
+    with pytest.raises(CorruptSnapshot, match="manifest.json"):
+        store.read("s")
+    assert [m["id"] for m in store.list()] == ["t"]
+    broken = [m for m in store.list(include_broken=True) if "error" in m]
+    assert [m["id"] for m in broken] == ["s"]
+    store.delete("s")  # a damaged snapshot can still be deleted
+    m = json.loads((store.root / "t" / MANIFEST).read_text())
+    m["schema_version"] = 99
+    (store.root / "t" / MANIFEST).write_text(json.dumps(m))
+    with pytest.raises(InvalidRequest, match="newer"):
+        store.read("t")
+
+
+def test_model_mismatch_names_both(store):
+    save(store, snapshot_id="s")
+    store.read("s", model=MODEL)
+    with pytest.raises(ModelMismatch) as err:
+        store.read("s", model=OTHER)
+    assert "tiny-a" in err.value.message and "tiny-b" in err.value.message
+    assert err.value.http_status == 409
+    with pytest.raises(ModelMismatch):
+        check_model(store.get("s"), OTHER)
+
+
+def test_export_import_round_trip(store, tmp_path):
+    save(store, snapshot_id="s", title="t", tags=["a"])
+    f = store.export("s", tmp_path)
+    assert f.name == "s.spl-snapshot.tar" and f.is_file()
+    assert not [p for p in tmp_path.iterdir() if p.name.endswith(".part")]
+    other = SnapshotStore(tmp_path / "elsewhere")
+    m = other.import_(f)
+    assert m["id"] == "s" and m["title"] == "t" and m["tags"] == ["a"]
+    _, transcript, tensors = other.read("s", model=MODEL)
+    _, transcript0, tensors0 = store.read("s")
+    assert transcript == transcript0
+    assert all(torch.equal(tensors[k], tensors0[k]) for k in tensors0)
+    with pytest.raises(Conflict):
+        other.import_(f)
+    m2 = other.import_(f, snapshot_id="s-copy")
+    assert m2["id"] == "s-copy" and other.get("s-copy")["id"] == "s-copy"
+    other.read("s-copy")
+    explicit = store.export("s", tmp_path / "named.tar")
+    assert explicit == tmp_path / "named.tar"
+
+
+def _tar_with(path: Path, entries: dict[str, bytes], symlink: str | None = None):
+    import io
+
+    with tarfile.open(path, "w") as tar:
+        for name, data in entries.items():
+            info = tarfile.TarInfo(name)
+            info.size = len(data)
+            tar.addfile(info, io.BytesIO(data))
+        if symlink:
+            info = tarfile.TarInfo(symlink)
+            info.type = tarfile.SYMTYPE
+            info.linkname = "/etc/passwd"
+            tar.addfile(info)
+
+
+def test_import_refuses_tampered_and_hostile_files(store, tmp_path):
+    save(store, snapshot_id="s")
+    f = store.export("s", tmp_path)
+    files = {}
+    with tarfile.open(f) as tar:
+        for m in tar:
+            files[m.name] = tar.extractfile(m).read()
+    # tampered tensors
+    bad = dict(files)
+    data = bad["s/" + TENSORS]
+    bad["s/" + TENSORS] = data[:-1] + bytes([data[-1] ^ 1])
+    _tar_with(tmp_path / "bad.tar", bad)
+    with pytest.raises(CorruptSnapshot, match="SHA-256"):
+        store.import_(tmp_path / "bad.tar", snapshot_id="bad")
+    # path traversal inside the tar
+    evil = dict(files)
+    evil["s/../../evil"] = b"x"
+    _tar_with(tmp_path / "evil.tar", evil)
+    with pytest.raises(CorruptSnapshot, match="unexpected entry"):
+        store.import_(tmp_path / "evil.tar", snapshot_id="evil")
+    _tar_with(tmp_path / "link.tar", files, symlink="s/link")
+    with pytest.raises(CorruptSnapshot, match="unexpected entry"):
+        store.import_(tmp_path / "link.tar", snapshot_id="link")
+    extra = dict(files)
+    extra["s/extra.bin"] = b"x"
+    _tar_with(tmp_path / "extra.tar", extra)
+    with pytest.raises(CorruptSnapshot, match="does not list"):
+        store.import_(tmp_path / "extra.tar", snapshot_id="extra")
+    (tmp_path / "junk.tar").write_bytes(b"not a tar at all" * 100)
+    with pytest.raises(CorruptSnapshot):
+        store.import_(tmp_path / "junk.tar")
+    with pytest.raises(NotFound):
+        store.import_(tmp_path / "missing.tar")
+    assert not (tmp_path.parent / "evil").exists()
+    assert [m["id"] for m in store.list()] == ["s"]
+    assert [p.name for p in store.root.iterdir()] == ["s"]  # no temp dirs left over
+
+
+def test_leftover_temp_dirs_ignored_and_cleaned(store):
+    save(store, snapshot_id="s")
+    dead = store.root / ".tmp.999999999.0123456789ab"
+    dead.mkdir()
+    (dead / TENSORS).write_bytes(b"partial")
+    live = store.root / f".tmp.{os.getpid()}.0123456789ab"
+    live.mkdir()
+    stray = store.root / "stray-file"
+    stray.write_text("x")
+    assert [m["id"] for m in store.list()] == ["s"]
+    fresh = SnapshotStore(store.root)
+    assert not dead.exists()
+    assert live.exists()  # a live writer's directory is never touched
+    assert [m["id"] for m in fresh.list()] == ["s"]
+
+
+CHILD = textwrap.dedent("""
+    import sys, time, torch
+    from superlinear.sessions import SnapshotStore, tensorfile
+    tensorfile.CHUNK_BYTES = 1 << 20
+    orig = tensorfile._write
+    def slow(f, data, digest):
+        orig(f, data, digest)
+        f.flush()
+        time.sleep(0.01)
+    tensorfile._write = slow
+    store = SnapshotStore(sys.argv[1])
+    store.save(model={"name": "m", "fingerprint": "f" * 64},
+               session={"position": 1, "max_seq_len": 2, "message_count": 1},
+               transcript={"messages": []}, tensors={"big": torch.ones(64 << 18)}, snapshot_id="big")
+    print("saved", flush=True)
+""")
+
+
+def test_kill_during_save_leaves_store_consistent(store, tmp_path):
+    save(store, snapshot_id="before")
+    script = tmp_path / "child.py"
+    script.write_text(CHILD)
+    proc = subprocess.Popen([sys.executable, str(script), str(store.root)], cwd=REPO,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    deadline = time.monotonic() + 60
+    partial = None
+    try:
+        while time.monotonic() < deadline and proc.poll() is None:
+            temps = [p for p in store.root.iterdir() if p.name.startswith(".tmp.")]
+            files = [p / TENSORS for p in temps if (p / TENSORS).exists()]
+            if files and files[0].stat().st_size > (8 << 20):
+                partial = files[0]
+                break
+            time.sleep(0.005)
+        assert partial is not None, proc.communicate()
+        os.kill(proc.pid, signal.SIGKILL)
+    finally:
+        proc.kill()
+        proc.wait()
+    assert proc.returncode == -signal.SIGKILL
+    assert partial.exists() and partial.stat().st_size < (64 << 20)  # killed mid-write
+    # the half-written snapshot is invisible; the old one is intact
+    assert [m["id"] for m in store.list()] == ["before"]
+    with pytest.raises(NotFound):
+        store.read("big")
+    store.read("before")
+    # a new store (e.g. the server restarting) removes the dead writer's leftovers
+    fresh = SnapshotStore(store.root)
+    assert [p.name for p in fresh.root.iterdir()] == ["before"]
+    save(fresh, snapshot_id="big")  # the id is free
+    fresh.read("big")
