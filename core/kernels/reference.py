@@ -1,0 +1,276 @@
+"""PyTorch reference of superlinear attention (shared ATTENTION.md), memory-safe at long L.
+
+Works in blocks of query rows; never builds an ``[LQ, LKV]`` matrix beyond the window's width
+and never touches keys after the largest position (a static cache's tail is garbage). Rows with
+``t + 1 <= W`` have no anchor and are plain causal attention: they take a fast path through
+``scaled_dot_product_attention``. All math is fp32; the output has q2's dtype.
+
+For the other rows, with ``O_j = softmax over keys_j`` and keys_j = span_j ∪ window (disjoint),
+the window's partial (max, sum, acc) is computed once per row and merged with each span's
+partial by log-sum-exp, which is exactly the softmax over the union.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+
+from .params import SpanParams, get_tables
+
+# elements of the largest temporary (fp32): bounds memory at any L
+_BUDGET = 1 << 22
+
+
+def _first_true(key_mask: torch.Tensor | None, B: int, LKV: int, device) -> list[int]:
+    if key_mask is None:
+        return [0] * B
+    any_ = key_mask.any(dim=1)
+    first = key_mask.to(torch.int8).argmax(dim=1)
+    return [int(f) if a else LKV for f, a in zip(first.tolist(), any_.tolist())]
+
+
+def _causal_rows(q2, k, v, pos, key_mask, W, out, rows, scale):
+    """Rows with t + 1 <= W: softmax over keys [max(0, t-W+1), t] ∩ mask (= [0, t] ∩ mask)."""
+    B, HQ, _, D = q2.shape
+    HKV = k.shape[1]
+    rows_t = pos[rows]
+    i = 0
+    n = len(rows)
+    while i < n:
+        tmax = int(rows_t[min(n, i + 1) - 1])
+        # block size from the widest key range of this block (rows may be in any order)
+        nq = max(1, min(n - i, _BUDGET // max(1, B * HQ * (tmax + 1 + 64))))
+        blk = rows[i:i + nq]
+        t = pos[blk]
+        hi = int(t.max())
+        nk = hi + 1
+        while nq > 1 and B * HQ * nq * nk > 4 * _BUDGET:
+            nq //= 2
+            blk = rows[i:i + nq]
+            t = pos[blk]
+            hi = int(t.max())
+            nk = hi + 1
+        kk = torch.arange(nk, device=k.device)
+        lo = torch.clamp(t - W + 1, min=0)
+        allowed = (kk[None, :] <= t[:, None]) & (kk[None, :] >= lo[:, None])  # [nq, nk]
+        allowed = allowed[None].expand(B, -1, -1)
+        if key_mask is not None:
+            allowed = allowed & key_mask[:, None, :nk]
+        q = q2[:, :, blk].float()
+        kf = k[:, :, :nk].float()
+        vf = v[:, :, :nk].float()
+        o = F.scaled_dot_product_attention(q, kf, vf, attn_mask=allowed[:, None], scale=scale,
+                                           enable_gqa=HQ != HKV)
+        empty = ~allowed.any(dim=-1)  # [B, nq]
+        if bool(empty.any()):
+            o = o.masked_fill(empty[:, None, :, None], 0.0)
+        out[:, :, blk] = o.nan_to_num(0.0) if bool(empty.any()) else o
+        i += len(blk)
+
+
+def _general_rows(q1, q2, k, v, pos, key_mask, params, tables, st, out, rows, scale, plan=None):
+    B, HQ, _, D = q2.shape
+    HKV, LKV = k.shape[1], k.shape[2]
+    G = HQ // HKV
+    W = params.window_len
+    s = params.sw_index
+    kspans = params.num_spans
+    offs = tables.offsets.to(pos.device)
+    back = tables.back.to(pos.device).long()
+    fwd = tables.fwd.to(pos.device).long()
+    st_t = torch.tensor(st, device=pos.device, dtype=torch.long)  # [B]
+    n = len(rows)
+    i = 0
+    while i < n:
+        t_first = int(pos[rows[i]])
+        ncand_est = max(1, int((t_first + 2) ** params.power) + 2)
+        span_est = tables.max_span if t_first + 1 >= tables.capacity else int(
+            back[min(t_first + 1, tables.capacity)] + fwd[min(t_first + 1, tables.capacity)]) + 2
+        per_row = B * HQ * max(ncand_est * (D // max(G, 1) + 1), kspans * (span_est + 8) * (D + 1),
+                               W + 64)
+        nq = max(1, min(n - i, 256, _BUDGET // max(1, per_row)))
+        blk = rows[i:i + nq]
+        i += len(blk)
+        t = pos[blk]  # [nq]
+        nq = len(blk)
+        tmax = int(t.max())
+        # ---- 1. search ---------------------------------------------------------------------
+        # candidate stripes s+1 .. I with F(I) <= tmax + 1, ordered by DESCENDING i so that a
+        # stable sort keeps the larger i first among equal scores (the tie rule)
+        last = int(torch.searchsorted(offs, torch.tensor(tmax + 1, device=offs.device), right=True))
+        istripe = torch.arange(last - 1, s, -1, device=pos.device)  # descending
+        C = len(istripe)
+        Fi = offs[istripe]  # [C]
+        a = t[:, None] + 1 - Fi[None, :]  # [nq, C]
+        cvalid = (Fi[None, :] <= t[:, None] + 1) & (a < LKV) & (a >= 0)
+        a_cl = a.clamp(0, LKV - 1)
+        if key_mask is not None:
+            cvalid_b = cvalid[None] & key_mask[:, a_cl]  # [B, nq, C]
+        else:
+            cvalid_b = cvalid[None].expand(B, -1, -1)
+        q1f = q1[:, :, blk].float().reshape(B, HKV, G, nq, D)
+        if C > 0:
+            ka = k[:, :, a_cl.reshape(-1)].float().reshape(B, HKV, nq, C, D)
+            scores = torch.einsum("bhgrd,bhrcd->bhgrc", q1f, ka).reshape(B, HQ, nq, C)
+            scores = scores.masked_fill(~cvalid_b[:, None], float("-inf"))
+            srt, order = torch.sort(scores, dim=-1, descending=True, stable=True)
+            kk = min(kspans, C)
+            sel_score = srt[..., :kk]
+            sel_a = torch.gather(a_cl[None, None].expand(B, HQ, -1, -1), -1, order[..., :kk])
+        else:
+            kk = 0
+            sel_score = torch.empty(B, HQ, nq, 0, device=pos.device)
+            sel_a = torch.empty(B, HQ, nq, 0, device=pos.device, dtype=torch.long)
+        if kk < kspans:
+            pad = kspans - kk
+            sel_score = torch.cat([sel_score, sel_score.new_full((B, HQ, nq, pad), float("-inf"))], -1)
+            sel_a = torch.cat([sel_a, sel_a.new_zeros((B, HQ, nq, pad))], -1)
+        svalid = torch.isfinite(sel_score)  # [B, HQ, nq, k]
+        gate_logit = torch.where(svalid, sel_score, torch.full_like(sel_score, -1e9))
+        # ---- 2. span bounds ----------------------------------------------------------------
+        tp = (t[None, :] + 1 - st_t[:, None]).clamp(min=0)  # [B, nq]
+        tp_c = tp.clamp(max=tables.capacity)
+        bk = back[tp_c][:, None, :, None]
+        fw = fwd[tp_c][:, None, :, None]
+        tt = t[None, None, :, None]
+        lo = torch.maximum((sel_a - bk).clamp(min=0), st_t[:, None, None, None])
+        if params.forward_factor == 0:
+            hi = sel_a.clone()
+        else:
+            hi = torch.minimum(torch.minimum(sel_a + fw, tt), torch.tensor(LKV - 1, device=pos.device))
+        if W > 0:
+            hi = torch.minimum(hi, (tt - W + 1).clamp(min=0) - 1)
+        hi = torch.where(svalid, hi, lo - 1)  # empty span for unselected slots
+        if plan is not None:
+            plan["anchor"][:, :, blk] = torch.where(svalid, sel_a, -1)
+            plan["lo"][:, :, blk] = torch.where(svalid, lo, -1)
+            plan["hi"][:, :, blk] = torch.where(svalid, hi, -1)
+            plan["score"][:, :, blk] = gate_logit
+        # ---- 3. window partial per (b, h, row) ---------------------------------------------
+        if W > 0:
+            w_lo = (t - W + 1).clamp(min=0)
+            w_hi = t.clamp(max=LKV - 1)
+            r0, r1 = int(w_lo.min()), int(w_hi.max())
+            kr = torch.arange(r0, r1 + 1, device=pos.device)
+            wmask = (kr[None, :] >= w_lo[:, None]) & (kr[None, :] <= w_hi[:, None])  # [nq, R]
+            wmask = wmask[None].expand(B, -1, -1)
+            if key_mask is not None:
+                wmask = wmask & key_mask[:, None, r0:r1 + 1]
+            q2g = q2[:, :, blk].float().reshape(B, HKV, G * nq, D)
+            sc = torch.matmul(q2g, k[:, :, r0:r1 + 1].float().transpose(-1, -2)) * scale
+            sc = sc.reshape(B, HQ, nq, -1).masked_fill(~wmask[:, None], float("-inf"))
+            m_w = sc.amax(-1)  # [B, HQ, nq]
+            m_ws = torch.where(torch.isfinite(m_w), m_w, torch.zeros_like(m_w))
+            p = torch.exp(sc - m_ws[..., None])
+            l_w = p.sum(-1)
+            acc_w = torch.matmul(p.reshape(B, HKV, G * nq, -1), v[:, :, r0:r1 + 1].float())
+            acc_w = acc_w.reshape(B, HQ, nq, D)
+        else:
+            m_w = torch.full((B, HQ, nq), float("-inf"), device=pos.device)
+            l_w = torch.zeros(B, HQ, nq, device=pos.device)
+            acc_w = torch.zeros(B, HQ, nq, D, device=pos.device)
+        # ---- 4. span partials, merged with the window, gated ------------------------------
+        span_len = (hi - lo + 1).clamp(min=0)
+        Lmax = int(span_len.max()) if span_len.numel() else 0
+        gates = torch.softmax(gate_logit, dim=-1)
+        gates = torch.where(torch.isnan(gates), torch.full_like(gates, 1.0 / kspans), gates)
+        res = torch.zeros(B, HQ, nq, D, device=pos.device)
+        q2f = q2[:, :, blk].float()
+        # chunk over the span length to bound the gathered keys
+        LC = max(1, min(max(Lmax, 1), _BUDGET // max(1, B * HQ * nq * kspans * D)))
+        m_s = torch.full((B, HQ, nq, kspans), float("-inf"), device=pos.device)
+        l_s = torch.zeros(B, HQ, nq, kspans, device=pos.device)
+        acc_s = torch.zeros(B, HQ, nq, kspans, D, device=pos.device)
+        hkv_of = torch.arange(HQ, device=pos.device) // G
+        for c0 in range(0, Lmax, LC):
+            idx = lo[..., None] + c0 + torch.arange(min(LC, Lmax - c0), device=pos.device)  # [B,HQ,nq,k,L]
+            ok = idx <= hi[..., None]
+            idx_c = idx.clamp(0, LKV - 1)
+            bidx = torch.arange(B, device=pos.device)[:, None, None, None, None]
+            if key_mask is not None:
+                ok = ok & key_mask[bidx, idx_c]
+            kg = k[bidx, hkv_of[None, :, None, None, None], idx_c].float()  # [B,HQ,nq,k,L,D]
+            vg = v[bidx, hkv_of[None, :, None, None, None], idx_c].float()
+            sc = torch.einsum("bhrd,bhrjld->bhrjl", q2f, kg) * scale
+            sc = sc.masked_fill(~ok, float("-inf"))
+            m_new = torch.maximum(m_s, sc.amax(-1))
+            m_safe = torch.where(torch.isfinite(m_new), m_new, torch.zeros_like(m_new))
+            alpha = torch.exp(m_s - m_safe)
+            p = torch.exp(sc - m_safe[..., None])
+            l_s = l_s * alpha + p.sum(-1)
+            acc_s = acc_s * alpha[..., None] + torch.einsum("bhrjl,bhrjld->bhrjd", p, vg)
+            m_s = m_new
+        m = torch.maximum(m_s, m_w[..., None])
+        m_safe = torch.where(torch.isfinite(m), m, torch.zeros_like(m))
+        aw = torch.exp(m_w[..., None] - m_safe)  # [B,HQ,nq,k]
+        asp = torch.exp(m_s - m_safe)
+        num = acc_w[:, :, :, None, :] * aw[..., None] + acc_s * asp[..., None]
+        den = l_w[..., None] * aw + l_s * asp
+        o_j = torch.where(den[..., None] > 0, num / den.clamp(min=1e-30)[..., None], torch.zeros_like(num))
+        res = (gates[..., None] * o_j).sum(-2)
+        out[:, :, blk] = res
+
+
+def reference_prefill(q1, q2, k, v, positions, params: SpanParams, key_mask=None, plan=None):
+    """Superlinear attention for query rows at absolute ``positions`` ([LQ] int64).
+
+    ``plan`` (optional dict) receives the routing diagnostics: ``anchor``, ``lo``, ``hi``
+    ([B,HQ,LQ,k] int64, -1 where a slot is unselected) and ``score`` (gate logits, -1e9 there).
+    """
+    B, HQ, LQ, D = q2.shape
+    HKV, LKV = k.shape[1], k.shape[2]
+    out = torch.empty(B, HQ, LQ, D, device=q2.device, dtype=torch.float32)
+    if LQ == 0:
+        return out.to(q2.dtype)
+    pos = positions.to(device=q2.device, dtype=torch.long)
+    tmax = int(pos.max())
+    # never read keys after the largest position (static-cache tail)
+    nk = max(1, min(LKV, tmax + 1))
+    k = k[:, :, :nk]
+    v = v[:, :, :nk]
+    if key_mask is not None:
+        key_mask = key_mask[:, :nk].to(device=q2.device, dtype=torch.bool)
+    scale = 1.0 / math.sqrt(D)
+    W = params.window_len
+    if plan is not None:
+        kspans = params.num_spans
+        for name in ("anchor", "lo", "hi"):
+            plan[name] = torch.full((B, HQ, LQ, kspans), -1, dtype=torch.long, device=q2.device)
+        plan["score"] = torch.full((B, HQ, LQ, kspans), -1e9, dtype=torch.float32, device=q2.device)
+    causal = (pos + 1 <= W).nonzero().flatten()
+    general = (pos + 1 > W).nonzero().flatten()
+    if len(causal):
+        _causal_rows(q2, k, v, pos, key_mask, W, out, causal, scale)
+    if len(general):
+        tables = get_tables(params, tmax + 1, "cpu" if q2.device.type == "cpu" else q2.device)
+        st = _first_true(key_mask, B, nk, q2.device)
+        # reads limited to [0, nk): positions >= LKV would index out of the cache
+        _general_rows(q1, q2, k, v, pos, key_mask, params, tables, st, out, general, scale, plan)
+    return out.to(q2.dtype)
+
+
+def reference_decode(q1, q2, k, v, positions, params: SpanParams, key_mask=None):
+    """One query per sequence: q [B,HQ,1,D], positions [B] int64."""
+    B, HQ, LQ, D = q2.shape
+    if LQ != 1:
+        raise ValueError(f"superlinear_decode: expected one query per sequence, got LQ={LQ}")
+    pos = positions.reshape(-1).to(torch.long)
+    if pos.numel() != B:
+        raise ValueError(f"superlinear_decode: positions must have B={B} entries, got {pos.numel()}")
+    W = params.window_len
+    if B == 1:
+        t = int(pos[0])
+        if t + 1 <= W and key_mask is None:
+            # fast path (the default model, short contexts): plain attention over the prefix
+            n = min(t + 1, k.shape[2])
+            o = F.scaled_dot_product_attention(q2.float(), k[:, :, :n].float(), v[:, :, :n].float(),
+                                               enable_gqa=HQ != k.shape[1])
+            return o.to(q2.dtype)
+        return reference_prefill(q1, q2, k, v, pos, params, key_mask)
+    outs = []
+    for b in range(B):
+        outs.append(reference_prefill(q1[b:b + 1], q2[b:b + 1], k[b:b + 1], v[b:b + 1], pos[b:b + 1], params,
+                                      None if key_mask is None else key_mask[b:b + 1]))
+    return torch.cat(outs, 0)
