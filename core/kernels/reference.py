@@ -28,7 +28,7 @@ def _first_true(key_mask: torch.Tensor | None, B: int, LKV: int, device) -> list
         return [0] * B
     any_ = key_mask.any(dim=1)
     first = key_mask.to(torch.int8).argmax(dim=1)
-    return [int(f) if a else LKV for f, a in zip(first.tolist(), any_.tolist())]
+    return [int(f) if a else LKV for f, a in zip(first.tolist(), any_.tolist(), strict=True)]
 
 
 def _causal_rows(q2, k, v, pos, key_mask, W, out, rows, scale):
@@ -176,7 +176,6 @@ def _general_rows(q1, q2, k, v, pos, key_mask, params, tables, st, out, rows, sc
         Lmax = int(span_len.max()) if span_len.numel() else 0
         gates = torch.softmax(gate_logit, dim=-1)
         gates = torch.where(torch.isnan(gates), torch.full_like(gates, 1.0 / kspans), gates)
-        res = torch.zeros(B, HQ, nq, D, device=pos.device)
         q2f = q2[:, :, blk].float()
         # chunk over the span length to bound the gathered keys
         LC = max(1, min(max(Lmax, 1), _BUDGET // max(1, B * HQ * nq * kspans * D)))
@@ -220,7 +219,7 @@ def reference_prefill(q1, q2, k, v, positions, params: SpanParams, key_mask=None
     ([B,HQ,LQ,k] int64, -1 where a slot is unselected) and ``score`` (gate logits, -1e9 there).
     """
     B, HQ, LQ, D = q2.shape
-    HKV, LKV = k.shape[1], k.shape[2]
+    LKV = k.shape[2]
     out = torch.empty(B, HQ, LQ, D, device=q2.device, dtype=torch.float32)
     if LQ == 0:
         return out.to(q2.dtype)

@@ -4,6 +4,14 @@ Importing this package does not import torch; the classes do when they are used.
 """
 
 from superlinear.sessions.ids import validate_id
+from superlinear.sessions.manager import (
+    SESSION_STATE_TAG,
+    Session,
+    SessionListing,
+    SessionManager,
+    state_snapshot_id,
+)
 from superlinear.sessions.snapshots import CorruptSnapshot, ModelMismatch, SnapshotStore, check_model
 
-__all__ = ["CorruptSnapshot", "ModelMismatch", "SnapshotStore", "check_model", "validate_id"]
+__all__ = ["SESSION_STATE_TAG", "CorruptSnapshot", "ModelMismatch", "Session", "SessionListing",
+           "SessionManager", "SnapshotStore", "check_model", "state_snapshot_id", "validate_id"]
