@@ -1,0 +1,313 @@
+"""A conversation held in a model cache: token ids, transcript, message boundaries.
+
+The cache always holds a token prefix of some rendering of the transcript. ``sync(messages)``
+renders the messages with the chat template, keeps the longest common token prefix of what the
+cache holds and prefills only the rest, so a chat whose history is unchanged prefills just the
+new message. Models with recurrent (Mamba) state cannot rewind, so a hybrid also keeps copies of
+its recurrent state at message boundaries and rewinds to the last of them at or before the
+common prefix, then prefills forward from there.
+"""
+
+from __future__ import annotations
+
+import bisect
+import copy
+import time
+from dataclasses import dataclass, field
+
+import torch
+
+from superlinear.errors import InvalidRequest, TooLarge
+
+from .template import ChatTemplate
+
+# Recurrent-state copies kept per conversation (besides position 0); the oldest go first.
+MAX_RECURRENT_CHECKPOINTS = 32
+
+
+@dataclass
+class Rendered:
+    text: str
+    ids: list[int]
+    boundaries: list[int | None]  # token position after each message (None: not on a token edge)
+
+
+@dataclass
+class SyncStats:
+    cached_tokens: int = 0  # kept from what the cache held
+    prefill_tokens: int = 0  # run through the model
+    prefill_s: float = 0.0
+
+
+@dataclass
+class Checkpoint:
+    position: int
+    ids: list[int]
+    transcript: list[dict]
+    boundaries: list[int | None]
+    tools: list[dict] | None
+    template_kwargs: dict | None
+    edit_seq: int  # len(Conversation._edits) when taken
+    recurrent: dict | None
+    logits: torch.Tensor | None
+    states: dict = field(default_factory=dict)
+
+
+def _common_prefix(a: list[int], b: list[int]) -> int:
+    n = min(len(a), len(b))
+    # Compare in blocks first: long conversations share long prefixes.
+    i, step = 0, 4096
+    while i + step <= n and a[i:i + step] == b[i:i + step]:
+        i += step
+    while i < n and a[i] == b[i]:
+        i += 1
+    return i
+
+
+class Conversation:
+    def __init__(self, model, max_seq_len: int, *, chunk_size: int = 8192, cache=None):
+        self.model = model
+        self.template = ChatTemplate(model.tokenizer)
+        self.chunk_size = chunk_size
+        self.cache = cache if cache is not None else model.new_cache(max_seq_len)
+        self.hybrid = bool(getattr(model, "has_recurrent_state", False))
+        self._ids: list[int] = []
+        self.transcript: list[dict] = []
+        self.boundaries: list[int | None] = []
+        self.tools: list[dict] | None = None  # tools and template kwargs of the last rendering
+        self.template_kwargs: dict | None = None
+        self._logits: torch.Tensor | None = None  # next-token logits at self.position
+        self._states: dict[int, dict] = {}  # position -> recurrent state (hybrids)
+        self._edits: list[int] = []  # positions the cache was truncated to (checkpoint validity)
+        if self.hybrid and self.cache.position == 0:
+            self._states[0] = self.cache.recurrent_state()
+
+    # -- properties ---------------------------------------------------------------------------
+    @property
+    def position(self) -> int:
+        return self.cache.position
+
+    @property
+    def max_seq_len(self) -> int:
+        return self.cache.max_seq_len
+
+    @property
+    def nbytes(self) -> int:
+        extra = sum(t.nbytes for s in self._states.values() for t in s.values())
+        return self.cache.nbytes() + extra
+
+    @property
+    def token_ids(self) -> list[int]:
+        return list(self._ids)
+
+    # -- rendering ------------------------------------------------------------------------------
+    def render(self, messages: list[dict], *, tools=None, template_kwargs=None,
+               add_generation_prompt: bool = False) -> Rendered:
+        tok = self.model.tokenizer
+        text = self.template.render(messages, tools, add_generation_prompt, template_kwargs)
+        enc = tok(text, add_special_tokens=False, return_offsets_mapping=True)
+        ids = list(enc["input_ids"])
+        ends = [e for _, e in enc["offset_mapping"]]
+        lcp = _common_prefix(self._ids, ids)
+        # Messages equal to the stored transcript keep their boundaries when those are still
+        # inside the rendering's common prefix with the cache; the rest render their prefix.
+        same = 0
+        while (same < len(messages) and same < len(self.transcript)
+               and messages[same] == self.transcript[same] and tools == self.tools
+               and template_kwargs == self.template_kwargs):
+            same += 1
+        boundaries: list[int | None] = []
+        for k in range(len(messages)):
+            b = self.boundaries[k] if k < same else None
+            if b is not None and b <= lcp:
+                boundaries.append(b)
+                continue
+            prefix = self.template.render(messages[:k + 1], tools, False, template_kwargs)
+            boundaries.append(None)
+            if text.startswith(prefix):
+                t = bisect.bisect_left(ends, len(prefix))
+                if t < len(ends) and ends[t] == len(prefix):
+                    boundaries[-1] = t + 1
+                elif not prefix:
+                    boundaries[-1] = 0
+        return Rendered(text, ids, boundaries)
+
+    # -- cache editing ----------------------------------------------------------------------------
+    def _truncate(self, position: int) -> int:
+        """Make the cache hold ``self._ids[:position]``; returns how many tokens a hybrid had to
+        prefill again (from its last saved state before ``position``)."""
+        if position >= self.position:
+            return 0
+        self._edits.append(position)
+        self._logits = None
+        if not self.hybrid:
+            self.cache.truncate(position)
+            del self._ids[position:]
+            return 0
+        start = max(p for p in self._states if p <= position)
+        replay = self._ids[start:position]
+        self.cache.truncate(start, recurrent_state=self._states[start])
+        del self._ids[start:]
+        self._states = {p: s for p, s in self._states.items() if p <= start}
+        self._extend(replay, [])
+        return len(replay)
+
+    def _extend(self, ids: list[int], checkpoint_at: list[int], should_cancel=None) -> None:
+        """Prefill ``ids`` after what the cache holds; hybrids save their state at the
+        positions in ``checkpoint_at``."""
+        if not ids:
+            return
+        if self.position + len(ids) > self.max_seq_len:
+            raise TooLarge(f"the conversation needs {self.position + len(ids)} tokens but its cache holds "
+                           f"at most {self.max_seq_len}; resize the session (spl session resize) or start "
+                           f"one with a larger --max-seq-len")
+        base, end_all = self.position, self.position + len(ids)
+        cuts = [end_all]
+        if self.hybrid:
+            cuts = sorted({p for p in checkpoint_at if base < p < end_all} | {end_all})
+        from superlinear.model import Cancelled
+
+        for end in cuts:
+            seg = ids[self.position - base:end - base]
+            try:
+                self._logits = self.model.prefill(self.cache, seg, chunk_size=self.chunk_size,
+                                                  should_cancel=should_cancel)
+            except Cancelled:  # the cache stands at the last finished chunk
+                self._ids.extend(seg[:self.cache.position - len(self._ids)])
+                self._logits = None
+                raise
+            self._ids.extend(seg)
+            if self.hybrid and end in checkpoint_at:
+                self._save_state(end)
+
+    def _save_state(self, position: int) -> None:
+        self._states[position] = self.cache.recurrent_state()
+        extra = sorted(p for p in self._states if p > 0)
+        for p in extra[:-MAX_RECURRENT_CHECKPOINTS]:
+            del self._states[p]
+
+    def step(self, token_id: int) -> torch.Tensor:
+        """Decode one token: append it to the cache and return the next logits."""
+        if self.position + 1 > self.max_seq_len:
+            raise TooLarge(f"the conversation is at its cache's limit of {self.max_seq_len} tokens")
+        self._logits = self.model.decode_step(self.cache, token_id)
+        self._ids.append(token_id)
+        return self._logits
+
+    def extend_tokens(self, ids: list[int], should_cancel=None) -> torch.Tensor:
+        """Prefill tokens the engine itself inserts (e.g. a closing </think>)."""
+        self._extend(list(ids), [], should_cancel)
+        return self._logits
+
+    def sync_tokens(self, ids: list[int], checkpoint_at: list[int] = (), should_cancel=None) -> SyncStats:
+        """Make the cache hold exactly ``ids`` and have next-token logits for them."""
+        if len(ids) > self.max_seq_len:
+            raise TooLarge(f"the prompt has {len(ids)} tokens but this conversation's cache holds at most "
+                           f"{self.max_seq_len}; resize the session or start one with a larger --max-seq-len")
+        t0 = time.perf_counter()
+        keep = _common_prefix(self._ids, ids)
+        if keep == len(ids) and (keep < self.position or self._logits is None) and keep > 0:
+            keep -= 1  # the last token is run again for its logits
+        cached = keep - self._truncate(keep)
+        self._extend(ids[self.position:], list(checkpoint_at), should_cancel)
+        return SyncStats(cached_tokens=cached, prefill_tokens=len(ids) - cached,
+                         prefill_s=time.perf_counter() - t0)
+
+    # -- the public conversation API ----------------------------------------------------------------
+    def sync(self, messages: list[dict], *, tools=None, template_kwargs=None, should_cancel=None) -> SyncStats:
+        """Make the cache hold exactly ``messages`` (rendered), reusing the common prefix."""
+        r = self.render(messages, tools=tools, template_kwargs=template_kwargs)
+        stats = self.sync_tokens(r.ids, [b for b in r.boundaries if b], should_cancel)
+        self.set_transcript(messages, r.boundaries, tools, template_kwargs)
+        return stats
+
+    def set_transcript(self, messages, boundaries, tools=None, template_kwargs=None) -> None:
+        self.transcript = copy.deepcopy(list(messages))
+        self.boundaries = list(boundaries)
+        self.tools, self.template_kwargs = tools, template_kwargs
+
+    def append(self, messages: list[dict]) -> SyncStats:
+        return self.sync(self.transcript + list(messages), tools=self.tools,
+                         template_kwargs=self.template_kwargs)
+
+    def rollback(self, n_messages: int) -> SyncStats:
+        """Drop the last ``n_messages`` messages (and their tokens)."""
+        if not 0 <= n_messages <= len(self.transcript):
+            raise InvalidRequest(f"cannot roll back {n_messages} messages: the conversation has "
+                                 f"{len(self.transcript)}")
+        return self.sync(self.transcript[:len(self.transcript) - n_messages], tools=self.tools,
+                         template_kwargs=self.template_kwargs)
+
+    def fork(self) -> Conversation:
+        """An independent copy (the cache is cloned, nothing is prefilled again)."""
+        other = Conversation.__new__(Conversation)
+        other.__dict__.update(self.__dict__)
+        other.cache = self.cache.clone()
+        other._ids = list(self._ids)
+        other.transcript = copy.deepcopy(self.transcript)
+        other.boundaries = list(self.boundaries)
+        other._states = dict(self._states)
+        other._edits = []
+        return other
+
+    def resize(self, max_seq_len: int) -> None:
+        self.cache.resize(max_seq_len)
+
+    def checkpoint(self) -> Checkpoint:
+        return Checkpoint(
+            position=self.position, ids=list(self._ids), transcript=copy.deepcopy(self.transcript),
+            boundaries=list(self.boundaries), tools=self.tools, template_kwargs=self.template_kwargs,
+            edit_seq=len(self._edits),
+            recurrent=self.cache.recurrent_state() if self.hybrid else None,
+            logits=self._logits, states=dict(self._states))
+
+    def restore(self, cp: Checkpoint) -> None:
+        """Back to exactly the state of ``checkpoint()``: transcript, tokens and cache."""
+        untouched = all(p >= cp.position for p in self._edits[cp.edit_seq:])
+        if untouched and self.position >= cp.position:
+            self.cache.truncate(cp.position, recurrent_state=cp.recurrent)
+            if self.hybrid:
+                self.cache.load_recurrent_state(cp.recurrent)
+            del self._ids[cp.position:]
+            self._logits = cp.logits
+        else:  # the cache was rewritten below the checkpoint: prefill back to it
+            self.sync_tokens(cp.ids)
+            if cp.logits is not None:
+                self._logits = cp.logits
+        self._states = {**{p: s for p, s in self._states.items() if p <= cp.position}, **cp.states}
+        self._edits.append(cp.position)
+        self.set_transcript(cp.transcript, cp.boundaries, cp.tools, cp.template_kwargs)
+
+    # -- snapshots ----------------------------------------------------------------------------------
+    def state_meta(self) -> dict:
+        """JSON-able part of the state (with ``state_tensors()`` it rebuilds the conversation)."""
+        return {"transcript": self.transcript, "boundaries": self.boundaries, "tools": self.tools,
+                "template_kwargs": self.template_kwargs, "position": self.position}
+
+    def state_tensors(self) -> dict[str, torch.Tensor]:
+        out = dict(self.cache.state_tensors())
+        out["conversation.token_ids"] = torch.tensor(self._ids, dtype=torch.int64)
+        if self._logits is not None:
+            out["conversation.logits"] = self._logits.detach().float().cpu()
+        return out
+
+    @classmethod
+    def from_state(cls, model, meta: dict, tensors: dict[str, torch.Tensor], max_seq_len: int | None = None,
+                   *, chunk_size: int = 8192) -> Conversation:
+        tensors = dict(tensors)
+        ids = tensors.pop("conversation.token_ids").tolist()
+        logits = tensors.pop("conversation.logits", None)
+        position = int(meta["position"])
+        if len(ids) != position:
+            raise InvalidRequest(f"conversation state is inconsistent: {len(ids)} token ids for "
+                                 f"position {position}")
+        cache = model.cache_from_state(tensors, position, max_seq_len or max(position, 1))
+        conv = cls(model, cache.max_seq_len, chunk_size=chunk_size, cache=cache)
+        conv._ids = ids
+        conv._logits = logits.to(model.device) if logits is not None else None
+        conv.set_transcript(meta.get("transcript", []), meta.get("boundaries", []), meta.get("tools"),
+                            meta.get("template_kwargs"))
+        if conv.hybrid:
+            state = cache.recurrent_state()
+            conv._states = {0: {k: torch.zeros_like(v) for k, v in state.items()}, position: state}
+        return conv

@@ -1,0 +1,266 @@
+"""One chat turn: sync the prompt into the cache, decode, and stream events out.
+
+Text flows token -> detokenizer (UTF-8 safe) -> stop strings -> <think> splitter -> tool-call
+splitter -> events. Each stage holds back only what it might still have to take back.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+import time
+from collections.abc import AsyncIterator, Iterator
+
+from superlinear.errors import InvalidRequest
+
+from .conversation import Conversation
+from .repetition import RepetitionDetector
+from .sampling import Sampler
+from .text import THINK_CLOSE, IncrementalDetokenizer, StopCutter, ThinkSplitter, partial_marker_start
+from .tools import TOOL_OPEN, parse_tool_calls
+from .types import ChatRequest, Done, Event, ReasoningDelta, TextDelta, ToolCallsEvent
+
+# End-of-turn tokens of common chat formats, stop tokens whenever the vocabulary has them.
+END_OF_TURN_TOKENS = ("<|im_end|>", "<|eot_id|>", "<|end_of_text|>", "<|endoftext|>", "<end_of_turn>",
+                      "<|end|>", "</s>", "<|return|>")
+
+
+def stop_token_ids(tokenizer, extra=()) -> set[int]:
+    ids = set(extra)
+    if tokenizer.eos_token_id is not None:
+        ids.add(int(tokenizer.eos_token_id))
+    vocab = tokenizer.get_vocab()
+    for t in END_OF_TURN_TOKENS:
+        if t in vocab:
+            ids.add(int(vocab[t]))
+    return ids
+
+
+class _Cancelled(Exception):
+    pass
+
+
+class _TextPipeline:
+    """Generated text in, events out."""
+
+    def __init__(self, stops, in_reasoning: bool, parse_tools: bool):
+        self.stop = StopCutter(stops)
+        self.think = ThinkSplitter(in_reasoning)
+        self.parse_tools = parse_tools
+        self.pending = ""  # answer text held back (could start <tool_call>)
+        self.in_tools = False
+        self.emitted = ""  # answer text sent as TextDelta
+
+    def _answer(self, text: str, final: bool) -> list[Event]:
+        if self.in_tools or not text and not final:
+            return []
+        self.pending += text
+        if self.parse_tools:
+            i = self.pending.find(TOOL_OPEN)
+            if i != -1:
+                out, self.pending, self.in_tools = self.pending[:i].rstrip(), "", True
+            else:
+                k = len(self.pending) if final else partial_marker_start(self.pending, [TOOL_OPEN])
+                out, self.pending = self.pending[:k], self.pending[k:]
+        else:
+            out, self.pending = self.pending, ""
+        if out:
+            self.emitted += out
+            return [TextDelta(out)]
+        return []
+
+    def push(self, text: str) -> list[Event]:
+        r, a = self.think.push(self.stop.push(text))
+        events: list[Event] = [ReasoningDelta(r)] if r else []
+        return events + self._answer(a, False)
+
+    def finish(self) -> list[Event]:
+        r1, a1 = self.think.push(self.stop.flush())
+        r2, a2 = self.think.flush()
+        events: list[Event] = [ReasoningDelta(r1 + r2)] if r1 + r2 else []
+        return events + self._answer(a1 + a2, True)
+
+
+def run_turn(conversation: Conversation, request: ChatRequest,
+             cancel: threading.Event | None = None) -> Iterator[Event]:
+    """Run one assistant turn for ``request.messages`` on ``conversation`` (blocking).
+
+    On success the conversation holds messages + the assistant message (as yielded in ``Done``);
+    on cancellation or an error it is restored to exactly what it was before.
+    """
+    cp = conversation.checkpoint()
+    try:
+        yield from _turn(conversation, request, cancel or threading.Event(), cp)
+    except BaseException:
+        conversation.restore(cp)
+        raise
+
+
+def _turn(conv: Conversation, req: ChatRequest, cancel: threading.Event, cp) -> Iterator[Event]:
+    from superlinear.model import Cancelled
+
+    if not req.messages:
+        raise InvalidRequest("messages must not be empty", param="messages")
+    sp = req.sampling
+    tok = conv.model.tokenizer
+    tools = req.tools if req.tools and req.tool_choice != "none" else None
+    kwargs = req.chat_template_kwargs
+    t_start = time.perf_counter()
+
+    prompt = conv.render(req.messages, tools=tools, template_kwargs=kwargs, add_generation_prompt=True)
+    checkpoints = [b for b in prompt.boundaries if b] + [len(prompt.ids)]
+    try:
+        stats = conv.sync_tokens(prompt.ids, checkpoints, should_cancel=cancel.is_set)
+    except Cancelled:
+        conv.restore(cp)
+        yield _done_cancelled(conv, prompt, 0, t_start)
+        return
+    conv.set_transcript(req.messages, prompt.boundaries, tools, kwargs)
+    logits = conv._logits
+    prefill_s = time.perf_counter() - t_start
+
+    in_reasoning = prompt.text.rstrip().endswith("<think>")
+    pipe = _TextPipeline(sp.stop, in_reasoning, tools is not None)
+    detok = IncrementalDetokenizer(tok)
+    sampler = Sampler(sp)
+    stop_ids = stop_token_ids(tok, sp.stop_token_ids)
+    detector = RepetitionDetector(req.repetition) if req.repetition else None
+    budget = req.reasoning_budget
+    max_tokens = sp.max_tokens if sp.max_tokens is not None else conv.max_seq_len
+    completion, reasoning_tokens, finish = 0, 0, None
+    t_decode = time.perf_counter()
+
+    def feed(ids: list[int]) -> Iterator[Event]:
+        for t in ids:
+            yield from pipe.push(detok.push(t))
+
+    forced = conv.template.forced_tool_prefix(req.tool_choice) if tools else ""
+    if budget is not None and budget <= 0 and in_reasoning:
+        forced = "\n" + THINK_CLOSE + "\n\n" + forced
+    if forced:
+        ids = tok.encode(forced, add_special_tokens=False)
+        logits = conv.extend_tokens(ids)
+        completion += len(ids)
+        yield from feed(ids)
+
+    try:
+        while finish is None:
+            if cancel.is_set():
+                raise _Cancelled
+            if completion >= max_tokens or conv.position >= conv.max_seq_len:
+                finish = "length"
+                break
+            t = sampler(logits)
+            if t in stop_ids:
+                finish = "stop"
+                break
+            completion += 1
+            was_reasoning = pipe.think.in_reasoning
+            yield from feed([t])
+            if pipe.stop.stopped:
+                finish = "stop"
+                break
+            if detector is not None and detector.push(t):
+                finish = "repetition"
+                break
+            if completion >= max_tokens or conv.position + 1 >= conv.max_seq_len:
+                finish = "length"
+                break
+            logits = conv.step(t)
+            if was_reasoning and pipe.think.in_reasoning:
+                reasoning_tokens += 1
+                if budget is not None and reasoning_tokens >= budget:
+                    # Budget spent: close the block ourselves; the answer follows.
+                    ids = tok.encode("\n" + THINK_CLOSE + "\n\n", add_special_tokens=False)
+                    if conv.position + len(ids) >= conv.max_seq_len:
+                        finish = "length"
+                        break
+                    logits = conv.extend_tokens(ids)
+                    completion += len(ids)
+                    yield from feed(ids)
+                    budget = None
+    except _Cancelled:
+        conv.restore(cp)
+        yield _done_cancelled(conv, prompt, completion, t_start, pipe)
+        return
+
+    yield from pipe.push(detok.flush())
+    yield from pipe.finish()
+    decode_s = time.perf_counter() - t_decode
+    reasoning = pipe.think.reasoning.strip() or None
+    answer = pipe.think.answer
+    calls = []
+    if tools is not None:
+        answer, calls = parse_tool_calls(answer, tools)
+    message: dict = {"role": "assistant", "content": answer.strip() if not calls else (answer.strip() or None)}
+    if calls:
+        message["tool_calls"] = calls
+        yield ToolCallsEvent(calls)
+        if finish == "stop":
+            finish = "tool_calls"
+    if reasoning and req.keep_thinking:
+        message["reasoning_content"] = reasoning
+    # Store the turn as the template renders it: the generated tokens stay in the cache where
+    # they match that rendering, the end-of-turn tokens are appended.
+    conv.sync(req.messages + [message], tools=tools, template_kwargs=kwargs)
+    usage = {"prompt_tokens": len(prompt.ids), "completion_tokens": completion,
+             "total_tokens": len(prompt.ids) + completion, "cached_tokens": stats.cached_tokens,
+             "prefill_tokens": stats.prefill_tokens}
+    timings = {"prefill_s": round(prefill_s, 4),
+               "prefill_tokens_per_s": round(stats.prefill_tokens / prefill_s, 1) if prefill_s > 0 else None,
+               "decode_s": round(decode_s, 4),
+               "decode_tokens_per_s": round(completion / decode_s, 1) if decode_s > 0 else None}
+    yield Done(finish, message, usage, timings, reasoning=reasoning)
+
+
+def _done_cancelled(conv, prompt, completion, t_start, pipe: _TextPipeline | None = None) -> Done:
+    message = {"role": "assistant", "content": pipe.emitted if pipe else ""}
+    reasoning = pipe.think.reasoning.strip() or None if pipe else None
+    usage = {"prompt_tokens": len(prompt.ids), "completion_tokens": completion,
+             "total_tokens": len(prompt.ids) + completion, "cached_tokens": 0, "prefill_tokens": 0}
+    timings = {"prefill_s": None, "prefill_tokens_per_s": None,
+               "decode_s": round(time.perf_counter() - t_start, 4), "decode_tokens_per_s": None}
+    return Done("cancelled", message, usage, timings, reasoning=reasoning)
+
+
+_END = object()
+
+
+async def stream_turn(conversation: Conversation, request: ChatRequest,
+                      cancel: threading.Event | None = None) -> AsyncIterator[Event]:
+    """``run_turn`` in a worker thread, its events bridged to asyncio. If the consumer stops
+    early (closes the iterator, its task is cancelled) the turn is cancelled and this waits until
+    the conversation has been restored."""
+    cancel = cancel or threading.Event()
+    loop = asyncio.get_running_loop()
+    queue: asyncio.Queue = asyncio.Queue()
+
+    def put(item) -> None:
+        try:
+            loop.call_soon_threadsafe(queue.put_nowait, item)
+        except RuntimeError:  # the loop is gone: nobody listens any more
+            cancel.set()
+
+    def worker() -> None:
+        try:
+            for event in run_turn(conversation, request, cancel):
+                put(event)
+        except BaseException as exc:  # noqa: BLE001 - re-raised in the consumer
+            put(exc)
+        finally:
+            put(_END)
+
+    thread = threading.Thread(target=worker, name="spl-turn", daemon=True)
+    thread.start()
+    try:
+        while True:
+            item = await queue.get()
+            if item is _END:
+                break
+            if isinstance(item, BaseException):
+                raise item
+            yield item
+    finally:
+        if thread.is_alive():
+            cancel.set()
+            await asyncio.shield(asyncio.to_thread(thread.join))

@@ -1,0 +1,75 @@
+"""Requests and events of a chat turn (plain dataclasses, no torch)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+FINISH_REASONS = ("stop", "length", "tool_calls", "repetition", "cancelled")
+
+
+@dataclass
+class SamplingParams:
+    """How the next token is picked. ``temperature == 0`` is greedy (top_p/top_k/seed unused)."""
+
+    temperature: float = 0.0
+    top_p: float = 1.0
+    top_k: int = 0  # 0 = off
+    seed: int | None = None  # same seed (same model, same device) => same tokens
+    max_tokens: int | None = None  # None = until the cache is full
+    stop: list[str] = field(default_factory=list)  # cut before the first occurrence, never emitted
+    stop_token_ids: list[int] = field(default_factory=list)  # in addition to the end-of-turn tokens
+
+
+@dataclass
+class RepetitionConfig:
+    """Opt-in loop detection on generated token ids.
+
+    A loop is declared when the generated tokens end in a periodic run of period
+    ``p <= max_period`` that is at least ``min_repeats`` periods long and at least
+    ``tail_len`` tokens long (so a short run of one repeated token such as ``---`` is not a loop).
+    """
+
+    tail_len: int = 32
+    min_repeats: int = 3
+    max_period: int = 64
+
+
+@dataclass
+class ChatRequest:
+    messages: list[dict]  # the whole conversation as the client wants it after this turn's prompt
+    tools: list[dict] | None = None  # OpenAI tools ({"type": "function", "function": {...}})
+    tool_choice: Any = None  # None/"auto", "none", "required", {"type":"function","function":{"name":..}}
+    sampling: SamplingParams = field(default_factory=SamplingParams)
+    reasoning_budget: int | None = None  # max reasoning tokens; then the engine closes </think> itself
+    repetition: RepetitionConfig | None = None  # None = no loop detection
+    chat_template_kwargs: dict | None = None  # e.g. {"enable_thinking": False}
+    keep_thinking: bool = False  # keep the reasoning in the stored assistant message
+
+
+@dataclass
+class TextDelta:
+    text: str
+
+
+@dataclass
+class ReasoningDelta:
+    text: str
+
+
+@dataclass
+class ToolCallsEvent:
+    calls: list[dict]  # OpenAI tool_calls: {"id", "type": "function", "function": {"name", "arguments"}}
+
+
+@dataclass
+class Done:
+    finish_reason: str  # one of FINISH_REASONS
+    message: dict  # the assistant message as stored in the transcript
+    usage: dict  # prompt_tokens, completion_tokens, total_tokens, cached_tokens, prefill_tokens
+    timings: dict  # prefill_s, prefill_tokens_per_s, decode_s, decode_tokens_per_s
+    reasoning: str | None = None  # the reasoning text (also when not kept in the transcript)
+    partial: bool = False  # True when a cancelled turn kept its partial output
+
+
+Event = TextDelta | ReasoningDelta | ToolCallsEvent | Done

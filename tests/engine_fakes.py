@@ -1,0 +1,117 @@
+"""A fake model for engine tests: real tokenizer, deterministic "forward", checked cache edits.
+
+Its logits depend on every token in the cache (through a rolling hash), and its "recurrent
+state" is that hash, so a hybrid whose state was not restored correctly gives other logits and
+the cache's own checks fail loudly.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from superlinear.errors import InvalidRequest, TooLarge
+
+_P = 1_000_003
+
+
+def _roll(h: int, t: int) -> int:
+    return (h * 31 + t + 1) % _P
+
+
+
+class FakeCache:
+    def __init__(self, max_seq_len: int, hybrid: bool):
+        self.max_seq_len = max_seq_len
+        self.hybrid = hybrid
+        self.tokens: list[int] = []
+        self.hashes = [0]  # hash after each prefix (attention-only: "the KV")
+        self.state = 0  # recurrent state: hash of everything seen
+
+    @property
+    def position(self) -> int:
+        return len(self.tokens)
+
+    def append(self, t: int) -> None:
+        if self.position >= self.max_seq_len:
+            raise TooLarge("fake cache full")
+        self.tokens.append(t)
+        self.state = _roll(self.state, t)
+        self.hashes.append(self.state)
+
+    def nbytes(self) -> int:
+        return 8 * self.max_seq_len
+
+    def truncate(self, position: int, recurrent_state=None) -> None:
+        if position > self.position:
+            raise InvalidRequest("beyond position")
+        if self.hybrid and position != self.position:
+            if recurrent_state is None:
+                raise InvalidRequest("hybrid needs the state")
+            self.load_recurrent_state(recurrent_state)
+            assert self.state == self.hashes[position], "restored state does not match the position"
+        del self.tokens[position:]
+        del self.hashes[position + 1:]
+        if not self.hybrid:
+            self.state = self.hashes[-1]
+
+    def recurrent_state(self) -> dict:
+        return {"h": torch.tensor([self.state])} if self.hybrid else {}
+
+    def load_recurrent_state(self, state: dict) -> None:
+        self.state = int(state["h"][0])
+
+    def clone(self) -> FakeCache:
+        c = FakeCache(self.max_seq_len, self.hybrid)
+        c.tokens, c.hashes, c.state = list(self.tokens), list(self.hashes), self.state
+        return c
+
+    def resize(self, n: int) -> None:
+        self.max_seq_len = n
+
+
+class FakeModel:
+    """``vocab_ids``: the tokens the fake may produce (ordinary text tokens of the tokenizer)."""
+
+    def __init__(self, tokenizer, hybrid: bool = False, eos_every: int = 0):
+        self.tokenizer = tokenizer
+        self.has_recurrent_state = hybrid
+        self.device = torch.device("cpu")
+        self.vocab = len(tokenizer)
+        self.prefilled = 0  # tokens run through prefill, all calls
+        self.decoded = 0
+        self.cancel_checks = 0
+        words = tokenizer.encode(" the quick brown fox jumps over a lazy dog and then", add_special_tokens=False)
+        self.words = words
+
+    def new_cache(self, max_seq_len: int) -> FakeCache:
+        return FakeCache(max_seq_len, self.has_recurrent_state)
+
+    def _logits(self, cache: FakeCache) -> torch.Tensor:
+        # Consistent with the whole content: the hash the cache would have from its tokens.
+        h = 0
+        for t in cache.tokens:
+            h = _roll(h, t)
+        assert h == cache.state, "cache state diverged from its tokens"
+        logits = torch.full((self.vocab,), -10.0)
+        g = torch.Generator().manual_seed(h)
+        w = torch.randn(len(self.words), generator=g)
+        logits[torch.tensor(self.words)] = w
+        return logits
+
+    def prefill(self, cache, token_ids, chunk_size=8192, should_cancel=None):
+        from superlinear.model import Cancelled
+
+        ids = list(token_ids)
+        for i in range(0, len(ids), chunk_size):
+            self.cancel_checks += 1
+            if should_cancel is not None and should_cancel():
+                raise Cancelled("cancelled")
+            for t in ids[i:i + chunk_size]:
+                cache.append(int(t))
+            self.prefilled += len(ids[i:i + chunk_size])
+        return self._logits(cache)
+
+    def decode_step(self, cache, token_id):
+        cache.append(int(token_id))
+        self.decoded += 1
+        return self._logits(cache)
