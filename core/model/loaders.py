@@ -1,0 +1,383 @@
+"""Turn a ``--model`` value into a ``Model``.
+
+Built-in loaders (registered by the ``models`` plugin through ``register_model_loaders``):
+``default`` (the embedded SmolLM2, converted once), a local directory (llama family,
+``nemotron_h``, ``superlinear-exp``; also a directory name under ``models_dir()``), and a
+Hugging Face hub id. ``load_model`` asks third-party loaders first, then the built-in ones.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import re
+from pathlib import Path
+
+import torch
+
+from superlinear import paths
+from superlinear.errors import InvalidRequest, NotFound, Unavailable
+from superlinear.model import attention as attention_mod
+from superlinear.model.cache import CacheLayout
+from superlinear.model.model import Model
+
+# Attention-only families whose transformers attention module writes through ``cache.update``
+# and calls the registered attention function (the retrofit needs nothing else).
+LLAMA_FAMILY = ("llama", "mistral", "qwen2", "qwen3")
+HYBRID = ("nemotron_h",)
+SUPERLINEAR_EXP = "superlinear-exp"
+
+# Superlinear attention for a model not trained with it: routing query = attention query and a
+# window of W = 45**2 - 1 = 2024 tokens, so ordinary chats are computed exactly (plain causal
+# attention while the context fits the window); beyond it, 3 spans of ~(3+1)*sqrt(t) keys.
+RETROFIT_SPAN = {
+    "span_attention_sw_index": 44,
+    "span_attention_num_spans": 3,
+    "span_attention_backward_factor": 3.0,
+    "span_attention_forward_factor": 1.0,
+    "span_attention_span_power": 0.5,
+    "span_attention_inv_search_power": 2,
+}
+
+
+def default_device() -> torch.device:
+    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
+def default_dtype(device: torch.device) -> torch.dtype:
+    return torch.bfloat16 if device.type == "cuda" else torch.float32
+
+
+def parse_dtype(dtype) -> torch.dtype | None:
+    if dtype is None or isinstance(dtype, torch.dtype):
+        return dtype
+    table = {"bf16": torch.bfloat16, "bfloat16": torch.bfloat16, "fp16": torch.float16,
+             "float16": torch.float16, "half": torch.float16, "fp32": torch.float32,
+             "float32": torch.float32, "float": torch.float32}
+    if str(dtype).lower() not in table:
+        raise InvalidRequest(f"unknown dtype {dtype!r}: use bf16, fp16 or fp32")
+    return table[str(dtype).lower()]
+
+
+# ---------------------------------------------------------------------------------------------
+# loaders
+# ---------------------------------------------------------------------------------------------
+
+class DefaultLoader:
+    name = "default"
+
+    def can_load(self, spec: str) -> bool:
+        return spec == "default"
+
+    def load(self, spec: str, **options) -> Model:
+        from superlinear.model.default import ensure_default
+
+        return load_dir(ensure_default(), name="default", **options)
+
+
+class LocalDirLoader:
+    name = "local"
+
+    def can_load(self, spec: str) -> bool:
+        return _local_dir(spec) is not None
+
+    def load(self, spec: str, **options) -> Model:
+        path = _local_dir(spec)
+        return load_dir(path, name=spec if "/" not in spec else path.name, **options)
+
+
+class HubLoader:
+    name = "hub"
+
+    def can_load(self, spec: str) -> bool:
+        return bool(re.fullmatch(r"[\w.-]+/[\w.-]+", spec)) and not Path(spec).exists()
+
+    def load(self, spec: str, **options) -> Model:
+        return load_dir(download(spec), name=spec, **options)
+
+
+BUILTIN_LOADERS = (DefaultLoader(), LocalDirLoader(), HubLoader())
+
+
+def _local_dir(spec: str) -> Path | None:
+    path = Path(spec).expanduser()
+    if path.is_dir() and (path / "config.json").is_file():
+        return path
+    if "/" not in spec and spec and not spec.startswith("."):
+        candidate = paths.models_dir() / spec
+        if candidate.is_dir() and (candidate / "config.json").is_file():
+            return candidate
+    return None
+
+
+def offline() -> bool:
+    return any(os.environ.get(v, "").lower() in ("1", "true", "yes")
+               for v in ("HF_HUB_OFFLINE", "SPL_OFFLINE", "TRANSFORMERS_OFFLINE"))
+
+
+def download(repo_id: str) -> Path:
+    """Fetch the files a model needs from the hub (or its local hub cache); one clear line if
+    the hub cannot be reached."""
+    try:
+        from huggingface_hub import snapshot_download
+
+        path = snapshot_download(
+            repo_id,
+            allow_patterns=["*.json", "*.safetensors", "*.jinja", "tokenizer*", "*.model", "*.txt"],
+            local_files_only=offline(), etag_timeout=10,
+        )
+    except Exception as exc:
+        reason = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+        where = "offline mode (HF_HUB_OFFLINE) and not in the local hub cache" if offline() else reason
+        raise Unavailable(f"cannot fetch model {repo_id!r} from the Hugging Face hub: {where[:200]}; "
+                          f"pass a local directory or `default`") from exc
+    return Path(path)
+
+
+def resolve_loaders() -> list:
+    """Plugin loaders (third-party first), or the built-in ones when plugins cannot load."""
+    try:
+        from superlinear.pluginloader import collect
+
+        found = collect("register_model_loaders")
+    except Exception:
+        found = []
+    third = [args[0] for plugin, args, _ in found if args and plugin != "models"]
+    builtin = [args[0] for plugin, args, _ in found if args and plugin == "models"]
+    return third + (builtin or list(BUILTIN_LOADERS))
+
+
+def load_model(spec: str = "default", device=None, dtype=None, attention: str = "superlinear", *,
+               cuda_graph: bool | None = None, backend: str | None = None, span_params=None) -> Model:
+    """Load ``spec`` (``default``, a local directory, a name under ``models_dir()``, a hub id)."""
+    spec = str(spec)
+    if attention not in ("superlinear", "dense"):
+        raise InvalidRequest(f"unknown attention {attention!r}: use 'superlinear' or 'dense'")
+    options = dict(device=device, dtype=dtype, attention=attention, cuda_graph=cuda_graph,
+                   backend=backend, span_params=span_params)
+    for loader in resolve_loaders():
+        try:
+            ok = loader.can_load(spec)
+        except Exception:
+            ok = False
+        if ok:
+            return loader.load(spec, **options)
+    raise NotFound(f"unknown model {spec!r}: use `default`, a local model directory (config.json + "
+                   f"safetensors + tokenizer) or a hub id like org/name (`spl models list`)")
+
+
+# ---------------------------------------------------------------------------------------------
+# building a model from a directory
+# ---------------------------------------------------------------------------------------------
+
+def read_config(path: Path) -> dict:
+    try:
+        return json.loads((path / "config.json").read_text())
+    except FileNotFoundError as exc:
+        raise NotFound(f"no config.json in {path}") from exc
+    except json.JSONDecodeError as exc:
+        raise InvalidRequest(f"{path / 'config.json'} is not valid JSON: {exc}") from exc
+
+
+def load_dir(path: Path, *, name: str, device=None, dtype=None, attention: str = "superlinear",
+             cuda_graph: bool | None = None, backend: str | None = None, span_params=None) -> Model:
+    path = Path(path)
+    config = read_config(path)
+    model_type = config.get("model_type")
+    device = torch.device(device) if device is not None else default_device()
+    dtype = parse_dtype(dtype) or default_dtype(device)
+    attention_mod.register()
+    if model_type in LLAMA_FAMILY:
+        hf = _build_auto(config)
+        kind, routing = f"{model_type} (superlinear retrofit)", "attention query"
+    elif model_type in HYBRID:
+        from superlinear.model.superlinear_exp import nemotron_config
+
+        hf = _build_nemotron(nemotron_config(config))
+        kind, routing = "nemotron_h (superlinear retrofit)", "attention query"
+    elif model_type == SUPERLINEAR_EXP:
+        from superlinear.model.superlinear_exp import build
+
+        hf = build(config)
+        kind, routing = "superlinear-exp", "separate projection (routing_q_proj)"
+        if not any(k.startswith("span_attention_") for k in config):
+            raise InvalidRequest(f"{path / 'config.json'}: a superlinear-exp config needs the "
+                                 f"span_attention_* keys")
+    else:
+        raise InvalidRequest(f"{path}: model_type {model_type!r} is not supported (supported: "
+                             f"{', '.join(LLAMA_FAMILY + HYBRID)}, {SUPERLINEAR_EXP})")
+    state = read_weights(path)
+    if model_type in HYBRID + (SUPERLINEAR_EXP,):
+        from superlinear.model.superlinear_exp import normalize_names
+
+        state = normalize_names(state)
+    assign_weights(hf, state, device, dtype, where=path)
+    hf.eval()
+    tokenizer = load_tokenizer(path)
+    if span_params is None:
+        span_params = span_params_from(config)
+    from superlinear.model.default import read_meta
+
+    meta = read_meta(path)
+    weights_hash = meta.get("weights_hash") or weights_fingerprint(path)
+    arch = {k: v for k, v in config.items()
+            if k not in ("_name_or_path", "transformers_version", "dtype", "torch_dtype", "architectures",
+                         "auto_map", "quantization_config")}
+    return Model(hf, tokenizer, name=name, kind=kind, layout=layout_of(hf.config),
+                 span_params=span_params, attention=attention, routing=routing, source=str(path),
+                 bytes_on_disk=dir_bytes(path), weights_hash=weights_hash, arch_config=arch,
+                 cuda_graph=cuda_graph, backend=backend)
+
+
+def span_params_from(config: dict):
+    from superlinear.kernels import SpanParams
+
+    keys = {k: v for k, v in config.items() if k.startswith("span_attention_")}
+    try:
+        return SpanParams.from_config(keys or RETROFIT_SPAN)
+    except ValueError as exc:
+        raise InvalidRequest(f"bad span_attention_* config: {exc}") from exc
+
+
+def _build_auto(config: dict):
+    from accelerate import init_empty_weights
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    body = {k: v for k, v in config.items() if k not in ("quantization_config",)}
+    cfg = AutoConfig.for_model(**body)
+    cfg._attn_implementation = attention_mod.ATTN_IMPLEMENTATION
+    with init_empty_weights(include_buffers=False):
+        return AutoModelForCausalLM.from_config(cfg, attn_implementation=attention_mod.ATTN_IMPLEMENTATION)
+
+
+def _build_nemotron(cfg):
+    from accelerate import init_empty_weights
+    from transformers import NemotronHForCausalLM
+
+    cfg._attn_implementation = attention_mod.ATTN_IMPLEMENTATION
+    with init_empty_weights(include_buffers=False):
+        return NemotronHForCausalLM(cfg)
+
+
+def read_weights(path: Path) -> dict[str, torch.Tensor]:
+    from safetensors.torch import load_file
+
+    files = sorted(path.glob("*.safetensors"))
+    if not files:
+        raise NotFound(f"no *.safetensors weights in {path}")
+    state: dict[str, torch.Tensor] = {}
+    for f in files:
+        state.update(load_file(str(f)))
+    return state
+
+
+def _keep_fp32(hf, name: str) -> bool:
+    patterns = getattr(hf, "_keep_in_fp32_modules_strict", None) or []
+    return any(p in name for p in patterns)
+
+
+def assign_weights(hf, state: dict[str, torch.Tensor], device, dtype, *, where) -> None:
+    """Load ``state`` into ``hf`` (meta weights); one clear error listing any name mismatch."""
+    expected = dict(hf.state_dict())
+    tied = bool(getattr(hf.config, "tie_word_embeddings", False))
+    optional = {"lm_head.weight"} if tied else set()
+    missing = sorted(set(expected) - set(state) - optional)
+    unexpected = sorted(set(state) - set(expected))
+    wrong_shape = [f"{n} {tuple(state[n].shape)} != {tuple(expected[n].shape)}"
+                   for n in sorted(set(state) & set(expected)) if state[n].shape != expected[n].shape]
+    if missing or unexpected or wrong_shape:
+        def show(names):
+            return ", ".join(names[:12]) + (f" (+{len(names) - 12} more)" if len(names) > 12 else "")
+
+        parts = []
+        if missing:
+            parts.append(f"missing {len(missing)}: {show(missing)}")
+        if unexpected:
+            parts.append(f"unexpected {len(unexpected)}: {show(unexpected)}")
+        if wrong_shape:
+            parts.append(f"wrong shape {len(wrong_shape)}: {show(wrong_shape)}")
+        raise InvalidRequest(f"weights in {where} do not match the model ({type(hf).__name__}): "
+                             + "; ".join(parts) + " (see docs/models.md for the expected names)")
+    converted = {}
+    for name, tensor in state.items():
+        target = torch.float32 if _keep_fp32(hf, name) or not tensor.is_floating_point() else dtype
+        converted[name] = tensor.to(device=device, dtype=target)
+    hf.load_state_dict(converted, strict=False, assign=True)
+    if tied and "lm_head.weight" not in state:
+        hf.lm_head.weight = hf.get_input_embeddings().weight
+    hf.to(device)
+    leftover = [n for n, p in hf.named_parameters() if p.device.type == "meta"]
+    if leftover:
+        raise InvalidRequest(f"weights in {where} leave parameters unset: {', '.join(leftover[:12])}")
+
+
+def load_tokenizer(path: Path):
+    from transformers import AutoTokenizer
+
+    try:
+        tok = AutoTokenizer.from_pretrained(str(path))
+    except Exception as exc:
+        raise InvalidRequest(f"cannot load a tokenizer from {path}: {str(exc).splitlines()[0][:200]}") from exc
+    return tok
+
+
+def layout_of(cfg) -> CacheLayout:
+    types = getattr(cfg, "layers_block_type", None)
+    head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
+    if not types:
+        return CacheLayout(tuple(range(cfg.num_hidden_layers)), cfg.num_key_value_heads, head_dim)
+    attn = tuple(i for i, t in enumerate(types) if t == "full_attention")
+    mamba = tuple(i for i, t in enumerate(types) if t == "linear_attention")
+    inner = cfg.mamba_num_heads * cfg.mamba_head_dim
+    conv_dim = inner + 2 * cfg.n_groups * cfg.ssm_state_size
+    return CacheLayout(attn, cfg.num_key_value_heads, head_dim, mamba,
+                       conv_shape=(conv_dim, cfg.conv_kernel),
+                       ssm_shape=(cfg.mamba_num_heads, cfg.mamba_head_dim, cfg.ssm_state_size))
+
+
+def dir_bytes(path: Path) -> int:
+    return sum(f.stat().st_size for f in Path(path).iterdir() if f.is_file())
+
+
+# Weight files up to this size are hashed whole; larger ones by size, header and 1 MiB of every
+# 64 MiB (hashing a 60 GB checkpoint on every start is not affordable). Cached per (path, mtime).
+_FULL_HASH_LIMIT = 4 << 30
+
+
+def weights_fingerprint(path: Path, remember: bool = True) -> str:
+    files = sorted(Path(path).glob("*.safetensors"))
+    stats = [(f.name, f.stat().st_size, f.stat().st_mtime_ns) for f in files]
+    key = f"{Path(path).resolve()}|{stats}"
+    store = paths.cache_dir() / "fingerprints.json"
+    try:
+        known = json.loads(store.read_text())
+    except (OSError, ValueError):
+        known = {}
+    if remember and key in known:
+        return known[key]
+    h = hashlib.blake2b(digest_size=16)
+    for f in files:
+        size = f.stat().st_size
+        h.update(f"{f.name}:{size}".encode())
+        with open(f, "rb") as fh:
+            if size <= _FULL_HASH_LIMIT:
+                while block := fh.read(1 << 23):
+                    h.update(block)
+            else:
+                for offset in range(0, size, 64 << 20):
+                    fh.seek(offset)
+                    h.update(fh.read(1 << 20))
+    digest = h.hexdigest()
+    if not remember:
+        return digest
+    known[key] = digest
+    try:
+        store.parent.mkdir(parents=True, exist_ok=True)
+        tmp = store.with_suffix(f".tmp{os.getpid()}")
+        tmp.write_text(json.dumps(known))
+        os.replace(tmp, store)
+    except OSError:
+        pass
+    return digest
+

@@ -1,0 +1,279 @@
+"""A loaded model: a transformers causal LM running superlinear (or dense) attention over our cache.
+
+``Model`` owns nothing transformers-specific beyond the module it wraps: chunked prefill,
+single-token decode (captured as a CUDA graph on CUDA), caches, info and fingerprint.
+``with_attention`` makes a sibling that shares the weights but runs another attention
+(dense, or other span parameters): side-by-side checks and the bench load weights once.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import sys
+import threading
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+
+from superlinear.errors import InvalidRequest
+from superlinear.model.attention import ForwardContext, attach
+from superlinear.model.cache import Cache, CacheLayout
+
+
+class Cancelled(Exception):
+    """Raised by ``prefill`` between chunks when ``should_cancel()`` says so."""
+
+
+@dataclass
+class _Shared:
+    """State shared by a model and its ``with_attention`` siblings (one set of weights)."""
+
+    hf: torch.nn.Module
+    ctx: ForwardContext
+    lock: threading.RLock = field(default_factory=threading.RLock)
+    graph_pool: Any = None
+
+
+@dataclass
+class _DecodeGraph:
+    graph: Any
+    ids: torch.Tensor
+    pos: torch.Tensor
+    logits: torch.Tensor
+
+
+class Model:
+    def __init__(self, hf: torch.nn.Module, tokenizer, *, name: str, kind: str, layout: CacheLayout,
+                 span_params, attention: str = "superlinear", routing: str = "attention query",
+                 source: str = "", bytes_on_disk: int = 0, weights_hash: str = "",
+                 arch_config: dict | None = None, cuda_graph: bool | None = None,
+                 backend: str | None = None, _shared: _Shared | None = None):
+        if attention not in ("superlinear", "dense"):
+            raise InvalidRequest(f"unknown attention {attention!r}: use 'superlinear' or 'dense'")
+        self._shared = _shared or _Shared(hf, ForwardContext())
+        if _shared is None:
+            attach(hf, self._shared.ctx)
+        self.hf = hf
+        self.tokenizer = tokenizer
+        self.name = name
+        self.kind = kind
+        self.layout = layout
+        self.span_params = span_params
+        self.attention = attention
+        self.routing = routing
+        self.source = source
+        self.bytes_on_disk = bytes_on_disk
+        self.weights_hash = weights_hash
+        self.arch_config = arch_config or {}
+        self.backend = backend
+        param = next(hf.parameters())
+        self.device = param.device
+        self.dtype = param.dtype
+        self.cuda_graph = (self.device.type == "cuda") if cuda_graph is None else bool(cuda_graph)
+        if self.cuda_graph and self.device.type != "cuda":
+            self.cuda_graph = False
+        if "moe" in self.layer_types():
+            # transformers' MoE experts loop over the experts a batch hits (host sync): not capturable.
+            self.cuda_graph = False
+        self.fingerprint = self._fingerprint()
+
+    # -- identity -------------------------------------------------------------------------------
+    def _fingerprint(self) -> str:
+        blob = json.dumps({"config": self.arch_config, "attention": self.attention,
+                           "span": _params_dict(self.span_params) if self.attention == "superlinear" else None,
+                           "routing": self.routing, "weights": self.weights_hash},
+                          sort_keys=True, default=str)
+        return hashlib.sha256(blob.encode()).hexdigest()[:32]
+
+    @property
+    def has_recurrent_state(self) -> bool:
+        return bool(self.layout.mamba_layers)
+
+    @property
+    def window(self) -> int:
+        return int(self.span_params.window_len) if self.span_params is not None else 0
+
+    def layer_types(self) -> list[str]:
+        cfg = self.hf.config
+        types = getattr(cfg, "layers_block_type", None)
+        if types:
+            return list(types)
+        return ["full_attention"] * cfg.num_hidden_layers
+
+    def num_parameters(self) -> int:
+        seen, total = set(), 0
+        for p in self.hf.parameters():
+            if p.data_ptr() in seen:
+                continue
+            seen.add(p.data_ptr())
+            total += p.numel()
+        return total
+
+    def info(self) -> dict:
+        counts: dict[str, int] = {}
+        for t in self.layer_types():
+            counts[t] = counts.get(t, 0) + 1
+        attention = {"mode": self.attention, "routing_query": self.routing}
+        if self.span_params is not None:
+            attention.update(_params_dict(self.span_params))
+            attention["window"] = self.window
+        return {
+            "name": self.name,
+            "kind": self.kind,
+            "source": self.source,
+            "parameters": self.num_parameters(),
+            "bytes_on_disk": self.bytes_on_disk,
+            "dtype": str(self.dtype).replace("torch.", ""),
+            "device": str(self.device),
+            "attention": attention,
+            "kv_bytes_per_token": self.layout.kv_bytes_per_token(self.dtype),
+            "recurrent_bytes_per_sequence": self.layout.recurrent_bytes(self.dtype),
+            "layers": len(self.layer_types()),
+            "layer_types": counts,
+            "vocab_size": int(self.hf.config.vocab_size),
+            "max_position_embeddings": int(getattr(self.hf.config, "max_position_embeddings", 0) or 0),
+            "cuda_graph": self.cuda_graph,
+            "fingerprint": self.fingerprint,
+        }
+
+    def with_attention(self, attention: str | None = None, span_params=None,
+                       cuda_graph: bool | None = None) -> Model:
+        """A sibling sharing the weights, with another attention mode or span parameters."""
+        return Model(self.hf, self.tokenizer, name=self.name, kind=self.kind, layout=self.layout,
+                     span_params=span_params if span_params is not None else self.span_params,
+                     attention=attention or self.attention, routing=self.routing, source=self.source,
+                     bytes_on_disk=self.bytes_on_disk, weights_hash=self.weights_hash,
+                     arch_config=self.arch_config,
+                     cuda_graph=self.cuda_graph if cuda_graph is None else cuda_graph,
+                     backend=self.backend, _shared=self._shared)
+
+    # -- caches ---------------------------------------------------------------------------------
+    def new_cache(self, max_seq_len: int) -> Cache:
+        if max_seq_len < 1:
+            raise InvalidRequest(f"max_seq_len must be positive, got {max_seq_len}")
+        return Cache(self.layout, max_seq_len, self.device, self.dtype)
+
+    def cache_from_state(self, tensors: dict[str, torch.Tensor], position: int, max_seq_len: int) -> Cache:
+        cache = self.new_cache(max(int(max_seq_len), int(position)))
+        cache.load_state_tensors(tensors, position)
+        return cache
+
+    # -- compute --------------------------------------------------------------------------------
+    def _set_ctx(self, start: int, length: int, positions: torch.Tensor, graph: bool) -> None:
+        ctx = self._shared.ctx
+        ctx.mode, ctx.params, ctx.backend = self.attention, self.span_params, self.backend
+        ctx.start, ctx.length, ctx.positions, ctx.graph = start, length, positions, graph
+
+    def _forward(self, cache: Cache, ids: torch.Tensor, start: int) -> torch.Tensor:
+        length = ids.shape[1]
+        positions = torch.arange(start, start + length, device=self.device)
+        self._set_ctx(start, length, positions, graph=False)
+        cache._begin(start, length)
+        out = self.hf(input_ids=ids, position_ids=positions[None], cache=cache, use_cache=True,
+                      logits_to_keep=1)
+        return out.logits[0, -1].float()
+
+    @torch.inference_mode()
+    def prefill(self, cache: Cache, token_ids: Sequence[int] | torch.Tensor, chunk_size: int = 8192,
+                should_cancel: Callable[[], bool] | None = None) -> torch.Tensor:
+        """Append ``token_ids`` to the cache in chunks; fp32 logits ``[V]`` of the last token."""
+        ids = torch.as_tensor(token_ids, dtype=torch.long).reshape(-1)
+        if ids.numel() == 0:
+            raise InvalidRequest("prefill needs at least one token")
+        if chunk_size < 1:
+            raise InvalidRequest(f"chunk_size must be positive, got {chunk_size}")
+        cache._check_room(ids.numel())
+        ids = ids.to(self.device)
+        logits = None
+        with self._shared.lock:
+            for begin in range(0, ids.numel(), chunk_size):
+                if should_cancel is not None and should_cancel():
+                    raise Cancelled(f"prefill cancelled at position {cache.position}")
+                chunk = ids[begin:begin + chunk_size][None]
+                logits = self._forward(cache, chunk, cache.position)
+                cache.position += chunk.shape[1]
+        return logits
+
+    @torch.inference_mode()
+    def decode_step(self, cache: Cache, token_id: int) -> torch.Tensor:
+        """Append one token; fp32 logits ``[V]`` of it."""
+        cache._check_room(1)
+        with self._shared.lock:
+            if self.cuda_graph:
+                logits = self._decode_graphed(cache, int(token_id))
+                if logits is not None:
+                    cache.position += 1
+                    return logits
+            ids = torch.tensor([[int(token_id)]], dtype=torch.long, device=self.device)
+            logits = self._forward(cache, ids, cache.position)
+            cache.position += 1
+            return logits
+
+    # -- CUDA graph decode ----------------------------------------------------------------------
+    def _graph_key(self) -> tuple:
+        return (self.attention, repr(self.span_params), self.backend)
+
+    def _decode_graphed(self, cache: Cache, token_id: int) -> torch.Tensor | None:
+        graphs = cache._graph if isinstance(cache._graph, dict) else {}
+        cache._graph = graphs
+        entry = graphs.get(self._graph_key())
+        if entry is None:
+            try:
+                entry = self._capture(cache)
+            except Exception as exc:  # capture is an optimisation: fall back to eager decode
+                print(f"spl: warning: CUDA graph capture failed ({type(exc).__name__}: "
+                      f"{str(exc).splitlines()[0] if str(exc) else ''}); decoding without graphs",
+                      file=sys.stderr)
+                self.cuda_graph = False
+                return None
+            graphs[self._graph_key()] = entry
+        entry.ids.fill_(token_id)
+        entry.pos.fill_(cache.position)
+        self._set_ctx(0, 1, entry.pos, graph=True)
+        entry.graph.replay()
+        return entry.logits[0, -1].float().clone()
+
+    def _capture(self, cache: Cache) -> _DecodeGraph:
+        shared = self._shared
+        if shared.graph_pool is None:
+            shared.graph_pool = torch.cuda.graph_pool_handle()
+        ids = torch.zeros((1, 1), dtype=torch.long, device=self.device)
+        pos = torch.full((1,), cache.position, dtype=torch.long, device=self.device)
+        saved = cache.recurrent_state() if cache.has_recurrent_state else None
+
+        def run():
+            self._set_ctx(0, 1, pos, graph=True)
+            cache._begin(0, 1, write_index=pos)
+            try:
+                return self.hf(input_ids=ids, position_ids=pos[None], cache=cache, use_cache=True,
+                               logits_to_keep=1).logits
+            finally:
+                cache._begin(0, 0)
+
+        stream = torch.cuda.Stream()
+        stream.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(stream):
+            for _ in range(2):
+                run()
+        torch.cuda.current_stream().wait_stream(stream)
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph, pool=shared.graph_pool):
+            logits = run()
+        if saved is not None:  # the warm-up steps advanced the recurrent state: put it back
+            cache.load_recurrent_state(saved)
+        return _DecodeGraph(graph, ids, pos, logits)
+
+
+def _params_dict(params) -> dict:
+    if params is None:
+        return {}
+    out = {}
+    for name in ("sw_index", "num_spans", "backward_factor", "forward_factor", "span_power",
+                 "search_power", "inv_search_power"):
+        value = getattr(params, name, None)
+        if value is not None:
+            out[name] = value
+    return out
