@@ -1,1 +1,615 @@
-"""Built-in plugin `admin` (being written)."""
+"""Built-in plugin ``admin``: ``spl ls``, ``spl rm``, ``spl session …``, ``spl snapshot …``.
+
+Every action is a bus command (the classes below) whose handler talks to the server through
+``SplClient``; the chat REPL's slash commands dispatch the same commands, passing its own
+client in ``ctx.state["client"]``. Handlers return plain dicts/lists (JSON-ready); the click
+commands format them (``--json`` prints them as they are).
+
+Exported command classes:
+    ListAll, Remove,
+    SessionNew, SessionList, SessionInfo, SessionHistory, SessionRemove, SessionFork,
+    SessionRollback, SessionResize,
+    SnapshotList, SnapshotInfo, SnapshotSave, SnapshotLoad, SnapshotRemove, SnapshotTag,
+    SnapshotExport, SnapshotImport
+"""
+
+from __future__ import annotations
+
+import datetime as _dt
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+import click
+
+from superlinear.bus import Command, Context, dispatch
+from superlinear.errors import InvalidRequest, NotFound
+from superlinear.hookspecs import hookimpl
+
+__all__ = [
+    "ListAll", "Remove", "SessionNew", "SessionList", "SessionInfo", "SessionHistory", "SessionRemove",
+    "SessionFork", "SessionRollback", "SessionResize", "SnapshotList", "SnapshotInfo", "SnapshotSave",
+    "SnapshotLoad", "SnapshotRemove", "SnapshotTag", "SnapshotExport", "SnapshotImport",
+    "format_bytes", "format_history",
+]
+
+
+def _client(ctx: Context):
+    from superlinear.plugins.client import get_client
+
+    return get_client(ctx)
+
+
+# ==== commands ================================================================================
+@dataclass(frozen=True)
+class ListAll(Command):
+    """Sessions and snapshots. -> {"sessions": [...], "snapshots": [...]}"""
+
+    name = "ls"
+
+
+@dataclass(frozen=True)
+class Remove(Command):
+    """Remove sessions or snapshots by id (a session id wins). -> [{"id", "kind"}]"""
+
+    name = "rm"
+    ids: tuple[str, ...] = ()
+
+
+@dataclass(frozen=True)
+class SessionNew(Command):
+    name = "session.new"
+    session_id: str | None = None
+    max_seq_len: int | None = None
+
+
+@dataclass(frozen=True)
+class SessionList(Command):
+    name = "session.ls"
+
+
+@dataclass(frozen=True)
+class SessionInfo(Command):
+    name = "session.info"
+    session_id: str = ""
+
+
+@dataclass(frozen=True)
+class SessionHistory(Command):
+    """The transcript; ``last`` keeps only the last N messages (``first``: the first N)."""
+
+    name = "session.history"
+    session_id: str = ""
+    last: int | None = None
+    first: int | None = None
+
+
+@dataclass(frozen=True)
+class SessionRemove(Command):
+    name = "session.rm"
+    session_ids: tuple[str, ...] = ()
+
+
+@dataclass(frozen=True)
+class SessionFork(Command):
+    name = "session.fork"
+    session_id: str = ""
+    new_id: str | None = None
+
+
+@dataclass(frozen=True)
+class SessionRollback(Command):
+    """Keep the first ``n_messages`` messages (negative: drop the last ``-n_messages``)."""
+
+    name = "session.rollback"
+    session_id: str = ""
+    n_messages: int = 0
+
+
+@dataclass(frozen=True)
+class SessionResize(Command):
+    name = "session.resize"
+    session_id: str = ""
+    max_seq_len: int = 0
+
+
+@dataclass(frozen=True)
+class SnapshotList(Command):
+    name = "snapshot.ls"
+    tag: str | None = None
+
+
+@dataclass(frozen=True)
+class SnapshotInfo(Command):
+    name = "snapshot.info"
+    snapshot_id: str = ""
+
+
+@dataclass(frozen=True)
+class SnapshotSave(Command):
+    """Snapshot a session. -> the snapshot's info (``id``)."""
+
+    name = "snapshot.save"
+    session_id: str = ""
+    title: str | None = None
+    description: str | None = None
+    tags: tuple[str, ...] = ()
+
+
+@dataclass(frozen=True)
+class SnapshotLoad(Command):
+    """Load a snapshot into a new session (or ``session_id``; an existing one needs ``force``)."""
+
+    name = "snapshot.load"
+    snapshot_id: str = ""
+    session_id: str | None = None
+    force: bool = False
+    max_seq_len: int | None = None
+
+
+@dataclass(frozen=True)
+class SnapshotRemove(Command):
+    name = "snapshot.rm"
+    snapshot_ids: tuple[str, ...] = ()
+
+
+@dataclass(frozen=True)
+class SnapshotTag(Command):
+    """Add/remove tags, or set title/description."""
+
+    name = "snapshot.tag"
+    snapshot_id: str = ""
+    add: tuple[str, ...] = ()
+    remove: tuple[str, ...] = ()
+    title: str | None = None
+    description: str | None = None
+
+
+@dataclass(frozen=True)
+class SnapshotExport(Command):
+    name = "snapshot.export"
+    snapshot_id: str = ""
+    path: str = ""
+
+
+@dataclass(frozen=True)
+class SnapshotImport(Command):
+    name = "snapshot.import"
+    path: str = ""
+    snapshot_id: str | None = None
+    replace: bool = False
+
+
+# ==== handlers ================================================================================
+def _need(value: str, what: str) -> str:
+    if not value:
+        raise InvalidRequest(f"give a {what}")
+    return value
+
+
+def list_all(cmd: ListAll, ctx: Context) -> dict:
+    return _client(ctx).list_all()
+
+
+def remove(cmd: Remove, ctx: Context) -> list[dict]:
+    if not cmd.ids:
+        raise InvalidRequest("give at least one session or snapshot id")
+    client = _client(ctx)
+    done = []
+    for item in cmd.ids:
+        try:
+            client.delete_session(item)
+            done.append({"id": item, "kind": "session"})
+            continue
+        except NotFound:
+            pass
+        try:
+            client.delete_snapshot(item)
+            done.append({"id": item, "kind": "snapshot"})
+        except NotFound:
+            raise NotFound(f"no session or snapshot {item!r}" +
+                           (f" (removed before it: {', '.join(d['id'] for d in done)})" if done else "")
+                           ) from None
+    return done
+
+
+def session_new(cmd: SessionNew, ctx: Context) -> dict:
+    return _client(ctx).create_session(cmd.session_id, cmd.max_seq_len)
+
+
+def session_list(cmd: SessionList, ctx: Context) -> list[dict]:
+    return _client(ctx).list_sessions()
+
+
+def session_info(cmd: SessionInfo, ctx: Context) -> dict:
+    return _client(ctx).get_session(_need(cmd.session_id, "session id"))
+
+
+def session_history(cmd: SessionHistory, ctx: Context) -> list[dict]:
+    messages = _client(ctx).history(_need(cmd.session_id, "session id"))
+    if cmd.first is not None:
+        messages = messages[: max(0, cmd.first)]
+    if cmd.last is not None:
+        messages = messages[-cmd.last:] if cmd.last > 0 else []
+    return messages
+
+
+def session_remove(cmd: SessionRemove, ctx: Context) -> list[dict]:
+    if not cmd.session_ids:
+        raise InvalidRequest("give at least one session id")
+    client = _client(ctx)
+    return [client.delete_session(sid) for sid in cmd.session_ids]
+
+
+def session_fork(cmd: SessionFork, ctx: Context) -> dict:
+    return _client(ctx).fork(_need(cmd.session_id, "session id"), cmd.new_id)
+
+
+def session_rollback(cmd: SessionRollback, ctx: Context) -> dict:
+    return _client(ctx).rollback(_need(cmd.session_id, "session id"), cmd.n_messages)
+
+
+def session_resize(cmd: SessionResize, ctx: Context) -> dict:
+    return _client(ctx).resize(_need(cmd.session_id, "session id"), cmd.max_seq_len)
+
+
+def snapshot_list(cmd: SnapshotList, ctx: Context) -> list[dict]:
+    snaps = _client(ctx).list_snapshots()
+    if cmd.tag:
+        snaps = [s for s in snaps if cmd.tag in (s.get("tags") or [])]
+    return snaps
+
+
+def snapshot_info(cmd: SnapshotInfo, ctx: Context) -> dict:
+    return _client(ctx).get_snapshot(_need(cmd.snapshot_id, "snapshot id"))
+
+
+def snapshot_save(cmd: SnapshotSave, ctx: Context) -> dict:
+    return _client(ctx).save_session(_need(cmd.session_id, "session id"), title=cmd.title,
+                                     description=cmd.description, tags=list(cmd.tags) or None)
+
+
+def snapshot_load(cmd: SnapshotLoad, ctx: Context) -> dict:
+    return _client(ctx).load_snapshot(_need(cmd.snapshot_id, "snapshot id"), session_id=cmd.session_id,
+                                      force=cmd.force, max_seq_len=cmd.max_seq_len)
+
+
+def snapshot_remove(cmd: SnapshotRemove, ctx: Context) -> list[dict]:
+    if not cmd.snapshot_ids:
+        raise InvalidRequest("give at least one snapshot id")
+    client = _client(ctx)
+    return [client.delete_snapshot(sid) for sid in cmd.snapshot_ids]
+
+
+def snapshot_tag(cmd: SnapshotTag, ctx: Context) -> dict:
+    client = _client(ctx)
+    sid = _need(cmd.snapshot_id, "snapshot id")
+    tags = None
+    if cmd.add or cmd.remove:
+        current = list(client.get_snapshot(sid).get("tags") or [])
+        tags = [t for t in current if t not in cmd.remove] + [t for t in cmd.add if t not in current]
+    if tags is None and cmd.title is None and cmd.description is None:
+        raise InvalidRequest("nothing to change: give tags to add, --remove TAG, --title or --description")
+    return client.patch_snapshot(sid, title=cmd.title, description=cmd.description, tags=tags)
+
+
+def snapshot_export(cmd: SnapshotExport, ctx: Context) -> dict:
+    sid = _need(cmd.snapshot_id, "snapshot id")
+    path = Path(cmd.path or f"{sid}.spl-snapshot.tar")
+    if path.is_dir():
+        path = path / f"{sid}.spl-snapshot.tar"
+    out = _client(ctx).export_snapshot(sid, path)
+    return {"id": sid, "path": str(out), "bytes": out.stat().st_size}
+
+
+def snapshot_import(cmd: SnapshotImport, ctx: Context) -> dict:
+    return _client(ctx).import_snapshot(_need(cmd.path, "file"), snapshot_id=cmd.snapshot_id,
+                                        replace=cmd.replace)
+
+
+HANDLERS = {
+    ListAll: list_all, Remove: remove, SessionNew: session_new, SessionList: session_list,
+    SessionInfo: session_info, SessionHistory: session_history, SessionRemove: session_remove,
+    SessionFork: session_fork, SessionRollback: session_rollback, SessionResize: session_resize,
+    SnapshotList: snapshot_list, SnapshotInfo: snapshot_info, SnapshotSave: snapshot_save,
+    SnapshotLoad: snapshot_load, SnapshotRemove: snapshot_remove, SnapshotTag: snapshot_tag,
+    SnapshotExport: snapshot_export, SnapshotImport: snapshot_import,
+}
+
+
+# ==== formatting ==============================================================================
+def format_bytes(n: int | None) -> str:
+    if n is None:
+        return "-"
+    value = float(n)
+    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
+        if value < 1024 or unit == "TiB":
+            return f"{value:.0f} {unit}" if unit == "B" else f"{value:.1f} {unit}"
+        value /= 1024
+    return f"{n} B"
+
+
+def _when(value) -> str:
+    if value is None:
+        return "-"
+    if isinstance(value, (int, float)):
+        return _dt.datetime.fromtimestamp(value).strftime("%Y-%m-%d %H:%M")
+    try:
+        parsed = _dt.datetime.fromisoformat(str(value).replace("Z", "+00:00"))
+        return parsed.astimezone().strftime("%Y-%m-%d %H:%M")
+    except ValueError:
+        return str(value)
+
+
+def session_table(sessions: list[dict]) -> str:
+    if not sessions:
+        return "no sessions"
+    rows = [("SESSION", "TOKENS", "MESSAGES", "MEMORY", "STATE", "LAST USED")]
+    for s in sessions:
+        state = "busy" if s.get("busy") else ("live" if s.get("resident", True) else "on disk")
+        rows.append((s["id"], f"{s.get('position', 0)}/{s.get('max_seq_len', '?')}", str(s.get("message_count", 0)),
+                     format_bytes(s.get("bytes")), state, _when(s.get("last_used"))))
+    return _table(rows)
+
+
+def snapshot_table(snaps: list[dict]) -> str:
+    if not snaps:
+        return "no snapshots"
+    rows = [("SNAPSHOT", "TITLE", "TOKENS", "SIZE", "TAGS", "CREATED")]
+    for s in snaps:
+        session = s.get("session") or {}
+        rows.append((s["id"], (s.get("title") or "")[:40], str(session.get("position", "-")),
+                     format_bytes(s.get("bytes")), ",".join(s.get("tags") or []), _when(s.get("created_at"))))
+    return _table(rows)
+
+
+def _table(rows: list[tuple]) -> str:
+    widths = [max(len(str(r[i])) for r in rows) for i in range(len(rows[0]))]
+    return "\n".join("  ".join(str(c).ljust(w) for c, w in zip(r, widths, strict=True)).rstrip() for r in rows)
+
+
+def format_history(messages: list[dict], offset: int = 0) -> str:
+    if not messages:
+        return "(no messages)"
+    out = []
+    for i, m in enumerate(messages, start=offset):
+        content = m.get("content")
+        if isinstance(content, list):
+            content = "".join(p.get("text", "") for p in content if isinstance(p, dict))
+        line = f"[{i}] {m.get('role')}: {content or ''}"
+        for call in m.get("tool_calls") or []:
+            fn = call.get("function", {})
+            line += f"\n    -> {fn.get('name')}({fn.get('arguments')})"
+        out.append(line)
+    return "\n".join(out)
+
+
+def _kv(d: dict) -> str:
+    lines = []
+    for k, v in d.items():
+        if isinstance(v, dict):
+            v = json.dumps(v)
+        elif k == "bytes":
+            v = f"{format_bytes(v)} ({v})"
+        elif k in ("created_at", "last_used", "updated_at"):
+            v = _when(v)
+        lines.append(f"{k:<14} {v}")
+    return "\n".join(lines)
+
+
+def _emit(result, as_json: bool, text) -> None:
+    if as_json:
+        click.echo(json.dumps(result, indent=2, default=str))
+    else:
+        click.echo(text(result) if callable(text) else text)
+
+
+_json_option = click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
+
+
+# ==== click ===================================================================================
+@click.command("ls")
+@_json_option
+def ls_command(as_json: bool) -> None:
+    """List sessions and snapshots."""
+    result = dispatch(ListAll())
+
+    def text(r):
+        return session_table(r["sessions"]) + "\n\n" + snapshot_table(r["snapshots"])
+
+    _emit(result, as_json, text)
+
+
+@click.command("rm")
+@click.argument("ids", nargs=-1, required=True)
+@_json_option
+def rm_command(ids: tuple[str, ...], as_json: bool) -> None:
+    """Remove sessions or snapshots by id."""
+    result = dispatch(Remove(ids=ids))
+    _emit(result, as_json, lambda r: "\n".join(f"removed {d['kind']} {d['id']}" for d in r))
+
+
+@click.group("session")
+def session_group() -> None:
+    """Live sessions on the server: list, inspect, fork, roll back, resize, remove."""
+
+
+@session_group.command("new")
+@click.argument("session_id", required=False)
+@click.option("--max-seq-len", type=click.IntRange(1), default=None)
+@_json_option
+def session_new_command(session_id, max_seq_len, as_json) -> None:
+    """Create an empty session."""
+    _emit(dispatch(SessionNew(session_id=session_id, max_seq_len=max_seq_len)), as_json,
+          lambda r: f"session {r['id']} created (max_seq_len {r.get('max_seq_len')})")
+
+
+@session_group.command("ls")
+@_json_option
+def session_ls_command(as_json) -> None:
+    """List sessions."""
+    _emit(dispatch(SessionList()), as_json, session_table)
+
+
+@session_group.command("info")
+@click.argument("session_id")
+@_json_option
+def session_info_command(session_id, as_json) -> None:
+    """Show one session."""
+    _emit(dispatch(SessionInfo(session_id=session_id)), as_json, _kv)
+
+
+@session_group.command("history")
+@click.argument("session_id")
+@click.option("-n", "--last", type=int, default=None, help="Only the last N messages.")
+@_json_option
+def session_history_command(session_id, last, as_json) -> None:
+    """Print a session's transcript."""
+    messages = dispatch(SessionHistory(session_id=session_id))
+    offset = 0
+    if last is not None:
+        offset = max(0, len(messages) - last)
+        messages = messages[offset:]
+    _emit(messages, as_json, lambda r: format_history(r, offset))
+
+
+@session_group.command("rm")
+@click.argument("session_ids", nargs=-1, required=True)
+def session_rm_command(session_ids) -> None:
+    """Close sessions (their state is dropped; save them first to keep it)."""
+    for info in dispatch(SessionRemove(session_ids=tuple(session_ids))):
+        click.echo(f"removed session {info['id']}")
+
+
+@session_group.command("fork")
+@click.argument("session_id")
+@click.option("--as", "new_id", default=None, help="Id of the new session.")
+@_json_option
+def session_fork_command(session_id, new_id, as_json) -> None:
+    """Start a new session from another's state (no re-prefill)."""
+    _emit(dispatch(SessionFork(session_id=session_id, new_id=new_id)), as_json,
+          lambda r: f"forked {session_id} -> {r['id']} ({r.get('position')} tokens)")
+
+
+@session_group.command("rollback")
+@click.argument("session_id")
+@click.argument("n_messages", type=int)
+@_json_option
+def session_rollback_command(session_id, n_messages, as_json) -> None:
+    """Keep the first N messages (a negative N drops the last -N)."""
+    _emit(dispatch(SessionRollback(session_id=session_id, n_messages=n_messages)), as_json,
+          lambda r: f"session {session_id}: {r.get('message_count')} messages, {r.get('position')} tokens")
+
+
+@session_group.command("resize")
+@click.argument("session_id")
+@click.argument("max_seq_len", type=click.IntRange(1))
+@_json_option
+def session_resize_command(session_id, max_seq_len, as_json) -> None:
+    """Change a session's max_seq_len without losing its state."""
+    _emit(dispatch(SessionResize(session_id=session_id, max_seq_len=max_seq_len)), as_json,
+          lambda r: f"session {session_id}: max_seq_len {r.get('max_seq_len')} ({format_bytes(r.get('bytes'))})")
+
+
+@click.group("snapshot")
+def snapshot_group() -> None:
+    """Snapshots on disk: save, load, list, tag, export, import, remove."""
+
+
+@snapshot_group.command("ls")
+@click.option("--tag", default=None, help="Only snapshots with this tag.")
+@_json_option
+def snapshot_ls_command(tag, as_json) -> None:
+    """List snapshots."""
+    _emit(dispatch(SnapshotList(tag=tag)), as_json, snapshot_table)
+
+
+@snapshot_group.command("info")
+@click.argument("snapshot_id")
+@_json_option
+def snapshot_info_command(snapshot_id, as_json) -> None:
+    """Show one snapshot's manifest."""
+    _emit(dispatch(SnapshotInfo(snapshot_id=snapshot_id)), as_json, _kv)
+
+
+@snapshot_group.command("save")
+@click.argument("session_id")
+@click.option("--title", default=None)
+@click.option("--description", default=None)
+@click.option("--tag", "tags", multiple=True, help="Tag (repeatable).")
+@_json_option
+def snapshot_save_command(session_id, title, description, tags, as_json) -> None:
+    """Save a session as a snapshot."""
+    _emit(dispatch(SnapshotSave(session_id=session_id, title=title, description=description,
+                                tags=tuple(tags))), as_json,
+          lambda r: f"saved session {session_id} as snapshot {r['id']}")
+
+
+@snapshot_group.command("load")
+@click.argument("snapshot_id")
+@click.option("--session", "session_id", default=None, help="Session id to load into.")
+@click.option("--force", is_flag=True, help="Replace an existing session's state.")
+@click.option("--max-seq-len", type=click.IntRange(1), default=None)
+@_json_option
+def snapshot_load_command(snapshot_id, session_id, force, max_seq_len, as_json) -> None:
+    """Load a snapshot into a session."""
+    _emit(dispatch(SnapshotLoad(snapshot_id=snapshot_id, session_id=session_id, force=force,
+                                max_seq_len=max_seq_len)), as_json,
+          lambda r: f"loaded snapshot {snapshot_id} into session {r['id']} ({r.get('position')} tokens)")
+
+
+@snapshot_group.command("rm")
+@click.argument("snapshot_ids", nargs=-1, required=True)
+def snapshot_rm_command(snapshot_ids) -> None:
+    """Delete snapshots."""
+    for sid in dispatch(SnapshotRemove(snapshot_ids=tuple(snapshot_ids))):
+        click.echo(f"removed snapshot {sid['id'] if isinstance(sid, dict) else sid}")
+
+
+@snapshot_group.command("tag")
+@click.argument("snapshot_id")
+@click.argument("tags", nargs=-1)
+@click.option("--remove", "remove_tags", multiple=True, help="Tag to remove (repeatable).")
+@click.option("--title", default=None)
+@click.option("--description", default=None)
+@_json_option
+def snapshot_tag_command(snapshot_id, tags, remove_tags, title, description, as_json) -> None:
+    """Add tags (and/or remove them, set the title or description)."""
+    _emit(dispatch(SnapshotTag(snapshot_id=snapshot_id, add=tuple(tags), remove=tuple(remove_tags),
+                               title=title, description=description)), as_json,
+          lambda r: f"snapshot {snapshot_id}: tags {', '.join(r.get('tags') or []) or '(none)'}"
+                    + (f"; title {r.get('title')!r}" if r.get("title") else ""))
+
+
+@snapshot_group.command("export")
+@click.argument("snapshot_id")
+@click.argument("path", required=False, default="")
+@_json_option
+def snapshot_export_command(snapshot_id, path, as_json) -> None:
+    """Write a snapshot to one file (default ./ID.spl-snapshot.tar)."""
+    _emit(dispatch(SnapshotExport(snapshot_id=snapshot_id, path=path)), as_json,
+          lambda r: f"exported snapshot {snapshot_id} to {r['path']} ({format_bytes(r['bytes'])})")
+
+
+@snapshot_group.command("import")
+@click.argument("path")
+@click.option("--as", "snapshot_id", default=None, help="Import under this id.")
+@click.option("--replace", is_flag=True, help="Overwrite a snapshot with the same id.")
+@_json_option
+def snapshot_import_command(path, snapshot_id, replace, as_json) -> None:
+    """Import a snapshot file made by `spl snapshot export`."""
+    _emit(dispatch(SnapshotImport(path=path, snapshot_id=snapshot_id, replace=replace)), as_json,
+          lambda r: f"imported snapshot {r['id']}")
+
+
+@hookimpl
+def register_commands(register):
+    for command in (ls_command, rm_command, session_group, snapshot_group):
+        register(command)
+
+
+@hookimpl
+def register_handlers(register):
+    for command_type, handler in HANDLERS.items():
+        register(command_type, handler)
+

@@ -1,0 +1,197 @@
+"""Built-in plugin ``client``: the httpx client (``SplClient``) every command uses, and
+``spl server start|status|stop|logs|connect``.
+
+Public API (see docs/server.md):
+    from superlinear.plugins.client import SplClient, StreamEvent, ChatResult, ensure_server
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from dataclasses import dataclass
+
+import click
+
+from superlinear.bus import Command, Context, dispatch
+from superlinear.errors import InvalidRequest, UserError
+from superlinear.hookspecs import hookimpl
+
+from . import state
+from .api import DEFAULT_URL, ChatResult, SplClient, StreamEvent, collect, resolve_api_key, resolve_url
+from .local import ensure_server, running_local, start, status, stop, wait_until_ready
+from .options import ServeOptions, parse_bytes, server_options
+
+__all__ = [
+    "ChatResult", "DEFAULT_URL", "ServeOptions", "SplClient", "StreamEvent", "collect", "ensure_server",
+    "parse_bytes", "resolve_api_key", "resolve_url", "running_local", "server_options", "start", "status",
+    "stop", "wait_until_ready", "ServerStart", "ServerStop", "ServerStatus", "ServerConnect",
+    "get_client",
+]
+
+
+def get_client(ctx: Context | None = None) -> SplClient:
+    """The client a handler should use: the one the caller put in ``ctx.state["client"]`` (the
+    REPL does), else a fresh one for the configured server."""
+    if ctx is not None and ctx.state.get("client") is not None:
+        return ctx.state["client"]
+    return SplClient()
+
+
+# -- bus commands ----------------------------------------------------------------------------
+@dataclass(frozen=True)
+class ServerStart(Command):
+    name = "server.start"
+    options: ServeOptions = ServeOptions()
+
+
+@dataclass(frozen=True)
+class ServerStop(Command):
+    name = "server.stop"
+
+
+@dataclass(frozen=True)
+class ServerStatus(Command):
+    name = "server.status"
+
+
+@dataclass(frozen=True)
+class ServerConnect(Command):
+    name = "server.connect"
+    url: str | None = None
+    api_key: str | None = None
+    forget: bool = False
+
+
+def handle_start(command: ServerStart, ctx: Context) -> dict:
+    return start(command.options)
+
+
+def handle_stop(command: ServerStop, ctx: Context) -> dict:
+    return stop()
+
+
+def handle_status(command: ServerStatus, ctx: Context) -> dict:
+    return status()
+
+
+def handle_connect(command: ServerConnect, ctx: Context) -> dict:
+    if command.forget:
+        state.clear_connected()
+        return {"url": resolve_url(), "connected": None}
+    if not command.url:
+        raise InvalidRequest("give the server URL, e.g. `spl server connect http://host:8787`")
+    url = command.url if "://" in command.url else f"http://{command.url}"
+    client = SplClient(url, api_key=command.api_key)
+    try:
+        health = client.health(timeout=5.0)
+    finally:
+        client.close()
+    state.write_connected(url, command.api_key)
+    return {"url": url.rstrip("/"), "connected": url.rstrip("/"), "health": health}
+
+
+# -- click -----------------------------------------------------------------------------------
+@click.group("server")
+def server_group() -> None:
+    """Run spl in the background, or point the other commands at a server."""
+
+
+@server_group.command("start")
+@server_options
+def start_command(options: ServeOptions) -> None:
+    """Start a background server (returns once the model is loaded)."""
+    info = dispatch(ServerStart(options=options))
+    health = info.get("health") or {}
+    restored = health.get("sessions")
+    extra = f", {restored} session(s)" if restored else ""
+    click.echo(f"spl server running at {info['url']} (pid {info['pid']}, model {health.get('model', '?')}"
+               f"{extra}); logs: {info['log']}")
+
+
+@server_group.command("stop")
+def stop_command() -> None:
+    """Stop the background server; its sessions are snapshotted and come back on the next start."""
+    result = dispatch(ServerStop())
+    how = "stopped" if result["graceful"] else "killed (did not stop in time)"
+    saved = f"; {result['sessions']} session(s) saved" if result.get("sessions") else ""
+    click.echo(f"spl server (pid {result['pid']}) {how}{saved}")
+
+
+@server_group.command("status")
+@click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
+def status_command(as_json: bool) -> None:
+    """Which server the commands use, and whether it answers."""
+    result = dispatch(ServerStatus())
+    if as_json:
+        click.echo(json.dumps(result, indent=2))
+    else:
+        click.echo(format_status(result))
+    if not result["up"]:
+        raise SystemExit(1)
+
+
+def format_status(result: dict) -> str:
+    lines = []
+    health = result.get("health") or {}
+    if result["up"]:
+        uptime = health.get("uptime_s")
+        lines.append(f"up: {result['url']}  model {health.get('model')}  sessions {health.get('sessions')}"
+                     f"  queue {health.get('queued', 0)}" + (f"  uptime {uptime:.0f}s" if uptime else ""))
+    elif health:
+        lines.append(f"{health.get('status')}: {result['url']}  {health.get('progress') or ''}".rstrip())
+    else:
+        lines.append(f"down: {result['url']} ({result.get('error', 'no answer')})")
+    if result.get("local"):
+        local = result["local"]
+        since = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(local.get("started_at", 0)))
+        lines.append(f"local server: pid {local['pid']}, started {since}, log {local.get('log')}")
+    if result.get("connected"):
+        lines.append(f"connected to: {result['connected']} (`spl server connect --forget` to undo)")
+    return "\n".join(lines)
+
+
+@server_group.command("logs")
+@click.option("-n", "--lines", "n", type=int, default=50, show_default=True, help="Lines to show.")
+@click.option("-f", "--follow", is_flag=True, help="Keep printing new lines (Ctrl-C to stop).")
+def logs_command(n: int, follow: bool) -> None:
+    """Show the background server's log."""
+    path = state.log_file()
+    if not path.exists():
+        raise UserError(f"no server log yet ({path}); `spl server start` writes it")
+    with open(path, errors="replace") as f:
+        lines = f.readlines()
+        click.echo("".join(lines[-n:]) if n > 0 else "", nl=False)
+        while follow:
+            line = f.readline()
+            if line:
+                click.echo(line, nl=False)
+            else:
+                time.sleep(0.3)
+
+
+@server_group.command("connect")
+@click.argument("url", required=False)
+@click.option("--api-key", default=None, help="API key the server requires (stored with the URL).")
+@click.option("--forget", is_flag=True, help="Forget the stored URL (use the local server again).")
+def connect_command(url: str | None, api_key: str | None, forget: bool) -> None:
+    """Make the other commands talk to the server at URL."""
+    result = dispatch(ServerConnect(url=url, api_key=api_key, forget=forget))
+    if forget:
+        click.echo(f"forgot the stored server; commands now use {result['url']}")
+    else:
+        health = result.get("health") or {}
+        click.echo(f"connected to {result['url']} ({health.get('status')}, model {health.get('model')})")
+
+
+@hookimpl
+def register_commands(register):
+    register(server_group)
+
+
+@hookimpl
+def register_handlers(register):
+    register(ServerStart, handle_start)
+    register(ServerStop, handle_stop)
+    register(ServerStatus, handle_status)
+    register(ServerConnect, handle_connect)

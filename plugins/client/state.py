@@ -1,0 +1,100 @@
+"""Files under ``superlinear.paths.state_dir()`` that say which server the commands talk to.
+
+- ``server.json``: the local background server (pid, url, log file, model, started_at), written
+  by ``spl server start`` and removed by ``spl server stop``;
+- ``server.log``: its output;
+- ``connect.json``: the URL (and API key) stored by ``spl server connect URL``.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+from superlinear.paths import state_dir
+
+
+def _dir() -> Path:
+    d = state_dir()
+    d.mkdir(parents=True, exist_ok=True)
+    return d
+
+
+def server_file() -> Path:
+    return state_dir() / "server.json"
+
+
+def log_file() -> Path:
+    return state_dir() / "server.log"
+
+
+def lock_file() -> Path:
+    return _dir() / "server.lock"
+
+
+def connect_file() -> Path:
+    return state_dir() / "connect.json"
+
+
+def _read(path: Path) -> dict | None:
+    try:
+        data = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return None
+    return data if isinstance(data, dict) else None
+
+
+def _write(path: Path, data: dict) -> None:
+    _dir()
+    tmp = path.with_name(path.name + ".tmp")
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)  # may hold an API key
+    with os.fdopen(fd, "w") as f:
+        json.dump(data, f, indent=2)
+    os.replace(tmp, path)
+
+
+def local_server() -> dict | None:
+    return _read(server_file())
+
+
+def write_local_server(data: dict) -> None:
+    _write(server_file(), data)
+
+
+def clear_local_server() -> None:
+    server_file().unlink(missing_ok=True)
+
+
+def connected() -> dict | None:
+    return _read(connect_file())
+
+
+def write_connected(url: str, api_key: str | None) -> None:
+    data = {"url": url.rstrip("/")}
+    if api_key:
+        data["api_key"] = api_key
+    _write(connect_file(), data)
+
+
+def clear_connected() -> None:
+    connect_file().unlink(missing_ok=True)
+
+
+def pid_alive(pid: int | None) -> bool:
+    if not pid:
+        return False
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    # A zombie child of ours counts as gone.
+    try:
+        waited, _ = os.waitpid(pid, os.WNOHANG)
+        if waited == pid:
+            return False
+    except ChildProcessError:
+        pass
+    return True

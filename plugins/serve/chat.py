@@ -1,0 +1,178 @@
+"""POST /v1/chat/completions: the session-chat rule, engine requests and OpenAI responses.
+
+The session-chat rule (docs/server.md): with a ``session_id``, the request's messages are
+matched against the session's transcript T.
+- they start with all of T (the client resent the history): only the new tail is prefilled;
+- they share no leading message with T (the client sent only the new messages): appended to T;
+- they share a prefix with T and then differ (an edit, a regenerate): the session rolls back to
+  the common prefix and continues from the request's messages.
+``session_mode: "append"`` always appends, ``"replace"`` always takes the messages as the whole
+conversation (rolling back as far as needed).
+"""
+
+from __future__ import annotations
+
+import json
+import secrets
+import time
+from typing import Any
+
+from superlinear.errors import InvalidRequest
+
+from .schemas import ChatCompletionRequest
+
+
+def _norm(message: dict) -> tuple:
+    calls = tuple(
+        (c.get("function", {}).get("name"), _norm_args(c.get("function", {}).get("arguments")))
+        for c in message.get("tool_calls") or []
+    )
+    content = message.get("content")
+    if isinstance(content, list):
+        content = "".join(p.get("text", "") for p in content if isinstance(p, dict))
+    role = "system" if message.get("role") == "developer" else message.get("role")
+    return (role, (content or "").strip(), calls, message.get("tool_call_id") or None)
+
+
+def _norm_args(args: Any) -> Any:
+    if isinstance(args, str):
+        try:
+            return json.dumps(json.loads(args), sort_keys=True)
+        except ValueError:
+            return args.strip()
+    return json.dumps(args, sort_keys=True)
+
+
+def common_prefix(a: list[dict], b: list[dict]) -> int:
+    n = 0
+    for x, y in zip(a, b, strict=False):
+        if _norm(x) != _norm(y):
+            break
+        n += 1
+    return n
+
+
+def merge_session_messages(transcript: list[dict], messages: list[dict], mode: str = "auto"
+                           ) -> tuple[list[dict], str, int]:
+    """The whole conversation the session should hold for this turn.
+
+    Returns ``(messages, how, kept)``: ``how`` is ``new`` / ``extend`` / ``append`` / ``rollback``,
+    ``kept`` the number of transcript messages kept as they are.
+    """
+    if not transcript:
+        return list(messages), "new", 0
+    if mode == "append":
+        return [*transcript, *messages], "append", len(transcript)
+    p = common_prefix(transcript, messages)
+    if p == len(transcript):
+        if p == len(messages) and transcript[-1].get("role") == "assistant":
+            raise InvalidRequest("the messages add nothing to the session's transcript (they equal it); "
+                                 "send the next user message", param="messages")
+        return [*transcript, *messages[p:]], "extend", p
+    if mode == "replace" or p > 0:
+        return [*transcript[:p], *messages[p:]], "rollback", p
+    return [*transcript, *messages], "append", len(transcript)
+
+
+def engine_request(req: ChatCompletionRequest, messages: list[dict], defaults: dict):
+    from superlinear.engine import ChatRequest, RepetitionConfig, SamplingParams
+
+    stop = [req.stop] if isinstance(req.stop, str) else list(req.stop or [])
+    sampling = SamplingParams(
+        temperature=req.temperature if req.temperature is not None else defaults.get("temperature", 0.7),
+        top_p=req.top_p if req.top_p is not None else 1.0,
+        top_k=req.top_k or 0,
+        seed=req.seed,
+        max_tokens=req.max_completion_tokens or req.max_tokens or defaults.get("max_tokens"),
+        stop=stop,
+    )
+    repetition = None
+    if req.repetition_detection is True:
+        repetition = RepetitionConfig()
+    elif req.repetition_detection not in (None, False):
+        repetition = RepetitionConfig(**req.repetition_detection.model_dump())
+    tools = [t.model_dump(exclude_none=True) for t in req.tools] if req.tools else None
+    return ChatRequest(
+        messages=messages, tools=tools, tool_choice=req.tool_choice, sampling=sampling,
+        reasoning_budget=req.reasoning_budget, repetition=repetition,
+        chat_template_kwargs=req.chat_template_kwargs, keep_thinking=req.keep_thinking,
+    )
+
+
+def completion_id() -> str:
+    return "chatcmpl-" + secrets.token_hex(12)
+
+
+def openai_usage(usage: dict) -> dict:
+    prompt = int(usage.get("prompt_tokens", 0))
+    completion = int(usage.get("completion_tokens", 0))
+    cached = int(usage.get("cached_tokens", 0))
+    return {
+        "prompt_tokens": prompt,
+        "completion_tokens": completion,
+        "total_tokens": int(usage.get("total_tokens", prompt + completion)),
+        "prompt_tokens_details": {"cached_tokens": cached},
+        "completion_tokens_details": {"reasoning_tokens": int(usage.get("reasoning_tokens", 0))},
+    }
+
+
+def spl_timings(usage: dict, timings: dict, queued_s: float | None) -> dict:
+    t = dict(timings)
+    t.setdefault("prefill_tokens", usage.get("prefill_tokens"))
+    t["tokens_reused"] = int(usage.get("cached_tokens", 0))
+    if queued_s is not None:
+        t["queued_s"] = round(queued_s, 4)
+    return t
+
+
+def final_message(done, content: str, reasoning: str, tool_calls: list[dict] | None) -> dict:
+    message: dict[str, Any] = {"role": "assistant", "content": content if content or not tool_calls else None}
+    if reasoning:
+        message["reasoning_content"] = reasoning
+    if tool_calls:
+        message["tool_calls"] = tool_calls
+    return message
+
+
+def response_body(*, cid: str, created: int, model: str, done, content: str, reasoning: str,
+                  tool_calls: list[dict] | None, session_id: str | None, queued_s: float | None,
+                  how: str | None) -> dict:
+    body: dict[str, Any] = {
+        "id": cid,
+        "object": "chat.completion",
+        "created": created,
+        "model": model,
+        "choices": [{
+            "index": 0,
+            "message": final_message(done, content, reasoning, tool_calls),
+            "finish_reason": done.finish_reason,
+            "logprobs": None,
+        }],
+        "usage": openai_usage(done.usage),
+        "timings": spl_timings(done.usage, done.timings, queued_s),
+        "system_fingerprint": None,
+    }
+    if session_id:
+        body["session_id"] = session_id
+        body["session_update"] = how
+    return body
+
+
+def chunk(cid: str, created: int, model: str, delta: dict | None = None, finish_reason: str | None = None,
+          **extra) -> dict:
+    body: dict[str, Any] = {
+        "id": cid, "object": "chat.completion.chunk", "created": created, "model": model,
+        "choices": [] if delta is None else [{"index": 0, "delta": delta, "finish_reason": finish_reason,
+                                              "logprobs": None}],
+    }
+    body.update(extra)
+    return body
+
+
+def sse(data: dict | str) -> bytes:
+    payload = data if isinstance(data, str) else json.dumps(data, ensure_ascii=False)
+    return f"data: {payload}\n\n".encode()
+
+
+def now() -> int:
+    return int(time.time())

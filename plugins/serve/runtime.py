@@ -1,0 +1,200 @@
+"""What the routes work on: the model, the session manager, the snapshot store and the worker.
+
+The model is loaded in a background thread after the socket is bound, so ``/health`` answers
+(``"status": "loading"``) while it loads and ``spl server start`` can show progress. Every
+call that touches the model or a cache runs on the ``Worker`` thread; listings and ``/health``
+read plain bookkeeping and never wait for it.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import threading
+import time
+from typing import Any
+
+from superlinear.errors import Unavailable
+from superlinear.plugins.client.options import ServeOptions
+
+from .worker import Worker
+
+log = logging.getLogger("spl.serve")
+
+
+class Runtime:
+    def __init__(self, options: ServeOptions):
+        self.options = options
+        self.worker = Worker(max_queued=options.max_concurrency)
+        self.status = "loading"  # loading | ok | error | stopping
+        self.progress = f"loading model {options.model}"
+        self.error: str | None = None
+        self.started_at = time.time()
+        self.ready_at: float | None = None
+        self.model = None
+        self.store = None
+        self.manager = None
+        self.scratch = None  # Conversation reused by requests without a session_id
+        self.restored: list[str] = []
+        self._load_started = time.monotonic()
+        self._thread: threading.Thread | None = None
+        self.stats = {"requests": 0, "generations": 0, "cancelled": 0, "errors": 0}
+
+    # -- lifecycle -----------------------------------------------------------------------
+    def start_loading(self) -> None:
+        self._thread = threading.Thread(target=self._load, name="spl-model-loader", daemon=True)
+        self._thread.start()
+
+    def _load(self) -> None:
+        try:
+            self.worker.call(self._load_on_worker)
+        except BaseException as exc:  # noqa: BLE001 - reported by /health and the log
+            self.status = "error"
+            self.error = f"{type(exc).__name__}: {exc}".splitlines()[0]
+            log.error("spl: loading the model failed: %s", self.error)
+            if os.environ.get("SPL_TRACE") == "1":
+                log.exception("traceback")
+            return
+        self.status = "ok"
+        self.ready_at = time.time()
+        log.info("spl: model %s ready in %.1fs; %d session(s) known", self.model_name,
+                 time.monotonic() - self._load_started, len(self.list_sessions()))
+
+    def _load_on_worker(self) -> None:
+        from superlinear.model import load_model
+        from superlinear.sessions import SessionManager, SnapshotStore
+
+        o = self.options
+        kwargs: dict[str, Any] = {}
+        if o.device:
+            kwargs["device"] = o.device
+        self.progress = f"loading model {o.model}"
+        self.model = load_model(o.model, **kwargs)
+        self.progress = "opening the snapshot store"
+        self.store = SnapshotStore()
+        manager_kwargs: dict[str, Any] = {"memory_budget": o.memory_budget}
+        self.manager = _construct(SessionManager, self.model, self.store, manager_kwargs, o)
+        self.progress = "restoring sessions"
+        self.restored = self.manager.restore_index()
+
+    @property
+    def defaults(self) -> dict:
+        """Sampling defaults for requests that leave them out."""
+        return {"temperature": 0.7}
+
+    def scratch_conversation(self):
+        """The conversation for requests without a session (worker thread only). It is kept
+        between requests, so a client that resends a growing history reuses its prefix."""
+        if self.scratch is None:
+            from superlinear.engine import Conversation
+
+            max_seq_len = self.manager.default_max_seq_len if self.manager is not None else 8192
+            kwargs = {"chunk_size": self.options.chunk_size} if self.options.chunk_size else {}
+            self.scratch = Conversation(self.model, max_seq_len, **kwargs)
+        return self.scratch
+
+    def loading_progress(self) -> str:
+        return f"{self.progress} ({time.monotonic() - self._load_started:.0f}s)"
+
+    def require_ready(self) -> None:
+        if self.status == "ok":
+            return
+        if self.status == "error":
+            raise Unavailable(f"the model failed to load: {self.error}")
+        if self.status == "stopping":
+            raise Unavailable("the server is shutting down")
+        raise Unavailable(f"the model is still loading: {self.loading_progress()}; retry shortly",
+                          code="model_loading")
+
+    def shutdown(self) -> int:
+        """Cancel queued/running work, snapshot open sessions (persist_all), stop the worker."""
+        was_ok = self.status == "ok"
+        self.status = "stopping"
+        self.worker.cancel_all()
+        saved = 0
+        if was_ok and self.manager is not None:
+            persist = getattr(self.manager, "persist_all", None)
+            if persist is not None:
+                try:
+                    result = self.worker.call(persist, timeout=600)
+                    saved = len(result) if hasattr(result, "__len__") else int(result or 0)
+                except BaseException as exc:  # noqa: BLE001 - logged; shutdown goes on
+                    log.error("spl: saving sessions at shutdown failed: %s", exc)
+        self.worker.stop(timeout=30.0 if was_ok else 1.0)
+        log.info("spl: stopped; %d session(s) saved", saved)
+        return saved
+
+    # -- read-only views (safe off the worker) -------------------------------------------
+    @property
+    def model_name(self) -> str:
+        if self.model is not None:
+            return getattr(self.model, "name", self.options.model)
+        return self.options.model
+
+    def list_sessions(self) -> list[dict]:
+        if self.manager is None:
+            return []
+        for _ in range(3):  # the worker may add/remove a session while we iterate
+            try:
+                return self.session_listing()["sessions"]
+            except RuntimeError:
+                time.sleep(0.01)
+        return self.session_listing()["sessions"]
+
+    def session_listing(self) -> dict:
+        """``{"sessions": [info...], "count", "bytes", "resident", "memory_budget"}``."""
+        listing = self.manager.list()
+        if isinstance(listing, dict):
+            return listing
+        if hasattr(listing, "as_dict"):
+            return listing.as_dict()
+        infos = [_info(s) for s in listing]
+        return {"sessions": infos, "count": len(infos)}
+
+    def health(self) -> dict:
+        h: dict[str, Any] = {
+            "status": self.status,
+            "model": self.model_name,
+            "pid": os.getpid(),
+            "uptime_s": round(time.time() - self.started_at, 1),
+            "queued": self.worker.generations,
+            "busy": self.worker.current is not None,
+        }
+        if self.status == "loading":
+            h["progress"] = self.loading_progress()
+        if self.error:
+            h["error"] = self.error
+        if self.status == "ok":
+            try:
+                h["sessions"] = len(self.list_sessions())
+            except Exception:  # noqa: BLE001 - /health must answer
+                h["sessions"] = None
+            from superlinear import __version__
+
+            h["version"] = __version__
+        return h
+
+
+def _info(session) -> dict:
+    if isinstance(session, dict):
+        return session
+    info = getattr(session, "info", None)
+    return info() if callable(info) else dict(info or {})
+
+
+def _construct(cls, model, store, kwargs: dict, options: ServeOptions):
+    """Build the SessionManager with the options it accepts (its signature may grow)."""
+    import inspect
+
+    params = inspect.signature(cls).parameters
+    extra = {
+        "default_max_seq_len": options.max_seq_len,
+        "max_seq_len": options.max_seq_len,
+        "chunk_size": options.chunk_size,
+    }
+    for name, value in extra.items():
+        if name in params and value is not None:
+            kwargs[name] = value
+    kwargs = {k: v for k, v in kwargs.items() if k in params or any(
+        p.kind == inspect.Parameter.VAR_KEYWORD for p in params.values())}
+    return cls(model, store, **kwargs)
