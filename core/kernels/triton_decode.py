@@ -1,0 +1,253 @@
+"""Triton decode of superlinear attention: one query per sequence, three launches, no host sync.
+
+Every shape is derived from the static cache length LKV (never from the positions, which stay on
+the device), so the call can be captured in a CUDA graph and replayed at new positions; programs
+past the live length exit early.
+
+1. ``_dec_score_kernel`` (batch x kv head x candidate block): routing scores q1 . k[anchor] of all
+   candidate stripes for every query head of the GQA group (fp32), -inf where invalid.
+2. ``_dec_partial_kernel`` (batch x query head x (k slots + window) x split): each program takes
+   the top-k of its head's scores (tie: larger i), then one chunk of its slot's span (or of the
+   window) and writes a partial softmax (max, sum, acc) — split-K / flash-decoding style.
+3. ``_dec_combine_kernel`` (batch x query head): merges the splits, O_j = merge(window, span_j),
+   gate softmax, output.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import triton
+import triton.language as tl
+
+from .params import SpanParams
+from .triton_common import check_triton_params, device_tables, first_key, mask_u8, next_pow2, span_bounds
+
+
+@triton.jit
+def _dec_score_kernel(q1_ptr, k_ptr, pos_ptr, mask_ptr, offs_ptr, score_ptr,
+                      sq_b, sq_h, sk_b, sk_h, sk_l, sm_b,
+                      LKV, NS, S1, NC,
+                      HQ: tl.constexpr, G: tl.constexpr, D: tl.constexpr, BLOCK_D: tl.constexpr,
+                      BLOCK_C: tl.constexpr, NC_PAD: tl.constexpr, MASKED: tl.constexpr):
+    pid_bh = tl.program_id(0)
+    pid_c = tl.program_id(1)
+    HKV: tl.constexpr = HQ // G
+    b = pid_bh // HKV
+    hk = pid_bh % HKV
+    t = tl.load(pos_ptr + b).to(tl.int32)
+    c = pid_c * BLOCK_C + tl.arange(0, BLOCK_C)
+    i = S1 + c
+    cin = (c < NC) & (i < NS)
+    fi = tl.load(offs_ptr + i, mask=cin, other=2147483647).to(tl.int32)
+    ok = cin & (fi <= t + 1)
+    a = t + 1 - fi
+    ok = ok & (a < LKV) & (a >= 0)
+    if MASKED:
+        ok = ok & (tl.load(mask_ptr + b * sm_b + a, mask=ok, other=0) != 0)
+    d = tl.arange(0, BLOCK_D)
+    dmask = d < D
+    any_ok = tl.max(ok.to(tl.int32), 0) > 0
+    ninf = float("-inf")
+    if any_ok:
+        kk = tl.load(k_ptr + b * sk_b + hk * sk_h + a[:, None] * sk_l + d[None, :],
+                     mask=ok[:, None] & dmask[None, :], other=0.0).to(tl.float32)
+        for g in tl.static_range(G):
+            h = hk * G + g
+            q = tl.load(q1_ptr + b * sq_b + h * sq_h + d, mask=dmask, other=0.0).to(tl.float32)
+            s = tl.sum(kk * q[None, :], 1)
+            tl.store(score_ptr + (b * HQ + h) * NC_PAD + c, tl.where(ok, s, ninf), mask=c < NC_PAD)
+    else:
+        for g in tl.static_range(G):
+            h = hk * G + g
+            tl.store(score_ptr + (b * HQ + h) * NC_PAD + c, tl.full([BLOCK_C], ninf, tl.float32),
+                     mask=c < NC_PAD)
+
+
+@triton.jit
+def _dec_partial_kernel(q2_ptr, k_ptr, v_ptr, pos_ptr, mask_ptr, st_ptr, offs_ptr, back_ptr, fwd_ptr,
+                        score_ptr, gate_ptr, part_m_ptr, part_l_ptr, part_acc_ptr,
+                        sq_b, sq_h, sk_b, sk_h, sk_l, sv_b, sv_h, sv_l, sm_b,
+                        LKV, S1, CAP, W, SCALE, NSPLIT,
+                        HQ: tl.constexpr, G: tl.constexpr, D: tl.constexpr, BLOCK_D: tl.constexpr,
+                        NC_PAD: tl.constexpr, NUM_SPANS: tl.constexpr, CHUNK: tl.constexpr,
+                        BLOCK_N: tl.constexpr, MASKED: tl.constexpr, HAS_FWD: tl.constexpr):
+    pid_bh = tl.program_id(0)
+    slot = tl.program_id(1)
+    split = tl.program_id(2)
+    b = pid_bh // HQ
+    h = pid_bh % HQ
+    hk = h // G
+    t = tl.load(pos_ptr + b).to(tl.int32)
+    st = tl.load(st_ptr + b)
+    ninf = float("-inf")
+    if slot < NUM_SPANS:
+        # top-k of this head's candidate scores; a tie keeps the larger index (larger i)
+        c = tl.arange(0, NC_PAD)
+        sc = tl.load(score_ptr + pid_bh * NC_PAD + c)
+        best = tl.max(sc, 0)
+        best_c = tl.max(c, 0)
+        for j in tl.static_range(NUM_SPANS):
+            mj = tl.max(sc, 0)
+            cj = tl.max(tl.where(sc == mj, c, -1), 0)
+            sc = tl.where(c == cj, ninf, sc)
+            best = tl.where(slot == j, mj, best)
+            best_c = tl.where(slot == j, cj, best_c)
+        valid = best > ninf
+        if split == 0:
+            tl.store(gate_ptr + pid_bh * NUM_SPANS + slot, tl.where(valid, best, -1e9))
+        fi = tl.load(offs_ptr + S1 + tl.maximum(best_c, 0)).to(tl.int32)
+        a = t + 1 - fi
+        lo, hi = span_bounds(a, t, st, back_ptr, fwd_ptr, CAP, LKV, W, HAS_FWD)
+        hi = tl.where(valid, hi, lo - 1)
+    else:
+        lo = tl.maximum(t - W + 1, 0)
+        hi = tl.minimum(t, LKV - 1)
+        hi = tl.where(W > 0, hi, lo - 1)
+    c_lo = lo + split * CHUNK
+    c_hi = tl.minimum(hi, c_lo + CHUNK - 1)
+    d = tl.arange(0, BLOCK_D)
+    dmask = d < D
+    q = tl.load(q2_ptr + b * sq_b + h * sq_h + d, mask=dmask, other=0.0).to(tl.float32)
+    acc = tl.zeros([BLOCK_D], tl.float32)
+    m_i = tl.max(acc, 0) + ninf  # fp32 scalars (loop-carried)
+    l_i = tl.sum(acc, 0)
+    kbase = k_ptr + b * sk_b + hk * sk_h
+    vbase = v_ptr + b * sv_b + hk * sv_h
+    for k0 in range(c_lo, c_hi + 1, BLOCK_N):
+        kn = k0 + tl.arange(0, BLOCK_N)
+        kv = kn <= c_hi
+        if MASKED:
+            kv = kv & (tl.load(mask_ptr + b * sm_b + kn, mask=kv, other=0) != 0)
+        kk = tl.load(kbase + kn[:, None] * sk_l + d[None, :], mask=kv[:, None] & dmask[None, :],
+                     other=0.0).to(tl.float32)
+        s = tl.sum(kk * q[None, :], 1) * SCALE
+        s = tl.where(kv, s, ninf)
+        m_new = tl.maximum(m_i, tl.max(s, 0))
+        m_safe = tl.where(m_new == ninf, 0.0, m_new)
+        alpha = tl.exp(m_i - m_safe)
+        p = tl.exp(s - m_safe)
+        l_i = l_i * alpha + tl.sum(p, 0)
+        vv = tl.load(vbase + kn[:, None] * sv_l + d[None, :], mask=kv[:, None] & dmask[None, :],
+                     other=0.0).to(tl.float32)
+        acc = acc * alpha + tl.sum(p[:, None] * vv, 0)
+        m_i = m_new
+    pidx = (pid_bh * (NUM_SPANS + 1) + slot) * NSPLIT + split
+    tl.store(part_m_ptr + pidx, m_i)
+    tl.store(part_l_ptr + pidx, l_i)
+    tl.store(part_acc_ptr + pidx * BLOCK_D + d, acc)
+
+
+@triton.jit
+def _dec_combine_kernel(gate_ptr, part_m_ptr, part_l_ptr, part_acc_ptr, out_ptr, so_b, so_h, NSPLIT,
+                        HQ: tl.constexpr, D: tl.constexpr, BLOCK_D: tl.constexpr,
+                        NUM_SPANS: tl.constexpr, SPLIT_PAD: tl.constexpr):
+    pid_bh = tl.program_id(0)
+    b = pid_bh // HQ
+    h = pid_bh % HQ
+    d = tl.arange(0, BLOCK_D)
+    sp = tl.arange(0, SPLIT_PAD)
+    spv = sp < NSPLIT
+    ninf = float("-inf")
+    # window (slot NUM_SPANS), merged over its splits
+    wbase = (pid_bh * (NUM_SPANS + 1) + NUM_SPANS) * NSPLIT
+    pm = tl.load(part_m_ptr + wbase + sp, mask=spv, other=ninf)
+    pl = tl.load(part_l_ptr + wbase + sp, mask=spv, other=0.0)
+    pa = tl.load(part_acc_ptr + (wbase + sp)[:, None] * BLOCK_D + d[None, :], mask=spv[:, None], other=0.0)
+    m_w = tl.max(pm, 0)
+    mws = tl.where(m_w == ninf, 0.0, m_w)
+    f = tl.exp(pm - mws)
+    l_w = tl.sum(pl * f, 0)
+    acc_w = tl.sum(pa * f[:, None], 0)
+    gmax = ninf
+    for j in tl.static_range(NUM_SPANS):
+        gmax = tl.maximum(gmax, tl.load(gate_ptr + pid_bh * NUM_SPANS + j))
+    gsum = 0.0
+    for j in tl.static_range(NUM_SPANS):
+        gsum += tl.exp(tl.load(gate_ptr + pid_bh * NUM_SPANS + j) - gmax)
+    res = tl.zeros([BLOCK_D], tl.float32)
+    for j in tl.static_range(NUM_SPANS):
+        gj = tl.exp(tl.load(gate_ptr + pid_bh * NUM_SPANS + j) - gmax) / gsum
+        gj = tl.where(gj == gj, gj, 1.0 / NUM_SPANS)
+        base = (pid_bh * (NUM_SPANS + 1) + j) * NSPLIT
+        pm = tl.load(part_m_ptr + base + sp, mask=spv, other=ninf)
+        pl = tl.load(part_l_ptr + base + sp, mask=spv, other=0.0)
+        pa = tl.load(part_acc_ptr + (base + sp)[:, None] * BLOCK_D + d[None, :], mask=spv[:, None], other=0.0)
+        mm = tl.maximum(tl.max(pm, 0), m_w)
+        mm = tl.where(mm == ninf, 0.0, mm)
+        f = tl.exp(pm - mm)
+        den = tl.sum(pl * f, 0) + l_w * tl.exp(m_w - mm)
+        num = tl.sum(pa * f[:, None], 0) + acc_w * tl.exp(m_w - mm)
+        o = tl.where(den > 0, num / tl.where(den > 0, den, 1.0), 0.0)
+        res += gj * o
+    tl.store(out_ptr + b * so_b + h * so_h + d, res.to(out_ptr.dtype.element_ty), mask=d < D)
+
+
+class DecodePlan:
+    """Static sizes for one (params, cache length, shapes): reused across steps and graph replays."""
+
+    def __init__(self, params: SpanParams, LKV: int, device, chunk: int | None = None):
+        tab = device_tables(params, LKV, device)
+        self.tab = tab
+        self.nc = max(1, tab.max_candidates)
+        self.nc_pad = next_pow2(self.nc)
+        cuda = torch.device(device).type == "cuda"
+        self.chunk = chunk or (512 if cuda else 64)
+        self.block_n = 64 if cuda else 16
+        longest = max(tab.max_span, params.window_len, 1)
+        self.nsplit = triton.cdiv(longest, self.chunk)
+        self.split_pad = next_pow2(self.nsplit, lo=2)
+        self.block_c = 64 if cuda else 16
+
+
+_PLANS: dict = {}
+
+
+def triton_decode(q1, q2, k, v, positions, params: SpanParams, key_mask=None, chunk: int | None = None):
+    check_triton_params(params)
+    B, HQ, _, D = q2.shape
+    HKV, LKV = k.shape[1], k.shape[2]
+    G = HQ // HKV
+    dev = q2.device
+    K = params.num_spans
+    key = (params, LKV, str(dev), chunk)
+    plan = _PLANS.get(key)
+    if plan is None:
+        plan = _PLANS[key] = DecodePlan(params, LKV, dev, chunk)
+    tab = plan.tab
+    BLOCK_D = next_pow2(D)
+    out = torch.empty(B, HQ, 1, D, device=dev, dtype=q2.dtype)
+    pos = positions.to(device=dev, dtype=torch.int64)
+    st = first_key(key_mask, B, LKV, dev)
+    mk = mask_u8(key_mask, dev)
+    masked = key_mask is not None
+    sm_b = mk.stride(0) if masked else 0
+    k = k if k.stride(-1) == 1 else k.contiguous()
+    v = v if v.stride(-1) == 1 else v.contiguous()
+    q1 = q1 if q1.stride(-1) == 1 else q1.contiguous()
+    q2 = q2 if q2.stride(-1) == 1 else q2.contiguous()
+    scores = torch.empty(B * HQ, plan.nc_pad, device=dev, dtype=torch.float32)
+    gate = torch.empty(B * HQ, K, device=dev, dtype=torch.float32)
+    npart = B * HQ * (K + 1) * plan.nsplit
+    part_m = torch.empty(npart, device=dev, dtype=torch.float32)
+    part_l = torch.empty(npart, device=dev, dtype=torch.float32)
+    part_acc = torch.empty(npart, BLOCK_D, device=dev, dtype=torch.float32)
+    S1 = params.sw_index + 1
+    _dec_score_kernel[(B * HKV, triton.cdiv(plan.nc_pad, plan.block_c))](
+        q1, k, pos, mk, tab.offsets, scores,
+        q1.stride(0), q1.stride(1), k.stride(0), k.stride(1), k.stride(2), sm_b,
+        LKV, tab.num_stripes, S1, plan.nc,
+        HQ=HQ, G=G, D=D, BLOCK_D=BLOCK_D, BLOCK_C=plan.block_c, NC_PAD=plan.nc_pad, MASKED=masked,
+        num_warps=4)
+    _dec_partial_kernel[(B * HQ, K + 1, plan.nsplit)](
+        q2, k, v, pos, mk, st, tab.offsets, tab.back, tab.fwd, scores, gate, part_m, part_l, part_acc,
+        q2.stride(0), q2.stride(1), k.stride(0), k.stride(1), k.stride(2),
+        v.stride(0), v.stride(1), v.stride(2), sm_b,
+        LKV, S1, tab.capacity, params.window_len, 1.0 / math.sqrt(D), plan.nsplit,
+        HQ=HQ, G=G, D=D, BLOCK_D=BLOCK_D, NC_PAD=plan.nc_pad, NUM_SPANS=K, CHUNK=plan.chunk,
+        BLOCK_N=plan.block_n, MASKED=masked, HAS_FWD=params.forward_factor > 0, num_warps=4)
+    _dec_combine_kernel[(B * HQ,)](
+        gate, part_m, part_l, part_acc, out, out.stride(0), out.stride(1), plan.nsplit,
+        HQ=HQ, D=D, BLOCK_D=BLOCK_D, NUM_SPANS=K, SPLIT_PAD=plan.split_pad, num_warps=4)
+    return out

@@ -1,0 +1,365 @@
+"""Triton prefill of superlinear attention: search, bucketing, span tiles, window + combine.
+
+1. ``_search_kernel`` (rows block x kv head): for each stripe i the anchors of a block of rows
+   are t + 1 - F(i); every query head of the GQA group scores them against its q1 (fp32), and the
+   top-k (tie: larger i) is kept in registers. Output: selected stripe and score per slot.
+2. Bucketing (torch, static shapes, no host sync): the (row, slot) pairs are grouped by
+   (batch, head, stripe) with one stable sort of small integer keys; rows stay in order inside a
+   bucket, so the spans of a bucket slide by one key per row. Buckets are cut into tiles of
+   ``BLOCK_M`` pairs; the grid is the static upper bound on the tile count.
+3. ``_span_kernel`` (one tile): loads each K/V block of the union of the tile's spans once,
+   multiplies it for all the tile's queries on tensor cores (fp32 accumulate), masks each row to
+   its span, and writes the span's partial softmax (max, sum, unnormalised acc).
+4. ``_window_combine_kernel`` (rows block x query head): the sliding window by flash attention,
+   then for each slot O_j = merge(window, span_j) by log-sum-exp (they never overlap), then the
+   gate softmax over the slots' scores.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import triton
+import triton.language as tl
+
+from .params import SpanParams
+from .triton_common import (
+    check_triton_params,
+    device_tables,
+    first_key,
+    mask_u8,
+    next_pow2,
+    span_bounds,
+    topk_insert,
+)
+
+NEG = -1e9
+
+
+@triton.jit
+def _search_kernel(q1_ptr, k_ptr, pos_ptr, mask_ptr, st_ptr, offs_ptr, sel_i_ptr, sel_s_ptr,
+                   sq_b, sq_h, sq_l, sk_b, sk_h, sk_l, sm_b,
+                   LQ, LKV, NS, S1, POWER,
+                   HQ: tl.constexpr, G: tl.constexpr, D: tl.constexpr, BLOCK_D: tl.constexpr,
+                   BLOCK_M: tl.constexpr, GM: tl.constexpr, NUM_SPANS: tl.constexpr, MASKED: tl.constexpr):
+    pid_m = tl.program_id(0)
+    pid_bh = tl.program_id(1)
+    HKV: tl.constexpr = HQ // G
+    b = pid_bh // HKV
+    hk = pid_bh % HKV
+    m = tl.arange(0, GM)  # GM = next power of two >= G * BLOCK_M; m -> (head g, row)
+    g = m // BLOCK_M
+    row = pid_m * BLOCK_M + (m % BLOCK_M)
+    rvalid = (row < LQ) & (m < G * BLOCK_M)
+    t = tl.load(pos_ptr + row, mask=rvalid, other=0).to(tl.int32)
+    h = hk * G + g
+    d = tl.arange(0, BLOCK_D)
+    dmask = d < D
+    q = tl.load(q1_ptr + b * sq_b + h[:, None] * sq_h + row[:, None] * sq_l + d[None, :],
+                mask=rvalid[:, None] & dmask[None, :], other=0.0).to(tl.float32)
+    tmax = tl.max(tl.where(rvalid, t, 0), 0)
+    # stripes with F(i) <= tmax + 1: i <= (tmax+1)**p; +2 covers the fp32 estimate, the exact
+    # test below uses the table
+    iend = tl.minimum((tl.exp(POWER * tl.log((tmax + 1).to(tl.float32))) + 2.0).to(tl.int32), NS - 1)
+    ninf = float("-inf")
+    b0 = tl.full([GM], ninf, tl.float32)
+    b1 = b0
+    b2 = b0
+    b3 = b0
+    i0 = tl.full([GM], -1, tl.int32)
+    i1 = i0
+    i2 = i0
+    i3 = i0
+    kbase = k_ptr + b * sk_b + hk * sk_h
+    for i in range(S1, iend + 1):
+        fi = tl.load(offs_ptr + i).to(tl.int32)
+        a = t + 1 - fi
+        ok = rvalid & (fi <= t + 1) & (a < LKV)
+        if MASKED:
+            ok = ok & (tl.load(mask_ptr + b * sm_b + a, mask=ok, other=0) != 0)
+        kk = tl.load(kbase + a[:, None] * sk_l + d[None, :], mask=ok[:, None] & dmask[None, :],
+                     other=0.0).to(tl.float32)
+        s = tl.sum(q * kk, 1)
+        s = tl.where(ok, s, ninf)
+        b0, b1, b2, b3, i0, i1, i2, i3 = topk_insert(s, i, b0, b1, b2, b3, i0, i1, i2, i3)
+    out = (b * HQ + h) * LQ + row
+    base = out * NUM_SPANS
+    tl.store(sel_i_ptr + base, tl.where(b0 > ninf, i0, -1), mask=rvalid)
+    tl.store(sel_s_ptr + base, b0, mask=rvalid)
+    if NUM_SPANS > 1:
+        tl.store(sel_i_ptr + base + 1, tl.where(b1 > ninf, i1, -1), mask=rvalid)
+        tl.store(sel_s_ptr + base + 1, b1, mask=rvalid)
+    if NUM_SPANS > 2:
+        tl.store(sel_i_ptr + base + 2, tl.where(b2 > ninf, i2, -1), mask=rvalid)
+        tl.store(sel_s_ptr + base + 2, b2, mask=rvalid)
+    if NUM_SPANS > 3:
+        tl.store(sel_i_ptr + base + 3, tl.where(b3 > ninf, i3, -1), mask=rvalid)
+        tl.store(sel_s_ptr + base + 3, b3, mask=rvalid)
+
+
+@triton.jit
+def _span_kernel(q2_ptr, k_ptr, v_ptr, pos_ptr, mask_ptr, st_ptr, offs_ptr, back_ptr, fwd_ptr,
+                 order_ptr, tile_bucket_ptr, tile_first_ptr, tile_n_ptr,
+                 span_m_ptr, span_l_ptr, span_acc_ptr,
+                 sq_b, sq_h, sq_l, sk_b, sk_h, sk_l, sv_b, sv_h, sv_l, sm_b,
+                 LQ, LKV, NS, CAP, W, SCALE,
+                 HQ: tl.constexpr, G: tl.constexpr, D: tl.constexpr, BLOCK_D: tl.constexpr,
+                 BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, NUM_SPANS: tl.constexpr,
+                 MASKED: tl.constexpr, HAS_FWD: tl.constexpr, IEEE: tl.constexpr):
+    tid = tl.program_id(0)
+    n = tl.load(tile_n_ptr + tid)
+    if n <= 0:
+        return
+    bucket = tl.load(tile_bucket_ptr + tid)
+    first = tl.load(tile_first_ptr + tid)
+    bh = bucket // NS
+    i = bucket % NS
+    b = bh // HQ
+    h = bh % HQ
+    hk = h // G
+    e_off = tl.arange(0, BLOCK_M)
+    evalid = e_off < n
+    e = tl.load(order_ptr + first + e_off, mask=evalid, other=0)  # flat (bh, row, slot)
+    row = (e // NUM_SPANS) % LQ
+    t = tl.load(pos_ptr + row, mask=evalid, other=0).to(tl.int32)
+    st = tl.load(st_ptr + b)
+    fi = tl.load(offs_ptr + i).to(tl.int32)
+    a = t + 1 - fi
+    lo, hi = span_bounds(a, t, st, back_ptr, fwd_ptr, CAP, LKV, W, HAS_FWD)
+    hi = tl.where(evalid, hi, -1)
+    lo = tl.where(evalid, lo, 2147483647)
+    kmin = tl.min(lo, 0)
+    kmax = tl.max(hi, 0)
+    d = tl.arange(0, BLOCK_D)
+    dmask = d < D
+    q = tl.load(q2_ptr + b * sq_b + h * sq_h + row[:, None] * sq_l + d[None, :],
+                mask=evalid[:, None] & dmask[None, :], other=0.0)
+    ninf = float("-inf")
+    m_i = tl.full([BLOCK_M], ninf, tl.float32)
+    l_i = tl.zeros([BLOCK_M], tl.float32)
+    acc = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
+    kbase = k_ptr + b * sk_b + hk * sk_h
+    vbase = v_ptr + b * sv_b + hk * sv_h
+    start = (kmin // BLOCK_N) * BLOCK_N
+    for k0 in range(start, kmax + 1, BLOCK_N):
+        kn = k0 + tl.arange(0, BLOCK_N)
+        kvalid = kn <= kmax
+        kt = tl.load(kbase + kn[None, :] * sk_l + d[:, None], mask=kvalid[None, :] & dmask[:, None], other=0.0)
+        if IEEE:
+            s = tl.dot(q, kt, input_precision="ieee")
+        else:
+            s = tl.dot(q, kt)
+        s = s * SCALE
+        inside = (kn[None, :] >= lo[:, None]) & (kn[None, :] <= hi[:, None])
+        if MASKED:
+            km = tl.load(mask_ptr + b * sm_b + kn, mask=kvalid, other=0) != 0
+            inside = inside & km[None, :]
+        s = tl.where(inside, s, ninf)
+        m_new = tl.maximum(m_i, tl.max(s, 1))
+        m_safe = tl.where(m_new == ninf, 0.0, m_new)
+        alpha = tl.exp(m_i - m_safe)
+        p = tl.exp(s - m_safe[:, None])
+        l_i = l_i * alpha + tl.sum(p, 1)
+        vt = tl.load(vbase + kn[:, None] * sv_l + d[None, :], mask=kvalid[:, None] & dmask[None, :], other=0.0)
+        if IEEE:
+            acc = acc * alpha[:, None] + tl.dot(p.to(vt.dtype), vt, input_precision="ieee")
+        else:
+            acc = acc * alpha[:, None] + tl.dot(p.to(vt.dtype), vt)
+        m_i = m_new
+    tl.store(span_m_ptr + e, m_i, mask=evalid)
+    tl.store(span_l_ptr + e, l_i, mask=evalid)
+    tl.store(span_acc_ptr + e[:, None] * BLOCK_D + d[None, :], acc, mask=evalid[:, None])
+
+
+@triton.jit
+def _window_combine_kernel(q2_ptr, k_ptr, v_ptr, pos_ptr, mask_ptr,
+                           sel_i_ptr, sel_s_ptr, span_m_ptr, span_l_ptr, span_acc_ptr, out_ptr,
+                           sq_b, sq_h, sq_l, sk_b, sk_h, sk_l, sv_b, sv_h, sv_l, sm_b,
+                           so_b, so_h, so_l,
+                           LQ, LKV, W, SCALE,
+                           HQ: tl.constexpr, G: tl.constexpr, D: tl.constexpr, BLOCK_D: tl.constexpr,
+                           BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, NUM_SPANS: tl.constexpr,
+                           MASKED: tl.constexpr, IEEE: tl.constexpr):
+    pid_m = tl.program_id(0)
+    pid_bh = tl.program_id(1)
+    b = pid_bh // HQ
+    h = pid_bh % HQ
+    hk = h // G
+    row = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    rvalid = row < LQ
+    t = tl.load(pos_ptr + row, mask=rvalid, other=0).to(tl.int32)
+    d = tl.arange(0, BLOCK_D)
+    dmask = d < D
+    ninf = float("-inf")
+    m_w = tl.full([BLOCK_M], ninf, tl.float32)
+    l_w = tl.zeros([BLOCK_M], tl.float32)
+    acc_w = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
+    if W > 0:
+        q = tl.load(q2_ptr + b * sq_b + h * sq_h + row[:, None] * sq_l + d[None, :],
+                    mask=rvalid[:, None] & dmask[None, :], other=0.0)
+        w_lo = tl.maximum(t - W + 1, 0)
+        w_hi = tl.minimum(t, LKV - 1)
+        w_lo = tl.where(rvalid, w_lo, 2147483647)
+        w_hi = tl.where(rvalid, w_hi, -1)
+        kmin = tl.min(w_lo, 0)
+        kmax = tl.max(w_hi, 0)
+        kbase = k_ptr + b * sk_b + hk * sk_h
+        vbase = v_ptr + b * sv_b + hk * sv_h
+        start = (kmin // BLOCK_N) * BLOCK_N
+        for k0 in range(start, kmax + 1, BLOCK_N):
+            kn = k0 + tl.arange(0, BLOCK_N)
+            kvalid = kn <= kmax
+            kt = tl.load(kbase + kn[None, :] * sk_l + d[:, None], mask=kvalid[None, :] & dmask[:, None],
+                         other=0.0)
+            if IEEE:
+                s = tl.dot(q, kt, input_precision="ieee")
+            else:
+                s = tl.dot(q, kt)
+            s = s * SCALE
+            inside = (kn[None, :] >= w_lo[:, None]) & (kn[None, :] <= w_hi[:, None])
+            if MASKED:
+                km = tl.load(mask_ptr + b * sm_b + kn, mask=kvalid, other=0) != 0
+                inside = inside & km[None, :]
+            s = tl.where(inside, s, ninf)
+            m_new = tl.maximum(m_w, tl.max(s, 1))
+            m_safe = tl.where(m_new == ninf, 0.0, m_new)
+            alpha = tl.exp(m_w - m_safe)
+            p = tl.exp(s - m_safe[:, None])
+            l_w = l_w * alpha + tl.sum(p, 1)
+            vt = tl.load(vbase + kn[:, None] * sv_l + d[None, :], mask=kvalid[:, None] & dmask[None, :],
+                         other=0.0)
+            if IEEE:
+                acc_w = acc_w * alpha[:, None] + tl.dot(p.to(vt.dtype), vt, input_precision="ieee")
+            else:
+                acc_w = acc_w * alpha[:, None] + tl.dot(p.to(vt.dtype), vt)
+            m_w = m_new
+    # gate: softmax over the slots' scores (-1e9 for unselected slots)
+    base = ((b * HQ + h) * LQ + row) * NUM_SPANS
+    gmax = tl.full([BLOCK_M], ninf, tl.float32)
+    for j in tl.static_range(NUM_SPANS):
+        sj = tl.load(sel_s_ptr + base + j, mask=rvalid, other=0.0)
+        sj = tl.where(sj == ninf, -1e9, sj)
+        gmax = tl.maximum(gmax, sj)
+    gsum = tl.zeros([BLOCK_M], tl.float32)
+    for j in tl.static_range(NUM_SPANS):
+        sj = tl.load(sel_s_ptr + base + j, mask=rvalid, other=0.0)
+        sj = tl.where(sj == ninf, -1e9, sj)
+        gsum += tl.exp(sj - gmax)
+    res = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
+    for j in tl.static_range(NUM_SPANS):
+        ij = tl.load(sel_i_ptr + base + j, mask=rvalid, other=-1)
+        sj = tl.load(sel_s_ptr + base + j, mask=rvalid, other=0.0)
+        sj = tl.where(sj == ninf, -1e9, sj)
+        gj = tl.exp(sj - gmax) / gsum
+        gj = tl.where(gj == gj, gj, 1.0 / NUM_SPANS)  # NaN -> uniform
+        sel = (ij >= 0) & rvalid
+        ms = tl.load(span_m_ptr + base + j, mask=sel, other=ninf)
+        ls = tl.load(span_l_ptr + base + j, mask=sel, other=0.0)
+        accs = tl.load(span_acc_ptr + (base + j)[:, None] * BLOCK_D + d[None, :], mask=sel[:, None], other=0.0)
+        mm = tl.maximum(ms, m_w)
+        mm = tl.where(mm == ninf, 0.0, mm)
+        aw = tl.exp(m_w - mm)
+        asp = tl.exp(ms - mm)
+        den = l_w * aw + ls * asp
+        num = acc_w * aw[:, None] + accs * asp[:, None]
+        o = tl.where(den[:, None] > 0, num / tl.where(den > 0, den, 1.0)[:, None], 0.0)
+        res += gj[:, None] * o
+    tl.store(out_ptr + b * so_b + h * so_h + row[:, None] * so_l + d[None, :],
+             res.to(out_ptr.dtype.element_ty), mask=rvalid[:, None] & dmask[None, :])
+
+
+def _blocks(device_is_cuda: bool, G: int, BLOCK_D: int):
+    if device_is_cuda:
+        search_m = max(1, min(64, 128 // G))
+        return dict(search_m=search_m, span_m=32, span_n=64, win_m=64, win_n=64)
+    search_m = max(1, min(16, 64 // G))
+    return dict(search_m=search_m, span_m=16, span_n=16, win_m=16, win_n=16)
+
+
+def triton_prefill(q1, q2, k, v, positions, params: SpanParams, key_mask=None, blocks: dict | None = None):
+    check_triton_params(params)
+    B, HQ, LQ, D = q2.shape
+    HKV, LKV = k.shape[1], k.shape[2]
+    G = HQ // HKV
+    dev = q2.device
+    K = params.num_spans
+    out = torch.empty(B, HQ, LQ, D, device=dev, dtype=q2.dtype)
+    if LQ == 0:
+        return out
+    BLOCK_D = next_pow2(D)
+    cfg = _blocks(dev.type == "cuda", G, BLOCK_D)
+    if blocks:
+        cfg.update(blocks)
+    q1 = q1.contiguous() if q1.stride(-1) != 1 else q1
+    q2 = q2.contiguous() if q2.stride(-1) != 1 else q2
+    k = k.contiguous() if k.stride(-1) != 1 else k
+    v = v.contiguous() if v.stride(-1) != 1 else v
+    if q1.dtype != k.dtype:
+        q1 = q1.to(k.dtype)
+    if q2.dtype != k.dtype:
+        q2 = q2.to(k.dtype)
+    pos = positions.to(device=dev, dtype=torch.int64).contiguous()
+    tab = device_tables(params, LKV, dev)
+    st = first_key(key_mask, B, LKV, dev)
+    mk = mask_u8(key_mask, dev)
+    masked = key_mask is not None
+    sm_b = mk.stride(0) if masked else 0
+    ieee = k.dtype == torch.float32
+    W = params.window_len
+    NS = tab.num_stripes
+    scale = 1.0 / math.sqrt(D)
+    # 1. search
+    sel_i = torch.empty(B, HQ, LQ, K, device=dev, dtype=torch.int32)
+    sel_s = torch.empty(B, HQ, LQ, K, device=dev, dtype=torch.float32)
+    bm = cfg["search_m"]
+    _search_kernel[(triton.cdiv(LQ, bm), B * HKV)](
+        q1, k, pos, mk, st, tab.offsets, sel_i, sel_s,
+        q1.stride(0), q1.stride(1), q1.stride(2), k.stride(0), k.stride(1), k.stride(2), sm_b,
+        LQ, LKV, NS, params.sw_index + 1, float(params.power),
+        HQ=HQ, G=G, D=D, BLOCK_D=BLOCK_D, BLOCK_M=bm, GM=next_pow2(G * bm, 1), NUM_SPANS=K, MASKED=masked,
+        num_warps=4)
+    # 2. bucketing by (b, h, stripe): one stable sort of small keys keeps rows in order per bucket
+    N = B * HQ * LQ * K
+    NB = B * HQ * NS
+    bh = torch.arange(B * HQ, device=dev, dtype=torch.int64).repeat_interleave(LQ * K)
+    si = sel_i.reshape(-1).to(torch.int64)
+    key = torch.where(si >= 0, bh * NS + si, torch.full_like(si, NB))
+    skey, order = torch.sort(key, stable=True)
+    counts = torch.bincount(key, minlength=NB + 1)[:NB]
+    bstart = torch.cumsum(counts, 0) - counts
+    BM = cfg["span_m"]
+    ntile = (counts + BM - 1) // BM
+    tcum = torch.cumsum(ntile, 0)
+    T_MAX = max(1, min(triton.cdiv(N, BM) + min(NB, N), NB * triton.cdiv(max(LQ * K, 1), BM)))
+    tids = torch.arange(T_MAX, device=dev, dtype=torch.int64)
+    tb = torch.searchsorted(tcum, tids, right=True)
+    tb_c = tb.clamp(max=NB - 1)
+    texcl = tcum[tb_c] - ntile[tb_c]
+    tfirst = bstart[tb_c] + (tids - texcl) * BM
+    tn = torch.where(tb < NB, torch.minimum(bstart[tb_c] + counts[tb_c] - tfirst, torch.full_like(tfirst, BM)),
+                     torch.zeros_like(tfirst)).to(torch.int32)
+    order = order.to(torch.int32) if N < 2**31 else order
+    span_m = torch.empty(N, device=dev, dtype=torch.float32)
+    span_l = torch.empty(N, device=dev, dtype=torch.float32)
+    span_acc = torch.empty(N, BLOCK_D, device=dev, dtype=torch.float32)
+    # 3. span tiles
+    _span_kernel[(T_MAX,)](
+        q2, k, v, pos, mk, st, tab.offsets, tab.back, tab.fwd,
+        order, tb_c.to(torch.int32) if NB < 2**31 else tb_c, tfirst, tn,
+        span_m, span_l, span_acc,
+        q2.stride(0), q2.stride(1), q2.stride(2), k.stride(0), k.stride(1), k.stride(2),
+        v.stride(0), v.stride(1), v.stride(2), sm_b,
+        LQ, LKV, NS, tab.capacity, W, scale,
+        HQ=HQ, G=G, D=D, BLOCK_D=BLOCK_D, BLOCK_M=BM, BLOCK_N=cfg["span_n"], NUM_SPANS=K,
+        MASKED=masked, HAS_FWD=params.forward_factor > 0, IEEE=ieee, num_warps=4)
+    # 4. window + merge + gate
+    wm = cfg["win_m"]
+    _window_combine_kernel[(triton.cdiv(LQ, wm), B * HQ)](
+        q2, k, v, pos, mk, sel_i, sel_s, span_m, span_l, span_acc, out,
+        q2.stride(0), q2.stride(1), q2.stride(2), k.stride(0), k.stride(1), k.stride(2),
+        v.stride(0), v.stride(1), v.stride(2), sm_b, out.stride(0), out.stride(1), out.stride(2),
+        LQ, LKV, W, scale,
+        HQ=HQ, G=G, D=D, BLOCK_D=BLOCK_D, BLOCK_M=wm, BLOCK_N=cfg["win_n"], NUM_SPANS=K,
+        MASKED=masked, IEEE=ieee, num_warps=4)
+    return out
