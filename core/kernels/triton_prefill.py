@@ -277,7 +277,10 @@ def _blocks(device_is_cuda: bool, G: int, BLOCK_D: int):
     return dict(search_m=search_m, span_m=16, span_n=16, win_m=16, win_n=16)
 
 
-def triton_prefill(q1, q2, k, v, positions, params: SpanParams, key_mask=None, blocks: dict | None = None):
+def triton_prefill(q1, q2, k, v, positions, params: SpanParams, key_mask=None, blocks: dict | None = None,
+                   timings: list | None = None):
+    """``blocks`` overrides tile sizes; ``timings`` (a list, CUDA only) receives CUDA events
+    around the stages: search, bucketing, span tiles, window+combine."""
     check_triton_params(params)
     B, HQ, LQ, D = q2.shape
     HKV, LKV = k.shape[1], k.shape[2]
@@ -309,6 +312,13 @@ def triton_prefill(q1, q2, k, v, positions, params: SpanParams, key_mask=None, b
     W = params.window_len
     NS = tab.num_stripes
     scale = 1.0 / math.sqrt(D)
+    def mark():
+        if timings is not None and dev.type == "cuda":
+            ev = torch.cuda.Event(enable_timing=True)
+            ev.record()
+            timings.append(ev)
+
+    mark()
     # 1. search
     sel_i = torch.empty(B, HQ, LQ, K, device=dev, dtype=torch.int32)
     sel_s = torch.empty(B, HQ, LQ, K, device=dev, dtype=torch.float32)
@@ -319,6 +329,7 @@ def triton_prefill(q1, q2, k, v, positions, params: SpanParams, key_mask=None, b
         LQ, LKV, NS, params.sw_index + 1, float(params.power),
         HQ=HQ, G=G, D=D, BLOCK_D=BLOCK_D, BLOCK_M=bm, GM=next_pow2(G * bm, 1), NUM_SPANS=K, MASKED=masked,
         num_warps=4)
+    mark()
     # 2. bucketing by (b, h, stripe): one stable sort of small keys keeps rows in order per bucket
     N = B * HQ * LQ * K
     NB = B * HQ * NS
@@ -343,6 +354,7 @@ def triton_prefill(q1, q2, k, v, positions, params: SpanParams, key_mask=None, b
     span_m = torch.empty(N, device=dev, dtype=torch.float32)
     span_l = torch.empty(N, device=dev, dtype=torch.float32)
     span_acc = torch.empty(N, BLOCK_D, device=dev, dtype=torch.float32)
+    mark()
     # 3. span tiles
     _span_kernel[(T_MAX,)](
         q2, k, v, pos, mk, st, tab.offsets, tab.back, tab.fwd,
@@ -353,6 +365,7 @@ def triton_prefill(q1, q2, k, v, positions, params: SpanParams, key_mask=None, b
         LQ, LKV, NS, tab.capacity, W, scale,
         HQ=HQ, G=G, D=D, BLOCK_D=BLOCK_D, BLOCK_M=BM, BLOCK_N=cfg["span_n"], NUM_SPANS=K,
         MASKED=masked, HAS_FWD=params.forward_factor > 0, IEEE=ieee, num_warps=4)
+    mark()
     # 4. window + merge + gate
     wm = cfg["win_m"]
     _window_combine_kernel[(triton.cdiv(LQ, wm), B * HQ)](
@@ -362,4 +375,5 @@ def triton_prefill(q1, q2, k, v, positions, params: SpanParams, key_mask=None, b
         LQ, LKV, W, scale,
         HQ=HQ, G=G, D=D, BLOCK_D=BLOCK_D, BLOCK_M=wm, BLOCK_N=cfg["win_n"], NUM_SPANS=K,
         MASKED=masked, IEEE=ieee, num_warps=4)
+    mark()
     return out
