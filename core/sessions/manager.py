@@ -1,0 +1,575 @@
+"""SessionManager: live conversations with hot caches, a memory budget, snapshots, durability.
+
+A ``Session`` wraps one ``superlinear.engine.conversation.Conversation`` (cache + token ids +
+transcript + message boundaries) with an id, a lock and timestamps. The manager owns every
+session: it creates, forks, rolls back, resizes, closes them, saves them as snapshots and loads
+snapshots back, and keeps the bytes they hold under ``memory_budget``.
+
+Locking: each session has a re-entrant lock (``session.lock``); the server holds it for a whole
+turn, and every manager operation on a session takes it too, so work on one session is
+serialised while sessions run in parallel. The manager's own table has a separate lock that is
+never held while waiting for a session lock.
+
+Atomicity: every operation prepares its result (reads and verifies a snapshot, allocates a
+cache, clones a state) before it changes anything visible, so a failure leaves the sessions as
+they were.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import threading
+import time
+
+from superlinear.errors import Busy, Conflict, InvalidRequest, NotFound, TooLarge
+from superlinear.sessions import state as _state
+from superlinear.sessions.ids import new_id, validate_id
+from superlinear.sessions.snapshots import SnapshotStore, check_model
+
+log = logging.getLogger(__name__)
+
+SESSION_STATE_TAG = "spl:session-state"
+DEFAULT_MAX_SEQ_LEN = 8192
+
+
+class SessionLock:
+    """A re-entrant lock that knows how deeply it is held (so eviction can tell an idle session
+    from one the calling thread itself is using)."""
+
+    def __init__(self):
+        self._lock = threading.RLock()
+        self._depth = 0
+
+    def acquire(self, blocking: bool = True, timeout: float = -1) -> bool:
+        ok = self._lock.acquire(blocking, timeout)
+        if ok:
+            self._depth += 1
+        return ok
+
+    def release(self) -> None:
+        self._depth -= 1
+        self._lock.release()
+
+    def locked(self) -> bool:
+        return self._depth > 0
+
+    def __enter__(self):
+        self.acquire()
+        return self
+
+    def __exit__(self, *exc):
+        self.release()
+
+
+class Session:
+    """One conversation kept alive. ``conversation`` is ``None`` while the state lives on disk
+    (evicted, or listed again after a restart); ``SessionManager.get`` loads it back."""
+
+    def __init__(self, session_id: str, conversation, *, max_seq_len: int, created_at: float | None = None):
+        self.id = session_id
+        self.conversation = conversation
+        self.lock = SessionLock()
+        self.created_at = created_at if created_at is not None else time.time()
+        self.last_used = time.time()
+        self._max_seq_len = max_seq_len
+        self.state_snapshot: str | None = None  # where the state is while not resident
+        self._disk_info: dict = {}  # position / message_count of the state on disk
+        self.closed = False
+
+    @property
+    def resident(self) -> bool:
+        return self.conversation is not None
+
+    @property
+    def max_seq_len(self) -> int:
+        if self.conversation is not None:
+            return _state.max_seq_len(self.conversation)
+        return self._max_seq_len
+
+    @property
+    def position(self) -> int:
+        if self.conversation is not None:
+            return _state.position(self.conversation)
+        return int(self._disk_info.get("position", 0))
+
+    @property
+    def message_count(self) -> int:
+        if self.conversation is not None:
+            return _state.message_count(self.conversation)
+        return int(self._disk_info.get("message_count", 0))
+
+    def nbytes(self) -> int:
+        """Bytes of memory (device and host) this session holds now; 0 while on disk."""
+        return _state.nbytes(self.conversation) if self.conversation is not None else 0
+
+    def touch(self) -> None:
+        self.last_used = time.time()
+
+    def info(self) -> dict:
+        return {
+            "id": self.id,
+            "position": self.position,
+            "max_seq_len": self.max_seq_len,
+            "message_count": self.message_count,
+            "bytes": self.nbytes(),
+            "resident": self.resident,
+            "busy": self.lock.locked(),
+            "state_snapshot": self.state_snapshot,
+            "created_at": self.created_at,
+            "last_used": self.last_used,
+        }
+
+    def __repr__(self) -> str:
+        return f"<Session {self.id} position={self.position}/{self.max_seq_len} resident={self.resident}>"
+
+
+def state_snapshot_id(session_id: str) -> str:
+    """The snapshot id under which a session's own state is kept (eviction, shutdown)."""
+    sid = f"session-{session_id}"
+    if len(sid) > 128:
+        sid = "session-" + hashlib.sha256(session_id.encode()).hexdigest()[:40]
+    return sid
+
+
+class SessionManager:
+    def __init__(self, model, snapshot_store: SnapshotStore | None = None, memory_budget: int | None = None,
+                 evict_to_disk: bool = False, default_max_seq_len: int | None = None,
+                 chunk_size: int | None = None):
+        self.model = model
+        self.chunk_size = chunk_size
+        self.store = snapshot_store if snapshot_store is not None else SnapshotStore()
+        self.memory_budget = int(memory_budget) if memory_budget else None
+        self.evict_to_disk = evict_to_disk
+        limit = _state.model_max_seq_len(model)
+        self.default_max_seq_len = default_max_seq_len or min(DEFAULT_MAX_SEQ_LEN, limit or DEFAULT_MAX_SEQ_LEN)
+        self._sessions: dict[str, Session] = {}
+        self._lock = threading.RLock()
+        self._size_probe: tuple[int, int] | None = None  # (fixed bytes, bytes per token)
+
+    # ------------------------------------------------------------------ memory
+    def estimate_bytes(self, max_seq_len: int) -> int:
+        """Bytes a fresh session of ``max_seq_len`` holds (measured on two tiny caches, once)."""
+        exact = getattr(self.model, "cache_nbytes", None)
+        if callable(exact):
+            return int(exact(max_seq_len))
+        layout = getattr(self.model, "layout", None)
+        if hasattr(layout, "kv_bytes_per_token") and hasattr(layout, "recurrent_bytes"):
+            return (layout.kv_bytes_per_token(self.model.dtype) * int(max_seq_len)
+                    + layout.recurrent_bytes(self.model.dtype))
+        if self._size_probe is None:
+            a = _state.cache_nbytes(self.model.new_cache(16))
+            b = _state.cache_nbytes(self.model.new_cache(32))
+            per_token = max(0, (b - a) // 16)
+            self._size_probe = (max(0, a - 16 * per_token), per_token)
+        fixed, per_token = self._size_probe
+        return fixed + per_token * int(max_seq_len)
+
+    def bytes_in_use(self) -> int:
+        with self._lock:
+            return sum(s.nbytes() for s in self._sessions.values())
+
+    def _reserve(self, need: int, *, exclude: Session | None = None, what: str) -> None:
+        """Make room for ``need`` more bytes under the budget: evict idle sessions to disk (if
+        allowed) or raise. ``exclude`` is never evicted (the session being worked on)."""
+        if self.memory_budget is None or need <= 0:
+            return
+        if need > self.memory_budget:
+            raise TooLarge(
+                f"{what} needs {_fmt(need)}, more than the whole session memory budget "
+                f"({_fmt(self.memory_budget)}); ask for a smaller max_seq_len or raise the budget",
+                param="max_seq_len")
+        while True:
+            with self._lock:
+                used = sum(s.nbytes() for s in self._sessions.values())
+                if used + need <= self.memory_budget:
+                    return
+                victims = sorted((s for s in self._sessions.values()
+                                  if s.resident and s is not exclude and not s.lock.locked()),
+                                 key=lambda s: s.last_used)
+            if self.evict_to_disk and not victims:
+                raise Busy(
+                    f"{what} needs {_fmt(need)} but sessions hold {_fmt(used)} of the "
+                    f"{_fmt(self.memory_budget)} budget and every other session is busy; try again "
+                    "shortly", param="max_seq_len")
+            if not self.evict_to_disk:
+                raise Busy(
+                    f"{what} needs {_fmt(need)} but sessions already hold {_fmt(used)} of the "
+                    f"{_fmt(self.memory_budget)} budget; close or save idle sessions, ask for a "
+                    "smaller max_seq_len, or start the server with eviction to disk",
+                    param="max_seq_len")
+            evicted = False
+            for victim in victims:
+                if self._evict(victim):
+                    evicted = True
+                    break
+            if not evicted:
+                raise Busy(f"{what} needs {_fmt(need)}; every other session is busy, try again shortly",
+                           param="max_seq_len")
+
+    def _evict(self, session: Session) -> bool:
+        """Snapshot an idle session to disk and free its memory. False if it became busy."""
+        if not session.lock.acquire(blocking=False):
+            return False
+        try:
+            if session.lock._depth > 1 or not session.resident or session.closed:
+                return False
+            self._write_state(session)
+            session.conversation = None
+            log.info("session %s evicted to snapshot %s", session.id, session.state_snapshot)
+            _state.free_memory()
+            return True
+        finally:
+            session.lock.release()
+
+    def _write_state(self, session: Session) -> str:
+        """Save a resident session's state under its state snapshot id (replacing an older one)."""
+        sid = state_snapshot_id(session.id)
+        meta, tensors = _state.export(session.conversation)
+        manifest = self.store.save(
+            model=self.model, session=self._session_meta(session), transcript=meta, tensors=tensors,
+            title=f"state of session {session.id}", tags=[SESSION_STATE_TAG], snapshot_id=sid,
+            replace=True)
+        session.state_snapshot = sid
+        session._max_seq_len = session.max_seq_len
+        session._disk_info = {k: manifest["session"][k] for k in ("position", "message_count")}
+        return sid
+
+    def _session_meta(self, session: Session) -> dict:
+        return {"id": session.id, "position": session.position, "max_seq_len": session.max_seq_len,
+                "message_count": session.message_count, "created_at": session.created_at}
+
+    # ------------------------------------------------------------------ building conversations
+    def _new_conversation(self, max_seq_len: int, *, exclude: Session | None = None, what: str):
+        self._check_len(max_seq_len)
+        self._reserve(self.estimate_bytes(max_seq_len), exclude=exclude, what=what)
+        return _state.allocate(lambda: _state.new_conversation(self.model, max_seq_len, self.chunk_size),
+                               max_seq_len)
+
+    def _check_len(self, max_seq_len) -> None:
+        if not isinstance(max_seq_len, int) or isinstance(max_seq_len, bool) or max_seq_len < 1:
+            raise InvalidRequest(f"max_seq_len must be a positive integer, got {max_seq_len!r}",
+                                 param="max_seq_len")
+        limit = _state.model_max_seq_len(self.model)
+        if limit and max_seq_len > limit:
+            raise TooLarge(f"max_seq_len {max_seq_len} is more than the model supports ({limit})",
+                           param="max_seq_len")
+
+    def _conversation_from_snapshot(self, snapshot_id: str, max_seq_len: int | None, *,
+                                    exclude: Session | None, what: str):
+        manifest, transcript, _ = None, None, None
+        manifest = self.store.get(snapshot_id)
+        check_model(manifest, self.model)
+        position = int(manifest["session"]["position"])
+        if max_seq_len is None:
+            max_seq_len = int(manifest["session"]["max_seq_len"])
+        self._check_len(max_seq_len)
+        if max_seq_len < position:
+            raise InvalidRequest(
+                f"max_seq_len {max_seq_len} is smaller than snapshot {snapshot_id!r}'s position "
+                f"({position} tokens); use at least {position}", param="max_seq_len")
+        self._reserve(self.estimate_bytes(max_seq_len), exclude=exclude, what=what)
+        manifest, transcript, tensors = self.store.read(snapshot_id, model=self.model)
+        conv = _state.allocate(
+            lambda: _state.restore(self.model, transcript, tensors, position=position,
+                                   max_seq_len=max_seq_len, chunk_size=self.chunk_size),
+            max_seq_len)
+        return manifest, conv
+
+    # ------------------------------------------------------------------ table
+    def _register(self, session: Session) -> Session:
+        with self._lock:
+            if session.id in self._sessions:
+                raise Conflict(f"session {session.id!r} already exists", param="session_id")
+            self._sessions[session.id] = session
+        return session
+
+    def _lookup(self, session_id: str) -> Session:
+        validate_id(session_id, "session id", param="session_id")
+        with self._lock:
+            session = self._sessions.get(session_id)
+        if session is None:
+            raise NotFound(f"no session {session_id!r}; `spl session ls` lists them", param="session_id")
+        return session
+
+    def _new_session_id(self, session_id: str | None) -> str:
+        if session_id is None:
+            return new_id("sess")
+        validate_id(session_id, "session id", param="session_id")
+        with self._lock:
+            if session_id in self._sessions:
+                raise Conflict(f"session {session_id!r} already exists; pick another id or close it",
+                               param="session_id")
+        return session_id
+
+    # ------------------------------------------------------------------ public API
+    def create(self, session_id: str | None = None, max_seq_len: int | None = None) -> Session:
+        sid = self._new_session_id(session_id)
+        max_seq_len = self.default_max_seq_len if max_seq_len is None else max_seq_len
+        conv = self._new_conversation(max_seq_len, what=f"session {sid!r} (max_seq_len {max_seq_len})")
+        return self._register(Session(sid, conv, max_seq_len=max_seq_len))
+
+    def get(self, session_id: str) -> Session:
+        """The session, with its state in memory (loaded back from disk if it was evicted or
+        listed after a restart)."""
+        session = self._lookup(session_id)
+        if not session.resident:
+            with session.lock:
+                if session.closed:
+                    raise NotFound(f"session {session_id!r} was closed", param="session_id")
+                if not session.resident:
+                    self._reload(session)
+        session.touch()
+        return session
+
+    def _reload(self, session: Session) -> None:
+        sid = session.state_snapshot
+        _, conv = self._conversation_from_snapshot(
+            sid, session._max_seq_len, exclude=session, what=f"reloading session {session.id!r}")
+        session.conversation = conv
+        session.state_snapshot = None
+        session._disk_info = {}
+        try:
+            self.store.delete(sid)  # the live state is the truth again
+        except NotFound:
+            pass
+        log.info("session %s reloaded from snapshot %s", session.id, sid)
+
+    def __contains__(self, session_id: str) -> bool:
+        with self._lock:
+            return session_id in self._sessions
+
+    def list(self) -> SessionListing:
+        """Info dicts of every session (oldest first); the list also carries the totals
+        (``.count``, ``.bytes``, ``.resident``, ``.memory_budget``; ``.as_dict()``)."""
+        with self._lock:
+            sessions = sorted(self._sessions.values(), key=lambda s: s.created_at)
+        return SessionListing([s.info() for s in sessions], memory_budget=self.memory_budget)
+
+    def info(self, session_id: str) -> dict:
+        return self._lookup(session_id).info()
+
+    def close(self, session_id: str) -> dict:
+        session = self._lookup(session_id)
+        with session.lock:
+            info = session.info()
+            with self._lock:
+                if self._sessions.get(session_id) is session:
+                    del self._sessions[session_id]
+            session.closed = True
+            session.conversation = None
+            if session.state_snapshot:
+                try:
+                    self.store.delete(session.state_snapshot)
+                except NotFound:
+                    pass
+        _state.free_memory()
+        return info
+
+    def close_all(self) -> None:
+        for sid in list(self._sessions):
+            try:
+                self.close(sid)
+            except NotFound:
+                pass
+
+    def fork(self, session_id: str, new_id: str | None = None, max_seq_len: int | None = None) -> Session:
+        """A new session starting from ``session_id``'s state (cache cloned, no re-prefill)."""
+        source = self.get(session_id)
+        nid = self._new_session_id(new_id)
+        with source.lock:
+            if source.conversation is None:
+                source = self.get(session_id)
+            need = max_seq_len or source.max_seq_len
+            if need < source.position:
+                raise InvalidRequest(f"max_seq_len {need} is smaller than the session's position "
+                                     f"({source.position})", param="max_seq_len")
+            self._check_len(need)
+            self._reserve(self.estimate_bytes(need), exclude=source, what=f"forking {session_id!r}")
+            conv = _state.allocate(lambda: _state.fork(source.conversation, max_seq_len), need)
+            source.touch()
+        return self._register(Session(nid, conv, max_seq_len=need))
+
+    def rollback(self, session_id: str, n_messages: int) -> dict:
+        """Keep the first ``n_messages`` messages (cache truncated / recurrent state restored
+        from the checkpoint at that boundary). Returns the session info."""
+        session = self.get(session_id)
+        if not isinstance(n_messages, int) or isinstance(n_messages, bool) or n_messages < 0:
+            raise InvalidRequest(f"n_messages must be an integer >= 0, got {n_messages!r}",
+                                 param="n_messages")
+        with session.lock:
+            conv = self._resident(session)
+            count = _state.message_count(conv)
+            if n_messages > count:
+                raise InvalidRequest(f"session {session_id!r} has {count} messages; cannot roll back to "
+                                     f"{n_messages}", param="n_messages")
+            if n_messages == 0:  # nothing to render: empty the cache
+                conv.sync_tokens([])
+                conv.set_transcript([], [], conv.tools, conv.template_kwargs)
+            else:
+                conv.rollback(count - n_messages)  # the engine's rollback drops the last k messages
+            session.touch()
+        return session.info()
+
+    def resize(self, session_id: str, max_seq_len: int) -> dict:
+        """Change the cache capacity without losing state (up, or down to at least the position)."""
+        session = self.get(session_id)
+        self._check_len(max_seq_len)
+        with session.lock:
+            conv = self._resident(session)
+            position = _state.position(conv)
+            if max_seq_len < position:
+                raise InvalidRequest(
+                    f"cannot resize session {session_id!r} to {max_seq_len} tokens: it already holds "
+                    f"{position}; roll back first or pick at least {position}", param="max_seq_len")
+            old = _state.max_seq_len(conv)
+            if max_seq_len != old:
+                grow = self.estimate_bytes(max_seq_len) - self.estimate_bytes(old)
+                self._reserve(grow, exclude=session, what=f"resizing {session_id!r} to {max_seq_len}")
+                _state.allocate(lambda: _state.resize(conv, max_seq_len), max_seq_len)
+                session._max_seq_len = max_seq_len
+                _state.free_memory()
+            session.touch()
+        return session.info()
+
+    def _resident(self, session: Session):
+        if session.conversation is None:  # evicted between get() and taking the lock
+            self._reload(session)
+        return session.conversation
+
+    def save(self, session_id: str, title: str | None = None, description: str | None = None,
+             tags=None, snapshot_id: str | None = None) -> str:
+        """Freeze a session into a new snapshot; returns its id. The session goes on."""
+        session = self.get(session_id)
+        with session.lock:
+            conv = self._resident(session)
+            meta, tensors = _state.export(conv)
+            manifest = self.store.save(model=self.model, session=self._session_meta(session),
+                                       transcript=meta, tensors=tensors, title=title,
+                                       description=description, tags=tags, snapshot_id=snapshot_id)
+            session.touch()
+        return manifest["id"]
+
+    def load(self, snapshot_id: str, session_id: str | None = None, force: bool = False,
+             max_seq_len: int | None = None) -> Session:
+        """A session holding a snapshot's state: a new one (``session_id`` or a fresh id), or an
+        existing one replaced (``force=True``). The snapshot is verified (model, hashes) and
+        fully loaded before anything changes, so a failure leaves every session as it was."""
+        validate_id(snapshot_id, "snapshot id", param="snapshot_id")
+        existing = None
+        if session_id is not None:
+            validate_id(session_id, "session id", param="session_id")
+            with self._lock:
+                existing = self._sessions.get(session_id)
+            if existing is not None and not force:
+                raise Conflict(f"session {session_id!r} already exists; load with force to replace its "
+                               "state, or pick another session id", param="session_id")
+        if existing is None:
+            sid = self._new_session_id(session_id)
+            _, conv = self._conversation_from_snapshot(snapshot_id, max_seq_len, exclude=None,
+                                                       what=f"loading snapshot {snapshot_id!r}")
+            return self._register(Session(sid, conv, max_seq_len=_state.max_seq_len(conv)))
+        with existing.lock:
+            if existing.closed:
+                raise NotFound(f"session {session_id!r} was closed", param="session_id")
+            old_bytes = existing.nbytes()
+            _, conv = self._conversation_from_snapshot(
+                snapshot_id, max_seq_len, exclude=existing, what=f"loading snapshot {snapshot_id!r}")
+            del old_bytes
+            old_state = existing.state_snapshot
+            existing.conversation = conv
+            existing._max_seq_len = _state.max_seq_len(conv)
+            existing.state_snapshot = None
+            existing._disk_info = {}
+            existing.touch()
+            if old_state:
+                try:
+                    self.store.delete(old_state)
+                except NotFound:
+                    pass
+        _state.free_memory()
+        return existing
+
+    # ------------------------------------------------------------------ durability
+    def persist(self, session_id: str) -> str | None:
+        """Write one session's state to its state snapshot now (e.g. after each turn, for
+        crash safety). Returns the snapshot id (None if it is already only on disk)."""
+        session = self._lookup(session_id)
+        with session.lock:
+            if not session.resident:
+                return session.state_snapshot
+            sid = self._write_state(session)
+        return sid
+
+    def persist_all(self, timeout: float | None = 30.0) -> list[str]:
+        """On a clean shutdown: snapshot every open session (tagged ``spl:session-state``), so
+        ``restore_index`` lists them again on the next start. Returns the session ids written.
+        A session whose lock cannot be taken within ``timeout`` is skipped (and logged)."""
+        written = []
+        with self._lock:
+            sessions = list(self._sessions.values())
+        for session in sessions:
+            if not session.lock.acquire(timeout=-1 if timeout is None else timeout):
+                log.warning("session %s busy at shutdown; its state was not saved", session.id)
+                continue
+            try:
+                if session.closed:
+                    continue
+                if session.resident:
+                    self._write_state(session)
+                written.append(session.id)
+            except Exception:  # keep saving the others
+                log.exception("could not save session %s", session.id)
+            finally:
+                session.lock.release()
+        return written
+
+    def restore_index(self) -> list[str]:
+        """On start: list the sessions saved by ``persist_all`` (or evicted) again, without
+        loading them; each is loaded on its first ``get``. Returns their ids."""
+        restored = []
+        for manifest in self.store.list(tag=SESSION_STATE_TAG):
+            info = manifest.get("session", {})
+            sid = info.get("id")
+            try:
+                validate_id(sid, "session id")
+                check_model(manifest, self.model)
+            except Exception as exc:
+                log.warning("not restoring snapshot %s: %s", manifest.get("id"), exc)
+                continue
+            session = Session(sid, None, max_seq_len=int(info.get("max_seq_len", self.default_max_seq_len)),
+                              created_at=info.get("created_at"))
+            session.state_snapshot = manifest["id"]
+            session._disk_info = {"position": info.get("position", 0),
+                                  "message_count": info.get("message_count", 0)}
+            with self._lock:
+                if sid in self._sessions:
+                    continue
+                self._sessions[sid] = session
+            restored.append(sid)
+        return restored
+
+    restore_all = restore_index  # the name the server looks for
+
+
+class SessionListing(list):
+    """``SessionManager.list()``: a list of session info dicts plus the totals."""
+
+    def __init__(self, infos, memory_budget=None):
+        super().__init__(infos)
+        self.count = len(infos)
+        self.bytes = sum(i["bytes"] for i in infos)
+        self.resident = sum(1 for i in infos if i["resident"])
+        self.memory_budget = memory_budget
+
+    def as_dict(self) -> dict:
+        return {"sessions": list(self), "count": self.count, "bytes": self.bytes,
+                "resident": self.resident, "memory_budget": self.memory_budget}
+
+
+def _fmt(n: int) -> str:
+    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
+        if abs(n) < 1024 or unit == "TiB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1024
+    return f"{n} B"
