@@ -72,7 +72,7 @@ class FakeCache:
 class FakeModel:
     """``vocab_ids``: the tokens the fake may produce (ordinary text tokens of the tokenizer)."""
 
-    def __init__(self, tokenizer, hybrid: bool = False, eos_every: int = 0):
+    def __init__(self, tokenizer, hybrid: bool = False, script: list[int] | None = None):
         self.tokenizer = tokenizer
         self.has_recurrent_state = hybrid
         self.device = torch.device("cpu")
@@ -82,6 +82,8 @@ class FakeModel:
         self.cancel_checks = 0
         words = tokenizer.encode(" the quick brown fox jumps over a lazy dog and then", add_special_tokens=False)
         self.words = words
+        # A script: the n-th decode step's logits favour script[n] (then end of turn).
+        self.script = script
 
     def new_cache(self, max_seq_len: int) -> FakeCache:
         return FakeCache(max_seq_len, self.has_recurrent_state)
@@ -96,6 +98,9 @@ class FakeModel:
         g = torch.Generator().manual_seed(h)
         w = torch.randn(len(self.words), generator=g)
         logits[torch.tensor(self.words)] = w
+        if self.script is not None:
+            n = self.decoded
+            logits[self.script[n] if n < len(self.script) else self.tokenizer.eos_token_id] = 100.0
         return logits
 
     def prefill(self, cache, token_ids, chunk_size=8192, should_cancel=None):

@@ -1,4 +1,10 @@
-"""Next-token choice from fp32 logits: greedy, temperature, top-k, top-p, seeded."""
+"""Next-token choice from fp32 logits: greedy, temperature, top-k, top-p, seeded.
+
+Sampling draws one uniform number from a seeded generator and inverts the cumulative
+distribution over the candidates (exact, and much cheaper on CPU than ``torch.multinomial`` or
+sorting the whole vocabulary): top-p first looks at the 256 most likely tokens and sorts the
+whole vocabulary only when those do not reach ``top_p``.
+"""
 
 from __future__ import annotations
 
@@ -7,6 +13,8 @@ import os
 import torch
 
 from .types import SamplingParams
+
+_TOP_P_CANDIDATES = 256
 
 
 class Sampler:
@@ -20,17 +28,23 @@ class Sampler:
         if p.temperature <= 0:
             return int(torch.argmax(logits))
         logits = logits.float() / p.temperature
+        index = None  # candidate ids (None: the whole vocabulary, in order)
         if p.top_k and p.top_k < logits.numel():
-            kth = torch.topk(logits, p.top_k).values[-1]
-            logits = logits.masked_fill(logits < kth, float("-inf"))
+            logits, index = torch.topk(logits, p.top_k)  # sorted, most likely first
         probs = torch.softmax(logits, dim=-1)
+        if p.top_p < 1.0:
+            if index is None:
+                k = min(_TOP_P_CANDIDATES, probs.numel())
+                top, top_index = torch.topk(probs, k)
+                if float(top.sum()) < p.top_p:
+                    top, top_index = torch.sort(probs, descending=True)
+                probs, index = top, top_index
+            # keep the smallest set of most likely tokens that reaches top_p
+            probs = probs * ((torch.cumsum(probs, 0) - probs) < p.top_p)
         if self.generator is None:
             self.generator = torch.Generator(device=logits.device)
             self.generator.manual_seed(self.seed)
-        if p.top_p < 1.0:
-            sorted_probs, order = torch.sort(probs, descending=True)
-            cum = torch.cumsum(sorted_probs, dim=-1)
-            drop = cum - sorted_probs > p.top_p  # keep the smallest set reaching top_p
-            sorted_probs = sorted_probs.masked_fill(drop, 0.0)
-            probs = torch.zeros_like(probs).scatter_(0, order, sorted_probs)
-        return int(torch.multinomial(probs, 1, generator=self.generator))
+        cdf = torch.cumsum(probs, 0)
+        u = torch.rand(1, generator=self.generator, device=logits.device) * cdf[-1]
+        j = min(int(torch.searchsorted(cdf, u)), probs.numel() - 1)
+        return int(index[j]) if index is not None else j

@@ -129,7 +129,7 @@ class ThinkSplitter:
                     continue
                 if THINK_OPEN.startswith(stripped):  # empty or a prefix of <think>: wait
                     break
-                self.state = "answer"
+                self.state = "answer_start"
                 continue
             if self.state == "reasoning":
                 i = self.buf.find(THINK_CLOSE)
@@ -142,7 +142,7 @@ class ThinkSplitter:
                 r_out += self.buf[:k]
                 self.buf = self.buf[k:]
                 break
-            if self.state == "answer_start":  # drop the blank lines after </think>
+            if self.state == "answer_start":  # the answer starts at its first visible character
                 self.buf = self.buf.lstrip()
                 if not self.buf:
                     break
@@ -162,7 +162,7 @@ class ThinkSplitter:
         if self.state == "reasoning":
             self.reasoning += rest
             return rest, ""
-        if self.state == "answer_start":
+        if self.state in ("start", "answer_start"):
             rest = rest.lstrip()
         self.answer += rest
         return "", rest

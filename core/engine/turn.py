@@ -192,7 +192,8 @@ def _turn(conv: Conversation, req: ChatRequest, cancel: threading.Event, cp) -> 
     calls = []
     if tools is not None:
         answer, calls = parse_tool_calls(answer, tools)
-    message: dict = {"role": "assistant", "content": answer.strip() if not calls else (answer.strip() or None)}
+    # The stored content is exactly the streamed text (the answer's leading blanks never stream).
+    message: dict = {"role": "assistant", "content": answer if not calls else (answer or None)}
     if calls:
         message["tool_calls"] = calls
         yield ToolCallsEvent(calls)

@@ -1,0 +1,197 @@
+"""Conversation and run_turn logic on a fake model (real tokenizer and chat template): prefix
+reuse, hybrid rewinds, cancellation, rollback, fork, stops, reasoning budget, tool calls."""
+
+import asyncio
+import json
+import threading
+
+import pytest
+from engine_fakes import FakeModel
+
+from superlinear.engine import (
+    ChatRequest,
+    Done,
+    ReasoningDelta,
+    SamplingParams,
+    TextDelta,
+    ToolCallsEvent,
+    run_turn,
+    stream_turn,
+)
+from superlinear.engine.conversation import Conversation
+
+
+@pytest.fixture(scope="module")
+def tokenizer(request):
+    return request.getfixturevalue("default_model").tokenizer
+
+
+def _run(conv, messages, **kw):
+    sampling = kw.pop("sampling", SamplingParams(max_tokens=12))
+    events = list(run_turn(conv, ChatRequest(messages=messages, sampling=sampling, **kw),
+                           kw.pop("cancel", None)))
+    assert isinstance(events[-1], Done)
+    return events, events[-1]
+
+
+def _text(events):
+    return "".join(e.text for e in events if isinstance(e, TextDelta))
+
+
+@pytest.mark.parametrize("hybrid", [False, True])
+def test_second_turn_prefills_only_new_tokens(tokenizer, hybrid):
+    model = FakeModel(tokenizer, hybrid=hybrid)
+    conv = Conversation(model, 4096)
+    msgs = [{"role": "user", "content": "Tell me about foxes."}]
+    ev, done = _run(conv, msgs)
+    assert done.usage["cached_tokens"] == 0
+    assert conv.transcript == msgs + [done.message]
+    assert conv.token_ids == conv.render(conv.transcript).ids  # stored exactly as rendered
+    pos = conv.position
+    ev2, done2 = _run(conv, conv.transcript + [{"role": "user", "content": "And dogs?"}])
+    assert done2.usage["cached_tokens"] == pos
+    assert done2.usage["prefill_tokens"] < 20
+    assert len(conv.boundaries) == 4 and conv.boundaries[-1] == conv.position
+
+
+@pytest.mark.parametrize("hybrid", [False, True])
+def test_cancel_leaves_conversation_unchanged(tokenizer, hybrid):
+    model = FakeModel(tokenizer, hybrid=hybrid)
+    conv = Conversation(model, 4096)
+    _, d1 = _run(conv, [{"role": "user", "content": "Hi"}])
+    before = (conv.position, conv.token_ids, list(conv.transcript))
+    nxt = conv.transcript + [{"role": "user", "content": "More please"}]
+    cancel = threading.Event()
+    events = []
+    for e in run_turn(conv, ChatRequest(nxt, sampling=SamplingParams(max_tokens=50)), cancel):
+        events.append(e)
+        if isinstance(e, TextDelta) and len(events) >= 3:
+            cancel.set()
+    assert events[-1].finish_reason == "cancelled"
+    assert (conv.position, conv.token_ids, conv.transcript) == before
+    # cancelled during prefill
+    cancel = threading.Event()
+    cancel.set()
+    ev = list(run_turn(conv, ChatRequest(nxt), cancel))
+    assert ev[-1].finish_reason == "cancelled"
+    assert (conv.position, conv.token_ids, conv.transcript) == before
+    # and the next greedy turn is what a fresh conversation gives
+    _, a = _run(conv, nxt)
+    fresh = Conversation(FakeModel(tokenizer, hybrid=hybrid), 4096)
+    _run(fresh, [{"role": "user", "content": "Hi"}])
+    _, b = _run(fresh, nxt)
+    assert a.message == b.message
+
+
+@pytest.mark.parametrize("hybrid", [False, True])
+def test_rollback_and_edit_history(tokenizer, hybrid):
+    model = FakeModel(tokenizer, hybrid=hybrid)
+    conv = Conversation(model, 4096)
+    _run(conv, [{"role": "user", "content": "One"}])
+    after_one = conv.token_ids
+    _, d2 = _run(conv, conv.transcript + [{"role": "user", "content": "Two"}])
+    conv.rollback(2)
+    assert conv.token_ids == after_one and len(conv.transcript) == 2
+    _, d2b = _run(conv, conv.transcript + [{"role": "user", "content": "Two"}])
+    assert d2b.message == d2.message
+    # an edited earlier message: only the common prefix is kept
+    edited = [{"role": "user", "content": "Uno"}]
+    _, d3 = _run(conv, edited)
+    # (a hybrid rewinds only to a saved state: here the start, the system prompt is no message)
+    cached = d3.usage["cached_tokens"]
+    assert cached == 0 if hybrid else 0 < cached < len(after_one)
+    assert cached + d3.usage["prefill_tokens"] == d3.usage["prompt_tokens"]
+    assert conv.token_ids == conv.render(conv.transcript).ids
+
+
+def test_fork_is_independent_and_identical(tokenizer):
+    conv = Conversation(FakeModel(tokenizer), 4096)
+    _run(conv, [{"role": "user", "content": "Start"}])
+    other = conv.fork()
+    nxt = conv.transcript + [{"role": "user", "content": "Go on"}]
+    _, a = _run(conv, nxt)
+    assert other.position < conv.position
+    _, b = _run(other, nxt)
+    assert a.message == b.message and b.usage["cached_tokens"] > 0
+
+
+def test_stop_strings_and_max_tokens(tokenizer):
+    conv = Conversation(FakeModel(tokenizer), 4096)
+    msgs = [{"role": "user", "content": "Words"}]
+    ev, free = _run(conv, msgs, sampling=SamplingParams(max_tokens=30))
+    assert free.finish_reason == "length" and free.usage["completion_tokens"] == 30
+    words = free.message["content"].split()
+    stop = " " + words[3]
+    conv2 = Conversation(FakeModel(tokenizer), 4096)
+    ev, d = _run(conv2, msgs, sampling=SamplingParams(max_tokens=30, stop=[stop]))
+    assert d.finish_reason == "stop"
+    assert stop not in _text(ev) and free.message["content"].startswith(_text(ev))
+    assert d.message["content"] == _text(ev).strip()
+
+
+def test_reasoning_budget_closes_think(tokenizer):
+    enc = lambda t: tokenizer.encode(t, add_special_tokens=False)  # noqa: E731
+    budget = len(enc("\nfirst second third"))
+    # After `budget` reasoning tokens the engine writes </think>; the model then answers.
+    model = FakeModel(tokenizer, script=enc("<think>\nfirst second third") + enc(" The answer."))
+    conv = Conversation(model, 4096)
+    ev, d = _run(conv, [{"role": "user", "content": "Q"}], reasoning_budget=budget,
+                 sampling=SamplingParams(max_tokens=40))
+    reasoning = "".join(e.text for e in ev if isinstance(e, ReasoningDelta))
+    assert reasoning.strip() == d.reasoning == "first second third"
+    assert _text(ev) == "The answer." == d.message["content"]
+    assert "reasoning_content" not in d.message  # keep_thinking=False
+    assert conv.token_ids == conv.render(conv.transcript).ids
+    script = enc("<think>\nfirst second third fourth fifth\n</think>\n\nThe answer.")
+    # the whole reasoning without a budget, and kept in the transcript on request
+    conv = Conversation(FakeModel(tokenizer, script=script), 4096)
+    ev, d = _run(conv, [{"role": "user", "content": "Q"}], keep_thinking=True,
+                 sampling=SamplingParams(max_tokens=40))
+    assert d.reasoning == "first second third fourth fifth"
+    assert d.message == {"role": "assistant", "content": "The answer.",
+                         "reasoning_content": "first second third fourth fifth"}
+    assert _text(ev) == "The answer."
+    assert conv.token_ids == conv.render(conv.transcript).ids
+
+
+def test_tool_calls_end_to_end(tokenizer):
+    call = '<tool_call>\n{"name": "get_weather", "arguments": {"city": "Paris", "days": 2}}\n</tool_call>'
+    script = tokenizer.encode("Checking." + call + call.replace("Paris", "Lyon"), add_special_tokens=False)
+    tools = [{"type": "function", "function": {"name": "get_weather", "parameters": {
+        "type": "object", "properties": {"city": {"type": "string"}, "days": {"type": "integer"}}}}}]
+    conv = Conversation(FakeModel(tokenizer, script=script), 4096)
+    msgs = [{"role": "user", "content": "Weather in Paris and Lyon?"}]
+    ev, d = _run(conv, msgs, tools=tools, sampling=SamplingParams(max_tokens=80))
+    assert "get_weather" in conv.render(msgs, tools=tools).text  # tools described to the model
+    assert _text(ev) == "Checking."
+    calls = [e for e in ev if isinstance(e, ToolCallsEvent)][0].calls
+    assert [json.loads(c["function"]["arguments"]) for c in calls] == [
+        {"city": "Paris", "days": 2}, {"city": "Lyon", "days": 2}]
+    assert d.finish_reason == "tool_calls" and d.message["tool_calls"] == calls
+    # the tool results go back in and the next turn reuses the cache
+    follow = conv.transcript + [{"role": "tool", "tool_call_id": c["id"], "content": "sunny"} for c in calls]
+    pos = conv.position
+    _, d2 = _run(conv, follow, tools=tools)
+    assert d2.usage["cached_tokens"] == pos
+
+
+def test_stream_turn_and_consumer_leaving(tokenizer):
+    conv = Conversation(FakeModel(tokenizer), 4096)
+    msgs = [{"role": "user", "content": "Stream"}]
+
+    async def collect(stop_after=None):
+        out = []
+        agen = stream_turn(conv, ChatRequest(msgs, sampling=SamplingParams(max_tokens=40)))
+        async for e in agen:
+            out.append(e)
+            if stop_after and len(out) >= stop_after:
+                await agen.aclose()
+                break
+        return out
+
+    before = (conv.position, conv.token_ids, conv.transcript)
+    part = asyncio.run(collect(stop_after=2))
+    assert len(part) == 2 and (conv.position, conv.token_ids, conv.transcript) == before
+    full = asyncio.run(collect())
+    assert isinstance(full[-1], Done) and full[-1].usage["completion_tokens"] == 40
+    assert _text(full).startswith(_text(part))  # greedy: the cancelled start was the same
