@@ -104,6 +104,23 @@ def test_rollback_and_edit_history(tokenizer, hybrid):
     assert conv.token_ids == conv.render(conv.transcript).ids
 
 
+def test_cancel_can_keep_the_partial_answer(tokenizer):
+    conv = Conversation(FakeModel(tokenizer), 4096)
+    msgs = [{"role": "user", "content": "Hi"}]
+    cancel = threading.Event()
+    events = []
+    req = ChatRequest(msgs, sampling=SamplingParams(max_tokens=50), keep_partial=True)
+    for e in run_turn(conv, req, cancel):
+        events.append(e)
+        if len(events) == 4:
+            cancel.set()
+    done = events[-1]
+    assert done.finish_reason == "cancelled" and done.partial
+    assert done.message == {"role": "assistant", "content": _text(events)}
+    assert conv.transcript == msgs + [done.message]
+    assert conv.token_ids == conv.render(conv.transcript).ids
+
+
 def test_fork_is_independent_and_identical(tokenizer):
     conv = Conversation(FakeModel(tokenizer), 4096)
     _run(conv, [{"role": "user", "content": "Start"}])

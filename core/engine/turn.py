@@ -11,7 +11,7 @@ import threading
 import time
 from collections.abc import AsyncIterator, Iterator
 
-from superlinear.errors import InvalidRequest
+from superlinear.errors import InvalidRequest, TooLarge
 
 from .conversation import Conversation
 from .repetition import RepetitionDetector
@@ -23,6 +23,9 @@ from .types import ChatRequest, Done, Event, ReasoningDelta, TextDelta, ToolCall
 # End-of-turn tokens of common chat formats, stop tokens whenever the vocabulary has them.
 END_OF_TURN_TOKENS = ("<|im_end|>", "<|eot_id|>", "<|end_of_text|>", "<|endoftext|>", "<end_of_turn>",
                       "<|end|>", "</s>", "<|return|>")
+
+
+END_OF_TURN_ROOM = 8
 
 
 def stop_token_ids(tokenizer, extra=()) -> set[int]:
@@ -127,6 +130,9 @@ def _turn(conv: Conversation, req: ChatRequest, cancel: threading.Event, cp) -> 
     detector = RepetitionDetector(req.repetition) if req.repetition else None
     budget = req.reasoning_budget
     max_tokens = sp.max_tokens if sp.max_tokens is not None else conv.max_seq_len
+    # Generation stops this many tokens before the cache is full: the end-of-turn tokens of the
+    # stored message must still fit.
+    limit = conv.max_seq_len - END_OF_TURN_ROOM
     completion, reasoning_tokens, finish = 0, 0, None
     t_decode = time.perf_counter()
 
@@ -147,7 +153,7 @@ def _turn(conv: Conversation, req: ChatRequest, cancel: threading.Event, cp) -> 
         while finish is None:
             if cancel.is_set():
                 raise _Cancelled
-            if completion >= max_tokens or conv.position >= conv.max_seq_len:
+            if completion >= max_tokens or conv.position >= limit:
                 finish = "length"
                 break
             t = sampler(logits)
@@ -163,7 +169,7 @@ def _turn(conv: Conversation, req: ChatRequest, cancel: threading.Event, cp) -> 
             if detector is not None and detector.push(t):
                 finish = "repetition"
                 break
-            if completion >= max_tokens or conv.position + 1 >= conv.max_seq_len:
+            if completion >= max_tokens or conv.position + 1 >= limit:
                 finish = "length"
                 break
             logits = conv.step(t)
@@ -172,7 +178,7 @@ def _turn(conv: Conversation, req: ChatRequest, cancel: threading.Event, cp) -> 
                 if budget is not None and reasoning_tokens >= budget:
                     # Budget spent: close the block ourselves; the answer follows.
                     ids = tok.encode("\n" + THINK_CLOSE + "\n\n", add_special_tokens=False)
-                    if conv.position + len(ids) >= conv.max_seq_len:
+                    if conv.position + len(ids) >= limit:
                         finish = "length"
                         break
                     logits = conv.extend_tokens(ids)
@@ -180,8 +186,15 @@ def _turn(conv: Conversation, req: ChatRequest, cancel: threading.Event, cp) -> 
                     yield from feed(ids)
                     budget = None
     except _Cancelled:
-        conv.restore(cp)
-        yield _done_cancelled(conv, prompt, completion, t_start, pipe)
+        done = _done_cancelled(conv, prompt, completion, t_start, pipe)
+        if req.keep_partial:  # store exactly what was streamed, flagged in Done
+            if done.reasoning and req.keep_thinking:
+                done.message["reasoning_content"] = done.reasoning
+            conv.sync(req.messages + [done.message], tools=tools, template_kwargs=kwargs)
+            done.partial = True
+        else:
+            conv.restore(cp)
+        yield done
         return
 
     yield from pipe.push(detok.flush())
@@ -203,7 +216,10 @@ def _turn(conv: Conversation, req: ChatRequest, cancel: threading.Event, cp) -> 
         message["reasoning_content"] = reasoning
     # Store the turn as the template renders it: the generated tokens stay in the cache where
     # they match that rendering, the end-of-turn tokens are appended.
-    conv.sync(req.messages + [message], tools=tools, template_kwargs=kwargs)
+    try:
+        conv.sync(req.messages + [message], tools=tools, template_kwargs=kwargs)
+    except TooLarge:  # the rendering does not fit: keep the generated tokens, the next sync trims
+        conv.set_transcript(req.messages + [message], prompt.boundaries + [None], tools, kwargs)
     usage = {"prompt_tokens": len(prompt.ids), "completion_tokens": completion,
              "total_tokens": len(prompt.ids) + completion, "cached_tokens": stats.cached_tokens,
              "prefill_tokens": stats.prefill_tokens}

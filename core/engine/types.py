@@ -45,6 +45,7 @@ class ChatRequest:
     repetition: RepetitionConfig | None = None  # None = no loop detection
     chat_template_kwargs: dict | None = None  # e.g. {"enable_thinking": False}
     keep_thinking: bool = False  # keep the reasoning in the stored assistant message
+    keep_partial: bool = False  # a turn cancelled while decoding stores its partial answer
 
 
 @dataclass
