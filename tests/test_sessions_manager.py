@@ -45,8 +45,7 @@ def turn(manager, session_id, text, max_tokens=MAX_TOKENS, cancel=None):
     """One greedy chat turn on a session, as the server runs it (session lock held)."""
     from superlinear.engine import ChatRequest, Done, SamplingParams, run_turn
 
-    session = manager.get(session_id)
-    with session.lock:
+    with manager.use(session_id) as session:
         conv = session.conversation
         messages = conv.transcript + [{"role": "user", "content": text}]
         request = ChatRequest(messages=messages, sampling=SamplingParams(temperature=0.0, max_tokens=max_tokens))
@@ -342,3 +341,20 @@ def test_snapshot_of_another_model_is_refused(reference, model, tmp_path):
     msg = err.value.message
     assert model.fingerprint[:16] in msg and dense.fingerprint[:16] in msg and model.name in msg
     assert manager.list() == []
+
+
+def test_eviction_never_overwrites_a_user_snapshot(model, tmp_path):
+    store = SnapshotStore(tmp_path)
+    one = SessionManager(model, store, default_max_seq_len=32).estimate_bytes(32)
+    manager = SessionManager(model, store, memory_budget=one, evict_to_disk=True, default_max_seq_len=32)
+    manager.create("a")
+    user_snap = manager.save("a", title="mine", snapshot_id=state_snapshot_id("a"))
+    manager.create("b")  # evicts "a"; its state must go elsewhere
+    assert not manager.info("a")["resident"]
+    assert store.get(user_snap)["title"] == "mine" and SESSION_STATE_TAG not in store.get(user_snap)["tags"]
+    state_id = manager.info("a")["state_snapshot"]
+    assert state_id != user_snap and SESSION_STATE_TAG in store.get(state_id)["tags"]
+    with manager.use("a") as session:  # back in memory ("b" goes to disk)
+        assert session.resident and session.lock.locked()
+    assert not manager.info("b")["resident"]
+    assert store.exists(user_snap) and not store.exists(state_id)

@@ -19,8 +19,11 @@ from __future__ import annotations
 
 import hashlib
 import logging
+import secrets
 import threading
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 
 from superlinear.errors import Busy, Conflict, InvalidRequest, NotFound, TooLarge
 from superlinear.sessions import state as _state
@@ -222,9 +225,25 @@ class SessionManager:
         finally:
             session.lock.release()
 
+    def _state_id(self, session: Session) -> str:
+        """The state snapshot id of a session; never one that holds something else (a user's
+        snapshot that happens to be called ``session-<id>``)."""
+        if session.state_snapshot:
+            return session.state_snapshot
+        sid = state_snapshot_id(session.id)
+        try:
+            manifest = self.store.get(sid)
+        except NotFound:
+            return sid
+        except Exception:  # noqa: BLE001 - damaged: do not overwrite it, use another id
+            manifest = {}
+        if SESSION_STATE_TAG in manifest.get("tags", ()) and manifest.get("session", {}).get("id") == session.id:
+            return sid
+        return f"{sid[:110]}-{secrets.token_hex(4)}"
+
     def _write_state(self, session: Session) -> str:
         """Save a resident session's state under its state snapshot id (replacing an older one)."""
-        sid = state_snapshot_id(session.id)
+        sid = self._state_id(session)
         meta, tensors = _state.export(session.conversation)
         manifest = self.store.save(
             model=self.model, session=self._session_meta(session), transcript=meta, tensors=tensors,
@@ -321,6 +340,24 @@ class SessionManager:
                     self._reload(session)
         session.touch()
         return session
+
+    @contextmanager
+    def use(self, session_id: str) -> Iterator[Session]:
+        """Hold a session for a piece of work: its lock taken, its state in memory (loaded back
+        if it was on disk), so it can be neither evicted nor closed meanwhile::
+
+            with manager.use(sid) as session:
+                for event in run_turn(session.conversation, request): ...
+        """
+        session = self._lookup(session_id)
+        with session.lock:
+            if session.closed:
+                raise NotFound(f"session {session_id!r} was closed", param="session_id")
+            if not session.resident:
+                self._reload(session)
+            session.touch()
+            yield session
+            session.touch()
 
     def _reload(self, session: Session) -> None:
         sid = session.state_snapshot

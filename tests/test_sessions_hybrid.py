@@ -1,0 +1,98 @@
+"""Sessions on a hybrid (Mamba + attention) model: the recurrent state cannot be truncated, so
+snapshots carry the state checkpoints at message boundaries and rollback uses them.
+
+The model is a tiny random Nemotron-H checkpoint written to a temporary directory and loaded
+through ``load_model`` like any local checkpoint (random weights: the text is noise, but greedy
+decoding is deterministic, which is all these tests need).
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from superlinear.sessions import SessionManager, SnapshotStore
+
+pytestmark = pytest.mark.slow
+
+
+def _write_tiny_hybrid(path, tokenizer):
+    from safetensors.torch import save_file
+    from transformers import NemotronHConfig, NemotronHForCausalLM
+
+    torch.manual_seed(0)
+    cfg = NemotronHConfig(
+        vocab_size=len(tokenizer), hidden_size=64, num_hidden_layers=4,
+        layers_block_type=["linear_attention", "full_attention", "mlp", "linear_attention"],
+        num_attention_heads=4, num_key_value_heads=2, head_dim=16, intermediate_size=128,
+        ssm_state_size=16, mamba_num_heads=4, mamba_head_dim=16, n_groups=1, conv_kernel=4, expand=1,
+        max_position_embeddings=4096, tie_word_embeddings=False, bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id)
+    hf = NemotronHForCausalLM(cfg)
+    save_file({k: v.contiguous() for k, v in hf.state_dict().items()}, str(path / "model.safetensors"))
+    cfg.save_pretrained(path)
+    tokenizer.save_pretrained(path)
+
+
+@pytest.fixture(scope="module")
+def hybrid(request, tmp_path_factory):
+    import warnings
+
+    from superlinear.model import load_model
+
+    try:
+        tokenizer = request.getfixturevalue("default_model").tokenizer
+    except pytest.FixtureLookupError:
+        tokenizer = load_model("default").tokenizer
+    path = tmp_path_factory.mktemp("tiny-hybrid")
+    _write_tiny_hybrid(path, tokenizer)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        model = load_model(str(path), device="cpu", dtype="float32")
+    assert model.has_recurrent_state
+    return model
+
+
+def turn(manager, sid, text, n=4):
+    from superlinear.engine import ChatRequest, Done, SamplingParams, run_turn
+
+    with manager.use(sid) as session:
+        conv = session.conversation
+        req = ChatRequest(messages=conv.transcript + [{"role": "user", "content": text}],
+                          sampling=SamplingParams(temperature=0.0, max_tokens=n))
+        return [e for e in run_turn(conv, req) if isinstance(e, Done)][-1]
+
+
+def test_hybrid_snapshot_keeps_boundary_checkpoints_and_rolls_back(hybrid, tmp_path):
+    store = SnapshotStore(tmp_path)
+    manager = SessionManager(hybrid, store, default_max_seq_len=128)
+    manager.create("h")
+    turn(manager, "h", "hi")
+    conv = manager.get("h").conversation
+    after1 = (conv.token_ids, list(conv.transcript))
+    snap = manager.save("h")
+    d2 = turn(manager, "h", "again")
+    after2 = manager.get("h").conversation.token_ids
+
+    manifest, meta, tensors = store.read(snap)
+    ckpts = meta["recurrent_checkpoints"]
+    assert ckpts and all(0 < p < manifest["session"]["position"] for p in ckpts)
+    assert any(k.startswith(f"recurrent.{ckpts[0]}.") for k in tensors)
+
+    loaded = manager.load(snap, "l")
+    assert sorted(loaded.conversation._states) == sorted({0, *ckpts, manifest["session"]["position"]})
+    e2 = turn(manager, "l", "again")
+    assert e2.message == d2.message and manager.get("l").conversation.token_ids == after2
+
+    # rollback to the first turn uses a checkpoint: no replay of the whole history
+    manager.rollback("l", 2)
+    conv = manager.get("l").conversation
+    assert (conv.token_ids, list(conv.transcript)) == after1
+    e3 = turn(manager, "l", "again")
+    assert e3.message == d2.message and conv.token_ids == after2
+    assert e3.usage["cached_tokens"] >= max(ckpts)
+
+    fork = manager.fork("h")
+    manager.rollback(fork.id, 2)
+    assert fork.conversation.token_ids == after1[0]
+    assert manager.get("h").conversation.token_ids == after2
