@@ -25,10 +25,10 @@ _EXPORTS = {
     "Cancelled": "superlinear.model.model",
     "Model": "superlinear.model.model",
     "load_model": "superlinear.model.loaders",
-    "BUILTIN_LOADERS": "superlinear.model.loaders",
+    "BUILTIN_LOADERS": "superlinear.model.registry",
 }
 
-__all__ = list(_EXPORTS)
+__all__ = ["BUILTIN_LOADERS", "Cache", "CacheLayout", "Cancelled", "Model", "load_model"]
 
 
 def __getattr__(name: str) -> Any:

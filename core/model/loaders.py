@@ -1,9 +1,8 @@
 """Turn a ``--model`` value into a ``Model``.
 
-Built-in loaders (registered by the ``models`` plugin through ``register_model_loaders``):
-``default`` (the embedded SmolLM2, converted once), a local directory (llama family,
-``nemotron_h``, ``superlinear-exp``; also a directory name under ``models_dir()``), and a
-Hugging Face hub id. ``load_model`` asks third-party loaders first, then the built-in ones.
+The built-in loaders live in ``superlinear.model.registry`` (``default``, a local directory, a
+hub id); the ``models`` plugin registers them through ``register_model_loaders``. ``load_model``
+asks third-party loaders first, then the built-in ones. ``load_dir`` builds the model.
 """
 
 from __future__ import annotations
@@ -11,7 +10,6 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import re
 from pathlib import Path
 
 import torch
@@ -21,6 +19,7 @@ from superlinear.errors import InvalidRequest, NotFound, Unavailable
 from superlinear.model import attention as attention_mod
 from superlinear.model.cache import CacheLayout
 from superlinear.model.model import Model
+from superlinear.model.registry import BUILTIN_LOADERS
 
 # Attention-only families whose transformers attention module writes through ``cache.update``
 # and calls the registered attention function (the retrofit needs nothing else).
@@ -63,53 +62,6 @@ def parse_dtype(dtype) -> torch.dtype | None:
 # ---------------------------------------------------------------------------------------------
 # loaders
 # ---------------------------------------------------------------------------------------------
-
-class DefaultLoader:
-    name = "default"
-
-    def can_load(self, spec: str) -> bool:
-        return spec == "default"
-
-    def load(self, spec: str, **options) -> Model:
-        from superlinear.model.default import ensure_default
-
-        return load_dir(ensure_default(), name="default", **options)
-
-
-class LocalDirLoader:
-    name = "local"
-
-    def can_load(self, spec: str) -> bool:
-        return _local_dir(spec) is not None
-
-    def load(self, spec: str, **options) -> Model:
-        path = _local_dir(spec)
-        return load_dir(path, name=spec if "/" not in spec else path.name, **options)
-
-
-class HubLoader:
-    name = "hub"
-
-    def can_load(self, spec: str) -> bool:
-        return bool(re.fullmatch(r"[\w.-]+/[\w.-]+", spec)) and not Path(spec).exists()
-
-    def load(self, spec: str, **options) -> Model:
-        return load_dir(download(spec), name=spec, **options)
-
-
-BUILTIN_LOADERS = (DefaultLoader(), LocalDirLoader(), HubLoader())
-
-
-def _local_dir(spec: str) -> Path | None:
-    path = Path(spec).expanduser()
-    if path.is_dir() and (path / "config.json").is_file():
-        return path
-    if "/" not in spec and spec and not spec.startswith("."):
-        candidate = paths.models_dir() / spec
-        if candidate.is_dir() and (candidate / "config.json").is_file():
-            return candidate
-    return None
-
 
 def offline() -> bool:
     return any(os.environ.get(v, "").lower() in ("1", "true", "yes")
@@ -173,11 +125,18 @@ def load_model(spec: str = "default", device=None, dtype=None, attention: str = 
 
 def read_config(path: Path) -> dict:
     try:
-        return json.loads((path / "config.json").read_text())
+        return json.loads((path / "config.json").read_text(), object_hook=_special_floats)
     except FileNotFoundError as exc:
         raise NotFound(f"no config.json in {path}") from exc
     except json.JSONDecodeError as exc:
         raise InvalidRequest(f"{path / 'config.json'} is not valid JSON: {exc}") from exc
+
+
+def _special_floats(obj: dict):
+    # transformers writes inf/nan as {"__float__": "Infinity"} to keep config.json strict JSON.
+    if len(obj) == 1 and "__float__" in obj:
+        return float(obj["__float__"])
+    return obj
 
 
 def load_dir(path: Path, *, name: str, device=None, dtype=None, attention: str = "superlinear",
@@ -242,10 +201,10 @@ def span_params_from(config: dict):
 
 def _build_auto(config: dict):
     from accelerate import init_empty_weights
-    from transformers import AutoConfig, AutoModelForCausalLM
+    from transformers import CONFIG_MAPPING, AutoModelForCausalLM
 
-    body = {k: v for k, v in config.items() if k not in ("quantization_config",)}
-    cfg = AutoConfig.for_model(**body)
+    body = {k: v for k, v in config.items() if k not in ("quantization_config", "model_type")}
+    cfg = CONFIG_MAPPING[config["model_type"]].from_dict(body)
     cfg._attn_implementation = attention_mod.ATTN_IMPLEMENTATION
     with init_empty_weights(include_buffers=False):
         return AutoModelForCausalLM.from_config(cfg, attn_implementation=attention_mod.ATTN_IMPLEMENTATION)

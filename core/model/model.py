@@ -150,6 +150,18 @@ class Model:
                      cuda_graph=self.cuda_graph if cuda_graph is None else cuda_graph,
                      backend=self.backend, _shared=self._shared)
 
+    def chat_token_ids(self, messages: list[dict], add_generation_prompt: bool = True, **kwargs) -> list[int]:
+        """Token ids of ``messages`` rendered with the tokenizer's chat template."""
+        out = self.tokenizer.apply_chat_template(messages, add_generation_prompt=add_generation_prompt,
+                                                 tokenize=True, **kwargs)
+        if hasattr(out, "keys") and "input_ids" in out:
+            out = out["input_ids"]
+        if hasattr(out, "tolist"):
+            out = out.tolist()
+        if out and isinstance(out[0], list):
+            out = out[0]
+        return [int(t) for t in out]
+
     # -- caches ---------------------------------------------------------------------------------
     def new_cache(self, max_seq_len: int) -> Cache:
         if max_seq_len < 1:

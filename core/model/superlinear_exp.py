@@ -23,7 +23,7 @@ def nemotron_config(config: dict):
 
     body = {k: v for k, v in config.items()
             if not k.startswith("span_attention_") and k not in ("model_type", "architectures", "auto_map")}
-    return NemotronHConfig(**body)
+    return NemotronHConfig.from_dict(body)
 
 
 def routing_attention_class():
