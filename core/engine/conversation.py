@@ -122,7 +122,8 @@ class Conversation:
             if b is not None and b <= lcp:
                 boundaries.append(b)
                 continue
-            prefix = self.template.render(messages[:k + 1], tools, False, template_kwargs)
+            last = k == len(messages) - 1 and not add_generation_prompt
+            prefix = text if last else self.template.render(messages[:k + 1], tools, False, template_kwargs)
             boundaries.append(None)
             if text.startswith(prefix):
                 t = bisect.bisect_left(ends, len(prefix))

@@ -12,6 +12,11 @@ from __future__ import annotations
 from .text import THINK_CLOSE, THINK_OPEN
 from .tools import arguments_as_objects, hermes_render_calls, hermes_tools_system_prompt
 
+# End-of-turn tokens of common chat formats: stop tokens whenever the vocabulary has them (a
+# model that starts a new turn, <|im_start|>, has ended its own).
+END_OF_TURN_TOKENS = ("<|im_end|>", "<|im_start|>", "<|eot_id|>", "<|end_of_text|>", "<|endoftext|>",
+                      "<end_of_turn>", "<|end|>", "</s>", "<|return|>")
+
 
 def _text_content(content) -> str:
     if content is None:
@@ -32,6 +37,10 @@ class ChatTemplate:
         self.supports_reasoning = "reasoning_content" in source
         # Nemotron / Qwen3-Coder write <function=NAME><parameter=P>; others Hermes JSON.
         self.tool_format = "xml" if "<function=" in source else "hermes"
+        vocab = tokenizer.get_vocab()
+        self.end_token_ids = {int(vocab[t]) for t in END_OF_TURN_TOKENS if t in vocab}
+        if tokenizer.eos_token_id is not None:
+            self.end_token_ids.add(int(tokenizer.eos_token_id))
 
     def prepare(self, messages: list[dict], tools: list[dict] | None) -> list[dict]:
         out = []

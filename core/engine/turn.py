@@ -20,23 +20,7 @@ from .text import THINK_CLOSE, IncrementalDetokenizer, StopCutter, ThinkSplitter
 from .tools import TOOL_OPEN, parse_tool_calls
 from .types import ChatRequest, Done, Event, ReasoningDelta, TextDelta, ToolCallsEvent
 
-# End-of-turn tokens of common chat formats, stop tokens whenever the vocabulary has them.
-END_OF_TURN_TOKENS = ("<|im_end|>", "<|eot_id|>", "<|end_of_text|>", "<|endoftext|>", "<end_of_turn>",
-                      "<|end|>", "</s>", "<|return|>")
-
-
 END_OF_TURN_ROOM = 8
-
-
-def stop_token_ids(tokenizer, extra=()) -> set[int]:
-    ids = set(extra)
-    if tokenizer.eos_token_id is not None:
-        ids.add(int(tokenizer.eos_token_id))
-    vocab = tokenizer.get_vocab()
-    for t in END_OF_TURN_TOKENS:
-        if t in vocab:
-            ids.add(int(vocab[t]))
-    return ids
 
 
 class _Cancelled(Exception):
@@ -126,7 +110,7 @@ def _turn(conv: Conversation, req: ChatRequest, cancel: threading.Event, cp) -> 
     pipe = _TextPipeline(sp.stop, in_reasoning, tools is not None)
     detok = IncrementalDetokenizer(tok)
     sampler = Sampler(sp)
-    stop_ids = stop_token_ids(tok, sp.stop_token_ids)
+    stop_ids = conv.template.end_token_ids | set(sp.stop_token_ids)
     detector = RepetitionDetector(req.repetition) if req.repetition else None
     budget = req.reasoning_budget
     max_tokens = sp.max_tokens if sp.max_tokens is not None else conv.max_seq_len
