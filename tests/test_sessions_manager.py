@@ -264,6 +264,8 @@ def test_lru_eviction_to_disk_and_transparent_reload(reference, model, tmp_path)
     assert not infos["a"]["resident"] and infos["a"]["bytes"] == 0
     assert infos["a"]["position"] == reference["after1"][2] and infos["a"]["message_count"] == 2
     assert infos["b"]["resident"] and infos["c"]["resident"]
+    assert manager.history("a") == reference["after1"][1]  # read from disk, not loaded
+    assert not manager.info("a")["resident"]
     saved = store.get(state_snapshot_id("a"))
     assert SESSION_STATE_TAG in saved["tags"] and saved["session"]["id"] == "a"
     # a busy session is never evicted: hold "b" while "a" comes back, so "c" goes

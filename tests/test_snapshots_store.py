@@ -345,3 +345,13 @@ def test_kill_during_save_leaves_store_consistent(store, tmp_path):
     assert [p.name for p in fresh.root.iterdir()] == ["before"]
     save(fresh, snapshot_id="big")  # the id is free
     fresh.read("big")
+
+
+def test_read_transcript_only(store):
+    save(store, snapshot_id="s")
+    assert store.read_transcript("s")["messages"][0]["content"] == "héllo ☃"
+    _corrupt(store.root / "s" / TENSORS, "flip")
+    assert store.read_transcript("s")["messages"]  # the tensors are not needed (nor checked)
+    _corrupt(store.root / "s" / TRANSCRIPT, "flip")
+    with pytest.raises(CorruptSnapshot, match="SHA-256"):
+        store.read_transcript("s")

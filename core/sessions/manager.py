@@ -386,6 +386,15 @@ class SessionManager:
     def info(self, session_id: str) -> dict:
         return self._lookup(session_id).info()
 
+    def history(self, session_id: str) -> list[dict]:
+        """The session's transcript, without loading its state if it is on disk."""
+        session = self._lookup(session_id)
+        with session.lock:
+            if session.resident:
+                return [dict(m) for m in session.conversation.transcript]
+            meta = self.store.read_transcript(session.state_snapshot)
+        return list(meta.get("transcript", [])) if isinstance(meta, dict) else []
+
     def close(self, session_id: str) -> dict:
         session = self._lookup(session_id)
         with session.lock:

@@ -348,6 +348,20 @@ class SnapshotStore:
                                   param="snapshot_id") from None
         return manifest, transcript, tensors
 
+    def read_transcript(self, snapshot_id: str):
+        """Only ``transcript.json`` (hash-checked), without loading any tensor."""
+        directory = self._dir(snapshot_id)
+        manifest = self._load_manifest(directory, snapshot_id)
+        entry = manifest["files"].get(TRANSCRIPT)
+        if entry is None:
+            raise CorruptSnapshot(f"snapshot {snapshot_id!r} has no transcript.json", param="snapshot_id")
+        _verify_files(directory, {"files": {TRANSCRIPT: entry}}, snapshot_id)
+        try:
+            return json.loads((directory / TRANSCRIPT).read_bytes())
+        except Exception as exc:  # noqa: BLE001
+            raise CorruptSnapshot(f"snapshot {snapshot_id!r}: transcript.json cannot be read: {exc}",
+                                  param="snapshot_id") from None
+
     def bytes(self, snapshot_id: str) -> int:
         return sum(f["bytes"] for f in self.get(snapshot_id)["files"].values())
 
