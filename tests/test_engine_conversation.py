@@ -192,6 +192,15 @@ def test_tool_calls_end_to_end(tokenizer):
     assert d2.usage["cached_tokens"] == pos
 
 
+def test_unparsable_tool_call_stays_text(tokenizer):
+    text = 'Sure.<tool_call>\n{"name": "f", "arguments": {"x": '
+    tools = [{"type": "function", "function": {"name": "f", "parameters": {"type": "object"}}}]
+    conv = Conversation(FakeModel(tokenizer, script=tokenizer.encode(text, add_special_tokens=False)), 4096)
+    ev, d = _run(conv, [{"role": "user", "content": "Q"}], tools=tools, sampling=SamplingParams(max_tokens=60))
+    assert not any(isinstance(e, ToolCallsEvent) for e in ev)
+    assert d.finish_reason == "stop" and _text(ev) == text == d.message["content"]
+
+
 def test_stream_turn_and_consumer_leaving(tokenizer):
     conv = Conversation(FakeModel(tokenizer), 4096)
     msgs = [{"role": "user", "content": "Stream"}]

@@ -188,7 +188,11 @@ def _turn(conv: Conversation, req: ChatRequest, cancel: threading.Event, cp) -> 
     answer = pipe.think.answer
     calls = []
     if tools is not None:
-        answer, calls = parse_tool_calls(answer, tools)
+        content, calls = parse_tool_calls(answer, tools)
+        if calls:
+            answer = content
+        elif pipe.in_tools:  # a <tool_call> that does not parse: it is plain text after all
+            yield TextDelta(answer[len(pipe.emitted):])
     # The stored content is exactly the streamed text (the answer's leading blanks never stream).
     message: dict = {"role": "assistant", "content": answer if not calls else (answer or None)}
     if calls:
