@@ -5,6 +5,7 @@
 set -o pipefail
 cd "$(dirname "$0")/.."
 what=${1:-all}; shift || true
+[[ $what == tests+sweep ]] && { bash "$0" tests; what=sweep; }
 OUT=${OUT:-/tmp/out}; mkdir -p "$OUT"
 rm -rf /tmp/pp && mkdir -p /tmp/pp/superlinear
 for f in core/*; do ln -s "$PWD/$f" /tmp/pp/superlinear/; done
@@ -16,6 +17,9 @@ python3 -c "import torch, triton; print('torch', torch.__version__, 'triton', tr
 if [[ $what == tests || $what == all ]]; then
   timeout 300 python3 -m pytest -q -m gpu tests/test_kernels_triton.py -p no:cacheprovider \
     --durations=8 2>&1 | tee "$OUT/gpu_tests.log"
+fi
+if [[ $what == sweep ]]; then
+  timeout 400 python3 scripts/gpu_sweep.py 2>&1 | tee "$OUT/sweep.log"
 fi
 if [[ $what == profile || $what == all ]]; then
   timeout 120 python3 scripts/gpu_profile.py 1 1M 2>&1 | tee "$OUT/profile.log"

@@ -44,12 +44,12 @@ def check_triton_params(params: SpanParams) -> None:
 
 @triton.jit
 def topk_insert(s, i, b0, b1, b2, b3, i0, i1, i2, i3):
-    """Insert candidate (score s, stripe i) into the sorted (descending) top-4 lists.
-    Candidates arrive in ascending i and a tie keeps the larger i, so the new one wins ties."""
-    ge0 = s >= b0
-    ge1 = s >= b1
-    ge2 = s >= b2
-    ge3 = s >= b3
+    """Insert candidate (score s, stripe i) into the top-4 lists, sorted descending by
+    (score, i): a tie keeps the larger i (the farther anchor), whatever the insertion order."""
+    ge0 = (s > b0) | ((s == b0) & (i > i0))
+    ge1 = (s > b1) | ((s == b1) & (i > i1))
+    ge2 = (s > b2) | ((s == b2) & (i > i2))
+    ge3 = (s > b3) | ((s == b3) & (i > i3))
     nb3 = tl.where(ge2, b2, tl.where(ge3, s, b3))
     ni3 = tl.where(ge2, i2, tl.where(ge3, i, i3))
     nb2 = tl.where(ge1, b1, tl.where(ge2, s, b2))

@@ -187,14 +187,17 @@ def _dec_combine_kernel(gate_ptr, part_m_ptr, part_l_ptr, part_acc_ptr, out_ptr,
 class DecodePlan:
     """Static sizes for one (params, cache length, shapes): reused across steps and graph replays."""
 
-    def __init__(self, params: SpanParams, LKV: int, device, chunk: int | None = None):
+    def __init__(self, params: SpanParams, LKV: int, device, chunk: int | None = None,
+                 block_n: int | None = None, warps: int | None = None):
         tab = device_tables(params, LKV, device)
         self.tab = tab
         self.nc = max(1, tab.max_candidates)
         self.nc_pad = next_pow2(self.nc)
         cuda = torch.device(device).type == "cuda"
-        self.chunk = chunk or (512 if cuda else 64)
-        self.block_n = 64 if cuda else 16
+        self.chunk = chunk or (256 if cuda else 64)
+        self.block_n = block_n or (64 if cuda else 16)
+        self.chunk = max(self.chunk, self.block_n)
+        self.warps = warps or 4
         longest = max(tab.max_span, params.window_len, 1)
         self.nsplit = triton.cdiv(longest, self.chunk)
         self.split_pad = next_pow2(self.nsplit, lo=2)
@@ -204,17 +207,19 @@ class DecodePlan:
 _PLANS: dict = {}
 
 
-def triton_decode(q1, q2, k, v, positions, params: SpanParams, key_mask=None, chunk: int | None = None):
+def triton_decode(q1, q2, k, v, positions, params: SpanParams, key_mask=None, chunk: int | None = None,
+                  block_n: int | None = None, warps: int | None = None):
+    """``chunk`` (keys per split program), ``block_n``, ``warps``: tuning knobs (defaults tuned on H100)."""
     check_triton_params(params)
     B, HQ, _, D = q2.shape
     HKV, LKV = k.shape[1], k.shape[2]
     G = HQ // HKV
     dev = q2.device
     K = params.num_spans
-    key = (params, LKV, str(dev), chunk)
+    key = (params, LKV, str(dev), chunk, block_n, warps)
     plan = _PLANS.get(key)
     if plan is None:
-        plan = _PLANS[key] = DecodePlan(params, LKV, dev, chunk)
+        plan = _PLANS[key] = DecodePlan(params, LKV, dev, chunk, block_n, warps)
     tab = plan.tab
     BLOCK_D = next_pow2(D)
     out = torch.empty(B, HQ, 1, D, device=dev, dtype=q2.dtype)
@@ -246,7 +251,7 @@ def triton_decode(q1, q2, k, v, positions, params: SpanParams, key_mask=None, ch
         v.stride(0), v.stride(1), v.stride(2), sm_b,
         LKV, S1, tab.capacity, params.window_len, 1.0 / math.sqrt(D), plan.nsplit,
         HQ=HQ, G=G, D=D, BLOCK_D=BLOCK_D, NC_PAD=plan.nc_pad, NUM_SPANS=K, CHUNK=plan.chunk,
-        BLOCK_N=plan.block_n, MASKED=masked, HAS_FWD=params.forward_factor > 0, num_warps=4)
+        BLOCK_N=plan.block_n, MASKED=masked, HAS_FWD=params.forward_factor > 0, num_warps=plan.warps)
     _dec_combine_kernel[(B * HQ,)](
         gate, part_m, part_l, part_acc, out, out.stride(0), out.stride(1), plan.nsplit,
         HQ=HQ, D=D, BLOCK_D=BLOCK_D, NUM_SPANS=K, SPLIT_PAD=plan.split_pad, num_warps=4)

@@ -41,61 +41,75 @@ NEG = -1e9
 def _search_kernel(q1_ptr, k_ptr, pos_ptr, mask_ptr, st_ptr, offs_ptr, sel_i_ptr, sel_s_ptr,
                    sq_b, sq_h, sq_l, sk_b, sk_h, sk_l, sm_b,
                    LQ, LKV, NS, S1, POWER,
-                   HQ: tl.constexpr, G: tl.constexpr, D: tl.constexpr, BLOCK_D: tl.constexpr,
-                   BLOCK_M: tl.constexpr, GM: tl.constexpr, NUM_SPANS: tl.constexpr, MASKED: tl.constexpr):
+                   HQ: tl.constexpr, G: tl.constexpr, GP: tl.constexpr, D: tl.constexpr,
+                   BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_C: tl.constexpr,
+                   NUM_SPANS: tl.constexpr, MASKED: tl.constexpr, IEEE: tl.constexpr):
+    """One program: BLOCK_M query rows x one kv head. For each row, the G query heads of the
+    group score chunks of BLOCK_C candidates with one tensor-core product [GP, D] x [D, BLOCK_C]
+    (the gathered anchor keys are shared by the heads); each chunk's top-k is merged into the
+    running top-k in registers, ordered by (score, i) so that a tie keeps the larger i."""
     pid_m = tl.program_id(0)
     pid_bh = tl.program_id(1)
     HKV: tl.constexpr = HQ // G
     b = pid_bh // HKV
     hk = pid_bh % HKV
-    m = tl.arange(0, GM)  # GM = next power of two >= G * BLOCK_M; m -> (head g, row)
-    g = m // BLOCK_M
-    row = pid_m * BLOCK_M + (m % BLOCK_M)
-    rvalid = (row < LQ) & (m < G * BLOCK_M)
-    t = tl.load(pos_ptr + row, mask=rvalid, other=0).to(tl.int32)
-    h = hk * G + g
+    gh = tl.arange(0, GP)
+    gvalid = gh < G
+    h = hk * G + gh
     d = tl.arange(0, BLOCK_D)
     dmask = d < D
-    q = tl.load(q1_ptr + b * sq_b + h[:, None] * sq_h + row[:, None] * sq_l + d[None, :],
-                mask=rvalid[:, None] & dmask[None, :], other=0.0).to(tl.float32)
-    tmax = tl.max(tl.where(rvalid, t, 0), 0)
-    # stripes with F(i) <= tmax + 1: i <= (tmax+1)**p; +2 covers the fp32 estimate, the exact
-    # test below uses the table
-    iend = tl.minimum((tl.exp(POWER * tl.log((tmax + 1).to(tl.float32))) + 2.0).to(tl.int32), NS - 1)
+    cc = tl.arange(0, BLOCK_C)
     ninf = float("-inf")
-    b0 = tl.full([GM], ninf, tl.float32)
-    b1 = b0
-    b2 = b0
-    b3 = b0
-    i0 = tl.full([GM], -1, tl.int32)
-    i1 = i0
-    i2 = i0
-    i3 = i0
     kbase = k_ptr + b * sk_b + hk * sk_h
-    for i in range(S1, iend + 1):
-        fi = tl.load(offs_ptr + i).to(tl.int32)
-        a = t + 1 - fi
-        ok = rvalid & (fi <= t + 1) & (a < LKV)
-        if MASKED:
-            ok = ok & (tl.load(mask_ptr + b * sm_b + a, mask=ok, other=0) != 0)
-        kk = tl.load(kbase + a[:, None] * sk_l + d[None, :], mask=ok[:, None] & dmask[None, :],
-                     other=0.0).to(tl.float32)
-        s = tl.sum(q * kk, 1)
-        s = tl.where(ok, s, ninf)
-        b0, b1, b2, b3, i0, i1, i2, i3 = topk_insert(s, i, b0, b1, b2, b3, i0, i1, i2, i3)
-    out = (b * HQ + h) * LQ + row
-    base = out * NUM_SPANS
-    tl.store(sel_i_ptr + base, tl.where(b0 > ninf, i0, -1), mask=rvalid)
-    tl.store(sel_s_ptr + base, b0, mask=rvalid)
-    if NUM_SPANS > 1:
-        tl.store(sel_i_ptr + base + 1, tl.where(b1 > ninf, i1, -1), mask=rvalid)
-        tl.store(sel_s_ptr + base + 1, b1, mask=rvalid)
-    if NUM_SPANS > 2:
-        tl.store(sel_i_ptr + base + 2, tl.where(b2 > ninf, i2, -1), mask=rvalid)
-        tl.store(sel_s_ptr + base + 2, b2, mask=rvalid)
-    if NUM_SPANS > 3:
-        tl.store(sel_i_ptr + base + 3, tl.where(b3 > ninf, i3, -1), mask=rvalid)
-        tl.store(sel_s_ptr + base + 3, b3, mask=rvalid)
+    for rr in range(0, BLOCK_M):
+        row = pid_m * BLOCK_M + rr
+        if row < LQ:
+            t = tl.load(pos_ptr + row).to(tl.int32)
+            q = tl.load(q1_ptr + b * sq_b + h[:, None] * sq_h + row * sq_l + d[None, :],
+                        mask=gvalid[:, None] & dmask[None, :], other=0.0)
+            # stripes with F(i) <= t + 1: i <= (t+1)**p (+2 covers the fp32 estimate; the exact
+            # test reads the table)
+            iend = tl.minimum((tl.exp(POWER * tl.log((t + 1).to(tl.float32))) + 2.0).to(tl.int32), NS - 1)
+            b0 = tl.full([GP], ninf, tl.float32)
+            b1 = b0
+            b2 = b0
+            b3 = b0
+            i0 = tl.full([GP], -1, tl.int32)
+            i1 = i0
+            i2 = i0
+            i3 = i0
+            for c0 in range(S1, iend + 1, BLOCK_C):
+                i = c0 + cc
+                inb = i <= iend
+                fi = tl.load(offs_ptr + i, mask=inb, other=2147483647).to(tl.int32)
+                a = t + 1 - fi
+                ok = inb & (fi <= t + 1) & (a < LKV)
+                if MASKED:
+                    ok = ok & (tl.load(mask_ptr + b * sm_b + a, mask=ok, other=0) != 0)
+                kt = tl.load(kbase + a[None, :] * sk_l + d[:, None], mask=ok[None, :] & dmask[:, None],
+                             other=0.0)
+                if IEEE:
+                    sc = tl.dot(q, kt, input_precision="ieee")
+                else:
+                    sc = tl.dot(q, kt)
+                sc = tl.where(ok[None, :], sc, ninf)
+                for _j in tl.static_range(NUM_SPANS):
+                    m = tl.max(sc, 1)
+                    mi = tl.max(tl.where(sc == m[:, None], i[None, :], -1), 1)
+                    sc = tl.where(i[None, :] == mi[:, None], ninf, sc)
+                    b0, b1, b2, b3, i0, i1, i2, i3 = topk_insert(m, mi, b0, b1, b2, b3, i0, i1, i2, i3)
+            base = ((b * HQ + h) * LQ + row) * NUM_SPANS
+            tl.store(sel_i_ptr + base, tl.where(b0 > ninf, i0, -1), mask=gvalid)
+            tl.store(sel_s_ptr + base, b0, mask=gvalid)
+            if NUM_SPANS > 1:
+                tl.store(sel_i_ptr + base + 1, tl.where(b1 > ninf, i1, -1), mask=gvalid)
+                tl.store(sel_s_ptr + base + 1, b1, mask=gvalid)
+            if NUM_SPANS > 2:
+                tl.store(sel_i_ptr + base + 2, tl.where(b2 > ninf, i2, -1), mask=gvalid)
+                tl.store(sel_s_ptr + base + 2, b2, mask=gvalid)
+            if NUM_SPANS > 3:
+                tl.store(sel_i_ptr + base + 3, tl.where(b3 > ninf, i3, -1), mask=gvalid)
+                tl.store(sel_s_ptr + base + 3, b3, mask=gvalid)
 
 
 @triton.jit
@@ -103,7 +117,7 @@ def _span_kernel(q2_ptr, k_ptr, v_ptr, pos_ptr, mask_ptr, st_ptr, offs_ptr, back
                  order_ptr, tile_bucket_ptr, tile_first_ptr, tile_n_ptr,
                  span_m_ptr, span_l_ptr, span_acc_ptr,
                  sq_b, sq_h, sq_l, sk_b, sk_h, sk_l, sv_b, sv_h, sv_l, sm_b,
-                 LQ, LKV, NS, CAP, W, SCALE,
+                 LQ, LKV, NS, NW, CAP, W, SCALE,
                  HQ: tl.constexpr, G: tl.constexpr, D: tl.constexpr, BLOCK_D: tl.constexpr,
                  BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, NUM_SPANS: tl.constexpr,
                  MASKED: tl.constexpr, HAS_FWD: tl.constexpr, IEEE: tl.constexpr):
@@ -111,7 +125,7 @@ def _span_kernel(q2_ptr, k_ptr, v_ptr, pos_ptr, mask_ptr, st_ptr, offs_ptr, back
     n = tl.load(tile_n_ptr + tid)
     if n <= 0:
         return
-    bucket = tl.load(tile_bucket_ptr + tid)
+    bucket = tl.load(tile_bucket_ptr + tid) // NW  # (bh, stripe, row window) -> (bh, stripe)
     first = tl.load(tile_first_ptr + tid)
     bh = bucket // NS
     i = bucket % NS
@@ -271,10 +285,10 @@ def _window_combine_kernel(q2_ptr, k_ptr, v_ptr, pos_ptr, mask_ptr,
 
 def _blocks(device_is_cuda: bool, G: int, BLOCK_D: int):
     if device_is_cuda:
-        search_m = max(1, min(64, 128 // G))
-        return dict(search_m=search_m, span_m=32, span_n=64, win_m=64, win_n=64)
-    search_m = max(1, min(16, 64 // G))
-    return dict(search_m=search_m, span_m=16, span_n=16, win_m=16, win_n=16)
+        return dict(search_m=16, search_c=64, search_warps=4, span_m=32, span_n=64, span_warps=4,
+                    span_stages=2, win_m=64, win_n=64)
+    return dict(search_m=8, search_c=16, search_warps=4, span_m=16, span_n=16, span_warps=4,
+                span_stages=1, win_m=16, win_n=16)
 
 
 def triton_prefill(q1, q2, k, v, positions, params: SpanParams, key_mask=None, blocks: dict | None = None,
@@ -327,15 +341,23 @@ def triton_prefill(q1, q2, k, v, positions, params: SpanParams, key_mask=None, b
         q1, k, pos, mk, st, tab.offsets, sel_i, sel_s,
         q1.stride(0), q1.stride(1), q1.stride(2), k.stride(0), k.stride(1), k.stride(2), sm_b,
         LQ, LKV, NS, params.sw_index + 1, float(params.power),
-        HQ=HQ, G=G, D=D, BLOCK_D=BLOCK_D, BLOCK_M=bm, GM=next_pow2(G * bm, 1), NUM_SPANS=K, MASKED=masked,
-        num_warps=4)
+        HQ=HQ, G=G, GP=next_pow2(G), D=D, BLOCK_D=BLOCK_D, BLOCK_M=bm, BLOCK_C=cfg["search_c"],
+        NUM_SPANS=K, MASKED=masked, IEEE=ieee, num_warps=cfg["search_warps"])
     mark()
     # 2. bucketing by (b, h, stripe): one stable sort of small keys keeps rows in order per bucket
+    # optionally also by windows of `span_rows` rows, which bounds a tile's key range to about
+    # span + span_rows keys
+    R = cfg.get("span_rows") or LQ
+    NW = triton.cdiv(LQ, R)
     N = B * HQ * LQ * K
-    NB = B * HQ * NS
+    NB = B * HQ * NS * NW
     bh = torch.arange(B * HQ, device=dev, dtype=torch.int64).repeat_interleave(LQ * K)
     si = sel_i.reshape(-1).to(torch.int64)
-    key = torch.where(si >= 0, bh * NS + si, torch.full_like(si, NB))
+    if NW > 1:
+        rw = (torch.arange(LQ, device=dev, dtype=torch.int64) // R).repeat_interleave(K).repeat(B * HQ)
+        key = torch.where(si >= 0, (bh * NS + si) * NW + rw, torch.full_like(si, NB))
+    else:
+        key = torch.where(si >= 0, bh * NS + si, torch.full_like(si, NB))
     skey, order = torch.sort(key, stable=True)
     counts = torch.bincount(key, minlength=NB + 1)[:NB]
     bstart = torch.cumsum(counts, 0) - counts
@@ -362,9 +384,10 @@ def triton_prefill(q1, q2, k, v, positions, params: SpanParams, key_mask=None, b
         span_m, span_l, span_acc,
         q2.stride(0), q2.stride(1), q2.stride(2), k.stride(0), k.stride(1), k.stride(2),
         v.stride(0), v.stride(1), v.stride(2), sm_b,
-        LQ, LKV, NS, tab.capacity, W, scale,
+        LQ, LKV, NS, NW, tab.capacity, W, scale,
         HQ=HQ, G=G, D=D, BLOCK_D=BLOCK_D, BLOCK_M=BM, BLOCK_N=cfg["span_n"], NUM_SPANS=K,
-        MASKED=masked, HAS_FWD=params.forward_factor > 0, IEEE=ieee, num_warps=4)
+        MASKED=masked, HAS_FWD=params.forward_factor > 0, IEEE=ieee, num_warps=cfg["span_warps"],
+        num_stages=cfg["span_stages"])
     mark()
     # 4. window + merge + gate
     wm = cfg["win_m"]
