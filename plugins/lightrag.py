@@ -1,8 +1,8 @@
 """Built-in plugin ``lightrag``: the ``light`` retriever, index-free, for quick questions over
 small folders.
 
-It keeps nothing on disk: each search tokenizes the workspace's passages (cached in memory for
-the life of the retriever, e.g. a `spl docs` session), computes the inverse document frequency of
+It keeps nothing on disk: a search tokenizes the workspace's passages (kept in memory for the
+last workspace searched, e.g. during a `spl docs` session), computes the inverse document frequency of
 the question's terms over them on the fly and scores each passage by
 
     sum over matched terms of idf(t) * (1 + log tf)  /  length damping
@@ -21,14 +21,17 @@ from collections import Counter
 
 from superlinear.hookspecs import hookimpl
 
+_RECENT: dict[str, tuple[str, list]] = {}  # workspace folder -> (version, analysed passages): the last one only
+
 
 class LightRetriever:
     name = "light"
 
     def __init__(self, workspace):
         self.workspace = workspace
-        self._version: str | None = None
-        self._docs: list[tuple[Counter, set[tuple[str, str]], int]] = []
+        key = str(getattr(workspace, "path", id(workspace)))
+        self._version, self._docs = _RECENT.get(key, (None, []))
+        self._key = key
 
     def _analyse(self):
         from superlinear.plugins.rag.retrieval import indexed_text
@@ -41,6 +44,8 @@ class LightRetriever:
                 toks = terms(indexed_text(chunk))
                 docs.append((Counter(toks), set(zip(toks, toks[1:], strict=False)), len(toks)))
             self._docs, self._version = docs, self.workspace.version
+            _RECENT.clear()
+            _RECENT[self._key] = (self._version, docs)
         return chunks, self._docs
 
     def search(self, query: str, k: int):

@@ -1,0 +1,270 @@
+"""``spl rag ingest|ask|ls|info|rm|retrievers`` and ``spl docs NAME``: build bus commands, dispatch, print."""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+import textwrap
+
+import click
+
+from superlinear.bus import Context, dispatch
+
+from .commands import RagAsk, RagInfo, RagIngest, RagList, RagRemove, RagRetrievers, RagSources
+from .workspace import DEFAULT_WORKSPACE, display_path
+
+WORKSPACE_HELP = "Workspace name (default: $SPL_RAG_WORKSPACE or 'default')."
+
+
+def _default_workspace() -> str:
+    return os.environ.get("SPL_RAG_WORKSPACE") or DEFAULT_WORKSPACE
+
+
+def workspace_option(func):
+    return click.option("--workspace", "-w", default=None, metavar="NAME", help=WORKSPACE_HELP)(func)
+
+
+class _Progress:
+    """A one-line progress on stderr for long ingests (only on a terminal, only past 1 s)."""
+
+    def __init__(self, enabled: bool):
+        import time
+
+        self.enabled = enabled
+        self.started = time.monotonic()
+        self._clock = time.monotonic
+        self.shown = False
+
+    def __call__(self, done: int, total: int, path: str) -> None:
+        if not self.enabled or (not self.shown and self._clock() - self.started < 1.0 and done < total):
+            return
+        width = 24
+        filled = int(width * done / max(total, 1))
+        name = display_path(path)
+        name = name if len(name) <= 40 else "…" + name[-39:]
+        sys.stderr.write(f"\r\033[Kingest [{'#' * filled}{'.' * (width - filled)}] {done}/{total} {name}")
+        sys.stderr.flush()
+        self.shown = True
+
+    def end(self) -> None:
+        if self.shown:
+            sys.stderr.write("\r\033[K")
+            sys.stderr.flush()
+
+
+def _status(line: str) -> None:
+    click.echo(line, err=True)
+
+
+@click.group("rag")
+def rag_group() -> None:
+    """Questions over your own files: ingest them into a workspace, then ask.
+
+    The documents are prefilled once into a workspace session on the server and snapshotted;
+    each question loads that snapshot (no re-prefill) and is answered with numbered citations
+    [n] mapped to path:lines. Documents too large for the context are answered from the
+    retrieved passages alone.
+    """
+
+
+@rag_group.command("ingest")
+@click.argument("paths", nargs=-1, type=click.Path())
+@workspace_option
+@click.option("--glob", "globs", multiple=True, metavar="PATTERN",
+              help="Only files matching this pattern (repeatable), e.g. --glob '*.md'.")
+@click.option("--chunk-chars", type=click.IntRange(100), default=None,
+              help="Characters per passage (default 1200, about 300 tokens).")
+@click.option("--overlap", type=click.IntRange(0), default=None, help="Characters repeated between passages (150).")
+@click.option("--no-llm", is_flag=True, help="Index only: do not build the context snapshot on the server.")
+@click.option("--max-seq-len", type=click.IntRange(256), default=None,
+              help="Length of the workspace session (default: the server's).")
+@click.option("--rebuild", is_flag=True, help="Rebuild the context snapshot even if nothing changed.")
+@click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
+def ingest_command(paths, workspace, globs, chunk_chars, overlap, no_llm, max_seq_len, rebuild, as_json):
+    """Add files and folders to a workspace (again: sync changes).
+
+    Folders are walked respecting .gitignore, skipping hidden folders and binaries. Text, Markdown,
+    reStructuredText, code, HTML, JSON, CSV (and PDF when pypdf is installed). With no PATH,
+    re-sync the workspace's folders: unchanged files are skipped, changed ones re-read, deleted
+    ones dropped.
+    """
+    progress = _Progress(sys.stderr.isatty() and not as_json)
+    ctx = Context(state={"progress": progress, "status": None if as_json else _status})
+    try:
+        result = dispatch(RagIngest(tuple(paths), workspace or _default_workspace(), tuple(globs), chunk_chars,
+                                    overlap, llm=not no_llm, max_seq_len=max_seq_len, rebuild=rebuild), ctx)
+    finally:
+        progress.end()
+    if as_json:
+        click.echo(json.dumps(result, indent=2))
+        return
+    r = result["report"]
+    click.echo(f"workspace {r['workspace']}: {len(r['added'])} added, {len(r['updated'])} updated, "
+               f"{r['unchanged']} unchanged, {len(r['removed'])} removed, {len(r['skipped'])} skipped "
+               f"-> {r['files']} files, {r['chunks']} passages, {r['chars']} chars ({r['seconds']:.2f} s)")
+    for path, reason in list(r["skipped"].items())[:10]:
+        click.echo(f"  skipped {display_path(path)}: {reason}", err=True)
+    if len(r["skipped"]) > 10:
+        click.echo(f"  … and {len(r['skipped']) - 10} more skipped", err=True)
+    click.echo(_context_line(result.get("context") or {}))
+
+
+def _context_line(c: dict) -> str:
+    mode = c.get("mode")
+    if mode == "context" or c.get("snapshot_id"):
+        reused = " (unchanged, reused)" if c.get("reused") else ""
+        stale = "" if c.get("current", True) else " (stale: documents changed; ingest without --no-llm)"
+        time_part = f", prefill {c['prefill_s']:.2f} s" if c.get("prefill_s") is not None else ""
+        return (f"context: {c.get('tokens')} tokens in snapshot {c.get('snapshot_id')}"
+                f"{time_part}, session length {c.get('max_seq_len')}{reused}{stale}")
+    if mode == "skipped":
+        return "context: not built (--no-llm): questions are answered from retrieved passages"
+    return f"context: retrieval-only ({c.get('reason', 'no context')})"
+
+
+@rag_group.command("ask")
+@click.argument("question")
+@workspace_option
+@click.option("-k", "--k", "k", type=click.IntRange(1, 100), default=5, show_default=True,
+              help="Passages to retrieve.")
+@click.option("--retriever", "-r", default="bm25", show_default=True, help="bm25, light, or a plugin's.")
+@click.option("--no-llm", is_flag=True, help="Print the retrieved passages only.")
+@click.option("--max-tokens", type=click.IntRange(1), default=256, show_default=True, help="Cap on the answer.")
+@click.option("--json", "as_json", is_flag=True, help="Answer, citations and scores as JSON.")
+def ask_command(question, workspace, k, retriever, no_llm, max_tokens, as_json):
+    """Ask a question about a workspace's documents."""
+    if question == "-":
+        question = sys.stdin.read()
+    streamed = []
+
+    def on_text(delta: str) -> None:
+        streamed.append(delta)
+        click.echo(delta, nl=False)
+        sys.stdout.flush()
+
+    ctx = Context(state={} if as_json or no_llm else {"on_text": on_text})
+    result = dispatch(RagAsk(question, workspace or _default_workspace(), k, retriever, llm=not no_llm,
+                             max_tokens=max_tokens), ctx)
+    if as_json:
+        click.echo(json.dumps(result, indent=2, ensure_ascii=False))
+        return
+    if no_llm:
+        if not result["passages"]:
+            click.echo("no passage matches the question")
+        for i, p in enumerate(result["passages"], start=1):
+            click.echo(f"[{i}] {p['citation']}  score {p['score']:.3f}")
+            click.echo(textwrap.indent(_snippet(p["text"]), "    "))
+        return
+    if streamed:
+        click.echo("")
+    else:
+        click.echo(result["answer"] or "(no answer)")
+    if result.get("note"):
+        click.echo(f"note: {result['note']}", err=True)
+    if result["citations"]:
+        click.echo("")
+        click.echo("Sources:")
+        for c in result["citations"]:
+            mark = "*" if c.get("cited") else " "
+            click.echo(f" {mark}[{c['n']}] {c['citation']}  (score {c['score']:.3f})")
+    click.echo(f"({result['mode']}, {result['retriever']}, {result.get('seconds', 0):.2f} s)", err=True)
+
+
+def _snippet(text: str, width: int = 300) -> str:
+    flat = " ".join(text.split())
+    return flat if len(flat) <= width else flat[: width - 1] + "…"
+
+
+@rag_group.command("ls")
+@click.option("--json", "as_json", is_flag=True)
+def ls_command(as_json):
+    """List workspaces."""
+    result = dispatch(RagList())
+    if as_json:
+        click.echo(json.dumps(result, indent=2))
+        return
+    if not result["workspaces"]:
+        click.echo("no workspaces (create one with `spl rag ingest PATH`)")
+    for w in result["workspaces"]:
+        snap = (w.get("context") or {}).get("snapshot_id") or "-"
+        click.echo(f"{w['name']:<20} {w['files']:>6} files {w['chunks']:>7} passages  {w['mode']:<14} "
+                   f"snapshot {snap}  updated {w['updated']}")
+
+
+@rag_group.command("info")
+@click.argument("name", required=False)
+@click.option("--json", "as_json", is_flag=True)
+def info_command(name, as_json):
+    """Show a workspace: roots, files, passages, context snapshot."""
+    result = dispatch(RagInfo(name or _default_workspace()))
+    if as_json:
+        click.echo(json.dumps(result, indent=2))
+        return
+    click.echo(f"workspace   {result['name']}  ({result['path']})")
+    for root in result["roots"]:
+        globs = f"  (globs: {', '.join(root['globs'])})" if root.get("globs") else ""
+        click.echo(f"root        {display_path(root['path'])}{globs}")
+    click.echo(f"documents   {result['files']} files, {result['chunks']} passages, {result['chars']} chars")
+    ch = result.get("chunking") or {}
+    click.echo(f"chunking    {ch.get('max_chars')} chars, overlap {ch.get('overlap')}")
+    c = result.get("context")
+    if c:
+        state = "current" if result["context_current"] else "stale (documents changed)"
+        click.echo(f"context     snapshot {c.get('snapshot_id')}, {c.get('tokens')} tokens of "
+                   f"{c.get('max_seq_len')}, prefill {c.get('prefill_s')} s, {state}")
+    else:
+        click.echo("context     none: answers come from retrieved passages alone")
+    click.echo(f"updated     {result['updated']}")
+
+
+@rag_group.command("rm")
+@click.argument("names", nargs=-1, required=True)
+@click.option("--keep-snapshot", is_flag=True, help="Keep the workspace's context snapshot on the server.")
+def rm_command(names, keep_snapshot):
+    """Remove workspaces (and their context snapshots)."""
+    for name in names:
+        result = dispatch(RagRemove(name, keep_snapshot))
+        extra = ""
+        if result.get("snapshot_removed"):
+            extra = f" and snapshot {result['snapshot_id']}"
+        elif result.get("snapshot_error"):
+            extra = f" (snapshot {result['snapshot_id']} not removed: {result['snapshot_error']})"
+        click.echo(f"removed workspace {result['removed']}{extra}")
+
+
+@rag_group.command("sources")
+@click.argument("name", required=False)
+@click.option("--json", "as_json", is_flag=True)
+def sources_command(name, as_json):
+    """List the files of a workspace."""
+    result = dispatch(RagSources(name or _default_workspace()))
+    if as_json:
+        click.echo(json.dumps(result, indent=2))
+        return
+    for f in result["files"]:
+        click.echo(f"{f['path']}  ({f.get('kind')}, {f.get('lines')} lines, {f.get('chunks')} passages)")
+
+
+@rag_group.command("retrievers")
+def retrievers_command():
+    """List the retrievers plugins provide."""
+    for r in dispatch(RagRetrievers())["retrievers"]:
+        click.echo(f"{r['name']:<12} {r['plugin']}{'  (default)' if r['default'] else ''}")
+
+
+@click.command("docs")
+@click.argument("name", required=False)
+@click.option("--url", default=None, help="Server to talk to (default: the configured one, or a local one).")
+@click.option("-k", "--k", "k", type=click.IntRange(1, 50), default=5, show_default=True)
+@click.option("--retriever", "-r", default="bm25", show_default=True)
+def docs_command(name, url, k, retriever):
+    """Chat over a workspace's documents (the `spl chat` REPL in the workspace session).
+
+    Extra commands: /add PATH…, /sources, /rag k N | retriever NAME | off | on, /reset.
+    """
+    from .docs import run_docs
+
+    if not sys.stdin.isatty():
+        raise click.UsageError("spl docs needs a terminal; use `spl rag ask` for scripts")
+    return run_docs(name or _default_workspace(), url=url, k=k, retriever=retriever)

@@ -1,0 +1,198 @@
+"""Bus commands of the rag plugin and their handlers (the CLI and `spl docs` dispatch these).
+
+Handlers return plain dicts (JSON-ready). A caller may put in ``ctx.state``:
+``"progress"`` — ``callable(done, total, path)`` for long ingests; ``"status"`` — ``callable(line)``
+for one-line notes (prefill under way); ``"on_text"`` — ``callable(delta)`` to stream the answer;
+``"client"`` — an ``SplClient`` to use.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from superlinear.bus import Command, Context
+from superlinear.errors import InvalidRequest, NotFound, UserError
+
+from . import llm
+from .llm import ANSWER_TOKENS
+from .retrieval import DEFAULT_RETRIEVER, available_retrievers, search
+from .workspace import DEFAULT_WORKSPACE, Workspace
+
+
+@dataclass(frozen=True)
+class RagIngest(Command):
+    name = "rag.ingest"
+    paths: tuple[str, ...] = ()
+    workspace: str = DEFAULT_WORKSPACE
+    globs: tuple[str, ...] = ()
+    chunk_chars: int | None = None
+    overlap: int | None = None
+    llm: bool = True  # build the context snapshot (needs a server)
+    max_seq_len: int | None = None  # of the workspace session; the server's default otherwise
+    rebuild: bool = False  # rebuild the context even if the documents did not change
+
+
+@dataclass(frozen=True)
+class RagAsk(Command):
+    name = "rag.ask"
+    question: str
+    workspace: str = DEFAULT_WORKSPACE
+    k: int = 5
+    retriever: str = DEFAULT_RETRIEVER
+    llm: bool = True
+    max_tokens: int = ANSWER_TOKENS
+    session_id: str | None = None  # answer in this session (the `spl docs` REPL)
+
+
+@dataclass(frozen=True)
+class RagList(Command):
+    name = "rag.ls"
+
+
+@dataclass(frozen=True)
+class RagInfo(Command):
+    name = "rag.info"
+    workspace: str = DEFAULT_WORKSPACE
+
+
+@dataclass(frozen=True)
+class RagRemove(Command):
+    name = "rag.rm"
+    workspace: str
+    keep_snapshot: bool = False
+
+
+@dataclass(frozen=True)
+class RagSources(Command):
+    name = "rag.sources"
+    workspace: str = DEFAULT_WORKSPACE
+
+
+@dataclass(frozen=True)
+class RagRetrievers(Command):
+    name = "rag.retrievers"
+
+
+def _client(ctx: Context):
+    """The caller's client, or a server that answers (started locally if need be)."""
+    if ctx.state.get("client") is not None:
+        return ctx.state["client"], False
+    from superlinear.plugins.client import ensure_server
+
+    return ensure_server(), True
+
+
+def handle_ingest(command: RagIngest, ctx: Context) -> dict:
+    ws = Workspace.create(command.workspace) if command.paths else Workspace.open(command.workspace)
+    report = ws.ingest(list(command.paths), command.globs, command.chunk_chars, command.overlap,
+                       progress=ctx.state.get("progress"))
+    # Warm the default retriever's index now rather than on the first question.
+    from .retrieval import BM25Retriever
+
+    BM25Retriever(ws).ensure_index()
+    out = {"report": report.to_dict(), "workspace": ws.info()}
+    if not command.llm:
+        out["context"] = {"mode": "skipped", "reason": "--no-llm"} if not ws.manifest.get("context") else \
+            {**ws.manifest["context"], "current": llm.context_is_current(ws)}
+        return out
+    client, owned = _client(ctx)
+    try:
+        if ws.manifest.get("context"):
+            _check_snapshot_alive(client, ws)
+        if llm.context_is_current(ws) and not command.rebuild and not (
+                command.max_seq_len and command.max_seq_len != ws.manifest["context"].get("max_seq_len")):
+            out["context"] = {**ws.manifest["context"], "reused": True}
+            return out
+        status = ctx.state.get("status")
+        out["context"] = llm.build_context(ws, client, max_seq_len=command.max_seq_len, progress=status)
+    finally:
+        if owned:
+            client.close()
+    out["workspace"] = ws.info()
+    return out
+
+
+def _check_snapshot_alive(client, ws: Workspace) -> None:
+    """A context snapshot removed behind our back just means it must be rebuilt."""
+    snapshot_id = (ws.manifest.get("context") or {}).get("snapshot_id")
+    try:
+        client.get_snapshot(snapshot_id)
+    except NotFound:
+        ws.set_context(None)
+
+
+def handle_ask(command: RagAsk, ctx: Context) -> dict:
+    ws = Workspace.open(command.workspace)
+    if not command.question.strip():
+        raise InvalidRequest("the question is empty", param="question")
+    passages = search(ws, command.question, command.k, command.retriever)
+    out = {
+        "question": command.question,
+        "workspace": ws.name,
+        "retriever": command.retriever,
+        "k": command.k,
+        "passages": [p.to_dict() for p in passages],
+        "citations": [{"n": i, **{k: v for k, v in p.to_dict().items() if k != "text"}}
+                      for i, p in enumerate(passages, start=1)],
+    }
+    if not command.llm:
+        out["mode"] = "no-llm"
+        return out
+    client, owned = _client(ctx)
+    try:
+        result = llm.answer(ws, client, command.question, passages, max_tokens=command.max_tokens,
+                            session_id=command.session_id, on_text=ctx.state.get("on_text"))
+    finally:
+        if owned:
+            client.close()
+    out.update(result)
+    for c in out["citations"]:
+        c["cited"] = c["n"] in result["cited"]
+    return out
+
+
+def handle_list(command: RagList, ctx: Context) -> dict:
+    return {"workspaces": [Workspace(name).info() for name in Workspace.names()]}
+
+
+def handle_info(command: RagInfo, ctx: Context) -> dict:
+    ws = Workspace.open(command.workspace)
+    info = ws.info()
+    info["context_current"] = llm.context_is_current(ws)
+    return info
+
+
+def handle_remove(command: RagRemove, ctx: Context) -> dict:
+    ws = Workspace.open(command.workspace)
+    snapshot_id = (ws.manifest.get("context") or {}).get("snapshot_id")
+    ws.remove()
+    out = {"removed": ws.name, "snapshot_id": snapshot_id, "snapshot_removed": False}
+    if snapshot_id and not command.keep_snapshot:
+        from superlinear.plugins.client import SplClient
+
+        try:
+            client = ctx.state.get("client") or SplClient()
+            client.delete_snapshot(snapshot_id)
+            out["snapshot_removed"] = True
+        except UserError as exc:  # server down or snapshot gone: the workspace is removed anyway
+            out["snapshot_error"] = exc.message
+    return out
+
+
+def handle_sources(command: RagSources, ctx: Context) -> dict:
+    ws = Workspace.open(command.workspace)
+    from .workspace import display_path
+
+    return {"workspace": ws.name, "roots": ws.manifest.get("roots", []),
+            "files": [{"path": display_path(p), "abs_path": p, **meta} for p, meta in sorted(ws.files().items())]}
+
+
+def handle_retrievers(command: RagRetrievers, ctx: Context) -> dict:
+    return {"retrievers": [{"name": n, "plugin": plugin, "default": n == DEFAULT_RETRIEVER}
+                           for n, (plugin, _f) in sorted(available_retrievers().items())]}
+
+
+HANDLERS = [
+    (RagIngest, handle_ingest), (RagAsk, handle_ask), (RagList, handle_list), (RagInfo, handle_info),
+    (RagRemove, handle_remove), (RagSources, handle_sources), (RagRetrievers, handle_retrievers),
+]

@@ -1,0 +1,173 @@
+"""``spl docs NAME``: the `spl chat` REPL in a workspace session.
+
+The session ``docs-NAME`` starts from the workspace's context snapshot (the documents already
+prefilled) and is resumed if it exists; each message gets the passages retrieved for it,
+numbered for citation. Slash commands (bus commands, so they work the same from any front end):
+``/add PATH…`` ingests more files and rebuilds the context, ``/sources`` lists the files,
+``/rag k N | retriever NAME | off | on`` tunes retrieval, ``/reset`` goes back to the snapshot.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from superlinear.bus import Command, Context, SlashCommand
+from superlinear.errors import InvalidRequest, UserError
+
+from . import llm
+from .commands import RagIngest, RagSources
+from .retrieval import available_retrievers, search
+from .workspace import Workspace
+
+
+@dataclass
+class DocsState:
+    workspace: str
+    session_id: str
+    k: int = 5
+    retriever: str = "bm25"
+    enabled: bool = True
+    last_passages: list = field(default_factory=list)
+
+
+@dataclass(frozen=True)
+class DocsRagSetting(Command):
+    name = "docs.rag"
+    setting: str = ""  # "k N" | "retriever NAME" | "off" | "on" | "" (show)
+
+
+@dataclass(frozen=True)
+class DocsReset(Command):
+    name = "docs.reset"
+
+
+def _state(ctx: Context) -> DocsState:
+    state = ctx.state.get("docs")
+    if state is None:
+        raise InvalidRequest("this command works inside `spl docs`")
+    return state
+
+
+def handle_rag_setting(command: DocsRagSetting, ctx: Context) -> str:
+    state = _state(ctx)
+    words = command.setting.split()
+    if not words:
+        pass
+    elif words[0] == "off":
+        state.enabled = False
+    elif words[0] == "on":
+        state.enabled = True
+    elif words[0] == "k" and len(words) == 2 and words[1].isdigit() and int(words[1]) >= 1:
+        state.k = int(words[1])
+        state.enabled = True
+    elif words[0] == "retriever" and len(words) == 2:
+        if words[1] not in available_retrievers():
+            raise InvalidRequest(f"unknown retriever {words[1]!r} (available: "
+                                 f"{', '.join(sorted(available_retrievers()))})")
+        state.retriever = words[1]
+        state.enabled = True
+    else:
+        raise InvalidRequest("usage: /rag k N | retriever NAME | off | on")
+    return f"retrieval {'on' if state.enabled else 'off'}: k={state.k}, retriever={state.retriever}"
+
+
+def reset_session(client, state: DocsState) -> str:
+    """Put the workspace session back to the ingested documents (or empty without a context)."""
+    ws = Workspace.open(state.workspace)
+    try:
+        client.delete_session(state.session_id)
+    except UserError:
+        pass
+    if llm.context_is_current(ws):
+        snapshot_id = ws.manifest["context"]["snapshot_id"]
+        client.load_snapshot(snapshot_id, session_id=state.session_id, force=True)
+        return f"session {state.session_id} reset to snapshot {snapshot_id} ({ws.manifest['context']['tokens']} tokens)"
+    client.create_session(state.session_id)
+    return f"session {state.session_id} reset (no context snapshot: answers come from the passages)"
+
+
+def handle_reset(command: DocsReset, ctx: Context) -> str:
+    state = _state(ctx)
+    note = reset_session(ctx.state["client"], state)
+    repl = ctx.state.get("repl")
+    if repl is not None and hasattr(repl, "adopt"):
+        repl.adopt(state.session_id)
+    return note
+
+
+HANDLERS = [(DocsRagSetting, handle_rag_setting), (DocsReset, handle_reset)]
+
+
+def _add(text: str, repl) -> str:
+    from superlinear.plugins.chat.slash import split_args
+
+    paths = split_args(text)
+    if not paths:
+        raise InvalidRequest("usage: /add PATH…")
+    state: DocsState = repl.ctx.state["docs"]
+    result = repl.dispatch(RagIngest(tuple(paths), state.workspace))
+    r = result["report"]
+    c = result.get("context") or {}
+    line = (f"{len(r['added'])} added, {len(r['updated'])} updated, {r['unchanged']} "
+            f"unchanged, {len(r['skipped'])} skipped -> {r['files']} files, {r['chunks']} passages")
+    if c.get("snapshot_id"):
+        line += f"; context rebuilt: {c.get('tokens')} tokens in snapshot {c['snapshot_id']} (/reset to use it)"
+    else:
+        line += f"; {c.get('mode', 'retrieval-only')}: {c.get('reason', '')}"
+    return line
+
+
+def _sources(text: str, repl) -> str:
+    state: DocsState = repl.ctx.state["docs"]
+    result = repl.dispatch(RagSources(state.workspace))
+    lines = [f"{f['path']}  ({f.get('lines')} lines, {f.get('chunks')} passages)" for f in result["files"]]
+    return "\n".join(lines) or "no documents (/add PATH…)"
+
+
+SLASH_COMMANDS = [
+    SlashCommand("add", "Ingest files or folders into this workspace", _add, usage="/add PATH…"),
+    SlashCommand("sources", "List the workspace's files", _sources, usage="/sources"),
+    SlashCommand("rag", "Retrieval settings", lambda text, repl: repl.dispatch(DocsRagSetting(text.strip())),
+                 usage="/rag k N|retriever NAME|off|on"),
+    SlashCommand("reset", "Back to the ingested documents (drops this conversation)",
+                 lambda text, repl: repl.dispatch(DocsReset()), usage="/reset"),
+]
+
+
+def prepare_message(text: str, repl):
+    """The typed question plus the passages retrieved for it (numbered for citation)."""
+    state: DocsState = repl.ctx.state["docs"]
+    if not state.enabled:
+        return text
+    ws = Workspace.open(state.workspace)
+    passages = search(ws, text, state.k, state.retriever) if text.strip() else []
+    state.last_passages = passages
+    message = llm.question_message(text, passages)
+    if not llm.context_is_current(ws) and not repl.history():
+        return [{"role": "system", "content": llm.SYSTEM_PASSAGES}, {"role": "user", "content": message}]
+    return message
+
+
+def run_docs(name: str, *, url: str | None = None, k: int = 5, retriever: str = "bm25") -> int:
+    from superlinear.plugins.chat import ChatRepl, connect
+
+    ws = Workspace.open(name)
+    if retriever not in available_retrievers():
+        raise InvalidRequest(f"unknown retriever {retriever!r}")
+    client = connect(url)
+    state = DocsState(name, f"docs-{name}", k=k, retriever=retriever)
+    try:
+        client.get_session(state.session_id)
+        opened = f"resumed session {state.session_id} (/reset goes back to the documents)"
+    except UserError:
+        opened = reset_session(client, state)
+    info = ws.info()
+    banner = (f"docs {name}: {info['files']} files, {info['chunks']} passages; {opened}\n"
+              f"each message gets {k} passages from {retriever}; /add, /sources, /rag, /reset")
+    repl = ChatRepl(client, name=f"docs:{name}", session_id=state.session_id,
+                    extra_slash_commands=SLASH_COMMANDS, prepare_message=prepare_message, banner=banner)
+    repl.ctx.state["docs"] = state
+    try:
+        return repl.run()
+    finally:
+        client.close()

@@ -1,0 +1,295 @@
+"""Finding the documents under the paths a user names, and reading them as numbered lines.
+
+Folders are walked with .gitignore files respected (those of the folder, its subfolders and its
+ancestors up to the repository root), hidden and VCS folders skipped, binaries skipped. Each
+readable file becomes a list of ``(line number, text)`` so chunks can cite ``path:lines`` of the
+original file, HTML included (tags stripped, line numbers kept).
+"""
+
+from __future__ import annotations
+
+import fnmatch
+import hashlib
+import html
+import os
+from dataclasses import dataclass, field
+from html.parser import HTMLParser
+from pathlib import Path
+
+TEXT_EXTENSIONS = {
+    # prose and markup
+    ".txt", ".text", ".md", ".markdown", ".mdx", ".rst", ".adoc", ".asciidoc", ".org", ".tex",
+    ".html", ".htm", ".xhtml", ".xml", ".svg", ".json", ".jsonl", ".ndjson", ".csv", ".tsv",
+    ".yaml", ".yml", ".toml", ".ini", ".cfg", ".conf", ".properties", ".env", ".log", ".1", ".man",
+    # code
+    ".py", ".pyi", ".pyx", ".ipynb", ".c", ".h", ".cc", ".cpp", ".cxx", ".hpp", ".hh", ".cu", ".cuh",
+    ".rs", ".go", ".java", ".kt", ".kts", ".scala", ".swift", ".m", ".mm", ".js", ".mjs", ".cjs",
+    ".ts", ".tsx", ".jsx", ".vue", ".svelte", ".rb", ".php", ".pl", ".pm", ".lua", ".r", ".jl",
+    ".sh", ".bash", ".zsh", ".fish", ".ps1", ".bat", ".sql", ".graphql", ".proto", ".cmake",
+    ".mk", ".make", ".gradle", ".hs", ".ml", ".mli", ".ex", ".exs", ".erl", ".clj", ".el", ".lisp",
+    ".scm", ".dart", ".zig", ".nim", ".v", ".sv", ".vhd", ".css", ".scss", ".sass", ".less",
+}
+HTML_EXTENSIONS = {".html", ".htm", ".xhtml"}
+PDF_EXTENSIONS = {".pdf"}
+BINARY_EXTENSIONS = {
+    ".png", ".jpg", ".jpeg", ".gif", ".bmp", ".ico", ".webp", ".tif", ".tiff", ".psd", ".mp3", ".mp4",
+    ".wav", ".flac", ".ogg", ".avi", ".mov", ".mkv", ".zip", ".gz", ".tgz", ".bz2", ".xz", ".zst",
+    ".7z", ".rar", ".tar", ".whl", ".egg", ".jar", ".so", ".dylib", ".dll", ".exe", ".o", ".a",
+    ".lib", ".pyc", ".pyo", ".pyd", ".class", ".bin", ".dat", ".db", ".sqlite", ".npy", ".npz",
+    ".pt", ".pth", ".safetensors", ".gguf", ".onnx", ".pkl", ".pickle", ".parquet", ".arrow",
+    ".woff", ".woff2", ".ttf", ".otf", ".eot", ".doc", ".docx", ".xls", ".xlsx", ".ppt", ".pptx",
+}
+SKIP_DIRS = {"__pycache__", "node_modules", "venv"}  # plus every hidden folder
+MAX_FILE_BYTES = 5 * 1024 * 1024
+
+
+@dataclass
+class FoundFile:
+    path: Path  # absolute
+    root: Path  # the user-named path it was found under
+
+
+@dataclass
+class Walk:
+    files: list[FoundFile] = field(default_factory=list)
+    skipped: dict[str, str] = field(default_factory=dict)  # path -> reason
+
+
+def pdf_supported() -> bool:
+    try:
+        import pypdf  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+class _IgnoreRules:
+    """The .gitignore files that apply to one folder, nearest last (git's precedence)."""
+
+    def __init__(self, specs: list[tuple[Path, object]]):
+        self.specs = specs
+
+    def child(self, folder: Path) -> _IgnoreRules:
+        spec = _read_gitignore(folder)
+        return _IgnoreRules(self.specs + [(folder, spec)]) if spec is not None else self
+
+    def ignored(self, path: Path, is_dir: bool) -> bool:
+        verdict = False
+        for base, spec in self.specs:
+            try:
+                rel = path.relative_to(base).as_posix()
+            except ValueError:
+                continue
+            if is_dir:
+                rel += "/"
+            result = spec.check_file(rel)
+            if result.include is not None:
+                verdict = result.include
+        return verdict
+
+
+def _read_gitignore(folder: Path):
+    file = folder / ".gitignore"
+    if not file.is_file():
+        return None
+    import pathspec
+
+    try:
+        lines = file.read_text(encoding="utf-8", errors="replace").splitlines()
+    except OSError:
+        return None
+    return pathspec.GitIgnoreSpec.from_lines(lines)
+
+
+def _ancestor_rules(folder: Path) -> _IgnoreRules:
+    """Rules from the ancestors of ``folder`` up to the repository root (the folder with .git)."""
+    chain = []
+    current = folder.parent
+    while True:
+        chain.append(current)
+        if (current / ".git").exists() or current.parent == current:
+            break
+        current = current.parent
+    if not any((c / ".git").exists() for c in chain):
+        return _IgnoreRules([])  # not inside a repository: outer .gitignore files do not apply
+    rules = _IgnoreRules([])
+    for ancestor in reversed(chain):
+        rules = rules.child(ancestor)
+    return rules
+
+
+def _matches_globs(path: Path, root: Path, globs: tuple[str, ...]) -> bool:
+    if not globs:
+        return True
+    rel = path.relative_to(root).as_posix() if path != root else path.name
+    return any(fnmatch.fnmatch(rel, g) or fnmatch.fnmatch(path.name, g) for g in globs)
+
+
+def walk(paths: list[Path], globs: tuple[str, ...] = (), max_bytes: int = MAX_FILE_BYTES) -> Walk:
+    """Every candidate document under ``paths`` (files named directly are always taken)."""
+    result = Walk()
+    seen: set[Path] = set()
+
+    def consider(file: Path, root: Path, named: bool) -> None:
+        if file in seen:
+            return
+        seen.add(file)
+        reason = skip_reason(file, max_bytes)
+        if reason is None and not named and not _matches_globs(file, root, globs):
+            return
+        if reason:
+            result.skipped[str(file)] = reason
+            return
+        result.files.append(FoundFile(file, root))
+
+    for given in paths:
+        root = Path(os.path.abspath(os.path.expanduser(given)))
+        if not root.exists():
+            raise FileNotFoundError(2, "no such file or directory", str(given))
+        if root.is_file():
+            consider(root, root.parent, named=True)
+            continue
+        base_rules = _ancestor_rules(root).child(root)
+        stack = [(root, base_rules)]
+        while stack:
+            folder, rules = stack.pop()
+            try:
+                entries = sorted(os.scandir(folder), key=lambda e: e.name)
+            except OSError as exc:
+                result.skipped[str(folder)] = f"unreadable ({exc.strerror})"
+                continue
+            subfolders = []
+            for entry in entries:
+                path = Path(entry.path)
+                if entry.name.startswith("."):
+                    continue  # hidden files and VCS folders (.git, .hg, .venv...)
+                if entry.is_symlink() and entry.is_dir():
+                    continue  # no cycles
+                if entry.is_dir():
+                    if entry.name in SKIP_DIRS or entry.name.endswith(".egg-info"):
+                        continue
+                    if not rules.ignored(path, is_dir=True):
+                        subfolders.append(path)
+                elif entry.is_file() and not rules.ignored(path, is_dir=False):
+                    consider(path, root, named=False)
+            for sub in reversed(subfolders):
+                stack.append((sub, rules.child(sub)))
+    return result
+
+
+def skip_reason(path: Path, max_bytes: int = MAX_FILE_BYTES) -> str | None:
+    suffix = path.suffix.lower()
+    if suffix in BINARY_EXTENSIONS:
+        return "binary"
+    if suffix in PDF_EXTENSIONS:
+        return None if pdf_supported() else "pdf (install pypdf to read PDFs)"
+    try:
+        size = path.stat().st_size
+    except OSError as exc:
+        return f"unreadable ({exc.strerror})"
+    if size > max_bytes:
+        return f"too large ({size} bytes > {max_bytes})"
+    try:
+        with open(path, "rb") as fh:
+            head = fh.read(8192)
+    except OSError as exc:
+        return f"unreadable ({exc.strerror})"
+    if b"\0" in head:
+        return "binary"
+    if suffix not in TEXT_EXTENSIONS and head:
+        # Unknown extension (README, Makefile, LICENSE...): take it if it reads as UTF-8 text.
+        try:
+            head.decode("utf-8")
+        except UnicodeDecodeError as exc:
+            if exc.start < len(head) - 4:  # not just a multibyte char cut at the 8 KiB boundary
+                return "binary"
+    return None
+
+
+def file_hash(data: bytes) -> str:
+    return hashlib.sha256(data).hexdigest()
+
+
+Lines = list[tuple[int, str]]
+
+
+def read_lines(path: Path, data: bytes | None = None) -> tuple[Lines, str]:
+    """The document's text as numbered lines, and its kind (text, html, pdf)."""
+    suffix = path.suffix.lower()
+    if suffix in PDF_EXTENSIONS:
+        return _pdf_lines(path), "pdf"
+    if data is None:
+        data = path.read_bytes()
+    text = data.decode("utf-8", errors="replace").replace("\r\n", "\n").replace("\r", "\n")
+    if suffix in HTML_EXTENSIONS:
+        return html_lines(text), "html"
+    return list(enumerate(text.split("\n"), start=1)), "text"
+
+
+class _HTMLText(HTMLParser):
+    BLOCK = {"p", "div", "br", "li", "ul", "ol", "tr", "table", "section", "article", "header",
+             "footer", "h1", "h2", "h3", "h4", "h5", "h6", "pre", "blockquote", "dt", "dd", "hr"}
+    SKIP = {"script", "style", "noscript", "template", "head"}
+
+    def __init__(self) -> None:
+        super().__init__(convert_charrefs=True)
+        self.lines: dict[int, list[str]] = {}
+        self.skip_depth = 0
+        self.title: str | None = None
+        self._in_title = False
+
+    def handle_starttag(self, tag, attrs):
+        if tag == "title":
+            self._in_title = True
+        elif tag in self.SKIP:
+            self.skip_depth += 1
+        if tag in {"h1", "h2", "h3", "h4", "h5", "h6"} and not self.skip_depth:
+            self._add(self.getpos()[0], "#" * int(tag[1]) + " ")
+
+    def handle_endtag(self, tag):
+        if tag == "title":
+            self._in_title = False
+        elif tag in self.SKIP and self.skip_depth:
+            self.skip_depth -= 1
+
+    def handle_data(self, data):
+        if self._in_title:
+            if data.strip():
+                self._add(self.getpos()[0], ("" if self.title else "# ") + " ".join(data.split()))
+                self.title = (self.title or "") + data
+            return
+        if self.skip_depth:
+            return
+        line = self.getpos()[0]
+        for offset, piece in enumerate(data.split("\n")):
+            self._add(line + offset, piece)
+
+    def _add(self, line: int, text: str) -> None:
+        self.lines.setdefault(line, []).append(text)
+
+
+def html_lines(text: str) -> Lines:
+    parser = _HTMLText()
+    parser.feed(text)
+    parser.close()
+    out: Lines = []
+    for number in sorted(parser.lines):
+        line = " ".join("".join(parser.lines[number]).split())
+        out.append((number, html.unescape(line)))
+    return out
+
+
+def _pdf_lines(path: Path) -> Lines:
+    """PDF text; line numbers count the lines of the extracted text, pages marked in the text."""
+    import pypdf
+
+    reader = pypdf.PdfReader(str(path))
+    out: Lines = []
+    number = 0
+    for page_no, page in enumerate(reader.pages, start=1):
+        number += 1
+        out.append((number, f"[page {page_no}]"))
+        for line in (page.extract_text() or "").splitlines():
+            number += 1
+            out.append((number, line))
+    return out

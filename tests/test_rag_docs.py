@@ -1,0 +1,97 @@
+"""`spl docs NAME`: the chat REPL in the workspace session, driven in-process (no terminal)
+against the in-memory server of test_rag_llm: the session starts from the context snapshot,
+messages get retrieved passages, /rag, /sources, /add and /reset work through the bus."""
+
+from __future__ import annotations
+
+import io
+
+import pytest
+from rag_corpus import copy_click_docs
+from test_rag_llm import FakeServer
+
+from superlinear.bus import Context, dispatch
+from superlinear.errors import InvalidRequest
+from superlinear.plugins.chat import ChatRepl
+from superlinear.plugins.rag import docs as docs_mod
+from superlinear.plugins.rag.commands import RagIngest
+
+
+class Server(FakeServer):
+    def history(self, sid):
+        return list(self.sessions[sid]["messages"])
+
+
+@pytest.fixture
+def repl(tmp_path, monkeypatch):
+    monkeypatch.setenv("SPL_WORKSPACES_DIR", str(tmp_path / "ws"))
+    monkeypatch.setenv("SPL_STATE_DIR", str(tmp_path / "state"))
+    server = Server()
+    docs = copy_click_docs(tmp_path / "docs")
+    dispatch(RagIngest((str(docs),), "click"), Context(state={"client": server}))
+    state = docs_mod.DocsState("click", "docs-click", k=2)
+    docs_mod.reset_session(server, state)
+    r = ChatRepl(server, name="docs:click", session_id=state.session_id,
+                 extra_slash_commands=docs_mod.SLASH_COMMANDS, prepare_message=docs_mod.prepare_message,
+                 out=io.StringIO())
+    r.ctx.state["docs"] = state
+    r.server = server
+    r.tmp = tmp_path
+    return r
+
+
+def test_session_starts_from_the_snapshot_and_messages_get_passages(repl):
+    history = repl.server.history("docs-click")
+    assert [m["role"] for m in history] == ["system"] and "Pallets" in history[0]["content"]
+    messages = repl._turn_messages("Who holds the copyright?")
+    assert len(messages) == 1 and messages[0]["role"] == "user"
+    assert "[1] " in messages[0]["content"] and "LICENSE.txt:" in messages[0]["content"]
+    assert len(repl.ctx.state["docs"].last_passages) == 2
+
+
+def said(repl) -> str:
+    text = repl.out.getvalue()
+    repl.out.seek(0)
+    repl.out.truncate()
+    return text
+
+
+def test_rag_settings(repl):
+    repl.run_slash("/rag k 1")
+    assert repl.ctx.state["docs"].k == 1
+    repl.run_slash("/rag retriever light")
+    assert repl.ctx.state["docs"].retriever == "light"
+    assert "[2] " not in repl._turn_messages("copyright")[0]["content"]
+    repl.run_slash("/rag off")
+    assert repl._turn_messages("plain question")[0]["content"] == "plain question"
+    with pytest.raises(InvalidRequest):
+        repl.run_slash("/rag retriever nope")
+    with pytest.raises(InvalidRequest):
+        repl.run_slash("/rag sideways")
+    assert "retrieval off" in said(repl)
+
+
+def test_sources_add_and_reset(repl):
+    repl.run_slash("/sources")
+    out = said(repl)
+    assert "README.md" in out and "LICENSE.txt" in out
+    extra = repl.tmp / "notes.md"
+    extra.write_text("# Notes\nThe walrus option makes every command louder.\n")
+    old_snapshot = dict(repl.server.snapshots)
+    repl.run_slash(f"/add {extra}")
+    out = said(repl)
+    assert "1 added" in out and "context rebuilt" in out
+    assert set(repl.server.snapshots) != set(old_snapshot)
+    assert "notes.md:" in repl._turn_messages("walrus option")[0]["content"]
+    # A turn, then /reset drops it: back to the (new) documents.
+    repl.server.chat([{"role": "user", "content": "hi"}], session_id="docs-click")
+    assert len(repl.server.history("docs-click")) == 3
+    repl.run_slash("/reset")
+    history = repl.server.history("docs-click")
+    assert [m["role"] for m in history] == ["system"] and "walrus" in history[0]["content"]
+    assert "reset to snapshot" in said(repl)
+
+
+def test_docs_commands_outside_docs_are_refused():
+    with pytest.raises(InvalidRequest):
+        dispatch(docs_mod.DocsRagSetting("k 2"))

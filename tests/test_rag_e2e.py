@@ -1,0 +1,105 @@
+"""End to end with the real server and the default model: `spl rag ingest` prefills a small real
+corpus (click's license and the start of its README) into a workspace session and snapshots it;
+`spl rag ask` answers from that snapshot (the documents' tokens are reused, not prefilled again)
+and cites path:lines. One server for the module; the converted default model is reused from
+the user's cache; snapshots, server state and workspaces go to temp folders."""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import httpx
+import pytest
+from rag_corpus import copy_click_docs
+
+pytestmark = pytest.mark.slow
+
+SPL = [sys.executable, "-m", "superlinear.cli.main"]
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory):
+    root = tmp_path_factory.mktemp("rag-e2e")
+    port = _free_port()
+    env = {**os.environ, "SUPERLINEAR_SNAPSHOT_DIR": str(root / "snapshots"), "SPL_STATE_DIR": str(root / "state")}
+    env.pop("SPL_SERVER_URL", None)
+    log = open(root / "server.log", "w")
+    proc = subprocess.Popen(SPL + ["serve", "--model", "default", "--port", str(port)], env=env,
+                            stdout=log, stderr=subprocess.STDOUT)
+    url = f"http://127.0.0.1:{port}"
+    deadline = time.monotonic() + 180
+    try:
+        while True:
+            if proc.poll() is not None:
+                pytest.fail(f"spl serve exited: {(root / 'server.log').read_text()[-2000:]}")
+            try:
+                if httpx.get(url + "/health", timeout=2).json().get("status") == "ok":
+                    break
+            except (httpx.HTTPError, ValueError):
+                pass
+            if time.monotonic() > deadline:
+                pytest.fail("spl serve did not become ready in 180 s")
+            time.sleep(0.5)
+        yield {"url": url, "root": root}
+    finally:
+        proc.terminate()
+        try:
+            proc.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+        log.close()
+
+
+def _spl(server, *args, timeout=300):
+    env = {**os.environ, "SPL_SERVER_URL": server["url"], "SPL_WORKSPACES_DIR": str(server["root"] / "ws"),
+           "SPL_STATE_DIR": str(server["root"] / "cli-state")}
+    return subprocess.run(SPL + list(args), env=env, capture_output=True, text=True, timeout=timeout,
+                          cwd=server["root"])
+
+
+def test_ingest_snapshot_then_ask_cites_a_path(server):
+    docs = copy_click_docs(server["root"] / "docs")
+    readme = docs / "README.md"
+    # Keep the corpus small: the CPU prefill of the default model is the slow part.
+    readme.write_text("\n".join(readme.read_text().splitlines()[:16]) + "\n")
+
+    ingest = _spl(server, "rag", "ingest", str(docs), "-w", "click", "--json")
+    assert ingest.returncode == 0, ingest.stderr
+    context = json.loads(ingest.stdout)["context"]
+    assert context["mode"] == "context", context
+    assert context["snapshot_id"] and context["tokens"] > 200
+    assert (server["root"] / "snapshots" / context["snapshot_id"]).is_dir()
+    print(f"\ningest: {context['tokens']} tokens prefilled in {context['prefill_s']} s, "
+          f"snapshot {context['snapshot_id']}")
+
+    ask = _spl(server, "rag", "ask", "Who holds the copyright of the software?", "-w", "click", "-k", "1",
+               "--max-tokens", "12", "--json")
+    assert ask.returncode == 0, ask.stderr
+    out = json.loads(ask.stdout)
+    assert out["mode"] == "context" and out["snapshot_id"] == context["snapshot_id"]
+    assert out["answer"].strip()
+    assert out["citations"][0]["citation"].startswith("docs/LICENSE.txt:")
+    # The documents came back from the snapshot: their tokens were reused, not prefilled again.
+    cached = (out["usage"].get("prompt_tokens_details") or {}).get("cached_tokens", 0)
+    assert cached >= context["tokens"], out["usage"]
+    print(f"ask: {out['seconds']} s, {cached} tokens reused, answer {out['answer']!r}")
+
+    info = _spl(server, "rag", "info", "click")
+    assert info.returncode == 0 and context["snapshot_id"] in info.stdout and "current" in info.stdout
+
+    rm = _spl(server, "rag", "rm", "click")
+    assert rm.returncode == 0 and context["snapshot_id"] in rm.stdout
+    assert not (server["root"] / "snapshots" / context["snapshot_id"]).exists()
+    assert not Path(server["root"] / "ws" / "click").exists()

@@ -1,0 +1,198 @@
+"""The model side of rag against an in-memory stand-in for the server (same client methods,
+same session-chat rule): the documents are prefilled once and snapshotted, each question loads
+the snapshot (no re-prefill) with numbered passages, citations map to path:lines, too-large
+documents fall back to retrieval-only, stale contexts are not used. The real server is
+exercised in test_rag_e2e.py."""
+
+from __future__ import annotations
+
+import itertools
+import re
+
+import pytest
+from rag_corpus import copy_click, copy_click_docs
+
+from superlinear.bus import Context, dispatch
+from superlinear.errors import NotFound, TooLarge
+from superlinear.plugins.client.api import ChatResult
+from superlinear.plugins.rag import llm
+from superlinear.plugins.rag.commands import RagAsk, RagInfo, RagIngest, RagRemove
+from superlinear.plugins.rag.workspace import Workspace
+
+
+class FakeServer:
+    """Sessions hold messages; a token is 4 characters; the reply cites passage [1]."""
+
+    def __init__(self, default_max_seq_len: int = 8192):
+        self.default = default_max_seq_len
+        self.sessions: dict[str, dict] = {}
+        self.snapshots: dict[str, dict] = {}
+        self.prefilled_chars = 0
+        self.calls: list[tuple[str, str | None, list[dict]]] = []
+        self.ids = itertools.count(1)
+        self.base_url = "http://fake"
+
+    @staticmethod
+    def tokens(messages) -> int:
+        return sum(len(m["content"]) for m in messages) // 4 + 4 * len(messages)
+
+    def create_session(self, session_id=None, max_seq_len=None):
+        sid = session_id or f"s{next(self.ids)}"
+        self.sessions[sid] = {"messages": [], "max_seq_len": max_seq_len or self.default}
+        return self.get_session(sid)
+
+    def get_session(self, sid):
+        if sid not in self.sessions:
+            raise NotFound(f"no session {sid}")
+        s = self.sessions[sid]
+        return {"id": sid, "position": self.tokens(s["messages"]), "max_seq_len": s["max_seq_len"],
+                "message_count": len(s["messages"])}
+
+    def delete_session(self, sid):
+        self.get_session(sid)
+        del self.sessions[sid]
+        return {"id": sid, "deleted": True}
+
+    def chat(self, messages, session_id=None, max_tokens=None, temperature=None, **kw):
+        self.calls.append(("chat", session_id, messages))
+        reply = "The answer is in the passages [1]." if max_tokens != 1 else "O"
+        if session_id is None:
+            self.prefilled_chars += sum(len(m["content"]) for m in messages)
+            return ChatResult(reply, "", [], "stop", {"prompt_tokens": self.tokens(messages)}, {}, None,
+                              {"model": "fake"})
+        s = self.sessions[session_id]
+        if self.tokens(s["messages"] + messages) > s["max_seq_len"]:
+            raise TooLarge("context_length_exceeded")
+        self.prefilled_chars += sum(len(m["content"]) for m in messages)
+        s["messages"] = s["messages"] + messages + [{"role": "assistant", "content": reply}]
+        return ChatResult(reply, "", [], "stop", {"prompt_tokens": self.tokens(s["messages"][:-1])}, {},
+                          session_id, {"model": "fake"})
+
+    def rollback(self, sid, n):
+        self.sessions[sid]["messages"] = self.sessions[sid]["messages"][:n]
+        return self.get_session(sid)
+
+    def save_session(self, sid, title=None, description=None, tags=None):
+        snap = f"snap{next(self.ids)}"
+        self.snapshots[snap] = {"id": snap, "messages": list(self.sessions[sid]["messages"]),
+                                "max_seq_len": self.sessions[sid]["max_seq_len"], "tags": tags}
+        return {"id": snap, "title": title}
+
+    def get_snapshot(self, snap):
+        if snap not in self.snapshots:
+            raise NotFound(f"no snapshot {snap}")
+        return self.snapshots[snap]
+
+    def delete_snapshot(self, snap):
+        self.get_snapshot(snap)
+        del self.snapshots[snap]
+        return {"id": snap, "deleted": True}
+
+    def load_snapshot(self, snap, session_id=None, force=False, max_seq_len=None):
+        self.get_snapshot(snap)
+        sid = session_id or f"s{next(self.ids)}"
+        self.sessions[sid] = {"messages": list(self.snapshots[snap]["messages"]),
+                              "max_seq_len": self.snapshots[snap]["max_seq_len"]}
+        return self.get_session(sid)
+
+    def close(self):
+        pass
+
+
+@pytest.fixture
+def server(tmp_path, monkeypatch):
+    monkeypatch.setenv("SPL_WORKSPACES_DIR", str(tmp_path / "workspaces"))
+    return FakeServer()
+
+
+def ctx_for(server) -> Context:
+    return Context(state={"client": server})
+
+
+def test_ingest_builds_context_snapshot_and_ask_loads_it(tmp_path, server):
+    docs = copy_click_docs(tmp_path / "docs")
+    out = dispatch(RagIngest((str(docs),), "readme"), ctx_for(server))
+    context = out["context"]
+    assert context["mode"] == "context" and context["snapshot_id"] in server.snapshots
+    assert context["tokens"] > 100 and not server.sessions  # the build session was closed
+    snap_messages = server.snapshots[context["snapshot_id"]]["messages"]
+    assert [m["role"] for m in snap_messages] == ["system"]  # the one-token reply was rolled back
+    assert "Interface Creation Kit" in snap_messages[0]["content"]
+    assert Workspace.open("readme").manifest["context"]["snapshot_id"] == context["snapshot_id"]
+
+    prefilled = server.prefilled_chars
+    answer = dispatch(RagAsk("What does Click stand for? Creation Kit", "readme", k=2), ctx_for(server))
+    assert answer["mode"] == "context" and answer["snapshot_id"] == context["snapshot_id"]
+    # The question went to a session loaded from the snapshot, with only the new user message.
+    kind, sid, messages = server.calls[-1]
+    assert sid is not None and [m["role"] for m in messages] == ["user"]
+    assert server.prefilled_chars - prefilled == len(messages[0]["content"])  # no re-prefill
+    assert "[1] " in messages[0]["content"] and "README.md:" in messages[0]["content"]
+    assert answer["cited"] == [1]
+    first = answer["citations"][0]
+    assert first["cited"] and first["path"].endswith("README.md")
+    assert re.search(r"README\.md:\d+(-\d+)?$", first["citation"])
+    assert not server.sessions  # the question's session was closed
+
+    # Re-ingest with nothing changed reuses the snapshot; --rebuild replaces (and deletes) it.
+    again = dispatch(RagIngest((str(docs),), "readme"), ctx_for(server))["context"]
+    assert again["reused"] and again["snapshot_id"] == context["snapshot_id"]
+    rebuilt = dispatch(RagIngest((), "readme", rebuild=True), ctx_for(server))["context"]
+    assert rebuilt["snapshot_id"] != context["snapshot_id"]
+    assert list(server.snapshots) == [rebuilt["snapshot_id"]]
+
+    removed = dispatch(RagRemove("readme"), ctx_for(server))
+    assert removed["snapshot_removed"] and not server.snapshots
+
+
+def test_too_large_documents_are_answered_from_passages(tmp_path, server):
+    src = copy_click(tmp_path / "click")  # ~450k characters: far over an 8k-token session
+    out = dispatch(RagIngest((str(src),), "big"), ctx_for(server))
+    assert out["context"]["mode"] == "retrieval-only"
+    assert "do not fit" in out["context"]["reason"]
+    assert not server.snapshots and not server.sessions
+    assert server.prefilled_chars == 0  # not even tried: the estimate is far over the budget
+    answer = dispatch(RagAsk("How do I show a progress bar?", "big", k=3), ctx_for(server))
+    assert answer["mode"] == "retrieval-only"
+    kind, sid, messages = server.calls[-1]
+    assert sid is None and [m["role"] for m in messages] == ["system", "user"]
+    assert answer["citations"][0]["path"].endswith("termui.py")
+    assert dispatch(RagInfo("big"))["mode"] == "retrieval-only"
+
+
+def test_prefill_over_budget_falls_back(tmp_path, server):
+    docs = copy_click_docs(tmp_path / "docs")
+    size = sum(len(p.read_text()) for p in docs.iterdir())
+    # A session long enough to hold the documents but not the room kept for questions.
+    server.default = size // 4 + 200
+    out = dispatch(RagIngest((str(docs),), "tight"), ctx_for(server))
+    assert out["context"]["mode"] == "retrieval-only" and not server.snapshots and not server.sessions
+
+
+def test_stale_context_is_not_used(tmp_path, server):
+    docs = copy_click_docs(tmp_path / "docs")
+    dispatch(RagIngest((str(docs),), "w"), ctx_for(server))
+    (docs / "NEWS.md").write_text("# News\nThe otter release.\n")
+    dispatch(RagIngest((), "w", llm=False), ctx_for(server))
+    assert not dispatch(RagInfo("w"))["context_current"]
+    answer = dispatch(RagAsk("otter release", "w", k=1), ctx_for(server))
+    assert answer["mode"] == "retrieval-only" and "changed" in answer["note"]
+    assert answer["citations"][0]["path"].endswith("NEWS.md")
+    # Ingest with the model again brings the context up to date.
+    assert dispatch(RagIngest((), "w"), ctx_for(server))["context"]["mode"] == "context"
+    assert dispatch(RagAsk("otter release", "w", k=1), ctx_for(server))["mode"] == "context"
+
+
+def test_missing_snapshot_falls_back_with_a_note(tmp_path, server):
+    docs = copy_click_docs(tmp_path / "docs")
+    snap = dispatch(RagIngest((str(docs),), "w"), ctx_for(server))["context"]["snapshot_id"]
+    server.delete_snapshot(snap)
+    answer = dispatch(RagAsk("license", "w", k=1), ctx_for(server))
+    assert answer["mode"] == "retrieval-only" and "gone" in answer["note"]
+    # The next ingest notices and rebuilds it.
+    assert dispatch(RagIngest((), "w"), ctx_for(server))["context"]["snapshot_id"] in server.snapshots
+
+
+def test_citation_numbers_are_parsed():
+    assert llm.cited_numbers("see [2] and [1, 3]; not [9] nor [x]", 3) == [2, 1, 3]
+    assert llm.cited_numbers("no citations", 3) == []
