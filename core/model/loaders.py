@@ -271,9 +271,16 @@ def assign_weights(hf, state: dict[str, torch.Tensor], device, dtype, *, where) 
         raise InvalidRequest(f"weights in {where} leave parameters unset: {', '.join(leftover[:12])}")
 
 
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "vocab.json")
+
+
 def load_tokenizer(path: Path):
+    """The directory's tokenizer; None when it has no tokenizer files at all (a weights-only
+    directory still runs prefill/decode, e.g. for benchmarks; chat needs a tokenizer)."""
     from transformers import AutoTokenizer
 
+    if not any((Path(path) / name).is_file() for name in TOKENIZER_FILES):
+        return None
     try:
         tok = AutoTokenizer.from_pretrained(str(path))
     except Exception as exc:

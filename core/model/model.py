@@ -9,6 +9,7 @@ single-token decode (captured as a CUDA graph on CUDA), caches, info and fingerp
 from __future__ import annotations
 
 import hashlib
+import inspect
 import json
 import sys
 import threading
@@ -34,7 +35,7 @@ class _Shared:
     hf: torch.nn.Module
     ctx: ForwardContext
     lock: threading.RLock = field(default_factory=threading.RLock)
-    graph_pool: Any = None
+    graph_error: str | None = None  # set when a capture failed: decode stays eager from then on
 
 
 @dataclass
@@ -79,6 +80,9 @@ class Model:
             # transformers' MoE experts loop over the experts a batch hits (host sync): not capturable.
             self.cuda_graph = False
         self.fingerprint = self._fingerprint()
+        # transformers >= 5.20 calls it ``cache``, earlier 5.x ``past_key_values``
+        params = inspect.signature(hf.forward).parameters
+        self._cache_kw = "cache" if "cache" in params else "past_key_values"
 
     # -- identity -------------------------------------------------------------------------------
     def _fingerprint(self) -> str:
@@ -135,7 +139,8 @@ class Model:
             "layer_types": counts,
             "vocab_size": int(self.hf.config.vocab_size),
             "max_position_embeddings": int(getattr(self.hf.config, "max_position_embeddings", 0) or 0),
-            "cuda_graph": self.cuda_graph,
+            "cuda_graph": self.cuda_graph and self._shared.graph_error is None,
+            "cuda_graph_error": self._shared.graph_error,
             "fingerprint": self.fingerprint,
         }
 
@@ -184,8 +189,8 @@ class Model:
         positions = torch.arange(start, start + length, device=self.device)
         self._set_ctx(start, length, positions, graph=False)
         cache._begin(start, length)
-        out = self.hf(input_ids=ids, position_ids=positions[None], cache=cache, use_cache=True,
-                      logits_to_keep=1)
+        out = self.hf(input_ids=ids, position_ids=positions[None], use_cache=True, logits_to_keep=1,
+                      **{self._cache_kw: cache})
         return out.logits[0, -1].float()
 
     @torch.inference_mode()
@@ -214,7 +219,7 @@ class Model:
         """Append one token; fp32 logits ``[V]`` of it."""
         cache._check_room(1)
         with self._shared.lock:
-            if self.cuda_graph:
+            if self.cuda_graph and self._shared.graph_error is None:
                 logits = self._decode_graphed(cache, int(token_id))
                 if logits is not None:
                     cache.position += 1
@@ -236,10 +241,11 @@ class Model:
             try:
                 entry = self._capture(cache)
             except Exception as exc:  # capture is an optimisation: fall back to eager decode
-                print(f"spl: warning: CUDA graph capture failed ({type(exc).__name__}: "
-                      f"{str(exc).splitlines()[0] if str(exc) else ''}); decoding without graphs",
+                reason = f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}"
+                print(f"spl: warning: CUDA graph capture failed ({reason}); decoding without graphs",
                       file=sys.stderr)
-                self.cuda_graph = False
+                self._shared.graph_error = reason
+                torch.cuda.synchronize()
                 return None
             graphs[self._graph_key()] = entry
         entry.ids.fill_(token_id)
@@ -249,9 +255,6 @@ class Model:
         return entry.logits[0, -1].float().clone()
 
     def _capture(self, cache: Cache) -> _DecodeGraph:
-        shared = self._shared
-        if shared.graph_pool is None:
-            shared.graph_pool = torch.cuda.graph_pool_handle()
         ids = torch.zeros((1, 1), dtype=torch.long, device=self.device)
         pos = torch.full((1,), cache.position, dtype=torch.long, device=self.device)
         saved = cache.recurrent_state() if cache.has_recurrent_state else None
@@ -260,22 +263,26 @@ class Model:
             self._set_ctx(0, 1, pos, graph=True)
             cache._begin(0, 1, write_index=pos)
             try:
-                return self.hf(input_ids=ids, position_ids=pos[None], cache=cache, use_cache=True,
-                               logits_to_keep=1).logits
+                return self.hf(input_ids=ids, position_ids=pos[None], use_cache=True, logits_to_keep=1,
+                               **{self._cache_kw: cache}).logits
             finally:
                 cache._begin(0, 0)
 
-        stream = torch.cuda.Stream()
-        stream.wait_stream(torch.cuda.current_stream())
-        with torch.cuda.stream(stream):
-            for _ in range(2):
-                run()
-        torch.cuda.current_stream().wait_stream(stream)
-        graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph, pool=shared.graph_pool):
-            logits = run()
-        if saved is not None:  # the warm-up steps advanced the recurrent state: put it back
-            cache.load_recurrent_state(saved)
+        try:
+            stream = torch.cuda.Stream()
+            stream.wait_stream(torch.cuda.current_stream())
+            with torch.cuda.stream(stream):
+                for _ in range(2):
+                    run()
+            torch.cuda.current_stream().wait_stream(stream)
+            graph = torch.cuda.CUDAGraph()
+            # each graph gets its own memory pool: a pool shared with graphs that were freed
+            # (their cache was dropped) trips the caching allocator
+            with torch.cuda.graph(graph):
+                logits = run()
+        finally:
+            if saved is not None:  # the warm-up steps advanced the recurrent state: put it back
+                cache.load_recurrent_state(saved)
         return _DecodeGraph(graph, ids, pos, logits)
 
 

@@ -1,0 +1,211 @@
+"""``spl bench generate``: prefill and decode tokens/s of a loaded model at several context
+lengths, superlinear against dense attention in the same run (one set of weights).
+
+For each length L and attention: a cache of L + decode tokens, a chunked prefill of L tokens
+(timed), then ``--decode-tokens`` greedy decode steps timed twice from the same position: as
+replays of the captured CUDA graph (CUDA only) and as eager steps. Dense attention is skipped
+above ``--dense-max-len`` (it is O(L^2)). torch is imported only when the command runs.
+"""
+
+from __future__ import annotations
+
+import datetime as _dt
+import json
+import platform
+import time
+from dataclasses import dataclass
+
+import click
+
+from superlinear.bus import Command, Context, dispatch
+
+
+def parse_length(text: str) -> int:
+    text = text.strip().upper()
+    mult = 1
+    if text.endswith("K"):
+        mult, text = 1024, text[:-1]
+    elif text.endswith("M"):
+        mult, text = 1024 * 1024, text[:-1]
+    return int(float(text) * mult)
+
+
+def fmt_length(n: int) -> str:
+    if n % (1024 * 1024) == 0:
+        return f"{n // (1024 * 1024)}M"
+    if n % 1024 == 0:
+        return f"{n // 1024}K"
+    return str(n)
+
+
+@dataclass(frozen=True)
+class BenchGenerate(Command):
+    name = "bench.generate"
+    model: str = "default"
+    device: str | None = None
+    dtype: str | None = None
+    lengths: tuple[int, ...] = ()
+    attentions: tuple[str, ...] = ("superlinear", "dense")
+    chunk_size: int = 8192
+    decode_tokens: int = 32
+    dense_max_len: int = 128 * 1024
+    graph: bool = True
+
+
+def _sync(device) -> None:
+    import torch
+
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def _decode(model, cache, first_token: int, n: int, graph: bool) -> tuple[float, int]:
+    """Time ``n`` greedy steps; returns (seconds, last token). The first graph step captures and
+    is not timed."""
+    import torch
+
+    variant = model.with_attention(cuda_graph=graph)
+    token = first_token
+    if graph and variant.info()["cuda_graph"]:
+        token = int(variant.decode_step(cache, token).argmax())
+        n -= 1
+    _sync(model.device)
+    start = time.perf_counter()
+    for _ in range(n):
+        token = int(torch.argmax(variant.decode_step(cache, token)))
+    _sync(model.device)
+    return time.perf_counter() - start, n
+
+
+def _warm_up(model, ids, chunk_size: int) -> None:
+    cache = model.new_cache(len(ids) + 4)
+    logits = model.prefill(cache, ids, chunk_size=min(chunk_size, max(1, len(ids) // 2)))
+    for _ in range(2):
+        logits = model.decode_step(cache, int(logits.argmax()))
+    _sync(model.device)
+
+
+def run_bench(command: BenchGenerate, ctx: Context) -> dict:
+    import torch
+
+    from superlinear.model import load_model
+
+    start = time.perf_counter()
+    base = load_model(command.model, device=command.device, dtype=command.dtype)
+    load_s = time.perf_counter() - start
+    on_cuda = base.device.type == "cuda"
+    lengths = command.lengths or ((4096, 32768, 131072, 1 << 20) if on_cuda else (512, 2048, 4096))
+    generator = torch.Generator().manual_seed(0)
+    vocab = int(base.hf.config.vocab_size)
+    rows = []
+    warmed: set = set()
+    for length in lengths:
+        ids = torch.randint(min(1000, vocab // 2), vocab - 1, (length,), generator=generator)
+        for attention in command.attentions:
+            if attention == "dense" and length > command.dense_max_len:
+                rows.append({"length": length, "attention": attention, "skipped": "above --dense-max-len"})
+                continue
+            model = base.with_attention(attention)
+            row = {"length": length, "attention": attention}
+            cache = None
+            try:
+                if (attention, model.device.type) not in warmed:  # compile kernels, capture once
+                    _warm_up(model, ids[:min(length, 2 * model.window + 512)], command.chunk_size)
+                    warmed.add((attention, model.device.type))
+                cache = model.new_cache(length + command.decode_tokens + 2)
+                row["cache_bytes"] = cache.nbytes()
+                _sync(model.device)
+                t0 = time.perf_counter()
+                logits = model.prefill(cache, ids, chunk_size=command.chunk_size)
+                _sync(model.device)
+                row["prefill_s"] = time.perf_counter() - t0
+                row["prefill_tok_s"] = length / row["prefill_s"]
+                first = int(logits.argmax())
+                saved = cache.recurrent_state() if cache.has_recurrent_state else None
+                modes = [("eager", False)]
+                if on_cuda and command.graph and model.info()["cuda_graph"]:
+                    modes.insert(0, ("graph", True))
+                for label, graph in modes:
+                    cache.truncate(length, recurrent_state=saved)
+                    seconds, steps = _decode(model, cache, first, command.decode_tokens, graph)
+                    row[f"decode_{label}_tok_s"] = steps / seconds if seconds > 0 else float("nan")
+                if on_cuda:
+                    row["peak_gib"] = torch.cuda.max_memory_allocated(model.device) / 2**30
+            except Exception as exc:  # one failing case (e.g. out of memory) must not end the run
+                row["error"] = f"{type(exc).__name__}: {str(exc).splitlines()[0][:160] if str(exc) else ''}"
+            finally:
+                del cache
+                if on_cuda:
+                    torch.cuda.empty_cache()
+                    torch.cuda.reset_peak_memory_stats(model.device)
+            rows.append(row)
+    device_name = torch.cuda.get_device_name(base.device) if on_cuda else (platform.processor() or "cpu")
+    return {
+        "date": _dt.datetime.now(_dt.UTC).strftime("%Y-%m-%d %H:%M UTC"),
+        "model": base.name,
+        "device": f"{base.device} ({device_name}, {torch.get_num_threads()} threads)" if not on_cuda
+        else f"{base.device} ({device_name})",
+        "dtype": str(base.dtype).replace("torch.", ""),
+        "load_s": load_s,
+        "window": base.window,
+        "span_params": base.info()["attention"],
+        "chunk_size": command.chunk_size,
+        "decode_tokens": command.decode_tokens,
+        "cuda_graph_error": base.info()["cuda_graph_error"],
+        "rows": rows,
+    }
+
+
+def _f(value, fmt="{:,.0f}") -> str:
+    return "-" if value is None else fmt.format(value)
+
+
+def markdown(result: dict) -> str:
+    lines = [
+        f"{result['date']} · model `{result['model']}` · {result['device']} · {result['dtype']} · "
+        f"window {result['window']} · chunk {result['chunk_size']} · {result['decode_tokens']} decode "
+        f"tokens · load {result['load_s']:.2f} s",
+        "",
+        "| context | attention | prefill tok/s | prefill s | decode tok/s (CUDA graph) | decode tok/s (eager) "
+        "| cache |",
+        "|---:|---|---:|---:|---:|---:|---:|",
+    ]
+    for r in result["rows"]:
+        note = r.get("skipped") or r.get("error")
+        if note:
+            lines.append(f"| {fmt_length(r['length'])} | {r['attention']} | {note} | | | | |")
+            continue
+        cache = r.get("cache_bytes")
+        lines.append(
+            f"| {fmt_length(r['length'])} | {r['attention']} | {_f(r.get('prefill_tok_s'))} | "
+            f"{_f(r.get('prefill_s'), '{:.2f}')} | {_f(r.get('decode_graph_tok_s'), '{:.1f}')} | "
+            f"{_f(r.get('decode_eager_tok_s'), '{:.1f}')} | "
+            f"{'-' if cache is None else f'{cache / 2**30:.2f} GiB'} |")
+    return "\n".join(lines)
+
+
+@click.command("generate")
+@click.option("--model", default="default", show_default=True)
+@click.option("--device", default=None, help="cpu / cuda (default: cuda if available).")
+@click.option("--dtype", default=None, help="bf16 / fp16 / fp32 (default: bf16 on CUDA, fp32 on CPU).")
+@click.option("--lengths", default=None,
+              help="Comma-separated context lengths, e.g. 4K,32K,1M (default: 512,2K,4K on CPU; "
+                   "4K,32K,128K,1M on CUDA).")
+@click.option("--attention", "attentions", default="superlinear,dense", show_default=True)
+@click.option("--chunk-size", default=8192, show_default=True, type=int)
+@click.option("--decode-tokens", default=32, show_default=True, type=int)
+@click.option("--dense-max-len", default="128K", show_default=True, help="Skip dense attention above this.")
+@click.option("--no-graph", is_flag=True, help="Do not time CUDA-graph decode (eager only).")
+@click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
+def command(model, device, dtype, lengths, attentions, chunk_size, decode_tokens, dense_max_len, no_graph,
+            as_json) -> None:
+    """Prefill and decode tokens/s at several context lengths, superlinear vs dense."""
+    parsed = tuple(parse_length(x) for x in lengths.split(",")) if lengths else ()
+    result = dispatch(BenchGenerate(model=model, device=device, dtype=dtype, lengths=parsed,
+                                    attentions=tuple(a.strip() for a in attentions.split(",") if a.strip()),
+                                    chunk_size=chunk_size, decode_tokens=max(2, decode_tokens),
+                                    dense_max_len=parse_length(dense_max_len), graph=not no_graph))
+    click.echo(json.dumps(result, indent=2, default=str) if as_json else markdown(result))
+
+
+BUS_COMMANDS = [(BenchGenerate, run_bench)]
