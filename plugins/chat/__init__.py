@@ -1,0 +1,181 @@
+"""Built-in plugin ``chat``: ``spl chat``, a prompt_toolkit REPL on a server session, and its
+slash commands (each a bus command; other plugins add more with ``register_slash_commands``).
+
+Embedding the REPL (``spl docs`` does this)::
+
+    from superlinear.plugins.chat import ChatRepl, ChatSettings, connect
+
+    client = connect(url=None)                  # ensure_server() or the --url server
+    ChatRepl(client, name="docs:NAME", session_id="docs-NAME",
+             extra_slash_commands=[...], prepare_message=fn, banner="...").run()
+
+``prepare_message(text, repl)`` returns the messages to send for the typed ``text`` (a str is
+one user message), e.g. the question with retrieved passages.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+import time
+
+import click
+
+from superlinear.hookspecs import hookimpl
+
+__all__ = ["ChatRepl", "ChatSettings", "TurnResult", "connect", "ask_once", "main_repl"]
+
+
+def __getattr__(name):  # lazy: `spl --help` must not import prompt_toolkit or httpx
+    if name in ("ChatRepl", "ChatSettings", "TurnResult"):
+        from . import repl
+
+        return getattr(repl, name)
+    raise AttributeError(name)
+
+
+def connect(url: str | None = None, model: str = "default", progress=None):
+    """A client for the server the REPL talks to: ``url`` if given (it must answer), else the
+    configured server, else a local one started now (``ensure_server``, with a progress line)."""
+    from superlinear.errors import Unavailable
+    from superlinear.plugins.client import SplClient, ensure_server
+    from superlinear.plugins.client.local import stderr_progress, wait_until_ready
+
+    if url:
+        client = SplClient(url if "://" in url else f"http://{url}")
+        health = client.health(timeout=5.0)  # Unavailable with a clear line when nothing answers
+        if health.get("status") in ("loading", "starting"):
+            wait_until_ready(client, progress=progress or stderr_progress)
+        elif health.get("status") != "ok":
+            raise Unavailable(f"the spl server at {client.base_url} is not ready: {health.get('status')}")
+        return client
+    return ensure_server(model=model, progress=progress or stderr_progress)
+
+
+def _reconnector(url: str | None, model: str):
+    def reconnect():
+        return connect(url, model)
+
+    return reconnect
+
+
+def ask_once(client, text: str, *, session_id: str | None = None, settings=None, as_json: bool = False,
+             out=None, err=None) -> int:
+    """Answer one message: stream it to ``out`` (footer on ``err``), or print one JSON object."""
+    from superlinear.errors import Unavailable
+
+    from .render import StreamRenderer, TurnStats, format_footer
+    from .repl import ChatSettings
+
+    out = out or sys.stdout
+    err = err or sys.stderr
+    settings = settings or ChatSettings(show_reasoning=False)
+    messages = []
+    if settings.system:
+        messages.append({"role": "system", "content": settings.system})
+    messages.append({"role": "user", "content": text})
+    renderer = StreamRenderer(out, show_reasoning=False, color=False)
+    done = None
+    started = time.perf_counter()
+    stream = client.chat_stream(messages, session_id=session_id, **settings.request_options())
+    try:
+        for event in stream:
+            if event.type == "text" and not as_json:
+                renderer.content_delta(event.text)
+            elif event.type == "done":
+                done = event
+    finally:
+        stream.close()
+    if done is None or done.finish_reason is None:
+        raise Unavailable("the server closed the stream before the reply ended (server gone?)")
+    stats = TurnStats.from_usage(done.usage, done.timings, finish_reason=done.finish_reason,
+                                 elapsed_s=time.perf_counter() - started)
+    message = done.message or {}
+    if as_json:
+        out.write(json.dumps({
+            "content": message.get("content") or "",
+            "reasoning_content": message.get("reasoning_content") or "",
+            "tool_calls": message.get("tool_calls") or [],
+            "finish_reason": done.finish_reason,
+            "session_id": done.session_id or session_id,
+            "usage": done.usage or {},
+            "timings": done.timings or {},
+            "url": client.base_url,
+        }) + "\n")
+        out.flush()
+        return 0
+    renderer.end_line()
+    err.write(format_footer(stats) + "\n")
+    err.flush()
+    return 0
+
+
+def main_repl(*, url: str | None = None, model: str = "default", new: bool = False,
+              session_id: str | None = None, settings=None) -> int:
+    from .repl import ChatRepl
+
+    client = connect(url, model)
+    repl = ChatRepl(client, session_id=session_id, new=new, settings=settings,
+                    reconnect=_reconnector(url, model))
+    return repl.run()
+
+
+@click.command("chat")
+@click.option("--url", default=None, help="Server to talk to (default: the configured one, else a "
+              "local server started now).")
+@click.option("--model", default="default", show_default=True, help="Model for a local server started now.")
+@click.option("--new", "new", is_flag=True, help="Start a fresh session instead of resuming the last one.")
+@click.option("--session", "session_id", default=None, metavar="ID", help="Use this session (created if missing).")
+@click.option("--once", "once", default=None, metavar="TEXT",
+              help="Answer one message and exit ('-' reads it from stdin). Without --session it "
+              "uses no session.")
+@click.option("--json", "as_json", is_flag=True, help="With --once: print one JSON object.")
+@click.option("--system", default=None, help="System prompt.")
+@click.option("--temp", "temperature", type=click.FloatRange(0.0, 2.0), default=None, help="Temperature.")
+@click.option("--max-tokens", type=click.IntRange(1), default=None, help="Cap on tokens per reply.")
+@click.option("--no-think", is_flag=True, help="Hide reasoning and ask the model not to think.")
+def chat_command(url, model, new, session_id, once, as_json, system, temperature, max_tokens, no_think):
+    """Chat with the model in the terminal (resumes your last session).
+
+    Enter sends, Alt-Enter adds a line, Ctrl-C stops a reply, Ctrl-D quits; /help inside lists
+    the slash commands.
+    """
+    from .repl import ChatSettings
+
+    settings = ChatSettings(system=system, temperature=temperature, max_tokens=max_tokens,
+                            show_reasoning=not no_think, thinking=False if no_think else None)
+    if as_json and once is None:
+        raise click.UsageError("--json needs --once")
+    if once is not None:
+        text = sys.stdin.read() if once == "-" else once
+        if not text.strip():
+            raise click.UsageError("--once needs a non-empty message")
+        client = connect(url, model)
+        try:
+            return ask_once(client, text, session_id=session_id, settings=settings, as_json=as_json)
+        finally:
+            client.close()
+    if not sys.stdin.isatty():
+        raise click.UsageError("spl chat needs a terminal; use --once TEXT (or --once -) for scripts")
+    return main_repl(url=url, model=model, new=new, session_id=session_id, settings=settings)
+
+
+@hookimpl
+def register_commands(register):
+    register(chat_command)
+
+
+@hookimpl
+def register_handlers(register):
+    from .commands import HANDLERS
+
+    for command_type, handler in HANDLERS:
+        register(command_type, handler)
+
+
+@hookimpl
+def register_slash_commands(register):
+    from .builtin import ALL_COMMANDS
+
+    for command in ALL_COMMANDS:
+        register(command)

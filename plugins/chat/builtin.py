@@ -1,0 +1,174 @@
+"""The built-in slash commands of ``spl chat``.
+
+Each one parses its argument text, builds a bus command and dispatches it through the REPL
+(``repl.dispatch``: the REPL and its client travel in the context). Admin operations dispatch
+the admin plugin's commands — the very ones behind ``spl session …`` / ``spl snapshot …`` — and
+format their results here; the REPL-only ones are the ``chat.*`` commands of ``commands.py``.
+"""
+
+from __future__ import annotations
+
+from superlinear.bus import SlashCommand
+from superlinear.errors import InvalidRequest
+
+from . import commands as cc
+from .slash import parse_int, split_args
+
+
+def _help(text, repl):
+    return repl.dispatch(cc.ChatHelp(topic=text.strip()))
+
+
+def _new(text, repl):
+    return repl.dispatch(cc.ChatNew(session_id=text.strip() or None))
+
+
+def _switch(text, repl):
+    return repl.dispatch(cc.ChatSwitch(session_id=text.strip()))
+
+
+def _system(text, repl):
+    text = text.strip()
+    if not text:
+        return repl.dispatch(cc.ChatSystem())
+    if text.lower() in ("off", "none", "clear", "-"):
+        return repl.dispatch(cc.ChatSystem(clear=True))
+    return repl.dispatch(cc.ChatSystem(text=text))
+
+
+def _temp(text, repl):
+    text = text.strip()
+    if not text:
+        return repl.dispatch(cc.ChatTemperature())
+    try:
+        value = float(text)
+    except ValueError:
+        raise InvalidRequest(f"temperature must be a number, not {text!r}") from None
+    return repl.dispatch(cc.ChatTemperature(value=value))
+
+
+def _think(text, repl):
+    args = split_args(text)
+    if not args:
+        return repl.dispatch(cc.ChatThink())
+    mode = args[0].lower()
+    if mode == "budget":
+        if len(args) != 2:
+            raise InvalidRequest("usage: /think budget N")
+        return repl.dispatch(cc.ChatThink(mode="budget", budget=parse_int(args[1], "budget", minimum=0)))
+    if len(args) != 1:
+        raise InvalidRequest("usage: /think on|off|budget N")
+    return repl.dispatch(cc.ChatThink(mode=mode))
+
+
+def _stats(text, repl):
+    return repl.dispatch(cc.ChatStats())
+
+
+def _exit(text, repl):
+    return repl.dispatch(cc.ChatExit())
+
+
+def _head(text, repl):
+    return repl.dispatch(cc.ChatHead(n=parse_int(text, "n", default=4, minimum=1)))
+
+
+def _tail(text, repl):
+    return repl.dispatch(cc.ChatTail(n=parse_int(text, "n", default=4, minimum=1)))
+
+
+REPL_COMMANDS = [
+    SlashCommand("help", "List the commands (/help CMD for one)", _help, "/help [CMD]"),
+    SlashCommand("new", "Start a new session", _new, "/new"),
+    SlashCommand("switch", "Continue another session", _switch, "/switch ID"),
+    SlashCommand("system", "Show, set or clear (off) the system prompt", _system, "/system [TEXT|off]"),
+    SlashCommand("temp", "Show or set the sampling temperature", _temp, "/temp [X]"),
+    SlashCommand("think", "Show reasoning (on), hide it (off), or cap it", _think, "/think on|off|budget N"),
+    SlashCommand("stats", "Server, session and last-turn statistics", _stats, "/stats"),
+    SlashCommand("head", "Show the first n messages in full", _head, "/head [n]"),
+    SlashCommand("tail", "Show the last n messages in full", _tail, "/tail [n]"),
+    SlashCommand("exit", "Leave (Ctrl-D too)", _exit, "/exit"),
+]
+
+
+# -- admin operations: the admin plugin's commands, on the current session -----------------------
+def _admin():
+    from superlinear.plugins import admin
+
+    return admin
+
+
+def _ls(text, repl):
+    admin = _admin()
+    result = repl.dispatch(admin.ListAll())
+    sessions = admin.session_table(result["sessions"])
+    if repl.session_id:  # mark the current session
+        sessions = "\n".join(("* " if line.split(" ", 1)[0] == repl.session_id else "  ") + line
+                             for line in sessions.splitlines())
+    return sessions + "\n\n" + admin.snapshot_table(result["snapshots"])
+
+
+def _rm(text, repl):
+    ids = split_args(text)
+    if not ids:
+        raise InvalidRequest("usage: /rm ID… (sessions or snapshots; /ls lists them)")
+    removed = repl.dispatch(_admin().Remove(ids=tuple(ids)))
+    lines = [f"removed {item['kind']} {item['id']}" for item in removed]
+    if any(item["kind"] == "session" and item["id"] == repl.session_id for item in removed):
+        lines.append(repl.new_session() + " (the current one was removed)")
+    return "\n".join(lines)
+
+
+def _save(text, repl):
+    info = repl.dispatch(_admin().SnapshotSave(session_id=repl.require_session(), title=text.strip() or None))
+    tokens = (info.get("session") or {}).get("position", info.get("position"))
+    detail = f", {tokens} tokens" if tokens is not None else ""
+    return f"saved snapshot {info['id']} (session {repl.session_id}{detail}); /load {info['id']} restores it"
+
+
+def _load(text, repl):
+    args = split_args(text)
+    if len(args) != 1:
+        raise InvalidRequest("usage: /load SNAP (/ls lists the snapshots)")
+    info = repl.dispatch(_admin().SnapshotLoad(snapshot_id=args[0]))
+    repl.adopt(info["id"])
+    return f"loaded snapshot {args[0]} into session {info['id']} ({info.get('position', '?')} tokens)"
+
+
+def _fork(text, repl):
+    args = split_args(text)
+    if len(args) > 1:
+        raise InvalidRequest("usage: /fork [NEW_ID]")
+    source = repl.require_session()
+    info = repl.dispatch(_admin().SessionFork(session_id=source, new_id=args[0] if args else None))
+    repl.adopt(info["id"])
+    return f"forked {source} → {info['id']} (now on {info['id']}; /switch {source} goes back)"
+
+
+def _rollback(text, repl):
+    n = parse_int(text, "N")
+    info = repl.dispatch(_admin().SessionRollback(session_id=repl.require_session(), n_messages=n))
+    repl.system_dirty = bool(repl.settings.system) and n == 0
+    return (f"session {repl.session_id}: {info.get('message_count', '?')} messages, "
+            f"{info.get('position', '?')} tokens")
+
+
+def _history(text, repl):
+    n = parse_int(text, "n", default=0, minimum=0) or None
+    return repl.history_lines(last=n)
+
+
+ADMIN_COMMANDS = [
+    SlashCommand("ls", "List sessions and snapshots", _ls, "/ls"),
+    SlashCommand("rm", "Remove sessions or snapshots", _rm, "/rm ID…"),
+    SlashCommand("save", "Save this session as a snapshot", _save, "/save [title]"),
+    SlashCommand("load", "Load a snapshot into a new session and switch to it", _load, "/load SNAP"),
+    SlashCommand("fork", "Copy this session and continue on the copy", _fork, "/fork [NEW_ID]"),
+    SlashCommand("rollback", "Keep the first N messages (-N drops the last N)", _rollback, "/rollback N"),
+    SlashCommand("history", "This session's messages, one line each (the last n)", _history, "/history [n]"),
+]
+
+
+_ORDER = ["help", "new", "ls", "switch", "rm", "save", "load", "fork", "rollback", "history", "head", "tail",
+          "system", "temp", "think", "stats", "exit"]
+ALL_COMMANDS = sorted(REPL_COMMANDS + ADMIN_COMMANDS, key=lambda c: _ORDER.index(c.name))

@@ -1,0 +1,188 @@
+"""`spl chat` for real: the REPL in a pseudo-terminal (pexpect) against a real `spl serve` with
+the default model, plus `spl chat --once` / `--json`.
+
+One server per module on a free port, with temporary state and snapshot dirs (the converted
+default model in XDG_CACHE_HOME is reused).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import socket
+import subprocess
+import sys
+import time
+
+import pytest
+
+pexpect = pytest.importorskip("pexpect")
+httpx = pytest.importorskip("httpx")
+
+pytestmark = pytest.mark.slow
+
+FOOTER = re.compile(r"\[\d+ → \d+ tokens · prefill \S+ tok/s · decode \S+ tok/s · \d+ reused · [\d.]+ s[^\]]*\]")
+PROMPT = "›"
+LEFT_PROMPT = "\x1b[?2004l"  # prompt_toolkit turns bracketed paste off when the prompt returns
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory):
+    root = tmp_path_factory.mktemp("chat")
+    env = dict(os.environ)
+    env.update(SPL_STATE_DIR=str(root / "state"), SUPERLINEAR_SNAPSHOT_DIR=str(root / "snapshots"),
+               PYTHONUNBUFFERED="1", NO_COLOR="1")
+    for key in ("SPL_SERVER_URL", "SPL_API_KEY"):
+        env.pop(key, None)
+    if os.environ.get("SPL_TEST_CHAT_URL"):  # developing: reuse a running server
+        yield {"url": os.environ["SPL_TEST_CHAT_URL"], "env": env, "root": root}
+        return
+    port = _free_port()
+    url = f"http://127.0.0.1:{port}"
+    log = open(root / "server.log", "wb")
+    proc = subprocess.Popen([sys.executable, "-m", "superlinear.cli.main", "serve", "--model", "default",
+                             "--port", str(port)], stdout=log, stderr=subprocess.STDOUT, env=env,
+                            start_new_session=True)
+    deadline = time.monotonic() + 240
+    try:
+        while True:
+            if proc.poll() is not None:
+                pytest.fail(f"spl serve exited: {(root / 'server.log').read_text()[-3000:]}")
+            try:
+                if httpx.get(f"{url}/health", timeout=2).json().get("status") == "ok":
+                    break
+            except (httpx.HTTPError, ValueError):
+                pass
+            if time.monotonic() > deadline:
+                pytest.fail(f"spl serve not ready: {(root / 'server.log').read_text()[-3000:]}")
+            time.sleep(0.2)
+        yield {"url": url, "env": env, "root": root}
+    finally:
+        proc.terminate()
+        try:
+            proc.wait(timeout=20)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+        log.close()
+
+
+def spawn_chat(server, *args):
+    env = dict(server["env"], TERM="xterm", PROMPT_TOOLKIT_NO_CPR="1", COLUMNS="160", LINES="40")
+    child = pexpect.spawn(sys.executable, ["-m", "superlinear.cli.main", "chat", "--url", server["url"], *args],
+                          env=env, encoding="utf-8", timeout=60, dimensions=(40, 160))
+    child.logfile_read = open(server["root"] / "chat-pty.log", "a")  # the screen, for failures
+    return child
+
+
+def send(child, text):
+    """Type ``text`` and press Enter (a terminal sends CR; LF would be Ctrl-J)."""
+    child.send(text + "\r")
+
+
+def ask(child, text):
+    send(child, text)
+    child.expect(FOOTER)
+    answer = child.before
+    child.expect_exact(PROMPT)
+    return answer
+
+
+def test_repl_session(server):
+    child = spawn_chat(server, "--new", "--temp", "0", "--max-tokens", "64")
+    try:
+        child.expect(r"new session (\S+)")
+        first_session = child.match.group(1)
+        child.expect_exact(PROMPT)
+
+        # A question: a streamed answer, then the footer.
+        answer = ask(child, "What is the capital of France?")
+        assert "Paris" in answer, answer
+
+        send(child, "/save my first chat")
+        child.expect(r"saved snapshot (\S+)")
+        snapshot = child.match.group(1)
+        child.expect_exact(PROMPT)
+
+        send(child, "/new")
+        child.expect(r"new session (\S+)")
+        assert child.match.group(1) != first_session
+        child.expect_exact(PROMPT)
+
+        send(child, f"/load {snapshot}")
+        child.expect(r"loaded snapshot \S+ into session (\S+)")
+        loaded = child.match.group(1)
+        child.expect_exact(PROMPT)
+
+        send(child, "/history")
+        child.expect(r"1\s+user\s+What is the capital of France\?")
+        child.expect(r"2\s+assistant\s+\S")
+        child.expect_exact(PROMPT)
+
+        # Ctrl-C during a long reply cancels it; the REPL and the session stay usable.
+        send(child, "Write a long story about a dragon.")
+        child.expect_exact(LEFT_PROMPT)  # the input was accepted; the terminal is cooked again
+        child.expect(r"[A-Za-z]{3}")  # the reply has started streaming
+        child.sendintr()
+        child.expect_exact("[cancelled]")
+        child.expect_exact(PROMPT)
+        ask(child, "Thanks. What is 2 + 2?")
+        send(child, "/history")
+        child.expect(r"\d+\s+user\s+Thanks\. What is 2 \+ 2\?")
+        child.expect_exact(PROMPT)
+        history = httpx.get(f"{server['url']}/v1/sessions/{loaded}/history", timeout=10).json()["messages"]
+        roles = [m["role"] for m in history]
+        assert roles[:2] == ["user", "assistant"] and roles[-2:] == ["user", "assistant"], roles
+        assert all(a != b for a, b in zip(roles, roles[1:], strict=False)), roles  # user/assistant alternate
+
+        send(child, "/bogus")
+        child.expect_exact("error: unknown command /bogus")
+        child.expect_exact(PROMPT)
+        send(child, "/load no-such-snapshot")
+        child.expect(r"error: .*no-such-snapshot")
+        child.expect_exact(PROMPT)
+
+        send(child, "/exit")
+        child.expect(pexpect.EOF)
+    finally:
+        child.close()
+    assert child.exitstatus == 0
+
+
+def run_once(server, *args):
+    env = dict(server["env"])
+    return subprocess.run([sys.executable, "-m", "superlinear.cli.main", "chat", "--url", server["url"],
+                           "--temp", "0", "--max-tokens", "24", "--once", *args],
+                          capture_output=True, text=True, timeout=120, env=env)
+
+
+def test_once_prints_the_answer(server):
+    result = run_once(server, "What is the capital of France?")
+    assert result.returncode == 0, result.stderr
+    assert "Paris" in result.stdout
+    assert FOOTER.search(result.stderr), result.stderr
+
+
+def test_once_json(server):
+    result = run_once(server, "What is the capital of France?", "--json")
+    assert result.returncode == 0, result.stderr
+    data = json.loads(result.stdout)
+    assert "Paris" in data["content"]
+    assert data["finish_reason"] in ("stop", "length")
+    assert data["usage"]["completion_tokens"] > 0
+
+
+def test_once_server_gone_is_one_line():
+    port = _free_port()
+    result = subprocess.run([sys.executable, "-m", "superlinear.cli.main", "chat", "--url",
+                             f"http://127.0.0.1:{port}", "--once", "hi"],
+                            capture_output=True, text=True, timeout=60)
+    assert result.returncode == 2
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("spl: error: cannot reach the spl server"), result.stderr

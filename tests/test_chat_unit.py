@@ -1,0 +1,346 @@
+"""The pieces of `spl chat` without a server: parsing, completion, rendering, state, and the
+REPL's turn logic against an in-memory fake client (the real REPL in a terminal against a real
+server is tests/test_chat_repl.py)."""
+
+from __future__ import annotations
+
+import io
+import json
+
+import pytest
+from prompt_toolkit.document import Document
+
+from superlinear.bus import SlashCommand
+from superlinear.errors import InvalidRequest, NotFound, Unavailable
+from superlinear.plugins.chat import state as chat_state
+from superlinear.plugins.chat.render import StreamRenderer, TurnStats, format_footer
+from superlinear.plugins.chat.repl import ChatRepl, ChatSettings
+from superlinear.plugins.chat.slash import (
+    SlashCompleter,
+    SlashRegistry,
+    UnknownSlashCommand,
+    argument_kinds,
+    parse_int,
+    parse_line,
+)
+from superlinear.plugins.client import StreamEvent
+
+
+@pytest.fixture(autouse=True)
+def _state_dir(tmp_path, monkeypatch):
+    monkeypatch.setenv("SPL_STATE_DIR", str(tmp_path / "state"))
+    monkeypatch.setenv("NO_COLOR", "1")
+
+
+# -- parsing -------------------------------------------------------------------------------------
+def test_parse_line():
+    assert parse_line("/save my title ") == ("save", "my title")
+    assert parse_line("  /HELP") == ("help", "")
+    assert parse_line("hello /save") is None
+    assert parse_line("//not a command") is None
+    assert parse_line("/") is None
+    assert parse_line("/usr/bin/env is a path") is None
+
+
+def test_parse_int():
+    assert parse_int("", "n", default=4) == 4
+    assert parse_int(" 7 ", "n") == 7
+    with pytest.raises(InvalidRequest, match="whole number"):
+        parse_int("x", "n")
+    with pytest.raises(InvalidRequest, match="at least 1"):
+        parse_int("0", "n", minimum=1)
+
+
+def _cmd(name, usage=""):
+    return SlashCommand(name, f"help of {name}", lambda text, repl: f"{name}:{text}", usage)
+
+
+def test_registry_prefix_and_unknown():
+    reg = SlashRegistry([_cmd("history"), _cmd("help"), _cmd("save")])
+    assert reg.get("sa").name == "save"
+    assert reg.get("history").name == "history"
+    with pytest.raises(UnknownSlashCommand, match="did you mean /help, /history"):
+        reg.get("h")
+    with pytest.raises(UnknownSlashCommand, match="unknown command /bogus; /help"):
+        reg.get("bogus")
+    reg.add(SlashCommand("save", "override", lambda t, r: "x"))
+    assert reg.get("save").help == "override"
+    assert reg.names() == ["history", "help", "save"]
+
+
+def test_argument_kinds():
+    assert argument_kinds("/load SNAP") == ["snapshot"]
+    assert argument_kinds("/rm ID…") == ["session*"]
+    assert argument_kinds("/switch ID") == ["session"]
+    assert argument_kinds("/think on|off|budget N") == [["on", "off", "budget"], None]
+    assert argument_kinds("/save [title]") == [None]
+
+
+def _completions(completer, text):
+    return [c.text for c in completer.get_completions(Document(text), None)]
+
+
+def test_completer():
+    reg = SlashRegistry([_cmd("load", "/load SNAP"), _cmd("rm", "/rm ID…"), _cmd("think", "/think on|off|budget N"),
+                         _cmd("rollback", "/rollback N")])
+    ids = {"session": ["s-aaa", "s-abb", "t-1"], "snapshot": ["snap1", "snap2"]}
+    completer = SlashCompleter(reg, lambda kind: ids[kind])
+    assert _completions(completer, "/r") == ["/rm", "/rollback"]
+    assert _completions(completer, "/load sn") == ["snap1", "snap2"]
+    assert _completions(completer, "/rm s-a") == ["s-aaa", "s-abb"]
+    assert _completions(completer, "/rm s-aaa s-") == ["s-abb"]  # repeating, no duplicates
+    assert _completions(completer, "/think o") == ["on", "off"]
+    assert _completions(completer, "/rollback ") == []
+    assert _completions(completer, "hello /lo") == []
+
+    def broken(kind):
+        raise Unavailable("server gone")
+
+    assert _completions(SlashCompleter(reg, broken), "/load ") == []  # never breaks typing
+
+
+# -- rendering -----------------------------------------------------------------------------------
+def test_footer_from_usage_and_timings():
+    stats = TurnStats.from_usage(
+        {"prompt_tokens": 12, "completion_tokens": 34},
+        {"prefill_tokens_per_s": 850.4, "decode_tokens_per_s": 41.23, "tokens_reused": 120},
+        elapsed_s=1.42, finish_reason="stop")
+    assert format_footer(stats) == "[12 → 34 tokens · prefill 850 tok/s · decode 41.2 tok/s · 120 reused · 1.4 s]"
+    cached = TurnStats.from_usage({"prompt_tokens": 5, "completion_tokens": 1,
+                                   "prompt_tokens_details": {"cached_tokens": 3}}, {}, finish_reason="length")
+    assert format_footer(cached) == "[5 → 1 tokens · prefill – tok/s · decode – tok/s · 3 reused · length]"
+
+
+def test_renderer_dims_reasoning_and_separates_answer():
+    out = io.StringIO()
+    r = StreamRenderer(out, color=True)
+    r.reasoning_delta("let me ")
+    r.reasoning_delta("think")
+    r.content_delta("\nParis")
+    r.content_delta(".")
+    r.end_line()
+    text = out.getvalue()
+    assert "\x1b[2mthinking: \x1b[0m\x1b[2mlet me \x1b[0m" in text
+    assert text.endswith("think\x1b[0m\n\n\nParis.\n")
+    assert r.text == "\nParis." and r.at_line_start
+
+
+def test_renderer_hides_reasoning_and_strips_leading_newlines():
+    out = io.StringIO()
+    r = StreamRenderer(out, show_reasoning=False, color=False)
+    r.reasoning_delta("secret")
+    r.content_delta("\n\nHi")
+    r.notice("[cancelled]")
+    assert out.getvalue() == "Hi\n[cancelled]\n"
+
+
+# -- state ---------------------------------------------------------------------------------------
+def test_last_session_roundtrip(tmp_path):
+    assert chat_state.last_session("chat") is None
+    chat_state.remember_session("chat", "s1", "http://a")
+    chat_state.remember_session("docs:x", "d1", "http://a")
+    assert chat_state.last_session("chat") == "s1"
+    assert chat_state.last_session("chat", "http://a") == "s1"
+    assert chat_state.last_session("chat", "http://b") is None  # another server
+    assert chat_state.last_session("docs:x") == "d1"
+    chat_state.remember_session("chat", None)
+    assert chat_state.last_session("chat") is None
+    assert chat_state.history_file("docs:a b").name == "docs_a_b"
+    (tmp_path / "state" / "chat.json").write_text("not json")
+    assert chat_state.last_session("chat") is None
+
+
+# -- the REPL against a fake client --------------------------------------------------------------
+class FakeClient:
+    """Just enough of SplClient: sessions with transcripts, a streamed echo reply."""
+
+    base_url = "http://fake"
+
+    def __init__(self):
+        self.sessions: dict[str, list[dict]] = {}
+        self.requests: list[dict] = []
+        self.down = False
+        self.interrupt_after: int | None = None
+        self._n = 0
+
+    def _check(self):
+        if self.down:
+            raise Unavailable("cannot reach the spl server at http://fake (ConnectError)")
+
+    def health(self, timeout=None):
+        self._check()
+        return {"status": "ok", "model": "fake"}
+
+    def create_session(self, session_id=None, max_seq_len=None):
+        self._check()
+        self._n += 1
+        sid = session_id or f"sess{self._n}"
+        self.sessions[sid] = []
+        return {"id": sid}
+
+    def get_session(self, sid):
+        self._check()
+        if sid not in self.sessions:
+            raise NotFound(f"unknown session {sid!r}")
+        return {"id": sid, "message_count": len(self.sessions[sid]), "position": 10 * len(self.sessions[sid])}
+
+    def history(self, sid):
+        self.get_session(sid)
+        return list(self.sessions[sid])
+
+    def list_sessions(self):
+        return [{"id": s} for s in self.sessions]
+
+    def list_snapshots(self):
+        return []
+
+    def chat_stream(self, messages, session_id=None, **options):
+        self.requests.append({"messages": messages, "session_id": session_id, **options})
+        self._check()
+        if session_id is not None and session_id not in self.sessions:
+            raise NotFound(f"unknown session {session_id!r}")
+        transcript = self.sessions.setdefault(session_id, [])
+        # the server's rule: extending the transcript or diverging at the system prompt -> replace
+        if len(messages) > 1 or (messages and messages[0].get("role") == "system"):
+            transcript[:] = []
+        reply = "echo: " + messages[-1]["content"]
+        words = reply.split(" ")
+        for i, word in enumerate(words):
+            if self.interrupt_after is not None and i == self.interrupt_after:
+                raise KeyboardInterrupt
+            yield StreamEvent("text", text=(" " if i else "") + word, session_id=session_id)
+        transcript.extend(messages)
+        transcript.append({"role": "assistant", "content": reply})
+        yield StreamEvent("done", finish_reason="stop", usage={"prompt_tokens": 7, "completion_tokens": len(words)},
+                          timings={"prefill_tokens_per_s": 100.0, "decode_tokens_per_s": 10.0, "tokens_reused": 3},
+                          message={"role": "assistant", "content": reply}, session_id=session_id)
+
+
+def make_repl(client=None, **kwargs):
+    out = io.StringIO()
+    repl = ChatRepl(client or FakeClient(), out=out, **kwargs)
+    return repl, out
+
+
+def test_new_then_resume_last_session():
+    client = FakeClient()
+    repl, out = make_repl(client)
+    assert repl.open_session() == "new session sess1"
+    repl.handle("hello there")
+    assert "echo: hello there" in out.getvalue()
+    assert "[7 → 3 tokens · prefill 100 tok/s · decode 10.0 tok/s · 3 reused" in out.getvalue()
+    again, _ = make_repl(client)
+    assert again.open_session().startswith("resumed session sess1 (2 messages")
+    fresh, _ = make_repl(client, new=True)
+    assert fresh.open_session() == "new session sess2"
+    named, _ = make_repl(client, session_id="mine")
+    assert named.open_session() == "new session mine" and "mine" in client.sessions
+
+
+def test_slash_commands_and_errors():
+    client = FakeClient()
+    repl, out = make_repl(client)
+    repl.open_session()
+    repl.handle("/bogus")
+    repl.handle("/temp 0.3")
+    repl.handle("/temp 9")
+    repl.handle("/think off")
+    repl.handle("/think budget x")
+    repl.handle("/switch nope")
+    repl.handle("question")
+    text = out.getvalue()
+    assert "error: unknown command /bogus; /help lists the commands" in text
+    assert "temperature set to 0.3" in text
+    assert "error: temperature must be between 0 and 2" in text
+    assert "reasoning: hidden, thinking off" in text
+    assert "error: budget must be a whole number" in text
+    assert "error: unknown session 'nope'" in text
+    request = client.requests[-1]
+    assert request["temperature"] == 0.3
+    assert request["chat_template_kwargs"] == {"enable_thinking": False}
+    assert request["messages"] == [{"role": "user", "content": "question"}]
+    repl.handle("/tail 1")
+    assert "[2] assistant\necho: question" in out.getvalue()
+    repl.handle("/exit")
+    assert repl.running is False
+
+
+def test_system_prompt_is_sent_first_and_resent_on_change():
+    client = FakeClient()
+    repl, _ = make_repl(client, settings=ChatSettings(system="be brief"))
+    repl.open_session()
+    repl.handle("one")
+    assert client.requests[-1]["messages"][0] == {"role": "system", "content": "be brief"}
+    repl.handle("two")
+    assert client.requests[-1]["messages"] == [{"role": "user", "content": "two"}]
+    repl.handle("/system be verbose")
+    repl.handle("three")
+    sent = client.requests[-1]["messages"]
+    assert sent[0] == {"role": "system", "content": "be verbose"}
+    assert [m["content"] for m in sent[1:]] == ["one", "echo: one", "two", "echo: two", "three"]
+
+
+def test_ctrl_c_cancels_the_reply_not_the_repl():
+    client = FakeClient()
+    repl, out = make_repl(client)
+    repl.open_session()
+    client.interrupt_after = 2
+    repl.handle("a long question please")
+    assert out.getvalue().rstrip().endswith("[cancelled]")
+    client.interrupt_after = None
+    repl.handle("again")
+    assert "echo: again" in out.getvalue()
+
+
+def test_server_gone_then_reconnect():
+    client = FakeClient()
+    reconnects = []
+    repl, out = make_repl(client, reconnect=lambda: reconnects.append(1) or client)
+    repl.open_session()
+    client.down = True
+    repl.handle("hello")
+    assert "error: server gone: cannot reach the spl server" in out.getvalue()
+    client.down = False
+    client.sessions.clear()  # the server came back without the session
+    repl.handle("hello again")
+    assert reconnects == [1]
+    assert "was gone from the server; started it afresh" in out.getvalue()
+    assert "echo: hello again" in out.getvalue()
+
+
+def test_prepare_message_and_extra_commands():
+    client = FakeClient()
+    extra = SlashCommand("sources", "list sources", lambda text, repl: "3 sources")
+
+    def prepare(text, repl):
+        return [{"role": "user", "content": f"[passages]\n{text}"}]
+
+    repl, out = make_repl(client, name="docs:x", session_id="docs-x", extra_slash_commands=[extra],
+                          prepare_message=prepare)
+    repl.open_session()
+    repl.handle("/sources")
+    repl.handle("what?")
+    assert "3 sources" in out.getvalue()
+    assert client.requests[-1]["messages"][0]["content"] == "[passages]\nwhat?"
+    assert chat_state.last_session("docs:x") == "docs-x"
+    assert "/sources" in repl.help_text()
+
+
+def test_chat_commands_need_a_repl():
+    from superlinear.bus import dispatch
+    from superlinear.plugins.chat.commands import ChatStats
+
+    with pytest.raises(InvalidRequest, match="only works inside `spl chat`"):
+        dispatch(ChatStats())
+
+
+def test_ask_once_json():
+    from superlinear.plugins.chat import ask_once
+
+    out, err = io.StringIO(), io.StringIO()
+    assert ask_once(FakeClient(), "hi", as_json=True, out=out, err=err) == 0
+    data = json.loads(out.getvalue())
+    assert data["content"] == "echo: hi" and data["finish_reason"] == "stop"
+    out, err = io.StringIO(), io.StringIO()
+    assert ask_once(FakeClient(), "hi", out=out, err=err) == 0
+    assert out.getvalue() == "echo: hi\n" and err.getvalue().startswith("[7 → 2 tokens")
