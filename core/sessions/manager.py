@@ -76,7 +76,7 @@ class Session:
         self.created_at = created_at if created_at is not None else time.time()
         self.last_used = time.time()
         self._max_seq_len = max_seq_len
-        self.state_snapshot: str | None = None  # where the state is while not resident
+        self.state_snapshot: str | None = None  # its state on disk (evicted, persisted)
         self._disk_info: dict = {}  # position / message_count of the state on disk
         self.closed = False
 
@@ -364,12 +364,8 @@ class SessionManager:
         _, conv = self._conversation_from_snapshot(
             sid, session._max_seq_len, exclude=session, what=f"reloading session {session.id!r}")
         session.conversation = conv
-        session.state_snapshot = None
-        session._disk_info = {}
-        try:
-            self.store.delete(sid)  # the live state is the truth again
-        except NotFound:
-            pass
+        # The state snapshot stays: it is the session's durable copy (what a restart after a
+        # crash finds), rewritten by the next eviction / persist, deleted by close.
         log.info("session %s reloaded from snapshot %s", session.id, sid)
 
     def __contains__(self, session_id: str) -> bool:

@@ -12,8 +12,6 @@ loaded hybrid session can still roll back without replaying its whole history.
 
 from __future__ import annotations
 
-import gc
-
 from superlinear.errors import TooLarge
 
 _CKPT_PREFIX = "recurrent."
@@ -132,12 +130,13 @@ def _is_oom(exc: BaseException) -> bool:
 
 
 def free_memory() -> None:
-    """Give freed cache memory back (CUDA caching allocator)."""
-    gc.collect()
-    try:
-        import torch
+    """Give freed cache memory back to the device (CUDA caching allocator). Tensors are freed
+    by reference counting as soon as a cache is dropped; only CUDA needs this extra step."""
+    import sys
 
-        if torch.cuda.is_available():
+    torch = sys.modules.get("torch")
+    try:
+        if torch is not None and torch.cuda.is_available() and torch.cuda.is_initialized():
             torch.cuda.empty_cache()
     except Exception:  # noqa: BLE001
         pass
