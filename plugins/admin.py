@@ -491,7 +491,7 @@ def session_fork_command(session_id, new_id, as_json) -> None:
           lambda r: f"forked {session_id} -> {r['id']} ({r.get('position')} tokens)")
 
 
-@session_group.command("rollback")
+@session_group.command("rollback", context_settings={"ignore_unknown_options": True})
 @click.argument("session_id")
 @click.argument("n_messages", type=int)
 @_json_option

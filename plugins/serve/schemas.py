@@ -7,7 +7,7 @@ from __future__ import annotations
 import json
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import BaseModel, ConfigDict, Field, StrictBool, ValidationError, field_validator
 
 from superlinear.errors import InvalidRequest, TooLarge
 
@@ -59,7 +59,7 @@ class Tool(BaseModel):
 
 class StreamOptions(BaseModel):
     model_config = _ALLOW
-    include_usage: bool = False
+    include_usage: StrictBool = False
 
 
 class RepetitionOptions(BaseModel):
@@ -73,7 +73,7 @@ class ChatCompletionRequest(BaseModel):
     model_config = _ALLOW
     model: str | None = None
     messages: list[Message] = Field(min_length=1)
-    stream: bool = False
+    stream: StrictBool = False
     stream_options: StreamOptions | None = None
     temperature: float | None = Field(None, ge=0.0, le=2.0)
     top_p: float | None = Field(None, gt=0.0, le=1.0)
@@ -86,14 +86,14 @@ class ChatCompletionRequest(BaseModel):
     tools: list[Tool] | None = None
     tool_choice: Literal["none", "auto", "required"] | dict | None = None
     response_format: dict | None = None
-    logprobs: bool | None = None
+    logprobs: StrictBool | None = None
     # spl extensions (OpenAI clients send them with extra_body=...)
     session_id: str | None = None
     session_mode: Literal["auto", "append", "replace"] = "auto"
     reasoning_budget: int | None = Field(None, ge=0)
-    repetition_detection: bool | RepetitionOptions | None = None
+    repetition_detection: StrictBool | RepetitionOptions | None = None
     chat_template_kwargs: dict[str, Any] | None = None
-    keep_thinking: bool = False
+    keep_thinking: StrictBool = False
 
     @field_validator("stop")
     @classmethod
@@ -189,7 +189,7 @@ class PatchSnapshot(BaseModel):
 class LoadSnapshot(BaseModel):
     model_config = _FORBID
     session_id: str | None = None
-    force: bool = False
+    force: StrictBool = False
     max_seq_len: int | None = Field(None, ge=1)
 
 

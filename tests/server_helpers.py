@@ -1,0 +1,127 @@
+"""One real spl server (a subprocess on a free port, the default model) shared by the server
+and admin test modules of a pytest run, plus helpers to talk to it.
+
+The server gets its own SPL_STATE_DIR and SUPERLINEAR_SNAPSHOT_DIR (temporary), but keeps
+XDG_CACHE_HOME, so the converted default model is reused, not converted again.
+"""
+
+from __future__ import annotations
+
+import atexit
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import httpx
+
+API_KEY = "test-key-123"
+MAX_CONCURRENCY = 4
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@dataclass
+class RunningServer:
+    url: str
+    api_key: str | None
+    proc: subprocess.Popen
+    tmp: Path
+    log: Path
+
+    @property
+    def env(self) -> dict:
+        """Environment for `spl` subprocesses that should talk to this server."""
+        env = dict(os.environ)
+        env.update({
+            "SPL_SERVER_URL": self.url,
+            "SPL_STATE_DIR": str(self.tmp / "client-state"),
+            "SUPERLINEAR_SNAPSHOT_DIR": str(self.tmp / "snapshots"),
+        })
+        if self.api_key:
+            env["SPL_API_KEY"] = self.api_key
+        else:
+            env.pop("SPL_API_KEY", None)
+        return env
+
+    def http(self, auth: bool = True, timeout: float = 120.0) -> httpx.Client:
+        headers = {"Authorization": f"Bearer {self.api_key}"} if auth and self.api_key else {}
+        return httpx.Client(base_url=self.url, headers=headers, timeout=timeout)
+
+    def stop(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+            try:
+                self.proc.wait(30)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait(5)
+
+
+def start_server(api_key: str | None = API_KEY, max_concurrency: int = MAX_CONCURRENCY,
+                 extra_args: tuple[str, ...] = ()) -> RunningServer:
+    tmp = Path(tempfile.mkdtemp(prefix="spl-server-test-"))
+    port = free_port()
+    env = dict(os.environ)
+    env.update({"SPL_STATE_DIR": str(tmp / "state"), "SUPERLINEAR_SNAPSHOT_DIR": str(tmp / "snapshots"),
+                "PYTHONUNBUFFERED": "1"})
+    env.pop("SPL_API_KEY", None)
+    args = [sys.executable, "-m", "superlinear.cli.main", "serve", "--port", str(port),
+            "--max-concurrency", str(max_concurrency), "--max-seq-len", "2048", *extra_args]
+    if api_key:
+        args += ["--api-key", api_key]
+    log = tmp / "server.log"
+    with open(log, "wb") as out:
+        proc = subprocess.Popen(args, stdout=out, stderr=subprocess.STDOUT, env=env)
+    server = RunningServer(f"http://127.0.0.1:{port}", api_key, proc, tmp, log)
+    deadline = time.monotonic() + 300
+    while True:
+        if proc.poll() is not None:
+            raise RuntimeError(f"spl serve exited: {log.read_text()[-3000:]}")
+        try:
+            if httpx.get(server.url + "/health", timeout=1.0).json().get("status") == "ok":
+                return server
+        except (httpx.HTTPError, ValueError):
+            pass
+        if time.monotonic() > deadline:
+            server.stop()
+            raise RuntimeError(f"spl serve did not get ready: {log.read_text()[-3000:]}")
+        time.sleep(0.2)
+
+
+_shared: RunningServer | None = None
+
+
+def shared_server() -> RunningServer:
+    """The server shared by every test module of this pytest process (started on first use)."""
+    global _shared
+    if _shared is None or _shared.proc.poll() is not None:
+        _shared = start_server()
+        atexit.register(_cleanup, _shared)
+    return _shared
+
+
+def _cleanup(server: RunningServer) -> None:
+    server.stop()
+    shutil.rmtree(server.tmp, ignore_errors=True)
+
+
+def spl(server: RunningServer, *args: str, env: dict | None = None,
+        timeout: float = 120) -> subprocess.CompletedProcess:
+    """Run the `spl` CLI against ``server``."""
+    return subprocess.run([sys.executable, "-m", "superlinear.cli.main", *args], capture_output=True,
+                          text=True, env=env or server.env, timeout=timeout)
+
+
+def user(text: str) -> dict:
+    return {"role": "user", "content": text}
