@@ -362,3 +362,36 @@ def test_eviction_never_overwrites_a_user_snapshot(model, tmp_path):
     assert not manager.info("b")["resident"]
     manager.close("a")
     assert store.exists(user_snap) and not store.exists(state_id)
+
+
+def test_threads_a_busy_session_is_neither_evicted_nor_closed_under_its_user(model, tmp_path):
+    import time
+
+    store = SnapshotStore(tmp_path)
+    one = SessionManager(model, store, default_max_seq_len=32).estimate_bytes(32)
+    manager = SessionManager(model, store, memory_budget=2 * one, evict_to_disk=True, default_max_seq_len=32)
+    manager.create("a")
+    manager.create("b")
+    entered, release = threading.Event(), threading.Event()
+
+    def hold():
+        with manager.use("a"):
+            entered.set()
+            release.wait(10)
+
+    holder = threading.Thread(target=hold)
+    holder.start()
+    assert entered.wait(10)
+    manager.get("b")  # "a" is now the least recently used, but another thread is using it
+    manager.create("c")
+    assert manager.info("a")["resident"] and not manager.info("b")["resident"]
+    closer = threading.Thread(target=manager.close, args=("a",))
+    closer.start()
+    time.sleep(0.2)
+    assert closer.is_alive() and "a" in manager  # close waits for the turn to end
+    release.set()
+    holder.join(10)
+    closer.join(10)
+    assert "a" not in manager
+    with pytest.raises(NotFound):
+        manager.get("a")

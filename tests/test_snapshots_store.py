@@ -355,3 +355,29 @@ def test_read_transcript_only(store):
     _corrupt(store.root / "s" / TRANSCRIPT, "flip")
     with pytest.raises(CorruptSnapshot, match="SHA-256"):
         store.read_transcript("s")
+
+
+def test_concurrent_saves_and_patches(store):
+    import threading
+
+    errors = []
+
+    def work(i):
+        try:
+            save(store, snapshot_id=f"s{i}")
+            for k in range(5):
+                store.patch(f"s{i}", title=f"t{k}", add_tags=[f"k{k}"])
+        except Exception as exc:  # noqa: BLE001
+            errors.append(exc)
+
+    threads = [threading.Thread(target=work, args=(i,)) for i in range(8)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert errors == []
+    assert sorted(m["id"] for m in store.list()) == sorted(f"s{i}" for i in range(8))
+    for i in range(8):
+        m = store.verify(f"s{i}")
+        assert m["title"] == "t4" and m["tags"] == [f"k{k}" for k in range(5)]
+    assert not [p for p in store.root.iterdir() if p.name.startswith(".")]

@@ -148,6 +148,9 @@ class SessionManager:
         self.default_max_seq_len = default_max_seq_len or min(DEFAULT_MAX_SEQ_LEN, limit or DEFAULT_MAX_SEQ_LEN)
         self._sessions: dict[str, Session] = {}
         self._lock = threading.RLock()
+        # Held from the budget check to the end of the allocation, so two threads cannot both
+        # pass the check and together overshoot the budget. Never waits for a session lock.
+        self._alloc_lock = threading.RLock()
         self._size_probe: tuple[int, int] | None = None  # (fixed bytes, bytes per token)
 
     # ------------------------------------------------------------------ memory
@@ -261,9 +264,10 @@ class SessionManager:
     # ------------------------------------------------------------------ building conversations
     def _new_conversation(self, max_seq_len: int, *, exclude: Session | None = None, what: str):
         self._check_len(max_seq_len)
-        self._reserve(self.estimate_bytes(max_seq_len), exclude=exclude, what=what)
-        return _state.allocate(lambda: _state.new_conversation(self.model, max_seq_len, self.chunk_size),
-                               max_seq_len)
+        with self._alloc_lock:
+            self._reserve(self.estimate_bytes(max_seq_len), exclude=exclude, what=what)
+            return _state.allocate(
+                lambda: _state.new_conversation(self.model, max_seq_len, self.chunk_size), max_seq_len)
 
     def _check_len(self, max_seq_len) -> None:
         if not isinstance(max_seq_len, int) or isinstance(max_seq_len, bool) or max_seq_len < 1:
@@ -276,7 +280,6 @@ class SessionManager:
 
     def _conversation_from_snapshot(self, snapshot_id: str, max_seq_len: int | None, *,
                                     exclude: Session | None, what: str):
-        manifest, transcript, _ = None, None, None
         manifest = self.store.get(snapshot_id)
         check_model(manifest, self.model)
         position = int(manifest["session"]["position"])
@@ -287,12 +290,16 @@ class SessionManager:
             raise InvalidRequest(
                 f"max_seq_len {max_seq_len} is smaller than snapshot {snapshot_id!r}'s position "
                 f"({position} tokens); use at least {position}", param="max_seq_len")
-        self._reserve(self.estimate_bytes(max_seq_len), exclude=exclude, what=what)
-        manifest, transcript, tensors = self.store.read(snapshot_id, model=self.model)
-        conv = _state.allocate(
-            lambda: _state.restore(self.model, transcript, tensors, position=position,
-                                   max_seq_len=max_seq_len, chunk_size=self.chunk_size),
-            max_seq_len)
+        need = self.estimate_bytes(max_seq_len)
+        if self.memory_budget is not None and need > self.memory_budget:
+            self._reserve(need, exclude=exclude, what=what)  # raises TooLarge before any reading
+        manifest, transcript, tensors = self.store.read(snapshot_id, model=self.model)  # hashes checked
+        with self._alloc_lock:
+            self._reserve(need, exclude=exclude, what=what)
+            conv = _state.allocate(
+                lambda: _state.restore(self.model, transcript, tensors, position=position,
+                                       max_seq_len=max_seq_len, chunk_size=self.chunk_size),
+                max_seq_len)
         return manifest, conv
 
     # ------------------------------------------------------------------ table
@@ -427,8 +434,9 @@ class SessionManager:
                 raise InvalidRequest(f"max_seq_len {need} is smaller than the session's position "
                                      f"({source.position})", param="max_seq_len")
             self._check_len(need)
-            self._reserve(self.estimate_bytes(need), exclude=source, what=f"forking {session_id!r}")
-            conv = _state.allocate(lambda: _state.fork(source.conversation, max_seq_len), need)
+            with self._alloc_lock:
+                self._reserve(self.estimate_bytes(need), exclude=source, what=f"forking {session_id!r}")
+                conv = _state.allocate(lambda: _state.fork(source.conversation, max_seq_len), need)
             source.touch()
         return self._register(Session(nid, conv, max_seq_len=need))
 
@@ -467,8 +475,9 @@ class SessionManager:
             old = _state.max_seq_len(conv)
             if max_seq_len != old:
                 grow = self.estimate_bytes(max_seq_len) - self.estimate_bytes(old)
-                self._reserve(grow, exclude=session, what=f"resizing {session_id!r} to {max_seq_len}")
-                _state.allocate(lambda: _state.resize(conv, max_seq_len), max_seq_len)
+                with self._alloc_lock:
+                    self._reserve(grow, exclude=session, what=f"resizing {session_id!r} to {max_seq_len}")
+                    _state.allocate(lambda: _state.resize(conv, max_seq_len), max_seq_len)
                 session._max_seq_len = max_seq_len
                 _state.free_memory()
             session.touch()
