@@ -38,11 +38,10 @@ what = sys.argv[1] if len(sys.argv) > 1 else "all"
 p = SpanParams(**CONFIGS["1"])
 if what in ("prefill", "all"):
     for L in (65536, 1 << 20):
-        R = 1024 if L == 65536 else 4096
-        for blocks in [dict(), dict(span_m=16), dict(span_m=64), dict(span_n=128), dict(span_warps=8),
-                       dict(span_stages=3), dict(span_rows=R), dict(span_rows=R, span_m=16),
-                       dict(span_rows=R // 2, span_m=16), dict(span_rows=2 * R), dict(search_m=32),
-                       dict(search_c=128), dict(search_c=32)]:
+        R = 64 if L == 65536 else 256
+        for blocks in [dict(), dict(span_m=128), dict(span_m=32), dict(span_n=128), dict(span_n=32),
+                       dict(span_warps=8), dict(span_m=128, span_warps=8), dict(span_stages=3),
+                       dict(span_r=R // 2), dict(span_r=R * 2), dict(span_r=R * 4)]:
             try:
                 st = prefill_ms(p, L, blocks)
                 print(f"prefill L={L >> 10}K {blocks}: search {st[0]:.2f} bucket {st[1]:.2f} span {st[2]:.2f} "
@@ -55,7 +54,7 @@ if what in ("decode", "all"):
         q2 = torch.randn_like(q1)
         pos = torch.tensor([L - 1], device="cuda")
         k, v = K_[:, :, :L], V_[:, :, :L]
-        for chunk, bn, w in [(512, 64, 4), (256, 64, 4), (128, 64, 4), (128, 128, 4), (128, 128, 8),
-                             (256, 128, 8), (64, 64, 4), (256, 32, 4)]:
+        for chunk, bn, w in [(512, 64, 4), (256, 64, 4), (128, 64, 4), (128, 128, 8), (256, 128, 8),
+                             (1024, 64, 4), (512, 128, 8)]:
             ms = _graph_ms(partial(triton_decode, q1, q2, k, v, pos, p, chunk=chunk, block_n=bn, warps=w))
             print(f"decode L={L >> 10}K chunk={chunk} block_n={bn} warps={w}: {ms * 1e3:.1f} us", flush=True)

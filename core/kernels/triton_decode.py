@@ -1,4 +1,4 @@
-"""Triton decode of superlinear attention: one query per sequence, three launches, no host sync.
+"""Triton decode of superlinear attention: one query per sequence, four launches, no host sync.
 
 Every shape is derived from the static cache length LKV (never from the positions, which stay on
 the device), so the call can be captured in a CUDA graph and replayed at new positions; programs
@@ -6,10 +6,10 @@ past the live length exit early.
 
 1. ``_dec_score_kernel`` (batch x kv head x candidate block): routing scores q1 . k[anchor] of all
    candidate stripes for every query head of the GQA group (fp32), -inf where invalid.
-2. ``_dec_partial_kernel`` (batch x query head x (k slots + window) x split): each program takes
-   the top-k of its head's scores (tie: larger i), then one chunk of its slot's span (or of the
-   window) and writes a partial softmax (max, sum, acc) — split-K / flash-decoding style.
-3. ``_dec_combine_kernel`` (batch x query head): merges the splits, O_j = merge(window, span_j),
+2. ``_dec_topk_kernel`` (batch x query head): top-k (tie: larger i), gate logits, span bounds.
+3. ``_dec_partial_kernel`` (batch x query head x (k slots + window) x split): one chunk of its
+   slot's span (or of the window) -> partial softmax (max, sum, acc), split-K / flash-decoding.
+4. ``_dec_combine_kernel`` (batch x query head): merges the splits, O_j = merge(window, span_j),
    gate softmax, output.
 """
 
@@ -66,13 +66,39 @@ def _dec_score_kernel(q1_ptr, k_ptr, pos_ptr, mask_ptr, offs_ptr, score_ptr,
 
 
 @triton.jit
-def _dec_partial_kernel(q2_ptr, k_ptr, v_ptr, pos_ptr, mask_ptr, st_ptr, offs_ptr, back_ptr, fwd_ptr,
-                        score_ptr, gate_ptr, part_m_ptr, part_l_ptr, part_acc_ptr,
+def _dec_topk_kernel(pos_ptr, st_ptr, offs_ptr, back_ptr, fwd_ptr, score_ptr, gate_ptr, lo_ptr, hi_ptr,
+                     LKV, S1, CAP, W,
+                     HQ: tl.constexpr, NC_PAD: tl.constexpr, NUM_SPANS: tl.constexpr, HAS_FWD: tl.constexpr):
+    """Per (batch, query head): top-k of the candidate scores (a tie keeps the larger index,
+    i.e. the larger stripe), the gate logits and each selected span's bounds."""
+    pid_bh = tl.program_id(0)
+    b = pid_bh // HQ
+    t = tl.load(pos_ptr + b).to(tl.int32)
+    st = tl.load(st_ptr + b)
+    ninf = float("-inf")
+    c = tl.arange(0, NC_PAD)
+    sc = tl.load(score_ptr + pid_bh * NC_PAD + c)
+    for j in tl.static_range(NUM_SPANS):
+        mj = tl.max(sc, 0)
+        cj = tl.max(tl.where(sc == mj, c, -1), 0)
+        sc = tl.where(c == cj, ninf, sc)
+        valid = mj > ninf
+        fi = tl.load(offs_ptr + S1 + tl.maximum(cj, 0)).to(tl.int32)
+        a = t + 1 - fi
+        lo, hi = span_bounds(a, t, st, back_ptr, fwd_ptr, CAP, LKV, W, HAS_FWD)
+        tl.store(gate_ptr + pid_bh * NUM_SPANS + j, tl.where(valid, mj, -1e9))
+        tl.store(lo_ptr + pid_bh * NUM_SPANS + j, lo)
+        tl.store(hi_ptr + pid_bh * NUM_SPANS + j, tl.where(valid, hi, lo - 1))
+
+
+@triton.jit
+def _dec_partial_kernel(q2_ptr, k_ptr, v_ptr, pos_ptr, mask_ptr, lo_ptr, hi_ptr,
+                        part_m_ptr, part_l_ptr, part_acc_ptr,
                         sq_b, sq_h, sk_b, sk_h, sk_l, sv_b, sv_h, sv_l, sm_b,
-                        LKV, S1, CAP, W, SCALE, NSPLIT,
+                        LKV, W, SCALE, NSPLIT,
                         HQ: tl.constexpr, G: tl.constexpr, D: tl.constexpr, BLOCK_D: tl.constexpr,
-                        NC_PAD: tl.constexpr, NUM_SPANS: tl.constexpr, CHUNK: tl.constexpr,
-                        BLOCK_N: tl.constexpr, MASKED: tl.constexpr, HAS_FWD: tl.constexpr):
+                        NUM_SPANS: tl.constexpr, CHUNK: tl.constexpr,
+                        BLOCK_N: tl.constexpr, MASKED: tl.constexpr):
     pid_bh = tl.program_id(0)
     slot = tl.program_id(1)
     split = tl.program_id(2)
@@ -80,27 +106,10 @@ def _dec_partial_kernel(q2_ptr, k_ptr, v_ptr, pos_ptr, mask_ptr, st_ptr, offs_pt
     h = pid_bh % HQ
     hk = h // G
     t = tl.load(pos_ptr + b).to(tl.int32)
-    st = tl.load(st_ptr + b)
     ninf = float("-inf")
     if slot < NUM_SPANS:
-        # top-k of this head's candidate scores; a tie keeps the larger index (larger i)
-        c = tl.arange(0, NC_PAD)
-        sc = tl.load(score_ptr + pid_bh * NC_PAD + c)
-        best = tl.max(sc, 0)
-        best_c = tl.max(c, 0)
-        for j in tl.static_range(NUM_SPANS):
-            mj = tl.max(sc, 0)
-            cj = tl.max(tl.where(sc == mj, c, -1), 0)
-            sc = tl.where(c == cj, ninf, sc)
-            best = tl.where(slot == j, mj, best)
-            best_c = tl.where(slot == j, cj, best_c)
-        valid = best > ninf
-        if split == 0:
-            tl.store(gate_ptr + pid_bh * NUM_SPANS + slot, tl.where(valid, best, -1e9))
-        fi = tl.load(offs_ptr + S1 + tl.maximum(best_c, 0)).to(tl.int32)
-        a = t + 1 - fi
-        lo, hi = span_bounds(a, t, st, back_ptr, fwd_ptr, CAP, LKV, W, HAS_FWD)
-        hi = tl.where(valid, hi, lo - 1)
+        lo = tl.load(lo_ptr + pid_bh * NUM_SPANS + slot)
+        hi = tl.load(hi_ptr + pid_bh * NUM_SPANS + slot)
     else:
         lo = tl.maximum(t - W + 1, 0)
         hi = tl.minimum(t, LKV - 1)
@@ -245,13 +254,19 @@ def triton_decode(q1, q2, k, v, positions, params: SpanParams, key_mask=None, ch
         LKV, tab.num_stripes, S1, plan.nc,
         HQ=HQ, G=G, D=D, BLOCK_D=BLOCK_D, BLOCK_C=plan.block_c, NC_PAD=plan.nc_pad, MASKED=masked,
         num_warps=4)
+    sel_lo = torch.empty(B * HQ, K, device=dev, dtype=torch.int32)
+    sel_hi = torch.empty(B * HQ, K, device=dev, dtype=torch.int32)
+    _dec_topk_kernel[(B * HQ,)](
+        pos, st, tab.offsets, tab.back, tab.fwd, scores, gate, sel_lo, sel_hi,
+        LKV, S1, tab.capacity, params.window_len,
+        HQ=HQ, NC_PAD=plan.nc_pad, NUM_SPANS=K, HAS_FWD=params.forward_factor > 0, num_warps=4)
     _dec_partial_kernel[(B * HQ, K + 1, plan.nsplit)](
-        q2, k, v, pos, mk, st, tab.offsets, tab.back, tab.fwd, scores, gate, part_m, part_l, part_acc,
+        q2, k, v, pos, mk, sel_lo, sel_hi, part_m, part_l, part_acc,
         q2.stride(0), q2.stride(1), k.stride(0), k.stride(1), k.stride(2),
         v.stride(0), v.stride(1), v.stride(2), sm_b,
-        LKV, S1, tab.capacity, params.window_len, 1.0 / math.sqrt(D), plan.nsplit,
-        HQ=HQ, G=G, D=D, BLOCK_D=BLOCK_D, NC_PAD=plan.nc_pad, NUM_SPANS=K, CHUNK=plan.chunk,
-        BLOCK_N=plan.block_n, MASKED=masked, HAS_FWD=params.forward_factor > 0, num_warps=plan.warps)
+        LKV, params.window_len, 1.0 / math.sqrt(D), plan.nsplit,
+        HQ=HQ, G=G, D=D, BLOCK_D=BLOCK_D, NUM_SPANS=K, CHUNK=plan.chunk,
+        BLOCK_N=plan.block_n, MASKED=masked, num_warps=plan.warps)
     _dec_combine_kernel[(B * HQ,)](
         gate, part_m, part_l, part_acc, out, out.stride(0), out.stride(1), plan.nsplit,
         HQ=HQ, D=D, BLOCK_D=BLOCK_D, NUM_SPANS=K, SPLIT_PAD=plan.split_pad, num_warps=4)

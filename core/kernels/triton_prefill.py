@@ -113,11 +113,11 @@ def _search_kernel(q1_ptr, k_ptr, pos_ptr, mask_ptr, st_ptr, offs_ptr, sel_i_ptr
 
 
 @triton.jit
-def _span_kernel(q2_ptr, k_ptr, v_ptr, pos_ptr, mask_ptr, st_ptr, offs_ptr, back_ptr, fwd_ptr,
+def _span_kernel(q2_ptr, k_ptr, v_ptr, pos_ptr, mask_ptr, st_ptr, offs_ptr, back_ptr, fwd_ptr, sel_i_ptr,
                  order_ptr, tile_bucket_ptr, tile_first_ptr, tile_n_ptr,
                  span_m_ptr, span_l_ptr, span_acc_ptr,
                  sq_b, sq_h, sq_l, sk_b, sk_h, sk_l, sv_b, sv_h, sv_l, sm_b,
-                 LQ, LKV, NS, NW, CAP, W, SCALE,
+                 LQ, LKV, NR, CAP, W, SCALE,
                  HQ: tl.constexpr, G: tl.constexpr, D: tl.constexpr, BLOCK_D: tl.constexpr,
                  BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, NUM_SPANS: tl.constexpr,
                  MASKED: tl.constexpr, HAS_FWD: tl.constexpr, IEEE: tl.constexpr):
@@ -125,20 +125,21 @@ def _span_kernel(q2_ptr, k_ptr, v_ptr, pos_ptr, mask_ptr, st_ptr, offs_ptr, back
     n = tl.load(tile_n_ptr + tid)
     if n <= 0:
         return
-    bucket = tl.load(tile_bucket_ptr + tid) // NW  # (bh, stripe, row window) -> (bh, stripe)
+    bucket = tl.load(tile_bucket_ptr + tid)  # (b, kv head, span start // R)
     first = tl.load(tile_first_ptr + tid)
-    bh = bucket // NS
-    i = bucket % NS
-    b = bh // HQ
-    h = bh % HQ
-    hk = h // G
+    HKV: tl.constexpr = HQ // G
+    bk = bucket // NR
+    b = bk // HKV
+    hk = bk % HKV
     e_off = tl.arange(0, BLOCK_M)
     evalid = e_off < n
-    e = tl.load(order_ptr + first + e_off, mask=evalid, other=0)  # flat (bh, row, slot)
+    e = tl.load(order_ptr + first + e_off, mask=evalid, other=0)  # flat (b, h, row, slot)
     row = (e // NUM_SPANS) % LQ
+    h = (e // (NUM_SPANS * LQ)) % HQ
+    i = tl.load(sel_i_ptr + e, mask=evalid, other=0)
     t = tl.load(pos_ptr + row, mask=evalid, other=0).to(tl.int32)
     st = tl.load(st_ptr + b)
-    fi = tl.load(offs_ptr + i).to(tl.int32)
+    fi = tl.load(offs_ptr + i, mask=evalid, other=0).to(tl.int32)
     a = t + 1 - fi
     lo, hi = span_bounds(a, t, st, back_ptr, fwd_ptr, CAP, LKV, W, HAS_FWD)
     hi = tl.where(evalid, hi, -1)
@@ -147,7 +148,7 @@ def _span_kernel(q2_ptr, k_ptr, v_ptr, pos_ptr, mask_ptr, st_ptr, offs_ptr, back
     kmax = tl.max(hi, 0)
     d = tl.arange(0, BLOCK_D)
     dmask = d < D
-    q = tl.load(q2_ptr + b * sq_b + h * sq_h + row[:, None] * sq_l + d[None, :],
+    q = tl.load(q2_ptr + b * sq_b + h[:, None] * sq_h + row[:, None] * sq_l + d[None, :],
                 mask=evalid[:, None] & dmask[None, :], other=0.0)
     ninf = float("-inf")
     m_i = tl.full([BLOCK_M], ninf, tl.float32)
@@ -285,7 +286,7 @@ def _window_combine_kernel(q2_ptr, k_ptr, v_ptr, pos_ptr, mask_ptr,
 
 def _blocks(device_is_cuda: bool, G: int, BLOCK_D: int):
     if device_is_cuda:
-        return dict(search_m=16, search_c=64, search_warps=4, span_m=32, span_n=64, span_warps=4,
+        return dict(search_m=16, search_c=64, search_warps=4, span_m=64, span_n=64, span_warps=4,
                     span_stages=2, win_m=64, win_n=64)
     return dict(search_m=8, search_c=16, search_warps=4, span_m=16, span_n=16, span_warps=4,
                 span_stages=1, win_m=16, win_n=16)
@@ -344,27 +345,34 @@ def triton_prefill(q1, q2, k, v, positions, params: SpanParams, key_mask=None, b
         HQ=HQ, G=G, GP=next_pow2(G), D=D, BLOCK_D=BLOCK_D, BLOCK_M=bm, BLOCK_C=cfg["search_c"],
         NUM_SPANS=K, MASKED=masked, IEEE=ieee, num_warps=cfg["search_warps"])
     mark()
-    # 2. bucketing by (b, h, stripe): one stable sort of small keys keeps rows in order per bucket
-    # optionally also by windows of `span_rows` rows, which bounds a tile's key range to about
-    # span + span_rows keys
-    R = cfg.get("span_rows") or LQ
-    NW = triton.cdiv(LQ, R)
+    # 2. bucketing: the selected (row, slot) pairs of all query heads of a kv group are grouped by
+    # where their span starts (windows of R keys), so a tile's spans nearly coincide and each
+    # K/V block it loads serves all its rows. One stable sort of small integer keys, static
+    # shapes, no host sync.
+    R = cfg.get("span_r") or next_pow2(max(16, tab.max_span // 16), 16)
+    NR = triton.cdiv(LKV, R)
     N = B * HQ * LQ * K
-    NB = B * HQ * NS * NW
-    bh = torch.arange(B * HQ, device=dev, dtype=torch.int64).repeat_interleave(LQ * K)
+    NB = B * HKV * NR
     si = sel_i.reshape(-1).to(torch.int64)
-    if NW > 1:
-        rw = (torch.arange(LQ, device=dev, dtype=torch.int64) // R).repeat_interleave(K).repeat(B * HQ)
-        key = torch.where(si >= 0, (bh * NS + si) * NW + rw, torch.full_like(si, NB))
-    else:
-        key = torch.where(si >= 0, bh * NS + si, torch.full_like(si, NB))
+    valid = si >= 0
+    ent = torch.arange(N, device=dev, dtype=torch.int64)
+    e_row = (ent // K) % LQ
+    e_bh = ent // (K * LQ)
+    e_b = e_bh // HQ
+    e_hk = (e_bh % HQ) // G
+    t_e = pos[e_row]
+    a_e = t_e + 1 - tab.offsets[si.clamp(min=0)]
+    st_e = st.to(torch.int64)[e_b]
+    tp_e = (t_e + 1 - st_e).clamp(min=0, max=tab.capacity)
+    lo_e = torch.maximum((a_e - tab.back[tp_e]).clamp(min=0), st_e).clamp(max=LKV - 1)
+    key = torch.where(valid, (e_b * HKV + e_hk) * NR + lo_e // R, torch.full_like(si, NB))
     skey, order = torch.sort(key, stable=True)
     counts = torch.bincount(key, minlength=NB + 1)[:NB]
     bstart = torch.cumsum(counts, 0) - counts
     BM = cfg["span_m"]
     ntile = (counts + BM - 1) // BM
     tcum = torch.cumsum(ntile, 0)
-    T_MAX = max(1, min(triton.cdiv(N, BM) + min(NB, N), NB * triton.cdiv(max(LQ * K, 1), BM)))
+    T_MAX = max(1, triton.cdiv(N, BM) + min(NB, N))
     tids = torch.arange(T_MAX, device=dev, dtype=torch.int64)
     tb = torch.searchsorted(tcum, tids, right=True)
     tb_c = tb.clamp(max=NB - 1)
@@ -379,12 +387,12 @@ def triton_prefill(q1, q2, k, v, positions, params: SpanParams, key_mask=None, b
     mark()
     # 3. span tiles
     _span_kernel[(T_MAX,)](
-        q2, k, v, pos, mk, st, tab.offsets, tab.back, tab.fwd,
-        order, tb_c.to(torch.int32) if NB < 2**31 else tb_c, tfirst, tn,
+        q2, k, v, pos, mk, st, tab.offsets, tab.back, tab.fwd, sel_i,
+        order, tb_c, tfirst, tn,
         span_m, span_l, span_acc,
         q2.stride(0), q2.stride(1), q2.stride(2), k.stride(0), k.stride(1), k.stride(2),
         v.stride(0), v.stride(1), v.stride(2), sm_b,
-        LQ, LKV, NS, NW, tab.capacity, W, scale,
+        LQ, LKV, NR, tab.capacity, W, scale,
         HQ=HQ, G=G, D=D, BLOCK_D=BLOCK_D, BLOCK_M=BM, BLOCK_N=cfg["span_n"], NUM_SPANS=K,
         MASKED=masked, HAS_FWD=params.forward_factor > 0, IEEE=ieee, num_warps=cfg["span_warps"],
         num_stages=cfg["span_stages"])
