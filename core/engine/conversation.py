@@ -21,8 +21,10 @@ from superlinear.errors import InvalidRequest, TooLarge
 
 from .template import ChatTemplate
 
-# Recurrent-state copies kept per conversation (besides position 0); the oldest go first.
-MAX_RECURRENT_CHECKPOINTS = 32
+# Recurrent-state copies kept per conversation (besides position 0); the oldest go first. A copy
+# is the whole Mamba state (tens of MB for a 9B hybrid), and rollbacks rarely go further back
+# than a few turns; an older target is reached from an older copy (or 0) by prefilling forward.
+MAX_RECURRENT_CHECKPOINTS = 8
 
 
 @dataclass

@@ -95,9 +95,8 @@ def _turn(conv: Conversation, req: ChatRequest, cancel: threading.Event, cp) -> 
     t_start = time.perf_counter()
 
     prompt = conv.render(req.messages, tools=tools, template_kwargs=kwargs, add_generation_prompt=True)
-    checkpoints = [b for b in prompt.boundaries if b] + [len(prompt.ids)]
     try:
-        stats = conv.sync_tokens(prompt.ids, checkpoints, should_cancel=cancel.is_set)
+        stats = conv.sync_tokens(prompt.ids, [b for b in prompt.boundaries if b], should_cancel=cancel.is_set)
     except Cancelled:
         conv.restore(cp)
         yield _done_cancelled(conv, prompt, 0, t_start)
