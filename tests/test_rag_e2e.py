@@ -69,15 +69,19 @@ def _spl(server, *args, timeout=300):
                           cwd=server["root"])
 
 
-def test_ingest_snapshot_then_ask_cites_a_path(server):
+@pytest.fixture(scope="module")
+def ingested(server):
     docs = copy_click_docs(server["root"] / "docs")
     readme = docs / "README.md"
     # Keep the corpus small: the CPU prefill of the default model is the slow part.
     readme.write_text("\n".join(readme.read_text().splitlines()[:16]) + "\n")
-
     ingest = _spl(server, "rag", "ingest", str(docs), "-w", "click", "--json")
     assert ingest.returncode == 0, ingest.stderr
-    context = json.loads(ingest.stdout)["context"]
+    return json.loads(ingest.stdout)["context"]
+
+
+def test_ingest_snapshot_then_ask_cites_a_path(server, ingested):
+    context = ingested
     assert context["mode"] == "context", context
     assert context["snapshot_id"] and context["tokens"] > 200
     assert (server["root"] / "snapshots" / context["snapshot_id"]).is_dir()
@@ -99,7 +103,34 @@ def test_ingest_snapshot_then_ask_cites_a_path(server):
     info = _spl(server, "rag", "info", "click")
     assert info.returncode == 0 and context["snapshot_id"] in info.stdout and "current" in info.stdout
 
+
+def test_docs_repl_in_a_terminal(server, ingested):
+    pexpect = pytest.importorskip("pexpect")
+    env = {**os.environ, "SPL_WORKSPACES_DIR": str(server["root"] / "ws"),
+           "SPL_STATE_DIR": str(server["root"] / "cli-state"),
+           "TERM": "xterm", "PROMPT_TOOLKIT_NO_CPR": "1", "COLUMNS": "160", "LINES": "40"}
+    child = pexpect.spawn(sys.executable, ["-m", "superlinear.cli.main", "docs", "click", "--url", server["url"]],
+                          env=env, encoding="utf-8", timeout=60, dimensions=(40, 160), cwd=str(server["root"]))
+    child.logfile_read = open(server["root"] / "docs-pty.log", "a")
+    try:
+        child.expect(r"docs click: 2 files")
+        child.expect(rf"session docs-click reset to snapshot {ingested['snapshot_id']}")
+        child.send("/sources\r")
+        child.expect(r"docs/LICENSE\.txt")
+        child.send("/rag k 2\r")
+        child.expect(r"retrieval on: k=2, retriever=bm25")
+        child.send("/reset\r")
+        child.expect(r"reset to snapshot")
+        child.send("/exit\r")
+        child.expect(pexpect.EOF)
+    finally:
+        child.close()
+    messages = httpx.get(f"{server['url']}/v1/sessions/docs-click/history", timeout=10).json()["messages"]
+    assert [m["role"] for m in messages] == ["system"]
+
+
+def test_rm_removes_workspace_and_snapshot(server, ingested):
     rm = _spl(server, "rag", "rm", "click")
-    assert rm.returncode == 0 and context["snapshot_id"] in rm.stdout
-    assert not (server["root"] / "snapshots" / context["snapshot_id"]).exists()
+    assert rm.returncode == 0 and ingested["snapshot_id"] in rm.stdout
+    assert not (server["root"] / "snapshots" / ingested["snapshot_id"]).exists()
     assert not Path(server["root"] / "ws" / "click").exists()
