@@ -221,3 +221,26 @@ def test_stream_turn_and_consumer_leaving(tokenizer):
     full = asyncio.run(collect())
     assert isinstance(full[-1], Done) and full[-1].usage["completion_tokens"] == 40
     assert _text(full).startswith(_text(part))  # greedy: the cancelled start was the same
+
+
+def test_long_render_reuses_tokenization_exactly(tokenizer):
+    import random
+
+    rng = random.Random(0)
+    words = ["fox", "Paris", "émoji😀", "東京", "\n\n", "  ", "the", "<b>", "xxxxx", "<|im_end", "|>"]
+
+    def para(n):
+        return " ".join(rng.choice(words) for _ in range(n))
+
+    conv = Conversation(FakeModel(tokenizer), 100_000)
+    msgs = [{"role": r, "content": para(200)} for _ in range(6) for r in ("user", "assistant")]
+    conv.sync(msgs)
+    assert conv._tok_memo is not None  # long enough to be remembered
+    for variant in range(4):
+        nxt = conv.transcript + [{"role": "user", "content": para(30)}]
+        if variant == 2:
+            nxt = nxt[:5] + [{"role": "user", "content": "edited " + para(10)}]
+        r = conv.render(nxt, add_generation_prompt=True)
+        assert r.ids == tokenizer(r.text, add_special_tokens=False)["input_ids"]
+        conv.sync(nxt)
+        assert conv.token_ids == tokenizer(conv.render(nxt).text, add_special_tokens=False)["input_ids"]

@@ -13,6 +13,7 @@ from __future__ import annotations
 import bisect
 import copy
 import time
+from array import array
 from dataclasses import dataclass, field
 
 import torch
@@ -20,6 +21,9 @@ import torch
 from superlinear.errors import InvalidRequest, TooLarge
 
 from .template import ChatTemplate
+
+# Texts at least this long remember their tokenization for the next render (prefix reuse).
+_MEMO_MIN_CHARS = 4096
 
 # Recurrent-state copies kept per conversation (besides position 0); the oldest go first. A copy
 # is the whole Mamba state (tens of MB for a 9B hybrid), and rollbacks rarely go further back
@@ -55,6 +59,20 @@ class Checkpoint:
     states: dict = field(default_factory=dict)
 
 
+def _common_str_prefix(a: str, b: str) -> int:
+    n = min(len(a), len(b))
+    if a[:n] == b[:n]:
+        return n
+    lo, hi = 0, n  # a[:lo] == b[:lo], a[:hi] != b[:hi]
+    while hi - lo > 1:
+        mid = (lo + hi) // 2
+        if a[lo:mid] == b[lo:mid]:
+            lo = mid
+        else:
+            hi = mid
+    return lo
+
+
 def _common_prefix(a: list[int], b: list[int]) -> int:
     n = min(len(a), len(b))
     # Compare in blocks first: long conversations share long prefixes.
@@ -81,6 +99,7 @@ class Conversation:
         self._logits: torch.Tensor | None = None  # next-token logits at self.position
         self._states: dict[int, dict] = {}  # position -> recurrent state (hybrids)
         self._edits: list[int] = []  # positions the cache was truncated to (checkpoint validity)
+        self._tok_memo = None  # (text, ids, starts, ends, special token indices) of a long render
         if self.hybrid and self.cache.position == 0:
             self._states[0] = self.cache.recurrent_state()
 
@@ -105,11 +124,8 @@ class Conversation:
     # -- rendering ------------------------------------------------------------------------------
     def render(self, messages: list[dict], *, tools=None, template_kwargs=None,
                add_generation_prompt: bool = False) -> Rendered:
-        tok = self.model.tokenizer
         text = self.template.render(messages, tools, add_generation_prompt, template_kwargs)
-        enc = tok(text, add_special_tokens=False, return_offsets_mapping=True)
-        ids = list(enc["input_ids"])
-        ends = [e for _, e in enc["offset_mapping"]]
+        ids, ends = self._tokenize(text)
         lcp = _common_prefix(self._ids, ids)
         # Messages equal to the stored transcript keep their boundaries when those are still
         # inside the rendering's common prefix with the cache; the rest render their prefix.
@@ -134,6 +150,44 @@ class Conversation:
                 elif not prefix:
                     boundaries[-1] = 0
         return Rendered(text, ids, boundaries)
+
+    def _tokenize(self, text: str) -> tuple[list[int], list[int]]:
+        """Token ids and end offsets of ``text``. Long texts that share a prefix with the last one
+        tokenized reuse its tokens up to a special token (where tokenizers split the text before
+        anything else, so both sides tokenize independently), checked on the segment before."""
+        tok = self.model.tokenizer
+        memo = self._tok_memo
+        if memo is not None and len(text) >= _MEMO_MIN_CHARS:
+            ptext, pids, pstarts, pends, specials = memo
+            common = _common_str_prefix(ptext, text)
+            k = bisect.bisect_right([pstarts[i] for i in specials], common) - 1
+            if k >= 1:
+                j, i = specials[k - 1], specials[k]  # re-tokenize from the special token before
+                enc = tok(text[pstarts[j]:], add_special_tokens=False, return_offsets_mapping=True)
+                tail = list(enc["input_ids"])
+                offs = enc["offset_mapping"]
+                n = i - j
+                if tail[:n] == list(pids[j:i]) and len(offs) > n and offs[n][0] + pstarts[j] == pstarts[i]:
+                    base = pstarts[j]
+                    ids = list(pids[:j]) + tail
+                    starts = array("q", pstarts[:j])
+                    starts.extend(a + base for a, _ in offs)
+                    ends = array("q", pends[:j])
+                    ends.extend(b + base for _, b in offs)
+                    self._remember(text, ids, starts, ends)
+                    return ids, list(ends)
+        enc = tok(text, add_special_tokens=False, return_offsets_mapping=True)
+        ids = list(enc["input_ids"])
+        starts = array("q", (a for a, _ in enc["offset_mapping"]))
+        ends = array("q", (b for _, b in enc["offset_mapping"]))
+        if len(text) >= _MEMO_MIN_CHARS:
+            self._remember(text, ids, starts, ends)
+        return ids, list(ends)
+
+    def _remember(self, text, ids, starts, ends) -> None:
+        special = self.template.special_ids
+        self._tok_memo = (text, array("q", ids), starts, ends,
+                          [i for i, t in enumerate(ids) if t in special])
 
     # -- cache editing ----------------------------------------------------------------------------
     def _truncate(self, position: int) -> int:

@@ -38,6 +38,8 @@ class ChatTemplate:
         # Nemotron / Qwen3-Coder write <function=NAME><parameter=P>; others Hermes JSON.
         self.tool_format = "xml" if "<function=" in source else "hermes"
         vocab = tokenizer.get_vocab()
+        # Special (added) tokens: tokenizers split the text at them before anything else.
+        self.special_ids = {int(i) for i, t in tokenizer.added_tokens_decoder.items() if t.special}
         self.end_token_ids = {int(vocab[t]) for t in END_OF_TURN_TOKENS if t in vocab}
         if tokenizer.eos_token_id is not None:
             self.end_token_ids.add(int(tokenizer.eos_token_id))
