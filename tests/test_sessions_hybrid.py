@@ -9,29 +9,11 @@ decoding is deterministic, which is all these tests need).
 from __future__ import annotations
 
 import pytest
-import torch
+from sessions_tiny import write_tiny_hybrid
 
 from superlinear.sessions import SessionManager, SnapshotStore
 
 pytestmark = pytest.mark.slow
-
-
-def _write_tiny_hybrid(path, tokenizer):
-    from safetensors.torch import save_file
-    from transformers import NemotronHConfig, NemotronHForCausalLM
-
-    torch.manual_seed(0)
-    cfg = NemotronHConfig(
-        vocab_size=len(tokenizer), hidden_size=64, num_hidden_layers=4,
-        layers_block_type=["linear_attention", "full_attention", "mlp", "linear_attention"],
-        num_attention_heads=4, num_key_value_heads=2, head_dim=16, intermediate_size=128,
-        ssm_state_size=16, mamba_num_heads=4, mamba_head_dim=16, n_groups=1, conv_kernel=4, expand=1,
-        max_position_embeddings=4096, tie_word_embeddings=False, bos_token_id=tokenizer.bos_token_id,
-        eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id)
-    hf = NemotronHForCausalLM(cfg)
-    save_file({k: v.contiguous() for k, v in hf.state_dict().items()}, str(path / "model.safetensors"))
-    cfg.save_pretrained(path)
-    tokenizer.save_pretrained(path)
 
 
 @pytest.fixture(scope="module")
@@ -45,7 +27,7 @@ def hybrid(request, tmp_path_factory):
     except pytest.FixtureLookupError:
         tokenizer = load_model("default").tokenizer
     path = tmp_path_factory.mktemp("tiny-hybrid")
-    _write_tiny_hybrid(path, tokenizer)
+    write_tiny_hybrid(path, tokenizer)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         model = load_model(str(path), device="cpu", dtype="float32")
