@@ -381,3 +381,22 @@ def test_concurrent_saves_and_patches(store):
         m = store.verify(f"s{i}")
         assert m["title"] == "t4" and m["tags"] == [f"k{k}" for k in range(5)]
     assert not [p for p in store.root.iterdir() if p.name.startswith(".")]
+
+
+def test_disk_errors_are_clear(store, tmp_path, monkeypatch):
+    import errno
+
+    from superlinear.errors import Unavailable
+    from superlinear.sessions import tensorfile
+
+    save(store, snapshot_id="s")
+    with pytest.raises(NotFound, match="no directory"):
+        store.export("s", tmp_path / "missing" / "x.tar")
+
+    def full(f, data, digest):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(tensorfile, "_write", full)
+    with pytest.raises(Unavailable, match="disk is full"):
+        save(store, snapshot_id="t")
+    assert [p.name for p in store.root.iterdir()] == ["s"]  # nothing half-written left

@@ -29,7 +29,7 @@ import tarfile
 import threading
 from pathlib import Path
 
-from superlinear.errors import Conflict, InvalidRequest, NotFound
+from superlinear.errors import Conflict, InvalidRequest, NotFound, Unavailable
 from superlinear.sessions import tensorfile
 from superlinear.sessions.ids import new_id, validate_id
 
@@ -144,7 +144,10 @@ class SnapshotStore:
         self.root = Path(root)
         self._lock = threading.RLock()
         if cleanup:
-            self.cleanup()
+            try:
+                self.cleanup()
+            except OSError:  # a read-only or foreign directory: reading still works
+                pass
 
     # ------------------------------------------------------------------ paths and ids
     def _dir(self, snapshot_id: str) -> Path:
@@ -228,9 +231,7 @@ class SnapshotStore:
         if not replace and self.exists(snapshot_id):
             raise Conflict(f"snapshot {snapshot_id!r} already exists; pick another id or delete it first",
                            param="snapshot_id")
-        self.root.mkdir(parents=True, exist_ok=True)
-        tmp = self._tmp_dir()
-        tmp.mkdir()
+        tmp = self._make_tmp()
         try:
             transcript_bytes = json.dumps(transcript, ensure_ascii=False, separators=(",", ":")).encode()
             manifest["files"][TRANSCRIPT] = tensorfile.write_bytes(tmp / TRANSCRIPT, transcript_bytes)
@@ -239,10 +240,22 @@ class SnapshotStore:
             self._write_manifest(tmp, manifest)
             tensorfile.fsync_dir(tmp)
             self._publish(tmp, snapshot_id, replace)
+        except OSError as exc:
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise _disk_error(f"cannot write snapshot {snapshot_id!r} in {self.root}", exc) from exc
         except BaseException:
             shutil.rmtree(tmp, ignore_errors=True)
             raise
         return manifest
+
+    def _make_tmp(self) -> Path:
+        try:
+            self.root.mkdir(parents=True, exist_ok=True)
+            tmp = self._tmp_dir()
+            tmp.mkdir()
+        except OSError as exc:
+            raise _disk_error(f"cannot write to the snapshot directory {self.root}", exc) from exc
+        return tmp
 
     def _write_manifest(self, directory: Path, manifest: dict) -> None:
         data = json.dumps(manifest, ensure_ascii=False, indent=2).encode() + b"\n"
@@ -407,6 +420,8 @@ class SnapshotStore:
         dest = Path(dest)
         if dest.is_dir():
             dest = dest / f"{snapshot_id}{EXPORT_SUFFIX}"
+        if not dest.parent.is_dir():
+            raise NotFound(f"cannot export to {dest}: no directory {dest.parent}", param="path")
         part = dest.with_name(f".{dest.name}.{secrets.token_hex(4)}.part")
         try:
             with tarfile.open(part, "w", format=tarfile.PAX_FORMAT) as tar:
@@ -415,6 +430,9 @@ class SnapshotStore:
             with open(part, "rb+") as f:
                 os.fsync(f.fileno())
             os.replace(part, dest)
+        except OSError as exc:
+            part.unlink(missing_ok=True)
+            raise _disk_error(f"cannot export snapshot {snapshot_id!r} to {dest}", exc) from exc
         except BaseException:
             part.unlink(missing_ok=True)
             raise
@@ -430,9 +448,7 @@ class SnapshotStore:
             raise NotFound(f"no such file: {file}", param="file")
         if snapshot_id is not None:
             validate_id(snapshot_id, "snapshot id", param="snapshot_id")
-        self.root.mkdir(parents=True, exist_ok=True)
-        tmp = self._tmp_dir()
-        tmp.mkdir()
+        tmp = self._make_tmp()
         try:
             top = None
             try:
@@ -473,10 +489,24 @@ class SnapshotStore:
                 raise Conflict(f"snapshot {final_id!r} already exists; import it under another id "
                                "or delete the existing one", param="snapshot_id")
             self._publish(tmp, final_id, replace)
+        except OSError as exc:
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise _disk_error(f"cannot import {file} into {self.root}", exc) from exc
         except BaseException:
             shutil.rmtree(tmp, ignore_errors=True)
             raise
         return manifest
+
+
+def _disk_error(what: str, exc: OSError) -> Unavailable:
+    """A disk problem (full, read-only, permissions) as a clear user-facing error."""
+    import errno
+
+    reason = {errno.ENOSPC: "the disk is full", errno.EDQUOT: "the disk quota is exceeded",
+              errno.EROFS: "the file system is read-only", errno.EACCES: "permission denied",
+              errno.EPERM: "permission denied"}.get(exc.errno, exc.strerror or str(exc))
+    return Unavailable(f"{what}: {reason}; free space or set $SUPERLINEAR_SNAPSHOT_DIR to another "
+                       "directory", code="snapshot_write_failed")
 
 
 def _manifest_problem(manifest) -> str | None:
