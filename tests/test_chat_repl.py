@@ -1,8 +1,11 @@
-"""`spl chat` for real: the REPL in a pseudo-terminal (pexpect) against a real `spl serve` with
+"""`spl chat` for real: the REPL in a pseudo-terminal (pexpect) against a real spl server with
 the default model, plus `spl chat --once` / `--json`.
 
-One server per module on a free port, with temporary state and snapshot dirs (the converted
-default model in XDG_CACHE_HOME is reused).
+The module's server is started the way the README's main job starts it: `spl chat --once
+"What is the capital of France?"` with no server running (fresh state dir) starts a local one
+on the default port and answers. If that port is taken, a plain `spl serve` on a free port is
+used instead (and that check is skipped). Temporary state and snapshot dirs; the converted
+default model in XDG_CACHE_HOME is reused.
 """
 
 from __future__ import annotations
@@ -25,12 +28,38 @@ pytestmark = pytest.mark.slow
 FOOTER = re.compile(r"\[\d+ → \d+ tokens · prefill \S+ tok/s · decode \S+ tok/s · \d+ reused · [\d.]+ s[^\]]*\]")
 PROMPT = "›"
 LEFT_PROMPT = "\x1b[?2004l"  # prompt_toolkit turns bracketed paste off when the prompt returns
+SPL = [sys.executable, "-m", "superlinear.cli.main"]
+DEFAULT_PORT = 8787
 
 
 def _free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
+
+
+def _port_free(port: int) -> bool:
+    with socket.socket() as s:
+        try:
+            s.bind(("127.0.0.1", port))
+        except OSError:
+            return False
+    return True
+
+
+def _wait_ready(url: str, proc, log_path, timeout: float = 240.0) -> None:
+    deadline = time.monotonic() + timeout
+    while True:
+        if proc.poll() is not None:
+            pytest.fail(f"spl serve exited: {log_path.read_text()[-3000:]}")
+        try:
+            if httpx.get(f"{url}/health", timeout=2).json().get("status") == "ok":
+                return
+        except (httpx.HTTPError, ValueError):
+            pass
+        if time.monotonic() > deadline:
+            pytest.fail(f"spl serve not ready: {log_path.read_text()[-3000:]}")
+        time.sleep(0.2)
 
 
 @pytest.fixture(scope="module")
@@ -42,40 +71,39 @@ def server(tmp_path_factory):
     for key in ("SPL_SERVER_URL", "SPL_API_KEY"):
         env.pop(key, None)
     if os.environ.get("SPL_TEST_CHAT_URL"):  # developing: reuse a running server
-        yield {"url": os.environ["SPL_TEST_CHAT_URL"], "env": env, "root": root}
+        yield {"url": os.environ["SPL_TEST_CHAT_URL"], "env": env, "root": root, "auto_start": None}
+        return
+    if _port_free(DEFAULT_PORT):
+        # The README's main job on a machine with no server: --once starts one and answers.
+        auto = subprocess.run([*SPL, "chat", "--once", "What is the capital of France?", "--temp", "0",
+                               "--max-tokens", "24"], capture_output=True, text=True, timeout=300, env=env)
+        info = json.loads((root / "state" / "server.json").read_text()) if auto.returncode == 0 else {}
+        try:
+            assert auto.returncode == 0, auto.stderr
+            yield {"url": info["url"], "env": env, "root": root, "auto_start": auto}
+        finally:
+            subprocess.run([*SPL, "server", "stop"], capture_output=True, text=True, timeout=120, env=env)
         return
     port = _free_port()
     url = f"http://127.0.0.1:{port}"
-    log = open(root / "server.log", "wb")
-    proc = subprocess.Popen([sys.executable, "-m", "superlinear.cli.main", "serve", "--model", "default",
-                             "--port", str(port)], stdout=log, stderr=subprocess.STDOUT, env=env,
-                            start_new_session=True)
-    deadline = time.monotonic() + 240
-    try:
-        while True:
-            if proc.poll() is not None:
-                pytest.fail(f"spl serve exited: {(root / 'server.log').read_text()[-3000:]}")
-            try:
-                if httpx.get(f"{url}/health", timeout=2).json().get("status") == "ok":
-                    break
-            except (httpx.HTTPError, ValueError):
-                pass
-            if time.monotonic() > deadline:
-                pytest.fail(f"spl serve not ready: {(root / 'server.log').read_text()[-3000:]}")
-            time.sleep(0.2)
-        yield {"url": url, "env": env, "root": root}
-    finally:
-        proc.terminate()
+    log_path = root / "server.log"
+    with open(log_path, "wb") as log:
+        proc = subprocess.Popen([*SPL, "serve", "--model", "default", "--port", str(port)], stdout=log,
+                                stderr=subprocess.STDOUT, env=env, start_new_session=True)
         try:
-            proc.wait(timeout=20)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-        log.close()
+            _wait_ready(url, proc, log_path)
+            yield {"url": url, "env": env, "root": root, "auto_start": None}
+        finally:
+            proc.terminate()
+            try:
+                proc.wait(timeout=20)
+            except subprocess.TimeoutExpired:
+                proc.kill()
 
 
 def spawn_chat(server, *args):
     env = dict(server["env"], TERM="xterm", PROMPT_TOOLKIT_NO_CPR="1", COLUMNS="160", LINES="40")
-    child = pexpect.spawn(sys.executable, ["-m", "superlinear.cli.main", "chat", "--url", server["url"], *args],
+    child = pexpect.spawn(SPL[0], [*SPL[1:], "chat", "--url", server["url"], *args],
                           env=env, encoding="utf-8", timeout=60, dimensions=(40, 160))
     child.logfile_read = open(server["root"] / "chat-pty.log", "a")  # the screen, for failures
     return child
@@ -115,7 +143,11 @@ def test_repl_session(server):
         assert child.match.group(1) != first_session
         child.expect_exact(PROMPT)
 
-        send(child, f"/load {snapshot}")
+        child.send(f"/load {snapshot[:-3]}")
+        child.expect_exact(snapshot)  # offered in the completion menu while typing
+        child.send("\t")  # Tab picks it
+        time.sleep(0.3)
+        send(child, "")
         child.expect(r"loaded snapshot \S+ into session (\S+)")
         loaded = child.match.group(1)
         child.expect_exact(PROMPT)
@@ -132,7 +164,9 @@ def test_repl_session(server):
         child.sendintr()
         child.expect_exact("[cancelled]")
         child.expect_exact(PROMPT)
-        ask(child, "Thanks. What is 2 + 2?")
+        # A pasted message (bracketed paste) keeps its newline and is sent as one message.
+        child.send("\x1b[200~Thanks.\nWhat is 2 + 2?\x1b[201~")
+        ask(child, "")
         send(child, "/history")
         child.expect(r"\d+\s+user\s+Thanks\. What is 2 \+ 2\?")
         child.expect_exact(PROMPT)
@@ -140,6 +174,7 @@ def test_repl_session(server):
         roles = [m["role"] for m in history]
         assert roles[:2] == ["user", "assistant"] and roles[-2:] == ["user", "assistant"], roles
         assert all(a != b for a, b in zip(roles, roles[1:], strict=False)), roles  # user/assistant alternate
+        assert history[-2]["content"] == "Thanks.\nWhat is 2 + 2?"
 
         send(child, "/bogus")
         child.expect_exact("error: unknown command /bogus")
@@ -154,12 +189,32 @@ def test_repl_session(server):
         child.close()
     assert child.exitstatus == 0
 
+    # The next `spl chat` resumes the last session; Ctrl-D leaves.
+    child = spawn_chat(server)
+    try:
+        child.expect(r"resumed session (\S+) \(4 messages")
+        assert child.match.group(1) == loaded
+        child.expect_exact(PROMPT)
+        child.sendeof()
+        child.expect(pexpect.EOF)
+    finally:
+        child.close()
+    assert child.exitstatus == 0
+
 
 def run_once(server, *args):
     env = dict(server["env"])
-    return subprocess.run([sys.executable, "-m", "superlinear.cli.main", "chat", "--url", server["url"],
+    return subprocess.run([*SPL, "chat", "--url", server["url"],
                            "--temp", "0", "--max-tokens", "24", "--once", *args],
                           capture_output=True, text=True, timeout=120, env=env)
+
+
+def test_once_starts_a_local_server(server):
+    auto = server["auto_start"]
+    if auto is None:
+        pytest.skip(f"port {DEFAULT_PORT} was taken: the module used `spl serve` on a free port")
+    assert "Paris" in auto.stdout, auto.stdout
+    assert FOOTER.search(auto.stderr), auto.stderr
 
 
 def test_once_prints_the_answer(server):
@@ -180,7 +235,7 @@ def test_once_json(server):
 
 def test_once_server_gone_is_one_line():
     port = _free_port()
-    result = subprocess.run([sys.executable, "-m", "superlinear.cli.main", "chat", "--url",
+    result = subprocess.run([*SPL, "chat", "--url",
                              f"http://127.0.0.1:{port}", "--once", "hi"],
                             capture_output=True, text=True, timeout=60)
     assert result.returncode == 2
