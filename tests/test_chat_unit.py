@@ -70,8 +70,8 @@ def test_registry_prefix_and_unknown():
 
 def test_argument_kinds():
     assert argument_kinds("/load SNAP") == ["snapshot"]
-    assert argument_kinds("/rm ID…") == ["session*"]
-    assert argument_kinds("/switch ID") == ["session"]
+    assert argument_kinds("/rm ID…") == ["id*"]
+    assert argument_kinds("/switch SESSION") == ["session"]
     assert argument_kinds("/think on|off|budget N") == [["on", "off", "budget"], None]
     assert argument_kinds("/save [title]") == [None]
 
@@ -81,8 +81,8 @@ def _completions(completer, text):
 
 
 def test_completer():
-    reg = SlashRegistry([_cmd("load", "/load SNAP"), _cmd("rm", "/rm ID…"), _cmd("think", "/think on|off|budget N"),
-                         _cmd("rollback", "/rollback N")])
+    reg = SlashRegistry([_cmd("load", "/load SNAP"), _cmd("rm", "/rm SESSION…"),
+                         _cmd("think", "/think on|off|budget N"), _cmd("rollback", "/rollback N")])
     ids = {"session": ["s-aaa", "s-abb", "t-1"], "snapshot": ["snap1", "snap2"]}
     completer = SlashCompleter(reg, lambda kind: ids[kind])
     assert _completions(completer, "/r") == ["/rm", "/rollback"]
@@ -159,6 +159,7 @@ class FakeClient:
     def __init__(self):
         self.sessions: dict[str, list[dict]] = {}
         self.requests: list[dict] = []
+        self.snapshots: dict[str, list[dict]] = {}
         self.down = False
         self.interrupt_after: int | None = None
         self._n = 0
@@ -189,10 +190,49 @@ class FakeClient:
         return list(self.sessions[sid])
 
     def list_sessions(self):
-        return [{"id": s} for s in self.sessions]
+        return [{"id": s, "position": 0, "max_seq_len": 64, "message_count": len(m)} for s, m in self.sessions.items()]
 
     def list_snapshots(self):
-        return []
+        return [{"id": s, "title": "t"} for s in self.snapshots]
+
+    def list_all(self):
+        return {"sessions": self.list_sessions(), "snapshots": self.list_snapshots()}
+
+    def delete_session(self, sid):
+        self.get_session(sid)
+        del self.sessions[sid]
+        return {"id": sid}
+
+    def delete_snapshot(self, snap):
+        if snap not in self.snapshots:
+            raise NotFound(f"no snapshot {snap!r}")
+        del self.snapshots[snap]
+        return {"id": snap}
+
+    def save_session(self, sid, title=None, description=None, tags=None):
+        self.get_session(sid)
+        snap = f"snap{len(self.snapshots) + 1}"
+        self.snapshots[snap] = list(self.sessions[sid])
+        return {"id": snap, "title": title, "session": {"position": 10 * len(self.sessions[sid])}}
+
+    def load_snapshot(self, snap, session_id=None, force=False, max_seq_len=None):
+        if snap not in self.snapshots:
+            raise NotFound(f"no snapshot {snap!r}")
+        info = self.create_session(session_id)
+        self.sessions[info["id"]] = list(self.snapshots[snap])
+        return self.get_session(info["id"])
+
+    def fork(self, sid, new_id=None):
+        self.get_session(sid)
+        info = self.create_session(new_id)
+        self.sessions[info["id"]] = list(self.sessions[sid])
+        return self.get_session(info["id"])
+
+    def rollback(self, sid, n_messages):
+        self.get_session(sid)
+        messages = self.sessions[sid]
+        del messages[n_messages if n_messages >= 0 else len(messages) + n_messages:]
+        return self.get_session(sid)
 
     def chat_stream(self, messages, session_id=None, **options):
         self.requests.append({"messages": messages, "session_id": session_id, **options})
@@ -344,3 +384,48 @@ def test_ask_once_json():
     out, err = io.StringIO(), io.StringIO()
     assert ask_once(FakeClient(), "hi", out=out, err=err) == 0
     assert out.getvalue() == "echo: hi\n" and err.getvalue().startswith("[7 → 2 tokens")
+
+
+def test_admin_slash_commands_dispatch_the_admin_commands(monkeypatch):
+    from superlinear.plugins import admin
+
+    seen = []
+    original = ChatRepl.dispatch
+
+    def spy(self, command):
+        seen.append(type(command).__name__)
+        return original(self, command)
+
+    monkeypatch.setattr(ChatRepl, "dispatch", spy)
+    client = FakeClient()
+    repl, out = make_repl(client)
+    repl.open_session()
+    repl.handle("one")
+    repl.handle("/save first try")
+    assert "saved snapshot snap1 (session sess1, 20 tokens); /load snap1 restores it" in out.getvalue()
+    repl.handle("/fork")
+    assert "forked sess1 → sess2 (now on sess2" in out.getvalue() and repl.session_id == "sess2"
+    repl.handle("/rollback -2")
+    assert "session sess2: 0 messages" in out.getvalue()
+    repl.handle("/load snap1")
+    assert "loaded snapshot snap1 into session sess3" in out.getvalue() and repl.session_id == "sess3"
+    repl.handle("/history")
+    assert "   1  user       one\n   2  assistant  echo: one" in out.getvalue()
+    repl.handle("/ls")
+    assert "* sess3" in out.getvalue() and "snap1" in out.getvalue()
+    repl.handle("/rm sess3 snap1")
+    text = out.getvalue()
+    assert "removed session sess3\nremoved snapshot snap1\nnew session sess4 (the current one was removed)" in text
+    repl.handle("/load snap1")
+    assert "error: no snapshot 'snap1'" in out.getvalue()
+    assert {"SnapshotSave", "SessionFork", "SessionRollback", "SnapshotLoad", "ListAll", "Remove"} <= set(seen)
+    assert all(hasattr(admin, name) for name in ("SnapshotSave", "SessionHistory"))
+
+
+def test_completion_ids_from_the_server():
+    client = FakeClient()
+    client.snapshots["snapA"] = []
+    repl, _ = make_repl(client)
+    repl.open_session()
+    assert repl.complete_ids("session") == ["sess1"]
+    assert repl.complete_ids("id") == ["sess1", "snapA"]

@@ -80,7 +80,7 @@ def _tail(text, repl):
 REPL_COMMANDS = [
     SlashCommand("help", "List the commands (/help CMD for one)", _help, "/help [CMD]"),
     SlashCommand("new", "Start a new session", _new, "/new"),
-    SlashCommand("switch", "Continue another session", _switch, "/switch ID"),
+    SlashCommand("switch", "Continue another session", _switch, "/switch SESSION"),
     SlashCommand("system", "Show, set or clear (off) the system prompt", _system, "/system [TEXT|off]"),
     SlashCommand("temp", "Show or set the sampling temperature", _temp, "/temp [X]"),
     SlashCommand("think", "Show reasoning (on), hide it (off), or cap it", _think, "/think on|off|budget N"),

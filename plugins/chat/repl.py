@@ -17,6 +17,7 @@ Embedding (what ``spl docs`` does)::
 
 from __future__ import annotations
 
+import contextlib
 import sys
 import time
 from collections.abc import Callable, Iterable
@@ -63,6 +64,35 @@ class TurnResult:
     cancelled: bool = False
     session_id: str | None = None
     message: dict | None = None
+
+
+@contextlib.contextmanager
+def quiet_terminal(stream: TextIO | None = None):
+    """While a reply streams: no echo of typed keys (they wait for the next prompt) and no "^C";
+    Ctrl-C still interrupts (ISIG stays on)."""
+    stream = stream or sys.stdin
+    try:
+        import termios
+
+        fd = stream.fileno()
+        saved = termios.tcgetattr(fd) if stream.isatty() else None
+    except (ImportError, AttributeError, ValueError, OSError):
+        saved = None
+    if saved is None:
+        yield
+        return
+    quiet = list(saved)
+    quiet[3] &= ~(termios.ECHO | getattr(termios, "ECHOCTL", 0))
+    try:
+        termios.tcsetattr(fd, termios.TCSANOW, quiet)
+    except termios.error:
+        yield
+        return
+    try:
+        yield
+    finally:
+        with contextlib.suppress(termios.error):
+            termios.tcsetattr(fd, termios.TCSANOW, saved)
 
 
 def one_line(text: str, width: int) -> str:
@@ -360,13 +390,15 @@ class ChatRepl:
         cached = self._id_cache.get(kind)
         if cached and time.monotonic() - cached[0] < 5.0:
             return cached[1]
+        if kind == "id":
+            return self.complete_ids("session") + self.complete_ids("snapshot")
         if kind == "session":
             items = self.client.list_sessions()
         elif kind == "snapshot":
             items = self.client.list_snapshots()
         else:
             return []
-        ids = [str(item.get("id") or item.get("session_id") or item.get("snapshot_id")) for item in items]
+        ids = [str(item.get("id")) for item in items if item.get("id")]
         self._id_cache[kind] = (time.monotonic(), ids)
         return ids
 
@@ -395,8 +427,9 @@ class ChatRepl:
         cancelled = False
         stream = self._call(self.client.chat_stream, messages, session_id=self.session_id,
                             **self.settings.request_options())
+        quiet = quiet_terminal() if self.running else contextlib.nullcontext()
         try:
-            try:
+            with quiet:
                 for event in stream:
                     if event.type == "reasoning":
                         renderer.reasoning_delta(event.text)
@@ -404,20 +437,19 @@ class ChatRepl:
                         renderer.content_delta(event.text)
                     elif event.type == "done":
                         done = event
-            except Unavailable:
-                self.server_down = True
+        except Unavailable:
+            self.server_down = True
+            raise
+        except NotFound:
+            if renderer.wrote_anything:
                 raise
-            except NotFound:
-                if renderer.wrote_anything:
-                    raise
-                return self._session_vanished(text, out)
-            except KeyboardInterrupt:
-                cancelled = True
+            return self._session_vanished(text, out)
+        except KeyboardInterrupt:
+            cancelled = True
         finally:
             stream.close()  # closes the HTTP response: the server stops generating
-        self.system_dirty = False
         elapsed = time.perf_counter() - started
-        if cancelled:
+        if cancelled:  # the server drops the cancelled turn: a new system prompt is still pending
             renderer.notice("[cancelled]")
             stats = TurnStats(elapsed_s=elapsed, finish_reason="cancelled")
             return TurnResult(renderer.text, "".join(renderer.reasoning), stats, cancelled=True,
@@ -426,6 +458,7 @@ class ChatRepl:
             renderer.end_line()
             self.server_down = True
             raise Unavailable("the server closed the stream before the reply ended (server gone?)")
+        self.system_dirty = False
         stats = TurnStats.from_usage(done.usage, done.timings, elapsed_s=elapsed,
                                      finish_reason=done.finish_reason)
         renderer.end_line()

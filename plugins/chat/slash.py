@@ -2,9 +2,9 @@
 
 A slash command is a ``superlinear.bus.SlashCommand``; its ``run(argument_text, repl)`` builds a
 bus command and dispatches it. Completion of arguments is derived from the ``usage`` string, so a
-plugin's command gets it for free: a placeholder containing ``SNAP`` completes snapshot ids, one
-containing ``ID`` or ``SESSION`` completes session ids, ``on|off`` style alternatives complete
-literally (e.g. ``usage="/think on|off|budget N"``).
+plugin's command gets it for free: ``SNAP`` completes snapshot ids, ``SESSION`` session ids, ``ID``
+either, ``on|off`` style alternatives complete literally (``usage="/think on|off|budget N"``),
+and a trailing ``…`` repeats the last kind.
 """
 
 from __future__ import annotations
@@ -97,7 +97,7 @@ class SlashRegistry:
 def argument_kinds(usage: str) -> list[str | list[str]]:
     """Completion kind of each argument from a usage string.
 
-    ``"/load SNAP"`` -> ``["snapshot"]``; ``"/rm ID…"`` -> ``["session*"]`` (repeating);
+    ``"/load SNAP"`` -> ``["snapshot"]``; ``"/rm ID…"`` -> ``["id*"]`` (repeating);
     ``"/think on|off|budget N"`` -> ``[["on", "off", "budget"], None]``.
     """
     words = usage.split()[1:] if usage.startswith("/") else usage.split()
@@ -111,8 +111,10 @@ def argument_kinds(usage: str) -> list[str | list[str]]:
             kind = [alt for alt in bare.split("|") if alt and not alt.isupper()]
         elif "SNAP" in bare:
             kind = "snapshot"
-        elif bare in ("ID", "SESSION", "SESSION_ID"):
+        elif bare in ("SESSION", "SESSION_ID"):
             kind = "session"
+        elif bare == "ID":
+            kind = "id"  # a session or a snapshot
         else:
             kind = None
         if repeat and isinstance(kind, str):
@@ -124,7 +126,7 @@ def argument_kinds(usage: str) -> list[str | list[str]]:
 class SlashCompleter(Completer):
     """Completes ``/names`` and, after a name, session/snapshot ids or literal alternatives.
 
-    ``ids(kind)`` returns candidate ids for ``"session"`` or ``"snapshot"``; it is called lazily
+    ``ids(kind)`` returns candidate ids for ``"session"``, ``"snapshot"`` or ``"id"``; it is called lazily
     and may raise (server gone): completion then offers nothing.
     """
 
