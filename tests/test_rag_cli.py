@@ -82,3 +82,12 @@ def test_docs_needs_a_terminal(spl):
     result = subprocess.run(SPL + ["docs", "x"], capture_output=True, text=True, stdin=subprocess.DEVNULL,
                             timeout=60)
     assert result.returncode == 2 and "needs a terminal" in result.stderr
+
+
+def test_ingest_without_a_server_keeps_the_index(spl, tmp_path):
+    (tmp_path / "d").mkdir()
+    (tmp_path / "d" / "a.md").write_text("beavers build dams\n")
+    result = spl("rag", "ingest", "d", "-w", "b")
+    assert result.returncode == 0, result.stderr
+    assert "context: retrieval-only (context not built: the spl server at http://127.0.0.1:9" in result.stdout
+    assert "a.md:1" in spl("rag", "ask", "beavers", "-w", "b", "--no-llm").stdout

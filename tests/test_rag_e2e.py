@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import socket
 import subprocess
 import sys
@@ -75,7 +76,9 @@ def ingested(server):
     readme = docs / "README.md"
     # Keep the corpus small: the CPU prefill of the default model is the slow part.
     readme.write_text("\n".join(readme.read_text().splitlines()[:16]) + "\n")
-    ingest = _spl(server, "rag", "ingest", str(docs), "-w", "click", "--json")
+    # Short passages keep each question's prefill small too.
+    ingest = _spl(server, "rag", "ingest", str(docs), "-w", "click", "--chunk-chars", "400", "--overlap", "40",
+                  "--json")
     assert ingest.returncode == 0, ingest.stderr
     return json.loads(ingest.stdout)["context"]
 
@@ -100,6 +103,12 @@ def test_ingest_snapshot_then_ask_cites_a_path(server, ingested):
     assert cached >= context["tokens"], out["usage"]
     print(f"ask: {out['seconds']} s, {cached} tokens reused, answer {out['answer']!r}")
 
+    # The text form streams the answer, then lists the sources with path:lines.
+    text = _spl(server, "rag", "ask", "What is Click?", "-w", "click", "-k", "1", "--max-tokens", "8")
+    assert text.returncode == 0, text.stderr
+    assert re.search(r"\nSources:\n [ *]\[1\] docs/README\.md:\d+-\d+  \(score \d", text.stdout), text.stdout
+    assert "(context, bm25," in text.stderr
+
     info = _spl(server, "rag", "info", "click")
     assert info.returncode == 0 and context["snapshot_id"] in info.stdout and "current" in info.stdout
 
@@ -109,7 +118,8 @@ def test_docs_repl_in_a_terminal(server, ingested):
     env = {**os.environ, "SPL_WORKSPACES_DIR": str(server["root"] / "ws"),
            "SPL_STATE_DIR": str(server["root"] / "cli-state"),
            "TERM": "xterm", "PROMPT_TOOLKIT_NO_CPR": "1", "COLUMNS": "160", "LINES": "40"}
-    child = pexpect.spawn(sys.executable, ["-m", "superlinear.cli.main", "docs", "click", "--url", server["url"]],
+    child = pexpect.spawn(sys.executable, ["-m", "superlinear.cli.main", "docs", "click", "--url", server["url"],
+                                           "--max-tokens", "6", "--temp", "0"],
                           env=env, encoding="utf-8", timeout=60, dimensions=(40, 160), cwd=str(server["root"]))
     child.logfile_read = open(server["root"] / "docs-pty.log", "a")
     try:
@@ -119,6 +129,11 @@ def test_docs_repl_in_a_terminal(server, ingested):
         child.expect(r"docs/LICENSE\.txt")
         child.send("/rag k 2\r")
         child.expect(r"retrieval on: k=2, retriever=bm25")
+        child.send("Who holds the copyright?\r")
+        child.expect(r"(\d+) reused")  # the turn's footer: the answer came back
+        assert int(child.match.group(1)) >= ingested["tokens"]  # on top of the documents' tokens
+        child.send("/tail 2\r")
+        child.expect(r"\[1\] docs/LICENSE\.txt:\d+-\d+")  # the question went with its passages
         child.send("/reset\r")
         child.expect(r"reset to snapshot")
         child.send("/exit\r")

@@ -258,7 +258,9 @@ def retrievers_command():
 @click.option("--url", default=None, help="Server to talk to (default: the configured one, or a local one).")
 @click.option("-k", "--k", "k", type=click.IntRange(1, 50), default=5, show_default=True)
 @click.option("--retriever", "-r", default="bm25", show_default=True)
-def docs_command(name, url, k, retriever):
+@click.option("--max-tokens", type=click.IntRange(1), default=None, help="Cap on tokens per reply.")
+@click.option("--temp", "temperature", type=click.FloatRange(0.0, 2.0), default=None, help="Temperature.")
+def docs_command(name, url, k, retriever, max_tokens, temperature):
     """Chat over a workspace's documents (the `spl chat` REPL in the workspace session).
 
     Extra commands: /add PATH…, /sources, /rag k N | retriever NAME | off | on, /reset.
@@ -267,4 +269,5 @@ def docs_command(name, url, k, retriever):
 
     if not sys.stdin.isatty():
         raise click.UsageError("spl docs needs a terminal; use `spl rag ask` for scripts")
-    return run_docs(name or _default_workspace(), url=url, k=k, retriever=retriever)
+    return run_docs(name or _default_workspace(), url=url, k=k, retriever=retriever, max_tokens=max_tokens,
+                    temperature=temperature)

@@ -95,7 +95,11 @@ def handle_ingest(command: RagIngest, ctx: Context) -> dict:
         out["context"] = {"mode": "skipped", "reason": "--no-llm"} if not ws.manifest.get("context") else \
             {**ws.manifest["context"], "current": llm.context_is_current(ws)}
         return out
-    client, owned = _client(ctx)
+    try:
+        client, owned = _client(ctx)
+    except UserError as exc:  # the index is done; only the context could not be built
+        out["context"] = {"mode": "retrieval-only", "reason": f"context not built: {exc.message}"}
+        return out
     try:
         if ws.manifest.get("context"):
             _check_snapshot_alive(client, ws)

@@ -148,8 +148,9 @@ def prepare_message(text: str, repl):
     return message
 
 
-def run_docs(name: str, *, url: str | None = None, k: int = 5, retriever: str = "bm25") -> int:
-    from superlinear.plugins.chat import ChatRepl, connect
+def run_docs(name: str, *, url: str | None = None, k: int = 5, retriever: str = "bm25",
+             max_tokens: int | None = None, temperature: float | None = None) -> int:
+    from superlinear.plugins.chat import ChatRepl, ChatSettings, connect
 
     ws = Workspace.open(name)
     if retriever not in available_retrievers():
@@ -165,7 +166,8 @@ def run_docs(name: str, *, url: str | None = None, k: int = 5, retriever: str = 
     banner = (f"docs {name}: {info['files']} files, {info['chunks']} passages; {opened}\n"
               f"each message gets {k} passages from {retriever}; /add, /sources, /rag, /reset")
     repl = ChatRepl(client, name=f"docs:{name}", session_id=state.session_id,
-                    extra_slash_commands=SLASH_COMMANDS, prepare_message=prepare_message, banner=banner)
+                    extra_slash_commands=SLASH_COMMANDS, prepare_message=prepare_message, banner=banner,
+                    settings=ChatSettings(max_tokens=max_tokens, temperature=temperature))
     repl.ctx.state["docs"] = state
     try:
         return repl.run()

@@ -140,4 +140,5 @@ class BM25Retriever:
 
         scores = model.get_scores(tokens)
         top = np.argsort(-scores, kind="stable")[:k]
-        return [Passage(chunks[int(i)], float(scores[i]), self.name) for i in top if scores[i] > 0]
+        return [Passage(chunks[int(i)], float(scores[i]), self.name) for i in top
+                if scores[i] > 0 and int(i) < len(chunks)]
