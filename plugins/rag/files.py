@@ -119,10 +119,15 @@ def _ancestor_rules(folder: Path) -> _IgnoreRules:
 
 
 def _matches_globs(path: Path, root: Path, globs: tuple[str, ...]) -> bool:
+    """``*.md`` matches by name anywhere; ``docs/**/*.md`` on the path under the folder (git's rules)."""
     if not globs:
         return True
+    import pathspec
+
     rel = path.relative_to(root).as_posix() if path != root else path.name
-    return any(fnmatch.fnmatch(rel, g) or fnmatch.fnmatch(path.name, g) for g in globs)
+    if pathspec.PathSpec.from_lines("gitwildmatch", globs).match_file(rel):
+        return True
+    return any(fnmatch.fnmatch(path.name, g) for g in globs)
 
 
 def walk(paths: list[Path], globs: tuple[str, ...] = (), max_bytes: int = MAX_FILE_BYTES) -> Walk:
