@@ -29,8 +29,9 @@ from .triton_common import check_triton_params, device_tables, first_key, mask_u
 def _dec_score_kernel(q1_ptr, k_ptr, pos_ptr, mask_ptr, offs_ptr, score_ptr,
                       sq_b, sq_h, sk_b, sk_h, sk_l, sm_b,
                       LKV, NS, S1, NC,
-                      HQ: tl.constexpr, G: tl.constexpr, D: tl.constexpr, BLOCK_D: tl.constexpr,
-                      BLOCK_C: tl.constexpr, NC_PAD: tl.constexpr, MASKED: tl.constexpr):
+                      HQ: tl.constexpr, G: tl.constexpr, GP: tl.constexpr, D: tl.constexpr,
+                      BLOCK_D: tl.constexpr, BLOCK_C: tl.constexpr, NC_PAD: tl.constexpr,
+                      MASKED: tl.constexpr, IEEE: tl.constexpr):
     pid_bh = tl.program_id(0)
     pid_c = tl.program_id(1)
     HKV: tl.constexpr = HQ // G
@@ -48,21 +49,22 @@ def _dec_score_kernel(q1_ptr, k_ptr, pos_ptr, mask_ptr, offs_ptr, score_ptr,
         ok = ok & (tl.load(mask_ptr + b * sm_b + a, mask=ok, other=0) != 0)
     d = tl.arange(0, BLOCK_D)
     dmask = d < D
-    any_ok = tl.max(ok.to(tl.int32), 0) > 0
     ninf = float("-inf")
-    if any_ok:
-        kk = tl.load(k_ptr + b * sk_b + hk * sk_h + a[:, None] * sk_l + d[None, :],
-                     mask=ok[:, None] & dmask[None, :], other=0.0).to(tl.float32)
-        for g in tl.static_range(G):
-            h = hk * G + g
-            q = tl.load(q1_ptr + b * sq_b + h * sq_h + d, mask=dmask, other=0.0).to(tl.float32)
-            s = tl.sum(kk * q[None, :], 1)
-            tl.store(score_ptr + (b * HQ + h) * NC_PAD + c, tl.where(ok, s, ninf), mask=c < NC_PAD)
+    gh = tl.arange(0, GP)
+    gvalid = gh < G
+    h = hk * G + gh
+    # the G query heads of the group score the gathered anchor keys in one product
+    q = tl.load(q1_ptr + b * sq_b + h[:, None] * sq_h + d[None, :], mask=gvalid[:, None] & dmask[None, :],
+                other=0.0)
+    kt = tl.load(k_ptr + b * sk_b + hk * sk_h + a[None, :] * sk_l + d[:, None],
+                 mask=ok[None, :] & dmask[:, None], other=0.0)
+    if IEEE:
+        s = tl.dot(q, kt, input_precision="ieee")
     else:
-        for g in tl.static_range(G):
-            h = hk * G + g
-            tl.store(score_ptr + (b * HQ + h) * NC_PAD + c, tl.full([BLOCK_C], ninf, tl.float32),
-                     mask=c < NC_PAD)
+        s = tl.dot(q, kt)
+    s = tl.where(ok[None, :], s, ninf)
+    tl.store(score_ptr + (b * HQ + h[:, None]) * NC_PAD + c[None, :], s,
+             mask=gvalid[:, None] & (c[None, :] < NC_PAD))
 
 
 @triton.jit
@@ -203,14 +205,14 @@ class DecodePlan:
         self.nc = max(1, tab.max_candidates)
         self.nc_pad = next_pow2(self.nc)
         cuda = torch.device(device).type == "cuda"
-        self.chunk = chunk or (256 if cuda else 64)
+        self.chunk = chunk or (128 if cuda else 64)
         self.block_n = block_n or (64 if cuda else 16)
         self.chunk = max(self.chunk, self.block_n)
         self.warps = warps or 4
         longest = max(tab.max_span, params.window_len, 1)
         self.nsplit = triton.cdiv(longest, self.chunk)
         self.split_pad = next_pow2(self.nsplit, lo=2)
-        self.block_c = 64 if cuda else 16
+        self.block_c = 32 if cuda else 16
 
 
 _PLANS: dict = {}
@@ -252,8 +254,8 @@ def triton_decode(q1, q2, k, v, positions, params: SpanParams, key_mask=None, ch
         q1, k, pos, mk, tab.offsets, scores,
         q1.stride(0), q1.stride(1), k.stride(0), k.stride(1), k.stride(2), sm_b,
         LKV, tab.num_stripes, S1, plan.nc,
-        HQ=HQ, G=G, D=D, BLOCK_D=BLOCK_D, BLOCK_C=plan.block_c, NC_PAD=plan.nc_pad, MASKED=masked,
-        num_warps=4)
+        HQ=HQ, G=G, GP=next_pow2(G), D=D, BLOCK_D=BLOCK_D, BLOCK_C=plan.block_c, NC_PAD=plan.nc_pad,
+        MASKED=masked, IEEE=k.dtype == torch.float32, num_warps=4)
     sel_lo = torch.empty(B * HQ, K, device=dev, dtype=torch.int32)
     sel_hi = torch.empty(B * HQ, K, device=dev, dtype=torch.int32)
     _dec_topk_kernel[(B * HQ,)](

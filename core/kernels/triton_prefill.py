@@ -38,9 +38,9 @@ NEG = -1e9
 
 
 @triton.jit
-def _search_kernel(q1_ptr, k_ptr, pos_ptr, mask_ptr, st_ptr, offs_ptr, sel_i_ptr, sel_s_ptr,
-                   sq_b, sq_h, sq_l, sk_b, sk_h, sk_l, sm_b,
-                   LQ, LKV, NS, S1, POWER,
+def _search_kernel(q1_ptr, k_ptr, pos_ptr, mask_ptr, st_ptr, offs_ptr, back_ptr, sel_i_ptr, sel_s_ptr,
+                   key_ptr, sq_b, sq_h, sq_l, sk_b, sk_h, sk_l, sm_b,
+                   LQ, LKV, NS, S1, POWER, CAP, R, NR, NB,
                    HQ: tl.constexpr, G: tl.constexpr, GP: tl.constexpr, D: tl.constexpr,
                    BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_C: tl.constexpr,
                    NUM_SPANS: tl.constexpr, MASKED: tl.constexpr, IEEE: tl.constexpr):
@@ -99,17 +99,30 @@ def _search_kernel(q1_ptr, k_ptr, pos_ptr, mask_ptr, st_ptr, offs_ptr, sel_i_ptr
                     sc = tl.where(i[None, :] == mi[:, None], ninf, sc)
                     b0, b1, b2, b3, i0, i1, i2, i3 = topk_insert(m, mi, b0, b1, b2, b3, i0, i1, i2, i3)
             base = ((b * HQ + h) * LQ + row) * NUM_SPANS
-            tl.store(sel_i_ptr + base, tl.where(b0 > ninf, i0, -1), mask=gvalid)
-            tl.store(sel_s_ptr + base, b0, mask=gvalid)
-            if NUM_SPANS > 1:
-                tl.store(sel_i_ptr + base + 1, tl.where(b1 > ninf, i1, -1), mask=gvalid)
-                tl.store(sel_s_ptr + base + 1, b1, mask=gvalid)
-            if NUM_SPANS > 2:
-                tl.store(sel_i_ptr + base + 2, tl.where(b2 > ninf, i2, -1), mask=gvalid)
-                tl.store(sel_s_ptr + base + 2, b2, mask=gvalid)
-            if NUM_SPANS > 3:
-                tl.store(sel_i_ptr + base + 3, tl.where(b3 > ninf, i3, -1), mask=gvalid)
-                tl.store(sel_s_ptr + base + 3, b3, mask=gvalid)
+            st = tl.load(st_ptr + b)
+            tp = tl.minimum(tl.maximum(t + 1 - st, 0), CAP)
+            bk = tl.load(back_ptr + tp)
+            kb = (b * HKV + hk) * NR
+            for j in tl.static_range(NUM_SPANS):
+                if j == 0:
+                    bj = b0
+                    ij = i0
+                elif j == 1:
+                    bj = b1
+                    ij = i1
+                elif j == 2:
+                    bj = b2
+                    ij = i2
+                else:
+                    bj = b3
+                    ij = i3
+                ok = bj > ninf
+                fj = tl.load(offs_ptr + tl.maximum(ij, 0), mask=gvalid, other=0).to(tl.int32)
+                lo = tl.maximum(tl.maximum(t + 1 - fj - bk, 0), st)
+                lo = tl.minimum(lo, LKV - 1)
+                tl.store(sel_i_ptr + base + j, tl.where(ok, ij, -1), mask=gvalid)
+                tl.store(sel_s_ptr + base + j, bj, mask=gvalid)
+                tl.store(key_ptr + base + j, tl.where(ok, kb + lo // R, NB), mask=gvalid)
 
 
 @triton.jit
@@ -286,7 +299,7 @@ def _window_combine_kernel(q2_ptr, k_ptr, v_ptr, pos_ptr, mask_ptr,
 
 def _blocks(device_is_cuda: bool, G: int, BLOCK_D: int):
     if device_is_cuda:
-        return dict(search_m=16, search_c=64, search_warps=4, span_m=64, span_n=64, span_warps=4,
+        return dict(search_m=16, search_c=64, search_warps=4, span_m=128, span_n=64, span_warps=4,
                     span_stages=2, win_m=64, win_n=64)
     return dict(search_m=8, search_c=16, search_warps=4, span_m=16, span_n=16, span_warps=4,
                 span_stages=1, win_m=16, win_n=16)
@@ -334,17 +347,7 @@ def triton_prefill(q1, q2, k, v, positions, params: SpanParams, key_mask=None, b
             timings.append(ev)
 
     mark()
-    # 1. search
-    sel_i = torch.empty(B, HQ, LQ, K, device=dev, dtype=torch.int32)
-    sel_s = torch.empty(B, HQ, LQ, K, device=dev, dtype=torch.float32)
-    bm = cfg["search_m"]
-    _search_kernel[(triton.cdiv(LQ, bm), B * HKV)](
-        q1, k, pos, mk, st, tab.offsets, sel_i, sel_s,
-        q1.stride(0), q1.stride(1), q1.stride(2), k.stride(0), k.stride(1), k.stride(2), sm_b,
-        LQ, LKV, NS, params.sw_index + 1, float(params.power),
-        HQ=HQ, G=G, GP=next_pow2(G), D=D, BLOCK_D=BLOCK_D, BLOCK_M=bm, BLOCK_C=cfg["search_c"],
-        NUM_SPANS=K, MASKED=masked, IEEE=ieee, num_warps=cfg["search_warps"])
-    mark()
+    # 1. search (also writes each selected pair's bucket key, see 2.)
     # 2. bucketing: the selected (row, slot) pairs of all query heads of a kv group are grouped by
     # where their span starts (windows of R keys), so a tile's spans nearly coincide and each
     # K/V block it loads serves all its rows. One stable sort of small integer keys, static
@@ -353,21 +356,19 @@ def triton_prefill(q1, q2, k, v, positions, params: SpanParams, key_mask=None, b
     NR = triton.cdiv(LKV, R)
     N = B * HQ * LQ * K
     NB = B * HKV * NR
-    si = sel_i.reshape(-1).to(torch.int64)
-    valid = si >= 0
-    ent = torch.arange(N, device=dev, dtype=torch.int64)
-    e_row = (ent // K) % LQ
-    e_bh = ent // (K * LQ)
-    e_b = e_bh // HQ
-    e_hk = (e_bh % HQ) // G
-    t_e = pos[e_row]
-    a_e = t_e + 1 - tab.offsets[si.clamp(min=0)]
-    st_e = st.to(torch.int64)[e_b]
-    tp_e = (t_e + 1 - st_e).clamp(min=0, max=tab.capacity)
-    lo_e = torch.maximum((a_e - tab.back[tp_e]).clamp(min=0), st_e).clamp(max=LKV - 1)
-    key = torch.where(valid, (e_b * HKV + e_hk) * NR + lo_e // R, torch.full_like(si, NB))
+    sel_i = torch.empty(B, HQ, LQ, K, device=dev, dtype=torch.int32)
+    sel_s = torch.empty(B, HQ, LQ, K, device=dev, dtype=torch.float32)
+    key = torch.empty(N, device=dev, dtype=torch.int32 if NB < 2**31 - 1 else torch.int64)
+    bm = cfg["search_m"]
+    _search_kernel[(triton.cdiv(LQ, bm), B * HKV)](
+        q1, k, pos, mk, st, tab.offsets, tab.back, sel_i, sel_s, key,
+        q1.stride(0), q1.stride(1), q1.stride(2), k.stride(0), k.stride(1), k.stride(2), sm_b,
+        LQ, LKV, NS, params.sw_index + 1, float(params.power), tab.capacity, R, NR, NB,
+        HQ=HQ, G=G, GP=next_pow2(G), D=D, BLOCK_D=BLOCK_D, BLOCK_M=bm, BLOCK_C=cfg["search_c"],
+        NUM_SPANS=K, MASKED=masked, IEEE=ieee, num_warps=cfg["search_warps"])
+    mark()
     skey, order = torch.sort(key, stable=True)
-    counts = torch.bincount(key, minlength=NB + 1)[:NB]
+    counts = torch.bincount(key, minlength=NB + 1)[:NB]  # int64
     bstart = torch.cumsum(counts, 0) - counts
     BM = cfg["span_m"]
     ntile = (counts + BM - 1) // BM
