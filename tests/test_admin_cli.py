@@ -116,3 +116,17 @@ def test_no_server_is_a_clear_error(spl, monkeypatch):
     monkeypatch.setenv("SPL_SERVER_URL", "http://127.0.0.1:9")
     code, _, err = spl("ls")
     assert code == 2 and "cannot reach the spl server" in err
+
+
+def test_server_connect(spl, server, monkeypatch, tmp_path):
+    monkeypatch.setenv("SPL_STATE_DIR", str(tmp_path / "fresh-state"))
+    monkeypatch.delenv("SPL_SERVER_URL")
+    monkeypatch.delenv("SPL_API_KEY")
+    code, _, err = spl("server", "connect", server.url, "--api-key", server.api_key)
+    assert code == 0, err
+    code, out, _ = spl("server", "status")
+    assert code == 0 and out.startswith(f"up: {server.url}") and "connected to" in out
+    code, out, err = spl("ls", "--json")
+    assert code == 0 and "sessions" in json.loads(out), err
+    code, out, _ = spl("server", "connect", "--forget")
+    assert code == 0 and "127.0.0.1:8787" in out

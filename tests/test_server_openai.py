@@ -91,14 +91,14 @@ def test_tools(client):
     # and tool_choice are accepted, the answer is well-formed, and a tool round trip works.
     r = client.chat.completions.create(
         model="default", messages=[user("What is the weather in Paris? Use the tool.")], tools=TOOLS,
-        tool_choice="auto", max_tokens=8, temperature=0)
+        tool_choice="auto", max_tokens=4, temperature=0)
     choice = r.choices[0]
     assert choice.finish_reason in ("tool_calls", "stop", "length")
     _check_calls(choice.message.tool_calls)
     call = {"id": "call_1", "type": "function",
             "function": {"name": "get_weather", "arguments": json.dumps({"city": "Paris"})}}
     follow = client.chat.completions.create(
-        model="default", tools=TOOLS, max_tokens=6, temperature=0,
+        model="default", tools=TOOLS, max_tokens=3, temperature=0,
         messages=[user("What is the weather in Paris? Use the tool."),
                   {"role": "assistant", "content": None, "tool_calls": [call]},
                   {"role": "tool", "tool_call_id": "call_1", "content": "sunny, 21 C"}])
@@ -108,7 +108,7 @@ def test_tools(client):
 def test_tools_streamed(client):
     stream = client.chat.completions.create(
         model="default", messages=[user("Weather in Rome?")], tools=TOOLS, tool_choice="required",
-        max_tokens=24, temperature=0, stream=True)
+        max_tokens=8, temperature=0, stream=True)
     calls, finish = [], None
     for c in stream:
         if c.choices:

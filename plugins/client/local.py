@@ -74,9 +74,10 @@ def wait_until_ready(client: SplClient, pid: int | None = None, timeout: float =
     last = None
     while True:
         if pid is not None and not state.pid_alive(pid):
-            log = _tail(state.log_file())
-            raise Unavailable("the spl server exited while starting; last lines of "
-                              f"{state.log_file()}:\n{log}")
+            log = _tail(state.log_file(), 40).splitlines()
+            errors = [line for line in log if "error" in line.lower()]
+            why = errors[-1].strip() if errors else (log[-1].strip() if log else "no output")
+            raise Unavailable(f"the spl server exited while starting ({why}); see `spl server logs`")
         try:
             health = client.health(timeout=2.0)
         except UserError:

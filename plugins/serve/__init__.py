@@ -30,6 +30,14 @@ def build_app(options: ServeOptions):
     return create_app(Runtime(options))
 
 
+def _exit_on_load_error(server, runtime) -> None:
+    def stop(error: str) -> None:
+        print(f"spl: error: cannot load model {runtime.options.model!r}: {error}", flush=True)
+        server.should_exit = True
+
+    runtime.on_load_error = stop
+
+
 def serve(command: Serve, ctx: Context) -> int:
     import logging
 
@@ -43,9 +51,11 @@ def serve(command: Serve, ctx: Context) -> int:
     config = uvicorn.Config(app, host=options.host, port=options.port, log_level="info",
                             timeout_graceful_shutdown=5, lifespan="on", access_log=False)
     server = uvicorn.Server(config)
+    runtime = app.state.runtime
+    _exit_on_load_error(server, runtime)
     server.run()
-    if server.started is False and not getattr(server, "should_exit", False):
-        return 1
+    if runtime.error is not None or not server.started:
+        return 2
     return 0
 
 

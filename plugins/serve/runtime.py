@@ -39,6 +39,7 @@ class Runtime:
         self._load_started = time.monotonic()
         self._thread: threading.Thread | None = None
         self.stats = {"requests": 0, "generations": 0, "cancelled": 0, "errors": 0}
+        self.on_load_error = None  # called (from the loader thread) when the model cannot be loaded
 
     # -- lifecycle -----------------------------------------------------------------------
     def start_loading(self) -> None:
@@ -54,6 +55,8 @@ class Runtime:
             log.error("spl: loading the model failed: %s", self.error)
             if os.environ.get("SPL_TRACE") == "1":
                 log.exception("traceback")
+            if self.on_load_error is not None:
+                self.on_load_error(self.error)
             return
         self.status = "ok"
         self.ready_at = time.time()

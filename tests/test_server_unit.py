@@ -1,0 +1,202 @@
+"""Server and client pieces that need no model: the session-chat rule, body parsing, the worker
+queue, SSE parsing, error mapping, auth and validation on an app whose model never loads."""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+
+import httpx
+import pytest
+
+from superlinear.errors import Busy, Conflict, InvalidRequest, NotFound, TooLarge, Unauthorized, Unavailable
+
+
+def m(role, content):
+    return {"role": role, "content": content}
+
+
+T = [m("system", "be nice"), m("user", "hi"), m("assistant", "hello"), m("user", "how are you?"),
+     m("assistant", "fine")]
+
+
+def test_session_rule():
+    from superlinear.plugins.serve.chat import merge_session_messages as merge
+
+    assert merge([], [m("user", "x")]) == ([m("user", "x")], "new", 0)
+    full, how, kept = merge(T, T + [m("user", "next")])
+    assert how == "extend" and kept == 5 and full == T + [m("user", "next")]
+    full, how, _ = merge(T, [m("user", "next")])
+    assert how == "append" and full == T + [m("user", "next")]
+    full, how, kept = merge(T, T[:3] + [m("user", "edited")])
+    assert how == "rollback" and kept == 3 and full == T[:3] + [m("user", "edited")]
+    full, how, kept = merge(T, T[:4])  # regenerate the last answer
+    assert how == "rollback" and kept == 4 and full == T[:4]
+    full, how, _ = merge(T, [m("system", "other")] + T[1:])  # a different system prompt
+    assert how == "append"  # no common prefix and not "replace": taken as new messages
+    full, how, kept = merge(T, [m("system", "other"), m("user", "q")], mode="replace")
+    assert how == "rollback" and kept == 0 and full == [m("system", "other"), m("user", "q")]
+    full, how, _ = merge(T, T[:2], mode="append")
+    assert how == "append" and full == T + T[:2]
+    with pytest.raises(InvalidRequest):
+        merge(T, T)  # nothing new after an assistant message
+    # Content parts, whitespace and tool-call argument formatting do not break the match.
+    parts = [m("system", [{"type": "text", "text": "be nice"}]), m("user", "hi "), *T[2:]]
+    assert merge(T, parts + [m("user", "z")])[1] == "extend"
+    call = {"role": "assistant", "content": None,
+            "tool_calls": [{"id": "a", "type": "function", "function": {"name": "f", "arguments": '{"x": 1}'}}]}
+    call2 = {"role": "assistant", "content": "",
+             "tool_calls": [{"id": "b", "type": "function", "function": {"name": "f", "arguments": '{ "x":1 }'}}]}
+    assert merge([m("user", "q"), call], [m("user", "q"), call2, m("tool", "r")])[1] == "extend"
+
+
+def test_parse_body():
+    from superlinear.plugins.serve.schemas import ChatCompletionRequest, CreateSession, parse_body
+
+    ok = parse_body(b'{"messages": [{"role": "user", "content": [{"type": "text", "text": "a"},'
+                    b' {"type": "text", "text": "b"}]}], "extra_field": 1}', ChatCompletionRequest)
+    assert ok.plain_messages() == [{"role": "user", "content": "ab"}]
+    for raw in (b"", b"nope", b"[]", b"3", b'{"messages": 3}', b'{"messages": [{"role": "x"}]}'):
+        with pytest.raises(InvalidRequest):
+            parse_body(raw, ChatCompletionRequest)
+    with pytest.raises(InvalidRequest) as e:
+        parse_body(b'{"messages": [{"role": "user", "content": "x"}], "max_tokens": "lots"}', ChatCompletionRequest)
+    assert e.value.param == "max_tokens"
+    assert parse_body(b"", CreateSession, allow_empty=True).session_id is None
+    with pytest.raises(InvalidRequest) as e:
+        parse_body(b'{"sesion_id": "typo"}', CreateSession)
+    assert "unknown field" in e.value.message
+    with pytest.raises(TooLarge):
+        parse_body(b"{}" * 10, CreateSession, max_bytes=5)
+    req = parse_body(b'{"messages": [{"role": "user", "content": "x"}], "n": 2}', ChatCompletionRequest)
+    with pytest.raises(InvalidRequest):
+        req.check_supported()
+
+
+def test_worker_fifo_limit_and_cancel():
+    from superlinear.plugins.serve.worker import JobCancelled, Worker
+
+    order: list[int] = []
+    gate = threading.Event()
+
+    async def main():
+        w = Worker(max_queued=3)
+        first = w.submit(lambda j: (gate.wait(5), order.append(0)), kind="generation")
+        second = w.submit(lambda j: order.append(1), kind="generation")
+        third = w.submit(lambda j: order.append(2), kind="generation")
+        with pytest.raises(Busy):
+            w.submit(lambda j: None, kind="generation")
+        admin = w.submit(lambda j: order.append(9))  # admin work is not limited, but waits its turn
+        third.cancel()
+        gate.set()
+        await first.future
+        await second.future
+        with pytest.raises(JobCancelled):
+            await third.future
+        await admin.future
+        assert w.generations == 0
+        w.submit(lambda j: None, kind="generation")  # room again
+        w.stop()
+
+    asyncio.run(main())
+    assert order == [0, 1, 9]
+
+
+class _FakeStream:
+    def __init__(self, lines):
+        self.lines = lines
+
+    def iter_lines(self):
+        yield from self.lines
+
+
+def test_sse_parsing():
+    import json
+
+    from superlinear.plugins.client.api import _parse_sse
+
+    def data(obj):
+        return "data: " + json.dumps(obj)
+
+    lines = [
+        data({"choices": [{"delta": {"role": "assistant", "content": ""}}], "session_id": "s"}), "",
+        data({"choices": [{"delta": {"reasoning_content": "hmm"}}], "session_id": "s"}),
+        data({"choices": [{"delta": {"content": "Hel"}}]}), data({"choices": [{"delta": {"content": "lo"}}]}),
+        data({"choices": [{"delta": {"tool_calls": [{"index": 0, "id": "c1", "function": {"name": "f",
+                                                                                          "arguments": "{"}}]}}]}),
+        data({"choices": [{"delta": {"tool_calls": [{"index": 0, "function": {"arguments": "}"}}]}}]}),
+        data({"choices": [{"delta": {}, "finish_reason": "tool_calls"}], "timings": {"prefill_s": 1}}),
+        data({"choices": [], "usage": {"completion_tokens": 3}}), "data: [DONE]",
+    ]
+    events = list(_parse_sse(_FakeStream(lines)))
+    assert [e.type for e in events] == ["reasoning", "text", "text", "tool_calls", "done"]
+    done = events[-1]
+    assert done.finish_reason == "tool_calls" and done.usage == {"completion_tokens": 3}
+    assert done.timings == {"prefill_s": 1} and done.session_id == "s"
+    assert done.message["content"] == "Hello" and done.message["reasoning_content"] == "hmm"
+    assert events[3].tool_calls[0]["function"] == {"name": "f", "arguments": "{}"}
+    with pytest.raises(TooLarge):
+        list(_parse_sse(_FakeStream([data({"error": {"message": "full", "type": "invalid_request_error",
+                                                     "code": "context_length_exceeded"}})])))
+
+
+def test_error_mapping_and_unreachable():
+    from superlinear.plugins.client import SplClient
+    from superlinear.plugins.client.api import error_from_response
+
+    def resp(status, body):
+        return httpx.Response(status, json=body)
+
+    body = {"error": {"message": "nope", "type": "x", "param": "p", "code": "c"}}
+    for status, cls in ((400, InvalidRequest), (401, Unauthorized), (404, NotFound), (409, Conflict),
+                        (413, TooLarge), (429, Busy), (503, Unavailable)):
+        err = error_from_response(resp(status, body))
+        assert isinstance(err, cls) and err.message == "nope" and err.param == "p"
+    assert error_from_response(httpx.Response(500, text="boom")).http_status == 500
+    with SplClient("http://127.0.0.1:9", connect_timeout=0.5) as c:
+        assert not c.is_up()
+        with pytest.raises(Unavailable) as e:
+            c.list_sessions()
+        assert "spl server start" in e.value.message
+
+
+def test_parse_bytes():
+    from superlinear.plugins.client import parse_bytes
+
+    assert parse_bytes("8GB") == 8 << 30 and parse_bytes("512m") == 512 << 20 and parse_bytes("100") == 100
+    assert parse_bytes("1.5KiB") == 1536 and parse_bytes(None) is None
+    with pytest.raises(InvalidRequest):
+        parse_bytes("lots")
+
+
+@pytest.fixture
+def loading_app():
+    """The app with a model that never finishes loading (no lifespan): validation and auth only."""
+    from fastapi.testclient import TestClient
+
+    from superlinear.plugins.client.options import ServeOptions
+    from superlinear.plugins.serve.app import create_app
+    from superlinear.plugins.serve.runtime import Runtime
+
+    rt = Runtime(ServeOptions(api_key="k"))
+    client = TestClient(create_app(rt), raise_server_exceptions=False)  # no `with`: no lifespan, no load
+    yield client, rt
+    rt.worker.stop(0.1)
+
+
+def test_app_auth_validation_and_loading(loading_app):
+    client, rt = loading_app
+    auth = {"Authorization": "Bearer k"}
+    assert client.get("/health").json()["status"] == "loading"
+    r = client.get("/v1/sessions")
+    assert r.status_code == 401 and r.json()["error"]["type"] == "authentication_error"
+    r = client.post("/v1/chat/completions", content=b"{bad", headers=auth)
+    assert r.status_code == 400 and r.json()["error"]["code"] == "invalid_json"
+    r = client.post("/v1/chat/completions", json={"messages": [m("user", "x")]}, headers=auth)
+    assert r.status_code == 503 and r.json()["error"]["code"] == "model_loading"
+    r = client.post("/v1/chat/completions", headers={**auth, "Content-Length": str(1 << 40)}, content=b"{}")
+    assert r.status_code in (400, 413)
+    r = client.get("/v1/unknown", headers=auth)
+    assert r.status_code == 404 and set(r.json()["error"]) == {"message", "type", "param", "code"}
+    r = client.delete("/health")
+    assert r.status_code == 405 and "error" in r.json()
