@@ -244,3 +244,21 @@ def test_long_render_reuses_tokenization_exactly(tokenizer):
         assert r.ids == tokenizer(r.text, add_special_tokens=False)["input_ids"]
         conv.sync(nxt)
         assert conv.token_ids == tokenizer(conv.render(nxt).text, add_special_tokens=False)["input_ids"]
+
+
+def test_repetition_stops_a_loop(tokenizer):
+    from superlinear.engine import RepetitionConfig
+
+    unit = tokenizer.encode(" I will say it again.", add_special_tokens=False)
+    intro = tokenizer.encode("Sure, here goes:", add_special_tokens=False)
+    conv = Conversation(FakeModel(tokenizer, script=intro + unit * 50), 4096)
+    cfg = RepetitionConfig(tail_len=16, min_repeats=3, max_period=32)
+    ev, d = _run(conv, [{"role": "user", "content": "Q"}], repetition=cfg,
+                 sampling=SamplingParams(max_tokens=300))
+    assert d.finish_reason == "repetition"
+    assert d.usage["completion_tokens"] <= len(intro) + 4 * len(unit)  # within a few periods
+    assert d.message["content"] == _text(ev)
+    # without the option the loop runs to max_tokens
+    conv = Conversation(FakeModel(tokenizer, script=intro + unit * 50), 4096)
+    _, d = _run(conv, [{"role": "user", "content": "Q"}], sampling=SamplingParams(max_tokens=60))
+    assert d.finish_reason == "length"
