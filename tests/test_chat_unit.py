@@ -240,8 +240,9 @@ class FakeClient:
         if session_id is not None and session_id not in self.sessions:
             raise NotFound(f"unknown session {session_id!r}")
         transcript = self.sessions.setdefault(session_id, [])
-        # the server's rule: extending the transcript or diverging at the system prompt -> replace
-        if len(messages) > 1 or (messages and messages[0].get("role") == "system"):
+        mode = options.get("session_mode", "auto")
+        assert mode in ("append", "replace", "auto")
+        if mode == "replace":
             transcript[:] = []
         reply = "echo: " + messages[-1]["content"]
         words = reply.split(" ")
@@ -296,6 +297,7 @@ def test_slash_commands_and_errors():
     assert "error: budget must be a whole number" in text
     assert "error: unknown session 'nope'" in text
     request = client.requests[-1]
+    assert request["session_mode"] == "append"
     assert request["temperature"] == 0.3
     assert request["chat_template_kwargs"] == {"enable_thinking": False}
     assert request["messages"] == [{"role": "user", "content": "question"}]
@@ -315,6 +317,7 @@ def test_system_prompt_is_sent_first_and_resent_on_change():
     assert client.requests[-1]["messages"] == [{"role": "user", "content": "two"}]
     repl.handle("/system be verbose")
     repl.handle("three")
+    assert client.requests[-1]["session_mode"] == "replace"
     sent = client.requests[-1]["messages"]
     assert sent[0] == {"role": "system", "content": "be verbose"}
     assert [m["content"] for m in sent[1:]] == ["one", "echo: one", "two", "echo: two", "three"]

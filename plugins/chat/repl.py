@@ -1,9 +1,9 @@
 """``ChatRepl``: the interactive loop of ``spl chat`` (and of ``spl docs``, with extras).
 
 The REPL only talks to the server through ``SplClient``. A turn sends just the new message(s)
-with the session id (the server appends them to the session's transcript), so the server's
-session is the one source of truth; ``/system`` on a non-empty session resends the transcript
-with the new system prompt and the server rolls back to the common prefix.
+with the session id and ``session_mode="append"``, so the server's session is the one source of
+truth; ``/system`` on a non-empty session resends the transcript with the new system prompt
+(``session_mode="replace"``) and the server rolls back to the common prefix.
 
 Embedding (what ``spl docs`` does)::
 
@@ -403,30 +403,32 @@ class ChatRepl:
         return ids
 
     # -- a chat turn -----------------------------------------------------------------------------
-    def _turn_messages(self, text: str) -> list[dict]:
+    def _turn_messages(self, text: str) -> tuple[list[dict], str]:
+        """The messages to send and the server's ``session_mode`` for them: ``"append"`` (just
+        the new messages; a repeated first question must not read as an edit), or ``"replace"``
+        (the whole transcript with a new system prompt: the server rolls back to the common
+        prefix)."""
         prepared = self.prepare_message(text, self) if self.prepare_message else text
         messages = [{"role": "user", "content": prepared}] if isinstance(prepared, str) else list(prepared)
-        if self.system_dirty:
-            history = self.history()
-            body = [m for m in history if m.get("role") != "system"] if history else []
-            if history and history[0].get("role") != "system":
-                body = history
-            system = [{"role": "system", "content": self.settings.system}] if self.settings.system else []
-            messages = system + body + messages
-        return messages
+        if not self.system_dirty or any(m.get("role") == "system" for m in messages):
+            return messages, "append"  # (a prepare_message hook that adds a system prompt owns it)
+        history = self.history()
+        body = history[1:] if history and history[0].get("role") == "system" else history
+        system = [{"role": "system", "content": self.settings.system}] if self.settings.system else []
+        return system + body + messages, "replace"
 
     def send(self, text: str, *, out: TextIO | None = None) -> TurnResult:
         """One streamed turn. Ctrl-C (KeyboardInterrupt) closes the stream: the server cancels
         the generation; the REPL stays up."""
         if not self.session_id:
             self.open_session()
-        messages = self._turn_messages(text)
+        messages, mode = self._turn_messages(text)
         renderer = StreamRenderer(out or self.out, show_reasoning=self.settings.show_reasoning)
         started = time.perf_counter()
         done = None
         cancelled = False
         stream = self._call(self.client.chat_stream, messages, session_id=self.session_id,
-                            **self.settings.request_options())
+                            session_mode=mode, **self.settings.request_options())
         quiet = quiet_terminal() if self.running else contextlib.nullcontext()
         try:
             with quiet:
