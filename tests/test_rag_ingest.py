@@ -51,6 +51,8 @@ def test_walk_respects_gitignore_hidden_dirs_and_binaries(tmp_path):
     assert {f.path.name for f in walk([repo / "docs"]).files} == {"guide.md"}
     # Globs filter the walk; a file named directly is always taken.
     assert {f.path.name for f in walk([repo], ("*.md",)).files} == {"guide.md"}
+    assert {f.path.name for f in walk([repo], ("docs/**/*.md", "Makefile")).files} == {"guide.md", "Makefile"}
+    assert walk([repo], ("src/*.md",)).files == []
     assert [f.path.name for f in walk([repo / "docs" / "draft-1.md"]).files] == ["draft-1.md"]
 
 

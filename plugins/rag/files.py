@@ -125,7 +125,7 @@ def _matches_globs(path: Path, root: Path, globs: tuple[str, ...]) -> bool:
     import pathspec
 
     rel = path.relative_to(root).as_posix() if path != root else path.name
-    if pathspec.PathSpec.from_lines("gitwildmatch", globs).match_file(rel):
+    if pathspec.GitIgnoreSpec.from_lines(globs).match_file(rel):
         return True
     return any(fnmatch.fnmatch(path.name, g) for g in globs)
 
