@@ -95,3 +95,20 @@ def test_sources_add_and_reset(repl):
 def test_docs_commands_outside_docs_are_refused():
     with pytest.raises(InvalidRequest):
         dispatch(docs_mod.DocsRagSetting("k 2"))
+
+
+def test_retrieval_only_workspace_gets_a_system_prompt_on_the_first_turn(tmp_path, monkeypatch):
+    monkeypatch.setenv("SPL_WORKSPACES_DIR", str(tmp_path / "ws"))
+    monkeypatch.setenv("SPL_STATE_DIR", str(tmp_path / "state"))
+    server = Server()
+    docs = copy_click_docs(tmp_path / "docs")
+    dispatch(RagIngest((str(docs),), "plain", llm=False))
+    state = docs_mod.DocsState("plain", "docs-plain", k=1)
+    assert "no context snapshot" in docs_mod.reset_session(server, state)
+    r = ChatRepl(server, name="docs:plain", session_id=state.session_id, out=io.StringIO(),
+                 extra_slash_commands=docs_mod.SLASH_COMMANDS, prepare_message=docs_mod.prepare_message)
+    r.ctx.state["docs"] = state
+    first = r._turn_messages("Who holds the copyright?")
+    assert [m["role"] for m in first] == ["system", "user"] and "LICENSE.txt:" in first[1]["content"]
+    server.chat(first, session_id=state.session_id)
+    assert [m["role"] for m in r._turn_messages("And the license?")] == ["user"]
