@@ -57,22 +57,22 @@ def spl_attention(module, query, key, value, attention_mask=None, scaling=None, 
 
 
 def _dense(query, key, value, ctx: ForwardContext, scaling):
-    hq, hkv = query.shape[1], key.shape[1]
-    if hq != hkv:
-        key = key.repeat_interleave(hq // hkv, dim=1)
-        value = value.repeat_interleave(hq // hkv, dim=1)
+    # GQA through SDPA's enable_gqa: no repeated copy of the (possibly huge) static cache
+    gqa = query.shape[1] != key.shape[1]
     lq = query.shape[2]
     if ctx.graph:
         # Whole static cache, keys past the position masked out (garbage there is never read).
         key_pos = torch.arange(key.shape[2], device=key.device)
         mask = key_pos[None, :] <= ctx.positions[:, None]
-        return F.scaled_dot_product_attention(query, key, value, attn_mask=mask[None], scale=scaling)
+        return F.scaled_dot_product_attention(query, key, value, attn_mask=mask[None], scale=scaling,
+                                              enable_gqa=gqa)
     end = ctx.start + ctx.length
     key, value = key[:, :, :end], value[:, :, :end]
     if ctx.start == 0:
-        return F.scaled_dot_product_attention(query, key, value, is_causal=lq > 1, scale=scaling)
+        return F.scaled_dot_product_attention(query, key, value, is_causal=lq > 1, scale=scaling,
+                                              enable_gqa=gqa)
     if lq == 1:
-        return F.scaled_dot_product_attention(query, key, value, scale=scaling)
+        return F.scaled_dot_product_attention(query, key, value, scale=scaling, enable_gqa=gqa)
     key_pos = torch.arange(end, device=key.device)
     block = max(1, _DENSE_MASK_ELEMENTS // end)
     outs = []
@@ -80,7 +80,7 @@ def _dense(query, key, value, ctx: ForwardContext, scaling):
         qpos = ctx.positions[b:b + block]
         mask = key_pos[None, :] <= qpos[:, None]
         outs.append(F.scaled_dot_product_attention(query[:, :, b:b + block], key, value,
-                                                   attn_mask=mask[None, None], scale=scaling))
+                                                   attn_mask=mask[None, None], scale=scaling, enable_gqa=gqa))
     return torch.cat(outs, dim=2)
 
 
