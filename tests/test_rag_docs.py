@@ -43,10 +43,16 @@ def repl(tmp_path, monkeypatch):
 def test_session_starts_from_the_snapshot_and_messages_get_passages(repl):
     history = repl.server.history("docs-click")
     assert [m["role"] for m in history] == ["system"] and "Pallets" in history[0]["content"]
-    messages = repl._turn_messages("Who holds the copyright?")
+    messages = turn(repl, "Who holds the copyright?")
     assert len(messages) == 1 and messages[0]["role"] == "user"
     assert "[1] " in messages[0]["content"] and "LICENSE.txt:" in messages[0]["content"]
     assert len(repl.ctx.state["docs"].last_passages) == 2
+
+
+def turn(repl, text: str) -> list[dict]:
+    """The messages `spl docs` sends for ``text`` (what its prepare_message hook makes of it)."""
+    prepared = docs_mod.prepare_message(text, repl)
+    return [{"role": "user", "content": prepared}] if isinstance(prepared, str) else prepared
 
 
 def said(repl) -> str:
@@ -61,9 +67,9 @@ def test_rag_settings(repl):
     assert repl.ctx.state["docs"].k == 1
     repl.run_slash("/rag retriever light")
     assert repl.ctx.state["docs"].retriever == "light"
-    assert "[2] " not in repl._turn_messages("copyright")[0]["content"]
+    assert "[2] " not in turn(repl, "copyright")[0]["content"]
     repl.run_slash("/rag off")
-    assert repl._turn_messages("plain question")[0]["content"] == "plain question"
+    assert turn(repl, "plain question")[0]["content"] == "plain question"
     with pytest.raises(InvalidRequest):
         repl.run_slash("/rag retriever nope")
     with pytest.raises(InvalidRequest):
@@ -82,7 +88,7 @@ def test_sources_add_and_reset(repl):
     out = said(repl)
     assert "1 added" in out and "context rebuilt" in out
     assert set(repl.server.snapshots) != set(old_snapshot)
-    assert "notes.md:" in repl._turn_messages("walrus option")[0]["content"]
+    assert "notes.md:" in turn(repl, "walrus option")[0]["content"]
     # A turn, then /reset drops it: back to the (new) documents.
     repl.server.chat([{"role": "user", "content": "hi"}], session_id="docs-click")
     assert len(repl.server.history("docs-click")) == 3
@@ -108,7 +114,7 @@ def test_retrieval_only_workspace_gets_a_system_prompt_on_the_first_turn(tmp_pat
     r = ChatRepl(server, name="docs:plain", session_id=state.session_id, out=io.StringIO(),
                  extra_slash_commands=docs_mod.SLASH_COMMANDS, prepare_message=docs_mod.prepare_message)
     r.ctx.state["docs"] = state
-    first = r._turn_messages("Who holds the copyright?")
+    first = turn(r, "Who holds the copyright?")
     assert [m["role"] for m in first] == ["system", "user"] and "LICENSE.txt:" in first[1]["content"]
     server.chat(first, session_id=state.session_id)
-    assert [m["role"] for m in r._turn_messages("And the license?")] == ["user"]
+    assert [m["role"] for m in turn(r, "And the license?")] == ["user"]
