@@ -96,6 +96,13 @@ def test_nemotron_xml_tool_calls():
     assert calls[1]["function"] == {"name": "now", "arguments": "{}"}
 
 
+def test_nemotron_v2_toolcall_list():
+    text = 'Ok.<TOOLCALL>[{"name": "a", "arguments": {"x": 1}}, {"name": "b", "arguments": {}}]</TOOLCALL>'
+    content, calls = parse_tool_calls(text)
+    assert content == "Ok." and [c["function"]["name"] for c in calls] == ["a", "b"]
+    assert json.loads(calls[0]["function"]["arguments"]) == {"x": 1}
+
+
 def test_unclosed_tool_call_at_end_is_parsed():
     _, calls = parse_tool_calls('<tool_call>\n{"name": "f", "arguments": {}}')
     assert calls[0]["function"]["name"] == "f"

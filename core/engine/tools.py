@@ -13,6 +13,8 @@ import re
 import uuid
 
 TOOL_OPEN, TOOL_CLOSE = "<tool_call>", "</tool_call>"
+# Nemotron Nano v2 writes a JSON list: <TOOLCALL>[{"name": ..., "arguments": {...}}, ...]</TOOLCALL>
+TOOL_BLOCKS = {TOOL_OPEN: TOOL_CLOSE, "<TOOLCALL>": "</TOOLCALL>"}
 
 _FUNC_RE = re.compile(r"<function=([^>\s]+)>(.*?)(?:</function>|$)", re.S)
 _PARAM_RE = re.compile(r"<parameter=([^>\s]+)>(.*?)(?:</parameter>|(?=<parameter=)|$)", re.S)
@@ -77,20 +79,22 @@ def parse_tool_call_body(body: str, tools: list[dict] | None = None) -> list[dic
 
 
 def parse_tool_calls(text: str, tools: list[dict] | None = None) -> tuple[str, list[dict]]:
-    """Splits an answer into (content before the first <tool_call>, calls). An unclosed last
+    """Splits an answer into (content before the first tool-call block, calls). An unclosed last
     block (generation ended inside it) is parsed too."""
-    i = text.find(TOOL_OPEN)
-    if i == -1:
+    from .text import find_first
+
+    pos, opener = find_first(text, list(TOOL_BLOCKS))
+    if pos == -1:
         return text, []
-    content, calls, pos = text[:i], [], i
+    content, calls = text[:pos], []
     while pos != -1:
-        start = pos + len(TOOL_OPEN)
-        end = text.find(TOOL_CLOSE, start)
+        start = pos + len(opener)
+        end = text.find(TOOL_BLOCKS[opener], start)
         body = text[start:] if end == -1 else text[start:end]
         calls.extend(parse_tool_call_body(body, tools))
         if end == -1:
             break
-        pos = text.find(TOOL_OPEN, end + len(TOOL_CLOSE))
+        pos, opener = find_first(text, list(TOOL_BLOCKS), end + len(TOOL_BLOCKS[opener]))
     return content.rstrip(), calls
 
 

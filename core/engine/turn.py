@@ -16,8 +16,8 @@ from superlinear.errors import InvalidRequest, TooLarge
 from .conversation import Conversation
 from .repetition import RepetitionDetector
 from .sampling import Sampler
-from .text import THINK_CLOSE, IncrementalDetokenizer, StopCutter, ThinkSplitter, partial_marker_start
-from .tools import TOOL_OPEN, parse_tool_calls
+from .text import THINK_CLOSE, IncrementalDetokenizer, StopCutter, ThinkSplitter, find_first, partial_marker_start
+from .tools import TOOL_BLOCKS, parse_tool_calls
 from .types import ChatRequest, Done, Event, ReasoningDelta, TextDelta, ToolCallsEvent
 
 END_OF_TURN_ROOM = 8
@@ -43,11 +43,11 @@ class _TextPipeline:
             return []
         self.pending += text
         if self.parse_tools:
-            i = self.pending.find(TOOL_OPEN)
+            i, _ = find_first(self.pending, list(TOOL_BLOCKS))
             if i != -1:
                 out, self.pending, self.in_tools = self.pending[:i].rstrip(), "", True
             else:
-                k = len(self.pending) if final else partial_marker_start(self.pending, [TOOL_OPEN])
+                k = len(self.pending) if final else partial_marker_start(self.pending, list(TOOL_BLOCKS))
                 out, self.pending = self.pending[:k], self.pending[k:]
         else:
             out, self.pending = self.pending, ""
