@@ -23,15 +23,17 @@ def hybrid(request, tmp_path_factory):
     from superlinear.model import load_model
 
     try:
-        tokenizer = request.getfixturevalue("default_model").tokenizer
+        default = request.getfixturevalue("default_model")
     except pytest.FixtureLookupError:
-        tokenizer = load_model("default").tokenizer
+        default = load_model("default")
+    tokenizer = default.tokenizer
     path = tmp_path_factory.mktemp("tiny-hybrid")
     write_tiny_hybrid(path, tokenizer)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         model = load_model(str(path), device="cpu", dtype="float32")
     assert model.has_recurrent_state
+    model.test_default = default
     return model
 
 
@@ -78,3 +80,18 @@ def test_hybrid_snapshot_keeps_boundary_checkpoints_and_rolls_back(hybrid, tmp_p
     manager.rollback(fork.id, 2)
     assert fork.conversation.token_ids == after1[0]
     assert manager.get("h").conversation.token_ids == after2
+
+
+def test_snapshot_of_another_architecture_is_refused(hybrid, tmp_path):
+    from superlinear.sessions import ModelMismatch
+
+    store = SnapshotStore(tmp_path)
+    manager = SessionManager(hybrid, store, default_max_seq_len=64)
+    manager.create("h")
+    snap = manager.save("h")
+    default = hybrid.test_default
+    other = SessionManager(default, store, default_max_seq_len=64)
+    with pytest.raises(ModelMismatch) as err:
+        other.load(snap)
+    assert hybrid.name in err.value.message and default.name in err.value.message
+    assert other.list() == []
