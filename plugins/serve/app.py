@@ -479,8 +479,14 @@ def _chat_job(rt: Runtime, job, body: ChatCompletionRequest, messages: list[dict
         request = chatmod.engine_request(body, full, rt.defaults)
         job.emit(("start", how, queued_s))
         rt.stats["generations"] += 1
-        for event in run_turn(conv, request, cancel=job.cancel_event):
-            job.emit(event)
+        try:
+            for event in run_turn(conv, request, cancel=job.cancel_event):
+                job.emit(event)
+        except TooLarge:
+            if session is not None or not rt.grow_scratch():
+                raise
+            for event in run_turn(conv, request, cancel=job.cancel_event):  # nothing was emitted yet
+                job.emit(event)
         if session is not None:
             session.touch()
     job.emit(_END)
@@ -500,9 +506,16 @@ async def _next_event(job):
     exc = job.future.exception()
     if exc is not None:
         if isinstance(exc, JobCancelled):
-            raise asyncio.CancelledError()
+            raise ClientGone("the client went away before its turn started") from exc
         raise exc
     return _END
+
+
+class ClientGone(UserError):
+    """The client disconnected (nginx's 499): nobody reads this answer."""
+
+    http_status = 499
+    code = "client_closed_request"
 
 
 def _event_kind(event) -> str:
@@ -529,9 +542,9 @@ async def _collect(rt: Runtime, job, body: ChatCompletionRequest, first, cid: st
         event = await _next_event(job)
     if done is None:
         raise RuntimeError("the turn ended without a Done event")
-    text = "".join(content)
-    if not text and done.message.get("content") and not tool_calls:
-        text = done.message.get("content") or ""
+    # The stored message is what a client should send back: it matches the transcript exactly.
+    stored = done.message.get("content")
+    text = stored if isinstance(stored, str) else "".join(content)
     reasoning_text = "".join(reasoning) or (done.reasoning or "")
     body_out = chatmod.response_body(
         cid=cid, created=created, model=rt.model_name, done=done, content=text, reasoning=reasoning_text,

@@ -20,6 +20,7 @@ from superlinear.plugins.client.options import ServeOptions
 from .worker import Worker
 
 log = logging.getLogger("spl.serve")
+SCRATCH_START = 16384  # tokens; grows to the default max_seq_len when a request needs it
 
 
 class Runtime:
@@ -91,10 +92,19 @@ class Runtime:
         if self.scratch is None:
             from superlinear.engine import Conversation
 
-            max_seq_len = self.manager.default_max_seq_len if self.manager is not None else 8192
             kwargs = {"chunk_size": self.options.chunk_size} if self.options.chunk_size else {}
-            self.scratch = Conversation(self.model, max_seq_len, **kwargs)
+            self.scratch = Conversation(self.model, min(self.scratch_limit(), SCRATCH_START), **kwargs)
         return self.scratch
+
+    def scratch_limit(self) -> int:
+        return self.manager.default_max_seq_len if self.manager is not None else 8192
+
+    def grow_scratch(self) -> bool:
+        """Give the scratch conversation the full default max_seq_len; False if it has it."""
+        if self.scratch is None or self.scratch.max_seq_len >= self.scratch_limit():
+            return False
+        self.scratch.resize(self.scratch_limit())
+        return True
 
     def loading_progress(self) -> str:
         return f"{self.progress} ({time.monotonic() - self._load_started:.0f}s)"

@@ -1,0 +1,119 @@
+"""On a CUDA machine: the server stays responsive during a very long prefill, and a client that
+leaves mid-prefill frees the GPU within about one chunk.
+
+SPL_GPU_TEST_MODEL picks the model (default: ``default``); SPL_GPU_LONG_TOKENS the prompt
+length (default 1,000,000). Measured numbers are printed, and written to $OUT/server_gpu.json
+when OUT is set.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import threading
+import time
+
+import httpx
+import pytest
+from server_helpers import start_server
+
+pytestmark = [pytest.mark.gpu, pytest.mark.slow]
+
+
+def _cuda() -> bool:
+    try:
+        import torch
+
+        return torch.cuda.is_available()
+    except Exception:  # noqa: BLE001
+        return False
+
+
+@pytest.fixture(scope="module")
+def gpu_server():
+    if not _cuda():
+        pytest.skip("needs a CUDA GPU")
+    n = int(os.environ.get("SPL_GPU_LONG_TOKENS", 1_000_000))
+    model = os.environ.get("SPL_GPU_TEST_MODEL", "default")
+    server = start_server(api_key=None, extra_args=("--model", model, "--device", "cuda",
+                                                    "--max-seq-len", str(n + 4096)))
+    yield server, n
+    server.stop()
+
+
+def _prompt(n_tokens: int) -> str:
+    # " w" words of a few letters are one token each in SmolLM2's tokenizer (close enough).
+    words = ("alpha", "beta", "gamma", "delta", "omega", "sigma", "theta", "kappa")
+    return " ".join(words[i % 8] for i in range(n_tokens))
+
+
+def test_long_prefill_keeps_server_responsive_and_disconnect_stops_it(gpu_server):
+    server, n = gpu_server
+    numbers: dict = {"prompt_words": n}
+    http = httpx.Client(base_url=server.url, timeout=1800)
+    body = {"messages": [{"role": "user", "content": _prompt(n)}], "max_tokens": 4, "temperature": 0,
+            "session_id": "long"}
+    result: dict = {}
+
+    def long_turn():
+        t = time.perf_counter()
+        result["r"] = http.post("/v1/chat/completions", json=body)
+        result["wall_s"] = time.perf_counter() - t
+
+    worker = threading.Thread(target=long_turn)
+    worker.start()
+    latencies = []
+    with httpx.Client(base_url=server.url, timeout=30) as probe:
+        while worker.is_alive():
+            for path in ("/health", "/v1/sessions", "/v1/snapshots", "/v1/models"):
+                t = time.perf_counter()
+                assert probe.get(path).status_code == 200
+                latencies.append(time.perf_counter() - t)
+            time.sleep(0.05)
+    worker.join()
+    r = result["r"]
+    assert r.status_code == 200, r.text[:500]
+    out = r.json()
+    numbers.update(long_turn_wall_s=round(result["wall_s"], 2), usage=out["usage"], timings=out["timings"],
+                   probes=len(latencies), probe_max_s=round(max(latencies), 4),
+                   probe_median_s=round(sorted(latencies)[len(latencies) // 2], 4))
+    assert max(latencies) < 1.0
+
+    # Follow-up turn on the long session: only the new tokens are prefilled.
+    r2 = http.post("/v1/chat/completions", json={"messages": [{"role": "user", "content": "Summarise."}],
+                                                 "max_tokens": 4, "session_id": "long", "temperature": 0})
+    assert r2.status_code == 200, r2.text[:300]
+    numbers["second_turn"] = {"usage": r2.json()["usage"], "timings": r2.json()["timings"]}
+    assert r2.json()["timings"]["tokens_reused"] >= out["usage"]["prompt_tokens"]
+    http.delete("/v1/sessions/long")
+
+    # Leave mid-prefill: the next request starts within about one chunk.
+    short = max(n // 2, 16384)
+    leave_body = {**body, "session_id": "leaver", "stream": True,
+                  "messages": [{"role": "user", "content": _prompt(short)}]}
+    # Closing a request before its headers arrive = a disconnect during the prefill.
+    with httpx.Client(base_url=server.url, timeout=httpx.Timeout(600, read=1.5)) as c:
+        t0 = time.perf_counter()
+        try:
+            c.post("/v1/chat/completions", json=leave_body)
+        except httpx.ReadTimeout:
+            pass
+        left_at = time.perf_counter() - t0
+    t1 = time.perf_counter()
+    tiny = http.post("/v1/chat/completions", json={"messages": [{"role": "user", "content": "hi"}],
+                                                   "max_tokens": 1})
+    assert tiny.status_code == 200
+    numbers["leave"] = {"prompt_words": short, "left_after_s": round(left_at, 2),
+                        "next_request_wall_s": round(time.perf_counter() - t1, 3),
+                        "next_request_queued_s": tiny.json()["timings"]["queued_s"]}
+    info = http.get("/v1/sessions/leaver")
+    if info.status_code == 200:
+        numbers["leave"]["session_after"] = {k: info.json()[k] for k in ("position", "message_count", "busy")}
+        assert info.json()["message_count"] == 0 and info.json()["position"] == 0
+    health = http.get("/health").json()
+    numbers["health_after"] = health
+    print(json.dumps(numbers, indent=2))
+    if os.environ.get("OUT"):
+        with open(os.path.join(os.environ["OUT"], "server_gpu.json"), "w") as f:
+            json.dump(numbers, f, indent=2)
+    assert numbers["leave"]["next_request_queued_s"] < 10.0
