@@ -432,3 +432,16 @@ def test_completion_ids_from_the_server():
     repl.open_session()
     assert repl.complete_ids("session") == ["sess1"]
     assert repl.complete_ids("id") == ["sess1", "snapA"]
+
+
+def test_a_broken_plugin_command_does_not_take_the_repl_down():
+    def broken(text, repl):
+        raise RuntimeError("boom")
+
+    repl, out = make_repl(extra_slash_commands=[SlashCommand("broken", "x", broken),
+                                                SlashCommand("data", "y", lambda t, r: {"a": 1})])
+    repl.open_session()
+    repl.handle("/broken")
+    repl.handle("/data")
+    assert "error: internal error: RuntimeError: boom" in out.getvalue()
+    assert '"a": 1' in out.getvalue()

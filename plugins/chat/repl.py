@@ -18,6 +18,7 @@ Embedding (what ``spl docs`` does)::
 from __future__ import annotations
 
 import contextlib
+import os
 import sys
 import time
 from collections.abc import Callable, Iterable
@@ -125,7 +126,7 @@ def message_text(message: dict) -> str:
 class ChatRepl:
     """An interactive chat on one server session at a time.
 
-    ``client``: a ``SplClient`` (``ensure_client`` makes one when ``None``).
+    ``client``: a ``SplClient`` (``None``: ``connect()`` makes one when the REPL starts).
     ``name``: which REPL this is, for the remembered last session and the input history file.
     ``session_id``: use this session (created if missing); else the last one of ``name``
     (unless ``new``); else a new one. ``extra_slash_commands`` override/add to the registered
@@ -188,8 +189,13 @@ class ChatRepl:
         name, argument = parsed
         command = self.registry.get(name)
         result = command.run(argument, self)
-        if isinstance(result, str) and result:
-            self.say(result)
+        if isinstance(result, str):
+            if result:
+                self.say(result)
+        elif result is not None:  # a plugin's command may return data
+            import json
+
+            self.say(json.dumps(result, indent=2, default=str))
         return True
 
     def help_text(self, topic: str = "") -> str:
@@ -246,6 +252,12 @@ class ChatRepl:
     def open_session(self) -> str:
         """Pick the session at start: the given one, the last one, or a new one. Returns a note."""
         from superlinear.plugins.admin import SessionInfo
+
+        if self.client is None:
+            from . import connect
+
+            self.client = connect()
+            self.ctx.state["client"] = self.client
 
         if self.session_id:
             wanted = self.session_id
@@ -501,6 +513,12 @@ class ChatRepl:
             self.error(f"server gone: {exc.message}")
         except UserError as exc:
             self.error(exc.message)
+        except Exception as exc:  # a bug (ours or a plugin's): one line, and the REPL stays up
+            if os.environ.get("SPL_TRACE") == "1":
+                import traceback
+
+                traceback.print_exc()
+            self.error(f"internal error: {type(exc).__name__}: {exc} (SPL_TRACE=1 shows the traceback)")
 
     def _make_prompt_session(self):
         from prompt_toolkit import PromptSession
