@@ -53,6 +53,8 @@ def test_walk_respects_gitignore_hidden_dirs_and_binaries(tmp_path):
     assert {f.path.name for f in walk([repo], ("*.md",)).files} == {"guide.md"}
     assert {f.path.name for f in walk([repo], ("docs/**/*.md", "Makefile")).files} == {"guide.md", "Makefile"}
     assert walk([repo], ("src/*.md",)).files == []
+    # An ignored folder named directly is walked (its own rules still apply).
+    assert [f.path.name for f in walk([repo / "build"]).files] == ["out.txt"]
     assert [f.path.name for f in walk([repo / "docs" / "draft-1.md"]).files] == ["draft-1.md"]
 
 

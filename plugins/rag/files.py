@@ -154,7 +154,10 @@ def walk(paths: list[Path], globs: tuple[str, ...] = (), max_bytes: int = MAX_FI
         if root.is_file():
             consider(root, root.parent, named=True)
             continue
-        base_rules = _ancestor_rules(root).child(root)
+        outer = _ancestor_rules(root)
+        if outer.ignored(root, is_dir=True):
+            outer = _IgnoreRules([])  # the user named an ignored folder: they want it
+        base_rules = outer.child(root)
         stack = [(root, base_rules)]
         while stack:
             folder, rules = stack.pop()
