@@ -341,8 +341,8 @@ class Conversation:
         return {"transcript": self.transcript, "boundaries": self.boundaries, "tools": self.tools,
                 "template_kwargs": self.template_kwargs, "position": self.position}
 
-    def state_tensors(self) -> dict[str, torch.Tensor]:
-        out = dict(self.cache.state_tensors())
+    def state_tensors(self, copy: bool = True) -> dict[str, torch.Tensor]:
+        out = dict(self.cache.state_tensors(copy=copy))
         out["conversation.token_ids"] = torch.tensor(self._ids, dtype=torch.int64)
         if self._logits is not None:
             out["conversation.logits"] = self._logits.detach().float().cpu()

@@ -187,9 +187,9 @@ def _turn(conv: Conversation, req: ChatRequest, cancel: threading.Event, cp) -> 
     answer = pipe.think.answer
     calls = []
     if tools is not None:
-        content, calls = parse_tool_calls(answer, tools)
+        _, calls = parse_tool_calls(answer, tools)
         if calls:
-            answer = content
+            answer = pipe.emitted  # the text streamed before the first tool-call block
         elif pipe.in_tools:  # a <tool_call> that does not parse: it is plain text after all
             yield TextDelta(answer[len(pipe.emitted):])
     # The stored content is exactly the streamed text (the answer's leading blanks never stream).
