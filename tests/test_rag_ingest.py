@@ -175,3 +175,17 @@ def test_workspace_commands_and_errors(tmp_path):
     removed = dispatch(RagRemove("w1"))
     assert removed["removed"] == "w1" and removed["snapshot_id"] is None
     assert dispatch(RagList())["workspaces"] == []
+
+
+def test_damaged_manifest_is_a_clear_error_and_can_be_removed(tmp_path):
+    (tmp_path / "d").mkdir()
+    (tmp_path / "d" / "x.md").write_text("hello\n")
+    dispatch(RagIngest((str(tmp_path / "d"),), "ok", llm=False))
+    dispatch(RagIngest((str(tmp_path / "d"),), "bad", llm=False))
+    (Workspace("bad").path / "manifest.json").write_text("{not json")
+    listed = {w["name"]: w for w in dispatch(RagList())["workspaces"]}
+    assert listed["ok"]["files"] == 1 and "unreadable manifest" in listed["bad"]["error"]
+    with pytest.raises(UserError, match="damaged manifest"):
+        dispatch(RagAsk("hello", "bad", llm=False))
+    assert dispatch(RagRemove("bad"))["removed"] == "bad"
+    assert [w["name"] for w in dispatch(RagList())["workspaces"]] == ["ok"]

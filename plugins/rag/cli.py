@@ -187,6 +187,9 @@ def ls_command(as_json):
     if not result["workspaces"]:
         click.echo("no workspaces (create one with `spl rag ingest PATH`)")
     for w in result["workspaces"]:
+        if w.get("error"):
+            click.echo(f"{w['name']:<20} {w['error']} (remove it with `spl rag rm {w['name']}`)")
+            continue
         snap = (w.get("context") or {}).get("snapshot_id") or "-"
         click.echo(f"{w['name']:<20} {w['files']:>6} files {w['chunks']:>7} passages  {w['mode']:<14} "
                    f"snapshot {snap}  updated {w['updated']}")

@@ -11,7 +11,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from superlinear.bus import Command, Context
-from superlinear.errors import InvalidRequest, NotFound, UserError
+from superlinear.errors import Conflict, InvalidRequest, NotFound, UserError
 
 from . import llm
 from .llm import ANSWER_TOKENS
@@ -156,7 +156,13 @@ def handle_ask(command: RagAsk, ctx: Context) -> dict:
 
 
 def handle_list(command: RagList, ctx: Context) -> dict:
-    return {"workspaces": [Workspace(name).info() for name in Workspace.names()]}
+    out = []
+    for name in Workspace.names():
+        try:
+            out.append(Workspace(name).info())
+        except (OSError, ValueError, KeyError) as exc:  # a damaged manifest must not hide the others
+            out.append({"name": name, "error": f"unreadable manifest ({type(exc).__name__})"})
+    return {"workspaces": out}
 
 
 def handle_info(command: RagInfo, ctx: Context) -> dict:
@@ -167,8 +173,11 @@ def handle_info(command: RagInfo, ctx: Context) -> dict:
 
 
 def handle_remove(command: RagRemove, ctx: Context) -> dict:
-    ws = Workspace.open(command.workspace)
-    snapshot_id = (ws.manifest.get("context") or {}).get("snapshot_id")
+    try:
+        ws = Workspace.open(command.workspace)
+        snapshot_id = (ws.manifest.get("context") or {}).get("snapshot_id")
+    except Conflict:  # a damaged manifest: remove the folder all the same
+        ws, snapshot_id = Workspace(command.workspace), None
     ws.remove()
     out = {"removed": ws.name, "snapshot_id": snapshot_id, "snapshot_removed": False}
     if snapshot_id and not command.keep_snapshot:

@@ -132,6 +132,11 @@ class Workspace:
         if not (ws.path / "manifest.json").is_file():
             raise NotFound(f"no workspace {name!r} (create it with `spl rag ingest PATH --workspace {name}`)",
                            param="workspace")
+        try:
+            ws.manifest  # noqa: B018 - read now so a damaged one is one clear error
+        except ValueError as exc:
+            raise Conflict(f"workspace {name!r} has a damaged manifest.json; remove it with "
+                           f"`spl rag rm {name}` and ingest again") from exc
         return ws
 
     @classmethod
