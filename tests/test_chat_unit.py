@@ -445,3 +445,19 @@ def test_a_broken_plugin_command_does_not_take_the_repl_down():
     repl.handle("/data")
     assert "error: internal error: RuntimeError: boom" in out.getvalue()
     assert '"a": 1' in out.getvalue()
+
+
+def test_leaving_an_empty_session_we_created_drops_it():
+    client = FakeClient()
+    repl, _ = make_repl(client)
+    repl.open_session()          # sess1, empty
+    repl.handle("/new")          # sess2; sess1 dropped
+    assert list(client.sessions) == ["sess2"]
+    repl.handle("hello")
+    repl.handle("/new")          # sess3; sess2 has messages: kept
+    assert list(client.sessions) == ["sess2", "sess3"]
+    repl.handle("/switch sess2")  # sess3 empty: dropped
+    assert list(client.sessions) == ["sess2"]
+    repl.handle("/new")
+    repl.handle("/switch sess2")
+    assert list(client.sessions) == ["sess2"]

@@ -158,6 +158,7 @@ class ChatRepl:
         self.ctx = Context(origin="repl", state={"repl": self, "client": client})
         self.registry = self._build_registry(extra_slash_commands)
         self._id_cache: dict[str, tuple[float, list[str]]] = {}
+        self._created: set[str] = set()  # sessions this REPL created (empty ones are dropped on leaving)
 
     # -- slash commands ----------------------------------------------------------------------
     @staticmethod
@@ -294,8 +295,20 @@ class ChatRepl:
             raise InvalidRequest("no current session: /new starts one")
         return self.session_id
 
+    def _leave_current(self, next_id: str | None) -> None:
+        """Moving to another session: drop the current one if this REPL created it and it is
+        still empty (so /new, /load, /fork do not leave unused sessions holding cache memory)."""
+        current = self.session_id
+        if not current or current == next_id or current not in self._created:
+            return
+        self._created.discard(current)
+        with contextlib.suppress(UserError):
+            if self.client.get_session(current).get("message_count", 1) == 0:
+                self.client.delete_session(current)
+
     def adopt(self, session_id: str) -> None:
         """Make ``session_id`` (an existing server session) the current one."""
+        self._leave_current(session_id)
         self.session_id = session_id
         self.system_dirty = False
         chat_state.remember_session(self.name, session_id, self.url)
@@ -317,6 +330,8 @@ class ChatRepl:
 
         info = self._admin(SessionNew(session_id=session_id))
         new_id = info.get("id") or session_id
+        self._leave_current(new_id)
+        self._created.add(new_id)
         self.session_id = new_id
         chat_state.remember_session(self.name, new_id, self.url)
         self._id_cache.clear()
