@@ -400,3 +400,15 @@ def test_disk_errors_are_clear(store, tmp_path, monkeypatch):
     with pytest.raises(Unavailable, match="disk is full"):
         save(store, snapshot_id="t")
     assert [p.name for p in store.root.iterdir()] == ["s"]  # nothing half-written left
+
+
+def test_views_into_a_preallocated_cache_are_written_without_a_copy(store):
+    """The writer streams non-contiguous views (KV trimmed to the position) block by block."""
+    cache = torch.randn(1, 3, 4096, 64)
+    view = cache[:, :, :1000]
+    assert not view.is_contiguous()
+    odd = torch.randn(64, 64).t()  # transposed: no contiguous suffix, copied once
+    save(store, snapshot_id="v", tensors={"kv": view, "odd": odd, "step": torch.arange(20)[::2]})
+    _, _, tensors = store.read("v")
+    assert torch.equal(tensors["kv"], view) and torch.equal(tensors["odd"], odd)
+    assert torch.equal(tensors["step"], torch.arange(0, 20, 2))

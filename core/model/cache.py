@@ -152,13 +152,16 @@ class Cache:
             other.ssm[i].copy_(self.ssm[i])
         other.position = p
 
-    def state_tensors(self) -> dict[str, torch.Tensor]:
-        """KV trimmed to ``position`` (contiguous copies) plus the recurrent state."""
+    def state_tensors(self, copy: bool = True) -> dict[str, torch.Tensor]:
+        """KV trimmed to ``position`` (contiguous copies; with ``copy=False`` views into the
+        cache, so a snapshot writer streams them without doubling device memory) plus the
+        recurrent state."""
         p = self.position
         out = {}
         for i in self.keys:
-            out[f"layers.{i}.key"] = self.keys[i][:, :, :p].contiguous()
-            out[f"layers.{i}.value"] = self.values[i][:, :, :p].contiguous()
+            k, v = self.keys[i][:, :, :p], self.values[i][:, :, :p]
+            out[f"layers.{i}.key"] = k.contiguous() if copy else k
+            out[f"layers.{i}.value"] = v.contiguous() if copy else v
         out.update(self.recurrent_state())
         return out
 

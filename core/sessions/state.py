@@ -58,7 +58,10 @@ def model_max_seq_len(model) -> int | None:
 def export(conv) -> tuple[dict, dict]:
     """``(meta, tensors)`` of a conversation: meta is JSON (goes to transcript.json)."""
     meta = dict(conv.state_meta())
-    tensors = dict(conv.state_tensors())
+    try:  # views into the cache: the writer streams them, no second copy on the device
+        tensors = dict(conv.state_tensors(copy=False))
+    except TypeError:
+        tensors = dict(conv.state_tensors())
     states = getattr(conv, "_states", None) or {}
     if getattr(conv, "hybrid", False):
         kept = sorted(p for p in states if 0 < p < conv.position)

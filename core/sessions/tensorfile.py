@@ -75,14 +75,37 @@ def write_safetensors(path: str | os.PathLike, tensors: dict, metadata: dict | N
             t = tensors[name].detach()
             if t.numel() == 0:
                 continue
-            flat = t.reshape(-1)
             step = max(1, CHUNK_BYTES // t.element_size())
-            for start in range(0, flat.numel(), step):
-                piece = flat[start:start + step].to("cpu").contiguous().view(torch.uint8)
-                _write(f, memoryview(piece.numpy()), digest)
+            for block in _contiguous_blocks(t):
+                flat = block.reshape(-1)  # a view: block is contiguous
+                for start in range(0, flat.numel(), step):
+                    piece = flat[start:start + step].to("cpu").contiguous().view(torch.uint8)
+                    _write(f, memoryview(piece.numpy()), digest)
         f.flush()
         os.fsync(f.fileno())
     return {"sha256": digest.hexdigest(), "bytes": path.stat().st_size}
+
+
+def _contiguous_blocks(t):
+    """Yield contiguous sub-tensors of ``t`` that together are ``t`` in row-major order, without
+    copying: a view like ``kv[:, :, :position]`` of a preallocated cache is a sequence of
+    contiguous ``[position, head_dim]`` blocks. A tensor whose layout has no contiguous suffix
+    block worth the name is copied once (small tensors)."""
+    if t.is_contiguous():
+        yield t
+        return
+    # the longest suffix of dims laid out contiguously
+    expected, k = 1, t.dim()
+    while k > 0 and (t.shape[k - 1] == 1 or t.stride(k - 1) == expected):
+        expected *= t.shape[k - 1]
+        k -= 1
+    if k == t.dim() or expected < 1024:
+        yield t.contiguous()
+        return
+    import itertools
+
+    for index in itertools.product(*(range(n) for n in t.shape[:k])):
+        yield t[index]
 
 
 def read_safetensors(path: str | os.PathLike, device=None) -> dict:
