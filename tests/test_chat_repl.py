@@ -189,6 +189,9 @@ def test_repl_session(server):
         child.close()
     assert child.exitstatus == 0
 
+    history_file = server["root"] / "state" / "history" / "chat"  # persistent input history
+    assert "What is the capital of France?" in history_file.read_text()
+
     # The next `spl chat` resumes the last session; Ctrl-D leaves.
     child = spawn_chat(server)
     try:
