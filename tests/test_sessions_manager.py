@@ -360,6 +360,10 @@ def test_eviction_never_overwrites_a_user_snapshot(model, tmp_path):
     with manager.use("a") as session:  # back in memory ("b" goes to disk)
         assert session.resident and session.lock.locked()
     assert not manager.info("b")["resident"]
+    store.delete(manager.info("b")["state_snapshot"])  # someone removed its state by hand
+    with pytest.raises(NotFound, match="session 'b' is on disk as snapshot .* close the session"):
+        manager.get("b")
+    manager.close("b")
     manager.close("a")
     assert store.exists(user_snap) and not store.exists(state_id)
 

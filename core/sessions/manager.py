@@ -28,7 +28,7 @@ from contextlib import contextmanager
 from superlinear.errors import Busy, Conflict, InvalidRequest, NotFound, TooLarge
 from superlinear.sessions import state as _state
 from superlinear.sessions.ids import new_id, validate_id
-from superlinear.sessions.snapshots import SnapshotStore, check_model
+from superlinear.sessions.snapshots import CorruptSnapshot, SnapshotStore, check_model
 
 log = logging.getLogger(__name__)
 
@@ -368,8 +368,12 @@ class SessionManager:
 
     def _reload(self, session: Session) -> None:
         sid = session.state_snapshot
-        _, conv = self._conversation_from_snapshot(
-            sid, session._max_seq_len, exclude=session, what=f"reloading session {session.id!r}")
+        try:
+            _, conv = self._conversation_from_snapshot(
+                sid, session._max_seq_len, exclude=session, what=f"reloading session {session.id!r}")
+        except (NotFound, CorruptSnapshot) as exc:
+            raise type(exc)(f"session {session.id!r} is on disk as snapshot {sid!r}, which cannot be "
+                            f"loaded ({exc.message}); close the session", param="session_id") from exc
         session.conversation = conv
         # The state snapshot stays: it is the session's durable copy (what a restart after a
         # crash finds), rewritten by the next eviction / persist, deleted by close.
