@@ -25,7 +25,6 @@ if [[ $what == profile || $what == all ]]; then
   timeout 120 python3 scripts/gpu_profile.py 1 1M 2>&1 | tee "$OUT/profile.log"
   timeout 60 python3 scripts/gpu_profile.py 1 64K 2>&1 | tee -a "$OUT/profile.log"
   timeout 60 python3 scripts/gpu_profile.py 1 16K 2>&1 | tee -a "$OUT/profile.log"
-  timeout 60 python3 scripts/gpu_profile.py 1 1M "dict(span_stages=3)" 2>&1 | tee -a "$OUT/profile.log"
   timeout 60 python3 scripts/gpu_profile.py 2 1M 2>&1 | tee -a "$OUT/profile.log"
 fi
 if [[ $what == bench || $what == all ]]; then

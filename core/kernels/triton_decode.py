@@ -202,14 +202,18 @@ class DecodePlan:
                  block_n: int | None = None, warps: int | None = None):
         tab = device_tables(params, LKV, device)
         self.tab = tab
-        self.nc = max(1, tab.max_candidates)
+        # sizes from the cache length itself (the tables' capacity is rounded up)
+        offs = tab.offsets.cpu()
+        n_ok = int(torch.searchsorted(offs, torch.tensor(LKV, dtype=offs.dtype), right=True))
+        self.nc = max(1, n_ok - (params.sw_index + 1))
         self.nc_pad = next_pow2(self.nc)
         cuda = torch.device(device).type == "cuda"
         self.chunk = chunk or (128 if cuda else 64)
         self.block_n = block_n or (64 if cuda else 16)
         self.chunk = max(self.chunk, self.block_n)
         self.warps = warps or 4
-        longest = max(tab.max_span, params.window_len, 1)
+        tp = min(LKV, tab.capacity)
+        longest = max(int(tab.back[tp]) + int(tab.fwd[tp]) + 1, params.window_len, 1)
         self.nsplit = triton.cdiv(longest, self.chunk)
         self.split_pad = next_pow2(self.nsplit, lo=2)
         self.block_c = 32 if cuda else 16
