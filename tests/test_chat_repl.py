@@ -205,6 +205,99 @@ def test_repl_session(server):
     assert child.exitstatus == 0
 
 
+class Proxy:
+    """A TCP forwarder to the server that can be stopped and started again on the same port:
+    to the REPL that is the server going away and coming back."""
+
+    def __init__(self, target_url: str) -> None:
+        host, port = target_url.rsplit("//", 1)[1].split(":")
+        self.target = (host, int(port))
+        self.port = _free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        self.listener = None
+        self.conns: list[socket.socket] = []
+
+    def start(self) -> None:
+        import threading
+
+        self.listener = socket.socket()
+        self.listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        self.listener.bind(("127.0.0.1", self.port))
+        self.listener.listen(16)
+        threading.Thread(target=self._accept, args=(self.listener,), daemon=True).start()
+
+    def stop(self) -> None:
+        try:
+            self.listener.shutdown(socket.SHUT_RDWR)  # wakes the accept() thread (Linux)
+        except OSError:
+            pass
+        self.listener.close()
+        for conn in self.conns:
+            try:
+                conn.shutdown(socket.SHUT_RDWR)
+            except OSError:
+                pass
+            conn.close()
+        self.conns.clear()
+
+    def _accept(self, listener) -> None:
+        import threading
+
+        while True:
+            try:
+                client, _ = listener.accept()
+            except OSError:
+                return
+            upstream = socket.create_connection(self.target)
+            self.conns += [client, upstream]
+            for a, b in ((client, upstream), (upstream, client)):
+                threading.Thread(target=self._pump, args=(a, b), daemon=True).start()
+
+    @staticmethod
+    def _pump(src, dst) -> None:
+        try:
+            while data := src.recv(65536):
+                dst.sendall(data)
+        except OSError:
+            pass
+        finally:
+            for sock in (src, dst):
+                try:
+                    sock.shutdown(socket.SHUT_RDWR)
+                except OSError:
+                    pass
+
+
+def test_server_gone_and_back(server):
+    proxy = Proxy(server["url"])
+    proxy.start()
+    child = pexpect.spawn(SPL[0], [*SPL[1:], "chat", "--url", proxy.url, "--new", "--temp", "0", "--max-tokens", "16"],
+                          env=dict(server["env"], TERM="xterm", PROMPT_TOOLKIT_NO_CPR="1"), encoding="utf-8",
+                          timeout=60, dimensions=(40, 160))
+    child.logfile_read = open(server["root"] / "chat-pty.log", "a")
+    try:
+        child.expect(r"new session (\S+)")
+        child.expect_exact(PROMPT)
+        proxy.stop()
+        send(child, "Are you there?")
+        child.expect(r"error: server gone: cannot reach the spl server at \S+")
+        child.expect_exact(PROMPT)
+        send(child, "/ls")
+        child.expect_exact("error: server gone")
+        child.expect_exact(PROMPT)
+        proxy.start()  # the server is back: the next message goes through
+        ask(child, "What is the capital of France?")
+        send(child, "/history")
+        child.expect(r"1\s+user\s+What is the capital of France\?")
+        child.expect_exact(PROMPT)
+        child.sendeof()
+        child.expect(pexpect.EOF)
+    finally:
+        child.close()
+        proxy.stop()
+    assert child.exitstatus == 0
+
+
 def run_once(server, *args):
     env = dict(server["env"])
     return subprocess.run([*SPL, "chat", "--url", server["url"],
