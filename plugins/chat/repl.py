@@ -513,6 +513,8 @@ class ChatRepl:
         """One line of input: a slash command or a message. Errors become one line."""
         if not line.strip():
             return
+        if line.strip() == "/":
+            line = "/help"
         try:
             if self.run_slash(line):
                 return
@@ -571,12 +573,17 @@ class ChatRepl:
         if self.banner:
             self.note(self.banner)
         try:
-            self.note(self.open_session())
+            opened = self.open_session()
+            try:
+                model = self.client.health(timeout=3.0).get("model", "?")
+            except UserError:
+                model = "?"
+            self.note(f"model {model} at {self.url}")
+            self.note(f"{opened} · /help lists the commands · Ctrl-D quits")
         except UserError as exc:
             self.error(exc.message)
             if isinstance(exc, Unavailable):
                 self.server_down = True
-        self.note("/help lists the commands; Ctrl-D quits")
         session = self._make_prompt_session()
         while self.running:
             try:
