@@ -599,6 +599,6 @@ class ChatRepl:
         from prompt_toolkit.formatted_text import FormattedText
 
         label = self.session_id or "no session"
-        if len(label) > 20:
-            label = "…" + label[-8:]
+        if len(label) > 20:  # generated ids (sess-DATE-TIME-random): the random tail is enough
+            label = label.rsplit("-", 1)[-1][-8:] if "-" in label else label[-8:]
         return FormattedText([("ansibrightblack", f"{label} "), ("bold", self.prompt_text)])
