@@ -461,3 +461,14 @@ def test_leaving_an_empty_session_we_created_drops_it():
     repl.handle("/new")
     repl.handle("/switch sess2")
     assert list(client.sessions) == ["sess2"]
+
+
+def test_reconnect_replaces_the_client():
+    old, new = FakeClient(), FakeClient()
+    repl, out = make_repl(old, reconnect=lambda: new)
+    repl.open_session()
+    old.down = True
+    repl.handle("hello")
+    repl.handle("hello again")  # reconnects: the new client (a restarted server without the session)
+    assert repl.client is new and repl.ctx.state["client"] is new
+    assert new.requests and "echo: hello again" in out.getvalue()

@@ -233,7 +233,9 @@ class ChatRepl:
             return
         if self.reconnect is not None:
             client = self.reconnect()
-            if client is not None:
+            if client is not None and client is not self.client:
+                with contextlib.suppress(Exception):
+                    self.client.close()
                 self.client = client
                 self.ctx.state["client"] = client
         self.server_down = False
@@ -390,7 +392,7 @@ class ChatRepl:
     def stats_text(self) -> str:
         lines = [f"server   {self.url}"]
         try:
-            health = self._call(self.client.health, timeout=3.0)
+            health = self._call(lambda: self.client.health(timeout=3.0))
             lines.append(f"model    {health.get('model', '?')}")
         except UserError as exc:
             lines.append(f"model    ? ({exc.message})")
@@ -447,6 +449,7 @@ class ChatRepl:
     def send(self, text: str, *, out: TextIO | None = None) -> TurnResult:
         """One streamed turn. Ctrl-C (KeyboardInterrupt) closes the stream: the server cancels
         the generation; the REPL stays up."""
+        self._reconnect_if_down()  # before self.client is used below
         if not self.session_id:
             self.open_session()
         messages, mode = self._turn_messages(text)
@@ -454,8 +457,8 @@ class ChatRepl:
         started = time.perf_counter()
         done = None
         cancelled = False
-        stream = self._call(self.client.chat_stream, messages, session_id=self.session_id,
-                            session_mode=mode, **self.settings.request_options())
+        stream = self.client.chat_stream(messages, session_id=self.session_id, session_mode=mode,
+                                         **self.settings.request_options())
         quiet = quiet_terminal() if self.running else contextlib.nullcontext()
         try:
             with quiet:
