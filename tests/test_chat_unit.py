@@ -472,3 +472,17 @@ def test_reconnect_replaces_the_client():
     repl.handle("hello again")  # reconnects: the new client (a restarted server without the session)
     assert repl.client is new and repl.ctx.state["client"] is new
     assert new.requests and "echo: hello again" in out.getvalue()
+
+
+def test_ask_once_on_a_session_creates_it_and_appends():
+    from superlinear.plugins.chat import ask_once
+
+    client = FakeClient()
+    out, err = io.StringIO(), io.StringIO()
+    settings = ChatSettings(system="be brief")
+    assert ask_once(client, "hi", session_id="s-once", settings=settings, out=out, err=err) == 0
+    assert client.requests[-1]["messages"][0]["role"] == "system"
+    assert ask_once(client, "hi", session_id="s-once", settings=settings, out=out, err=err) == 0
+    assert client.requests[-1]["session_mode"] == "append"
+    assert client.requests[-1]["messages"] == [{"role": "user", "content": "hi"}]
+    assert [m["content"] for m in client.sessions["s-once"]] == ["be brief", "hi", "echo: hi", "hi", "echo: hi"]

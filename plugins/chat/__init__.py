@@ -70,14 +70,24 @@ def ask_once(client, text: str, *, session_id: str | None = None, settings=None,
     out = out or sys.stdout
     err = err or sys.stderr
     settings = settings or ChatSettings(show_reasoning=False)
+    options = settings.request_options()
+    fresh = True
+    if session_id:  # just the new message(s), appended to the session's transcript
+        from superlinear.errors import NotFound
+
+        options["session_mode"] = "append"
+        try:
+            fresh = not client.get_session(session_id).get("message_count")
+        except NotFound:
+            client.create_session(session_id)
     messages = []
-    if settings.system:
+    if settings.system and fresh:  # a system prompt opens a conversation, never joins one
         messages.append({"role": "system", "content": settings.system})
     messages.append({"role": "user", "content": text})
     renderer = StreamRenderer(out, show_reasoning=False, color=False)
     done = None
     started = time.perf_counter()
-    stream = client.chat_stream(messages, session_id=session_id, **settings.request_options())
+    stream = client.chat_stream(messages, session_id=session_id, **options)
     try:
         for event in stream:
             if event.type == "text" and not as_json:
