@@ -262,3 +262,22 @@ def test_repetition_stops_a_loop(tokenizer):
     conv = Conversation(FakeModel(tokenizer, script=intro + unit * 50), 4096)
     _, d = _run(conv, [{"role": "user", "content": "Q"}], sampling=SamplingParams(max_tokens=60))
     assert d.finish_reason == "length"
+
+
+def test_template_opened_think_and_zero_budget(tokenizer):
+    import copy
+
+    tok = copy.deepcopy(tokenizer)
+    tok.chat_template = tokenizer.chat_template.replace("assistant\n' }}", "assistant\n<think>\n' }}")
+    assert tok.chat_template != tokenizer.chat_template
+    enc = lambda t: tok.encode(t, add_special_tokens=False)  # noqa: E731
+    msgs = [{"role": "user", "content": "Q"}]
+    # the prompt opened the block: everything is reasoning until </think>
+    conv = Conversation(FakeModel(tok, script=enc("alpha beta") + enc(" Final.")), 4096)
+    ev, d = _run(conv, msgs, reasoning_budget=len(enc("alpha beta")), sampling=SamplingParams(max_tokens=20))
+    assert d.reasoning == "alpha beta" and _text(ev) == "Final." == d.message["content"]
+    # budget 0: the engine closes the block before the first token
+    conv = Conversation(FakeModel(tok, script=enc("The answer.")), 4096)
+    ev, d = _run(conv, msgs, reasoning_budget=0, sampling=SamplingParams(max_tokens=20))
+    assert d.reasoning is None and _text(ev) == "The answer."
+    assert not any(isinstance(e, ReasoningDelta) for e in ev)
