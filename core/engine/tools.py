@@ -43,6 +43,16 @@ def _typed_value(raw: str, declared: str | None):
         return value
 
 
+def _as_object(arguments):
+    """Tool call arguments as an object when they are a JSON string (left as they are otherwise)."""
+    if isinstance(arguments, str):
+        try:
+            return json.loads(arguments)
+        except ValueError:
+            pass
+    return arguments
+
+
 def _call(name: str, arguments) -> dict:
     if not isinstance(arguments, str):
         arguments = json.dumps(arguments, ensure_ascii=False)
@@ -68,13 +78,7 @@ def parse_tool_call_body(body: str, tools: list[dict] | None = None) -> list[dic
     for o in objs:
         if not isinstance(o, dict) or "name" not in o:
             continue
-        args = o.get("arguments", o.get("parameters", {}))
-        if isinstance(args, str):  # a JSON string inside the JSON: keep it if it parses
-            try:
-                args = json.loads(args)
-            except ValueError:
-                pass
-        calls.append(_call(o["name"], args))
+        calls.append(_call(o["name"], _as_object(o.get("arguments", o.get("parameters", {})))))
     return calls
 
 
@@ -106,11 +110,8 @@ def arguments_as_objects(message: dict) -> dict:
     calls = []
     for c in message["tool_calls"]:
         fn = dict(c.get("function", {}))
-        if isinstance(fn.get("arguments"), str):
-            try:
-                fn["arguments"] = json.loads(fn["arguments"])
-            except ValueError:
-                pass
+        if "arguments" in fn:
+            fn["arguments"] = _as_object(fn["arguments"])
         calls.append({**c, "function": fn})
     return {**message, "tool_calls": calls}
 
@@ -133,12 +134,6 @@ def hermes_render_calls(message: dict) -> str:
     parts = []
     for c in message.get("tool_calls") or []:
         fn = c.get("function", {})
-        args = fn.get("arguments", {})
-        if isinstance(args, str):
-            try:
-                args = json.loads(args)
-            except ValueError:
-                pass
-        parts.append(TOOL_OPEN + "\n" + json.dumps({"name": fn.get("name"), "arguments": args},
-                                                    ensure_ascii=False) + "\n" + TOOL_CLOSE)
+        call = {"name": fn.get("name"), "arguments": _as_object(fn.get("arguments", {}))}
+        parts.append(f"{TOOL_OPEN}\n{json.dumps(call, ensure_ascii=False)}\n{TOOL_CLOSE}")
     return "\n".join(parts)
