@@ -204,9 +204,11 @@ def test_weight_name_mismatch_is_one_clear_error(tmp_path, tokenizer_files):
     assert "\n" not in message
 
 
-def test_unknown_and_unreachable_models(monkeypatch):
+def test_unknown_and_unreachable_models(monkeypatch, tmp_path):
     with pytest.raises(NotFound, match="unknown model"):
         load_model("no-such-model-here")
+    with pytest.raises(NotFound, match="has no config.json"):
+        load_model(str(tmp_path))
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     start = time.monotonic()
     with pytest.raises(Unavailable, match="cannot fetch model 'nobody/nothing'"):
