@@ -124,3 +124,8 @@ def test_fork_gives_identical_continuation(first_turn):
     _, db = _turn(b, nxt)
     assert a.token_ids == b.token_ids and da.message == db.message
     assert conv.transcript[-1]["role"] == "assistant"  # the original is untouched
+    # the state as a snapshot stores it, loaded back: no prefill, the same continuation
+    c = Conversation.from_state(conv.model, conv.state_meta(), conv.state_tensors(), 1024)
+    assert (c.position, c.token_ids, c.transcript) == (conv.position, conv.token_ids, conv.transcript)
+    _, dc = _turn(c, nxt)
+    assert dc.message == da.message and dc.usage["cached_tokens"] == conv.position
