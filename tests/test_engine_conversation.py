@@ -281,3 +281,18 @@ def test_template_opened_think_and_zero_budget(tokenizer):
     ev, d = _run(conv, msgs, reasoning_budget=0, sampling=SamplingParams(max_tokens=20))
     assert d.reasoning is None and _text(ev) == "The answer."
     assert not any(isinstance(e, ReasoningDelta) for e in ev)
+
+
+def test_named_tool_choice_forces_the_call(tokenizer):
+    tools = [{"type": "function", "function": {"name": "get_weather", "parameters": {"type": "object"}}}]
+    script = tokenizer.encode('{"city": "Oslo"}}\n</tool_call>', add_special_tokens=False)
+    conv = Conversation(FakeModel(tokenizer, script=script), 4096)
+    choice = {"type": "function", "function": {"name": "get_weather"}}
+    ev, d = _run(conv, [{"role": "user", "content": "Weather?"}], tools=tools, tool_choice=choice,
+                 sampling=SamplingParams(max_tokens=40))
+    assert d.finish_reason == "tool_calls" and _text(ev) == ""
+    assert d.message["tool_calls"][0]["function"] == {"name": "get_weather", "arguments": '{"city": "Oslo"}'}
+    # tool_choice "none": the tools are not even described
+    conv = Conversation(FakeModel(tokenizer), 4096)
+    _, d = _run(conv, [{"role": "user", "content": "Weather?"}], tools=tools, tool_choice="none")
+    assert conv.tools is None and "tool_calls" not in d.message
