@@ -128,7 +128,7 @@ def _search_kernel(q1_ptr, k_ptr, pos_ptr, mask_ptr, st_ptr, offs_ptr, back_ptr,
 @triton.jit
 def _span_kernel(q2_ptr, k_ptr, v_ptr, pos_ptr, mask_ptr, st_ptr, offs_ptr, back_ptr, fwd_ptr, sel_i_ptr,
                  order_ptr, tile_bucket_ptr, tile_first_ptr, tile_n_ptr,
-                 span_m_ptr, span_acc_ptr,
+                 span_m_ptr, span_l_ptr, span_acc_ptr,
                  sq_b, sq_h, sq_l, sk_b, sk_h, sk_l, sv_b, sv_h, sv_l, sm_b,
                  LQ, LKV, NR, CAP, W, SCALE,
                  HQ: tl.constexpr, G: tl.constexpr, D: tl.constexpr, BLOCK_D: tl.constexpr,
@@ -195,19 +195,14 @@ def _span_kernel(q2_ptr, k_ptr, v_ptr, pos_ptr, mask_ptr, st_ptr, offs_ptr, back
         else:
             acc = acc * alpha[:, None] + tl.dot(p.to(vt.dtype), vt)
         m_i = m_new
-    # the span's partial as (log-sum-exp, normalised output); the output in the input dtype
-    # (fp32 for fp32 inputs) halves the traffic of this buffer
-    nonempty = l_i > 0
-    lse = tl.where(nonempty, m_i + tl.log(tl.where(nonempty, l_i, 1.0)), ninf)
-    o = acc / tl.where(nonempty, l_i, 1.0)[:, None]
-    tl.store(span_m_ptr + e, lse, mask=evalid)
-    tl.store(span_acc_ptr + e[:, None] * BLOCK_D + d[None, :], o.to(span_acc_ptr.dtype.element_ty),
-             mask=evalid[:, None])
+    tl.store(span_m_ptr + e, m_i, mask=evalid)
+    tl.store(span_l_ptr + e, l_i, mask=evalid)
+    tl.store(span_acc_ptr + e[:, None] * BLOCK_D + d[None, :], acc, mask=evalid[:, None])
 
 
 @triton.jit
 def _window_combine_kernel(q2_ptr, k_ptr, v_ptr, pos_ptr, mask_ptr,
-                           sel_i_ptr, sel_s_ptr, span_m_ptr, span_acc_ptr, out_ptr,
+                           sel_i_ptr, sel_s_ptr, span_m_ptr, span_l_ptr, span_acc_ptr, out_ptr,
                            sq_b, sq_h, sq_l, sk_b, sk_h, sk_l, sv_b, sv_h, sv_l, sm_b,
                            so_b, so_h, so_l,
                            LQ, LKV, W, SCALE,
@@ -267,9 +262,6 @@ def _window_combine_kernel(q2_ptr, k_ptr, v_ptr, pos_ptr, mask_ptr,
             else:
                 acc_w = acc_w * alpha[:, None] + tl.dot(p.to(vt.dtype), vt)
             m_w = m_new
-    w_ok = l_w > 0
-    lse_w = tl.where(w_ok, m_w + tl.log(tl.where(w_ok, l_w, 1.0)), ninf)
-    o_w = acc_w / tl.where(w_ok, l_w, 1.0)[:, None]
     # gate: softmax over the slots' scores (-1e9 for unselected slots)
     base = ((b * HQ + h) * LQ + row) * NUM_SPANS
     gmax = tl.full([BLOCK_M], ninf, tl.float32)
@@ -290,15 +282,15 @@ def _window_combine_kernel(q2_ptr, k_ptr, v_ptr, pos_ptr, mask_ptr,
         gj = tl.exp(sj - gmax) / gsum
         gj = tl.where(gj == gj, gj, 1.0 / NUM_SPANS)  # NaN -> uniform
         sel = (ij >= 0) & rvalid
-        lse_s = tl.load(span_m_ptr + base + j, mask=sel, other=ninf)
-        o_s = tl.load(span_acc_ptr + (base + j)[:, None] * BLOCK_D + d[None, :], mask=sel[:, None],
-                      other=0.0).to(tl.float32)
-        mm = tl.maximum(lse_s, lse_w)
+        ms = tl.load(span_m_ptr + base + j, mask=sel, other=ninf)
+        ls = tl.load(span_l_ptr + base + j, mask=sel, other=0.0)
+        accs = tl.load(span_acc_ptr + (base + j)[:, None] * BLOCK_D + d[None, :], mask=sel[:, None], other=0.0)
+        mm = tl.maximum(ms, m_w)
         mm = tl.where(mm == ninf, 0.0, mm)
-        ww = tl.exp(lse_w - mm)
-        ws = tl.exp(lse_s - mm)
-        den = ww + ws
-        num = o_w * ww[:, None] + o_s * ws[:, None]
+        aw = tl.exp(m_w - mm)
+        asp = tl.exp(ms - mm)
+        den = l_w * aw + ls * asp
+        num = acc_w * aw[:, None] + accs * asp[:, None]
         o = tl.where(den[:, None] > 0, num / tl.where(den > 0, den, 1.0)[:, None], 0.0)
         res += gj[:, None] * o
     tl.store(out_ptr + b * so_b + h * so_h + row[:, None] * so_l + d[None, :],
@@ -391,13 +383,14 @@ def triton_prefill(q1, q2, k, v, positions, params: SpanParams, key_mask=None, b
                      torch.zeros_like(tfirst)).to(torch.int32)
     order = order.to(torch.int32) if N < 2**31 else order
     span_m = torch.empty(N, device=dev, dtype=torch.float32)
-    span_acc = torch.empty(N, BLOCK_D, device=dev, dtype=torch.float32 if ieee else k.dtype)
+    span_l = torch.empty(N, device=dev, dtype=torch.float32)
+    span_acc = torch.empty(N, BLOCK_D, device=dev, dtype=torch.float32)
     mark()
     # 3. span tiles
     _span_kernel[(T_MAX,)](
         q2, k, v, pos, mk, st, tab.offsets, tab.back, tab.fwd, sel_i,
         order, tb_c, tfirst, tn,
-        span_m, span_acc,
+        span_m, span_l, span_acc,
         q2.stride(0), q2.stride(1), q2.stride(2), k.stride(0), k.stride(1), k.stride(2),
         v.stride(0), v.stride(1), v.stride(2), sm_b,
         LQ, LKV, NR, tab.capacity, W, scale,
@@ -408,7 +401,7 @@ def triton_prefill(q1, q2, k, v, positions, params: SpanParams, key_mask=None, b
     # 4. window + merge + gate
     wm = cfg["win_m"]
     _window_combine_kernel[(triton.cdiv(LQ, wm), B * HQ)](
-        q2, k, v, pos, mk, sel_i, sel_s, span_m, span_acc, out,
+        q2, k, v, pos, mk, sel_i, sel_s, span_m, span_l, span_acc, out,
         q2.stride(0), q2.stride(1), q2.stride(2), k.stride(0), k.stride(1), k.stride(2),
         v.stride(0), v.stride(1), v.stride(2), sm_b, out.stride(0), out.stride(1), out.stride(2),
         LQ, LKV, W, scale,
