@@ -300,8 +300,8 @@ def command(configs, lengths, decode_lengths, chunk, heads, kv_heads, head_dim, 
         if c not in CONFIGS:
             raise click.BadParameter(f"unknown config {c!r} (choose from {', '.join(CONFIGS)})")
     result = dispatch(cmd)
-    text = markdown(result, "spl bench attention " + " ".join(sys.argv[2:]) if len(sys.argv) > 2
-                    else "spl bench attention")
+    args = sys.argv[sys.argv.index("attention") + 1:] if "attention" in sys.argv else []
+    text = markdown(result, " ".join(["spl bench attention", *args]))
     click.echo(text)
     if out_file:
         with open(out_file, "w") as fh:
