@@ -289,7 +289,7 @@ def register_routes(app: FastAPI, rt: Runtime) -> None:  # noqa: C901 - one plac
     async def rollback(session_id: str, request: Request):
         body = parse_body(await read_body(request), RollbackSession)
         rt.require_ready()
-        info = rt.manager.info(session_id)
+        rt.manager.info(session_id)  # 404 now, not after the queue
 
         def run(job):
             n = body.n_messages
@@ -297,7 +297,6 @@ def register_routes(app: FastAPI, rt: Runtime) -> None:  # noqa: C901 - one plac
                 n = max(0, rt.manager.info(session_id)["message_count"] + n)
             return rt.manager.rollback(session_id, n)
 
-        del info
         return await worker.run(run)
 
     @app.post("/v1/sessions/{session_id}/resize")
