@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 from pathlib import Path
 
 import numpy as np
@@ -15,9 +16,15 @@ from superlinear.kernels import SpanParams, superlinear_decode, superlinear_pref
 from superlinear.kernels.params import get_tables, span_lengths_np, stripe_offsets_np
 from superlinear.kernels.reference import reference_prefill
 
-GOLDEN = Path(__file__).resolve().parents[2] / "shared" / "golden" / "attention"
-if not GOLDEN.exists():
-    GOLDEN = Path("/work/shared/golden/attention")
+# shared/ lies beside the checkout (CI clones main with shared/ next to it); SPL_GOLDEN_DIR overrides.
+GOLDEN = Path(os.environ.get("SPL_GOLDEN_DIR")
+              or Path(__file__).resolve().parents[2] / "shared" / "golden" / "attention")
+
+
+def test_golden_vectors_are_present():
+    # Without this, a missing shared/ would silently turn every golden test into an empty set.
+    assert (GOLDEN / "cases.json").exists(), f"golden vectors not found at {GOLDEN} (set SPL_GOLDEN_DIR)"
+    assert len(_cases()) == 11
 
 
 def _cases():
