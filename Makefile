@@ -14,7 +14,7 @@ setup: $(VENV)/.setup-done
 # The main job: ask the embedded default model one question through a local spl server
 # (started in the background if none is running; `spl server stop` stops it).
 run: setup
-	$(SPL) chat --once --temp 0 "What is the capital of France?"
+	$(SPL) chat --temp 0 --once "What is the capital of France?"
 
 test: setup
 	$(PY) -m pytest -q -m "not gpu"

@@ -1,0 +1,21 @@
+#!/bin/bash
+# Every @pytest.mark.gpu test in one call of the device machine (H100/H200 image: torch 2.11,
+# triton 3.6, transformers 5.17, no fastapi/uvicorn). Carry `.whl` (transformers 5.24) and
+# `.srvwhl` (fastapi, uvicorn, pydantic and friends) and `.gpu` (the default model's config and
+# tokenizer, from which a random-weight copy of its architecture is built: the 98 MB default
+# model package cannot travel to the device). Logs go to $OUT.
+set -o pipefail
+cd "$(dirname "$0")/.."
+OUT=${OUT:-/tmp/out}; mkdir -p "$OUT"
+export PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1
+python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site \
+  .whl/*.whl .srvwhl/*.whl || exit 1
+export PYTHONPATH=/tmp/site
+python3 -m pip install -q --no-index --no-deps --no-build-isolation -e . >/tmp/pipe.log 2>&1 \
+  || { tail -5 /tmp/pipe.log; exit 1; }
+nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader
+python3 -c "import torch, triton, transformers; print('torch', torch.__version__, 'triton', triton.__version__,
+'transformers', transformers.__version__)"
+python3 scripts/random_default_model.py /tmp/smol-random --from .gpu || exit 1
+export SPL_GPU_TEST_MODEL=/tmp/smol-random SPL_GPU_LONG_TOKENS=${SPL_GPU_LONG_TOKENS:-1000000}
+timeout 540 python3 -m pytest -q -m gpu tests -p no:cacheprovider --durations=15 -rs 2>&1 | tee "$OUT/gpu_tests.log"
