@@ -170,6 +170,53 @@ def test_reference_matches_naive(combo):
     assert torch.equal(plan["anchor"].sort(-1).values, torch.from_numpy(anchors).sort(-1).values)
 
 
+@pytest.mark.parametrize("combo", COMBOS[:5], ids=[f"c{i}" for i in range(5)])
+def test_span_paths_agree(combo, monkeypatch):
+    """Step 4's two implementations (union-of-spans matmul, per-key gather) give the same output,
+    also when a tiny budget makes the union path split its rows or fall back to the gather."""
+    import superlinear.kernels.reference as ref
+
+    cfg, B, HQ, HKV, LQ, LKV, D, pad = combo
+    q1, q2, k, v, pos, mask = make_inputs(B, HQ, HKV, LQ, LKV, D, seed=7, left_pad=pad)
+    p = SpanParams(**cfg)
+    outs = {}
+    full = ref._BUDGET
+    for path, budget in (("gather", full), ("union", full), ("union", 2000), ("auto", 300)):
+        monkeypatch.setattr(ref, "_SPAN_PATH", path)
+        monkeypatch.setattr(ref, "_BUDGET", budget)
+        plan: dict = {}
+        outs[path, budget] = reference_prefill(q1, q2, k, v, pos, p, mask, plan=plan)
+        assert (plan["hi"] >= plan["lo"]).any()  # the spans are not all empty: step 4 does work
+    base = outs["gather", full]
+    assert torch.isfinite(base).all()
+    for key, o in outs.items():
+        torch.testing.assert_close(o, base, atol=2e-5, rtol=1e-5, msg=str(key))
+
+
+def test_span_partials_union_equals_gather(monkeypatch):
+    """The helper itself on random spans (some empty, some masked keys): the union path, with its
+    row splitting (small budget) and its fallback (budget below one row), equals the gather path."""
+    import superlinear.kernels.reference as ref
+
+    g = torch.Generator().manual_seed(0)
+    B, HQ, HKV, nq, ks, L, D = 2, 4, 2, 24, 3, 120, 8
+    q2 = torch.randn(B, HQ, nq, D, generator=g)
+    k = torch.randn(B, HKV, L, D, generator=g)
+    v = torch.randn(B, HKV, L, D, generator=g)
+    lo = torch.randint(0, L, (B, HQ, nq, ks), generator=g)
+    hi = (lo + torch.randint(-3, 30, (B, HQ, nq, ks), generator=g)).clamp(max=L - 1)
+    mask = torch.rand(B, L, generator=g) > 0.2
+    assert (hi < lo).any() and (hi >= lo).any()
+    exp = ref._span_partials_gather(q2, k, v, lo, hi, mask, 0.3)
+    full = ref._BUDGET
+    for budget in (full, 20000, 5000, 500):
+        monkeypatch.setattr(ref, "_SPAN_PATH", "union")
+        monkeypatch.setattr(ref, "_BUDGET", budget)
+        got = ref._span_partials(q2, k, v, lo, hi, mask, 0.3)
+        for x, y in zip(got, exp, strict=True):
+            torch.testing.assert_close(x, y, atol=1e-5, rtol=1e-5, msg=f"budget {budget}")
+
+
 def test_decode_equals_last_row_and_garbage_tail():
     cfg = COMBOS[0][0]
     p = SpanParams(**cfg)

@@ -7,7 +7,9 @@ and never touches keys after the largest position (a static cache's tail is garb
 
 For the other rows, with ``O_j = softmax over keys_j`` and keys_j = span_j ∪ window (disjoint),
 the window's partial (max, sum, acc) is computed once per row and merged with each span's
-partial by log-sum-exp, which is exactly the softmax over the union.
+partial by log-sum-exp, which is exactly the softmax over the union. The span partials come from
+one score matmul over the union of a block's span keys when that union is narrow (short contexts,
+the common case), else from keys gathered per (row, span, key); both compute the same partials.
 """
 
 from __future__ import annotations
@@ -70,6 +72,113 @@ def _causal_rows(q2, k, v, pos, key_mask, W, out, rows, scale):
         i += len(blk)
 
 
+# Step 4 ("span partials") has two interchangeable implementations; "auto" picks the cheaper one
+# per block of rows. Tests force each one to check that they agree.
+_SPAN_PATH = "auto"  # "auto" | "union" | "gather"
+# "auto" takes the union path while the union's width is at most this many times the longest span
+# (measured on CPU: the union path wins up to a ratio of about 10-15, the gather path beyond)
+_UNION_MAX_RATIO = 8
+
+
+def _span_partials(q2, k, v, lo, hi, key_mask, scale):
+    """Softmax partials (max, sum, acc) of every span over its keys ``[lo, hi] ∩ key_mask``.
+
+    q2 ``[B,HQ,nq,D]``; lo, hi ``[B,HQ,nq,k]`` (an empty span has hi < lo). Returns m ``[B,HQ,nq,k]``
+    (-inf for an empty span), l ``[B,HQ,nq,k]`` and acc ``[B,HQ,nq,k,D]`` (0 for an empty span).
+    Never reads a key outside the spans' union, so never past ``max(hi)``.
+    """
+    B, HQ, nq, kspans = lo.shape
+    D = q2.shape[-1]
+    nonempty = hi >= lo
+    if not bool(nonempty.any()):
+        return (torch.full((B, HQ, nq, kspans), float("-inf"), device=q2.device),
+                torch.zeros(B, HQ, nq, kspans, device=q2.device),
+                torch.zeros(B, HQ, nq, kspans, D, device=q2.device))
+    if _SPAN_PATH == "gather":
+        return _span_partials_gather(q2, k, v, lo, hi, key_mask, scale)
+    r0 = int(lo[nonempty].min())
+    r1 = int(hi[nonempty].max())
+    width = r1 - r0 + 1
+    if _SPAN_PATH == "auto":
+        lmax = int((hi - lo + 1).max())
+        if width > _UNION_MAX_RATIO * lmax:
+            return _span_partials_gather(q2, k, v, lo, hi, key_mask, scale)
+    if B * HQ * nq * kspans * width <= _BUDGET:
+        return _span_partials_union(q2, k, v, lo, hi, key_mask, scale, r0, r1)
+    if nq == 1:  # even one row's union is too wide for the budget
+        return _span_partials_gather(q2, k, v, lo, hi, key_mask, scale)
+    # split the rows: a smaller block has a narrower union
+    h = nq // 2
+    a = _span_partials(q2[:, :, :h], k, v, lo[:, :, :h], hi[:, :, :h], key_mask, scale)
+    b = _span_partials(q2[:, :, h:], k, v, lo[:, :, h:], hi[:, :, h:], key_mask, scale)
+    return tuple(torch.cat([x, y], dim=2) for x, y in zip(a, b, strict=True))
+
+
+def _span_partials_union(q2, k, v, lo, hi, key_mask, scale, r0, r1):
+    """Span partials from one score matmul per kv head over the union of keys ``[r0, r1]``."""
+    B, HQ, nq, kspans = lo.shape
+    D = q2.shape[-1]
+    HKV = k.shape[1]
+    G = HQ // HKV
+    R = r1 - r0 + 1
+    kr = torch.arange(r0, r1 + 1, device=q2.device)
+    q2g = q2.float().reshape(B, HKV, G * nq, D)
+    sc = torch.matmul(q2g, k[:, :, r0:r1 + 1].float().transpose(-1, -2)).mul_(scale)  # [B,HKV,G*nq,R]
+    sc = sc.reshape(B, HQ, nq, 1, R)
+    inside = (kr >= lo[..., None]) & (kr <= hi[..., None])  # [B,HQ,nq,k,R]
+    if key_mask is not None:
+        inside = inside & key_mask[:, None, None, None, r0:r1 + 1]
+    sc = torch.where(inside, sc, float("-inf"))
+    m_s = sc.amax(-1)  # [B,HQ,nq,k]
+    m_safe = torch.where(torch.isfinite(m_s), m_s, torch.zeros_like(m_s))
+    p = sc.sub_(m_safe[..., None]).exp_()
+    l_s = p.sum(-1)
+    acc_s = torch.matmul(p.reshape(B, HKV, G * nq * kspans, R), v[:, :, r0:r1 + 1].float())
+    return m_s, l_s, acc_s.reshape(B, HQ, nq, kspans, D)
+
+
+def _span_partials_gather(q2, k, v, lo, hi, key_mask, scale):
+    """Span partials from the keys gathered per (row, span, key), in chunks of the span length."""
+    B, HQ, nq, kspans = lo.shape
+    D = q2.shape[-1]
+    Lmax = int((hi - lo + 1).clamp(min=0).max())
+    # rows per call such that a whole span length of keys fits the budget (fewer, larger chunks)
+    nsub = max(1, _BUDGET // max(1, B * HQ * kspans * Lmax * D))
+    if nsub < nq:
+        parts = [_span_partials_gather(q2[:, :, r:r + nsub], k, v, lo[:, :, r:r + nsub], hi[:, :, r:r + nsub],
+                                       key_mask, scale) for r in range(0, nq, nsub)]
+        return tuple(torch.cat(x, dim=2) for x in zip(*parts, strict=True))
+    HKV, LKV = k.shape[1], k.shape[2]
+    G = HQ // HKV
+    dev = q2.device
+    q2f = q2.float()
+    # chunk over the span length to bound the gathered keys
+    LC = max(1, min(max(Lmax, 1), _BUDGET // max(1, B * HQ * nq * kspans * D)))
+    m_s = torch.full((B, HQ, nq, kspans), float("-inf"), device=dev)
+    l_s = torch.zeros(B, HQ, nq, kspans, device=dev)
+    acc_s = torch.zeros(B, HQ, nq, kspans, D, device=dev)
+    hkv_of = torch.arange(HQ, device=dev) // G
+    bidx = torch.arange(B, device=dev)[:, None, None, None, None]
+    for c0 in range(0, Lmax, LC):
+        idx = lo[..., None] + c0 + torch.arange(min(LC, Lmax - c0), device=dev)  # [B,HQ,nq,k,L]
+        ok = idx <= hi[..., None]
+        idx_c = idx.clamp(0, LKV - 1)
+        if key_mask is not None:
+            ok = ok & key_mask[bidx, idx_c]
+        kg = k[bidx, hkv_of[None, :, None, None, None], idx_c].float()  # [B,HQ,nq,k,L,D]
+        vg = v[bidx, hkv_of[None, :, None, None, None], idx_c].float()
+        sc = torch.einsum("bhrd,bhrjld->bhrjl", q2f, kg) * scale
+        sc = sc.masked_fill(~ok, float("-inf"))
+        m_new = torch.maximum(m_s, sc.amax(-1))
+        m_safe = torch.where(torch.isfinite(m_new), m_new, torch.zeros_like(m_new))
+        alpha = torch.exp(m_s - m_safe)
+        p = torch.exp(sc - m_safe[..., None])
+        l_s = l_s * alpha + p.sum(-1)
+        acc_s = acc_s * alpha[..., None] + torch.einsum("bhrjl,bhrjld->bhrjd", p, vg)
+        m_s = m_new
+    return m_s, l_s, acc_s
+
+
 def _general_rows(q1, q2, k, v, pos, key_mask, params, tables, st, out, rows, scale, plan=None):
     B, HQ, _, D = q2.shape
     HKV, LKV = k.shape[1], k.shape[2]
@@ -86,10 +195,8 @@ def _general_rows(q1, q2, k, v, pos, key_mask, params, tables, st, out, rows, sc
     while i < n:
         t_first = int(pos[rows[i]])
         ncand_est = max(1, int((t_first + 2) ** params.power) + 2)
-        span_est = tables.max_span if t_first + 1 >= tables.capacity else int(
-            back[min(t_first + 1, tables.capacity)] + fwd[min(t_first + 1, tables.capacity)]) + 2
-        per_row = B * HQ * max(ncand_est * (D // max(G, 1) + 1), kspans * (span_est + 8) * (D + 1),
-                               W + 64)
+        # bounds steps 1 and 3; step 4 splits the block further to stay within _BUDGET
+        per_row = B * HQ * max(ncand_est * (D // max(G, 1) + 1), W + 64)
         nq = max(1, min(n - i, 256, _BUDGET // max(1, per_row)))
         blk = rows[i:i + nq]
         i += len(blk)
@@ -159,11 +266,12 @@ def _general_rows(q1, q2, k, v, pos, key_mask, params, tables, st, out, rows, sc
             if key_mask is not None:
                 wmask = wmask & key_mask[:, None, r0:r1 + 1]
             q2g = q2[:, :, blk].float().reshape(B, HKV, G * nq, D)
-            sc = torch.matmul(q2g, k[:, :, r0:r1 + 1].float().transpose(-1, -2)) * scale
-            sc = sc.reshape(B, HQ, nq, -1).masked_fill(~wmask[:, None], float("-inf"))
+            # in place on the [B, HQ, nq, W + nq] scores: the largest temporaries of a block
+            sc = torch.matmul(q2g, k[:, :, r0:r1 + 1].float().transpose(-1, -2)).mul_(scale)
+            sc = sc.reshape(B, HQ, nq, -1).masked_fill_(~wmask[:, None], float("-inf"))
             m_w = sc.amax(-1)  # [B, HQ, nq]
             m_ws = torch.where(torch.isfinite(m_w), m_w, torch.zeros_like(m_w))
-            p = torch.exp(sc - m_ws[..., None])
+            p = sc.sub_(m_ws[..., None]).exp_()
             l_w = p.sum(-1)
             acc_w = torch.matmul(p.reshape(B, HKV, G * nq, -1), v[:, :, r0:r1 + 1].float())
             acc_w = acc_w.reshape(B, HQ, nq, D)
@@ -172,35 +280,9 @@ def _general_rows(q1, q2, k, v, pos, key_mask, params, tables, st, out, rows, sc
             l_w = torch.zeros(B, HQ, nq, device=pos.device)
             acc_w = torch.zeros(B, HQ, nq, D, device=pos.device)
         # ---- 4. span partials, merged with the window, gated ------------------------------
-        span_len = (hi - lo + 1).clamp(min=0)
-        Lmax = int(span_len.max()) if span_len.numel() else 0
         gates = torch.softmax(gate_logit, dim=-1)
         gates = torch.where(torch.isnan(gates), torch.full_like(gates, 1.0 / kspans), gates)
-        q2f = q2[:, :, blk].float()
-        # chunk over the span length to bound the gathered keys
-        LC = max(1, min(max(Lmax, 1), _BUDGET // max(1, B * HQ * nq * kspans * D)))
-        m_s = torch.full((B, HQ, nq, kspans), float("-inf"), device=pos.device)
-        l_s = torch.zeros(B, HQ, nq, kspans, device=pos.device)
-        acc_s = torch.zeros(B, HQ, nq, kspans, D, device=pos.device)
-        hkv_of = torch.arange(HQ, device=pos.device) // G
-        for c0 in range(0, Lmax, LC):
-            idx = lo[..., None] + c0 + torch.arange(min(LC, Lmax - c0), device=pos.device)  # [B,HQ,nq,k,L]
-            ok = idx <= hi[..., None]
-            idx_c = idx.clamp(0, LKV - 1)
-            bidx = torch.arange(B, device=pos.device)[:, None, None, None, None]
-            if key_mask is not None:
-                ok = ok & key_mask[bidx, idx_c]
-            kg = k[bidx, hkv_of[None, :, None, None, None], idx_c].float()  # [B,HQ,nq,k,L,D]
-            vg = v[bidx, hkv_of[None, :, None, None, None], idx_c].float()
-            sc = torch.einsum("bhrd,bhrjld->bhrjl", q2f, kg) * scale
-            sc = sc.masked_fill(~ok, float("-inf"))
-            m_new = torch.maximum(m_s, sc.amax(-1))
-            m_safe = torch.where(torch.isfinite(m_new), m_new, torch.zeros_like(m_new))
-            alpha = torch.exp(m_s - m_safe)
-            p = torch.exp(sc - m_safe[..., None])
-            l_s = l_s * alpha + p.sum(-1)
-            acc_s = acc_s * alpha[..., None] + torch.einsum("bhrjl,bhrjld->bhrjd", p, vg)
-            m_s = m_new
+        m_s, l_s, acc_s = _span_partials(q2[:, :, blk], k, v, lo, hi, key_mask, scale)
         m = torch.maximum(m_s, m_w[..., None])
         m_safe = torch.where(torch.isfinite(m), m, torch.zeros_like(m))
         aw = torch.exp(m_w[..., None] - m_safe)  # [B,HQ,nq,k]
