@@ -19,6 +19,7 @@ from functools import partial
 import click
 
 from superlinear.bus import Command, Context, dispatch
+from superlinear.plugins.bench.lengths import fmt_length, parse_length
 
 CONFIGS = {
     "1": dict(sw_index=3, num_spans=3, backward_factor=3.0, forward_factor=1.0, span_power=0.5,
@@ -31,24 +32,6 @@ CONFIGS = {
 PEAK_MMA = 790e12
 PEAK_FP32 = 67e12
 BANDWIDTH = 3.0e12
-
-
-def parse_length(text: str) -> int:
-    text = text.strip().upper()
-    mult = 1
-    if text.endswith("K"):
-        mult, text = 1024, text[:-1]
-    elif text.endswith("M"):
-        mult, text = 1024 * 1024, text[:-1]
-    return int(float(text) * mult)
-
-
-def fmt_length(n: int) -> str:
-    if n % (1024 * 1024) == 0:
-        return f"{n // (1024 * 1024)}M"
-    if n % 1024 == 0:
-        return f"{n // 1024}K"
-    return str(n)
 
 
 @dataclass(frozen=True)

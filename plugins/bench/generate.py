@@ -18,24 +18,7 @@ from dataclasses import dataclass
 import click
 
 from superlinear.bus import Command, Context, dispatch
-
-
-def parse_length(text: str) -> int:
-    text = text.strip().upper()
-    mult = 1
-    if text.endswith("K"):
-        mult, text = 1024, text[:-1]
-    elif text.endswith("M"):
-        mult, text = 1024 * 1024, text[:-1]
-    return int(float(text) * mult)
-
-
-def fmt_length(n: int) -> str:
-    if n % (1024 * 1024) == 0:
-        return f"{n // (1024 * 1024)}M"
-    if n % 1024 == 0:
-        return f"{n // 1024}K"
-    return str(n)
+from superlinear.plugins.bench.lengths import fmt_length, parse_length
 
 
 @dataclass(frozen=True)
