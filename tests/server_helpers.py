@@ -69,8 +69,9 @@ class RunningServer:
 
 
 def start_server(api_key: str | None = API_KEY, max_concurrency: int = MAX_CONCURRENCY,
-                 extra_args: tuple[str, ...] = ()) -> RunningServer:
-    tmp = Path(tempfile.mkdtemp(prefix="spl-server-test-"))
+                 extra_args: tuple[str, ...] = (), tmp: Path | None = None) -> RunningServer:
+    """Start `spl serve`; ``tmp`` reuses the directories of an earlier server (a restart)."""
+    tmp = Path(tmp) if tmp is not None else Path(tempfile.mkdtemp(prefix="spl-server-test-"))
     port = free_port()
     env = dict(os.environ)
     env.update({"SPL_STATE_DIR": str(tmp / "state"), "SUPERLINEAR_SNAPSHOT_DIR": str(tmp / "snapshots"),
@@ -80,7 +81,7 @@ def start_server(api_key: str | None = API_KEY, max_concurrency: int = MAX_CONCU
             "--max-concurrency", str(max_concurrency), "--max-seq-len", "2048", *extra_args]
     if api_key:
         args += ["--api-key", api_key]
-    log = tmp / "server.log"
+    log = tmp / f"server-{port}.log"
     with open(log, "wb") as out:
         proc = subprocess.Popen(args, stdout=out, stderr=subprocess.STDOUT, env=env)
     server = RunningServer(f"http://127.0.0.1:{port}", api_key, proc, tmp, log)

@@ -95,3 +95,35 @@ def test_snapshot_of_another_architecture_is_refused(hybrid, tmp_path):
         other.load(snap)
     assert hybrid.name in err.value.message and default.name in err.value.message
     assert other.list() == []
+
+
+def test_hybrid_journal_is_incremental_and_restores_checkpoints(hybrid, tmp_path):
+    """The session journal of a hybrid: recurrent checkpoints are files of their own, written
+    once; a restart restores them, so a rollback there is as cheap as in the original."""
+    import json
+
+    from superlinear.sessions import state_snapshot_id
+
+    store = SnapshotStore(tmp_path)
+    manager = SessionManager(hybrid, store, default_max_seq_len=128)
+    manager.create("h")
+    turn(manager, "h", "hi")
+    manager.persist("h")
+    path = store.root / state_snapshot_id("h") / "manifest.json"
+    m1 = json.loads(path.read_text())
+    assert m1["checkpoints"]
+    after1 = manager.get("h").conversation.token_ids
+    d2 = turn(manager, "h", "again")
+    manager.persist("h")
+    m2 = json.loads(path.read_text())
+    assert all(m2["checkpoints"][p] == f for p, f in m1["checkpoints"].items())  # not rewritten
+    assert len(m2["segments"]) == 2
+
+    again = SessionManager(hybrid, SnapshotStore(tmp_path), default_max_seq_len=128)
+    assert again.restore_index() == ["h"]
+    conv = again.get("h").conversation
+    assert sorted(conv._states) == sorted({0, *map(int, m2["checkpoints"]), m2["session"]["position"]})
+    again.rollback("h", 2)
+    assert conv.token_ids == after1
+    e2 = turn(again, "h", "again")
+    assert e2.message == d2.message

@@ -26,6 +26,7 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 
 from superlinear.errors import Busy, Conflict, InvalidRequest, NotFound, TooLarge
+from superlinear.sessions import journal as _journal
 from superlinear.sessions import state as _state
 from superlinear.sessions.ids import new_id, validate_id
 from superlinear.sessions.snapshots import CorruptSnapshot, SnapshotStore, check_model
@@ -78,6 +79,8 @@ class Session:
         self._max_seq_len = max_seq_len
         self.state_snapshot: str | None = None  # its state on disk (evicted, persisted)
         self._disk_info: dict = {}  # position / message_count of the state on disk
+        self._journal: _journal.Tracker | None = None  # what the journal on disk holds (resident)
+        self.last_persist_bytes = 0  # bytes the last persist wrote
         self.closed = False
 
     @property
@@ -102,6 +105,15 @@ class Session:
             return _state.message_count(self.conversation)
         return int(self._disk_info.get("message_count", 0))
 
+    @property
+    def persisted_position(self) -> int | None:
+        """Tokens of the state on disk (its journal); None if it was never written."""
+        if self._journal is not None:
+            return self._journal.position
+        if self.state_snapshot:
+            return int(self._disk_info.get("position", 0))
+        return None
+
     def nbytes(self) -> int:
         """Bytes of memory (device and host) this session holds now; 0 while on disk."""
         return _state.nbytes(self.conversation) if self.conversation is not None else 0
@@ -119,6 +131,7 @@ class Session:
             "resident": self.resident,
             "busy": self.lock.locked(),
             "state_snapshot": self.state_snapshot,
+            "persisted_position": self.persisted_position,
             "created_at": self.created_at,
             "last_used": self.last_used,
         }
@@ -245,16 +258,23 @@ class SessionManager:
         return f"{sid[:110]}-{secrets.token_hex(4)}"
 
     def _write_state(self, session: Session) -> str:
-        """Save a resident session's state under its state snapshot id (replacing an older one)."""
+        """Bring a resident session's journal (its state snapshot) up to date, writing only what
+        changed since the last write (``journal.persist``)."""
         sid = self._state_id(session)
-        meta, tensors = _state.export(session.conversation)
-        manifest = self.store.save(
-            model=self.model, session=self._session_meta(session), transcript=meta, tensors=tensors,
-            title=f"state of session {session.id}", tags=[SESSION_STATE_TAG], snapshot_id=sid,
-            replace=True)
+        conv = session.conversation
+        meta, tensors = _state.export(conv)
+        tracker, written = _journal.persist(
+            self.store, snapshot_id=sid, model=self.model, session=self._session_meta(session),
+            created_at=None, conv=conv, meta=meta, tensors=tensors, tracker=session._journal,
+            tags=[SESSION_STATE_TAG], title=f"state of session {session.id}")
+        session._journal = tracker
         session.state_snapshot = sid
         session._max_seq_len = session.max_seq_len
-        session._disk_info = {k: manifest["session"][k] for k in ("position", "message_count")}
+        session._disk_info = {k: tracker.manifest["session"][k] for k in ("position", "message_count")}
+        session.last_persist_bytes = written
+        if written:
+            log.debug("session %s persisted: %d bytes written, position %d", session.id, written,
+                      tracker.position)
         return sid
 
     def _session_meta(self, session: Session) -> dict:
@@ -369,12 +389,17 @@ class SessionManager:
     def _reload(self, session: Session) -> None:
         sid = session.state_snapshot
         try:
-            _, conv = self._conversation_from_snapshot(
+            manifest, conv = self._conversation_from_snapshot(
                 sid, session._max_seq_len, exclude=session, what=f"reloading session {session.id!r}")
         except (NotFound, CorruptSnapshot) as exc:
             raise type(exc)(f"session {session.id!r} is on disk as snapshot {sid!r}, which cannot be "
                             f"loaded ({exc.message}); close the session", param="session_id") from exc
         session.conversation = conv
+        session._journal = None
+        if _journal.is_journal(manifest):  # the next persist appends to it
+            tracker = _journal.Tracker(conv, sid, manifest)
+            tracker.meta_bytes = _journal.meta_bytes(_state.export(conv)[0])
+            session._journal = tracker
         # The state snapshot stays: it is the session's durable copy (what a restart after a
         # crash finds), rewritten by the next eviction / persist, deleted by close.
         log.info("session %s reloaded from snapshot %s", session.id, sid)
@@ -536,6 +561,7 @@ class SessionManager:
             existing._max_seq_len = _state.max_seq_len(conv)
             existing.state_snapshot = None
             existing._disk_info = {}
+            existing._journal = None
             existing.touch()
             if old_state:
                 try:
@@ -547,8 +573,10 @@ class SessionManager:
 
     # ------------------------------------------------------------------ durability
     def persist(self, session_id: str) -> str | None:
-        """Write one session's state to its state snapshot now (e.g. after each turn, for
-        crash safety). Returns the snapshot id (None if it is already only on disk)."""
+        """Make one session durable now (the server calls it after every turn and every change):
+        its journal gets only what changed since the last persist — the KV rows appended since
+        (``new tokens x kv_bytes_per_token``), a small state file (logits, recurrent state) and
+        the transcript — then an atomically replaced manifest. Returns the state snapshot id."""
         session = self._lookup(session_id)
         with session.lock:
             if not session.resident:
@@ -557,7 +585,7 @@ class SessionManager:
         return sid
 
     def persist_all(self, timeout: float | None = 30.0) -> list[str]:
-        """On a clean shutdown: snapshot every open session (tagged ``spl:session-state``), so
+        """On a clean shutdown: bring every open session's journal up to date (tagged ``spl:session-state``), so
         ``restore_index`` lists them again on the next start. Returns the session ids written.
         A session whose lock cannot be taken within ``timeout`` is skipped (and logged)."""
         written = []

@@ -9,6 +9,9 @@ Layout of ``<root>/<id>/``::
                           engine's bookkeeping (token ids live in the tensors file)
     tensors.safetensors   KV cache trimmed to the position, recurrent state, checkpoints
 
+A session's own state (tag ``spl:session-state``) is a *journal* in the same kind of directory,
+written incrementally (segments of KV rows; ``journal.py``); ``read`` handles both.
+
 Durability: a snapshot is written into ``<root>/.tmp.<pid>.<rand>/``, every file is fsynced,
 the directory is fsynced, then renamed to ``<root>/<id>`` and the root is fsynced. A crash at
 any point leaves either no visible snapshot or a complete one; leftover temporary directories
@@ -30,10 +33,11 @@ import threading
 from pathlib import Path
 
 from superlinear.errors import Conflict, InvalidRequest, NotFound, Unavailable
-from superlinear.sessions import tensorfile
+from superlinear.sessions import journal, tensorfile
 from superlinear.sessions.ids import new_id, validate_id
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 1  # single-file snapshots; session journals (journal.py) are version 2
+READABLE_SCHEMA_VERSION = 2
 MANIFEST = "manifest.json"
 TRANSCRIPT = "transcript.json"
 TENSORS = "tensors.safetensors"
@@ -302,10 +306,10 @@ class SnapshotStore:
         if problem:
             raise CorruptSnapshot(f"snapshot {snapshot_id!r}: manifest.json {problem}; the snapshot is "
                                   "damaged, delete it", param="snapshot_id")
-        if manifest["schema_version"] > SCHEMA_VERSION:
+        if manifest["schema_version"] > READABLE_SCHEMA_VERSION:
             raise InvalidRequest(
                 f"snapshot {snapshot_id!r} has schema version {manifest['schema_version']}, newer than "
-                f"this spl understands ({SCHEMA_VERSION}); upgrade spl", param="snapshot_id")
+                f"this spl understands ({READABLE_SCHEMA_VERSION}); upgrade spl", param="snapshot_id")
         if manifest["id"] != snapshot_id:
             manifest = dict(manifest, id=snapshot_id)  # renamed by hand: the directory name wins
         return manifest
@@ -351,8 +355,13 @@ class SnapshotStore:
             check_model(manifest, model)
         _verify_files(directory, manifest, snapshot_id)
         try:
-            transcript = json.loads((directory / TRANSCRIPT).read_bytes())
-            tensors = tensorfile.read_safetensors(directory / TENSORS, device=device)
+            if journal.is_journal(manifest):  # a session's own state, in segments
+                transcript, tensors = journal.read(directory, manifest, snapshot_id, device=device)
+            else:
+                transcript = json.loads((directory / TRANSCRIPT).read_bytes())
+                tensors = tensorfile.read_safetensors(directory / TENSORS, device=device)
+        except CorruptSnapshot:
+            raise
         except FileNotFoundError:
             raise NotFound(f"snapshot {snapshot_id!r} was deleted while it was read",
                            param="snapshot_id") from None
@@ -365,12 +374,13 @@ class SnapshotStore:
         """Only ``transcript.json`` (hash-checked), without loading any tensor."""
         directory = self._dir(snapshot_id)
         manifest = self._load_manifest(directory, snapshot_id)
-        entry = manifest["files"].get(TRANSCRIPT)
+        name = manifest.get("meta", TRANSCRIPT) if journal.is_journal(manifest) else TRANSCRIPT
+        entry = manifest["files"].get(name)
         if entry is None:
-            raise CorruptSnapshot(f"snapshot {snapshot_id!r} has no transcript.json", param="snapshot_id")
-        _verify_files(directory, {"files": {TRANSCRIPT: entry}}, snapshot_id)
+            raise CorruptSnapshot(f"snapshot {snapshot_id!r} has no {name}", param="snapshot_id")
+        _verify_files(directory, {"files": {name: entry}}, snapshot_id)
         try:
-            return json.loads((directory / TRANSCRIPT).read_bytes())
+            return json.loads((directory / name).read_bytes())
         except Exception as exc:  # noqa: BLE001
             raise CorruptSnapshot(f"snapshot {snapshot_id!r}: transcript.json cannot be read: {exc}",
                                   param="snapshot_id") from None

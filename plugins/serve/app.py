@@ -243,7 +243,8 @@ def register_routes(app: FastAPI, rt: Runtime) -> None:  # noqa: C901 - one plac
     async def create_session(request: Request):
         body = parse_body(await read_body(request), CreateSession, allow_empty=True)
         rt.require_ready()
-        session = await worker.run(lambda j: _prepare(rt, rt.manager.create(body.session_id, body.max_seq_len)))
+        session = await worker.run(lambda j: _persisted(rt, _prepare(rt, rt.manager.create(
+            body.session_id, body.max_seq_len))))
         return JSONResponse(session.info(), status_code=201)
 
     @app.get("/v1/sessions")
@@ -282,7 +283,8 @@ def register_routes(app: FastAPI, rt: Runtime) -> None:  # noqa: C901 - one plac
         body = parse_body(await read_body(request), ForkSession, allow_empty=True)
         rt.require_ready()
         rt.manager.info(session_id)
-        session = await worker.run(lambda j: _prepare(rt, rt.manager.fork(session_id, body.new_session_id)))
+        session = await worker.run(lambda j: _persisted(rt, _prepare(rt, rt.manager.fork(
+            session_id, body.new_session_id))))
         return JSONResponse(session.info(), status_code=201)
 
     @app.post("/v1/sessions/{session_id}/rollback")
@@ -295,7 +297,9 @@ def register_routes(app: FastAPI, rt: Runtime) -> None:  # noqa: C901 - one plac
             n = body.n_messages
             if n < 0:  # drop the last -n messages
                 n = max(0, rt.manager.info(session_id)["message_count"] + n)
-            return rt.manager.rollback(session_id, n)
+            info = rt.manager.rollback(session_id, n)
+            rt.persist_session(session_id)
+            return info
 
         return await worker.run(run)
 
@@ -304,7 +308,12 @@ def register_routes(app: FastAPI, rt: Runtime) -> None:  # noqa: C901 - one plac
         body = parse_body(await read_body(request), ResizeSession)
         rt.require_ready()
         rt.manager.info(session_id)
-        return await worker.run(lambda j: rt.manager.resize(session_id, body.max_seq_len))
+        def run(job):
+            info = rt.manager.resize(session_id, body.max_seq_len)
+            rt.persist_session(session_id)
+            return info
+
+        return await worker.run(run)
 
     @app.post("/v1/sessions/{session_id}/save")
     async def save(session_id: str, request: Request):
@@ -369,8 +378,8 @@ def register_routes(app: FastAPI, rt: Runtime) -> None:  # noqa: C901 - one plac
         body = parse_body(await read_body(request), LoadSnapshot, allow_empty=True)
         rt.require_ready()
         await asyncio.to_thread(rt.store.get, snapshot_id)  # 404 before queueing
-        session = await worker.run(lambda j: _prepare(rt, rt.manager.load(
-            snapshot_id, session_id=body.session_id, force=body.force, max_seq_len=body.max_seq_len)))
+        session = await worker.run(lambda j: _persisted(rt, _prepare(rt, rt.manager.load(
+            snapshot_id, session_id=body.session_id, force=body.force, max_seq_len=body.max_seq_len))))
         return JSONResponse(session.info(), status_code=201)
 
     @app.get("/v1/snapshots/{snapshot_id}/export")
@@ -431,15 +440,20 @@ def _disk_transcript(rt: Runtime, session) -> list[dict]:
     snap = session.state_snapshot
     if not snap:
         return []
-    path = rt.store.root / snap / "transcript.json"
     try:
-        data = json.loads(path.read_text())
-    except (OSError, ValueError):
+        data = rt.store.read_transcript(snap)  # hash-checked; a session journal or a snapshot
+    except (OSError, ValueError, UserError):
         return []
     messages = data
     if isinstance(data, dict):
         messages = data.get("transcript", data.get("messages"))
     return messages if isinstance(messages, list) else []
+
+
+def _persisted(rt: Runtime, session):
+    """Make a new or changed session durable (its journal) before answering."""
+    rt.persist_session(session.id)
+    return session
 
 
 def _prepare(rt: Runtime, session):
@@ -452,9 +466,8 @@ def _prepare(rt: Runtime, session):
 
 # -- chat turns --------------------------------------------------------------------------
 def _chat_job(rt: Runtime, job, body: ChatCompletionRequest, messages: list[dict]) -> None:
-    """Runs on the worker: pick the conversation, apply the session rule, run the turn, emit events."""
-    from superlinear.engine import run_turn
-
+    """Runs on the worker: pick the conversation, apply the session rule, run the turn, emit events;
+    then (the response is out) persist the session's journal."""
     if job.cancelled():
         raise JobCancelled("client went away")
     queued_s = time.monotonic() - job.submitted
@@ -465,6 +478,16 @@ def _chat_job(rt: Runtime, job, body: ChatCompletionRequest, messages: list[dict
         except NotFound:
             session = rt.manager.create(body.session_id)  # first use of a session id creates it
         _prepare(rt, session)
+    try:
+        _run_chat(rt, job, body, messages, session, queued_s)
+    finally:
+        if session is not None:  # completed, cancelled or failed: the journal gets what changed
+            rt.persist_session(session.id)
+
+
+def _run_chat(rt: Runtime, job, body: ChatCompletionRequest, messages: list[dict], session, queued_s) -> None:
+    from superlinear.engine import run_turn
+
     lock = session.lock if session is not None else contextlib.nullcontext()
     with lock:
         if session is not None:

@@ -137,6 +137,19 @@ class Runtime:
         log.info("spl: stopped; %d session(s) saved", saved)
         return saved
 
+    def persist_session(self, session_id: str | None) -> None:
+        """Make a session durable after a turn or a change (worker thread, after the response
+        is produced): ``SessionManager.persist`` writes only what changed since its last
+        persist. A failure is logged; the turn or change itself stands (the next persist
+        retries)."""
+        if not session_id or self.manager is None:
+            return
+        try:
+            self.manager.persist(session_id)
+        except Exception as exc:  # noqa: BLE001 - durability must not fail a finished turn
+            if type(exc).__name__ != "NotFound":  # closed meanwhile
+                log.error("spl: could not persist session %s: %s", session_id, exc)
+
     # -- read-only views (safe off the worker) -------------------------------------------
     @property
     def model_name(self) -> str:

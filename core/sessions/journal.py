@@ -1,0 +1,325 @@
+"""Session journals: a session's own state on disk, written incrementally after every change.
+
+A journal is a snapshot directory of the store (``<root>/session-<id>/``, tag
+``spl:session-state``) whose KV cache is split into **segments** by position, so persisting a
+session after a turn writes only the rows appended since the last persist::
+
+    <root>/session-s1/
+      manifest.json                              schema_version 2, "format": "spl-journal",
+                                                 "generation", "segments", "meta", "state", files
+      seg-<start>-<end>-<rand>.safetensors       KV rows [start, end) of every attention layer
+                                                 (layers.<i>.key / .value [1, heads, end-start, dim])
+                                                 and conversation.token_ids [end-start] int64
+      state-<generation>-<rand>.safetensors      small: next-token logits, recurrent (Mamba) state,
+                                                 recurrent checkpoints of hybrids
+      meta-<generation>-<rand>.json              the conversation meta (transcript, boundaries, ...)
+
+Every file is listed in ``manifest["files"]`` with its size and SHA-256 (the store's usual
+check), and the segments cover ``[0, position)`` without gaps.
+
+A persist (``persist``): new files get fresh names, are written and fsynced, the directory is
+fsynced, then the manifest is written to a temporary file, fsynced and renamed over
+``manifest.json`` (atomic), the directory fsynced again, and only then the files the new
+manifest no longer lists are deleted. A crash at any point leaves the previous or the new
+manifest, each complete; files of a cut-short persist are not in any manifest and are removed
+by the next persist. A rollback below the persisted position drops the segments past it; the
+one it cuts is rewritten up to the current position. The first persist of a session (or one
+whose conversation was replaced, e.g. by a snapshot load) writes a whole journal through the
+store's atomic publish (temporary directory, rename). Past ``MAX_SEGMENTS`` segments the
+journal is rewritten as one segment.
+
+Reading (``read``) checks the model and every file's hash first (``CorruptSnapshot`` names the
+file), then assembles the same ``(meta, tensors)`` a single-file snapshot holds.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import secrets
+import shutil
+import weakref
+from pathlib import Path
+
+from superlinear.sessions import tensorfile
+
+FORMAT = "spl-journal"
+SCHEMA_VERSION = 2
+MAX_SEGMENTS = 256
+_KV_RE = re.compile(r"layers\.\d+\.(key|value)")
+_CKPT_RE = re.compile(r"recurrent\.(\d+)\.(.+)")  # state.py's recurrent.<position>.<name>
+IDS = "conversation.token_ids"
+
+
+class Tracker:
+    """What a session's journal on disk holds, to know what the next persist must write: the
+    conversation it mirrors (weakly), the token ids persisted, the conversation's edit counter
+    at that time, and the manifest written."""
+
+    def __init__(self, conv, snapshot_id: str, manifest: dict):
+        self.conv = weakref.ref(conv)
+        self.snapshot_id = snapshot_id
+        self.manifest = manifest
+        self.ids = list(getattr(conv, "_ids", []))
+        self.edit_seq = len(getattr(conv, "_edits", []) or [])
+        self.meta_bytes: bytes | None = None
+
+    @property
+    def position(self) -> int:
+        return int(self.manifest["session"]["position"])
+
+    def valid_prefix(self, conv) -> int:
+        """Rows of the persisted KV that are still what the cache holds: the common token prefix,
+        capped by the lowest position the cache was truncated to since (rows past it may have
+        been recomputed)."""
+        from superlinear.engine.conversation import _common_prefix
+
+        ids = getattr(conv, "_ids", None)
+        edits = getattr(conv, "_edits", None)
+        if ids is None or edits is None:
+            return 0
+        valid = _common_prefix(self.ids, ids)
+        since = edits[self.edit_seq:] if len(edits) >= self.edit_seq else [0]
+        if since:
+            valid = min(valid, min(since))
+        return max(0, min(valid, self.position))
+
+
+def meta_bytes(meta: dict) -> bytes:
+    return json.dumps(meta, ensure_ascii=False, separators=(",", ":")).encode()
+
+
+def split(meta: dict, tensors: dict) -> tuple[dict, object, dict, dict]:
+    """``export`` output -> (kv tensors, token ids tensor, small tensors, recurrent checkpoints
+    ``{position: {name: tensor}}``)."""
+    kv = {k: v for k, v in tensors.items() if _KV_RE.fullmatch(k)}
+    ids = tensors.get(IDS)
+    checkpoints: dict[int, dict] = {}
+    small = {}
+    for k, v in tensors.items():
+        if k in kv or k == IDS:
+            continue
+        m = _CKPT_RE.fullmatch(k)
+        if m:
+            checkpoints.setdefault(int(m.group(1)), {})[m.group(2)] = v
+        else:
+            small[k] = v
+    small.update({k: v[:, :, :0] for k, v in kv.items()})  # 0 rows: names, shapes, dtypes for reading
+    return kv, ids, small, checkpoints
+
+
+def _segment_tensors(kv: dict, ids, start: int, end: int) -> dict:
+    out = {name: t[:, :, start:end] for name, t in kv.items()}
+    if ids is not None:
+        out[IDS] = ids[start:end]
+    return out
+
+
+def _segment_name(start: int, end: int) -> str:
+    return f"seg-{start:010d}-{end:010d}-{secrets.token_hex(4)}.safetensors"
+
+
+def persist(store, *, snapshot_id: str, model, session: dict, created_at: str | None, conv, meta: dict,
+            tensors: dict, tracker: Tracker | None, tags: list[str], title: str) -> tuple[Tracker, int]:
+    """Bring the journal ``snapshot_id`` up to date with ``conv``; returns ``(tracker, bytes
+    written)``. ``tracker`` is the previous one (None: write a whole new journal)."""
+    from superlinear.sessions.snapshots import _now, _spl_version, model_identity
+
+    position = int(session["position"])
+    kv, ids, small, checkpoints = split(meta, tensors)
+    meta_json = meta_bytes(meta)
+    directory = store.root / snapshot_id
+    incremental = (tracker is not None and tracker.conv() is conv and tracker.snapshot_id == snapshot_id
+                   and (directory / "manifest.json").is_file()
+                   and len(tracker.manifest.get("segments", [])) < MAX_SEGMENTS)
+    if incremental:
+        valid = tracker.valid_prefix(conv)
+        if (valid == tracker.position == position and meta_json == tracker.meta_bytes
+                and tracker.manifest["session"] == session):
+            return tracker, 0  # nothing changed
+        old = tracker.manifest
+        keep = [s for s in old["segments"] if s["end"] <= valid]
+        start = keep[-1]["end"] if keep else 0
+        # a hybrid's recurrent checkpoint at p depends on the tokens before p only
+        kept_ckpts = {p: f for p, f in old.get("checkpoints", {}).items() if int(p) <= valid and int(p) in checkpoints}
+    else:
+        old, keep, start, kept_ckpts = None, [], 0, {}
+    generation = (old["generation"] + 1) if old else 1
+    now = _now()
+    manifest = {
+        "schema_version": SCHEMA_VERSION,
+        "format": FORMAT,
+        "id": snapshot_id,
+        "created_at": (old or {}).get("created_at") or created_at or now,
+        "updated_at": now,
+        "model": model_identity(model),
+        "session": dict(session),
+        "title": title,
+        "description": "",
+        "tags": list(tags),
+        "generation": generation,
+        "segments": [dict(s) for s in keep],
+        "checkpoints": dict(kept_ckpts),
+        "files": {f: old["files"][f] for f in [*(s["file"] for s in keep), *kept_ckpts.values()]} if old else {},
+        "spl_version": _spl_version(),
+    }
+    target = directory if incremental else store._make_tmp()
+    written = 0
+    try:
+        new_files = []
+        if position > start:
+            name = _segment_name(start, position)
+            entry = tensorfile.write_safetensors(target / name, _segment_tensors(kv, ids, start, position),
+                                                 metadata={"format": "spl-journal-segment",
+                                                           "start": start, "end": position})
+            manifest["segments"].append({"file": name, "start": start, "end": position})
+            manifest["files"][name] = entry
+            new_files.append(name)
+            written += entry["bytes"]
+        for p in sorted(checkpoints):
+            if str(p) in kept_ckpts:
+                continue
+            name = f"ckpt-{p:010d}-{secrets.token_hex(4)}.safetensors"
+            entry = tensorfile.write_safetensors(target / name, checkpoints[p],
+                                                 metadata={"format": "spl-journal-checkpoint", "position": p})
+            manifest["checkpoints"][str(p)] = name
+            manifest["files"][name] = entry
+            new_files.append(name)
+            written += entry["bytes"]
+        state_name = f"state-{generation:08d}-{secrets.token_hex(4)}.safetensors"
+        entry = tensorfile.write_safetensors(target / state_name, small, metadata={"format": "spl-journal-state"})
+        manifest["files"][state_name] = entry
+        manifest["state"] = state_name
+        meta_name = f"meta-{generation:08d}-{secrets.token_hex(4)}.json"
+        manifest["files"][meta_name] = tensorfile.write_bytes(target / meta_name, meta_json)
+        manifest["meta"] = meta_name
+        written += entry["bytes"] + len(meta_json)
+        new_files += [state_name, meta_name]
+        tensorfile.fsync_dir(target)
+        store._write_manifest(target, manifest)  # temp file, fsync, atomic rename
+        tensorfile.fsync_dir(target)
+        if incremental:
+            remove_orphans(target, manifest)
+        else:
+            store._publish(target, snapshot_id, replace=True)
+    except OSError as exc:
+        _undo(target, incremental, new_files)
+        from superlinear.sessions.snapshots import _disk_error
+
+        raise _disk_error(f"cannot persist session state {snapshot_id!r} in {store.root}", exc) from exc
+    except BaseException:
+        _undo(target, incremental, new_files if incremental else [])
+        raise
+    written += len(json.dumps(manifest, ensure_ascii=False, indent=2)) + 1
+    out = Tracker(conv, snapshot_id, manifest)
+    out.meta_bytes = meta_json
+    return out, written
+
+
+def _undo(target: Path, incremental: bool, new_files: list[str]) -> None:
+    if not incremental:
+        shutil.rmtree(target, ignore_errors=True)
+        return
+    try:  # only files the current manifest does not list (it may already be the new one)
+        listed = set(json.loads((target / "manifest.json").read_bytes()).get("files", {}))
+    except (OSError, ValueError):
+        return
+    for name in new_files:
+        if name not in listed:
+            (target / name).unlink(missing_ok=True)
+
+
+def remove_orphans(directory: Path, manifest: dict) -> list[str]:
+    """Delete files of the journal that its manifest does not list (left by a persist that was
+    cut short, or dropped by this one). Returns their names."""
+    keep = {"manifest.json", *manifest.get("files", {})}
+    removed = []
+    try:
+        entries = list(os.scandir(directory))
+    except OSError:
+        return removed
+    for entry in entries:
+        if entry.name not in keep and entry.is_file(follow_symlinks=False):
+            try:
+                os.unlink(entry.path)
+                removed.append(entry.name)
+            except OSError:
+                pass
+    if removed:
+        tensorfile.fsync_dir(directory)
+    return removed
+
+
+def is_journal(manifest: dict) -> bool:
+    return manifest.get("format") == FORMAT
+
+
+def manifest_problem(manifest: dict) -> str | None:
+    """Structural checks beyond the store's: segments, state and meta files listed and hashed,
+    segments contiguous over [0, position)."""
+    files = manifest.get("files", {})
+    segments = manifest.get("segments")
+    if not isinstance(segments, list) or not isinstance(manifest.get("generation"), int):
+        return "lacks valid 'segments' / 'generation'"
+    for key in ("state", "meta"):
+        if manifest.get(key) not in files:
+            return f"does not list its {key} file"
+    pos = 0
+    for seg in segments:
+        if not (isinstance(seg, dict) and seg.get("file") in files and isinstance(seg.get("start"), int)
+                and isinstance(seg.get("end"), int)):
+            return "has an invalid segment entry"
+        if seg["start"] != pos or seg["end"] <= seg["start"]:
+            return f"has segments that do not cover the positions contiguously (gap at {pos})"
+        pos = seg["end"]
+    if pos != int(manifest.get("session", {}).get("position", -1)):
+        return f"has segments ending at {pos}, not at the session's position"
+    ckpts = manifest.get("checkpoints", {})
+    if not isinstance(ckpts, dict) or any(not str(p).isdigit() or f not in files for p, f in ckpts.items()):
+        return "has an invalid checkpoint entry"
+    return None
+
+
+def read(directory: Path, manifest: dict, snapshot_id: str, device=None) -> tuple[object, dict]:
+    """``(meta, tensors)`` of a verified journal (the caller checked the hashes): KV rows of all
+    segments assembled into one tensor per layer (host memory: one copy of the KV)."""
+    import torch
+    from safetensors import safe_open
+
+    from superlinear.sessions.snapshots import CorruptSnapshot
+
+    problem = manifest_problem(manifest)
+    if problem:
+        raise CorruptSnapshot(f"session state {snapshot_id!r}: manifest.json {problem}; it cannot be "
+                              "loaded, close the session", param="snapshot_id")
+    meta = json.loads((directory / manifest["meta"]).read_bytes())
+    tensors = tensorfile.read_safetensors(directory / manifest["state"], device=device)
+    for p, name in manifest.get("checkpoints", {}).items():
+        for k, v in tensorfile.read_safetensors(directory / name, device=device).items():
+            tensors[f"recurrent.{int(p)}.{k}"] = v
+    position = int(manifest["session"]["position"])
+    templates = {k: v for k, v in tensors.items() if _KV_RE.fullmatch(k)}  # 0-row KV: names, shapes
+    kv = {k: torch.empty((*t.shape[:2], position, *t.shape[3:]), dtype=t.dtype, device="cpu")
+          for k, t in templates.items()}
+    ids = torch.empty(position, dtype=torch.int64)
+    for seg in manifest["segments"]:
+        a, b = seg["start"], seg["end"]
+        with safe_open(str(directory / seg["file"]), framework="pt", device="cpu") as f:
+            names = set(f.keys())
+            if names != set(kv) | {IDS}:
+                raise CorruptSnapshot(f"session state {snapshot_id!r}: segment {seg['file']} does not hold "
+                                      "the tensors of the journal's state", param="snapshot_id")
+            for name in names:
+                t = f.get_tensor(name)
+                rows = t.shape[0] if name == IDS else t.shape[2]
+                if rows != b - a:
+                    raise CorruptSnapshot(f"session state {snapshot_id!r}: {name} in {seg['file']} has "
+                                          f"{rows} rows, the manifest says {b - a}", param="snapshot_id")
+                if name == IDS:
+                    ids[a:b] = t
+                else:
+                    kv[name][:, :, a:b] = t
+    tensors.update(kv if device is None else {k: v.to(device) for k, v in kv.items()})
+    tensors[IDS] = ids
+    return meta, tensors
