@@ -10,10 +10,9 @@ import json
 import pytest
 import torch
 
-pytestmark = pytest.mark.gpu
-
-if not torch.cuda.is_available():  # pragma: no cover - CPU machines
-    pytest.skip("needs a CUDA GPU", allow_module_level=True)
+# Deselected by `make test` (-m "not gpu"); skipped with a reason if run on a CPU machine anyway.
+pytestmark = [pytest.mark.gpu,
+              pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")]
 
 SMALL_WINDOW = {"span_attention_sw_index": 7, "span_attention_num_spans": 3,
                 "span_attention_backward_factor": 3.0, "span_attention_forward_factor": 1.0,
