@@ -17,6 +17,6 @@ nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader
 python3 -c "import torch, triton, transformers; print('torch', torch.__version__, 'triton', triton.__version__,
 'transformers', transformers.__version__)"
 python3 scripts/random_default_model.py /tmp/smol-random --from .gpu || exit 1
-export SPL_GPU_TEST_MODEL=/tmp/smol-random SPL_GPU_LONG_TOKENS=${SPL_GPU_LONG_TOKENS:-1000000}
+export SPL_TEST_TOKENIZER_DIR=$PWD/.gpu SPL_GPU_TEST_MODEL=/tmp/smol-random SPL_GPU_LONG_TOKENS=${SPL_GPU_LONG_TOKENS:-1000000}
 # The files that hold GPU tests (the others need packages the device image lacks).
 timeout 540 python3 -m pytest -q -m gpu $(grep -l "mark.gpu" tests/test_*.py) -p no:cacheprovider --durations=15 -rs 2>&1 | tee "$OUT/gpu_tests.log"
