@@ -23,6 +23,9 @@ class ServeOptions:
     max_concurrency: int = 16
     memory_budget: int | None = None  # bytes
     device: str | None = None
+    # "turn": journal each session after every turn and change (a crash loses at most the turn
+    # in flight); "shutdown": only on clean shutdown and eviction (no per-turn disk writes).
+    persist: str = "turn"
 
     def url(self) -> str:
         host = "127.0.0.1" if self.host in ("0.0.0.0", "", "::") else self.host
@@ -42,6 +45,8 @@ class ServeOptions:
             args += ["--memory-budget", str(self.memory_budget)]
         if self.device:
             args += ["--device", self.device]
+        if self.persist != "turn":
+            args += ["--persist", self.persist]
         return args
 
     def as_dict(self) -> dict:
@@ -96,13 +101,17 @@ def server_options(func):
         click.option("--memory-budget", type=_Bytes(), default=None,
                      help="Memory all sessions may hold, e.g. 8GB (unlimited if unset)."),
         click.option("--device", default=None, help="cpu, cuda, cuda:1 ... (auto if unset)."),
+        click.option("--persist", type=click.Choice(["turn", "shutdown"]), default="turn", show_default=True,
+                     help="When sessions reach disk: after every turn (a crash loses at most the turn in "
+                          "flight; each persist writes only the new tokens' KV) or only on clean shutdown."),
     ]
 
     def wrapper(model, host, port, chunk_size, max_seq_len, api_key, max_concurrency, memory_budget,
-                device, **kwargs):
+                device, persist, **kwargs):
         options = ServeOptions(model=model, host=host, port=port, chunk_size=chunk_size,
                                max_seq_len=max_seq_len, api_key=api_key or None,
-                               max_concurrency=max_concurrency, memory_budget=memory_budget, device=device)
+                               max_concurrency=max_concurrency, memory_budget=memory_budget, device=device,
+                               persist=persist)
         return func(options=options, **kwargs)
 
     wrapper.__name__ = func.__name__

@@ -141,8 +141,9 @@ class Runtime:
         """Make a session durable after a turn or a change (worker thread, after the response
         is produced): ``SessionManager.persist`` writes only what changed since its last
         persist. A failure is logged; the turn or change itself stands (the next persist
-        retries)."""
-        if not session_id or self.manager is None:
+        retries). With ``--persist shutdown`` sessions reach disk only on clean shutdown
+        and eviction."""
+        if not session_id or self.manager is None or self.options.persist == "shutdown":
             return
         try:
             self.manager.persist(session_id)
