@@ -126,6 +126,43 @@ def _search_kernel(q1_ptr, k_ptr, pos_ptr, mask_ptr, st_ptr, offs_ptr, back_ptr,
 
 
 @triton.jit
+def _attend_key_range(q, kbase, vbase, mask_row, lo, hi, kmin, kmax, m_i, l_i, acc,
+                      sk_l, sv_l, d, dmask, SCALE,
+                      BLOCK_N: tl.constexpr, MASKED: tl.constexpr, IEEE: tl.constexpr):
+    """Online softmax of each query row over its own keys [lo, hi] (and the key mask), walking
+    the key blocks of [kmin, kmax] once for all rows on tensor cores: the inner loop of both
+    the span tiles and the sliding window. Returns the updated (max, sum, acc)."""
+    ninf = float("-inf")
+    start = (kmin // BLOCK_N) * BLOCK_N
+    for k0 in range(start, kmax + 1, BLOCK_N):
+        kn = k0 + tl.arange(0, BLOCK_N)
+        kvalid = kn <= kmax
+        kt = tl.load(kbase + kn[None, :] * sk_l + d[:, None], mask=kvalid[None, :] & dmask[:, None], other=0.0)
+        if IEEE:
+            s = tl.dot(q, kt, input_precision="ieee")
+        else:
+            s = tl.dot(q, kt)
+        s = s * SCALE
+        inside = (kn[None, :] >= lo[:, None]) & (kn[None, :] <= hi[:, None])
+        if MASKED:
+            km = tl.load(mask_row + kn, mask=kvalid, other=0) != 0
+            inside = inside & km[None, :]
+        s = tl.where(inside, s, ninf)
+        m_new = tl.maximum(m_i, tl.max(s, 1))
+        m_safe = tl.where(m_new == ninf, 0.0, m_new)
+        alpha = tl.exp(m_i - m_safe)
+        p = tl.exp(s - m_safe[:, None])
+        l_i = l_i * alpha + tl.sum(p, 1)
+        vt = tl.load(vbase + kn[:, None] * sv_l + d[None, :], mask=kvalid[:, None] & dmask[None, :], other=0.0)
+        if IEEE:
+            acc = acc * alpha[:, None] + tl.dot(p.to(vt.dtype), vt, input_precision="ieee")
+        else:
+            acc = acc * alpha[:, None] + tl.dot(p.to(vt.dtype), vt)
+        m_i = m_new
+    return m_i, l_i, acc
+
+
+@triton.jit
 def _span_kernel(q2_ptr, k_ptr, v_ptr, pos_ptr, mask_ptr, st_ptr, offs_ptr, back_ptr, fwd_ptr, sel_i_ptr,
                  order_ptr, tile_bucket_ptr, tile_first_ptr, tile_n_ptr,
                  span_m_ptr, span_l_ptr, span_acc_ptr,
@@ -169,32 +206,9 @@ def _span_kernel(q2_ptr, k_ptr, v_ptr, pos_ptr, mask_ptr, st_ptr, offs_ptr, back
     acc = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
     kbase = k_ptr + b * sk_b + hk * sk_h
     vbase = v_ptr + b * sv_b + hk * sv_h
-    start = (kmin // BLOCK_N) * BLOCK_N
-    for k0 in range(start, kmax + 1, BLOCK_N):
-        kn = k0 + tl.arange(0, BLOCK_N)
-        kvalid = kn <= kmax
-        kt = tl.load(kbase + kn[None, :] * sk_l + d[:, None], mask=kvalid[None, :] & dmask[:, None], other=0.0)
-        if IEEE:
-            s = tl.dot(q, kt, input_precision="ieee")
-        else:
-            s = tl.dot(q, kt)
-        s = s * SCALE
-        inside = (kn[None, :] >= lo[:, None]) & (kn[None, :] <= hi[:, None])
-        if MASKED:
-            km = tl.load(mask_ptr + b * sm_b + kn, mask=kvalid, other=0) != 0
-            inside = inside & km[None, :]
-        s = tl.where(inside, s, ninf)
-        m_new = tl.maximum(m_i, tl.max(s, 1))
-        m_safe = tl.where(m_new == ninf, 0.0, m_new)
-        alpha = tl.exp(m_i - m_safe)
-        p = tl.exp(s - m_safe[:, None])
-        l_i = l_i * alpha + tl.sum(p, 1)
-        vt = tl.load(vbase + kn[:, None] * sv_l + d[None, :], mask=kvalid[:, None] & dmask[None, :], other=0.0)
-        if IEEE:
-            acc = acc * alpha[:, None] + tl.dot(p.to(vt.dtype), vt, input_precision="ieee")
-        else:
-            acc = acc * alpha[:, None] + tl.dot(p.to(vt.dtype), vt)
-        m_i = m_new
+    m_i, l_i, acc = _attend_key_range(q, kbase, vbase, mask_ptr + b * sm_b, lo, hi, kmin, kmax,
+                                      m_i, l_i, acc, sk_l, sv_l, d, dmask, SCALE,
+                                      BLOCK_N, MASKED, IEEE)
     tl.store(span_m_ptr + e, m_i, mask=evalid)
     tl.store(span_l_ptr + e, l_i, mask=evalid)
     tl.store(span_acc_ptr + e[:, None] * BLOCK_D + d[None, :], acc, mask=evalid[:, None])
@@ -234,34 +248,9 @@ def _window_combine_kernel(q2_ptr, k_ptr, v_ptr, pos_ptr, mask_ptr,
         kmax = tl.max(w_hi, 0)
         kbase = k_ptr + b * sk_b + hk * sk_h
         vbase = v_ptr + b * sv_b + hk * sv_h
-        start = (kmin // BLOCK_N) * BLOCK_N
-        for k0 in range(start, kmax + 1, BLOCK_N):
-            kn = k0 + tl.arange(0, BLOCK_N)
-            kvalid = kn <= kmax
-            kt = tl.load(kbase + kn[None, :] * sk_l + d[:, None], mask=kvalid[None, :] & dmask[:, None],
-                         other=0.0)
-            if IEEE:
-                s = tl.dot(q, kt, input_precision="ieee")
-            else:
-                s = tl.dot(q, kt)
-            s = s * SCALE
-            inside = (kn[None, :] >= w_lo[:, None]) & (kn[None, :] <= w_hi[:, None])
-            if MASKED:
-                km = tl.load(mask_ptr + b * sm_b + kn, mask=kvalid, other=0) != 0
-                inside = inside & km[None, :]
-            s = tl.where(inside, s, ninf)
-            m_new = tl.maximum(m_w, tl.max(s, 1))
-            m_safe = tl.where(m_new == ninf, 0.0, m_new)
-            alpha = tl.exp(m_w - m_safe)
-            p = tl.exp(s - m_safe[:, None])
-            l_w = l_w * alpha + tl.sum(p, 1)
-            vt = tl.load(vbase + kn[:, None] * sv_l + d[None, :], mask=kvalid[:, None] & dmask[None, :],
-                         other=0.0)
-            if IEEE:
-                acc_w = acc_w * alpha[:, None] + tl.dot(p.to(vt.dtype), vt, input_precision="ieee")
-            else:
-                acc_w = acc_w * alpha[:, None] + tl.dot(p.to(vt.dtype), vt)
-            m_w = m_new
+        m_w, l_w, acc_w = _attend_key_range(q, kbase, vbase, mask_ptr + b * sm_b, w_lo, w_hi, kmin, kmax,
+                                            m_w, l_w, acc_w, sk_l, sv_l, d, dmask, SCALE,
+                                            BLOCK_N, MASKED, IEEE)
     # gate: softmax over the slots' scores (-1e9 for unselected slots)
     base = ((b * HQ + h) * LQ + row) * NUM_SPANS
     gmax = tl.full([BLOCK_M], ninf, tl.float32)
