@@ -361,10 +361,7 @@ class SessionManager:
         session = self._lookup(session_id)
         if not session.resident:
             with session.lock:
-                if session.closed:
-                    raise NotFound(f"session {session_id!r} was closed", param="session_id")
-                if not session.resident:
-                    self._reload(session)
+                self._make_resident(session)
         session.touch()
         return session
 
@@ -378,13 +375,17 @@ class SessionManager:
         """
         session = self._lookup(session_id)
         with session.lock:
-            if session.closed:
-                raise NotFound(f"session {session_id!r} was closed", param="session_id")
-            if not session.resident:
-                self._reload(session)
+            self._make_resident(session)
             session.touch()
             yield session
             session.touch()
+
+    def _make_resident(self, session: Session) -> None:
+        """Load the session's state back if it is on disk (the caller holds its lock)."""
+        if session.closed:
+            raise NotFound(f"session {session.id!r} was closed", param="session_id")
+        if not session.resident:
+            self._reload(session)
 
     def _reload(self, session: Session) -> None:
         sid = session.state_snapshot

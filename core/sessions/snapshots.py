@@ -33,6 +33,7 @@ import threading
 from pathlib import Path
 
 from superlinear.errors import Conflict, InvalidRequest, NotFound, Unavailable
+from superlinear.process import pid_alive
 from superlinear.sessions import journal, tensorfile
 from superlinear.sessions.ids import new_id, validate_id
 
@@ -66,19 +67,6 @@ class ModelMismatch(Conflict):
 def _now() -> str:
     return _dt.datetime.now(_dt.UTC).isoformat(timespec="milliseconds").replace("+00:00", "Z")
 
-
-def _pid_alive(pid: int) -> bool:
-    if pid <= 0:
-        return False
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    except OSError:
-        return False
-    return True
 
 
 def model_identity(model) -> dict:
@@ -178,7 +166,7 @@ class SnapshotStore:
             parts = name[1:].split(".", 3)
             if len(parts) < 3 or parts[0] not in ("tmp", "del", "old") or not parts[1].isdigit():
                 continue
-            if _pid_alive(int(parts[1])):
+            if pid_alive(int(parts[1])):
                 continue  # its writer (maybe this process) may still be at work
             if parts[0] == "old" and len(parts) == 4:
                 target = self.root / parts[3]

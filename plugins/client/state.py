@@ -12,6 +12,7 @@ import json
 import os
 from pathlib import Path
 
+from superlinear import process
 from superlinear.paths import state_dir
 
 
@@ -82,14 +83,8 @@ def clear_connected() -> None:
 
 
 def pid_alive(pid: int | None) -> bool:
-    if not pid:
+    if not process.pid_alive(pid):
         return False
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
     # A zombie child of ours counts as gone.
     try:
         waited, _ = os.waitpid(pid, os.WNOHANG)
