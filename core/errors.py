@@ -67,6 +67,14 @@ class Busy(UserError):
     code = "server_busy"
 
 
+class OverBudget(Busy):
+    """The sessions' memory budget is spent. 429, not 507: the server is healthy and the request
+    is fine; it can succeed once sessions are closed, saved or evicted (a 5xx would make load
+    balancers and retry logic treat the server as failing)."""
+
+    code = "memory_budget_exceeded"
+
+
 class Unavailable(UserError):
     """A dependency (server, model hub) cannot be reached."""
 

@@ -23,7 +23,7 @@ from pathlib import Path
 import click
 
 from superlinear.bus import Command, Context, dispatch
-from superlinear.errors import InvalidRequest, NotFound
+from superlinear.errors import InvalidRequest, NotFound, UserError
 from superlinear.hookspecs import hookimpl
 
 __all__ = [
@@ -303,8 +303,15 @@ def snapshot_export(cmd: SnapshotExport, ctx: Context) -> dict:
 
 
 def snapshot_import(cmd: SnapshotImport, ctx: Context) -> dict:
-    return _client(ctx).import_snapshot(_need(cmd.path, "file"), snapshot_id=cmd.snapshot_id,
-                                        replace=cmd.replace)
+    from superlinear.sessions.snapshots import UPLOAD_NAME
+
+    path = _need(cmd.path, "file")
+    try:
+        return _client(ctx).import_snapshot(path, snapshot_id=cmd.snapshot_id, replace=cmd.replace)
+    except UserError as exc:  # the server only knows "the uploaded file": name the user's file
+        if UPLOAD_NAME not in exc.message:
+            raise
+        raise type(exc)(exc.message.replace(UPLOAD_NAME, path), param=exc.param, code=exc.code) from None
 
 
 HANDLERS = {

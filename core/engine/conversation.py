@@ -100,6 +100,9 @@ class Conversation:
         self._states: dict[int, dict] = {}  # position -> recurrent state (hybrids)
         self._edits: list[int] = []  # positions the cache was truncated to (checkpoint validity)
         self._tok_memo = None  # (text, ids, starts, ends, special token indices) of a long render
+        # Asked before the cache grows (``reserve(conv, position)``, may raise) and for how many
+        # tokens a generation may still add (``room(conv)``); the session manager's budget.
+        self.memory = None
         if self.hybrid and self.cache.position == 0:
             self._states[0] = self.cache.recurrent_state()
 
@@ -218,6 +221,8 @@ class Conversation:
             raise TooLarge(f"the conversation needs {self.position + len(ids)} tokens but its cache holds "
                            f"at most {self.max_seq_len}; resize the session (spl session resize) or start "
                            f"one with a larger --max-seq-len")
+        if self.memory is not None:
+            self.memory.reserve(self, self.position + len(ids))
         base, end_all = self.position, self.position + len(ids)
         cuts = [end_all]
         if self.hybrid:
@@ -305,6 +310,7 @@ class Conversation:
         other.boundaries = list(self.boundaries)
         other._states = dict(self._states)
         other._edits = []
+        other.memory = None  # the new owner (a session) installs its own
         return other
 
     def resize(self, max_seq_len: int) -> None:
@@ -328,7 +334,11 @@ class Conversation:
             del self._ids[cp.position:]
             self._logits = cp.logits
         else:  # the cache was rewritten below the checkpoint: prefill back to it
-            self.sync_tokens(cp.ids)
+            guard, self.memory = self.memory, None  # going back to a size it had: never refused
+            try:
+                self.sync_tokens(cp.ids)
+            finally:
+                self.memory = guard
             if cp.logits is not None:
                 self._logits = cp.logits
         self._states = {**{p: s for p, s in self._states.items() if p <= cp.position}, **cp.states}

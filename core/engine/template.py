@@ -9,6 +9,11 @@ to templates that handle it and written as ``<think>…</think>`` before the con
 
 from __future__ import annotations
 
+from jinja2 import TemplateError
+
+from superlinear.errors import InvalidRequest
+
+from .limits import check_template_kwargs
 from .text import THINK_CLOSE, THINK_OPEN
 from .tools import arguments_as_objects, hermes_render_calls, hermes_tools_system_prompt
 
@@ -75,12 +80,20 @@ class ChatTemplate:
 
     def render(self, messages: list[dict], tools: list[dict] | None = None,
                add_generation_prompt: bool = False, kwargs: dict | None = None) -> str:
+        check_template_kwargs(kwargs)
         prepared = self.prepare(messages, tools)
         extra = dict(kwargs or {})
         if tools and self.supports_tools:
             extra["tools"] = tools
-        return self.tokenizer.apply_chat_template(
-            prepared, tokenize=False, add_generation_prompt=add_generation_prompt, **extra)
+        try:
+            return self.tokenizer.apply_chat_template(
+                prepared, tokenize=False, add_generation_prompt=add_generation_prompt, **extra)
+        except (TemplateError, TypeError, ValueError, KeyError, IndexError, AttributeError) as exc:
+            # The template runs on request data (messages, tools, chat_template_kwargs): what it
+            # cannot render is a bad request, e.g. a template's raise_exception("roles must alternate").
+            reason = str(exc).splitlines()[0][:300] if str(exc) else type(exc).__name__
+            raise InvalidRequest(f"the chat template cannot render this request: {reason}",
+                                 param="messages") from exc
 
     def forced_tool_prefix(self, tool_choice) -> str:
         """Text that starts the answer when a tool call is required (tool_choice "required" or a

@@ -11,9 +11,10 @@ import threading
 import time
 from collections.abc import AsyncIterator, Iterator
 
-from superlinear.errors import InvalidRequest, TooLarge
+from superlinear.errors import InvalidRequest, OverBudget, TooLarge
 
 from .conversation import Conversation
+from .limits import check_request
 from .repetition import RepetitionDetector
 from .sampling import Sampler
 from .text import THINK_CLOSE, IncrementalDetokenizer, StopCutter, ThinkSplitter, find_first, partial_marker_start
@@ -75,6 +76,7 @@ def run_turn(conversation: Conversation, request: ChatRequest,
     On success the conversation holds messages + the assistant message (as yielded in ``Done``);
     on cancellation or an error it is restored to exactly what it was before.
     """
+    check_request(request)
     cp = conversation.checkpoint()
     try:
         yield from _turn(conversation, request, cancel or threading.Event(), cp)
@@ -114,8 +116,13 @@ def _turn(conv: Conversation, req: ChatRequest, cancel: threading.Event, cp) -> 
     budget = req.reasoning_budget
     max_tokens = sp.max_tokens if sp.max_tokens is not None else conv.max_seq_len
     # Generation stops this many tokens before the cache is full: the end-of-turn tokens of the
-    # stored message must still fit.
+    # stored message must still fit. Under a memory budget it stops where the budget ends.
     limit = conv.max_seq_len - END_OF_TURN_ROOM
+    room = conv.memory.room(conv) if conv.memory is not None else None
+    budget_limit = conv.position + room - END_OF_TURN_ROOM if room is not None else limit
+    length_reason = "length"
+    if budget_limit < limit:
+        limit, length_reason = budget_limit, "memory"
     completion, reasoning_tokens, finish = 0, 0, None
     t_decode = time.perf_counter()
 
@@ -137,7 +144,7 @@ def _turn(conv: Conversation, req: ChatRequest, cancel: threading.Event, cp) -> 
             if cancel.is_set():
                 raise _Cancelled
             if completion >= max_tokens or conv.position >= limit:
-                finish = "length"
+                finish = "length" if completion >= max_tokens else length_reason
                 break
             t = sampler(logits)
             if t in stop_ids:
@@ -153,7 +160,7 @@ def _turn(conv: Conversation, req: ChatRequest, cancel: threading.Event, cp) -> 
                 finish = "repetition"
                 break
             if completion >= max_tokens or conv.position + 1 >= limit:
-                finish = "length"
+                finish = "length" if completion >= max_tokens else length_reason
                 break
             logits = conv.step(t)
             if was_reasoning and pipe.think.in_reasoning:
@@ -162,7 +169,7 @@ def _turn(conv: Conversation, req: ChatRequest, cancel: threading.Event, cp) -> 
                     # Budget spent: close the block ourselves; the answer follows.
                     ids = tok.encode("\n" + THINK_CLOSE + "\n\n", add_special_tokens=False)
                     if conv.position + len(ids) >= limit:
-                        finish = "length"
+                        finish = length_reason
                         break
                     logits = conv.extend_tokens(ids)
                     completion += len(ids)
@@ -205,7 +212,7 @@ def _turn(conv: Conversation, req: ChatRequest, cancel: threading.Event, cp) -> 
     # they match that rendering, the end-of-turn tokens are appended.
     try:
         conv.sync(req.messages + [message], tools=tools, template_kwargs=kwargs)
-    except TooLarge:  # the rendering does not fit: keep the generated tokens, the next sync trims
+    except (TooLarge, OverBudget):  # the rendering does not fit: keep the generated tokens, the next sync trims
         conv.set_transcript(req.messages + [message], prompt.boundaries + [None], tools, kwargs)
     usage = {"prompt_tokens": len(prompt.ids), "completion_tokens": completion,
              "total_tokens": len(prompt.ids) + completion, "cached_tokens": stats.cached_tokens,

@@ -5,7 +5,8 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any
 
-FINISH_REASONS = ("stop", "length", "tool_calls", "repetition", "cancelled")
+# "memory": the session's memory budget ended the generation (the server answers "length").
+FINISH_REASONS = ("stop", "length", "tool_calls", "repetition", "cancelled", "memory")
 
 
 @dataclass

@@ -205,9 +205,9 @@ def persist(store, *, snapshot_id: str, model, session: dict, created_at: str | 
             store._publish(target, snapshot_id, replace=True)
     except OSError as exc:
         _undo(target, incremental, new_files)
-        from superlinear.sessions.snapshots import _disk_error
+        from superlinear.sessions.snapshots import disk_error
 
-        raise _disk_error(f"cannot persist session state {snapshot_id!r} in {store.root}", exc) from exc
+        raise disk_error(f"cannot persist session state {snapshot_id!r} in {store.root}", exc) from exc
     except BaseException:
         _undo(target, incremental, new_files if incremental else [])
         raise

@@ -25,15 +25,16 @@ import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 
-from superlinear.errors import Busy, Conflict, InvalidRequest, NotFound, TooLarge
+from superlinear.errors import Conflict, InvalidRequest, NotFound, OverBudget, TooLarge, UserError
 from superlinear.sessions import journal as _journal
 from superlinear.sessions import state as _state
+from superlinear.sessions.budget import SESSION_OVERHEAD_BYTES, CacheSizes, SessionMemory, fmt_bytes
 from superlinear.sessions.ids import new_id, validate_id
-from superlinear.sessions.snapshots import CorruptSnapshot, SnapshotStore, check_model
+from superlinear.sessions.memory import default_budget
+from superlinear.sessions.snapshots import SESSION_STATE_TAG, CorruptSnapshot, SnapshotStore, check_model
 
 log = logging.getLogger(__name__)
 
-SESSION_STATE_TAG = "spl:session-state"
 DEFAULT_MAX_SEQ_LEN = 8192
 
 
@@ -70,8 +71,10 @@ class Session:
     """One conversation kept alive. ``conversation`` is ``None`` while the state lives on disk
     (evicted, or listed again after a restart); ``SessionManager.get`` loads it back."""
 
-    def __init__(self, session_id: str, conversation, *, max_seq_len: int, created_at: float | None = None):
+    def __init__(self, session_id: str, conversation, *, max_seq_len: int, created_at: float | None = None,
+                 manager: SessionManager | None = None):
         self.id = session_id
+        self._manager = manager
         self.conversation = conversation
         self.lock = SessionLock()
         self.created_at = created_at if created_at is not None else time.time()
@@ -81,7 +84,19 @@ class Session:
         self._disk_info: dict = {}  # position / message_count of the state on disk
         self._journal: _journal.Tracker | None = None  # what the journal on disk holds (resident)
         self.last_persist_bytes = 0  # bytes the last persist wrote
+        self.persist_error: str | None = None  # why the last persist failed (None: it did not)
         self.closed = False
+
+    @property
+    def conversation(self):
+        return self._conversation
+
+    @conversation.setter
+    def conversation(self, conv) -> None:
+        """Every conversation a session holds asks the manager's budget before its cache grows."""
+        self._conversation = conv
+        if conv is not None and self._manager is not None:
+            conv.memory = SessionMemory(self._manager, self)
 
     @property
     def resident(self) -> bool:
@@ -116,7 +131,10 @@ class Session:
 
     def nbytes(self) -> int:
         """Bytes of memory (device and host) this session holds now; 0 while on disk."""
-        return _state.nbytes(self.conversation) if self.conversation is not None else 0
+        if self.conversation is None:
+            return 0
+        overhead = self._manager.sizes.overhead if self._manager is not None else SESSION_OVERHEAD_BYTES
+        return _state.nbytes(self.conversation) + overhead
 
     def touch(self) -> None:
         self.last_used = time.time()
@@ -132,6 +150,7 @@ class Session:
             "busy": self.lock.locked(),
             "state_snapshot": self.state_snapshot,
             "persisted_position": self.persisted_position,
+            "persist_error": self.persist_error,
             "created_at": self.created_at,
             "last_used": self.last_used,
         }
@@ -149,82 +168,90 @@ def state_snapshot_id(session_id: str) -> str:
 
 
 class SessionManager:
-    def __init__(self, model, snapshot_store: SnapshotStore | None = None, memory_budget: int | None = None,
+    """``memory_budget``: bytes all resident sessions may hold together; ``"auto"`` (the
+    default) is a fraction of the device's free memory measured now (``memory.default_budget``),
+    ``None`` no limit. ``default_max_seq_len`` defaults to 8192, or less when the budget cannot
+    hold a full cache of that length."""
+
+    def __init__(self, model, snapshot_store: SnapshotStore | None = None, memory_budget: int | str | None = "auto",
                  evict_to_disk: bool = False, default_max_seq_len: int | None = None,
                  chunk_size: int | None = None):
         self.model = model
         self.chunk_size = chunk_size
         self.store = snapshot_store if snapshot_store is not None else SnapshotStore()
+        if memory_budget == "auto":
+            memory_budget = default_budget(getattr(model, "device", "cpu"))
         self.memory_budget = int(memory_budget) if memory_budget else None
         self.evict_to_disk = evict_to_disk
-        limit = _state.model_max_seq_len(model)
-        self.default_max_seq_len = default_max_seq_len or min(DEFAULT_MAX_SEQ_LEN, limit or DEFAULT_MAX_SEQ_LEN)
+        self.sizes = CacheSizes(model)
+        longest = self.max_seq_len_limit()
+        if default_max_seq_len is None:
+            default_max_seq_len = min(DEFAULT_MAX_SEQ_LEN, longest)
+            if default_max_seq_len < 1:
+                raise TooLarge(f"the memory budget ({fmt_bytes(self.memory_budget or 0)}) cannot hold a "
+                               "session of even one token; raise --memory-budget")
+        self.sizes.check_len(default_max_seq_len, self.memory_budget)
+        self.default_max_seq_len = default_max_seq_len
         self._sessions: dict[str, Session] = {}
         self._lock = threading.RLock()
         # Held from the budget check to the end of the allocation, so two threads cannot both
         # pass the check and together overshoot the budget. Never waits for a session lock.
         self._alloc_lock = threading.RLock()
-        self._size_probe: tuple[int, int] | None = None  # (fixed bytes, bytes per token)
 
     # ------------------------------------------------------------------ memory
     def estimate_bytes(self, max_seq_len: int) -> int:
-        """Bytes a fresh session of ``max_seq_len`` holds (measured on two tiny caches, once)."""
-        exact = getattr(self.model, "cache_nbytes", None)
-        if callable(exact):
-            return int(exact(max_seq_len))
-        layout = getattr(self.model, "layout", None)
-        if hasattr(layout, "kv_bytes_per_token") and hasattr(layout, "recurrent_bytes"):
-            return (layout.kv_bytes_per_token(self.model.dtype) * int(max_seq_len)
-                    + layout.recurrent_bytes(self.model.dtype))
-        if self._size_probe is None:
-            a = _state.cache_nbytes(self.model.new_cache(16))
-            b = _state.cache_nbytes(self.model.new_cache(32))
-            per_token = max(0, (b - a) // 16)
-            self._size_probe = (max(0, a - 16 * per_token), per_token)
-        fixed, per_token = self._size_probe
-        return fixed + per_token * int(max_seq_len)
+        """Bytes a fresh session of ``max_seq_len`` holds (the cache as allocated when created)."""
+        return self.sizes.fresh(max_seq_len)
+
+    def max_seq_len_limit(self) -> int:
+        """The longest max_seq_len a session may have (the model's limit, a full cache within the budget)."""
+        return self.sizes.max_seq_len_for(self.memory_budget)
 
     def bytes_in_use(self) -> int:
         with self._lock:
             return sum(s.nbytes() for s in self._sessions.values())
 
-    def _reserve(self, need: int, *, exclude: Session | None = None, what: str) -> None:
+    def free_bytes(self) -> int | None:
+        """Budget not held by any session (None: no budget)."""
+        if self.memory_budget is None:
+            return None
+        return self.memory_budget - self.bytes_in_use()
+
+    def reserve(self, need: int, *, exclude: Session | None = None, what: str) -> None:
         """Make room for ``need`` more bytes under the budget: evict idle sessions to disk (if
-        allowed) or raise. ``exclude`` is never evicted (the session being worked on)."""
+        allowed) or raise ``OverBudget`` (429); ``TooLarge`` (413) if the budget could never
+        hold it. ``exclude`` is never evicted (the session being worked on)."""
         if self.memory_budget is None or need <= 0:
             return
-        if need > self.memory_budget:
+        held = exclude.nbytes() if exclude is not None else 0
+        if need + held > self.memory_budget:
             raise TooLarge(
-                f"{what} needs {_fmt(need)}, more than the whole session memory budget "
-                f"({_fmt(self.memory_budget)}); ask for a smaller max_seq_len or raise the budget",
+                f"{what} needs {fmt_bytes(need)}, more than the whole session memory budget "
+                f"({fmt_bytes(self.memory_budget)}) allows{' next to what it holds' if held else ''}; "
+                "ask for a smaller max_seq_len or start the server with a larger --memory-budget",
                 param="max_seq_len")
+        failed: set[str] = set()
         while True:
             with self._lock:
                 used = sum(s.nbytes() for s in self._sessions.values())
                 if used + need <= self.memory_budget:
                     return
                 victims = sorted((s for s in self._sessions.values()
-                                  if s.resident and s is not exclude and not s.lock.locked()),
-                                 key=lambda s: s.last_used)
-            if self.evict_to_disk and not victims:
-                raise Busy(
-                    f"{what} needs {_fmt(need)} but sessions hold {_fmt(used)} of the "
-                    f"{_fmt(self.memory_budget)} budget and every other session is busy; try again "
-                    "shortly", param="max_seq_len")
-            if not self.evict_to_disk:
-                raise Busy(
-                    f"{what} needs {_fmt(need)} but sessions already hold {_fmt(used)} of the "
-                    f"{_fmt(self.memory_budget)} budget; close or save idle sessions, ask for a "
-                    "smaller max_seq_len, or start the server with eviction to disk",
-                    param="max_seq_len")
-            evicted = False
-            for victim in victims:
-                if self._evict(victim):
-                    evicted = True
-                    break
-            if not evicted:
-                raise Busy(f"{what} needs {_fmt(need)}; every other session is busy, try again shortly",
-                           param="max_seq_len")
+                                  if s.resident and s is not exclude and not s.lock.locked()
+                                  and s.id not in failed), key=lambda s: s.last_used)
+            hint = ("every other session is busy; try again shortly" if self.evict_to_disk else
+                    "close or save idle sessions, or ask for a smaller max_seq_len")
+            if not self.evict_to_disk or not victims:
+                raise OverBudget(
+                    f"{what} needs {fmt_bytes(need)} but sessions already hold {fmt_bytes(used)} of the "
+                    f"{fmt_bytes(self.memory_budget)} session memory budget; {hint}", param="max_seq_len")
+            victim = victims[0]
+            try:
+                if not self._evict(victim):
+                    failed.add(victim.id)
+            except (UserError, OSError) as exc:  # cannot write it out (disk full): keep it, try another
+                log.warning("could not evict session %s: %s", victim.id, exc)
+                failed.add(victim.id)
 
     def _evict(self, session: Session) -> bool:
         """Snapshot an idle session to disk and free its memory. False if it became busy."""
@@ -233,7 +260,7 @@ class SessionManager:
         try:
             if session.lock._depth > 1 or not session.resident or session.closed:
                 return False
-            self._write_state(session)
+            self._persist_locked(session)
             session.conversation = None
             log.info("session %s evicted to snapshot %s", session.id, session.state_snapshot)
             _state.free_memory()
@@ -285,37 +312,31 @@ class SessionManager:
     def _new_conversation(self, max_seq_len: int, *, exclude: Session | None = None, what: str):
         self._check_len(max_seq_len)
         with self._alloc_lock:
-            self._reserve(self.estimate_bytes(max_seq_len), exclude=exclude, what=what)
+            self.reserve(self.estimate_bytes(max_seq_len), exclude=exclude, what=what)
             return _state.allocate(
                 lambda: _state.new_conversation(self.model, max_seq_len, self.chunk_size), max_seq_len)
 
     def _check_len(self, max_seq_len) -> None:
-        if not isinstance(max_seq_len, int) or isinstance(max_seq_len, bool) or max_seq_len < 1:
-            raise InvalidRequest(f"max_seq_len must be a positive integer, got {max_seq_len!r}",
-                                 param="max_seq_len")
-        limit = _state.model_max_seq_len(self.model)
-        if limit and max_seq_len > limit:
-            raise TooLarge(f"max_seq_len {max_seq_len} is more than the model supports ({limit})",
-                           param="max_seq_len")
+        """A max_seq_len the model supports and the budget can hold once full (else 400 / 413)."""
+        self.sizes.check_len(max_seq_len, self.memory_budget)
 
     def _conversation_from_snapshot(self, snapshot_id: str, max_seq_len: int | None, *,
                                     exclude: Session | None, what: str):
         manifest = self.store.get(snapshot_id)
         check_model(manifest, self.model)
         position = int(manifest["session"]["position"])
-        if max_seq_len is None:
-            max_seq_len = int(manifest["session"]["max_seq_len"])
+        if max_seq_len is None:  # as saved, or as long as this server allows (if it still holds the tokens)
+            max_seq_len = max(position, min(int(manifest["session"]["max_seq_len"]), self.max_seq_len_limit()))
         self._check_len(max_seq_len)
         if max_seq_len < position:
             raise InvalidRequest(
                 f"max_seq_len {max_seq_len} is smaller than snapshot {snapshot_id!r}'s position "
                 f"({position} tokens); use at least {position}", param="max_seq_len")
-        need = self.estimate_bytes(max_seq_len)
-        if self.memory_budget is not None and need > self.memory_budget:
-            self._reserve(need, exclude=exclude, what=what)  # raises TooLarge before any reading
+        need = self.sizes.holding(max_seq_len, position)
+        self.reserve(need, exclude=exclude, what=what)  # before reading: refuse early what cannot fit
         manifest, transcript, tensors = self.store.read(snapshot_id, model=self.model)  # hashes checked
         with self._alloc_lock:
-            self._reserve(need, exclude=exclude, what=what)
+            self.reserve(need, exclude=exclude, what=what)
             conv = _state.allocate(
                 lambda: _state.restore(self.model, transcript, tensors, position=position,
                                        max_seq_len=max_seq_len, chunk_size=self.chunk_size),
@@ -353,7 +374,7 @@ class SessionManager:
         sid = self._new_session_id(session_id)
         max_seq_len = self.default_max_seq_len if max_seq_len is None else max_seq_len
         conv = self._new_conversation(max_seq_len, what=f"session {sid!r} (max_seq_len {max_seq_len})")
-        return self._register(Session(sid, conv, max_seq_len=max_seq_len))
+        return self._register(Session(sid, conv, max_seq_len=max_seq_len, manager=self))
 
     def get(self, session_id: str) -> Session:
         """The session, with its state in memory (loaded back from disk if it was evicted or
@@ -404,6 +425,14 @@ class SessionManager:
         # The state snapshot stays: it is the session's durable copy (what a restart after a
         # crash finds), rewritten by the next eviction / persist, deleted by close.
         log.info("session %s reloaded from snapshot %s", session.id, sid)
+
+    def state_owner(self, snapshot_id: str) -> str | None:
+        """The id of the open session whose own state (journal) ``snapshot_id`` is, if any."""
+        with self._lock:
+            for session in self._sessions.values():
+                if session.state_snapshot == snapshot_id:
+                    return session.id
+        return None
 
     def __contains__(self, session_id: str) -> bool:
         with self._lock:
@@ -465,10 +494,11 @@ class SessionManager:
                                      f"({source.position})", param="max_seq_len")
             self._check_len(need)
             with self._alloc_lock:
-                self._reserve(self.estimate_bytes(need), exclude=source, what=f"forking {session_id!r}")
+                self.reserve(self.sizes.holding(need, source.position), exclude=source,
+                             what=f"forking {session_id!r}")
                 conv = _state.allocate(lambda: _state.fork(source.conversation, max_seq_len), need)
             source.touch()
-        return self._register(Session(nid, conv, max_seq_len=need))
+        return self._register(Session(nid, conv, max_seq_len=need, manager=self))
 
     def rollback(self, session_id: str, n_messages: int) -> dict:
         """Keep the first ``n_messages`` messages (cache truncated / recurrent state restored
@@ -504,9 +534,9 @@ class SessionManager:
                     f"{position}; roll back first or pick at least {position}", param="max_seq_len")
             old = _state.max_seq_len(conv)
             if max_seq_len != old:
-                grow = self.estimate_bytes(max_seq_len) - self.estimate_bytes(old)
+                grow = self.sizes.holding(max_seq_len, position) - self.sizes.holding(old, position)
                 with self._alloc_lock:
-                    self._reserve(grow, exclude=session, what=f"resizing {session_id!r} to {max_seq_len}")
+                    self.reserve(grow, exclude=session, what=f"resizing {session_id!r} to {max_seq_len}")
                     _state.allocate(lambda: _state.resize(conv, max_seq_len), max_seq_len)
                 session._max_seq_len = max_seq_len
                 _state.free_memory()
@@ -549,26 +579,18 @@ class SessionManager:
             sid = self._new_session_id(session_id)
             _, conv = self._conversation_from_snapshot(snapshot_id, max_seq_len, exclude=None,
                                                        what=f"loading snapshot {snapshot_id!r}")
-            return self._register(Session(sid, conv, max_seq_len=_state.max_seq_len(conv)))
+            return self._register(Session(sid, conv, max_seq_len=_state.max_seq_len(conv), manager=self))
         with existing.lock:
             if existing.closed:
                 raise NotFound(f"session {session_id!r} was closed", param="session_id")
-            old_bytes = existing.nbytes()
             _, conv = self._conversation_from_snapshot(
                 snapshot_id, max_seq_len, exclude=existing, what=f"loading snapshot {snapshot_id!r}")
-            del old_bytes
-            old_state = existing.state_snapshot
             existing.conversation = conv
             existing._max_seq_len = _state.max_seq_len(conv)
-            existing.state_snapshot = None
-            existing._disk_info = {}
+            # The old journal stays until the next persist replaces it atomically with a whole
+            # new one (no tracker): a crash in between finds the session as it was, not gone.
             existing._journal = None
             existing.touch()
-            if old_state:
-                try:
-                    self.store.delete(old_state)
-                except NotFound:
-                    pass
         _state.free_memory()
         return existing
 
@@ -582,8 +604,23 @@ class SessionManager:
         with session.lock:
             if not session.resident:
                 return session.state_snapshot
+            return self._persist_locked(session)
+
+    def _persist_locked(self, session: Session) -> str:
+        """``_write_state`` that remembers its failure in ``session.persist_error`` (shown by
+        ``info``) until a persist succeeds; the journal on disk keeps its last good state."""
+        try:
             sid = self._write_state(session)
+        except Exception as exc:
+            session.persist_error = getattr(exc, "message", None) or f"{type(exc).__name__}: {exc}"
+            raise
+        session.persist_error = None
         return sid
+
+    def persist_errors(self) -> dict[str, str]:
+        """Sessions whose last persist failed: ``{session id: why}``."""
+        with self._lock:
+            return {s.id: s.persist_error for s in self._sessions.values() if s.persist_error}
 
     def persist_all(self, timeout: float | None = 30.0) -> list[str]:
         """On a clean shutdown: bring every open session's journal up to date (tagged ``spl:session-state``), so
@@ -600,7 +637,7 @@ class SessionManager:
                 if session.closed:
                     continue
                 if session.resident:
-                    self._write_state(session)
+                    self._persist_locked(session)
                 written.append(session.id)
             except Exception:  # keep saving the others
                 log.exception("could not save session %s", session.id)
@@ -612,7 +649,12 @@ class SessionManager:
         """On start: list the sessions saved by ``persist_all`` (or evicted) again, without
         loading them; each is loaded on its first ``get``. Returns their ids."""
         restored = []
+        newest: dict[str, dict] = {}  # a session id listed twice (an older spl's copy): the newest wins
         for manifest in self.store.list(tag=SESSION_STATE_TAG):
+            sid = manifest.get("session", {}).get("id")
+            if not isinstance(sid, str) or manifest.get("updated_at", "") >= newest.get(sid, {}).get("updated_at", ""):
+                newest[sid if isinstance(sid, str) else manifest["id"]] = manifest
+        for manifest in newest.values():
             info = manifest.get("session", {})
             sid = info.get("id")
             try:
@@ -622,7 +664,7 @@ class SessionManager:
                 log.warning("not restoring snapshot %s: %s", manifest.get("id"), exc)
                 continue
             session = Session(sid, None, max_seq_len=int(info.get("max_seq_len", self.default_max_seq_len)),
-                              created_at=info.get("created_at"))
+                              created_at=info.get("created_at"), manager=self)
             session.state_snapshot = manifest["id"]
             session._disk_info = {"position": info.get("position", 0),
                                   "message_count": info.get("message_count", 0)}
@@ -649,11 +691,3 @@ class SessionListing(list):
     def as_dict(self) -> dict:
         return {"sessions": list(self), "count": self.count, "bytes": self.bytes,
                 "resident": self.resident, "memory_budget": self.memory_budget}
-
-
-def _fmt(n: int) -> str:
-    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
-        if abs(n) < 1024 or unit == "TiB":
-            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
-        n /= 1024
-    return f"{n} B"

@@ -23,13 +23,16 @@ refused (``CorruptSnapshot``). Tensors are safetensors; nothing is ever unpickle
 from __future__ import annotations
 
 import datetime as _dt
+import errno
 import json
+import lzma
 import os
 import re
 import secrets
 import shutil
 import tarfile
 import threading
+import zlib
 from pathlib import Path
 
 from superlinear.errors import Conflict, InvalidRequest, NotFound, Unavailable
@@ -43,11 +46,17 @@ MANIFEST = "manifest.json"
 TRANSCRIPT = "transcript.json"
 TENSORS = "tensors.safetensors"
 EXPORT_SUFFIX = ".spl-snapshot.tar"
+UPLOAD_NAME = "the uploaded file"  # how the server's import errors name an upload (the CLI puts the path back)
 
 MAX_TITLE = 200
 MAX_DESCRIPTION = 10_000
 MAX_TAGS = 64
 MAX_TAG_LEN = 64
+# Tags in this namespace belong to spl: ``spl:session-state`` marks a session's own journal
+# (hidden from listings, restored as a session on start, deleted with the session), so a user
+# snapshot must never carry one.
+RESERVED_TAG_PREFIX = "spl:"
+SESSION_STATE_TAG = "spl:session-state"
 _FILE_NAME_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,127}")
 _UNSET = object()
 
@@ -105,11 +114,15 @@ def _clean_title(value, what: str, limit: int) -> str:
     return value
 
 
-def _clean_tags(tags) -> list[str]:
+def _clean_tags(tags, *, user: bool = True) -> list[str]:
+    """Validated, de-duplicated tags. ``user``: tags a client gave, where the reserved ``spl:``
+    namespace is refused (tags already in a manifest pass with ``user=False``)."""
     if tags is None:
         return []
     if isinstance(tags, str):
         tags = [tags]
+    if not isinstance(tags, (list, tuple)):
+        raise InvalidRequest("tags must be a list of strings", param="tags")
     out: list[str] = []
     for tag in tags:
         if not isinstance(tag, str) or not tag.strip():
@@ -117,6 +130,9 @@ def _clean_tags(tags) -> list[str]:
         tag = tag.strip()
         if len(tag) > MAX_TAG_LEN or any(ord(c) < 32 for c in tag):
             raise InvalidRequest(f"invalid tag {tag!r}: at most {MAX_TAG_LEN} printable characters",
+                                 param="tags")
+        if user and tag.startswith(RESERVED_TAG_PREFIX):
+            raise InvalidRequest(f"tag {tag!r} is reserved: tags starting with {RESERVED_TAG_PREFIX!r} are spl's own",
                                  param="tags")
         if tag not in out:
             out.append(tag)
@@ -234,7 +250,7 @@ class SnapshotStore:
             self._publish(tmp, snapshot_id, replace)
         except OSError as exc:
             shutil.rmtree(tmp, ignore_errors=True)
-            raise _disk_error(f"cannot write snapshot {snapshot_id!r} in {self.root}", exc) from exc
+            raise disk_error(f"cannot write snapshot {snapshot_id!r} in {self.root}", exc) from exc
         except BaseException:
             shutil.rmtree(tmp, ignore_errors=True)
             raise
@@ -246,7 +262,7 @@ class SnapshotStore:
             tmp = self._tmp_dir()
             tmp.mkdir()
         except OSError as exc:
-            raise _disk_error(f"cannot write to the snapshot directory {self.root}", exc) from exc
+            raise disk_error(f"cannot write to the snapshot directory {self.root}", exc) from exc
         return tmp
 
     def _write_manifest(self, directory: Path, manifest: dict) -> None:
@@ -255,8 +271,10 @@ class SnapshotStore:
         tensorfile.write_bytes(part, data)
         os.replace(part, directory / MANIFEST)
 
-    def _publish(self, tmp: Path, snapshot_id: str, replace: bool) -> None:
-        """Rename a complete temporary directory to its final name."""
+    def _publish(self, tmp: Path, snapshot_id: str, replace: bool, *, keep_session_state: bool = False) -> None:
+        """Rename a complete temporary directory to its final name. ``keep_session_state``:
+        never replace a session's own journal (a user import over it would leave the live
+        session writing manifests that name files it no longer has)."""
         target = self.root / snapshot_id
         with self._lock:
             old = None
@@ -264,6 +282,9 @@ class SnapshotStore:
                 if not replace:
                     raise Conflict(f"snapshot {snapshot_id!r} already exists; pick another id or "
                                    "delete it first", param="snapshot_id")
+                if keep_session_state and self._is_session_state(snapshot_id):
+                    raise Conflict(f"snapshot {snapshot_id!r} is the saved state of a session and cannot be "
+                                   "replaced; import under another id (`--as NEW_ID`)", param="snapshot_id")
                 old = self._tmp_dir("old", snapshot_id)
                 os.rename(target, old)
             try:
@@ -277,6 +298,12 @@ class SnapshotStore:
             tensorfile.fsync_dir(self.root)
             if old is not None:
                 shutil.rmtree(old, ignore_errors=True)
+
+    def _is_session_state(self, snapshot_id: str) -> bool:
+        try:
+            return SESSION_STATE_TAG in (self.get(snapshot_id).get("tags") or ())
+        except (InvalidRequest, NotFound):
+            return False
 
     # ------------------------------------------------------------------ reading
     def _load_manifest(self, directory: Path, snapshot_id: str) -> dict:
@@ -392,9 +419,12 @@ class SnapshotStore:
             if add_tags or remove_tags:
                 drop = set(_clean_tags(remove_tags))
                 manifest["tags"] = _clean_tags([t for t in manifest.get("tags", []) if t not in drop]
-                                               + _clean_tags(add_tags))
+                                               + _clean_tags(add_tags), user=False)
             manifest["updated_at"] = _now()
-            self._write_manifest(directory, manifest)
+            try:
+                self._write_manifest(directory, manifest)
+            except OSError as exc:
+                raise disk_error(f"cannot change snapshot {snapshot_id!r} in {self.root}", exc) from exc
             tensorfile.fsync_dir(directory)
         return manifest
 
@@ -405,7 +435,10 @@ class SnapshotStore:
             if not directory.is_dir():
                 raise NotFound(f"no snapshot {snapshot_id!r} in {self.root}", param="snapshot_id")
             trash = self._tmp_dir("del")
-            os.rename(directory, trash)
+            try:
+                os.rename(directory, trash)
+            except OSError as exc:
+                raise disk_error(f"cannot delete snapshot {snapshot_id!r} in {self.root}", exc) from exc
             tensorfile.fsync_dir(self.root)
         shutil.rmtree(trash, ignore_errors=True)
 
@@ -430,7 +463,7 @@ class SnapshotStore:
             os.replace(part, dest)
         except OSError as exc:
             part.unlink(missing_ok=True)
-            raise _disk_error(f"cannot export snapshot {snapshot_id!r} to {dest}", exc) from exc
+            raise disk_error(f"cannot export snapshot {snapshot_id!r} to {dest}", exc) from exc
         except BaseException:
             part.unlink(missing_ok=True)
             raise
@@ -438,71 +471,89 @@ class SnapshotStore:
         return dest
 
     def import_(self, file: str | os.PathLike, *, snapshot_id: str | None = None,
-                replace: bool = False) -> dict:
+                replace: bool = False, name: str | None = None) -> dict:
         """Add a snapshot from a file made by ``export``; every hash is checked before it
-        becomes visible. ``snapshot_id`` renames it; an existing id is a ``Conflict``."""
+        becomes visible. ``snapshot_id`` renames it; an existing id is a ``Conflict`` (with
+        ``replace``, too, when the existing one is a session's own state). Reserved ``spl:``
+        tags of the file are dropped: an import is always a user snapshot. ``name`` is how
+        messages call the file (the server's upload is a temporary file the user never saw)."""
         file = Path(file)
+        label = name or str(file)
         if not file.is_file():
-            raise NotFound(f"no such file: {file}", param="file")
+            raise NotFound(f"no such file: {label}", param="file")
         if snapshot_id is not None:
             validate_id(snapshot_id, "snapshot id", param="snapshot_id")
         tmp = self._make_tmp()
         try:
-            top = None
-            try:
-                with tarfile.open(file, "r:*") as tar:
-                    for member in tar:
-                        parts = member.name.split("/")
-                        if member.isdir() and len(parts) == 1:
-                            continue
-                        if (not member.isfile() or len(parts) != 2
-                                or not _FILE_NAME_RE.fullmatch(parts[1]) or (top not in (None, parts[0]))):
-                            raise CorruptSnapshot(f"{file} is not a snapshot export: unexpected entry "
-                                                  f"{member.name!r}", param="file")
-                        top = parts[0]
-                        if (tmp / parts[1]).exists():
-                            raise CorruptSnapshot(f"{file}: entry {member.name!r} appears twice", param="file")
-                        src = tar.extractfile(member)
-                        with open(tmp / parts[1], "wb") as out:
-                            shutil.copyfileobj(src, out, 8 << 20)
-                            out.flush()
-                            os.fsync(out.fileno())
-            except tarfile.TarError as exc:
-                raise CorruptSnapshot(f"{file} is not a readable snapshot export ({exc})", param="file") from None
-            if top is None:
-                raise CorruptSnapshot(f"{file} is empty, not a snapshot export", param="file")
+            top = self._unpack(file, label, tmp)
             original = validate_id(top, "snapshot id", param="file")
             manifest = self._load_manifest(tmp, original)
             _verify_files(tmp, manifest, original)
             extra = {p.name for p in tmp.iterdir()} - {MANIFEST, *manifest["files"]}
             if extra:
-                raise CorruptSnapshot(f"{file} holds files the manifest does not list: {sorted(extra)}",
+                raise CorruptSnapshot(f"{label} holds files the manifest does not list: {sorted(extra)}",
                                       param="file")
             final_id = snapshot_id or original
-            if manifest.get("id") != final_id:
-                manifest["id"] = final_id
+            tags = [t for t in manifest.get("tags", []) if not str(t).startswith(RESERVED_TAG_PREFIX)]
+            if manifest.get("id") != final_id or tags != manifest.get("tags", []):
+                manifest["id"], manifest["tags"] = final_id, tags
                 self._write_manifest(tmp, manifest)
             tensorfile.fsync_dir(tmp)
             if not replace and self.exists(final_id):
                 raise Conflict(f"snapshot {final_id!r} already exists; import it under another id "
                                "or delete the existing one", param="snapshot_id")
-            self._publish(tmp, final_id, replace)
+            self._publish(tmp, final_id, replace, keep_session_state=True)
         except OSError as exc:
             shutil.rmtree(tmp, ignore_errors=True)
-            raise _disk_error(f"cannot import {file} into {self.root}", exc) from exc
+            raise disk_error(f"cannot import {label} into {self.root}", exc) from exc
         except BaseException:
             shutil.rmtree(tmp, ignore_errors=True)
             raise
         return manifest
 
+    @staticmethod
+    def _unpack(file: Path, label: str, tmp: Path) -> str:
+        """Copy the regular files of an export tar into ``tmp`` (no links, no paths, never
+        ``extractall``); returns the top directory's name."""
+        top = None
+        try:
+            with tarfile.open(file, "r:*") as tar:
+                for member in tar:
+                    parts = member.name.split("/")
+                    if member.isdir() and len(parts) == 1:
+                        continue
+                    if (not member.isfile() or len(parts) != 2
+                            or not _FILE_NAME_RE.fullmatch(parts[1]) or (top not in (None, parts[0]))):
+                        raise CorruptSnapshot(f"{label} is not a snapshot export: unexpected entry "
+                                              f"{member.name!r}", param="file")
+                    top = parts[0]
+                    if (tmp / parts[1]).exists():
+                        raise CorruptSnapshot(f"{label}: entry {member.name!r} appears twice", param="file")
+                    src = tar.extractfile(member)
+                    with open(tmp / parts[1], "wb") as out:
+                        shutil.copyfileobj(src, out, 8 << 20)
+                        out.flush()
+                        os.fsync(out.fileno())
+        except tarfile.ReadError:
+            raise CorruptSnapshot(f"{label} is not a snapshot export (not a tar file made by "
+                                  "`spl snapshot export`)", param="file") from None
+        except (tarfile.TarError, EOFError, zlib.error, lzma.LZMAError) as exc:
+            reason = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+            raise CorruptSnapshot(f"{label} is not a readable snapshot export ({reason})", param="file") from None
+        if top is None:
+            raise CorruptSnapshot(f"{label} is empty, not a snapshot export", param="file")
+        return top
 
-def _disk_error(what: str, exc: OSError) -> Unavailable:
+
+DISK_ERRNOS = {errno.ENOSPC: "the disk is full", errno.EDQUOT: "the disk quota is exceeded",
+               errno.EROFS: "the file system is read-only", errno.EACCES: "permission denied",
+               errno.EPERM: "permission denied", errno.EFBIG: "a file is too large for the file system",
+               errno.EIO: "input/output error"}
+
+
+def disk_error(what: str, exc: OSError) -> Unavailable:
     """A disk problem (full, read-only, permissions) as a clear user-facing error."""
-    import errno
-
-    reason = {errno.ENOSPC: "the disk is full", errno.EDQUOT: "the disk quota is exceeded",
-              errno.EROFS: "the file system is read-only", errno.EACCES: "permission denied",
-              errno.EPERM: "permission denied"}.get(exc.errno, exc.strerror or str(exc))
+    reason = DISK_ERRNOS.get(exc.errno, exc.strerror or str(exc))
     return Unavailable(f"{what}: {reason}; free space or set $SUPERLINEAR_SNAPSHOT_DIR to another "
                        "directory", code="snapshot_write_failed")
 

@@ -38,12 +38,27 @@ def _exit_on_load_error(server, runtime) -> None:
     runtime.on_load_error = stop
 
 
+def check_model_known(spec: str) -> None:
+    """Raise ``NotFound`` if no loader knows ``spec``; checked before the port is bound, so a
+    typo costs one error line (exit 2), not a server that starts and stops."""
+    from superlinear.model.loaders import load_model, resolve_loaders
+
+    for loader in resolve_loaders():
+        try:
+            if loader.can_load(spec):
+                return
+        except Exception:  # noqa: BLE001 - a broken plugin loader: another one may know it
+            continue
+    load_model(spec)  # no loader matches: raises its "unknown model" error, loads nothing
+
+
 def serve(command: Serve, ctx: Context) -> int:
     import logging
 
     import uvicorn
 
     options = command.options
+    check_model_known(options.model)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     app = build_app(options)
     auth = "API key required" if options.api_key else "no API key"

@@ -18,7 +18,8 @@ from fastapi.responses import FileResponse, JSONResponse, StreamingResponse
 from starlette.background import BackgroundTask
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from superlinear.errors import InvalidRequest, NotFound, TooLarge, Unauthorized, UserError
+from superlinear.errors import Conflict, InvalidRequest, NotFound, TooLarge, Unauthorized, UserError
+from superlinear.sessions.snapshots import SESSION_STATE_TAG, UPLOAD_NAME
 
 from . import chat as chatmod
 from .runtime import Runtime
@@ -48,6 +49,13 @@ def error_response(exc: UserError) -> JSONResponse:
 
 
 def _bug_response(exc: BaseException) -> JSONResponse:
+    """The answer to an exception no route turned into a ``UserError``: a disk that is full or
+    read-only is the storage's state (503), anything else a bug (500, logged with its traceback)."""
+    from superlinear.sessions.snapshots import DISK_ERRNOS, disk_error
+
+    if isinstance(exc, OSError) and exc.errno in DISK_ERRNOS:
+        log.error("spl: storage error: %s", exc)
+        return error_response(disk_error("the server cannot write its files", exc))
     log.exception("spl: internal error: %s", exc)
     body = {"error": {"message": f"internal error: {type(exc).__name__}: {exc}".splitlines()[0],
                       "type": "server_error", "param": None, "code": "internal_error"}}
@@ -187,7 +195,12 @@ def register_routes(app: FastAPI, rt: Runtime) -> None:  # noqa: C901 - one plac
     # -- health and models ----------------------------------------------------------------
     @app.get("/health")
     async def health():
-        return rt.health()
+        # Readiness probes and load balancers read the status code: 200 only once the model is
+        # loaded and the server takes requests; 503 (same body) while loading, failed or stopping.
+        body = rt.health()
+        if body["status"] == "ok":
+            return body
+        return JSONResponse(body, status_code=503, headers={"Retry-After": "1"})
 
     @app.get("/v1/models")
     async def models():
@@ -330,7 +343,7 @@ def register_routes(app: FastAPI, rt: Runtime) -> None:  # noqa: C901 - one plac
         rt.require_ready()
         items = await asyncio.to_thread(rt.store.list, tag=tag)
         if not all:
-            items = [m for m in items if _SESSION_STATE_TAG not in (m.get("tags") or [])]
+            items = [m for m in items if SESSION_STATE_TAG not in (m.get("tags") or [])]
         return {"object": "list", "data": [_snapshot_view(m) for m in items]}
 
     @app.post("/v1/snapshots/import")
@@ -348,7 +361,8 @@ def register_routes(app: FastAPI, rt: Runtime) -> None:  # noqa: C901 - one plac
             if size == 0:
                 raise InvalidRequest("the upload is empty; send the file made by snapshot export")
             manifest = await asyncio.to_thread(
-                lambda: rt.store.import_(tmp, snapshot_id=snapshot_id or None, replace=replace))
+                lambda: rt.store.import_(tmp, snapshot_id=snapshot_id or None, replace=replace,
+                                         name=UPLOAD_NAME))
         finally:
             with contextlib.suppress(OSError):
                 os.unlink(tmp)
@@ -363,6 +377,7 @@ def register_routes(app: FastAPI, rt: Runtime) -> None:  # noqa: C901 - one plac
     async def patch_snapshot(snapshot_id: str, request: Request):
         body = parse_body(await read_body(request), PatchSnapshot)
         rt.require_ready()
+        _refuse_session_state(rt, snapshot_id, "changed")
         fields = body.model_dump(exclude_unset=True)
         manifest = await asyncio.to_thread(lambda: rt.store.patch(snapshot_id, **fields))
         return _snapshot_view(manifest if isinstance(manifest, dict) else rt.store.get(snapshot_id))
@@ -370,6 +385,7 @@ def register_routes(app: FastAPI, rt: Runtime) -> None:  # noqa: C901 - one plac
     @app.delete("/v1/snapshots/{snapshot_id}")
     async def delete_snapshot(snapshot_id: str):
         rt.require_ready()
+        _refuse_session_state(rt, snapshot_id, "deleted")
         await asyncio.to_thread(rt.store.delete, snapshot_id)
         return {"id": snapshot_id, "object": "snapshot.deleted", "deleted": True}
 
@@ -384,22 +400,35 @@ def register_routes(app: FastAPI, rt: Runtime) -> None:  # noqa: C901 - one plac
 
     @app.get("/v1/snapshots/{snapshot_id}/export")
     async def export_snapshot(snapshot_id: str):
+        import shutil
+
         rt.require_ready()
+        _refuse_session_state(rt, snapshot_id, "exported")
         await asyncio.to_thread(rt.store.get, snapshot_id)
         tmpdir = tempfile.mkdtemp(prefix="spl-export-")
-        dest = os.path.join(tmpdir, f"{snapshot_id}.spl-snapshot.tar")
-        path = await asyncio.to_thread(rt.store.export, snapshot_id, dest)
 
         def cleanup():
-            import shutil
-
             shutil.rmtree(tmpdir, ignore_errors=True)
+
+        try:
+            dest = os.path.join(tmpdir, f"{snapshot_id}.spl-snapshot.tar")
+            path = await asyncio.to_thread(rt.store.export, snapshot_id, dest)
+        except BaseException:
+            cleanup()
+            raise
 
         return FileResponse(str(path), media_type="application/x-tar", filename=os.path.basename(str(path)),
                             background=BackgroundTask(cleanup))
 
 
-_SESSION_STATE_TAG = "spl:session-state"
+def _refuse_session_state(rt: Runtime, snapshot_id: str, what: str) -> None:
+    """A live session's own journal is written by the server after every turn: changing,
+    deleting or exporting it from outside would leave that session naming files it lost."""
+    owner = rt.manager.state_owner(snapshot_id)
+    if owner is not None:
+        raise Conflict(f"snapshot {snapshot_id!r} is the live state of session {owner!r} and cannot be {what}; "
+                       f"save the session (POST /v1/sessions/{owner}/save) for a snapshot of its own, or "
+                       "delete the session", param="snapshot_id")
 
 
 def _model_card(rt: Runtime) -> dict:
@@ -466,8 +495,9 @@ def _prepare(rt: Runtime, session):
 
 # -- chat turns --------------------------------------------------------------------------
 def _chat_job(rt: Runtime, job, body: ChatCompletionRequest, messages: list[dict]) -> None:
-    """Runs on the worker: pick the conversation, apply the session rule, run the turn, emit events;
-    then (the response is out) persist the session's journal."""
+    """Runs on the worker: pick the conversation, apply the session rule, run the turn, emit events.
+    A session's journal is persisted before the last event (``Done``) goes out, so a client that
+    got its answer with ``persisted: true`` finds the turn after any crash."""
     if job.cancelled():
         raise JobCancelled("client went away")
     queued_s = time.monotonic() - job.submitted
@@ -478,14 +508,35 @@ def _chat_job(rt: Runtime, job, body: ChatCompletionRequest, messages: list[dict
         except NotFound:
             session = rt.manager.create(body.session_id)  # first use of a session id creates it
         _prepare(rt, session)
+    persisted = False
     try:
-        _run_chat(rt, job, body, messages, session, queued_s)
+        persisted = _run_chat(rt, job, body, messages, session, queued_s)
     finally:
-        if session is not None:  # completed, cancelled or failed: the journal gets what changed
+        if session is not None and not persisted:  # failed or cancelled: the journal gets what changed
             rt.persist_session(session.id)
 
 
-def _run_chat(rt: Runtime, job, body: ChatCompletionRequest, messages: list[dict], session, queued_s) -> None:
+class _AnnounceStart:
+    """Wraps a conversation's memory guard for one turn: the response starts (``("start", ...)``
+    event) when the prompt has passed every check and its prefill begins, or at the first event.
+    What fails before (a prompt too long, the memory budget, the template) gets its own HTTP
+    status, streamed or not."""
+
+    def __init__(self, inner, announce):
+        self.inner = inner
+        self.announce = announce
+
+    def reserve(self, conv, position: int) -> None:
+        if self.inner is not None:
+            self.inner.reserve(conv, position)
+        self.announce()
+
+    def room(self, conv):
+        return self.inner.room(conv) if self.inner is not None else None
+
+
+def _run_chat(rt: Runtime, job, body: ChatCompletionRequest, messages: list[dict], session, queued_s) -> bool:
+    """Run the turn and emit its events; returns whether the session was persisted."""
     from superlinear.engine import run_turn
 
     lock = session.lock if session is not None else contextlib.nullcontext()
@@ -499,19 +550,48 @@ def _run_chat(rt: Runtime, job, body: ChatCompletionRequest, messages: list[dict
             conv = rt.scratch_conversation()
             full, how = messages, None
         request = chatmod.engine_request(body, full, rt.defaults)
-        job.emit(("start", how, queued_s))
+        started = False
+
+        def announce() -> None:
+            nonlocal started
+            if not started:
+                started = True
+                job.emit(("start", how, queued_s))
+
         rt.stats["generations"] += 1
+        guard = conv.memory
+        conv.memory = _AnnounceStart(guard, announce)
         try:
-            for event in run_turn(conv, request, cancel=job.cancel_event):
-                job.emit(event)
-        except TooLarge:
-            if session is not None or not rt.grow_scratch():
-                raise
-            for event in run_turn(conv, request, cancel=job.cancel_event):  # nothing was emitted yet
-                job.emit(event)
+            try:
+                done = _emit_turn(run_turn(conv, request, cancel=job.cancel_event), job, announce)
+            except TooLarge:
+                if session is not None or started or not rt.grow_scratch():
+                    raise
+                done = _emit_turn(run_turn(conv, request, cancel=job.cancel_event), job, announce)
+        finally:
+            conv.memory = guard
         if session is not None:
             session.touch()
+            result = rt.persist_session(session.id)
+            job.emit(("persist", result))
+        job.emit(done)
     job.emit(_END)
+    return session is not None
+
+
+def _emit_turn(events, job, announce):
+    """Emit every event of a turn but the last (``Done``), which is returned: it goes out once the
+    session is persisted."""
+    done = None
+    for event in events:
+        announce()
+        if type(event).__name__ == "Done":
+            done = event
+        else:
+            job.emit(event)
+    if done is None:
+        raise RuntimeError("the turn ended without a Done event")
+    return done
 
 
 async def _next_event(job):
@@ -547,12 +627,14 @@ def _event_kind(event) -> str:
 async def _collect(rt: Runtime, job, body: ChatCompletionRequest, first, cid: str, created: int):
     content, reasoning, tool_calls = [], [], None
     done = None
-    how = queued_s = None
+    how = queued_s = persisted = None
     event = first
     while event is not _END:
         kind = _event_kind(event)
         if isinstance(event, tuple) and event[0] == "start":
             _, how, queued_s = event
+        elif isinstance(event, tuple) and event[0] == "persist":
+            persisted = event[1]
         elif kind == "TextDelta":
             content.append(event.text)
         elif kind == "ReasoningDelta":
@@ -573,7 +655,10 @@ async def _collect(rt: Runtime, job, body: ChatCompletionRequest, first, cid: st
         tool_calls=tool_calls or done.message.get("tool_calls"), session_id=body.session_id,
         queued_s=queued_s, how=how)
     _fix_finish(body_out["choices"][0], done)
-    return body_out
+    if persisted is None:
+        return body_out
+    body_out.update(chatmod.persist_fields(persisted))
+    return JSONResponse(body_out, headers={"X-Spl-Persisted": "true" if persisted.ok else "false"})
 
 
 def _fix_finish(choice: dict, done) -> None:
@@ -581,13 +666,16 @@ def _fix_finish(choice: dict, done) -> None:
     if done.finish_reason in ("repetition", "cancelled"):
         choice["stop_reason"] = done.finish_reason
         choice["finish_reason"] = "stop"
+    elif done.finish_reason == "memory":  # the memory budget ended it: "length" for OpenAI clients
+        choice["stop_reason"] = "memory_budget"
+        choice["finish_reason"] = "length"
 
 
 async def _stream(rt: Runtime, job, body: ChatCompletionRequest, first, cid: str, created: int):
     model = rt.model_name
     include_usage = bool(body.stream_options and body.stream_options.include_usage)
     extra = {"session_id": body.session_id} if body.session_id else {}
-    how = queued_s = None
+    how = queued_s = persisted = None
     try:
         yield chatmod.sse(chatmod.chunk(cid, created, model, {"role": "assistant", "content": ""}, **extra))
         event = first
@@ -595,6 +683,8 @@ async def _stream(rt: Runtime, job, body: ChatCompletionRequest, first, cid: str
             kind = _event_kind(event)
             if isinstance(event, tuple) and event[0] == "start":
                 _, how, queued_s = event
+            elif isinstance(event, tuple) and event[0] == "persist":
+                persisted = event[1]
             elif kind == "TextDelta" and event.text:
                 yield chatmod.sse(chatmod.chunk(cid, created, model, {"content": event.text}, **extra))
             elif kind == "ReasoningDelta" and event.text:
@@ -609,7 +699,8 @@ async def _stream(rt: Runtime, job, body: ChatCompletionRequest, first, cid: str
             elif kind == "Done":
                 final = chatmod.chunk(cid, created, model, {}, event.finish_reason,
                                       timings=chatmod.spl_timings(event.usage, event.timings, queued_s),
-                                      session_update=how, **extra)
+                                      session_update=how, **extra,
+                                      **(chatmod.persist_fields(persisted) if persisted is not None else {}))
                 _fix_finish(final["choices"][0], event)
                 yield chatmod.sse(final)
                 if include_usage:

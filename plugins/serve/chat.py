@@ -158,6 +158,16 @@ def response_body(*, cid: str, created: int, model: str, done, content: str, rea
     return body
 
 
+def persist_fields(result) -> dict:
+    """What a session turn's answer says about durability: ``persisted`` (the session's state
+    with this turn is on disk: a crash or restart keeps it) and, when writing it failed,
+    ``persist_error`` (an OpenAI-style error object; the turn itself stands)."""
+    fields: dict[str, Any] = {"persisted": result.ok}
+    if result.error is not None:
+        fields["persist_error"] = result.error.to_openai()["error"]
+    return fields
+
+
 def chunk(cid: str, created: int, model: str, delta: dict | None = None, finish_reason: str | None = None,
           **extra) -> dict:
     body: dict[str, Any] = {

@@ -12,15 +12,24 @@ import logging
 import os
 import threading
 import time
+from dataclasses import dataclass
 from typing import Any
 
-from superlinear.errors import Unavailable
+from superlinear.errors import NotFound, Unavailable, UserError
 from superlinear.plugins.client.options import ServeOptions
 
 from .worker import Worker
 
 log = logging.getLogger("spl.serve")
 SCRATCH_START = 16384  # tokens; grows to the default max_seq_len when a request needs it
+
+
+@dataclass(frozen=True)
+class PersistResult:
+    """Whether a session's state (with its last turn or change) is on disk now."""
+
+    ok: bool
+    error: UserError | None = None  # why writing it failed (None: it did not fail)
 
 
 class Runtime:
@@ -76,7 +85,12 @@ class Runtime:
         self.model = load_model(o.model, **kwargs)
         self.progress = "opening the snapshot store"
         self.store = SnapshotStore()
-        manager_kwargs: dict[str, Any] = {"memory_budget": o.memory_budget}
+        # No --memory-budget: a fraction of the device's free memory (SessionManager's "auto").
+        # Past it, idle sessions are evicted to disk when their journal is kept current anyway
+        # (--persist turn: eviction writes little or nothing); with --persist shutdown the
+        # request that needs the memory is refused (429) instead.
+        manager_kwargs: dict[str, Any] = {"memory_budget": o.memory_budget or "auto",
+                                          "evict_to_disk": o.persist == "turn"}
         self.manager = _construct(SessionManager, self.model, self.store, manager_kwargs, o)
         self.progress = "restoring sessions"
         self.restored = self.manager.restore_index()
@@ -137,19 +151,28 @@ class Runtime:
         log.info("spl: stopped; %d session(s) saved", saved)
         return saved
 
-    def persist_session(self, session_id: str | None) -> None:
-        """Make a session durable after a turn or a change (worker thread, after the response
-        is produced): ``SessionManager.persist`` writes only what changed since its last
-        persist. A failure is logged; the turn or change itself stands (the next persist
-        retries). With ``--persist shutdown`` sessions reach disk only on clean shutdown
-        and eviction."""
+    def persist_session(self, session_id: str | None) -> PersistResult:
+        """Make a session durable after a turn or a change (worker thread, before the answer
+        goes out): ``SessionManager.persist`` writes only what changed since its last persist.
+        A failure is logged and returned (the client is told, ``/health`` shows it); the turn
+        or change itself stands, the journal keeps its last good state and the next persist
+        retries. With ``--persist shutdown`` sessions reach disk only on clean shutdown and
+        eviction (``ok`` is False)."""
         if not session_id or self.manager is None or self.options.persist == "shutdown":
-            return
+            return PersistResult(False)
         try:
             self.manager.persist(session_id)
+        except NotFound:  # closed meanwhile
+            return PersistResult(False)
+        except UserError as exc:
+            log.error("spl: could not persist session %s: %s", session_id, exc.message)
+            return PersistResult(False, exc)
         except Exception as exc:  # noqa: BLE001 - durability must not fail a finished turn
-            if type(exc).__name__ != "NotFound":  # closed meanwhile
-                log.error("spl: could not persist session %s: %s", session_id, exc)
+            log.exception("spl: could not persist session %s", session_id)
+            return PersistResult(False, Unavailable(f"could not persist session {session_id!r}: "
+                                                    f"{type(exc).__name__}: {exc}".splitlines()[0],
+                                                    code="persist_failed"))
+        return PersistResult(True)
 
     # -- read-only views (safe off the worker) -------------------------------------------
     @property
@@ -194,12 +217,30 @@ class Runtime:
         if self.status == "ok":
             try:
                 h["sessions"] = len(self.list_sessions())
+                h["memory"] = self.memory_info()
+                h["persist"] = self.persist_info()
             except Exception:  # noqa: BLE001 - /health must answer
-                h["sessions"] = None
+                h.setdefault("sessions", None)
             from superlinear import __version__
 
             h["version"] = __version__
         return h
+
+    def memory_info(self) -> dict:
+        """The session memory budget: ``{"budget", "used", "free", "max_seq_len_limit", "eviction"}``."""
+        m = self.manager
+        used = m.bytes_in_use()
+        return {"budget": m.memory_budget, "used": used,
+                "free": None if m.memory_budget is None else m.memory_budget - used,
+                "max_seq_len_limit": m.max_seq_len_limit(), "default_max_seq_len": m.default_max_seq_len,
+                "eviction": bool(m.evict_to_disk)}
+
+    def persist_info(self) -> dict:
+        """Durability at a glance: ``ok`` is False while some session's last persist failed
+        (disk full, read-only): its journal holds an older state than the answers gave."""
+        failing = self.manager.persist_errors()
+        return {"mode": self.options.persist, "ok": not failing, "failing_sessions": sorted(failing),
+                "error": next(iter(failing.values()), None)}
 
 
 def _info(session) -> dict:

@@ -1,15 +1,29 @@
 """Request bodies of the HTTP API (pydantic). Unknown fields are accepted and ignored, the way
-OpenAI-compatible servers usually do, but every known field is type-checked: a wrong type is a
-400 that names the field (``param``)."""
+OpenAI-compatible servers usually do, but every known field is type-checked and every number is
+bounded (the engine's limits, ``superlinear.engine.limits``): a wrong type or a value out of range
+is a 400 that names the field (``param``).
+
+Before the schema sees a body, ``parse_body`` refuses what would break the code behind it: JSON
+nested deeper than ``MAX_JSON_DEPTH``, ``NaN``/``Infinity`` and lone UTF-16 surrogates in strings
+(the tokenizer cannot encode them).
+"""
 
 from __future__ import annotations
 
 import json
+import math
+import re
 from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, StrictBool, ValidationError, field_validator
 
+from superlinear.engine import limits
 from superlinear.errors import InvalidRequest, TooLarge
+
+MAX_JSON_DEPTH = 64  # tool schemas nest a few levels; nothing legitimate comes close
+MAX_MESSAGES = 100_000
+_SURROGATE = re.compile("[\ud800-\udfff]")
+_TOKENS = Field(None, ge=1, le=limits.MAX_TOKENS)
 
 _ALLOW = ConfigDict(extra="allow")
 _FORBID = ConfigDict(extra="forbid")
@@ -64,24 +78,24 @@ class StreamOptions(BaseModel):
 
 class RepetitionOptions(BaseModel):
     model_config = _FORBID
-    tail_len: int = Field(32, ge=2)
-    min_repeats: int = Field(3, ge=2)
-    max_period: int = Field(64, ge=1)
+    tail_len: int = Field(32, ge=2, le=limits.MAX_REPETITION_TAIL)
+    min_repeats: int = Field(3, ge=2, le=limits.MAX_REPETITION_REPEATS)
+    max_period: int = Field(64, ge=1, le=limits.MAX_REPETITION_PERIOD)
 
 
 class ChatCompletionRequest(BaseModel):
     model_config = _ALLOW
     model: str | None = None
-    messages: list[Message] = Field(min_length=1)
+    messages: list[Message] = Field(min_length=1, max_length=MAX_MESSAGES)
     stream: StrictBool = False
     stream_options: StreamOptions | None = None
     temperature: float | None = Field(None, ge=0.0, le=2.0)
     top_p: float | None = Field(None, gt=0.0, le=1.0)
-    top_k: int | None = Field(None, ge=0)
-    max_tokens: int | None = Field(None, ge=1)
-    max_completion_tokens: int | None = Field(None, ge=1)
+    top_k: int | None = Field(None, ge=0, le=limits.MAX_TOP_K)
+    max_tokens: int | None = _TOKENS
+    max_completion_tokens: int | None = _TOKENS
     stop: str | list[str] | None = None
-    seed: int | None = None
+    seed: int | None = Field(None, ge=limits.SEED_MIN, le=limits.SEED_MAX)
     n: int | None = None
     tools: list[Tool] | None = None
     tool_choice: Literal["none", "auto", "required"] | dict | None = None
@@ -90,7 +104,7 @@ class ChatCompletionRequest(BaseModel):
     # spl extensions (OpenAI clients send them with extra_body=...)
     session_id: str | None = None
     session_mode: Literal["auto", "append", "replace"] = "auto"
-    reasoning_budget: int | None = Field(None, ge=0)
+    reasoning_budget: int | None = Field(None, ge=0, le=limits.MAX_TOKENS)
     repetition_detection: StrictBool | RepetitionOptions | None = None
     chat_template_kwargs: dict[str, Any] | None = None
     keep_thinking: StrictBool = False
@@ -98,8 +112,20 @@ class ChatCompletionRequest(BaseModel):
     @field_validator("stop")
     @classmethod
     def _stops(cls, v):
-        if isinstance(v, list) and len(v) > 16:
-            raise ValueError("at most 16 stop sequences")
+        stops = [v] if isinstance(v, str) else v or []
+        if len(stops) > limits.MAX_STOPS:
+            raise ValueError(f"at most {limits.MAX_STOPS} stop sequences")
+        if any(len(s) > limits.MAX_STOP_CHARS for s in stops):
+            raise ValueError(f"a stop sequence has at most {limits.MAX_STOP_CHARS} characters")
+        return v
+
+    @field_validator("chat_template_kwargs")
+    @classmethod
+    def _template_kwargs(cls, v):
+        try:
+            limits.check_template_kwargs(v)
+        except InvalidRequest as exc:
+            raise ValueError(exc.message) from None
         return v
 
     def check_supported(self) -> None:
@@ -154,7 +180,7 @@ class ChatCompletionRequest(BaseModel):
 class CreateSession(BaseModel):
     model_config = _FORBID
     session_id: str | None = None
-    max_seq_len: int | None = Field(None, ge=1)
+    max_seq_len: int | None = _TOKENS
 
 
 class ForkSession(BaseModel):
@@ -164,12 +190,12 @@ class ForkSession(BaseModel):
 
 class RollbackSession(BaseModel):
     model_config = _FORBID
-    n_messages: int
+    n_messages: int = Field(ge=-limits.MAX_TOKENS, le=limits.MAX_TOKENS)
 
 
 class ResizeSession(BaseModel):
     model_config = _FORBID
-    max_seq_len: int = Field(ge=1)
+    max_seq_len: int = Field(ge=1, le=limits.MAX_TOKENS)
 
 
 class SaveSession(BaseModel):
@@ -190,7 +216,7 @@ class LoadSnapshot(BaseModel):
     model_config = _FORBID
     session_id: str | None = None
     force: StrictBool = False
-    max_seq_len: int | None = Field(None, ge=1)
+    max_seq_len: int | None = _TOKENS
 
 
 def parse_body(raw: bytes, model: type[BaseModel], *, allow_empty: bool = False,
@@ -204,24 +230,89 @@ def parse_body(raw: bytes, model: type[BaseModel], *, allow_empty: bool = False,
         else:
             raise InvalidRequest("the request body is empty; send a JSON object", code="invalid_json")
     try:
-        data = json.loads(raw)
+        data = json.loads(raw, parse_constant=_no_constant)
+    except RecursionError:
+        raise InvalidRequest(f"the request body is nested too deeply (at most {MAX_JSON_DEPTH} levels)",
+                             code="invalid_json") from None
     except (ValueError, UnicodeDecodeError) as exc:
         raise InvalidRequest(f"the request body is not valid JSON: {exc}", code="invalid_json") from exc
     if not isinstance(data, dict):
         raise InvalidRequest(f"the request body must be a JSON object, not {type(data).__name__}",
                              code="invalid_json")
+    check_json_values(data)
     try:
         return model.model_validate(data)
     except ValidationError as exc:
-        raise validation_error(exc) from exc
+        raise validation_error(exc, data) from exc
 
 
-def validation_error(exc: ValidationError) -> InvalidRequest:
+def _no_constant(name: str):
+    raise ValueError(f"{name} is not a JSON number")
+
+
+def check_json_values(data) -> None:
+    """Refuse nesting deeper than ``MAX_JSON_DEPTH``, non-finite numbers and strings (or keys)
+    with lone surrogates; iterative, so a hostile body cannot exhaust the stack. The error
+    names the field (``messages.0.content``)."""
+    stack: list[tuple[Any, int, tuple]] = [(data, 1, ())]
+    while stack:
+        value, depth, path = stack.pop()
+        if isinstance(value, str):
+            if not value.isascii() and _SURROGATE.search(value):
+                _bad(path, "contains a lone UTF-16 surrogate (not valid Unicode text)")
+        elif isinstance(value, float):
+            if not math.isfinite(value):
+                _bad(path, "is not a finite number")
+        elif isinstance(value, (dict, list)):
+            if depth > MAX_JSON_DEPTH:
+                _bad(path, f"is nested too deeply (at most {MAX_JSON_DEPTH} levels)")
+            items = value.items() if isinstance(value, dict) else enumerate(value)
+            for key, item in items:
+                if isinstance(key, str) and not key.isascii() and _SURROGATE.search(key):
+                    _bad(path, "has a key with a lone UTF-16 surrogate")
+                if isinstance(item, (str, float, dict, list)):
+                    stack.append((item, depth + 1, (path, key)))
+
+
+def _bad(path: tuple, problem: str):
+    parts = []
+    while path:
+        path, key = path
+        parts.append(str(key))
+    name = ".".join(reversed(parts))
+    raise InvalidRequest(f"{name or 'the request body'} {problem}", param=name or None, code="invalid_value")
+
+
+def validation_error(exc: ValidationError, data: Any = None) -> InvalidRequest:
+    """The most telling problem as one 400: for a field that may be one of several types (a
+    union) pydantic reports every alternative; the one that got furthest into the value says
+    what is wrong (``repetition_detection.max_period: ... less than or equal to 1024``)."""
     errors = exc.errors()
-    first = errors[0] if errors else {"loc": (), "msg": str(exc)}
-    loc = ".".join(str(p) for p in first.get("loc", ()))
-    more = f" (and {len(errors) - 1} more problem(s))" if len(errors) > 1 else ""
-    msg = first.get("msg", "invalid value")
+    if not errors:
+        return InvalidRequest(f"body: {exc}", code="invalid_value")
+    paths = [_real_path(e.get("loc", ()), data, e.get("type") == "missing") for e in errors]
+    best = max(range(len(errors)), key=lambda i: len(paths[i]))
+    first, loc = errors[best], ".".join(str(p) for p in paths[best])
+    others = {tuple(p[:1]) for p in paths} - {tuple(paths[best][:1])}
+    more = f" (and {len(others)} more problem(s))" if others else ""
+    msg = first.get("msg", "invalid value").removeprefix("Value error, ")
     if first.get("type") == "extra_forbidden":
         msg = "unknown field"
     return InvalidRequest(f"{loc or 'body'}: {msg}{more}", param=loc or None, code="invalid_value")
+
+
+def _real_path(loc: tuple, data: Any, missing: bool) -> list:
+    """``loc`` without pydantic's union-member steps (``bool``, ``RepetitionOptions``): the keys
+    and indices that exist in the body, plus the name of a missing required field."""
+    if data is None:
+        return list(loc)
+    path, node = [], data
+    for i, step in enumerate(loc):
+        if isinstance(node, dict) and isinstance(step, str) and step in node:
+            node = node[step]
+        elif isinstance(node, list) and isinstance(step, int) and 0 <= step < len(node):
+            node = node[step]
+        elif not (missing and i == len(loc) - 1 and isinstance(node, dict)):
+            continue
+        path.append(step)
+    return path

@@ -1,0 +1,73 @@
+"""Bounds on every number a chat request carries, and the check that enforces them.
+
+A request field is user input: an unbounded one can make the engine allocate a list of its
+size (``repetition.max_period``), overflow a C integer (``seed``), or run for hours. The server
+declares the same bounds in its request schemas (so the error names the JSON field); the engine
+checks them again in ``run_turn`` for library callers.
+"""
+
+from __future__ import annotations
+
+import math
+
+from superlinear.errors import InvalidRequest
+
+from .types import ChatRequest
+
+MAX_TOKENS = 1 << 32  # max_tokens, reasoning_budget, max_seq_len: beyond any cache
+MAX_TOP_K = 1 << 20  # larger than any vocabulary
+SEED_MIN, SEED_MAX = -(1 << 63), (1 << 64) - 1  # what torch.Generator.manual_seed takes
+MAX_STOPS = 16
+MAX_STOP_CHARS = 4096  # the stop cutter holds back up to this many characters
+MAX_REPETITION_PERIOD = 1024  # the detector does O(max_period) work per generated token
+MAX_REPETITION_TAIL = 1 << 20
+MAX_REPETITION_REPEATS = 1024
+
+# Names the chat template call itself uses: a request's chat_template_kwargs must not override
+# them (``messages``, ``tools``, ``add_generation_prompt`` ... would break or hijack the render).
+RESERVED_TEMPLATE_KWARGS = frozenset({
+    "messages", "conversation", "tools", "documents", "chat_template", "add_generation_prompt",
+    "continue_final_message", "tokenize", "padding", "truncation", "max_length", "return_tensors",
+    "return_dict", "return_assistant_tokens_mask", "tokenizer_kwargs",
+})
+
+
+def _int_in(value, low: int, high: int, param: str) -> None:
+    if value is None:
+        return
+    if not isinstance(value, int) or isinstance(value, bool) or not low <= value <= high:
+        raise InvalidRequest(f"{param} must be an integer from {low} to {high}, got {value!r}", param=param)
+
+
+def check_template_kwargs(kwargs) -> None:
+    if kwargs is None:
+        return
+    if not isinstance(kwargs, dict):
+        raise InvalidRequest("chat_template_kwargs must be an object", param="chat_template_kwargs")
+    reserved = sorted(k for k in kwargs if k in RESERVED_TEMPLATE_KWARGS)
+    if reserved:
+        raise InvalidRequest(f"chat_template_kwargs may not set {', '.join(map(repr, reserved))}: the server "
+                             "sets them itself", param="chat_template_kwargs")
+
+
+def check_request(req: ChatRequest) -> None:
+    """Raise ``InvalidRequest`` (naming the field) for a value outside the bounds above."""
+    sp = req.sampling
+    for name, value, low, high in (("temperature", sp.temperature, 0.0, 2.0), ("top_p", sp.top_p, 0.0, 1.0)):
+        if not isinstance(value, (int, float)) or not math.isfinite(value) or not low <= value <= high:
+            raise InvalidRequest(f"{name} must be a number from {low} to {high}, got {value!r}", param=name)
+    if sp.top_p <= 0:
+        raise InvalidRequest("top_p must be more than 0", param="top_p")
+    _int_in(sp.top_k, 0, MAX_TOP_K, "top_k")
+    _int_in(sp.seed, SEED_MIN, SEED_MAX, "seed")
+    _int_in(sp.max_tokens, 1, MAX_TOKENS, "max_tokens")
+    _int_in(req.reasoning_budget, 0, MAX_TOKENS, "reasoning_budget")
+    if len(sp.stop) > MAX_STOPS or any(not isinstance(s, str) or len(s) > MAX_STOP_CHARS for s in sp.stop):
+        raise InvalidRequest(f"stop: at most {MAX_STOPS} strings of at most {MAX_STOP_CHARS} characters",
+                             param="stop")
+    rep = req.repetition
+    if rep is not None:
+        _int_in(rep.tail_len, 2, MAX_REPETITION_TAIL, "repetition_detection.tail_len")
+        _int_in(rep.min_repeats, 2, MAX_REPETITION_REPEATS, "repetition_detection.min_repeats")
+        _int_in(rep.max_period, 1, MAX_REPETITION_PERIOD, "repetition_detection.max_period")
+    check_template_kwargs(req.chat_template_kwargs)
