@@ -8,3 +8,27 @@ def default_model():
     from superlinear.model import load_model
 
     return load_model("default")
+
+
+@pytest.fixture(scope="session")
+def tiny_llama(tmp_path_factory):
+    """A tiny random llama with the default model's tokenizer (``sessions_tiny``): for servers
+    whose tests need real model code but not the default model's speed or text."""
+    from sessions_tiny import write_tiny_llama_with_default_tokenizer
+
+    return write_tiny_llama_with_default_tokenizer(tmp_path_factory.mktemp("tiny") / "tiny-llama")
+
+
+@pytest.fixture(scope="session")
+def tiny_server(tiny_llama):
+    """One real server on ``tiny_llama`` with a small memory budget, shared by the bad-input
+    sweep and the memory-budget tests (a server start costs seconds)."""
+    import shutil
+
+    from server_helpers import TINY_BUDGET, TINY_MAX_SEQ_LEN, start_server
+
+    server = start_server(api_key=None, extra_args=("--model", str(tiny_llama), "--memory-budget", str(TINY_BUDGET),
+                                                    "--max-seq-len", str(TINY_MAX_SEQ_LEN)))
+    yield server
+    server.stop()
+    shutil.rmtree(server.tmp, ignore_errors=True)

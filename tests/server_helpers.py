@@ -23,6 +23,8 @@ import httpx
 
 API_KEY = "test-key-123"
 MAX_CONCURRENCY = 4
+TINY_BUDGET = 32 << 20  # the memory budget of conftest's ``tiny_server``
+TINY_MAX_SEQ_LEN = 64  # its default max_seq_len: every generation there stays short
 
 
 def free_port() -> int:

@@ -46,3 +46,12 @@ def write_tiny_llama(path, tokenizer, seed: int = 0) -> Path:
                       tie_word_embeddings=True, bos_token_id=tokenizer.bos_token_id,
                       eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id)
     return _save(LlamaForCausalLM(cfg), cfg, Path(path), tokenizer)
+
+
+def write_tiny_llama_with_default_tokenizer(path) -> Path:
+    """A tiny random llama with the default model's tokenizer and chat template: a real model a
+    server loads in a second and runs a turn on in milliseconds (bad-input sweeps, crash tests)."""
+    from superlinear.model.default import ensure_default
+    from superlinear.model.loaders import load_tokenizer
+
+    return write_tiny_llama(path, load_tokenizer(ensure_default()))

@@ -166,36 +166,36 @@ def persist(store, *, snapshot_id: str, model, session: dict, created_at: str | 
     }
     target = directory if incremental else store._make_tmp()
     written = 0
+    new_files: list[str] = []  # named before they are written: a write cut short is undone too
+
+    def write_tensors(name: str, tensors: dict, metadata: dict) -> dict:
+        new_files.append(name)
+        entry = tensorfile.write_safetensors(target / name, tensors, metadata=metadata)
+        manifest["files"][name] = entry
+        return entry
+
     try:
-        new_files = []
         if position > start:
             name = _segment_name(start, position)
-            entry = tensorfile.write_safetensors(target / name, _segment_tensors(kv, ids, start, position),
-                                                 metadata={"format": "spl-journal-segment",
-                                                           "start": start, "end": position})
+            entry = write_tensors(name, _segment_tensors(kv, ids, start, position),
+                                  {"format": "spl-journal-segment", "start": start, "end": position})
             manifest["segments"].append({"file": name, "start": start, "end": position})
-            manifest["files"][name] = entry
-            new_files.append(name)
             written += entry["bytes"]
         for p in sorted(checkpoints):
             if str(p) in kept_ckpts:
                 continue
             name = f"ckpt-{p:010d}-{secrets.token_hex(4)}.safetensors"
-            entry = tensorfile.write_safetensors(target / name, checkpoints[p],
-                                                 metadata={"format": "spl-journal-checkpoint", "position": p})
+            entry = write_tensors(name, checkpoints[p], {"format": "spl-journal-checkpoint", "position": p})
             manifest["checkpoints"][str(p)] = name
-            manifest["files"][name] = entry
-            new_files.append(name)
             written += entry["bytes"]
         state_name = f"state-{generation:08d}-{secrets.token_hex(4)}.safetensors"
-        entry = tensorfile.write_safetensors(target / state_name, small, metadata={"format": "spl-journal-state"})
-        manifest["files"][state_name] = entry
+        entry = write_tensors(state_name, small, {"format": "spl-journal-state"})
         manifest["state"] = state_name
         meta_name = f"meta-{generation:08d}-{secrets.token_hex(4)}.json"
+        new_files.append(meta_name)
         manifest["files"][meta_name] = tensorfile.write_bytes(target / meta_name, meta_json)
         manifest["meta"] = meta_name
         written += entry["bytes"] + len(meta_json)
-        new_files += [state_name, meta_name]
         tensorfile.fsync_dir(target)
         store._write_manifest(target, manifest)  # temp file, fsync, atomic rename
         tensorfile.fsync_dir(target)

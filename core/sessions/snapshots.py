@@ -268,8 +268,12 @@ class SnapshotStore:
     def _write_manifest(self, directory: Path, manifest: dict) -> None:
         data = json.dumps(manifest, ensure_ascii=False, indent=2).encode() + b"\n"
         part = directory / f".{MANIFEST}.{secrets.token_hex(4)}"
-        tensorfile.write_bytes(part, data)
-        os.replace(part, directory / MANIFEST)
+        try:
+            tensorfile.write_bytes(part, data)
+            os.replace(part, directory / MANIFEST)
+        except BaseException:
+            part.unlink(missing_ok=True)  # a full disk must not keep what it could not finish
+            raise
 
     def _publish(self, tmp: Path, snapshot_id: str, replace: bool, *, keep_session_state: bool = False) -> None:
         """Rename a complete temporary directory to its final name. ``keep_session_state``:

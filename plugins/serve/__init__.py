@@ -40,15 +40,20 @@ def _exit_on_load_error(server, runtime) -> None:
 
 def check_model_known(spec: str) -> None:
     """Raise ``NotFound`` if no loader knows ``spec``; checked before the port is bound, so a
-    typo costs one error line (exit 2), not a server that starts and stops."""
-    from superlinear.model.loaders import load_model, resolve_loaders
+    typo costs one error line (exit 2), not a server that starts and stops. Asking the loaders
+    (``can_load``) imports no torch, so the port is still bound at once for a good spec."""
+    from superlinear.model.registry import BUILTIN_LOADERS
+    from superlinear.pluginloader import collect
 
-    for loader in resolve_loaders():
+    loaders = [args[0] for _plugin, args, _kwargs in collect("register_model_loaders") if args]
+    for loader in loaders or BUILTIN_LOADERS:
         try:
             if loader.can_load(spec):
                 return
         except Exception:  # noqa: BLE001 - a broken plugin loader: another one may know it
             continue
+    from superlinear.model.loaders import load_model
+
     load_model(spec)  # no loader matches: raises its "unknown model" error, loads nothing
 
 

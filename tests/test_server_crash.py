@@ -1,0 +1,135 @@
+"""kill -9 of a real server at random moments during and right after turns and saves: after a
+restart on the same directories every turn the client got with ``persisted: true`` is in the
+session, every snapshot a client got a 201 for is listed, and every listed snapshot (user
+snapshots and session journals alike) is complete (its files match its manifest)."""
+
+from __future__ import annotations
+
+import functools
+import json
+import os
+import random
+import shutil
+import signal
+import threading
+import time
+
+import httpx
+import pytest
+from server_helpers import start_server
+
+pytestmark = pytest.mark.slow
+
+MAX_SEQ_LEN = "4096"
+SESSION = "crash"
+
+
+class Client:
+    """Turns (plain and streamed) and saves on one session; remembers what was acknowledged."""
+
+    def __init__(self, url: str):
+        self.http = httpx.Client(base_url=url, timeout=120)
+        self.acked: list[tuple[str, str]] = []  # (user text, assistant content) answered persisted
+        self.saved: list[str] = []  # snapshot ids answered 201
+        self.n = 0
+
+    def body(self, text: str, stream: bool) -> dict:
+        return {"messages": [{"role": "user", "content": text}], "session_id": SESSION, "max_tokens": 6,
+                "temperature": 0, "session_mode": "append", "stream": stream}
+
+    def turn(self, stream: bool, on_ack=None) -> None:
+        self.n += 1
+        text = f"Question {self.n}: name a color."
+        if not stream:
+            r = self.http.post("/v1/chat/completions", json=self.body(text, False))
+            assert r.status_code == 200, r.text
+            answer = r.json()
+            assert answer["persisted"] is (r.headers["X-Spl-Persisted"] == "true")
+            if answer["persisted"]:
+                self.acked.append((text, answer["choices"][0]["message"]["content"]))
+                if on_ack:
+                    on_ack()
+            return
+        content = []
+        with self.http.stream("POST", "/v1/chat/completions", json=self.body(text, True)) as r:
+            assert r.status_code == 200
+            for line in r.iter_lines():
+                if not line.startswith("data: ") or line == "data: [DONE]":
+                    continue
+                chunk = json.loads(line[6:])
+                assert "error" not in chunk, chunk
+                for choice in chunk["choices"]:
+                    content.append(choice["delta"].get("content") or "")
+                    if choice["finish_reason"] is not None and chunk.get("persisted"):
+                        self.acked.append((text, "".join(content)))
+                        if on_ack:
+                            on_ack()
+                            return
+
+    def save(self) -> None:
+        r = self.http.post(f"/v1/sessions/{SESSION}/save", json={"title": f"save {self.n}"})
+        assert r.status_code == 201, r.text
+        self.saved.append(r.json()["id"])
+
+    def work(self, stop: threading.Event) -> None:
+        """Turns and saves until the server goes away."""
+        i = 0
+        try:
+            while not stop.is_set():
+                if i % 3 == 2:
+                    self.save()
+                else:
+                    self.turn(stream=i % 2 == 1)
+                i += 1
+        except (httpx.TransportError, httpx.RemoteProtocolError):
+            return
+
+
+def kill(server) -> None:
+    os.kill(server.proc.pid, signal.SIGKILL)
+    server.proc.wait(30)
+
+
+def check_nothing_lost(server, client: Client) -> None:
+    from superlinear.sessions import SnapshotStore
+
+    with server.http() as c:
+        messages = c.get(f"/v1/sessions/{SESSION}/history").json()["messages"]
+        pairs = [(messages[i]["content"], messages[i + 1]["content"]) for i in range(len(messages) - 1)
+                 if messages[i]["role"] == "user" and messages[i + 1]["role"] == "assistant"]
+        found = iter(pairs)
+        for turn in client.acked:  # in order; turns the client was not told about may be there too
+            assert any(turn == pair for pair in found), (turn, pairs)
+        listed = {s["id"] for s in c.get("/v1/snapshots", params={"all": "true"}).json()["data"]}
+    assert set(client.saved) <= listed
+    store = SnapshotStore(server.tmp / "snapshots", cleanup=False)
+    for snapshot_id in listed:
+        store.verify(snapshot_id)  # every file there, sizes and SHA-256 as the manifest says
+
+
+def test_kill_9_never_loses_an_acknowledged_turn(tiny_llama):
+    rng = random.Random(11)
+    args = ("--model", str(tiny_llama), "--max-seq-len", MAX_SEQ_LEN)  # restarts in a second or two
+    server = start_server(api_key=None, extra_args=args)
+    try:
+        client = Client(server.url)
+        client.turn(stream=False)
+        for moment in ("after a reply", "at random", "after a streamed reply"):
+            if moment != "at random":  # the moment the client has its answer (0 ms after the reply)
+                client.turn(stream="streamed" in moment, on_ack=functools.partial(kill, server))
+                assert server.proc.poll() is not None
+            else:  # at a random moment of a stream of turns and saves
+                stop = threading.Event()
+                worker = threading.Thread(target=client.work, args=(stop,))
+                worker.start()
+                time.sleep(rng.uniform(0.2, 1.5))
+                kill(server)
+                stop.set()
+                worker.join(60)
+            server = start_server(api_key=None, extra_args=args, tmp=server.tmp)
+            client.http = httpx.Client(base_url=server.url, timeout=120)
+            check_nothing_lost(server, client)
+        assert len(client.acked) >= 3
+    finally:
+        server.stop()
+        shutil.rmtree(server.tmp, ignore_errors=True)
