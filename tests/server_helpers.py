@@ -71,13 +71,17 @@ class RunningServer:
 
 
 def start_server(api_key: str | None = API_KEY, max_concurrency: int = MAX_CONCURRENCY,
-                 extra_args: tuple[str, ...] = (), tmp: Path | None = None) -> RunningServer:
-    """Start `spl serve`; ``tmp`` reuses the directories of an earlier server (a restart)."""
+                 extra_args: tuple[str, ...] = (), tmp: Path | None = None,
+                 file_size_limit: int | None = None) -> RunningServer:
+    """Start `spl serve`; ``tmp`` reuses the directories of an earlier server (a restart).
+    ``file_size_limit``: no file the server writes may grow past this many bytes (RLIMIT_FSIZE:
+    the kernel fails the write with EFBIG, as a full disk fails it with ENOSPC)."""
     tmp = Path(tmp) if tmp is not None else Path(tempfile.mkdtemp(prefix="spl-server-test-"))
     port = free_port()
     env = dict(os.environ)
+    (tmp / "tmp").mkdir(exist_ok=True)  # the server's temporary files (uploads, exports): tests look for leaks
     env.update({"SPL_STATE_DIR": str(tmp / "state"), "SUPERLINEAR_SNAPSHOT_DIR": str(tmp / "snapshots"),
-                "PYTHONUNBUFFERED": "1"})
+                "TMPDIR": str(tmp / "tmp"), "PYTHONUNBUFFERED": "1"})
     env.pop("SPL_API_KEY", None)
     args = [sys.executable, "-m", "superlinear.cli.main", "serve", "--port", str(port),
             "--max-concurrency", str(max_concurrency), "--max-seq-len", "2048", *extra_args]
@@ -85,7 +89,8 @@ def start_server(api_key: str | None = API_KEY, max_concurrency: int = MAX_CONCU
         args += ["--api-key", api_key]
     log = tmp / f"server-{port}.log"
     with open(log, "wb") as out:
-        proc = subprocess.Popen(args, stdout=out, stderr=subprocess.STDOUT, env=env)
+        proc = subprocess.Popen(args, stdout=out, stderr=subprocess.STDOUT, env=env,
+                                preexec_fn=_limit_files(file_size_limit) if file_size_limit else None)
     server = RunningServer(f"http://127.0.0.1:{port}", api_key, proc, tmp, log)
     deadline = time.monotonic() + 300
     while True:
@@ -100,6 +105,15 @@ def start_server(api_key: str | None = API_KEY, max_concurrency: int = MAX_CONCU
             server.stop()
             raise RuntimeError(f"spl serve did not get ready: {log.read_text()[-3000:]}")
         time.sleep(0.2)
+
+
+def _limit_files(limit: int):
+    def apply() -> None:
+        import resource
+
+        resource.setrlimit(resource.RLIMIT_FSIZE, (limit, limit))  # Python ignores SIGXFSZ: writes fail
+
+    return apply
 
 
 _shared: RunningServer | None = None

@@ -130,3 +130,14 @@ def test_server_connect(spl, server, monkeypatch, tmp_path):
     assert code == 0 and "sessions" in json.loads(out), err
     code, out, _ = spl("server", "connect", "--forget")
     assert code == 0 and "127.0.0.1:8787" in out
+
+
+def test_import_of_a_file_that_is_no_export_names_that_file(spl, tmp_path):
+    """The server only sees an upload; the CLI's one line names the user's file, in full."""
+    text = tmp_path / "hostname"
+    text.write_text("myhost\n")
+    code, out, err = spl("snapshot", "import", str(text))
+    assert code == 2 and len(err.strip().splitlines()) == 1, err
+    assert err.strip() == (f"spl: error: {text} is not a snapshot export (not a tar file made by "
+                           "`spl snapshot export`)"), err
+    assert "spl-import-" not in err

@@ -133,3 +133,39 @@ def test_kill_9_never_loses_an_acknowledged_turn(tiny_llama):
     finally:
         server.stop()
         shutil.rmtree(server.tmp, ignore_errors=True)
+
+
+def test_persist_failures_are_reported_and_the_last_good_state_kept(tiny_llama):
+    """Writes that fail (a file may not grow: EFBIG, the way a full disk fails with ENOSPC): the
+    turn still answers, with ``persisted: false`` and why; /health and the session info say so;
+    a graceful restart finds the session as of its last good persist, not gone."""
+    args = ("--model", str(tiny_llama), "--max-seq-len", MAX_SEQ_LEN)
+    server = start_server(api_key=None, extra_args=args, file_size_limit=256 << 10)
+    try:
+        with server.http() as c:
+            assert turn_on(c, "Hi")["persisted"] is True  # a small journal: fits
+            good = c.get("/v1/sessions/full").json()
+            big = turn_on(c, "word " * 800)  # its KV rows need a bigger file than may be written
+            assert big["persisted"] is False and big["persist_error"]["code"] == "snapshot_write_failed"
+            assert "too large" in big["persist_error"]["message"]
+            assert c.get("/health").json()["persist"]["failing_sessions"] == ["full"]
+            info = c.get("/v1/sessions/full").json()
+            assert info["persisted_position"] == good["position"] < info["position"] and info["persist_error"]
+            assert turn_on(c, "Still there?")["persisted"] is False  # retried, still failing: still said
+        server.stop()  # graceful: persist_all fails the same way; the journal keeps its good state
+        server = start_server(api_key=None, extra_args=args, tmp=server.tmp)
+        with server.http() as c:
+            history = c.get("/v1/sessions/full/history").json()["messages"]
+            assert [m["content"] for m in history if m["role"] == "user"] == ["Hi"]
+            assert turn_on(c, "Back")["persisted"] is True
+            assert c.get("/health").json()["persist"]["ok"] is True
+    finally:
+        server.stop()
+        shutil.rmtree(server.tmp, ignore_errors=True)
+
+
+def turn_on(c: httpx.Client, text: str) -> dict:
+    r = c.post("/v1/chat/completions", json={"messages": [{"role": "user", "content": text}], "session_id": "full",
+                                             "max_tokens": 2, "temperature": 0, "session_mode": "append"})
+    assert r.status_code == 200, r.text
+    return r.json()

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import threading
 import time
 
@@ -33,6 +34,65 @@ def _is_openai_error(r: httpx.Response, status: int) -> dict:
 def test_health_needs_no_key(server):
     r = httpx.get(server.url + "/health")
     assert r.status_code == 200 and r.json()["status"] == "ok" and r.json()["model"] == "default"
+    memory = r.json()["memory"]  # no --memory-budget: the default, a fraction of the free memory
+    assert isinstance(memory["budget"], int) and 0 <= memory["used"] <= memory["budget"]
+    assert r.json()["persist"] == {"mode": "turn", "ok": True, "failing_sessions": [], "error": None}
+
+
+def test_answers_say_whether_the_turn_is_persisted(http):
+    body = {"messages": [user("Hi")], "session_id": "durable", "max_tokens": 2, "temperature": 0}
+    r = http.post("/v1/chat/completions", json=body)
+    assert r.status_code == 200 and r.json()["persisted"] is True and r.headers["X-Spl-Persisted"] == "true"
+    info = http.get("/v1/sessions/durable").json()
+    assert info["persisted_position"] == info["position"] > 0 and info["persist_error"] is None
+    with http.stream("POST", "/v1/chat/completions", json={**body, "stream": True}) as s:
+        chunks = [json.loads(line[6:]) for line in s.iter_lines()
+                  if line.startswith("data: {")]
+    final = [c for c in chunks if c["choices"] and c["choices"][0]["finish_reason"]]
+    assert len(final) == 1 and final[0]["persisted"] is True
+    info = http.get("/v1/sessions/durable").json()
+    assert info["persisted_position"] == info["position"]
+    r = http.post("/v1/chat/completions", json={"messages": [user("Hi")], "max_tokens": 2, "temperature": 0})
+    assert "persisted" not in r.json()  # no session: nothing is kept, nothing to say
+
+
+def test_a_live_session_journal_is_protected(server, http):
+    """Deleting, changing, exporting or replacing (import) a live session's own journal from
+    outside would leave the session naming files it lost: 409, and the session goes on."""
+    r = http.post("/v1/chat/completions", json={"messages": [user("Hi")], "session_id": "guarded",
+                                                "max_tokens": 2, "temperature": 0})
+    assert r.status_code == 200
+    journal = http.get("/v1/sessions/guarded").json()["state_snapshot"]
+    assert journal
+    for method, path, kwargs in (("DELETE", f"/v1/snapshots/{journal}", {}),
+                                 ("PATCH", f"/v1/snapshots/{journal}", {"json": {"title": "x"}}),
+                                 ("GET", f"/v1/snapshots/{journal}/export", {})):
+        err = _is_openai_error(http.request(method, path, **kwargs), 409)
+        assert "guarded" in err["message"]
+    snap = http.post("/v1/sessions/guarded/save", json={}).json()["id"]
+    export = http.get(f"/v1/snapshots/{snap}/export").content
+    r = http.post("/v1/snapshots/import", params={"snapshot_id": journal, "replace": "true"}, content=export)
+    _is_openai_error(r, 409)
+    for tags in (["spl:session-state"], ["spl:x"]):
+        _is_openai_error(http.post("/v1/sessions/guarded/save", json={"tags": tags}), 400)
+        _is_openai_error(http.patch(f"/v1/snapshots/{snap}", json={"tags": tags}), 400)
+    r = http.post("/v1/chat/completions", json={"messages": [user("Again")], "session_id": "guarded",
+                                                "max_tokens": 2, "temperature": 0})
+    assert r.status_code == 200 and r.json()["persisted"] is True
+    assert len(http.get("/v1/sessions/guarded/history").json()["messages"]) == 4
+    assert http.delete("/v1/sessions/guarded").status_code == 200
+    assert http.get(f"/v1/snapshots/{journal}").status_code == 404  # deleted with its session
+
+
+def test_a_failed_export_leaves_no_temporary_files(server, http):
+    http.post("/v1/sessions", json={"session_id": "leak"})
+    snap = http.post("/v1/sessions/leak/save", json={}).json()["id"]
+    tensors = server.tmp / "snapshots" / snap / "tensors.safetensors"
+    tensors.write_bytes(tensors.read_bytes()[:-1] + b"\x00")  # damaged on disk
+    for _ in range(3):
+        err = _is_openai_error(http.get(f"/v1/snapshots/{snap}/export"), 400)
+        assert err["code"] == "snapshot_corrupted"
+    assert [p.name for p in (server.tmp / "tmp").iterdir() if p.name.startswith("spl-")] == []
 
 
 def test_auth(server):

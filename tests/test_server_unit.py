@@ -187,7 +187,9 @@ def loading_app():
 def test_app_auth_validation_and_loading(loading_app):
     client, rt = loading_app
     auth = {"Authorization": "Bearer k"}
-    assert client.get("/health").json()["status"] == "loading"
+    health = client.get("/health")  # readiness probes read the status code: not ready while loading
+    assert health.status_code == 503 and health.json()["status"] == "loading" and health.json()["progress"]
+    assert health.headers["Retry-After"] == "1"
     r = client.get("/v1/sessions")
     assert r.status_code == 401 and r.json()["error"]["type"] == "authentication_error"
     r = client.post("/v1/chat/completions", content=b"{bad", headers=auth)
@@ -200,3 +202,50 @@ def test_app_auth_validation_and_loading(loading_app):
     assert r.status_code == 404 and set(r.json()["error"]) == {"message", "type", "param", "code"}
     r = client.delete("/health")
     assert r.status_code == 405 and "error" in r.json()
+
+
+def test_health_is_503_after_a_failed_load(tmp_path, monkeypatch):
+    """A model that cannot load: /health answers 503 with the error (never 200), the API 503."""
+    import time
+
+    from fastapi.testclient import TestClient
+
+    from superlinear.plugins.client.options import ServeOptions
+    from superlinear.plugins.serve.app import create_app
+    from superlinear.plugins.serve.runtime import Runtime
+
+    broken = tmp_path / "broken-model"
+    broken.mkdir()
+    (broken / "config.json").write_text("{not json")
+    monkeypatch.setenv("SUPERLINEAR_SNAPSHOT_DIR", str(tmp_path / "snaps"))
+    rt = Runtime(ServeOptions(model=str(broken)))
+    with TestClient(create_app(rt), raise_server_exceptions=False) as client:  # lifespan: loads
+        deadline = time.monotonic() + 60
+        while rt.status == "loading" and time.monotonic() < deadline:
+            time.sleep(0.05)
+        r = client.get("/health")
+        assert r.status_code == 503 and r.json()["status"] == "error" and r.json()["error"]
+        r = client.get("/v1/sessions")
+        assert r.status_code == 503 and "failed to load" in r.json()["error"]["message"]
+
+
+def test_json_guards_name_the_field():
+    from superlinear.plugins.serve.schemas import ChatCompletionRequest, parse_body
+
+    def err(raw: bytes) -> InvalidRequest:
+        with pytest.raises(InvalidRequest) as e:
+            parse_body(raw, ChatCompletionRequest)
+        return e.value
+
+    base = b'{"messages": [{"role": "user", "content": %s}]%s}'
+    assert err(base % (rb'"\ud800"', b"")).param == "messages.0.content"  # a lone surrogate
+    assert "nested too deeply" in err(b"[" * 100_000 + b"]" * 100_000).message
+    assert "nested too deeply" in err(base % (b'"x"', b', "chat_template_kwargs": {"a": ' + b"[" * 70 + b"]" * 70
+                                             + b"}")).message
+    assert err(base % (b'"x"', b', "temperature": NaN')).code == "invalid_json"
+    assert err(base % (b'"x"', b', "top_p": 1e999')).param == "top_p"
+    e = err(base % (b'"x"', b', "repetition_detection": {"max_period": 10000000000000}'))
+    assert e.param == "repetition_detection.max_period" and "1024" in e.message
+    e = err(base % (b'"x"', b', "chat_template_kwargs": {"add_generation_prompt": false}'))
+    assert e.param == "chat_template_kwargs" and "add_generation_prompt" in e.message
+    assert err(base % (b'"x"', b', "seed": 18446744073709551616')).param == "seed"

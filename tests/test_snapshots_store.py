@@ -412,3 +412,89 @@ def test_views_into_a_preallocated_cache_are_written_without_a_copy(store):
     _, _, tensors = store.read("v")
     assert torch.equal(tensors["kv"], view) and torch.equal(tensors["odd"], odd)
     assert torch.equal(tensors["step"], torch.arange(0, 20, 2))
+
+
+def test_reserved_tags_are_refused_and_dropped_on_import(store, tmp_path):
+    from superlinear.sessions.snapshots import SESSION_STATE_TAG
+
+    for tags in ([SESSION_STATE_TAG], ["ok", "spl:anything"], SESSION_STATE_TAG):
+        with pytest.raises(InvalidRequest, match="reserved") as e:
+            save(store, tags=tags)
+        assert e.value.param == "tags"
+    save(store, snapshot_id="mine", tags=["ok"])
+    for change in ({"tags": [SESSION_STATE_TAG]}, {"add_tags": ["spl:x"]}):
+        with pytest.raises(InvalidRequest, match="reserved"):
+            store.patch("mine", **change)
+    assert store.get("mine")["tags"] == ["ok"]
+    # a file carrying the tag (an exported session journal, or edited by hand) imports as a user snapshot
+    path = store.export("mine", tmp_path)
+    with tarfile.open(path) as tar:
+        files = {m.name.split("/")[1]: tar.extractfile(m).read() for m in tar if m.isfile()}
+    manifest = json.loads(files[MANIFEST])
+    manifest["tags"] = ["ok", SESSION_STATE_TAG]
+    files[MANIFEST] = json.dumps(manifest).encode()
+    tagged = tmp_path / "tagged.tar"
+    _tar_with(tagged, {f"mine/{k}": v for k, v in files.items()})
+    assert store.import_(tagged, snapshot_id="imported")["tags"] == ["ok"]
+    assert store.get("imported")["tags"] == ["ok"] and store.list(tag=SESSION_STATE_TAG) == []
+
+
+def test_import_never_replaces_a_session_state(store, tmp_path):
+    """``replace=True`` onto a session's own journal would leave the live session writing
+    manifests that name files it lost: refused (409), the journal untouched."""
+    from superlinear.sessions import journal
+
+    save(store, snapshot_id="user")
+    state = save(store, snapshot_id="session-s1")
+    manifest = dict(state, tags=["spl:session-state"], format=journal.FORMAT)
+    store._write_manifest(store.root / "session-s1", manifest)  # as the session journal writes it
+    path = store.export("user", tmp_path)
+    with pytest.raises(Conflict, match="saved state of a session"):
+        store.import_(path, snapshot_id="session-s1", replace=True)
+    assert store.get("session-s1")["tags"] == ["spl:session-state"]
+    assert store.import_(path, snapshot_id="user", replace=True)["id"] == "user"  # a user snapshot: replaced
+
+
+def test_import_errors_name_the_file_in_one_line(store, tmp_path):
+    text = tmp_path / "hostname"
+    text.write_text("myhost\n")
+    for name, expect in ((None, str(text)), ("the upload", "the upload")):
+        with pytest.raises(CorruptSnapshot) as e:
+            store.import_(text, name=name)
+        assert e.value.message.startswith(f"{expect} is not a snapshot export") and "\n" not in e.value.message
+
+
+@pytest.fixture
+def read_only_store(tmp_path):
+    """A store whose directory cannot be written: a read-only bind mount (root), or no write
+    permission (anyone else)."""
+    root = tmp_path / "ro"
+    store = SnapshotStore(root)
+    save(store, snapshot_id="s")
+    if os.geteuid() != 0:
+        root.chmod(0o555)
+        (root / "s").chmod(0o555)
+        yield store
+        (root / "s").chmod(0o755)
+        root.chmod(0o755)
+        return
+    mounted = subprocess.run(["mount", "--bind", str(root), str(root)], capture_output=True).returncode == 0
+    if not mounted or subprocess.run(["mount", "-o", "remount,bind,ro", str(root)],
+                                     capture_output=True).returncode != 0:
+        if mounted:
+            subprocess.run(["umount", str(root)])
+        pytest.skip("root without the right to mount: cannot make a directory read-only")
+    try:
+        yield store
+    finally:
+        subprocess.run(["umount", str(root)], check=True)
+
+
+def test_delete_and_patch_on_a_read_only_disk_are_503(read_only_store):
+    from superlinear.errors import Unavailable
+
+    for action in (lambda: read_only_store.delete("s"), lambda: read_only_store.patch("s", title="new")):
+        with pytest.raises(Unavailable) as e:
+            action()
+        assert e.value.http_status == 503 and e.value.code == "snapshot_write_failed"
+    assert read_only_store.get("s")["title"] == ""  # unchanged, still there

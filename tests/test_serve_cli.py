@@ -1,0 +1,21 @@
+"""`spl serve` with a model spec no loader knows: one error line and exit 2, before the port
+is bound (no uvicorn start-up lines)."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+
+from server_helpers import free_port
+
+
+def test_serve_unknown_model_fails_before_binding(tmp_path):
+    env = dict(os.environ, SPL_STATE_DIR=str(tmp_path / "state"), SUPERLINEAR_SNAPSHOT_DIR=str(tmp_path / "s"))
+    r = subprocess.run([sys.executable, "-m", "superlinear.cli.main", "serve", "--model", "nope", "--port",
+                        str(free_port())], capture_output=True, text=True, env=env, timeout=120)
+    assert r.returncode == 2, (r.stdout, r.stderr)
+    assert r.stderr.strip().splitlines() == [
+        "spl: error: unknown model 'nope': use `default`, a local model directory (config.json + safetensors + "
+        "tokenizer) or a hub id like org/name (`spl models list`)"], r.stderr
+    assert r.stdout == ""  # no "serving …", no uvicorn lines: nothing was started
