@@ -296,3 +296,85 @@ def test_named_tool_choice_forces_the_call(tokenizer):
     conv = Conversation(FakeModel(tokenizer), 4096)
     _, d = _run(conv, [{"role": "user", "content": "Weather?"}], tools=tools, tool_choice="none")
     assert conv.tools is None and "tool_calls" not in d.message
+
+
+@pytest.mark.parametrize("change,param", [
+    ({"sampling": SamplingParams(seed=2**64)}, "seed"),
+    ({"sampling": SamplingParams(top_k=-1)}, "top_k"),
+    ({"sampling": SamplingParams(temperature=float("nan"))}, "temperature"),
+    ({"sampling": SamplingParams(max_tokens=0)}, "max_tokens"),
+    ({"sampling": SamplingParams(stop=["x" * 5000])}, "stop"),
+    ({"reasoning_budget": 2**70}, "reasoning_budget"),
+    ({"repetition": "big"}, "repetition_detection.max_period"),
+    ({"chat_template_kwargs": {"add_generation_prompt": False}}, "chat_template_kwargs"),
+    ({"chat_template_kwargs": {"messages": []}}, "chat_template_kwargs"),
+])
+def test_out_of_bounds_requests_are_refused_before_any_work(tokenizer, change, param):
+    """Library callers get the server's bounds too: nothing allocated (a max_period of 1e13 would
+    be a list of that length), nothing prefilled, the conversation as it was."""
+    from superlinear.engine import RepetitionConfig
+    from superlinear.errors import InvalidRequest
+
+    if change.get("repetition") == "big":
+        change = {"repetition": RepetitionConfig(max_period=10**13)}
+    model = FakeModel(tokenizer)
+    conv = Conversation(model, 256)
+    _run(conv, [{"role": "user", "content": "hi"}])
+    before = (conv.token_ids, conv.transcript, model.prefilled)
+    request = ChatRequest(messages=conv.transcript + [{"role": "user", "content": "again"}], **change)
+    with pytest.raises(InvalidRequest) as e:
+        list(run_turn(conv, request))
+    assert e.value.param == param
+    assert (conv.token_ids, conv.transcript, model.prefilled) == before
+
+
+class _Guard:
+    """A memory guard (``Conversation.memory``) that allows ``limit`` cached tokens."""
+
+    def __init__(self, limit: int):
+        self.limit = limit
+        self.asked: list[int] = []
+
+    def reserve(self, conv, position: int) -> None:
+        from superlinear.errors import OverBudget
+
+        self.asked.append(position)
+        if position > self.limit:
+            raise OverBudget(f"{position} tokens do not fit", param="max_seq_len")
+
+    def room(self, conv) -> int:
+        return self.limit - conv.position
+
+
+def test_memory_guard_refuses_a_prefill_and_ends_a_generation(tokenizer):
+    """The budget is asked before the cache grows (a refusal changes nothing) and bounds how
+    far a generation goes (finish_reason "memory")."""
+    from superlinear.errors import OverBudget
+
+    conv = Conversation(FakeModel(tokenizer), 1024)
+    _run(conv, [{"role": "user", "content": "hi"}])
+    before = (conv.token_ids, conv.transcript)
+    conv.memory = _Guard(conv.position + 5)
+    with pytest.raises(OverBudget):
+        _run(conv, conv.transcript + [{"role": "user", "content": "a long question " * 20}])
+    assert (conv.token_ids, conv.transcript) == before
+    conv.memory = guard = _Guard(conv.position + 60)
+    _, done = _run(conv, conv.transcript + [{"role": "user", "content": "tell me more"}],
+                   sampling=SamplingParams(max_tokens=500))
+    assert done.finish_reason == "memory" and conv.position <= guard.limit
+    assert guard.asked and max(guard.asked) <= guard.limit
+    assert conv.fork().memory is None  # a fork's owner installs its own guard
+
+
+def test_a_template_that_cannot_render_the_request_is_a_400(tokenizer):
+    import copy
+
+    from superlinear.errors import InvalidRequest
+
+    strict = copy.deepcopy(tokenizer)
+    strict.chat_template = ("{% if messages[0]['role'] != 'system' %}{{ raise_exception('the first message "
+                            "must be a system message') }}{% endif %}{{ messages[0]['content'] }}")
+    conv = Conversation(FakeModel(strict), 256)
+    with pytest.raises(InvalidRequest, match="cannot render this request: the first message must be"):
+        _run(conv, [{"role": "user", "content": "hi"}])
+    assert conv.position == 0 and conv.transcript == []

@@ -99,7 +99,8 @@ def server_options(func):
         click.option("--max-concurrency", type=click.IntRange(1), default=16, show_default=True,
                      help="Generations that may wait in the queue; more get HTTP 429."),
         click.option("--memory-budget", type=_Bytes(), default=None,
-                     help="Memory all sessions may hold, e.g. 8GB (unlimited if unset)."),
+                     help="Memory all sessions may hold, e.g. 8GB (default: half the free RAM, 80% of free "
+                          "GPU memory)."),
         click.option("--device", default=None, help="cpu, cuda, cuda:1 ... (auto if unset)."),
         click.option("--persist", type=click.Choice(["turn", "shutdown"]), default="turn", show_default=True,
                      help="When sessions reach disk: after every turn (a crash loses at most the turn in "
