@@ -226,7 +226,7 @@ def test_health_is_503_after_a_failed_load(tmp_path, monkeypatch):
         r = client.get("/health")
         assert r.status_code == 503 and r.json()["status"] == "error" and r.json()["error"]
         r = client.get("/v1/sessions")
-        assert r.status_code == 503 and "failed to load" in r.json()["error"]["message"]
+        assert r.status_code == 503 and "failed to start (loading model" in r.json()["error"]["message"]
 
 
 def test_json_guards_name_the_field():

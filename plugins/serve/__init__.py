@@ -32,7 +32,7 @@ def build_app(options: ServeOptions):
 
 def _exit_on_load_error(server, runtime) -> None:
     def stop(error: str) -> None:
-        print(f"spl: error: cannot load model {runtime.options.model!r}: {error}", flush=True)
+        print(f"spl: error: {runtime.failed_step or 'starting'} failed: {error}", flush=True)
         server.should_exit = True
 
     runtime.on_load_error = stop

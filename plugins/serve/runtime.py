@@ -39,6 +39,7 @@ class Runtime:
         self.status = "loading"  # loading | ok | error | stopping
         self.progress = f"loading model {options.model}"
         self.error: str | None = None
+        self.failed_step: str | None = None  # what was being done when the start-up failed
         self.started_at = time.time()
         self.ready_at: float | None = None
         self.model = None
@@ -61,7 +62,9 @@ class Runtime:
             self.worker.call(self._load_on_worker)
         except BaseException as exc:  # noqa: BLE001 - reported by /health and the log
             self.status = "error"
-            self.error = f"{type(exc).__name__}: {exc}".splitlines()[0]
+            self.failed_step = self.progress
+            message = getattr(exc, "message", None) or f"{type(exc).__name__}: {exc}"
+            self.error = message.splitlines()[0] if message.strip() else type(exc).__name__
             log.error("spl: loading the model failed: %s", self.error)
             if os.environ.get("SPL_TRACE") == "1":
                 log.exception("traceback")
@@ -85,6 +88,7 @@ class Runtime:
         self.model = load_model(o.model, **kwargs)
         self.progress = "opening the snapshot store"
         self.store = SnapshotStore()
+        self.progress = "setting up the sessions (memory budget, max_seq_len)"
         # No --memory-budget: a fraction of the device's free memory (SessionManager's "auto").
         # Past it, idle sessions are evicted to disk when their journal is kept current anyway
         # (--persist turn: eviction writes little or nothing); with --persist shutdown the
@@ -127,7 +131,7 @@ class Runtime:
         if self.status == "ok":
             return
         if self.status == "error":
-            raise Unavailable(f"the model failed to load: {self.error}")
+            raise Unavailable(f"the server failed to start ({self.failed_step}): {self.error}")
         if self.status == "stopping":
             raise Unavailable("the server is shutting down")
         raise Unavailable(f"the model is still loading: {self.loading_progress()}; retry shortly",
