@@ -23,7 +23,7 @@ import httpx
 
 API_KEY = "test-key-123"
 MAX_CONCURRENCY = 4
-TINY_BUDGET = 32 << 20  # the memory budget of conftest's ``tiny_server``
+TINY_BUDGET = 8 << 20  # the memory budget of conftest's ``tiny_server`` (~28 of its sessions)
 TINY_MAX_SEQ_LEN = 64  # its default max_seq_len: every generation there stays short
 
 
