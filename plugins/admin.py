@@ -505,10 +505,15 @@ def session_rollback_command(session_id, n_messages, as_json) -> None:
 
 @session_group.command("resize")
 @click.argument("session_id", shell_complete=complete_session_ids)
-@click.argument("max_seq_len", type=click.IntRange(1))
+@click.argument("max_seq_len", type=click.IntRange(1), required=False)
+@click.option("--max-seq-len", "max_seq_len_option", type=click.IntRange(1), default=None,
+              help="The new length (the same as the MAX_SEQ_LEN argument; error messages use this form).")
 @_json_option
-def session_resize_command(session_id, max_seq_len, as_json) -> None:
-    """Change a session's max_seq_len without losing its state."""
+def session_resize_command(session_id, max_seq_len, max_seq_len_option, as_json) -> None:
+    """Change a session's max_seq_len without losing its state: `spl session resize ID N`."""
+    if (max_seq_len is None) == (max_seq_len_option is None):
+        raise click.UsageError("give the new length once: `spl session resize ID N` (or --max-seq-len N)")
+    max_seq_len = max_seq_len or max_seq_len_option
     _emit(dispatch(SessionResize(session_id=session_id, max_seq_len=max_seq_len)), as_json,
           lambda r: f"session {session_id}: max_seq_len {r.get('max_seq_len')} ({format_bytes(r.get('bytes'))})")
 
