@@ -12,7 +12,10 @@ $(VENV)/.setup-done: pyproject.toml scripts/setup.sh
 setup: $(VENV)/.setup-done
 
 # The main job: ask the embedded default model one question through a local spl server
-# (started in the background if none is running; `spl server stop` stops it).
+# (started in the background if none of yours is running; `spl server stop` stops it).
+# Its port: `make run SPL_PORT=9000` (make passes it on as $SPL_PORT), else [server] port in
+# ~/.config/spl/config.toml, else 8787 (or a free one if 8787 belongs to someone else). The
+# port is remembered in the state dir, so later `spl` commands and `make run` use that server.
 run: setup
 	$(SPL) chat --temp 0 --once "What is the capital of France?"
 

@@ -47,6 +47,9 @@ def fail(message: str, code: int = USAGE_EXIT) -> None:
 
 
 def main(argv: list[str] | None = None) -> None:
+    if os.environ.get("_SPL_COMPLETE"):
+        # A shell asks for completions on Tab: whatever goes wrong, nothing may reach the terminal.
+        sys.stderr = open(os.devnull, "w")  # noqa: SIM115 - for the rest of this short process
     cli = build_cli()
     try:
         result = cli.main(args=argv, prog_name="spl", standalone_mode=False)

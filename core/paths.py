@@ -35,3 +35,13 @@ def state_dir() -> Path:
 def workspaces_dir() -> Path:
     """RAG workspaces (chunks, bm25 index, file hashes)."""
     return cache_dir() / "workspaces"
+
+
+def config_file() -> Path:
+    """The config file (TOML): ``$SPL_CONFIG`` or ``$XDG_CONFIG_HOME/spl/config.toml``
+    (default ``~/.config/spl/config.toml``)."""
+    override = os.environ.get("SPL_CONFIG")
+    if override:
+        return Path(override)
+    base = os.environ.get("XDG_CONFIG_HOME") or str(Path.home() / ".config")
+    return Path(base) / "spl" / "config.toml"

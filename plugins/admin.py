@@ -25,6 +25,7 @@ import click
 from superlinear.bus import Command, Context, dispatch
 from superlinear.errors import InvalidRequest, NotFound, UserError
 from superlinear.hookspecs import hookimpl
+from superlinear.plugins.client.completion import complete_any_ids, complete_session_ids, complete_snapshot_ids
 
 __all__ = [
     "ListAll", "Remove", "SessionNew", "SessionList", "SessionInfo", "SessionHistory", "SessionRemove",
@@ -411,7 +412,7 @@ def _emit(result, as_json: bool, text) -> None:
         click.echo(text(result) if callable(text) else text)
 
 
-_json_option = click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
+_json_option = click.option("--json", "as_json", is_flag=True, help="Print one JSON document.")
 
 
 # ==== click ===================================================================================
@@ -428,7 +429,7 @@ def ls_command(as_json: bool) -> None:
 
 
 @click.command("rm")
-@click.argument("ids", nargs=-1, required=True)
+@click.argument("ids", nargs=-1, required=True, shell_complete=complete_any_ids)
 @_json_option
 def rm_command(ids: tuple[str, ...], as_json: bool) -> None:
     """Remove sessions or snapshots by id."""
@@ -459,7 +460,7 @@ def session_ls_command(as_json) -> None:
 
 
 @session_group.command("info")
-@click.argument("session_id")
+@click.argument("session_id", shell_complete=complete_session_ids)
 @_json_option
 def session_info_command(session_id, as_json) -> None:
     """Show one session."""
@@ -467,7 +468,7 @@ def session_info_command(session_id, as_json) -> None:
 
 
 @session_group.command("history")
-@click.argument("session_id")
+@click.argument("session_id", shell_complete=complete_session_ids)
 @click.option("-n", "--last", type=int, default=None, help="Only the last N messages.")
 @_json_option
 def session_history_command(session_id, last, as_json) -> None:
@@ -481,15 +482,16 @@ def session_history_command(session_id, last, as_json) -> None:
 
 
 @session_group.command("rm")
-@click.argument("session_ids", nargs=-1, required=True)
-def session_rm_command(session_ids) -> None:
+@click.argument("session_ids", nargs=-1, required=True, shell_complete=complete_session_ids)
+@_json_option
+def session_rm_command(session_ids, as_json) -> None:
     """Close sessions (their state is dropped; save them first to keep it)."""
-    for info in dispatch(SessionRemove(session_ids=tuple(session_ids))):
-        click.echo(f"removed session {info['id']}")
+    _emit(dispatch(SessionRemove(session_ids=tuple(session_ids))), as_json,
+          lambda r: "\n".join(f"removed session {info['id']}" for info in r))
 
 
 @session_group.command("fork")
-@click.argument("session_id")
+@click.argument("session_id", shell_complete=complete_session_ids)
 @click.option("--as", "new_id", default=None, help="Id of the new session.")
 @_json_option
 def session_fork_command(session_id, new_id, as_json) -> None:
@@ -499,7 +501,7 @@ def session_fork_command(session_id, new_id, as_json) -> None:
 
 
 @session_group.command("rollback", context_settings={"ignore_unknown_options": True})
-@click.argument("session_id")
+@click.argument("session_id", shell_complete=complete_session_ids)
 @click.argument("n_messages", type=int)
 @_json_option
 def session_rollback_command(session_id, n_messages, as_json) -> None:
@@ -509,11 +511,16 @@ def session_rollback_command(session_id, n_messages, as_json) -> None:
 
 
 @session_group.command("resize")
-@click.argument("session_id")
-@click.argument("max_seq_len", type=click.IntRange(1))
+@click.argument("session_id", shell_complete=complete_session_ids)
+@click.argument("max_seq_len", type=click.IntRange(1), required=False)
+@click.option("--max-seq-len", "max_seq_len_option", type=click.IntRange(1), default=None,
+              help="The new length (the same as the MAX_SEQ_LEN argument; error messages use this form).")
 @_json_option
-def session_resize_command(session_id, max_seq_len, as_json) -> None:
-    """Change a session's max_seq_len without losing its state."""
+def session_resize_command(session_id, max_seq_len, max_seq_len_option, as_json) -> None:
+    """Change a session's max_seq_len without losing its state: `spl session resize ID N`."""
+    if (max_seq_len is None) == (max_seq_len_option is None):
+        raise click.UsageError("give the new length once: `spl session resize ID N` (or --max-seq-len N)")
+    max_seq_len = max_seq_len or max_seq_len_option
     _emit(dispatch(SessionResize(session_id=session_id, max_seq_len=max_seq_len)), as_json,
           lambda r: f"session {session_id}: max_seq_len {r.get('max_seq_len')} ({format_bytes(r.get('bytes'))})")
 
@@ -532,7 +539,7 @@ def snapshot_ls_command(tag, as_json) -> None:
 
 
 @snapshot_group.command("info")
-@click.argument("snapshot_id")
+@click.argument("snapshot_id", shell_complete=complete_snapshot_ids)
 @_json_option
 def snapshot_info_command(snapshot_id, as_json) -> None:
     """Show one snapshot's manifest."""
@@ -540,7 +547,7 @@ def snapshot_info_command(snapshot_id, as_json) -> None:
 
 
 @snapshot_group.command("save")
-@click.argument("session_id")
+@click.argument("session_id", shell_complete=complete_session_ids)
 @click.option("--title", default=None)
 @click.option("--description", default=None)
 @click.option("--tag", "tags", multiple=True, help="Tag (repeatable).")
@@ -553,8 +560,9 @@ def snapshot_save_command(session_id, title, description, tags, as_json) -> None
 
 
 @snapshot_group.command("load")
-@click.argument("snapshot_id")
-@click.option("--session", "session_id", default=None, help="Session id to load into.")
+@click.argument("snapshot_id", shell_complete=complete_snapshot_ids)
+@click.option("--session", "session_id", default=None, help="Session id to load into.",
+              shell_complete=complete_session_ids)
 @click.option("--force", is_flag=True, help="Replace an existing session's state.")
 @click.option("--max-seq-len", type=click.IntRange(1), default=None)
 @_json_option
@@ -566,15 +574,16 @@ def snapshot_load_command(snapshot_id, session_id, force, max_seq_len, as_json) 
 
 
 @snapshot_group.command("rm")
-@click.argument("snapshot_ids", nargs=-1, required=True)
-def snapshot_rm_command(snapshot_ids) -> None:
+@click.argument("snapshot_ids", nargs=-1, required=True, shell_complete=complete_snapshot_ids)
+@_json_option
+def snapshot_rm_command(snapshot_ids, as_json) -> None:
     """Delete snapshots."""
-    for sid in dispatch(SnapshotRemove(snapshot_ids=tuple(snapshot_ids))):
-        click.echo(f"removed snapshot {sid['id'] if isinstance(sid, dict) else sid}")
+    _emit(dispatch(SnapshotRemove(snapshot_ids=tuple(snapshot_ids))), as_json,
+          lambda r: "\n".join(f"removed snapshot {sid['id'] if isinstance(sid, dict) else sid}" for sid in r))
 
 
 @snapshot_group.command("tag")
-@click.argument("snapshot_id")
+@click.argument("snapshot_id", shell_complete=complete_snapshot_ids)
 @click.argument("tags", nargs=-1)
 @click.option("--remove", "remove_tags", multiple=True, help="Tag to remove (repeatable).")
 @click.option("--title", default=None)
@@ -589,8 +598,8 @@ def snapshot_tag_command(snapshot_id, tags, remove_tags, title, description, as_
 
 
 @snapshot_group.command("export")
-@click.argument("snapshot_id")
-@click.argument("path", required=False, default="")
+@click.argument("snapshot_id", shell_complete=complete_snapshot_ids)
+@click.argument("path", required=False, default="", type=click.Path())
 @_json_option
 def snapshot_export_command(snapshot_id, path, as_json) -> None:
     """Write a snapshot to one file (default ./ID.spl-snapshot.tar)."""
@@ -599,7 +608,7 @@ def snapshot_export_command(snapshot_id, path, as_json) -> None:
 
 
 @snapshot_group.command("import")
-@click.argument("path")
+@click.argument("path", type=click.Path(dir_okay=False))
 @click.option("--as", "snapshot_id", default=None, help="Import under this id.")
 @click.option("--replace", is_flag=True, help="Overwrite a snapshot with the same id.")
 @_json_option

@@ -1,8 +1,10 @@
-"""Built-in plugin ``meta``: ``spl plugins`` lists what is loaded."""
+"""Built-in plugin ``meta``: ``spl plugins`` lists what is loaded; ``spl completion SHELL`` prints
+the shell completion script (click's, for bash, zsh and fish)."""
 
 from __future__ import annotations
 
 import json
+import os
 from dataclasses import asdict, dataclass
 
 import click
@@ -41,9 +43,35 @@ def plugins_command(as_json: bool) -> None:
         click.echo(f"{name:<10} BROKEN   {reason}")
 
 
+SHELLS = ("bash", "zsh", "fish")
+PROG = "spl"
+COMPLETE_VAR = "_SPL_COMPLETE"  # what click's scripts set when they ask `spl` for completions
+
+
+@click.command("completion")
+@click.argument("shell", type=click.Choice(SHELLS), required=False)
+def completion_command(shell: str | None) -> None:
+    """Print the shell completion script for SHELL (default: the one in $SHELL).
+
+    \b
+    bash:  eval "$(spl completion bash)"   (in ~/.bashrc)
+    zsh:   eval "$(spl completion zsh)"    (in ~/.zshrc)
+    fish:  spl completion fish > ~/.config/fish/completions/spl.fish
+    """
+    from click.shell_completion import get_completion_class
+
+    if shell is None:
+        shell = os.path.basename(os.environ.get("SHELL", ""))
+        if shell not in SHELLS:
+            raise click.UsageError(f"give the shell: spl completion {{{'|'.join(SHELLS)}}}")
+    root = click.get_current_context().find_root().command
+    click.echo(get_completion_class(shell)(root, {}, PROG, COMPLETE_VAR).source())
+
+
 @hookimpl
 def register_commands(register):
     register(plugins_command)
+    register(completion_command)
 
 
 @hookimpl

@@ -103,10 +103,11 @@ class FakeModel:
             logits[self.script[n] if n < len(self.script) else self.tokenizer.eos_token_id] = 100.0
         return logits
 
-    def prefill(self, cache, token_ids, chunk_size=8192, should_cancel=None):
+    def prefill(self, cache, token_ids, chunk_size=None, should_cancel=None):
         from superlinear.model import Cancelled
 
         ids = list(token_ids)
+        chunk_size = chunk_size or 8192
         for i in range(0, len(ids), chunk_size):
             self.cancel_checks += 1
             if should_cancel is not None and should_cancel():

@@ -4,6 +4,8 @@ the shared test server."""
 from __future__ import annotations
 
 import json
+import subprocess
+import sys
 
 import pytest
 from server_helpers import shared_server, user
@@ -54,6 +56,8 @@ def test_admin_commands(spl, server, tmp_path):
     assert code == 0 and "1 messages" in out
     code, out, _ = spl("session", "resize", "adm2", "1024")
     assert code == 0 and "max_seq_len 1024" in out
+    code, out, _ = spl("session", "resize", "adm2", "--max-seq-len", "1280")  # the form error messages show
+    assert code == 0 and "max_seq_len 1280" in out
     code, out, _ = spl("session", "new", "adm3", "--max-seq-len", "256")
     assert code == 0 and "adm3" in out
 
@@ -85,10 +89,23 @@ def test_admin_commands(spl, server, tmp_path):
     assert {snap, "adm-imported"} <= {s["id"] for s in listing["snapshots"]}
     code, out, _ = spl("rm", "adm2", "adm-imported")
     assert code == 0 and "removed session adm2" in out and "removed snapshot adm-imported" in out
-    code, out, _ = spl("snapshot", "rm", snap)
-    assert code == 0
-    code, out, _ = spl("session", "rm", "adm", "adm3", "adm4")
-    assert code == 0 and out.count("removed session") == 3
+    # Tab completion asks the same server: session ids, and snapshot ids.
+    assert {"adm", "adm3", "adm4"} <= set(complete(server, "spl session info adm"))
+    assert complete(server, f"spl snapshot info {snap[:-1]}") == [snap]
+    code, out, _ = spl("snapshot", "rm", snap, "--json")
+    assert code == 0 and [d["id"] for d in json.loads(out)] == [snap]
+    code, out, _ = spl("session", "rm", "adm", "adm3", "adm4", "--json")
+    assert code == 0 and [d["id"] for d in json.loads(out)] == ["adm", "adm3", "adm4"]
+
+
+def complete(server, words: str) -> list[str]:
+    """What `spl` offers on Tab (the protocol of click's bash script)."""
+    env = dict(server.env, _SPL_COMPLETE="bash_complete", COMP_WORDS=words,
+               COMP_CWORD=str(len(words.split(" ")) - 1))
+    result = subprocess.run([sys.executable, "-m", "superlinear.cli.main"], capture_output=True, text=True,
+                            env=env, timeout=60)
+    assert result.returncode == 0 and result.stderr == "", result.stderr
+    return [line.split(",", 1)[1] for line in result.stdout.splitlines() if "," in line]
 
 
 def test_admin_errors_are_one_line(spl):

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
 import math
 import os
@@ -10,21 +11,24 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from kernels_naive import naive_attention
 
 from superlinear.kernels import SpanParams, superlinear_decode, superlinear_prefill
+from superlinear.kernels.naive import naive_attention
 from superlinear.kernels.params import get_tables, span_lengths_np, stripe_offsets_np
 from superlinear.kernels.reference import reference_prefill
 
-# shared/ lies beside the checkout (CI clones main with shared/ next to it); SPL_GOLDEN_DIR overrides.
-GOLDEN = Path(os.environ.get("SPL_GOLDEN_DIR")
-              or Path(__file__).resolve().parents[2] / "shared" / "golden" / "attention")
+# In the repository (tests/golden/attention, see its README); SPL_GOLDEN_DIR overrides.
+GOLDEN = Path(os.environ.get("SPL_GOLDEN_DIR") or Path(__file__).resolve().parent / "golden" / "attention")
 
 
-def test_golden_vectors_are_present():
-    # Without this, a missing shared/ would silently turn every golden test into an empty set.
+def test_golden_vectors_are_present_and_intact():
+    # Without this, a missing folder would silently turn every golden test into an empty set.
     assert (GOLDEN / "cases.json").exists(), f"golden vectors not found at {GOLDEN} (set SPL_GOLDEN_DIR)"
-    assert len(_cases()) == 11
+    cases = _cases()
+    assert len(cases) == 11
+    for case in cases:
+        digest = hashlib.sha256((GOLDEN / case["file"]).read_bytes()).hexdigest()
+        assert digest == case["sha256"], f"{case['file']} does not match its sha256 in cases.json"
 
 
 def _cases():

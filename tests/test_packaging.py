@@ -44,9 +44,11 @@ def test_non_editable_install_into_fresh_venv(tmp_path):
     )
     assert build.returncode == 0, build.stderr
     wheel = next(wheel_dir.glob("spl-*.whl"))
-    tops = {name.split("/")[0] for name in zipfile.ZipFile(wheel).namelist()}
+    names = zipfile.ZipFile(wheel).namelist()
+    tops = {name.split("/")[0] for name in names}
     assert not tops & {"core", "cli", "plugins", "tests"}, tops
     assert "superlinear" in tops
+    assert "superlinear/model/shapes/superlinear-exp-30b.json" in names  # random:NAME shapes ship
 
     env_dir = tmp_path / "fresh"
     venv.create(env_dir, with_pip=False)

@@ -85,7 +85,7 @@ def _common_prefix(a: list[int], b: list[int]) -> int:
 
 
 class Conversation:
-    def __init__(self, model, max_seq_len: int, *, chunk_size: int = 8192, cache=None):
+    def __init__(self, model, max_seq_len: int, *, chunk_size: int | None = None, cache=None):
         self.model = model
         self.template = ChatTemplate(model.tokenizer)
         self.chunk_size = chunk_size
@@ -360,7 +360,7 @@ class Conversation:
 
     @classmethod
     def from_state(cls, model, meta: dict, tensors: dict[str, torch.Tensor], max_seq_len: int | None = None,
-                   *, chunk_size: int = 8192) -> Conversation:
+                   *, chunk_size: int | None = None) -> Conversation:
         tensors = dict(tensors)
         ids = tensors.pop("conversation.token_ids").tolist()
         logits = tensors.pop("conversation.logits", None)

@@ -1,4 +1,4 @@
-"""Superlinear attention kernels (shared ATTENTION.md): one prefill and one decode entry.
+"""Superlinear attention kernels (docs/attention-spec.md): one prefill and one decode entry.
 
 ```python
 from superlinear.kernels import SpanParams, superlinear_prefill, superlinear_decode

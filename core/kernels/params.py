@@ -1,6 +1,6 @@
 """Parameters of superlinear attention and the exact host tables the kernels read.
 
-Which keys a span contains must not depend on rounding (shared ATTENTION.md, "Numerics"), so the
+Which keys a span contains must not depend on rounding (docs/attention-spec.md, "Exact integers"), so the
 stripe offsets ``F(i)`` and the span lengths ``ceil(bf * tp**sp)`` / ``ceil(ff * tp**sp)`` are
 computed here once, exactly, and cached per ``(params, length, device)``:
 
@@ -30,7 +30,7 @@ def _nice_fraction(x: float, max_den: int = 1000) -> Fraction | None:
 
 @dataclass(frozen=True)
 class SpanParams:
-    """Parameters of superlinear attention (names as in model configs, see ATTENTION.md)."""
+    """Parameters of superlinear attention (names as in model configs, see docs/attention-spec.md)."""
 
     sw_index: int
     num_spans: int

@@ -1,4 +1,4 @@
-"""PyTorch reference of superlinear attention (shared ATTENTION.md), memory-safe at long L.
+"""PyTorch reference of superlinear attention (docs/attention-spec.md), memory-safe at long L.
 
 Works in blocks of query rows; never builds an ``[LQ, LKV]`` matrix beyond the window's width
 and never touches keys after the largest position (a static cache's tail is garbage). Rows with

@@ -150,25 +150,7 @@ def load_dir(path: Path, *, name: str, device=None, dtype=None, attention: str =
     device = torch.device(device) if device is not None else default_device()
     dtype = parse_dtype(dtype) or default_dtype(device)
     attention_mod.register()
-    if model_type in LLAMA_FAMILY:
-        hf = _build_auto(config)
-        kind, routing = f"{model_type} (superlinear retrofit)", "attention query"
-    elif model_type in HYBRID:
-        from superlinear.model.superlinear_exp import nemotron_config
-
-        hf = _build_nemotron(nemotron_config(config))
-        kind, routing = "nemotron_h (superlinear retrofit)", "attention query"
-    elif model_type == SUPERLINEAR_EXP:
-        from superlinear.model.superlinear_exp import build
-
-        hf = build(config)
-        kind, routing = "superlinear-exp", "separate projection (routing_q_proj)"
-        if not any(k.startswith("span_attention_") for k in config):
-            raise InvalidRequest(f"{path / 'config.json'}: a superlinear-exp config needs the "
-                                 f"span_attention_* keys")
-    else:
-        raise InvalidRequest(f"{path}: model_type {model_type!r} is not supported (supported: "
-                             f"{', '.join(LLAMA_FAMILY + HYBRID)}, {SUPERLINEAR_EXP})")
+    hf, kind, routing = build_empty(config, where=str(path / "config.json"))
     state = read_weights(path)
     if model_type in HYBRID + (SUPERLINEAR_EXP,):
         from superlinear.model.superlinear_exp import normalize_names
@@ -190,6 +172,25 @@ def load_dir(path: Path, *, name: str, device=None, dtype=None, attention: str =
                  span_params=span_params, attention=attention, routing=routing, source=str(path),
                  bytes_on_disk=dir_bytes(path), weights_hash=weights_hash, arch_config=arch,
                  cuda_graph=cuda_graph, backend=backend)
+
+
+def build_empty(config: dict, *, where: str):
+    """The transformers module (meta weights) for a config: ``(hf, kind, routing)``."""
+    model_type = config.get("model_type")
+    if model_type in LLAMA_FAMILY:
+        return _build_auto(config), f"{model_type} (superlinear retrofit)", "attention query"
+    if model_type in HYBRID:
+        from superlinear.model.superlinear_exp import nemotron_config
+
+        return _build_nemotron(nemotron_config(config)), "nemotron_h (superlinear retrofit)", "attention query"
+    if model_type == SUPERLINEAR_EXP:
+        from superlinear.model.superlinear_exp import build
+
+        if not any(k.startswith("span_attention_") for k in config):
+            raise InvalidRequest(f"{where}: a superlinear-exp config needs the span_attention_* keys")
+        return build(config), "superlinear-exp", "separate projection (routing_q_proj)"
+    raise InvalidRequest(f"{where}: model_type {model_type!r} is not supported (supported: "
+                         f"{', '.join(LLAMA_FAMILY + HYBRID)}, {SUPERLINEAR_EXP})")
 
 
 def span_params_from(config: dict):
@@ -234,7 +235,7 @@ def read_weights(path: Path) -> dict[str, torch.Tensor]:
     return state
 
 
-def _keep_fp32(hf, name: str) -> bool:
+def keep_fp32(hf, name: str) -> bool:
     patterns = getattr(hf, "_keep_in_fp32_modules_strict", None) or []
     return any(p in name for p in patterns)
 
@@ -263,7 +264,7 @@ def assign_weights(hf, state: dict[str, torch.Tensor], device, dtype, *, where) 
                              + "; ".join(parts) + " (see docs/models.md for the expected names)")
     converted = {}
     for name, tensor in state.items():
-        target = torch.float32 if _keep_fp32(hf, name) or not tensor.is_floating_point() else dtype
+        target = torch.float32 if keep_fp32(hf, name) or not tensor.is_floating_point() else dtype
         converted[name] = tensor.to(device=device, dtype=target)
     hf.load_state_dict(converted, strict=False, assign=True)
     if tied and "lm_head.weight" not in state:

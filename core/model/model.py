@@ -22,6 +22,10 @@ import torch
 from superlinear.errors import InvalidRequest
 from superlinear.model.attention import ForwardContext, attach
 from superlinear.model.cache import Cache, CacheLayout
+from superlinear.model.hybrid import HybridForward
+
+# Activation bytes per token and unit of hidden size in one prefill chunk (model.prefill_chunk_size).
+_ACTIVATION_BYTES_PER_HIDDEN = 64
 
 
 class Cancelled(Exception):
@@ -34,6 +38,7 @@ class _Shared:
 
     hf: torch.nn.Module
     ctx: ForwardContext
+    hybrid: HybridForward | None = None  # our forward for Nemotron-H hybrids (None: transformers')
     lock: threading.RLock = field(default_factory=threading.RLock)
     graph_error: str | None = None  # set when a capture failed: decode stays eager from then on
 
@@ -51,12 +56,17 @@ class Model:
                  span_params, attention: str = "superlinear", routing: str = "attention query",
                  source: str = "", bytes_on_disk: int = 0, weights_hash: str = "",
                  arch_config: dict | None = None, cuda_graph: bool | None = None,
-                 backend: str | None = None, _shared: _Shared | None = None):
+                 backend: str | None = None, fast_paths: bool = True, _shared: _Shared | None = None):
         if attention not in ("superlinear", "dense"):
             raise InvalidRequest(f"unknown attention {attention!r}: use 'superlinear' or 'dense'")
-        self._shared = _shared or _Shared(hf, ForwardContext())
         if _shared is None:
-            attach(hf, self._shared.ctx)
+            hybrid = HybridForward(hf) if getattr(hf.config, "layers_block_type", None) else None
+            _shared = _Shared(hf, ForwardContext(), hybrid)
+            attach(hf, _shared.ctx)
+        self._shared = _shared
+        # ``fast_paths=False``: transformers' own forward, the reference our hybrid path is
+        # checked against (attention-only models always run transformers' forward)
+        self.fast_paths = bool(fast_paths) and _shared.hybrid is not None
         self.hf = hf
         self.tokenizer = tokenizer
         self.name = name
@@ -76,7 +86,7 @@ class Model:
         self.cuda_graph = (self.device.type == "cuda") if cuda_graph is None else bool(cuda_graph)
         if self.cuda_graph and self.device.type != "cuda":
             self.cuda_graph = False
-        if "moe" in self.layer_types():
+        if "moe" in self.layer_types() and not (self.fast_paths and _shared.hybrid.grouped):
             # transformers' MoE experts loop over the experts a batch hits (host sync): not capturable.
             self.cuda_graph = False
         self.fingerprint = self._fingerprint()
@@ -141,19 +151,22 @@ class Model:
             "max_position_embeddings": int(getattr(self.hf.config, "max_position_embeddings", 0) or 0),
             "cuda_graph": self.cuda_graph and self._shared.graph_error is None,
             "cuda_graph_error": self._shared.graph_error,
+            "forward": self._shared.hybrid.info() if self.fast_paths else "transformers",
             "fingerprint": self.fingerprint,
         }
 
     def with_attention(self, attention: str | None = None, span_params=None,
-                       cuda_graph: bool | None = None) -> Model:
-        """A sibling sharing the weights, with another attention mode or span parameters."""
+                       cuda_graph: bool | None = None, fast_paths: bool | None = None) -> Model:
+        """A sibling sharing the weights, with another attention mode, span parameters, graph
+        setting or forward (``fast_paths``)."""
         return Model(self.hf, self.tokenizer, name=self.name, kind=self.kind, layout=self.layout,
                      span_params=span_params if span_params is not None else self.span_params,
                      attention=attention or self.attention, routing=self.routing, source=self.source,
                      bytes_on_disk=self.bytes_on_disk, weights_hash=self.weights_hash,
                      arch_config=self.arch_config,
                      cuda_graph=self.cuda_graph if cuda_graph is None else cuda_graph,
-                     backend=self.backend, _shared=self._shared)
+                     backend=self.backend, fast_paths=self.fast_paths if fast_paths is None else fast_paths,
+                     _shared=self._shared)
 
     def chat_token_ids(self, messages: list[dict], add_generation_prompt: bool = True, **kwargs) -> list[int]:
         """Token ids of ``messages`` rendered with the tokenizer's chat template."""
@@ -189,17 +202,39 @@ class Model:
         positions = torch.arange(start, start + length, device=self.device)
         self._set_ctx(start, length, positions, graph=False)
         cache._begin(start, length)
-        out = self.hf(input_ids=ids, position_ids=positions[None], use_cache=True, logits_to_keep=1,
-                      **{self._cache_kw: cache})
-        return out.logits[0, -1].float()
+        return self._run(ids, positions, cache)[0, -1].float()
+
+    def _run(self, ids: torch.Tensor, positions: torch.Tensor, cache: Cache) -> torch.Tensor:
+        """One forward of ``ids [1, T]`` at ``positions``: logits ``[1, 1, V]`` of the last token."""
+        if self.fast_paths:
+            return self._shared.hybrid(ids, cache)
+        return self.hf(input_ids=ids, position_ids=positions[None], use_cache=True, logits_to_keep=1,
+                       **{self._cache_kw: cache}).logits
+
+    def prefill_chunk_size(self) -> int:
+        """The prefill chunk for throughput: on CUDA the largest of 32K/16K/8K tokens whose
+        activations (estimated at ``_ACTIVATION_BYTES_PER_HIDDEN`` bytes per token and hidden
+        unit, an upper bound of the measured peaks in docs/benchmarks.md) take at most half the
+        free memory; 8K elsewhere (CPU memory is the host's, and a chunk is seconds long there)."""
+        if self.device.type != "cuda":
+            return 8192
+        free, _ = torch.cuda.mem_get_info(self.device)
+        per_token = _ACTIVATION_BYTES_PER_HIDDEN * int(self.hf.config.hidden_size)
+        for chunk in (32768, 16384, 8192):
+            if chunk * per_token <= free // 2:
+                return chunk
+        return 4096
 
     @torch.inference_mode()
-    def prefill(self, cache: Cache, token_ids: Sequence[int] | torch.Tensor, chunk_size: int = 8192,
+    def prefill(self, cache: Cache, token_ids: Sequence[int] | torch.Tensor, chunk_size: int | None = None,
                 should_cancel: Callable[[], bool] | None = None) -> torch.Tensor:
-        """Append ``token_ids`` to the cache in chunks; fp32 logits ``[V]`` of the last token."""
+        """Append ``token_ids`` to the cache in chunks (``prefill_chunk_size()`` by default);
+        fp32 logits ``[V]`` of the last token."""
         ids = torch.as_tensor(token_ids, dtype=torch.long).reshape(-1)
         if ids.numel() == 0:
             raise InvalidRequest("prefill needs at least one token")
+        if chunk_size is None:
+            chunk_size = self.prefill_chunk_size()
         if chunk_size < 1:
             raise InvalidRequest(f"chunk_size must be positive, got {chunk_size}")
         cache._check_room(ids.numel())
@@ -231,7 +266,7 @@ class Model:
 
     # -- CUDA graph decode ----------------------------------------------------------------------
     def _graph_key(self) -> tuple:
-        return (self.attention, repr(self.span_params), self.backend)
+        return (self.attention, repr(self.span_params), self.backend, self.fast_paths)
 
     def _decode_graphed(self, cache: Cache, token_id: int) -> torch.Tensor | None:
         graphs = cache._graph if isinstance(cache._graph, dict) else {}
@@ -263,8 +298,7 @@ class Model:
             self._set_ctx(0, 1, pos, graph=True)
             cache._begin(0, 1, write_index=pos)
             try:
-                return self.hf(input_ids=ids, position_ids=pos[None], use_cache=True, logits_to_keep=1,
-                               **{self._cache_kw: cache}).logits
+                return self._run(ids, pos, cache)
             finally:
                 cache._begin(0, 0)
 

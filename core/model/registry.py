@@ -72,4 +72,19 @@ class HubLoader:
         return load_dir(download(spec), name=spec, **options)
 
 
-BUILTIN_LOADERS = (DefaultLoader(), LocalDirLoader(), HubLoader())
+class RandomLoader:
+    """``random:NAME``: a shipped shape (``default``, ``superlinear-exp-30b``) with random weights
+    built on the device, for benchmarks without the weights."""
+
+    name = "random"
+
+    def can_load(self, spec: str) -> bool:
+        return spec.startswith("random:")
+
+    def load(self, spec: str, **options):
+        from superlinear.model.random_weights import load_random
+
+        return load_random(spec, **options)
+
+
+BUILTIN_LOADERS = (DefaultLoader(), RandomLoader(), LocalDirLoader(), HubLoader())

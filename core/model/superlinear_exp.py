@@ -5,7 +5,7 @@ config.json: ``model_type: "superlinear-exp"``, the Nemotron-H keys (``layers_bl
 keys (sw_index, num_spans, backward_factor, forward_factor, span_power, and search_power or
 inv_search_power). Each attention layer has, besides Nemotron-H's q/k/v/o projections, a
 routing-query projection ``model.layers.{i}.mixer.routing_q_proj.weight`` (the search query q1
-of ATTENTION.md); ``q_proj`` is the attention query q2. docs/models.md lists every name.
+of docs/attention-spec.md); ``q_proj`` is the attention query q2. docs/models.md lists every name.
 """
 
 from __future__ import annotations

@@ -29,7 +29,7 @@ class BenchGenerate(Command):
     dtype: str | None = None
     lengths: tuple[int, ...] = ()
     attentions: tuple[str, ...] = ("superlinear", "dense")
-    chunk_size: int = 8192
+    chunk_size: int | None = None  # None: the model's prefill_chunk_size()
     decode_tokens: int = 32
     dense_max_len: int = 128 * 1024
     graph: bool = True
@@ -61,8 +61,10 @@ def _decode(model, cache, first_token: int, n: int, graph: bool) -> tuple[float,
 
 
 def _warm_up(model, ids, chunk_size: int) -> None:
+    """Compile every kernel the timed run uses: a full chunk and a partial one (Triton compiles
+    and autotunes per shape), then capture the decode graph."""
     cache = model.new_cache(len(ids) + 4)
-    logits = model.prefill(cache, ids, chunk_size=min(chunk_size, max(1, len(ids) // 2)))
+    logits = model.prefill(cache, ids, chunk_size=min(chunk_size, max(1, len(ids) - 1)))
     for _ in range(2):
         logits = model.decode_step(cache, int(logits.argmax()))
     _sync(model.device)
@@ -80,6 +82,7 @@ def run_bench(command: BenchGenerate, ctx: Context) -> dict:
     lengths = command.lengths or ((4096, 32768, 131072, 1 << 20) if on_cuda else (512, 2048, 4096))
     generator = torch.Generator().manual_seed(0)
     vocab = int(base.hf.config.vocab_size)
+    chunk_size = command.chunk_size or base.prefill_chunk_size()
     rows = []
     warmed: set = set()
     for length in lengths:
@@ -93,13 +96,13 @@ def run_bench(command: BenchGenerate, ctx: Context) -> dict:
             cache = None
             try:
                 if (attention, model.device.type) not in warmed:  # compile kernels, capture once
-                    _warm_up(model, ids[:min(length, 2 * model.window + 512)], command.chunk_size)
+                    _warm_up(model, ids[:min(length, max(2 * model.window, chunk_size) + 512)], chunk_size)
                     warmed.add((attention, model.device.type))
                 cache = model.new_cache(length + command.decode_tokens + 2)
                 row["cache_bytes"] = cache.nbytes()
                 _sync(model.device)
                 t0 = time.perf_counter()
-                logits = model.prefill(cache, ids, chunk_size=command.chunk_size)
+                logits = model.prefill(cache, ids, chunk_size=chunk_size)
                 _sync(model.device)
                 row["prefill_s"] = time.perf_counter() - t0
                 row["prefill_tok_s"] = length / row["prefill_s"]
@@ -132,7 +135,9 @@ def run_bench(command: BenchGenerate, ctx: Context) -> dict:
         "load_s": load_s,
         "window": base.window,
         "span_params": base.info()["attention"],
-        "chunk_size": command.chunk_size,
+        "chunk_size": chunk_size,
+        "forward": base.info()["forward"],
+        "parameters": base.num_parameters(),
         "decode_tokens": command.decode_tokens,
         "cuda_graph_error": base.info()["cuda_graph_error"],
         "rows": rows,
@@ -150,32 +155,36 @@ def markdown(result: dict) -> str:
         f"tokens · load {result['load_s']:.2f} s",
         "",
         "| context | attention | prefill tok/s | prefill s | decode tok/s (CUDA graph) | decode tok/s (eager) "
-        "| cache |",
-        "|---:|---|---:|---:|---:|---:|---:|",
+        "| cache | peak GPU memory |",
+        "|---:|---|---:|---:|---:|---:|---:|---:|",
     ]
     for r in result["rows"]:
         note = r.get("skipped") or r.get("error")
         if note:
-            lines.append(f"| {fmt_length(r['length'])} | {r['attention']} | {note} | | | | |")
+            lines.append(f"| {fmt_length(r['length'])} | {r['attention']} | {note} | | | | | |")
             continue
         cache = r.get("cache_bytes")
         lines.append(
             f"| {fmt_length(r['length'])} | {r['attention']} | {_f(r.get('prefill_tok_s'))} | "
             f"{_f(r.get('prefill_s'), '{:.2f}')} | {_f(r.get('decode_graph_tok_s'), '{:.1f}')} | "
             f"{_f(r.get('decode_eager_tok_s'), '{:.1f}')} | "
-            f"{'-' if cache is None else f'{cache / 2**30:.2f} GiB'} |")
+            f"{'-' if cache is None else f'{cache / 2**30:.2f} GiB'} | "
+            f"{_f(r.get('peak_gib'), '{:.1f} GiB')} |")
     return "\n".join(lines)
 
 
 @click.command("generate")
-@click.option("--model", default="default", show_default=True)
+@click.option("--model", default="default", show_default=True,
+              help="A model spec; random:default or random:superlinear-exp-30b build a shipped shape with "
+                   "random weights on the device (no weights needed).")
 @click.option("--device", default=None, help="cpu / cuda (default: cuda if available).")
 @click.option("--dtype", default=None, help="bf16 / fp16 / fp32 (default: bf16 on CUDA, fp32 on CPU).")
 @click.option("--lengths", default=None,
               help="Comma-separated context lengths, e.g. 4K,32K,1M (default: 512,2K,4K on CPU; "
                    "4K,32K,128K,1M on CUDA).")
 @click.option("--attention", "attentions", default="superlinear,dense", show_default=True)
-@click.option("--chunk-size", default=8192, show_default=True, type=int)
+@click.option("--chunk-size", default=None, type=int,
+              help="Prefill chunk (default: the model's choice for throughput: 32K on a GPU where memory allows).")
 @click.option("--decode-tokens", default=32, show_default=True, type=int)
 @click.option("--dense-max-len", default="128K", show_default=True, help="Skip dense attention above this.")
 @click.option("--no-graph", is_flag=True, help="Do not time CUDA-graph decode (eager only).")

@@ -22,6 +22,7 @@ import time
 import click
 
 from superlinear.hookspecs import hookimpl
+from superlinear.plugins.client.completion import complete_session_ids
 
 __all__ = ["ChatRepl", "ChatSettings", "TurnResult", "connect", "ask_once", "main_repl"]
 
@@ -34,27 +35,20 @@ def __getattr__(name):  # lazy: `spl --help` must not import prompt_toolkit or h
     raise AttributeError(name)
 
 
-def connect(url: str | None = None, model: str = "default", progress=None):
+def connect(url: str | None = None, model: str | None = None, progress=None, port: int | None = None):
     """A client for the server the REPL talks to: ``url`` if given (it must answer), else the
-    configured server, else a local one started now (``ensure_server``, with a progress line)."""
-    from superlinear.errors import Unavailable
-    from superlinear.plugins.client import SplClient, ensure_server
-    from superlinear.plugins.client.local import stderr_progress, wait_until_ready
+    configured server, else a local one started now (``ensure_server``, with a progress line).
+    A ``model`` or ``port`` that the running server does not match is refused (exit 2)."""
+    from superlinear.plugins.client import ensure_server
+    from superlinear.plugins.client.local import stderr_progress
 
-    if url:
-        client = SplClient(url if "://" in url else f"http://{url}")
-        health = client.health(timeout=5.0)  # Unavailable with a clear line when nothing answers
-        if health.get("status") in ("loading", "starting"):
-            wait_until_ready(client, progress=progress or stderr_progress)
-        elif health.get("status") != "ok":
-            raise Unavailable(f"the spl server at {client.base_url} is not ready: {health.get('status')}")
-        return client
-    return ensure_server(model=model, progress=progress or stderr_progress)
+    url = url if not url or "://" in url else f"http://{url}"
+    return ensure_server(model=model, progress=progress or stderr_progress, url=url, port=port)
 
 
-def _reconnector(url: str | None, model: str):
+def _reconnector(url: str | None, model: str | None, port: int | None = None):
     def reconnect():
-        return connect(url, model)
+        return connect(url, model, port=port)
 
     return reconnect
 
@@ -120,22 +114,26 @@ def ask_once(client, text: str, *, session_id: str | None = None, settings=None,
     return 0
 
 
-def main_repl(*, url: str | None = None, model: str = "default", new: bool = False,
-              session_id: str | None = None, settings=None) -> int:
+def main_repl(*, url: str | None = None, model: str | None = None, new: bool = False,
+              session_id: str | None = None, settings=None, port: int | None = None) -> int:
     from .repl import ChatRepl
 
-    client = connect(url, model)
+    client = connect(url, model, port=port)
     repl = ChatRepl(client, session_id=session_id, new=new, settings=settings,
-                    reconnect=_reconnector(url, model))
+                    reconnect=_reconnector(url, model, port))
     return repl.run()
 
 
 @click.command("chat")
 @click.option("--url", default=None, help="Server to talk to (default: the configured one, else a "
               "local server started now).")
-@click.option("--model", default="default", show_default=True, help="Model for a local server started now.")
+@click.option("--model", default=None, help="Model of a local server started now (default: $SPL_MODEL, the "
+              "config file, 'default'); a running server that serves another one is refused.")
+@click.option("--port", type=click.IntRange(1, 65535), default=None,
+              help="Port of a local server started now (default: $SPL_PORT, the config file, 8787).")
 @click.option("--new", "new", is_flag=True, help="Start a fresh session instead of resuming the last one.")
-@click.option("--session", "session_id", default=None, metavar="ID", help="Use this session (created if missing).")
+@click.option("--session", "session_id", default=None, metavar="ID", help="Use this session (created if missing).",
+              shell_complete=complete_session_ids)
 @click.option("--once", "once", default=None, metavar="TEXT",
               help="Answer one message and exit ('-' reads it from stdin). Without --session it "
               "uses no session.")
@@ -144,7 +142,7 @@ def main_repl(*, url: str | None = None, model: str = "default", new: bool = Fal
 @click.option("--temp", "temperature", type=click.FloatRange(0.0, 2.0), default=None, help="Temperature.")
 @click.option("--max-tokens", type=click.IntRange(1), default=None, help="Cap on tokens per reply.")
 @click.option("--no-think", is_flag=True, help="Hide reasoning and ask the model not to think.")
-def chat_command(url, model, new, session_id, once, as_json, system, temperature, max_tokens, no_think):
+def chat_command(url, model, port, new, session_id, once, as_json, system, temperature, max_tokens, no_think):
     """Chat with the model in the terminal (resumes your last session).
 
     Enter sends, Alt-Enter adds a line, Ctrl-C stops a reply, Ctrl-D quits; /help inside lists
@@ -160,14 +158,14 @@ def chat_command(url, model, new, session_id, once, as_json, system, temperature
         text = sys.stdin.read() if once == "-" else once
         if not text.strip():
             raise click.UsageError("--once needs a non-empty message")
-        client = connect(url, model)
+        client = connect(url, model, port=port)
         try:
             return ask_once(client, text, session_id=session_id, settings=settings, as_json=as_json)
         finally:
             client.close()
     if not sys.stdin.isatty():
         raise click.UsageError("spl chat needs a terminal; use --once TEXT (or --once -) for scripts")
-    return main_repl(url=url, model=model, new=new, session_id=session_id, settings=settings)
+    return main_repl(url=url, model=model, new=new, session_id=session_id, settings=settings, port=port)
 
 
 @hookimpl

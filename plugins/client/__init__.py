@@ -7,6 +7,7 @@ Public API (see docs/server.md):
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import time
 from dataclasses import dataclass
@@ -14,19 +15,29 @@ from dataclasses import dataclass
 import click
 
 from superlinear.bus import Command, Context, dispatch
-from superlinear.errors import InvalidRequest, UserError
+from superlinear.errors import InvalidRequest, Unavailable, UserError
 from superlinear.hookspecs import hookimpl
 
 from . import state
-from .api import DEFAULT_URL, ChatResult, SplClient, StreamEvent, collect, resolve_api_key, resolve_url
-from .local import ensure_server, running_local, start, status, stop, wait_until_ready
-from .options import ServeOptions, parse_bytes, server_options
+from .api import (
+    DEFAULT_URL,
+    ChatResult,
+    SplClient,
+    StreamEvent,
+    Target,
+    collect,
+    resolve_api_key,
+    resolve_target,
+    resolve_url,
+)
+from .local import describe_other, ensure_server, running_local, start, status, stop, wait_until_ready
+from .options import ServeOptions, parse_bytes, resolve_options, server_options
 
 __all__ = [
-    "ChatResult", "DEFAULT_URL", "ServeOptions", "SplClient", "StreamEvent", "collect", "ensure_server",
-    "parse_bytes", "resolve_api_key", "resolve_url", "running_local", "server_options", "start", "status",
-    "stop", "wait_until_ready", "ServerStart", "ServerStop", "ServerStatus", "ServerConnect",
-    "get_client",
+    "ChatResult", "DEFAULT_URL", "ServeOptions", "SplClient", "StreamEvent", "Target", "collect", "ensure_server",
+    "parse_bytes", "resolve_api_key", "resolve_options", "resolve_target", "resolve_url", "running_local",
+    "server_options", "start", "status", "stop", "wait_until_ready", "ServerStart", "ServerStop", "ServerStatus",
+    "ServerConnect", "ServerConfig", "get_client",
 ]
 
 
@@ -35,7 +46,30 @@ def get_client(ctx: Context | None = None) -> SplClient:
     REPL does), else a fresh one for the configured server."""
     if ctx is not None and ctx.state.get("client") is not None:
         return ctx.state["client"]
-    return SplClient()
+    client = SplClient()
+    if client.target.source == "configured":  # no server of ours runs: never use someone else's
+        url = client.base_url
+        client.close()
+        raise Unavailable(no_server_message(url))
+    return client
+
+
+def no_server_message(url: str) -> str:
+    """Why a command has no server to talk to, naming what answers at ``url`` if anything does."""
+    base = "no spl server of yours is running (`spl server start` starts one"
+    if not local_port_answers(url):
+        return base + ", `spl server connect URL` uses another)"
+    return (base + f"); {describe_other(url)} answers at {url}, not started by you: "
+            f"`spl server connect {url}` to use it")
+
+
+def local_port_answers(url: str) -> bool:
+    from urllib.parse import urlsplit
+
+    from .local import port_taken
+
+    parts = urlsplit(url)
+    return parts.port is not None and port_taken(parts.hostname or "127.0.0.1", parts.port)
 
 
 # -- bus commands ----------------------------------------------------------------------------
@@ -43,6 +77,7 @@ def get_client(ctx: Context | None = None) -> SplClient:
 class ServerStart(Command):
     name = "server.start"
     options: ServeOptions = ServeOptions()
+    port_chosen: bool = True  # False: the default port; another free one is used if it is taken
 
 
 @dataclass(frozen=True)
@@ -63,8 +98,15 @@ class ServerConnect(Command):
     forget: bool = False
 
 
+@dataclass(frozen=True)
+class ServerConfig(Command):
+    """The effective server settings, where each comes from, and the config file."""
+
+    name = "server.config"
+
+
 def handle_start(command: ServerStart, ctx: Context) -> dict:
-    return start(command.options)
+    return start(command.options, port_chosen=command.port_chosen)
 
 
 def handle_stop(command: ServerStop, ctx: Context) -> dict:
@@ -91,42 +133,63 @@ def handle_connect(command: ServerConnect, ctx: Context) -> dict:
     return {"url": url.rstrip("/"), "connected": url.rstrip("/"), "health": health}
 
 
+def handle_config(command: ServerConfig, ctx: Context) -> dict:
+    from .config import BY_NAME, config_path
+
+    options, sources = resolve_options()
+    values = dataclasses.asdict(options)
+    if values.get("api_key"):
+        values["api_key"] = "***"  # set, not shown
+    settings = {name: {"value": values[name], "source": sources[name], "env": BY_NAME[name].env}
+                for name in BY_NAME}
+    path = config_path()
+    return {"config_file": str(path), "config_file_exists": path.is_file(), "settings": settings,
+            "url": options.url()}
+
+
 # -- click -----------------------------------------------------------------------------------
+_json_option = click.option("--json", "as_json", is_flag=True, help="Print one JSON document.")
+
+
+def _emit(result: dict, as_json: bool, text: str | None = None) -> None:
+    click.echo(json.dumps(result, indent=2, default=str) if as_json else text)
+
+
 @click.group("server")
 def server_group() -> None:
     """Run spl in the background, or point the other commands at a server."""
 
 
 @server_group.command("start")
+@_json_option
 @server_options
-def start_command(options: ServeOptions) -> None:
+def start_command(options: ServeOptions, option_sources: dict, as_json: bool) -> None:
     """Start a background server (returns once the model is loaded)."""
-    info = dispatch(ServerStart(options=options))
+    info = dispatch(ServerStart(options=options, port_chosen=option_sources["port"] != "default"))
+    info.pop("api_key", None)
     health = info.get("health") or {}
     restored = health.get("sessions")
     extra = f", {restored} session(s)" if restored else ""
-    click.echo(f"spl server running at {info['url']} (pid {info['pid']}, model {health.get('model', '?')}"
-               f"{extra}); logs: {info['log']}")
+    _emit(info, as_json, f"spl server running at {info['url']} (pid {info['pid']}, model {health.get('model', '?')}"
+                         f"{extra}); logs: {info['log']}")
 
 
 @server_group.command("stop")
-def stop_command() -> None:
-    """Stop the background server; its sessions are snapshotted and come back on the next start."""
+@_json_option
+def stop_command(as_json: bool) -> None:
+    """Stop the local server; its sessions are snapshotted and come back on the next start."""
     result = dispatch(ServerStop())
     how = "stopped" if result["graceful"] else "killed (did not stop in time)"
     saved = f"; {result['sessions']} session(s) saved" if result.get("sessions") else ""
-    click.echo(f"spl server (pid {result['pid']}) {how}{saved}")
+    _emit(result, as_json, f"spl server (pid {result['pid']}) {how}{saved}")
 
 
 @server_group.command("status")
-@click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
+@_json_option
 def status_command(as_json: bool) -> None:
-    """Which server the commands use, and whether it answers."""
+    """Which server the commands use, and whether it answers (exit 1 if not)."""
     result = dispatch(ServerStatus())
-    if as_json:
-        click.echo(json.dumps(result, indent=2))
-    else:
-        click.echo(format_status(result))
+    _emit(result, as_json, None if as_json else format_status(result))
     if not result["up"]:
         raise SystemExit(1)
 
@@ -134,10 +197,14 @@ def status_command(as_json: bool) -> None:
 def format_status(result: dict) -> str:
     lines = []
     health = result.get("health") or {}
+    other = result.get("other")
     if result["up"]:
         uptime = health.get("uptime_s")
         lines.append(f"up: {result['url']}  model {health.get('model')}  sessions {health.get('sessions')}"
                      f"  queue {health.get('queued', 0)}" + (f"  uptime {uptime:.0f}s" if uptime else ""))
+    elif other:
+        lines.append(f"down: no spl server of yours is running; {other['description']} answers at {other['url']}, "
+                     f"not started by you (`spl server connect {other['url']}` to use it)")
     elif health:
         lines.append(f"{health.get('status')}: {result['url']}  {health.get('progress') or ''}".rstrip())
     else:
@@ -145,7 +212,8 @@ def format_status(result: dict) -> str:
     if result.get("local"):
         local = result["local"]
         since = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(local.get("started_at", 0)))
-        lines.append(f"local server: pid {local['pid']}, started {since}, log {local.get('log')}")
+        where = "in the foreground" if local.get("foreground") else f"log {local.get('log')}"
+        lines.append(f"local server: pid {local['pid']}, started {since}, {where}")
     if result.get("connected"):
         lines.append(f"connected to: {result['connected']} (`spl server connect --forget` to undo)")
     return "\n".join(lines)
@@ -174,14 +242,29 @@ def logs_command(n: int, follow: bool) -> None:
 @click.argument("url", required=False)
 @click.option("--api-key", default=None, help="API key the server requires (stored with the URL).")
 @click.option("--forget", is_flag=True, help="Forget the stored URL (use the local server again).")
-def connect_command(url: str | None, api_key: str | None, forget: bool) -> None:
+@_json_option
+def connect_command(url: str | None, api_key: str | None, forget: bool, as_json: bool) -> None:
     """Make the other commands talk to the server at URL."""
     result = dispatch(ServerConnect(url=url, api_key=api_key, forget=forget))
     if forget:
-        click.echo(f"forgot the stored server; commands now use {result['url']}")
+        text = f"forgot the stored server; commands now use {result['url']}"
     else:
         health = result.get("health") or {}
-        click.echo(f"connected to {result['url']} ({health.get('status')}, model {health.get('model')})")
+        text = f"connected to {result['url']} ({health.get('status')}, model {health.get('model')})"
+    _emit(result, as_json, text)
+
+
+@server_group.command("config")
+@_json_option
+def config_command(as_json: bool) -> None:
+    """Show the server settings in effect and where each comes from (flag > env > config file > default)."""
+    result = dispatch(ServerConfig())
+    exists = "" if result["config_file_exists"] else " (none)"
+    lines = [f"config file: {result['config_file']}{exists}"]
+    for name, item in result["settings"].items():
+        value = "-" if item["value"] is None else item["value"]
+        lines.append(f"{name:<16} {value!s:<24} {item['source']:<10} (${item['env']})".rstrip())
+    _emit(result, as_json, "\n".join(lines))
 
 
 @hookimpl
@@ -195,3 +278,4 @@ def register_handlers(register):
     register(ServerStop, handle_stop)
     register(ServerStatus, handle_status)
     register(ServerConnect, handle_connect)
+    register(ServerConfig, handle_config)

@@ -77,35 +77,60 @@ class ChatResult:
     raw: dict = field(default_factory=dict)
 
 
-def resolve_url(url: str | None = None) -> str:
-    """Explicit ``url`` > ``$SPL_SERVER_URL`` > ``spl server connect`` > local server > default."""
+@dataclass(frozen=True)
+class Target:
+    """The server a command talks to, and why that one (``source``)."""
+
+    url: str
+    source: str  # "argument" | "$SPL_SERVER_URL" | "connect" | "local" | "configured"
+
+    @property
+    def chosen(self) -> bool:
+        """The user named this server (argument, environment, `spl server connect`): use it as it is."""
+        return self.source not in ("local", "configured")
+
+
+def resolve_target(url: str | None = None) -> Target:
+    """Explicit ``url`` > ``$SPL_SERVER_URL`` > ``spl server connect`` > the local server
+    recorded in the state dir (checked to be alive and the same process) > the configured
+    host and port (``$SPL_HOST``/``$SPL_PORT``, the config file, 127.0.0.1:8787), where no
+    server of ours runs: whatever answers there is someone else's."""
     if url:
-        return url.rstrip("/")
+        return Target(url.rstrip("/"), "argument")
     env = os.environ.get("SPL_SERVER_URL")
     if env:
-        return env.rstrip("/")
+        return Target(env.rstrip("/"), "$SPL_SERVER_URL")
     from superlinear.plugins.client import state
+    from superlinear.plugins.client.local import running_local
+    from superlinear.plugins.client.options import resolve_options
 
     connected = state.connected()
     if connected and connected.get("url"):
-        return connected["url"].rstrip("/")
-    local = state.local_server()
+        return Target(connected["url"].rstrip("/"), "connect")
+    local = running_local()
     if local and local.get("url"):
-        return local["url"].rstrip("/")
-    return DEFAULT_URL
+        return Target(local["url"].rstrip("/"), "local")
+    options, _ = resolve_options()
+    return Target(options.url(), "configured")
+
+
+def resolve_url(url: str | None = None) -> str:
+    return resolve_target(url).url
 
 
 def resolve_api_key(api_key: str | None = None) -> str | None:
+    """Explicit > ``$SPL_API_KEY`` > the one stored by ``spl server connect`` > the local server's."""
     if api_key:
         return api_key
     if os.environ.get("SPL_API_KEY"):
         return os.environ["SPL_API_KEY"]
     from superlinear.plugins.client import state
+    from superlinear.plugins.client.local import running_local
 
     connected = state.connected()
     if connected and connected.get("api_key"):
         return connected["api_key"]
-    local = state.local_server()
+    local = running_local()
     if local and local.get("api_key"):
         return local["api_key"]
     return None
@@ -144,7 +169,7 @@ class _ServerBug(UserError):
 class SplClient:
     """Talk to an spl server.
 
-    >>> c = SplClient()                      # resolve_url(): env, `spl server connect`, local
+    >>> c = SplClient()                      # resolve_target(): env, `spl server connect`, local
     >>> c.chat([{"role": "user", "content": "hi"}], session_id="s1").content
     >>> for ev in c.chat_stream([{"role": "user", "content": "more"}], session_id="s1"):
     ...     print(ev.text, end="")
@@ -152,7 +177,8 @@ class SplClient:
 
     def __init__(self, base_url: str | None = None, api_key: str | None = None,
                  timeout: float | None = 600.0, connect_timeout: float = 5.0):
-        self.base_url = resolve_url(base_url)
+        self.target = resolve_target(base_url)
+        self.base_url = self.target.url
         self.api_key = resolve_api_key(api_key)
         headers = {"Authorization": f"Bearer {self.api_key}"} if self.api_key else {}
         self._http = httpx.Client(

@@ -1,15 +1,23 @@
-"""The server options shared by ``spl serve`` and ``spl server start``."""
+"""The server options shared by ``spl serve`` and ``spl server start``.
+
+Each option resolves as flag > environment variable > config file > built-in default
+(``config.py``); the flags themselves default to None, meaning "not given".
+"""
 
 from __future__ import annotations
 
-import re
+import inspect
 from dataclasses import asdict, dataclass
+from typing import Any
 
 import click
 
 from superlinear.errors import InvalidRequest
 
 from .api import DEFAULT_HOST, DEFAULT_PORT
+from .config import LOG_LEVELS, PERSIST_MODES, parse_bytes, resolve
+
+__all__ = ["ServeOptions", "parse_bytes", "resolve_options", "server_options"]
 
 
 @dataclass(frozen=True)
@@ -23,9 +31,10 @@ class ServeOptions:
     max_concurrency: int = 16
     memory_budget: int | None = None  # bytes
     device: str | None = None
-    # "turn": journal each session after every turn and change (a crash loses at most the turn
-    # in flight); "shutdown": only on clean shutdown and eviction (no per-turn disk writes).
+    # "turn": journal each session after every turn and change (a crash loses at most the turn in
+    # flight); "shutdown": only on clean shutdown and eviction (no per-turn disk writes).
     persist: str = "turn"
+    log_level: str = "info"
 
     def url(self) -> str:
         host = "127.0.0.1" if self.host in ("0.0.0.0", "", "::") else self.host
@@ -36,7 +45,8 @@ class ServeOptions:
     def to_args(self) -> list[str]:
         """``spl serve`` arguments for these options (the API key travels in the environment)."""
         args = ["--model", self.model, "--host", self.host, "--port", str(self.port),
-                "--max-concurrency", str(self.max_concurrency)]
+                "--max-concurrency", str(self.max_concurrency), "--persist", self.persist,
+                "--log-level", self.log_level]
         if self.chunk_size:
             args += ["--chunk-size", str(self.chunk_size)]
         if self.max_seq_len:
@@ -45,8 +55,6 @@ class ServeOptions:
             args += ["--memory-budget", str(self.memory_budget)]
         if self.device:
             args += ["--device", self.device]
-        if self.persist != "turn":
-            args += ["--persist", self.persist]
         return args
 
     def as_dict(self) -> dict:
@@ -55,21 +63,11 @@ class ServeOptions:
         return d
 
 
-_UNITS = {"": 1, "b": 1, "k": 1 << 10, "kb": 1 << 10, "kib": 1 << 10, "m": 1 << 20, "mb": 1 << 20,
-          "mib": 1 << 20, "g": 1 << 30, "gb": 1 << 30, "gib": 1 << 30, "t": 1 << 40, "tb": 1 << 40,
-          "tib": 1 << 40}
-
-
-def parse_bytes(text: str | int | None) -> int | None:
-    """``"8GB"``, ``"512m"``, ``"1.5GiB"``, ``"1000000"`` -> bytes."""
-    if text is None or text == "":
-        return None
-    if isinstance(text, int):
-        return text
-    match = re.fullmatch(r"\s*([0-9]*\.?[0-9]+)\s*([a-zA-Z]*)\s*", str(text))
-    if not match or match.group(2).lower() not in _UNITS:
-        raise InvalidRequest(f"not a size: {text!r} (examples: 8GB, 512MB, 1000000)")
-    return int(float(match.group(1)) * _UNITS[match.group(2).lower()])
+def resolve_options(**flags: Any) -> tuple[ServeOptions, dict[str, str]]:
+    """``ServeOptions`` from the given flags (None: not given), the environment, the config
+    file and the defaults, with the source of each field."""
+    values, sources = resolve(flags)
+    return ServeOptions(**values), sources
 
 
 class _Bytes(click.ParamType):
@@ -82,37 +80,54 @@ class _Bytes(click.ParamType):
             self.fail(exc.message, param, ctx)
 
 
+def _help(text: str, env: str, default: Any = None) -> str:
+    shown = f"default {default}; " if default is not None else ""
+    return f"{text} [{shown}${env}, or [server] in the config file]"
+
+
 def server_options(func):
-    """Decorate a click command with the server options; it receives ``options: ServeOptions``."""
+    """Decorate a click command with the server options; it receives ``options: ServeOptions``
+    (and ``option_sources``, where each option came from, if it takes that argument)."""
     decorators = [
-        click.option("--model", default="default", show_default=True,
-                     help="Model to serve (name, path or hub id; `spl models list`)."),
-        click.option("--host", default=DEFAULT_HOST, show_default=True,
-                     help="Interface to bind (0.0.0.0 exposes the server on the network)."),
-        click.option("--port", type=click.IntRange(0, 65535), default=DEFAULT_PORT, show_default=True),
+        click.option("--model", default=None,
+                     help=_help("Model to serve (name, path or hub id; `spl models list`).", "SPL_MODEL", "default")),
+        click.option("--host", default=None,
+                     help=_help("Interface to bind (0.0.0.0 exposes the server on the network).", "SPL_HOST",
+                                DEFAULT_HOST)),
+        click.option("--port", type=click.IntRange(0, 65535), default=None,
+                     help=_help("Port to listen on.", "SPL_PORT", DEFAULT_PORT)),
         click.option("--chunk-size", type=click.IntRange(1), default=None,
-                     help="Prefill chunk size in tokens (the model's default if unset)."),
+                     help=_help("Prefill chunk size in tokens (the model's default if unset).", "SPL_CHUNK_SIZE")),
         click.option("--max-seq-len", type=click.IntRange(1), default=None,
-                     help="Default max_seq_len of new sessions."),
-        click.option("--api-key", envvar="SPL_API_KEY", default=None,
-                     help="Require `Authorization: Bearer KEY` on every /v1 route (or $SPL_API_KEY)."),
-        click.option("--max-concurrency", type=click.IntRange(1), default=16, show_default=True,
-                     help="Generations that may wait in the queue; more get HTTP 429."),
+                     help=_help("Default max_seq_len of new sessions.", "SPL_MAX_SEQ_LEN")),
+        click.option("--api-key", default=None,
+                     help=_help("Require `Authorization: Bearer KEY` on every /v1 route.", "SPL_API_KEY")),
+        click.option("--max-concurrency", type=click.IntRange(1), default=None,
+                     help=_help("Generations that may wait in the queue; more get HTTP 429.",
+                                "SPL_MAX_CONCURRENCY", 16)),
         click.option("--memory-budget", type=_Bytes(), default=None,
-                     help="Memory all sessions may hold, e.g. 8GB (default: half the free RAM, 80% of free "
-                          "GPU memory)."),
-        click.option("--device", default=None, help="cpu, cuda, cuda:1 ... (auto if unset)."),
-        click.option("--persist", type=click.Choice(["turn", "shutdown"]), default="turn", show_default=True,
-                     help="When sessions reach disk: after every turn (a crash loses at most the turn in "
-                          "flight; each persist writes only the new tokens' KV) or only on clean shutdown."),
+                     help=_help("Memory all sessions may hold, e.g. 8GB (if unset: half the free RAM, 80% of "
+                                 "the free GPU memory).", "SPL_MEMORY_BUDGET")),
+        click.option("--device", default=None, help=_help("cpu, cuda, cuda:1 ... (auto if unset).", "SPL_DEVICE")),
+        click.option("--persist", type=click.Choice(PERSIST_MODES), default=None,
+                     help=_help("When sessions reach disk: after every turn (a crash loses at most the turn in "
+                                "flight; each persist writes only the new tokens' KV) or only on clean shutdown.",
+                                "SPL_PERSIST", "turn")),
+        click.option("--log-level", type=click.Choice(LOG_LEVELS, case_sensitive=False), default=None,
+                     help=_help("Server log level.", "SPL_LOG_LEVEL", "info")),
     ]
 
+    wants_sources = "option_sources" in inspect.signature(func).parameters
+
     def wrapper(model, host, port, chunk_size, max_seq_len, api_key, max_concurrency, memory_budget,
-                device, persist, **kwargs):
-        options = ServeOptions(model=model, host=host, port=port, chunk_size=chunk_size,
-                               max_seq_len=max_seq_len, api_key=api_key or None,
-                               max_concurrency=max_concurrency, memory_budget=memory_budget, device=device,
-                               persist=persist)
+                device, persist, log_level, **kwargs):
+        options, sources = resolve_options(model=model, host=host, port=port, chunk_size=chunk_size,
+                                     max_seq_len=max_seq_len, api_key=api_key or None,
+                                     max_concurrency=max_concurrency, memory_budget=memory_budget,
+                                     device=device, persist=persist,
+                                     log_level=log_level.lower() if log_level else None)
+        if wants_sources:
+            kwargs["option_sources"] = sources
         return func(options=options, **kwargs)
 
     wrapper.__name__ = func.__name__

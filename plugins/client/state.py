@@ -1,7 +1,9 @@
 """Files under ``superlinear.paths.state_dir()`` that say which server the commands talk to.
 
-- ``server.json``: the local background server (pid, url, log file, model, started_at), written
-  by ``spl server start`` and removed by ``spl server stop``;
+- ``server.json``: the local server (pid, url, log file, options, started_at, and ``process``:
+  its identity, pid + start time + command line, so a pid reused by another process is never
+  taken for it), written by ``spl server start`` (or a foreground ``spl serve``) and removed
+  by ``spl server stop``;
 - ``server.log``: its output;
 - ``connect.json``: the URL (and API key) stored by ``spl server connect URL``.
 """
@@ -63,7 +65,10 @@ def write_local_server(data: dict) -> None:
     _write(server_file(), data)
 
 
-def clear_local_server() -> None:
+def clear_local_server(pid: int | None = None) -> None:
+    """Remove ``server.json`` (only if it names ``pid``, when given)."""
+    if pid is not None and (local_server() or {}).get("pid") != pid:
+        return
     server_file().unlink(missing_ok=True)
 
 

@@ -224,16 +224,23 @@ def info_command(name, as_json):
 @rag_group.command("rm")
 @click.argument("names", nargs=-1, required=True)
 @click.option("--keep-snapshot", is_flag=True, help="Keep the workspace's context snapshot on the server.")
-def rm_command(names, keep_snapshot):
+@click.option("--json", "as_json", is_flag=True)
+def rm_command(names, keep_snapshot, as_json):
     """Remove workspaces (and their context snapshots)."""
+    results = []
     for name in names:
         result = dispatch(RagRemove(name, keep_snapshot))
+        results.append(result)
+        if as_json:
+            continue
         extra = ""
         if result.get("snapshot_removed"):
             extra = f" and snapshot {result['snapshot_id']}"
         elif result.get("snapshot_error"):
             extra = f" (snapshot {result['snapshot_id']} not removed: {result['snapshot_error']})"
         click.echo(f"removed workspace {result['removed']}{extra}")
+    if as_json:
+        click.echo(json.dumps(results, indent=2))
 
 
 @rag_group.command("sources")
@@ -250,9 +257,14 @@ def sources_command(name, as_json):
 
 
 @rag_group.command("retrievers")
-def retrievers_command():
+@click.option("--json", "as_json", is_flag=True)
+def retrievers_command(as_json):
     """List the retrievers plugins provide."""
-    for r in dispatch(RagRetrievers())["retrievers"]:
+    result = dispatch(RagRetrievers())
+    if as_json:
+        click.echo(json.dumps(result, indent=2))
+        return
+    for r in result["retrievers"]:
         click.echo(f"{r['name']:<12} {r['plugin']}{'  (default)' if r['default'] else ''}")
 
 

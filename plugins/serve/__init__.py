@@ -62,18 +62,21 @@ def serve(command: Serve, ctx: Context) -> int:
 
     import uvicorn
 
+    from superlinear.plugins.client.local import registered
+
     options = command.options
     check_model_known(options.model)
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    logging.basicConfig(level=options.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     app = build_app(options)
     auth = "API key required" if options.api_key else "no API key"
     print(f"spl: serving {options.model} on {options.url()} ({auth}); loading the model…", flush=True)
-    config = uvicorn.Config(app, host=options.host, port=options.port, log_level="info",
+    config = uvicorn.Config(app, host=options.host, port=options.port, log_level=options.log_level,
                             timeout_graceful_shutdown=5, lifespan="on", access_log=False)
     server = uvicorn.Server(config)
     runtime = app.state.runtime
     _exit_on_load_error(server, runtime)
-    server.run()
+    with registered(options):  # server.json names this process while it serves
+        server.run()
     if runtime.error is not None or not server.started:
         return 2
     return 0

@@ -1,4 +1,5 @@
-"""A literal per-row loop of shared ATTENTION.md in float64 (tests only: slow, obviously right)."""
+"""A literal per-row loop of docs/attention-spec.md in float64 (slow, obviously right): the
+definition the reference and Triton kernels are tested against on fresh random inputs."""
 
 from __future__ import annotations
 

@@ -1,0 +1,87 @@
+"""Our forward pass for Nemotron-H-family hybrids (nemotron_h, superlinear-exp).
+
+transformers builds the modules and holds the weights; this walks the blocks itself so that
+every mixer runs the way long contexts need:
+
+- Mamba-2 mixers on fla's Triton kernels in prefill (CUDA) and as plain tensor ops in decode
+  (``superlinear.model.mamba2``);
+- MoE mixers without host synchronisation (``superlinear.model.moe``), so the whole decode step
+  is one CUDA graph;
+- attention mixers (no positional embedding in Nemotron-H) writing into our cache and calling
+  the superlinear kernels through ``superlinear.model.attention.spl_attention``;
+- the LM head on the last token only (a 32K-token chunk of 131K-vocab logits would be 8 GiB).
+
+``Model`` uses it for these architectures; ``fast_paths=False`` goes back to transformers'
+own forward (the reference the tests compare against).
+"""
+
+from __future__ import annotations
+
+import torch
+
+from superlinear.model.attention import spl_attention
+from superlinear.model.mamba2 import MambaDims, fla_available, mixer_forward
+from superlinear.model.moe import grouped_mm_supported, moe_forward
+
+
+class HybridForward:
+    def __init__(self, hf: torch.nn.Module):
+        self.hf = hf
+        cfg = hf.config
+        self.blocks = list(hf.model.layers)
+        self.types = list(cfg.layers_block_type)
+        self.dims = MambaDims.from_config(cfg) if "linear_attention" in self.types else None
+        param = next(hf.parameters())
+        self.device, self.dtype = param.device, param.dtype
+        self.fla = self.device.type == "cuda" and fla_available()
+        self.grouped = grouped_mm_supported(self.device, self.dtype)
+        self.eps = float(cfg.layer_norm_epsilon)
+
+    def info(self) -> dict:
+        return {"mamba_prefill": "fla (Triton)" if self.fla else "PyTorch reference",
+                "moe": "grouped matmul (no host sync)" if self.grouped else "transformers experts loop"}
+
+    def __call__(self, ids: torch.Tensor, cache) -> torch.Tensor:
+        """``ids [1, T]`` at the cache's current write position -> fp32 logits ``[1, 1, V]`` of
+        the last token."""
+        residual = self.hf.model.embeddings(ids)
+        h = None  # the last mixer's output, not yet added to the residual stream
+        for idx, (block, kind) in enumerate(zip(self.blocks, self.types, strict=True)):
+            normed, residual = self._add_and_norm(h, residual, block.norm)
+            if kind == "linear_attention":
+                h = mixer_forward(block.mixer, self.dims, normed, cache.conv[idx], cache.ssm[idx], fast=self.fla)
+            elif kind == "full_attention":
+                h = _attention(block.mixer, normed, cache)
+            elif kind == "moe":
+                h = moe_forward(block.mixer, self.hf.config, normed, grouped=self.grouped)
+            else:
+                h = block.mixer(normed)
+        last, _ = self._add_and_norm(h[:, -1:], residual[:, -1:], self.hf.model.norm_f)
+        return self.hf.lm_head(last).float()
+
+    def _add_and_norm(self, h, residual, norm) -> tuple[torch.Tensor, torch.Tensor]:
+        """``residual + h`` (h None: nothing to add yet) and its RMSNorm; on CUDA one fla kernel
+        for both (a decode step has 53 of them, a prefill chunk reads the stream once, not 7x)."""
+        if self.fla:
+            from fla.modules.norm.layernorm import rms_norm
+
+            if h is None:
+                return rms_norm(residual, norm.weight, None, eps=self.eps), residual
+            return rms_norm(h, norm.weight, None, residual=residual, eps=self.eps, prenorm=True)
+        if h is not None:
+            residual = residual + h
+        return norm(residual.to(norm.weight.dtype)), residual
+
+
+def _attention(attn, h: torch.Tensor, cache) -> torch.Tensor:
+    """Nemotron-H attention (no RoPE) with superlinear attention over our cache; a
+    superlinear-exp mixer's ``routing_q_proj`` gives the search query."""
+    shape = (*h.shape[:-1], -1, attn.head_dim)
+    query = attn.q_proj(h).view(shape).transpose(1, 2)
+    key = attn.k_proj(h).view(shape).transpose(1, 2)
+    value = attn.v_proj(h).view(shape).transpose(1, 2)
+    routing = getattr(attn, "routing_q_proj", None)
+    extra = {} if routing is None else {"routing_query": routing(h).view(shape).transpose(1, 2)}
+    key, value = cache.update(key, value, attn.layer_idx)
+    out, _ = spl_attention(attn, query, key, value, scaling=attn.scaling, **extra)
+    return attn.o_proj(out.reshape(*h.shape[:-1], -1))

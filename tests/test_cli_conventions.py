@@ -1,0 +1,125 @@
+"""Conventions every `spl` command keeps: `--json` wherever a command prints state (checked on
+the whole click tree, so a new command cannot forget it), and shell completion (the scripts
+click generates, and dynamic session/snapshot ids that never hang or print without a server)."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import socket
+import subprocess
+import time
+
+import click
+import pytest
+from cli_helpers import SPL, isolated_env, run_spl
+
+# Commands that print no state, and why. Every other command must take --json.
+NO_STATE = {
+    "serve": "runs the server in the foreground; its output is the server log",
+    "server logs": "prints the server's log file as it is",
+    "completion": "prints a shell script",
+    "docs": "an interactive REPL (needs a terminal)",
+    "bench attention": "prints a measurement table (--out writes it to a file)",
+}
+
+
+def leaf_commands(group: click.Group, prefix: str = ""):
+    for name, command in sorted(group.commands.items()):
+        path = f"{prefix}{name}"
+        if isinstance(command, click.Group):
+            yield from leaf_commands(command, path + " ")
+        else:
+            yield path, command
+
+
+def takes_json(command: click.Command) -> bool:
+    return any(isinstance(p, click.Option) and "--json" in p.opts and p.is_flag for p in command.params)
+
+
+def test_every_command_that_prints_state_takes_json():
+    from superlinear.cli.main import build_cli
+
+    commands = dict(leaf_commands(build_cli()))
+    assert {"ls", "session ls", "snapshot info", "server status", "models list", "plugins", "rag ls"} <= set(commands)
+    missing = [path for path, command in commands.items() if path not in NO_STATE and not takes_json(command)]
+    assert not missing, f"commands that print state without --json: {missing}"
+    stale = set(NO_STATE) - set(commands)
+    assert not stale, f"NO_STATE names commands that do not exist: {stale}"
+
+
+@pytest.mark.parametrize("args", [
+    ("plugins",), ("models", "list"), ("rag", "ls"), ("rag", "retrievers"), ("server", "status"),
+    ("server", "config"),
+])
+def test_json_output_is_one_document(tmp_path, args):
+    env = isolated_env(tmp_path, SPL_WORKSPACES_DIR=str(tmp_path / "workspaces"))
+    result = run_spl(env, *args, "--json")
+    assert result.returncode in (0, 1), result.stderr  # `server status` exits 1 when nothing runs
+    json.loads(result.stdout)  # exactly one JSON document, nothing else on stdout
+
+
+# -- completion ---------------------------------------------------------------------------------
+def complete(env: dict, words: str, timeout: float = 30) -> tuple[list[str], subprocess.CompletedProcess]:
+    """Ask `spl` for completions the way click's bash script does."""
+    parts = words.split(" ")
+    env = dict(env, _SPL_COMPLETE="bash_complete", COMP_WORDS=words, COMP_CWORD=str(len(parts) - 1))
+    result = subprocess.run(SPL, capture_output=True, text=True, env=env, timeout=timeout)
+    values = [line.split(",", 1)[1] for line in result.stdout.splitlines() if "," in line]
+    return values, result
+
+
+@pytest.mark.parametrize("shell, marker", [("bash", "complete -o nosort -F"), ("zsh", "compdef"),
+                                           ("fish", "complete --no-files --command spl")])
+def test_completion_scripts(tmp_path, shell, marker):
+    result = run_spl(isolated_env(tmp_path), "completion", shell)
+    assert result.returncode == 0, result.stderr
+    assert marker in result.stdout and "_SPL_COMPLETE" in result.stdout
+
+
+@pytest.mark.skipif(shutil.which("bash") is None, reason="no bash")
+def test_the_bash_script_loads_and_completes_commands(tmp_path):
+    env = isolated_env(tmp_path)
+    script = run_spl(env, "completion", "bash").stdout
+    check = subprocess.run(["bash", "-c", f"{script}\ncomplete -p spl"], capture_output=True, text=True)
+    assert check.returncode == 0 and "_spl_completion" in check.stdout, check.stderr
+    values, _ = complete(env, "spl sess")
+    assert values == ["session"]
+    values, _ = complete(env, "spl snapshot l")
+    assert set(values) == {"load", "ls"}
+
+
+def test_id_completion_without_a_server_is_silent_and_quick(tmp_path):
+    with socket.create_server(("127.0.0.1", 0)) as listener:
+        # A port that accepts connections and never answers: the worst case for a Tab press.
+        env = isolated_env(tmp_path, SPL_SERVER_URL=f"http://127.0.0.1:{listener.getsockname()[1]}")
+        started = time.monotonic()
+        values, result = complete(env, "spl session info ")
+        elapsed = time.monotonic() - started
+    assert values == [] and result.returncode == 0 and result.stderr == ""
+    assert elapsed < 15, elapsed  # bounded by the completion's own timeout, not the client's 600 s
+    values, result = complete(isolated_env(tmp_path), "spl session info ")  # nothing recorded, nothing listens
+    assert values == [] and result.returncode == 0 and result.stderr == ""
+    (tmp_path / "config" / "spl").mkdir(parents=True)
+    (tmp_path / "config" / "spl" / "config.toml").write_text("[server\n")  # broken config: still silent
+    values, result = complete(isolated_env(tmp_path), "spl snapshot info ")
+    assert values == [] and result.returncode == 0 and result.stderr == ""
+
+
+def test_snapshot_ids_complete_from_the_local_store(tmp_path):
+    import torch
+
+    from superlinear.sessions import SnapshotStore
+
+    store = SnapshotStore(tmp_path / "snapshots")
+    for sid, tags in (("alpha-1", []), ("alpha-2", ["x"]), ("beta", []), ("state-of-s1", ["spl:session-state"])):
+        store.save(model={"name": "m", "fingerprint": "f" * 64},
+                   session={"position": 1, "max_seq_len": 8, "message_count": 0},
+                   transcript={"messages": []}, tensors={"t": torch.zeros(1)}, snapshot_id=sid, tags=tags)
+    env = isolated_env(tmp_path)  # no server runs: ids come from the store on disk
+    values, result = complete(env, "spl snapshot info al")
+    assert sorted(values) == ["alpha-1", "alpha-2"] and result.stderr == ""
+    values, _ = complete(env, "spl snapshot rm ")
+    assert sorted(values) == ["alpha-1", "alpha-2", "beta"]  # a session's own state is not offered
+    values, _ = complete(env, "spl rm b")
+    assert values == ["beta"]
