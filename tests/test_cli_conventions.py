@@ -112,10 +112,13 @@ def test_snapshot_ids_complete_from_the_local_store(tmp_path):
     from superlinear.sessions import SnapshotStore
 
     store = SnapshotStore(tmp_path / "snapshots")
-    for sid, tags in (("alpha-1", []), ("alpha-2", ["x"]), ("beta", []), ("state-of-s1", ["spl:session-state"])):
+    for sid, tags in (("alpha-1", []), ("alpha-2", ["x"]), ("beta", []), ("state-of-s1", [])):
         store.save(model={"name": "m", "fingerprint": "f" * 64},
                    session={"position": 1, "max_seq_len": 8, "message_count": 0},
                    transcript={"messages": []}, tensors={"t": torch.zeros(1)}, snapshot_id=sid, tags=tags)
+    # a session's own state: the server's journal writer tags it (users may not: the tag is reserved)
+    manifest_path = store.root / "state-of-s1" / "manifest.json"
+    manifest_path.write_text(json.dumps({**json.loads(manifest_path.read_text()), "tags": ["spl:session-state"]}))
     env = isolated_env(tmp_path)  # no server runs: ids come from the store on disk
     values, result = complete(env, "spl snapshot info al")
     assert sorted(values) == ["alpha-1", "alpha-2"] and result.stderr == ""
