@@ -378,3 +378,25 @@ def test_a_template_that_cannot_render_the_request_is_a_400(tokenizer):
     with pytest.raises(InvalidRequest, match="cannot render this request: the first message must be"):
         _run(conv, [{"role": "user", "content": "hi"}])
     assert conv.position == 0 and conv.transcript == []
+
+
+def test_many_new_messages_cost_a_bounded_number_of_renders(tokenizer):
+    """Each message boundary costs a render of its prefix; only the newest few are computed (a
+    hybrid keeps at most MAX_RECURRENT_CHECKPOINTS), so a request with thousands of messages is
+    not quadratic. A prompt longer than the cache computes none (it is refused anyway)."""
+    from superlinear.engine.conversation import MAX_RECURRENT_CHECKPOINTS
+
+    conv = Conversation(FakeModel(tokenizer), 1 << 16)
+    messages = [{"role": "user" if i % 2 == 0 else "assistant", "content": f"m{i}"} for i in range(2000)]
+    calls = []
+    render = conv.template.render
+    conv.template.render = lambda *a, **k: calls.append(1) or render(*a, **k)
+    rendered = conv.render(messages, add_generation_prompt=True)
+    assert len(calls) == 1 + MAX_RECURRENT_CHECKPOINTS + 1
+    known = [b for b in rendered.boundaries if b is not None]
+    assert len(known) == MAX_RECURRENT_CHECKPOINTS + 1 and known == sorted(known)
+    assert rendered.boundaries[-1] == len(conv.render(messages).ids)  # the end of the last message
+    small = Conversation(FakeModel(tokenizer), 64)
+    small.template.render = conv.template.render
+    calls.clear()
+    assert small.render(messages, add_generation_prompt=True).boundaries == [None] * 2000 and len(calls) == 1

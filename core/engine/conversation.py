@@ -129,6 +129,8 @@ class Conversation:
                add_generation_prompt: bool = False) -> Rendered:
         text = self.template.render(messages, tools, add_generation_prompt, template_kwargs)
         ids, ends = self._tokenize(text)
+        if len(ids) > self.max_seq_len:  # sync_tokens refuses it (TooLarge): no boundaries needed
+            return Rendered(text, ids, [None] * len(messages))
         lcp = _common_prefix(self._ids, ids)
         # Messages equal to the stored transcript keep their boundaries when those are still
         # inside the rendering's common prefix with the cache; the rest render their prefix.
@@ -138,10 +140,17 @@ class Conversation:
                and template_kwargs == self.template_kwargs):
             same += 1
         boundaries: list[int | None] = []
+        # A boundary costs a render of the prefix (O(messages) each). Only the last few new ones
+        # can matter: a hybrid keeps at most MAX_RECURRENT_CHECKPOINTS checkpoints, the newest;
+        # earlier messages get None (not on a known token edge), so 100k messages cost one render.
+        first_computed = len(messages) - (MAX_RECURRENT_CHECKPOINTS + 1)
         for k in range(len(messages)):
             b = self.boundaries[k] if k < same else None
             if b is not None and b <= lcp:
                 boundaries.append(b)
+                continue
+            if k < first_computed:
+                boundaries.append(None)
                 continue
             last = k == len(messages) - 1 and not add_generation_prompt
             prefix = text if last else self.template.render(messages[:k + 1], tools, False, template_kwargs)
