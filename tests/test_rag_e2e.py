@@ -133,7 +133,7 @@ def test_docs_repl_in_a_terminal(server, ingested):
         child.expect(r"(\d+) reused")  # the turn's footer: the answer came back
         assert int(child.match.group(1)) >= ingested["tokens"]  # on top of the documents' tokens
         child.send("/tail 2\r")
-        child.expect(r"\[1\] docs/LICENSE\.txt:\d+-\d+")  # the question went with its passages
+        child.expect(r"\[1\] \(docs/LICENSE\.txt:\d+-\d+\)")  # the question went with its passages
         child.send("/reset\r")
         child.expect(r"reset to snapshot")
         child.send("/exit\r")

@@ -151,6 +151,10 @@ class Workspace:
             ws.save_manifest(manifest)
         return ws
 
+    @classmethod
+    def exists(cls, name: str) -> bool:
+        return (cls(name).path / "manifest.json").is_file()
+
     @staticmethod
     def names() -> list[str]:
         root = workspaces_root()
@@ -338,9 +342,11 @@ class Workspace:
         report.seconds = time.perf_counter() - started
         return report
 
-    def set_context(self, context: dict | None) -> None:
+    def set_context(self, context: dict | None, reason: str | None = None) -> None:
+        """Record the context snapshot; or none, with the ``reason`` questions are retrieval-only."""
         with self.lock():
             self._manifest = None
             manifest = self.manifest
             manifest["context"] = context
+            manifest["retrieval_only_reason"] = None if context else reason
             self.save_manifest(manifest)
