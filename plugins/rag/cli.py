@@ -87,7 +87,8 @@ def ingest_command(paths, workspace, globs, chunk_chars, overlap, no_llm, max_se
     """Add files and folders to a workspace (again: sync changes).
 
     Folders are walked respecting .gitignore, skipping hidden folders and binaries. Text, Markdown,
-    reStructuredText, code, HTML, JSON, CSV (and PDF when pypdf is installed). With no PATH,
+    reStructuredText, code, HTML, JSON, CSV in any encoding (and PDF and .docx with
+    `pip install 'spl[docs]'`). With no PATH,
     re-sync the workspace's folders: unchanged files are skipped, changed ones re-read, deleted
     ones dropped.
     """
@@ -249,7 +250,8 @@ def sources_command(name, as_json):
         click.echo(json.dumps(result, indent=2))
         return
     for f in result["files"]:
-        click.echo(f"{f['path']}  ({f.get('kind')}, {f.get('lines')} lines, {f.get('chunks')} passages)")
+        encoding = f", {f['encoding']}" if f.get("encoding") not in (None, "utf-8") else ""
+        click.echo(f"{f['path']}  ({f.get('kind')}{encoding}, {f.get('lines')} lines, {f.get('chunks')} passages)")
 
 
 @rag_group.command("retrievers")

@@ -57,7 +57,7 @@ def render_documents(workspace: Workspace) -> tuple[str, list[str]]:
         if file_hash(data) != files[path].get("sha256"):
             stale.append(path)
             continue
-        lines, _kind = read_lines(p, data)
+        lines = read_lines(p, data).lines
         body = "\n".join(text for _, text in lines).strip()
         if body:
             parts.append(f"=== {display_path(path)} ===\n{body}\n")

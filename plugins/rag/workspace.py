@@ -299,7 +299,7 @@ class Workspace:
                     new_files[path] = old
                     continue
                 try:
-                    lines, kind = read_lines(p, data)
+                    lines, kind, encoding = read_lines(p, data)
                 except Exception as exc:  # a malformed PDF must not stop the ingest
                     report.skipped[path] = f"unreadable ({type(exc).__name__}: {exc})".splitlines()[0]
                     if old:
@@ -309,7 +309,8 @@ class Workspace:
                 new_pieces[path] = [(pc.start, pc.end, pc.text, pc.section) for pc in pieces]
                 (report.updated if old else report.added).append(path)
                 new_files[path] = {"sha256": digest, "size": stat.st_size, "mtime": stat.st_mtime, "kind": kind,
-                                   "lines": lines[-1][0] if lines else 0, "chunks": len(pieces)}
+                                   "encoding": encoding, "lines": lines[-1][0] if lines else 0,
+                                   "chunks": len(pieces)}
 
             # Rewrite the passages: ids are positions in chunks.jsonl.
             records: list[Chunk] = []
