@@ -365,6 +365,9 @@ def test_rendering_wrapping_max_ctrl_c_and_history_in_a_narrow_terminal(server):
 
         # Ctrl-C during a reply, with a question typed ahead: the reply stops, the typed text
         # waits at the prompt, and the server has no trace of the cancelled turn.
+        send(child, "/max 400")  # long enough that the reply is still streaming at the Ctrl-C
+        child.expect_exact("max tokens per reply: 400")
+        child.expect_exact(PROMPT)
         send(child, "Write a long story about a dragon.")
         child.expect_exact(LEFT_PROMPT)
         child.expect(r"[A-Za-z]{3}")  # the reply is streaming

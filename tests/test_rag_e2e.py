@@ -131,7 +131,7 @@ def test_every_citation_in_an_answer_refers_to_a_passage_that_was_given(server, 
     k = 2
     for question in ("Who holds the copyright of the software?",
                      "Under which conditions may the software be redistributed?"):
-        ask = _spl(server, "rag", "ask", question, "-w", "click", "-k", str(k), "--max-tokens", "48", "--json")
+        ask = _spl(server, "rag", "ask", question, "-w", "click", "-k", str(k), "--max-tokens", "32", "--json")
         assert ask.returncode == 0, ask.stderr
         out = json.loads(ask.stdout)
         assert len(out["citations"]) == k
@@ -143,7 +143,7 @@ def test_every_citation_in_an_answer_refers_to_a_passage_that_was_given(server, 
             assert set(out["invented_citations"]) <= cited_in(out["raw_answer"])
         print(f"\n{question!r}: {out['answer']!r} cited {out['cited']} invented {out['invented_citations']}")
     # The streamed text form shows the checked answer too, and marks what it cites.
-    text = _spl(server, "rag", "ask", "Who holds the copyright?", "-w", "click", "-k", str(k), "--max-tokens", "32")
+    text = _spl(server, "rag", "ask", "Who holds the copyright?", "-w", "click", "-k", str(k), "--max-tokens", "24")
     assert text.returncode == 0, text.stderr
     answer = text.stdout.split("\nSources")[0]
     assert cited_in(answer) <= given, text.stdout

@@ -164,7 +164,8 @@ def test_too_large_documents_are_answered_from_passages(tmp_path, server):
     kind, sid, messages = server.calls[-1]
     assert sid is None and [m["role"] for m in messages] == ["system", "user"]
     assert answer["citations"][0]["path"].endswith("termui.py")
-    assert dispatch(RagInfo("big"))["mode"] == "retrieval-only"
+    info = dispatch(RagInfo("big"))
+    assert info["mode"] == "retrieval-only" and info["retrieval_only_reason"] == reason
 
 
 def test_prefill_over_budget_falls_back(tmp_path, server):

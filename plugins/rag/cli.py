@@ -222,6 +222,8 @@ def info_command(name, as_json):
                    f"{c.get('max_seq_len')}, prefill {c.get('prefill_s')} s, {state}")
     else:
         click.echo("context     none: answers come from retrieved passages alone")
+        if result.get("retrieval_only_reason"):
+            click.echo(f"            ({result['retrieval_only_reason']})")
     click.echo(f"updated     {result['updated']}")
 
 

@@ -222,6 +222,7 @@ class Workspace:
             "roots": m.get("roots", []), "files": len(m.get("files", {})), "chunks": m.get("chunks", 0),
             "chars": m.get("chars", 0), "chunking": m.get("chunking"), "context": m.get("context"),
             "mode": "context" if m.get("context") else "retrieval-only",
+            "retrieval_only_reason": None if m.get("context") else m.get("retrieval_only_reason"),
         }
 
     # -- ingest ------------------------------------------------------------------------------
