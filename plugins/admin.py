@@ -377,10 +377,12 @@ def _table(rows: list[tuple]) -> str:
 
 
 def format_history(messages: list[dict], offset: int = 0) -> str:
+    """Numbered from 1, as `rollback N` counts (it keeps messages 1…N) and as the chat's /history
+    shows them; ``offset``: how many messages come before ``messages``."""
     if not messages:
         return "(no messages)"
     out = []
-    for i, m in enumerate(messages, start=offset):
+    for i, m in enumerate(messages, start=offset + 1):
         content = m.get("content")
         if isinstance(content, list):
             content = "".join(p.get("text", "") for p in content if isinstance(p, dict))

@@ -49,7 +49,7 @@ def test_admin_commands(spl, server, tmp_path):
     code, out, _ = spl("session", "info", "adm", "--json")
     assert code == 0 and json.loads(out)["message_count"] == 2
     code, out, _ = spl("session", "history", "adm")
-    assert code == 0 and "[0] user: Hi there" in out and "[1] assistant:" in out
+    assert code == 0 and "[1] user: Hi there" in out and "[2] assistant:" in out
     code, out, _ = spl("session", "fork", "adm", "--as", "adm2")
     assert code == 0 and "adm2" in out
     code, out, _ = spl("session", "rollback", "adm2", "-1")

@@ -298,6 +298,145 @@ def test_server_gone_and_back(server):
     assert child.exitstatus == 0
 
 
+class Tee:
+    """The pty's output, to the module's log file and kept for a terminal emulator."""
+
+    def __init__(self, path):
+        self.file = open(path, "a")
+        self.chunks: list[str] = []
+
+    def write(self, data):
+        self.file.write(data)
+        self.chunks.append(data)
+
+    def flush(self):
+        self.file.flush()
+
+    def screen(self, columns, rows):
+        pyte = pytest.importorskip("pyte")
+        screen = pyte.Screen(columns, rows)
+        pyte.Stream(screen).feed("".join(self.chunks))
+        return screen
+
+
+def test_rendering_wrapping_max_ctrl_c_and_history_in_a_narrow_terminal(server):
+    """A 50-column colour terminal: a reply with a code block is rendered (highlighted code between
+    dimmed fences) and its prose wraps at word boundaries; /max caps the reply; Ctrl-C keeps what
+    was typed ahead and leaves no half turn on the server; /history numbers the messages as
+    `spl session history` does."""
+    columns, rows = 50, 200  # tall: the whole conversation stays on the emulated screen
+    env = {k: v for k, v in server["env"].items() if k != "NO_COLOR"}
+    env.update(TERM="xterm-256color", PROMPT_TOOLKIT_NO_CPR="1", COLUMNS=str(columns), LINES=str(rows))
+    child = pexpect.spawn(SPL[0], [*SPL[1:], "chat", "--url", server["url"], "--new", "--temp", "0"],
+                          env=env, encoding="utf-8", timeout=240, dimensions=(rows, columns))
+    tee = Tee(server["root"] / "chat-pty.log")
+    child.logfile_read = tee
+    try:
+        child.expect(r"new session (\S+)")
+        session = child.match.group(1)
+        child.expect_exact(PROMPT)
+        send(child, "/max 48")
+        child.expect_exact("max tokens per reply: 48")
+        child.expect_exact(PROMPT)
+
+        question = "Write a Python function that adds two numbers."
+        send(child, question)
+        child.expect(FOOTER)
+        assert "· length]" in child.match.group(0)  # the 48-token cap cut it
+        child.expect_exact(PROMPT)
+        reply = httpx.get(f"{server['url']}/v1/sessions/{session}/history", timeout=10).json()["messages"][1]
+        assert reply["role"] == "assistant" and "```" in reply["content"], reply
+        screen = tee.screen(columns, rows)
+        shown = [line.rstrip() for line in screen.display]
+        asked = next(i for i, line in enumerate(shown) if f"{PROMPT} Write a Python" in line)
+        prompt_width = shown[asked].index(PROMPT) + len(PROMPT) + 1
+        top = asked - (-(prompt_width + len(question)) // columns)  # below the (wrapped) question
+        bottom = next(i for i, line in enumerate(shown) if "reached the cap of 48 tokens" in line)
+        body = shown[top:bottom]
+        fences = [i for i, line in enumerate(body) if line.lstrip().startswith("```")]
+        assert fences, body
+        code_row = top + fences[0] + 1  # the first line of code: highlighted
+        assert {screen.buffer[code_row][x].fg for x in range(columns)} - {"default"}, body
+        # Every word on screen is a word of the reply: a word cut in two at the edge would not be.
+        words = set(re.findall(r"\S+", reply["content"]))
+        on_screen = [w for line in body if not line.lstrip().startswith("```") for w in line.split()]
+        assert on_screen and all(w in words for w in on_screen), (on_screen, words)
+        assert all(len(line) <= columns for line in body)
+
+        # Ctrl-C during a reply, with a question typed ahead: the reply stops, the typed text
+        # waits at the prompt, and the server has no trace of the cancelled turn.
+        send(child, "/max 400")  # long enough that the reply is still streaming at the Ctrl-C
+        child.expect_exact("max tokens per reply: 400")
+        child.expect_exact(PROMPT)
+        send(child, "Write a long story about a dragon.")
+        child.expect_exact(LEFT_PROMPT)
+        child.expect(r"[A-Za-z]{3}")  # the reply is streaming
+        child.send("what next")  # typed ahead (not echoed while the reply streams)
+        time.sleep(0.5)
+        child.sendintr()
+        child.expect_exact("[cancelled]")
+        child.expect_exact("what next")  # back at the prompt, in the input line
+        time.sleep(0.5)
+        screen = tee.screen(columns, rows)
+        prompt_rows = [line for line in screen.display if PROMPT in line]
+        assert prompt_rows[-1].rstrip().endswith("› what next"), prompt_rows[-1]
+        child.sendintr()  # clears the line
+        child.expect_exact(PROMPT)
+        history = httpx.get(f"{server['url']}/v1/sessions/{session}/history", timeout=10).json()["messages"]
+        assert [m["role"] for m in history] == ["user", "assistant"], history
+
+        send(child, "/history")
+        child.expect(r"1\s+user\s+Write a Python function")
+        child.expect(r"2\s+assistant\s+\S")
+        child.expect_exact(PROMPT)
+        listed = subprocess.run([*SPL, "session", "history", session], capture_output=True, text=True,
+                                timeout=60, env=dict(server["env"], SPL_SERVER_URL=server["url"]))
+        assert listed.returncode == 0, listed.stderr
+        assert re.findall(r"^\[(\d+)\] (\w+):", listed.stdout, re.M) == [("1", "user"), ("2", "assistant")]
+        child.sendeof()
+        child.expect(pexpect.EOF)
+    finally:
+        child.close()
+
+
+def test_ctrl_c_as_the_reply_ends_leaves_no_half_turn(server):
+    """Ctrl-C that lands after the server stored the turn but before its end reached the REPL
+    (here: exactly when the final event arrives) still leaves the session as before the turn."""
+    import io
+
+    from superlinear.plugins.chat.repl import ChatRepl, ChatSettings
+    from superlinear.plugins.client import SplClient
+
+    client = SplClient(server["url"])
+    real_stream = client.chat_stream
+
+    def interrupted_at_the_end(*args, **kwargs):
+        stream = real_stream(*args, **kwargs)
+        try:
+            for event in stream:
+                if event.type == "done" and interrupt["on"]:
+                    raise KeyboardInterrupt
+                yield event
+        finally:
+            stream.close()
+
+    interrupt = {"on": False}
+    client.chat_stream = interrupted_at_the_end
+    out = io.StringIO()
+    repl = ChatRepl(client, name="race", new=True, out=out, settings=ChatSettings(temperature=0.0, max_tokens=6))
+    try:
+        repl.open_session()
+        repl.handle("Say hello.")
+        interrupt["on"] = True
+        repl.handle("Say goodbye.")
+        assert out.getvalue().rstrip().endswith("[cancelled]")
+        history = client.history(repl.session_id)
+        assert [m["content"] for m in history][:1] == ["Say hello."] and len(history) == 2, history
+    finally:
+        client.delete_session(repl.session_id)
+        client.close()
+
+
 def run_once(server, *args):
     env = dict(server["env"])
     return subprocess.run([*SPL, "chat", "--url", server["url"],

@@ -162,6 +162,7 @@ class FakeClient:
         self.snapshots: dict[str, list[dict]] = {}
         self.down = False
         self.interrupt_after: int | None = None
+        self.interrupt_at_done = False
         self._n = 0
 
     def _check(self):
@@ -252,6 +253,8 @@ class FakeClient:
             yield StreamEvent("text", text=(" " if i else "") + word, session_id=session_id)
         transcript.extend(messages)
         transcript.append({"role": "assistant", "content": reply})
+        if self.interrupt_at_done:  # Ctrl-C after the server stored the turn, before "done" came
+            raise KeyboardInterrupt
         yield StreamEvent("done", finish_reason="stop", usage={"prompt_tokens": 7, "completion_tokens": len(words)},
                           timings={"prefill_tokens_per_s": 100.0, "decode_tokens_per_s": 10.0, "tokens_reused": 3},
                           message={"role": "assistant", "content": reply}, session_id=session_id)
@@ -333,6 +336,41 @@ def test_ctrl_c_cancels_the_reply_not_the_repl():
     client.interrupt_after = None
     repl.handle("again")
     assert "echo: again" in out.getvalue()
+
+
+def test_ctrl_c_as_the_reply_ends_leaves_no_half_turn():
+    client = FakeClient()
+    repl, out = make_repl(client)
+    repl.open_session()
+    repl.handle("first")
+    client.interrupt_at_done = True
+    repl.handle("second")
+    assert out.getvalue().rstrip().endswith("[cancelled]")
+    assert [m["content"] for m in client.sessions["sess1"]] == ["first", "echo: first"]
+    client.interrupt_at_done = False
+    repl.handle("third")
+    assert [m["content"] for m in client.sessions["sess1"]][-2:] == ["third", "echo: third"]
+
+
+def test_replies_are_capped_and_stop_looping_by_default_and_max_changes_the_cap():
+    client = FakeClient()
+    repl, out = make_repl(client)
+    repl.open_session()
+    repl.handle("one")
+    assert client.requests[-1]["max_tokens"] == 1024 and client.requests[-1]["repetition_detection"] is True
+    repl.handle("/max")
+    repl.handle("/max 64")
+    repl.handle("two")
+    assert client.requests[-1]["max_tokens"] == 64
+    repl.handle("/max off")
+    repl.handle("three")
+    assert "max_tokens" not in client.requests[-1]
+    repl.handle("/max -3")
+    repl.handle("/max lots")
+    text = out.getvalue()
+    assert "max tokens per reply: 1024" in text and "max tokens per reply: 64" in text
+    assert "max tokens per reply: no cap" in text
+    assert "error: max tokens must be at least 0" in text and "error: max tokens must be a whole number" in text
 
 
 def test_server_gone_then_reconnect():

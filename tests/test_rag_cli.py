@@ -91,3 +91,35 @@ def test_ingest_without_a_server_keeps_the_index(spl, tmp_path):
     assert result.returncode == 0, result.stderr
     assert "context: retrieval-only (context not built: the spl server at http://127.0.0.1:9" in result.stdout
     assert "a.md:1" in spl("rag", "ask", "beavers", "-w", "b", "--no-llm").stdout
+
+
+def test_a_failed_ingest_leaves_no_new_workspace_and_keeps_an_old_one(spl, tmp_path):
+    failed = spl("rag", "ingest", str(tmp_path / "missing"), "-w", "foo", "--no-llm")
+    assert failed.returncode == 2 and "no such file or directory" in failed.stderr
+    assert not (tmp_path / "ws" / "foo").exists()
+    assert "no workspaces" in spl("rag", "ls").stdout
+
+    (tmp_path / "d").mkdir()
+    (tmp_path / "d" / "a.md").write_text("beavers build dams\n")
+    assert spl("rag", "ingest", "d", "-w", "foo", "--no-llm").returncode == 0
+    manifest = (tmp_path / "ws" / "foo" / "manifest.json").read_bytes()
+    chunks = (tmp_path / "ws" / "foo" / "chunks.jsonl").read_bytes()
+    failed = spl("rag", "ingest", "d", str(tmp_path / "missing"), "-w", "foo", "--no-llm")
+    assert failed.returncode == 2 and "no such file or directory" in failed.stderr
+    assert (tmp_path / "ws" / "foo" / "manifest.json").read_bytes() == manifest  # untouched
+    assert (tmp_path / "ws" / "foo" / "chunks.jsonl").read_bytes() == chunks
+    assert "a.md:1" in spl("rag", "ask", "beavers", "-w", "foo", "--no-llm").stdout
+
+
+def test_the_progress_line_is_cleared_before_the_next_message(monkeypatch, capsys):
+    from superlinear.plugins.rag.cli import _Progress
+
+    progress = _Progress(True)
+    progress.started -= 5  # a long ingest: the bar shows
+    progress(3, 35, "/tmp/stdlib/shutil.py")
+    progress.message("prefilling the documents (~900 tokens) into session s1…")
+    progress.end()  # nothing more to clear
+    err = capsys.readouterr().err
+    bar, rest = err.split("3/35 /tmp/stdlib/shutil.py")
+    assert bar.startswith("\r\033[Kingest [")
+    assert rest == "\r\033[Kprefilling the documents (~900 tokens) into session s1…\n"  # on a line of its own

@@ -12,14 +12,28 @@ from test_rag_llm import FakeServer
 
 from superlinear.bus import Context, dispatch
 from superlinear.errors import InvalidRequest
-from superlinear.plugins.chat import ChatRepl
+from superlinear.plugins.chat import ChatRepl, ChatSettings
+from superlinear.plugins.client import StreamEvent
 from superlinear.plugins.rag import docs as docs_mod
+from superlinear.plugins.rag import llm
 from superlinear.plugins.rag.commands import RagIngest
 
 
 class Server(FakeServer):
+    reply = "The answer is in the passages [1]."
+
     def history(self, sid):
         return list(self.sessions[sid]["messages"])
+
+    def chat_stream(self, messages, session_id=None, **options):
+        """The reply in pieces of four characters, stored in the session as the server would."""
+        self.stream_options = options
+        session = self.sessions[session_id]
+        session["messages"] = session["messages"] + messages + [{"role": "assistant", "content": self.reply}]
+        for i in range(0, len(self.reply), 4):
+            yield StreamEvent("text", text=self.reply[i:i + 4], session_id=session_id)
+        yield StreamEvent("done", finish_reason="stop", usage={"prompt_tokens": 9, "completion_tokens": 5},
+                          timings={}, message={"role": "assistant", "content": self.reply}, session_id=session_id)
 
 
 @pytest.fixture
@@ -33,7 +47,8 @@ def repl(tmp_path, monkeypatch):
     docs_mod.reset_session(server, state)
     r = ChatRepl(server, name="docs:click", session_id=state.session_id,
                  extra_slash_commands=docs_mod.SLASH_COMMANDS, prepare_message=docs_mod.prepare_message,
-                 out=io.StringIO())
+                 out=io.StringIO(), reply_filter=docs_mod.reply_filter,
+                 settings=ChatSettings(max_tokens=docs_mod.DOCS_MAX_TOKENS, repetition=llm.ANSWER_REPETITION))
     r.ctx.state["docs"] = state
     r.server = server
     r.tmp = tmp_path
@@ -118,3 +133,19 @@ def test_retrieval_only_workspace_gets_a_system_prompt_on_the_first_turn(tmp_pat
     assert [m["role"] for m in first] == ["system", "user"] and "LICENSE.txt:" in first[1]["content"]
     server.chat(first, session_id=state.session_id)
     assert [m["role"] for m in turn(r, "And the license?")] == ["user"]
+
+
+def test_a_reply_cites_only_passages_it_was_given(repl):
+    repl.server.reply = "Pallets holds it [1][7]. See also [2, 9]."
+    repl.handle("Who holds the copyright?")
+    out = said(repl)
+    assert "Pallets holds it [1]. See also [2]." in out and "[7]" not in out.split("dropped")[0]
+    assert "dropped citations of passages that were not given: [7], [9] (given: [1]-[2])" in out
+    passages = repl.ctx.state["docs"].last_passages
+    assert f"sources: [1] {passages[0].citation}, [2] {passages[1].citation}" in out
+    # The reply was sent with the answer defaults: a cap and the repetition stop.
+    assert repl.server.stream_options["max_tokens"] == docs_mod.DOCS_MAX_TOKENS
+    assert repl.server.stream_options["repetition_detection"] == llm.ANSWER_REPETITION
+    repl.server.reply = "I do not know."
+    repl.handle("What does the license say about warranty?")
+    assert "no passage cited (2 were given" in said(repl)

@@ -106,11 +106,48 @@ def test_ingest_snapshot_then_ask_cites_a_path(server, ingested):
     # The text form streams the answer, then lists the sources with path:lines.
     text = _spl(server, "rag", "ask", "What is Click?", "-w", "click", "-k", "1", "--max-tokens", "8")
     assert text.returncode == 0, text.stderr
-    assert re.search(r"\nSources:\n [ *]\[1\] docs/README\.md:\d+-\d+  \(score \d", text.stdout), text.stdout
+    assert re.search(r"\nSources \(.*\):\n [ *]\[1\] docs/README\.md:\d+-\d+  \(score \d", text.stdout), text.stdout
     assert "(context, bm25," in text.stderr
 
     info = _spl(server, "rag", "info", "click")
     assert info.returncode == 0 and context["snapshot_id"] in info.stdout and "current" in info.stdout
+
+
+CITATION = re.compile(r"(?<![\w)\]`/])\[\s*(\d+(?:\s*[,;\-–]\s*\d+)*)\s*\]")
+
+
+def cited_in(text: str) -> set[int]:
+    """Every passage number the text cites, read independently of the checker (code left out)."""
+    prose = re.sub(r"```.*?(```|$)|`[^`]*`", " ", text, flags=re.S)
+    numbers = set()
+    for group in CITATION.findall(prose):
+        for item in re.split(r"\s*[,;]\s*", group):
+            low, _, high = item.partition("-")
+            numbers.update(range(int(low), int(high or low) + 1))
+    return numbers
+
+
+def test_every_citation_in_an_answer_refers_to_a_passage_that_was_given(server, ingested):
+    k = 2
+    for question in ("Who holds the copyright of the software?",
+                     "Under which conditions may the software be redistributed?"):
+        ask = _spl(server, "rag", "ask", question, "-w", "click", "-k", str(k), "--max-tokens", "32", "--json")
+        assert ask.returncode == 0, ask.stderr
+        out = json.loads(ask.stdout)
+        assert len(out["citations"]) == k
+        given = set(range(1, k + 1))
+        assert cited_in(out["answer"]) <= given, out
+        assert set(out["cited"]) == cited_in(out["answer"]), out
+        assert not set(out["invented_citations"]) & given
+        if out["invented_citations"]:  # what the model made up is reported, and was in its raw text
+            assert set(out["invented_citations"]) <= cited_in(out["raw_answer"])
+        print(f"\n{question!r}: {out['answer']!r} cited {out['cited']} invented {out['invented_citations']}")
+    # The streamed text form shows the checked answer too, and marks what it cites.
+    text = _spl(server, "rag", "ask", "Who holds the copyright?", "-w", "click", "-k", str(k), "--max-tokens", "24")
+    assert text.returncode == 0, text.stderr
+    answer = text.stdout.split("\nSources")[0]
+    assert cited_in(answer) <= given, text.stdout
+    assert re.search(r"\nSources \((\* = cited by the answer|the answer cites none of them)\):\n", text.stdout)
 
 
 def test_docs_repl_in_a_terminal(server, ingested):
@@ -133,7 +170,7 @@ def test_docs_repl_in_a_terminal(server, ingested):
         child.expect(r"(\d+) reused")  # the turn's footer: the answer came back
         assert int(child.match.group(1)) >= ingested["tokens"]  # on top of the documents' tokens
         child.send("/tail 2\r")
-        child.expect(r"\[1\] docs/LICENSE\.txt:\d+-\d+")  # the question went with its passages
+        child.expect(r"\[1\] \(docs/LICENSE\.txt:\d+-\d+\)")  # the question went with its passages
         child.send("/reset\r")
         child.expect(r"reset to snapshot")
         child.send("/exit\r")

@@ -73,7 +73,7 @@ def test_html_is_stripped_and_keeps_source_line_numbers():
 def test_chunks_keep_exact_line_ranges_on_real_files(tmp_path):
     src = copy_click(tmp_path / "click")
     for file in sorted(src.glob("*.py")):
-        lines, kind = read_lines(file)
+        lines, kind, _encoding = read_lines(file)
         raw = file.read_text().split("\n")
         pieces = chunk_lines(lines, max_chars=800, overlap=100)
         assert pieces or not file.read_text().strip()

@@ -149,15 +149,23 @@ def test_too_large_documents_are_answered_from_passages(tmp_path, server):
     src = copy_click(tmp_path / "click")  # ~450k characters: far over an 8k-token session
     out = dispatch(RagIngest((str(src),), "big"), ctx_for(server))
     assert out["context"]["mode"] == "retrieval-only"
-    assert "do not fit" in out["context"]["reason"]
+    # The reason says what the documents need, what the session holds, and the option to change.
+    reason = out["context"]["reason"]
+    needed = out["context"]["needed_tokens"]
+    assert re.search(rf"need about {needed} tokens \(\+\d+ for a question and its answer\) but the session "
+                     r"holds 8192: ingest again with --max-seq-len (\d+)", reason), reason
+    suggested = int(re.search(r"--max-seq-len (\d+)", reason).group(1))
+    assert suggested % 1024 == 0 and llm.context_budget(suggested, 5, 1200) >= needed
     assert not server.snapshots and not server.sessions
     assert server.prefilled_chars == 0  # not even tried: the estimate is far over the budget
     answer = dispatch(RagAsk("How do I show a progress bar?", "big", k=3), ctx_for(server))
     assert answer["mode"] == "retrieval-only"
+    assert answer["note"] == f"retrieval-only: {reason}"  # --json carries why
     kind, sid, messages = server.calls[-1]
     assert sid is None and [m["role"] for m in messages] == ["system", "user"]
     assert answer["citations"][0]["path"].endswith("termui.py")
-    assert dispatch(RagInfo("big"))["mode"] == "retrieval-only"
+    info = dispatch(RagInfo("big"))
+    assert info["mode"] == "retrieval-only" and info["retrieval_only_reason"] == reason
 
 
 def test_prefill_over_budget_falls_back(tmp_path, server):
@@ -167,6 +175,8 @@ def test_prefill_over_budget_falls_back(tmp_path, server):
     server.default = size // 4 + 200
     out = dispatch(RagIngest((str(docs),), "tight"), ctx_for(server))
     assert out["context"]["mode"] == "retrieval-only" and not server.snapshots and not server.sessions
+    assert re.search(rf"need (about )?{out['context']['needed_tokens']} tokens .* holds {server.default}: "
+                     r"ingest again with --max-seq-len \d+", out["context"]["reason"])
 
 
 def test_stale_context_is_not_used(tmp_path, server):

@@ -40,7 +40,7 @@ def test_pdf_is_read_or_skipped(tmp_path):
         assert "install pypdf" in found.skipped[str(pdf)]
         pytest.skip("pypdf is not installed (optional): PDFs are skipped with that reason")
     assert [f.path for f in found.files] == [pdf]
-    lines, kind = read_lines(pdf)
+    lines, kind, _encoding = read_lines(pdf)
     text = "\n".join(t for _, t in lines)
     assert kind == "pdf" and "[page 1]" in text and "[page 2]" in text
     assert "Install the otter package first." in text and "feed the otters" in text

@@ -140,9 +140,12 @@ def main_repl(*, url: str | None = None, model: str | None = None, new: bool = F
 @click.option("--json", "as_json", is_flag=True, help="With --once: print one JSON object.")
 @click.option("--system", default=None, help="System prompt.")
 @click.option("--temp", "temperature", type=click.FloatRange(0.0, 2.0), default=None, help="Temperature.")
-@click.option("--max-tokens", type=click.IntRange(1), default=None, help="Cap on tokens per reply.")
+@click.option("--max-tokens", type=click.IntRange(0), default=None,
+              help="Cap on tokens per reply (default 1024; 0: no cap). /max changes it in the chat.")
 @click.option("--no-think", is_flag=True, help="Hide reasoning and ask the model not to think.")
-def chat_command(url, model, port, new, session_id, once, as_json, system, temperature, max_tokens, no_think):
+@click.option("--plain", is_flag=True, help="Print replies as they come, without rendering Markdown.")
+def chat_command(url, model, port, new, session_id, once, as_json, system, temperature, max_tokens, no_think,
+                 plain):
     """Chat with the model in the terminal (resumes your last session).
 
     Enter sends, Alt-Enter adds a line, Ctrl-C stops a reply, Ctrl-D quits; /help inside lists
@@ -150,8 +153,9 @@ def chat_command(url, model, port, new, session_id, once, as_json, system, tempe
     """
     from .repl import ChatSettings
 
-    settings = ChatSettings(system=system, temperature=temperature, max_tokens=max_tokens,
-                            show_reasoning=not no_think, thinking=False if no_think else None)
+    cap = {} if max_tokens is None else {"max_tokens": max_tokens or None}
+    settings = ChatSettings(system=system, temperature=temperature, show_reasoning=not no_think,
+                            thinking=False if no_think else None, markdown=not plain, **cap)
     if as_json and once is None:
         raise click.UsageError("--json needs --once")
     if once is not None:

@@ -47,6 +47,15 @@ def _temp(text, repl):
     return repl.dispatch(cc.ChatTemperature(value=value))
 
 
+def _max(text, repl):
+    text = text.strip().lower()
+    if not text:
+        return repl.dispatch(cc.ChatMaxTokens())
+    if text in ("off", "none", "no"):
+        return repl.dispatch(cc.ChatMaxTokens(value=0))
+    return repl.dispatch(cc.ChatMaxTokens(value=parse_int(text, "max tokens", minimum=0)))
+
+
 def _think(text, repl):
     args = split_args(text)
     if not args:
@@ -83,6 +92,7 @@ REPL_COMMANDS = [
     SlashCommand("switch", "Continue another session", _switch, "/switch SESSION"),
     SlashCommand("system", "Show, set or clear (off) the system prompt", _system, "/system [TEXT|off]"),
     SlashCommand("temp", "Show or set the sampling temperature", _temp, "/temp [X]"),
+    SlashCommand("max", "Show or set the cap on tokens per reply (off: no cap)", _max, "/max [N|off]"),
     SlashCommand("think", "Show reasoning (on), hide it (off), or cap it", _think, "/think on|off|budget N"),
     SlashCommand("stats", "Server, session and last-turn statistics", _stats, "/stats"),
     SlashCommand("head", "Show the first n messages in full", _head, "/head [n]"),
@@ -170,5 +180,5 @@ ADMIN_COMMANDS = [
 
 
 _ORDER = ["help", "new", "ls", "switch", "rm", "save", "load", "fork", "rollback", "history", "head", "tail",
-          "system", "temp", "think", "stats", "exit"]
+          "system", "temp", "max", "think", "stats", "exit"]
 ALL_COMMANDS = sorted(REPL_COMMANDS + ADMIN_COMMANDS, key=lambda c: _ORDER.index(c.name))

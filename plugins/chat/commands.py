@@ -57,6 +57,14 @@ class ChatTemperature(Command):
 
 
 @dataclass(frozen=True)
+class ChatMaxTokens(Command):
+    """Show (``value=None``), set, or lift (``value=0``) the cap on tokens per reply."""
+
+    name = "chat.max_tokens"
+    value: int | None = None
+
+
+@dataclass(frozen=True)
 class ChatThink(Command):
     """``mode``: ``"on"`` (show reasoning, dimmed), ``"off"`` (hide it and ask the model not to
     think), ``"budget"`` (cap reasoning tokens at ``budget``; 0 lifts the cap), ``""`` (show)."""
@@ -127,6 +135,17 @@ def handle_temperature(command: ChatTemperature, ctx: Context) -> str:
     return f"temperature set to {command.value}"
 
 
+def handle_max_tokens(command: ChatMaxTokens, ctx: Context) -> str:
+    s = _repl(ctx).settings
+    if command.value is not None:
+        if command.value < 0:
+            raise InvalidRequest(f"the cap must be a number of tokens (0: no cap), not {command.value}")
+        s.max_tokens = command.value or None
+    if s.max_tokens is None:
+        return "max tokens per reply: no cap (until the session is full; a loop still stops the reply)"
+    return f"max tokens per reply: {s.max_tokens}"
+
+
 def handle_think(command: ChatThink, ctx: Context) -> str:
     s = _repl(ctx).settings
     if command.mode == "on":
@@ -169,6 +188,7 @@ HANDLERS = [
     (ChatSwitch, handle_switch),
     (ChatSystem, handle_system),
     (ChatTemperature, handle_temperature),
+    (ChatMaxTokens, handle_max_tokens),
     (ChatThink, handle_think),
     (ChatStats, handle_stats),
     (ChatExit, handle_exit),

@@ -112,31 +112,63 @@ def format_footer(stats: TurnStats) -> str:
     return "[" + " · ".join(parts) + "]"
 
 
+def is_terminal(stream: TextIO) -> bool:
+    try:
+        return stream.isatty()
+    except (AttributeError, ValueError):
+        return False
+
+
 class StreamRenderer:
     """Writes deltas as they arrive; reasoning dimmed (or dropped), then the answer.
+
+    With ``markdown`` (and a terminal) the answer is drawn as rendered Markdown wrapped at word
+    boundaries (``markdown.LiveMarkdown``), reasoning as dimmed wrapped text; otherwise the
+    text is written as it comes (pipes, files, ``NO_COLOR`` styles aside).
 
     Tracks whether the cursor is at the start of a line so the footer and the next prompt
     always begin on a fresh line.
     """
 
     def __init__(self, out: TextIO | None = None, *, show_reasoning: bool = True,
-                 color: bool | None = None) -> None:
+                 color: bool | None = None, markdown: bool = False) -> None:
         self.out = out or sys.stdout
         self.show_reasoning = show_reasoning
         self.style = Styler(use_color(self.out) if color is None else color)
+        self.live = None
+        if markdown and is_terminal(self.out):
+            from .markdown import LiveMarkdown
+
+            self.live = LiveMarkdown(self.out)
         self.mode: str | None = None  # None | "reasoning" | "content"
-        self.at_line_start = True
+        self._at_line_start = True
         self.wrote_anything = False
         self.content: list[str] = []
         self.reasoning: list[str] = []
 
+    @property
+    def at_line_start(self) -> bool:
+        return self._at_line_start and (self.live is None or self.live.at_line_start)
+
     def _write(self, text: str) -> None:
         if not text:
             return
+        if self.live is not None and not self.live.at_line_start:
+            self.live.finish_line()
         self.out.write(text)
         self.out.flush()
-        self.at_line_start = text.endswith("\n")
+        self._at_line_start = text.endswith("\n")
         self.wrote_anything = True
+
+    def _stream(self, text: str, kind: str) -> None:
+        """Reply text: through the live Markdown view when there is one."""
+        if self.live is None:
+            self._write(self.style.dim(text) if kind == "dim" else text)
+            return
+        if text:
+            self.live.feed(text, kind)
+            self._at_line_start = True  # the live view tracks the line itself
+            self.wrote_anything = True
 
     def reasoning_delta(self, text: str) -> None:
         self.reasoning.append(text)
@@ -144,26 +176,30 @@ class StreamRenderer:
             return
         if self.mode != "reasoning":
             self.mode = "reasoning"
-            if not self.at_line_start:
-                self._write("\n")
-            self._write(self.style.dim("thinking: "))
-        self._write(self.style.dim(text))
+            self.end_line()
+            self._stream("thinking: ", "dim")
+        self._stream(text, "dim")
 
     def content_delta(self, text: str) -> None:
         if not text:
             return
         if self.mode == "reasoning" and self.show_reasoning:
-            self._write("\n\n")
+            if self.live is not None:
+                self.live.feed("\n\n", "dim")  # ends the reasoning's line, then one blank line
+            else:
+                self._write("\n\n")
         elif self.mode is None:
             text = text.lstrip("\n")
             if not text:
                 return
         self.mode = "content"
         self.content.append(text)
-        self._write(text)
+        self._stream(text, "markdown")
 
     def end_line(self) -> None:
-        if not self.at_line_start:
+        if self.live is not None and not self.live.at_line_start:
+            self.live.finish_line()
+        elif not self.at_line_start:
             self._write("\n")
 
     def notice(self, text: str) -> None:

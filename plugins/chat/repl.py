@@ -23,7 +23,7 @@ import sys
 import time
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
-from typing import Any, TextIO
+from typing import Any, Protocol, TextIO
 
 from superlinear.bus import Context, SlashCommand, dispatch
 from superlinear.errors import InvalidRequest, NotFound, Unavailable, UserError
@@ -35,14 +35,31 @@ from .render import StreamRenderer, Styler, TurnStats, format_footer, use_color
 PrepareMessage = Callable[[str, "ChatRepl"], "list[dict] | str"]
 
 
+class ReplyFilter(Protocol):
+    """Sits between the server's reply and the screen (``spl docs`` checks citations with one)."""
+
+    def feed(self, text: str) -> str: ...  # what to show now of the reply so far
+    def finish(self) -> str: ...  # the rest, once the reply is complete
+    def notes(self) -> list[str]: ...  # lines to print after the reply
+
+
+# reply_filter(repl) -> a ReplyFilter for the turn about to stream (None: show the reply as it is).
+MakeReplyFilter = Callable[["ChatRepl"], "ReplyFilter | None"]
+
+
+DEFAULT_MAX_TOKENS = 1024  # a reply longer than this is rarely wanted, and a looping one stops here
+
+
 @dataclass
 class ChatSettings:
     system: str | None = None
     temperature: float | None = None
-    max_tokens: int | None = None
+    max_tokens: int | None = DEFAULT_MAX_TOKENS  # None: no cap (until the session is full)
     show_reasoning: bool = True
     thinking: bool | None = None  # False: ask the template not to think (chat_template_kwargs)
     reasoning_budget: int | None = None
+    repetition: bool | dict = True  # stop a reply that loops (the server's repetition_detection)
+    markdown: bool = True  # render replies as Markdown on a terminal
 
     def request_options(self) -> dict[str, Any]:
         options: dict[str, Any] = {}
@@ -50,6 +67,8 @@ class ChatSettings:
             options["temperature"] = self.temperature
         if self.max_tokens is not None:
             options["max_tokens"] = self.max_tokens
+        if self.repetition:
+            options["repetition_detection"] = self.repetition
         if self.reasoning_budget is not None:
             options["reasoning_budget"] = self.reasoning_budget
         if self.thinking is False:
@@ -70,7 +89,8 @@ class TurnResult:
 @contextlib.contextmanager
 def quiet_terminal(stream: TextIO | None = None):
     """While a reply streams: no echo of typed keys (they wait for the next prompt) and no "^C";
-    Ctrl-C still interrupts (ISIG stays on)."""
+    Ctrl-C still interrupts (ISIG stays on) but keeps the typed-ahead keys (NOFLSH: by default
+    the terminal flushes its input queue on an interrupt)."""
     stream = stream or sys.stdin
     try:
         import termios
@@ -84,6 +104,7 @@ def quiet_terminal(stream: TextIO | None = None):
         return
     quiet = list(saved)
     quiet[3] &= ~(termios.ECHO | getattr(termios, "ECHOCTL", 0))
+    quiet[3] |= termios.NOFLSH  # Ctrl-C must not throw away what was typed ahead
     try:
         termios.tcsetattr(fd, termios.TCSANOW, quiet)
     except termios.error:
@@ -138,12 +159,13 @@ class ChatRepl:
                  new: bool = False, extra_slash_commands: Iterable[SlashCommand] = (),
                  prepare_message: PrepareMessage | None = None, settings: ChatSettings | None = None,
                  prompt: str = "› ", banner: str | None = None, out: TextIO | None = None,
-                 reconnect: Callable[[], Any] | None = None) -> None:
+                 reconnect: Callable[[], Any] | None = None, reply_filter: MakeReplyFilter | None = None) -> None:
         self.client = client
         self.name = name
         self.session_id = session_id
         self.new = new
         self.prepare_message = prepare_message
+        self.reply_filter = reply_filter
         self.settings = settings or ChatSettings()
         self.prompt_text = prompt
         self.banner = banner
@@ -406,6 +428,7 @@ class ChatRepl:
                          f"{format_bytes(info.get('bytes'))} of cache")
         s = self.settings
         lines.append(f"settings temperature={s.temperature if s.temperature is not None else 'default'} "
+                     f"max_tokens={s.max_tokens or 'no cap'} "
                      f"reasoning={'shown' if s.show_reasoning else 'hidden'}"
                      + (f" budget={s.reasoning_budget}" if s.reasoning_budget else "")
                      + (" system=yes" if s.system else ""))
@@ -453,7 +476,10 @@ class ChatRepl:
         if not self.session_id:
             self.open_session()
         messages, mode = self._turn_messages(text)
-        renderer = StreamRenderer(out or self.out, show_reasoning=self.settings.show_reasoning)
+        shown = self.reply_filter(self) if self.reply_filter else None
+        renderer = StreamRenderer(out or self.out, show_reasoning=self.settings.show_reasoning,
+                                  markdown=self.settings.markdown)
+        before = self._message_count()
         started = time.perf_counter()
         done = None
         cancelled = False
@@ -466,9 +492,11 @@ class ChatRepl:
                     if event.type == "reasoning":
                         renderer.reasoning_delta(event.text)
                     elif event.type == "text":
-                        renderer.content_delta(event.text)
+                        renderer.content_delta(shown.feed(event.text) if shown else event.text)
                     elif event.type == "done":
                         done = event
+                        if shown:
+                            renderer.content_delta(shown.finish())
         except Unavailable:
             self.server_down = True
             raise
@@ -482,6 +510,7 @@ class ChatRepl:
             stream.close()  # closes the HTTP response: the server stops generating
         elapsed = time.perf_counter() - started
         if cancelled:  # the server drops the cancelled turn: a new system prompt is still pending
+            self._drop_cancelled_turn(before)
             renderer.notice("[cancelled]")
             stats = TurnStats(elapsed_s=elapsed, finish_reason="cancelled")
             return TurnResult(renderer.text, "".join(renderer.reasoning), stats, cancelled=True,
@@ -494,6 +523,10 @@ class ChatRepl:
         stats = TurnStats.from_usage(done.usage, done.timings, elapsed_s=elapsed,
                                      finish_reason=done.finish_reason)
         renderer.end_line()
+        for line in shown.notes() if shown else []:
+            self.note(line)
+        if done.finish_reason == "length" and self.settings.max_tokens:
+            self.note(f"the reply reached the cap of {self.settings.max_tokens} tokens (/max N changes it)")
         if done.session_id and done.session_id != self.session_id:
             self.session_id = done.session_id
             chat_state.remember_session(self.name, self.session_id, self.url)
@@ -503,6 +536,21 @@ class ChatRepl:
         return TurnResult(message.get("content", renderer.text) or renderer.text,
                           message.get("reasoning_content", "".join(renderer.reasoning)) or "",
                           stats, session_id=self.session_id, message=message, cancelled=False)
+
+    def _message_count(self) -> int | None:
+        try:
+            return self.client.get_session(self.session_id).get("message_count")
+        except UserError:
+            return None  # not there yet (created by the turn) or the server is gone: the turn says
+
+    def _drop_cancelled_turn(self, before: int | None) -> None:
+        """Make a cancel atomic: a Ctrl-C that lands as the reply ends may come after the server
+        stored the turn. Rolling back to the count before the turn undoes exactly that, and is a
+        no-op otherwise; the server runs it after the turn (it waits for the session's lock)."""
+        if before is None:
+            return
+        with contextlib.suppress(UserError):
+            self.client.rollback(self.session_id, before)
 
     def _session_vanished(self, text: str, out: TextIO | None) -> TurnResult:
         """The session is gone (server restarted without it): recreate it once and resend."""

@@ -51,10 +51,12 @@ class _Progress:
         if self.shown:
             sys.stderr.write("\r\033[K")
             sys.stderr.flush()
+            self.shown = False
 
-
-def _status(line: str) -> None:
-    click.echo(line, err=True)
+    def message(self, line: str) -> None:
+        """A line of its own: the progress bar is cleared first, so the two never run together."""
+        self.end()
+        click.echo(line, err=True)
 
 
 @click.group("rag")
@@ -85,12 +87,13 @@ def ingest_command(paths, workspace, globs, chunk_chars, overlap, no_llm, max_se
     """Add files and folders to a workspace (again: sync changes).
 
     Folders are walked respecting .gitignore, skipping hidden folders and binaries. Text, Markdown,
-    reStructuredText, code, HTML, JSON, CSV (and PDF when pypdf is installed). With no PATH,
+    reStructuredText, code, HTML, JSON, CSV in any encoding (and PDF and .docx with
+    `pip install 'spl[docs]'`). With no PATH,
     re-sync the workspace's folders: unchanged files are skipped, changed ones re-read, deleted
     ones dropped.
     """
     progress = _Progress(sys.stderr.isatty() and not as_json)
-    ctx = Context(state={"progress": progress, "status": None if as_json else _status})
+    ctx = Context(state={"progress": progress, "status": None if as_json else progress.message})
     try:
         result = dispatch(RagIngest(tuple(paths), workspace or _default_workspace(), tuple(globs), chunk_chars,
                                     overlap, llm=not no_llm, max_seq_len=max_seq_len, rebuild=rebuild), ctx)
@@ -160,11 +163,12 @@ def ask_command(question, workspace, k, retriever, no_llm, max_tokens, as_json):
         click.echo("")
     else:
         click.echo(result["answer"] or "(no answer)")
-    if result.get("note"):
-        click.echo(f"note: {result['note']}", err=True)
+    for line in ([result["note"]] if result.get("note") else []) + result.get("answer_notes", []):
+        click.echo(f"note: {line}", err=True)
     if result["citations"]:
         click.echo("")
-        click.echo("Sources:")
+        click.echo("Sources (* = cited by the answer):" if result["cited"] else
+                   "Sources (the answer cites none of them):")
         for c in result["citations"]:
             mark = "*" if c.get("cited") else " "
             click.echo(f" {mark}[{c['n']}] {c['citation']}  (score {c['score']:.3f})")
@@ -218,6 +222,8 @@ def info_command(name, as_json):
                    f"{c.get('max_seq_len')}, prefill {c.get('prefill_s')} s, {state}")
     else:
         click.echo("context     none: answers come from retrieved passages alone")
+        if result.get("retrieval_only_reason"):
+            click.echo(f"            ({result['retrieval_only_reason']})")
     click.echo(f"updated     {result['updated']}")
 
 
@@ -253,7 +259,8 @@ def sources_command(name, as_json):
         click.echo(json.dumps(result, indent=2))
         return
     for f in result["files"]:
-        click.echo(f"{f['path']}  ({f.get('kind')}, {f.get('lines')} lines, {f.get('chunks')} passages)")
+        encoding = f", {f['encoding']}" if f.get("encoding") not in (None, "utf-8") else ""
+        click.echo(f"{f['path']}  ({f.get('kind')}{encoding}, {f.get('lines')} lines, {f.get('chunks')} passages)")
 
 
 @rag_group.command("retrievers")

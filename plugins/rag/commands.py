@@ -8,6 +8,7 @@ for one-line notes (prefill under way); ``"on_text"`` — ``callable(delta)`` to
 
 from __future__ import annotations
 
+import contextlib
 from dataclasses import dataclass
 
 from superlinear.bus import Command, Context
@@ -83,7 +84,18 @@ def _client(ctx: Context):
 
 
 def handle_ingest(command: RagIngest, ctx: Context) -> dict:
+    existed = Workspace.exists(command.workspace)
     ws = Workspace.create(command.workspace) if command.paths else Workspace.open(command.workspace)
+    try:
+        return _ingest(ws, command, ctx)
+    except BaseException:
+        if not existed:  # a failed first ingest (bad path, Ctrl-C…) leaves no empty workspace behind
+            with contextlib.suppress(OSError, UserError):
+                ws.remove()
+        raise
+
+
+def _ingest(ws: Workspace, command: RagIngest, ctx: Context) -> dict:
     report = ws.ingest(list(command.paths), command.globs, command.chunk_chars, command.overlap,
                        progress=ctx.state.get("progress"))
     # Warm the default retriever's index now rather than on the first question.

@@ -15,6 +15,7 @@ from superlinear.bus import Command, Context, SlashCommand
 from superlinear.errors import InvalidRequest, UserError
 
 from . import llm
+from .answers import AnswerStream
 from .commands import RagIngest, RagSources
 from .retrieval import available_retrievers, search
 from .workspace import Workspace
@@ -138,6 +139,7 @@ def prepare_message(text: str, repl):
     """The typed question plus the passages retrieved for it (numbered for citation)."""
     state: DocsState = repl.ctx.state["docs"]
     if not state.enabled:
+        state.last_passages = []
         return text
     ws = Workspace.open(state.workspace)
     passages = search(ws, text, state.k, state.retriever) if text.strip() else []
@@ -146,6 +148,39 @@ def prepare_message(text: str, repl):
     if not llm.context_is_current(ws) and not repl.history():
         return [{"role": "system", "content": llm.SYSTEM_PASSAGES}, {"role": "user", "content": message}]
     return message
+
+
+DOCS_MAX_TOKENS = 512  # a reply over the documents is an answer, not an essay
+
+
+class CheckedReply:
+    """The REPL's view of an answer: citations checked against the passages sent with the
+    question and a loop cut (``answers.AnswerStream``), then the cited sources listed."""
+
+    def __init__(self, passages: list) -> None:
+        self.passages = passages
+        self.stream = AnswerStream(len(passages))
+
+    def feed(self, text: str) -> str:
+        return self.stream.feed(text)
+
+    def finish(self) -> str:
+        return self.stream.finish()
+
+    def notes(self) -> list[str]:
+        result = self.stream.result
+        lines = result.notes(len(self.passages))
+        if result.cited:
+            lines.append("sources: " + ", ".join(f"[{n}] {self.passages[n - 1].citation}" for n in result.cited))
+        else:
+            lines.append(f"no passage cited ({len(self.passages)} were given; /tail 2 shows them)")
+        return lines
+
+
+def reply_filter(repl) -> CheckedReply | None:
+    """A checker for the turn about to stream, when it was sent with passages."""
+    state: DocsState = repl.ctx.state["docs"]
+    return CheckedReply(state.last_passages) if state.enabled and state.last_passages else None
 
 
 def run_docs(name: str, *, url: str | None = None, k: int = 5, retriever: str = "bm25",
@@ -167,7 +202,9 @@ def run_docs(name: str, *, url: str | None = None, k: int = 5, retriever: str = 
               f"each message gets {k} passages from {retriever}; /add, /sources, /rag, /reset")
     repl = ChatRepl(client, name=f"docs:{name}", session_id=state.session_id,
                     extra_slash_commands=SLASH_COMMANDS, prepare_message=prepare_message, banner=banner,
-                    settings=ChatSettings(max_tokens=max_tokens, temperature=temperature))
+                    settings=ChatSettings(max_tokens=max_tokens or DOCS_MAX_TOKENS, temperature=temperature,
+                                          repetition=llm.ANSWER_REPETITION),
+                    reply_filter=reply_filter)
     repl.ctx.state["docs"] = state
     try:
         return repl.run()

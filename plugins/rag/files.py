@@ -3,11 +3,14 @@
 Folders are walked with .gitignore files respected (those of the folder, its subfolders and its
 ancestors up to the repository root), hidden and VCS folders skipped, binaries skipped. Each
 readable file becomes a list of ``(line number, text)`` so chunks can cite ``path:lines`` of the
-original file, HTML included (tags stripped, line numbers kept).
+original file, HTML included (tags stripped, line numbers kept). Text in any encoding is read:
+a BOM (UTF-8/16/32) decides, else UTF-8, else charset-normalizer's guess. PDF (pypdf) and .docx
+(python-docx) are read when those optional packages are installed (``pip install 'spl[docs]'``).
 """
 
 from __future__ import annotations
 
+import codecs
 import fnmatch
 import hashlib
 import html
@@ -15,6 +18,7 @@ import os
 from dataclasses import dataclass, field
 from html.parser import HTMLParser
 from pathlib import Path
+from typing import NamedTuple
 
 TEXT_EXTENSIONS = {
     # prose and markup
@@ -37,8 +41,13 @@ BINARY_EXTENSIONS = {
     ".7z", ".rar", ".tar", ".whl", ".egg", ".jar", ".so", ".dylib", ".dll", ".exe", ".o", ".a",
     ".lib", ".pyc", ".pyo", ".pyd", ".class", ".bin", ".dat", ".db", ".sqlite", ".npy", ".npz",
     ".pt", ".pth", ".safetensors", ".gguf", ".onnx", ".pkl", ".pickle", ".parquet", ".arrow",
-    ".woff", ".woff2", ".ttf", ".otf", ".eot", ".doc", ".docx", ".xls", ".xlsx", ".ppt", ".pptx",
+    ".woff", ".woff2", ".ttf", ".otf", ".eot", ".doc", ".xls", ".xlsx", ".ppt", ".pptx",
 }
+DOCX_EXTENSIONS = {".docx"}
+INSTALL_DOCS = "pip install 'spl[docs]'"
+# Byte-order marks, longest first (the UTF-32 LE mark starts with the UTF-16 LE one).
+BOMS = [(codecs.BOM_UTF32_LE, "utf-32"), (codecs.BOM_UTF32_BE, "utf-32"), (codecs.BOM_UTF8, "utf-8-sig"),
+        (codecs.BOM_UTF16_LE, "utf-16"), (codecs.BOM_UTF16_BE, "utf-16")]
 SKIP_DIRS = {"__pycache__", "node_modules", "venv"}  # plus every hidden folder
 MAX_FILE_BYTES = 5 * 1024 * 1024
 
@@ -56,11 +65,62 @@ class Walk:
 
 
 def pdf_supported() -> bool:
+    return _importable("pypdf")
+
+
+def docx_supported() -> bool:
+    return _importable("docx")
+
+
+def _importable(module: str) -> bool:
+    import importlib.util
+
+    return importlib.util.find_spec(module) is not None
+
+
+def decode_text(data: bytes) -> tuple[str, str]:
+    """``(text, encoding)``: a BOM decides, else UTF-8, else charset-normalizer's best guess."""
+    for bom, encoding in BOMS:
+        if data.startswith(bom):
+            return data.decode(encoding, errors="replace"), encoding
     try:
-        import pypdf  # noqa: F401
-    except ImportError:
-        return False
-    return True
+        return data.decode("utf-8"), "utf-8"
+    except UnicodeDecodeError:
+        pass
+    encoding = guess_encoding(data) or "utf-8"
+    return data.decode(encoding, errors="replace"), encoding
+
+
+def guess_encoding(data: bytes) -> str | None:
+    """charset-normalizer's best guess, Western first among equals: on a short text cp1250 and
+    cp1252 often tie, and taking cp1250 turns a Latin-1 "café crème" into "café crčme"."""
+    import charset_normalizer
+
+    matches = list(charset_normalizer.from_bytes(data))
+    if not matches:
+        return None
+    best = matches[0]
+    for match in matches:
+        tied = match.chaos <= best.chaos + 0.01 and match.coherence >= best.coherence - 0.01
+        if tied and ("cp1252" in match.could_be_from_charset or match.encoding == "cp1252"):
+            try:
+                data.decode("cp1252")
+                return "cp1252"
+            except UnicodeDecodeError:  # one of the five bytes cp1252 leaves out
+                return "latin-1"
+    return best.encoding
+
+
+def _looks_like_text(head: bytes) -> bool:
+    if any(head.startswith(bom) for bom, _ in BOMS):
+        return True
+    try:
+        head.decode("utf-8")
+        return True
+    except UnicodeDecodeError as exc:
+        if exc.start >= len(head) - 4:  # just a multibyte character cut at the end of the sample
+            return True
+    return b"\0" not in head and guess_encoding(head) is not None
 
 
 class _IgnoreRules:
@@ -190,7 +250,9 @@ def skip_reason(path: Path, max_bytes: int = MAX_FILE_BYTES) -> str | None:
     if suffix in BINARY_EXTENSIONS:
         return "binary"
     if suffix in PDF_EXTENSIONS:
-        return None if pdf_supported() else "pdf (install pypdf to read PDFs)"
+        return None if pdf_supported() else f"pdf (install pypdf to read PDFs: {INSTALL_DOCS})"
+    if suffix in DOCX_EXTENSIONS:
+        return None if docx_supported() else f"docx (install python-docx to read .docx: {INSTALL_DOCS})"
     try:
         size = path.stat().st_size
     except OSError as exc:
@@ -202,15 +264,12 @@ def skip_reason(path: Path, max_bytes: int = MAX_FILE_BYTES) -> str | None:
             head = fh.read(8192)
     except OSError as exc:
         return f"unreadable ({exc.strerror})"
+    if any(head.startswith(bom) for bom, _ in BOMS):
+        return None  # UTF-16/32 text is full of NUL bytes
     if b"\0" in head:
         return "binary"
-    if suffix not in TEXT_EXTENSIONS and head:
-        # Unknown extension (README, Makefile, LICENSE...): take it if it reads as UTF-8 text.
-        try:
-            head.decode("utf-8")
-        except UnicodeDecodeError as exc:
-            if exc.start < len(head) - 4:  # not just a multibyte char cut at the 8 KiB boundary
-                return "binary"
+    if suffix not in TEXT_EXTENSIONS and head and not _looks_like_text(head):
+        return "binary"  # unknown extension (README, Makefile, LICENSE... are taken when they read as text)
     return None
 
 
@@ -221,17 +280,26 @@ def file_hash(data: bytes) -> str:
 Lines = list[tuple[int, str]]
 
 
-def read_lines(path: Path, data: bytes | None = None) -> tuple[Lines, str]:
-    """The document's text as numbered lines, and its kind (text, html, pdf)."""
+class Document(NamedTuple):
+    lines: Lines
+    kind: str  # text, html, pdf, docx
+    encoding: str | None = None  # of a text file
+
+
+def read_lines(path: Path, data: bytes | None = None) -> Document:
+    """The document's text as numbered lines, its kind, and (text files) the encoding it was in."""
     suffix = path.suffix.lower()
     if suffix in PDF_EXTENSIONS:
-        return _pdf_lines(path), "pdf"
+        return Document(_pdf_lines(path), "pdf")
+    if suffix in DOCX_EXTENSIONS:
+        return Document(_docx_lines(path), "docx")
     if data is None:
         data = path.read_bytes()
-    text = data.decode("utf-8", errors="replace").replace("\r\n", "\n").replace("\r", "\n")
+    text, encoding = decode_text(data)
+    text = text.replace("\r\n", "\n").replace("\r", "\n")
     if suffix in HTML_EXTENSIONS:
-        return html_lines(text), "html"
-    return list(enumerate(text.split("\n"), start=1)), "text"
+        return Document(html_lines(text), "html", encoding)
+    return Document(list(enumerate(text.split("\n"), start=1)), "text", encoding)
 
 
 class _HTMLText(HTMLParser):
@@ -300,4 +368,29 @@ def _pdf_lines(path: Path) -> Lines:
         for line in (page.extract_text() or "").splitlines():
             number += 1
             out.append((number, line))
+    return out
+
+
+def _docx_lines(path: Path) -> Lines:
+    """A Word document's paragraphs and tables in order, one line each: headings as Markdown
+    ``#`` lines (so passages know their section), list items as ``- …``, table rows as
+    ``a | b``. Line numbers count these lines."""
+    import docx
+    from docx.table import Table
+
+    out: Lines = []
+    for block in docx.Document(str(path)).iter_inner_content():
+        if isinstance(block, Table):
+            for row in block.rows:
+                out.append((len(out) + 1, " | ".join(cell.text.strip() for cell in row.cells)))
+            continue
+        text = block.text
+        style = (block.style.name if block.style is not None else "") or ""
+        if style == "Title" and text.strip():
+            text = "# " + text
+        elif style.startswith("Heading ") and style[8:].isdigit() and text.strip():
+            text = "#" * min(6, int(style[8:])) + " " + text
+        elif style.startswith("List") and text.strip():
+            text = "- " + text
+        out.append((len(out) + 1, text))
     return out

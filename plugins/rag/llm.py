@@ -13,12 +13,12 @@ passages alone ("retrieval-only").
 
 from __future__ import annotations
 
-import re
 import time
 from pathlib import Path
 
 from superlinear.errors import NotFound, TooLarge, UserError
 
+from .answers import AnswerStream, check_answer
 from .files import file_hash, read_lines
 from .retrieval import Passage
 from .workspace import Workspace, display_path
@@ -26,16 +26,20 @@ from .workspace import Workspace, display_path
 CHARS_PER_TOKEN = 3.2  # conservative for English and code with BPE tokenizers; the server's count is used after
 ANSWER_TOKENS = 256
 PASSAGE_CHARS = 900  # each retrieved passage as quoted in the question
+# A question's answer that says a 20-token sentence twice is looping (a chat reply may repeat more).
+ANSWER_REPETITION = {"tail_len": 40, "min_repeats": 2, "max_period": 128}
 
+# A small model follows an example far better than an instruction: show it one cited answer.
+_HOW_TO_CITE = (
+    "Put the number of the passage you used in square brackets, like [2]. If the passages do not "
+    "contain the answer, say so.\n\nExample:\n[1] (sky.txt) The sky is blue.\n[2] (grass.txt) Grass is "
+    "green.\nQuestion: What color is grass?\nAnswer: Grass is green [2]."
+)
 SYSTEM_CONTEXT = (
-    "You answer questions about the documents below. Use only what they say. Cite the numbered "
-    "passages given with each question like [1] or [2]. If the documents do not contain the "
-    "answer, say so.\n\n"
+    "You answer questions about the documents below. Use only what they say. Each question comes "
+    "with numbered passages from them; answer in one or two sentences. " + _HOW_TO_CITE + "\n\n"
 )
-SYSTEM_PASSAGES = (
-    "You answer questions from the numbered passages the user gives. Use only what they say and cite "
-    "them like [1] or [2]. If they do not contain the answer, say so."
-)
+SYSTEM_PASSAGES = "Answer the question from the numbered passages, in one or two sentences. " + _HOW_TO_CITE
 
 
 def render_documents(workspace: Workspace) -> tuple[str, list[str]]:
@@ -53,7 +57,7 @@ def render_documents(workspace: Workspace) -> tuple[str, list[str]]:
         if file_hash(data) != files[path].get("sha256"):
             stale.append(path)
             continue
-        lines, _kind = read_lines(p, data)
+        lines = read_lines(p, data).lines
         body = "\n".join(text for _, text in lines).strip()
         if body:
             parts.append(f"=== {display_path(path)} ===\n{body}\n")
@@ -61,32 +65,38 @@ def render_documents(workspace: Workspace) -> tuple[str, list[str]]:
 
 
 def question_message(question: str, passages: list[Passage]) -> str:
+    """The question after its passages, numbered ``[1]…[k]`` as the answer must cite them."""
     if not passages:
-        return f"Question: {question}\n(No passage matched the question.)"
+        return f"(No passage matched the question.)\nQuestion: {question}\nAnswer:"
     blocks = []
     for i, p in enumerate(passages, start=1):
         text = p.text if len(p.text) <= PASSAGE_CHARS else p.text[:PASSAGE_CHARS] + " …"
-        blocks.append(f"[{i}] {p.citation}\n{text}")
-    return ("Passages:\n\n" + "\n\n".join(blocks)
-            + f"\n\nQuestion: {question}\nAnswer briefly and cite the passages you use, like [1].")
+        blocks.append(f"[{i}] ({p.citation}) {text}")
+    return "\n\n".join(blocks) + f"\n\nQuestion: {question}\nAnswer:"
 
 
 def cited_numbers(answer: str, n_passages: int) -> list[int]:
-    found: list[int] = []
-    for group in re.findall(r"\[(\d+(?:\s*[,;]\s*\d+)*)\]", answer):
-        for number in re.split(r"\s*[,;]\s*", group):
-            value = int(number)
-            if 1 <= value <= n_passages and value not in found:
-                found.append(value)
-    return found
+    """The passage numbers ``answer`` cites that were given (in order of first use)."""
+    return check_answer(answer, n_passages).cited
+
+
+def needed_seq_len(tokens: int, k: int, max_chars: int) -> int:
+    """A session length that holds ``tokens`` of documents plus a question and its answer,
+    rounded up to a multiple of 1024 (what to pass to ``--max-seq-len``)."""
+    reserve = context_reserve(k, max_chars)
+    return -(-(tokens + reserve) // 1024) * 1024
+
+
+def context_reserve(k: int, max_chars: int) -> int:
+    """Tokens kept free for a question with its k passages and the answer."""
+    per_passage = min(max_chars, PASSAGE_CHARS) / CHARS_PER_TOKEN + 16
+    return int(k * per_passage + ANSWER_TOKENS + 128)
 
 
 def context_budget(max_seq_len: int, k: int, max_chars: int) -> int:
     """Tokens the documents may take: the session length less room for a question with its k passages
     and the answer."""
-    per_passage = min(max_chars, PASSAGE_CHARS) / CHARS_PER_TOKEN + 16
-    reserve = int(k * per_passage + ANSWER_TOKENS + 128)
-    return max(0, max_seq_len - reserve)
+    return max(0, max_seq_len - context_reserve(k, max_chars))
 
 
 def build_context(workspace: Workspace, client, *, max_seq_len: int | None = None, k: int = 5,
@@ -99,28 +109,35 @@ def build_context(workspace: Workspace, client, *, max_seq_len: int | None = Non
     old = workspace.manifest.get("context") or {}
     text, stale = render_documents(workspace)
     if not text.strip():
-        workspace.set_context(None)
+        workspace.set_context(None, reason="no documents")
         _drop_snapshot(client, old.get("snapshot_id"))
         return {"mode": "retrieval-only", "reason": "no documents"}
     system = SYSTEM_CONTEXT + "Documents:\n\n" + text
     session = client.create_session(max_seq_len=max_seq_len)
     session_id = session["id"]
     limit = int(session.get("max_seq_len") or max_seq_len or 0)
-    budget = context_budget(limit, k, workspace.manifest["chunking"]["max_chars"]) if limit else None
+    max_chars = workspace.manifest["chunking"]["max_chars"]
+    budget = context_budget(limit, k, max_chars) if limit else None
     estimate = int(len(system) / CHARS_PER_TOKEN)
+    needed, counted = None, False  # tokens of documents when they do not fit (counted by the server?)
     try:
         if budget is not None and estimate > budget * 1.6:
-            # Far too large: do not even try the prefill.
-            raise TooLarge(f"about {estimate} tokens of documents > budget {budget}")
+            needed = estimate  # far too large: do not even try the prefill
+            raise TooLarge("documents too large")
         if progress:
             progress(f"prefilling the documents (~{estimate} tokens) into session {session_id}…")
         started = time.perf_counter()
-        result = client.chat([{"role": "system", "content": system}], session_id=session_id,
-                             max_tokens=1, temperature=0.0)
+        try:
+            result = client.chat([{"role": "system", "content": system}], session_id=session_id,
+                                 max_tokens=1, temperature=0.0)
+        except TooLarge:
+            needed = estimate  # the server's cache ran out before the count was known
+            raise
         prefill_s = time.perf_counter() - started
         tokens = int((result.usage or {}).get("prompt_tokens") or 0)
         if budget is not None and tokens > budget:
-            raise TooLarge(f"{tokens} tokens of documents > budget {budget}")
+            needed, counted = tokens, True
+            raise TooLarge("documents too large")
         # Keep only the documents: drop the one token generated to run the prefill.
         try:
             client.rollback(session_id, 1)
@@ -132,10 +149,16 @@ def build_context(workspace: Workspace, client, *, max_seq_len: int | None = Non
                                    tags=["rag", f"rag:{workspace.name}"])
     except TooLarge as exc:
         _delete_session(client, session_id)
-        workspace.set_context(None)
+        if needed is None:  # the server refused something else (memory): say what it said
+            reason = f"the context could not be built: {exc.message}"
+        else:
+            reason = does_not_fit_reason(needed, estimate_only=not counted, session_len=limit,
+                                         reserve=context_reserve(k, max_chars),
+                                         suggest=needed_seq_len(needed, k, max_chars))
+        workspace.set_context(None, reason=reason)
         _drop_snapshot(client, old.get("snapshot_id"))
-        return {"mode": "retrieval-only", "reason": f"documents do not fit the context ({exc.message})",
-                "estimate_tokens": estimate, "budget_tokens": budget}
+        return {"mode": "retrieval-only", "reason": reason, "estimate_tokens": estimate,
+                "needed_tokens": needed, "budget_tokens": budget, "max_seq_len": limit or None}
     except BaseException:
         _delete_session(client, session_id)
         raise
@@ -160,25 +183,45 @@ def build_context(workspace: Workspace, client, *, max_seq_len: int | None = Non
     return context
 
 
+def does_not_fit_reason(needed: int, *, estimate_only: bool, session_len: int, reserve: int, suggest: int) -> str:
+    """One line: how many tokens the documents need against what the session holds, and the option."""
+    about = "about " if estimate_only else ""
+    return (f"the documents need {about}{needed} tokens (+{reserve} for a question and its answer) but the "
+            f"session holds {session_len}: ingest again with --max-seq-len {suggest} to keep them in the "
+            "context (the server must have the memory); until then questions are answered from the "
+            "retrieved passages alone")
+
+
 def context_is_current(workspace: Workspace) -> bool:
     context = workspace.manifest.get("context") or {}
     return bool(context.get("snapshot_id")) and context.get("corpus_hash") == workspace.version
 
 
-def _chat(client, messages: list[dict], on_text=None, **options):
-    """One turn; streamed to ``on_text(delta)`` when given (the CLI prints the answer as it comes)."""
-    options.setdefault("repetition_detection", True)  # small models loop: stop them early
+def _chat(client, messages: list[dict], n_passages: int, on_text=None, **options):
+    """One turn, its answer checked against the ``n_passages`` given (``answers``): returns
+    ``(ChatResult, CheckedAnswer)``. Streamed to ``on_text(delta)`` when given (the CLI prints the
+    answer as it comes), and what streams is the checked text."""
+    options.setdefault("repetition_detection", ANSWER_REPETITION)  # small models loop: stop them early
     if on_text is None:
-        return client.chat(messages, **options)
+        result = client.chat(messages, **options)
+        return result, check_answer(result.content, n_passages)
     from superlinear.plugins.client import collect
+
+    checked = AnswerStream(n_passages)
 
     def events():
         for event in client.chat_stream(messages, **options):
             if event.type == "text" and event.text:
-                on_text(event.text)
+                shown = checked.feed(event.text)
+                if shown:
+                    on_text(shown)
             yield event
 
-    return collect(events())
+    result = collect(events())
+    rest = checked.finish()
+    if rest:
+        on_text(rest)
+    return result, checked.result
 
 
 def answer(workspace: Workspace, client, question: str, passages: list[Passage], *,
@@ -188,11 +231,11 @@ def answer(workspace: Workspace, client, question: str, passages: list[Passage],
     passages alone. With ``session_id`` (the `spl docs` REPL) the question goes to that session."""
     message = {"role": "user", "content": question_message(question, passages)}
     context = workspace.manifest.get("context") or {}
-    mode, note, loaded = "retrieval-only", None, None
+    mode, note, loaded, outcome = "retrieval-only", None, None, None
+    options = {"max_tokens": max_tokens, "temperature": temperature}
     started = time.perf_counter()
     if session_id is not None:
-        result = _chat(client, [message], on_text, session_id=session_id, max_tokens=max_tokens,
-                       temperature=temperature)
+        outcome = _chat(client, [message], len(passages), on_text, session_id=session_id, **options)
         mode = "context" if context_is_current(workspace) else "session"
     elif context_is_current(workspace):
         try:
@@ -202,28 +245,44 @@ def answer(workspace: Workspace, client, question: str, passages: list[Passage],
                     "(re-run `spl rag ingest` to rebuild it)")
         if loaded:
             try:
-                result = _chat(client, [message], on_text, session_id=loaded, max_tokens=max_tokens,
-                               temperature=temperature)
+                outcome = _chat(client, [message], len(passages), on_text, session_id=loaded, **options)
                 mode = "context"
             finally:
                 _delete_session(client, loaded)
     elif context.get("snapshot_id"):
         note = "the documents changed since the context was built: answering from the passages"
-    if mode == "retrieval-only":
-        result = _chat(client, [{"role": "system", "content": SYSTEM_PASSAGES}, message], on_text,
-                       max_tokens=max_tokens, temperature=temperature)
-    text = result.content.strip()
-    cited = cited_numbers(text, len(passages))
-    return {
-        "answer": text,
+    else:
+        note = retrieval_only_note(workspace)
+    if outcome is None:
+        outcome = _chat(client, [{"role": "system", "content": SYSTEM_PASSAGES}, message], len(passages),
+                        on_text, **options)
+    result, checked = outcome
+    out = {
+        "answer": checked.text.strip(),
         "mode": mode,
         "note": note,
-        "cited": cited,
+        "cited": checked.cited,
+        "invented_citations": checked.invented,
+        "trimmed_repetition": checked.trimmed,
+        "answer_notes": checked.notes(len(passages)),
+        "finish_reason": result.finish_reason,
         "usage": result.usage,
         "timings": result.timings,
         "seconds": round(time.perf_counter() - started, 3),
         "snapshot_id": context.get("snapshot_id") if mode == "context" else None,
     }
+    if checked.text.strip() != result.content.strip():
+        out["raw_answer"] = result.content  # what the model said, before the checks
+    return out
+
+
+def retrieval_only_note(workspace: Workspace) -> str:
+    """Why a workspace without a context snapshot answers from the passages alone."""
+    reason = workspace.manifest.get("retrieval_only_reason")
+    if reason:
+        return f"retrieval-only: {reason}"
+    return ("retrieval-only: the workspace has no context snapshot (ingested with --no-llm, or no server "
+            "answered); answering from the retrieved passages alone")
 
 
 def _delete_session(client, session_id: str | None) -> None:

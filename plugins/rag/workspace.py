@@ -151,6 +151,10 @@ class Workspace:
             ws.save_manifest(manifest)
         return ws
 
+    @classmethod
+    def exists(cls, name: str) -> bool:
+        return (cls(name).path / "manifest.json").is_file()
+
     @staticmethod
     def names() -> list[str]:
         root = workspaces_root()
@@ -218,6 +222,7 @@ class Workspace:
             "roots": m.get("roots", []), "files": len(m.get("files", {})), "chunks": m.get("chunks", 0),
             "chars": m.get("chars", 0), "chunking": m.get("chunking"), "context": m.get("context"),
             "mode": "context" if m.get("context") else "retrieval-only",
+            "retrieval_only_reason": None if m.get("context") else m.get("retrieval_only_reason"),
         }
 
     # -- ingest ------------------------------------------------------------------------------
@@ -295,7 +300,7 @@ class Workspace:
                     new_files[path] = old
                     continue
                 try:
-                    lines, kind = read_lines(p, data)
+                    lines, kind, encoding = read_lines(p, data)
                 except Exception as exc:  # a malformed PDF must not stop the ingest
                     report.skipped[path] = f"unreadable ({type(exc).__name__}: {exc})".splitlines()[0]
                     if old:
@@ -305,7 +310,8 @@ class Workspace:
                 new_pieces[path] = [(pc.start, pc.end, pc.text, pc.section) for pc in pieces]
                 (report.updated if old else report.added).append(path)
                 new_files[path] = {"sha256": digest, "size": stat.st_size, "mtime": stat.st_mtime, "kind": kind,
-                                   "lines": lines[-1][0] if lines else 0, "chunks": len(pieces)}
+                                   "encoding": encoding, "lines": lines[-1][0] if lines else 0,
+                                   "chunks": len(pieces)}
 
             # Rewrite the passages: ids are positions in chunks.jsonl.
             records: list[Chunk] = []
@@ -338,9 +344,11 @@ class Workspace:
         report.seconds = time.perf_counter() - started
         return report
 
-    def set_context(self, context: dict | None) -> None:
+    def set_context(self, context: dict | None, reason: str | None = None) -> None:
+        """Record the context snapshot; or none, with the ``reason`` questions are retrieval-only."""
         with self.lock():
             self._manifest = None
             manifest = self.manifest
             manifest["context"] = context
+            manifest["retrieval_only_reason"] = None if context else reason
             self.save_manifest(manifest)
