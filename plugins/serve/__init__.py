@@ -32,8 +32,7 @@ def build_app(options: ServeOptions):
 
 def _exit_on_load_error(server, runtime) -> None:
     def stop(error: str) -> None:
-        print(f"spl: error: {runtime.failed_step or 'starting'} failed: {error}", flush=True)
-        server.should_exit = True
+        server.should_exit = True  # the error is the last line, once uvicorn has shut down
 
     runtime.on_load_error = stop
 
@@ -77,7 +76,11 @@ def serve(command: Serve, ctx: Context) -> int:
     _exit_on_load_error(server, runtime)
     with registered(options):  # server.json names this process while it serves
         server.run()
-    if runtime.error is not None or not server.started:
+    if runtime.error is not None:
+        from superlinear.errors import UserError
+
+        raise UserError(f"{runtime.failed_step or 'starting'} failed: {runtime.error}")
+    if not server.started:
         return 2
     return 0
 
