@@ -108,8 +108,10 @@ def test_cache_truncate_clone_resize_state_roundtrip(default_model):
     m = default_model
     ids = m.tokenizer.encode(STORY)[:60]
     cache = m.new_cache(64)
-    assert cache.nbytes() == 64 * m.info()["kv_bytes_per_token"]
+    per_token = m.info()["kv_bytes_per_token"]
+    assert cache.nbytes() == 0 and cache.capacity == 0  # KV is allocated lazily
     m.prefill(cache, ids[:40])
+    assert 40 <= cache.capacity <= 64 and cache.nbytes() == cache.capacity * per_token
     branch = cache.clone()
     after = m.prefill(cache, ids[40:50])
     # truncate and redo: the same logits
@@ -124,8 +126,9 @@ def test_cache_truncate_clone_resize_state_roundtrip(default_model):
     assert cache.position == 50
     with pytest.raises(TooLarge):
         cache.resize(10)
+    held = cache.nbytes()
     cache.resize(128)
-    assert cache.max_seq_len == 128 and cache.nbytes() == 128 * m.info()["kv_bytes_per_token"]
+    assert cache.max_seq_len == 128 and cache.nbytes() == held  # a larger limit allocates nothing
     nxt = m.decode_step(cache, ids[50])
     # state tensors -> a new cache continues identically
     state = branch.state_tensors()
@@ -135,6 +138,39 @@ def test_cache_truncate_clone_resize_state_roundtrip(default_model):
     assert restored.position == 50 and restored.max_seq_len == 100
     torch.testing.assert_close(m.decode_step(restored, ids[50]), nxt)
     assert cache.recurrent_state() == {}
+
+
+def test_cache_grows_on_demand_and_keeps_its_content(default_model):
+    m = default_model
+    ids = (m.tokenizer.encode(STORY) * 8)[:300]
+    assert len(ids) == 300
+
+    def run(cache):
+        m.prefill(cache, ids[:250])
+        first = cache.capacity
+        for t in ids[250:290]:  # one token at a time, past the first capacity
+            m.prefill(cache, [t])
+        return first, [m.decode_step(cache, t) for t in ids[290:300]]
+
+    fixed = m.new_cache(4096)
+    fixed.reserve(4096)  # allocated once up front: no growth
+    _, expected = run(fixed)
+    grown = m.new_cache(4096)
+    first, got = run(grown)
+    assert 250 <= first < 290 < grown.capacity < 4096
+    for a, b in zip(got, expected, strict=True):
+        assert torch.equal(a, b)  # same computation; only the reallocation differs
+    shrink = m.new_cache(4096)
+    m.prefill(shrink, ids[:100])
+    shrink.resize(120)  # below the capacity: the memory is given back, the content kept
+    assert shrink.capacity == 120
+    assert torch.equal(m.decode_step(shrink, ids[100]), m.decode_step(_prefilled(m, ids[:100]), ids[100]))
+
+
+def _prefilled(m, ids):
+    cache = m.new_cache(len(ids) + 8)
+    m.prefill(cache, ids)
+    return cache
 
 
 def test_prefill_cancels_between_chunks(default_model):

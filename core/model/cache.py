@@ -49,14 +49,22 @@ def _resize_hint(needed: int, max_seq_len: int) -> str:
 
 
 class Cache:
-    """State of one sequence (batch 1) preallocated to ``max_seq_len`` tokens."""
+    """State of one sequence (batch 1), holding at most ``max_seq_len`` tokens.
 
-    def __init__(self, layout: CacheLayout, max_seq_len: int, device, dtype: torch.dtype, *, _empty=False):
+    KV memory is allocated lazily: an empty cache holds only the (small) recurrent state, and
+    the KV tensors grow when a forward needs room (``reserve``). Growth reallocates and copies,
+    so it goes in steps of 1.5x (amortised O(1) per token); a prefill reserves its whole length
+    at once, so a long context is allocated exactly once. ``capacity`` is what is allocated now,
+    ``nbytes()`` its size: an idle session costs what it holds, not its limit.
+    """
+
+    def __init__(self, layout: CacheLayout, max_seq_len: int, device, dtype: torch.dtype):
         self.layout = layout
         self.max_seq_len = int(max_seq_len)
         self.device = torch.device(device)
         self.dtype = dtype
         self.position = 0
+        self.capacity = 0
         self.keys: dict[int, torch.Tensor] = {}
         self.values: dict[int, torch.Tensor] = {}
         self.conv: dict[int, torch.Tensor] = {}
@@ -67,26 +75,51 @@ class Cache:
         self._length = 0
         self._write_index: torch.Tensor | None = None
         self._graph = None  # the captured decode step bound to these tensors (model.py)
-        if not _empty:
-            self._allocate()
+        self._allocate_recurrent()
 
     # -- allocation ---------------------------------------------------------------------------
-    def _allocate(self) -> None:
+    def _allocate_recurrent(self) -> None:
         lay = self.layout
-        shape = (1, lay.num_kv_heads, self.max_seq_len, lay.head_dim)
-        try:
-            for i in lay.attention_layers:
-                self.keys[i] = torch.zeros(shape, dtype=self.dtype, device=self.device)
-                self.values[i] = torch.zeros(shape, dtype=self.dtype, device=self.device)
+        with _too_large_on_oom(lambda: lay.recurrent_bytes(self.dtype), self.device, "the recurrent state"):
             for i in lay.mamba_layers:
                 self.conv[i] = torch.zeros((1, *lay.conv_shape), dtype=self.dtype, device=self.device)
                 self.ssm[i] = torch.zeros((1, *lay.ssm_shape), dtype=torch.float32, device=self.device)
-        except (torch.OutOfMemoryError, MemoryError, RuntimeError) as exc:
-            self.keys.clear(), self.values.clear(), self.conv.clear(), self.ssm.clear()
-            need = self.max_seq_len * lay.kv_bytes_per_token(self.dtype) + lay.recurrent_bytes(self.dtype)
-            raise TooLarge(f"cannot allocate a cache of {self.max_seq_len} tokens "
-                           f"({need / 2**30:.2f} GiB on {self.device}): {str(exc).splitlines()[0]}; "
-                           f"use a smaller --max-seq-len") from exc
+
+    def reserve(self, tokens: int) -> None:
+        """Make room for ``tokens`` tokens in all (``TooLarge`` past ``max_seq_len`` or when the
+        device has no memory for it). The content up to ``position`` is kept."""
+        tokens = int(tokens)
+        if tokens > self.max_seq_len:
+            raise TooLarge(_resize_hint(tokens, self.max_seq_len))
+        if tokens <= self.capacity or not self.layout.attention_layers:
+            return
+        grown = min(self.max_seq_len, _round_up(max(tokens, self.capacity * 3 // 2), _GRANULE))
+        try:
+            self._reallocate(grown)
+        except TooLarge:
+            if grown == tokens:
+                raise
+            self._reallocate(tokens)  # the geometric step did not fit: take exactly what is needed
+
+    def _reallocate(self, capacity: int) -> None:
+        lay = self.layout
+        shape = (1, lay.num_kv_heads, capacity, lay.head_dim)
+        keys: dict[int, torch.Tensor] = {}
+        values: dict[int, torch.Tensor] = {}
+        with _too_large_on_oom(lambda: capacity * lay.kv_bytes_per_token(self.dtype), self.device,
+                               f"a cache of {capacity} tokens"):
+            # zeros, not empty: dense attention in a CUDA graph multiplies masked-out (zero)
+            # weights with the keys past the position, and 0 * NaN garbage would be NaN
+            for i in lay.attention_layers:
+                keys[i] = torch.zeros(shape, dtype=self.dtype, device=self.device)
+                values[i] = torch.zeros(shape, dtype=self.dtype, device=self.device)
+        p = min(self.position, capacity)
+        for i in keys:
+            if i in self.keys and p:
+                keys[i][:, :, :p].copy_(self.keys[i][:, :, :p])
+                values[i][:, :, :p].copy_(self.values[i][:, :, :p])
+        self.keys, self.values, self.capacity = keys, values, capacity
+        self._graph = None  # a captured decode step points at the old tensors
 
     @property
     def has_recurrent_state(self) -> bool:
@@ -125,40 +158,42 @@ class Cache:
 
     def clone(self) -> Cache:
         other = Cache(self.layout, self.max_seq_len, self.device, self.dtype)
-        self._copy_into(other)
+        other.reserve(self.position)
+        for i in self.keys:
+            if self.position:
+                other.keys[i][:, :, :self.position].copy_(self.keys[i][:, :, :self.position])
+                other.values[i][:, :, :self.position].copy_(self.values[i][:, :, :self.position])
+        for i in self.conv:
+            other.conv[i].copy_(self.conv[i])
+            other.ssm[i].copy_(self.ssm[i])
+        other.position = self.position
         return other
 
     def resize(self, max_seq_len: int) -> None:
-        """Reallocate to ``max_seq_len`` tokens, keeping the content (in place)."""
+        """Change the limit to ``max_seq_len`` tokens, keeping the content (in place). Growing
+        allocates nothing; shrinking below what is allocated gives the memory back."""
         max_seq_len = int(max_seq_len)
         if max_seq_len < self.position:
             raise TooLarge(f"cannot resize to {max_seq_len} tokens: the cache already holds "
                            f"{self.position}; truncate first or pick a larger size")
-        if max_seq_len == self.max_seq_len:
-            return
-        other = Cache(self.layout, max_seq_len, self.device, self.dtype)
-        self._copy_into(other)
+        if max_seq_len < 1:
+            raise InvalidRequest(f"max_seq_len must be positive, got {max_seq_len}")
         self.max_seq_len = max_seq_len
-        self.keys, self.values, self.conv, self.ssm = other.keys, other.values, other.conv, other.ssm
-        self._graph = None
-
-    def _copy_into(self, other: Cache) -> None:
-        p = self.position
-        for i in self.keys:
-            other.keys[i][:, :, :p].copy_(self.keys[i][:, :, :p])
-            other.values[i][:, :, :p].copy_(self.values[i][:, :, :p])
-        for i in self.conv:
-            other.conv[i].copy_(self.conv[i])
-            other.ssm[i].copy_(self.ssm[i])
-        other.position = p
+        if self.capacity > max_seq_len:
+            self._reallocate(max_seq_len)
 
     def state_tensors(self, copy: bool = True) -> dict[str, torch.Tensor]:
         """KV trimmed to ``position`` (contiguous copies; with ``copy=False`` views into the
         cache, so a snapshot writer streams them without doubling device memory) plus the
         recurrent state."""
         p = self.position
+        lay = self.layout
         out = {}
-        for i in self.keys:
+        for i in lay.attention_layers:
+            if i not in self.keys:  # nothing allocated yet: an empty context
+                empty = torch.empty((1, lay.num_kv_heads, 0, lay.head_dim), dtype=self.dtype, device=self.device)
+                out[f"layers.{i}.key"], out[f"layers.{i}.value"] = empty, empty.clone()
+                continue
             k, v = self.keys[i][:, :, :p], self.values[i][:, :, :p]
             out[f"layers.{i}.key"] = k.contiguous() if copy else k
             out[f"layers.{i}.value"] = v.contiguous() if copy else v
@@ -175,13 +210,17 @@ class Cache:
             missing, unexpected = sorted(expected - got), sorted(got - expected)
             raise InvalidRequest(f"state does not match this model's cache: missing {missing[:6]}, "
                                  f"unexpected {unexpected[:6]}")
+        lay = self.layout
+        expected_shape = (1, lay.num_kv_heads, position, lay.head_dim)
+        for i in lay.attention_layers:
+            for name in (f"layers.{i}.key", f"layers.{i}.value"):
+                if tuple(tensors[name].shape) != expected_shape:
+                    raise InvalidRequest(f"state tensor {name} has shape {tuple(tensors[name].shape)}, "
+                                         f"expected {expected_shape}")
+        self.reserve(position)
         for i in self.keys:
             for name, target in ((f"layers.{i}.key", self.keys[i]), (f"layers.{i}.value", self.values[i])):
-                src = tensors[name]
-                if src.shape[2] != position or src.shape[1] != target.shape[1] or src.shape[3] != target.shape[3]:
-                    raise InvalidRequest(f"state tensor {name} has shape {tuple(src.shape)}, expected "
-                                         f"(1, {target.shape[1]}, {position}, {target.shape[3]})")
-                target[:, :, :position].copy_(src.to(device=target.device, dtype=target.dtype))
+                target[:, :, :position].copy_(tensors[name].to(device=target.device, dtype=target.dtype))
         self.load_recurrent_state(tensors)
         self.position = position
 
@@ -195,8 +234,8 @@ class Cache:
 
     # -- called by the model around a forward ---------------------------------------------------
     def _check_room(self, n: int) -> None:
-        if self.position + n > self.max_seq_len:
-            raise TooLarge(_resize_hint(self.position + n, self.max_seq_len))
+        """Called before a forward that appends ``n`` tokens: the limit, then the memory."""
+        self.reserve(self.position + n)
 
     def _begin(self, start: int, length: int, write_index: torch.Tensor | None = None) -> None:
         self._start, self._length, self._write_index = start, length, write_index
@@ -235,3 +274,30 @@ class Cache:
         state = self.ssm[layer_idx]
         state.copy_(recurrent_states)
         return state
+
+
+# KV capacity grows in multiples of this many tokens.
+_GRANULE = 256
+
+
+def _round_up(n: int, granule: int) -> int:
+    return -(-n // granule) * granule
+
+
+class _too_large_on_oom:
+    """Turn an allocation failure into ``TooLarge`` with what was asked for and where."""
+
+    def __init__(self, need_bytes, device, what: str):
+        self.need_bytes, self.device, self.what = need_bytes, device, what
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, kind, exc, tb):
+        if exc is None or not isinstance(exc, (torch.OutOfMemoryError, MemoryError, RuntimeError)):
+            return False
+        if isinstance(exc, RuntimeError) and not isinstance(exc, torch.OutOfMemoryError) \
+                and "memory" not in str(exc).lower():
+            return False
+        raise TooLarge(f"cannot allocate {self.what} ({self.need_bytes() / 2**30:.2f} GiB on {self.device}): "
+                       f"{str(exc).splitlines()[0]}; use a smaller --max-seq-len") from exc
