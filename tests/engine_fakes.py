@@ -41,6 +41,10 @@ class FakeCache:
     def nbytes(self) -> int:
         return 8 * self.max_seq_len
 
+    def reserve(self, tokens: int, exact: bool = False) -> None:
+        if tokens > self.max_seq_len:
+            raise TooLarge("fake cache full")
+
     def truncate(self, position: int, recurrent_state=None) -> None:
         if position > self.position:
             raise InvalidRequest("beyond position")

@@ -142,22 +142,28 @@ def test_cache_truncate_clone_resize_state_roundtrip(default_model):
 
 def test_cache_grows_on_demand_and_keeps_its_content(default_model):
     m = default_model
-    ids = (m.tokenizer.encode(STORY) * 8)[:300]
-    assert len(ids) == 300
+    ids = m.tokenizer.encode(STORY) * 40
+
+    from superlinear.model.cache import capacity_to_hold
+
+    first = capacity_to_hold(250, 4096)
+    cut = first + 20  # past the first capacity: the cache grows
 
     def run(cache):
         m.prefill(cache, ids[:250])
-        first = cache.capacity
-        for t in ids[250:290]:  # one token at a time, past the first capacity
-            m.prefill(cache, [t])
-        return first, [m.decode_step(cache, t) for t in ids[290:300]]
+        capacity = cache.capacity
+        m.prefill(cache, ids[250:cut])
+        return capacity, [m.decode_step(cache, t) for t in ids[cut:cut + 10]]
 
     fixed = m.new_cache(4096)
     fixed.reserve(4096)  # allocated once up front: no growth
     _, expected = run(fixed)
     grown = m.new_cache(4096)
-    first, got = run(grown)
-    assert 250 <= first < 290 < grown.capacity < 4096
+    assert grown.capacity == 0 and grown.nbytes() == 0  # nothing allocated before it is needed
+    got_first, got = run(grown)
+    assert len(ids) > cut + 10 and got_first == first
+    # the first allocation leaves decode headroom; the next one is a step, not one token more
+    assert 250 + 1000 <= first < cut < cut + 1000 <= grown.capacity <= 4096
     for a, b in zip(got, expected, strict=True):
         assert torch.equal(a, b)  # same computation; only the reallocation differs
     shrink = m.new_cache(4096)

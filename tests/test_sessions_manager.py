@@ -230,35 +230,41 @@ def test_cancelled_or_abandoned_turn_leaves_state(reference, model, tmp_path):
 
 
 def test_memory_budget_refuses_clearly(model, tmp_path):
-    one = SessionManager(model, SnapshotStore(tmp_path), default_max_seq_len=LEN).estimate_bytes(LEN)
-    manager = SessionManager(model, SnapshotStore(tmp_path), memory_budget=2 * one + one // 2,
+    one = SessionManager(model, SnapshotStore(tmp_path), default_max_seq_len=LEN).sizes.full(LEN)
+    manager = SessionManager(model, SnapshotStore(tmp_path), memory_budget=2 * one + one // 10,
                              default_max_seq_len=LEN)
-    manager.create("a")
-    manager.create("b")
+    empty = manager.estimate_bytes(LEN)
+    assert empty < one // 20  # the cache is allocated lazily: an empty session costs little
+    for sid in ("a", "b"):
+        manager.create(sid)
+        turn(manager, sid, Q1)  # a turn allocates the cache (LEN tokens: all of it)
     assert manager.list().bytes == 2 * one == manager.bytes_in_use()
+    manager.create("c")  # fits: it holds nothing yet
+    before = state(manager, "c")
     with pytest.raises(Busy, match="budget") as err:
-        manager.create("c")
+        turn(manager, "c", Q1)  # its prefill needs the cache, which the budget does not have
     assert err.value.http_status == 429
+    assert state(manager, "c") == before  # the refused turn changed nothing
     with pytest.raises(TooLarge, match="whole session memory budget"):
         manager.create("huge", max_seq_len=LEN * 10)
-    with pytest.raises(Busy):
-        manager.resize("a", 2 * LEN)
+    manager.resize("c", 2 * LEN)  # a larger limit allocates nothing: allowed
     with pytest.raises(Busy):
         manager.fork("a")
-    assert [i["id"] for i in manager.list()] == ["a", "b"]
+    assert [i["id"] for i in manager.list()] == ["a", "b", "c"]
     manager.close("b")
-    manager.create("c")
+    turn(manager, "c", Q1)
     assert manager.store.list() == []  # nothing was written to disk without eviction
 
 
 def test_lru_eviction_to_disk_and_transparent_reload(reference, model, tmp_path):
     store = SnapshotStore(tmp_path)
-    one = SessionManager(model, store, default_max_seq_len=LEN).estimate_bytes(LEN)
+    one = SessionManager(model, store, default_max_seq_len=LEN).sizes.full(LEN)
     manager = SessionManager(model, store, memory_budget=2 * one, evict_to_disk=True, default_max_seq_len=LEN)
     snap = copy_snapshot(reference, store, tmp_path)
     manager.load(snap, "a")
     assert state(manager, "a") == reference["after1"]
     manager.create("b")
+    manager.load(snap, "b", force=True)  # "b" holds a full cache too: the budget is used up
     manager.create("c")  # over budget: "a", the least recently used idle session, goes to disk
     infos = {i["id"]: i for i in manager.list()}
     assert not infos["a"]["resident"] and infos["a"]["bytes"] == 0
@@ -348,9 +354,10 @@ def test_snapshot_of_another_model_is_refused(reference, model, tmp_path):
 
 def test_eviction_never_overwrites_a_user_snapshot(model, tmp_path):
     store = SnapshotStore(tmp_path)
-    one = SessionManager(model, store, default_max_seq_len=32).estimate_bytes(32)
-    manager = SessionManager(model, store, memory_budget=one, evict_to_disk=True, default_max_seq_len=32)
+    one = SessionManager(model, store, default_max_seq_len=64).sizes.full(64)
+    manager = SessionManager(model, store, memory_budget=one, evict_to_disk=True, default_max_seq_len=64)
     manager.create("a")
+    turn(manager, "a", Q1)  # "a" now holds its whole cache: the budget
     user_snap = manager.save("a", title="mine", snapshot_id=state_snapshot_id("a"))
     manager.create("b")  # evicts "a"; its state must go elsewhere
     assert not manager.info("a")["resident"]
@@ -372,10 +379,11 @@ def test_threads_a_busy_session_is_neither_evicted_nor_closed_under_its_user(mod
     import time
 
     store = SnapshotStore(tmp_path)
-    one = SessionManager(model, store, default_max_seq_len=32).estimate_bytes(32)
-    manager = SessionManager(model, store, memory_budget=2 * one, evict_to_disk=True, default_max_seq_len=32)
-    manager.create("a")
-    manager.create("b")
+    one = SessionManager(model, store, default_max_seq_len=64).sizes.full(64)
+    manager = SessionManager(model, store, memory_budget=2 * one, evict_to_disk=True, default_max_seq_len=64)
+    for sid in ("a", "b"):
+        manager.create(sid)
+        turn(manager, sid, Q1)  # each holds its whole cache: the budget is used up
     entered, release = threading.Event(), threading.Event()
 
     def hold():

@@ -233,6 +233,7 @@ class Conversation:
         if self.memory is not None:
             self.memory.reserve(self, self.position + len(ids))
         base, end_all = self.position, self.position + len(ids)
+        self.cache.reserve(end_all)  # once for all the pieces below: growing copies the cache
         cuts = [end_all]
         if self.hybrid:
             cuts = sorted({p for p in checkpoint_at if base < p < end_all} | {end_all})
@@ -261,6 +262,8 @@ class Conversation:
         """Decode one token: append it to the cache and return the next logits."""
         if self.position + 1 > self.max_seq_len:
             raise TooLarge(f"the conversation is at its cache's limit of {self.max_seq_len} tokens")
+        if self.memory is not None:  # the cache may grow by a step: the budget must allow it
+            self.memory.reserve(self, self.position + 1)
         self._logits = self.model.decode_step(self.cache, token_id)
         self._ids.append(token_id)
         return self._logits

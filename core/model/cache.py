@@ -53,8 +53,9 @@ class Cache:
 
     KV memory is allocated lazily: an empty cache holds only the (small) recurrent state, and
     the KV tensors grow when a forward needs room (``reserve``). Growth reallocates and copies,
-    so it goes in steps of 1.5x (amortised O(1) per token); a prefill reserves its whole length
-    at once, so a long context is allocated exactly once. ``capacity`` is what is allocated now,
+    so it goes in steps (1.5x while small, amortised O(1) per token; see ``_GRANULE``); a prefill
+    reserves its whole length plus some decode headroom at once, so a long context is allocated
+    once. ``capacity`` is what is allocated now,
     ``nbytes()`` its size: an idle session costs what it holds, not its limit.
     """
 
@@ -85,15 +86,27 @@ class Cache:
                 self.conv[i] = torch.zeros((1, *lay.conv_shape), dtype=self.dtype, device=self.device)
                 self.ssm[i] = torch.zeros((1, *lay.ssm_shape), dtype=torch.float32, device=self.device)
 
-    def reserve(self, tokens: int) -> None:
+    def capacity_for(self, tokens: int, exact: bool = False) -> int:
+        """The capacity ``reserve(tokens, exact)`` would allocate (the current one if enough)."""
+        if not self.layout.attention_layers:
+            return self.capacity
+        return capacity_to_hold(tokens, self.max_seq_len, self.capacity, exact)
+
+    def growth_bytes(self, tokens: int, exact: bool = False) -> int:
+        """Bytes ``reserve(tokens, exact)`` would add: what a memory budget must allow first."""
+        extra = self.capacity_for(min(int(tokens), self.max_seq_len), exact) - self.capacity
+        return extra * self.layout.kv_bytes_per_token(self.dtype)
+
+    def reserve(self, tokens: int, exact: bool = False) -> None:
         """Make room for ``tokens`` tokens in all (``TooLarge`` past ``max_seq_len`` or when the
-        device has no memory for it). The content up to ``position`` is kept."""
+        device has no memory for it). The content up to ``position`` is kept. Not ``exact``:
+        a growth step (``_GRANULE`` below), so that decoding token by token reallocates rarely."""
         tokens = int(tokens)
         if tokens > self.max_seq_len:
             raise TooLarge(_resize_hint(tokens, self.max_seq_len))
         if tokens <= self.capacity or not self.layout.attention_layers:
             return
-        grown = min(self.max_seq_len, _round_up(max(tokens, self.capacity * 3 // 2), _GRANULE))
+        grown = self.capacity_for(tokens, exact)
         try:
             self._reallocate(grown)
         except TooLarge:
@@ -276,8 +289,24 @@ class Cache:
         return state
 
 
-# KV capacity grows in multiples of this many tokens.
+# KV capacity grows in multiples of this many tokens, by at least 1.5x while small and by at most
+# _MAX_STEP tokens once large (growing copies the cache, briefly holding both). Every growth
+# leaves _HEADROOM tokens free, so the decode after a prefill does not reallocate at once: a
+# 10M-token context is allocated once, not copied on its first generated token.
 _GRANULE = 256
+_HEADROOM = 1024
+_MAX_STEP = 65536
+
+
+def capacity_to_hold(tokens: int, max_seq_len: int, capacity: int = 0, exact: bool = False) -> int:
+    """The KV capacity a cache of ``capacity`` (limit ``max_seq_len``) grows to for ``tokens``."""
+    tokens = int(tokens)
+    if tokens <= capacity:
+        return capacity
+    if exact:
+        return tokens
+    step = min(capacity * 3 // 2, capacity + _MAX_STEP)
+    return min(int(max_seq_len), _round_up(max(tokens + _HEADROOM, step), _GRANULE))
 
 
 def _round_up(n: int, granule: int) -> int:

@@ -15,7 +15,8 @@ and their sizes compared.
 from __future__ import annotations
 
 from superlinear.engine.limits import MAX_TOKENS
-from superlinear.errors import TooLarge
+from superlinear.errors import OverBudget, TooLarge
+from superlinear.model.cache import capacity_to_hold
 from superlinear.sessions import state as _state
 
 # Python objects of a resident session besides its tensors (conversation, cache bookkeeping,
@@ -69,7 +70,9 @@ class CacheSizes:
     def holding(self, max_seq_len: int, position: int) -> int:
         """Bytes a session of ``max_seq_len`` holding ``position`` tokens needs (load, fork)."""
         fixed, per_token = self._measure()
-        return (fixed + max(per_token * int(max_seq_len), self.kv_bytes_per_token * int(position))
+        # a cache that grows on demand allocates a step beyond ``position`` (model/cache.py)
+        grown = capacity_to_hold(position, max_seq_len) if position > 0 else 0
+        return (fixed + max(per_token * int(max_seq_len), self.kv_bytes_per_token * grown)
                 + self.overhead)
 
     def full(self, max_seq_len: int) -> int:
@@ -78,7 +81,10 @@ class CacheSizes:
 
     def growth(self, conv, position: int) -> int:
         """Bytes ``conv``'s cache must add to hold ``position`` tokens (0 when allocated already)."""
-        have = _state.cache_nbytes(conv.cache)
+        cache = conv.cache
+        if hasattr(cache, "growth_bytes"):  # a cache that grows on demand says by how much
+            return int(cache.growth_bytes(position))
+        have = _state.cache_nbytes(cache)
         return max(0, self.fixed_bytes + self.kv_bytes_per_token * int(position) - have)
 
     def spare_tokens(self, conv) -> int:
@@ -143,9 +149,21 @@ class SessionMemory:
         """Before the cache grows to ``position`` tokens: make room (evicting idle sessions if
         the manager may) or raise ``OverBudget`` (429) / ``TooLarge`` (413)."""
         need = self.manager.sizes.growth(conv, position)
-        if need > 0:
-            self.manager.reserve(need, exclude=self.session,
-                                 what=f"session {self.session.id!r} growing to {position} tokens")
+        if need <= 0:
+            return
+        what = f"session {self.session.id!r} growing to {position} tokens"
+        try:
+            self.manager.reserve(need, exclude=self.session, what=what)
+        except (OverBudget, TooLarge):
+            # A cache growing in 1.5x steps may still fit taking less: as much of the step as the
+            # budget has room for (not one token at a time, which would copy the cache per token).
+            cache = conv.cache
+            if not hasattr(cache, "growth_bytes") or cache.growth_bytes(position, exact=True) >= need:
+                raise
+            free = max(0, self.manager.free_bytes() or 0)
+            target = max(position, min(cache.capacity_for(position), cache.capacity + free // self.manager.sizes.kv_bytes_per_token))
+            self.manager.reserve(cache.growth_bytes(target, exact=True), exclude=self.session, what=what)
+            cache.reserve(target, exact=True)
 
     def room(self, conv) -> int | None:
         """Tokens this conversation may still add within the budget (None: no budget)."""

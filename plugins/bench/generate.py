@@ -99,13 +99,13 @@ def run_bench(command: BenchGenerate, ctx: Context) -> dict:
                     _warm_up(model, ids[:min(length, max(2 * model.window, chunk_size) + 512)], chunk_size)
                     warmed.add((attention, model.device.type))
                 cache = model.new_cache(length + command.decode_tokens + 2)
-                row["cache_bytes"] = cache.nbytes()
                 _sync(model.device)
                 t0 = time.perf_counter()
                 logits = model.prefill(cache, ids, chunk_size=chunk_size)
                 _sync(model.device)
                 row["prefill_s"] = time.perf_counter() - t0
                 row["prefill_tok_s"] = length / row["prefill_s"]
+                row["cache_bytes"] = cache.nbytes()  # allocated by the prefill (lazily)
                 first = int(logits.argmax())
                 saved = cache.recurrent_state() if cache.has_recurrent_state else None
                 modes = [("eager", False)]
