@@ -13,6 +13,7 @@ import sys
 import click
 
 from superlinear import __version__
+from superlinear.bus import as_user_error
 from superlinear.errors import UserError
 
 USAGE_EXIT = 2
@@ -68,6 +69,9 @@ def main(argv: list[str] | None = None) -> None:
     except BrokenPipeError:
         sys.exit(0)
     except Exception as exc:
+        mapped = as_user_error(exc)
+        if mapped is not None:
+            fail(mapped.message)
         if os.environ.get("SPL_TRACE") == "1":
             raise
         print(f"spl: internal error: {type(exc).__name__}: {exc} (rerun with SPL_TRACE=1 for the traceback)"

@@ -1,8 +1,10 @@
 """The command bus: every user action is a small typed command with one handler.
 
-The CLI, the REPL's slash commands and the HTTP layer build the same ``Command`` values and
-``dispatch`` them, so a feature is written once. Plugins add handlers through the
-``register_handlers`` hook and middleware through ``register_middleware``.
+It carries the commands more than one front end runs or a third party adds: the CLI and the
+REPL's slash commands build the same ``Command`` values and ``dispatch`` them, so such a
+feature is written once. Plugins add handlers through the ``register_handlers`` hook and
+middleware through ``register_middleware``. Chat turns and the HTTP routes do not go through
+it: they call ``superlinear.service.ChatService`` (docs/architecture.md says why).
 
 Built-in middleware (outermost first):
 - error mapping: library errors a user can cause (missing file, refused connection...)
@@ -100,25 +102,35 @@ def _bind(middleware: Middleware, call_next: Callable) -> Callable:
     return lambda cmd, ctx: middleware(cmd, ctx, call_next)
 
 
+def as_user_error(exc: BaseException) -> UserError | None:
+    """The ``UserError`` (one clear line) for a library error a user can cause, or None."""
+    if isinstance(exc, UserError):
+        return exc
+    if isinstance(exc, FileNotFoundError):
+        return UserError(f"no such file or directory: {exc.filename or exc}")
+    if isinstance(exc, PermissionError):
+        return UserError(f"permission denied: {exc.filename or exc}")
+    if isinstance(exc, IsADirectoryError):
+        return UserError(f"is a directory: {exc.filename or exc}")
+    if isinstance(exc, ConnectionError):
+        return Unavailable(f"cannot connect: {exc}")
+    # httpx is optional at import time; map its transport errors by name.
+    if type(exc).__module__.startswith("httpx") and "Connect" in type(exc).__name__:
+        return Unavailable(f"cannot reach the spl server ({exc}); start it with `spl server start`")
+    return None
+
+
 def map_errors(command: Command, ctx: Context, call_next) -> Any:
     """Turn errors a user can cause into ``UserError`` with one clear line."""
     try:
         return call_next(command, ctx)
     except UserError:
         raise
-    except FileNotFoundError as exc:
-        raise UserError(f"no such file or directory: {exc.filename or exc}") from exc
-    except PermissionError as exc:
-        raise UserError(f"permission denied: {exc.filename or exc}") from exc
-    except IsADirectoryError as exc:
-        raise UserError(f"is a directory: {exc.filename or exc}") from exc
-    except ConnectionError as exc:
-        raise Unavailable(f"cannot connect: {exc}") from exc
     except Exception as exc:
-        # httpx is optional at import time; map its transport errors by name.
-        if type(exc).__module__.startswith("httpx") and "Connect" in type(exc).__name__:
-            raise Unavailable(f"cannot reach the spl server ({exc}); start it with `spl server start`") from exc
-        raise
+        mapped = as_user_error(exc)
+        if mapped is None:
+            raise
+        raise mapped from exc
 
 
 def trace(command: Command, ctx: Context, call_next) -> Any:

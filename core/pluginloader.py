@@ -135,6 +135,12 @@ def collect(hook_name: str) -> list[tuple[str, tuple, dict]]:
     return registered
 
 
+def model_loaders() -> list:
+    """The model loaders plugins register (``register_model_loaders``), in load order; give them
+    to ``superlinear.model.load_model(..., loaders=...)``."""
+    return [args[0] for _plugin, args, _kwargs in collect("register_model_loaders") if args]
+
+
 def reset_for_tests() -> None:
     global _state
     _state = None

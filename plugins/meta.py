@@ -5,20 +5,14 @@ from __future__ import annotations
 
 import json
 import os
-from dataclasses import asdict, dataclass
+from dataclasses import asdict
 
 import click
 
-from superlinear.bus import Command, Context, dispatch
 from superlinear.hookspecs import hookimpl
 
 
-@dataclass(frozen=True)
-class ListPlugins(Command):
-    name = "plugins.list"
-
-
-def list_plugins(command: ListPlugins, ctx: Context) -> dict:
+def list_plugins() -> dict:
     from superlinear.pluginloader import load_plugins
 
     state = load_plugins()
@@ -32,7 +26,7 @@ def list_plugins(command: ListPlugins, ctx: Context) -> dict:
 @click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
 def plugins_command(as_json: bool) -> None:
     """List loaded plugins, their versions and the hooks each implements."""
-    result = dispatch(ListPlugins())
+    result = list_plugins()
     if as_json:
         click.echo(json.dumps(result, indent=2))
         return
@@ -72,8 +66,3 @@ def completion_command(shell: str | None) -> None:
 def register_commands(register):
     register(plugins_command)
     register(completion_command)
-
-
-@hookimpl
-def register_handlers(register):
-    register(ListPlugins, list_plugins)

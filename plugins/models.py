@@ -1,4 +1,4 @@
-"""Built-in plugin ``models``: ``spl models list|info`` and the built-in model loaders.
+"""Built-in plugin ``models``: ``spl models list|info`` (the loaders are core's, ``superlinear.model.registry``).
 
 Torch is imported only when a command runs (``spl --help`` loads every plugin).
 """
@@ -6,32 +6,17 @@ Torch is imported only when a command runs (``spl --help`` loads every plugin).
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass
 
 import click
 
-from superlinear.bus import Command, Context, dispatch
 from superlinear.hookspecs import hookimpl
-
-
-@dataclass(frozen=True)
-class ListModels(Command):
-    name = "models.list"
-
-
-@dataclass(frozen=True)
-class ModelInfo(Command):
-    name = "models.info"
-    model: str = "default"
-    device: str | None = None
-    dtype: str | None = None
 
 
 def _dir_size(path) -> int:
     return sum(f.stat().st_size for f in path.iterdir() if f.is_file())
 
 
-def list_models(command: ListModels, ctx: Context) -> dict:
+def list_models() -> dict:
     from superlinear import paths
     from superlinear.model.default import default_dir, find_gguf, is_converted
 
@@ -62,11 +47,11 @@ def list_models(command: ListModels, ctx: Context) -> dict:
     return {"models_dir": str(root), "models": models}
 
 
-def model_info(command: ModelInfo, ctx: Context) -> dict:
+def model_info(model: str = "default", device: str | None = None, dtype: str | None = None) -> dict:
     from superlinear.model import load_model
+    from superlinear.pluginloader import model_loaders
 
-    model = load_model(command.model, device=command.device, dtype=command.dtype)
-    return model.info()
+    return load_model(model, device=device, dtype=dtype, loaders=model_loaders()).info()
 
 
 def _size(n: int | None) -> str:
@@ -88,7 +73,7 @@ def models_group() -> None:
 @click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
 def list_command(as_json: bool) -> None:
     """List the default model and the model directories in the cache."""
-    result = dispatch(ListModels())
+    result = list_models()
     if as_json:
         click.echo(json.dumps(result, indent=2))
         return
@@ -105,7 +90,7 @@ def list_command(as_json: bool) -> None:
 @click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
 def info_command(model: str, device: str | None, dtype: str | None, as_json: bool) -> None:
     """Show a model: parameters, size, dtype, attention config (window), KV bytes per token."""
-    info = dispatch(ModelInfo(model, device, dtype))
+    info = model_info(model, device, dtype)
     if as_json:
         click.echo(json.dumps(info, indent=2))
         return
@@ -141,17 +126,3 @@ def info_command(model: str, device: str | None, dtype: str | None, as_json: boo
 @hookimpl
 def register_commands(register):
     register(models_group)
-
-
-@hookimpl
-def register_handlers(register):
-    register(ListModels, list_models)
-    register(ModelInfo, model_info)
-
-
-@hookimpl
-def register_model_loaders(register):
-    from superlinear.model.registry import BUILTIN_LOADERS
-
-    for loader in BUILTIN_LOADERS:
-        register(loader)

@@ -41,6 +41,17 @@ class FakeCache:
     def nbytes(self) -> int:
         return 8 * self.max_seq_len
 
+    # The Cache API's allocation side (superlinear.model.cache): this cache is preallocated.
+    @property
+    def capacity(self) -> int:
+        return self.max_seq_len
+
+    def capacity_for(self, tokens: int, exact: bool = False) -> int:
+        return self.capacity
+
+    def growth_bytes(self, tokens: int, exact: bool = False) -> int:
+        return 0
+
     def reserve(self, tokens: int, exact: bool = False) -> None:
         if tokens > self.max_seq_len:
             raise TooLarge("fake cache full")
@@ -91,6 +102,13 @@ class FakeModel:
 
     def new_cache(self, max_seq_len: int) -> FakeCache:
         return FakeCache(max_seq_len, self.has_recurrent_state)
+
+    @property
+    def vocab_size(self) -> int:
+        return self.vocab
+
+    def kv_bytes_per_token(self) -> int:
+        return 8  # FakeCache.nbytes() per max_seq_len token
 
     def _logits(self, cache: FakeCache) -> torch.Tensor:
         # Consistent with the whole content: the hash the cache would have from its tokens.

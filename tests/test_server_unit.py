@@ -21,7 +21,7 @@ T = [m("system", "be nice"), m("user", "hi"), m("assistant", "hello"), m("user",
 
 
 def test_session_rule():
-    from superlinear.plugins.serve.chat import merge_session_messages as merge
+    from superlinear.service import merge_session_messages as merge
 
     assert merge([], [m("user", "x")]) == ([m("user", "x")], "new", 0)
     full, how, kept = merge(T, T + [m("user", "next")])
@@ -174,9 +174,9 @@ def loading_app():
     """The app with a model that never finishes loading (no lifespan): validation and auth only."""
     from fastapi.testclient import TestClient
 
-    from superlinear.plugins.client.options import ServeOptions
     from superlinear.plugins.serve.app import create_app
     from superlinear.plugins.serve.runtime import Runtime
+    from superlinear.plugins.settings.options import ServeOptions
 
     rt = Runtime(ServeOptions(api_key="k"))
     client = TestClient(create_app(rt), raise_server_exceptions=False)  # no `with`: no lifespan, no load
@@ -210,9 +210,9 @@ def test_health_is_503_after_a_failed_load(tmp_path, monkeypatch):
 
     from fastapi.testclient import TestClient
 
-    from superlinear.plugins.client.options import ServeOptions
     from superlinear.plugins.serve.app import create_app
     from superlinear.plugins.serve.runtime import Runtime
+    from superlinear.plugins.settings.options import ServeOptions
 
     broken = tmp_path / "broken-model"
     broken.mkdir()

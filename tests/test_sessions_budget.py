@@ -20,8 +20,20 @@ KV_BYTES = 8  # per cached token
 
 
 class GrowingCache(FakeCache):
+    """Allocates as tokens arrive, exactly what they need (no growth steps)."""
+
     def nbytes(self) -> int:
         return KV_BYTES * self.position
+
+    @property
+    def capacity(self) -> int:
+        return self.position
+
+    def capacity_for(self, tokens: int, exact: bool = False) -> int:
+        return max(self.position, int(tokens))
+
+    def growth_bytes(self, tokens: int, exact: bool = False) -> int:
+        return KV_BYTES * max(0, int(tokens) - self.position)
 
     def clone(self) -> GrowingCache:
         other = GrowingCache(self.max_seq_len, self.hybrid)
@@ -29,17 +41,12 @@ class GrowingCache(FakeCache):
         return other
 
 
-class _Layout:
-    @staticmethod
-    def kv_bytes_per_token(dtype) -> int:
-        return KV_BYTES
-
-
 class GrowingModel(FakeModel):
     name = "growing-fake"
     fingerprint = "f" * 32
     dtype = torch.float32
-    layout = _Layout()
+    def kv_bytes_per_token(self) -> int:
+        return KV_BYTES
 
     def new_cache(self, max_seq_len: int) -> GrowingCache:
         return GrowingCache(max_seq_len, self.has_recurrent_state)

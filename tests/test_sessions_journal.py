@@ -61,12 +61,12 @@ def test_incremental_persist_restart_and_rollback(default_model, tmp_path):
     seg2 = m2["files"][m2["segments"][1]["file"]]["bytes"]
     rows = (p2 - p1) * (kv_bytes_per_token(model) + 8)  # KV + the token id of each new row
     assert rows <= seg2 < rows + 16384  # + the safetensors header
-    written = manager._lookup("j").last_persist_bytes
+    written = manager.lookup("j").last_persist_bytes
     assert written < rows + 400_000  # the new rows, the logits ([vocab] fp32), transcript, manifest
     # the files of the previous generation that the new manifest does not list are gone
     listed = {"manifest.json", *m2["files"]}
     assert {p.name for p in (store.root / state_snapshot_id("j")).iterdir()} == listed
-    assert manager.persist("j") and manager._lookup("j").last_persist_bytes == 0  # nothing changed
+    assert manager.persist("j") and manager.lookup("j").last_persist_bytes == 0  # nothing changed
 
     # restart: a fresh manager on the same directory restores it and continues identically
     expect = turn(manager, "j", "And of Spain?")
@@ -124,7 +124,7 @@ def test_corrupt_segment_is_refused_and_orphans_cleaned(default_model, tmp_path)
     def full_disk(*args, **kwargs):
         raise OSError(28, "No space left on device")
 
-    fresh.store._write_manifest = full_disk
+    fresh.store.write_manifest = full_disk
     with pytest.raises(Unavailable, match="disk is full"):
         fresh.persist("c")
     assert manifest(store, "c") == before

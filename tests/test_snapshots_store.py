@@ -447,7 +447,7 @@ def test_import_never_replaces_a_session_state(store, tmp_path):
     save(store, snapshot_id="user")
     state = save(store, snapshot_id="session-s1")
     manifest = dict(state, tags=["spl:session-state"], format=journal.FORMAT)
-    store._write_manifest(store.root / "session-s1", manifest)  # as the session journal writes it
+    store.write_manifest(store.root / "session-s1", manifest)  # as the session journal writes it
     path = store.export("user", tmp_path)
     with pytest.raises(Conflict, match="saved state of a session"):
         store.import_(path, snapshot_id="session-s1", replace=True)

@@ -73,7 +73,7 @@ def _common_str_prefix(a: str, b: str) -> int:
     return lo
 
 
-def _common_prefix(a: list[int], b: list[int]) -> int:
+def common_token_prefix(a: list[int], b: list[int]) -> int:
     n = min(len(a), len(b))
     # Compare in blocks first: long conversations share long prefixes.
     i, step = 0, 4096
@@ -90,7 +90,7 @@ class Conversation:
         self.template = ChatTemplate(model.tokenizer)
         self.chunk_size = chunk_size
         self.cache = cache if cache is not None else model.new_cache(max_seq_len)
-        self.hybrid = bool(getattr(model, "has_recurrent_state", False))
+        self.hybrid = bool(model.has_recurrent_state)
         self._ids: list[int] = []
         self.transcript: list[dict] = []
         self.boundaries: list[int | None] = []
@@ -124,6 +124,33 @@ class Conversation:
     def token_ids(self) -> list[int]:
         return list(self._ids)
 
+    @property
+    def logits(self) -> torch.Tensor | None:
+        """The next-token logits at ``position`` (None before the first prefill)."""
+        return self._logits
+
+    @property
+    def edit_count(self) -> int:
+        """How many times the cache was truncated: a journal notes it when it writes."""
+        return len(self._edits)
+
+    def lowest_edit_since(self, edit_count: int) -> int | None:
+        """The lowest position the cache was truncated to after ``edit_count`` edits (rows past
+        it may have been recomputed); None if it was not truncated since."""
+        if len(self._edits) < edit_count:  # not the conversation that count came from
+            return 0
+        since = self._edits[edit_count:]
+        return min(since) if since else None
+
+    @property
+    def recurrent_checkpoints(self) -> dict[int, dict]:
+        """Recurrent states kept at message boundaries (position -> state; hybrids only)."""
+        return dict(self._states)
+
+    def add_recurrent_checkpoints(self, checkpoints: dict[int, dict]) -> None:
+        """Take back checkpoints a snapshot saved (``recurrent_checkpoints``)."""
+        self._states.update(checkpoints)
+
     # -- rendering ------------------------------------------------------------------------------
     def render(self, messages: list[dict], *, tools=None, template_kwargs=None,
                add_generation_prompt: bool = False) -> Rendered:
@@ -131,7 +158,7 @@ class Conversation:
         ids, ends = self._tokenize(text)
         if len(ids) > self.max_seq_len:  # sync_tokens refuses it (TooLarge): no boundaries needed
             return Rendered(text, ids, [None] * len(messages))
-        lcp = _common_prefix(self._ids, ids)
+        lcp = common_token_prefix(self._ids, ids)
         # Messages equal to the stored transcript keep their boundaries when those are still
         # inside the rendering's common prefix with the cache; the rest render their prefix.
         same = 0
@@ -279,7 +306,7 @@ class Conversation:
             raise TooLarge(f"the prompt has {len(ids)} tokens but this conversation's cache holds at most "
                            f"{self.max_seq_len}; resize the session or start one with a larger --max-seq-len")
         t0 = time.perf_counter()
-        keep = _common_prefix(self._ids, ids)
+        keep = common_token_prefix(self._ids, ids)
         if keep == len(ids) and (keep < self.position or self._logits is None) and keep > 0:
             keep -= 1  # the last token is run again for its logits
         cached = keep - self._truncate(keep)

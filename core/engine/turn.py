@@ -104,7 +104,7 @@ def _turn(conv: Conversation, req: ChatRequest, cancel: threading.Event, cp) -> 
         yield _done_cancelled(conv, prompt, 0, t_start)
         return
     conv.set_transcript(req.messages, prompt.boundaries, tools, kwargs)
-    logits = conv._logits
+    logits = conv.logits
     prefill_s = time.perf_counter() - t_start
 
     in_reasoning = prompt.text.rstrip().endswith("<think>")

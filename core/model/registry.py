@@ -1,15 +1,22 @@
-"""The built-in model loaders, torch-free at import time (the ``models`` plugin registers them
-through ``register_model_loaders``; ``spl --help`` imports plugins and must not pull in torch).
+"""The built-in model loaders, torch-free at import time (``spl --help`` imports plugins, which
+may ask ``find_loader`` whether a ``--model`` value is known, and must not pull in torch).
 
-A loader has ``name``, ``can_load(spec) -> bool`` and ``load(spec, **options) -> Model``.
+A loader has ``name``, ``can_load(spec) -> bool`` and ``load(spec, **options) -> Model``; the
+plugins' loaders (hook ``register_model_loaders``) have the same shape.
 """
 
 from __future__ import annotations
 
 import re
+from collections.abc import Sequence
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from superlinear import paths
+from superlinear.errors import InvalidRequest, NotFound
+
+if TYPE_CHECKING:  # pragma: no cover
+    from superlinear.model.model import Model
 
 
 def local_dir(spec: str) -> Path | None:
@@ -88,3 +95,35 @@ class RandomLoader:
 
 
 BUILTIN_LOADERS = (DefaultLoader(), RandomLoader(), LocalDirLoader(), HubLoader())
+
+
+def find_loader(spec: str, loaders: Sequence = ()):
+    """The first of ``loaders`` (then the built-in ones) that knows ``spec``, or None. A loader
+    that raises in ``can_load`` (a broken plugin) is passed over: another one may know it."""
+    for loader in (*loaders, *BUILTIN_LOADERS):
+        try:
+            if loader.can_load(spec):
+                return loader
+        except Exception:  # noqa: BLE001
+            continue
+    return None
+
+
+def load_model(spec: str = "default", device=None, dtype=None, attention: str = "superlinear", *,
+               cuda_graph: bool | None = None, backend: str | None = None, span_params=None,
+               loaders: Sequence = ()) -> Model:
+    """Load ``spec`` (``default``, a local directory, a name under ``models_dir()``, a hub id);
+    ``loaders`` (plugins' ones) are asked before the built-in loaders."""
+    spec = str(spec)
+    if attention not in ("superlinear", "dense"):
+        raise InvalidRequest(f"unknown attention {attention!r}: use 'superlinear' or 'dense'")
+    options = dict(device=device, dtype=dtype, attention=attention, cuda_graph=cuda_graph,
+                   backend=backend, span_params=span_params)
+    loader = find_loader(spec, loaders)
+    if loader is not None:
+        return loader.load(spec, **options)
+    if Path(spec).expanduser().is_dir():
+        raise NotFound(f"{spec} has no config.json: a model directory holds config.json, *.safetensors and "
+                       f"the tokenizer files")
+    raise NotFound(f"unknown model {spec!r}: use `default`, a local model directory (config.json + "
+                   f"safetensors + tokenizer) or a hub id like org/name (`spl models list`)")

@@ -39,7 +39,7 @@ class CacheSizes:
     def __init__(self, model):
         self.model = model
         self._probe: tuple[int, int] | None = None  # (fixed bytes, bytes allocated per max_seq_len token)
-        self.overhead = SESSION_OVERHEAD_BYTES + 4 * _vocab_size(model)
+        self.overhead = SESSION_OVERHEAD_BYTES + 4 * model.vocab_size  # the logits a session keeps
 
     def _measure(self) -> tuple[int, int]:
         if self._probe is None:
@@ -51,11 +51,8 @@ class CacheSizes:
 
     @property
     def kv_bytes_per_token(self) -> int:
-        """KV bytes one cached token holds (the model's layout; else what the probe measured)."""
-        layout = getattr(self.model, "layout", None)
-        if hasattr(layout, "kv_bytes_per_token"):
-            return int(layout.kv_bytes_per_token(self.model.dtype))
-        return max(1, self._measure()[1])
+        """KV bytes one cached token holds (the model says)."""
+        return self.model.kv_bytes_per_token()
 
     @property
     def fixed_bytes(self) -> int:
@@ -81,11 +78,7 @@ class CacheSizes:
 
     def growth(self, conv, position: int) -> int:
         """Bytes ``conv``'s cache must add to hold ``position`` tokens (0 when allocated already)."""
-        cache = conv.cache
-        if hasattr(cache, "growth_bytes"):  # a cache that grows on demand says by how much
-            return int(cache.growth_bytes(position))
-        have = _state.cache_nbytes(cache)
-        return max(0, self.fixed_bytes + self.kv_bytes_per_token * int(position) - have)
+        return int(conv.cache.growth_bytes(position))
 
     def spare_tokens(self, conv) -> int:
         """Tokens ``conv``'s cache can take without allocating (preallocated, unused rows)."""
@@ -126,17 +119,6 @@ class CacheSizes:
         raise TooLarge(f"max_seq_len {max_seq_len} is more than spl supports ({limit})", param="max_seq_len")
 
 
-def _vocab_size(model) -> int:
-    config = getattr(getattr(model, "hf", None), "config", None)
-    size = getattr(config, "vocab_size", None)
-    if not isinstance(size, int):
-        try:
-            size = len(model.tokenizer)
-        except Exception:  # noqa: BLE001 - no tokenizer: no logits to count
-            size = 0
-    return int(size)
-
-
 class SessionMemory:
     """The memory guard a session's ``Conversation`` calls (``Conversation.memory``): before its
     cache grows, and for how far a generation may go."""
@@ -158,10 +140,11 @@ class SessionMemory:
             # A cache growing in 1.5x steps may still fit taking less: as much of the step as the
             # budget has room for (not one token at a time, which would copy the cache per token).
             cache = conv.cache
-            if not hasattr(cache, "growth_bytes") or cache.growth_bytes(position, exact=True) >= need:
+            if cache.growth_bytes(position, exact=True) >= need:
                 raise
             free = max(0, self.manager.free_bytes() or 0)
-            target = max(position, min(cache.capacity_for(position), cache.capacity + free // self.manager.sizes.kv_bytes_per_token))
+            room = cache.capacity + free // self.manager.sizes.kv_bytes_per_token
+            target = max(position, min(cache.capacity_for(position), room))
             self.manager.reserve(cache.growth_bytes(target, exact=True), exclude=self.session, what=what)
             cache.reserve(target, exact=True)
 

@@ -43,6 +43,7 @@ import weakref
 from pathlib import Path
 
 from superlinear.sessions import tensorfile
+from superlinear.sessions.manifest import CorruptSnapshot, disk_error, model_identity, now_iso, spl_version
 
 FORMAT = "spl-journal"
 SCHEMA_VERSION = 2
@@ -61,8 +62,8 @@ class Tracker:
         self.conv = weakref.ref(conv)
         self.snapshot_id = snapshot_id
         self.manifest = manifest
-        self.ids = list(getattr(conv, "_ids", []))
-        self.edit_seq = len(getattr(conv, "_edits", []) or [])
+        self.ids = conv.token_ids
+        self.edit_seq = conv.edit_count
         self.meta_bytes: bytes | None = None
 
     @property
@@ -73,16 +74,12 @@ class Tracker:
         """Rows of the persisted KV that are still what the cache holds: the common token prefix,
         capped by the lowest position the cache was truncated to since (rows past it may have
         been recomputed)."""
-        from superlinear.engine.conversation import _common_prefix
+        from superlinear.engine.conversation import common_token_prefix
 
-        ids = getattr(conv, "_ids", None)
-        edits = getattr(conv, "_edits", None)
-        if ids is None or edits is None:
-            return 0
-        valid = _common_prefix(self.ids, ids)
-        since = edits[self.edit_seq:] if len(edits) >= self.edit_seq else [0]
-        if since:
-            valid = min(valid, min(since))
+        valid = common_token_prefix(self.ids, conv.token_ids)
+        lowest = conv.lowest_edit_since(self.edit_seq)
+        if lowest is not None:
+            valid = min(valid, lowest)
         return max(0, min(valid, self.position))
 
 
@@ -124,7 +121,6 @@ def persist(store, *, snapshot_id: str, model, session: dict, created_at: str | 
             tensors: dict, tracker: Tracker | None, tags: list[str], title: str) -> tuple[Tracker, int]:
     """Bring the journal ``snapshot_id`` up to date with ``conv``; returns ``(tracker, bytes
     written)``. ``tracker`` is the previous one (None: write a whole new journal)."""
-    from superlinear.sessions.snapshots import _now, _spl_version, model_identity
 
     position = int(session["position"])
     kv, ids, small, checkpoints = split(meta, tensors)
@@ -146,7 +142,7 @@ def persist(store, *, snapshot_id: str, model, session: dict, created_at: str | 
     else:
         old, keep, start, kept_ckpts = None, [], 0, {}
     generation = (old["generation"] + 1) if old else 1
-    now = _now()
+    now = now_iso()
     manifest = {
         "schema_version": SCHEMA_VERSION,
         "format": FORMAT,
@@ -162,9 +158,9 @@ def persist(store, *, snapshot_id: str, model, session: dict, created_at: str | 
         "segments": [dict(s) for s in keep],
         "checkpoints": dict(kept_ckpts),
         "files": {f: old["files"][f] for f in [*(s["file"] for s in keep), *kept_ckpts.values()]} if old else {},
-        "spl_version": _spl_version(),
+        "spl_version": spl_version(),
     }
-    target = directory if incremental else store._make_tmp()
+    target = directory if incremental else store.make_temp_dir()
     written = 0
     new_files: list[str] = []  # named before they are written: a write cut short is undone too
 
@@ -197,16 +193,14 @@ def persist(store, *, snapshot_id: str, model, session: dict, created_at: str | 
         manifest["meta"] = meta_name
         written += entry["bytes"] + len(meta_json)
         tensorfile.fsync_dir(target)
-        store._write_manifest(target, manifest)  # temp file, fsync, atomic rename
+        store.write_manifest(target, manifest)  # temp file, fsync, atomic rename
         tensorfile.fsync_dir(target)
         if incremental:
             remove_orphans(target, manifest)
         else:
-            store._publish(target, snapshot_id, replace=True)
+            store.publish(target, snapshot_id, replace=True)
     except OSError as exc:
         _undo(target, incremental, new_files)
-        from superlinear.sessions.snapshots import disk_error
-
         raise disk_error(f"cannot persist session state {snapshot_id!r} in {store.root}", exc) from exc
     except BaseException:
         _undo(target, incremental, new_files if incremental else [])
@@ -287,7 +281,6 @@ def read(directory: Path, manifest: dict, snapshot_id: str, device=None) -> tupl
     import torch
     from safetensors import safe_open
 
-    from superlinear.sessions.snapshots import CorruptSnapshot
 
     problem = manifest_problem(manifest)
     if problem:

@@ -180,7 +180,7 @@ class SessionManager:
         self.chunk_size = chunk_size
         self.store = snapshot_store if snapshot_store is not None else SnapshotStore()
         if memory_budget == "auto":
-            memory_budget = default_budget(getattr(model, "device", "cpu"))
+            memory_budget = default_budget(model.device)
         self.memory_budget = int(memory_budget) if memory_budget else None
         self.evict_to_disk = evict_to_disk
         self.sizes = CacheSizes(model)
@@ -351,7 +351,8 @@ class SessionManager:
             self._sessions[session.id] = session
         return session
 
-    def _lookup(self, session_id: str) -> Session:
+    def lookup(self, session_id: str) -> Session:
+        """The session (on disk or in memory; nothing is loaded), or `NotFound`."""
         validate_id(session_id, "session id", param="session_id")
         with self._lock:
             session = self._sessions.get(session_id)
@@ -379,7 +380,7 @@ class SessionManager:
     def get(self, session_id: str) -> Session:
         """The session, with its state in memory (loaded back from disk if it was evicted or
         listed after a restart)."""
-        session = self._lookup(session_id)
+        session = self.lookup(session_id)
         if not session.resident:
             with session.lock:
                 self._make_resident(session)
@@ -394,7 +395,7 @@ class SessionManager:
             with manager.use(sid) as session:
                 for event in run_turn(session.conversation, request): ...
         """
-        session = self._lookup(session_id)
+        session = self.lookup(session_id)
         with session.lock:
             self._make_resident(session)
             session.touch()
@@ -446,11 +447,11 @@ class SessionManager:
         return SessionListing([s.info() for s in sessions], memory_budget=self.memory_budget)
 
     def info(self, session_id: str) -> dict:
-        return self._lookup(session_id).info()
+        return self.lookup(session_id).info()
 
     def history(self, session_id: str) -> list[dict]:
         """The session's transcript, without loading its state if it is on disk."""
-        session = self._lookup(session_id)
+        session = self.lookup(session_id)
         with session.lock:
             if session.resident:
                 return [dict(m) for m in session.conversation.transcript]
@@ -458,7 +459,7 @@ class SessionManager:
         return list(meta.get("transcript", [])) if isinstance(meta, dict) else []
 
     def close(self, session_id: str) -> dict:
-        session = self._lookup(session_id)
+        session = self.lookup(session_id)
         with session.lock:
             info = session.info()
             with self._lock:
@@ -600,7 +601,7 @@ class SessionManager:
         its journal gets only what changed since the last persist — the KV rows appended since
         (``new tokens x kv_bytes_per_token``), a small state file (logits, recurrent state) and
         the transcript — then an atomically replaced manifest. Returns the state snapshot id."""
-        session = self._lookup(session_id)
+        session = self.lookup(session_id)
         with session.lock:
             if not session.resident:
                 return session.state_snapshot
@@ -675,7 +676,6 @@ class SessionManager:
             restored.append(sid)
         return restored
 
-    restore_all = restore_index  # the name the server looks for
 
 
 class SessionListing(list):

@@ -22,8 +22,6 @@ refused (``CorruptSnapshot``). Tensors are safetensors; nothing is ever unpickle
 
 from __future__ import annotations
 
-import datetime as _dt
-import errno
 import json
 import lzma
 import os
@@ -35,10 +33,17 @@ import threading
 import zlib
 from pathlib import Path
 
-from superlinear.errors import Conflict, InvalidRequest, NotFound, Unavailable
+from superlinear.errors import Conflict, InvalidRequest, NotFound
 from superlinear.process import pid_alive
 from superlinear.sessions import journal, tensorfile
 from superlinear.sessions.ids import new_id, validate_id
+from superlinear.sessions.manifest import (
+    CorruptSnapshot,
+    disk_error,
+    model_identity,
+    now_iso,
+    spl_version,
+)
 
 SCHEMA_VERSION = 1  # single-file snapshots; session journals (journal.py) are version 2
 READABLE_SCHEMA_VERSION = 2
@@ -61,32 +66,10 @@ _FILE_NAME_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,127}")
 _UNSET = object()
 
 
-class CorruptSnapshot(InvalidRequest):
-    """A snapshot's files do not match its manifest (truncated, edited, missing)."""
-
-    code = "snapshot_corrupted"
-
-
 class ModelMismatch(Conflict):
     """A snapshot was made with another model than the one loaded."""
 
     code = "model_mismatch"
-
-
-def _now() -> str:
-    return _dt.datetime.now(_dt.UTC).isoformat(timespec="milliseconds").replace("+00:00", "Z")
-
-
-
-def model_identity(model) -> dict:
-    """``{"name", "fingerprint"}`` from a model object or a dict with those keys."""
-    if isinstance(model, dict):
-        name, fingerprint = model.get("name"), model.get("fingerprint")
-    else:
-        name, fingerprint = getattr(model, "name", None), getattr(model, "fingerprint", None)
-    if not fingerprint:
-        raise ValueError("the model has no fingerprint; snapshots need one to be checked on load")
-    return {"name": str(name or "unknown"), "fingerprint": str(fingerprint)}
 
 
 def check_model(manifest: dict, model) -> None:
@@ -222,7 +205,7 @@ class SnapshotStore:
         for key in ("position", "max_seq_len", "message_count"):
             if key not in session:
                 raise ValueError(f"session info lacks {key!r}")
-        created = _now()
+        created = now_iso()
         manifest = {
             "schema_version": SCHEMA_VERSION,
             "id": snapshot_id,
@@ -234,20 +217,20 @@ class SnapshotStore:
             "description": _clean_title(description, "description", MAX_DESCRIPTION),
             "tags": _clean_tags(tags),
             "files": {},
-            "spl_version": _spl_version(),
+            "spl_version": spl_version(),
         }
         if not replace and self.exists(snapshot_id):
             raise Conflict(f"snapshot {snapshot_id!r} already exists; pick another id or delete it first",
                            param="snapshot_id")
-        tmp = self._make_tmp()
+        tmp = self.make_temp_dir()
         try:
             transcript_bytes = json.dumps(transcript, ensure_ascii=False, separators=(",", ":")).encode()
             manifest["files"][TRANSCRIPT] = tensorfile.write_bytes(tmp / TRANSCRIPT, transcript_bytes)
             manifest["files"][TENSORS] = tensorfile.write_safetensors(
                 tmp / TENSORS, tensors, metadata={"snapshot_id": snapshot_id, "format": "spl-session"})
-            self._write_manifest(tmp, manifest)
+            self.write_manifest(tmp, manifest)
             tensorfile.fsync_dir(tmp)
-            self._publish(tmp, snapshot_id, replace)
+            self.publish(tmp, snapshot_id, replace)
         except OSError as exc:
             shutil.rmtree(tmp, ignore_errors=True)
             raise disk_error(f"cannot write snapshot {snapshot_id!r} in {self.root}", exc) from exc
@@ -256,7 +239,8 @@ class SnapshotStore:
             raise
         return manifest
 
-    def _make_tmp(self) -> Path:
+    def make_temp_dir(self) -> Path:
+        """A new temporary directory in the store, to write a snapshot into before ``publish``."""
         try:
             self.root.mkdir(parents=True, exist_ok=True)
             tmp = self._tmp_dir()
@@ -265,7 +249,8 @@ class SnapshotStore:
             raise disk_error(f"cannot write to the snapshot directory {self.root}", exc) from exc
         return tmp
 
-    def _write_manifest(self, directory: Path, manifest: dict) -> None:
+    def write_manifest(self, directory: Path, manifest: dict) -> None:
+        """Write ``directory``'s manifest atomically (temp file, fsync, rename)."""
         data = json.dumps(manifest, ensure_ascii=False, indent=2).encode() + b"\n"
         part = directory / f".{MANIFEST}.{secrets.token_hex(4)}"
         try:
@@ -275,7 +260,7 @@ class SnapshotStore:
             part.unlink(missing_ok=True)  # a full disk must not keep what it could not finish
             raise
 
-    def _publish(self, tmp: Path, snapshot_id: str, replace: bool, *, keep_session_state: bool = False) -> None:
+    def publish(self, tmp: Path, snapshot_id: str, replace: bool, *, keep_session_state: bool = False) -> None:
         """Rename a complete temporary directory to its final name. ``keep_session_state``:
         never replace a session's own journal (a user import over it would leave the live
         session writing manifests that name files it no longer has)."""
@@ -424,9 +409,9 @@ class SnapshotStore:
                 drop = set(_clean_tags(remove_tags))
                 manifest["tags"] = _clean_tags([t for t in manifest.get("tags", []) if t not in drop]
                                                + _clean_tags(add_tags), user=False)
-            manifest["updated_at"] = _now()
+            manifest["updated_at"] = now_iso()
             try:
-                self._write_manifest(directory, manifest)
+                self.write_manifest(directory, manifest)
             except OSError as exc:
                 raise disk_error(f"cannot change snapshot {snapshot_id!r} in {self.root}", exc) from exc
             tensorfile.fsync_dir(directory)
@@ -487,7 +472,7 @@ class SnapshotStore:
             raise NotFound(f"no such file: {label}", param="file")
         if snapshot_id is not None:
             validate_id(snapshot_id, "snapshot id", param="snapshot_id")
-        tmp = self._make_tmp()
+        tmp = self.make_temp_dir()
         try:
             top = self._unpack(file, label, tmp)
             original = validate_id(top, "snapshot id", param="file")
@@ -501,12 +486,12 @@ class SnapshotStore:
             tags = [t for t in manifest.get("tags", []) if not str(t).startswith(RESERVED_TAG_PREFIX)]
             if manifest.get("id") != final_id or tags != manifest.get("tags", []):
                 manifest["id"], manifest["tags"] = final_id, tags
-                self._write_manifest(tmp, manifest)
+                self.write_manifest(tmp, manifest)
             tensorfile.fsync_dir(tmp)
             if not replace and self.exists(final_id):
                 raise Conflict(f"snapshot {final_id!r} already exists; import it under another id "
                                "or delete the existing one", param="snapshot_id")
-            self._publish(tmp, final_id, replace, keep_session_state=True)
+            self.publish(tmp, final_id, replace, keep_session_state=True)
         except OSError as exc:
             shutil.rmtree(tmp, ignore_errors=True)
             raise disk_error(f"cannot import {label} into {self.root}", exc) from exc
@@ -549,19 +534,6 @@ class SnapshotStore:
         return top
 
 
-DISK_ERRNOS = {errno.ENOSPC: "the disk is full", errno.EDQUOT: "the disk quota is exceeded",
-               errno.EROFS: "the file system is read-only", errno.EACCES: "permission denied",
-               errno.EPERM: "permission denied", errno.EFBIG: "a file is too large for the file system",
-               errno.EIO: "input/output error"}
-
-
-def disk_error(what: str, exc: OSError) -> Unavailable:
-    """A disk problem (full, read-only, permissions) as a clear user-facing error."""
-    reason = DISK_ERRNOS.get(exc.errno, exc.strerror or str(exc))
-    return Unavailable(f"{what}: {reason}; free space or set $SUPERLINEAR_SNAPSHOT_DIR to another "
-                       "directory", code="snapshot_write_failed")
-
-
 def _manifest_problem(manifest) -> str | None:
     if not isinstance(manifest, dict):
         return "is not an object"
@@ -596,9 +568,3 @@ def _verify_files(directory: Path, manifest: dict, snapshot_id: str) -> None:
                 f"snapshot {snapshot_id!r} is damaged: the SHA-256 of {name} does not match the "
                 "manifest (the file was edited or corrupted); it cannot be loaded, delete it",
                 param="snapshot_id")
-
-
-def _spl_version() -> str:
-    from superlinear import __version__
-
-    return __version__

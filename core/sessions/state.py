@@ -58,12 +58,10 @@ def model_max_seq_len(model) -> int | None:
 def export(conv) -> tuple[dict, dict]:
     """``(meta, tensors)`` of a conversation: meta is JSON (goes to transcript.json)."""
     meta = dict(conv.state_meta())
-    try:  # views into the cache: the writer streams them, no second copy on the device
-        tensors = dict(conv.state_tensors(copy=False))
-    except TypeError:
-        tensors = dict(conv.state_tensors())
-    states = getattr(conv, "_states", None) or {}
-    if getattr(conv, "hybrid", False):
+    # views into the cache: the writer streams them, no second copy on the device
+    tensors = dict(conv.state_tensors(copy=False))
+    states = conv.recurrent_checkpoints
+    if conv.hybrid:
         kept = sorted(p for p in states if 0 < p < conv.position)
         meta["recurrent_checkpoints"] = kept
         for p in kept:
@@ -87,8 +85,8 @@ def restore(model, meta: dict, tensors: dict, *, position: int, max_seq_len: int
                              f"transcript position {meta.get('position')}")
     kwargs = {"chunk_size": chunk_size} if chunk_size else {}
     conv = _conversation_class().from_state(model, meta, tensors, max_seq_len, **kwargs)
-    if checkpoints and getattr(conv, "hybrid", False):
-        conv._states.update(checkpoints)
+    if checkpoints and conv.hybrid:
+        conv.add_recurrent_checkpoints(checkpoints)
     return conv
 
 

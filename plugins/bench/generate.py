@@ -74,9 +74,10 @@ def run_bench(command: BenchGenerate, ctx: Context) -> dict:
     import torch
 
     from superlinear.model import load_model
+    from superlinear.pluginloader import model_loaders
 
     start = time.perf_counter()
-    base = load_model(command.model, device=command.device, dtype=command.dtype)
+    base = load_model(command.model, device=command.device, dtype=command.dtype, loaders=model_loaders())
     load_s = time.perf_counter() - start
     on_cuda = base.device.type == "cuda"
     lengths = command.lengths or ((4096, 32768, 131072, 1 << 20) if on_cuda else (512, 2048, 4096))

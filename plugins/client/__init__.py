@@ -10,13 +10,13 @@ from __future__ import annotations
 import dataclasses
 import json
 import time
-from dataclasses import dataclass
 
 import click
 
-from superlinear.bus import Command, Context, dispatch
+from superlinear.bus import Context
 from superlinear.errors import InvalidRequest, Unavailable, UserError
 from superlinear.hookspecs import hookimpl
+from superlinear.plugins.settings.options import ServeOptions, parse_bytes, resolve_options, server_options
 
 from . import state
 from .api import (
@@ -31,13 +31,12 @@ from .api import (
     resolve_url,
 )
 from .local import describe_other, ensure_server, running_local, start, status, stop, wait_until_ready
-from .options import ServeOptions, parse_bytes, resolve_options, server_options
 
 __all__ = [
     "ChatResult", "DEFAULT_URL", "ServeOptions", "SplClient", "StreamEvent", "Target", "collect", "ensure_server",
     "parse_bytes", "resolve_api_key", "resolve_options", "resolve_target", "resolve_url", "running_local",
-    "server_options", "start", "status", "stop", "wait_until_ready", "ServerStart", "ServerStop", "ServerStatus",
-    "ServerConnect", "ServerConfig", "get_client",
+    "server_options", "start", "status", "stop", "wait_until_ready", "connect", "effective_config",
+    "get_client",
 ]
 
 
@@ -72,69 +71,27 @@ def local_port_answers(url: str) -> bool:
     return parts.port is not None and port_taken(parts.hostname or "127.0.0.1", parts.port)
 
 
-# -- bus commands ----------------------------------------------------------------------------
-@dataclass(frozen=True)
-class ServerStart(Command):
-    name = "server.start"
-    options: ServeOptions = ServeOptions()
-    port_chosen: bool = True  # False: the default port; another free one is used if it is taken
-
-
-@dataclass(frozen=True)
-class ServerStop(Command):
-    name = "server.stop"
-
-
-@dataclass(frozen=True)
-class ServerStatus(Command):
-    name = "server.status"
-
-
-@dataclass(frozen=True)
-class ServerConnect(Command):
-    name = "server.connect"
-    url: str | None = None
-    api_key: str | None = None
-    forget: bool = False
-
-
-@dataclass(frozen=True)
-class ServerConfig(Command):
-    """The effective server settings, where each comes from, and the config file."""
-
-    name = "server.config"
-
-
-def handle_start(command: ServerStart, ctx: Context) -> dict:
-    return start(command.options, port_chosen=command.port_chosen)
-
-
-def handle_stop(command: ServerStop, ctx: Context) -> dict:
-    return stop()
-
-
-def handle_status(command: ServerStatus, ctx: Context) -> dict:
-    return status()
-
-
-def handle_connect(command: ServerConnect, ctx: Context) -> dict:
-    if command.forget:
+# -- what the commands do (plain functions: only the CLI runs them) -------------------------
+def connect(url: str | None, api_key: str | None = None, forget: bool = False) -> dict:
+    """Point the other commands at the server at ``url`` (``forget``: back to the local one)."""
+    if forget:
         state.clear_connected()
         return {"url": resolve_url(), "connected": None}
-    if not command.url:
+    if not url:
         raise InvalidRequest("give the server URL, e.g. `spl server connect http://host:8787`")
-    url = command.url if "://" in command.url else f"http://{command.url}"
-    client = SplClient(url, api_key=command.api_key)
+    url = url if "://" in url else f"http://{url}"
+    client = SplClient(url, api_key=api_key)
     try:
         health = client.health(timeout=5.0)
     finally:
         client.close()
-    state.write_connected(url, command.api_key)
+    state.write_connected(url, api_key)
     return {"url": url.rstrip("/"), "connected": url.rstrip("/"), "health": health}
 
 
-def handle_config(command: ServerConfig, ctx: Context) -> dict:
-    from .config import BY_NAME, config_path
+def effective_config() -> dict:
+    """The effective server settings, where each comes from, and the config file."""
+    from superlinear.plugins.settings.config import BY_NAME, config_path
 
     options, sources = resolve_options()
     values = dataclasses.asdict(options)
@@ -165,7 +122,7 @@ def server_group() -> None:
 @server_options
 def start_command(options: ServeOptions, option_sources: dict, as_json: bool) -> None:
     """Start a background server (returns once the model is loaded)."""
-    info = dispatch(ServerStart(options=options, port_chosen=option_sources["port"] != "default"))
+    info = start(options, port_chosen=option_sources["port"] != "default")
     info.pop("api_key", None)
     health = info.get("health") or {}
     restored = health.get("sessions")
@@ -178,7 +135,7 @@ def start_command(options: ServeOptions, option_sources: dict, as_json: bool) ->
 @_json_option
 def stop_command(as_json: bool) -> None:
     """Stop the local server; its sessions are snapshotted and come back on the next start."""
-    result = dispatch(ServerStop())
+    result = stop()
     how = "stopped" if result["graceful"] else "killed (did not stop in time)"
     saved = f"; {result['sessions']} session(s) saved" if result.get("sessions") else ""
     _emit(result, as_json, f"spl server (pid {result['pid']}) {how}{saved}")
@@ -188,7 +145,7 @@ def stop_command(as_json: bool) -> None:
 @_json_option
 def status_command(as_json: bool) -> None:
     """Which server the commands use, and whether it answers (exit 1 if not)."""
-    result = dispatch(ServerStatus())
+    result = status()
     _emit(result, as_json, None if as_json else format_status(result))
     if not result["up"]:
         raise SystemExit(1)
@@ -245,7 +202,7 @@ def logs_command(n: int, follow: bool) -> None:
 @_json_option
 def connect_command(url: str | None, api_key: str | None, forget: bool, as_json: bool) -> None:
     """Make the other commands talk to the server at URL."""
-    result = dispatch(ServerConnect(url=url, api_key=api_key, forget=forget))
+    result = connect(url, api_key=api_key, forget=forget)
     if forget:
         text = f"forgot the stored server; commands now use {result['url']}"
     else:
@@ -258,7 +215,7 @@ def connect_command(url: str | None, api_key: str | None, forget: bool, as_json:
 @_json_option
 def config_command(as_json: bool) -> None:
     """Show the server settings in effect and where each comes from (flag > env > config file > default)."""
-    result = dispatch(ServerConfig())
+    result = effective_config()
     exists = "" if result["config_file_exists"] else " (none)"
     lines = [f"config file: {result['config_file']}{exists}"]
     for name, item in result["settings"].items():
@@ -270,12 +227,3 @@ def config_command(as_json: bool) -> None:
 @hookimpl
 def register_commands(register):
     register(server_group)
-
-
-@hookimpl
-def register_handlers(register):
-    register(ServerStart, handle_start)
-    register(ServerStop, handle_stop)
-    register(ServerStatus, handle_status)
-    register(ServerConnect, handle_connect)
-    register(ServerConfig, handle_config)

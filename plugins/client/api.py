@@ -27,9 +27,8 @@ from superlinear.errors import (
     Unavailable,
     UserError,
 )
+from superlinear.plugins.settings.config import DEFAULT_HOST, DEFAULT_PORT
 
-DEFAULT_HOST = "127.0.0.1"
-DEFAULT_PORT = 8787
 DEFAULT_URL = f"http://{DEFAULT_HOST}:{DEFAULT_PORT}"
 
 _STATUS_ERRORS: dict[int, type[UserError]] = {
@@ -102,7 +101,7 @@ def resolve_target(url: str | None = None) -> Target:
         return Target(env.rstrip("/"), "$SPL_SERVER_URL")
     from superlinear.plugins.client import state
     from superlinear.plugins.client.local import running_local
-    from superlinear.plugins.client.options import resolve_options
+    from superlinear.plugins.settings.options import resolve_options
 
     connected = state.connected()
     if connected and connected.get("url"):

@@ -7,19 +7,10 @@ so ``spl --help`` stays fast.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-
 import click
 
-from superlinear.bus import Command, Context, dispatch
 from superlinear.hookspecs import hookimpl
-from superlinear.plugins.client.options import ServeOptions, server_options
-
-
-@dataclass(frozen=True)
-class Serve(Command):
-    name = "server.serve"
-    options: ServeOptions = ServeOptions()
+from superlinear.plugins.settings.options import ServeOptions, server_options
 
 
 def build_app(options: ServeOptions):
@@ -41,29 +32,24 @@ def check_model_known(spec: str) -> None:
     """Raise ``NotFound`` if no loader knows ``spec``; checked before the port is bound, so a
     typo costs one error line (exit 2), not a server that starts and stops. Asking the loaders
     (``can_load``) imports no torch, so the port is still bound at once for a good spec."""
-    from superlinear.model.registry import BUILTIN_LOADERS
-    from superlinear.pluginloader import collect
+    from superlinear.model.registry import find_loader
+    from superlinear.pluginloader import model_loaders
 
-    loaders = [args[0] for _plugin, args, _kwargs in collect("register_model_loaders") if args]
-    for loader in loaders or BUILTIN_LOADERS:
-        try:
-            if loader.can_load(spec):
-                return
-        except Exception:  # noqa: BLE001 - a broken plugin loader: another one may know it
-            continue
-    from superlinear.model.loaders import load_model
+    if find_loader(spec, model_loaders()) is not None:
+        return
+    from superlinear.model.registry import load_model
 
     load_model(spec)  # no loader matches: raises its "unknown model" error, loads nothing
 
 
-def serve(command: Serve, ctx: Context) -> int:
+def serve(options: ServeOptions) -> int:
+    """Serve in the foreground until stopped; the exit code (a failed start raises ``UserError``)."""
     import logging
 
     import uvicorn
 
     from superlinear.plugins.client.local import registered
 
-    options = command.options
     check_model_known(options.model)
     logging.basicConfig(level=options.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     app = build_app(options)
@@ -89,7 +75,7 @@ def serve(command: Serve, ctx: Context) -> int:
 @server_options
 def serve_command(options: ServeOptions) -> None:
     """Run the OpenAI-compatible server in the foreground (Ctrl-C stops it; sessions are saved)."""
-    code = dispatch(Serve(options=options))
+    code = serve(options)
     if code:
         raise SystemExit(code)
 
@@ -98,7 +84,3 @@ def serve_command(options: ServeOptions) -> None:
 def register_commands(register):
     register(serve_command)
 
-
-@hookimpl
-def register_handlers(register):
-    register(Serve, serve)

@@ -12,24 +12,14 @@ import logging
 import os
 import threading
 import time
-from dataclasses import dataclass
 from typing import Any
 
-from superlinear.errors import NotFound, Unavailable, UserError
-from superlinear.plugins.client.options import ServeOptions
+from superlinear.errors import Unavailable
+from superlinear.plugins.settings.options import ServeOptions
 
 from .worker import Worker
 
 log = logging.getLogger("spl.serve")
-SCRATCH_START = 16384  # tokens; grows to the default max_seq_len when a request needs it
-
-
-@dataclass(frozen=True)
-class PersistResult:
-    """Whether a session's state (with its last turn or change) is on disk now."""
-
-    ok: bool
-    error: UserError | None = None  # why writing it failed (None: it did not fail)
 
 
 class Runtime:
@@ -45,7 +35,7 @@ class Runtime:
         self.model = None
         self.store = None
         self.manager = None
-        self.scratch = None  # Conversation reused by requests without a session_id
+        self.service = None  # the ChatService every route calls, once the model is loaded
         self.restored: list[str] = []
         self._load_started = time.monotonic()
         self._thread: threading.Thread | None = None
@@ -78,14 +68,13 @@ class Runtime:
 
     def _load_on_worker(self) -> None:
         from superlinear.model import load_model
+        from superlinear.pluginloader import model_loaders
+        from superlinear.service import ChatService
         from superlinear.sessions import SessionManager, SnapshotStore
 
         o = self.options
-        kwargs: dict[str, Any] = {}
-        if o.device:
-            kwargs["device"] = o.device
         self.progress = f"loading model {o.model}"
-        self.model = load_model(o.model, **kwargs)
+        self.model = load_model(o.model, device=o.device, loaders=model_loaders())
         self.progress = "opening the snapshot store"
         self.store = SnapshotStore()
         self.progress = "setting up the sessions (memory budget, max_seq_len)"
@@ -93,9 +82,11 @@ class Runtime:
         # Past it, idle sessions are evicted to disk when their journal is kept current anyway
         # (--persist turn: eviction writes little or nothing); with --persist shutdown the
         # request that needs the memory is refused (429) instead.
-        manager_kwargs: dict[str, Any] = {"memory_budget": o.memory_budget or "auto",
-                                          "evict_to_disk": o.persist == "turn"}
-        self.manager = _construct(SessionManager, self.model, self.store, manager_kwargs, o)
+        self.manager = SessionManager(self.model, self.store, memory_budget=o.memory_budget or "auto",
+                                      evict_to_disk=o.persist == "turn", default_max_seq_len=o.max_seq_len,
+                                      chunk_size=o.chunk_size)
+        self.service = ChatService(self.model, self.manager, self.store, persist_turns=o.persist == "turn",
+                                   chunk_size=o.chunk_size)
         self.progress = "restoring sessions"
         self.restored = self.manager.restore_index()
 
@@ -103,26 +94,6 @@ class Runtime:
     def defaults(self) -> dict:
         """Sampling defaults for requests that leave them out."""
         return {"temperature": 0.7}
-
-    def scratch_conversation(self):
-        """The conversation for requests without a session (worker thread only). It is kept
-        between requests, so a client that resends a growing history reuses its prefix."""
-        if self.scratch is None:
-            from superlinear.engine import Conversation
-
-            kwargs = {"chunk_size": self.options.chunk_size} if self.options.chunk_size else {}
-            self.scratch = Conversation(self.model, min(self.scratch_limit(), SCRATCH_START), **kwargs)
-        return self.scratch
-
-    def scratch_limit(self) -> int:
-        return self.manager.default_max_seq_len if self.manager is not None else 8192
-
-    def grow_scratch(self) -> bool:
-        """Give the scratch conversation the full default max_seq_len; False if it has it."""
-        if self.scratch is None or self.scratch.max_seq_len >= self.scratch_limit():
-            return False
-        self.scratch.resize(self.scratch_limit())
-        return True
 
     def loading_progress(self) -> str:
         return f"{self.progress} ({time.monotonic() - self._load_started:.0f}s)"
@@ -144,49 +115,21 @@ class Runtime:
         self.worker.cancel_all()
         saved = 0
         if was_ok and self.manager is not None:
-            persist = getattr(self.manager, "persist_all", None)
-            if persist is not None:
-                try:
-                    result = self.worker.call(persist, timeout=600)
-                    saved = len(result) if hasattr(result, "__len__") else int(result or 0)
-                except BaseException as exc:  # noqa: BLE001 - logged; shutdown goes on
-                    log.error("spl: saving sessions at shutdown failed: %s", exc)
+            try:
+                saved = len(self.worker.call(self.manager.persist_all, timeout=600))
+            except BaseException as exc:  # noqa: BLE001 - logged; shutdown goes on
+                log.error("spl: saving sessions at shutdown failed: %s", exc)
         self.worker.stop(timeout=30.0 if was_ok else 1.0)
         log.info("spl: stopped; %d session(s) saved", saved)
         return saved
 
-    def persist_session(self, session_id: str | None) -> PersistResult:
-        """Make a session durable after a turn or a change (worker thread, before the answer
-        goes out): ``SessionManager.persist`` writes only what changed since its last persist.
-        A failure is logged and returned (the client is told, ``/health`` shows it); the turn
-        or change itself stands, the journal keeps its last good state and the next persist
-        retries. With ``--persist shutdown`` sessions reach disk only on clean shutdown and
-        eviction (``ok`` is False)."""
-        if not session_id or self.manager is None or self.options.persist == "shutdown":
-            return PersistResult(False)
-        try:
-            self.manager.persist(session_id)
-        except NotFound:  # closed meanwhile
-            return PersistResult(False)
-        except UserError as exc:
-            log.error("spl: could not persist session %s: %s", session_id, exc.message)
-            return PersistResult(False, exc)
-        except Exception as exc:  # noqa: BLE001 - durability must not fail a finished turn
-            log.exception("spl: could not persist session %s", session_id)
-            return PersistResult(False, Unavailable(f"could not persist session {session_id!r}: "
-                                                    f"{type(exc).__name__}: {exc}".splitlines()[0],
-                                                    code="persist_failed"))
-        return PersistResult(True)
-
     # -- read-only views (safe off the worker) -------------------------------------------
     @property
     def model_name(self) -> str:
-        if self.model is not None:
-            return getattr(self.model, "name", self.options.model)
-        return self.options.model
+        return self.model.name if self.model is not None else self.options.model
 
     def list_sessions(self) -> list[dict]:
-        if self.manager is None:
+        if self.service is None:
             return []
         for _ in range(3):  # the worker may add/remove a session while we iterate
             try:
@@ -197,13 +140,7 @@ class Runtime:
 
     def session_listing(self) -> dict:
         """``{"sessions": [info...], "count", "bytes", "resident", "memory_budget"}``."""
-        listing = self.manager.list()
-        if isinstance(listing, dict):
-            return listing
-        if hasattr(listing, "as_dict"):
-            return listing.as_dict()
-        infos = [_info(s) for s in listing]
-        return {"sessions": infos, "count": len(infos)}
+        return self.service.list_sessions()
 
     def health(self) -> dict:
         h: dict[str, Any] = {
@@ -247,26 +184,3 @@ class Runtime:
                 "error": next(iter(failing.values()), None)}
 
 
-def _info(session) -> dict:
-    if isinstance(session, dict):
-        return session
-    info = getattr(session, "info", None)
-    return info() if callable(info) else dict(info or {})
-
-
-def _construct(cls, model, store, kwargs: dict, options: ServeOptions):
-    """Build the SessionManager with the options it accepts (its signature may grow)."""
-    import inspect
-
-    params = inspect.signature(cls).parameters
-    extra = {
-        "default_max_seq_len": options.max_seq_len,
-        "max_seq_len": options.max_seq_len,
-        "chunk_size": options.chunk_size,
-    }
-    for name, value in extra.items():
-        if name in params and value is not None:
-            kwargs[name] = value
-    kwargs = {k: v for k, v in kwargs.items() if k in params or any(
-        p.kind == inspect.Parameter.VAR_KEYWORD for p in params.values())}
-    return cls(model, store, **kwargs)

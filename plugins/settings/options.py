@@ -14,8 +14,7 @@ import click
 
 from superlinear.errors import InvalidRequest
 
-from .api import DEFAULT_HOST, DEFAULT_PORT
-from .config import LOG_LEVELS, PERSIST_MODES, parse_bytes, resolve
+from .config import DEFAULT_HOST, DEFAULT_PORT, LOG_LEVELS, PERSIST_MODES, parse_bytes, resolve
 
 __all__ = ["ServeOptions", "parse_bytes", "resolve_options", "server_options"]
 

@@ -21,7 +21,8 @@ from typing import Any
 from superlinear.errors import InvalidRequest
 from superlinear.paths import config_file
 
-from .api import DEFAULT_HOST, DEFAULT_PORT
+DEFAULT_HOST = "127.0.0.1"
+DEFAULT_PORT = 8787
 
 PERSIST_MODES = ("turn", "shutdown")
 LOG_LEVELS = ("debug", "info", "warning", "error", "critical")

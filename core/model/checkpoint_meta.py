@@ -1,0 +1,75 @@
+"""What a model directory says about itself, torch-free: spl's metadata file (written by the
+default model's conversion), the weights' fingerprint, and the superlinear attention given to
+a model not trained with it."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from pathlib import Path
+
+from superlinear import paths
+
+META = "spl.json"  # written last: its presence marks a complete conversion
+
+# Superlinear attention for a model not trained with it: routing query = attention query and a
+# window of W = 45**2 - 1 = 2024 tokens, so ordinary chats are computed exactly (plain causal
+# attention while the context fits the window); beyond it, 3 spans of ~(3+1)*sqrt(t) keys.
+RETROFIT_SPAN = {
+    "span_attention_sw_index": 44,
+    "span_attention_num_spans": 3,
+    "span_attention_backward_factor": 3.0,
+    "span_attention_forward_factor": 1.0,
+    "span_attention_span_power": 0.5,
+    "span_attention_inv_search_power": 2,
+}
+
+
+def read_meta(path: Path) -> dict:
+    try:
+        return json.loads((Path(path) / META).read_text())
+    except (OSError, ValueError):
+        return {}
+
+
+# Weight files up to this size are hashed whole; larger ones by size, header and 1 MiB of every
+# 64 MiB (hashing a 60 GB checkpoint on every start is not affordable). Cached per (path, mtime).
+_FULL_HASH_LIMIT = 4 << 30
+
+
+def weights_fingerprint(path: Path, remember: bool = True) -> str:
+    files = sorted(Path(path).glob("*.safetensors"))
+    stats = [(f.name, f.stat().st_size, f.stat().st_mtime_ns) for f in files]
+    key = f"{Path(path).resolve()}|{stats}"
+    store = paths.cache_dir() / "fingerprints.json"
+    try:
+        known = json.loads(store.read_text())
+    except (OSError, ValueError):
+        known = {}
+    if remember and key in known:
+        return known[key]
+    h = hashlib.blake2b(digest_size=16)
+    for f in files:
+        size = f.stat().st_size
+        h.update(f"{f.name}:{size}".encode())
+        with open(f, "rb") as fh:
+            if size <= _FULL_HASH_LIMIT:
+                while block := fh.read(1 << 23):
+                    h.update(block)
+            else:
+                for offset in range(0, size, 64 << 20):
+                    fh.seek(offset)
+                    h.update(fh.read(1 << 20))
+    digest = h.hexdigest()
+    if not remember:
+        return digest
+    known[key] = digest
+    try:
+        store.parent.mkdir(parents=True, exist_ok=True)
+        tmp = store.with_suffix(f".tmp{os.getpid()}")
+        tmp.write_text(json.dumps(known))
+        os.replace(tmp, store)
+    except OSError:
+        pass
+    return digest

@@ -1,0 +1,300 @@
+"""``ChatService``: every user action on a loaded model, once, below all front ends.
+
+The HTTP routes call it (on the server's worker thread for whatever touches a cache); the
+CLI and the REPL reach it through those routes; tests use it in process. It owns no thread
+and no queue: each method runs where it is called and raises ``UserError`` for what a user
+can cause.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import logging
+import threading
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from superlinear.engine.types import ChatRequest, Done
+from superlinear.errors import Conflict, NotFound, TooLarge, Unavailable, UserError
+from superlinear.sessions.snapshots import SESSION_STATE_TAG
+
+from .events import ChatEvent, Persisted, Started
+from .session_rule import merge_session_messages
+
+log = logging.getLogger("spl.service")
+SCRATCH_START = 16384  # tokens; grows to the default max_seq_len when a request needs it
+
+
+@dataclass(frozen=True)
+class ChatTurn:
+    """One chat request: the engine request with the messages the client sent, and the session
+    (if any) they continue by the session rule (``session_rule``)."""
+
+    request: ChatRequest
+    session_id: str | None = None
+    session_mode: str = "auto"  # auto | append | replace
+
+
+class _AnnounceStart:
+    """Wraps a conversation's memory guard for one turn: the turn has started when the prompt
+    has passed every check and its cache is about to grow (prefill), or at its first event."""
+
+    def __init__(self, inner, announce: Callable[[], None]):
+        self.inner = inner
+        self.announce = announce
+
+    def reserve(self, conv, position: int) -> None:
+        if self.inner is not None:
+            self.inner.reserve(conv, position)
+        self.announce()
+
+    def room(self, conv):
+        return self.inner.room(conv) if self.inner is not None else None
+
+
+class ChatService:
+    """Chat turns, sessions and snapshots over one model, its ``SessionManager`` and its
+    ``SnapshotStore``. ``persist_turns``: journal a session after every turn and change (False:
+    only on shutdown and eviction, the manager's business)."""
+
+    def __init__(self, model, manager, store, *, persist_turns: bool = True, chunk_size: int | None = None):
+        self.model = model
+        self.manager = manager
+        self.store = store
+        self.persist_turns = persist_turns
+        self.chunk_size = chunk_size
+        self.scratch = None  # the Conversation of requests without a session (kept between them)
+
+    # -- chat --------------------------------------------------------------------------------
+    def chat(self, turn: ChatTurn, *, cancel: threading.Event | None = None,
+             on_start: Callable[[Started], None] | None = None) -> Iterator[ChatEvent]:
+        """Run one turn; yields its events (``events.py``). ``on_start`` gets ``Started`` at the
+        moment the prefill begins (a server sends its response headers then) instead of it being
+        yielded before the first event. A session's journal is written before ``Done``, so an
+        answer that says ``persisted`` survives any crash; a failed or cancelled turn leaves the
+        session as before and its journal gets what changed. Run it to the end (or close it): a
+        session turn holds the session's lock while it runs."""
+        pending: list[ChatEvent] = []
+        session = None
+        if turn.session_id:
+            try:
+                session = self.manager.get(turn.session_id)
+            except NotFound:
+                session = self.manager.create(turn.session_id)  # first use of a session id creates it
+        persisted = False
+        try:
+            lock = session.lock if session is not None else contextlib.nullcontext()
+            with lock:
+                done = yield from self._turn(turn, session, cancel, on_start or pending.append, pending)
+                if session is not None:
+                    session.touch()
+                    result = self.persist(session.id)
+                    persisted = True
+                    yield result
+                yield done
+        finally:
+            if session is not None and not persisted:
+                self.persist(session.id)
+
+    def _turn(self, turn: ChatTurn, session, cancel, started: Callable[[Started], None],
+              pending: list[ChatEvent]):
+        from superlinear.engine.turn import run_turn
+
+        if session is not None:
+            conv = session.conversation or self.manager.get(session.id).conversation
+            messages, how, _kept = merge_session_messages(list(conv.transcript), turn.request.messages,
+                                                          turn.session_mode)
+        else:
+            conv = self.scratch_conversation()
+            messages, how = turn.request.messages, None
+        request = dataclasses.replace(turn.request, messages=messages)
+        announced = False
+
+        def announce() -> None:
+            nonlocal announced
+            if not announced:
+                announced = True
+                started(Started(how))
+
+        def events() -> Iterator[ChatEvent]:
+            for event in run_turn(conv, request, cancel=cancel):
+                announce()
+                yield from pending
+                pending.clear()
+                yield event
+
+        guard = conv.memory
+        conv.memory = _AnnounceStart(guard, announce)
+        try:
+            try:
+                return (yield from _until_done(events()))
+            except TooLarge:
+                if session is not None or announced or not self._grow_scratch():
+                    raise
+                return (yield from _until_done(events()))
+        finally:
+            conv.memory = guard
+
+    def scratch_conversation(self):
+        """The conversation of requests without a session. It is kept between requests, so a
+        client that resends a growing history reuses its prefix."""
+        if self.scratch is None:
+            from superlinear.engine.conversation import Conversation
+
+            self.scratch = Conversation(self.model, min(self.manager.default_max_seq_len, SCRATCH_START),
+                                        chunk_size=self.chunk_size)
+        return self.scratch
+
+    def _grow_scratch(self) -> bool:
+        """Give the scratch conversation the full default max_seq_len; False if it has it."""
+        limit = self.manager.default_max_seq_len
+        if self.scratch is None or self.scratch.max_seq_len >= limit:
+            return False
+        self.scratch.resize(limit)
+        return True
+
+    # -- sessions ------------------------------------------------------------------------------
+    def persist(self, session_id: str | None) -> Persisted:
+        """Make a session durable after a turn or a change, before the answer goes out
+        (``SessionManager.persist`` writes only what changed). A failure is logged and returned;
+        the turn or change itself stands, the journal keeps its last good state and the next
+        persist retries. Without ``persist_turns``, ``ok`` is False."""
+        if not session_id or not self.persist_turns:
+            return Persisted(False)
+        try:
+            self.manager.persist(session_id)
+        except NotFound:  # closed meanwhile
+            return Persisted(False)
+        except UserError as exc:
+            log.error("spl: could not persist session %s: %s", session_id, exc.message)
+            return Persisted(False, exc)
+        except Exception as exc:  # noqa: BLE001 - durability must not fail a finished turn
+            log.exception("spl: could not persist session %s", session_id)
+            return Persisted(False, Unavailable(f"could not persist session {session_id!r}: "
+                                                f"{type(exc).__name__}: {exc}".splitlines()[0],
+                                                code="persist_failed"))
+        return Persisted(True)
+
+    def _persisted(self, session) -> dict:
+        self.persist(session.id)
+        return session.info()
+
+    def create_session(self, session_id: str | None = None, max_seq_len: int | None = None) -> dict:
+        return self._persisted(self.manager.create(session_id, max_seq_len))
+
+    def list_sessions(self) -> dict:
+        """``{"sessions": [info...], "count", "bytes", "resident", "memory_budget"}``."""
+        return self.manager.list().as_dict()
+
+    def session_info(self, session_id: str) -> dict:
+        return self.manager.info(session_id)
+
+    def history(self, session_id: str) -> list[dict]:
+        """The transcript; a session on disk (evicted, or restored after a restart) is read from
+        its state snapshot without loading it or waiting for a turn it runs."""
+        session = self.manager.lookup(session_id)
+        conv = session.conversation
+        if conv is not None:
+            return list(conv.transcript)
+        if not session.state_snapshot:
+            return []
+        try:
+            data = self.store.read_transcript(session.state_snapshot)  # hash-checked
+        except (OSError, ValueError, UserError):
+            return []
+        messages = data.get("transcript", data.get("messages")) if isinstance(data, dict) else data
+        return messages if isinstance(messages, list) else []
+
+    def close_session(self, session_id: str) -> dict:
+        return self.manager.close(session_id)
+
+    def fork_session(self, session_id: str, new_id: str | None = None) -> dict:
+        return self._persisted(self.manager.fork(session_id, new_id))
+
+    def rollback(self, session_id: str, n_messages: int) -> dict:
+        """Keep the first ``n_messages`` messages; a negative number drops the last ``-n``."""
+        if n_messages < 0:
+            n_messages = max(0, self.manager.info(session_id)["message_count"] + n_messages)
+        info = self.manager.rollback(session_id, n_messages)
+        self.persist(session_id)
+        return info
+
+    def resize(self, session_id: str, max_seq_len: int) -> dict:
+        info = self.manager.resize(session_id, max_seq_len)
+        self.persist(session_id)
+        return info
+
+    def save(self, session_id: str, *, title: str | None = None, description: str | None = None,
+             tags: list[str] | None = None) -> dict:
+        """Snapshot a session; returns the snapshot's view."""
+        snapshot_id = self.manager.save(session_id, title=title, description=description, tags=tags)
+        return snapshot_view(self.store.get(snapshot_id))
+
+    def load(self, snapshot_id: str, *, session_id: str | None = None, force: bool = False,
+             max_seq_len: int | None = None) -> dict:
+        """Load a snapshot into a new session (or ``session_id``; an existing one needs ``force``)."""
+        return self._persisted(self.manager.load(snapshot_id, session_id=session_id, force=force,
+                                                 max_seq_len=max_seq_len))
+
+    # -- snapshots -----------------------------------------------------------------------------
+    def list_snapshots(self, tag: str | None = None, include_session_state: bool = False) -> list[dict]:
+        items = self.store.list(tag=tag)
+        if not include_session_state:
+            items = [m for m in items if SESSION_STATE_TAG not in (m.get("tags") or [])]
+        return [snapshot_view(m) for m in items]
+
+    def get_snapshot(self, snapshot_id: str) -> dict:
+        return snapshot_view(self.store.get(snapshot_id))
+
+    def update_snapshot(self, snapshot_id: str, **fields: Any) -> dict:
+        """Change title, description or tags (``SnapshotStore.patch``'s fields)."""
+        self._refuse_session_state(snapshot_id, "changed")
+        return snapshot_view(self.store.patch(snapshot_id, **fields))
+
+    def delete_snapshot(self, snapshot_id: str) -> None:
+        self._refuse_session_state(snapshot_id, "deleted")
+        self.store.delete(snapshot_id)
+
+    def export_snapshot(self, snapshot_id: str, dest: str | Path) -> Path:
+        self._refuse_session_state(snapshot_id, "exported")
+        self.store.get(snapshot_id)
+        return self.store.export(snapshot_id, dest)
+
+    def import_snapshot(self, file: str | Path, *, snapshot_id: str | None = None, replace: bool = False,
+                        name: str | None = None) -> dict:
+        return snapshot_view(self.store.import_(file, snapshot_id=snapshot_id, replace=replace, name=name))
+
+    def _refuse_session_state(self, snapshot_id: str, what: str) -> None:
+        """A live session's own journal is written after every turn: changing, deleting or
+        exporting it from outside would leave that session naming files it lost."""
+        owner = self.manager.state_owner(snapshot_id)
+        if owner is not None:
+            raise Conflict(f"snapshot {snapshot_id!r} is the live state of session {owner!r} and cannot be "
+                           f"{what}; save the session (POST /v1/sessions/{owner}/save) for a snapshot of its "
+                           "own, or delete the session", param="snapshot_id")
+
+
+def _until_done(events: Iterator[ChatEvent]):
+    """Yield every event but the last (``Done``), which is returned: it goes out once the
+    session is persisted."""
+    done = None
+    for event in events:
+        if isinstance(event, Done):
+            done = event
+        else:
+            yield event
+    if done is None:
+        raise RuntimeError("the turn ended without a Done event")
+    return done
+
+
+def snapshot_view(manifest: dict) -> dict:
+    """A snapshot as the API shows it: the manifest without its file list, plus its size."""
+    view = {k: v for k, v in manifest.items() if k != "files"}
+    view["object"] = "snapshot"
+    files = manifest.get("files") or {}
+    view["bytes"] = sum(int(f.get("bytes", 0)) for f in files.values() if isinstance(f, dict))
+    return view

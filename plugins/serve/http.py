@@ -1,0 +1,28 @@
+"""What every route module shares: request bodies with a size limit and OpenAI-style errors."""
+
+from __future__ import annotations
+
+import os
+
+from fastapi import Request
+from fastapi.responses import JSONResponse
+
+from superlinear.errors import TooLarge, UserError
+
+MAX_BODY_BYTES = int(os.environ.get("SPL_MAX_BODY_BYTES", 256 << 20))  # ~50M tokens of text
+MAX_IMPORT_BYTES = int(os.environ.get("SPL_MAX_IMPORT_BYTES", 1 << 40))
+
+
+def error_response(exc: UserError) -> JSONResponse:
+    headers = {"Retry-After": "1"} if exc.http_status in (429, 503) else None
+    return JSONResponse(exc.to_openai(), status_code=exc.http_status, headers=headers)
+
+
+async def read_body(request: Request, limit: int = MAX_BODY_BYTES) -> bytes:
+    chunks, size = [], 0
+    async for part in request.stream():
+        size += len(part)
+        if size > limit:
+            raise TooLarge(f"request body is over the limit of {limit} bytes", code="body_too_large")
+        chunks.append(part)
+    return b"".join(chunks)

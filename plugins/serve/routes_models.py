@@ -1,0 +1,65 @@
+"""/health and /v1/models: what the server serves and whether it is ready."""
+
+from __future__ import annotations
+
+import contextlib
+import json
+from typing import Any
+
+from fastapi import FastAPI
+from fastapi.responses import JSONResponse
+
+from superlinear.errors import NotFound
+
+from .runtime import Runtime
+
+
+def add_routes(app: FastAPI, rt: Runtime) -> None:
+    @app.get("/health")
+    async def health():
+        # Readiness probes and load balancers read the status code: 200 only once the model is
+        # loaded and the server takes requests; 503 (same body) while loading, failed or stopping.
+        body = rt.health()
+        if body["status"] == "ok":
+            return body
+        return JSONResponse(body, status_code=503, headers={"Retry-After": "1"})
+
+    @app.get("/v1/models")
+    async def models():
+        rt.require_ready()
+        return {"object": "list", "data": [_model_card(rt)]}
+
+    @app.get("/v1/models/{model_id:path}")
+    async def model(model_id: str):
+        rt.require_ready()
+        card = _model_card(rt)
+        if model_id not in (card["id"], "default", rt.options.model):
+            raise NotFound(f"no model {model_id!r}; this server serves {card['id']!r}", param="model")
+        return card
+
+
+
+def _model_card(rt: Runtime) -> dict:
+    info: dict[str, Any] = {}
+    with contextlib.suppress(Exception):
+        info = dict(rt.model.info())
+    return {
+        "id": rt.model_name,
+        "object": "model",
+        "created": int(rt.ready_at or rt.started_at),
+        "owned_by": "spl",
+        "fingerprint": rt.model.fingerprint,
+        "info": _jsonable(info),
+    }
+
+
+def _jsonable(value: Any) -> Any:
+    try:
+        json.dumps(value)
+        return value
+    except (TypeError, ValueError):
+        if isinstance(value, dict):
+            return {str(k): _jsonable(v) for k, v in value.items()}
+        if isinstance(value, (list, tuple)):
+            return [_jsonable(v) for v in value]
+        return str(value)

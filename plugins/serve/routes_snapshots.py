@@ -1,0 +1,99 @@
+"""/v1/snapshots: snapshots on disk. Store work runs in a thread (it never waits for a turn);
+loading one into a session runs on the worker."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import os
+import shutil
+import tempfile
+
+from fastapi import FastAPI, Request
+from fastapi.responses import FileResponse, JSONResponse
+from starlette.background import BackgroundTask
+
+from superlinear.errors import InvalidRequest, TooLarge
+from superlinear.sessions.snapshots import UPLOAD_NAME
+
+from . import http
+from .runtime import Runtime
+from .schemas import LoadSnapshot, PatchSnapshot, parse_body
+
+
+def add_routes(app: FastAPI, rt: Runtime) -> None:
+    def ready():
+        rt.require_ready()
+        return rt.service
+
+    @app.get("/v1/snapshots")
+    async def list_snapshots(tag: str | None = None, all: bool = False):  # noqa: A002 - query name
+        items = await asyncio.to_thread(ready().list_snapshots, tag, all)
+        return {"object": "list", "data": items}
+
+    @app.post("/v1/snapshots/import")
+    async def import_snapshot(request: Request, snapshot_id: str | None = None, replace: bool = False):
+        service = ready()
+        fd, tmp = tempfile.mkstemp(prefix="spl-import-", suffix=".tar")
+        try:
+            size = 0
+            with os.fdopen(fd, "wb") as out:
+                async for part in request.stream():
+                    size += len(part)
+                    if size > http.MAX_IMPORT_BYTES:
+                        raise TooLarge(f"upload is over the limit of {http.MAX_IMPORT_BYTES} bytes")
+                    out.write(part)
+            if size == 0:
+                raise InvalidRequest("the upload is empty; send the file made by snapshot export")
+            view = await asyncio.to_thread(lambda: service.import_snapshot(
+                tmp, snapshot_id=snapshot_id or None, replace=replace, name=UPLOAD_NAME))
+        finally:
+            with contextlib.suppress(OSError):
+                os.unlink(tmp)
+        return JSONResponse(view, status_code=201)
+
+    @app.get("/v1/snapshots/{snapshot_id}")
+    async def get_snapshot(snapshot_id: str):
+        return await asyncio.to_thread(ready().get_snapshot, snapshot_id)
+
+    @app.patch("/v1/snapshots/{snapshot_id}")
+    async def patch_snapshot(snapshot_id: str, request: Request):
+        body = parse_body(await http.read_body(request), PatchSnapshot)
+        service = ready()
+        fields = body.model_dump(exclude_unset=True)
+        return await asyncio.to_thread(lambda: service.update_snapshot(snapshot_id, **fields))
+
+    @app.delete("/v1/snapshots/{snapshot_id}")
+    async def delete_snapshot(snapshot_id: str):
+        await asyncio.to_thread(ready().delete_snapshot, snapshot_id)
+        return {"id": snapshot_id, "object": "snapshot.deleted", "deleted": True}
+
+    @app.post("/v1/snapshots/{snapshot_id}/load")
+    async def load_snapshot(snapshot_id: str, request: Request):
+        body = parse_body(await http.read_body(request), LoadSnapshot, allow_empty=True)
+        service = ready()
+        await asyncio.to_thread(service.get_snapshot, snapshot_id)  # 404 before queueing
+        info = await rt.worker.run(lambda _job: service.load(
+            snapshot_id, session_id=body.session_id, force=body.force, max_seq_len=body.max_seq_len))
+        return JSONResponse(info, status_code=201)
+
+    @app.get("/v1/snapshots/{snapshot_id}/export")
+    async def export_snapshot(snapshot_id: str):
+        service = ready()
+        tmpdir = tempfile.mkdtemp(prefix="spl-export-")
+
+        def cleanup():
+            shutil.rmtree(tmpdir, ignore_errors=True)
+
+        try:
+            dest = os.path.join(tmpdir, f"{snapshot_id}.spl-snapshot.tar")
+            path = await asyncio.to_thread(service.export_snapshot, snapshot_id, dest)
+        except BaseException:
+            cleanup()
+            raise
+        return FileResponse(str(path), media_type="application/x-tar", filename=os.path.basename(str(path)),
+                            background=BackgroundTask(cleanup))
+
+
+
+

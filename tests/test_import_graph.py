@@ -1,0 +1,135 @@
+"""The layers, checked on the source: every import statement (at the top of a module or inside a
+function: a lazy import is still a dependency) is read with ``ast``.
+
+- core (``superlinear``) never imports the plugins or the CLI;
+- the kernels import only the standard library, torch, triton, numpy and each other;
+- no import cycle between the modules of core.
+"""
+
+from __future__ import annotations
+
+import ast
+import sys
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+FOLDERS = {"core": "superlinear", "plugins": "superlinear.plugins", "cli": "superlinear.cli"}
+KERNEL_DEPENDENCIES = {"torch", "triton", "numpy"}
+
+
+def source_modules() -> dict[str, Path]:
+    found = {}
+    for folder, package in FOLDERS.items():
+        for path in (REPO / folder).rglob("*.py"):
+            parts = list(path.relative_to(REPO / folder).with_suffix("").parts)
+            if parts[-1] == "__init__":
+                parts.pop()
+            found[".".join([package, *parts])] = path
+    return found
+
+
+MODULES = source_modules()
+
+
+def imported_names(module: str, path: Path) -> set[str]:
+    """Dotted names ``module`` imports; ``from pkg import sub`` names the submodule ``pkg.sub``."""
+    package = module.split(".") if path.name == "__init__.py" else module.split(".")[:-1]
+    names: set[str] = set()
+    for node in ast.walk(ast.parse(path.read_text(), str(path))):
+        if isinstance(node, ast.Import):
+            names.update(alias.name for alias in node.names)
+        elif isinstance(node, ast.ImportFrom):
+            base = node.module or ""
+            if node.level:
+                base = ".".join(package[: len(package) - node.level + 1] + ([node.module] if node.module else []))
+            for alias in node.names:
+                names.add(f"{base}.{alias.name}" if f"{base}.{alias.name}" in MODULES else base)
+    return names
+
+
+def ours(name: str) -> str | None:
+    """The source module ``name`` is (or is inside), None for other packages."""
+    while name and name not in MODULES:
+        name = name.rpartition(".")[0]
+    return name or None
+
+
+def internal_graph() -> dict[str, set[str]]:
+    graph = {}
+    for module, path in MODULES.items():
+        targets = {ours(n) for n in imported_names(module, path)}
+        graph[module] = {t for t in targets if t and t != module}
+    return graph
+
+
+def is_core(module: str) -> bool:
+    return not module.startswith(("superlinear.plugins", "superlinear.cli"))
+
+
+def test_core_never_imports_plugins_or_the_cli():
+    bad = sorted((m, t) for m, targets in internal_graph().items() if is_core(m)
+                 for t in targets if not is_core(t))
+    assert bad == []
+
+
+def test_kernels_import_nothing_above_them():
+    bad = []
+    for module, path in MODULES.items():
+        if not module.startswith("superlinear.kernels"):
+            continue
+        for name in imported_names(module, path):
+            top = name.split(".")[0]
+            if name.startswith("superlinear.kernels") or top in KERNEL_DEPENDENCIES or top in sys.stdlib_module_names:
+                continue
+            if name == "__future__":
+                continue
+            bad.append((module, name))
+    assert bad == []
+
+
+def cycles(graph: dict[str, set[str]]) -> list[list[str]]:
+    """Strongly connected components of more than one module (Tarjan)."""
+    index: dict[str, int] = {}
+    low: dict[str, int] = {}
+    stack: list[str] = []
+    on_stack: set[str] = set()
+    found: list[list[str]] = []
+
+    def visit(v: str) -> None:
+        index[v] = low[v] = len(index)
+        stack.append(v)
+        on_stack.add(v)
+        for w in graph[v]:
+            if w not in index:
+                visit(w)
+                low[v] = min(low[v], low[w])
+            elif w in on_stack:
+                low[v] = min(low[v], index[w])
+        if low[v] == index[v]:
+            component = []
+            while True:
+                w = stack.pop()
+                on_stack.discard(w)
+                component.append(w)
+                if w == v:
+                    break
+            if len(component) > 1:
+                found.append(sorted(component))
+
+    for v in graph:
+        if v not in index:
+            visit(v)
+    return found
+
+
+def test_no_import_cycles_in_core():
+    graph = {m: {t for t in targets if is_core(t)} for m, targets in internal_graph().items() if is_core(m)}
+    assert cycles(graph) == []
+
+
+def test_the_checks_see_a_cycle_and_a_layer_break():
+    """The checks can fail: a made-up graph with a cycle is found, and core -> plugins is seen."""
+    assert cycles({"a": {"b"}, "b": {"c"}, "c": {"a"}, "d": set()}) == [["a", "b", "c"]]
+    assert "superlinear.plugins.serve.runtime" in {ours(n) for n in imported_names(
+        "superlinear.plugins.serve.routes_chat", MODULES["superlinear.plugins.serve.routes_chat"])}
+    assert not is_core("superlinear.plugins.serve") and is_core("superlinear.service")
