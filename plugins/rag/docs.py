@@ -91,7 +91,7 @@ def handle_reset(command: DocsReset, ctx: Context) -> str:
     state = _state(ctx)
     note = reset_session(ctx.state["client"], state)
     repl = ctx.state.get("repl")
-    if repl is not None and hasattr(repl, "adopt"):
+    if repl is not None:  # the chat REPL (`spl docs`): continue on the reset session
         repl.adopt(state.session_id)
     return note
 
