@@ -18,8 +18,8 @@ hookimpl = pluggy.HookimplMarker("spl")
 def register_commands(register):
     """Add CLI commands: ``register(click_command)`` (a ``click.Command`` or ``click.Group``).
 
-    The command's callback should build a bus command and ``dispatch`` it, so the REPL and
-    the HTTP layer can reach the same feature.
+    A feature the REPL's slash commands (or other plugins) run too: the callback builds a bus
+    command and ``dispatch``es it, so the feature is written once, in its handler.
     """
 
 
