@@ -104,7 +104,7 @@ def check_nothing_lost(server, client: Client) -> None:
     assert set(client.saved) <= listed
     store = SnapshotStore(server.tmp / "snapshots", cleanup=False)
     for snapshot_id in listed:
-        store.verify(snapshot_id)  # every file there, sizes and SHA-256 as the manifest says
+        store.verify(snapshot_id)  # every file there, sizes and hashes as the manifest says
 
 
 def test_kill_9_never_loses_an_acknowledged_turn(tiny_llama):
