@@ -1,7 +1,10 @@
 """Integrity-hash throughput of a file through the snapshot store's reader: SHA-256 (older
 snapshots) against XXH3-128 (new ones). python scripts/bench_hash.py FILE"""
-import sys, time
+import sys
+import time
+
 from superlinear.sessions import tensorfile
+
 path = sys.argv[1]
 tensorfile.file_digest(path, "sha256")  # page cache warm
 for algorithm in ("sha256", "xxh3_128"):

@@ -161,7 +161,8 @@ class SessionMemory:
             if not hasattr(cache, "growth_bytes") or cache.growth_bytes(position, exact=True) >= need:
                 raise
             free = max(0, self.manager.free_bytes() or 0)
-            target = max(position, min(cache.capacity_for(position), cache.capacity + free // self.manager.sizes.kv_bytes_per_token))
+            fits = cache.capacity + free // self.manager.sizes.kv_bytes_per_token
+            target = max(position, min(cache.capacity_for(position), fits))
             self.manager.reserve(cache.growth_bytes(target, exact=True), exclude=self.session, what=what)
             cache.reserve(target, exact=True)
 
