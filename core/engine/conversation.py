@@ -124,6 +124,11 @@ class Conversation:
     def token_ids(self) -> list[int]:
         return list(self._ids)
 
+    @property
+    def logits(self) -> torch.Tensor | None:
+        """Next-token logits at ``position`` (None before anything was prefilled)."""
+        return self._logits
+
     # -- rendering ------------------------------------------------------------------------------
     def render(self, messages: list[dict], *, tools=None, template_kwargs=None,
                add_generation_prompt: bool = False) -> Rendered:
