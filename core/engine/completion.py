@@ -17,6 +17,7 @@ from .conversation import Conversation
 from .repetition import RepetitionDetector
 from .sampling import Sampler
 from .text import IncrementalDetokenizer, StopCutter
+from .tokens import check_ids, tokenize_text
 from .types import Done, Event, RepetitionConfig, SamplingParams, TextDelta
 
 # The OpenAI API's default for /v1/completions.
@@ -26,15 +27,7 @@ DEFAULT_MAX_TOKENS = 16
 def prompt_ids(tokenizer, prompt: str | list[int]) -> list[int]:
     """Token ids of a completion prompt: a string (special tokens added as the tokenizer does
     for a plain text, e.g. a BOS) or the ids themselves."""
-    if isinstance(prompt, str):
-        ids = tokenizer.encode(prompt, add_special_tokens=True)
-    else:
-        ids = list(prompt)
-        vocab = len(tokenizer)
-        bad = next((t for t in ids if not isinstance(t, int) or isinstance(t, bool) or not 0 <= t < vocab), None)
-        if bad is not None:
-            raise InvalidRequest(f"prompt token {bad!r} is not a token id of this model (0..{vocab - 1})",
-                                 param="prompt")
+    ids = tokenize_text(tokenizer, prompt) if isinstance(prompt, str) else check_ids(tokenizer, prompt, "prompt")
     if not ids:
         raise InvalidRequest("prompt must not be empty", param="prompt")
     return ids

@@ -41,6 +41,8 @@ log = logging.getLogger("spl.serve")
 MAX_BODY_BYTES = int(os.environ.get("SPL_MAX_BODY_BYTES", 256 << 20))  # ~50M tokens of text
 MAX_IMPORT_BYTES = int(os.environ.get("SPL_MAX_IMPORT_BYTES", 1 << 40))
 _END = object()
+# Outside /v1 but still behind the API key (llama.cpp's and vLLM's paths for them).
+_KEYED_PATHS = ("/tokenize", "/detokenize")
 
 
 def error_response(exc: UserError) -> JSONResponse:
@@ -66,16 +68,17 @@ class GuardMiddleware:
     """Pure ASGI (streaming and disconnects pass through untouched): API key on /v1 routes,
     body-size limit from Content-Length, and any uncaught exception answered as a 500 body."""
 
-    def __init__(self, app, api_key: str | None):
+    def __init__(self, app, api_key: str | None, metrics=None):
         self.app = app
         self.api_key = api_key
+        self.metrics = metrics
 
     async def __call__(self, scope, receive, send):
         if scope["type"] != "http":
             return await self.app(scope, receive, send)
         path: str = scope.get("path", "")
         headers = {k.decode("latin-1").lower(): v.decode("latin-1") for k, v in scope.get("headers", [])}
-        if self.api_key and (path == "/v1" or path.startswith("/v1/")):
+        if self.api_key and (path == "/v1" or path.startswith("/v1/") or path in _KEYED_PATHS):
             auth = headers.get("authorization", "")
             scheme, _, token = auth.partition(" ")
             if scheme.lower() != "bearer" or not hmac.compare_digest(token.strip().encode(), self.api_key.encode()):
@@ -93,12 +96,12 @@ class GuardMiddleware:
                 return await error_response(
                     TooLarge(f"request body is {length} bytes; the limit is {limit}", code="body_too_large")
                 )(scope, receive, send)
-        started = False
+        started, status = False, 500
 
         async def tracking_send(message):
-            nonlocal started
+            nonlocal started, status
             if message["type"] == "http.response.start":
-                started = True
+                started, status = True, message["status"]
             await send(message)
 
         try:
@@ -106,7 +109,11 @@ class GuardMiddleware:
         except Exception as exc:  # noqa: BLE001 - the last line of defence: still an OpenAI body
             if started:
                 raise
-            await _bug_response(exc)(scope, receive, send)
+            await _bug_response(exc)(scope, receive, tracking_send)
+        finally:
+            if self.metrics is not None:  # by route template: session ids must not become labels
+                route = getattr(scope.get("route"), "path", None) or "unmatched"
+                self.metrics.request(scope.get("method", ""), route, status)
 
 
 async def read_body(request: Request, limit: int = MAX_BODY_BYTES) -> bytes:
@@ -139,7 +146,7 @@ def create_app(runtime: Runtime) -> FastAPI:
 
     app = FastAPI(title="spl", version=_version(), lifespan=lifespan, docs_url=None, redoc_url=None)
     app.state.runtime = runtime
-    app.add_middleware(GuardMiddleware, api_key=runtime.options.api_key)
+    app.add_middleware(GuardMiddleware, api_key=runtime.options.api_key, metrics=runtime.metrics)
 
     @app.exception_handler(UserError)
     async def _user_error(request: Request, exc: UserError):
@@ -173,6 +180,9 @@ def create_app(runtime: Runtime) -> FastAPI:
         return _bug_response(exc)
 
     register_routes(app, runtime)
+    from .text_routes import register_text_routes
+
+    register_text_routes(app, runtime)
     from superlinear.pluginloader import collect
 
     for plugin, args, kwargs in collect("register_routes"):
@@ -570,10 +580,13 @@ def _run_chat(rt: Runtime, job, body: ChatCompletionRequest, messages: list[dict
                 done = _emit_turn(run_turn(conv, request, cancel=job.cancel_event), job, announce)
         finally:
             conv.memory = guard
+        result = None
         if session is not None:
             session.touch()
             result = rt.persist_session(session.id)
             job.emit(("persist", result))
+        rt.metrics.turn(done, session_id=session.id if session is not None else None, queued_s=queued_s,
+                        persisted=result.ok if result is not None else None)
         job.emit(done)
     job.emit(_END)
     return session is not None

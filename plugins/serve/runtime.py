@@ -18,6 +18,7 @@ from typing import Any
 from superlinear.errors import NotFound, Unavailable, UserError
 from superlinear.plugins.client.options import ServeOptions
 
+from .metrics import ServerMetrics
 from .worker import Worker
 
 log = logging.getLogger("spl.serve")
@@ -45,6 +46,7 @@ class Runtime:
         self.model = None
         self.store = None
         self.manager = None
+        self.metrics = ServerMetrics(self)
         self.scratch = None  # Conversation reused by requests without a session_id
         self.restored: list[str] = []
         self._load_started = time.monotonic()
