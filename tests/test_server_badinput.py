@@ -68,6 +68,7 @@ ROUTES: dict[tuple[str, str], tuple[type[BaseModel], dict]] = {
     ("PATCH", "/v1/snapshots/{snapshot_id}"): (S.PatchSnapshot, {"title": "t"}),
     ("POST", "/v1/snapshots/{snapshot_id}/load"): (S.LoadSnapshot, {"session_id": "sweep-load", "force": True}),
 }
+SWEPT_PREFIXES = ("/v1", "/health", "/metrics", "/tokenize", "/detokenize")
 RAW_BODY_ROUTES = {("POST", "/v1/snapshots/import")}  # a tar file, not JSON
 NO_BODY_ROUTES = {("GET", "/health"), ("GET", "/metrics"), ("GET", "/v1/models"), ("GET", "/v1/models/{model_id:path}"),
                   ("GET", "/v1/sessions"), ("GET", "/v1/sessions/{session_id}"),
@@ -176,7 +177,7 @@ def test_every_route_is_swept(server):
         app = create_app(rt)
     finally:
         rt.worker.stop(0.1)
-    served = {(m, r.path) for r in app.routes if r.path != "/openapi.json" and r.path.startswith(("/v1", "/health", "/metrics", "/tokenize", "/detokenize"))
+    served = {(m, r.path) for r in app.routes if r.path != "/openapi.json" and r.path.startswith(SWEPT_PREFIXES)
               for m in getattr(r, "methods", ()) if m != "HEAD"}
     assert served == set(ROUTES) | RAW_BODY_ROUTES | NO_BODY_ROUTES
 
