@@ -36,6 +36,9 @@ class FakeServer:
     def tokens(messages) -> int:
         return sum(len(m["content"]) for m in messages) // 4 + 4 * len(messages)
 
+    def count_tokens(self, messages) -> int:
+        return self.tokens(messages)
+
     def create_session(self, session_id=None, max_seq_len=None):
         sid = session_id or f"s{next(self.ids)}"
         self.sessions[sid] = {"messages": [], "max_seq_len": max_seq_len or self.default}
@@ -152,12 +155,12 @@ def test_too_large_documents_are_answered_from_passages(tmp_path, server):
     # The reason says what the documents need, what the session holds, and the option to change.
     reason = out["context"]["reason"]
     needed = out["context"]["needed_tokens"]
-    assert re.search(rf"need about {needed} tokens \(\+\d+ for a question and its answer\) but the session "
+    assert re.search(rf"need {needed} tokens \(\+\d+ for a question and its answer\) but the session "
                      r"holds 8192: ingest again with --max-seq-len (\d+)", reason), reason
     suggested = int(re.search(r"--max-seq-len (\d+)", reason).group(1))
     assert suggested % 1024 == 0 and llm.context_budget(suggested, 5, 1200) >= needed
     assert not server.snapshots and not server.sessions
-    assert server.prefilled_chars == 0  # not even tried: the estimate is far over the budget
+    assert server.prefilled_chars == 0  # not even tried: the server's token count is over the budget
     answer = dispatch(RagAsk("How do I show a progress bar?", "big", k=3), ctx_for(server))
     assert answer["mode"] == "retrieval-only"
     assert answer["note"] == f"retrieval-only: {reason}"  # --json carries why
@@ -175,7 +178,8 @@ def test_prefill_over_budget_falls_back(tmp_path, server):
     server.default = size // 4 + 200
     out = dispatch(RagIngest((str(docs),), "tight"), ctx_for(server))
     assert out["context"]["mode"] == "retrieval-only" and not server.snapshots and not server.sessions
-    assert re.search(rf"need (about )?{out['context']['needed_tokens']} tokens .* holds {server.default}: "
+    assert server.prefilled_chars == 0  # counted first: no prefill was tried
+    assert re.search(rf"need {out['context']['needed_tokens']} tokens .* holds {server.default}: "
                      r"ingest again with --max-seq-len \d+", out["context"]["reason"])
 
 

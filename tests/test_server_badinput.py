@@ -46,7 +46,8 @@ BY_NAME = {  # extra values for fields of these names
     "tool_choice": [{"type": "function"}, {"type": "function", "function": {"name": "nope"}}, "required"],
     "content": [[{"type": "image_url", "image_url": {"url": "x"}}], [{"type": "text", "text": 5}],
                 [{"type": "text"}]],
-    "n": [2, 0],
+    "n": [2, 0], "best_of": [2], "logprobs": [1], "suffix": ["x"], "echo": [True],
+    "prompt": [[10**12], [-1], ["a", "b"], [[1], [2]], [[]]], "tokens": [[10**12], [-1], [True]],
     "max_period": [10**9, 10**13], "tail_len": [10**9], "min_repeats": [10**9],
     "seed": [2**64 - 1, -(2**63), 2**64, -(2**63) - 1],
     "response_format": [{"type": "json_schema"}, {"type": "text"}],
@@ -56,6 +57,9 @@ BY_NAME = {  # extra values for fields of these names
 ROUTES: dict[tuple[str, str], tuple[type[BaseModel], dict]] = {
     ("POST", "/v1/chat/completions"): (S.ChatCompletionRequest, {
         "messages": [{"role": "user", "content": "Hi"}], "max_tokens": 1, "temperature": 0}),
+    ("POST", "/v1/completions"): (S.CompletionRequest, {"prompt": "Hi", "max_tokens": 1, "temperature": 0}),
+    ("POST", "/tokenize"): (S.TokenizeRequest, {"content": "Hi"}),
+    ("POST", "/detokenize"): (S.DetokenizeRequest, {"tokens": [1, 2]}),
     ("POST", "/v1/sessions"): (S.CreateSession, {"max_seq_len": 32}),
     ("POST", "/v1/sessions/{session_id}/fork"): (S.ForkSession, {}),
     ("POST", "/v1/sessions/{session_id}/rollback"): (S.RollbackSession, {"n_messages": 2}),
@@ -64,8 +68,9 @@ ROUTES: dict[tuple[str, str], tuple[type[BaseModel], dict]] = {
     ("PATCH", "/v1/snapshots/{snapshot_id}"): (S.PatchSnapshot, {"title": "t"}),
     ("POST", "/v1/snapshots/{snapshot_id}/load"): (S.LoadSnapshot, {"session_id": "sweep-load", "force": True}),
 }
+SWEPT_PREFIXES = ("/v1", "/health", "/metrics", "/tokenize", "/detokenize")
 RAW_BODY_ROUTES = {("POST", "/v1/snapshots/import")}  # a tar file, not JSON
-NO_BODY_ROUTES = {("GET", "/health"), ("GET", "/v1/models"), ("GET", "/v1/models/{model_id:path}"),
+NO_BODY_ROUTES = {("GET", "/health"), ("GET", "/metrics"), ("GET", "/v1/models"), ("GET", "/v1/models/{model_id:path}"),
                   ("GET", "/v1/sessions"), ("GET", "/v1/sessions/{session_id}"),
                   ("DELETE", "/v1/sessions/{session_id}"), ("GET", "/v1/sessions/{session_id}/history"),
                   ("GET", "/v1/snapshots"), ("GET", "/v1/snapshots/{snapshot_id}"),
@@ -172,7 +177,7 @@ def test_every_route_is_swept(server):
         app = create_app(rt)
     finally:
         rt.worker.stop(0.1)
-    served = {(m, r.path) for r in app.routes if r.path != "/openapi.json" and r.path.startswith(("/v1", "/health"))
+    served = {(m, r.path) for r in app.routes if r.path != "/openapi.json" and r.path.startswith(SWEPT_PREFIXES)
               for m in getattr(r, "methods", ()) if m != "HEAD"}
     assert served == set(ROUTES) | RAW_BODY_ROUTES | NO_BODY_ROUTES
 

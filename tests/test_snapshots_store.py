@@ -145,6 +145,28 @@ def test_replace_is_atomic_and_interrupted_replace_is_recovered(store):
     assert SnapshotStore(store.root).get("s")["title"] == "new"
 
 
+def test_new_files_get_xxh3_and_older_sha256_snapshots_still_load(store):
+    import hashlib
+
+    import xxhash
+
+    m = save(store, snapshot_id="s")
+    d = store.root / "s"
+    for name, entry in m["files"].items():  # new snapshots: XXH3-128 of every file
+        assert set(entry) == {"xxh3_128", "bytes"}
+        assert entry["xxh3_128"] == xxhash.xxh3_128((d / name).read_bytes()).hexdigest()
+    # a snapshot an older spl wrote: SHA-256 entries. It is read, checked with SHA-256.
+    old = json.loads((d / MANIFEST).read_text())
+    old["files"] = {name: {"sha256": hashlib.sha256((d / name).read_bytes()).hexdigest(),
+                           "bytes": entry["bytes"]} for name, entry in old["files"].items()}
+    (d / MANIFEST).write_text(json.dumps(old))
+    manifest, transcript, tensors = SnapshotStore(store.root).read("s")
+    assert transcript["messages"][0]["content"] == "héllo ☃" and set(tensors) == set(make_tensors())
+    _corrupt(d / TENSORS, "flip")  # and a damaged old one is still refused, by its SHA-256
+    with pytest.raises(CorruptSnapshot, match="sha256 hash of"):
+        SnapshotStore(store.root).read("s")
+
+
 def _corrupt(path: Path, how: str):
     data = path.read_bytes()
     if how == "truncate":
@@ -158,8 +180,8 @@ def _corrupt(path: Path, how: str):
 
 @pytest.mark.parametrize("name,how,msg", [
     (TENSORS, "truncate", "truncated or edited"),
-    (TENSORS, "flip", "SHA-256"),
-    (TRANSCRIPT, "flip", "SHA-256"),
+    (TENSORS, "flip", "xxh3_128 hash"),
+    (TRANSCRIPT, "flip", "xxh3_128 hash"),
     (TENSORS, "delete", "missing"),
 ])
 def test_corrupted_files_refused(store, name, how, msg):
@@ -252,7 +274,7 @@ def test_import_refuses_tampered_and_hostile_files(store, tmp_path):
     data = bad["s/" + TENSORS]
     bad["s/" + TENSORS] = data[:-1] + bytes([data[-1] ^ 1])
     _tar_with(tmp_path / "bad.tar", bad)
-    with pytest.raises(CorruptSnapshot, match="SHA-256"):
+    with pytest.raises(CorruptSnapshot, match="hash of"):
         store.import_(tmp_path / "bad.tar", snapshot_id="bad")
     # path traversal inside the tar
     evil = dict(files)
@@ -353,7 +375,7 @@ def test_read_transcript_only(store):
     _corrupt(store.root / "s" / TENSORS, "flip")
     assert store.read_transcript("s")["messages"]  # the tensors are not needed (nor checked)
     _corrupt(store.root / "s" / TRANSCRIPT, "flip")
-    with pytest.raises(CorruptSnapshot, match="SHA-256"):
+    with pytest.raises(CorruptSnapshot, match="hash of"):
         store.read_transcript("s")
 
 

@@ -6,7 +6,7 @@ Importing this package does not import torch; the submodules that need it are lo
 from .types import ChatRequest, Done, Event, ReasoningDelta, RepetitionConfig, SamplingParams, TextDelta, ToolCallsEvent
 
 __all__ = ["ChatRequest", "Conversation", "Done", "Event", "ReasoningDelta", "RepetitionConfig",
-           "SamplingParams", "TextDelta", "ToolCallsEvent", "run_turn", "stream_turn"]
+           "SamplingParams", "TextDelta", "ToolCallsEvent", "prompt_ids", "run_completion", "run_turn", "stream_turn"]
 
 
 def __getattr__(name):
@@ -16,4 +16,7 @@ def __getattr__(name):
     if name in ("run_turn", "stream_turn"):
         from . import turn
         return getattr(turn, name)
+    if name in ("run_completion", "prompt_ids"):
+        from . import completion
+        return getattr(completion, name)
     raise AttributeError(name)

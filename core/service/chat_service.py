@@ -138,6 +138,41 @@ class ChatService:
         finally:
             conv.memory = guard
 
+    # -- plain text and tokens ------------------------------------------------------------------
+    def complete(self, prompt: str | list[int], sampling, *, repetition=None,
+                 cancel: threading.Event | None = None) -> Iterator[ChatEvent]:
+        """A plain text completion of ``prompt`` (a string or token ids; no chat template) on the
+        scratch conversation: ``TextDelta`` events, then ``Done``."""
+        from superlinear.engine.completion import DEFAULT_MAX_TOKENS, prompt_ids, run_completion
+
+        ids = prompt_ids(self.model.tokenizer, prompt)
+        conv = self.scratch_conversation()
+        if len(ids) + (sampling.max_tokens or DEFAULT_MAX_TOKENS) > conv.max_seq_len:
+            self._grow_scratch()
+        yield from run_completion(conv, ids, sampling, repetition=repetition, cancel=cancel)
+
+    def tokenize(self, source: str | list[dict], *, add_special: bool = True, add_generation_prompt: bool = True,
+                 with_pieces: bool = False) -> dict:
+        """``{"tokens", "count", "max_model_len"}`` (+ ``pieces``) of a text or of chat messages
+        rendered with the template (as a turn prefills them)."""
+        from superlinear.engine import tokens
+
+        tok = self.model.tokenizer
+        if isinstance(source, str):
+            ids = tokens.tokenize_text(tok, source, add_special)
+        else:
+            ids = tokens.tokenize_messages(tok, source, add_generation_prompt)
+        out = {"tokens": ids, "count": len(ids), "max_model_len": self.manager.max_seq_len_limit()}
+        if with_pieces:
+            out["pieces"] = tokens.pieces(tok, ids)
+        return out
+
+    def detokenize(self, ids: list) -> str:
+        from superlinear.engine import tokens
+
+        tok = self.model.tokenizer
+        return tokens.detokenize(tok, tokens.check_ids(tok, ids))
+
     def scratch_conversation(self):
         """The conversation of requests without a session. It is kept between requests, so a
         client that resends a growing history reuses its prefix."""

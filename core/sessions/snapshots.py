@@ -4,7 +4,7 @@ Layout of ``<root>/<id>/``::
 
     manifest.json         schema_version, id, created_at, updated_at, model {name, fingerprint},
                           session {position, max_seq_len, message_count, ...}, title,
-                          description, tags, files {name: {sha256, bytes}}, spl_version
+                          description, tags, files {name: {xxh3_128 (older: sha256), bytes}}, spl_version
     transcript.json       {"messages": [...], "engine": {...}}: the chat transcript and the
                           engine's bookkeeping (token ids live in the tensors file)
     tensors.safetensors   KV cache trimmed to the position, recurrent state, checkpoints
@@ -544,7 +544,7 @@ def _manifest_problem(manifest) -> str | None:
     for name, entry in manifest["files"].items():
         if not _FILE_NAME_RE.fullmatch(name) or name == MANIFEST:
             return f"lists an invalid file name {name!r}"
-        if not (isinstance(entry, dict) and isinstance(entry.get("sha256"), str)
+        if not (isinstance(entry, dict) and tensorfile.hash_of(entry) is not None
                 and isinstance(entry.get("bytes"), int)):
             return f"has no valid hash for {name!r}"
     return None
@@ -562,9 +562,9 @@ def _verify_files(directory: Path, manifest: dict, snapshot_id: str) -> None:
                 f"snapshot {snapshot_id!r} is damaged: {name} has {size} bytes, the manifest says "
                 f"{want['bytes']} (truncated or edited); it cannot be loaded, delete it",
                 param="snapshot_id")
-        got = tensorfile.file_digest(path)
-        if got["sha256"] != want["sha256"]:
+        algorithm, expected = tensorfile.hash_of(want)
+        if tensorfile.file_digest(path, algorithm)[algorithm] != expected:
             raise CorruptSnapshot(
-                f"snapshot {snapshot_id!r} is damaged: the SHA-256 of {name} does not match the "
+                f"snapshot {snapshot_id!r} is damaged: the {algorithm} hash of {name} does not match the "
                 "manifest (the file was edited or corrupted); it cannot be loaded, delete it",
                 param="snapshot_id")

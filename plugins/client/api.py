@@ -312,6 +312,10 @@ class SplClient:
             raise self._unreachable(exc) from exc
 
     # -- sessions ------------------------------------------------------------------------
+    def count_tokens(self, messages: list[dict]) -> int:
+        """Tokens ``messages`` take once rendered with the server model's chat template."""
+        return int(self._request("POST", "/tokenize", json={"messages": messages})["count"])
+
     def create_session(self, session_id: str | None = None, max_seq_len: int | None = None) -> dict:
         body = {k: v for k, v in {"session_id": session_id, "max_seq_len": max_seq_len}.items() if v is not None}
         return self._request("POST", "/v1/sessions", json=body)

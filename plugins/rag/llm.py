@@ -23,7 +23,9 @@ from .files import file_hash, read_lines
 from .retrieval import Passage
 from .workspace import Workspace, display_path
 
-CHARS_PER_TOKEN = 3.2  # conservative for English and code with BPE tokenizers; the server's count is used after
+# Room kept per retrieved passage (they differ per question, so they are not counted ahead):
+# conservative for English and code with BPE tokenizers. The documents themselves are counted.
+CHARS_PER_TOKEN = 3.2
 ANSWER_TOKENS = 256
 PASSAGE_CHARS = 900  # each retrieved passage as quoted in the question
 # A question's answer that says a 20-token sentence twice is looping (a chat reply may repeat more).
@@ -118,25 +120,24 @@ def build_context(workspace: Workspace, client, *, max_seq_len: int | None = Non
     limit = int(session.get("max_seq_len") or max_seq_len or 0)
     max_chars = workspace.manifest["chunking"]["max_chars"]
     budget = context_budget(limit, k, max_chars) if limit else None
-    estimate = int(len(system) / CHARS_PER_TOKEN)
-    needed, counted = None, False  # tokens of documents when they do not fit (counted by the server?)
+    # The server counts the tokens (its tokenizer and template): whether the documents fit is
+    # known before any prefill.
+    document_tokens = client.count_tokens([{"role": "system", "content": system}])
+    needed = None  # tokens of documents when they do not fit
     try:
-        if budget is not None and estimate > budget * 1.6:
-            needed = estimate  # far too large: do not even try the prefill
+        if budget is not None and document_tokens > budget:
+            needed = document_tokens
             raise TooLarge("documents too large")
         if progress:
-            progress(f"prefilling the documents (~{estimate} tokens) into session {session_id}…")
+            progress(f"prefilling the documents ({document_tokens} tokens) into session {session_id}…")
         started = time.perf_counter()
-        try:
-            result = client.chat([{"role": "system", "content": system}], session_id=session_id,
-                                 max_tokens=1, temperature=0.0)
-        except TooLarge:
-            needed = estimate  # the server's cache ran out before the count was known
-            raise
+        # (a TooLarge now is the server's memory, not the length: its message says so)
+        result = client.chat([{"role": "system", "content": system}], session_id=session_id,
+                             max_tokens=1, temperature=0.0)
         prefill_s = time.perf_counter() - started
         tokens = int((result.usage or {}).get("prompt_tokens") or 0)
         if budget is not None and tokens > budget:
-            needed, counted = tokens, True
+            needed = tokens
             raise TooLarge("documents too large")
         # Keep only the documents: drop the one token generated to run the prefill.
         try:
@@ -152,12 +153,12 @@ def build_context(workspace: Workspace, client, *, max_seq_len: int | None = Non
         if needed is None:  # the server refused something else (memory): say what it said
             reason = f"the context could not be built: {exc.message}"
         else:
-            reason = does_not_fit_reason(needed, estimate_only=not counted, session_len=limit,
+            reason = does_not_fit_reason(needed, session_len=limit,
                                          reserve=context_reserve(k, max_chars),
                                          suggest=needed_seq_len(needed, k, max_chars))
         workspace.set_context(None, reason=reason)
         _drop_snapshot(client, old.get("snapshot_id"))
-        return {"mode": "retrieval-only", "reason": reason, "estimate_tokens": estimate,
+        return {"mode": "retrieval-only", "reason": reason, "document_tokens": document_tokens,
                 "needed_tokens": needed, "budget_tokens": budget, "max_seq_len": limit or None}
     except BaseException:
         _delete_session(client, session_id)
@@ -183,10 +184,9 @@ def build_context(workspace: Workspace, client, *, max_seq_len: int | None = Non
     return context
 
 
-def does_not_fit_reason(needed: int, *, estimate_only: bool, session_len: int, reserve: int, suggest: int) -> str:
+def does_not_fit_reason(needed: int, *, session_len: int, reserve: int, suggest: int) -> str:
     """One line: how many tokens the documents need against what the session holds, and the option."""
-    about = "about " if estimate_only else ""
-    return (f"the documents need {about}{needed} tokens (+{reserve} for a question and its answer) but the "
+    return (f"the documents need {needed} tokens (+{reserve} for a question and its answer) but the "
             f"session holds {session_len}: ingest again with --max-seq-len {suggest} to keep them in the "
             "context (the server must have the memory); until then questions are answered from the "
             "retrieved passages alone")

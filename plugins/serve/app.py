@@ -14,13 +14,13 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from superlinear.errors import InvalidRequest, NotFound, TooLarge, Unauthorized, UserError
 
-from . import routes_chat, routes_models, routes_sessions, routes_snapshots, sse
+from . import routes_chat, routes_models, routes_sessions, routes_snapshots, routes_text, sse
 from .http import MAX_BODY_BYTES, MAX_IMPORT_BYTES, error_response
 from .runtime import Runtime
 
 log = logging.getLogger("spl.serve")
-
-
+# Outside /v1 but still behind the API key (llama.cpp's and vLLM's paths for them).
+_KEYED_PATHS = ("/tokenize", "/detokenize")
 
 def _bug_response(exc: BaseException) -> JSONResponse:
     """The answer to an exception no route turned into a ``UserError``: a disk that is full or
@@ -38,16 +38,17 @@ class GuardMiddleware:
     """Pure ASGI (streaming and disconnects pass through untouched): API key on /v1 routes,
     body-size limit from Content-Length, and any uncaught exception answered as a 500 body."""
 
-    def __init__(self, app, api_key: str | None):
+    def __init__(self, app, api_key: str | None, metrics=None):
         self.app = app
         self.api_key = api_key
+        self.metrics = metrics
 
     async def __call__(self, scope, receive, send):
         if scope["type"] != "http":
             return await self.app(scope, receive, send)
         path: str = scope.get("path", "")
         headers = {k.decode("latin-1").lower(): v.decode("latin-1") for k, v in scope.get("headers", [])}
-        if self.api_key and (path == "/v1" or path.startswith("/v1/")):
+        if self.api_key and (path == "/v1" or path.startswith("/v1/") or path in _KEYED_PATHS):
             auth = headers.get("authorization", "")
             scheme, _, token = auth.partition(" ")
             if scheme.lower() != "bearer" or not hmac.compare_digest(token.strip().encode(), self.api_key.encode()):
@@ -65,12 +66,12 @@ class GuardMiddleware:
                 return await error_response(
                     TooLarge(f"request body is {length} bytes; the limit is {limit}", code="body_too_large")
                 )(scope, receive, send)
-        started = False
+        started, status = False, 500
 
         async def tracking_send(message):
-            nonlocal started
+            nonlocal started, status
             if message["type"] == "http.response.start":
-                started = True
+                started, status = True, message["status"]
             await send(message)
 
         try:
@@ -78,7 +79,11 @@ class GuardMiddleware:
         except Exception as exc:  # noqa: BLE001 - the last line of defence: still an OpenAI body
             if started:
                 raise
-            await _bug_response(exc)(scope, receive, send)
+            await _bug_response(exc)(scope, receive, tracking_send)
+        finally:
+            if self.metrics is not None:  # by route template: session ids must not become labels
+                route = getattr(scope.get("route"), "path", None) or "unmatched"
+                self.metrics.request(scope.get("method", ""), route, status)
 
 
 def create_app(runtime: Runtime) -> FastAPI:
@@ -92,7 +97,7 @@ def create_app(runtime: Runtime) -> FastAPI:
 
     app = FastAPI(title="spl", version=_version(), lifespan=lifespan, docs_url=None, redoc_url=None)
     app.state.runtime = runtime
-    app.add_middleware(GuardMiddleware, api_key=runtime.options.api_key)
+    app.add_middleware(GuardMiddleware, api_key=runtime.options.api_key, metrics=runtime.metrics)
 
     @app.exception_handler(UserError)
     async def _user_error(request: Request, exc: UserError):
@@ -125,7 +130,7 @@ def create_app(runtime: Runtime) -> FastAPI:
     async def _bug(request: Request, exc: Exception):
         return _bug_response(exc)
 
-    for routes in (routes_models, routes_chat, routes_sessions, routes_snapshots):
+    for routes in (routes_models, routes_chat, routes_sessions, routes_snapshots, routes_text):
         routes.add_routes(app, runtime)
     from superlinear.pluginloader import collect
 

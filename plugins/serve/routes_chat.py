@@ -19,7 +19,7 @@ from .runtime import Runtime
 from .schemas import ChatCompletionRequest, parse_body
 from .worker import JobCancelled
 
-_END = object()  # the job's last item: the turn is over
+END = object()  # the job's last item: the turn is over
 
 
 class ClientGone(UserError):
@@ -48,7 +48,7 @@ def add_routes(app: FastAPI, rt: Runtime) -> None:
         try:
             # The response starts once the prompt passed every check: what fails before (a
             # prompt too long, the memory budget, the template) gets its own HTTP status.
-            first = await _next_event(job)
+            first = await next_event(job)
         except BaseException:
             watcher.cancel()
             job.cancel()
@@ -67,13 +67,20 @@ def add_routes(app: FastAPI, rt: Runtime) -> None:
 
 
 def _chat_job(rt: Runtime, job, turn: ChatTurn) -> None:
-    """Runs on the worker: every event of the turn goes to the job's queue, then ``_END``."""
+    """Runs on the worker: every event of the turn goes to the job's queue, then ``END``."""
     if job.cancelled():
         raise JobCancelled("client went away")
     rt.stats["generations"] += 1
+    persisted = None
     for event in rt.service.chat(turn, cancel=job.cancel_event, on_start=job.emit):
+        match event:
+            case Persisted(ok=ok):
+                persisted = ok
+            case Done():
+                rt.metrics.turn(event, session_id=turn.session_id, persisted=persisted,
+                                queued_s=(job.started or job.submitted) - job.submitted)
         job.emit(event)
-    job.emit(_END)
+    job.emit(END)
 
 
 async def _watch_disconnect(request: Request, job) -> None:
@@ -85,7 +92,7 @@ async def _watch_disconnect(request: Request, job) -> None:
             return
 
 
-async def _next_event(job):
+async def next_event(job):
     """The job's next event; an exception raised on the worker is raised here."""
     get = asyncio.ensure_future(job.events.get())
     done, _ = await asyncio.wait({get, job.future}, return_when=asyncio.FIRST_COMPLETED)
@@ -101,7 +108,7 @@ async def _next_event(job):
         if isinstance(exc, JobCancelled):
             raise ClientGone("the client went away before its turn started") from exc
         raise exc
-    return _END
+    return END
 
 
 class Reply:
@@ -122,9 +129,9 @@ class Reply:
 
     async def _events(self, first):
         event = first
-        while event is not _END:
+        while event is not END:
             yield event
-            event = await _next_event(self.job)
+            event = await next_event(self.job)
         if self.done is None:
             raise RuntimeError("the turn ended without a Done event")
 

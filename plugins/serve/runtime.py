@@ -17,6 +17,7 @@ from typing import Any
 from superlinear.errors import Unavailable
 from superlinear.plugins.settings.options import ServeOptions
 
+from .metrics import ServerMetrics
 from .worker import Worker
 
 log = logging.getLogger("spl.serve")
@@ -36,6 +37,7 @@ class Runtime:
         self.store = None
         self.manager = None
         self.service = None  # the ChatService every route calls, once the model is loaded
+        self.metrics = ServerMetrics(self)
         self.restored: list[str] = []
         self._load_started = time.monotonic()
         self._thread: threading.Thread | None = None

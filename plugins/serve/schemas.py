@@ -83,6 +83,15 @@ class RepetitionOptions(BaseModel):
     max_period: int = Field(64, ge=1, le=limits.MAX_REPETITION_PERIOD)
 
 
+def check_stops(v):
+    stops = [v] if isinstance(v, str) else v or []
+    if len(stops) > limits.MAX_STOPS:
+        raise ValueError(f"at most {limits.MAX_STOPS} stop sequences")
+    if any(len(s) > limits.MAX_STOP_CHARS for s in stops):
+        raise ValueError(f"a stop sequence has at most {limits.MAX_STOP_CHARS} characters")
+    return v
+
+
 class ChatCompletionRequest(BaseModel):
     model_config = _ALLOW
     model: str | None = None
@@ -112,12 +121,7 @@ class ChatCompletionRequest(BaseModel):
     @field_validator("stop")
     @classmethod
     def _stops(cls, v):
-        stops = [v] if isinstance(v, str) else v or []
-        if len(stops) > limits.MAX_STOPS:
-            raise ValueError(f"at most {limits.MAX_STOPS} stop sequences")
-        if any(len(s) > limits.MAX_STOP_CHARS for s in stops):
-            raise ValueError(f"a stop sequence has at most {limits.MAX_STOP_CHARS} characters")
-        return v
+        return check_stops(v)
 
     @field_validator("chat_template_kwargs")
     @classmethod
@@ -153,28 +157,113 @@ class ChatCompletionRequest(BaseModel):
                             param=f"messages.{i}.content.{j}", code="unsupported_value")
 
     def plain_messages(self) -> list[dict]:
-        """Messages as plain dicts with text content (parts joined), as the engine takes them."""
-        out = []
-        for m in self.messages:
-            d: dict[str, Any] = {"role": m.role}
-            if isinstance(m.content, list):
-                d["content"] = "".join(p.text or "" for p in m.content)
-            else:
-                d["content"] = m.content if m.content is not None else ""
-            if m.name is not None:
-                d["name"] = m.name
-            if m.tool_calls:
-                d["tool_calls"] = [
-                    {"id": tc.id, "type": "function",
-                     "function": {"name": tc.function.name,
-                                  "arguments": tc.function.arguments if isinstance(tc.function.arguments, str)
-                                  else json.dumps(tc.function.arguments)}}
-                    for tc in m.tool_calls
-                ]
-            if m.tool_call_id is not None:
-                d["tool_call_id"] = m.tool_call_id
-            out.append(d)
-        return out
+        return plain_messages(self.messages)
+
+
+def plain_messages(messages: list[Message]) -> list[dict]:
+    """Messages as plain dicts with text content (parts joined), as the engine takes them."""
+    out = []
+    for m in messages:
+        d: dict[str, Any] = {"role": m.role}
+        if isinstance(m.content, list):
+            d["content"] = "".join(p.text or "" for p in m.content)
+        else:
+            d["content"] = m.content if m.content is not None else ""
+        if m.name is not None:
+            d["name"] = m.name
+        if m.tool_calls:
+            d["tool_calls"] = [
+                {"id": tc.id, "type": "function",
+                 "function": {"name": tc.function.name,
+                              "arguments": tc.function.arguments if isinstance(tc.function.arguments, str)
+                              else json.dumps(tc.function.arguments)}}
+                for tc in m.tool_calls
+            ]
+        if m.tool_call_id is not None:
+            d["tool_call_id"] = m.tool_call_id
+        out.append(d)
+    return out
+
+
+class CompletionRequest(BaseModel):
+    """``/v1/completions``: one prompt (a string or token ids), continued as plain text."""
+
+    model_config = _ALLOW
+    model: str | None = None
+    prompt: str | list[int] | list[str] | list[list[int]]
+    stream: StrictBool = False
+    stream_options: StreamOptions | None = None
+    max_tokens: int | None = _TOKENS
+    temperature: float | None = Field(None, ge=0.0, le=2.0)
+    top_p: float | None = Field(None, gt=0.0, le=1.0)
+    top_k: int | None = Field(None, ge=0, le=limits.MAX_TOP_K)
+    stop: str | list[str] | None = None
+    seed: int | None = Field(None, ge=limits.SEED_MIN, le=limits.SEED_MAX)
+    echo: StrictBool = False
+    n: int | None = None
+    best_of: int | None = None
+    logprobs: int | None = None
+    suffix: str | None = None
+    repetition_detection: StrictBool | RepetitionOptions | None = None
+
+    @field_validator("stop")
+    @classmethod
+    def _stops(cls, v):
+        return check_stops(v)
+
+    def check_supported(self) -> None:
+        for name in ("n", "best_of"):
+            if getattr(self, name) not in (None, 1):
+                raise InvalidRequest(f"{name}={getattr(self, name)} is not supported: one completion per request",
+                                     param=name, code="unsupported_value")
+        if self.logprobs is not None:
+            raise InvalidRequest("logprobs are not supported", param="logprobs", code="unsupported_value")
+        if self.suffix:
+            raise InvalidRequest("suffix (insertion) is not supported", param="suffix", code="unsupported_value")
+        if isinstance(self.prompt, list) and self.prompt and isinstance(self.prompt[0], (str, list)):
+            if len(self.prompt) != 1:
+                raise InvalidRequest(f"one prompt per request, got {len(self.prompt)}", param="prompt",
+                                     code="unsupported_value")
+
+    def single_prompt(self) -> str | list[int]:
+        """The one prompt: a string or token ids (a list of one of them unwrapped)."""
+        p = self.prompt
+        if isinstance(p, list) and p and isinstance(p[0], (str, list)):
+            return p[0]
+        return p
+
+
+class TokenizeRequest(BaseModel):
+    """``/tokenize``: llama.cpp's ``content`` or vLLM's ``prompt`` (a text), or ``messages``
+    (rendered with the chat template, as a chat turn prefills them)."""
+
+    model_config = _ALLOW
+    model: str | None = None
+    content: str | None = None
+    prompt: str | None = None
+    messages: list[Message] | None = Field(None, min_length=1, max_length=MAX_MESSAGES)
+    add_special: StrictBool | None = None  # llama.cpp's name
+    add_special_tokens: StrictBool | None = None  # vLLM's
+    add_generation_prompt: StrictBool = True
+    with_pieces: StrictBool = False
+
+    def text_or_messages(self) -> str | list[dict]:
+        given = [x for x in (self.content, self.prompt, self.messages) if x is not None]
+        if len(given) != 1:
+            raise InvalidRequest("send exactly one of content (or prompt) and messages", param="content")
+        return plain_messages(self.messages) if self.messages is not None else given[0]
+
+    def special(self) -> bool:
+        for value in (self.add_special, self.add_special_tokens):
+            if value is not None:
+                return value
+        return True  # what a /v1/completions prompt gets
+
+
+class DetokenizeRequest(BaseModel):
+    model_config = _ALLOW
+    model: str | None = None
+    tokens: list[int] = Field(max_length=limits.MAX_TOKENS)
 
 
 class CreateSession(BaseModel):

@@ -1,0 +1,96 @@
+"""A plain text completion (``/v1/completions``): the prompt as given, no chat template.
+
+The prompt's tokens go through the same cache sync as a chat turn (a prompt that extends the
+previous one reuses its prefix), then tokens are sampled until a stop string, the end-of-text
+token, ``max_tokens`` or the cache's end. Events are the chat turn's: ``TextDelta`` and ``Done``.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections.abc import Iterator
+
+from superlinear.errors import InvalidRequest
+
+from .conversation import Conversation
+from .repetition import RepetitionDetector
+from .sampling import Sampler
+from .text import IncrementalDetokenizer, StopCutter
+from .tokens import check_ids, tokenize_text
+from .types import Done, Event, RepetitionConfig, SamplingParams, TextDelta
+
+# The OpenAI API's default for /v1/completions.
+DEFAULT_MAX_TOKENS = 16
+
+
+def prompt_ids(tokenizer, prompt: str | list[int]) -> list[int]:
+    """Token ids of a completion prompt: a string (special tokens added as the tokenizer does
+    for a plain text, e.g. a BOS) or the ids themselves."""
+    ids = tokenize_text(tokenizer, prompt) if isinstance(prompt, str) else check_ids(tokenizer, prompt, "prompt")
+    if not ids:
+        raise InvalidRequest("prompt must not be empty", param="prompt")
+    return ids
+
+
+def run_completion(conv: Conversation, ids: list[int], sampling: SamplingParams, *,
+                   repetition: RepetitionConfig | None = None,
+                   cancel: threading.Event | None = None) -> Iterator[Event]:
+    """Complete the token ids ``ids`` on ``conv`` (blocking). The conversation then holds the
+    prompt and the generated tokens, with an empty transcript (it is no chat)."""
+    from superlinear.model import Cancelled
+
+    cancel = cancel or threading.Event()
+    t_start = time.perf_counter()
+    if len(ids) >= conv.max_seq_len:
+        raise InvalidRequest(f"the prompt has {len(ids)} tokens but the context holds at most "
+                             f"{conv.max_seq_len} (it needs room for one generated token)", param="prompt")
+    try:
+        stats = conv.sync_tokens(ids, should_cancel=cancel.is_set)
+    except Cancelled:
+        return
+    finally:
+        conv.set_transcript([], [])
+    prefill_s = time.perf_counter() - t_start
+    tok = conv.model.tokenizer
+    max_tokens = sampling.max_tokens if sampling.max_tokens is not None else DEFAULT_MAX_TOKENS
+    stop_ids = set(sampling.stop_token_ids)
+    if tok.eos_token_id is not None:
+        stop_ids.add(int(tok.eos_token_id))
+    sampler, detok, cutter = Sampler(sampling), IncrementalDetokenizer(tok), StopCutter(sampling.stop)
+    detector = RepetitionDetector(repetition) if repetition else None
+    logits, completion, finish = conv.logits, 0, None
+    t_decode = time.perf_counter()
+    while finish is None:
+        if cancel.is_set():
+            finish = "cancelled"
+            break
+        if completion >= max_tokens or conv.position >= conv.max_seq_len:
+            finish = "length"
+            break
+        t = sampler(logits)
+        if t in stop_ids:
+            finish = "stop"
+            break
+        completion += 1
+        text = cutter.push(detok.push(t))
+        if text:
+            yield TextDelta(text)
+        if cutter.stopped:
+            finish = "stop"
+        elif detector is not None and detector.push(t):
+            finish = "repetition"
+        elif completion < max_tokens and conv.position < conv.max_seq_len:
+            logits = conv.step(t)
+    if finish != "stop" or not cutter.stopped:
+        tail = cutter.push(detok.flush()) + cutter.flush()
+        if tail:
+            yield TextDelta(tail)
+    decode_s = time.perf_counter() - t_decode
+    usage = {"prompt_tokens": len(ids), "completion_tokens": completion, "total_tokens": len(ids) + completion,
+             "cached_tokens": stats.cached_tokens, "prefill_tokens": stats.prefill_tokens}
+    timings = {"prefill_s": round(prefill_s, 4),
+               "prefill_tokens_per_s": round(stats.prefill_tokens / prefill_s, 1) if prefill_s > 0 else None,
+               "decode_s": round(decode_s, 4),
+               "decode_tokens_per_s": round(completion / decode_s, 1) if decode_s > 0 else None}
+    yield Done(finish, {"role": "assistant", "content": None}, usage, timings)

@@ -1,0 +1,122 @@
+"""What the server counts: Prometheus metrics (`GET /metrics`) and one structured log line per turn.
+
+Counters move as requests and turns finish; gauges (queue, sessions, memory) are read from the
+runtime when `/metrics` is scraped, so they are never stale. Each server has its own registry:
+two servers in one process (tests) do not share numbers.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+
+from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+from prometheus_client.core import GaugeMetricFamily
+
+log = logging.getLogger("spl.turn")
+
+# Turn phases last from milliseconds (a cached prompt) to minutes (a 1M-token prefill).
+_SECONDS_BUCKETS = (0.01, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300, 600, 1800)
+
+
+class ServerMetrics:
+    def __init__(self, runtime):
+        self.runtime = runtime
+        self.registry = CollectorRegistry(auto_describe=True)
+        r = self.registry
+        self.requests = Counter("spl_requests", "HTTP requests answered", ["method", "route", "status"], registry=r)
+        self.turns = Counter("spl_turns", "Chat turns finished, by finish reason", ["finish"], registry=r)
+        self.prompt_tokens = Counter("spl_prompt_tokens", "Prompt tokens of finished turns", registry=r)
+        self.completion_tokens = Counter("spl_completion_tokens", "Tokens generated", registry=r)
+        self.cached_tokens = Counter("spl_cached_tokens",
+                                     "Prompt tokens reused from the cache (not prefilled again)", registry=r)
+        self.prefill_tokens = Counter("spl_prefill_tokens", "Prompt tokens prefilled", registry=r)
+        self.prefill_seconds = Histogram("spl_prefill_seconds", "Prefill time per turn", registry=r,
+                                         buckets=_SECONDS_BUCKETS)
+        self.decode_seconds = Histogram("spl_decode_seconds", "Decode time per turn", registry=r,
+                                        buckets=_SECONDS_BUCKETS)
+        self.prefill_rate = Gauge("spl_prefill_tokens_per_second", "Prefill tokens/s of the last turn", registry=r)
+        self.decode_rate = Gauge("spl_decode_tokens_per_second", "Decode tokens/s of the last turn", registry=r)
+        r.register(_RuntimeGauges(runtime))
+
+    def request(self, method: str, route: str, status: int) -> None:
+        self.requests.labels(method, route, str(status)).inc()
+
+    def turn(self, done, *, session_id: str | None, queued_s: float | None, persisted: bool | None) -> None:
+        """Count a finished turn (an engine ``Done``) and log it as one JSON line."""
+        usage, timings = done.usage, done.timings
+        self.turns.labels(done.finish_reason).inc()
+        self.prompt_tokens.inc(usage.get("prompt_tokens") or 0)
+        self.completion_tokens.inc(usage.get("completion_tokens") or 0)
+        self.cached_tokens.inc(usage.get("cached_tokens") or 0)
+        self.prefill_tokens.inc(usage.get("prefill_tokens") or 0)
+        if timings.get("prefill_s") is not None:
+            self.prefill_seconds.observe(timings["prefill_s"])
+        if timings.get("decode_s") is not None:
+            self.decode_seconds.observe(timings["decode_s"])
+        if timings.get("prefill_tokens_per_s"):
+            self.prefill_rate.set(timings["prefill_tokens_per_s"])
+        if timings.get("decode_tokens_per_s"):
+            self.decode_rate.set(timings["decode_tokens_per_s"])
+        log.info(json.dumps({
+            "event": "turn", "session": session_id, "finish": done.finish_reason,
+            "prompt_tokens": usage.get("prompt_tokens"), "cached_tokens": usage.get("cached_tokens"),
+            "prefill_tokens": usage.get("prefill_tokens"), "completion_tokens": usage.get("completion_tokens"),
+            "queued_s": round(queued_s, 4) if queued_s is not None else None,
+            "prefill_s": timings.get("prefill_s"), "prefill_tok_s": timings.get("prefill_tokens_per_s"),
+            "decode_s": timings.get("decode_s"), "decode_tok_s": timings.get("decode_tokens_per_s"),
+            "persisted": persisted,
+        }, separators=(",", ":")))
+
+    def render(self) -> tuple[bytes, str]:
+        return generate_latest(self.registry), CONTENT_TYPE_LATEST
+
+
+class _RuntimeGauges:
+    """Gauges read from the running server at scrape time."""
+
+    def __init__(self, runtime):
+        self.runtime = runtime
+
+    def describe(self):
+        return []  # not known before the first scrape (the model may still be loading)
+
+    def collect(self):
+        rt = self.runtime
+        worker = rt.worker
+        yield _gauge("spl_queue_depth", "Jobs waiting for the model worker", worker.queued())
+        yield _gauge("spl_generations", "Generations waiting or running", worker.generations)
+        manager = rt.manager
+        if manager is not None:
+            listing = manager.list()
+            sessions = GaugeMetricFamily("spl_sessions", "Open sessions", labels=["state"])
+            sessions.add_metric(["resident"], listing.resident)
+            sessions.add_metric(["on_disk"], listing.count - listing.resident)
+            yield sessions
+            yield _gauge("spl_session_memory_bytes", "Bytes resident sessions hold", listing.bytes)
+            if listing.memory_budget is not None:
+                yield _gauge("spl_session_memory_budget_bytes", "The session memory budget", listing.memory_budget)
+        yield _gauge("spl_process_resident_memory_bytes", "Resident memory of the server process", _rss())
+        device = _device_memory()
+        if device is not None:
+            yield _gauge("spl_device_memory_allocated_bytes", "GPU memory allocated by torch", device)
+
+
+def _gauge(name: str, doc: str, value) -> GaugeMetricFamily:
+    return GaugeMetricFamily(name, doc, value=float(value))
+
+
+def _rss() -> int:
+    import psutil
+
+    return psutil.Process(os.getpid()).memory_info().rss
+
+
+def _device_memory() -> int | None:
+    import sys
+
+    torch = sys.modules.get("torch")  # never import torch for this: the model imported it if used
+    if torch is None or not torch.cuda.is_available() or not torch.cuda.is_initialized():
+        return None
+    return int(torch.cuda.memory_allocated())

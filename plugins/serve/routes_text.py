@@ -1,0 +1,130 @@
+"""Routes on plain text and tokens, as llama.cpp's and vLLM's servers have them: ``/tokenize``,
+``/detokenize``, ``/v1/completions`` (``ChatService.complete`` on the worker); and ``/metrics``."""
+
+from __future__ import annotations
+
+import asyncio
+import secrets
+
+from fastapi import FastAPI, Request
+from fastapi.responses import Response
+
+from superlinear.engine import Done, RepetitionConfig, SamplingParams, TextDelta
+
+from . import chat as openai
+from . import sse
+from .http import read_body
+from .routes_chat import END, next_event
+from .runtime import Runtime
+from .schemas import CompletionRequest, DetokenizeRequest, TokenizeRequest, parse_body
+
+
+def add_routes(app: FastAPI, rt: Runtime) -> None:
+    @app.post("/tokenize")
+    async def tokenize(request: Request):
+        body = parse_body(await read_body(request), TokenizeRequest)
+        source = body.text_or_messages()
+        rt.require_ready()
+        # a long text takes a while to tokenize: not on the event loop (nor the model's worker)
+        return await asyncio.to_thread(rt.service.tokenize, source, add_special=body.special(),
+                                       add_generation_prompt=body.add_generation_prompt,
+                                       with_pieces=body.with_pieces)
+
+    @app.post("/detokenize")
+    async def detokenize(request: Request):
+        body = parse_body(await read_body(request), DetokenizeRequest)
+        rt.require_ready()
+        text = rt.service.detokenize(body.tokens)
+        return {"content": text, "prompt": text}  # llama.cpp's and vLLM's names
+
+    @app.post("/v1/completions")
+    async def completions(request: Request):
+        body = parse_body(await read_body(request), CompletionRequest)
+        body.check_supported()
+        rt.require_ready()
+        prompt = body.single_prompt()
+        echo = ""
+        if body.echo:
+            echo = prompt if isinstance(prompt, str) else rt.service.detokenize(prompt)
+        rt.stats["requests"] += 1
+        job = rt.worker.submit(lambda j: _completion_job(rt, j, body, prompt), kind="generation", stream=True)
+        cid, created = "cmpl-" + secrets.token_hex(12), openai.now()
+        try:
+            first = await next_event(job)  # a bad prompt is a 400, before any response starts
+        except BaseException:
+            job.cancel()
+            raise
+        events = _events(job, first)
+        if body.stream:
+            return sse.response(_chunks(events, body, cid, created, rt.model_name, echo), on_close=job.cancel)
+        try:
+            text, done = [echo], None
+            async for event in events:
+                match event:
+                    case TextDelta(text=piece):
+                        text.append(piece)
+                    case Done():
+                        done = event
+            return {**_chunk(cid, created, rt.model_name, "".join(text), _finish(done)),
+                    "usage": openai.openai_usage(done.usage),
+                    "timings": openai.spl_timings(done.usage, done.timings, None)}
+        finally:
+            job.cancel()
+
+    @app.get("/metrics")
+    async def metrics():
+        data, content_type = rt.metrics.render()
+        return Response(data, media_type=content_type)
+
+
+def _completion_job(rt: Runtime, job, body: CompletionRequest, prompt) -> None:
+    """Runs on the worker: the completion's events to the job's queue, then ``END``."""
+    stop = [body.stop] if isinstance(body.stop, str) else list(body.stop or [])
+    sampling = SamplingParams(
+        temperature=body.temperature if body.temperature is not None else rt.defaults.get("temperature", 0.7),
+        top_p=body.top_p if body.top_p is not None else 1.0, top_k=body.top_k or 0, seed=body.seed,
+        max_tokens=body.max_tokens, stop=stop)
+    repetition = None
+    if body.repetition_detection is True:
+        repetition = RepetitionConfig()
+    elif body.repetition_detection not in (None, False):
+        repetition = RepetitionConfig(**body.repetition_detection.model_dump())
+    rt.stats["generations"] += 1
+    for event in rt.service.complete(prompt, sampling, repetition=repetition, cancel=job.cancel_event):
+        if isinstance(event, Done):
+            rt.metrics.turn(event, session_id=None, queued_s=_queued_s(job), persisted=None)
+        job.emit(event)
+    job.emit(END)
+
+
+def _queued_s(job) -> float:
+    return (job.started or job.submitted) - job.submitted
+
+
+async def _events(job, first):
+    event = first
+    while event is not END:
+        yield event
+        event = await next_event(job)
+
+
+def _finish(done: Done) -> str:
+    return "length" if done.finish_reason == "length" else "stop"
+
+
+def _chunk(cid, created, model, text, finish=None) -> dict:
+    return {"id": cid, "object": "text_completion", "created": created, "model": model,
+            "choices": [{"index": 0, "text": text, "logprobs": None, "finish_reason": finish}]}
+
+
+async def _chunks(events, body: CompletionRequest, cid, created, model, echo):
+    if echo:
+        yield _chunk(cid, created, model, echo)
+    async for event in events:
+        match event:
+            case TextDelta(text=piece) if piece:
+                yield _chunk(cid, created, model, piece)
+            case Done():
+                yield _chunk(cid, created, model, "", _finish(event))
+                if body.stream_options and body.stream_options.include_usage:
+                    yield {**_chunk(cid, created, model, ""), "choices": [], "usage": openai.openai_usage(event.usage)}
