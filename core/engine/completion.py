@@ -18,7 +18,7 @@ from .repetition import RepetitionDetector
 from .sampling import Sampler
 from .text import IncrementalDetokenizer, StopCutter
 from .tokens import check_ids, tokenize_text
-from .types import Done, Event, RepetitionConfig, SamplingParams, TextDelta
+from .types import Done, Event, RepetitionConfig, SamplingParams, TextDelta, turn_usage
 
 # The OpenAI API's default for /v1/completions.
 DEFAULT_MAX_TOKENS = 16
@@ -87,10 +87,5 @@ def run_completion(conv: Conversation, ids: list[int], sampling: SamplingParams,
         if tail:
             yield TextDelta(tail)
     decode_s = time.perf_counter() - t_decode
-    usage = {"prompt_tokens": len(ids), "completion_tokens": completion, "total_tokens": len(ids) + completion,
-             "cached_tokens": stats.cached_tokens, "prefill_tokens": stats.prefill_tokens}
-    timings = {"prefill_s": round(prefill_s, 4),
-               "prefill_tokens_per_s": round(stats.prefill_tokens / prefill_s, 1) if prefill_s > 0 else None,
-               "decode_s": round(decode_s, 4),
-               "decode_tokens_per_s": round(completion / decode_s, 1) if decode_s > 0 else None}
+    usage, timings = turn_usage(len(ids), completion, stats, prefill_s, decode_s)
     yield Done(finish, {"role": "assistant", "content": None}, usage, timings)

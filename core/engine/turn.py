@@ -19,7 +19,7 @@ from .repetition import RepetitionDetector
 from .sampling import Sampler
 from .text import THINK_CLOSE, IncrementalDetokenizer, StopCutter, ThinkSplitter, find_first, partial_marker_start
 from .tools import TOOL_BLOCKS, parse_tool_calls
-from .types import ChatRequest, Done, Event, ReasoningDelta, TextDelta, ToolCallsEvent
+from .types import ChatRequest, Done, Event, ReasoningDelta, TextDelta, ToolCallsEvent, turn_usage
 
 END_OF_TURN_ROOM = 8
 
@@ -214,13 +214,7 @@ def _turn(conv: Conversation, req: ChatRequest, cancel: threading.Event, cp) -> 
         conv.sync(req.messages + [message], tools=tools, template_kwargs=kwargs)
     except (TooLarge, OverBudget):  # the rendering does not fit: keep the generated tokens, the next sync trims
         conv.set_transcript(req.messages + [message], prompt.boundaries + [None], tools, kwargs)
-    usage = {"prompt_tokens": len(prompt.ids), "completion_tokens": completion,
-             "total_tokens": len(prompt.ids) + completion, "cached_tokens": stats.cached_tokens,
-             "prefill_tokens": stats.prefill_tokens}
-    timings = {"prefill_s": round(prefill_s, 4),
-               "prefill_tokens_per_s": round(stats.prefill_tokens / prefill_s, 1) if prefill_s > 0 else None,
-               "decode_s": round(decode_s, 4),
-               "decode_tokens_per_s": round(completion / decode_s, 1) if decode_s > 0 else None}
+    usage, timings = turn_usage(len(prompt.ids), completion, stats, prefill_s, decode_s)
     yield Done(finish, message, usage, timings, reasoning=reasoning)
 
 

@@ -75,3 +75,16 @@ class Done:
 
 
 Event = TextDelta | ReasoningDelta | ToolCallsEvent | Done
+
+
+def turn_usage(prompt_tokens: int, completion: int, stats, prefill_s: float, decode_s: float) -> tuple[dict, dict]:
+    """``(usage, timings)`` of a finished turn or completion (``Done``'s), from the prompt's
+    ``SyncStats`` and the measured prefill and decode seconds."""
+    usage = {"prompt_tokens": prompt_tokens, "completion_tokens": completion,
+             "total_tokens": prompt_tokens + completion, "cached_tokens": stats.cached_tokens,
+             "prefill_tokens": stats.prefill_tokens}
+    timings = {"prefill_s": round(prefill_s, 4),
+               "prefill_tokens_per_s": round(stats.prefill_tokens / prefill_s, 1) if prefill_s > 0 else None,
+               "decode_s": round(decode_s, 4),
+               "decode_tokens_per_s": round(completion / decode_s, 1) if decode_s > 0 else None}
+    return usage, timings
