@@ -49,8 +49,11 @@ class StreamEvent:
     """One event of a streamed chat turn.
 
     ``type`` is ``"text"`` / ``"reasoning"`` (``text`` holds the delta), ``"tool_calls"``
-    (``tool_calls``: OpenAI-style list, complete), or ``"done"`` (``finish_reason``, ``usage``,
-    ``timings``, ``message``: the whole assistant message). ``session_id`` is set on every event.
+    (``tool_calls``: OpenAI-style list, complete), ``"progress"`` (``progress``: llama.cpp's
+    ``prompt_progress`` ``{total, cache, processed, time_ms}``, while the prompt is prefilled, when
+    the request asked for it with ``return_progress=True``) or ``"done"`` (``finish_reason``,
+    ``usage``, ``timings``, ``message``: the whole assistant message). ``session_id`` is set on
+    every event.
     """
 
     type: str
@@ -61,6 +64,7 @@ class StreamEvent:
     timings: dict | None = None
     message: dict | None = None
     session_id: str | None = None
+    progress: dict | None = None
 
 
 @dataclass
@@ -233,6 +237,12 @@ class SplClient:
             return self.health(timeout=timeout).get("status") == "ok"
         except UserError:
             return False
+
+    def prefill_speed(self) -> dict | None:
+        """The server's last measured prefill (``{"tokens", "seconds", "tokens_per_s"}``), from
+        ``/health``; None when it has measured none (or is older than this client)."""
+        speed = self.health(timeout=5.0).get("prefill")
+        return speed if isinstance(speed, dict) else None
 
     def models(self) -> list[dict]:
         return self._request("GET", "/v1/models")["data"]
@@ -454,6 +464,8 @@ def _parse_sse(response: httpx.Response) -> Iterator[StreamEvent]:
             usage = chunk["usage"]
         if chunk.get("timings"):
             timings = chunk["timings"]
+        if isinstance(chunk.get("prompt_progress"), dict):
+            yield StreamEvent("progress", progress=chunk["prompt_progress"], session_id=session_id)
         for choice in chunk.get("choices") or []:
             delta = choice.get("delta") or {}
             if delta.get("reasoning_content"):

@@ -22,6 +22,7 @@ from superlinear.errors import Conflict, InvalidRequest, NotFound, TooLarge, Una
 from superlinear.sessions.snapshots import SESSION_STATE_TAG, UPLOAD_NAME
 
 from . import chat as chatmod
+from . import progress as progressmod
 from .runtime import Runtime
 from .schemas import (
     ChatCompletionRequest,
@@ -241,7 +242,8 @@ def register_routes(app: FastAPI, rt: Runtime) -> None:  # noqa: C901 - one plac
             with contextlib.suppress(asyncio.CancelledError):
                 await watcher
             return StreamingResponse(
-                _stream(rt, job, body, first, cid, created),
+                progressmod.with_keepalive(_stream(rt, job, body, first, cid, created),
+                                           progressmod.ping_interval(body.sse_ping_interval)),
                 media_type="text/event-stream",
                 headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"},
             )
@@ -570,6 +572,7 @@ def _run_chat(rt: Runtime, job, body: ChatCompletionRequest, messages: list[dict
                 done = _emit_turn(run_turn(conv, request, cancel=job.cancel_event), job, announce)
         finally:
             conv.memory = guard
+        rt.note_prefill(done.usage, done.timings)
         if session is not None:
             session.touch()
             result = rt.persist_session(session.id)
@@ -685,6 +688,10 @@ async def _stream(rt: Runtime, job, body: ChatCompletionRequest, first, cid: str
                 _, how, queued_s = event
             elif isinstance(event, tuple) and event[0] == "persist":
                 persisted = event[1]
+            elif kind == "PrefillProgress":  # llama.cpp's prompt_progress chunks, when asked for
+                if body.return_progress:
+                    yield chatmod.sse(progressmod.progress_chunk(chatmod.chunk(cid, created, model, **extra),
+                                                                 event))
             elif kind == "TextDelta" and event.text:
                 yield chatmod.sse(chatmod.chunk(cid, created, model, {"content": event.text}, **extra))
             elif kind == "ReasoningDelta" and event.text:
