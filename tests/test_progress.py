@@ -176,3 +176,15 @@ def test_prefill_bar_notes_the_estimate_once_and_watch_closes_the_stream():
     assert closed == [True]
     assert notes == ["prefilling 4,096 tokens: about 1 min 22 s at 50 tokens/s (this server's last prefill)"]
     assert bar.seen == [0, 2048, 4096]
+
+
+def test_a_short_prefill_gets_a_bar_once_it_turns_out_slow():
+    from superlinear.plugins.client.progress import PrefillBar
+
+    notes = []
+    bar = PrefillBar(io.StringIO(), note=notes.append, enabled=False)
+    bar.update({"total": 600, "cache": 0, "processed": 0, "time_ms": 0})
+    bar.update({"total": 600, "cache": 0, "processed": 256, "time_ms": 900})
+    assert notes == []  # short and quick so far: nothing to watch
+    bar.update({"total": 600, "cache": 0, "processed": 512, "time_ms": 2100})
+    assert notes == ["prefilling 600 tokens (no prefill measured on this server yet: the bar shows the ETA)"]

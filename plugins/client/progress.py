@@ -3,8 +3,9 @@
 they stay silent (pipes, ``--json``, logs get no control characters).
 
 A prefill bar starts at the first ``prompt_progress`` of a prefill long enough to watch
-(``LONG_PREFILL_TOKENS``), after one line that estimates its time from the speed the server
-measured last (``/health``'s ``prefill``), and goes away when the prefill is done.
+(``LONG_PREFILL_TOKENS``, or one that has lasted ``SLOW_PREFILL_MS``), after one line that
+estimates its time from the speed the server measured last (``/health``'s ``prefill``), and goes
+away when the prefill is done.
 """
 
 from __future__ import annotations
@@ -13,7 +14,8 @@ import sys
 from collections.abc import Callable
 from typing import Any
 
-LONG_PREFILL_TOKENS = 2048  # fewer take a second or two even on a CPU: no bar, no estimate
+LONG_PREFILL_TOKENS = 2048  # a prefill this long gets a bar (and an estimate) from its start,
+SLOW_PREFILL_MS = 2000  # a shorter one once it has lasted this long (a slow or busy machine)
 
 
 def _terminal(stream) -> bool:
@@ -84,7 +86,8 @@ class PrefillBar:
         processed = int(progress.get("processed") or 0)
         self.seen.append(processed)
         if self._bar is None:
-            if total - cache < self.min_tokens or processed >= total:
+            slow = int(progress.get("time_ms") or 0) >= SLOW_PREFILL_MS  # however few tokens
+            if processed >= total or (total - cache < self.min_tokens and not slow):
                 return
             self._start(total - cache)
         self._bar.update(self._task, completed=processed - cache)
@@ -133,7 +136,8 @@ class _NoBar:
 
 
 class ByteBar:
-    """A bytes bar with speed and ETA: ``ByteBar(label, total)`` then ``__call__(done)``."""
+    """A bytes bar with speed and ETA: ``ByteBar(label, total)`` then ``bar(done, total)`` (the
+    total when it becomes known, e.g. from a response's Content-Length)."""
 
     def __init__(self, label: str, total: int | None, stream=None, *, enabled: bool | None = None):
         self.stream = stream or sys.stderr
@@ -153,9 +157,9 @@ class ByteBar:
             self._bar.start()
             self._task = self._bar.add_task(label, total=total)
 
-    def __call__(self, done: int) -> None:
+    def __call__(self, done: int, total: int | None = None) -> None:
         if self._bar is not None:
-            self._bar.update(self._task, completed=done)
+            self._bar.update(self._task, completed=done, **({"total": total} if total else {}))
 
     def close(self) -> None:
         if self._bar is not None:
