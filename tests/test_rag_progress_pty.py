@@ -17,7 +17,10 @@ from server_helpers import start_server
 pytestmark = pytest.mark.slow
 
 TARGET_S = 65  # the prefill should take over a minute (the corpus grows with the context: a bit more)
-MAX_TOKENS = 12000  # ...but never more tokens than this (a fast machine gets a shorter test)
+# ...but never more tokens than this: the calibration's short prompt overstates the speed of a
+# long context (superlinear attention's per-token cost grows with it): 12K tokens sized from a
+# fast calibration ran for over 20 minutes on a loaded CPU
+MAX_TOKENS = 5000
 CHUNK = 256  # the server's prefill chunk: the bar moves every few seconds even on a loaded CPU
 
 _WORDS = ("river", "archive", "lantern", "harbor", "meadow", "copper", "signal", "orchard", "glacier",
