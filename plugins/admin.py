@@ -299,7 +299,10 @@ def snapshot_export(cmd: SnapshotExport, ctx: Context) -> dict:
     path = Path(cmd.path or f"{sid}.spl-snapshot.tar")
     if path.is_dir():
         path = path / f"{sid}.spl-snapshot.tar"
-    out = _client(ctx).export_snapshot(sid, path)
+    from superlinear.plugins.client.progress import ByteBar
+
+    with ByteBar(f"export {sid}", None) as bar:  # drawn on a terminal only
+        out = _client(ctx).export_snapshot(sid, path, on_bytes=bar)
     return {"id": sid, "path": str(out), "bytes": out.stat().st_size}
 
 
@@ -307,8 +310,12 @@ def snapshot_import(cmd: SnapshotImport, ctx: Context) -> dict:
     from superlinear.sessions.snapshots import UPLOAD_NAME
 
     path = _need(cmd.path, "file")
+    from superlinear.plugins.client.progress import ByteBar
+
     try:
-        return _client(ctx).import_snapshot(path, snapshot_id=cmd.snapshot_id, replace=cmd.replace)
+        with ByteBar(f"import {Path(path).name}", None) as bar:  # drawn on a terminal only
+            return _client(ctx).import_snapshot(path, snapshot_id=cmd.snapshot_id, replace=cmd.replace,
+                                                on_bytes=bar)
     except UserError as exc:  # the server only knows "the uploaded file": name the user's file
         if UPLOAD_NAME not in exc.message:
             raise

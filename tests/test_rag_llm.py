@@ -71,6 +71,20 @@ class FakeServer:
         return ChatResult(reply, "", [], "stop", {"prompt_tokens": self.tokens(s["messages"][:-1])}, {},
                           session_id, {"model": "fake"})
 
+    def chat_stream(self, messages, session_id=None, return_progress=False, **kw):
+        """``chat`` as the stream the real client yields (progress first when asked for)."""
+        from superlinear.plugins.client.api import StreamEvent
+
+        if return_progress:
+            yield StreamEvent("progress", progress={"total": 2, "cache": 0, "processed": 0, "time_ms": 0})
+        result = self.chat(messages, session_id=session_id, **kw)
+        yield StreamEvent("text", text=result.content, session_id=session_id)
+        yield StreamEvent("done", finish_reason=result.finish_reason, usage=result.usage, timings=result.timings,
+                          message={"role": "assistant", "content": result.content}, session_id=session_id)
+
+    def health(self):
+        return {"status": "ok", "model": "fake"}
+
     def rollback(self, sid, n):
         self.sessions[sid]["messages"] = self.sessions[sid]["messages"][:n]
         return self.get_session(sid)

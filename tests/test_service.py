@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import pytest
 
-from superlinear.engine import ChatRequest, SamplingParams
+from superlinear.engine import ChatRequest, PrefillProgress, SamplingParams
 from superlinear.errors import Conflict, NotFound
 from superlinear.service import ChatService, ChatTurn, Done, Persisted, Started, TextDelta
 
@@ -33,12 +33,17 @@ def turn(text: str, session_id: str | None = None) -> ChatTurn:
 
 
 def kinds(events) -> list[type]:
-    return [type(e) for e in events if not isinstance(e, TextDelta)]
+    return [type(e) for e in events if not isinstance(e, TextDelta | PrefillProgress)]
 
 
 def test_a_turn_without_a_session(service):
     events = list(service.chat(turn("Hello")))
     assert kinds(events) == [Started, Done] and events[0] == Started(how=None)
+    # the prefill's progress comes after Started and before the first token, ending at the total
+    progress = [i for i, e in enumerate(events) if isinstance(e, PrefillProgress)]
+    generated = [i for i, e in enumerate(events) if isinstance(e, TextDelta | Done)]
+    assert progress and 0 < progress[0] and progress[-1] < generated[0]
+    assert events[progress[-1]].done == events[progress[-1]].total == events[-1].usage["prompt_tokens"]
     assert service.list_sessions()["sessions"] == []  # the scratch conversation is no session
 
 

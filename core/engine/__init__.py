@@ -3,9 +3,19 @@
 Importing this package does not import torch; the submodules that need it are loaded on use.
 """
 
-from .types import ChatRequest, Done, Event, ReasoningDelta, RepetitionConfig, SamplingParams, TextDelta, ToolCallsEvent
+from .types import (
+    ChatRequest,
+    Done,
+    Event,
+    PrefillProgress,
+    ReasoningDelta,
+    RepetitionConfig,
+    SamplingParams,
+    TextDelta,
+    ToolCallsEvent,
+)
 
-__all__ = ["ChatRequest", "Conversation", "Done", "Event", "ReasoningDelta", "RepetitionConfig",
+__all__ = ["ChatRequest", "Conversation", "Done", "Event", "PrefillProgress", "ReasoningDelta", "RepetitionConfig",
            "SamplingParams", "TextDelta", "ToolCallsEvent", "prompt_ids", "run_completion", "run_turn", "stream_turn"]
 
 

@@ -14,6 +14,7 @@ import bisect
 import copy
 import time
 from array import array
+from collections.abc import Callable, Generator, Iterator
 from dataclasses import dataclass, field
 
 import torch
@@ -21,6 +22,7 @@ import torch
 from superlinear.errors import InvalidRequest, TooLarge
 
 from .template import ChatTemplate
+from .types import PrefillProgress
 
 # Texts at least this long remember their tokenization for the next render (prefix reuse).
 _MEMO_MIN_CHARS = 4096
@@ -57,6 +59,12 @@ class Checkpoint:
     recurrent: dict | None
     logits: torch.Tensor | None
     states: dict = field(default_factory=dict)
+
+
+def _model_chunk(model) -> int:
+    """The model's prefill chunk (a model without the method prefills any length at once)."""
+    chunk_size = getattr(model, "prefill_chunk_size", None)
+    return chunk_size() if chunk_size is not None else 1 << 30
 
 
 def _common_str_prefix(a: str, b: str) -> int:
@@ -251,6 +259,14 @@ class Conversation:
     def _extend(self, ids: list[int], checkpoint_at: list[int], should_cancel=None) -> None:
         """Prefill ``ids`` after what the cache holds; hybrids save their state at the
         positions in ``checkpoint_at``."""
+        for _ in self._extend_steps(ids, checkpoint_at, should_cancel):
+            pass
+
+    def _extend_steps(self, ids: list[int], checkpoint_at: list[int], should_cancel=None) -> Iterator[int]:
+        """``_extend`` one prefill chunk at a time, for progress: yields the cache position once
+        the request passed its checks (before the first chunk) and after every chunk. Stopped
+        early (cancelled, an error, the consumer closing it), the conversation holds the chunks
+        done, as the cache does."""
         if not ids:
             return
         if self.position + len(ids) > self.max_seq_len:
@@ -264,20 +280,22 @@ class Conversation:
         cuts = [end_all]
         if self.hybrid:
             cuts = sorted({p for p in checkpoint_at if base < p < end_all} | {end_all})
-        from superlinear.model import Cancelled
-
-        for end in cuts:
-            seg = ids[self.position - base:end - base]
-            try:
-                self._logits = self.model.prefill(self.cache, seg, chunk_size=self.chunk_size,
-                                                  should_cancel=should_cancel)
-            except Cancelled:  # the cache stands at the last finished chunk
-                self._ids.extend(seg[:self.cache.position - len(self._ids)])
-                self._logits = None
-                raise
-            self._ids.extend(seg)
-            if self.hybrid and end in checkpoint_at:
-                self._save_state(end)
+        step = self.chunk_size or _model_chunk(self.model)
+        yield base
+        try:
+            for end in cuts:
+                while self.position < end:  # one model chunk per call: progress between chunks
+                    piece = ids[self.position - base:min(end, self.position + step) - base]
+                    self._logits = self.model.prefill(self.cache, piece, chunk_size=step,
+                                                      should_cancel=should_cancel)
+                    self._ids.extend(piece)
+                    if self.hybrid and self.position in checkpoint_at:
+                        self._save_state(self.position)
+                    yield self.position
+        except BaseException:  # the cache stands at the last finished chunk
+            self._ids.extend(ids[len(self._ids) - base:self.position - base])
+            self._logits = None
+            raise
 
     def _save_state(self, position: int) -> None:
         self._states[position] = self.cache.recurrent_state()
@@ -300,8 +318,22 @@ class Conversation:
         self._extend(list(ids), [], should_cancel)
         return self._logits
 
-    def sync_tokens(self, ids: list[int], checkpoint_at: list[int] = (), should_cancel=None) -> SyncStats:
-        """Make the cache hold exactly ``ids`` and have next-token logits for them."""
+    def sync_tokens(self, ids: list[int], checkpoint_at: list[int] = (), should_cancel=None,
+                    on_progress: Callable[[PrefillProgress], None] | None = None) -> SyncStats:
+        """Make the cache hold exactly ``ids`` and have next-token logits for them.
+        ``on_progress`` gets a ``PrefillProgress`` when the prefill begins and after every chunk."""
+        steps = self.sync_steps(ids, checkpoint_at, should_cancel)
+        while True:
+            try:
+                event = next(steps)
+            except StopIteration as stop:
+                return stop.value
+            if on_progress is not None:
+                on_progress(event)
+
+    def sync_steps(self, ids: list[int], checkpoint_at: list[int] = (),
+                   should_cancel=None) -> Generator[PrefillProgress, None, SyncStats]:
+        """``sync_tokens`` as a generator of its progress; returns the ``SyncStats``."""
         if len(ids) > self.max_seq_len:
             raise TooLarge(f"the prompt has {len(ids)} tokens but this conversation's cache holds at most "
                            f"{self.max_seq_len}; resize the session or start one with a larger --max-seq-len")
@@ -310,7 +342,8 @@ class Conversation:
         if keep == len(ids) and (keep < self.position or self._logits is None) and keep > 0:
             keep -= 1  # the last token is run again for its logits
         cached = keep - self._truncate(keep)
-        self._extend(ids[self.position:], list(checkpoint_at), should_cancel)
+        for position in self._extend_steps(ids[self.position:], list(checkpoint_at), should_cancel):
+            yield PrefillProgress(position, len(ids), cached, time.perf_counter() - t0)
         return SyncStats(cached_tokens=cached, prefill_tokens=len(ids) - cached,
                          prefill_s=time.perf_counter() - t0)
 

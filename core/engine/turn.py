@@ -98,7 +98,9 @@ def _turn(conv: Conversation, req: ChatRequest, cancel: threading.Event, cp) -> 
 
     prompt = conv.render(req.messages, tools=tools, template_kwargs=kwargs, add_generation_prompt=True)
     try:
-        stats = conv.sync_tokens(prompt.ids, [b for b in prompt.boundaries if b], should_cancel=cancel.is_set)
+        # PrefillProgress events: when the prefill begins and after every chunk (clients show a bar)
+        stats = yield from conv.sync_steps(prompt.ids, [b for b in prompt.boundaries if b],
+                                           should_cancel=cancel.is_set)
     except Cancelled:
         conv.restore(cp)
         yield _done_cancelled(conv, prompt, 0, t_start)

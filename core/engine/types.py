@@ -65,6 +65,25 @@ class ToolCallsEvent:
 
 
 @dataclass
+class PrefillProgress:
+    """The prompt's prefill under way, before the first token: ``done`` of the ``total`` prompt
+    tokens are in the cache, ``cached`` of them kept from before this turn, ``elapsed_s`` since the
+    prefill began. Sent when it begins (``done`` is where it starts) and after every chunk; the
+    last one has ``done == total``. No event comes when nothing needs a prefill."""
+
+    done: int
+    total: int
+    cached: int
+    elapsed_s: float
+
+    @property
+    def fraction(self) -> float:
+        """Share of this turn's prefill work done (0..1; the cached tokens cost nothing)."""
+        work = self.total - self.cached
+        return 1.0 if work <= 0 else max(0.0, min(1.0, (self.done - self.cached) / work))
+
+
+@dataclass
 class Done:
     finish_reason: str  # one of FINISH_REASONS
     message: dict  # the assistant message as stored in the transcript
@@ -74,7 +93,7 @@ class Done:
     partial: bool = False  # True when a cancelled turn kept its partial output
 
 
-Event = TextDelta | ReasoningDelta | ToolCallsEvent | Done
+Event = PrefillProgress | TextDelta | ReasoningDelta | ToolCallsEvent | Done
 
 
 def turn_usage(prompt_tokens: int, completion: int, stats, prefill_s: float, decode_s: float) -> tuple[dict, dict]:

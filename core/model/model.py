@@ -13,6 +13,7 @@ import inspect
 import json
 import sys
 import threading
+import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -26,6 +27,8 @@ from superlinear.model.hybrid import HybridForward
 
 # Activation bytes per token and unit of hidden size in one prefill chunk (model.prefill_chunk_size).
 _ACTIVATION_BYTES_PER_HIDDEN = 64
+# The prefill chunk off CUDA: progress (a bar) advances once a chunk.
+CPU_PREFILL_CHUNK = 2048
 
 
 class Cancelled(Exception):
@@ -223,9 +226,10 @@ class Model:
         """The prefill chunk for throughput: on CUDA the largest of 32K/16K/8K tokens whose
         activations (estimated at ``_ACTIVATION_BYTES_PER_HIDDEN`` bytes per token and hidden
         unit, an upper bound of the measured peaks in docs/benchmarks.md) take at most half the
-        free memory; 8K elsewhere (CPU memory is the host's, and a chunk is seconds long there)."""
+        free memory; 2K elsewhere: a CPU chunk is seconds long, progress is reported after each,
+        and 2K prefills as fast as 8K there (docs/benchmarks.md)."""
         if self.device.type != "cuda":
-            return 8192
+            return CPU_PREFILL_CHUNK
         free, _ = torch.cuda.mem_get_info(self.device)
         per_token = _ACTIVATION_BYTES_PER_HIDDEN * int(self.hf.config.hidden_size)
         for chunk in (32768, 16384, 8192):
@@ -235,9 +239,11 @@ class Model:
 
     @torch.inference_mode()
     def prefill(self, cache: Cache, token_ids: Sequence[int] | torch.Tensor, chunk_size: int | None = None,
-                should_cancel: Callable[[], bool] | None = None) -> torch.Tensor:
+                should_cancel: Callable[[], bool] | None = None,
+                on_chunk: Callable[[int, int, float], None] | None = None) -> torch.Tensor:
         """Append ``token_ids`` to the cache in chunks (``prefill_chunk_size()`` by default);
-        fp32 logits ``[V]`` of the last token."""
+        fp32 logits ``[V]`` of the last token. ``on_chunk(done, total, elapsed_s)`` is called
+        after every chunk (tokens of this call done so far, its total, seconds since it began)."""
         ids = torch.as_tensor(token_ids, dtype=torch.long).reshape(-1)
         if ids.numel() == 0:
             raise InvalidRequest("prefill needs at least one token")
@@ -248,13 +254,16 @@ class Model:
         cache._check_room(ids.numel())
         ids = ids.to(self.device)
         logits = None
+        total, started = ids.numel(), time.perf_counter()
         with self._shared.lock:
-            for begin in range(0, ids.numel(), chunk_size):
+            for begin in range(0, total, chunk_size):
                 if should_cancel is not None and should_cancel():
                     raise Cancelled(f"prefill cancelled at position {cache.position}")
                 chunk = ids[begin:begin + chunk_size][None]
                 logits = self._forward(cache, chunk, cache.position)
                 cache.position += chunk.shape[1]
+                if on_chunk is not None:
+                    on_chunk(begin + chunk.shape[1], total, time.perf_counter() - started)
         return logits
 
     @torch.inference_mode()

@@ -27,6 +27,7 @@ from typing import Any, Protocol, TextIO
 
 from superlinear.bus import Context, SlashCommand, dispatch
 from superlinear.errors import InvalidRequest, NotFound, Unavailable, UserError
+from superlinear.plugins.client.progress import PrefillBar, watch_prefill
 
 from . import state as chat_state
 from .render import StreamRenderer, Styler, TurnStats, format_footer, use_color
@@ -483,8 +484,11 @@ class ChatRepl:
         started = time.perf_counter()
         done = None
         cancelled = False
-        stream = self.client.chat_stream(messages, session_id=self.session_id, session_mode=mode,
-                                         **self.settings.request_options())
+        # A long prompt (the first of a big session, a long paste) shows a bar with its ETA.
+        bar = PrefillBar(speed=getattr(self.client, "prefill_speed", None))
+        stream = watch_prefill(self.client.chat_stream(messages, session_id=self.session_id, session_mode=mode,
+                                                       return_progress=True, **self.settings.request_options()),
+                               bar)
         quiet = quiet_terminal() if self.running else contextlib.nullcontext()
         try:
             with quiet:

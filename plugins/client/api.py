@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import json
 import os
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -48,8 +48,11 @@ class StreamEvent:
     """One event of a streamed chat turn.
 
     ``type`` is ``"text"`` / ``"reasoning"`` (``text`` holds the delta), ``"tool_calls"``
-    (``tool_calls``: OpenAI-style list, complete), or ``"done"`` (``finish_reason``, ``usage``,
-    ``timings``, ``message``: the whole assistant message). ``session_id`` is set on every event.
+    (``tool_calls``: OpenAI-style list, complete), ``"progress"`` (``progress``: llama.cpp's
+    ``prompt_progress`` ``{total, cache, processed, time_ms}``, while the prompt is prefilled, when
+    the request asked for it with ``return_progress=True``) or ``"done"`` (``finish_reason``,
+    ``usage``, ``timings``, ``message``: the whole assistant message). ``session_id`` is set on
+    every event.
     """
 
     type: str
@@ -60,6 +63,7 @@ class StreamEvent:
     timings: dict | None = None
     message: dict | None = None
     session_id: str | None = None
+    progress: dict | None = None
 
 
 @dataclass
@@ -233,6 +237,12 @@ class SplClient:
         except UserError:
             return False
 
+    def prefill_speed(self) -> dict | None:
+        """The server's last measured prefill (``{"tokens", "seconds", "tokens_per_s"}``), from
+        ``/health``; None when it has measured none (or is older than this client)."""
+        speed = self.health(timeout=5.0).get("prefill")
+        return speed if isinstance(speed, dict) else None
+
     def models(self) -> list[dict]:
         return self._request("GET", "/v1/models")["data"]
 
@@ -377,8 +387,10 @@ class SplClient:
             body["max_seq_len"] = max_seq_len
         return self._request("POST", f"/v1/snapshots/{_q(snapshot_id)}/load", json=body)
 
-    def export_snapshot(self, snapshot_id: str, path: str | Path) -> Path:
-        """Download the snapshot as one file (written atomically)."""
+    def export_snapshot(self, snapshot_id: str, path: str | Path,
+                        on_bytes: Callable[[int, int | None], None] | None = None) -> Path:
+        """Download the snapshot as one file (written atomically). ``on_bytes(done, total)``
+        after every block (``total`` from Content-Length, None when the server sends none)."""
         path = Path(path)
         tmp = path.with_name(path.name + ".part")
         try:
@@ -386,9 +398,13 @@ class SplClient:
                 if response.status_code >= 400:
                     response.read()
                     raise error_from_response(response)
+                length = response.headers.get("content-length")
+                total = int(length) if length and length.isdigit() else None
                 with open(tmp, "wb") as out:
                     for chunk in response.iter_bytes(1 << 20):
                         out.write(chunk)
+                        if on_bytes is not None:
+                            on_bytes(out.tell(), total)
         except httpx.TransportError as exc:
             tmp.unlink(missing_ok=True)
             raise self._unreachable(exc) from exc
@@ -398,17 +414,22 @@ class SplClient:
         os.replace(tmp, path)
         return path
 
-    def import_snapshot(self, path: str | Path, snapshot_id: str | None = None, replace: bool = False) -> dict:
+    def import_snapshot(self, path: str | Path, snapshot_id: str | None = None, replace: bool = False,
+                        on_bytes: Callable[[int, int | None], None] | None = None) -> dict:
         """Upload a file made by ``export_snapshot``; returns the new snapshot's info.
-        ``snapshot_id`` renames it; ``replace`` overwrites an existing snapshot of that id."""
+        ``snapshot_id`` renames it; ``replace`` overwrites an existing snapshot of that id.
+        ``on_bytes(done, total)`` after every block sent."""
         path = Path(path)
         if not path.is_file():
             raise InvalidRequest(f"no such file: {path}")
+        total = path.stat().st_size
 
         def chunks():
             with open(path, "rb") as f:
                 while block := f.read(1 << 20):
                     yield block
+                    if on_bytes is not None:
+                        on_bytes(f.tell(), total)
 
         params: dict[str, Any] = {}
         if snapshot_id:
@@ -457,6 +478,8 @@ def _parse_sse(response: httpx.Response) -> Iterator[StreamEvent]:
             usage = chunk["usage"]
         if chunk.get("timings"):
             timings = chunk["timings"]
+        if isinstance(chunk.get("prompt_progress"), dict):
+            yield StreamEvent("progress", progress=chunk["prompt_progress"], session_id=session_id)
         for choice in chunk.get("choices") or []:
             delta = choice.get("delta") or {}
             if delta.get("reasoning_content"):

@@ -92,12 +92,18 @@ def ingest_command(paths, workspace, globs, chunk_chars, overlap, no_llm, max_se
     re-sync the workspace's folders: unchanged files are skipped, changed ones re-read, deleted
     ones dropped.
     """
+    from superlinear.plugins.client.progress import PrefillBar
+
     progress = _Progress(sys.stderr.isatty() and not as_json)
-    ctx = Context(state={"progress": progress, "status": None if as_json else progress.message})
+    # the status line before the prefill carries the time estimate: the bar adds none of its own
+    bar = PrefillBar(label="prefill", note=lambda line: None, enabled=sys.stderr.isatty() and not as_json)
+    ctx = Context(state={"progress": progress, "status": None if as_json else progress.message,
+                         "prefill": bar.update})
     try:
         result = dispatch(RagIngest(tuple(paths), workspace or _default_workspace(), tuple(globs), chunk_chars,
                                     overlap, llm=not no_llm, max_seq_len=max_seq_len, rebuild=rebuild), ctx)
     finally:
+        bar.close()
         progress.end()
     if as_json:
         click.echo(json.dumps(result, indent=2))

@@ -2,7 +2,8 @@
 
 Handlers return plain dicts (JSON-ready). A caller may put in ``ctx.state``:
 ``"progress"`` — ``callable(done, total, path)`` for long ingests; ``"status"`` — ``callable(line)``
-for one-line notes (prefill under way); ``"on_text"`` — ``callable(delta)`` to stream the answer;
+for one-line notes (prefill under way); ``"prefill"`` — ``callable(prompt_progress)`` for the
+context's prefill (``PrefillBar.update``); ``"on_text"`` — ``callable(delta)`` to stream the answer;
 ``"client"`` — an ``SplClient`` to use.
 """
 
@@ -120,7 +121,8 @@ def _ingest(ws: Workspace, command: RagIngest, ctx: Context) -> dict:
             out["context"] = {**ws.manifest["context"], "reused": True}
             return out
         status = ctx.state.get("status")
-        out["context"] = llm.build_context(ws, client, max_seq_len=command.max_seq_len, progress=status)
+        out["context"] = llm.build_context(ws, client, max_seq_len=command.max_seq_len, progress=status,
+                                           on_prefill=ctx.state.get("prefill"))
     finally:
         if owned:
             client.close()

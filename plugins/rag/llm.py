@@ -102,8 +102,10 @@ def context_budget(max_seq_len: int, k: int, max_chars: int) -> int:
 
 
 def build_context(workspace: Workspace, client, *, max_seq_len: int | None = None, k: int = 5,
-                  progress=None) -> dict:
+                  progress=None, on_prefill=None) -> dict:
     """Prefill the documents into a new session, snapshot it, record it in the manifest.
+    ``progress(line)`` gets one-line notes; ``on_prefill(prompt_progress)`` the prefill's progress
+    (the request is streamed: keep-alives and progress keep it from timing out however long it is).
 
     Returns the context record (``mode`` "context") or, when the documents do not fit,
     ``{"mode": "retrieval-only", "reason": ...}`` (and the manifest's context is cleared).
@@ -129,11 +131,11 @@ def build_context(workspace: Workspace, client, *, max_seq_len: int | None = Non
             needed = document_tokens
             raise TooLarge("documents too large")
         if progress:
-            progress(f"prefilling the documents ({document_tokens} tokens) into session {session_id}…")
+            progress(f"prefilling the documents ({document_tokens:,} tokens) into session {session_id}"
+                     f"{_time_estimate(client, document_tokens)}…")
         started = time.perf_counter()
         # (a TooLarge now is the server's memory, not the length: its message says so)
-        result = client.chat([{"role": "system", "content": system}], session_id=session_id,
-                             max_tokens=1, temperature=0.0)
+        result = _prefill(client, system, session_id, on_prefill)
         prefill_s = time.perf_counter() - started
         tokens = int((result.usage or {}).get("prompt_tokens") or 0)
         if budget is not None and tokens > budget:
@@ -173,7 +175,7 @@ def build_context(workspace: Workspace, client, *, max_seq_len: int | None = Non
         "max_seq_len": limit or info.get("max_seq_len"),
         "budget_tokens": budget,
         "prefill_s": round(prefill_s, 3),
-        "model": (result.raw or {}).get("model"),
+        "model": _model_name(client),
         "server": getattr(client, "base_url", None),
         "corpus_hash": workspace.version,
         "stale_files": stale,
@@ -182,6 +184,42 @@ def build_context(workspace: Workspace, client, *, max_seq_len: int | None = Non
     if old.get("snapshot_id") and old.get("snapshot_id") != snapshot_id:
         _drop_snapshot(client, old.get("snapshot_id"))
     return context
+
+
+def _prefill(client, system: str, session_id: str, on_prefill=None):
+    """The documents into the session: one streamed turn of one token (a non-streamed request
+    would wait silently for the whole prefill, and a read timeout could cut it)."""
+    from superlinear.plugins.client import collect
+
+    events = client.chat_stream([{"role": "system", "content": system}], session_id=session_id,
+                                max_tokens=1, temperature=0.0, return_progress=on_prefill is not None)
+
+    def watched():
+        for event in events:
+            if event.type == "progress":
+                on_prefill(event.progress or {})
+            else:
+                yield event
+
+    return collect(watched())
+
+
+def _time_estimate(client, tokens: int) -> str:
+    """", about 2 min 10 s at …" from the server's last measured prefill ("" when unknown)."""
+    from superlinear.plugins.client.progress import time_estimate
+
+    try:
+        estimate = time_estimate(tokens, client.prefill_speed())
+    except (UserError, AttributeError):
+        return ""
+    return f": {estimate}" if estimate else ""
+
+
+def _model_name(client) -> str | None:
+    try:
+        return client.health().get("model")
+    except UserError:
+        return None
 
 
 def does_not_fit_reason(needed: int, *, session_len: int, reserve: int, suggest: int) -> str:

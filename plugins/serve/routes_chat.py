@@ -9,11 +9,12 @@ import contextlib
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse
 
+from superlinear.engine import PrefillProgress
 from superlinear.errors import UserError
 from superlinear.service import ChatTurn, Done, Persisted, ReasoningDelta, Started, TextDelta, ToolCallsEvent
 
 from . import chat as openai
-from . import sse
+from . import progress, sse
 from .http import read_body
 from .runtime import Runtime
 from .schemas import ChatCompletionRequest, parse_body
@@ -57,7 +58,8 @@ def add_routes(app: FastAPI, rt: Runtime) -> None:
             watcher.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await watcher
-            return sse.response(reply.stream(first), on_close=job.cancel)
+            return sse.response(reply.stream(first), on_close=job.cancel,
+                                ping_s=progress.ping_interval(body.sse_ping_interval))
         try:
             return await reply.collect(first)
         finally:
@@ -77,6 +79,7 @@ def _chat_job(rt: Runtime, job, turn: ChatTurn) -> None:
             case Persisted(ok=ok):
                 persisted = ok
             case Done():
+                rt.note_prefill(event.usage, event.timings)
                 rt.metrics.turn(event, session_id=turn.session_id, persisted=persisted,
                                 queued_s=(job.started or job.submitted) - job.submitted)
         job.emit(event)
@@ -146,6 +149,9 @@ class Reply:
                 self.queued_s = (self.job.started or self.job.submitted) - self.job.submitted
             case Persisted():
                 self.persisted = event
+            case PrefillProgress():  # llama.cpp's prompt_progress chunks, when asked for
+                if self.body.return_progress:
+                    return [progress.progress_chunk(self._chunk(None), event)]
             case TextDelta(text=text):
                 self.content.append(text)
                 return [self._chunk({"content": text})] if text else []

@@ -92,6 +92,7 @@ def _completion_job(rt: Runtime, job, body: CompletionRequest, prompt) -> None:
     rt.stats["generations"] += 1
     for event in rt.service.complete(prompt, sampling, repetition=repetition, cancel=job.cancel_event):
         if isinstance(event, Done):
+            rt.note_prefill(event.usage, event.timings)
             rt.metrics.turn(event, session_id=None, queued_s=_queued_s(job), persisted=None)
         job.emit(event)
     job.emit(END)

@@ -21,6 +21,8 @@ from .metrics import ServerMetrics
 from .worker import Worker
 
 log = logging.getLogger("spl.serve")
+# A prefill of fewer tokens is dominated by fixed costs: its speed says little about a long one.
+MEASURED_PREFILL_TOKENS = 256
 
 
 class Runtime:
@@ -42,6 +44,7 @@ class Runtime:
         self._load_started = time.monotonic()
         self._thread: threading.Thread | None = None
         self.stats = {"requests": 0, "generations": 0, "cancelled": 0, "errors": 0}
+        self.prefill_speed: dict | None = None  # the last measured prefill (``note_prefill``)
         self.on_load_error = None  # called (from the loader thread) when the model cannot be loaded
 
     # -- lifecycle -----------------------------------------------------------------------
@@ -158,6 +161,7 @@ class Runtime:
         if self.error:
             h["error"] = self.error
         if self.status == "ok":
+            h["prefill"] = self.prefill_speed
             try:
                 h["sessions"] = len(self.list_sessions())
                 h["memory"] = self.memory_info()
@@ -168,6 +172,14 @@ class Runtime:
 
             h["version"] = __version__
         return h
+
+    def note_prefill(self, usage: dict, timings: dict) -> None:
+        """Remember the speed of the last prefill long enough to measure (clients estimate the
+        time of the next long one from it, before it starts)."""
+        tokens, seconds = usage.get("prefill_tokens") or 0, timings.get("prefill_s") or 0
+        if tokens >= MEASURED_PREFILL_TOKENS and seconds > 0:
+            self.prefill_speed = {"tokens": int(tokens), "seconds": round(float(seconds), 3),
+                                  "tokens_per_s": round(tokens / seconds, 1)}
 
     def memory_info(self) -> dict:
         """The session memory budget: ``{"budget", "used", "free", "max_seq_len_limit", "eviction"}``."""

@@ -117,6 +117,10 @@ class ChatCompletionRequest(BaseModel):
     repetition_detection: StrictBool | RepetitionOptions | None = None
     chat_template_kwargs: dict[str, Any] | None = None
     keep_thinking: StrictBool = False
+    # llama.cpp's conventions: prompt_progress chunks while the prompt is prefilled (stream only),
+    # and the seconds of silence after which a ": keep-alive" comment goes out (-1: none)
+    return_progress: StrictBool = False
+    sse_ping_interval: float | None = Field(None, ge=-1, le=3600)
 
     @field_validator("stop")
     @classmethod

@@ -16,6 +16,8 @@ from fastapi.responses import StreamingResponse
 
 from superlinear.errors import UserError
 
+from . import progress
+
 log = logging.getLogger("spl.serve")
 HEADERS = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
 
@@ -30,9 +32,11 @@ def internal_error_body(exc: BaseException) -> dict:
                       "type": "server_error", "param": None, "code": "internal_error"}}
 
 
-def response(chunks: AsyncIterator[dict], on_close: Callable[[], None]) -> StreamingResponse:
+def response(chunks: AsyncIterator[dict], on_close: Callable[[], None],
+             ping_s: float | None = progress.DEFAULT_PING_S) -> StreamingResponse:
     """Stream ``chunks`` as SSE. ``on_close`` runs however the stream ends (finished, failed, or
-    the client went away), e.g. to stop the work that feeds it."""
+    the client went away), e.g. to stop the work that feeds it. A ``: keep-alive`` comment goes
+    out after ``ping_s`` seconds of silence (None: never), so proxies keep a long prefill's stream."""
 
     async def body():
         try:
@@ -51,4 +55,5 @@ def response(chunks: AsyncIterator[dict], on_close: Callable[[], None]) -> Strea
         finally:
             on_close()
 
-    return StreamingResponse(body(), media_type="text/event-stream", headers=HEADERS)
+    return StreamingResponse(progress.with_keepalive(body(), ping_s), media_type="text/event-stream",
+                             headers=HEADERS)
