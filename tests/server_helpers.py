@@ -142,3 +142,16 @@ def spl(server: RunningServer, *args: str, env: dict | None = None,
 
 def user(text: str) -> dict:
     return {"role": "user", "content": text}
+
+
+def sse_chunks(response: httpx.Response):
+    """The JSON chunks of a streamed response (``data:`` lines before ``[DONE]``), each checked
+    not to be an error body."""
+    import json
+
+    for line in response.iter_lines():
+        if not line.startswith("data: ") or line == "data: [DONE]":
+            continue
+        chunk = json.loads(line[6:])
+        assert "error" not in chunk, chunk
+        yield chunk

@@ -3,13 +3,12 @@ a disconnected client's turn stops promptly, and the server keeps answering."""
 
 from __future__ import annotations
 
-import json
 import threading
 import time
 
 import httpx
 import pytest
-from server_helpers import shared_server, user
+from server_helpers import shared_server, sse_chunks, user
 
 pytestmark = pytest.mark.slow
 
@@ -37,11 +36,7 @@ def _stream(c: httpx.Client, body: dict, leave_after: int | None) -> dict:
                 continue
             assert r.status_code == 200, r.read()
             text, n, finish = [], 0, None
-            for line in r.iter_lines():
-                if not line.startswith("data: ") or line == "data: [DONE]":
-                    continue
-                chunk = json.loads(line[6:])
-                assert "error" not in chunk, chunk
+            for chunk in sse_chunks(r):
                 for choice in chunk["choices"]:
                     text.append(choice["delta"].get("content") or "")
                     finish = choice["finish_reason"] or finish

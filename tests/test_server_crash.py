@@ -6,7 +6,6 @@ snapshots and session journals alike) is complete (its files match its manifest)
 from __future__ import annotations
 
 import functools
-import json
 import os
 import random
 import shutil
@@ -16,7 +15,7 @@ import time
 
 import httpx
 import pytest
-from server_helpers import start_server
+from server_helpers import sse_chunks, start_server
 
 pytestmark = pytest.mark.slow
 
@@ -53,11 +52,7 @@ class Client:
         content = []
         with self.http.stream("POST", "/v1/chat/completions", json=self.body(text, True)) as r:
             assert r.status_code == 200
-            for line in r.iter_lines():
-                if not line.startswith("data: ") or line == "data: [DONE]":
-                    continue
-                chunk = json.loads(line[6:])
-                assert "error" not in chunk, chunk
+            for chunk in sse_chunks(r):
                 for choice in chunk["choices"]:
                     content.append(choice["delta"].get("content") or "")
                     if choice["finish_reason"] is not None and chunk.get("persisted"):
