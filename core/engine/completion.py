@@ -82,7 +82,7 @@ def run_completion(conv: Conversation, ids: list[int], sampling: SamplingParams,
             finish = "repetition"
         elif completion < max_tokens and conv.position < conv.max_seq_len:
             logits = conv.step(t)
-    if finish != "stop" or not cutter.stopped:
+    if not cutter.stopped:  # what the detokenizer and the stop cutter still hold
         tail = cutter.push(detok.flush()) + cutter.flush()
         if tail:
             yield TextDelta(tail)

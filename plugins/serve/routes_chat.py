@@ -81,7 +81,7 @@ def _chat_job(rt: Runtime, job, turn: ChatTurn) -> None:
             case Done():
                 rt.note_prefill(event.usage, event.timings)
                 rt.metrics.turn(event, session_id=turn.session_id, persisted=persisted,
-                                queued_s=(job.started or job.submitted) - job.submitted)
+                                queued_s=job.queued_s)
         job.emit(event)
     job.emit(END)
 
@@ -146,7 +146,7 @@ class Reply:
         match event:
             case Started(how=how):
                 self.how = how
-                self.queued_s = (self.job.started or self.job.submitted) - self.job.submitted
+                self.queued_s = self.job.queued_s
             case Persisted():
                 self.persisted = event
             case PrefillProgress():  # llama.cpp's prompt_progress chunks, when asked for

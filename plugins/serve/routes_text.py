@@ -93,13 +93,9 @@ def _completion_job(rt: Runtime, job, body: CompletionRequest, prompt) -> None:
     for event in rt.service.complete(prompt, sampling, repetition=repetition, cancel=job.cancel_event):
         if isinstance(event, Done):
             rt.note_prefill(event.usage, event.timings)
-            rt.metrics.turn(event, session_id=None, queued_s=_queued_s(job), persisted=None)
+            rt.metrics.turn(event, session_id=None, queued_s=job.queued_s, persisted=None)
         job.emit(event)
     job.emit(END)
-
-
-def _queued_s(job) -> float:
-    return (job.started or job.submitted) - job.submitted
 
 
 async def _events(job, first):

@@ -35,6 +35,11 @@ class Job:
         self.submitted = time.monotonic()
         self.started: float | None = None
 
+    @property
+    def queued_s(self) -> float:
+        """Seconds the job waited before the worker started it (so far, if it has not)."""
+        return (self.started or self.submitted) - self.submitted
+
     def cancelled(self) -> bool:
         return self.cancel_event.is_set()
 
