@@ -81,3 +81,30 @@ class Unavailable(UserError):
     http_status = 503
     error_type = "service_unavailable"
     code = "unavailable"
+
+
+class ServerError(UserError):
+    """The other side failed (HTTP 5xx, a bug there): reported as one line like any other error."""
+
+    http_status = 500
+    error_type = "server_error"
+    code = "internal_error"
+
+
+_BY_STATUS: dict[int, type[UserError]] = {400: InvalidRequest, 401: Unauthorized, 404: NotFound, 409: Conflict,
+                                          413: TooLarge, 422: InvalidRequest, 429: Busy, 503: Unavailable}
+_BY_CODE: dict[str, type[UserError]] = {cls.code: cls for cls in (Unauthorized, NotFound, Conflict, TooLarge, Busy,
+                                                                   OverBudget, Unavailable, ServerError)}
+
+
+def from_openai(error: dict, status: int | None = None) -> UserError:
+    """The ``UserError`` an OpenAI-style error object stands for: the inverse of ``to_openai``.
+    ``status``: the HTTP status it came with (None: inside a stream that had begun)."""
+    code = error.get("code")
+    cls = _BY_CODE.get(code) if isinstance(code, str) else None
+    if cls is None and status is not None:
+        cls = _BY_STATUS.get(status) or (UserError if status < 500 else ServerError)
+    if cls is None:
+        cls = InvalidRequest if error.get("type") == "invalid_request_error" else ServerError
+    return cls(str(error.get("message") or "the request failed"), param=error.get("param"),
+               code=code if isinstance(code, str) else None)

@@ -75,7 +75,7 @@ def _entry_points() -> list[tuple[str, str, str]]:
         version = ep.dist.version if ep.dist is not None else "?"
         found.append((ep.name, ep.value, version))
     if not any(value.startswith(BUILTIN_PREFIX) for _, value, _ in found):
-        from superlinear import __version__
+        from superlinear.version import __version__
 
         found += [(m.rsplit(".", 1)[1], m, __version__) for m in BUILTIN_MODULES]
     return found

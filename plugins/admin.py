@@ -189,7 +189,8 @@ def _need(value: str, what: str) -> str:
 
 
 def list_all(cmd: ListAll, ctx: Context) -> dict:
-    return _client(ctx).list_all()
+    client = _client(ctx)
+    return {"sessions": client.list_sessions()["sessions"], "snapshots": client.list_snapshots()}
 
 
 def remove(cmd: Remove, ctx: Context) -> list[dict]:
@@ -199,7 +200,7 @@ def remove(cmd: Remove, ctx: Context) -> list[dict]:
     done = []
     for item in cmd.ids:
         try:
-            client.delete_session(item)
+            client.close_session(item)
             done.append({"id": item, "kind": "session"})
             continue
         except NotFound:
@@ -219,7 +220,7 @@ def session_new(cmd: SessionNew, ctx: Context) -> dict:
 
 
 def session_list(cmd: SessionList, ctx: Context) -> list[dict]:
-    return _client(ctx).list_sessions()
+    return _client(ctx).list_sessions()["sessions"]
 
 
 def session_info(cmd: SessionInfo, ctx: Context) -> dict:
@@ -239,7 +240,8 @@ def session_remove(cmd: SessionRemove, ctx: Context) -> list[dict]:
     if not cmd.session_ids:
         raise InvalidRequest("give at least one session id")
     client = _client(ctx)
-    return [client.delete_session(sid) for sid in cmd.session_ids]
+    return [{"id": sid, "object": "session.deleted", "deleted": True, "session": client.close_session(sid)}
+            for sid in cmd.session_ids]
 
 
 def session_fork(cmd: SessionFork, ctx: Context) -> dict:
@@ -266,20 +268,24 @@ def snapshot_info(cmd: SnapshotInfo, ctx: Context) -> dict:
 
 
 def snapshot_save(cmd: SnapshotSave, ctx: Context) -> dict:
-    return _client(ctx).save_session(_need(cmd.session_id, "session id"), title=cmd.title,
-                                     description=cmd.description, tags=list(cmd.tags) or None)
+    return _client(ctx).save(_need(cmd.session_id, "session id"), title=cmd.title,
+                             description=cmd.description, tags=list(cmd.tags) or None)
 
 
 def snapshot_load(cmd: SnapshotLoad, ctx: Context) -> dict:
-    return _client(ctx).load_snapshot(_need(cmd.snapshot_id, "snapshot id"), session_id=cmd.session_id,
-                                      force=cmd.force, max_seq_len=cmd.max_seq_len)
+    return _client(ctx).load(_need(cmd.snapshot_id, "snapshot id"), session_id=cmd.session_id,
+                             force=cmd.force, max_seq_len=cmd.max_seq_len)
 
 
 def snapshot_remove(cmd: SnapshotRemove, ctx: Context) -> list[dict]:
     if not cmd.snapshot_ids:
         raise InvalidRequest("give at least one snapshot id")
     client = _client(ctx)
-    return [client.delete_snapshot(sid) for sid in cmd.snapshot_ids]
+    deleted = []
+    for sid in cmd.snapshot_ids:
+        client.delete_snapshot(sid)
+        deleted.append({"id": sid, "object": "snapshot.deleted", "deleted": True})
+    return deleted
 
 
 def snapshot_tag(cmd: SnapshotTag, ctx: Context) -> dict:
@@ -291,7 +297,9 @@ def snapshot_tag(cmd: SnapshotTag, ctx: Context) -> dict:
         tags = [t for t in current if t not in cmd.remove] + [t for t in cmd.add if t not in current]
     if tags is None and cmd.title is None and cmd.description is None:
         raise InvalidRequest("nothing to change: give tags to add, --remove TAG, --title or --description")
-    return client.patch_snapshot(sid, title=cmd.title, description=cmd.description, tags=tags)
+    fields = {k: v for k, v in {"title": cmd.title, "description": cmd.description, "tags": tags}.items()
+              if v is not None}
+    return client.update_snapshot(sid, **fields)
 
 
 def snapshot_export(cmd: SnapshotExport, ctx: Context) -> dict:

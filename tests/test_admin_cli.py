@@ -155,6 +155,6 @@ def test_import_of_a_file_that_is_no_export_names_that_file(spl, tmp_path):
     text.write_text("myhost\n")
     code, out, err = spl("snapshot", "import", str(text))
     assert code == 2 and len(err.strip().splitlines()) == 1, err
-    assert err.strip() == (f"spl: error: {text} is not a snapshot export (not a tar file made by "
-                           "`spl snapshot export`)"), err
+    assert err.strip() == (f"spl: error: {text} is not a snapshot export (not a tar file made by a "
+                           "snapshot export)"), err
     assert "spl-import-" not in err

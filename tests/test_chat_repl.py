@@ -404,24 +404,25 @@ def test_ctrl_c_as_the_reply_ends_leaves_no_half_turn(server):
     (here: exactly when the final event arrives) still leaves the session as before the turn."""
     import io
 
+    from superlinear.api import Done
     from superlinear.plugins.chat.repl import ChatRepl, ChatSettings
     from superlinear.plugins.client import SplClient
 
     client = SplClient(server["url"])
-    real_stream = client.chat_stream
+    real_chat = client.chat
 
-    def interrupted_at_the_end(*args, **kwargs):
-        stream = real_stream(*args, **kwargs)
+    def interrupted_at_the_end(turn):
+        stream = real_chat(turn)
         try:
             for event in stream:
-                if event.type == "done" and interrupt["on"]:
+                if isinstance(event, Done) and interrupt["on"]:
                     raise KeyboardInterrupt
                 yield event
         finally:
             stream.close()
 
     interrupt = {"on": False}
-    client.chat_stream = interrupted_at_the_end
+    client.chat = interrupted_at_the_end
     out = io.StringIO()
     repl = ChatRepl(client, name="race", new=True, out=out, settings=ChatSettings(temperature=0.0, max_tokens=6))
     try:
@@ -433,7 +434,7 @@ def test_ctrl_c_as_the_reply_ends_leaves_no_half_turn(server):
         history = client.history(repl.session_id)
         assert [m["content"] for m in history][:1] == ["Say hello."] and len(history) == 2, history
     finally:
-        client.delete_session(repl.session_id)
+        client.close_session(repl.session_id)
         client.close()
 
 

@@ -10,7 +10,9 @@ import json
 import pytest
 from prompt_toolkit.document import Document
 
+from superlinear.api import Done, TextDelta
 from superlinear.bus import SlashCommand
+from superlinear.engine import RepetitionConfig
 from superlinear.errors import InvalidRequest, NotFound, Unavailable
 from superlinear.plugins.chat import state as chat_state
 from superlinear.plugins.chat.render import StreamRenderer, TurnStats, format_footer
@@ -23,7 +25,6 @@ from superlinear.plugins.chat.slash import (
     parse_int,
     parse_line,
 )
-from superlinear.plugins.client import StreamEvent
 
 
 @pytest.fixture(autouse=True)
@@ -191,15 +192,13 @@ class FakeClient:
         return list(self.sessions[sid])
 
     def list_sessions(self):
-        return [{"id": s, "position": 0, "max_seq_len": 64, "message_count": len(m)} for s, m in self.sessions.items()]
+        return {"sessions": [{"id": s, "position": 0, "max_seq_len": 64, "message_count": len(m)}
+                             for s, m in self.sessions.items()]}
 
     def list_snapshots(self):
         return [{"id": s, "title": "t"} for s in self.snapshots]
 
-    def list_all(self):
-        return {"sessions": self.list_sessions(), "snapshots": self.list_snapshots()}
-
-    def delete_session(self, sid):
+    def close_session(self, sid):
         self.get_session(sid)
         del self.sessions[sid]
         return {"id": sid}
@@ -210,13 +209,13 @@ class FakeClient:
         del self.snapshots[snap]
         return {"id": snap}
 
-    def save_session(self, sid, title=None, description=None, tags=None):
+    def save(self, sid, title=None, description=None, tags=None):
         self.get_session(sid)
         snap = f"snap{len(self.snapshots) + 1}"
         self.snapshots[snap] = list(self.sessions[sid])
         return {"id": snap, "title": title, "session": {"position": 10 * len(self.sessions[sid])}}
 
-    def load_snapshot(self, snap, session_id=None, force=False, max_seq_len=None):
+    def load(self, snap, session_id=None, force=False, max_seq_len=None, ephemeral=False):
         if snap not in self.snapshots:
             raise NotFound(f"no snapshot {snap!r}")
         info = self.create_session(session_id)
@@ -235,7 +234,13 @@ class FakeClient:
         del messages[n_messages if n_messages >= 0 else len(messages) + n_messages:]
         return self.get_session(sid)
 
-    def chat_stream(self, messages, session_id=None, **options):
+    def chat(self, turn):
+        messages, session_id, r = turn.request.messages, turn.session_id, turn.request
+        options = {"session_mode": turn.session_mode, "temperature": r.sampling.temperature,
+                   "repetition": r.repetition, "reasoning_budget": r.reasoning_budget,
+                   "chat_template_kwargs": r.chat_template_kwargs}
+        if r.sampling.max_tokens is not None:
+            options["max_tokens"] = r.sampling.max_tokens
         self.requests.append({"messages": messages, "session_id": session_id, **options})
         self._check()
         if session_id is not None and session_id not in self.sessions:
@@ -250,14 +255,14 @@ class FakeClient:
         for i, word in enumerate(words):
             if self.interrupt_after is not None and i == self.interrupt_after:
                 raise KeyboardInterrupt
-            yield StreamEvent("text", text=(" " if i else "") + word, session_id=session_id)
+            yield TextDelta((" " if i else "") + word)
         transcript.extend(messages)
         transcript.append({"role": "assistant", "content": reply})
         if self.interrupt_at_done:  # Ctrl-C after the server stored the turn, before "done" came
             raise KeyboardInterrupt
-        yield StreamEvent("done", finish_reason="stop", usage={"prompt_tokens": 7, "completion_tokens": len(words)},
-                          timings={"prefill_tokens_per_s": 100.0, "decode_tokens_per_s": 10.0, "tokens_reused": 3},
-                          message={"role": "assistant", "content": reply}, session_id=session_id)
+        yield Done("stop", {"role": "assistant", "content": reply},
+                   {"prompt_tokens": 7, "completion_tokens": len(words), "cached_tokens": 3},
+                   {"prefill_tokens_per_s": 100.0, "decode_tokens_per_s": 10.0})
 
 
 def make_repl(client=None, **kwargs):
@@ -357,7 +362,7 @@ def test_replies_are_capped_and_stop_looping_by_default_and_max_changes_the_cap(
     repl, out = make_repl(client)
     repl.open_session()
     repl.handle("one")
-    assert client.requests[-1]["max_tokens"] == 1024 and client.requests[-1]["repetition_detection"] is True
+    assert client.requests[-1]["max_tokens"] == 1024 and client.requests[-1]["repetition"] == RepetitionConfig()
     repl.handle("/max")
     repl.handle("/max 64")
     repl.handle("two")

@@ -20,20 +20,6 @@ def tokenizer(request):
     return request.getfixturevalue("default_model").tokenizer
 
 
-def test_model_prefill_calls_back_after_every_chunk(tiny_llama):
-    from superlinear.model import load_model
-
-    model = load_model(str(tiny_llama))
-    calls = []
-    cache = model.new_cache(256)
-    model.prefill(cache, list(range(10, 110)), chunk_size=32, on_chunk=lambda *a: calls.append(a))
-    assert [c[0] for c in calls] == [32, 64, 96, 100]  # tokens done, increasing, the last is all
-    assert all(c[1] == 100 for c in calls)
-    elapsed = [c[2] for c in calls]
-    assert elapsed == sorted(elapsed) and elapsed[0] >= 0
-    assert cache.position == 100
-
-
 @pytest.mark.parametrize("hybrid", [False, True])
 def test_sync_reports_progress_from_the_cached_prefix_to_the_total(tokenizer, hybrid):
     conv = Conversation(FakeModel(tokenizer, hybrid=hybrid), 4096, chunk_size=16)
@@ -154,7 +140,7 @@ def test_estimate_line():
 
 
 def test_prefill_bar_notes_the_estimate_once_and_watch_closes_the_stream():
-    from superlinear.plugins.client import StreamEvent
+    from superlinear.api import PrefillProgress, TextDelta
     from superlinear.plugins.client.progress import PrefillBar, watch_prefill
 
     notes = []
@@ -164,9 +150,9 @@ def test_prefill_bar_notes_the_estimate_once_and_watch_closes_the_stream():
     def events():
         try:
             for done in (0, 2048, 4096):
-                yield StreamEvent("progress", progress={"total": 4096, "cache": 0, "processed": done, "time_ms": 0})
-            yield StreamEvent("text", text="hi")
-            yield StreamEvent("text", text=" there")
+                yield PrefillProgress(done, 4096, 0, 0.0)
+            yield TextDelta("hi")
+            yield TextDelta(" there")
         finally:
             closed.append(True)
 
@@ -183,8 +169,8 @@ def test_a_short_prefill_gets_a_bar_once_it_turns_out_slow():
 
     notes = []
     bar = PrefillBar(io.StringIO(), note=notes.append, enabled=False)
-    bar.update({"total": 600, "cache": 0, "processed": 0, "time_ms": 0})
-    bar.update({"total": 600, "cache": 0, "processed": 256, "time_ms": 900})
+    bar.update(PrefillProgress(0, 600, 0, 0.0))
+    bar.update(PrefillProgress(256, 600, 0, 0.9))
     assert notes == []  # short and quick so far: nothing to watch
-    bar.update({"total": 600, "cache": 0, "processed": 512, "time_ms": 2100})
+    bar.update(PrefillProgress(512, 600, 0, 2.1))
     assert notes == ["prefilling 600 tokens (no prefill measured on this server yet: the bar shows the ETA)"]

@@ -10,10 +10,10 @@ import pytest
 from rag_corpus import copy_click_docs
 from test_rag_llm import FakeServer
 
+from superlinear.api import Done, TextDelta, chat_turn
 from superlinear.bus import Context, dispatch
 from superlinear.errors import InvalidRequest
 from superlinear.plugins.chat import ChatRepl, ChatSettings
-from superlinear.plugins.client import StreamEvent
 from superlinear.plugins.rag import docs as docs_mod
 from superlinear.plugins.rag import llm
 from superlinear.plugins.rag.commands import RagIngest
@@ -25,15 +25,16 @@ class Server(FakeServer):
     def history(self, sid):
         return list(self.sessions[sid]["messages"])
 
-    def chat_stream(self, messages, session_id=None, **options):
+    def chat(self, turn):
         """The reply in pieces of four characters, stored in the session as the server would."""
-        self.stream_options = options
-        session = self.sessions[session_id]
-        session["messages"] = session["messages"] + messages + [{"role": "assistant", "content": self.reply}]
+        self.turn = turn
+        session = self.sessions[turn.session_id]
+        session["messages"] = session["messages"] + turn.request.messages + [{"role": "assistant",
+                                                                              "content": self.reply}]
         for i in range(0, len(self.reply), 4):
-            yield StreamEvent("text", text=self.reply[i:i + 4], session_id=session_id)
-        yield StreamEvent("done", finish_reason="stop", usage={"prompt_tokens": 9, "completion_tokens": 5},
-                          timings={}, message={"role": "assistant", "content": self.reply}, session_id=session_id)
+            yield TextDelta(self.reply[i:i + 4])
+        yield Done("stop", {"role": "assistant", "content": self.reply}, {"prompt_tokens": 9, "completion_tokens": 5},
+                   {})
 
 
 @pytest.fixture
@@ -105,7 +106,7 @@ def test_sources_add_and_reset(repl):
     assert set(repl.server.snapshots) != set(old_snapshot)
     assert "notes.md:" in turn(repl, "walrus option")[0]["content"]
     # A turn, then /reset drops it: back to the (new) documents.
-    repl.server.chat([{"role": "user", "content": "hi"}], session_id="docs-click")
+    list(repl.server.chat(chat_turn([{"role": "user", "content": "hi"}], session_id="docs-click")))
     assert len(repl.server.history("docs-click")) == 3
     repl.run_slash("/reset")
     history = repl.server.history("docs-click")
@@ -131,7 +132,7 @@ def test_retrieval_only_workspace_gets_a_system_prompt_on_the_first_turn(tmp_pat
     r.ctx.state["docs"] = state
     first = turn(r, "Who holds the copyright?")
     assert [m["role"] for m in first] == ["system", "user"] and "LICENSE.txt:" in first[1]["content"]
-    server.chat(first, session_id=state.session_id)
+    list(server.chat(chat_turn(first, session_id=state.session_id)))
     assert [m["role"] for m in turn(r, "And the license?")] == ["user"]
 
 
@@ -144,8 +145,8 @@ def test_a_reply_cites_only_passages_it_was_given(repl):
     passages = repl.ctx.state["docs"].last_passages
     assert f"sources: [1] {passages[0].citation}, [2] {passages[1].citation}" in out
     # The reply was sent with the answer defaults: a cap and the repetition stop.
-    assert repl.server.stream_options["max_tokens"] == docs_mod.DOCS_MAX_TOKENS
-    assert repl.server.stream_options["repetition_detection"] == llm.ANSWER_REPETITION
+    assert repl.server.turn.request.sampling.max_tokens == docs_mod.DOCS_MAX_TOKENS
+    assert repl.server.turn.request.repetition == llm.ANSWER_REPETITION
     repl.server.reply = "I do not know."
     repl.handle("What does the license say about warranty?")
     assert "no passage cited (2 were given" in said(repl)

@@ -12,9 +12,9 @@ import re
 import pytest
 from rag_corpus import copy_click, copy_click_docs
 
+from superlinear.api import Done, PrefillProgress, TextDelta
 from superlinear.bus import Context, dispatch
 from superlinear.errors import NotFound, TooLarge
-from superlinear.plugins.client.api import ChatResult
 from superlinear.plugins.rag import llm
 from superlinear.plugins.rag.commands import RagAsk, RagInfo, RagIngest, RagRemove
 from superlinear.plugins.rag.workspace import Workspace
@@ -36,12 +36,12 @@ class FakeServer:
     def tokens(messages) -> int:
         return sum(len(m["content"]) for m in messages) // 4 + 4 * len(messages)
 
-    def count_tokens(self, messages) -> int:
-        return self.tokens(messages)
+    def tokenize(self, messages, **kw) -> dict:
+        return {"count": self.tokens(messages)}
 
-    def create_session(self, session_id=None, max_seq_len=None):
+    def create_session(self, session_id=None, max_seq_len=None, ephemeral=False):
         sid = session_id or f"s{next(self.ids)}"
-        self.sessions[sid] = {"messages": [], "max_seq_len": max_seq_len or self.default}
+        self.sessions[sid] = {"messages": [], "max_seq_len": max_seq_len or self.default, "ephemeral": ephemeral}
         return self.get_session(sid)
 
     def get_session(self, sid):
@@ -49,38 +49,30 @@ class FakeServer:
             raise NotFound(f"no session {sid}")
         s = self.sessions[sid]
         return {"id": sid, "position": self.tokens(s["messages"]), "max_seq_len": s["max_seq_len"],
-                "message_count": len(s["messages"])}
+                "message_count": len(s["messages"]), "ephemeral": s.get("ephemeral", False)}
 
-    def delete_session(self, sid):
-        self.get_session(sid)
+    def close_session(self, sid):
+        info = self.get_session(sid)
         del self.sessions[sid]
-        return {"id": sid, "deleted": True}
+        return info
 
-    def chat(self, messages, session_id=None, max_tokens=None, temperature=None, **kw):
+    def chat(self, turn):
+        """The turn's events as the real API yields them (progress first, as the engine does)."""
+        messages, session_id = turn.request.messages, turn.session_id
         self.calls.append(("chat", session_id, messages))
-        reply = "The answer is in the passages [1]." if max_tokens != 1 else "O"
+        reply = "The answer is in the passages [1]." if turn.request.sampling.max_tokens != 1 else "O"
         if session_id is None:
-            self.prefilled_chars += sum(len(m["content"]) for m in messages)
-            return ChatResult(reply, "", [], "stop", {"prompt_tokens": self.tokens(messages)}, {}, None,
-                              {"model": "fake"})
-        s = self.sessions[session_id]
-        if self.tokens(s["messages"] + messages) > s["max_seq_len"]:
-            raise TooLarge("context_length_exceeded")
+            usage_messages = messages
+        else:
+            s = self.sessions[session_id]
+            if self.tokens(s["messages"] + messages) > s["max_seq_len"]:
+                raise TooLarge("context_length_exceeded")
+            s["messages"] = s["messages"] + messages + [{"role": "assistant", "content": reply}]
+            usage_messages = s["messages"][:-1]
         self.prefilled_chars += sum(len(m["content"]) for m in messages)
-        s["messages"] = s["messages"] + messages + [{"role": "assistant", "content": reply}]
-        return ChatResult(reply, "", [], "stop", {"prompt_tokens": self.tokens(s["messages"][:-1])}, {},
-                          session_id, {"model": "fake"})
-
-    def chat_stream(self, messages, session_id=None, return_progress=False, **kw):
-        """``chat`` as the stream the real client yields (progress first when asked for)."""
-        from superlinear.plugins.client.api import StreamEvent
-
-        if return_progress:
-            yield StreamEvent("progress", progress={"total": 2, "cache": 0, "processed": 0, "time_ms": 0})
-        result = self.chat(messages, session_id=session_id, **kw)
-        yield StreamEvent("text", text=result.content, session_id=session_id)
-        yield StreamEvent("done", finish_reason=result.finish_reason, usage=result.usage, timings=result.timings,
-                          message={"role": "assistant", "content": result.content}, session_id=session_id)
+        yield PrefillProgress(0, 2, 0, 0.0)
+        yield TextDelta(reply)
+        yield Done("stop", {"role": "assistant", "content": reply}, {"prompt_tokens": self.tokens(usage_messages)}, {})
 
     def health(self):
         return {"status": "ok", "model": "fake"}
@@ -89,7 +81,7 @@ class FakeServer:
         self.sessions[sid]["messages"] = self.sessions[sid]["messages"][:n]
         return self.get_session(sid)
 
-    def save_session(self, sid, title=None, description=None, tags=None):
+    def save(self, sid, title=None, description=None, tags=None):
         snap = f"snap{next(self.ids)}"
         self.snapshots[snap] = {"id": snap, "messages": list(self.sessions[sid]["messages"]),
                                 "max_seq_len": self.sessions[sid]["max_seq_len"], "tags": tags}
@@ -105,11 +97,12 @@ class FakeServer:
         del self.snapshots[snap]
         return {"id": snap, "deleted": True}
 
-    def load_snapshot(self, snap, session_id=None, force=False, max_seq_len=None):
+    def load(self, snap, session_id=None, force=False, max_seq_len=None, ephemeral=False):
         self.get_snapshot(snap)
         sid = session_id or f"s{next(self.ids)}"
         self.sessions[sid] = {"messages": list(self.snapshots[snap]["messages"]),
-                              "max_seq_len": self.snapshots[snap]["max_seq_len"]}
+                              "max_seq_len": self.snapshots[snap]["max_seq_len"], "ephemeral": ephemeral}
+        self.loads = getattr(self, "loads", []) + [(snap, ephemeral)]
         return self.get_session(sid)
 
     def close(self):
@@ -143,6 +136,7 @@ def test_ingest_builds_context_snapshot_and_ask_loads_it(tmp_path, server):
     # The question went to a session loaded from the snapshot, with only the new user message.
     kind, sid, messages = server.calls[-1]
     assert sid is not None and [m["role"] for m in messages] == ["user"]
+    assert server.loads[-1] == (context["snapshot_id"], True)  # ephemeral: nothing of it goes to disk
     assert server.prefilled_chars - prefilled == len(messages[0]["content"])  # no re-prefill
     assert "[1] " in messages[0]["content"] and "README.md:" in messages[0]["content"]
     assert answer["cited"] == [1]

@@ -17,7 +17,7 @@ def test_serve_unknown_model_fails_before_binding(tmp_path):
     assert r.returncode == 2, (r.stdout, r.stderr)
     assert r.stderr.strip().splitlines() == [
         "spl: error: unknown model 'nope': use `default`, a local model directory (config.json + safetensors + "
-        "tokenizer) or a hub id like org/name (`spl models list`)"], r.stderr
+        "tokenizer) or a hub id like org/name"], r.stderr
     assert r.stdout == ""  # no "serving …", no uvicorn lines: nothing was started
 
 

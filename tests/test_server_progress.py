@@ -36,10 +36,10 @@ def _prompt(words: int, tag: str) -> list[dict]:
     return [{"role": "user", "content": " ".join(f"{tag}{i}" for i in range(words))}]
 
 
-def _sse_lines(server, body: dict) -> list[tuple[float, str]]:
+def _sse_lines(server, body: dict, timeout: float = 120) -> list[tuple[float, str]]:
     """Every non-empty line of a streamed answer with its arrival time (comments included)."""
     lines, t0 = [], time.monotonic()
-    with httpx.stream("POST", server.url + "/v1/chat/completions", json=body, timeout=120) as r:
+    with httpx.stream("POST", server.url + "/v1/chat/completions", json=body, timeout=timeout) as r:
         assert r.status_code == 200, r.read()
         for line in r.iter_lines():
             if line:
@@ -126,18 +126,19 @@ def test_keepalive_comments_while_a_prefill_runs(server):
 
 def test_a_read_timeout_shorter_than_the_prefill_does_not_cut_it(server):
     """The client's timeout is an idle one (httpx: per read), and keep-alives keep the stream busy."""
-    from superlinear.plugins.client import SplClient, collect
+    from superlinear.api import chat_turn, collect_text
+    from superlinear.plugins.client import SplClient
 
     messages = _prompt(300, "measure")
     with SplClient(server.url, timeout=120) as client:  # how long does this prefill take here, now?
-        measured = client.chat(messages, max_tokens=1).timings["prefill_s"]
+        measured = collect_text(client.chat(chat_turn(messages, max_tokens=1)))[1].timings["prefill_s"]
     health = httpx.get(server.url + "/health", timeout=10).json()
     assert health["prefill"]["tokens"] >= 300 and health["prefill"]["tokens_per_s"] > 0
     timeout = max(0.05, measured / 4)
-    with SplClient(server.url, timeout=timeout) as client:
-        result = collect(client.chat_stream(_prompt(300, "timed"), max_tokens=2, sse_ping_interval=timeout / 5))
-    assert result.finish_reason in ("stop", "length")
-    assert result.timings["prefill_s"] > timeout  # the prefill did last longer than the read timeout
+    body = {"messages": _prompt(300, "timed"), "max_tokens": 2, "stream": True, "sse_ping_interval": timeout / 5}
+    final = _data(_sse_lines(server, body, timeout=timeout))[-1]
+    assert final["choices"][0]["finish_reason"] in ("stop", "length")
+    assert final["timings"]["prefill_s"] > timeout  # the prefill did last longer than the read timeout
 
 
 def test_bad_progress_options_are_400(server):
@@ -149,12 +150,13 @@ def test_bad_progress_options_are_400(server):
 
 
 def test_snapshot_export_and_import_report_their_bytes(server, tmp_path):
+    from superlinear.api import chat_turn, collect_text
     from superlinear.plugins.client import SplClient
 
     with SplClient(server.url, timeout=60) as client:
-        collect_turn = client.chat(_prompt(40, "t8-"), session_id="progress-bytes", max_tokens=2)
-        assert collect_turn.finish_reason
-        snap = client.save_session("progress-bytes")
+        _, done = collect_text(client.chat(chat_turn(_prompt(40, "t8-"), session_id="progress-bytes", max_tokens=2)))
+        assert done.finish_reason
+        snap = client.save("progress-bytes")
         down, up = [], []
         path = client.export_snapshot(snap["id"], tmp_path / "s.tar", on_bytes=lambda d, t: down.append((d, t)))
         size = path.stat().st_size

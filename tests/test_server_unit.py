@@ -3,7 +3,6 @@ queue, SSE parsing, error mapping, auth and validation on an app whose model nev
 
 from __future__ import annotations
 
-import asyncio
 import threading
 
 import httpx
@@ -74,75 +73,64 @@ def test_parse_body():
 
 
 def test_worker_fifo_limit_and_cancel():
-    from superlinear.plugins.serve.worker import JobCancelled, Worker
+    from superlinear.api.worker import JobCancelled, Worker
 
     order: list[int] = []
     gate = threading.Event()
-
-    async def main():
-        w = Worker(max_queued=3)
-        first = w.submit(lambda j: (gate.wait(5), order.append(0)), kind="generation")
-        second = w.submit(lambda j: order.append(1), kind="generation")
-        third = w.submit(lambda j: order.append(2), kind="generation")
-        with pytest.raises(Busy):
-            w.submit(lambda j: None, kind="generation")
-        admin = w.submit(lambda j: order.append(9))  # admin work is not limited, but waits its turn
-        third.cancel()
-        gate.set()
-        await first.future
-        await second.future
-        with pytest.raises(JobCancelled):
-            await third.future
-        await admin.future
-        assert w.generations == 0
-        w.submit(lambda j: None, kind="generation")  # room again
-        w.stop()
-
-    asyncio.run(main())
+    w = Worker(max_queued=3)
+    first = w.submit(lambda j: (gate.wait(5), order.append(0)), kind="generation")
+    second = w.submit(lambda j: order.append(1), kind="generation")
+    third = w.submit(lambda j: order.append(2), kind="generation")
+    with pytest.raises(Busy):
+        w.submit(lambda j: None, kind="generation")
+    admin = w.submit(lambda j: order.append(9))  # admin work is not limited, but waits its turn
+    third.cancel()
+    gate.set()
+    first.future.result(5)
+    second.future.result(5)
+    with pytest.raises(JobCancelled):
+        third.future.result(5)
+    admin.future.result(5)
+    assert w.generations == 0
+    assert w.call(lambda: w.call(lambda: 7)) == 7  # a call from the worker itself runs at once
+    w.submit(lambda j: None, kind="generation")  # room again
+    w.stop()
     assert order == [0, 1, 9]
 
 
-class _FakeStream:
-    def __init__(self, lines):
-        self.lines = lines
+def test_reading_a_chat_stream_gives_the_core_events():
+    """The remote API reads OpenAI chunks (plus spl's ``done`` field) back into the core events."""
+    from superlinear.api import Done, Persisted, ReasoningDelta, Started, TextDelta, ToolCallsEvent
+    from superlinear.api.remote import read_chat
 
-    def iter_lines(self):
-        yield from self.lines
-
-
-def test_sse_parsing():
-    import json
-
-    from superlinear.plugins.client.api import _parse_sse
-
-    def data(obj):
-        return "data: " + json.dumps(obj)
-
-    lines = [
-        data({"choices": [{"delta": {"role": "assistant", "content": ""}}], "session_id": "s"}), "",
-        data({"choices": [{"delta": {"reasoning_content": "hmm"}}], "session_id": "s"}),
-        data({"choices": [{"delta": {"content": "Hel"}}]}), data({"choices": [{"delta": {"content": "lo"}}]}),
-        data({"choices": [{"delta": {"tool_calls": [{"index": 0, "id": "c1", "function": {"name": "f",
-                                                                                          "arguments": "{"}}]}}]}),
-        data({"choices": [{"delta": {"tool_calls": [{"index": 0, "function": {"arguments": "}"}}]}}]}),
-        data({"choices": [{"delta": {}, "finish_reason": "tool_calls"}], "timings": {"prefill_s": 1}}),
-        data({"choices": [], "usage": {"completion_tokens": 3}}), "data: [DONE]",
+    done = {"finish_reason": "tool_calls", "message": {"role": "assistant", "content": "Hello"},
+            "usage": {"completion_tokens": 3}, "timings": {"prefill_s": 1}, "reasoning": "hmm", "partial": False}
+    chunks = [
+        {"choices": [{"delta": {"role": "assistant", "content": ""}}], "session_id": "s", "session_update": "new"},
+        {"choices": [{"delta": {"reasoning_content": "hmm"}}], "session_id": "s"},
+        {"choices": [{"delta": {"content": "Hel"}}]}, {"choices": [{"delta": {"content": "lo"}}]},
+        {"choices": [{"delta": {"tool_calls": [{"index": 0, "id": "c1", "function": {"name": "f",
+                                                                                     "arguments": "{}"}}]}}]},
+        {"choices": [{"delta": {}, "finish_reason": "tool_calls"}], "persisted": True, "done": done},
+        {"choices": [], "usage": {"completion_tokens": 3}},
     ]
-    events = list(_parse_sse(_FakeStream(lines)))
-    assert [e.type for e in events] == ["reasoning", "text", "text", "tool_calls", "done"]
-    done = events[-1]
-    assert done.finish_reason == "tool_calls" and done.usage == {"completion_tokens": 3}
-    assert done.timings == {"prefill_s": 1} and done.session_id == "s"
-    assert done.message["content"] == "Hello" and done.message["reasoning_content"] == "hmm"
-    assert events[3].tool_calls[0]["function"] == {"name": "f", "arguments": "{}"}
+    events = list(read_chat(iter(chunks)))
+    assert events == [Started("new"), ReasoningDelta("hmm"), TextDelta("Hel"), TextDelta("lo"),
+                      ToolCallsEvent([{"id": "c1", "type": "function", "function": {"name": "f", "arguments": "{}"}}]),
+                      Persisted(True), Done("tool_calls", done["message"], done["usage"], done["timings"],
+                                            reasoning="hmm")]
     with pytest.raises(TooLarge):
-        list(_parse_sse(_FakeStream([data({"error": {"message": "full", "type": "invalid_request_error",
-                                                     "code": "context_length_exceeded"}})])))
+        from superlinear.api.remote import _chunks
+
+        class Message:
+            data = '{"error": {"message": "full", "type": "invalid_request_error", "code": "context_length_exceeded"}}'
+
+        list(_chunks([Message()]))
 
 
 def test_error_mapping_and_unreachable():
+    from superlinear.api.remote import error_from_response
     from superlinear.plugins.client import SplClient
-    from superlinear.plugins.client.api import error_from_response
 
     def resp(status, body):
         return httpx.Response(status, json=body)

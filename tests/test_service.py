@@ -59,10 +59,20 @@ def test_session_turns_are_persisted_before_done_and_follow_the_session_rule(ser
     assert service.session_info("s")["persisted_position"] == service.session_info("s")["position"]
 
 
-def test_on_start_gets_started_instead_of_the_stream(service):
-    got: list[Started] = []
-    events = list(service.chat(turn("Hi", "cb"), on_start=got.append))
-    assert got == [Started(how="new")] and Started not in kinds(events)
+def test_started_comes_first_once_the_prompt_is_accepted(service):
+    events = list(service.chat(turn("Hi", "cb")))
+    assert events[0] == Started(how="new") and kinds(events).count(Started) == 1
+
+
+def test_ephemeral_session_writes_nothing(service):
+    """An ephemeral session's turns and changes are never journaled: the store stays empty."""
+    service.create_session("tmp", ephemeral=True)
+    list(service.chat(turn("Hi", "tmp")))
+    assert service.session_info("tmp")["ephemeral"] is True
+    assert service.session_info("tmp")["state_snapshot"] is None
+    assert service.store.list() == []
+    service.manager.persist_all()
+    assert service.store.list() == []
 
 
 def test_session_operations(service):

@@ -16,14 +16,14 @@ from .types import (
 )
 
 __all__ = ["ChatRequest", "Conversation", "Done", "Event", "PrefillProgress", "ReasoningDelta", "RepetitionConfig",
-           "SamplingParams", "TextDelta", "ToolCallsEvent", "prompt_ids", "run_completion", "run_turn", "stream_turn"]
+           "SamplingParams", "TextDelta", "ToolCallsEvent", "prompt_ids", "run_completion", "run_turn"]
 
 
 def __getattr__(name):
     if name == "Conversation":
         from .conversation import Conversation
         return Conversation
-    if name in ("run_turn", "stream_turn"):
+    if name == "run_turn":
         from . import turn
         return getattr(turn, name)
     if name in ("run_completion", "prompt_ids"):

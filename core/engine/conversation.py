@@ -125,7 +125,9 @@ class Conversation:
 
     @property
     def nbytes(self) -> int:
-        extra = sum(t.nbytes for s in self._states.values() for t in s.values())
+        # Read from any thread while the worker changes the checkpoints: list() copies a dict's
+        # values in one step (under the GIL), iterating the live dict could see it change size.
+        extra = sum(t.nbytes for s in list(self._states.values()) for t in list(s.values()))
         return self.cache.nbytes() + extra
 
     @property
@@ -271,8 +273,8 @@ class Conversation:
             return
         if self.position + len(ids) > self.max_seq_len:
             raise TooLarge(f"the conversation needs {self.position + len(ids)} tokens but its cache holds "
-                           f"at most {self.max_seq_len}; resize the session (spl session resize) or start "
-                           f"one with a larger --max-seq-len")
+                           f"at most {self.max_seq_len}; resize the session or start "
+                           f"one with a larger max_seq_len")
         if self.memory is not None:
             self.memory.reserve(self, self.position + len(ids))
         base, end_all = self.position, self.position + len(ids)
@@ -336,7 +338,7 @@ class Conversation:
         """``sync_tokens`` as a generator of its progress; returns the ``SyncStats``."""
         if len(ids) > self.max_seq_len:
             raise TooLarge(f"the prompt has {len(ids)} tokens but this conversation's cache holds at most "
-                           f"{self.max_seq_len}; resize the session or start one with a larger --max-seq-len")
+                           f"{self.max_seq_len}; resize the session or start one with a larger max_seq_len")
         t0 = time.perf_counter()
         keep = common_token_prefix(self._ids, ids)
         if keep == len(ids) and (keep < self.position or self._logits is None) and keep > 0:

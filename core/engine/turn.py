@@ -6,10 +6,9 @@ splitter -> events. Each stage holds back only what it might still have to take 
 
 from __future__ import annotations
 
-import asyncio
 import threading
 import time
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import Iterator
 
 from superlinear.errors import InvalidRequest, OverBudget, TooLarge
 
@@ -228,46 +227,3 @@ def _done_cancelled(conv, prompt, completion, t_start, pipe: _TextPipeline | Non
     timings = {"prefill_s": None, "prefill_tokens_per_s": None,
                "decode_s": round(time.perf_counter() - t_start, 4), "decode_tokens_per_s": None}
     return Done("cancelled", message, usage, timings, reasoning=reasoning)
-
-
-_END = object()
-
-
-async def stream_turn(conversation: Conversation, request: ChatRequest,
-                      cancel: threading.Event | None = None) -> AsyncIterator[Event]:
-    """``run_turn`` in a worker thread, its events bridged to asyncio. If the consumer stops
-    early (closes the iterator, its task is cancelled) the turn is cancelled and this waits until
-    the conversation has been restored."""
-    cancel = cancel or threading.Event()
-    loop = asyncio.get_running_loop()
-    queue: asyncio.Queue = asyncio.Queue()
-
-    def put(item) -> None:
-        try:
-            loop.call_soon_threadsafe(queue.put_nowait, item)
-        except RuntimeError:  # the loop is gone: nobody listens any more
-            cancel.set()
-
-    def worker() -> None:
-        try:
-            for event in run_turn(conversation, request, cancel):
-                put(event)
-        except BaseException as exc:  # noqa: BLE001 - re-raised in the consumer
-            put(exc)
-        finally:
-            put(_END)
-
-    thread = threading.Thread(target=worker, name="spl-turn", daemon=True)
-    thread.start()
-    try:
-        while True:
-            item = await queue.get()
-            if item is _END:
-                break
-            if isinstance(item, BaseException):
-                raise item
-            yield item
-    finally:
-        if thread.is_alive():
-            cancel.set()
-            await asyncio.shield(asyncio.to_thread(thread.join))

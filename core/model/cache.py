@@ -43,9 +43,8 @@ class CacheLayout:
 
 
 def _resize_hint(needed: int, max_seq_len: int) -> str:
-    return (f"the context needs {needed} tokens but this cache holds at most {max_seq_len}; resize it "
-            f"(Cache.resize / `spl session resize ID --max-seq-len N`) or start a session with a larger "
-            f"--max-seq-len")
+    return (f"the context needs {needed} tokens but this cache holds at most {max_seq_len}; resize the session "
+            f"or start one with a larger max_seq_len")
 
 
 class Cache:
@@ -139,7 +138,8 @@ class Cache:
         return bool(self.layout.mamba_layers)
 
     def nbytes(self) -> int:
-        return sum(t.nbytes for d in (self.keys, self.values, self.conv, self.ssm) for t in d.values())
+        # list(): one-step copies, so another thread may ask while the cache changes
+        return sum(t.nbytes for d in (self.keys, self.values, self.conv, self.ssm) for t in list(d.values()))
 
     # -- the Cache API of docs/architecture.md --------------------------------------------------
     def truncate(self, position: int, recurrent_state: dict | None = None) -> None:
@@ -329,4 +329,4 @@ class _too_large_on_oom:
                 and "memory" not in str(exc).lower():
             return False
         raise TooLarge(f"cannot allocate {self.what} ({self.need_bytes() / 2**30:.2f} GiB on {self.device}): "
-                       f"{str(exc).splitlines()[0]}; use a smaller --max-seq-len") from exc
+                       f"{str(exc).splitlines()[0]}; use a smaller max_seq_len") from exc

@@ -13,7 +13,6 @@ import inspect
 import json
 import sys
 import threading
-import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -239,11 +238,9 @@ class Model:
 
     @torch.inference_mode()
     def prefill(self, cache: Cache, token_ids: Sequence[int] | torch.Tensor, chunk_size: int | None = None,
-                should_cancel: Callable[[], bool] | None = None,
-                on_chunk: Callable[[int, int, float], None] | None = None) -> torch.Tensor:
+                should_cancel: Callable[[], bool] | None = None) -> torch.Tensor:
         """Append ``token_ids`` to the cache in chunks (``prefill_chunk_size()`` by default);
-        fp32 logits ``[V]`` of the last token. ``on_chunk(done, total, elapsed_s)`` is called
-        after every chunk (tokens of this call done so far, its total, seconds since it began)."""
+        fp32 logits ``[V]`` of the last token."""
         ids = torch.as_tensor(token_ids, dtype=torch.long).reshape(-1)
         if ids.numel() == 0:
             raise InvalidRequest("prefill needs at least one token")
@@ -254,7 +251,7 @@ class Model:
         cache._check_room(ids.numel())
         ids = ids.to(self.device)
         logits = None
-        total, started = ids.numel(), time.perf_counter()
+        total = ids.numel()
         with self._shared.lock:
             for begin in range(0, total, chunk_size):
                 if should_cancel is not None and should_cancel():
@@ -262,8 +259,6 @@ class Model:
                 chunk = ids[begin:begin + chunk_size][None]
                 logits = self._forward(cache, chunk, cache.position)
                 cache.position += chunk.shape[1]
-                if on_chunk is not None:
-                    on_chunk(begin + chunk.shape[1], total, time.perf_counter() - started)
         return logits
 
     @torch.inference_mode()

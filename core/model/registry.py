@@ -126,4 +126,4 @@ def load_model(spec: str = "default", device=None, dtype=None, attention: str = 
         raise NotFound(f"{spec} has no config.json: a model directory holds config.json, *.safetensors and "
                        f"the tokenizer files")
     raise NotFound(f"unknown model {spec!r}: use `default`, a local model directory (config.json + "
-                   f"safetensors + tokenizer) or a hub id like org/name (`spl models list`)")
+                   f"safetensors + tokenizer) or a hub id like org/name")

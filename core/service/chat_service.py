@@ -12,14 +12,13 @@ import contextlib
 import dataclasses
 import logging
 import threading
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from superlinear.engine.types import ChatRequest, Done
 from superlinear.errors import Conflict, NotFound, TooLarge, Unavailable, UserError
-from superlinear.sessions.snapshots import SESSION_STATE_TAG
 
 from .events import ChatEvent, Persisted, Started
 from .session_rule import merge_session_messages
@@ -38,23 +37,6 @@ class ChatTurn:
     session_mode: str = "auto"  # auto | append | replace
 
 
-class _AnnounceStart:
-    """Wraps a conversation's memory guard for one turn: the turn has started when the prompt
-    has passed every check and its cache is about to grow (prefill), or at its first event."""
-
-    def __init__(self, inner, announce: Callable[[], None]):
-        self.inner = inner
-        self.announce = announce
-
-    def reserve(self, conv, position: int) -> None:
-        if self.inner is not None:
-            self.inner.reserve(conv, position)
-        self.announce()
-
-    def room(self, conv):
-        return self.inner.room(conv) if self.inner is not None else None
-
-
 class ChatService:
     """Chat turns, sessions and snapshots over one model, its ``SessionManager`` and its
     ``SnapshotStore``. ``persist_turns``: journal a session after every turn and change (False:
@@ -67,17 +49,16 @@ class ChatService:
         self.persist_turns = persist_turns
         self.chunk_size = chunk_size
         self.scratch = None  # the Conversation of requests without a session (kept between them)
+        self.restored: list[str] = []  # the sessions a previous run left, listed again at start
 
     # -- chat --------------------------------------------------------------------------------
-    def chat(self, turn: ChatTurn, *, cancel: threading.Event | None = None,
-             on_start: Callable[[Started], None] | None = None) -> Iterator[ChatEvent]:
-        """Run one turn; yields its events (``events.py``). ``on_start`` gets ``Started`` at the
-        moment the prefill begins (a server sends its response headers then) instead of it being
-        yielded before the first event. A session's journal is written before ``Done``, so an
-        answer that says ``persisted`` survives any crash; a failed or cancelled turn leaves the
-        session as before and its journal gets what changed. Run it to the end (or close it): a
-        session turn holds the session's lock while it runs."""
-        pending: list[ChatEvent] = []
+    def chat(self, turn: ChatTurn, *, cancel: threading.Event | None = None) -> Iterator[ChatEvent]:
+        """Run one turn; yields its events (``events.py``), ``Started`` first, the moment the
+        prompt passed every check and its prefill begins (a server sends its response headers
+        then: what fails before has its own status). A session's journal is written before
+        ``Done``, so an answer that says ``persisted`` survives any crash; a failed or cancelled
+        turn leaves the session as before and its journal gets what changed. Run it to the end
+        (or close it): a session turn holds the session's lock while it runs."""
         session = None
         if turn.session_id:
             try:
@@ -88,7 +69,7 @@ class ChatService:
         try:
             lock = session.lock if session is not None else contextlib.nullcontext()
             with lock:
-                done = yield from self._turn(turn, session, cancel, on_start or pending.append, pending)
+                done = yield from self._turn(turn, session, cancel)
                 if session is not None:
                     session.touch()
                     result = self.persist(session.id)
@@ -99,8 +80,7 @@ class ChatService:
             if session is not None and not persisted:
                 self.persist(session.id)
 
-    def _turn(self, turn: ChatTurn, session, cancel, started: Callable[[Started], None],
-              pending: list[ChatEvent]):
+    def _turn(self, turn: ChatTurn, session, cancel):
         from superlinear.engine.turn import run_turn
 
         if session is not None:
@@ -111,32 +91,24 @@ class ChatService:
             conv = self.scratch_conversation()
             messages, how = turn.request.messages, None
         request = dataclasses.replace(turn.request, messages=messages)
-        announced = False
-
-        def announce() -> None:
-            nonlocal announced
-            if not announced:
-                announced = True
-                started(Started(how))
+        started = False
 
         def events() -> Iterator[ChatEvent]:
+            # The engine's first event comes once the prompt passed every check and its cache
+            # is allocated: the turn has started then.
+            nonlocal started
             for event in run_turn(conv, request, cancel=cancel):
-                announce()
-                yield from pending
-                pending.clear()
+                if not started:
+                    started = True
+                    yield Started(how)
                 yield event
 
-        guard = conv.memory
-        conv.memory = _AnnounceStart(guard, announce)
         try:
-            try:
-                return (yield from _until_done(events()))
-            except TooLarge:
-                if session is not None or announced or not self._grow_scratch():
-                    raise
-                return (yield from _until_done(events()))
-        finally:
-            conv.memory = guard
+            return (yield from _until_done(events()))
+        except TooLarge:
+            if session is not None or started or not self._grow_scratch():
+                raise
+            return (yield from _until_done(events()))
 
     # -- plain text and tokens ------------------------------------------------------------------
     def complete(self, prompt: str | list[int], sampling, *, repetition=None,
@@ -200,6 +172,8 @@ class ChatService:
         if not session_id or not self.persist_turns:
             return Persisted(False)
         try:
+            if self.manager.lookup(session_id).ephemeral:
+                return Persisted(False)
             self.manager.persist(session_id)
         except NotFound:  # closed meanwhile
             return Persisted(False)
@@ -217,8 +191,10 @@ class ChatService:
         self.persist(session.id)
         return session.info()
 
-    def create_session(self, session_id: str | None = None, max_seq_len: int | None = None) -> dict:
-        return self._persisted(self.manager.create(session_id, max_seq_len))
+    def create_session(self, session_id: str | None = None, max_seq_len: int | None = None, *,
+                       ephemeral: bool = False) -> dict:
+        """``ephemeral``: nothing of the session is ever written to disk (a throwaway turn)."""
+        return self._persisted(self.manager.create(session_id, max_seq_len, ephemeral=ephemeral))
 
     def list_sessions(self) -> dict:
         """``{"sessions": [info...], "count", "bytes", "resident", "memory_budget"}``."""
@@ -269,13 +245,16 @@ class ChatService:
         return snapshot_view(self.store.get(snapshot_id))
 
     def load(self, snapshot_id: str, *, session_id: str | None = None, force: bool = False,
-             max_seq_len: int | None = None) -> dict:
-        """Load a snapshot into a new session (or ``session_id``; an existing one needs ``force``)."""
+             max_seq_len: int | None = None, ephemeral: bool = False) -> dict:
+        """Load a snapshot into a new session (or ``session_id``; an existing one needs ``force``).
+        ``ephemeral``: the session is never written to disk."""
         return self._persisted(self.manager.load(snapshot_id, session_id=session_id, force=force,
-                                                 max_seq_len=max_seq_len))
+                                                 max_seq_len=max_seq_len, ephemeral=ephemeral))
 
     # -- snapshots -----------------------------------------------------------------------------
     def list_snapshots(self, tag: str | None = None, include_session_state: bool = False) -> list[dict]:
+        from superlinear.sessions.snapshots import SESSION_STATE_TAG
+
         items = self.store.list(tag=tag)
         if not include_session_state:
             items = [m for m in items if SESSION_STATE_TAG not in (m.get("tags") or [])]
@@ -308,8 +287,8 @@ class ChatService:
         owner = self.manager.state_owner(snapshot_id)
         if owner is not None:
             raise Conflict(f"snapshot {snapshot_id!r} is the live state of session {owner!r} and cannot be "
-                           f"{what}; save the session (POST /v1/sessions/{owner}/save) for a snapshot of its "
-                           "own, or delete the session", param="snapshot_id")
+                           f"{what}; save the session for a snapshot of its own, or close the session",
+                           param="snapshot_id")
 
 
 def _until_done(events: Iterator[ChatEvent]):

@@ -114,7 +114,7 @@ class CacheSizes:
             raise TooLarge(
                 f"max_seq_len {max_seq_len} needs {fmt_bytes(self.full(max_seq_len))} once full, more than the "
                 f"whole session memory budget ({fmt_bytes(budget)}): at most {limit} tokens per session; ask "
-                "for a smaller max_seq_len or start the server with a larger --memory-budget",
+                "for a smaller max_seq_len or raise the memory budget",
                 param="max_seq_len")
         raise TooLarge(f"max_seq_len {max_seq_len} is more than spl supports ({limit})", param="max_seq_len")
 

@@ -72,8 +72,9 @@ class Session:
     (evicted, or listed again after a restart); ``SessionManager.get`` loads it back."""
 
     def __init__(self, session_id: str, conversation, *, max_seq_len: int, created_at: float | None = None,
-                 manager: SessionManager | None = None):
+                 manager: SessionManager | None = None, ephemeral: bool = False):
         self.id = session_id
+        self.ephemeral = ephemeral  # never written to disk: not journaled, never evicted
         self._manager = manager
         self.conversation = conversation
         self.lock = SessionLock()
@@ -148,6 +149,7 @@ class Session:
             "bytes": self.nbytes(),
             "resident": self.resident,
             "busy": self.lock.locked(),
+            "ephemeral": self.ephemeral,
             "state_snapshot": self.state_snapshot,
             "persisted_position": self.persisted_position,
             "persist_error": self.persist_error,
@@ -189,7 +191,7 @@ class SessionManager:
             default_max_seq_len = min(DEFAULT_MAX_SEQ_LEN, longest)
             if default_max_seq_len < 1:
                 raise TooLarge(f"the memory budget ({fmt_bytes(self.memory_budget or 0)}) cannot hold a "
-                               "session of even one token; raise --memory-budget")
+                               "session of even one token; raise the memory budget")
         self.sizes.check_len(default_max_seq_len, self.memory_budget)
         self.default_max_seq_len = default_max_seq_len
         self._sessions: dict[str, Session] = {}
@@ -228,7 +230,7 @@ class SessionManager:
             raise TooLarge(
                 f"{what} needs {fmt_bytes(need)}, more than the whole session memory budget "
                 f"({fmt_bytes(self.memory_budget)}) allows{' next to what it holds' if held else ''}; "
-                "ask for a smaller max_seq_len or start the server with a larger --memory-budget",
+                "ask for a smaller max_seq_len or raise the memory budget",
                 param="max_seq_len")
         failed: set[str] = set()
         while True:
@@ -237,7 +239,7 @@ class SessionManager:
                 if used + need <= self.memory_budget:
                     return
                 victims = sorted((s for s in self._sessions.values()
-                                  if s.resident and s is not exclude and not s.lock.locked()
+                                  if s.resident and not s.ephemeral and s is not exclude and not s.lock.locked()
                                   and s.id not in failed), key=lambda s: s.last_used)
             hint = ("every other session is busy; try again shortly" if self.evict_to_disk else
                     "close or save idle sessions, or ask for a smaller max_seq_len")
@@ -357,7 +359,7 @@ class SessionManager:
         with self._lock:
             session = self._sessions.get(session_id)
         if session is None:
-            raise NotFound(f"no session {session_id!r}; `spl session ls` lists them", param="session_id")
+            raise NotFound(f"no session {session_id!r}", param="session_id")
         return session
 
     def _new_session_id(self, session_id: str | None) -> str:
@@ -371,11 +373,13 @@ class SessionManager:
         return session_id
 
     # ------------------------------------------------------------------ public API
-    def create(self, session_id: str | None = None, max_seq_len: int | None = None) -> Session:
+    def create(self, session_id: str | None = None, max_seq_len: int | None = None, *,
+               ephemeral: bool = False) -> Session:
+        """A new session; ``ephemeral``: nothing of it is ever written to disk (a throwaway turn)."""
         sid = self._new_session_id(session_id)
         max_seq_len = self.default_max_seq_len if max_seq_len is None else max_seq_len
         conv = self._new_conversation(max_seq_len, what=f"session {sid!r} (max_seq_len {max_seq_len})")
-        return self._register(Session(sid, conv, max_seq_len=max_seq_len, manager=self))
+        return self._register(Session(sid, conv, max_seq_len=max_seq_len, manager=self, ephemeral=ephemeral))
 
     def get(self, session_id: str) -> Session:
         """The session, with its state in memory (loaded back from disk if it was evicted or
@@ -475,13 +479,6 @@ class SessionManager:
         _state.free_memory()
         return info
 
-    def close_all(self) -> None:
-        for sid in list(self._sessions):
-            try:
-                self.close(sid)
-            except NotFound:
-                pass
-
     def fork(self, session_id: str, new_id: str | None = None, max_seq_len: int | None = None) -> Session:
         """A new session starting from ``session_id``'s state (cache cloned, no re-prefill)."""
         source = self.get(session_id)
@@ -563,7 +560,7 @@ class SessionManager:
         return manifest["id"]
 
     def load(self, snapshot_id: str, session_id: str | None = None, force: bool = False,
-             max_seq_len: int | None = None) -> Session:
+             max_seq_len: int | None = None, *, ephemeral: bool = False) -> Session:
         """A session holding a snapshot's state: a new one (``session_id`` or a fresh id), or an
         existing one replaced (``force=True``). The snapshot is verified (model, hashes) and
         fully loaded before anything changes, so a failure leaves every session as it was."""
@@ -580,7 +577,8 @@ class SessionManager:
             sid = self._new_session_id(session_id)
             _, conv = self._conversation_from_snapshot(snapshot_id, max_seq_len, exclude=None,
                                                        what=f"loading snapshot {snapshot_id!r}")
-            return self._register(Session(sid, conv, max_seq_len=_state.max_seq_len(conv), manager=self))
+            return self._register(Session(sid, conv, max_seq_len=_state.max_seq_len(conv), manager=self,
+                                          ephemeral=ephemeral))
         with existing.lock:
             if existing.closed:
                 raise NotFound(f"session {session_id!r} was closed", param="session_id")
@@ -603,7 +601,7 @@ class SessionManager:
         the transcript — then an atomically replaced manifest. Returns the state snapshot id."""
         session = self.lookup(session_id)
         with session.lock:
-            if not session.resident:
+            if not session.resident or session.ephemeral:
                 return session.state_snapshot
             return self._persist_locked(session)
 
@@ -635,7 +633,7 @@ class SessionManager:
                 log.warning("session %s busy at shutdown; its state was not saved", session.id)
                 continue
             try:
-                if session.closed:
+                if session.closed or session.ephemeral:
                     continue
                 if session.resident:
                     self._persist_locked(session)

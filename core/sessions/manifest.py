@@ -31,7 +31,7 @@ def model_identity(model) -> dict:
 
 
 def spl_version() -> str:
-    from superlinear import __version__
+    from superlinear.version import __version__
 
     return __version__
 

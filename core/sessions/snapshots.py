@@ -524,8 +524,8 @@ class SnapshotStore:
                         out.flush()
                         os.fsync(out.fileno())
         except tarfile.ReadError:
-            raise CorruptSnapshot(f"{label} is not a snapshot export (not a tar file made by "
-                                  "`spl snapshot export`)", param="file") from None
+            raise CorruptSnapshot(f"{label} is not a snapshot export (not a tar file made by a "
+                                  "snapshot export)", param="file") from None
         except (tarfile.TarError, EOFError, zlib.error, lzma.LZMAError) as exc:
             reason = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
             raise CorruptSnapshot(f"{label} is not a readable snapshot export ({reason})", param="file") from None

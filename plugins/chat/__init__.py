@@ -56,6 +56,7 @@ def _reconnector(url: str | None, model: str | None, port: int | None = None):
 def ask_once(client, text: str, *, session_id: str | None = None, settings=None, as_json: bool = False,
              out=None, err=None) -> int:
     """Answer one message: stream it to ``out`` (footer on ``err``), or print one JSON object."""
+    from superlinear.api import Done, TextDelta, chat_turn
     from superlinear.errors import Unavailable
 
     from .render import StreamRenderer, TurnStats, format_footer
@@ -81,12 +82,12 @@ def ask_once(client, text: str, *, session_id: str | None = None, settings=None,
     renderer = StreamRenderer(out, show_reasoning=False, color=False)
     done = None
     started = time.perf_counter()
-    stream = client.chat_stream(messages, session_id=session_id, **options)
+    stream = client.chat(chat_turn(messages, session_id=session_id, **options))
     try:
         for event in stream:
-            if event.type == "text" and not as_json:
+            if isinstance(event, TextDelta) and not as_json:
                 renderer.content_delta(event.text)
-            elif event.type == "done":
+            elif isinstance(event, Done):
                 done = event
     finally:
         stream.close()
@@ -101,7 +102,7 @@ def ask_once(client, text: str, *, session_id: str | None = None, settings=None,
             "reasoning_content": message.get("reasoning_content") or "",
             "tool_calls": message.get("tool_calls") or [],
             "finish_reason": done.finish_reason,
-            "session_id": done.session_id or session_id,
+            "session_id": session_id,
             "usage": done.usage or {},
             "timings": done.timings or {},
             "url": client.base_url,

@@ -25,7 +25,9 @@ from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from typing import Any, Protocol, TextIO
 
+from superlinear.api import Done, ReasoningDelta, TextDelta, chat_turn
 from superlinear.bus import Context, SlashCommand, dispatch
+from superlinear.engine import RepetitionConfig
 from superlinear.errors import InvalidRequest, NotFound, Unavailable, UserError
 from superlinear.plugins.client.progress import PrefillBar, watch_prefill
 
@@ -59,7 +61,7 @@ class ChatSettings:
     show_reasoning: bool = True
     thinking: bool | None = None  # False: ask the template not to think (chat_template_kwargs)
     reasoning_budget: int | None = None
-    repetition: bool | dict = True  # stop a reply that loops (the server's repetition_detection)
+    repetition: bool | dict | RepetitionConfig = True  # stop a reply that loops
     markdown: bool = True  # render replies as Markdown on a terminal
 
     def request_options(self) -> dict[str, Any]:
@@ -69,7 +71,9 @@ class ChatSettings:
         if self.max_tokens is not None:
             options["max_tokens"] = self.max_tokens
         if self.repetition:
-            options["repetition_detection"] = self.repetition
+            rep = self.repetition
+            options["repetition"] = (rep if isinstance(rep, RepetitionConfig) else
+                                     RepetitionConfig(**rep) if isinstance(rep, dict) else RepetitionConfig())
         if self.reasoning_budget is not None:
             options["reasoning_budget"] = self.reasoning_budget
         if self.thinking is False:
@@ -329,7 +333,7 @@ class ChatRepl:
         self._created.discard(current)
         with contextlib.suppress(UserError):
             if self.client.get_session(current).get("message_count", 1) == 0:
-                self.client.delete_session(current)
+                self.client.close_session(current)
 
     def adopt(self, session_id: str) -> None:
         """Make ``session_id`` (an existing server session) the current one."""
@@ -446,7 +450,7 @@ class ChatRepl:
         if kind == "id":
             return self.complete_ids("session") + self.complete_ids("snapshot")
         if kind == "session":
-            items = self.client.list_sessions()
+            items = self.client.list_sessions()["sessions"]
         elif kind == "snapshot":
             items = self.client.list_snapshots()
         else:
@@ -486,21 +490,21 @@ class ChatRepl:
         cancelled = False
         # A long prompt (the first of a big session, a long paste) shows a bar with its ETA.
         bar = PrefillBar(speed=getattr(self.client, "prefill_speed", None))
-        stream = watch_prefill(self.client.chat_stream(messages, session_id=self.session_id, session_mode=mode,
-                                                       return_progress=True, **self.settings.request_options()),
-                               bar)
+        turn = chat_turn(messages, session_id=self.session_id, session_mode=mode, **self.settings.request_options())
+        stream = watch_prefill(self.client.chat(turn), bar)
         quiet = quiet_terminal() if self.running else contextlib.nullcontext()
         try:
             with quiet:
                 for event in stream:
-                    if event.type == "reasoning":
-                        renderer.reasoning_delta(event.text)
-                    elif event.type == "text":
-                        renderer.content_delta(shown.feed(event.text) if shown else event.text)
-                    elif event.type == "done":
-                        done = event
-                        if shown:
-                            renderer.content_delta(shown.finish())
+                    match event:
+                        case ReasoningDelta(text=text):
+                            renderer.reasoning_delta(text)
+                        case TextDelta(text=text):
+                            renderer.content_delta(shown.feed(text) if shown else text)
+                        case Done():
+                            done = event
+                            if shown:
+                                renderer.content_delta(shown.finish())
         except Unavailable:
             self.server_down = True
             raise
@@ -531,9 +535,6 @@ class ChatRepl:
             self.note(line)
         if done.finish_reason == "length" and self.settings.max_tokens:
             self.note(f"the reply reached the cap of {self.settings.max_tokens} tokens (/max N changes it)")
-        if done.session_id and done.session_id != self.session_id:
-            self.session_id = done.session_id
-            chat_state.remember_session(self.name, self.session_id, self.url)
         self.last_stats = stats
         self.turns += 1
         message = done.message or {}

@@ -2,7 +2,7 @@
 ``spl server start|status|stop|logs|connect``.
 
 Public API (see docs/server.md):
-    from superlinear.plugins.client import SplClient, StreamEvent, ChatResult, ensure_server
+    from superlinear.plugins.client import SplClient, ensure_server
 """
 
 from __future__ import annotations
@@ -19,21 +19,11 @@ from superlinear.hookspecs import hookimpl
 from superlinear.plugins.settings.options import ServeOptions, parse_bytes, resolve_options, server_options
 
 from . import state
-from .api import (
-    DEFAULT_URL,
-    ChatResult,
-    SplClient,
-    StreamEvent,
-    Target,
-    collect,
-    resolve_api_key,
-    resolve_target,
-    resolve_url,
-)
+from .api import DEFAULT_URL, SplClient, Target, resolve_api_key, resolve_target, resolve_url
 from .local import describe_other, ensure_server, running_local, start, status, stop, wait_until_ready
 
 __all__ = [
-    "ChatResult", "DEFAULT_URL", "ServeOptions", "SplClient", "StreamEvent", "Target", "collect", "ensure_server",
+    "DEFAULT_URL", "ServeOptions", "SplClient", "Target", "ensure_server",
     "parse_bytes", "resolve_api_key", "resolve_options", "resolve_target", "resolve_url", "running_local",
     "server_options", "start", "status", "stop", "wait_until_ready", "connect", "effective_config",
     "get_client",

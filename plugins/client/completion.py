@@ -26,7 +26,7 @@ def _from_server(what: str) -> list[dict] | None:
     try:
         if client.target.source == "configured":
             return None  # no server of ours runs; never list someone else's
-        return client.list_sessions() if what == "sessions" else client.list_snapshots()
+        return client.list_sessions()["sessions"] if what == "sessions" else client.list_snapshots()
     finally:
         client.close()
 

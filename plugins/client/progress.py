@@ -81,12 +81,12 @@ class PrefillBar:
         self._task = None
         self.seen: list[int] = []  # processed counts received (what a test or a log can check)
 
-    def update(self, progress: dict) -> None:
-        total, cache = int(progress.get("total") or 0), int(progress.get("cache") or 0)
-        processed = int(progress.get("processed") or 0)
+    def update(self, progress) -> None:
+        """Take in one ``PrefillProgress`` event."""
+        total, cache, processed = progress.total, progress.cached, progress.done
         self.seen.append(processed)
         if self._bar is None:
-            slow = int(progress.get("time_ms") or 0) >= SLOW_PREFILL_MS  # however few tokens
+            slow = progress.elapsed_s * 1000 >= SLOW_PREFILL_MS  # however few tokens
             if processed >= total or (total - cache < self.min_tokens and not slow):
                 return
             self._start(total - cache)
@@ -174,12 +174,16 @@ class ByteBar:
 
 
 def watch_prefill(events, bar: PrefillBar):
-    """``events`` (``StreamEvent`` s) without the progress ones, which go to ``bar``; the bar is
-    closed at the first other event. Closing this closes ``events`` (and so the connection)."""
+    """``events`` (core events) without the ``PrefillProgress`` ones, which go to ``bar``; the bar
+    is closed at the first other event. Closing this closes ``events`` (and so the connection)."""
+    from superlinear.api.events import PrefillProgress, Started
+
     try:
         for event in events:
-            if event.type == "progress":
-                bar.update(event.progress or {})
+            if isinstance(event, PrefillProgress):
+                bar.update(event)
+                continue
+            if isinstance(event, Started):
                 continue
             bar.close()
             yield event

@@ -76,12 +76,12 @@ def reset_session(client, state: DocsState) -> str:
     """Put the workspace session back to the ingested documents (or empty without a context)."""
     ws = Workspace.open(state.workspace)
     try:
-        client.delete_session(state.session_id)
+        client.close_session(state.session_id)
     except UserError:
         pass
     if llm.context_is_current(ws):
         snapshot_id = ws.manifest["context"]["snapshot_id"]
-        client.load_snapshot(snapshot_id, session_id=state.session_id, force=True)
+        client.load(snapshot_id, session_id=state.session_id, force=True)
         return f"session {state.session_id} reset to snapshot {snapshot_id} ({ws.manifest['context']['tokens']} tokens)"
     client.create_session(state.session_id)
     return f"session {state.session_id} reset (no context snapshot: answers come from the passages)"

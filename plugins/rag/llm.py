@@ -16,6 +16,8 @@ from __future__ import annotations
 import time
 from pathlib import Path
 
+from superlinear.api import Done, PrefillProgress, TextDelta, chat_turn
+from superlinear.engine import RepetitionConfig
 from superlinear.errors import NotFound, TooLarge, UserError
 
 from .answers import AnswerStream, check_answer
@@ -29,7 +31,7 @@ CHARS_PER_TOKEN = 3.2
 ANSWER_TOKENS = 256
 PASSAGE_CHARS = 900  # each retrieved passage as quoted in the question
 # A question's answer that says a 20-token sentence twice is looping (a chat reply may repeat more).
-ANSWER_REPETITION = {"tail_len": 40, "min_repeats": 2, "max_period": 128}
+ANSWER_REPETITION = RepetitionConfig(tail_len=40, min_repeats=2, max_period=128)
 
 # A small model follows an example far better than an instruction: show it one cited answer.
 _HOW_TO_CITE = (
@@ -124,7 +126,7 @@ def build_context(workspace: Workspace, client, *, max_seq_len: int | None = Non
     budget = context_budget(limit, k, max_chars) if limit else None
     # The server counts the tokens (its tokenizer and template): whether the documents fit is
     # known before any prefill.
-    document_tokens = client.count_tokens([{"role": "system", "content": system}])
+    document_tokens = client.tokenize([{"role": "system", "content": system}])["count"]
     needed = None  # tokens of documents when they do not fit
     try:
         if budget is not None and document_tokens > budget:
@@ -135,9 +137,9 @@ def build_context(workspace: Workspace, client, *, max_seq_len: int | None = Non
                      f"{_time_estimate(client, document_tokens)}…")
         started = time.perf_counter()
         # (a TooLarge now is the server's memory, not the length: its message says so)
-        result = _prefill(client, system, session_id, on_prefill)
+        done = _prefill(client, system, session_id, on_prefill)
         prefill_s = time.perf_counter() - started
-        tokens = int((result.usage or {}).get("prompt_tokens") or 0)
+        tokens = int(done.usage.get("prompt_tokens") or 0)
         if budget is not None and tokens > budget:
             needed = tokens
             raise TooLarge("documents too large")
@@ -147,7 +149,7 @@ def build_context(workspace: Workspace, client, *, max_seq_len: int | None = Non
         except UserError:
             pass  # an older server: the context keeps the tiny reply, which does no harm
         info = client.get_session(session_id)
-        snap = client.save_session(session_id, title=f"rag workspace {workspace.name}",
+        snap = client.save(session_id, title=f"rag workspace {workspace.name}",
                                    description=f"documents of spl rag workspace {workspace.name!r}",
                                    tags=["rag", f"rag:{workspace.name}"])
     except TooLarge as exc:
@@ -186,22 +188,17 @@ def build_context(workspace: Workspace, client, *, max_seq_len: int | None = Non
     return context
 
 
-def _prefill(client, system: str, session_id: str, on_prefill=None):
-    """The documents into the session: one streamed turn of one token (a non-streamed request
-    would wait silently for the whole prefill, and a read timeout could cut it)."""
-    from superlinear.plugins.client import collect
-
-    events = client.chat_stream([{"role": "system", "content": system}], session_id=session_id,
-                                max_tokens=1, temperature=0.0, return_progress=on_prefill is not None)
-
-    def watched():
-        for event in events:
-            if event.type == "progress":
-                on_prefill(event.progress or {})
-            else:
-                yield event
-
-    return collect(watched())
+def _prefill(client, system: str, session_id: str, on_prefill=None) -> Done:
+    """The documents into the session: one streamed turn of one token (its prefill's progress
+    goes to ``on_prefill``; the stream's keep-alives keep a long one from timing out)."""
+    done = None
+    for event in client.chat(chat_turn([{"role": "system", "content": system}], session_id=session_id,
+                                       max_tokens=1, temperature=0.0)):
+        if isinstance(event, PrefillProgress) and on_prefill is not None:
+            on_prefill(event)
+        elif isinstance(event, Done):
+            done = event
+    return done
 
 
 def _time_estimate(client, tokens: int) -> str:
@@ -237,29 +234,23 @@ def context_is_current(workspace: Workspace) -> bool:
 
 def _chat(client, messages: list[dict], n_passages: int, on_text=None, **options):
     """One turn, its answer checked against the ``n_passages`` given (``answers``): returns
-    ``(ChatResult, CheckedAnswer)``. Streamed to ``on_text(delta)`` when given (the CLI prints the
+    ``(text, Done, CheckedAnswer)``. Streamed to ``on_text(delta)`` when given (the CLI prints the
     answer as it comes), and what streams is the checked text."""
-    options.setdefault("repetition_detection", ANSWER_REPETITION)  # small models loop: stop them early
-    if on_text is None:
-        result = client.chat(messages, **options)
-        return result, check_answer(result.content, n_passages)
-    from superlinear.plugins.client import collect
-
+    options.setdefault("repetition", ANSWER_REPETITION)  # small models loop: stop them early
     checked = AnswerStream(n_passages)
-
-    def events():
-        for event in client.chat_stream(messages, **options):
-            if event.type == "text" and event.text:
-                shown = checked.feed(event.text)
-                if shown:
-                    on_text(shown)
-            yield event
-
-    result = collect(events())
+    text, done = [], None
+    for event in client.chat(chat_turn(messages, **options)):
+        if isinstance(event, TextDelta):
+            text.append(event.text)
+            shown = checked.feed(event.text)
+            if shown and on_text is not None:
+                on_text(shown)
+        elif isinstance(event, Done):
+            done = event
     rest = checked.finish()
-    if rest:
+    if rest and on_text is not None:
         on_text(rest)
-    return result, checked.result
+    return "".join(text), done, checked.result
 
 
 def answer(workspace: Workspace, client, question: str, passages: list[Passage], *,
@@ -277,7 +268,8 @@ def answer(workspace: Workspace, client, question: str, passages: list[Passage],
         mode = "context" if context_is_current(workspace) else "session"
     elif context_is_current(workspace):
         try:
-            loaded = client.load_snapshot(context["snapshot_id"])["id"]
+            # ephemeral: the loaded context is never written back to disk (nothing but the answer changes)
+            loaded = client.load(context["snapshot_id"], ephemeral=True)["id"]
         except NotFound:
             note = (f"the context snapshot {context['snapshot_id']} is gone: answering from the passages "
                     "(re-run `spl rag ingest` to rebuild it)")
@@ -294,7 +286,7 @@ def answer(workspace: Workspace, client, question: str, passages: list[Passage],
     if outcome is None:
         outcome = _chat(client, [{"role": "system", "content": SYSTEM_PASSAGES}, message], len(passages),
                         on_text, **options)
-    result, checked = outcome
+    content, done, checked = outcome
     out = {
         "answer": checked.text.strip(),
         "mode": mode,
@@ -303,14 +295,14 @@ def answer(workspace: Workspace, client, question: str, passages: list[Passage],
         "invented_citations": checked.invented,
         "trimmed_repetition": checked.trimmed,
         "answer_notes": checked.notes(len(passages)),
-        "finish_reason": result.finish_reason,
-        "usage": result.usage,
-        "timings": result.timings,
+        "finish_reason": done.finish_reason,
+        "usage": done.usage,
+        "timings": done.timings,
         "seconds": round(time.perf_counter() - started, 3),
         "snapshot_id": context.get("snapshot_id") if mode == "context" else None,
     }
-    if checked.text.strip() != result.content.strip():
-        out["raw_answer"] = result.content  # what the model said, before the checks
+    if checked.text.strip() != content.strip():
+        out["raw_answer"] = content  # what the model said, before the checks
     return out
 
 
@@ -327,7 +319,7 @@ def _delete_session(client, session_id: str | None) -> None:
     if not session_id:
         return
     try:
-        client.delete_session(session_id)
+        client.close_session(session_id)
     except UserError:
         pass
 

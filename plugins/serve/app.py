@@ -143,7 +143,7 @@ def create_app(runtime: Runtime) -> FastAPI:
 
 
 def _version() -> str:
-    from superlinear import __version__
+    from superlinear.version import __version__
 
     return __version__
 

@@ -1,33 +1,22 @@
-"""POST /v1/chat/completions: the turn runs on the worker (``ChatService.chat``), its events
-come back through the job's queue and are folded by one ``Reply``, streamed or not."""
+"""POST /v1/chat/completions: the turn runs on the API's worker (``LocalApi.submit_chat``), its
+events come back through the one generation path (``generation.py``) and are folded by one
+``Reply``, streamed or not."""
 
 from __future__ import annotations
-
-import asyncio
-import contextlib
 
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse
 
+from superlinear.api.remote import done_fields
 from superlinear.engine import PrefillProgress
-from superlinear.errors import UserError
 from superlinear.service import ChatTurn, Done, Persisted, ReasoningDelta, Started, TextDelta, ToolCallsEvent
 
 from . import chat as openai
-from . import progress, sse
+from . import progress
+from .generation import JobStream, generate
 from .http import read_body
 from .runtime import Runtime
 from .schemas import ChatCompletionRequest, parse_body
-from .worker import JobCancelled
-
-END = object()  # the job's last item: the turn is over
-
-
-class ClientGone(UserError):
-    """The client disconnected (nginx's 499): nobody reads this answer."""
-
-    http_status = 499
-    code = "client_closed_request"
 
 
 def add_routes(app: FastAPI, rt: Runtime) -> None:
@@ -43,83 +32,18 @@ def add_routes(app: FastAPI, rt: Runtime) -> None:
         rt.stats["requests"] += 1
         turn = ChatTurn(openai.engine_request(body, body.plain_messages(), rt.defaults),
                         session_id=body.session_id, session_mode=body.session_mode)
-        job = rt.worker.submit(lambda j: _chat_job(rt, j, turn), kind="generation", stream=True)
-        watcher = asyncio.create_task(_watch_disconnect(request, job))
-        reply = Reply(rt.model_name, body, job)
-        try:
-            # The response starts once the prompt passed every check: what fails before (a
-            # prompt too long, the memory budget, the template) gets its own HTTP status.
-            first = await next_event(job)
-        except BaseException:
-            watcher.cancel()
-            job.cancel()
-            raise
-        if body.stream:
-            watcher.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await watcher
-            return sse.response(reply.stream(first), on_close=job.cancel,
-                                ping_s=progress.ping_interval(body.sse_ping_interval))
-        try:
-            return await reply.collect(first)
-        finally:
-            watcher.cancel()
-            job.cancel()  # no-op when finished; stops the turn if this task was cancelled
-
-
-
-def _chat_job(rt: Runtime, job, turn: ChatTurn) -> None:
-    """Runs on the worker: every event of the turn goes to the job's queue, then ``END``."""
-    if job.cancelled():
-        raise JobCancelled("client went away")
-    rt.stats["generations"] += 1
-    persisted = None
-    for event in rt.service.chat(turn, cancel=job.cancel_event, on_start=job.emit):
-        match event:
-            case Persisted(ok=ok):
-                persisted = ok
-            case Done():
-                rt.note_prefill(event.usage, event.timings)
-                rt.metrics.turn(event, session_id=turn.session_id, persisted=persisted,
-                                queued_s=job.queued_s)
-        job.emit(event)
-    job.emit(END)
-
-
-async def _watch_disconnect(request: Request, job) -> None:
-    """Cancel ``job`` when the client goes away (the body has been read already)."""
-    while True:
-        message = await request.receive()
-        if message["type"] == "http.disconnect":
-            job.cancel()
-            return
-
-
-async def next_event(job):
-    """The job's next event; an exception raised on the worker is raised here."""
-    get = asyncio.ensure_future(job.events.get())
-    done, _ = await asyncio.wait({get, job.future}, return_when=asyncio.FIRST_COMPLETED)
-    if get in done:
-        return get.result()
-    # The job finished: drain what it emitted before it ended, then its result or error.
-    if not job.events.empty():
-        get.cancel()
-        return job.events.get_nowait()
-    get.cancel()
-    exc = job.future.exception()
-    if exc is not None:
-        if isinstance(exc, JobCancelled):
-            raise ClientGone("the client went away before its turn started") from exc
-        raise exc
-    return END
+        stream = JobStream(rt.api.submit_chat, turn)
+        reply = Reply(rt, body, stream)
+        return await generate(request, stream, streamed=body.stream, chunks=reply.stream, collect=reply.collect,
+                              ping_s=progress.ping_interval(body.sse_ping_interval))
 
 
 class Reply:
     """One chat completion being answered: the turn's events folded into what the answer says.
     ``stream`` and ``collect`` read the same events through ``_observe``."""
 
-    def __init__(self, model: str, body: ChatCompletionRequest, job):
-        self.model, self.body, self.job = model, body, job
+    def __init__(self, rt: Runtime, body: ChatCompletionRequest, stream: JobStream):
+        self.rt, self.model, self.body, self.stream_ = rt, rt.model_name, body, stream
         self.cid, self.created = openai.completion_id(), openai.now()
         self.extra = {"session_id": body.session_id} if body.session_id else {}
         self.how: str | None = None
@@ -131,10 +55,8 @@ class Reply:
         self.done: Done | None = None
 
     async def _events(self, first):
-        event = first
-        while event is not END:
+        async for event in self.stream_.events(first):
             yield event
-            event = await next_event(self.job)
         if self.done is None:
             raise RuntimeError("the turn ended without a Done event")
 
@@ -146,7 +68,7 @@ class Reply:
         match event:
             case Started(how=how):
                 self.how = how
-                self.queued_s = self.job.queued_s
+                self.queued_s = self.stream_.job.queued_s
             case Persisted():
                 self.persisted = event
             case PrefillProgress():  # llama.cpp's prompt_progress chunks, when asked for
@@ -167,8 +89,11 @@ class Reply:
                 return [self._chunk({"tool_calls": deltas})]
             case Done():
                 self.done = event
+                self.rt.finished(event, session_id=self.body.session_id,
+                                 persisted=self.persisted.ok if self.persisted else None, queued_s=self.queued_s)
                 final = self._chunk({}, event.finish_reason, session_update=self.how, **self._persist_fields(),
-                                    timings=openai.spl_timings(event.usage, event.timings, self.queued_s))
+                                    timings=openai.spl_timings(event.usage, event.timings, self.queued_s),
+                                    done=done_fields(event))
                 _fix_finish(final["choices"][0], event)
                 chunks = [final]
                 if self.body.stream_options and self.body.stream_options.include_usage:
@@ -180,8 +105,13 @@ class Reply:
         return openai.persist_fields(self.persisted) if self.persisted is not None else {}
 
     async def stream(self, first):
-        yield self._chunk({"role": "assistant", "content": ""})
-        async for event in self._events(first):
+        # The turn's first event is ``Started``: the first chunk says how the session took it.
+        held = self._observe(first)
+        yield self._chunk({"role": "assistant", "content": ""},
+                          **({"session_update": self.how} if self.body.session_id else {}))
+        for chunk in held:
+            yield chunk
+        async for event in self._events(await self.stream_.next()):
             for chunk in self._observe(event):
                 yield chunk
 

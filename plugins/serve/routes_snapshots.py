@@ -1,5 +1,5 @@
-"""/v1/snapshots: snapshots on disk. Store work runs in a thread (it never waits for a turn);
-loading one into a session runs on the worker."""
+"""/v1/snapshots: snapshots on disk, through the in-process API (``LocalApi``). Store work runs
+in a thread (it never waits for a turn); loading one into a session runs on the worker."""
 
 from __future__ import annotations
 
@@ -24,7 +24,7 @@ from .schemas import LoadSnapshot, PatchSnapshot, parse_body
 def add_routes(app: FastAPI, rt: Runtime) -> None:
     def ready():
         rt.require_ready()
-        return rt.service
+        return rt.api
 
     @app.get("/v1/snapshots")
     async def list_snapshots(tag: str | None = None, all: bool = False):  # noqa: A002 - query name
@@ -71,10 +71,8 @@ def add_routes(app: FastAPI, rt: Runtime) -> None:
     @app.post("/v1/snapshots/{snapshot_id}/load")
     async def load_snapshot(snapshot_id: str, request: Request):
         body = parse_body(await http.read_body(request), LoadSnapshot, allow_empty=True)
-        service = ready()
-        await asyncio.to_thread(service.get_snapshot, snapshot_id)  # 404 before queueing
-        info = await rt.worker.run(lambda _job: service.load(
-            snapshot_id, session_id=body.session_id, force=body.force, max_seq_len=body.max_seq_len))
+        info = await asyncio.to_thread(lambda: ready().load(snapshot_id, session_id=body.session_id, force=body.force,
+                                                            max_seq_len=body.max_seq_len, ephemeral=body.ephemeral))
         return JSONResponse(info, status_code=201)
 
     @app.get("/v1/snapshots/{snapshot_id}/export")

@@ -1,5 +1,6 @@
 """Routes on plain text and tokens, as llama.cpp's and vLLM's servers have them: ``/tokenize``,
-``/detokenize``, ``/v1/completions`` (``ChatService.complete`` on the worker); and ``/metrics``."""
+``/detokenize``, ``/v1/completions`` (``LocalApi.submit_completion``, through the one generation
+path of ``generation.py``); and ``/metrics``."""
 
 from __future__ import annotations
 
@@ -9,12 +10,13 @@ import secrets
 from fastapi import FastAPI, Request
 from fastapi.responses import Response
 
+from superlinear.api.remote import done_fields
+from superlinear.api.types import Completion
 from superlinear.engine import Done, RepetitionConfig, SamplingParams, TextDelta
 
 from . import chat as openai
-from . import sse
+from .generation import JobStream, generate
 from .http import read_body
-from .routes_chat import END, next_event
 from .runtime import Runtime
 from .schemas import CompletionRequest, DetokenizeRequest, TokenizeRequest, parse_body
 
@@ -47,29 +49,9 @@ def add_routes(app: FastAPI, rt: Runtime) -> None:
         if body.echo:
             echo = prompt if isinstance(prompt, str) else rt.service.detokenize(prompt)
         rt.stats["requests"] += 1
-        job = rt.worker.submit(lambda j: _completion_job(rt, j, body, prompt), kind="generation", stream=True)
-        cid, created = "cmpl-" + secrets.token_hex(12), openai.now()
-        try:
-            first = await next_event(job)  # a bad prompt is a 400, before any response starts
-        except BaseException:
-            job.cancel()
-            raise
-        events = _events(job, first)
-        if body.stream:
-            return sse.response(_chunks(events, body, cid, created, rt.model_name, echo), on_close=job.cancel)
-        try:
-            text, done = [echo], None
-            async for event in events:
-                match event:
-                    case TextDelta(text=piece):
-                        text.append(piece)
-                    case Done():
-                        done = event
-            return {**_chunk(cid, created, rt.model_name, "".join(text), _finish(done)),
-                    "usage": openai.openai_usage(done.usage),
-                    "timings": openai.spl_timings(done.usage, done.timings, None)}
-        finally:
-            job.cancel()
+        stream = JobStream(rt.api.submit_completion, completion_request(body, prompt, rt.defaults))
+        reply = CompletionReply(rt, body, stream, echo)
+        return await generate(request, stream, streamed=body.stream, chunks=reply.stream, collect=reply.collect)
 
     @app.get("/metrics")
     async def metrics():
@@ -77,11 +59,10 @@ def add_routes(app: FastAPI, rt: Runtime) -> None:
         return Response(data, media_type=content_type)
 
 
-def _completion_job(rt: Runtime, job, body: CompletionRequest, prompt) -> None:
-    """Runs on the worker: the completion's events to the job's queue, then ``END``."""
+def completion_request(body: CompletionRequest, prompt, defaults: dict) -> Completion:
     stop = [body.stop] if isinstance(body.stop, str) else list(body.stop or [])
     sampling = SamplingParams(
-        temperature=body.temperature if body.temperature is not None else rt.defaults.get("temperature", 0.7),
+        temperature=body.temperature if body.temperature is not None else defaults.get("temperature", 0.7),
         top_p=body.top_p if body.top_p is not None else 1.0, top_k=body.top_k or 0, seed=body.seed,
         max_tokens=body.max_tokens, stop=stop)
     repetition = None
@@ -89,39 +70,48 @@ def _completion_job(rt: Runtime, job, body: CompletionRequest, prompt) -> None:
         repetition = RepetitionConfig()
     elif body.repetition_detection not in (None, False):
         repetition = RepetitionConfig(**body.repetition_detection.model_dump())
-    rt.stats["generations"] += 1
-    for event in rt.service.complete(prompt, sampling, repetition=repetition, cancel=job.cancel_event):
-        if isinstance(event, Done):
-            rt.note_prefill(event.usage, event.timings)
-            rt.metrics.turn(event, session_id=None, queued_s=job.queued_s, persisted=None)
-        job.emit(event)
-    job.emit(END)
+    return Completion(prompt, sampling, repetition)
 
 
-async def _events(job, first):
-    event = first
-    while event is not END:
-        yield event
-        event = await next_event(job)
+class CompletionReply:
+    """One text completion being answered, streamed (``stream``) or whole (``collect``)."""
+
+    def __init__(self, rt: Runtime, body: CompletionRequest, stream: JobStream, echo: str):
+        self.rt, self.body, self.stream_, self.echo = rt, body, stream, echo
+        self.cid, self.created = "cmpl-" + secrets.token_hex(12), openai.now()
+
+    def _chunk(self, text: str, finish: str | None = None, **extra) -> dict:
+        return {"id": self.cid, "object": "text_completion", "created": self.created, "model": self.rt.model_name,
+                "choices": [{"index": 0, "text": text, "logprobs": None, "finish_reason": finish}], **extra}
+
+    def _done(self, done: Done) -> None:
+        self.rt.finished(done, session_id=None, persisted=None, queued_s=self.stream_.job.queued_s)
+
+    async def stream(self, first):
+        if self.echo:
+            yield self._chunk(self.echo)
+        async for event in self.stream_.events(first):
+            match event:
+                case TextDelta(text=piece) if piece:
+                    yield self._chunk(piece)
+                case Done():
+                    self._done(event)
+                    yield self._chunk("", _finish(event), done=done_fields(event))
+                    if self.body.stream_options and self.body.stream_options.include_usage:
+                        yield {**self._chunk(""), "choices": [], "usage": openai.openai_usage(event.usage)}
+
+    async def collect(self, first):
+        text, done = [self.echo], None
+        async for event in self.stream_.events(first):
+            match event:
+                case TextDelta(text=piece):
+                    text.append(piece)
+                case Done():
+                    done = event
+                    self._done(event)
+        return {**self._chunk("".join(text), _finish(done)), "usage": openai.openai_usage(done.usage),
+                "timings": openai.spl_timings(done.usage, done.timings, None)}
 
 
 def _finish(done: Done) -> str:
     return "length" if done.finish_reason == "length" else "stop"
-
-
-def _chunk(cid, created, model, text, finish=None) -> dict:
-    return {"id": cid, "object": "text_completion", "created": created, "model": model,
-            "choices": [{"index": 0, "text": text, "logprobs": None, "finish_reason": finish}]}
-
-
-async def _chunks(events, body: CompletionRequest, cid, created, model, echo):
-    if echo:
-        yield _chunk(cid, created, model, echo)
-    async for event in events:
-        match event:
-            case TextDelta(text=piece) if piece:
-                yield _chunk(cid, created, model, piece)
-            case Done():
-                yield _chunk(cid, created, model, "", _finish(event))
-                if body.stream_options and body.stream_options.include_usage:
-                    yield {**_chunk(cid, created, model, ""), "choices": [], "usage": openai.openai_usage(event.usage)}

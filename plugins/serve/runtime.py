@@ -1,9 +1,10 @@
-"""What the routes work on: the model, the session manager, the snapshot store and the worker.
+"""What the routes work on: the in-process API (``superlinear.api.LocalApi``: the model, its
+sessions and snapshots, and the worker thread that runs whatever touches them), and the
+server's own state (loading, health, metrics).
 
 The model is loaded in a background thread after the socket is bound, so ``/health`` answers
-(``"status": "loading"``) while it loads and ``spl server start`` can show progress. Every
-call that touches the model or a cache runs on the ``Worker`` thread; listings and ``/health``
-read plain bookkeeping and never wait for it.
+(``"status": "loading"``) while it loads and ``spl server start`` can show progress. Listings
+and ``/health`` read plain bookkeeping and never wait for the worker.
 """
 
 from __future__ import annotations
@@ -14,11 +15,11 @@ import threading
 import time
 from typing import Any
 
+from superlinear.api.worker import Worker
 from superlinear.errors import Unavailable
 from superlinear.plugins.settings.options import ServeOptions
 
 from .metrics import ServerMetrics
-from .worker import Worker
 
 log = logging.getLogger("spl.serve")
 # A prefill of fewer tokens is dominated by fixed costs: its speed says little about a long one.
@@ -38,7 +39,8 @@ class Runtime:
         self.model = None
         self.store = None
         self.manager = None
-        self.service = None  # the ChatService every route calls, once the model is loaded
+        self.api = None  # the LocalApi every route calls, once the model is loaded
+        self.service = None  # its ChatService
         self.metrics = ServerMetrics(self)
         self.restored: list[str] = []
         self._load_started = time.monotonic()
@@ -54,7 +56,7 @@ class Runtime:
 
     def _load(self) -> None:
         try:
-            self.worker.call(self._load_on_worker)
+            self._open()
         except BaseException as exc:  # noqa: BLE001 - reported by /health and the log
             self.status = "error"
             self.failed_step = self.progress
@@ -71,29 +73,22 @@ class Runtime:
         log.info("spl: model %s ready in %.1fs; %d session(s) known", self.model_name,
                  time.monotonic() - self._load_started, len(self.list_sessions()))
 
-    def _load_on_worker(self) -> None:
-        from superlinear.model import load_model
+    def _open(self) -> None:
+        from superlinear.api.local import LocalApi, LocalOptions
         from superlinear.pluginloader import model_loaders
-        from superlinear.service import ChatService
-        from superlinear.sessions import SessionManager, SnapshotStore
 
         o = self.options
-        self.progress = f"loading model {o.model}"
-        self.model = load_model(o.model, device=o.device, loaders=model_loaders())
-        self.progress = "opening the snapshot store"
-        self.store = SnapshotStore()
-        self.progress = "setting up the sessions (memory budget, max_seq_len)"
-        # No --memory-budget: a fraction of the device's free memory (SessionManager's "auto").
-        # Past it, idle sessions are evicted to disk when their journal is kept current anyway
-        # (--persist turn: eviction writes little or nothing); with --persist shutdown the
-        # request that needs the memory is refused (429) instead.
-        self.manager = SessionManager(self.model, self.store, memory_budget=o.memory_budget or "auto",
-                                      evict_to_disk=o.persist == "turn", default_max_seq_len=o.max_seq_len,
-                                      chunk_size=o.chunk_size)
-        self.service = ChatService(self.model, self.manager, self.store, persist_turns=o.persist == "turn",
-                                   chunk_size=o.chunk_size)
-        self.progress = "restoring sessions"
-        self.restored = self.manager.restore_index()
+        options = LocalOptions(model=o.model, device=o.device, memory_budget=o.memory_budget or "auto",
+                               persist=o.persist, max_seq_len=o.max_seq_len, chunk_size=o.chunk_size,
+                               loaders=tuple(model_loaders()))
+
+        def progress(line: str) -> None:
+            self.progress = line
+
+        self.api = LocalApi.open(options, worker=self.worker, progress=progress)
+        self.service = self.api.service
+        self.model, self.manager, self.store = self.service.model, self.service.manager, self.service.store
+        self.restored = self.service.restored
 
     @property
     def defaults(self) -> dict:
@@ -136,11 +131,6 @@ class Runtime:
     def list_sessions(self) -> list[dict]:
         if self.service is None:
             return []
-        for _ in range(3):  # the worker may add/remove a session while we iterate
-            try:
-                return self.session_listing()["sessions"]
-            except RuntimeError:
-                time.sleep(0.01)
         return self.session_listing()["sessions"]
 
     def session_listing(self) -> dict:
@@ -168,10 +158,16 @@ class Runtime:
                 h["persist"] = self.persist_info()
             except Exception:  # noqa: BLE001 - /health must answer
                 h.setdefault("sessions", None)
-            from superlinear import __version__
+            from superlinear.version import __version__
 
             h["version"] = __version__
         return h
+
+    def finished(self, done, *, session_id: str | None, persisted: bool | None, queued_s: float | None) -> None:
+        """A generation ended: count it, remember its prefill speed, record its metrics."""
+        self.stats["generations"] += 1
+        self.note_prefill(done.usage, done.timings)
+        self.metrics.turn(done, session_id=session_id, queued_s=queued_s, persisted=persisted)
 
     def note_prefill(self, usage: dict, timings: dict) -> None:
         """Remember the speed of the last prefill long enough to measure (clients estimate the

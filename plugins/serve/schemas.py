@@ -274,6 +274,7 @@ class CreateSession(BaseModel):
     model_config = _FORBID
     session_id: str | None = None
     max_seq_len: int | None = _TOKENS
+    ephemeral: StrictBool = False  # never written to disk (a throwaway turn)
 
 
 class ForkSession(BaseModel):
@@ -310,6 +311,7 @@ class LoadSnapshot(BaseModel):
     session_id: str | None = None
     force: StrictBool = False
     max_seq_len: int | None = _TOKENS
+    ephemeral: StrictBool = False  # the session is never written to disk (a throwaway question)
 
 
 def parse_body(raw: bytes, model: type[BaseModel], *, allow_empty: bool = False,

@@ -1,0 +1,298 @@
+"""``RemoteApi``: the API over HTTP, against an spl server. The same operations and results as
+``LocalApi``; a chat turn's server-sent events are read back into the same core events (the
+server puts what OpenAI's chunks leave out, such as the stored message and the raw usage, in
+its final chunk's ``done`` field). Errors come back as the ``superlinear.errors`` class the
+server raised (``errors.from_openai``); an unreachable server is ``Unavailable``."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+from urllib.parse import quote
+
+import httpx
+
+from superlinear.errors import InvalidRequest, Unavailable, UserError, from_openai
+from superlinear.service.chat_service import ChatTurn
+
+from .events import Done, Event, Persisted, PrefillProgress, ReasoningDelta, Started, TextDelta, ToolCallsEvent
+from .types import Completion, SessionInfo, SessionListing, SnapshotInfo, Tokens
+
+
+def _q(part: str) -> str:
+    return quote(str(part), safe="")
+
+
+def error_from_response(response: httpx.Response) -> UserError:
+    """The ``UserError`` an error response stands for (OpenAI error body or plain text)."""
+    try:
+        body = response.json()
+    except ValueError:
+        text = response.text.strip() if response.is_closed else ""
+        body = {"error": {"message": text.splitlines()[0][:300] if text else None}}
+    err = body.get("error") if isinstance(body, dict) else None
+    if not isinstance(err, dict):
+        detail = body.get("detail") if isinstance(body, dict) else None
+        err = {"message": str(detail) if detail else None}
+    if not err.get("message"):
+        err = {**err, "message": f"the server answered HTTP {response.status_code}"}
+    return from_openai(err, response.status_code)
+
+
+class RemoteApi:
+    """Every operation of ``superlinear.api.Api`` against the spl server at ``base_url``."""
+
+    def __init__(self, base_url: str, api_key: str | None = None, *, timeout: float | None = 600.0,
+                 connect_timeout: float = 5.0):
+        self.base_url = base_url.rstrip("/")
+        self.api_key = api_key
+        headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
+        self.http = httpx.Client(base_url=self.base_url, headers=headers,
+                                 timeout=httpx.Timeout(timeout, connect=connect_timeout))
+
+    # -- plumbing ------------------------------------------------------------------------------
+    def close(self) -> None:
+        self.http.close()
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    def unreachable(self, exc: Exception) -> Unavailable:
+        return Unavailable(f"cannot reach the spl server at {self.base_url} ({type(exc).__name__})")
+
+    def request(self, method: str, path: str, **kwargs) -> Any:
+        try:
+            response = self.http.request(method, path, **kwargs)
+        except httpx.TransportError as exc:
+            raise self.unreachable(exc) from exc
+        if response.status_code >= 400:
+            raise error_from_response(response)
+        return response.json() if response.content else None
+
+    def _events(self, path: str, body: dict, read: Callable[[Iterator[dict]], Iterator[Event]]) -> Iterator[Event]:
+        from httpx_sse import connect_sse
+
+        try:
+            with connect_sse(self.http, "POST", path, json=body) as source:
+                if source.response.status_code >= 400:
+                    source.response.read()
+                    raise error_from_response(source.response)
+                yield from read(_chunks(source.iter_sse()))
+        except httpx.TransportError as exc:
+            raise self.unreachable(exc) from exc
+
+    # -- generation ----------------------------------------------------------------------------
+    def chat(self, turn: ChatTurn) -> Iterator[Event]:
+        """One turn's events, as ``LocalApi.chat`` yields them. Closing the iterator early closes
+        the connection: the server cancels the turn."""
+        return self._events("/v1/chat/completions", chat_body(turn), read_chat)
+
+    def complete(self, completion: Completion) -> Iterator[Event]:
+        return self._events("/v1/completions", completion_body(completion), read_completion)
+
+    def tokenize(self, source: str | list[dict], *, add_special: bool = True, add_generation_prompt: bool = True,
+                 with_pieces: bool = False) -> Tokens:
+        body: dict[str, Any] = {"content": source} if isinstance(source, str) else {"messages": source}
+        body.update(add_special=add_special, add_generation_prompt=add_generation_prompt, with_pieces=with_pieces)
+        return self.request("POST", "/tokenize", json=body)
+
+    def detokenize(self, ids: list[int]) -> str:
+        return self.request("POST", "/detokenize", json={"tokens": list(ids)})["content"]
+
+    # -- sessions ------------------------------------------------------------------------------
+    def create_session(self, session_id: str | None = None, max_seq_len: int | None = None, *,
+                       ephemeral: bool = False) -> SessionInfo:
+        body = _given(session_id=session_id, max_seq_len=max_seq_len, ephemeral=ephemeral or None)
+        return self.request("POST", "/v1/sessions", json=body)
+
+    def get_session(self, session_id: str) -> SessionInfo:
+        return self.request("GET", f"/v1/sessions/{_q(session_id)}")
+
+    def list_sessions(self) -> SessionListing:
+        body = self.request("GET", "/v1/sessions")
+        return {"sessions": body["data"], **{k: body.get(k) for k in ("count", "bytes", "resident", "memory_budget")}}
+
+    def history(self, session_id: str) -> list[dict]:
+        return self.request("GET", f"/v1/sessions/{_q(session_id)}/history")["messages"]
+
+    def fork(self, session_id: str, new_id: str | None = None) -> SessionInfo:
+        return self.request("POST", f"/v1/sessions/{_q(session_id)}/fork", json=_given(new_session_id=new_id))
+
+    def rollback(self, session_id: str, n_messages: int) -> SessionInfo:
+        """Keep the first ``n_messages`` messages of the transcript (negative: drop that many)."""
+        return self.request("POST", f"/v1/sessions/{_q(session_id)}/rollback", json={"n_messages": n_messages})
+
+    def resize(self, session_id: str, max_seq_len: int) -> SessionInfo:
+        return self.request("POST", f"/v1/sessions/{_q(session_id)}/resize", json={"max_seq_len": max_seq_len})
+
+    def save(self, session_id: str, *, title: str | None = None, description: str | None = None,
+             tags: list[str] | None = None) -> SnapshotInfo:
+        return self.request("POST", f"/v1/sessions/{_q(session_id)}/save",
+                            json=_given(title=title, description=description, tags=tags))
+
+    def close_session(self, session_id: str) -> SessionInfo:
+        return self.request("DELETE", f"/v1/sessions/{_q(session_id)}")["session"]
+
+    # -- snapshots -----------------------------------------------------------------------------
+    def list_snapshots(self, tag: str | None = None, include_session_state: bool = False) -> list[SnapshotInfo]:
+        params = _given(tag=tag, all="true" if include_session_state else None)
+        return self.request("GET", "/v1/snapshots", params=params)["data"]
+
+    def get_snapshot(self, snapshot_id: str) -> SnapshotInfo:
+        return self.request("GET", f"/v1/snapshots/{_q(snapshot_id)}")
+
+    def update_snapshot(self, snapshot_id: str, **fields: Any) -> SnapshotInfo:
+        return self.request("PATCH", f"/v1/snapshots/{_q(snapshot_id)}", json=fields)
+
+    def delete_snapshot(self, snapshot_id: str) -> None:
+        self.request("DELETE", f"/v1/snapshots/{_q(snapshot_id)}")
+
+    def load(self, snapshot_id: str, *, session_id: str | None = None, force: bool = False,
+             max_seq_len: int | None = None, ephemeral: bool = False) -> SessionInfo:
+        body = _given(session_id=session_id, max_seq_len=max_seq_len, ephemeral=ephemeral or None)
+        return self.request("POST", f"/v1/snapshots/{_q(snapshot_id)}/load", json={"force": force, **body})
+
+    def export_snapshot(self, snapshot_id: str, dest: str | Path,
+                        on_bytes: Callable[[int, int | None], None] | None = None) -> Path:
+        """Download the snapshot as one file (written atomically). ``on_bytes(done, total)``
+        after every block (``total`` from Content-Length, None when the server sends none)."""
+        path = Path(dest)
+        tmp = path.with_name(path.name + ".part")
+        try:
+            with self.http.stream("GET", f"/v1/snapshots/{_q(snapshot_id)}/export") as response:
+                if response.status_code >= 400:
+                    response.read()
+                    raise error_from_response(response)
+                length = response.headers.get("content-length")
+                total = int(length) if length and length.isdigit() else None
+                with open(tmp, "wb") as out:
+                    for block in response.iter_bytes(1 << 20):
+                        out.write(block)
+                        if on_bytes is not None:
+                            on_bytes(out.tell(), total)
+        except httpx.TransportError as exc:
+            tmp.unlink(missing_ok=True)
+            raise self.unreachable(exc) from exc
+        except BaseException:
+            tmp.unlink(missing_ok=True)
+            raise
+        os.replace(tmp, path)
+        return path
+
+    def import_snapshot(self, file: str | Path, *, snapshot_id: str | None = None, replace: bool = False,
+                        name: str | None = None,
+                        on_bytes: Callable[[int, int | None], None] | None = None) -> SnapshotInfo:
+        """Upload a file made by ``export_snapshot``; ``on_bytes(done, total)`` after every block."""
+        path = Path(file)
+        if not path.is_file():
+            raise InvalidRequest(f"no such file: {path}")
+        total = path.stat().st_size
+
+        def blocks():
+            with open(path, "rb") as f:
+                while block := f.read(1 << 20):
+                    yield block
+                    if on_bytes is not None:
+                        on_bytes(f.tell(), total)
+
+        params = _given(snapshot_id=snapshot_id, replace="true" if replace else None)
+        return self.request("POST", "/v1/snapshots/import", content=blocks(), params=params,
+                            headers={"Content-Type": "application/octet-stream"})
+
+
+def _given(**fields: Any) -> dict:
+    return {k: v for k, v in fields.items() if v is not None}
+
+
+# -- the wire format of the generation routes -----------------------------------------------------
+def sampling_fields(sampling, repetition) -> dict:
+    return _given(temperature=sampling.temperature, top_p=sampling.top_p, top_k=sampling.top_k or None,
+                  seed=sampling.seed, max_tokens=sampling.max_tokens, stop=list(sampling.stop) or None,
+                  repetition_detection=dataclasses.asdict(repetition) if repetition else None)
+
+
+def chat_body(turn: ChatTurn) -> dict:
+    r = turn.request
+    body = {"model": "default", "messages": r.messages, "stream": True, "stream_options": {"include_usage": True},
+            "return_progress": True, "session_mode": turn.session_mode,
+            **sampling_fields(r.sampling, r.repetition),
+            **_given(session_id=turn.session_id, tools=r.tools, tool_choice=r.tool_choice,
+                     reasoning_budget=r.reasoning_budget, chat_template_kwargs=r.chat_template_kwargs,
+                     keep_thinking=r.keep_thinking or None)}
+    return body
+
+
+def completion_body(completion: Completion) -> dict:
+    return {"model": "default", "prompt": completion.prompt, "stream": True,
+            **sampling_fields(completion.sampling, completion.repetition)}
+
+
+def _chunks(sse) -> Iterator[dict]:
+    """The JSON chunks of a stream until ``[DONE]``; an error chunk raises its ``UserError``."""
+    for message in sse:
+        if message.data == "[DONE]":
+            return
+        chunk = json.loads(message.data)
+        if isinstance(chunk.get("error"), dict):
+            raise from_openai(chunk["error"])
+        yield chunk
+
+
+def done_event(fields: dict) -> Done:
+    """``Done`` from the ``done`` field of a final chunk (``done_fields`` on the server)."""
+    return Done(fields["finish_reason"], fields["message"], fields["usage"], fields["timings"],
+                reasoning=fields.get("reasoning"), partial=bool(fields.get("partial")))
+
+
+def done_fields(done: Done) -> dict:
+    """What a final chunk carries of a ``Done`` (OpenAI's fields cannot say it all)."""
+    return dataclasses.asdict(done)
+
+
+def read_chat(chunks: Iterator[dict]) -> Iterator[Event]:
+    calls: dict[int, dict] = {}
+    done = None
+    for chunk in chunks:
+        if "session_update" in chunk and chunk.get("choices") and "role" in chunk["choices"][0].get("delta", {}):
+            yield Started(chunk["session_update"])
+        if isinstance(chunk.get("prompt_progress"), dict):
+            p = chunk["prompt_progress"]
+            yield PrefillProgress(p["processed"], p["total"], p["cache"], p["time_ms"] / 1000)
+        for choice in chunk.get("choices") or []:
+            delta = choice.get("delta") or {}
+            if delta.get("reasoning_content"):
+                yield ReasoningDelta(delta["reasoning_content"])
+            if delta.get("content"):
+                yield TextDelta(delta["content"])
+            for tc in delta.get("tool_calls") or []:
+                calls[tc.get("index", 0)] = {"id": tc.get("id"), "type": "function", "function": tc["function"]}
+        if "done" in chunk:
+            if calls:
+                yield ToolCallsEvent([calls[i] for i in sorted(calls)])
+            if "persisted" in chunk:
+                error = chunk.get("persist_error")
+                yield Persisted(chunk["persisted"], from_openai(error) if error else None)
+            done = done_event(chunk["done"])
+    if done is None:
+        raise Unavailable("the server ended the stream before the turn ended")
+    yield done
+
+
+def read_completion(chunks: Iterator[dict]) -> Iterator[Event]:
+    done = None
+    for chunk in chunks:
+        for choice in chunk.get("choices") or []:
+            if choice.get("text"):
+                yield TextDelta(choice["text"])
+        if "done" in chunk:
+            done = done_event(chunk["done"])
+    if done is None:
+        raise Unavailable("the server ended the stream before the completion ended")
+    yield done
