@@ -1,16 +1,15 @@
-"""The command bus: every user action is a small typed command with one handler.
+"""The command bus: the API's operations (``superlinear.api.commands``) and what plugins add,
+as small typed commands dispatched through one middleware chain.
 
-It carries the commands more than one front end runs or a third party adds: the CLI and the
-REPL's slash commands build the same ``Command`` values and ``dispatch`` them, so such a
-feature is written once. Plugins add handlers through the ``register_handlers`` hook and
-middleware through ``register_middleware``. Chat turns and the HTTP routes do not go through
-it: they call ``superlinear.service.ChatService`` (docs/architecture.md says why).
-
-Built-in middleware (outermost first):
+A command either carries its behaviour (``run(ctx)``: the API commands run against the API the
+context is bound to, in process or over HTTP) or has a handler a plugin registered through the
+``register_handlers`` hook. The CLI, the REPL's slash commands, rag and third-party plugins
+dispatch the same commands, so an operation is written once and every dispatch gets the same
+middleware (outermost first):
 - error mapping: library errors a user can cause (missing file, refused connection...)
   become ``UserError`` with one readable line;
-- tracing: with ``SPL_TRACE=1`` each dispatch prints ``trace: <name> <ms>`` on stderr;
-- timing: the last dispatch's duration is kept on the context (``ctx.last_duration_s``).
+- tracing: with ``SPL_TRACE=1`` each dispatch prints ``trace: <command> <status> <ms>`` on stderr.
+UI-only actions (the REPL's ``/exit``, ``/max``) are plain methods of their front end.
 """
 
 from __future__ import annotations
@@ -20,7 +19,7 @@ import os
 import sys
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any, ClassVar
 
 from superlinear.errors import Unavailable, UserError
@@ -28,9 +27,13 @@ from superlinear.errors import Unavailable, UserError
 
 @dataclass(frozen=True)
 class Command:
-    """Base of all bus commands. Subclasses are frozen dataclasses with a dotted ``name``."""
+    """Base of all bus commands. Subclasses are frozen dataclasses with a dotted ``name``; one
+    that implements ``run`` needs no registered handler."""
 
     name: ClassVar[str] = "command"
+
+    def run(self, ctx: Context) -> Any:
+        raise UnknownCommand(f"no handler for command {self.name!r}")
 
     def describe(self) -> str:
         fields = ", ".join(f"{f.name}={getattr(self, f.name)!r}" for f in dataclasses.fields(self))
@@ -39,11 +42,9 @@ class Command:
 
 @dataclass
 class Context:
-    """What a handler may need beyond its command: where it was called from and shared state."""
+    """What a command runs against: the API (``superlinear.api.Api``; None: none bound)."""
 
-    origin: str = "cli"  # "cli" | "repl" | "http"
-    state: dict[str, Any] = field(default_factory=dict)
-    last_duration_s: float = 0.0
+    api: Any = None
 
 
 @dataclass(frozen=True)
@@ -65,17 +66,14 @@ class UnknownCommand(UserError):
 
 
 class Bus:
-    def __init__(self) -> None:
+    def __init__(self, middleware: tuple[Middleware, ...] = ()) -> None:
         self._handlers: dict[type[Command], Handler] = {}
-        self._middleware: list[Middleware] = []
+        self._middleware = list(middleware)
 
     def register(self, command_type: type[Command], handler: Handler) -> None:
         if command_type in self._handlers:
             raise ValueError(f"a handler for {command_type.name!r} is already registered")
         self._handlers[command_type] = handler
-
-    def use(self, middleware: Middleware) -> None:
-        self._middleware.append(middleware)
 
     def handles(self, command_type: type[Command]) -> bool:
         return command_type in self._handlers
@@ -88,9 +86,7 @@ class Bus:
 
         def call_handler(cmd: Command, c: Context) -> Any:
             handler = self._handlers.get(type(cmd))
-            if handler is None:
-                raise UnknownCommand(f"no handler for command {cmd.name!r}")
-            return handler(cmd, c)
+            return cmd.run(c) if handler is None else handler(cmd, c)
 
         call = call_handler
         for middleware in reversed(self._middleware):
@@ -116,7 +112,7 @@ def as_user_error(exc: BaseException) -> UserError | None:
         return Unavailable(f"cannot connect: {exc}")
     # httpx is optional at import time; map its transport errors by name.
     if type(exc).__module__.startswith("httpx") and "Connect" in type(exc).__name__:
-        return Unavailable(f"cannot reach the spl server ({exc}); start it with `spl server start`")
+        return Unavailable(f"cannot reach the spl server ({exc})")
     return None
 
 
@@ -147,14 +143,6 @@ def trace(command: Command, ctx: Context, call_next) -> Any:
         print(f"trace: {command.describe()} {status} {ms:.1f} ms", file=sys.stderr)
 
 
-def timing(command: Command, ctx: Context, call_next) -> Any:
-    start = time.perf_counter()
-    try:
-        return call_next(command, ctx)
-    finally:
-        ctx.last_duration_s = time.perf_counter() - start
-
-
 _bus: Bus | None = None
 
 
@@ -165,11 +153,7 @@ def get_bus() -> Bus:
         return _bus
     from superlinear.pluginloader import collect
 
-    bus = Bus()
-    for middleware in (map_errors, trace, timing):
-        bus.use(middleware)
-    for _plugin, args, kwargs in collect("register_middleware"):
-        bus.use(*args, **kwargs)
+    bus = Bus((map_errors, trace))
     for plugin, args, kwargs in collect("register_handlers"):
         try:
             bus.register(*args, **kwargs)

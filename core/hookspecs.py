@@ -58,9 +58,3 @@ def register_model_loaders(register):
 @hookspec
 def register_routes(register):
     """Add HTTP routes to the server: ``register(fastapi.APIRouter)``."""
-
-
-@hookspec
-def register_middleware(register):
-    """Wrap every bus dispatch: ``register(middleware)`` with
-    ``middleware(command, ctx, call_next) -> result``."""

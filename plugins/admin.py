@@ -1,212 +1,71 @@
 """Built-in plugin ``admin``: ``spl ls``, ``spl rm``, ``spl session …``, ``spl snapshot …``.
 
-Every action is a bus command (the classes below) whose handler talks to the server through
-``SplClient``; the chat REPL's slash commands dispatch the same commands, passing its own
-client in ``ctx.state["client"]``. Handlers return plain dicts/lists (JSON-ready); the click
-commands format them (``--json`` prints them as they are).
-
-Exported command classes:
-    ListAll, Remove,
-    SessionNew, SessionList, SessionInfo, SessionHistory, SessionRemove, SessionFork,
-    SessionRollback, SessionResize,
-    SnapshotList, SnapshotInfo, SnapshotSave, SnapshotLoad, SnapshotRemove, SnapshotTag,
-    SnapshotExport, SnapshotImport
+Every operation is one of the API's bus commands (``superlinear.api.commands``), dispatched
+against the server the commands talk to (``SplClient``); the chat REPL's slash commands
+dispatch the same commands against its own client. ``spl ls`` / ``spl rm`` / ``snapshot tag``
+combine a few of them (``list_all``, ``remove``, ``retag``: plain functions of a dispatcher).
+Results are plain dicts/lists (JSON-ready); the click commands format them (``--json`` prints
+them as they are).
 """
 
 from __future__ import annotations
 
+import contextlib
 import datetime as _dt
 import json
-from dataclasses import dataclass
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import click
 
-from superlinear.bus import Command, Context, dispatch
+from superlinear.api import commands as api
+from superlinear.bus import Context, dispatch
 from superlinear.errors import InvalidRequest, NotFound, UserError
 from superlinear.hookspecs import hookimpl
 from superlinear.plugins.client.completion import complete_any_ids, complete_session_ids, complete_snapshot_ids
 
-__all__ = [
-    "ListAll", "Remove", "SessionNew", "SessionList", "SessionInfo", "SessionHistory", "SessionRemove",
-    "SessionFork", "SessionRollback", "SessionResize", "SnapshotList", "SnapshotInfo", "SnapshotSave",
-    "SnapshotLoad", "SnapshotRemove", "SnapshotTag", "SnapshotExport", "SnapshotImport",
-    "format_bytes", "format_history",
-]
+__all__ = ["format_bytes", "format_history", "list_all", "remove", "retag", "session_table", "snapshot_table"]
+
+Run = Callable[[api.ApiCommand], object]  # dispatches one API command against some API
 
 
-def _client(ctx: Context):
+@contextlib.contextmanager
+def _server() -> Iterator[Run]:
+    """A dispatcher bound to the server the commands talk to (closed after)."""
     from superlinear.plugins.client import get_client
 
-    return get_client(ctx)
+    client = get_client()
+    try:
+        yield lambda command: dispatch(command, Context(api=client))
+    finally:
+        client.close()
 
 
-# ==== commands ================================================================================
-@dataclass(frozen=True)
-class ListAll(Command):
-    """Sessions and snapshots. -> {"sessions": [...], "snapshots": [...]}"""
-
-    name = "ls"
+def _one(command: api.ApiCommand):
+    with _server() as run:
+        return run(command)
 
 
-@dataclass(frozen=True)
-class Remove(Command):
-    """Remove sessions or snapshots by id (a session id wins). -> [{"id", "kind"}]"""
-
-    name = "rm"
-    ids: tuple[str, ...] = ()
+# ==== operations made of a few API commands ==================================================
+def list_all(run: Run) -> dict:
+    """Sessions and snapshots: ``{"sessions": [...], "snapshots": [...]}``."""
+    return {"sessions": run(api.ListSessions())["sessions"], "snapshots": run(api.ListSnapshots())}
 
 
-@dataclass(frozen=True)
-class SessionNew(Command):
-    name = "session.new"
-    session_id: str | None = None
-    max_seq_len: int | None = None
-
-
-@dataclass(frozen=True)
-class SessionList(Command):
-    name = "session.ls"
-
-
-@dataclass(frozen=True)
-class SessionInfo(Command):
-    name = "session.info"
-    session_id: str = ""
-
-
-@dataclass(frozen=True)
-class SessionHistory(Command):
-    """The transcript; ``last`` keeps only the last N messages (``first``: the first N)."""
-
-    name = "session.history"
-    session_id: str = ""
-    last: int | None = None
-    first: int | None = None
-
-
-@dataclass(frozen=True)
-class SessionRemove(Command):
-    name = "session.rm"
-    session_ids: tuple[str, ...] = ()
-
-
-@dataclass(frozen=True)
-class SessionFork(Command):
-    name = "session.fork"
-    session_id: str = ""
-    new_id: str | None = None
-
-
-@dataclass(frozen=True)
-class SessionRollback(Command):
-    """Keep the first ``n_messages`` messages (negative: drop the last ``-n_messages``)."""
-
-    name = "session.rollback"
-    session_id: str = ""
-    n_messages: int = 0
-
-
-@dataclass(frozen=True)
-class SessionResize(Command):
-    name = "session.resize"
-    session_id: str = ""
-    max_seq_len: int = 0
-
-
-@dataclass(frozen=True)
-class SnapshotList(Command):
-    name = "snapshot.ls"
-    tag: str | None = None
-
-
-@dataclass(frozen=True)
-class SnapshotInfo(Command):
-    name = "snapshot.info"
-    snapshot_id: str = ""
-
-
-@dataclass(frozen=True)
-class SnapshotSave(Command):
-    """Snapshot a session. -> the snapshot's info (``id``)."""
-
-    name = "snapshot.save"
-    session_id: str = ""
-    title: str | None = None
-    description: str | None = None
-    tags: tuple[str, ...] = ()
-
-
-@dataclass(frozen=True)
-class SnapshotLoad(Command):
-    """Load a snapshot into a new session (or ``session_id``; an existing one needs ``force``)."""
-
-    name = "snapshot.load"
-    snapshot_id: str = ""
-    session_id: str | None = None
-    force: bool = False
-    max_seq_len: int | None = None
-
-
-@dataclass(frozen=True)
-class SnapshotRemove(Command):
-    name = "snapshot.rm"
-    snapshot_ids: tuple[str, ...] = ()
-
-
-@dataclass(frozen=True)
-class SnapshotTag(Command):
-    """Add/remove tags, or set title/description."""
-
-    name = "snapshot.tag"
-    snapshot_id: str = ""
-    add: tuple[str, ...] = ()
-    remove: tuple[str, ...] = ()
-    title: str | None = None
-    description: str | None = None
-
-
-@dataclass(frozen=True)
-class SnapshotExport(Command):
-    name = "snapshot.export"
-    snapshot_id: str = ""
-    path: str = ""
-
-
-@dataclass(frozen=True)
-class SnapshotImport(Command):
-    name = "snapshot.import"
-    path: str = ""
-    snapshot_id: str | None = None
-    replace: bool = False
-
-
-# ==== handlers ================================================================================
-def _need(value: str, what: str) -> str:
-    if not value:
-        raise InvalidRequest(f"give a {what}")
-    return value
-
-
-def list_all(cmd: ListAll, ctx: Context) -> dict:
-    client = _client(ctx)
-    return {"sessions": client.list_sessions()["sessions"], "snapshots": client.list_snapshots()}
-
-
-def remove(cmd: Remove, ctx: Context) -> list[dict]:
-    if not cmd.ids:
+def remove(run: Run, ids) -> list[dict]:
+    """Remove sessions or snapshots by id (a session id wins): ``[{"id", "kind"}]``."""
+    if not ids:
         raise InvalidRequest("give at least one session or snapshot id")
-    client = _client(ctx)
     done = []
-    for item in cmd.ids:
+    for item in ids:
         try:
-            client.close_session(item)
+            run(api.CloseSession(session_id=item))
             done.append({"id": item, "kind": "session"})
             continue
         except NotFound:
             pass
         try:
-            client.delete_snapshot(item)
+            run(api.DeleteSnapshot(snapshot_id=item))
             done.append({"id": item, "kind": "snapshot"})
         except NotFound:
             raise NotFound(f"no session or snapshot {item!r}" +
@@ -215,129 +74,40 @@ def remove(cmd: Remove, ctx: Context) -> list[dict]:
     return done
 
 
-def session_new(cmd: SessionNew, ctx: Context) -> dict:
-    return _client(ctx).create_session(cmd.session_id, cmd.max_seq_len)
-
-
-def session_list(cmd: SessionList, ctx: Context) -> list[dict]:
-    return _client(ctx).list_sessions()["sessions"]
-
-
-def session_info(cmd: SessionInfo, ctx: Context) -> dict:
-    return _client(ctx).get_session(_need(cmd.session_id, "session id"))
-
-
-def session_history(cmd: SessionHistory, ctx: Context) -> list[dict]:
-    messages = _client(ctx).history(_need(cmd.session_id, "session id"))
-    if cmd.first is not None:
-        messages = messages[: max(0, cmd.first)]
-    if cmd.last is not None:
-        messages = messages[-cmd.last:] if cmd.last > 0 else []
-    return messages
-
-
-def session_remove(cmd: SessionRemove, ctx: Context) -> list[dict]:
-    if not cmd.session_ids:
-        raise InvalidRequest("give at least one session id")
-    client = _client(ctx)
-    return [{"id": sid, "object": "session.deleted", "deleted": True, "session": client.close_session(sid)}
-            for sid in cmd.session_ids]
-
-
-def session_fork(cmd: SessionFork, ctx: Context) -> dict:
-    return _client(ctx).fork(_need(cmd.session_id, "session id"), cmd.new_id)
-
-
-def session_rollback(cmd: SessionRollback, ctx: Context) -> dict:
-    return _client(ctx).rollback(_need(cmd.session_id, "session id"), cmd.n_messages)
-
-
-def session_resize(cmd: SessionResize, ctx: Context) -> dict:
-    return _client(ctx).resize(_need(cmd.session_id, "session id"), cmd.max_seq_len)
-
-
-def snapshot_list(cmd: SnapshotList, ctx: Context) -> list[dict]:
-    snaps = _client(ctx).list_snapshots()
-    if cmd.tag:
-        snaps = [s for s in snaps if cmd.tag in (s.get("tags") or [])]
-    return snaps
-
-
-def snapshot_info(cmd: SnapshotInfo, ctx: Context) -> dict:
-    return _client(ctx).get_snapshot(_need(cmd.snapshot_id, "snapshot id"))
-
-
-def snapshot_save(cmd: SnapshotSave, ctx: Context) -> dict:
-    return _client(ctx).save(_need(cmd.session_id, "session id"), title=cmd.title,
-                             description=cmd.description, tags=list(cmd.tags) or None)
-
-
-def snapshot_load(cmd: SnapshotLoad, ctx: Context) -> dict:
-    return _client(ctx).load(_need(cmd.snapshot_id, "snapshot id"), session_id=cmd.session_id,
-                             force=cmd.force, max_seq_len=cmd.max_seq_len)
-
-
-def snapshot_remove(cmd: SnapshotRemove, ctx: Context) -> list[dict]:
-    if not cmd.snapshot_ids:
-        raise InvalidRequest("give at least one snapshot id")
-    client = _client(ctx)
-    deleted = []
-    for sid in cmd.snapshot_ids:
-        client.delete_snapshot(sid)
-        deleted.append({"id": sid, "object": "snapshot.deleted", "deleted": True})
-    return deleted
-
-
-def snapshot_tag(cmd: SnapshotTag, ctx: Context) -> dict:
-    client = _client(ctx)
-    sid = _need(cmd.snapshot_id, "snapshot id")
+def retag(run: Run, snapshot_id: str, add=(), drop=(), title: str | None = None,
+          description: str | None = None) -> dict:
+    """Add and remove tags, set the title or description of a snapshot."""
     tags = None
-    if cmd.add or cmd.remove:
-        current = list(client.get_snapshot(sid).get("tags") or [])
-        tags = [t for t in current if t not in cmd.remove] + [t for t in cmd.add if t not in current]
-    if tags is None and cmd.title is None and cmd.description is None:
+    if add or drop:
+        current = list(run(api.GetSnapshot(snapshot_id=snapshot_id)).get("tags") or [])
+        tags = tuple([t for t in current if t not in drop] + [t for t in add if t not in current])
+    if tags is None and title is None and description is None:
         raise InvalidRequest("nothing to change: give tags to add, --remove TAG, --title or --description")
-    fields = {k: v for k, v in {"title": cmd.title, "description": cmd.description, "tags": tags}.items()
-              if v is not None}
-    return client.update_snapshot(sid, **fields)
+    return run(api.UpdateSnapshot(snapshot_id=snapshot_id, title=title, description=description, tags=tags))
 
 
-def snapshot_export(cmd: SnapshotExport, ctx: Context) -> dict:
-    sid = _need(cmd.snapshot_id, "snapshot id")
-    path = Path(cmd.path or f"{sid}.spl-snapshot.tar")
+def export_snapshot(snapshot_id: str, path: str) -> dict:
+    path = Path(path or f"{snapshot_id}.spl-snapshot.tar")
     if path.is_dir():
-        path = path / f"{sid}.spl-snapshot.tar"
+        path = path / f"{snapshot_id}.spl-snapshot.tar"
     from superlinear.plugins.client.progress import ByteBar
 
-    with ByteBar(f"export {sid}", None) as bar:  # drawn on a terminal only
-        out = _client(ctx).export_snapshot(sid, path, on_bytes=bar)
-    return {"id": sid, "path": str(out), "bytes": out.stat().st_size}
+    with ByteBar(f"export {snapshot_id}", None) as bar:  # drawn on a terminal only
+        out = _one(api.ExportSnapshot(snapshot_id=snapshot_id, dest=str(path), on_bytes=bar))
+    return {"id": snapshot_id, "path": str(out), "bytes": out.stat().st_size}
 
 
-def snapshot_import(cmd: SnapshotImport, ctx: Context) -> dict:
+def import_snapshot(path: str, snapshot_id: str | None, replace: bool) -> dict:
+    from superlinear.plugins.client.progress import ByteBar
     from superlinear.sessions.snapshots import UPLOAD_NAME
-
-    path = _need(cmd.path, "file")
-    from superlinear.plugins.client.progress import ByteBar
 
     try:
         with ByteBar(f"import {Path(path).name}", None) as bar:  # drawn on a terminal only
-            return _client(ctx).import_snapshot(path, snapshot_id=cmd.snapshot_id, replace=cmd.replace,
-                                                on_bytes=bar)
+            return _one(api.ImportSnapshot(file=path, snapshot_id=snapshot_id, replace=replace, on_bytes=bar))
     except UserError as exc:  # the server only knows "the uploaded file": name the user's file
         if UPLOAD_NAME not in exc.message:
             raise
         raise type(exc)(exc.message.replace(UPLOAD_NAME, path), param=exc.param, code=exc.code) from None
-
-
-HANDLERS = {
-    ListAll: list_all, Remove: remove, SessionNew: session_new, SessionList: session_list,
-    SessionInfo: session_info, SessionHistory: session_history, SessionRemove: session_remove,
-    SessionFork: session_fork, SessionRollback: session_rollback, SessionResize: session_resize,
-    SnapshotList: snapshot_list, SnapshotInfo: snapshot_info, SnapshotSave: snapshot_save,
-    SnapshotLoad: snapshot_load, SnapshotRemove: snapshot_remove, SnapshotTag: snapshot_tag,
-    SnapshotExport: snapshot_export, SnapshotImport: snapshot_import,
-}
 
 
 # ==== formatting ==============================================================================
@@ -437,7 +207,8 @@ _json_option = click.option("--json", "as_json", is_flag=True, help="Print one J
 @_json_option
 def ls_command(as_json: bool) -> None:
     """List sessions and snapshots."""
-    result = dispatch(ListAll())
+    with _server() as run:
+        result = list_all(run)
 
     def text(r):
         return session_table(r["sessions"]) + "\n\n" + snapshot_table(r["snapshots"])
@@ -450,7 +221,8 @@ def ls_command(as_json: bool) -> None:
 @_json_option
 def rm_command(ids: tuple[str, ...], as_json: bool) -> None:
     """Remove sessions or snapshots by id."""
-    result = dispatch(Remove(ids=ids))
+    with _server() as run:
+        result = remove(run, ids)
     _emit(result, as_json, lambda r: "\n".join(f"removed {d['kind']} {d['id']}" for d in r))
 
 
@@ -465,7 +237,7 @@ def session_group() -> None:
 @_json_option
 def session_new_command(session_id, max_seq_len, as_json) -> None:
     """Create an empty session."""
-    _emit(dispatch(SessionNew(session_id=session_id, max_seq_len=max_seq_len)), as_json,
+    _emit(_one(api.CreateSession(session_id=session_id, max_seq_len=max_seq_len)), as_json,
           lambda r: f"session {r['id']} created (max_seq_len {r.get('max_seq_len')})")
 
 
@@ -473,7 +245,7 @@ def session_new_command(session_id, max_seq_len, as_json) -> None:
 @_json_option
 def session_ls_command(as_json) -> None:
     """List sessions."""
-    _emit(dispatch(SessionList()), as_json, session_table)
+    _emit(_one(api.ListSessions())["sessions"], as_json, session_table)
 
 
 @session_group.command("info")
@@ -481,7 +253,7 @@ def session_ls_command(as_json) -> None:
 @_json_option
 def session_info_command(session_id, as_json) -> None:
     """Show one session."""
-    _emit(dispatch(SessionInfo(session_id=session_id)), as_json, _kv)
+    _emit(_one(api.GetSession(session_id=session_id)), as_json, _kv)
 
 
 @session_group.command("history")
@@ -490,7 +262,7 @@ def session_info_command(session_id, as_json) -> None:
 @_json_option
 def session_history_command(session_id, last, as_json) -> None:
     """Print a session's transcript."""
-    messages = dispatch(SessionHistory(session_id=session_id))
+    messages = _one(api.History(session_id=session_id))
     offset = 0
     if last is not None:
         offset = max(0, len(messages) - last)
@@ -503,8 +275,10 @@ def session_history_command(session_id, last, as_json) -> None:
 @_json_option
 def session_rm_command(session_ids, as_json) -> None:
     """Close sessions (their state is dropped; save them first to keep it)."""
-    _emit(dispatch(SessionRemove(session_ids=tuple(session_ids))), as_json,
-          lambda r: "\n".join(f"removed session {info['id']}" for info in r))
+    with _server() as run:
+        closed = [{"id": sid, "object": "session.deleted", "deleted": True,
+                   "session": run(api.CloseSession(session_id=sid))} for sid in session_ids]
+    _emit(closed, as_json, lambda r: "\n".join(f"removed session {info['id']}" for info in r))
 
 
 @session_group.command("fork")
@@ -513,7 +287,7 @@ def session_rm_command(session_ids, as_json) -> None:
 @_json_option
 def session_fork_command(session_id, new_id, as_json) -> None:
     """Start a new session from another's state (no re-prefill)."""
-    _emit(dispatch(SessionFork(session_id=session_id, new_id=new_id)), as_json,
+    _emit(_one(api.Fork(session_id=session_id, new_id=new_id)), as_json,
           lambda r: f"forked {session_id} -> {r['id']} ({r.get('position')} tokens)")
 
 
@@ -523,7 +297,7 @@ def session_fork_command(session_id, new_id, as_json) -> None:
 @_json_option
 def session_rollback_command(session_id, n_messages, as_json) -> None:
     """Keep the first N messages (a negative N drops the last -N)."""
-    _emit(dispatch(SessionRollback(session_id=session_id, n_messages=n_messages)), as_json,
+    _emit(_one(api.Rollback(session_id=session_id, n_messages=n_messages)), as_json,
           lambda r: f"session {session_id}: {r.get('message_count')} messages, {r.get('position')} tokens")
 
 
@@ -538,7 +312,7 @@ def session_resize_command(session_id, max_seq_len, max_seq_len_option, as_json)
     if (max_seq_len is None) == (max_seq_len_option is None):
         raise click.UsageError("give the new length once: `spl session resize ID N` (or --max-seq-len N)")
     max_seq_len = max_seq_len or max_seq_len_option
-    _emit(dispatch(SessionResize(session_id=session_id, max_seq_len=max_seq_len)), as_json,
+    _emit(_one(api.Resize(session_id=session_id, max_seq_len=max_seq_len)), as_json,
           lambda r: f"session {session_id}: max_seq_len {r.get('max_seq_len')} ({format_bytes(r.get('bytes'))})")
 
 
@@ -552,7 +326,7 @@ def snapshot_group() -> None:
 @_json_option
 def snapshot_ls_command(tag, as_json) -> None:
     """List snapshots."""
-    _emit(dispatch(SnapshotList(tag=tag)), as_json, snapshot_table)
+    _emit(_one(api.ListSnapshots(tag=tag)), as_json, snapshot_table)
 
 
 @snapshot_group.command("info")
@@ -560,7 +334,7 @@ def snapshot_ls_command(tag, as_json) -> None:
 @_json_option
 def snapshot_info_command(snapshot_id, as_json) -> None:
     """Show one snapshot's manifest."""
-    _emit(dispatch(SnapshotInfo(snapshot_id=snapshot_id)), as_json, _kv)
+    _emit(_one(api.GetSnapshot(snapshot_id=snapshot_id)), as_json, _kv)
 
 
 @snapshot_group.command("save")
@@ -571,8 +345,8 @@ def snapshot_info_command(snapshot_id, as_json) -> None:
 @_json_option
 def snapshot_save_command(session_id, title, description, tags, as_json) -> None:
     """Save a session as a snapshot."""
-    _emit(dispatch(SnapshotSave(session_id=session_id, title=title, description=description,
-                                tags=tuple(tags))), as_json,
+    _emit(_one(api.Save(session_id=session_id, title=title, description=description, tags=tuple(tags))),
+          as_json,
           lambda r: f"saved session {session_id} as snapshot {r['id']}")
 
 
@@ -585,8 +359,8 @@ def snapshot_save_command(session_id, title, description, tags, as_json) -> None
 @_json_option
 def snapshot_load_command(snapshot_id, session_id, force, max_seq_len, as_json) -> None:
     """Load a snapshot into a session."""
-    _emit(dispatch(SnapshotLoad(snapshot_id=snapshot_id, session_id=session_id, force=force,
-                                max_seq_len=max_seq_len)), as_json,
+    _emit(_one(api.Load(snapshot_id=snapshot_id, session_id=session_id, force=force, max_seq_len=max_seq_len)),
+          as_json,
           lambda r: f"loaded snapshot {snapshot_id} into session {r['id']} ({r.get('position')} tokens)")
 
 
@@ -595,8 +369,12 @@ def snapshot_load_command(snapshot_id, session_id, force, max_seq_len, as_json) 
 @_json_option
 def snapshot_rm_command(snapshot_ids, as_json) -> None:
     """Delete snapshots."""
-    _emit(dispatch(SnapshotRemove(snapshot_ids=tuple(snapshot_ids))), as_json,
-          lambda r: "\n".join(f"removed snapshot {sid['id'] if isinstance(sid, dict) else sid}" for sid in r))
+    deleted = []
+    with _server() as run:
+        for sid in snapshot_ids:
+            run(api.DeleteSnapshot(snapshot_id=sid))
+            deleted.append({"id": sid, "object": "snapshot.deleted", "deleted": True})
+    _emit(deleted, as_json, lambda r: "\n".join(f"removed snapshot {d['id']}" for d in r))
 
 
 @snapshot_group.command("tag")
@@ -608,8 +386,9 @@ def snapshot_rm_command(snapshot_ids, as_json) -> None:
 @_json_option
 def snapshot_tag_command(snapshot_id, tags, remove_tags, title, description, as_json) -> None:
     """Add tags (and/or remove them, set the title or description)."""
-    _emit(dispatch(SnapshotTag(snapshot_id=snapshot_id, add=tuple(tags), remove=tuple(remove_tags),
-                               title=title, description=description)), as_json,
+    with _server() as run:
+        result = retag(run, snapshot_id, tags, remove_tags, title, description)
+    _emit(result, as_json,
           lambda r: f"snapshot {snapshot_id}: tags {', '.join(r.get('tags') or []) or '(none)'}"
                     + (f"; title {r.get('title')!r}" if r.get("title") else ""))
 
@@ -620,7 +399,7 @@ def snapshot_tag_command(snapshot_id, tags, remove_tags, title, description, as_
 @_json_option
 def snapshot_export_command(snapshot_id, path, as_json) -> None:
     """Write a snapshot to one file (default ./ID.spl-snapshot.tar)."""
-    _emit(dispatch(SnapshotExport(snapshot_id=snapshot_id, path=path)), as_json,
+    _emit(export_snapshot(snapshot_id, path), as_json,
           lambda r: f"exported snapshot {snapshot_id} to {r['path']} ({format_bytes(r['bytes'])})")
 
 
@@ -631,7 +410,7 @@ def snapshot_export_command(snapshot_id, path, as_json) -> None:
 @_json_option
 def snapshot_import_command(path, snapshot_id, replace, as_json) -> None:
     """Import a snapshot file made by `spl snapshot export`."""
-    _emit(dispatch(SnapshotImport(path=path, snapshot_id=snapshot_id, replace=replace)), as_json,
+    _emit(import_snapshot(path, snapshot_id, replace), as_json,
           lambda r: f"imported snapshot {r['id']}")
 
 
@@ -640,9 +419,4 @@ def register_commands(register):
     for command in (ls_command, rm_command, session_group, snapshot_group):
         register(command)
 
-
-@hookimpl
-def register_handlers(register):
-    for command_type, handler in HANDLERS.items():
-        register(command_type, handler)
 

@@ -117,16 +117,17 @@ def test_admin_errors_are_one_line(spl):
         assert err.startswith("spl: error:") and len(err.strip().splitlines()) == 1, err
 
 
-def test_bus_commands_take_a_client_from_the_context(server):
+def test_api_commands_run_against_the_api_in_the_context(server):
+    from superlinear.api import commands as api
     from superlinear.bus import Context, dispatch
-    from superlinear.plugins.admin import SessionList, SessionNew, SessionRemove
     from superlinear.plugins.client import SplClient
 
     with SplClient(server.url, api_key=server.api_key) as client:
-        ctx = Context(origin="repl", state={"client": client})
-        dispatch(SessionNew(session_id="ctx-1"), ctx)
-        assert "ctx-1" in [s["id"] for s in dispatch(SessionList(), ctx)]
-        dispatch(SessionRemove(session_ids=("ctx-1",)), ctx)
+        ctx = Context(api=client)
+        dispatch(api.CreateSession(session_id="ctx-1"), ctx)
+        assert "ctx-1" in [s["id"] for s in dispatch(api.ListSessions(), ctx)["sessions"]]
+        dispatch(api.CloseSession(session_id="ctx-1"), ctx)
+        assert "ctx-1" not in [s["id"] for s in dispatch(api.ListSessions(), ctx)["sessions"]]
 
 
 def test_no_server_is_a_clear_error(spl, monkeypatch):

@@ -1,4 +1,5 @@
-"""The command bus: one handler per command, middleware order, error mapping, tracing."""
+"""The command bus: one handler per command, middleware order, error mapping, tracing; the API's
+operations as commands that run against the API the context is bound to."""
 
 from __future__ import annotations
 
@@ -6,7 +7,7 @@ from dataclasses import dataclass
 
 import pytest
 
-from superlinear.bus import Bus, Command, Context, map_errors, timing, trace
+from superlinear.bus import Bus, Command, Context, map_errors, trace
 from superlinear.errors import NotFound, Unavailable, UserError
 
 
@@ -32,9 +33,7 @@ def open_file(command: OpenFile, ctx: Context) -> str:
 
 
 def make_bus() -> Bus:
-    bus = Bus()
-    for middleware in (map_errors, trace, timing):
-        bus.use(middleware)
+    bus = Bus((map_errors, trace))
     bus.register(Echo, echo)
     bus.register(OpenFile, open_file)
     return bus
@@ -61,7 +60,6 @@ def test_unregistered_command_is_a_user_error():
 
 def test_middleware_wraps_in_registration_order():
     calls: list[str] = []
-    bus = Bus()
 
     def outer(cmd, ctx, call_next):
         calls.append("outer>")
@@ -73,8 +71,7 @@ def test_middleware_wraps_in_registration_order():
         calls.append("inner>")
         return call_next(cmd, ctx) + "!"
 
-    bus.use(outer)
-    bus.use(inner)
+    bus = Bus((outer, inner))
     bus.register(Echo, echo)
     assert bus.dispatch(Echo("a")) == "A!"
     assert calls == ["outer>", "inner>", "<outer"]
@@ -89,8 +86,7 @@ def test_missing_file_becomes_one_clear_user_error(tmp_path):
 
 
 def test_user_errors_pass_through_unchanged():
-    bus = Bus()
-    bus.use(map_errors)
+    bus = Bus((map_errors,))
 
     def handler(cmd, ctx):
         raise NotFound("no session 'x'")
@@ -101,8 +97,7 @@ def test_user_errors_pass_through_unchanged():
 
 
 def test_connection_errors_map_to_unavailable():
-    bus = Bus()
-    bus.use(map_errors)
+    bus = Bus((map_errors,))
 
     def handler(cmd, ctx):
         raise ConnectionRefusedError("refused")
@@ -119,7 +114,18 @@ def test_trace_prints_command_and_time(monkeypatch, capsys):
     assert "trace: test.echo(text='x') ok" in err and " ms" in err
 
 
-def test_timing_records_duration():
-    ctx = Context()
-    make_bus().dispatch(Echo("x"), ctx)
-    assert 0 <= ctx.last_duration_s < 5
+def test_an_api_command_runs_against_the_bound_api():
+    """``superlinear.api.commands`` carry their behaviour: no handler, the context's API."""
+    from superlinear.api import commands as api
+    from superlinear.errors import InvalidRequest
+
+    class Api:
+        def get_session(self, session_id):
+            return {"id": session_id, "from": "bound api"}
+
+    assert make_bus().dispatch(api.GetSession(session_id="s1"), Context(api=Api())) == {"id": "s1",
+                                                                                          "from": "bound api"}
+    with pytest.raises(InvalidRequest, match="give a session id"):
+        make_bus().dispatch(api.GetSession(), Context(api=Api()))
+    with pytest.raises(InvalidRequest, match="no API"):
+        make_bus().dispatch(api.GetSession(session_id="s1"))

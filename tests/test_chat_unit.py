@@ -174,7 +174,7 @@ class FakeClient:
         self._check()
         return {"status": "ok", "model": "fake"}
 
-    def create_session(self, session_id=None, max_seq_len=None):
+    def create_session(self, session_id=None, max_seq_len=None, ephemeral=False):
         self._check()
         self._n += 1
         sid = session_id or f"sess{self._n}"
@@ -195,7 +195,7 @@ class FakeClient:
         return {"sessions": [{"id": s, "position": 0, "max_seq_len": 64, "message_count": len(m)}
                              for s, m in self.sessions.items()]}
 
-    def list_snapshots(self):
+    def list_snapshots(self, tag=None, include_session_state=False):
         return [{"id": s, "title": "t"} for s in self.snapshots]
 
     def close_session(self, sid):
@@ -412,14 +412,6 @@ def test_prepare_message_and_extra_commands():
     assert "/sources" in repl.help_text()
 
 
-def test_chat_commands_need_a_repl():
-    from superlinear.bus import dispatch
-    from superlinear.plugins.chat.commands import ChatStats
-
-    with pytest.raises(InvalidRequest, match="only works inside `spl chat`"):
-        dispatch(ChatStats())
-
-
 def test_ask_once_json():
     from superlinear.plugins.chat import ask_once
 
@@ -432,9 +424,7 @@ def test_ask_once_json():
     assert out.getvalue() == "echo: hi\n" and err.getvalue().startswith("[7 → 2 tokens")
 
 
-def test_admin_slash_commands_dispatch_the_admin_commands(monkeypatch):
-    from superlinear.plugins import admin
-
+def test_session_slash_commands_dispatch_the_api_commands(monkeypatch):
     seen = []
     original = ChatRepl.dispatch
 
@@ -464,8 +454,8 @@ def test_admin_slash_commands_dispatch_the_admin_commands(monkeypatch):
     assert "removed session sess3\nremoved snapshot snap1\nnew session sess4 (the current one was removed)" in text
     repl.handle("/load snap1")
     assert "error: no snapshot 'snap1'" in out.getvalue()
-    assert {"SnapshotSave", "SessionFork", "SessionRollback", "SnapshotLoad", "ListAll", "Remove"} <= set(seen)
-    assert all(hasattr(admin, name) for name in ("SnapshotSave", "SessionHistory"))
+    assert {"Save", "Fork", "Rollback", "Load", "History", "ListSessions", "ListSnapshots", "CloseSession",
+            "DeleteSnapshot"} <= set(seen)
 
 
 def test_completion_ids_from_the_server():
@@ -513,7 +503,9 @@ def test_reconnect_replaces_the_client():
     old.down = True
     repl.handle("hello")
     repl.handle("hello again")  # reconnects: the new client (a restarted server without the session)
-    assert repl.client is new and repl.ctx.state["client"] is new
+    assert repl.client is new
+    repl.handle("/save")  # slash commands dispatch against the new client too
+    assert new.snapshots and not old.snapshots
     assert new.requests and "echo: hello again" in out.getvalue()
 
 

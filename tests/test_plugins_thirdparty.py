@@ -32,7 +32,7 @@ class Greet(Command):
 
 
 def greet(command, ctx):
-    return f"hello, {command.who}! (from {ctx.origin})"
+    return f"hello, {command.who}!"
 
 
 @click.command("hello")
@@ -102,7 +102,7 @@ def test_third_party_command_appears_in_help_and_runs(plugin_path):
     assert "hello" in help_result.stdout and "Say hello (third-party plugin)." in help_result.stdout
     run = spl(plugin_path, "hello", "Ada")
     assert run.returncode == 0, run.stderr
-    assert run.stdout.strip() == "hello, Ada! (from cli)"
+    assert run.stdout.strip() == "hello, Ada!"
 
 
 def test_broken_plugins_are_reported_in_one_line_and_skipped(plugin_path):
@@ -145,4 +145,4 @@ def test_third_party_slash_command_is_collected(plugin_path):
     )
     env = dict(os.environ, PYTHONPATH=str(plugin_path), SPL_LOAD_PLUGINS="hello")
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=120)
-    assert result.stdout.strip() == "hello, repl user! (from cli)", result.stderr
+    assert result.stdout.strip() == "hello, repl user!", result.stderr

@@ -43,14 +43,15 @@ def repl(tmp_path, monkeypatch):
     monkeypatch.setenv("SPL_STATE_DIR", str(tmp_path / "state"))
     server = Server()
     docs = copy_click_docs(tmp_path / "docs")
-    dispatch(RagIngest((str(docs),), "click"), Context(state={"client": server}))
+    dispatch(RagIngest((str(docs),), "click"), Context(api=server))
     state = docs_mod.DocsState("click", "docs-click", k=2)
     docs_mod.reset_session(server, state)
+    docs = docs_mod.Docs(state)
     r = ChatRepl(server, name="docs:click", session_id=state.session_id,
-                 extra_slash_commands=docs_mod.SLASH_COMMANDS, prepare_message=docs_mod.prepare_message,
-                 out=io.StringIO(), reply_filter=docs_mod.reply_filter,
+                 extra_slash_commands=docs.slash_commands(), prepare_message=docs.prepare_message,
+                 out=io.StringIO(), reply_filter=docs.reply_filter,
                  settings=ChatSettings(max_tokens=docs_mod.DOCS_MAX_TOKENS, repetition=llm.ANSWER_REPETITION))
-    r.ctx.state["docs"] = state
+    r.docs = docs
     r.server = server
     r.tmp = tmp_path
     return r
@@ -62,12 +63,12 @@ def test_session_starts_from_the_snapshot_and_messages_get_passages(repl):
     messages = turn(repl, "Who holds the copyright?")
     assert len(messages) == 1 and messages[0]["role"] == "user"
     assert "[1] " in messages[0]["content"] and "LICENSE.txt:" in messages[0]["content"]
-    assert len(repl.ctx.state["docs"].last_passages) == 2
+    assert len(repl.docs.state.last_passages) == 2
 
 
 def turn(repl, text: str) -> list[dict]:
     """The messages `spl docs` sends for ``text`` (what its prepare_message hook makes of it)."""
-    prepared = docs_mod.prepare_message(text, repl)
+    prepared = repl.docs.prepare_message(text, repl)
     return [{"role": "user", "content": prepared}] if isinstance(prepared, str) else prepared
 
 
@@ -80,9 +81,9 @@ def said(repl) -> str:
 
 def test_rag_settings(repl):
     repl.run_slash("/rag k 1")
-    assert repl.ctx.state["docs"].k == 1
+    assert repl.docs.state.k == 1
     repl.run_slash("/rag retriever light")
-    assert repl.ctx.state["docs"].retriever == "light"
+    assert repl.docs.state.retriever == "light"
     assert "[2] " not in turn(repl, "copyright")[0]["content"]
     repl.run_slash("/rag off")
     assert turn(repl, "plain question")[0]["content"] == "plain question"
@@ -114,9 +115,9 @@ def test_sources_add_and_reset(repl):
     assert "reset to snapshot" in said(repl)
 
 
-def test_docs_commands_outside_docs_are_refused():
-    with pytest.raises(InvalidRequest):
-        dispatch(docs_mod.DocsRagSetting("k 2"))
+def test_a_bad_rag_setting_is_refused(repl):
+    with pytest.raises(InvalidRequest, match="usage: /rag"):
+        repl.docs.rag_setting("k zero")
 
 
 def test_retrieval_only_workspace_gets_a_system_prompt_on_the_first_turn(tmp_path, monkeypatch):
@@ -127,9 +128,8 @@ def test_retrieval_only_workspace_gets_a_system_prompt_on_the_first_turn(tmp_pat
     dispatch(RagIngest((str(docs),), "plain", llm=False))
     state = docs_mod.DocsState("plain", "docs-plain", k=1)
     assert "no context snapshot" in docs_mod.reset_session(server, state)
-    r = ChatRepl(server, name="docs:plain", session_id=state.session_id, out=io.StringIO(),
-                 extra_slash_commands=docs_mod.SLASH_COMMANDS, prepare_message=docs_mod.prepare_message)
-    r.ctx.state["docs"] = state
+    r = ChatRepl(server, name="docs:plain", session_id=state.session_id, out=io.StringIO())
+    r.docs = docs_mod.Docs(state)
     first = turn(r, "Who holds the copyright?")
     assert [m["role"] for m in first] == ["system", "user"] and "LICENSE.txt:" in first[1]["content"]
     list(server.chat(chat_turn(first, session_id=state.session_id)))
@@ -142,7 +142,7 @@ def test_a_reply_cites_only_passages_it_was_given(repl):
     out = said(repl)
     assert "Pallets holds it [1]. See also [2]." in out and "[7]" not in out.split("dropped")[0]
     assert "dropped citations of passages that were not given: [7], [9] (given: [1]-[2])" in out
-    passages = repl.ctx.state["docs"].last_passages
+    passages = repl.docs.state.last_passages
     assert f"sources: [1] {passages[0].citation}, [2] {passages[1].citation}" in out
     # The reply was sent with the answer defaults: a cap and the repetition stop.
     assert repl.server.turn.request.sampling.max_tokens == docs_mod.DOCS_MAX_TOKENS

@@ -10,8 +10,9 @@ from rag_corpus import copy_click
 
 from superlinear.bus import dispatch
 from superlinear.errors import InvalidRequest, NotFound, UserError
+from superlinear.plugins.rag import commands
 from superlinear.plugins.rag.chunking import chunk_lines
-from superlinear.plugins.rag.commands import RagAsk, RagInfo, RagIngest, RagList, RagRemove
+from superlinear.plugins.rag.commands import RagAsk, RagIngest
 from superlinear.plugins.rag.files import html_lines, read_lines, walk
 from superlinear.plugins.rag.workspace import Workspace
 
@@ -149,7 +150,7 @@ def test_second_root_is_kept_when_first_is_reingested(tmp_path):
     report = dispatch(RagIngest((str(a),), "two", llm=False))["report"]
     assert [Path(p).name for p in report["removed"]] == ["one.txt"]
     assert report["files"] == 1
-    info = dispatch(RagInfo("two"))
+    info = commands.workspace_info("two")
     assert {Path(r["path"]).name for r in info["roots"]} == {"a", "b"}
 
 
@@ -157,7 +158,7 @@ def test_workspace_commands_and_errors(tmp_path):
     (tmp_path / "d").mkdir()
     (tmp_path / "d" / "x.md").write_text("hello world\n")
     dispatch(RagIngest((str(tmp_path / "d"),), "w1", llm=False))
-    names = [w["name"] for w in dispatch(RagList())["workspaces"]]
+    names = [w["name"] for w in commands.list_workspaces()["workspaces"]]
     assert names == ["w1"]
     with pytest.raises(NotFound):
         dispatch(RagAsk("hello", "nope", llm=False))
@@ -172,9 +173,9 @@ def test_workspace_commands_and_errors(tmp_path):
     with pytest.raises(NotFound):
         dispatch(RagIngest((), "never-made", llm=False))
     assert dispatch(RagAsk("zzzqqq", "w1", llm=False))["passages"] == []
-    removed = dispatch(RagRemove("w1"))
+    removed = commands.remove_workspace("w1")
     assert removed["removed"] == "w1" and removed["snapshot_id"] is None
-    assert dispatch(RagList())["workspaces"] == []
+    assert commands.list_workspaces()["workspaces"] == []
 
 
 def test_damaged_manifest_is_a_clear_error_and_can_be_removed(tmp_path):
@@ -183,9 +184,9 @@ def test_damaged_manifest_is_a_clear_error_and_can_be_removed(tmp_path):
     dispatch(RagIngest((str(tmp_path / "d"),), "ok", llm=False))
     dispatch(RagIngest((str(tmp_path / "d"),), "bad", llm=False))
     (Workspace("bad").path / "manifest.json").write_text("{not json")
-    listed = {w["name"]: w for w in dispatch(RagList())["workspaces"]}
+    listed = {w["name"]: w for w in commands.list_workspaces()["workspaces"]}
     assert listed["ok"]["files"] == 1 and "unreadable manifest" in listed["bad"]["error"]
     with pytest.raises(UserError, match="damaged manifest"):
         dispatch(RagAsk("hello", "bad", llm=False))
-    assert dispatch(RagRemove("bad"))["removed"] == "bad"
-    assert [w["name"] for w in dispatch(RagList())["workspaces"]] == ["ok"]
+    assert commands.remove_workspace("bad")["removed"] == "bad"
+    assert [w["name"] for w in commands.list_workspaces()["workspaces"]] == ["ok"]

@@ -15,8 +15,8 @@ from rag_corpus import copy_click, copy_click_docs
 from superlinear.api import Done, PrefillProgress, TextDelta
 from superlinear.bus import Context, dispatch
 from superlinear.errors import NotFound, TooLarge
-from superlinear.plugins.rag import llm
-from superlinear.plugins.rag.commands import RagAsk, RagInfo, RagIngest, RagRemove
+from superlinear.plugins.rag import commands, llm
+from superlinear.plugins.rag.commands import RagAsk, RagIngest
 from superlinear.plugins.rag.workspace import Workspace
 
 
@@ -116,7 +116,7 @@ def server(tmp_path, monkeypatch):
 
 
 def ctx_for(server) -> Context:
-    return Context(state={"client": server})
+    return Context(api=server)
 
 
 def test_ingest_builds_context_snapshot_and_ask_loads_it(tmp_path, server):
@@ -152,7 +152,7 @@ def test_ingest_builds_context_snapshot_and_ask_loads_it(tmp_path, server):
     assert rebuilt["snapshot_id"] != context["snapshot_id"]
     assert list(server.snapshots) == [rebuilt["snapshot_id"]]
 
-    removed = dispatch(RagRemove("readme"), ctx_for(server))
+    removed = commands.remove_workspace("readme", api=server)
     assert removed["snapshot_removed"] and not server.snapshots
 
 
@@ -175,7 +175,7 @@ def test_too_large_documents_are_answered_from_passages(tmp_path, server):
     kind, sid, messages = server.calls[-1]
     assert sid is None and [m["role"] for m in messages] == ["system", "user"]
     assert answer["citations"][0]["path"].endswith("termui.py")
-    info = dispatch(RagInfo("big"))
+    info = commands.workspace_info("big")
     assert info["mode"] == "retrieval-only" and info["retrieval_only_reason"] == reason
 
 
@@ -196,7 +196,7 @@ def test_stale_context_is_not_used(tmp_path, server):
     dispatch(RagIngest((str(docs),), "w"), ctx_for(server))
     (docs / "NEWS.md").write_text("# News\nThe otter release.\n")
     dispatch(RagIngest((), "w", llm=False), ctx_for(server))
-    assert not dispatch(RagInfo("w"))["context_current"]
+    assert not commands.workspace_info("w")["context_current"]
     answer = dispatch(RagAsk("otter release", "w", k=1), ctx_for(server))
     assert answer["mode"] == "retrieval-only" and "changed" in answer["note"]
     assert answer["citations"][0]["path"].endswith("NEWS.md")

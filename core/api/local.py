@@ -184,12 +184,23 @@ class LocalApi:
     def delete_snapshot(self, snapshot_id: str) -> None:
         self.service.delete_snapshot(snapshot_id)
 
-    def export_snapshot(self, snapshot_id: str, dest: str | Path) -> Path:
-        return self.service.export_snapshot(snapshot_id, dest)
+    def export_snapshot(self, snapshot_id: str, dest: str | Path,
+                        on_bytes: Callable[[int, int | None], None] | None = None) -> Path:
+        """Write the snapshot to one file; ``on_bytes(done, total)`` once it is written."""
+        path = self.service.export_snapshot(snapshot_id, dest)
+        if on_bytes is not None:
+            size = path.stat().st_size
+            on_bytes(size, size)
+        return path
 
     def import_snapshot(self, file: str | Path, *, snapshot_id: str | None = None, replace: bool = False,
-                        name: str | None = None) -> SnapshotInfo:
-        return self.service.import_snapshot(file, snapshot_id=snapshot_id, replace=replace, name=name)
+                        name: str | None = None,
+                        on_bytes: Callable[[int, int | None], None] | None = None) -> SnapshotInfo:
+        info = self.service.import_snapshot(file, snapshot_id=snapshot_id, replace=replace, name=name)
+        if on_bytes is not None:
+            size = Path(file).stat().st_size
+            on_bytes(size, size)
+        return info
 
     def load(self, snapshot_id: str, *, session_id: str | None = None, force: bool = False,
              max_seq_len: int | None = None, ephemeral: bool = False) -> SessionInfo:

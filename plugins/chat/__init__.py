@@ -179,14 +179,6 @@ def register_commands(register):
 
 
 @hookimpl
-def register_handlers(register):
-    from .commands import HANDLERS
-
-    for command_type, handler in HANDLERS:
-        register(command_type, handler)
-
-
-@hookimpl
 def register_slash_commands(register):
     from .builtin import ALL_COMMANDS
 

@@ -1,89 +1,110 @@
 """The built-in slash commands of ``spl chat``.
 
-Each one parses its argument text, builds a bus command and dispatches it through the REPL
-(``repl.dispatch``: the REPL and its client travel in the context). Admin operations dispatch
-the admin plugin's commands — the very ones behind ``spl session …`` / ``spl snapshot …`` — and
-format their results here; the REPL-only ones are the ``chat.*`` commands of ``commands.py``.
+Each one parses its argument text. The REPL's own settings and moves (``/temp``, ``/max``,
+``/new``, ``/exit``…) are plain methods of the REPL; operations on sessions and snapshots
+(``/save``, ``/load``, ``/fork``, ``/rollback``, ``/ls``, ``/rm``) dispatch the API's commands
+(``superlinear.api.commands``) against the REPL's API, the very ones `spl session …` and
+`spl snapshot …` dispatch, and format their results here.
 """
 
 from __future__ import annotations
 
+from superlinear.api import commands as api
 from superlinear.bus import SlashCommand
 from superlinear.errors import InvalidRequest
 
-from . import commands as cc
 from .slash import parse_int, split_args
 
 
 def _help(text, repl):
-    return repl.dispatch(cc.ChatHelp(topic=text.strip()))
+    return repl.help_text(text.strip())
 
 
 def _new(text, repl):
-    return repl.dispatch(cc.ChatNew(session_id=text.strip() or None))
+    return repl.new_session(text.strip() or None)
 
 
 def _switch(text, repl):
-    return repl.dispatch(cc.ChatSwitch(session_id=text.strip()))
+    session_id = text.strip()
+    if not session_id:
+        raise InvalidRequest("usage: /switch ID (/ls lists the sessions)")
+    return repl.switch_session(session_id)
 
 
 def _system(text, repl):
     text = text.strip()
     if not text:
-        return repl.dispatch(cc.ChatSystem())
+        current = repl.settings.system
+        return f"system prompt: {current}" if current else "no system prompt (/system TEXT sets one)"
     if text.lower() in ("off", "none", "clear", "-"):
-        return repl.dispatch(cc.ChatSystem(clear=True))
-    return repl.dispatch(cc.ChatSystem(text=text))
+        return repl.set_system(None)
+    return repl.set_system(text)
 
 
 def _temp(text, repl):
     text = text.strip()
+    s = repl.settings
     if not text:
-        return repl.dispatch(cc.ChatTemperature())
+        return f"temperature: {s.temperature}" if s.temperature is not None else "temperature: server default"
     try:
         value = float(text)
     except ValueError:
         raise InvalidRequest(f"temperature must be a number, not {text!r}") from None
-    return repl.dispatch(cc.ChatTemperature(value=value))
+    if not 0.0 <= value <= 2.0:
+        raise InvalidRequest(f"temperature must be between 0 and 2, not {value}")
+    s.temperature = value
+    return f"temperature set to {value}"
 
 
 def _max(text, repl):
     text = text.strip().lower()
-    if not text:
-        return repl.dispatch(cc.ChatMaxTokens())
+    s = repl.settings
     if text in ("off", "none", "no"):
-        return repl.dispatch(cc.ChatMaxTokens(value=0))
-    return repl.dispatch(cc.ChatMaxTokens(value=parse_int(text, "max tokens", minimum=0)))
+        s.max_tokens = None
+    elif text:
+        s.max_tokens = parse_int(text, "max tokens", minimum=0) or None
+    if s.max_tokens is None:
+        return "max tokens per reply: no cap (until the session is full; a loop still stops the reply)"
+    return f"max tokens per reply: {s.max_tokens}"
 
 
 def _think(text, repl):
     args = split_args(text)
-    if not args:
-        return repl.dispatch(cc.ChatThink())
-    mode = args[0].lower()
+    s = repl.settings
+    mode = args[0].lower() if args else ""
     if mode == "budget":
         if len(args) != 2:
             raise InvalidRequest("usage: /think budget N")
-        return repl.dispatch(cc.ChatThink(mode="budget", budget=parse_int(args[1], "budget", minimum=0)))
-    if len(args) != 1:
+        s.reasoning_budget = parse_int(args[1], "budget", minimum=0) or None
+        s.show_reasoning, s.thinking = True, None
+    elif len(args) > 1:
         raise InvalidRequest("usage: /think on|off|budget N")
-    return repl.dispatch(cc.ChatThink(mode=mode))
+    elif mode == "on":
+        s.show_reasoning, s.thinking = True, None
+    elif mode == "off":
+        s.show_reasoning, s.thinking = False, False
+    elif mode:
+        raise InvalidRequest(f"unknown /think mode {mode!r}: use on, off or budget N")
+    shown = "shown (dimmed)" if s.show_reasoning else "hidden, thinking off"
+    budget = f", budget {s.reasoning_budget} tokens" if s.reasoning_budget else ""
+    return f"reasoning: {shown}{budget}"
 
 
 def _stats(text, repl):
-    return repl.dispatch(cc.ChatStats())
+    return repl.stats_text()
 
 
 def _exit(text, repl):
-    return repl.dispatch(cc.ChatExit())
+    repl.running = False
+    return ""
 
 
 def _head(text, repl):
-    return repl.dispatch(cc.ChatHead(n=parse_int(text, "n", default=4, minimum=1)))
+    return repl.show_messages(parse_int(text, "n", default=4, minimum=1), from_end=False)
 
 
 def _tail(text, repl):
-    return repl.dispatch(cc.ChatTail(n=parse_int(text, "n", default=4, minimum=1)))
+    return repl.show_messages(parse_int(text, "n", default=4, minimum=1), from_end=True)
 
 
 REPL_COMMANDS = [
@@ -101,7 +122,7 @@ REPL_COMMANDS = [
 ]
 
 
-# -- admin operations: the admin plugin's commands, on the current session -----------------------
+# -- operations on sessions and snapshots: the API's commands, on the current session --------------
 def _admin():
     from superlinear.plugins import admin
 
@@ -110,7 +131,7 @@ def _admin():
 
 def _ls(text, repl):
     admin = _admin()
-    result = repl.dispatch(admin.ListAll())
+    result = admin.list_all(repl.dispatch)
     sessions = admin.session_table(result["sessions"])
     if repl.session_id:  # mark the current session
         sessions = "\n".join(("* " if line.split(" ", 1)[0] == repl.session_id else "  ") + line
@@ -122,7 +143,7 @@ def _rm(text, repl):
     ids = split_args(text)
     if not ids:
         raise InvalidRequest("usage: /rm ID… (sessions or snapshots; /ls lists them)")
-    removed = repl.dispatch(_admin().Remove(ids=tuple(ids)))
+    removed = _admin().remove(repl.dispatch, ids)
     lines = [f"removed {item['kind']} {item['id']}" for item in removed]
     if any(item["kind"] == "session" and item["id"] == repl.session_id for item in removed):
         lines.append(repl.new_session() + " (the current one was removed)")
@@ -130,7 +151,7 @@ def _rm(text, repl):
 
 
 def _save(text, repl):
-    info = repl.dispatch(_admin().SnapshotSave(session_id=repl.require_session(), title=text.strip() or None))
+    info = repl.dispatch(api.Save(session_id=repl.require_session(), title=text.strip() or None))
     tokens = (info.get("session") or {}).get("position", info.get("position"))
     detail = f", {tokens} tokens" if tokens is not None else ""
     return f"saved snapshot {info['id']} (session {repl.session_id}{detail}); /load {info['id']} restores it"
@@ -140,7 +161,7 @@ def _load(text, repl):
     args = split_args(text)
     if len(args) != 1:
         raise InvalidRequest("usage: /load SNAP (/ls lists the snapshots)")
-    info = repl.dispatch(_admin().SnapshotLoad(snapshot_id=args[0]))
+    info = repl.dispatch(api.Load(snapshot_id=args[0]))
     repl.adopt(info["id"])
     return f"loaded snapshot {args[0]} into session {info['id']} ({info.get('position', '?')} tokens)"
 
@@ -150,14 +171,14 @@ def _fork(text, repl):
     if len(args) > 1:
         raise InvalidRequest("usage: /fork [NEW_ID]")
     source = repl.require_session()
-    info = repl.dispatch(_admin().SessionFork(session_id=source, new_id=args[0] if args else None))
+    info = repl.dispatch(api.Fork(session_id=source, new_id=args[0] if args else None))
     repl.adopt(info["id"])
     return f"forked {source} → {info['id']} (now on {info['id']}; /switch {source} goes back)"
 
 
 def _rollback(text, repl):
     n = parse_int(text, "N")
-    info = repl.dispatch(_admin().SessionRollback(session_id=repl.require_session(), n_messages=n))
+    info = repl.dispatch(api.Rollback(session_id=repl.require_session(), n_messages=n))
     repl.system_dirty = bool(repl.settings.system) and n == 0
     return (f"session {repl.session_id}: {info.get('message_count', '?')} messages, "
             f"{info.get('position', '?')} tokens")

@@ -26,6 +26,7 @@ from dataclasses import dataclass
 from typing import Any, Protocol, TextIO
 
 from superlinear.api import Done, ReasoningDelta, TextDelta, chat_turn
+from superlinear.api import commands as api
 from superlinear.bus import Context, SlashCommand, dispatch
 from superlinear.engine import RepetitionConfig
 from superlinear.errors import InvalidRequest, NotFound, Unavailable, UserError
@@ -182,7 +183,6 @@ class ChatRepl:
         self.last_stats: TurnStats | None = None
         self.turns = 0
         self.server_down = False
-        self.ctx = Context(origin="repl", state={"repl": self, "client": client})
         self.registry = self._build_registry(extra_slash_commands)
         self._id_cache: dict[str, tuple[float, list[str]]] = {}
         self._created: set[str] = set()  # sessions this REPL created (empty ones are dropped on leaving)
@@ -204,8 +204,9 @@ class ChatRepl:
         return registry
 
     def dispatch(self, command):
-        """Dispatch a bus command with this REPL in the context (what slash commands call)."""
-        return dispatch(command, self.ctx)
+        """Dispatch a bus command against this REPL's API, reconnecting first if the server was
+        gone (what slash commands call)."""
+        return self._call(lambda: dispatch(command, Context(api=self.client)))
 
     def run_slash(self, line: str) -> bool:
         """Run a slash command line; False when ``line`` is not one."""
@@ -264,7 +265,6 @@ class ChatRepl:
                 with contextlib.suppress(Exception):
                     self.client.close()
                 self.client = client
-                self.ctx.state["client"] = client
         self.server_down = False
 
     def _call(self, fn: Callable, *args, **kwargs):
@@ -275,24 +275,17 @@ class ChatRepl:
             self.server_down = True
             raise
 
-    def _admin(self, command):
-        """Dispatch one of the admin plugin's commands (reconnecting first if the server was gone)."""
-        return self._call(self.dispatch, command)
-
     def open_session(self) -> str:
         """Pick the session at start: the given one, the last one, or a new one. Returns a note."""
-        from superlinear.plugins.admin import SessionInfo
-
         if self.client is None:
             from . import connect
 
             self.client = connect()
-            self.ctx.state["client"] = self.client
 
         if self.session_id:
             wanted = self.session_id
             try:
-                info = self._admin(SessionInfo(session_id=wanted))
+                info = self.dispatch(api.GetSession(session_id=wanted))
             except NotFound:
                 return self.new_session(wanted)
             self.adopt(wanted)
@@ -300,7 +293,7 @@ class ChatRepl:
         last = None if self.new else chat_state.last_session(self.name, self.url)
         if last:
             try:
-                info = self._admin(SessionInfo(session_id=last))
+                info = self.dispatch(api.GetSession(session_id=last))
             except NotFound:
                 info = None
             if info is not None:
@@ -355,9 +348,7 @@ class ChatRepl:
             self.system_dirty = True  # a fresh session: send the system prompt with the first turn
 
     def new_session(self, session_id: str | None = None) -> str:
-        from superlinear.plugins.admin import SessionNew
-
-        info = self._admin(SessionNew(session_id=session_id))
+        info = self.dispatch(api.CreateSession(session_id=session_id))
         new_id = info.get("id") or session_id
         self._leave_current(new_id)
         self._created.add(new_id)
@@ -368,9 +359,7 @@ class ChatRepl:
         return f"new session {new_id}"
 
     def switch_session(self, session_id: str) -> str:
-        from superlinear.plugins.admin import SessionInfo
-
-        info = self._admin(SessionInfo(session_id=session_id))
+        info = self.dispatch(api.GetSession(session_id=session_id))
         self.adopt(session_id)
         return self._resumed_note(info, "switched to session")
 
@@ -382,11 +371,14 @@ class ChatRepl:
         return "system prompt set (applies from your next message)"
 
     def history(self, *, last: int | None = None, first: int | None = None) -> list[dict]:
-        from superlinear.plugins.admin import SessionHistory
-
         if not self.session_id:
             return []
-        return self._admin(SessionHistory(session_id=self.session_id, last=last, first=first))
+        messages = self.dispatch(api.History(session_id=self.session_id))
+        if first is not None:
+            messages = messages[:max(0, first)]
+        if last is not None:
+            messages = messages[-last:] if last > 0 else []
+        return messages
 
     def history_lines(self, last: int | None = None) -> str:
         """``/history``: one line per message, numbered from 1 (the numbers /rollback takes)."""
@@ -425,9 +417,9 @@ class ChatRepl:
             lines.append(f"model    ? ({exc.message})")
         lines.append(f"session  {self.session_id}")
         if self.session_id:
-            from superlinear.plugins.admin import SessionInfo, format_bytes
+            from superlinear.plugins.admin import format_bytes
 
-            info = self._admin(SessionInfo(session_id=self.session_id))
+            info = self.dispatch(api.GetSession(session_id=self.session_id))
             lines.append(f"  tokens   {info.get('position', '?')} of {info.get('max_seq_len', '?')}, "
                          f"{info.get('message_count', '?')} messages, "
                          f"{format_bytes(info.get('bytes'))} of cache")

@@ -13,7 +13,6 @@ import time
 
 import click
 
-from superlinear.bus import Context
 from superlinear.errors import InvalidRequest, Unavailable, UserError
 from superlinear.hookspecs import hookimpl
 from superlinear.plugins.settings.options import ServeOptions, parse_bytes, resolve_options, server_options
@@ -30,11 +29,8 @@ __all__ = [
 ]
 
 
-def get_client(ctx: Context | None = None) -> SplClient:
-    """The client a handler should use: the one the caller put in ``ctx.state["client"]`` (the
-    REPL does), else a fresh one for the configured server."""
-    if ctx is not None and ctx.state.get("client") is not None:
-        return ctx.state["client"]
+def get_client() -> SplClient:
+    """A client for the server the commands talk to; never someone else's server."""
     client = SplClient()
     if client.target.source == "configured":  # no server of ours runs: never use someone else's
         url = client.base_url

@@ -6,7 +6,7 @@ retriever is the separate ``lightrag`` plugin; any plugin can add one (docs/rag.
 
 Modules: ``files`` (walk + read), ``chunking``, ``text`` (terms), ``workspace`` (on-disk
 workspace, ingest sync), ``retrieval`` (Passage, retriever registry, bm25), ``llm`` (context
-snapshot, answers with citations), ``commands`` (bus commands), ``cli``, ``docs`` (REPL).
+snapshot, answers with citations), ``commands`` (its bus commands, ingest and ask), ``cli``, ``docs`` (REPL).
 Nothing heavy is imported here: bm25s, httpx and prompt_toolkit load when used.
 """
 
@@ -26,9 +26,8 @@ def register_commands(register):
 @hookimpl
 def register_handlers(register):
     from .commands import HANDLERS
-    from .docs import HANDLERS as DOCS_HANDLERS
 
-    for command_type, handler in HANDLERS + DOCS_HANDLERS:
+    for command_type, handler in HANDLERS:
         register(command_type, handler)
 
 

@@ -1,4 +1,5 @@
-"""``spl rag ingest|ask|ls|info|rm|retrievers`` and ``spl docs NAME``: build bus commands, dispatch, print."""
+"""``spl rag ingest|ask|ls|info|rm|retrievers`` and ``spl docs NAME``: dispatch rag's commands (or
+call its plain functions), print."""
 
 from __future__ import annotations
 
@@ -9,9 +10,10 @@ import textwrap
 
 import click
 
-from superlinear.bus import Context, dispatch
+from superlinear.bus import dispatch
 
-from .commands import RagAsk, RagInfo, RagIngest, RagList, RagRemove, RagRetrievers, RagSources
+from . import commands
+from .commands import RagAsk, RagIngest
 from .workspace import DEFAULT_WORKSPACE, display_path
 
 WORKSPACE_HELP = "Workspace name (default: $SPL_RAG_WORKSPACE or 'default')."
@@ -97,11 +99,11 @@ def ingest_command(paths, workspace, globs, chunk_chars, overlap, no_llm, max_se
     progress = _Progress(sys.stderr.isatty() and not as_json)
     # the status line before the prefill carries the time estimate: the bar adds none of its own
     bar = PrefillBar(label="prefill", note=lambda line: None, enabled=sys.stderr.isatty() and not as_json)
-    ctx = Context(state={"progress": progress, "status": None if as_json else progress.message,
-                         "prefill": bar.update})
     try:
         result = dispatch(RagIngest(tuple(paths), workspace or _default_workspace(), tuple(globs), chunk_chars,
-                                    overlap, llm=not no_llm, max_seq_len=max_seq_len, rebuild=rebuild), ctx)
+                                    overlap, llm=not no_llm, max_seq_len=max_seq_len, rebuild=rebuild,
+                                    progress=progress, status=None if as_json else progress.message,
+                                    prefill=bar.update))
     finally:
         bar.close()
         progress.end()
@@ -152,9 +154,8 @@ def ask_command(question, workspace, k, retriever, no_llm, max_tokens, as_json):
         click.echo(delta, nl=False)
         sys.stdout.flush()
 
-    ctx = Context(state={} if as_json or no_llm else {"on_text": on_text})
     result = dispatch(RagAsk(question, workspace or _default_workspace(), k, retriever, llm=not no_llm,
-                             max_tokens=max_tokens), ctx)
+                             max_tokens=max_tokens, on_text=None if as_json or no_llm else on_text))
     if as_json:
         click.echo(json.dumps(result, indent=2, ensure_ascii=False))
         return
@@ -190,7 +191,7 @@ def _snippet(text: str, width: int = 300) -> str:
 @click.option("--json", "as_json", is_flag=True)
 def ls_command(as_json):
     """List workspaces."""
-    result = dispatch(RagList())
+    result = commands.list_workspaces()
     if as_json:
         click.echo(json.dumps(result, indent=2))
         return
@@ -210,7 +211,7 @@ def ls_command(as_json):
 @click.option("--json", "as_json", is_flag=True)
 def info_command(name, as_json):
     """Show a workspace: roots, files, passages, context snapshot."""
-    result = dispatch(RagInfo(name or _default_workspace()))
+    result = commands.workspace_info(name or _default_workspace())
     if as_json:
         click.echo(json.dumps(result, indent=2))
         return
@@ -241,7 +242,7 @@ def rm_command(names, keep_snapshot, as_json):
     """Remove workspaces (and their context snapshots)."""
     results = []
     for name in names:
-        result = dispatch(RagRemove(name, keep_snapshot))
+        result = commands.remove_workspace(name, keep_snapshot)
         results.append(result)
         if as_json:
             continue
@@ -260,7 +261,7 @@ def rm_command(names, keep_snapshot, as_json):
 @click.option("--json", "as_json", is_flag=True)
 def sources_command(name, as_json):
     """List the files of a workspace."""
-    result = dispatch(RagSources(name or _default_workspace()))
+    result = commands.sources(name or _default_workspace())
     if as_json:
         click.echo(json.dumps(result, indent=2))
         return
@@ -273,7 +274,7 @@ def sources_command(name, as_json):
 @click.option("--json", "as_json", is_flag=True)
 def retrievers_command(as_json):
     """List the retrievers plugins provide."""
-    result = dispatch(RagRetrievers())
+    result = commands.retrievers()
     if as_json:
         click.echo(json.dumps(result, indent=2))
         return

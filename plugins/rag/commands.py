@@ -1,16 +1,18 @@
-"""Bus commands of the rag plugin and their handlers (the CLI and `spl docs` dispatch these).
+"""rag's operations: ``RagIngest`` and ``RagAsk`` are bus commands (the CLI, `spl docs` and any
+plugin dispatch them; they run against the API the context is bound to, else a server that
+answers); listing, info, removal and sources are plain functions of the workspaces on disk.
 
-Handlers return plain dicts (JSON-ready). A caller may put in ``ctx.state``:
-``"progress"`` — ``callable(done, total, path)`` for long ingests; ``"status"`` — ``callable(line)``
-for one-line notes (prefill under way); ``"prefill"`` — ``callable(prompt_progress)`` for the
-context's prefill (``PrefillBar.update``); ``"on_text"`` — ``callable(delta)`` to stream the answer;
-``"client"`` — an ``SplClient`` to use.
+Results are plain dicts (JSON-ready). The callbacks a front end passes ride on the command:
+``progress(done, total, path)`` for long ingests, ``status(line)`` for one-line notes, ``prefill``
+for the context's prefill (``PrefillProgress`` events: ``PrefillBar.update``), ``on_text(delta)``
+to stream the answer.
 """
 
 from __future__ import annotations
 
 import contextlib
-from dataclasses import dataclass
+from collections.abc import Callable
+from dataclasses import dataclass, field
 
 from superlinear.bus import Command, Context
 from superlinear.errors import Conflict, InvalidRequest, NotFound, UserError
@@ -32,6 +34,9 @@ class RagIngest(Command):
     llm: bool = True  # build the context snapshot (needs a server)
     max_seq_len: int | None = None  # of the workspace session; the server's default otherwise
     rebuild: bool = False  # rebuild the context even if the documents did not change
+    progress: Callable | None = field(default=None, compare=False, repr=False)
+    status: Callable[[str], None] | None = field(default=None, compare=False, repr=False)
+    prefill: Callable | None = field(default=None, compare=False, repr=False)
 
 
 @dataclass(frozen=True)
@@ -44,41 +49,13 @@ class RagAsk(Command):
     llm: bool = True
     max_tokens: int = ANSWER_TOKENS
     session_id: str | None = None  # answer in this session (the `spl docs` REPL)
-
-
-@dataclass(frozen=True)
-class RagList(Command):
-    name = "rag.ls"
-
-
-@dataclass(frozen=True)
-class RagInfo(Command):
-    name = "rag.info"
-    workspace: str = DEFAULT_WORKSPACE
-
-
-@dataclass(frozen=True)
-class RagRemove(Command):
-    name = "rag.rm"
-    workspace: str
-    keep_snapshot: bool = False
-
-
-@dataclass(frozen=True)
-class RagSources(Command):
-    name = "rag.sources"
-    workspace: str = DEFAULT_WORKSPACE
-
-
-@dataclass(frozen=True)
-class RagRetrievers(Command):
-    name = "rag.retrievers"
+    on_text: Callable[[str], None] | None = field(default=None, compare=False, repr=False)
 
 
 def _client(ctx: Context):
-    """The caller's client, or a server that answers (started locally if need be)."""
-    if ctx.state.get("client") is not None:
-        return ctx.state["client"], False
+    """The bound API, or one for a server that answers (started locally if need be): ``(api, owned)``."""
+    if ctx.api is not None:
+        return ctx.api, False
     from superlinear.plugins.client import ensure_server
 
     return ensure_server(), True
@@ -98,7 +75,7 @@ def handle_ingest(command: RagIngest, ctx: Context) -> dict:
 
 def _ingest(ws: Workspace, command: RagIngest, ctx: Context) -> dict:
     report = ws.ingest(list(command.paths), command.globs, command.chunk_chars, command.overlap,
-                       progress=ctx.state.get("progress"))
+                       progress=command.progress)
     # Warm the default retriever's index now rather than on the first question.
     from .retrieval import BM25Retriever
 
@@ -120,9 +97,8 @@ def _ingest(ws: Workspace, command: RagIngest, ctx: Context) -> dict:
                 command.max_seq_len and command.max_seq_len != ws.manifest["context"].get("max_seq_len")):
             out["context"] = {**ws.manifest["context"], "reused": True}
             return out
-        status = ctx.state.get("status")
-        out["context"] = llm.build_context(ws, client, max_seq_len=command.max_seq_len, progress=status,
-                                           on_prefill=ctx.state.get("prefill"))
+        out["context"] = llm.build_context(ws, client, max_seq_len=command.max_seq_len, progress=command.status,
+                                           on_prefill=command.prefill)
     finally:
         if owned:
             client.close()
@@ -159,7 +135,7 @@ def handle_ask(command: RagAsk, ctx: Context) -> dict:
     client, owned = _client(ctx)
     try:
         result = llm.answer(ws, client, command.question, passages, max_tokens=command.max_tokens,
-                            session_id=command.session_id, on_text=ctx.state.get("on_text"))
+                            session_id=command.session_id, on_text=command.on_text)
     finally:
         if owned:
             client.close()
@@ -169,7 +145,7 @@ def handle_ask(command: RagAsk, ctx: Context) -> dict:
     return out
 
 
-def handle_list(command: RagList, ctx: Context) -> dict:
+def list_workspaces() -> dict:
     out = []
     for name in Workspace.names():
         try:
@@ -179,47 +155,45 @@ def handle_list(command: RagList, ctx: Context) -> dict:
     return {"workspaces": out}
 
 
-def handle_info(command: RagInfo, ctx: Context) -> dict:
-    ws = Workspace.open(command.workspace)
+def workspace_info(workspace: str = DEFAULT_WORKSPACE) -> dict:
+    ws = Workspace.open(workspace)
     info = ws.info()
     info["context_current"] = llm.context_is_current(ws)
     return info
 
 
-def handle_remove(command: RagRemove, ctx: Context) -> dict:
+def remove_workspace(workspace: str, keep_snapshot: bool = False, api=None) -> dict:
+    """Remove a workspace and (unless ``keep_snapshot``) its context snapshot, through ``api``
+    (None: the server the commands talk to)."""
     try:
-        ws = Workspace.open(command.workspace)
+        ws = Workspace.open(workspace)
         snapshot_id = (ws.manifest.get("context") or {}).get("snapshot_id")
     except Conflict:  # a damaged manifest: remove the folder all the same
-        ws, snapshot_id = Workspace(command.workspace), None
+        ws, snapshot_id = Workspace(workspace), None
     ws.remove()
     out = {"removed": ws.name, "snapshot_id": snapshot_id, "snapshot_removed": False}
-    if snapshot_id and not command.keep_snapshot:
+    if snapshot_id and not keep_snapshot:
         from superlinear.plugins.client import SplClient
 
         try:
-            client = ctx.state.get("client") or SplClient()
-            client.delete_snapshot(snapshot_id)
+            (api or SplClient()).delete_snapshot(snapshot_id)
             out["snapshot_removed"] = True
         except UserError as exc:  # server down or snapshot gone: the workspace is removed anyway
             out["snapshot_error"] = exc.message
     return out
 
 
-def handle_sources(command: RagSources, ctx: Context) -> dict:
-    ws = Workspace.open(command.workspace)
+def sources(workspace: str = DEFAULT_WORKSPACE) -> dict:
+    ws = Workspace.open(workspace)
     from .workspace import display_path
 
     return {"workspace": ws.name, "roots": ws.manifest.get("roots", []),
             "files": [{"path": display_path(p), "abs_path": p, **meta} for p, meta in sorted(ws.files().items())]}
 
 
-def handle_retrievers(command: RagRetrievers, ctx: Context) -> dict:
+def retrievers() -> dict:
     return {"retrievers": [{"name": n, "plugin": plugin, "default": n == DEFAULT_RETRIEVER}
                            for n, (plugin, _f) in sorted(available_retrievers().items())]}
 
 
-HANDLERS = [
-    (RagIngest, handle_ingest), (RagAsk, handle_ask), (RagList, handle_list), (RagInfo, handle_info),
-    (RagRemove, handle_remove), (RagSources, handle_sources), (RagRetrievers, handle_retrievers),
-]
+HANDLERS = [(RagIngest, handle_ingest), (RagAsk, handle_ask)]

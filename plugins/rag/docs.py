@@ -2,8 +2,8 @@
 
 The session ``docs-NAME`` starts from the workspace's context snapshot (the documents already
 prefilled) and is resumed if it exists; each message gets the passages retrieved for it,
-numbered for citation. Slash commands (bus commands, so they work the same from any front end):
-``/add PATH…`` ingests more files and rebuilds the context, ``/sources`` lists the files,
+numbered for citation. Slash commands: ``/add PATH…`` ingests more files and rebuilds the
+context (rag's ingest command, through the REPL's API), ``/sources`` lists the files,
 ``/rag k N | retriever NAME | off | on`` tunes retrieval, ``/reset`` goes back to the snapshot.
 """
 
@@ -11,12 +11,12 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from superlinear.bus import Command, Context, SlashCommand
+from superlinear.bus import SlashCommand
 from superlinear.errors import InvalidRequest, UserError
 
-from . import llm
+from . import commands, llm
 from .answers import AnswerStream
-from .commands import RagIngest, RagSources
+from .commands import RagIngest
 from .retrieval import available_retrievers, search
 from .workspace import Workspace
 
@@ -29,47 +29,6 @@ class DocsState:
     retriever: str = "bm25"
     enabled: bool = True
     last_passages: list = field(default_factory=list)
-
-
-@dataclass(frozen=True)
-class DocsRagSetting(Command):
-    name = "docs.rag"
-    setting: str = ""  # "k N" | "retriever NAME" | "off" | "on" | "" (show)
-
-
-@dataclass(frozen=True)
-class DocsReset(Command):
-    name = "docs.reset"
-
-
-def _state(ctx: Context) -> DocsState:
-    state = ctx.state.get("docs")
-    if state is None:
-        raise InvalidRequest("this command works inside `spl docs`")
-    return state
-
-
-def handle_rag_setting(command: DocsRagSetting, ctx: Context) -> str:
-    state = _state(ctx)
-    words = command.setting.split()
-    if not words:
-        pass
-    elif words[0] == "off":
-        state.enabled = False
-    elif words[0] == "on":
-        state.enabled = True
-    elif words[0] == "k" and len(words) == 2 and words[1].isdigit() and int(words[1]) >= 1:
-        state.k = int(words[1])
-        state.enabled = True
-    elif words[0] == "retriever" and len(words) == 2:
-        if words[1] not in available_retrievers():
-            raise InvalidRequest(f"unknown retriever {words[1]!r} (available: "
-                                 f"{', '.join(sorted(available_retrievers()))})")
-        state.retriever = words[1]
-        state.enabled = True
-    else:
-        raise InvalidRequest("usage: /rag k N | retriever NAME | off | on")
-    return f"retrieval {'on' if state.enabled else 'off'}: k={state.k}, retriever={state.retriever}"
 
 
 def reset_session(client, state: DocsState) -> str:
@@ -87,67 +46,90 @@ def reset_session(client, state: DocsState) -> str:
     return f"session {state.session_id} reset (no context snapshot: answers come from the passages)"
 
 
-def handle_reset(command: DocsReset, ctx: Context) -> str:
-    state = _state(ctx)
-    note = reset_session(ctx.state["client"], state)
-    repl = ctx.state.get("repl")
-    if repl is not None:  # the chat REPL (`spl docs`): continue on the reset session
-        repl.adopt(state.session_id)
-    return note
+class Docs:
+    """What `spl docs` adds to the chat REPL, over one workspace session (``state``): its slash
+    commands, the passages put into each message, the check of each reply's citations."""
 
+    def __init__(self, state: DocsState):
+        self.state = state
 
-HANDLERS = [(DocsRagSetting, handle_rag_setting), (DocsReset, handle_reset)]
+    def rag_setting(self, setting: str) -> str:
+        """``k N`` | ``retriever NAME`` | ``off`` | ``on`` | ``""`` (show)."""
+        state, words = self.state, setting.split()
+        if not words:
+            pass
+        elif words[0] == "off":
+            state.enabled = False
+        elif words[0] == "on":
+            state.enabled = True
+        elif words[0] == "k" and len(words) == 2 and words[1].isdigit() and int(words[1]) >= 1:
+            state.k = int(words[1])
+            state.enabled = True
+        elif words[0] == "retriever" and len(words) == 2:
+            if words[1] not in available_retrievers():
+                raise InvalidRequest(f"unknown retriever {words[1]!r} (available: "
+                                     f"{', '.join(sorted(available_retrievers()))})")
+            state.retriever = words[1]
+            state.enabled = True
+        else:
+            raise InvalidRequest("usage: /rag k N | retriever NAME | off | on")
+        return f"retrieval {'on' if state.enabled else 'off'}: k={state.k}, retriever={state.retriever}"
 
+    def reset(self, repl) -> str:
+        note = reset_session(repl.client, self.state)
+        repl.adopt(self.state.session_id)  # continue on the reset session
+        return note
 
-def _add(text: str, repl) -> str:
-    from superlinear.plugins.chat.slash import split_args
+    def add(self, text: str, repl) -> str:
+        from superlinear.plugins.chat.slash import split_args
 
-    paths = split_args(text)
-    if not paths:
-        raise InvalidRequest("usage: /add PATH…")
-    state: DocsState = repl.ctx.state["docs"]
-    result = repl.dispatch(RagIngest(tuple(paths), state.workspace))
-    r = result["report"]
-    c = result.get("context") or {}
-    line = (f"{len(r['added'])} added, {len(r['updated'])} updated, {r['unchanged']} "
-            f"unchanged, {len(r['skipped'])} skipped -> {r['files']} files, {r['chunks']} passages")
-    if c.get("snapshot_id"):
-        line += f"; context rebuilt: {c.get('tokens')} tokens in snapshot {c['snapshot_id']} (/reset to use it)"
-    else:
-        line += f"; {c.get('mode', 'retrieval-only')}: {c.get('reason', '')}"
-    return line
+        paths = split_args(text)
+        if not paths:
+            raise InvalidRequest("usage: /add PATH…")
+        result = repl.dispatch(RagIngest(tuple(paths), self.state.workspace))
+        r = result["report"]
+        c = result.get("context") or {}
+        line = (f"{len(r['added'])} added, {len(r['updated'])} updated, {r['unchanged']} "
+                f"unchanged, {len(r['skipped'])} skipped -> {r['files']} files, {r['chunks']} passages")
+        if c.get("snapshot_id"):
+            line += f"; context rebuilt: {c.get('tokens')} tokens in snapshot {c['snapshot_id']} (/reset to use it)"
+        else:
+            line += f"; {c.get('mode', 'retrieval-only')}: {c.get('reason', '')}"
+        return line
 
+    def sources(self, text: str, repl) -> str:
+        result = commands.sources(self.state.workspace)
+        lines = [f"{f['path']}  ({f.get('lines')} lines, {f.get('chunks')} passages)" for f in result["files"]]
+        return "\n".join(lines) or "no documents (/add PATH…)"
 
-def _sources(text: str, repl) -> str:
-    state: DocsState = repl.ctx.state["docs"]
-    result = repl.dispatch(RagSources(state.workspace))
-    lines = [f"{f['path']}  ({f.get('lines')} lines, {f.get('chunks')} passages)" for f in result["files"]]
-    return "\n".join(lines) or "no documents (/add PATH…)"
+    def slash_commands(self) -> list[SlashCommand]:
+        return [
+            SlashCommand("add", "Ingest files or folders into this workspace", self.add, usage="/add PATH…"),
+            SlashCommand("sources", "List the workspace's files", self.sources, usage="/sources"),
+            SlashCommand("rag", "Retrieval settings", lambda text, repl: self.rag_setting(text.strip()),
+                         usage="/rag k N|retriever NAME|off|on"),
+            SlashCommand("reset", "Back to the ingested documents (drops this conversation)",
+                         lambda text, repl: self.reset(repl), usage="/reset"),
+        ]
 
+    def prepare_message(self, text: str, repl):
+        """The typed question plus the passages retrieved for it (numbered for citation)."""
+        state = self.state
+        if not state.enabled:
+            state.last_passages = []
+            return text
+        ws = Workspace.open(state.workspace)
+        passages = search(ws, text, state.k, state.retriever) if text.strip() else []
+        state.last_passages = passages
+        message = llm.question_message(text, passages)
+        if not llm.context_is_current(ws) and not repl.history():
+            return [{"role": "system", "content": llm.SYSTEM_PASSAGES}, {"role": "user", "content": message}]
+        return message
 
-SLASH_COMMANDS = [
-    SlashCommand("add", "Ingest files or folders into this workspace", _add, usage="/add PATH…"),
-    SlashCommand("sources", "List the workspace's files", _sources, usage="/sources"),
-    SlashCommand("rag", "Retrieval settings", lambda text, repl: repl.dispatch(DocsRagSetting(text.strip())),
-                 usage="/rag k N|retriever NAME|off|on"),
-    SlashCommand("reset", "Back to the ingested documents (drops this conversation)",
-                 lambda text, repl: repl.dispatch(DocsReset()), usage="/reset"),
-]
-
-
-def prepare_message(text: str, repl):
-    """The typed question plus the passages retrieved for it (numbered for citation)."""
-    state: DocsState = repl.ctx.state["docs"]
-    if not state.enabled:
-        state.last_passages = []
-        return text
-    ws = Workspace.open(state.workspace)
-    passages = search(ws, text, state.k, state.retriever) if text.strip() else []
-    state.last_passages = passages
-    message = llm.question_message(text, passages)
-    if not llm.context_is_current(ws) and not repl.history():
-        return [{"role": "system", "content": llm.SYSTEM_PASSAGES}, {"role": "user", "content": message}]
-    return message
+    def reply_filter(self, repl) -> CheckedReply | None:
+        """A checker for the turn about to stream, when it was sent with passages."""
+        state = self.state
+        return CheckedReply(state.last_passages) if state.enabled and state.last_passages else None
 
 
 DOCS_MAX_TOKENS = 512  # a reply over the documents is an answer, not an essay
@@ -177,12 +159,6 @@ class CheckedReply:
         return lines
 
 
-def reply_filter(repl) -> CheckedReply | None:
-    """A checker for the turn about to stream, when it was sent with passages."""
-    state: DocsState = repl.ctx.state["docs"]
-    return CheckedReply(state.last_passages) if state.enabled and state.last_passages else None
-
-
 def run_docs(name: str, *, url: str | None = None, k: int = 5, retriever: str = "bm25",
              max_tokens: int | None = None, temperature: float | None = None) -> int:
     from superlinear.plugins.chat import ChatRepl, ChatSettings, connect
@@ -200,12 +176,12 @@ def run_docs(name: str, *, url: str | None = None, k: int = 5, retriever: str = 
     info = ws.info()
     banner = (f"docs {name}: {info['files']} files, {info['chunks']} passages; {opened}\n"
               f"each message gets {k} passages from {retriever}; /add, /sources, /rag, /reset")
+    docs = Docs(state)
     repl = ChatRepl(client, name=f"docs:{name}", session_id=state.session_id,
-                    extra_slash_commands=SLASH_COMMANDS, prepare_message=prepare_message, banner=banner,
+                    extra_slash_commands=docs.slash_commands(), prepare_message=docs.prepare_message, banner=banner,
                     settings=ChatSettings(max_tokens=max_tokens or DOCS_MAX_TOKENS, temperature=temperature,
                                           repetition=llm.ANSWER_REPETITION),
-                    reply_filter=reply_filter)
-    repl.ctx.state["docs"] = state
+                    reply_filter=docs.reply_filter)
     try:
         return repl.run()
     finally:
