@@ -14,6 +14,7 @@ from collections.abc import Iterator
 from superlinear.errors import InvalidRequest
 
 from .conversation import Conversation
+from .decode import decode
 from .repetition import RepetitionDetector
 from .sampling import Sampler
 from .text import IncrementalDetokenizer, StopCutter
@@ -57,31 +58,18 @@ def run_completion(conv: Conversation, ids: list[int], sampling: SamplingParams,
     stop_ids = set(sampling.stop_token_ids)
     if tok.eos_token_id is not None:
         stop_ids.add(int(tok.eos_token_id))
-    sampler, detok, cutter = Sampler(sampling), IncrementalDetokenizer(tok), StopCutter(sampling.stop)
-    detector = RepetitionDetector(repetition) if repetition else None
-    logits, completion, finish = conv.logits, 0, None
-    t_decode = time.perf_counter()
-    while finish is None:
-        if cancel.is_set():
-            finish = "cancelled"
-            break
-        if completion >= max_tokens or conv.position >= conv.max_seq_len:
-            finish = "length"
-            break
-        t = sampler(logits)
-        if t in stop_ids:
-            finish = "stop"
-            break
-        completion += 1
-        text = cutter.push(detok.push(t))
+    detok, cutter = IncrementalDetokenizer(tok), StopCutter(sampling.stop)
+
+    def feed(token: int) -> Iterator[Event]:
+        text = cutter.push(detok.push(token))
         if text:
             yield TextDelta(text)
-        if cutter.stopped:
-            finish = "stop"
-        elif detector is not None and detector.push(t):
-            finish = "repetition"
-        elif completion < max_tokens and conv.position < conv.max_seq_len:
-            logits = conv.step(t)
+
+    t_decode = time.perf_counter()
+    finish, completion = yield from decode(
+        conv, conv.logits, Sampler(sampling), stop_ids=stop_ids, max_tokens=max_tokens, limit=conv.max_seq_len,
+        cancel=cancel, feed=feed, stopped=lambda: cutter.stopped,
+        detector=RepetitionDetector(repetition) if repetition else None)
     if not cutter.stopped:  # what the detokenizer and the stop cutter still hold
         tail = cutter.push(detok.flush()) + cutter.flush()
         if tail:

@@ -13,6 +13,7 @@ from collections.abc import Iterator
 from superlinear.errors import InvalidRequest, OverBudget, TooLarge
 
 from .conversation import Conversation
+from .decode import decode
 from .limits import check_request
 from .repetition import RepetitionDetector
 from .sampling import Sampler
@@ -21,10 +22,6 @@ from .tools import TOOL_BLOCKS, parse_tool_calls
 from .types import ChatRequest, Done, Event, ReasoningDelta, TextDelta, ToolCallsEvent, turn_usage
 
 END_OF_TURN_ROOM = 8
-
-
-class _Cancelled(Exception):
-    pass
 
 
 class _TextPipeline:
@@ -124,12 +121,29 @@ def _turn(conv: Conversation, req: ChatRequest, cancel: threading.Event, cp) -> 
     length_reason = "length"
     if budget_limit < limit:
         limit, length_reason = budget_limit, "memory"
-    completion, reasoning_tokens, finish = 0, 0, None
+    completion = 0
     t_decode = time.perf_counter()
+    reasoning = {"before": False, "tokens": 0, "budget": budget}
 
     def feed(ids: list[int]) -> Iterator[Event]:
+        reasoning["before"] = pipe.think.in_reasoning
         for t in ids:
             yield from pipe.push(detok.push(t))
+
+    def reasoning_budget(_token: int, logits):
+        """Count reasoning tokens; once the budget is spent, close the block ourselves."""
+        if not (reasoning["before"] and pipe.think.in_reasoning) or reasoning["budget"] is None:
+            return logits, 0, None
+        reasoning["tokens"] += 1
+        if reasoning["tokens"] < reasoning["budget"]:
+            return logits, 0, None
+        ids = tok.encode("\n" + THINK_CLOSE + "\n\n", add_special_tokens=False)
+        if conv.position + len(ids) >= limit:
+            return logits, 0, length_reason
+        logits = conv.extend_tokens(ids)
+        yield from feed(ids)
+        reasoning["budget"] = None
+        return logits, len(ids), None
 
     forced = conv.template.forced_tool_prefix(req.tool_choice) if tools else ""
     if budget is not None and budget <= 0 and in_reasoning:
@@ -140,43 +154,11 @@ def _turn(conv: Conversation, req: ChatRequest, cancel: threading.Event, cp) -> 
         completion += len(ids)
         yield from feed(ids)
 
-    try:
-        while finish is None:
-            if cancel.is_set():
-                raise _Cancelled
-            if completion >= max_tokens or conv.position >= limit:
-                finish = "length" if completion >= max_tokens else length_reason
-                break
-            t = sampler(logits)
-            if t in stop_ids:
-                finish = "stop"
-                break
-            completion += 1
-            was_reasoning = pipe.think.in_reasoning
-            yield from feed([t])
-            if pipe.stop.stopped:
-                finish = "stop"
-                break
-            if detector is not None and detector.push(t):
-                finish = "repetition"
-                break
-            if completion >= max_tokens or conv.position + 1 >= limit:
-                finish = "length" if completion >= max_tokens else length_reason
-                break
-            logits = conv.step(t)
-            if was_reasoning and pipe.think.in_reasoning:
-                reasoning_tokens += 1
-                if budget is not None and reasoning_tokens >= budget:
-                    # Budget spent: close the block ourselves; the answer follows.
-                    ids = tok.encode("\n" + THINK_CLOSE + "\n\n", add_special_tokens=False)
-                    if conv.position + len(ids) >= limit:
-                        finish = length_reason
-                        break
-                    logits = conv.extend_tokens(ids)
-                    completion += len(ids)
-                    yield from feed(ids)
-                    budget = None
-    except _Cancelled:
+    finish, completion = yield from decode(
+        conv, logits, sampler, stop_ids=stop_ids, max_tokens=max_tokens, limit=limit, cancel=cancel,
+        feed=lambda t: feed([t]), stopped=lambda: pipe.stop.stopped, detector=detector,
+        length_reason=length_reason, completion=completion, after_step=reasoning_budget)
+    if finish == "cancelled":
         done = _done_cancelled(conv, prompt, completion, t_start, pipe)
         if req.keep_partial:  # store exactly what was streamed, flagged in Done
             if done.reasoning and req.keep_thinking:
@@ -191,7 +173,7 @@ def _turn(conv: Conversation, req: ChatRequest, cancel: threading.Event, cp) -> 
     yield from pipe.push(detok.flush())
     yield from pipe.finish()
     decode_s = time.perf_counter() - t_decode
-    reasoning = pipe.think.reasoning.strip() or None
+    reasoning_text = pipe.think.reasoning.strip() or None
     answer = pipe.think.answer
     calls = []
     if tools is not None:
@@ -207,8 +189,8 @@ def _turn(conv: Conversation, req: ChatRequest, cancel: threading.Event, cp) -> 
         yield ToolCallsEvent(calls)
         if finish == "stop":
             finish = "tool_calls"
-    if reasoning and req.keep_thinking:
-        message["reasoning_content"] = reasoning
+    if reasoning_text and req.keep_thinking:
+        message["reasoning_content"] = reasoning_text
     # Store the turn as the template renders it: the generated tokens stay in the cache where
     # they match that rendering, the end-of-turn tokens are appended.
     try:
@@ -216,7 +198,7 @@ def _turn(conv: Conversation, req: ChatRequest, cancel: threading.Event, cp) -> 
     except (TooLarge, OverBudget):  # the rendering does not fit: keep the generated tokens, the next sync trims
         conv.set_transcript(req.messages + [message], prompt.boundaries + [None], tools, kwargs)
     usage, timings = turn_usage(len(prompt.ids), completion, stats, prefill_s, decode_s)
-    yield Done(finish, message, usage, timings, reasoning=reasoning)
+    yield Done(finish, message, usage, timings, reasoning=reasoning_text)
 
 
 def _done_cancelled(conv, prompt, completion, t_start, pipe: _TextPipeline | None = None) -> Done:
