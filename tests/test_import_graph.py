@@ -3,7 +3,9 @@ function: a lazy import is still a dependency) is read with ``ast``.
 
 - core (``superlinear``) never imports the plugins or the CLI;
 - the kernels import only the standard library, torch, triton, numpy and each other;
-- no import cycle between the modules of core.
+- no import cycle between the modules of core, nor between those of the plugins and the CLI;
+- no module reaches into another one's privates: ``obj._name`` on anything but ``self`` / ``cls``
+  is refused when ``_name`` is a private that another of our modules defines and this one does not.
 """
 
 from __future__ import annotations
@@ -127,9 +129,59 @@ def test_no_import_cycles_in_core():
     assert cycles(graph) == []
 
 
+def test_no_import_cycles_anywhere():
+    """The plugins and the CLI too (a cycle there is as hard to follow as one in core)."""
+    assert cycles(internal_graph()) == []
+
+
+def private_names(tree: ast.AST) -> set[str]:
+    """The private names a module defines: functions, classes, module names, and attributes it
+    sets on ``self`` / ``cls``."""
+    names: set[str] = set()
+    for node in ast.walk(tree):
+        if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef, ast.ClassDef)):
+            names.add(node.name)
+        elif isinstance(node, ast.Name) and isinstance(node.ctx, ast.Store):
+            names.add(node.id)
+        elif isinstance(node, ast.arg):
+            names.add(node.arg)
+        elif isinstance(node, ast.Attribute) and isinstance(node.ctx, ast.Store) and _on_self(node):
+            names.add(node.attr)
+    return {n for n in names if _private(n)}
+
+
+def _private(name: str) -> bool:
+    return name.startswith("_") and not name.startswith("__")
+
+
+def _on_self(node: ast.Attribute) -> bool:
+    return isinstance(node.value, ast.Name) and node.value.id in ("self", "cls")
+
+
+def private_reach_ins(sources: dict[str, str]) -> list[tuple[str, int, str]]:
+    """``(module, line, expression)`` of every ``obj._name`` where ``_name`` is another module's."""
+    trees = {m: ast.parse(text) for m, text in sources.items()}
+    owned = {m: private_names(tree) for m, tree in trees.items()}
+    everyone = set().union(*owned.values())
+    found = []
+    for module, tree in trees.items():
+        for node in ast.walk(tree):
+            if isinstance(node, ast.Attribute) and _private(node.attr) and not _on_self(node) \
+                    and node.attr in everyone and node.attr not in owned[module]:
+                found.append((module, node.lineno, ast.unparse(node)))
+    return found
+
+
+def test_no_module_reaches_into_another_ones_privates():
+    assert private_reach_ins({m: p.read_text() for m, p in MODULES.items()}) == []
+
+
 def test_the_checks_see_a_cycle_and_a_layer_break():
     """The checks can fail: a made-up graph with a cycle is found, and core -> plugins is seen."""
     assert cycles({"a": {"b"}, "b": {"c"}, "c": {"a"}, "d": set()}) == [["a", "b", "c"]]
     assert "superlinear.plugins.serve.runtime" in {ours(n) for n in imported_names(
         "superlinear.plugins.serve.routes_chat", MODULES["superlinear.plugins.serve.routes_chat"])}
     assert not is_core("superlinear.plugins.serve") and is_core("superlinear.service")
+    sources = {"a": "class Cache:\n    def _begin(self):\n        self._graph = None\n",
+               "b": "def forward(cache):\n    cache._begin()\n    return cache._graph, cache.position\n"}
+    assert private_reach_ins(sources) == [("b", 2, "cache._begin"), ("b", 3, "cache._graph")]

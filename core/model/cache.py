@@ -3,7 +3,7 @@
 It also speaks the small part of transformers' cache protocol that the Llama and Nemotron-H
 modules call (``update``, ``get_conv_state``, ``update_conv_state``, ...), so transformers
 writes straight into our preallocated tensors. The model tells the cache where the current
-chunk goes (``_begin``) before each forward; ``position`` advances only when a chunk finished.
+chunk goes (``begin_forward``) before each forward; ``position`` advances only when a chunk finished.
 """
 
 from __future__ import annotations
@@ -74,7 +74,7 @@ class Cache:
         self._start = 0
         self._length = 0
         self._write_index: torch.Tensor | None = None
-        self._graph = None  # the captured decode step bound to these tensors (model.py)
+        self.decode_graphs: dict = {}  # the captured decode steps bound to these tensors (model.py)
         self._allocate_recurrent()
 
     # -- allocation ---------------------------------------------------------------------------
@@ -131,7 +131,7 @@ class Cache:
                 keys[i][:, :, :p].copy_(self.keys[i][:, :, :p])
                 values[i][:, :, :p].copy_(self.values[i][:, :, :p])
         self.keys, self.values, self.capacity = keys, values, capacity
-        self._graph = None  # a captured decode step points at the old tensors
+        self.decode_graphs = {}  # a captured decode step points at the old tensors
 
     @property
     def has_recurrent_state(self) -> bool:
@@ -246,11 +246,9 @@ class Cache:
         return names
 
     # -- called by the model around a forward ---------------------------------------------------
-    def _check_room(self, n: int) -> None:
-        """Called before a forward that appends ``n`` tokens: the limit, then the memory."""
-        self.reserve(self.position + n)
-
-    def _begin(self, start: int, length: int, write_index: torch.Tensor | None = None) -> None:
+    def begin_forward(self, start: int, length: int, write_index: torch.Tensor | None = None) -> None:
+        """Where the next forward's ``length`` keys go: from ``start``, or at the positions of
+        ``write_index`` (a captured decode step, replayed at new positions)."""
         self._start, self._length, self._write_index = start, length, write_index
 
     # -- the transformers cache protocol (what Llama / Nemotron-H modules call) ------------------

@@ -209,7 +209,7 @@ class Model:
         length = ids.shape[1]
         positions = torch.arange(start, start + length, device=self.device)
         self._set_ctx(start, length, positions, graph=False)
-        cache._begin(start, length)
+        cache.begin_forward(start, length)
         return self._run(ids, positions, cache)[0, -1].float()
 
     def _run(self, ids: torch.Tensor, positions: torch.Tensor, cache: Cache) -> torch.Tensor:
@@ -246,7 +246,7 @@ class Model:
             chunk_size = self.prefill_chunk_size()
         if chunk_size < 1:
             raise InvalidRequest(f"chunk_size must be positive, got {chunk_size}")
-        cache._check_room(ids.numel())
+        cache.reserve(cache.position + ids.numel())  # the limit, then the memory
         ids = ids.to(self.device)
         logits = None
         total = ids.numel()
@@ -262,7 +262,7 @@ class Model:
     @torch.inference_mode()
     def decode_step(self, cache: Cache, token_id: int) -> torch.Tensor:
         """Append one token; fp32 logits ``[V]`` of it."""
-        cache._check_room(1)
+        cache.reserve(cache.position + 1)
         with self._shared.lock:
             if self.cuda_graph and self._shared.graph_error is None:
                 logits = self._decode_graphed(cache, int(token_id))
@@ -279,8 +279,7 @@ class Model:
         return (self.attention, repr(self.span_params), self.backend, self.fast_paths)
 
     def _decode_graphed(self, cache: Cache, token_id: int) -> torch.Tensor | None:
-        graphs = cache._graph if isinstance(cache._graph, dict) else {}
-        cache._graph = graphs
+        graphs = cache.decode_graphs
         entry = graphs.get(self._graph_key())
         if entry is None:
             try:
@@ -306,11 +305,11 @@ class Model:
 
         def run():
             self._set_ctx(0, 1, pos, graph=True)
-            cache._begin(0, 1, write_index=pos)
+            cache.begin_forward(0, 1, write_index=pos)
             try:
                 return self._run(ids, pos, cache)
             finally:
-                cache._begin(0, 0)
+                cache.begin_forward(0, 0)
 
         try:
             stream = torch.cuda.Stream()

@@ -27,23 +27,15 @@ from superlinear.plugins.client.completion import complete_session_ids
 __all__ = ["ChatRepl", "ChatSettings", "TurnResult", "connect", "ask_once", "main_repl"]
 
 
+from .connection import connect
+
+
 def __getattr__(name):  # lazy: `spl --help` must not import prompt_toolkit or httpx
     if name in ("ChatRepl", "ChatSettings", "TurnResult"):
         from . import repl
 
         return getattr(repl, name)
     raise AttributeError(name)
-
-
-def connect(url: str | None = None, model: str | None = None, progress=None, port: int | None = None):
-    """A client for the server the REPL talks to: ``url`` if given (it must answer), else the
-    configured server, else a local one started now (``ensure_server``, with a progress line).
-    A ``model`` or ``port`` that the running server does not match is refused (exit 2)."""
-    from superlinear.plugins.client import ensure_server
-    from superlinear.plugins.client.local import stderr_progress
-
-    url = url if not url or "://" in url else f"http://{url}"
-    return ensure_server(model=model, progress=progress or stderr_progress, url=url, port=port)
 
 
 def _reconnector(url: str | None, model: str | None, port: int | None = None):

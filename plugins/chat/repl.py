@@ -278,7 +278,7 @@ class ChatRepl:
     def open_session(self) -> str:
         """Pick the session at start: the given one, the last one, or a new one. Returns a note."""
         if self.client is None:
-            from . import connect
+            from .connection import connect
 
             self.client = connect()
 

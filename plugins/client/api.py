@@ -44,7 +44,7 @@ def resolve_target(url: str | None = None) -> Target:
     if env:
         return Target(env.rstrip("/"), "$SPL_SERVER_URL")
     from superlinear.plugins.client import state
-    from superlinear.plugins.client.local import running_local
+    from superlinear.plugins.client.state import running_local
     from superlinear.plugins.settings.options import resolve_options
 
     connected = state.connected()
@@ -68,7 +68,7 @@ def resolve_api_key(api_key: str | None = None) -> str | None:
     if os.environ.get("SPL_API_KEY"):
         return os.environ["SPL_API_KEY"]
     from superlinear.plugins.client import state
-    from superlinear.plugins.client.local import running_local
+    from superlinear.plugins.client.state import running_local
 
     connected = state.connected()
     if connected and connected.get("api_key"):

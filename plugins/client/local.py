@@ -27,6 +27,7 @@ from superlinear.plugins.settings.options import ServeOptions, resolve_options
 
 from . import state
 from .api import SplClient, resolve_target
+from .state import running_local, verified_identity
 
 Progress = Callable[[str], None]
 
@@ -58,35 +59,6 @@ def _start_lock():
             yield
         finally:
             fcntl.flock(f, fcntl.LOCK_UN)
-
-
-# -- the recorded server ------------------------------------------------------------------------
-def _looks_like_spl_serve(cmdline: list[str]) -> bool:
-    return "serve" in cmdline and any(part.endswith(("spl", "superlinear.cli.main")) for part in cmdline)
-
-
-def verified_identity(info: dict) -> dict | None:
-    """The identity of the live process ``server.json`` names, or None if that process is gone
-    or is another one now."""
-    ident = info.get("process")
-    if isinstance(ident, dict) and ident.get("pid") == info.get("pid"):
-        return ident if process.matches(ident) else None
-    # A server.json from an older spl holds the pid only: accept a live `spl serve` with it.
-    cmdline = process.cmdline(info.get("pid"))
-    if cmdline and _looks_like_spl_serve(cmdline):
-        return process.identity(info["pid"])
-    return None
-
-
-def running_local() -> dict | None:
-    """``server.json`` of our live local server, or None (a stale file is removed)."""
-    info = state.local_server()
-    if not info:
-        return None
-    if verified_identity(info) is None:
-        state.clear_local_server(pid=info.get("pid"))
-        return None
-    return info
 
 
 def _record(pid: int, url: str, options: ServeOptions, cmdline: list[str] | None = None, **extra) -> dict:

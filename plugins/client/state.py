@@ -98,3 +98,32 @@ def pid_alive(pid: int | None) -> bool:
     except ChildProcessError:
         pass
     return True
+
+
+# -- the recorded server ------------------------------------------------------------------------
+def _looks_like_spl_serve(cmdline: list[str]) -> bool:
+    return "serve" in cmdline and any(part.endswith(("spl", "superlinear.cli.main")) for part in cmdline)
+
+
+def verified_identity(info: dict) -> dict | None:
+    """The identity of the live process ``server.json`` names, or None if that process is gone
+    or is another one now."""
+    ident = info.get("process")
+    if isinstance(ident, dict) and ident.get("pid") == info.get("pid"):
+        return ident if process.matches(ident) else None
+    # A server.json from an older spl holds the pid only: accept a live `spl serve` with it.
+    cmdline = process.cmdline(info.get("pid"))
+    if cmdline and _looks_like_spl_serve(cmdline):
+        return process.identity(info["pid"])
+    return None
+
+
+def running_local() -> dict | None:
+    """``server.json`` of our live local server, or None (a stale file is removed)."""
+    info = local_server()
+    if not info:
+        return None
+    if verified_identity(info) is None:
+        clear_local_server(pid=info.get("pid"))
+        return None
+    return info
