@@ -40,6 +40,7 @@ class FakeServer:
         return {"count": self.tokens(messages)}
 
     def create_session(self, session_id=None, max_seq_len=None, ephemeral=False):
+        self.created_ephemeral = ephemeral
         sid = session_id or f"s{next(self.ids)}"
         self.sessions[sid] = {"messages": [], "max_seq_len": max_seq_len or self.default, "ephemeral": ephemeral}
         return self.get_session(sid)
@@ -137,6 +138,7 @@ def test_ingest_builds_context_snapshot_and_ask_loads_it(tmp_path, server):
     kind, sid, messages = server.calls[-1]
     assert sid is not None and [m["role"] for m in messages] == ["user"]
     assert server.loads[-1] == (context["snapshot_id"], True)  # ephemeral: nothing of it goes to disk
+    assert server.created_ephemeral  # the documents' session too: only its snapshot is written
     assert server.prefilled_chars - prefilled == len(messages[0]["content"])  # no re-prefill
     assert "[1] " in messages[0]["content"] and "README.md:" in messages[0]["content"]
     assert answer["cited"] == [1]

@@ -119,7 +119,7 @@ def build_context(workspace: Workspace, client, *, max_seq_len: int | None = Non
         _drop_snapshot(client, old.get("snapshot_id"))
         return {"mode": "retrieval-only", "reason": "no documents"}
     system = SYSTEM_CONTEXT + "Documents:\n\n" + text
-    session = client.create_session(max_seq_len=max_seq_len)
+    session = client.create_session(max_seq_len=max_seq_len, ephemeral=True)  # only its snapshot is kept
     session_id = session["id"]
     limit = int(session.get("max_seq_len") or max_seq_len or 0)
     max_chars = workspace.manifest["chunking"]["max_chars"]
