@@ -181,13 +181,15 @@ class FakeClient:
         self.sessions[sid] = []
         return {"id": sid}
 
-    def get_session(self, sid):
+    def get_session(self, session_id):
+        sid = session_id
         self._check()
         if sid not in self.sessions:
             raise NotFound(f"unknown session {sid!r}")
         return {"id": sid, "message_count": len(self.sessions[sid]), "position": 10 * len(self.sessions[sid])}
 
-    def history(self, sid):
+    def history(self, session_id):
+        sid = session_id
         self.get_session(sid)
         return list(self.sessions[sid])
 
@@ -198,37 +200,43 @@ class FakeClient:
     def list_snapshots(self, tag=None, include_session_state=False):
         return [{"id": s, "title": "t"} for s in self.snapshots]
 
-    def close_session(self, sid):
+    def close_session(self, session_id):
+        sid = session_id
         self.get_session(sid)
         del self.sessions[sid]
         return {"id": sid}
 
-    def delete_snapshot(self, snap):
+    def delete_snapshot(self, snapshot_id):
+        snap = snapshot_id
         if snap not in self.snapshots:
             raise NotFound(f"no snapshot {snap!r}")
         del self.snapshots[snap]
         return {"id": snap}
 
-    def save(self, sid, title=None, description=None, tags=None):
+    def save(self, session_id, title=None, description=None, tags=None):
+        sid = session_id
         self.get_session(sid)
         snap = f"snap{len(self.snapshots) + 1}"
         self.snapshots[snap] = list(self.sessions[sid])
         return {"id": snap, "title": title, "session": {"position": 10 * len(self.sessions[sid])}}
 
-    def load(self, snap, session_id=None, force=False, max_seq_len=None, ephemeral=False):
+    def load(self, snapshot_id, session_id=None, force=False, max_seq_len=None, ephemeral=False):
+        snap = snapshot_id
         if snap not in self.snapshots:
             raise NotFound(f"no snapshot {snap!r}")
         info = self.create_session(session_id)
         self.sessions[info["id"]] = list(self.snapshots[snap])
         return self.get_session(info["id"])
 
-    def fork(self, sid, new_id=None):
+    def fork(self, session_id, new_id=None):
+        sid = session_id
         self.get_session(sid)
         info = self.create_session(new_id)
         self.sessions[info["id"]] = list(self.sessions[sid])
         return self.get_session(info["id"])
 
-    def rollback(self, sid, n_messages):
+    def rollback(self, session_id, n_messages):
+        sid = session_id
         self.get_session(sid)
         messages = self.sessions[sid]
         del messages[n_messages if n_messages >= 0 else len(messages) + n_messages:]

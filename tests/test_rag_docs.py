@@ -22,7 +22,8 @@ from superlinear.plugins.rag.commands import RagIngest
 class Server(FakeServer):
     reply = "The answer is in the passages [1]."
 
-    def history(self, sid):
+    def history(self, session_id):
+        sid = session_id
         return list(self.sessions[sid]["messages"])
 
     def chat(self, turn):

@@ -45,14 +45,16 @@ class FakeServer:
         self.sessions[sid] = {"messages": [], "max_seq_len": max_seq_len or self.default, "ephemeral": ephemeral}
         return self.get_session(sid)
 
-    def get_session(self, sid):
+    def get_session(self, session_id):
+        sid = session_id
         if sid not in self.sessions:
             raise NotFound(f"no session {sid}")
         s = self.sessions[sid]
         return {"id": sid, "position": self.tokens(s["messages"]), "max_seq_len": s["max_seq_len"],
                 "message_count": len(s["messages"]), "ephemeral": s.get("ephemeral", False)}
 
-    def close_session(self, sid):
+    def close_session(self, session_id):
+        sid = session_id
         info = self.get_session(sid)
         del self.sessions[sid]
         return info
@@ -78,27 +80,32 @@ class FakeServer:
     def health(self):
         return {"status": "ok", "model": "fake"}
 
-    def rollback(self, sid, n):
+    def rollback(self, session_id, n):
+        sid = session_id
         self.sessions[sid]["messages"] = self.sessions[sid]["messages"][:n]
         return self.get_session(sid)
 
-    def save(self, sid, title=None, description=None, tags=None):
+    def save(self, session_id, title=None, description=None, tags=None):
+        sid = session_id
         snap = f"snap{next(self.ids)}"
         self.snapshots[snap] = {"id": snap, "messages": list(self.sessions[sid]["messages"]),
                                 "max_seq_len": self.sessions[sid]["max_seq_len"], "tags": tags}
         return {"id": snap, "title": title}
 
-    def get_snapshot(self, snap):
+    def get_snapshot(self, snapshot_id):
+        snap = snapshot_id
         if snap not in self.snapshots:
             raise NotFound(f"no snapshot {snap}")
         return self.snapshots[snap]
 
-    def delete_snapshot(self, snap):
+    def delete_snapshot(self, snapshot_id):
+        snap = snapshot_id
         self.get_snapshot(snap)
         del self.snapshots[snap]
         return {"id": snap, "deleted": True}
 
-    def load(self, snap, session_id=None, force=False, max_seq_len=None, ephemeral=False):
+    def load(self, snapshot_id, session_id=None, force=False, max_seq_len=None, ephemeral=False):
+        snap = snapshot_id
         self.get_snapshot(snap)
         sid = session_id or f"s{next(self.ids)}"
         self.sessions[sid] = {"messages": list(self.snapshots[snap]["messages"]),

@@ -316,18 +316,18 @@ def retrieval_only_note(workspace: Workspace) -> str:
 
 
 def _delete_session(client, session_id: str | None) -> None:
-    if not session_id:
-        return
-    try:
-        client.close_session(session_id)
-    except UserError:
-        pass
+    _quietly(client.close_session, session_id)
 
 
 def _drop_snapshot(client, snapshot_id: str | None) -> None:
-    if not snapshot_id:
-        return
-    try:
-        client.delete_snapshot(snapshot_id)
-    except UserError:
-        pass
+    _quietly(client.delete_snapshot, snapshot_id)
+
+
+def _quietly(remove, item_id: str | None) -> None:
+    """Remove what a failed or finished step leaves; a server that is gone or an item already
+    removed changes nothing."""
+    if item_id:
+        try:
+            remove(item_id)
+        except UserError:
+            pass
