@@ -246,14 +246,10 @@ def _chunks(sse) -> Iterator[dict]:
 
 
 def done_event(fields: dict) -> Done:
-    """``Done`` from the ``done`` field of a final chunk (``done_fields`` on the server)."""
+    """``Done`` from the ``done`` field of a final chunk (the server puts the whole ``Done`` there:
+    OpenAI's fields cannot say it all)."""
     return Done(fields["finish_reason"], fields["message"], fields["usage"], fields["timings"],
                 reasoning=fields.get("reasoning"), partial=bool(fields.get("partial")))
-
-
-def done_fields(done: Done) -> dict:
-    """What a final chunk carries of a ``Done`` (OpenAI's fields cannot say it all)."""
-    return dataclasses.asdict(done)
 
 
 def read_chat(chunks: Iterator[dict]) -> Iterator[Event]:

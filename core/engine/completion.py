@@ -39,7 +39,7 @@ def run_completion(conv: Conversation, ids: list[int], sampling: SamplingParams,
                    cancel: threading.Event | None = None) -> Iterator[Event]:
     """Complete the token ids ``ids`` on ``conv`` (blocking). The conversation then holds the
     prompt and the generated tokens, with an empty transcript (it is no chat)."""
-    from superlinear.model import Cancelled
+    from superlinear.model.model import Cancelled
 
     cancel = cancel or threading.Event()
     t_start = time.perf_counter()

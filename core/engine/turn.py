@@ -82,7 +82,7 @@ def run_turn(conversation: Conversation, request: ChatRequest,
 
 
 def _turn(conv: Conversation, req: ChatRequest, cancel: threading.Event, cp) -> Iterator[Event]:
-    from superlinear.model import Cancelled
+    from superlinear.model.model import Cancelled
 
     if not req.messages:
         raise InvalidRequest("messages must not be empty", param="messages")

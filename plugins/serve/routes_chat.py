@@ -4,10 +4,11 @@ events come back through the one generation path (``generation.py``) and are fol
 
 from __future__ import annotations
 
+import dataclasses
+
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse
 
-from superlinear.api.remote import done_fields
 from superlinear.engine import PrefillProgress
 from superlinear.service import ChatTurn, Done, Persisted, ReasoningDelta, Started, TextDelta, ToolCallsEvent
 
@@ -93,7 +94,7 @@ class Reply:
                                  persisted=self.persisted.ok if self.persisted else None, queued_s=self.queued_s)
                 final = self._chunk({}, event.finish_reason, session_update=self.how, **self._persist_fields(),
                                     timings=openai.spl_timings(event.usage, event.timings, self.queued_s),
-                                    done=done_fields(event))
+                                    done=dataclasses.asdict(event))
                 _fix_finish(final["choices"][0], event)
                 chunks = [final]
                 if self.body.stream_options and self.body.stream_options.include_usage:

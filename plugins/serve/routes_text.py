@@ -5,12 +5,12 @@ path of ``generation.py``); and ``/metrics``."""
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import secrets
 
 from fastapi import FastAPI, Request
 from fastapi.responses import Response
 
-from superlinear.api.remote import done_fields
 from superlinear.api.types import Completion
 from superlinear.engine import Done, RepetitionConfig, SamplingParams, TextDelta
 
@@ -96,7 +96,7 @@ class CompletionReply:
                     yield self._chunk(piece)
                 case Done():
                     self._done(event)
-                    yield self._chunk("", _finish(event), done=done_fields(event))
+                    yield self._chunk("", _finish(event), done=dataclasses.asdict(event))
                     if self.body.stream_options and self.body.stream_options.include_usage:
                         yield {**self._chunk(""), "choices": [], "usage": openai.openai_usage(event.usage)}
 
