@@ -119,6 +119,23 @@ def test_tiny_llama_dir_retrofit(tmp_path, tokenizer_files):
     assert len(generate(model, ids, 4)) == 4
 
 
+def test_tiny_qwen3_dir_is_an_attention_only_retrofit(tmp_path):
+    """Qwen3's config has ``layer_types`` (full / sliding attention): not a hybrid's layer list."""
+    from transformers import Qwen3Config, Qwen3ForCausalLM
+
+    torch.manual_seed(0)
+    cfg = Qwen3Config(vocab_size=VOCAB, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                      num_attention_heads=4, num_key_value_heads=2, head_dim=16, tie_word_embeddings=True)
+    hf = Qwen3ForCausalLM(cfg).eval()
+    hf.save_pretrained(tmp_path)
+    model = load_model(str(tmp_path))
+    assert not model.has_recurrent_state and model.layer_types() == ["full_attention"] * 2
+    ids = list(range(300, 340))
+    with torch.no_grad():
+        ref = hf(torch.tensor([ids])).logits[0, -1]
+    torch.testing.assert_close(model.prefill(model.new_cache(64), ids), ref, atol=1e-4, rtol=1e-4)
+
+
 def test_nemotron_h_hybrid_runs_and_matches_transformers(nemotron_dir):
     path, hf = nemotron_dir
     model = load_model(str(path))
