@@ -179,8 +179,15 @@ def checkpoint_names(model_type: str | None) -> weights.TargetFn:
     return weights.same_name
 
 
-def layer_kinds(hf) -> list[str] | None:
-    return list(getattr(hf.config, "layers_block_type", None) or []) or None
+_KIND_NAMES = {"full_attention": "attention", "linear_attention": "mamba"}
+
+
+def layer_kinds(hf) -> list[str]:
+    """Each layer's type as users name it (attention, mamba, moe, mlp)."""
+    types = getattr(hf.config, "layers_block_type", None)
+    if not types:
+        return ["attention"] * hf.config.num_hidden_layers
+    return [_KIND_NAMES.get(t, t) for t in types]
 
 
 def load_weights(hf, path: Path, target_of: weights.TargetFn, device: torch.device, dtype: torch.dtype) -> None:

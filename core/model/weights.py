@@ -146,11 +146,12 @@ def plan_load(hf: torch.nn.Module, entries: list[Entry], target_of: TargetFn = s
         if meta is None or (expert is not None and not (meta.dim() > 1 and 0 <= expert < meta.shape[0])):
             source.status = "unexpected"
             continue
+        have = filled.setdefault(name, set())  # a wrong shape counts as there: not missing too
         want = tuple(meta.shape[1:] if expert is not None else meta.shape)
         if entry.shape != want:
             source.status = "wrong shape"
+            have.add(expert)
             continue
-        have = filled.setdefault(name, set())
         # the whole tensor and any slice of it, or one slice twice, would both write the same values
         if expert in have or (expert is None and have) or None in have:
             source.status = "duplicate"
@@ -172,7 +173,7 @@ def plan_load(hf: torch.nn.Module, entries: list[Entry], target_of: TargetFn = s
 # the one error that lists every mismatch, grouped by layer
 # ---------------------------------------------------------------------------------------------
 
-_LAYER = re.compile(r"^(?:model|backbone)\.layers\.(\d+)\.(?:mixer\.)?(.*)$")
+_LAYER = re.compile(r"^(?:model|backbone)\.layers\.(\d+)\.(.*)$")
 _MAX_GROUPS = 16
 _MAX_ITEMS = 8
 
