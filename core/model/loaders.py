@@ -17,7 +17,7 @@ import torch
 
 from superlinear.errors import InvalidRequest, NotFound, Unavailable
 from superlinear.model import attention as attention_mod
-from superlinear.model import weights
+from superlinear.model import layer_types, weights
 from superlinear.model.cache import CacheLayout
 from superlinear.model.checkpoint_meta import RETROFIT_SPAN, read_meta, weights_fingerprint
 from superlinear.model.model import Model
@@ -179,15 +179,15 @@ def checkpoint_names(model_type: str | None) -> weights.TargetFn:
     return weights.same_name
 
 
-_KIND_NAMES = {"full_attention": "attention", "linear_attention": "mamba"}
+# the layer kinds as messages to users name them
+_KIND_NAMES = {layer_types.ATTENTION: "attention", layer_types.MAMBA: "mamba", layer_types.MOE: "moe",
+               layer_types.MLP: "mlp"}
 
 
 def layer_kinds(hf) -> list[str]:
     """Each layer's type as users name it (attention, mamba, moe, mlp)."""
-    types = getattr(hf.config, "layers_block_type", None)
-    if not types:
-        return ["attention"] * hf.config.num_hidden_layers
-    return [_KIND_NAMES.get(t, t) for t in types]
+    types = layer_types.from_config(hf.config) or [layer_types.ATTENTION] * hf.config.num_hidden_layers
+    return [_KIND_NAMES[t] for t in types]
 
 
 def load_weights(hf, path: Path, target_of: weights.TargetFn, device: torch.device, dtype: torch.dtype) -> None:
@@ -225,12 +225,12 @@ def load_tokenizer(path: Path):
 
 
 def layout_of(cfg) -> CacheLayout:
-    types = getattr(cfg, "layers_block_type", None)
+    types = layer_types.from_config(cfg)
     head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
     if not types:
         return CacheLayout(tuple(range(cfg.num_hidden_layers)), cfg.num_key_value_heads, head_dim)
-    attn = tuple(i for i, t in enumerate(types) if t == "full_attention")
-    mamba = tuple(i for i, t in enumerate(types) if t == "linear_attention")
+    attn = tuple(i for i, t in enumerate(types) if t == layer_types.ATTENTION)
+    mamba = tuple(i for i, t in enumerate(types) if t == layer_types.MAMBA)
     inner = cfg.mamba_num_heads * cfg.mamba_head_dim
     conv_dim = inner + 2 * cfg.n_groups * cfg.ssm_state_size
     return CacheLayout(attn, cfg.num_key_value_heads, head_dim, mamba,
