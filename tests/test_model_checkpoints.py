@@ -201,15 +201,19 @@ def test_superlinear_exp_original_names_load(tmp_path, tokenizer_files, caplog):
         torch.testing.assert_close(b.hf.state_dict()[name], param, msg=name)
 
 
+def load_error(path) -> str:
+    with pytest.raises(InvalidRequest) as err:
+        load_model(str(path))
+    return str(err.value)
+
+
 def test_weight_name_mismatch_is_one_clear_error(tmp_path, tokenizer_files):
     path = write_superlinear_exp(tmp_path / "bad", tokenizer_files,
                                  drop=["model.layers.4.mixer.routing_q_proj.weight"],
                                  extra={"model.layers.4.mixer.surprise.weight": torch.zeros(2),
                                         "backbone.layers.2.mixer.gate.weight": torch.zeros(4, 64),
                                         "model.layers.5.mixer.up_proj.weight": torch.zeros(3, 64)})
-    with pytest.raises(InvalidRequest) as err:
-        load_model(str(path))
-    message = str(err.value)
+    message = load_error(path)
     assert "layer 4 (attention): missing mixer.routing_q_proj.weight; unexpected mixer.surprise.weight" in message
     assert "layer 2 (moe): duplicate mixer.gate.weight" in message
     assert "layer 5 (mlp): wrong shape mixer.up_proj.weight (3, 64) != (128, 64)" in message
@@ -223,9 +227,7 @@ def test_missing_routing_projection_never_falls_back_to_the_query(tmp_path, toke
         "backbone.layers.2.mixer.experts.3.up_proj.weight"]
     path = write_superlinear_exp(tmp_path / "no-routing", tokenizer_files, original_names=True,
                                  max_shard_bytes=400_000, drop=drop)
-    with pytest.raises(InvalidRequest) as err:
-        load_model(str(path))
-    message = str(err.value)
+    message = load_error(path)
     assert "layer 1 (attention): missing mixer.routing_q_proj.weight" in message
     assert "layer 4 (attention): missing mixer.routing_q_proj.weight" in message
     assert "layer 2 (moe): missing mixer.experts.up_proj[3]" in message

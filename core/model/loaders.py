@@ -179,7 +179,7 @@ def checkpoint_names(model_type: str | None) -> weights.TargetFn:
     return weights.same_name
 
 
-# the layer kinds as messages to users name them
+# how messages to users name the layer kinds
 _KIND_NAMES = {layer_types.ATTENTION: "attention", layer_types.MAMBA: "mamba", layer_types.MOE: "moe",
                layer_types.MLP: "mlp"}
 
