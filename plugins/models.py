@@ -150,16 +150,18 @@ def _tensor_lines(tensors: list[dict]) -> list[str]:
 
 
 @models_group.command("check")
-@click.argument("directory")
+@click.argument("directory", metavar="DIR")
 @click.option("--dtype", default=None, help="dtype of the loaded weights for the memory estimate (default bf16).")
 @click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
 def check_command(directory: str, dtype: str | None, as_json: bool) -> None:
-    """Check a checkpoint directory without loading its weights (headers only): architecture,
+    """Check a checkpoint directory (or a model name under the models dir) without loading its
+    weights (headers only): architecture,
     layers, every tensor -> our parameter, what is missing / unexpected / ignored, the attention
     window and the memory needed at 128K / 1M / 10M tokens. Exit 1 when it would not load."""
     from superlinear.model.check import check_dir
+    from superlinear.model.registry import local_dir
 
-    report = check_dir(directory, dtype)
+    report = check_dir(local_dir(directory) or directory, dtype)
     if as_json:
         click.echo(json.dumps(report, indent=2))
     else:

@@ -315,6 +315,14 @@ def test_models_check_explains_every_tensor(tmp_path, tokenizer_files):
     assert "OK: every tensor is accounted for" in text.output
 
 
+def test_models_check_takes_a_model_name(tokenizer_files):
+    result = run_check("default", "--json")  # the converted default model, under the models dir
+    assert result.exit_code == 0, result.output
+    report = json.loads(result.output)
+    assert report["ok"] and report["model_type"] == "llama" and report["layer_types"] == {"attention": 30}
+    assert report["attention"]["window"] == 2024 and report["memory"]["recurrent_bytes"] == 0
+
+
 def test_models_check_reads_headers_only_and_reports_mismatches(tmp_path):
     """The 30B shape (59 GiB of bf16 weights) is checked on the meta device against a two-tensor
     checkpoint: nothing is allocated, every missing weight is named, the exit code is 1."""
