@@ -49,6 +49,8 @@ def ask_once(client, text: str, *, session_id: str | None = None, settings=None,
              out=None, err=None) -> int:
     """Answer one message: stream it to ``out`` (footer on ``err``), or print one JSON object."""
     from superlinear.api import Done, TextDelta, chat_turn
+    from superlinear.api import commands as api
+    from superlinear.bus import Context, dispatch
     from superlinear.errors import Unavailable
 
     from .render import StreamRenderer, TurnStats, format_footer
@@ -74,7 +76,7 @@ def ask_once(client, text: str, *, session_id: str | None = None, settings=None,
     renderer = StreamRenderer(out, show_reasoning=False, color=False)
     done = None
     started = time.perf_counter()
-    stream = client.chat(chat_turn(messages, session_id=session_id, **options))
+    stream = dispatch(api.Chat(chat_turn(messages, session_id=session_id, **options)), Context(api=client))
     try:
         for event in stream:
             if isinstance(event, TextDelta) and not as_json:

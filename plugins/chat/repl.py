@@ -483,7 +483,7 @@ class ChatRepl:
         # A long prompt (the first of a big session, a long paste) shows a bar with its ETA.
         bar = PrefillBar(speed=getattr(self.client, "prefill_speed", None))
         turn = chat_turn(messages, session_id=self.session_id, session_mode=mode, **self.settings.request_options())
-        stream = watch_prefill(self.client.chat(turn), bar)
+        stream = watch_prefill(self.dispatch(api.Chat(turn)), bar)
         quiet = quiet_terminal() if self.running else contextlib.nullcontext()
         try:
             with quiet:

@@ -192,13 +192,21 @@ def _prefill(client, system: str, session_id: str, on_prefill=None) -> Done:
     """The documents into the session: one streamed turn of one token (its prefill's progress
     goes to ``on_prefill``; the stream's keep-alives keep a long one from timing out)."""
     done = None
-    for event in client.chat(chat_turn([{"role": "system", "content": system}], session_id=session_id,
-                                       max_tokens=1, temperature=0.0)):
+    turn = chat_turn([{"role": "system", "content": system}], session_id=session_id, max_tokens=1, temperature=0.0)
+    for event in _chat_events(client, turn):
         if isinstance(event, PrefillProgress) and on_prefill is not None:
             on_prefill(event)
         elif isinstance(event, Done):
             done = event
     return done
+
+
+def _chat_events(client, turn):
+    """A turn's events, dispatched on the bus against ``client`` (the API rag runs on)."""
+    from superlinear.api.commands import Chat
+    from superlinear.bus import Context, dispatch
+
+    return dispatch(Chat(turn), Context(api=client))
 
 
 def _time_estimate(client, tokens: int) -> str:
@@ -239,7 +247,7 @@ def _chat(client, messages: list[dict], n_passages: int, on_text=None, **options
     options.setdefault("repetition", ANSWER_REPETITION)  # small models loop: stop them early
     checked = AnswerStream(n_passages)
     text, done = [], None
-    for event in client.chat(chat_turn(messages, **options)):
+    for event in _chat_events(client, chat_turn(messages, **options)):
         if isinstance(event, TextDelta):
             text.append(event.text)
             shown = checked.feed(event.text)
