@@ -72,6 +72,13 @@ class Detokenize(ApiCommand):
 
 # -- sessions ---------------------------------------------------------------------------------------
 @dataclass(frozen=True)
+class SessionCommand(ApiCommand):
+    """An operation on one session."""
+
+    session_id: str
+
+
+@dataclass(frozen=True)
 class CreateSession(ApiCommand):
     name, method = "session.create", "create_session"
     session_id: str | None = None
@@ -80,9 +87,8 @@ class CreateSession(ApiCommand):
 
 
 @dataclass(frozen=True)
-class GetSession(ApiCommand):
+class GetSession(SessionCommand):
     name, method = "session.get", "get_session"
-    session_id: str
 
 
 @dataclass(frozen=True)
@@ -91,52 +97,53 @@ class ListSessions(ApiCommand):
 
 
 @dataclass(frozen=True)
-class History(ApiCommand):
+class History(SessionCommand):
     name, method = "session.history", "history"
-    session_id: str
 
 
 @dataclass(frozen=True)
-class Fork(ApiCommand):
+class Fork(SessionCommand):
     name, method = "session.fork", "fork"
-    session_id: str
     new_id: str | None = None
 
 
 @dataclass(frozen=True)
-class Rollback(ApiCommand):
+class Rollback(SessionCommand):
     """Keep the first ``n_messages`` messages (negative: drop the last ``-n_messages``)."""
 
     name, method = "session.rollback", "rollback"
-    session_id: str
     n_messages: int
 
 
 @dataclass(frozen=True)
-class Resize(ApiCommand):
+class Resize(SessionCommand):
     name, method = "session.resize", "resize"
-    session_id: str
     max_seq_len: int
 
 
 @dataclass(frozen=True)
-class Save(ApiCommand):
+class Save(SessionCommand):
     """Snapshot a session; the snapshot's info."""
 
     name, method = "session.save", "save"
-    session_id: str
     title: str | None = None
     description: str | None = None
     tags: tuple[str, ...] | None = None
 
 
 @dataclass(frozen=True)
-class CloseSession(ApiCommand):
+class CloseSession(SessionCommand):
     name, method = "session.close", "close_session"
-    session_id: str
 
 
 # -- snapshots --------------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class SnapshotCommand(ApiCommand):
+    """An operation on one snapshot."""
+
+    snapshot_id: str
+
+
 @dataclass(frozen=True)
 class ListSnapshots(ApiCommand):
     name, method = "snapshot.list", "list_snapshots"
@@ -145,34 +152,30 @@ class ListSnapshots(ApiCommand):
 
 
 @dataclass(frozen=True)
-class GetSnapshot(ApiCommand):
+class GetSnapshot(SnapshotCommand):
     name, method = "snapshot.get", "get_snapshot"
-    snapshot_id: str
 
 
 @dataclass(frozen=True)
-class UpdateSnapshot(ApiCommand):
+class UpdateSnapshot(SnapshotCommand):
     """Change a snapshot's title, description or tags (None: unchanged)."""
 
     name, method = "snapshot.update", "update_snapshot"
-    snapshot_id: str
     title: str | None = None
     description: str | None = None
     tags: tuple[str, ...] | None = None
 
 
 @dataclass(frozen=True)
-class DeleteSnapshot(ApiCommand):
+class DeleteSnapshot(SnapshotCommand):
     name, method = "snapshot.delete", "delete_snapshot"
-    snapshot_id: str
 
 
 @dataclass(frozen=True)
-class ExportSnapshot(ApiCommand):
+class ExportSnapshot(SnapshotCommand):
     """Write a snapshot to one file; ``on_bytes(done, total)`` follows the transfer."""
 
     name, method = "snapshot.export", "export_snapshot"
-    snapshot_id: str
     dest: str
     on_bytes: OnBytes | None = _bytes_field()
 
@@ -187,11 +190,10 @@ class ImportSnapshot(ApiCommand):
 
 
 @dataclass(frozen=True)
-class Load(ApiCommand):
+class Load(SnapshotCommand):
     """A session holding a snapshot's state (``ephemeral``: never written to disk)."""
 
     name, method = "snapshot.load", "load"
-    snapshot_id: str
     session_id: str | None = None
     force: bool = False
     max_seq_len: int | None = None
@@ -200,4 +202,5 @@ class Load(ApiCommand):
 
 __all__ = ["ApiCommand", "Chat", "CloseSession", "Complete", "CreateSession", "DeleteSnapshot", "Detokenize",
            "ExportSnapshot", "Fork", "GetSession", "GetSnapshot", "History", "ImportSnapshot", "ListSessions",
-           "ListSnapshots", "Load", "Resize", "Rollback", "Save", "Tokenize", "UpdateSnapshot"]
+           "ListSnapshots", "Load", "Resize", "Rollback", "Save", "SessionCommand", "SnapshotCommand", "Tokenize",
+           "UpdateSnapshot"]

@@ -107,21 +107,6 @@ def _tail(text, repl):
     return repl.show_messages(parse_int(text, "n", default=4, minimum=1), from_end=True)
 
 
-REPL_COMMANDS = [
-    SlashCommand("help", "List the commands (/help CMD for one)", _help, "/help [CMD]"),
-    SlashCommand("new", "Start a new session", _new, "/new"),
-    SlashCommand("switch", "Continue another session", _switch, "/switch SESSION"),
-    SlashCommand("system", "Show, set or clear (off) the system prompt", _system, "/system [TEXT|off]"),
-    SlashCommand("temp", "Show or set the sampling temperature", _temp, "/temp [X]"),
-    SlashCommand("max", "Show or set the cap on tokens per reply (off: no cap)", _max, "/max [N|off]"),
-    SlashCommand("think", "Show reasoning (on), hide it (off), or cap it", _think, "/think on|off|budget N"),
-    SlashCommand("stats", "Server, session and last-turn statistics", _stats, "/stats"),
-    SlashCommand("head", "Show the first n messages in full", _head, "/head [n]"),
-    SlashCommand("tail", "Show the last n messages in full", _tail, "/tail [n]"),
-    SlashCommand("exit", "Leave (Ctrl-D too)", _exit, "/exit"),
-]
-
-
 # -- operations on sessions and snapshots: the API's commands, on the current session --------------
 def _admin():
     from superlinear.plugins import admin
@@ -189,17 +174,23 @@ def _history(text, repl):
     return repl.history_lines(last=n)
 
 
-ADMIN_COMMANDS = [
+ALL_COMMANDS = [
+    SlashCommand("help", "List the commands (/help CMD for one)", _help, "/help [CMD]"),
+    SlashCommand("new", "Start a new session", _new, "/new"),
     SlashCommand("ls", "List sessions and snapshots", _ls, "/ls"),
+    SlashCommand("switch", "Continue another session", _switch, "/switch SESSION"),
     SlashCommand("rm", "Remove sessions or snapshots", _rm, "/rm ID…"),
     SlashCommand("save", "Save this session as a snapshot", _save, "/save [title]"),
     SlashCommand("load", "Load a snapshot into a new session and switch to it", _load, "/load SNAP"),
     SlashCommand("fork", "Copy this session and continue on the copy", _fork, "/fork [NEW_ID]"),
     SlashCommand("rollback", "Keep the first N messages (-N drops the last N)", _rollback, "/rollback N"),
     SlashCommand("history", "This session's messages, one line each (the last n)", _history, "/history [n]"),
+    SlashCommand("head", "Show the first n messages in full", _head, "/head [n]"),
+    SlashCommand("tail", "Show the last n messages in full", _tail, "/tail [n]"),
+    SlashCommand("system", "Show, set or clear (off) the system prompt", _system, "/system [TEXT|off]"),
+    SlashCommand("temp", "Show or set the sampling temperature", _temp, "/temp [X]"),
+    SlashCommand("max", "Show or set the cap on tokens per reply (off: no cap)", _max, "/max [N|off]"),
+    SlashCommand("think", "Show reasoning (on), hide it (off), or cap it", _think, "/think on|off|budget N"),
+    SlashCommand("stats", "Server, session and last-turn statistics", _stats, "/stats"),
+    SlashCommand("exit", "Leave (Ctrl-D too)", _exit, "/exit"),
 ]
-
-
-_ORDER = ["help", "new", "ls", "switch", "rm", "save", "load", "fork", "rollback", "history", "head", "tail",
-          "system", "temp", "max", "think", "stats", "exit"]
-ALL_COMMANDS = sorted(REPL_COMMANDS + ADMIN_COMMANDS, key=lambda c: _ORDER.index(c.name))
