@@ -28,7 +28,7 @@ def add_routes(app: FastAPI, rt: Runtime) -> None:
         source = body.text_or_messages()
         rt.require_ready()
         # a long text takes a while to tokenize: not on the event loop (nor the model's worker)
-        return await asyncio.to_thread(rt.service.tokenize, source, add_special=body.special(),
+        return await asyncio.to_thread(rt.api.tokenize, source, add_special=body.special(),
                                        add_generation_prompt=body.add_generation_prompt,
                                        with_pieces=body.with_pieces)
 
@@ -36,7 +36,7 @@ def add_routes(app: FastAPI, rt: Runtime) -> None:
     async def detokenize(request: Request):
         body = parse_body(await read_body(request), DetokenizeRequest)
         rt.require_ready()
-        text = rt.service.detokenize(body.tokens)
+        text = rt.api.detokenize(body.tokens)
         return {"content": text, "prompt": text}  # llama.cpp's and vLLM's names
 
     @app.post("/v1/completions")
@@ -47,7 +47,7 @@ def add_routes(app: FastAPI, rt: Runtime) -> None:
         prompt = body.single_prompt()
         echo = ""
         if body.echo:
-            echo = prompt if isinstance(prompt, str) else rt.service.detokenize(prompt)
+            echo = prompt if isinstance(prompt, str) else rt.api.detokenize(prompt)
         rt.stats["requests"] += 1
         stream = JobStream(rt.api.submit_completion, completion_request(body, prompt, rt.defaults))
         reply = CompletionReply(rt, body, stream, echo)
