@@ -273,7 +273,7 @@ class SnapshotStore:
                                    "delete it first", param="snapshot_id")
                 if keep_session_state and self._is_session_state(snapshot_id):
                     raise Conflict(f"snapshot {snapshot_id!r} is the saved state of a session and cannot be "
-                                   "replaced; import under another id (`--as NEW_ID`)", param="snapshot_id")
+                                   "replaced; import it under another id", param="snapshot_id")
                 old = self._tmp_dir("old", snapshot_id)
                 os.rename(target, old)
             try:
