@@ -110,3 +110,17 @@ def test_disconnect_stops_the_generation(server):
         info = c.get("/v1/sessions/leaver").json()
         assert not info["busy"] and info["message_count"] in (0, 2)
         c.delete("/v1/sessions/leaver")
+
+
+def test_a_plain_completion_stops_when_its_client_leaves(server):
+    """Not streamed either: the one generation path watches every request's connection."""
+    with server.http() as c:
+        with pytest.raises(httpx.ReadTimeout):
+            c.post("/v1/completions", json={"prompt": "Once upon a time", "max_tokens": 2000, "temperature": 0.8,
+                                            "seed": 2}, timeout=2.0)
+        start = time.perf_counter()
+        r = _post_retrying(c, {"messages": [user("hi")], "max_tokens": 1, "temperature": 0})
+        waited = time.perf_counter() - start
+        assert r.status_code == 200, r.text
+        # The abandoned completion (2000 tokens) stopped within a step: this request did not wait for it.
+        assert r.json()["timings"]["queued_s"] < 5.0 and waited < 30, (r.json()["timings"], waited)
