@@ -2,9 +2,11 @@
 # The hybrid model work on the device machine (H200/H100 image: torch 2.11, triton 3.6, no
 # fastapi), in one call of the `run` tool, from the source tree:
 #   bash scripts/gpu_flagship.sh STEP...
-# STEP: tests | growth | profile:MODEL:DEPTH | bench:MODEL:LENGTHS[:extra bench args, comma-separated]
+# STEP: tests | growth | fused | profile:MODEL:DEPTH | bench:MODEL:LENGTHS[:extra bench args, comma-separated]
 #   growth: tests/test_cache_growth_gpu.py (4M tokens of the 30B shape, the cache grown every 1K
 #   decode tokens, peak memory flat; ~4 min)
+#   fused: the GPU tests of the fused decode kernels (tests/test_model_ops.py)
+# Exits non-zero when a step failed (a test, the bench, or a bench row with an error).
 # e.g. bash scripts/gpu_flagship.sh tests profile:random:superlinear-exp-30b:64K \
 #        bench:random:superlinear-exp-30b:64K,1M
 # Carry `.whl`: fla-core 0.6.0 (the Mamba-2 Triton kernels) and transformers 5.24.0 wheels.
@@ -29,6 +31,9 @@ for step in "$@"; do
     tests)
       timeout 400 python3 -m pytest -q -m gpu tests/test_model_hybrid_gpu.py -p no:cacheprovider \
         --durations=8 -x 2>&1 | tee -a "$OUT/gpu_tests.log" || status=1 ;;
+    fused)
+      timeout 400 python3 -m pytest -q -m gpu tests/test_model_ops.py -p no:cacheprovider 2>&1 \
+        | tee -a "$OUT/gpu_tests.log" || status=1 ;;
     growth)
       timeout 560 python3 -m pytest -q -s -m gpu tests/test_cache_growth_gpu.py -p no:cacheprovider 2>&1 \
         | tee -a "$OUT/growth.log" || status=1 ;;
@@ -41,9 +46,11 @@ for step in "$@"; do
       name=$(echo "$model" | tr ':' '_')
       timeout 560 python3 -m superlinear.cli.main bench generate --model "$model" --lengths "$lengths" \
         --attention superlinear --decode-tokens 64 "${extra[@]}" --json > "$OUT/bench_${name}_${lengths//,/_}.json" \
-        2> >(tee -a "$OUT/bench.err" >&2)
+        2> >(tee -a "$OUT/bench.err" >&2) || status=1
       python3 -c "import json,sys; from superlinear.plugins.bench.generate import markdown;
-print(markdown(json.load(open(sys.argv[1]))))" "$OUT/bench_${name}_${lengths//,/_}.json" ;;
+result = json.load(open(sys.argv[1])); print(markdown(result))
+sys.exit(any('error' in row for row in result['rows']))" "$OUT/bench_${name}_${lengths//,/_}.json" \
+        || status=1 ;;
   esac
 done
 echo "=== done ($(date -u +%H:%M:%S)), status $status"
