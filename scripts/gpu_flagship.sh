@@ -32,7 +32,7 @@ for step in "$@"; do
       timeout 400 python3 -m pytest -q -m gpu tests/test_model_hybrid_gpu.py -p no:cacheprovider \
         --durations=8 -x 2>&1 | tee -a "$OUT/gpu_tests.log" || status=1 ;;
     fused)
-      timeout 400 python3 -m pytest -q -m gpu tests/test_model_ops.py -p no:cacheprovider 2>&1 \
+      timeout 400 python3 -m pytest -q -s -m gpu tests/test_model_ops.py -p no:cacheprovider 2>&1 \
         | tee -a "$OUT/gpu_tests.log" || status=1 ;;
     growth)
       timeout 560 python3 -m pytest -q -s -m gpu tests/test_cache_growth_gpu.py -p no:cacheprovider 2>&1 \

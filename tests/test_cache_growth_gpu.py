@@ -40,6 +40,7 @@ def test_decode_growth_every_1k_tokens_keeps_the_peak_flat():
     torch.cuda.synchronize(device)
     print(f"prefill {length} tokens: {time.perf_counter() - started:.1f} s; weights {weights / GIB:.2f} GiB, "
           f"KV {cache.nbytes() / GIB:.2f} GiB, capacity {cache.capacity}")
+    torch.cuda.empty_cache()  # the prefill's activation blocks: not part of the decode's baseline
     # per window (the prefill's 1K tokens of headroom, then one per growth): allocated at its
     # start, growth_bytes, peak allocated, peak reserved, seconds of the growth + recapture + one step
     windows = []

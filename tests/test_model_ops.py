@@ -59,7 +59,7 @@ def test_fused_moe_decode_matches_reference(case, dtype, act, norm):
     inputs = moe_inputs(E, H, inner, shared_inner, dtype, latent, seed=case)
     kw = dict(top_k=K, norm_topk=norm, scaling=2.5, act=act)
     expected = moe_decode_reference(**inputs, **kw)
-    got = fused_moe_decode(**inputs, **kw, block_i=16, block_h=32, block_o=16)
+    got = fused_moe_decode(**inputs, **kw, block_e=4, block_i=16, block_h=32, block_o=16)
     assert got.dtype == dtype and got.shape == expected.shape == (1, latent or H)
     tol = 1e-5 if dtype == torch.float32 else 2e-3
     torch.testing.assert_close(got, expected, rtol=tol, atol=tol)
@@ -233,7 +233,19 @@ def test_gpu_graph_decode_with_fused_ops_equals_eager_and_the_default_path(monke
             seen.append(logits)
         return tokens, torch.stack(seen)
 
-    default = decode(random_model(config, name="gpu-hybrid", device="cuda", dtype="bf16", seed=3))
+    def device_ops_per_step(model):
+        """Kernels (and copies) one eager decode step puts on the GPU."""
+        eager = model.with_attention(cuda_graph=False)
+        cache = eager.new_cache(400)
+        eager.prefill(cache, ids[:300], chunk_size=256)
+        eager.decode_step(cache, 5)
+        with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
+            eager.decode_step(cache, 7)
+            torch.cuda.synchronize()
+        return sum(1 for e in prof.events() if e.device_type == torch.autograd.DeviceType.CUDA)
+
+    base = random_model(config, name="gpu-hybrid", device="cuda", dtype="bf16", seed=3)
+    default = decode(base)
     monkeypatch.setenv("SPL_FUSED_MOE_DECODE", "1")
     monkeypatch.setenv("SPL_FUSED_MAMBA_STEP", "1")
     fused = random_model(config, name="gpu-hybrid", device="cuda", dtype="bf16", seed=3)
@@ -243,3 +255,7 @@ def test_gpu_graph_decode_with_fused_ops_equals_eager_and_the_default_path(monke
     assert graph[0] == eager[0] and rel(graph[1], eager[1]) < 1e-2
     # the default path's tokens fed to the fused one: the same logits within bf16 rounding
     assert rel(decode(fused, forced=default[0])[1], default[1]) < 3e-2
+    counts = device_ops_per_step(base), device_ops_per_step(fused)
+    print(f"GPU kernels per decode step (2 MoE, 2 Mamba-2, 2 attention layers): default {counts[0]}, "
+          f"fused {counts[1]}")
+    assert counts[1] < counts[0]

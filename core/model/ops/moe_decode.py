@@ -56,10 +56,10 @@ def moe_decode_reference(x, router_weight, correction_bias, up, down, shared_up=
 
 def fused_moe_decode(x, router_weight, correction_bias, up, down, shared_up=None, shared_down=None, *,
                      top_k: int, norm_topk: bool, scaling: float, act: str, x_routed=None,
-                     block_i: int = 32, block_h: int = 128, block_o: int = 16) -> torch.Tensor:
+                     block_e: int = 4, block_i: int = 32, block_h: int = 128, block_o: int = 16) -> torch.Tensor:
     """``moe_decode_reference`` on the Triton kernels (no host sync: capturable in a CUDA graph).
-    The block sizes are the GPU's tuning knobs (rows of an up projection, columns of the input
-    per step, output rows of the down projection per program)."""
+    The block sizes are the GPU's tuning knobs, per program: experts of the router, rows of an
+    up projection, columns of the input per step, output rows of the down projection."""
     from superlinear.model.ops.triton_moe_decode import moe_decode_kernels
 
     xr = x if x_routed is None else x_routed
@@ -84,7 +84,7 @@ def fused_moe_decode(x, router_weight, correction_bias, up, down, shared_up=None
         raise ValueError("the fused MoE decode reads contiguous tensors (a copy would move the experts)")
     return moe_decode_kernels(x, xr, router_weight, correction_bias, up, down, shared_up, shared_down,
                               top_k=top_k, norm_topk=norm_topk, scaling=float(scaling), act=act,
-                              block_i=block_i, block_h=block_h, block_o=block_o)
+                              block_e=block_e, block_i=block_i, block_h=block_h, block_o=block_o)
 
 
 def unsupported(moe, config) -> str | None:

@@ -104,7 +104,7 @@ def _down(hidden_ptr, shidden_ptr, ids_ptr, down_ptr, sdown_ptr, out_ptr, OUT, I
 
 
 def moe_decode_kernels(x, xr, router_weight, correction_bias, up, down, shared_up, shared_down, *, top_k,
-                       norm_topk, scaling, act, block_i, block_h, block_o) -> torch.Tensor:
+                       norm_topk, scaling, act, block_e, block_i, block_h, block_o) -> torch.Tensor:
     """Launch the three kernels (arguments checked by ``moe_decode.fused_moe_decode``)."""
     num_experts, inner, routed_in = up.shape
     hidden_size, out_dim = x.shape[1], down.shape[1]
@@ -117,17 +117,15 @@ def moe_decode_kernels(x, xr, router_weight, correction_bias, up, down, shared_u
     ids = torch.empty(top_k, dtype=torch.int32, device=device)
     wts = torch.empty(top_k, dtype=torch.float32, device=device)
     out = torch.empty((1, out_dim), dtype=x.dtype, device=device)
-    block_e = triton.next_power_of_2(num_experts)
-    router_block = min(block_e, 16)
-    _router[(triton.cdiv(num_experts, router_block),)](x, router_weight, scores, num_experts, hidden_size,
-                                                        BLOCK_E=router_block, BLOCK_H=block_h)
+    _router[(triton.cdiv(num_experts, block_e),)](x, router_weight, scores, num_experts, hidden_size,
+                                                   BLOCK_E=block_e, BLOCK_H=block_h)
     sup = shared_up if shared else up  # a placeholder pointer when there is no shared expert
     sdown = shared_down if shared else down
     row_blocks = triton.cdiv(max(inner, shared_inner), block_i)
     _up[(top_k + int(shared), row_blocks)](
         x, xr, scores, correction_bias, up, sup, hidden, shidden, ids, wts, num_experts, hidden_size, routed_in,
-        inner, shared_inner, scaling, K=top_k, BLOCK_E=block_e, NORM=bool(norm_topk), ACT=_ACT[act],
-        BLOCK_I=block_i, BLOCK_H=block_h)
+        inner, shared_inner, scaling, K=top_k, BLOCK_E=triton.next_power_of_2(num_experts), NORM=bool(norm_topk),
+        ACT=_ACT[act], BLOCK_I=block_i, BLOCK_H=block_h)
     _down[(triton.cdiv(out_dim, block_o),)](hidden, shidden, ids, down, sdown, out, out_dim, inner, shared_inner,
                                             K=top_k, SHARED=shared, BLOCK_O=block_o, BLOCK_I=block_h)
     return out
