@@ -182,6 +182,14 @@ def test_hybrid_decode_with_the_fused_ops_equals_the_default_path(monkeypatch):
         torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-4)
 
 
+@cpu_only
+def test_a_fused_op_the_model_cannot_run_is_named_and_left_off(monkeypatch, capsys):
+    monkeypatch.setenv("SPL_FUSED_MOE_DECODE", "1")
+    model = random_model(tiny_hybrid_config(n_group=2, topk_group=1), name="tiny", device=DEVICE, dtype="fp32")
+    assert "SPL_FUSED_MOE_DECODE ignored: group-limited routing" in capsys.readouterr().err
+    assert model.info()["forward"]["decode_ops"] == "default"
+
+
 # ---------------------------------------------------------------------------------------------
 # GPU: bf16 at the 30B hybrid's sizes, and the hybrid's graph decode with the fused ops
 # ---------------------------------------------------------------------------------------------
