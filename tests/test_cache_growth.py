@@ -162,3 +162,23 @@ def test_the_session_budget_counts_the_tensor_a_growth_moves(model, tmp_path):
     with pytest.raises((OverBudget, TooLarge)):
         conv.step(token)
     assert conv.cache.capacity == 760
+
+
+def test_a_10m_prompt_leaves_room_for_a_long_answer_and_its_growth_one_tensor():
+    """The 30B hybrid's cache on the meta device (shapes only): the numbers of docs/sessions.md."""
+    from superlinear.model.cache import Cache, CacheLayout
+
+    layout = CacheLayout(attention_layers=(5, 12, 19, 26, 33, 42), num_kv_heads=2, head_dim=128,
+                         mamba_layers=tuple(range(23)), conv_shape=(6144, 4), ssm_shape=(64, 64, 128))
+    prompt, gib = 10 * 2**20, 2**30
+    cache = Cache(layout, prompt + 200_000, "meta", torch.bfloat16)
+    cache.reserve(prompt)
+    cache.position = prompt
+    assert cache.capacity - prompt == 81_920  # 0.8% headroom: 80K answer tokens without a growth
+    assert cache.nbytes() - layout.recurrent_bytes(torch.bfloat16) == cache.capacity * 6144
+    assert round(cache.capacity * 6144 / gib, 2) == 60.47
+    grown = cache.capacity_for(cache.capacity + 1)
+    transient = cache.growth_bytes(cache.capacity + 1) - (grown - cache.capacity) * 6144
+    assert transient == cache.transient_bytes() == cache.capacity * 2 * 128 * 2  # one K tensor: 5.04 GiB
+    cache.reserve(cache.capacity + 1)
+    assert cache.capacity == 10_650_368

@@ -54,8 +54,8 @@ class Cache:
     KV memory is allocated lazily: an empty cache holds only the (small) recurrent state, and
     the KV tensors grow when a forward needs room (``reserve``). Growth reallocates and copies
     one tensor at a time (never two copies of the cache: ``_reallocate``), in steps (1.5x while
-    small, 64K tokens once large: ``_GRANULE``); a prefill reserves its whole length plus some
-    decode headroom at once, so a long context is allocated once. ``capacity`` is what is
+    small, 64K tokens once large: ``_GRANULE``); a prefill reserves its whole length plus decode
+    headroom (0.8% of it, at least 1024 tokens) at once, so a long context is allocated once. ``capacity`` is what is
     allocated now, ``nbytes()`` its size: an idle session costs what it holds, not its limit.
     """
 
@@ -326,13 +326,14 @@ class Cache:
 
 
 # KV capacity grows in multiples of this many tokens, by at least 1.5x while small (amortised
-# O(1) copies per token) and by at most _MAX_STEP tokens once large: at 10M tokens of the 30B
-# hybrid a step is 384 MiB of KV and one copy of the 60 GiB cache (tens of ms on an H200) per 64K
-# generated tokens (~10 minutes of decode). Every growth leaves _HEADROOM tokens free, so the
-# decode after a prefill does not reallocate at once: a 10M-token context is allocated once, not
-# copied on its first generated token.
+# O(1) copies per token) and by at most _MAX_STEP tokens or the headroom once large. Every growth
+# leaves decode headroom free, so the decode after a prefill does not reallocate at once:
+# _HEADROOM tokens, or 1/_HEADROOM_DIVISOR of the context if that is more (0.8%: 80K tokens at
+# 10M, 480 MiB of KV for the 30B hybrid, so a long answer to a 10M-token prompt needs no growth;
+# past it, one copy of the 60 GiB cache, tens of ms on an H200, per 80K generated tokens).
 _GRANULE = 256
 _HEADROOM = 1024
+_HEADROOM_DIVISOR = 128
 _MAX_STEP = 65536
 
 
@@ -344,7 +345,8 @@ def capacity_to_hold(tokens: int, max_seq_len: int, capacity: int = 0, exact: bo
     if exact:
         return tokens
     step = min(capacity * 3 // 2, capacity + _MAX_STEP)
-    return min(int(max_seq_len), _round_up(max(tokens + _HEADROOM, step), _GRANULE))
+    headroom = max(_HEADROOM, tokens // _HEADROOM_DIVISOR)
+    return min(int(max_seq_len), _round_up(max(tokens + headroom, step), _GRANULE))
 
 
 def _release_cached(device: torch.device) -> None:
