@@ -53,10 +53,10 @@ class Cache:
 
     KV memory is allocated lazily: an empty cache holds only the (small) recurrent state, and
     the KV tensors grow when a forward needs room (``reserve``). Growth reallocates and copies
-    one tensor at a time (never two copies of the cache: ``_reallocate``), in steps (1.5x while
-    small, 64K tokens once large: ``_GRANULE``); a prefill reserves its whole length plus decode
-    headroom (0.8% of it, at least 1024 tokens) at once, so a long context is allocated once. ``capacity`` is what is
-    allocated now, ``nbytes()`` its size: an idle session costs what it holds, not its limit.
+    one tensor at a time (never two copies of the cache: ``_reallocate``), in steps (see
+    ``_GRANULE``); a prefill reserves its whole length plus decode headroom (0.8% of it, at least
+    1024 tokens) at once, so a long context is allocated once. ``capacity`` is what is allocated
+    now, ``nbytes()`` its size: an idle session costs what it holds, not its limit.
     """
 
     def __init__(self, layout: CacheLayout, max_seq_len: int, device, dtype: torch.dtype):

@@ -142,7 +142,7 @@ class SessionMemory:
             cache = conv.cache
             if cache.growth_bytes(position, exact=True) >= need:
                 raise
-            free = max(0, (self.manager.free_bytes() or 0) - _transient(cache))
+            free = max(0, (self.manager.free_bytes() or 0) - cache.transient_bytes())
             room = cache.capacity + free // self.manager.sizes.kv_bytes_per_token
             target = max(position, min(cache.capacity_for(position), room))
             self.manager.reserve(cache.growth_bytes(target, exact=True), exclude=self.session, what=what)
@@ -155,9 +155,4 @@ class SessionMemory:
             return None
         sizes = self.manager.sizes
         # past the spare rows the cache grows, which briefly needs one of its tensors twice
-        return sizes.spare_tokens(conv) + max(0, free - _transient(conv.cache)) // sizes.kv_bytes_per_token
-
-
-def _transient(cache) -> int:
-    """Bytes a growth of ``cache`` holds twice while it moves the KV (beyond the tokens it adds)."""
-    return int(cache.transient_bytes())
+        return sizes.spare_tokens(conv) + max(0, free - conv.cache.transient_bytes()) // sizes.kv_bytes_per_token
