@@ -73,18 +73,22 @@ def _gemv_rows(w_ptr, x_ptr, rows, n_rows, n_cols, BLOCK_H: tl.constexpr, BLOCK_
 
 @triton.jit
 def _up(x_ptr, xr_ptr, scores_ptr, bias_ptr, up_ptr, sup_ptr, hidden_ptr, shidden_ptr, ids_ptr, wts_ptr,
-        E, H, HR, INNER, SHARED_INNER, scaling, K: tl.constexpr, BLOCK_E: tl.constexpr, NORM: tl.constexpr,
-        ACT: tl.constexpr, BLOCK_I: tl.constexpr, BLOCK_H: tl.constexpr):
-    slot = tl.program_id(0)  # 0..K-1: a selected expert; K: the shared expert
-    rows = tl.program_id(1) * BLOCK_I + tl.arange(0, BLOCK_I)
-    if slot < K:
+        E, H, HR, INNER, SHARED_INNER, ROUTED_BLOCKS, scaling, K: tl.constexpr, BLOCK_E: tl.constexpr,
+        NORM: tl.constexpr, ACT: tl.constexpr, BLOCK_I: tl.constexpr, BLOCK_H: tl.constexpr):
+    # programs 0 .. K * ROUTED_BLOCKS - 1: a row block of a selected expert; the rest: of the shared one
+    pid = tl.program_id(0)
+    if pid < K * ROUTED_BLOCKS:
+        slot = pid // ROUTED_BLOCKS
+        block = pid % ROUTED_BLOCKS
+        rows = block * BLOCK_I + tl.arange(0, BLOCK_I)
         expert, weight = _slot(scores_ptr, bias_ptr, slot, E, scaling, K, BLOCK_E, NORM)
-        if tl.program_id(1) == 0:
+        if block == 0:
             tl.store(ids_ptr + slot, expert)
             tl.store(wts_ptr + slot, weight)
         acc = _gemv_rows(up_ptr + expert.to(tl.int64) * INNER * HR, xr_ptr, rows, INNER, HR, BLOCK_H, BLOCK_I)
         tl.store(hidden_ptr + slot * INNER + rows, _activate(acc, ACT) * weight, mask=rows < INNER)
     else:
+        rows = (pid - K * ROUTED_BLOCKS) * BLOCK_I + tl.arange(0, BLOCK_I)
         acc = _gemv_rows(sup_ptr, x_ptr, rows, SHARED_INNER, H, BLOCK_H, BLOCK_I)
         tl.store(shidden_ptr + rows, _activate(acc, ACT), mask=rows < SHARED_INNER)
 
@@ -121,11 +125,11 @@ def moe_decode_kernels(x, xr, router_weight, correction_bias, up, down, shared_u
                                                    BLOCK_E=block_e, BLOCK_H=block_h)
     sup = shared_up if shared else up  # a placeholder pointer when there is no shared expert
     sdown = shared_down if shared else down
-    row_blocks = triton.cdiv(max(inner, shared_inner), block_i)
-    _up[(top_k + int(shared), row_blocks)](
+    routed_blocks = triton.cdiv(inner, block_i)
+    _up[(top_k * routed_blocks + triton.cdiv(shared_inner, block_i),)](
         x, xr, scores, correction_bias, up, sup, hidden, shidden, ids, wts, num_experts, hidden_size, routed_in,
-        inner, shared_inner, scaling, K=top_k, BLOCK_E=triton.next_power_of_2(num_experts), NORM=bool(norm_topk),
-        ACT=_ACT[act], BLOCK_I=block_i, BLOCK_H=block_h)
+        inner, shared_inner, routed_blocks, scaling, K=top_k, BLOCK_E=triton.next_power_of_2(num_experts),
+        NORM=bool(norm_topk), ACT=_ACT[act], BLOCK_I=block_i, BLOCK_H=block_h)
     _down[(triton.cdiv(out_dim, block_o),)](hidden, shidden, ids, down, sdown, out, out_dim, inner, shared_inner,
                                             K=top_k, SHARED=shared, BLOCK_O=block_o, BLOCK_I=block_h)
     return out
