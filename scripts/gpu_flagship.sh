@@ -35,7 +35,8 @@ for step in "$@"; do
       timeout 400 python3 -m pytest -q -s -m gpu tests/test_model_ops.py -p no:cacheprovider 2>&1 \
         | tee -a "$OUT/gpu_tests.log" || status=1 ;;
     growth)
-      timeout 560 python3 -m pytest -q -s -m gpu tests/test_cache_growth_gpu.py -p no:cacheprovider 2>&1 \
+      SPL_GPU_GROWTH_TOKENS=${SPL_GPU_GROWTH_TOKENS:-4194304} timeout 560 python3 -m pytest -q -s -m gpu \
+        tests/test_cache_growth_gpu.py -p no:cacheprovider 2>&1 \
         | tee -a "$OUT/growth.log" || status=1 ;;
     profile:*)
       rest=${step#profile:}; depth=${rest##*:}; model=${rest%:*}
