@@ -269,3 +269,19 @@ def test_gpu_graph_decode_with_fused_ops_equals_eager_and_the_default_path(monke
     print(f"GPU kernels per decode step (2 MoE, 2 Mamba-2, 2 attention layers): default {counts[0]}, "
           f"fused {counts[1]}")
     assert counts[1] < counts[0]
+
+
+@cpu_only
+def test_the_kernels_compile_for_hopper(tmp_path):
+    """The interpreter never runs Triton's compiler: compile each kernel for sm_90 here (a
+    subprocess without TRITON_INTERPRET), so a kernel that would not build fails before a GPU."""
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    env.update(TRITON_CACHE_DIR=str(tmp_path), OMP_NUM_THREADS="1")
+    script = Path(__file__).parent / "triton_hopper_compile.py"
+    done = subprocess.run([sys.executable, str(script)], env=env, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert [line.split(":")[0] for line in done.stdout.splitlines()] == ["_router", "_up", "_down", "_prologue"]
