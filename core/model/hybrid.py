@@ -21,7 +21,7 @@ import torch
 
 from superlinear.model.attention import spl_attention
 from superlinear.model.mamba2 import MambaDims, fla_available, mixer_forward
-from superlinear.model.moe import grouped_mm_supported, moe_forward
+from superlinear.model.moe import experts_path, moe_forward
 
 
 class HybridForward:
@@ -34,12 +34,21 @@ class HybridForward:
         param = next(hf.parameters())
         self.device, self.dtype = param.device, param.dtype
         self.fla = self.device.type == "cuda" and fla_available()
-        self.grouped = grouped_mm_supported(self.device, self.dtype)
+        self.experts = experts_path(self.device, self.dtype)
+        self.has_moe = any(hasattr(block.mixer, "experts") for block in self.blocks)
         self.eps = float(cfg.layer_norm_epsilon)
 
     def info(self) -> dict:
         return {"mamba_prefill": "fla (Triton)" if self.fla else "PyTorch reference",
-                "moe": "grouped matmul (no host sync)" if self.grouped else "transformers experts loop"}
+                "moe": self.experts.describe()}
+
+    def slow_reasons(self) -> list[str]:
+        """The slow fallbacks this forward takes on its device (empty: all fast paths)."""
+        reasons = [self.experts.reason] if self.has_moe and not self.experts.fast else []
+        if self.device.type == "cuda" and not self.fla and self.dims is not None:
+            reasons.append("fla (flash-linear-attention) is not installed: Mamba-2 prefill runs the PyTorch "
+                           "reference scan")
+        return reasons
 
     def __call__(self, ids: torch.Tensor, cache) -> torch.Tensor:
         """``ids [1, T]`` at the cache's current write position -> fp32 logits ``[1, 1, V]`` of
@@ -53,7 +62,7 @@ class HybridForward:
             elif kind == "full_attention":
                 h = _attention(block.mixer, normed, cache)
             elif kind == "moe":
-                h = moe_forward(block.mixer, self.hf.config, normed, grouped=self.grouped)
+                h = moe_forward(block.mixer, self.hf.config, normed, self.experts)
             else:
                 h = block.mixer(normed)
         last, _ = self._add_and_norm(h[:, -1:], residual[:, -1:], self.hf.model.norm_f)
