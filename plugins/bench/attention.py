@@ -9,17 +9,18 @@ docs/benchmarks.md for the counting). torch is imported only when the command ru
 
 from __future__ import annotations
 
-import datetime as _dt
+import json
 import math
 import statistics
 import sys
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from functools import partial
 
 import click
 
 from superlinear.bus import Command, Context, dispatch
 from superlinear.plugins.bench.lengths import fmt_length, parse_length
+from superlinear.plugins.bench.provenance import provenance, provenance_line
 
 CONFIGS = {
     "1": dict(sw_index=3, num_spans=3, backward_factor=3.0, forward_factor=1.0, span_power=0.5,
@@ -204,8 +205,15 @@ def run_bench(command: BenchAttention, ctx: Context | None = None, log=None) -> 
             fl, counts = floors(params, "decode", L, 1, HQ, HKV, D)
             rows.append(Row(cname, "decode", L, ms, dense_ms, fl, "", counts))
             log(f"config {cname} decode L={fmt_length(L)}: {ms * 1e3:.1f} us (dense {dense_ms}) floor {fl * 1e3:.1f}")
-    return {"rows": rows, "device": torch.cuda.get_device_name(), "torch": torch.__version__,
+    return {**provenance(dev), "rows": rows, "device": torch.cuda.get_device_name(), "torch": torch.__version__,
             "fits": fit_exponents(rows)}
+
+
+def as_json(result: dict) -> str:
+    """The result as JSON: rows as objects, the fits keyed ``config/phase``."""
+    out = dict(result, rows=[asdict(r) for r in result["rows"]],
+               fits={f"{cfg}/{phase}": slope for (cfg, phase), slope in result["fits"].items()})
+    return json.dumps(out, indent=2, default=str)
 
 
 def fit_exponents(rows: list[Row]) -> dict:
@@ -226,8 +234,8 @@ def fit_exponents(rows: list[Row]) -> dict:
 def markdown(result: dict, command_line: str) -> str:
     rows = result["rows"]
     lines = [
-        f"Date: {_dt.datetime.now(_dt.UTC).strftime('%Y-%m-%d %H:%M UTC')}; device: {result['device']}; "
-        f"torch {result['torch']}; command: `{command_line}`",
+        f"Date: {result['date']}; device: {result['device']}; command: `{command_line}`",
+        provenance_line(result),
         "",
         "| config | case | L | superlinear | dense SDPA | dense / superlinear | floor | superlinear / floor |",
         "|---|---|---|---|---|---|---|---|",
@@ -271,9 +279,10 @@ def _split(text: str) -> tuple:
 @click.option("--no-dense", is_flag=True, help="Skip the dense SDPA baseline.")
 @click.option("--repeats", default=10, show_default=True, help="Timed prefill calls per case (median).")
 @click.option("--backend", default="triton", show_default=True, type=click.Choice(["triton", "reference"]))
-@click.option("--out", "out_file", type=click.Path(dir_okay=False), help="Also write the table to this file.")
+@click.option("--json", "json_out", is_flag=True, help="Machine-readable output (rows, fits, provenance).")
+@click.option("--out", "out_file", type=click.Path(dir_okay=False), help="Also write the output to this file.")
 def command(configs, lengths, decode_lengths, chunk, heads, kv_heads, head_dim, no_dense, repeats, backend,
-            out_file):
+            json_out, out_file):
     """Time superlinear prefill and decode against dense SDPA (needs a CUDA GPU)."""
     cmd = BenchAttention(configs=tuple(c.strip() for c in configs.split(",") if c.strip()),
                          lengths=_split(lengths), decode_lengths=_split(decode_lengths),
@@ -284,7 +293,7 @@ def command(configs, lengths, decode_lengths, chunk, heads, kv_heads, head_dim, 
             raise click.BadParameter(f"unknown config {c!r} (choose from {', '.join(CONFIGS)})")
     result = dispatch(cmd)
     args = sys.argv[sys.argv.index("attention") + 1:] if "attention" in sys.argv else []
-    text = markdown(result, " ".join(["spl bench attention", *args]))
+    text = as_json(result) if json_out else markdown(result, " ".join(["spl bench attention", *args]))
     click.echo(text)
     if out_file:
         with open(out_file, "w") as fh:
