@@ -280,7 +280,8 @@ def _split(text: str) -> tuple:
 @click.option("--repeats", default=10, show_default=True, help="Timed prefill calls per case (median).")
 @click.option("--backend", default="triton", show_default=True, type=click.Choice(["triton", "reference"]))
 @click.option("--json", "json_out", is_flag=True, help="Machine-readable output (rows, fits, provenance).")
-@click.option("--out", "out_file", type=click.Path(dir_okay=False), help="Also write the output to this file.")
+@click.option("--out", "out_file", type=click.Path(dir_okay=False),
+              help="Also write the markdown table to this file (with --json too).")
 def command(configs, lengths, decode_lengths, chunk, heads, kv_heads, head_dim, no_dense, repeats, backend,
             json_out, out_file):
     """Time superlinear prefill and decode against dense SDPA (needs a CUDA GPU)."""
@@ -293,8 +294,8 @@ def command(configs, lengths, decode_lengths, chunk, heads, kv_heads, head_dim, 
             raise click.BadParameter(f"unknown config {c!r} (choose from {', '.join(CONFIGS)})")
     result = dispatch(cmd)
     args = sys.argv[sys.argv.index("attention") + 1:] if "attention" in sys.argv else []
-    text = as_json(result) if json_out else markdown(result, " ".join(["spl bench attention", *args]))
-    click.echo(text)
+    text = markdown(result, " ".join(["spl bench attention", *args]))
+    click.echo(as_json(result) if json_out else text)
     if out_file:
         with open(out_file, "w") as fh:
             fh.write(text)
