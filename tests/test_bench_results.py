@@ -12,6 +12,7 @@ import re
 import pytest
 import torch
 from click.testing import CliRunner
+from nemotron_tiny import write_tiny_nemotron
 
 from superlinear.plugins.bench import niah
 from superlinear.plugins.bench.lengths import exit_on_failed_cases
@@ -41,15 +42,7 @@ def test_provenance_names_code_packages_and_device(monkeypatch):
 
 
 def test_generate_json_has_provenance_and_forward(cli, tmp_path, monkeypatch):
-    from transformers import NemotronHConfig, NemotronHForCausalLM
-
-    torch.manual_seed(0)
-    config = NemotronHConfig(vocab_size=256, hidden_size=64, num_attention_heads=4, num_key_value_heads=2,
-                             head_dim=16, layers_block_type=["linear_attention", "moe", "full_attention"],
-                             mamba_num_heads=4, mamba_head_dim=16, n_groups=1, ssm_state_size=16, conv_kernel=4,
-                             chunk_size=32, n_routed_experts=4, num_experts_per_tok=2, moe_intermediate_size=32,
-                             moe_shared_expert_intermediate_size=32, n_group=1, topk_group=1)
-    NemotronHForCausalLM(config).save_pretrained(tmp_path)
+    write_tiny_nemotron(tmp_path)
     monkeypatch.setenv("SPL_GIT_COMMIT", "feedface")
     result = CliRunner().invoke(cli, ["bench", "generate", "--model", str(tmp_path), "--device", "cpu",
                                       "--lengths", "64", "--attention", "superlinear", "--decode-tokens", "2",

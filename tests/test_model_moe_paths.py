@@ -175,17 +175,11 @@ def test_models_info_shows_the_forward(tmp_path):
     """``spl models info`` names the forward (fast, or fallback with the reason); ``--json``
     carries ``forward``, ``forward_reason`` and ``forward_paths``."""
     from click.testing import CliRunner
-    from transformers import NemotronHConfig, NemotronHForCausalLM
+    from nemotron_tiny import write_tiny_nemotron
 
     from superlinear.cli.main import build_cli
 
-    torch.manual_seed(0)
-    config = NemotronHConfig(vocab_size=256, hidden_size=64, num_attention_heads=4, num_key_value_heads=2,
-                             head_dim=16, layers_block_type=["linear_attention", "moe", "full_attention"],
-                             mamba_num_heads=4, mamba_head_dim=16, n_groups=1, ssm_state_size=16, conv_kernel=4,
-                             chunk_size=32, n_routed_experts=4, num_experts_per_tok=2, moe_intermediate_size=32,
-                             moe_shared_expert_intermediate_size=32, n_group=1, topk_group=1)
-    NemotronHForCausalLM(config).save_pretrained(tmp_path)
+    write_tiny_nemotron(tmp_path)
     cli = build_cli()
     result = CliRunner().invoke(cli, ["models", "info", str(tmp_path), "--device", "cpu"])
     assert result.exit_code == 0, result.output
