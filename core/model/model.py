@@ -22,6 +22,7 @@ import torch
 
 from superlinear.errors import InvalidRequest
 from superlinear.kernels import resolve_backend
+from superlinear.model import layer_types
 from superlinear.model.attention import ForwardContext, attach
 from superlinear.model.cache import Cache, CacheLayout
 from superlinear.model.hybrid import HybridForward
@@ -65,7 +66,7 @@ class Model:
             raise InvalidRequest(f"unknown attention {attention!r}: use 'superlinear' or 'dense'")
         first_load = _shared is None
         if _shared is None:
-            hybrid = HybridForward(hf) if getattr(hf.config, "layers_block_type", None) else None
+            hybrid = HybridForward(hf) if layer_types.from_config(hf.config) else None
             _shared = _Shared(hf, ForwardContext(), hybrid)
             attach(hf, _shared.ctx)
         self._shared = _shared
@@ -131,10 +132,7 @@ class Model:
 
     def layer_types(self) -> list[str]:
         cfg = self.hf.config
-        types = getattr(cfg, "layers_block_type", None)
-        if types:
-            return list(types)
-        return ["full_attention"] * cfg.num_hidden_layers
+        return layer_types.from_config(cfg) or [layer_types.ATTENTION] * cfg.num_hidden_layers
 
     def num_parameters(self) -> int:
         seen, total = set(), 0
