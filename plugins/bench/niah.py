@@ -189,8 +189,9 @@ def summary(rows: list[dict]) -> dict:
 
 def markdown(result: dict) -> str:
     attentions = list(dict.fromkeys(r["attention"] for r in result["rows"]))
+    trials = f"{result['trials']} trial{'s' if result['trials'] != 1 else ''}"
     lines = [f"{result['date']} · model `{result['model']}` · {result['dtype']} · window {result['window']} · "
-             f"{result['haystack']} haystack, {result['format']} prompt · {result['trials']} trial{'s' if result['trials'] != 1 else ''} per cell",
+             f"{result['haystack']} haystack, {result['format']} prompt · {trials} per cell",
              provenance_line(result), "",
              "| context | " + " | ".join(f"depth {d:g}" for d in result["depths"]) + " | mean |",
              "|---:|" + "---:|" * (len(result["depths"]) + 1)]
