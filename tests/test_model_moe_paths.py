@@ -54,6 +54,7 @@ def test_experts_path_choice(device, dtype, capability, grouped_mm, triton, kind
     assert path.kind == kind
     assert path.fast == (kind != "loop")
     assert reason in path.reason and (kind == "grouped") == (path.reason == "")
+    assert (path.reason in path.describe()) == (kind != "loop")  # rows: says why it is not CUTLASS
 
 
 @pytest.fixture(scope="module")

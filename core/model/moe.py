@@ -49,7 +49,7 @@ class ExpertsPath:
         return self.kind != "loop"
 
     def describe(self) -> str:
-        return _DESCRIPTIONS[self.kind]
+        return _DESCRIPTIONS[self.kind] + (f" [{self.reason}]" if self.kind == "rows" else "")
 
 
 def choose_experts_path(device_type: str, dtype: torch.dtype, capability: tuple[int, int] | None,
