@@ -2,7 +2,7 @@
 # The hybrid model work on the device machine (H200/H100 image: torch 2.11, triton 3.6, no
 # fastapi), in one call of the `run` tool, from the source tree:
 #   SPL_GIT_COMMIT=<sha> bash scripts/gpu_flagship.sh STEP...
-# STEP: tests | sanity30b | profile:MODEL:DEPTH | bench:MODEL:LENGTHS[:extra bench args, comma-separated]
+# STEP: tests | sanity30b | moe | profile:MODEL:DEPTH | bench:MODEL:LENGTHS[:extra bench args, comma-separated]
 # e.g. bash scripts/gpu_flagship.sh tests profile:random:superlinear-exp-30b:64K \
 #        bench:random:superlinear-exp-30b:64K,1M bench:random:superlinear-exp-30b:64K,1M:--dtype,fp16
 # Carry `.whl`: fla-core 0.6.0 (the Mamba-2 Triton kernels) and transformers 5.24.0 wheels.
@@ -33,6 +33,10 @@ sanity_30b() {
     --durations=4 2>&1 | tee -a "$OUT/gpu_tests_30b.log"
 }
 
+moe_decode() {
+  timeout 120 python3 scripts/gpu_moe_decode.py 2>&1 | tee -a "$OUT/moe_decode.log"
+}
+
 profile() {  # MODEL DEPTH
   timeout 400 python3 scripts/gpu_profile_model.py "$1" "$2" 2>&1 | tee -a "$OUT/profile.log"
 }
@@ -56,6 +60,7 @@ for step_spec in "$@"; do
   case $step_spec in
     tests) step tests gpu_tests ;;
     sanity30b) step sanity30b sanity_30b ;;
+    moe) step moe moe_decode ;;
     profile:*)
       rest=${step_spec#profile:}
       step "$step_spec" profile "${rest%:*}" "${rest##*:}" ;;

@@ -109,7 +109,7 @@ def _median_ms(fn, repeats: int, warmup: int = 2) -> float:
     return statistics.median(times)
 
 
-def _graph_ms(fn, replays: int = 200) -> float:
+def graph_ms(fn, replays: int = 200) -> float:
     """Median time of one call, replayed in a CUDA graph (20 calls per graph, 10 timed replays)."""
     import torch
 
@@ -196,12 +196,12 @@ def run_bench(command: BenchAttention, ctx: Context | None = None, log=None) -> 
             q1 = torch.randn(1, HQ, 1, D, device=dev, dtype=torch.bfloat16, generator=gen)
             q2 = torch.randn(1, HQ, 1, D, device=dev, dtype=torch.bfloat16, generator=gen)
             pos = torch.tensor([L - 1], device=dev)
-            ms = _graph_ms(partial(superlinear_decode, q1, q2, k, v, pos, params, backend=command.backend))
+            ms = graph_ms(partial(superlinear_decode, q1, q2, k, v, pos, params, backend=command.backend))
             dense_ms = None
             if command.dense:
                 import torch.nn.functional as F
 
-                dense_ms = _graph_ms(partial(F.scaled_dot_product_attention, q2, k, v, enable_gqa=True))
+                dense_ms = graph_ms(partial(F.scaled_dot_product_attention, q2, k, v, enable_gqa=True))
             fl, counts = floors(params, "decode", L, 1, HQ, HKV, D)
             rows.append(Row(cname, "decode", L, ms, dense_ms, fl, "", counts))
             log(f"config {cname} decode L={fmt_length(L)}: {ms * 1e3:.1f} us (dense {dense_ms}) floor {fl * 1e3:.1f}")
