@@ -15,7 +15,7 @@ from click.testing import CliRunner
 from nemotron_tiny import write_tiny_nemotron
 
 from superlinear.plugins.bench import niah
-from superlinear.plugins.bench.lengths import exit_on_failed_cases
+from superlinear.plugins.bench.lengths import case_error, exit_on_failed_cases
 from superlinear.plugins.bench.provenance import provenance, provenance_line
 
 PROVENANCE_KEYS = {"date", "git_commit", "git_dirty", "versions", "device_info", "command"}
@@ -56,6 +56,8 @@ def test_generate_json_has_provenance_and_forward(cli, tmp_path, monkeypatch):
 
 
 def test_a_failed_case_exits_1(capsys):
+    assert case_error(RuntimeError("CUDA out of memory.\nTried to allocate")) == "RuntimeError: CUDA out of memory."
+    assert case_error(MemoryError()) == "MemoryError"
     exit_on_failed_cases([{"length": 1, "prefill_s": 1.0}])  # nothing failed: returns
     with pytest.raises(SystemExit) as err:
         exit_on_failed_cases([{"length": 1}, {"length": 2, "error": "OutOfMemoryError: ..."}])

@@ -17,7 +17,7 @@ from dataclasses import dataclass
 import click
 
 from superlinear.bus import Command, Context, dispatch
-from superlinear.plugins.bench.lengths import exit_on_failed_cases, fmt_length, parse_length
+from superlinear.plugins.bench.lengths import case_error, exit_on_failed_cases, fmt_length, parse_length
 from superlinear.plugins.bench.provenance import provenance, provenance_line
 
 
@@ -119,7 +119,7 @@ def run_bench(command: BenchGenerate, ctx: Context) -> dict:
                 if on_cuda:
                     row["peak_gib"] = torch.cuda.max_memory_allocated(model.device) / 2**30
             except Exception as exc:  # one failing case (e.g. out of memory) must not end the run
-                row["error"] = f"{type(exc).__name__}: {str(exc).splitlines()[0][:160] if str(exc) else ''}"
+                row["error"] = case_error(exc)
             finally:
                 del cache
                 if on_cuda:

@@ -1,5 +1,5 @@
 """Context lengths as people write them on the command line: 512, 16K, 1M (powers of 1024); the
-benches' shared exit rule."""
+benches' failed cases (their error text, and the exit status they give)."""
 
 from __future__ import annotations
 
@@ -20,6 +20,12 @@ def fmt_length(n: int) -> str:
     if n % 1024 == 0:
         return f"{n // 1024}K"
     return str(n)
+
+
+def case_error(exc: BaseException) -> str:
+    """A failed case's ``error``: the exception's type and first line."""
+    first = str(exc).splitlines()[0][:160] if str(exc) else ""
+    return f"{type(exc).__name__}: {first}" if first else type(exc).__name__
 
 
 def exit_on_failed_cases(rows: list[dict]) -> None:

@@ -21,7 +21,7 @@ from dataclasses import dataclass
 import click
 
 from superlinear.bus import Command, Context, dispatch
-from superlinear.plugins.bench.lengths import exit_on_failed_cases, fmt_length, parse_length
+from superlinear.plugins.bench.lengths import case_error, exit_on_failed_cases, fmt_length, parse_length
 from superlinear.plugins.bench.provenance import provenance, provenance_line
 
 INTRO = "There is a pass key hidden inside a lot of irrelevant text. Find it and remember it.\n\n"
@@ -153,8 +153,7 @@ def run_bench(command: BenchNiah, ctx: Context | None = None) -> dict:
                 try:
                     answers = [answer(model, ids, command.answer_tokens, chunk_size) for _, ids in cases]
                 except Exception as exc:  # one failing case (e.g. out of memory) must not end the run
-                    rows.append({**row, "error": f"{type(exc).__name__}: {str(exc).splitlines()[0][:160]}"
-                                 if str(exc) else type(exc).__name__})
+                    rows.append({**row, "error": case_error(exc)})
                     continue
                 keys = [passkey for passkey, _ in cases]
                 hits = [key in text for key, text in zip(keys, answers, strict=True)]
