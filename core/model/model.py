@@ -217,6 +217,7 @@ class Model:
 
     def _run(self, ids: torch.Tensor, positions: torch.Tensor, cache: Cache) -> torch.Tensor:
         """One forward of ``ids [1, T]`` at ``positions``: logits ``[1, 1, V]`` of the last token."""
+        self._shared.ctx.partition = cache.partition
         if self.fast_paths:
             return self._shared.hybrid(ids, cache)
         return self.hf(input_ids=ids, position_ids=positions[None], use_cache=True, logits_to_keep=1,

@@ -1,0 +1,218 @@
+"""One rank's cache of a context-parallel sequence, and its state across world sizes.
+
+``SlicedCache`` speaks the ``Cache`` interface the model, sessions and snapshots use, with
+global positions, but keeps only the KV of its rank's slice (in a plain ``Cache`` of the slice's
+length) plus the recurrent state, which every rank computes identically. Its ``state_tensors``
+is collective and returns the whole sequence's state, in exactly the form a one-process cache
+returns it, so a snapshot taken on N ranks loads on one (``Cache.load_state_tensors``) and a
+one-process snapshot loads on N (``SlicedCache.load_state_tensors`` keeps its slice).
+"""
+
+from __future__ import annotations
+
+import torch
+
+from superlinear.distributed.slices import ContextParallel, ContextSlices, all_gather, group_shape
+from superlinear.errors import InvalidRequest, TooLarge
+from superlinear.model.cache import Cache, CacheLayout
+
+
+class SlicedCache:
+    """The part of one sequence's cache that this rank holds (batch 1, at most ``max_seq_len``
+    tokens in all)."""
+
+    def __init__(self, layout: CacheLayout, max_seq_len: int, device, dtype: torch.dtype,
+                 partition: ContextParallel):
+        self.layout = layout
+        self.partition = partition
+        self.max_seq_len = int(max_seq_len)
+        self.device = torch.device(device)
+        self.dtype = dtype
+        self.local = Cache(layout, self._slice_limit(self.max_seq_len), device, dtype)
+        self._position = 0
+        self._start = 0
+
+    # -- positions ------------------------------------------------------------------------------
+    def _slice_limit(self, max_seq_len: int) -> int:
+        return max(1, self.partition.slices.held(self.partition.rank, max_seq_len))
+
+    def _held(self, position: int) -> int:
+        return self.partition.slices.held(self.partition.rank, position)
+
+    @property
+    def position(self) -> int:
+        """Tokens in the sequence (on every rank, wherever they are held)."""
+        return self._position
+
+    @position.setter
+    def position(self, value: int) -> None:
+        self._position = int(value)
+        self.local.position = self._held(self._position)
+
+    # -- memory ---------------------------------------------------------------------------------
+    @property
+    def capacity(self) -> int:
+        """KV tokens allocated on this rank."""
+        return self.local.capacity
+
+    @property
+    def has_recurrent_state(self) -> bool:
+        return self.local.has_recurrent_state
+
+    @property
+    def conv(self) -> dict[int, torch.Tensor]:
+        return self.local.conv
+
+    @property
+    def ssm(self) -> dict[int, torch.Tensor]:
+        return self.local.ssm
+
+    @property
+    def _graph(self):  # a captured decode step is bound to the local tensors
+        return self.local._graph
+
+    @_graph.setter
+    def _graph(self, value) -> None:
+        self.local._graph = value
+
+    def nbytes(self) -> int:
+        return self.local.nbytes()
+
+    def growth_bytes(self, tokens: int, exact: bool = False) -> int:
+        return self.local.growth_bytes(self._held(min(int(tokens), self.max_seq_len)), exact)
+
+    def reserve(self, tokens: int, exact: bool = False) -> None:
+        if int(tokens) > self.max_seq_len:
+            raise TooLarge(f"the context needs {tokens} tokens but this cache holds at most {self.max_seq_len}")
+        self.local.reserve(self._held(int(tokens)), exact)
+
+    def _check_room(self, n: int) -> None:
+        self.reserve(self.position + n)
+
+    def _begin(self, start: int, length: int, write_index: torch.Tensor | None = None) -> None:
+        if write_index is not None:
+            raise InvalidRequest("a context-parallel cache decodes eagerly (no CUDA graph yet)")
+        self._start = start
+
+    # -- the Cache API --------------------------------------------------------------------------
+    def truncate(self, position: int, recurrent_state: dict | None = None) -> None:
+        position = int(position)
+        if not 0 <= position <= self.position:
+            raise InvalidRequest(f"cannot truncate to {position}: the cache holds {self.position} tokens")
+        if self.has_recurrent_state and position != self.position:
+            if recurrent_state is None:
+                raise InvalidRequest("this model has recurrent (Mamba) state: truncate(position, "
+                                     "recurrent_state=...) needs the state saved at that position")
+            self.load_recurrent_state(recurrent_state)
+        self.position = position
+
+    def recurrent_state(self) -> dict[str, torch.Tensor]:
+        return self.local.recurrent_state()
+
+    def load_recurrent_state(self, state: dict[str, torch.Tensor]) -> None:
+        self.local.load_recurrent_state(state)
+
+    def clone(self) -> SlicedCache:
+        other = SlicedCache(self.layout, self.max_seq_len, self.device, self.dtype, self.partition)
+        other.local = self.local.clone()
+        other.position = self.position
+        return other
+
+    def resize(self, max_seq_len: int) -> None:
+        max_seq_len = int(max_seq_len)
+        if max_seq_len < self.position:
+            raise TooLarge(f"cannot resize to {max_seq_len} tokens: the cache already holds {self.position}")
+        self.local.resize(self._slice_limit(max_seq_len))
+        self.max_seq_len = max_seq_len
+
+    def state_tensors(self, copy: bool = True) -> dict[str, torch.Tensor]:
+        """Collective (every rank calls it): the whole sequence's state, as ``Cache.state_tensors``."""
+        return gather_state(self)
+
+    def load_state_tensors(self, tensors: dict[str, torch.Tensor], position: int) -> None:
+        """The whole sequence's state (from any world size); this rank keeps its slice."""
+        position = int(position)
+        if position > self.max_seq_len:
+            raise TooLarge(f"the state holds {position} tokens but this cache holds at most {self.max_seq_len}")
+        start, _ = self.partition.slices.bounds(self.partition.rank)
+        held = self._held(position)
+        mine = dict(tensors)
+        for i in self.layout.attention_layers:
+            for name in (f"layers.{i}.key", f"layers.{i}.value"):
+                if name in mine:
+                    if mine[name].dim() != 4 or mine[name].shape[2] != position:
+                        raise InvalidRequest(f"state tensor {name} has shape {tuple(mine[name].shape)}, "
+                                             f"expected {position} positions")
+                    mine[name] = mine[name][:, :, start:start + held]
+        self.local.load_state_tensors(mine, held)
+        self.position = position
+
+    def layout_names(self) -> list[str]:
+        return self.local.layout_names()
+
+    # -- the transformers cache protocol ---------------------------------------------------------
+    def update(self, key_states, value_states, layer_idx, *args, **kwargs):
+        """Keep the part of the chunk's keys that falls into this rank's slice; returns the slice's
+        keys and values (the attention reads them through ``partition``)."""
+        start, _ = self.partition.slices.bounds(self.partition.rank)
+        first = max(self._start, start)
+        stop = self._start + key_states.shape[2]
+        stop = min(stop, start + self.local.capacity)
+        if layer_idx not in self.local.keys:  # nothing of this sequence here yet
+            empty = key_states.new_zeros((*key_states.shape[:2], 0, key_states.shape[3]))
+            return empty, empty
+        keys, values = self.local.keys[layer_idx], self.local.values[layer_idx]
+        if stop > first:
+            keys[:, :, first - start:stop - start].copy_(key_states[:, :, first - self._start:stop - self._start])
+            values[:, :, first - start:stop - start].copy_(value_states[:, :, first - self._start:stop - self._start])
+        return keys, values
+
+    def get_seq_length(self, layer_idx: int = 0) -> int:
+        return self.position
+
+    def get_conv_state(self, layer_idx, state_idx=0):
+        return self.local.get_conv_state(layer_idx, state_idx)
+
+    def get_recurrent_state(self, layer_idx, state_idx=0):
+        return self.local.get_recurrent_state(layer_idx, state_idx)
+
+    def is_recording_past(self, layer_idx=0) -> bool:
+        return False
+
+    def update_conv_state(self, conv_states, layer_idx, state_idx=0, conv_kernel_size=None, **kwargs):
+        return self.local.update_conv_state(conv_states, layer_idx, state_idx, conv_kernel_size, **kwargs)
+
+    def update_recurrent_state(self, recurrent_states, layer_idx, state_idx=0, **kwargs):
+        return self.local.update_recurrent_state(recurrent_states, layer_idx, state_idx, **kwargs)
+
+
+def new_cache(model, max_seq_len: int, group=None, slices: ContextSlices | None = None) -> SlicedCache:
+    """A cache of ``model`` whose KV is split over the ranks of ``group`` (the default group;
+    a process without torch.distributed is one rank holding everything). Every rank must run
+    the same calls on its own cache. ``slices``: even slices of ``max_seq_len`` by default."""
+    if max_seq_len < 1:
+        raise InvalidRequest(f"max_seq_len must be positive, got {max_seq_len}")
+    _, world = group_shape(group)
+    partition = ContextParallel(slices or ContextSlices.even(max_seq_len, world), group)
+    return SlicedCache(model.layout, max_seq_len, model.device, model.dtype, partition)
+
+
+def gather_state(cache: SlicedCache) -> dict[str, torch.Tensor]:
+    """Collective: the whole sequence's state tensors on every rank (the KV slices joined in
+    rank order, the recurrent state of this rank, which is every rank's)."""
+    part = cache.partition
+    slices = part.slices
+    held = [slices.held(r, cache.position) for r in range(slices.world_size)]
+    widest = max(held)
+    local = cache.local.state_tensors(copy=True)
+    out = {}
+    for i in cache.layout.attention_layers:
+        for name in (f"layers.{i}.key", f"layers.{i}.value"):
+            mine = local[name]
+            padded = mine.new_zeros((*mine.shape[:2], widest, mine.shape[3]))
+            padded[:, :, :mine.shape[2]] = mine
+            every = all_gather(padded, part.group)  # [N, 1, HKV, widest, D]
+            out[name] = torch.cat([every[r][:, :, :held[r]] for r in range(slices.world_size)], dim=2)
+    for name, value in local.items():
+        out.setdefault(name, value)
+    return out
