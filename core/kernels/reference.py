@@ -211,7 +211,7 @@ def _general_rows(q1, q2, k, v, pos, key_mask, params, tables, st, out, rows, sc
         # candidate stripes s+1 .. I with F(I) <= tmax + 1, ordered by DESCENDING i so that a
         # stable sort keeps the larger i first among equal scores (the tie rule)
         last = int(torch.searchsorted(offs, torch.tensor(tmax + 1, device=offs.device), right=True))
-        istripe = torch.arange(last - 1, s, -1, device=pos.device)  # descending
+        istripe = torch.arange(max(last - 1, s), s, -1, device=pos.device)  # descending; none before the window
         C = len(istripe)
         Fi = offs[istripe]  # [C]
         a = t[:, None] + 1 - Fi[None, :]  # [nq, C]
