@@ -33,7 +33,7 @@ KERNEL_PARAMS = {
 }
 
 
-def _model():
+def _model(device="cpu"):
     torch.manual_seed(0)  # the same weights in every process
     model = random_model(tiny_hybrid_config(), name="tiny-hybrid", device="cpu", dtype="fp32", seed=1)
     with torch.no_grad():  # Mamba parameters that make the decay and the skip matter
@@ -43,7 +43,11 @@ def _model():
                 block.mixer.dt_bias.uniform_(-2.0, 0.5)
                 block.mixer.D.normal_()
                 block.mixer.conv1d.weight.normal_(0, 0.3)
-    return model
+    if device == "cpu":
+        return model
+    on_device = random_model(tiny_hybrid_config(), name="tiny-hybrid", device=device, dtype="fp32", seed=1)
+    on_device.hf.load_state_dict(model.hf.state_dict())  # the same values as on CPU
+    return on_device
 
 
 def _prompt() -> list[int]:
@@ -56,39 +60,45 @@ def _greedy(model, cache, logits, steps):
         tokens.append(int(logits.argmax()))
         logits = model.decode_step(cache, tokens[-1])
         every.append(logits)
-    return tokens, torch.stack(every), logits
+    return tokens, torch.stack(every).cpu(), logits
 
 
-def _kernel_inputs(ties: bool):
+def _kernel_inputs(ties: bool, device="cpu"):
     g = torch.Generator().manual_seed(11)
     q1, q2 = torch.randn(2, 1, 4, 300, 16, generator=g)
     k, v = torch.randn(2, 1, 2, 300, 16, generator=g)
     if ties:  # every candidate scores exactly the same (small integers): the tie rule alone picks
         q1 = q1.mul(2).round()
         k = k[:, :, :1].mul(2).round().expand(-1, -1, 300, -1).contiguous()
-    return q1, q2, k, v
+    return tuple(x.to(device) for x in (q1, q2, k, v))
 
 
-def _kernel_case(rank: int, ties: bool, params: SpanParams) -> torch.Tensor:
+def _kernel_case(ties: bool, params: SpanParams, device) -> torch.Tensor:
     """All 300 rows at once (prefill), then the last row alone (decode), from this rank's keys."""
-    q1, q2, k, v = _kernel_inputs(ties)
+    q1, q2, k, v = _kernel_inputs(ties, device)
     part = ContextParallel(ContextSlices((0, KERNEL_BOUNDARY)))
     lo, hi = part.key_start, part.key_end or 300
-    pos = torch.arange(300)
+    pos = torch.arange(300, device=device)
     rows = reference_prefill(q1, q2, k[:, :, lo:hi], v[:, :, lo:hi], pos, params, key_start=lo, exchange=part)
     last = reference_prefill(q1[:, :, -1:], q2[:, :, -1:], k[:, :, lo:hi], v[:, :, lo:hi], pos[-1:], params,
                              key_start=lo, exchange=part)
     return torch.cat([rows, last], dim=2)
 
 
-def _worker(rank: int, port: int, work: str) -> None:
+def _worker(rank: int, port: int, work: str, kind: str) -> None:
+    """One rank: gloo on CPU, NCCL on GPU ``rank`` (tests/test_distributed_gpu.py)."""
     torch.set_num_threads(1)
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
-    dist.init_process_group("gloo", rank=rank, world_size=WORLD)
+    device = torch.device("cpu") if kind == "cpu" else torch.device("cuda", rank)
+    if kind == "cpu":
+        dist.init_process_group("gloo", rank=rank, world_size=WORLD)
+    else:
+        torch.cuda.set_device(device)
+        dist.init_process_group("nccl", rank=rank, world_size=WORLD, device_id=device)
     try:
-        out = {"kernel": {f"{name}, ties={ties}": _kernel_case(rank, ties, params)
+        out = {"kernel": {f"{name}, ties={ties}": _kernel_case(ties, params, device)
                           for name, params in KERNEL_PARAMS.items() for ties in (False, True)}}
-        model = _model()
+        model = _model(str(device))
         cache = new_cache(model, PROMPT + 2 * STEPS)
         out["first"] = model.prefill(cache, _prompt(), chunk_size=CHUNK)
         out["tokens"], out["logits"], last = _greedy(model, cache, out["first"], STEPS)
@@ -97,27 +107,39 @@ def _worker(rank: int, port: int, work: str) -> None:
         if rank == 0:
             save_file({**state, "next": last[None]}, str(Path(work, "two_ranks.safetensors")))
         # a one-process state goes onto two ranks
-        single = load_file(str(Path(work, "one_process.safetensors")))
+        single = load_file(str(Path(work, "one_process.safetensors")), device=str(device))
         moved = new_cache(model, PROMPT + 2 * STEPS)
         moved.load_state_tensors({n: t for n, t in single.items() if n != "next"}, PROMPT)
         out["moved_tokens"], out["moved_logits"], _ = _greedy(model, moved, single["next"][0], STEPS)
-        torch.save(out, Path(work, f"rank{rank}.pt"))
+        torch.save(_to_cpu(out), Path(work, f"rank{rank}.pt"))
     finally:
         dist.destroy_process_group()
 
 
-@pytest.fixture(scope="module")
-def runs(tmp_path_factory):
+def _to_cpu(value):
+    if isinstance(value, torch.Tensor):
+        return value.cpu()
+    if isinstance(value, dict):
+        return {k: _to_cpu(v) for k, v in value.items()}
+    return value
+
+
+def run_both(work: Path, kind: str) -> dict:
     """One process's greedy run, then the same on two ranks (spawned once for every check)."""
-    work = tmp_path_factory.mktemp("dist")
-    model = _model()
+    model = _model("cpu" if kind == "cpu" else "cuda:0")
     cache = model.new_cache(PROMPT + 2 * STEPS + MORE)
     first = model.prefill(cache, _prompt(), chunk_size=CHUNK)
-    save_file({**cache.state_tensors(), "next": first[None]}, str(work / "one_process.safetensors"))
+    save_file(_to_cpu({**cache.state_tensors(), "next": first[None]}), str(work / "one_process.safetensors"))
     tokens, logits, _ = _greedy(model, cache, first, STEPS + MORE)
-    mp.spawn(_worker, args=(free_port(), str(work)), nprocs=WORLD, join=True)
+    mp.spawn(_worker, args=(free_port(), str(work), kind), nprocs=WORLD, join=True)
     ranks = [torch.load(work / f"rank{r}.pt") for r in range(WORLD)]
-    return {"model": model, "first": first, "tokens": tokens, "logits": logits, "work": work, "ranks": ranks}
+    return {"model": model, "first": first.cpu(), "tokens": tokens, "logits": logits.cpu(), "work": work,
+            "ranks": ranks}
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory):
+    return run_both(tmp_path_factory.mktemp("dist"), "cpu")
 
 
 @pytest.mark.parametrize("case", [f"{name}, ties={ties}" for name in KERNEL_PARAMS for ties in (False, True)])
