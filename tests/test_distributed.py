@@ -4,7 +4,6 @@ world sizes through a real safetensors file."""
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
 
 import pytest
@@ -12,7 +11,6 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 from safetensors.torch import load_file, save_file
-from server_helpers import free_port
 from test_model_hybrid import tiny_hybrid_config
 
 from superlinear.distributed import ContextParallel, ContextSlices, SlicedCache, merge_partials, new_cache
@@ -85,16 +83,16 @@ def _kernel_case(ties: bool, params: SpanParams, device) -> torch.Tensor:
     return torch.cat([rows, last], dim=2)
 
 
-def _worker(rank: int, port: int, work: str, kind: str) -> None:
+def _worker(rank: int, work: str, kind: str) -> None:
     """One rank: gloo on CPU, NCCL on GPU ``rank`` (tests/test_distributed_gpu.py)."""
     torch.set_num_threads(1)
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     device = torch.device("cpu") if kind == "cpu" else torch.device("cuda", rank)
+    meet = f"file://{Path(work, 'rendezvous')}"  # a file, not a port: no collision with anything
     if kind == "cpu":
-        dist.init_process_group("gloo", rank=rank, world_size=WORLD)
+        dist.init_process_group("gloo", init_method=meet, rank=rank, world_size=WORLD)
     else:
         torch.cuda.set_device(device)
-        dist.init_process_group("nccl", rank=rank, world_size=WORLD, device_id=device)
+        dist.init_process_group("nccl", init_method=meet, rank=rank, world_size=WORLD, device_id=device)
     try:
         out = {"kernel": {f"{name}, ties={ties}": _kernel_case(ties, params, device)
                           for name, params in KERNEL_PARAMS.items() for ties in (False, True)}}
@@ -131,7 +129,7 @@ def run_both(work: Path, kind: str) -> dict:
     first = model.prefill(cache, _prompt(), chunk_size=CHUNK)
     save_file(_to_cpu({**cache.state_tensors(), "next": first[None]}), str(work / "one_process.safetensors"))
     tokens, logits, _ = _greedy(model, cache, first, STEPS + MORE)
-    mp.spawn(_worker, args=(free_port(), str(work), kind), nprocs=WORLD, join=True)
+    mp.spawn(_worker, args=(str(work), kind), nprocs=WORLD, join=True)
     ranks = [torch.load(work / f"rank{r}.pt") for r in range(WORLD)]
     return {"model": model, "first": first.cpu(), "tokens": tokens, "logits": logits.cpu(), "work": work,
             "ranks": ranks}
