@@ -31,6 +31,7 @@ class SlicedCache:
         self.local = Cache(layout, self._slice_limit(self.max_seq_len), device, dtype)
         self._position = 0
         self._start = 0
+        self._graph = None  # Model keeps captured decode steps here; this cache has none (eager)
 
     # -- positions ------------------------------------------------------------------------------
     def _slice_limit(self, max_seq_len: int) -> int:
@@ -66,14 +67,6 @@ class SlicedCache:
     @property
     def ssm(self) -> dict[int, torch.Tensor]:
         return self.local.ssm
-
-    @property
-    def _graph(self):  # a captured decode step is bound to the local tensors
-        return self.local._graph
-
-    @_graph.setter
-    def _graph(self, value) -> None:
-        self.local._graph = value
 
     def nbytes(self) -> int:
         return self.local.nbytes()
