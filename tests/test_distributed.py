@@ -17,6 +17,7 @@ from superlinear.distributed import ContextParallel, ContextSlices, SlicedCache,
 from superlinear.errors import InvalidRequest
 from superlinear.kernels import SpanParams
 from superlinear.kernels.reference import reference_prefill
+from superlinear.model import layer_types
 from superlinear.model.random_weights import random_model
 
 WORLD = 2
@@ -36,7 +37,7 @@ def _model(device="cpu"):
     model = random_model(tiny_hybrid_config(), name="tiny-hybrid", device="cpu", dtype="fp32", seed=1)
     with torch.no_grad():  # Mamba parameters that make the decay and the skip matter
         for block in model.hf.model.layers:
-            if block.block_type == "linear_attention":
+            if layer_types.canonical([block.block_type]) == [layer_types.MAMBA]:
                 block.mixer.A_log.uniform_(-1.0, 1.5)
                 block.mixer.dt_bias.uniform_(-2.0, 0.5)
                 block.mixer.D.normal_()
@@ -212,6 +213,9 @@ def test_one_process_without_a_group_is_one_slice_holding_everything():
     sliced = model.prefill(cache, ids, chunk_size=8)
     plain = model.prefill(model.new_cache(64), ids, chunk_size=8)
     torch.testing.assert_close(sliced, plain, rtol=1e-5, atol=1e-5)
+    # transformers' own forward writes through the same cache protocol
+    theirs = model.with_attention(fast_paths=False)
+    torch.testing.assert_close(theirs.prefill(new_cache(model, 64), ids, chunk_size=8), plain, rtol=1e-4, atol=1e-4)
     with pytest.raises(InvalidRequest, match="superlinear"):
         model.with_attention("dense").prefill(new_cache(model, 64), ids)
     with pytest.raises(InvalidRequest, match="2 slices for a group of 1"):

@@ -172,6 +172,12 @@ class SlicedCache:
     def is_recording_past(self, layer_idx=0) -> bool:
         return False
 
+    def get_recurrent_states_to_keep(self, layer_idx=0) -> int:
+        return self.local.get_recurrent_states_to_keep(layer_idx)
+
+    def increase_count(self, layer_idx=0, state_idx=0) -> None:
+        self.local.increase_count(layer_idx, state_idx)
+
     def update_conv_state(self, conv_states, layer_idx, state_idx=0, conv_kernel_size=None, **kwargs):
         return self.local.update_conv_state(conv_states, layer_idx, state_idx, conv_kernel_size, **kwargs)
 
