@@ -17,16 +17,8 @@
 set -o pipefail
 cd "$(dirname "$0")/.."
 OUT=${OUT:-/tmp/out}; mkdir -p "$OUT"
-export PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1
 MODEL=random:superlinear-exp-30b
-python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site \
-  .whl/*.whl || exit 1
-rm -rf /tmp/pp && mkdir -p /tmp/pp/superlinear
-for f in core/*; do ln -s "$PWD/$f" /tmp/pp/superlinear/; done
-ln -s "$PWD/plugins" /tmp/pp/superlinear/plugins
-ln -s "$PWD/cli" /tmp/pp/superlinear/cli
-export PYTHONPATH=/tmp/pp:/tmp/site
-nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader
+source scripts/gpu_tree.sh
 GPUS=$(nvidia-smi --query-gpu=name --format=csv,noheader | wc -l)
 
 bench() {  # bench NAME N LENGTH(S) EXTRA...: one bench run, JSON to $OUT/NAME.json, its table to stdout

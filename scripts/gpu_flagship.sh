@@ -9,15 +9,7 @@
 set -o pipefail
 cd "$(dirname "$0")/.."
 OUT=${OUT:-/tmp/out}; mkdir -p "$OUT"
-export PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1
-python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site \
-  .whl/*.whl || exit 1
-rm -rf /tmp/pp && mkdir -p /tmp/pp/superlinear
-for f in core/*; do ln -s "$PWD/$f" /tmp/pp/superlinear/; done
-ln -s "$PWD/plugins" /tmp/pp/superlinear/plugins
-ln -s "$PWD/cli" /tmp/pp/superlinear/cli
-export PYTHONPATH=/tmp/pp:/tmp/site
-nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader
+source scripts/gpu_tree.sh
 python3 -c "import torch, triton, transformers, fla; print('torch', torch.__version__, 'triton', triton.__version__,
 'transformers', transformers.__version__, 'fla', fla.__version__)"
 for step in "$@"; do

@@ -213,6 +213,12 @@ def test_one_process_without_a_group_is_one_slice_holding_everything():
     sliced = model.prefill(cache, ids, chunk_size=8)
     plain = model.prefill(model.new_cache(64), ids, chunk_size=8)
     torch.testing.assert_close(sliced, plain, rtol=1e-5, atol=1e-5)
+    # a rewind to a saved position decodes the same again
+    saved, token = cache.recurrent_state(), int(sliced.argmax())
+    again = model.decode_step(cache, token)
+    cache.truncate(len(ids), recurrent_state=saved)
+    assert cache.position == len(ids) == cache.local.position
+    torch.testing.assert_close(model.decode_step(cache, token), again)
     # transformers' own forward writes through the same cache protocol
     theirs = model.with_attention(fast_paths=False)
     torch.testing.assert_close(theirs.prefill(new_cache(model, 64), ids, chunk_size=8), plain, rtol=1e-4, atol=1e-4)

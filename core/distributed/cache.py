@@ -88,16 +88,9 @@ class SlicedCache:
         self._start = start
 
     # -- the Cache API --------------------------------------------------------------------------
-    def truncate(self, position: int, recurrent_state: dict | None = None) -> None:
-        position = int(position)
-        if not 0 <= position <= self.position:
-            raise InvalidRequest(f"cannot truncate to {position}: the cache holds {self.position} tokens")
-        if self.has_recurrent_state and position != self.position:
-            if recurrent_state is None:
-                raise InvalidRequest("this model has recurrent (Mamba) state: truncate(position, "
-                                     "recurrent_state=...) needs the state saved at that position")
-            self.load_recurrent_state(recurrent_state)
-        self.position = position
+    # Cache's rewind, in global positions: it reads only position, has_recurrent_state and
+    # load_recurrent_state, and sets position (which moves the slice's own position with it)
+    truncate = Cache.truncate
 
     def recurrent_state(self) -> dict[str, torch.Tensor]:
         return self.local.recurrent_state()
