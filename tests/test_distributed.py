@@ -102,6 +102,7 @@ def _worker(rank: int, work: str, kind: str) -> None:
         out["first"] = model.prefill(cache, _prompt(), chunk_size=CHUNK)
         out["tokens"], out["logits"], last = _greedy(model, cache, out["first"], STEPS)
         out["held"], out["nbytes"] = cache.local.position, cache.nbytes()
+        out["empty"] = {n: tuple(t.shape) for n, t in new_cache(model, 64).state_tensors().items()}
         state = cache.state_tensors()  # collective: the whole sequence on every rank
         if rank == 0:
             save_file({**state, "next": last[None]}, str(Path(work, "two_ranks.safetensors")))
@@ -167,6 +168,12 @@ def test_two_ranks_prefill_and_decode_like_one_process(runs):
     # the ranks agree bit for bit (the same collectives' results, combined in the same order)
     assert torch.equal(runs["ranks"][0]["logits"], runs["ranks"][1]["logits"])
     assert len(set(runs["tokens"])) > 3  # not a degenerate model
+
+
+def test_an_empty_sequence_gathers_to_an_empty_state(runs):
+    for rank in runs["ranks"]:
+        assert rank["empty"] == {n: tuple(t.shape) for n, t in runs["model"].new_cache(64).state_tensors().items()}
+        assert rank["empty"]["layers.2.key"] == (1, 2, 0, 16)
 
 
 def test_each_rank_holds_only_its_slice(runs):
