@@ -4,6 +4,7 @@ world sizes through a real safetensors file."""
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import pytest
@@ -84,6 +85,18 @@ def _kernel_case(ties: bool, params: SpanParams, device) -> torch.Tensor:
     return torch.cat([rows, last], dim=2)
 
 
+def _triton_decode_case(ties: bool, params: SpanParams, device) -> torch.Tensor:
+    """The last row as a Triton decode step over this rank's keys (the interpreter on CPU)."""
+    from superlinear.kernels.triton_decode import triton_decode
+
+    q1, q2, k, v = _kernel_inputs(ties, device)
+    part = ContextParallel(ContextSlices((0, KERNEL_BOUNDARY)))
+    part.length_bound = 300
+    lo, hi = part.key_start, part.key_end or 300
+    return triton_decode(q1[:, :, -1:], q2[:, :, -1:], k[:, :, lo:hi], v[:, :, lo:hi],
+                         torch.tensor([299], device=device), params, key_start=lo, exchange=part, length_bound=300)
+
+
 def _worker(rank: int, work: str, kind: str) -> None:
     """One rank: gloo on CPU, NCCL on GPU ``rank`` (tests/test_distributed_gpu.py)."""
     torch.set_num_threads(1)
@@ -95,8 +108,10 @@ def _worker(rank: int, work: str, kind: str) -> None:
         torch.cuda.set_device(device)
         dist.init_process_group("nccl", init_method=meet, rank=rank, world_size=WORLD, device_id=device)
     try:
-        out = {"kernel": {f"{name}, ties={ties}": _kernel_case(ties, params, device)
-                          for name, params in KERNEL_PARAMS.items() for ties in (False, True)}}
+        cases = [(f"{name}, ties={ties}", ties, params) for name, params in KERNEL_PARAMS.items()
+                 for ties in (False, True)]
+        out = {"kernel": {case: _kernel_case(ties, params, device) for case, ties, params in cases},
+               "triton": {case: _triton_decode_case(ties, params, device) for case, ties, params in cases}}
         model = _model(str(device))
         cache = new_cache(model, PROMPT + 2 * STEPS)
         out["first"] = model.prefill(cache, _prompt(), chunk_size=CHUNK)
@@ -131,7 +146,16 @@ def run_both(work: Path, kind: str) -> dict:
     first = model.prefill(cache, _prompt(), chunk_size=CHUNK)
     save_file(_to_cpu({**cache.state_tensors(), "next": first[None]}), str(work / "one_process.safetensors"))
     tokens, logits, _ = _greedy(model, cache, first, STEPS + MORE)
-    mp.spawn(_worker, args=(str(work), kind), nprocs=WORLD, join=True)
+    interpret = os.environ.get("TRITON_INTERPRET")
+    if kind == "cpu":  # the ranks run the Triton decode kernels in the interpreter
+        os.environ["TRITON_INTERPRET"] = "1"
+    try:
+        mp.spawn(_worker, args=(str(work), kind), nprocs=WORLD, join=True)
+    finally:
+        if interpret is None:
+            os.environ.pop("TRITON_INTERPRET", None)
+        else:
+            os.environ["TRITON_INTERPRET"] = interpret
     ranks = [torch.load(work / f"rank{r}.pt") for r in range(WORLD)]
     return {"model": model, "first": first.cpu(), "tokens": tokens, "logits": logits.cpu(), "work": work,
             "ranks": ranks}
@@ -153,6 +177,7 @@ def test_sliced_kernel_equals_the_whole_one(runs, case):
     expected = torch.cat([whole, whole[:, :, -1:]], dim=2)
     for rank in runs["ranks"]:
         torch.testing.assert_close(rank["kernel"][case], expected, rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(rank["triton"][case], whole[:, :, -1:], rtol=1e-5, atol=2e-5)
     if ties:  # the farthest anchors win a tie: the lower rank's, over candidates of both ranks
         assert bool((plan["anchor"][:, :, -1] < KERNEL_BOUNDARY).all())
     else:  # spans that straddle the boundary were selected, so both halves of them were needed

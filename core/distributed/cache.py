@@ -26,6 +26,7 @@ class SlicedCache:
         self.layout = layout
         self.partition = partition
         self.max_seq_len = int(max_seq_len)
+        partition.length_bound = max(partition.length_bound, self.max_seq_len)
         self.device = torch.device(device)
         self.dtype = dtype
         self.local = Cache(layout, self._slice_limit(self.max_seq_len), device, dtype)
@@ -110,6 +111,7 @@ class SlicedCache:
             raise TooLarge(f"cannot resize to {max_seq_len} tokens: the cache already holds {self.position}")
         self.local.resize(self._slice_limit(max_seq_len))
         self.max_seq_len = max_seq_len
+        self.partition.length_bound = max(self.partition.length_bound, max_seq_len)
 
     def state_tensors(self, copy: bool = True) -> dict[str, torch.Tensor]:
         """Collective (every rank calls it): the whole sequence's state, as ``Cache.state_tensors``."""

@@ -8,6 +8,7 @@ import torch
 import torch.distributed as dist
 
 from superlinear.errors import InvalidRequest
+from superlinear.kernels import resolve_backend
 from superlinear.kernels.reference import reference_prefill
 
 
@@ -88,16 +89,24 @@ class ContextParallel:
             raise InvalidRequest(f"{slices.world_size} slices for a group of {world} ranks")
         self.slices = slices
         self.key_start, self.key_end = slices.bounds(self.rank)
+        # the longest the sequence may grow (the cache's max_seq_len): the Triton decode's static sizes
+        self.length_bound = 0
 
     @property
     def world_size(self) -> int:
         return self.slices.world_size
 
-    def attend(self, q1, q2, k, v, positions, params, mode: str = "superlinear") -> torch.Tensor:
+    def attend(self, q1, q2, k, v, positions, params, mode: str = "superlinear", backend: str | None = None):
         """Superlinear attention of the query rows (the same on every rank) over all ranks'
-        keys; ``k``/``v`` are this rank's slice."""
+        keys; ``k``/``v`` are this rank's slice. A decode step runs the Triton kernels where
+        the backend is Triton (CUDA), everything else the PyTorch reference."""
         if mode != "superlinear":
             raise InvalidRequest(f"context parallelism runs superlinear attention, not {mode!r}")
+        if q2.shape[2] == 1 and resolve_backend(backend, q2.device) == "triton":
+            from superlinear.kernels.triton_decode import triton_decode
+
+            return triton_decode(q1, q2, k, v, positions.reshape(-1), params, key_start=self.key_start,
+                                 exchange=self, length_bound=self.length_bound)
         return reference_prefill(q1, q2, k, v, positions, params, key_start=self.key_start, exchange=self)
 
     # -- the exchange ---------------------------------------------------------------------------

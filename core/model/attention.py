@@ -46,7 +46,7 @@ def spl_attention(module, query, key, value, attention_mask=None, scaling=None, 
     routing_query = kwargs.get("routing_query")
     q1 = query if routing_query is None else routing_query
     if ctx.partition is not None:
-        out = ctx.partition.attend(q1, query, key, value, ctx.positions, ctx.params, ctx.mode)
+        out = ctx.partition.attend(q1, query, key, value, ctx.positions, ctx.params, ctx.mode, ctx.backend)
     elif ctx.mode == "dense":
         out = _dense(query, key, value, ctx, scaling)
     else:
