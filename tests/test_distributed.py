@@ -97,6 +97,22 @@ def _triton_decode_case(ties: bool, params: SpanParams, device) -> torch.Tensor:
                          torch.tensor([299], device=device), params, key_start=lo, exchange=part, length_bound=300)
 
 
+def _graph_writes(cache) -> list[list[int]]:
+    """Where a captured decode step's write lands: the model's protocol with the position as a
+    device tensor (``_begin(..., write_index=)``), at a position of each slice; the local
+    indices this rank changed, per write."""
+    landed = []
+    for position in (100, 200):
+        probe = cache.clone()
+        before = probe.local.keys[2].clone()
+        probe._begin(0, 1, write_index=torch.tensor([position], device=cache.device))
+        new = torch.full((1, 2, 1, 16), 7.0, device=cache.device)
+        keys, values = probe.update(new, new, 2)
+        changed = (keys != before).any(dim=-1).any(dim=1)[0]
+        landed.append(changed.nonzero().flatten().tolist())
+    return landed
+
+
 def _worker(rank: int, work: str, kind: str) -> None:
     """One rank: gloo on CPU, NCCL on GPU ``rank`` (tests/test_distributed_gpu.py)."""
     torch.set_num_threads(1)
@@ -117,6 +133,7 @@ def _worker(rank: int, work: str, kind: str) -> None:
         out["first"] = model.prefill(cache, _prompt(), chunk_size=CHUNK)
         out["tokens"], out["logits"], last = _greedy(model, cache, out["first"], STEPS)
         out["held"], out["nbytes"] = cache.local.position, cache.nbytes()
+        out["graph_writes"] = _graph_writes(cache)
         out["empty"] = {n: tuple(t.shape) for n, t in new_cache(model, 64).state_tensors().items()}
         state = cache.state_tensors()  # collective: the whole sequence on every rank
         if rank == 0:
@@ -193,6 +210,11 @@ def test_two_ranks_prefill_and_decode_like_one_process(runs):
     # the ranks agree bit for bit (the same collectives' results, combined in the same order)
     assert torch.equal(runs["ranks"][0]["logits"], runs["ranks"][1]["logits"])
     assert len(set(runs["tokens"])) > 3  # not a degenerate model
+
+
+def test_a_captured_step_writes_only_on_the_rank_holding_the_position(runs):
+    assert runs["ranks"][0]["graph_writes"] == [[100], []]
+    assert runs["ranks"][1]["graph_writes"] == [[], [200 - 123]]
 
 
 def test_an_empty_sequence_gathers_to_an_empty_state(runs):

@@ -32,7 +32,8 @@ class SlicedCache:
         self.local = Cache(layout, self._slice_limit(self.max_seq_len), device, dtype)
         self._position = 0
         self._start = 0
-        self._graph = None  # Model keeps captured decode steps here; this cache has none (eager)
+        self._write_index: torch.Tensor | None = None  # a graph-captured step's position, on the device
+        self._graph = None  # Model keeps captured decode steps here (bound to the slice's tensors)
 
     # -- positions ------------------------------------------------------------------------------
     def _slice_limit(self, max_seq_len: int) -> int:
@@ -78,15 +79,16 @@ class SlicedCache:
     def reserve(self, tokens: int, exact: bool = False) -> None:
         if int(tokens) > self.max_seq_len:
             raise TooLarge(f"the context needs {tokens} tokens but this cache holds at most {self.max_seq_len}")
+        before = self.local.capacity
         self.local.reserve(self._held(int(tokens)), exact)
+        if self.local.capacity != before:
+            self._graph = None  # a captured decode step points at the old tensors
 
     def _check_room(self, n: int) -> None:
         self.reserve(self.position + n)
 
     def _begin(self, start: int, length: int, write_index: torch.Tensor | None = None) -> None:
-        if write_index is not None:
-            raise InvalidRequest("a context-parallel cache decodes eagerly (no CUDA graph yet)")
-        self._start = start
+        self._start, self._write_index = start, write_index
 
     # -- the Cache API --------------------------------------------------------------------------
     # Cache's rewind, in global positions: it reads only position, has_recurrent_state and
@@ -143,13 +145,19 @@ class SlicedCache:
         """Keep the part of the chunk's keys that falls into this rank's slice; returns the slice's
         keys and values (the attention reads them through ``partition``)."""
         start, _ = self.partition.slices.bounds(self.partition.rank)
-        first = max(self._start, start)
-        stop = self._start + key_states.shape[2]
-        stop = min(stop, start + self.local.capacity)
         if layer_idx not in self.local.keys:  # nothing of this sequence here yet
             empty = key_states.new_zeros((*key_states.shape[:2], 0, key_states.shape[3]))
             return empty, empty
         keys, values = self.local.keys[layer_idx], self.local.values[layer_idx]
+        if self._write_index is not None:  # one token at a device-side position: no host sync
+            at = self._write_index - start
+            mine = ((at >= 0) & (at < keys.shape[2])).view(1, 1, -1, 1)
+            at = at.clamp(0, keys.shape[2] - 1)
+            for cache, new in ((keys, key_states), (values, value_states)):
+                cache.index_copy_(2, at, torch.where(mine, new.to(cache.dtype), cache.index_select(2, at)))
+            return keys, values
+        first = max(self._start, start)
+        stop = min(self._start + key_states.shape[2], start + self.local.capacity)
         if stop > first:
             keys[:, :, first - start:stop - start].copy_(key_states[:, :, first - self._start:stop - self._start])
             values[:, :, first - start:stop - start].copy_(value_states[:, :, first - self._start:stop - self._start])
