@@ -36,8 +36,9 @@ class Ranks:
         return self.world_size > 1
 
     def variant(self, model, attention: str):
-        """The model as this bench runs it: a split context decodes eagerly (its attention is
-        the PyTorch reference over key slices, which a CUDA graph cannot capture yet)."""
+        """The model as this bench runs it: a split context decodes eagerly (a capture that
+        failed on one rank only would leave the others waiting in a collective; graphs of the
+        split step are untried on GPUs, docs/distributed.md)."""
         return model.with_attention(attention, cuda_graph=False) if self.split else model.with_attention(attention)
 
     def new_cache(self, model, tokens: int):
