@@ -26,6 +26,7 @@ PROMPT = 230  # prefill length; the two slices of a 246-token cache meet at 123
 CHUNK = 37  # prefill chunks that straddle the slice boundary
 STEPS = 8  # decode steps on two ranks
 MORE = 6  # decode steps after a state moved from two ranks to one
+MOVED = 4  # decode steps after a state moved from one process to two ranks (on the Triton decode)
 KERNEL_BOUNDARY = 137
 KERNEL_PARAMS = {
     "integer power": SpanParams(3, 3, 3.0, 1.0, 0.5, inv_search_power=2),
@@ -142,7 +143,9 @@ def _worker(rank: int, work: str, kind: str) -> None:
         single = load_file(str(Path(work, "one_process.safetensors")), device=str(device))
         moved = new_cache(model, PROMPT + 2 * STEPS)
         moved.load_state_tensors({n: t for n, t in single.items() if n != "next"}, PROMPT)
-        out["moved_tokens"], out["moved_logits"], _ = _greedy(model, moved, single["next"][0], STEPS)
+        os.environ["SPL_ATTENTION_BACKEND"] = "triton"  # decode steps on the split Triton decode
+        out["moved_tokens"], out["moved_logits"], _ = _greedy(model, moved, single["next"][0], MOVED)
+        del os.environ["SPL_ATTENTION_BACKEND"]
         torch.save(_to_cpu(out), Path(work, f"rank{rank}.pt"))
     finally:
         dist.destroy_process_group()
@@ -242,9 +245,10 @@ def test_state_saved_on_two_ranks_continues_on_one(runs):
 
 
 def test_state_saved_on_one_process_continues_on_two_ranks(runs):
+    """(decoding on the Triton kernels over each rank's slice: the interpreter on CPU)"""
     for rank in runs["ranks"]:
-        assert rank["moved_tokens"] == runs["tokens"][:STEPS]
-        torch.testing.assert_close(rank["moved_logits"], runs["logits"][:STEPS], rtol=1e-4, atol=1e-4)
+        assert rank["moved_tokens"] == runs["tokens"][:MOVED]
+        torch.testing.assert_close(rank["moved_logits"], runs["logits"][:MOVED], rtol=1e-4, atol=1e-4)
 
 
 def test_merge_partials_is_the_softmax_over_the_union():
