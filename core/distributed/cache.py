@@ -76,6 +76,9 @@ class SlicedCache:
     def growth_bytes(self, tokens: int, exact: bool = False) -> int:
         return self.local.growth_bytes(self._held(min(int(tokens), self.max_seq_len)), exact)
 
+    def transient_bytes(self) -> int:
+        return self.local.transient_bytes()
+
     def reserve(self, tokens: int, exact: bool = False) -> None:
         if int(tokens) > self.max_seq_len:
             raise TooLarge(f"the context needs {tokens} tokens but this cache holds at most {self.max_seq_len}")
