@@ -6,9 +6,13 @@
 #   tests            tests/test_distributed_gpu.py: two ranks over NCCL give what one GPU gives
 #   one:LENGTHS      one GPU, the usual kernels and CUDA graph, --probe at each length (the
 #                    last prefill chunk and 32 decode steps at that depth): the baseline
-#   probe:N:LENGTHS  the same on N ranks (torchrun), the context split over them
-#   fit:N:LENGTHS    N ranks, --probe at each length in turn (ascending) until one does not fit:
-#                    prints the largest context that fits on N GPUs
+#   probe:N:LENGTHS  the same on N ranks (torchrun), the context split over them, with a prefill
+#                    chunk of $SPLIT_CHUNK tokens (default 1024: the split prefill runs the PyTorch
+#                    reference attention, one row per block at these depths; a 32K chunk there
+#                    would take minutes). Decode runs the split Triton decode, eagerly.
+#   fit:N:LENGTHS    N ranks, probe at each length in turn (ascending) until one does not fit:
+#                    prints the largest context that fits on N GPUs (with a $SPLIT_CHUNK-token
+#                    chunk: a 32K chunk's activations need ~5 GiB more per GPU, ~0.8M tokens of KV)
 #   bench:N:LENGTHS  N ranks, a full prefill of each length (short lengths: the split attention
 #                    runs the PyTorch reference kernel until the Triton kernels take a key slice)
 # Every model is the 30B hybrid with random weights (random:superlinear-exp-30b). Carry `.whl`:
@@ -18,6 +22,7 @@ set -o pipefail
 cd "$(dirname "$0")/.."
 OUT=${OUT:-/tmp/out}; mkdir -p "$OUT"
 MODEL=random:superlinear-exp-30b
+SPLIT_CHUNK=${SPLIT_CHUNK:-1024}
 source scripts/gpu_tree.sh
 GPUS=$(nvidia-smi --query-gpu=name --format=csv,noheader | wc -l)
 
@@ -53,13 +58,14 @@ for step in "$@"; do
       bench "one_${lengths//,/_}" 1 "$lengths" --probe || status=1 ;;
     probe:*|bench:*)
       IFS=':' read -r kind n lengths <<< "$step"
-      extra=(); [ "$kind" = probe ] && extra=(--probe)
+      extra=(); [ "$kind" = probe ] && extra=(--probe --chunk-size "$SPLIT_CHUNK")
       bench "${kind}${n}_${lengths//,/_}" "$n" "$lengths" "${extra[@]}" || status=1 ;;
     fit:*)
       IFS=':' read -r _ n lengths <<< "$step"
       largest=""
       for length in ${lengths//,/ }; do
-        if bench "fit${n}_${length}" "$n" "$length" --probe && fits "fit${n}_${length}"; then
+        if bench "fit${n}_${length}" "$n" "$length" --probe --chunk-size "$SPLIT_CHUNK" \
+            && fits "fit${n}_${length}"; then
           largest=$length
         else
           break
