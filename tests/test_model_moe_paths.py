@@ -188,4 +188,4 @@ def test_models_info_shows_the_forward(tmp_path):
     result = CliRunner().invoke(cli, ["models", "info", str(tmp_path), "--device", "cpu", "--json"])
     info = json.loads(result.output)
     assert info["forward"] == "fast" and info["forward_reason"] is None
-    assert set(info["forward_paths"]) == {"mamba_prefill", "moe"}
+    assert set(info["forward_paths"]) == {"mamba_prefill", "moe", "decode_ops"}
