@@ -41,9 +41,9 @@ class HybridForward:
         return {"mamba_prefill": "fla (Triton)" if self.fla else "PyTorch reference",
                 "moe": "grouped matmul (no host sync)" if self.grouped else "transformers experts loop"}
 
-    def __call__(self, ids: torch.Tensor, cache) -> torch.Tensor:
-        """``ids [1, T]`` at the cache's current write position -> fp32 logits ``[1, 1, V]`` of
-        the last token."""
+    def __call__(self, ids: torch.Tensor, cache, keep: int = 1) -> torch.Tensor:
+        """``ids [1, T]`` at the cache's current write position -> fp32 logits ``[1, keep, V]``
+        of the last ``keep`` tokens (0: all)."""
         residual = self.hf.model.embeddings(ids)
         h = None  # the last mixer's output, not yet added to the residual stream
         for idx, (block, kind) in enumerate(zip(self.blocks, self.types, strict=True)):
@@ -56,7 +56,7 @@ class HybridForward:
                 h = moe_forward(block.mixer, self.hf.config, normed, grouped=self.grouped)
             else:
                 h = block.mixer(normed)
-        last, _ = self._add_and_norm(h[:, -1:], residual[:, -1:], self.hf.model.norm_f)
+        last, _ = self._add_and_norm(h[:, -keep:], residual[:, -keep:], self.hf.model.norm_f)
         return self.hf.lm_head(last).float()
 
     def _add_and_norm(self, h, residual, norm) -> tuple[torch.Tensor, torch.Tensor]:
