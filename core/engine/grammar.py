@@ -77,15 +77,21 @@ class Grammar:
         self.matcher = llguidance.LLMatcher(self.lltok, grammar)
         if self.matcher.is_error():
             raise InvalidRequest(f"response_format: {self.matcher.get_error()}", param="response_format")
-        self.bitmask = lt.allocate_token_bitmask(1, self.lltok.vocab_size)
-        self._fill, self._apply = lt.fill_next_token_bitmask, lt.apply_token_bitmask_inplace
+        self.bitmask = lt.allocate_token_bitmask(1, self.lltok.vocab_size)  # int32 words, bit i of word w: 32w+i
+        self._fill = lt.fill_next_token_bitmask
+        self._bits = torch.arange(32, dtype=torch.int32)
 
     def mask(self, logits: torch.Tensor) -> None:
-        """Set the logits of the tokens the grammar does not allow next to -inf (in place)."""
+        """Set the logits of the tokens the grammar does not allow next to -inf (in place).
+        The bitmask is unpacked with tensor ops (llguidance's own apply is a torch.compile
+        kernel: seconds of compiling on a server's first structured request)."""
         if self.matcher.is_error():  # a token the engine inserted broke it: constrain no more
             return
         self._fill(self.matcher, self.bitmask, 0)
-        self._apply(logits[None], self.bitmask.to(logits.device))
+        allowed = ((self.bitmask[0, :, None] >> self._bits) & 1).reshape(-1).bool()
+        n = min(allowed.numel(), logits.numel())
+        logits[:n].masked_fill_(~allowed[:n].to(logits.device), float("-inf"))
+        logits[n:] = float("-inf")  # ids past the tokenizer's vocabulary (padded embeddings)
 
     def accept(self, token: int) -> None:
         if not self.matcher.is_error():
