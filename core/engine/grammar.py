@@ -12,6 +12,7 @@ from __future__ import annotations
 import json
 import threading
 
+import numpy as np
 import torch
 
 from superlinear.errors import InvalidRequest
@@ -77,21 +78,24 @@ class Grammar:
         self.matcher = llguidance.LLMatcher(self.lltok, grammar)
         if self.matcher.is_error():
             raise InvalidRequest(f"response_format: {self.matcher.get_error()}", param="response_format")
-        self.bitmask = lt.allocate_token_bitmask(1, self.lltok.vocab_size)  # int32 words, bit i of word w: 32w+i
+        self.bitmask = lt.allocate_token_bitmask(1, self.lltok.vocab_size)  # int32 words: token 32w+i is bit i of w
         self._fill = lt.fill_next_token_bitmask
-        self._bits = torch.arange(32, dtype=torch.int32)
+        self._minus_inf = torch.tensor(float("-inf"))
 
-    def mask(self, logits: torch.Tensor) -> None:
-        """Set the logits of the tokens the grammar does not allow next to -inf (in place).
-        The bitmask is unpacked with tensor ops (llguidance's own apply is a torch.compile
-        kernel: seconds of compiling on a server's first structured request)."""
+    def mask(self, logits: torch.Tensor) -> torch.Tensor:
+        """``logits [V]`` with the tokens the grammar does not allow next at -inf. The bitmask
+        is unpacked by numpy (little-endian words, so the bytes' bits in order are the tokens');
+        llguidance's own apply is a torch.compile kernel: seconds of compiling on a server's
+        first structured request, and a compiler needed on the machine."""
         if self.matcher.is_error():  # a token the engine inserted broke it: constrain no more
-            return
+            return logits
         self._fill(self.matcher, self.bitmask, 0)
-        allowed = ((self.bitmask[0, :, None] >> self._bits) & 1).reshape(-1).bool()
-        n = min(allowed.numel(), logits.numel())
-        logits[:n].masked_fill_(~allowed[:n].to(logits.device), float("-inf"))
-        logits[n:] = float("-inf")  # ids past the tokenizer's vocabulary (padded embeddings)
+        bits = np.unpackbits(self.bitmask.numpy().view(np.uint8), bitorder="little").view(np.bool_)
+        allowed = torch.from_numpy(bits)
+        if allowed.numel() < logits.numel():  # ids past the tokenizer's vocabulary (padded embeddings)
+            allowed = torch.cat([allowed, allowed.new_zeros(logits.numel() - allowed.numel())])
+        allowed = allowed[:logits.numel()].to(logits.device)
+        return torch.where(allowed, logits, self._minus_inf.to(logits.device))
 
     def accept(self, token: int) -> None:
         if not self.matcher.is_error():

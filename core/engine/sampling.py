@@ -61,7 +61,7 @@ class Sampler:
         p = self.params
         changed = self._penalized(logits.float().clone()) if self._penalizes() or self.grammar else logits.float()
         if self.grammar is not None:
-            self.grammar.mask(changed)
+            changed = self.grammar.mask(changed)
         token = int(torch.argmax(changed)) if p.temperature <= 0 else self._sample(changed)
         entry = token_logprob(logits, token, p.logprobs, self.tokenizer) if p.logprobs is not None else None
         self.accept([token])
