@@ -82,6 +82,23 @@ def test_completion_echo_logprobs_cover_the_prompt(http, default_model):
     assert r.json()["choices"][0]["logprobs"] is None
 
 
+def test_completion_logprobs_streamed_match_the_answer(http):
+    from server_helpers import sse_chunks
+
+    body = {"prompt": "Once upon a time", "max_tokens": 4, "temperature": 0, "echo": True, "logprobs": 1}
+    whole = http.post("/v1/completions", json=body).json()["choices"][0]
+    tokens, logprobs, text = [], [], ""
+    with http.stream("POST", "/v1/completions", json={**body, "stream": True}) as r:
+        for chunk in sse_chunks(r):
+            choice = chunk["choices"][0]
+            text += choice["text"]
+            if choice["logprobs"]:
+                tokens += choice["logprobs"]["tokens"]
+                logprobs += choice["logprobs"]["token_logprobs"]
+    assert text == whole["text"] and tokens == whole["logprobs"]["tokens"]
+    assert logprobs[0] is None and logprobs[1:] == pytest.approx(whole["logprobs"]["token_logprobs"][1:], abs=1e-3)
+
+
 def _reference_loglikelihood(model, context: list[int], continuation: list[int]) -> tuple[float, bool]:
     """The in-process model: one prefill per prefix, the next token's log-softmax."""
     ids, total, greedy = context + continuation, 0.0, True
@@ -147,6 +164,16 @@ def test_response_format_json_object(client):
         assert isinstance(json.loads(r.choices[0].message.content), dict)
     else:  # cut by max_tokens: still the start of a JSON object
         assert r.choices[0].message.content.startswith("{")
+
+
+def test_response_format_on_completions(http):
+    r = http.post("/v1/completions", json={"prompt": "A JSON object with a name:", "max_tokens": 40, "temperature": 0,
+                                           "response_format": {"type": "json_schema", "json_schema": {
+                                               "name": "n", "schema": SCHEMA}}})
+    assert r.status_code == 200, r.text
+    choice = r.json()["choices"][0]
+    assert choice["finish_reason"] == "stop", choice["text"]
+    jsonschema.validate(json.loads(choice["text"]), SCHEMA)
 
 
 def test_bad_response_format_is_a_400(client):
