@@ -4,7 +4,6 @@ reuse, cancellation, rollback, fork."""
 import threading
 
 import pytest
-import torch
 
 from superlinear.engine import ChatRequest, Done, SamplingParams, TextDelta, run_turn
 from superlinear.engine.conversation import Conversation
@@ -131,14 +130,3 @@ def test_fork_gives_identical_continuation(first_turn):
     _, dc = _turn(c, nxt)
     assert dc.message == da.message and dc.usage["cached_tokens"] == conv.position
 
-
-def test_every_token_logits_match_one_prefix_at_a_time(default_model):
-    """``prefill(on_logits=...)`` on the llama path (transformers' ``logits_to_keep=0``)."""
-    ids = default_model.tokenizer.encode("Paris is the capital of France.")
-    rows = []
-    last = default_model.prefill(default_model.new_cache(64), ids, chunk_size=3, on_logits=rows.append)
-    every = torch.cat(rows)
-    assert every.shape == (len(ids), last.numel()) and torch.equal(every[-1], last)
-    for i in (0, 2, 3, len(ids) - 1):
-        alone = default_model.prefill(default_model.new_cache(64), ids[:i + 1])
-        torch.testing.assert_close(every[i], alone, atol=1e-3, rtol=1e-3)
