@@ -133,7 +133,7 @@ def test_lm_eval_local_completions_matches_the_model(server, default_model, monk
     for req, (logprob, greedy) in zip(requests, results, strict=True):
         context, continuation = lm._encode_pair(*req.args)
         ref_logprob, ref_greedy = _reference_loglikelihood(default_model, context, continuation)
-        assert logprob == pytest.approx(ref_logprob, abs=2e-3), req.args
+        assert logprob == pytest.approx(ref_logprob, abs=1e-4), req.args  # measured: 6e-6 at most
         assert greedy == ref_greedy, req.args
 
     out = lm.generate_until([Instance(request_type="generate_until", doc={}, idx=0,
