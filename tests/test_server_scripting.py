@@ -77,6 +77,7 @@ def test_completion_echo_logprobs_cover_the_prompt(http, default_model):
     assert lp["token_logprobs"][0] is None and lp["top_logprobs"][0] is None  # nothing precedes the first token
     assert all(v <= 0 for v in lp["token_logprobs"][1:]) and all(len(t) == 2 for t in lp["top_logprobs"][1:])
     assert lp["text_offset"][0] == 0 and lp["text_offset"] == sorted(lp["text_offset"])
+    assert lp["text_offset"][len(ids)] == len(prompt)  # the generated text starts after the echo
     # without logprobs there is no logprobs object, with or without echo
     r = http.post("/v1/completions", json={"prompt": prompt, "max_tokens": 1, "echo": True})
     assert r.json()["choices"][0]["logprobs"] is None

@@ -19,15 +19,21 @@ def _chat_item(text: str, logprob: float | None) -> dict:
     return {"token": text, "logprob": logprob, "bytes": list(text.encode("utf-8"))}
 
 
-def completion_logprobs(entries: list[TokenLogprob], offset: int = 0) -> dict:
-    """The legacy ``logprobs`` object; ``text_offset`` counts characters from ``offset`` (where
-    the first entry's text starts in the choice's text). A position without alternatives (the
-    first prompt token) has ``top_logprobs`` None, as vLLM and OpenAI answer."""
+def completion_logprobs(entries: list[TokenLogprob], offset: int = 0, prompt: list[TokenLogprob] = ()) -> dict:
+    """The legacy ``logprobs`` object of the generated ``entries``, after the echoed ``prompt``'s.
+    ``text_offset`` counts characters of the choice's text: the prompt's from 0 (the echo is the
+    prompt as sent), the generated tokens' from ``offset`` (where their text starts). A position
+    without alternatives (the first prompt token) has ``top_logprobs`` None, as vLLM answers."""
+    everything = [*prompt, *entries]
+    return {"tokens": [e.text for e in everything],
+            "token_logprobs": [e.logprob for e in everything],
+            "top_logprobs": [None if e.top is None else {text: lp for _, text, lp in e.top} for e in everything],
+            "text_offset": _offsets(prompt, 0) + _offsets(entries, offset)}
+
+
+def _offsets(entries: list[TokenLogprob], start: int) -> list[int]:
     offsets = []
     for e in entries:
-        offsets.append(offset)
-        offset += len(e.text)
-    return {"tokens": [e.text for e in entries],
-            "token_logprobs": [e.logprob for e in entries],
-            "top_logprobs": [None if e.top is None else {text: lp for _, text, lp in e.top} for e in entries],
-            "text_offset": offsets}
+        offsets.append(start)
+        start += len(e.text)
+    return offsets

@@ -60,18 +60,20 @@ def add_routes(app: FastAPI, rt: Runtime) -> None:
         if body.stream:
             return sse.response(_chunks(events, body, cid, created, rt.model_name, echo), on_close=job.cancel)
         try:
-            text, done, logprobs = [echo], None, []
+            text, done, prompt_logprobs, logprobs = [echo], None, [], []
             async for event in events:
                 match event:
                     case TextDelta(text=piece):
                         text.append(piece)
+                    case Logprobs(tokens=entries, prompt=True):
+                        prompt_logprobs = entries
                     case Logprobs(tokens=entries):
                         logprobs.extend(entries)
                     case Done():
                         done = event
             answer = _chunk(cid, created, rt.model_name, "".join(text), _finish(done))
             if body.logprobs is not None:
-                answer["choices"][0]["logprobs"] = completion_logprobs(logprobs)
+                answer["choices"][0]["logprobs"] = completion_logprobs(logprobs, len(echo), prompt_logprobs)
             return {**answer, "usage": openai.openai_usage(done.usage),
                     "timings": openai.spl_timings(done.usage, done.timings, None)}
         finally:
@@ -123,23 +125,21 @@ async def _chunks(events, body: CompletionRequest, cid, created, model, echo):
     unsent: list = []  # generated tokens' logprobs, sent with the next chunk
     offset = 0  # text_offset: characters of the choice's text sent so far
 
-    def chunk(text: str, finish=None, prompt_entries=None) -> dict:
+    def chunk(text: str, finish=None, prompt: list | None = None) -> dict:
         nonlocal unsent, offset
         out = _chunk(cid, created, model, text, finish)
-        entries = prompt_entries if prompt_entries is not None else unsent
-        if body.logprobs is not None and entries:
-            out["choices"][0]["logprobs"] = completion_logprobs(entries, offset)
-            if prompt_entries is None:
-                unsent = []
+        if body.logprobs is not None and (unsent or prompt):
+            out["choices"][0]["logprobs"] = completion_logprobs(unsent, offset, prompt or [])
+            unsent = []
         offset += len(text)
         return out
 
-    if echo and not (body.logprobs is not None):
+    if echo and body.logprobs is None:  # with logprobs the echo waits for the prompt's logprobs
         yield chunk(echo)
     async for event in events:
         match event:
             case Logprobs(tokens=entries, prompt=True):
-                yield chunk(echo, prompt_entries=entries)
+                yield chunk(echo, prompt=entries)
             case Logprobs(tokens=entries):
                 unsent.extend(entries)
             case TextDelta(text=piece) if piece:
