@@ -56,6 +56,17 @@ def test_repeat_penalty_divides_positive_and_multiplies_negative_logits():
     assert Sampler(greedy(repeat_penalty=1.5, repeat_last_n=0), prompt_ids=[0])(torch.tensor([2.0, 1.5])) == 0
 
 
+def test_logit_bias_adds_to_the_named_tokens():
+    logits = torch.tensor([1.0, 0.0, -1.0])
+    assert Sampler(greedy(logit_bias={1: 2.0}))(logits) == 1
+    assert Sampler(greedy(logit_bias={0: -100, 1: -100}))(logits) == 2
+    with pytest.raises(InvalidRequest) as err:
+        check_sampling(SamplingParams(logit_bias={3: 1.0}), vocab=3)  # no token 3
+    assert err.value.param == "logit_bias"
+    with pytest.raises(InvalidRequest):
+        check_sampling(SamplingParams(logit_bias={0: 101}), vocab=3)
+
+
 def test_min_p_drops_the_unlikely_tokens():
     probs = torch.tensor([0.5, 0.3, 0.2])
     logits = probs.log()

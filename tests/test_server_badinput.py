@@ -55,6 +55,7 @@ BY_NAME = {  # extra values for fields of these names
                         {"type": "json_schema", "json_schema": {"name": "x", "schema": DEEP_DICT}}],
     "frequency_penalty": [3, -2.5, "x"], "presence_penalty": [1e308, None], "min_p": [1.5, -0.1],
     "repeat_penalty": [0, -1, 11], "repeat_last_n": [-1, 10**9], "top_logprobs": [21, -1, 5],
+    "logit_bias": [{"60000": 1}, {"-1": 1}, {"x": 1}, {"5": 101}, {str(i): 1 for i in range(1100)}, []],
     "title": ["t" * 201], "description": ["d" * 10_001],
 }
 

@@ -204,6 +204,16 @@ def test_penalties_change_what_is_generated(http):
     assert "the" not in [t.strip() for t in _generated_tokens(http, repeat_penalty=5.0)]
 
 
+def test_logit_bias_through_the_api(http):
+    berlin = http.post("/tokenize", json={"content": " Berlin", "add_special": False}).json()["tokens"][0]
+    body = {"prompt": "The capital of France is", "max_tokens": 1, "temperature": 0}
+    assert http.post("/v1/completions", json=body).json()["choices"][0]["text"] != " Berlin"
+    biased = http.post("/v1/completions", json={**body, "logit_bias": {str(berlin): 100}})
+    assert biased.json()["choices"][0]["text"] == " Berlin"
+    r = http.post("/v1/completions", json={**body, "logit_bias": {"60000": 1}})  # past the vocabulary (49152)
+    assert r.status_code == 400 and r.json()["error"]["param"] == "logit_bias"
+
+
 def test_penalty_and_min_p_bounds_are_enforced(client):
     for field, value in (("frequency_penalty", 2.5), ("presence_penalty", -2.5), ("min_p", 1.5),
                          ("repeat_penalty", 0)):

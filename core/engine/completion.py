@@ -46,7 +46,7 @@ def run_completion(conv: Conversation, ids: list[int], sampling: SamplingParams,
     prefilled again for them."""
     from superlinear.model import Cancelled
 
-    check_sampling(sampling)
+    check_sampling(sampling, len(conv.model.tokenizer))
     cancel = cancel or threading.Event()
     t_start = time.perf_counter()
     if len(ids) >= conv.max_seq_len:

@@ -25,6 +25,7 @@ MAX_REPETITION_REPEATS = 1024
 MAX_TOP_LOGPROBS = 20  # vLLM's and OpenAI's limit: each costs a top-k and a decode per token
 MAX_REPEAT_PENALTY = 10.0
 MAX_REPEAT_LAST_N = 1 << 16  # the window is a set built per token
+MAX_LOGIT_BIAS = 1024  # tokens a logit_bias may name (OpenAI allows 300)
 
 # Names the chat template call itself uses: a request's chat_template_kwargs must not override
 # them (``messages``, ``tools``, ``add_generation_prompt`` ... would break or hijack the render).
@@ -53,8 +54,9 @@ def check_template_kwargs(kwargs) -> None:
                              "sets them itself", param="chat_template_kwargs")
 
 
-def check_sampling(sp: SamplingParams) -> None:
-    """Raise ``InvalidRequest`` (naming the field) for a sampling value outside its bounds."""
+def check_sampling(sp: SamplingParams, vocab: int = MAX_TOP_K) -> None:
+    """Raise ``InvalidRequest`` (naming the field) for a sampling value outside its bounds;
+    ``vocab``: the model's vocabulary size (``logit_bias`` names token ids below it)."""
     for name, value, low, high in (("temperature", sp.temperature, 0.0, 2.0), ("top_p", sp.top_p, 0.0, 1.0),
                                    ("min_p", sp.min_p, 0.0, 1.0),
                                    ("frequency_penalty", sp.frequency_penalty, -2.0, 2.0),
@@ -74,14 +76,27 @@ def check_sampling(sp: SamplingParams) -> None:
     if len(sp.stop) > MAX_STOPS or any(not isinstance(s, str) or len(s) > MAX_STOP_CHARS for s in sp.stop):
         raise InvalidRequest(f"stop: at most {MAX_STOPS} strings of at most {MAX_STOP_CHARS} characters",
                              param="stop")
+    _check_logit_bias(sp.logit_bias, vocab)
     from .grammar import grammar_of
 
     grammar_of(sp.response_format)
 
 
-def check_request(req: ChatRequest) -> None:
+def _check_logit_bias(bias, vocab: int) -> None:
+    if bias is None:
+        return
+    if not isinstance(bias, dict) or len(bias) > MAX_LOGIT_BIAS:
+        raise InvalidRequest(f"logit_bias must map at most {MAX_LOGIT_BIAS} token ids to numbers", param="logit_bias")
+    for token, value in bias.items():
+        _int_in(token, 0, vocab - 1, "logit_bias")
+        if not isinstance(value, (int, float)) or not math.isfinite(value) or not -100 <= value <= 100:
+            raise InvalidRequest(f"logit_bias values must be numbers from -100 to 100, got {value!r}",
+                                 param="logit_bias")
+
+
+def check_request(req: ChatRequest, vocab: int = MAX_TOP_K) -> None:
     """Raise ``InvalidRequest`` (naming the field) for a value outside the bounds above."""
-    check_sampling(req.sampling)
+    check_sampling(req.sampling, vocab)
     _int_in(req.reasoning_budget, 0, MAX_TOKENS, "reasoning_budget")
     rep = req.repetition
     if rep is not None:

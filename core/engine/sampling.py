@@ -5,7 +5,8 @@ seeded; and each token's logprobs when asked.
 The steps, in order (vLLM's): the logprobs are read from the raw logits; the penalties change
 the logits (OpenAI's ``frequency_penalty`` and ``presence_penalty`` over the tokens generated so
 far, llama.cpp's ``repeat_penalty`` over the last ``repeat_last_n`` tokens of prompt and output:
-a positive logit divided by it, a negative one multiplied); a ``response_format`` grammar masks
+a positive logit divided by it, a negative one multiplied), then OpenAI's ``logit_bias`` is
+added; a ``response_format`` grammar masks
 the tokens it does not allow; then greedy (``temperature == 0``) or: temperature, top-k, min-p
 (drop tokens less likely than ``min_p`` times the most likely), top-p.
 
@@ -79,7 +80,8 @@ class Sampler:
 
     def _penalizes(self) -> bool:
         p = self.params
-        return bool(p.frequency_penalty or p.presence_penalty or (p.repeat_penalty != 1.0 and self.recent))
+        return bool(p.frequency_penalty or p.presence_penalty or p.logit_bias
+                    or (p.repeat_penalty != 1.0 and self.recent))
 
     def _penalized(self, logits: torch.Tensor) -> torch.Tensor:
         """The penalties applied to ``logits`` (a copy of the model's, changed in place)."""
@@ -95,6 +97,9 @@ class Sampler:
                                device=logits.device)
             seen = logits[ids]
             logits[ids] = torch.where(seen > 0, seen / p.repeat_penalty, seen * p.repeat_penalty)
+        if p.logit_bias:
+            ids = torch.tensor([t for t in p.logit_bias if t < logits.numel()], dtype=torch.long, device=logits.device)
+            logits[ids] += torch.tensor([float(p.logit_bias[t]) for t in ids.tolist()], device=logits.device)
         return logits
 
     def _sample(self, logits: torch.Tensor) -> int:

@@ -76,7 +76,7 @@ def run_turn(conversation: Conversation, request: ChatRequest,
     On success the conversation holds messages + the assistant message (as yielded in ``Done``);
     on cancellation or an error it is restored to exactly what it was before.
     """
-    check_request(request)
+    check_request(request, len(conversation.model.tokenizer))
     cp = conversation.checkpoint()
     try:
         yield from _turn(conversation, request, cancel or threading.Event(), cp)

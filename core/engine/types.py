@@ -26,6 +26,7 @@ class SamplingParams:
     repeat_penalty: float = 1.0  # llama.cpp: logits of the last ``repeat_last_n`` tokens divided by it
     repeat_last_n: int = 64  # llama.cpp's window (prompt and output), 0 = off
     min_p: float = 0.0  # drop tokens less likely than min_p times the most likely one
+    logit_bias: dict[int, float] | None = None  # OpenAI's: added to those tokens' logits (-100..100)
     logprobs: int | None = None  # None: off; n >= 0: each token's logprob and the n most likely
     response_format: dict | None = None  # OpenAI's: {"type": "json_object"} or {"type": "json_schema", ...}
 

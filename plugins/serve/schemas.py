@@ -109,6 +109,7 @@ class SamplingFields(BaseModel):
     stop: str | list[str] | None = None
     seed: int | None = Field(None, ge=limits.SEED_MIN, le=limits.SEED_MAX)
     response_format: dict | None = None  # checked by the engine (superlinear.engine.grammar)
+    logit_bias: dict[int, float] | None = None  # token id (a JSON key) -> -100..100
 
     @field_validator("stop")
     @classmethod
@@ -119,7 +120,7 @@ class SamplingFields(BaseModel):
         from superlinear.engine import SamplingParams
 
         given = {name: getattr(self, name) for name in ("min_p", "frequency_penalty", "presence_penalty",
-                                                         "repeat_penalty", "repeat_last_n")
+                                                         "repeat_penalty", "repeat_last_n", "logit_bias")
                  if getattr(self, name) is not None}
         return SamplingParams(
             temperature=self.temperature if self.temperature is not None else defaults.get("temperature", 0.7),
