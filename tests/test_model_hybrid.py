@@ -171,7 +171,6 @@ LAYERS_5_24 = ["linear_attention", "moe", "full_attention", "linear_attention", 
 @pytest.mark.parametrize("spelling", [
     {"layers_block_type": ["mamba", "moe", "attention", "mamba", "moe", "attention", "mlp"]},  # transformers 5.3
     {"layers_block_type": None, "hybrid_override_pattern": "ME*ME*-"},  # NVIDIA's config.json
-    {"layers_block_type": None, "layer_types": LAYERS_5_24},
 ])
 def test_layer_types_are_read_in_every_spelling(spelling):
     reference = random_model(tiny_hybrid_config(), name="t", device="cpu", dtype="fp32", seed=7)
@@ -262,4 +261,6 @@ def test_layer_type_spellings_map_to_one_canonical_list():
     assert layer_types.from_config({"hybrid_override_pattern": "ME*-"}) == canonical
     assert layer_types.from_config({"layers_block_type": ["mamba", "E", "*", "-"]}) == canonical
     assert layer_types.from_config({"num_hidden_layers": 4}) is None
+    # another family's layer_types (Qwen3: full / sliding attention) is not a hybrid's
+    assert layer_types.from_config({"layer_types": ["full_attention", "sliding_attention"]}) is None
     assert layer_types.to_pattern(canonical) == "ME*-"
