@@ -113,10 +113,19 @@ def info_command(model: str, device: str | None, dtype: str | None, as_json: boo
         ("recurrent state", _size(info["recurrent_bytes_per_sequence"]) + " per sequence"),
         ("layers", f"{info['layers']}: {layers}"),
         ("vocab", str(info["vocab_size"])),
+        ("forward", _forward_line(info)),
         ("fingerprint", info["fingerprint"]),
     ]
     for key, value in rows:
         click.echo(f"{key:<16} {value}")
+
+
+def _forward_line(info: dict) -> str:
+    """``fast (paths)`` or ``FALLBACK: reason (paths)``."""
+    paths = ", ".join(f"{k.replace('_', ' ')}: {v}" for k, v in info["forward_paths"].items())
+    if info["forward"] == "fast":
+        return f"fast ({paths})"
+    return f"FALLBACK: {info['forward_reason']} ({paths})"
 
 
 def _span_line(att: dict) -> str:

@@ -62,9 +62,10 @@ def _greedy(model, ids, steps, chunk_size):
 
 
 def test_hybrid_forward_equals_transformers_prefill_and_decode(hybrid):
-    assert hybrid.fast_paths and hybrid.info()["forward"]["moe"].startswith("grouped")
+    assert hybrid.fast_paths and hybrid.info()["forward_paths"]["moe"].startswith("grouped")
+    assert hybrid.info()["forward"] == "fast" and hybrid.info()["forward_reason"] is None
     reference = hybrid.with_attention(fast_paths=False)
-    assert reference.info()["forward"] == "transformers"
+    assert reference.info()["forward"] == "fallback" and "fast_paths=False" in reference.info()["forward_reason"]
     ids = torch.randint(0, 512, (300,), generator=torch.Generator().manual_seed(0)).tolist()
     # chunks of 128: the reference scan's 64-token blocks and the model chunks both cross
     ours, ours_tokens, ours_cache = _greedy(hybrid, ids, 24, chunk_size=128)

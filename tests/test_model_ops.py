@@ -21,7 +21,7 @@ pytest.importorskip("triton")
 
 from test_model_hybrid import tiny_hybrid_config  # noqa: E402
 
-from superlinear.model.moe import moe_forward  # noqa: E402
+from superlinear.model.moe import ExpertsPath, moe_forward  # noqa: E402
 from superlinear.model.ops.moe_decode import fused_moe_decode, moe_decode, moe_decode_reference  # noqa: E402
 from superlinear.model.random_weights import random_model  # noqa: E402
 
@@ -89,7 +89,7 @@ def test_moe_decode_equals_the_grouped_moe_of_the_hybrid(tiny_hybrid):
         if block.block_type != "moe":
             continue
         x = torch.randn(1, 1, cfg.hidden_size, generator=torch.Generator().manual_seed(5))
-        expected = moe_forward(block.mixer, cfg, x, grouped=True)
+        expected = moe_forward(block.mixer, cfg, x, ExpertsPath("grouped"))
         torch.testing.assert_close(moe_decode(block.mixer, cfg, x), expected, rtol=1e-5, atol=1e-5)
 
 
@@ -177,7 +177,7 @@ def test_hybrid_decode_with_the_fused_ops_equals_the_default_path(monkeypatch):
     monkeypatch.setenv("SPL_FUSED_MOE_DECODE", "1")
     monkeypatch.setenv("SPL_FUSED_MAMBA_STEP", "1")
     fused = random_model(tiny_hybrid_config(), name="tiny", device=DEVICE, dtype="fp32", seed=4)
-    assert fused.info()["forward"]["decode_ops"] == "fused Triton: MoE, Mamba-2 step prologue"
+    assert fused.info()["forward_paths"]["decode_ops"] == "fused Triton: MoE, Mamba-2 step prologue"
     got = greedy(fused)
     assert got[0] == expected[0]
     for a, b in zip(got[1], expected[1], strict=True):
@@ -189,7 +189,7 @@ def test_a_fused_op_the_model_cannot_run_is_named_and_left_off(monkeypatch, caps
     monkeypatch.setenv("SPL_FUSED_MOE_DECODE", "1")
     model = random_model(tiny_hybrid_config(n_group=2, topk_group=1), name="tiny", device=DEVICE, dtype="fp32")
     assert "SPL_FUSED_MOE_DECODE ignored: group-limited routing" in capsys.readouterr().err
-    assert model.info()["forward"]["decode_ops"] == "default"
+    assert model.info()["forward_paths"]["decode_ops"] == "default"
 
 
 # ---------------------------------------------------------------------------------------------
@@ -259,7 +259,7 @@ def test_gpu_graph_decode_with_fused_ops_equals_eager_and_the_default_path(monke
     monkeypatch.setenv("SPL_FUSED_MOE_DECODE", "1")
     monkeypatch.setenv("SPL_FUSED_MAMBA_STEP", "1")
     fused = random_model(config, name="gpu-hybrid", device="cuda", dtype="bf16", seed=3)
-    assert fused.info()["forward"]["decode_ops"] == "fused Triton: MoE, Mamba-2 step prologue"
+    assert fused.info()["forward_paths"]["decode_ops"] == "fused Triton: MoE, Mamba-2 step prologue"
     graph, eager = decode(fused), decode(fused.with_attention(cuda_graph=False))
     assert fused.info()["cuda_graph_error"] is None
     assert graph[0] == eager[0] and rel(graph[1], eager[1]) < 1e-2

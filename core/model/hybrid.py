@@ -24,7 +24,7 @@ import torch
 from superlinear.model import layer_types
 from superlinear.model.attention import spl_attention
 from superlinear.model.mamba2 import MambaDims, fla_available, mixer_forward
-from superlinear.model.moe import grouped_mm_supported, moe_forward
+from superlinear.model.moe import experts_path, moe_forward
 from superlinear.model.ops import SWITCHES, mamba_step, moe_decode, requested
 
 
@@ -38,7 +38,8 @@ class HybridForward:
         param = next(hf.parameters())
         self.device, self.dtype = param.device, param.dtype
         self.fla = self.device.type == "cuda" and fla_available()
-        self.grouped = grouped_mm_supported(self.device, self.dtype)
+        self.experts = experts_path(self.device, self.dtype)
+        self.has_moe = layer_types.MOE in self.types
         self.eps = float(cfg.layer_norm_epsilon)
         self.fused = self._fused_decode_ops(requested())
 
@@ -59,8 +60,16 @@ class HybridForward:
     def info(self) -> dict:
         fused = [name for op, name in (("moe", "MoE"), ("mamba", "Mamba-2 step prologue")) if op in self.fused]
         return {"mamba_prefill": "fla (Triton)" if self.fla else "PyTorch reference",
-                "moe": "grouped matmul (no host sync)" if self.grouped else "transformers experts loop",
+                "moe": self.experts.describe(),
                 "decode_ops": f"fused Triton: {', '.join(fused)}" if fused else "default"}
+
+    def slow_reasons(self) -> list[str]:
+        """The slow fallbacks this forward takes on its device (empty: all fast paths)."""
+        reasons = [self.experts.reason] if self.has_moe and not self.experts.fast else []
+        if self.device.type == "cuda" and not self.fla and self.dims is not None:
+            reasons.append("fla (flash-linear-attention) is not installed: Mamba-2 prefill runs the PyTorch "
+                           "reference scan")
+        return reasons
 
     def __call__(self, ids: torch.Tensor, cache, keep: int = 1) -> torch.Tensor:
         """``ids [1, T]`` at the cache's current write position -> fp32 logits ``[1, keep, V]``
@@ -78,7 +87,7 @@ class HybridForward:
             elif kind == layer_types.MOE and "moe" in fused:
                 h = moe_decode.moe_decode(block.mixer, self.hf.config, normed)
             elif kind == layer_types.MOE:
-                h = moe_forward(block.mixer, self.hf.config, normed, grouped=self.grouped)
+                h = moe_forward(block.mixer, self.hf.config, normed, self.experts)
             else:
                 h = block.mixer(normed)
         last, _ = self._add_and_norm(h[:, -keep:], residual[:, -keep:], self.hf.model.norm_f)
