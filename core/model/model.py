@@ -254,6 +254,7 @@ class Model:
     def _run(self, ids: torch.Tensor, positions: torch.Tensor, cache: Cache, keep: int = 1) -> torch.Tensor:
         """One forward of ``ids [1, T]`` at ``positions``: logits ``[1, keep, V]`` of the last
         ``keep`` tokens (0: all)."""
+        self._shared.ctx.partition = cache.partition
         if self.fast_paths:
             return self._shared.hybrid(ids, cache, keep=keep)
         return self.hf(input_ids=ids, position_ids=positions[None], use_cache=True, logits_to_keep=keep,
