@@ -91,7 +91,7 @@ class Runtime:
                                       evict_to_disk=o.persist == "turn", default_max_seq_len=o.max_seq_len,
                                       chunk_size=o.chunk_size)
         self.service = ChatService(self.model, self.manager, self.store, persist_turns=o.persist == "turn",
-                                   chunk_size=o.chunk_size)
+                                   chunk_size=o.chunk_size, aliases=(o.model,))
         self.progress = "restoring sessions"
         self.restored = self.manager.restore_index()
 
