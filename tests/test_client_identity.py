@@ -100,3 +100,35 @@ def test_no_server_of_ours_is_one_clear_line(tmp_path):
         unused = s.getsockname()[1]
     line = one_error_line(run_spl(isolated_env(tmp_path, SPL_PORT=str(unused)), "session", "ls"))
     assert "no spl server of yours is running" in line and "spl server start" in line
+
+
+@pytest.fixture
+def other_spl_serve():
+    """A live process that looks like someone's `spl serve` (its command line), with no /health."""
+    proc = subprocess.Popen(["bash", "-c", f'exec -a /opt/other/bin/spl {sys.executable} -c '
+                                           '"import time; time.sleep(600)" serve --port 9'])
+    deadline = time.monotonic() + 10
+    while "serve" not in (process.cmdline(proc.pid) or []) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    yield proc
+    proc.kill()
+    proc.wait()
+
+
+def test_an_old_pid_only_record_never_stops_an_unconfirmed_spl_serve(tmp_path, other_spl_serve):
+    env = isolated_env(tmp_path)
+    with socket.create_server(("127.0.0.1", 0)) as s:
+        unused = s.getsockname()[1]
+    write_record(env, {"pid": other_spl_serve.pid, "url": f"http://127.0.0.1:{unused}"})
+    line = one_error_line(run_spl(env, "server", "stop"))
+    assert "no local spl server is running" in line and str(other_spl_serve.pid) in line
+    assert other_spl_serve.poll() is None, "spl server stop signalled a server it could not confirm"
+
+
+@pytest.mark.parametrize("pid", ["abc", None, -4, 1.5, True])
+def test_a_damaged_record_is_one_clear_line(tmp_path, pid):
+    env = isolated_env(tmp_path)
+    write_record(env, {"pid": pid, "url": "http://127.0.0.1:9"})
+    for command in (("server", "stop"), ("server", "status")):
+        line = one_error_line(run_spl(env, *command))
+        assert "server.json is damaged" in line and "remove the file" in line, line
