@@ -52,6 +52,7 @@ class Runtime:
         self.stats = {"requests": 0, "generations": 0, "cancelled": 0, "errors": 0}
         self.prefill_speed: dict | None = None  # the last measured prefill (``note_prefill``)
         self.on_load_error = None  # called (from the loader thread) when the model cannot be loaded
+        self.conversion: dict | None = None  # {"step", "steps", "what"} while the default model is converted
         self._next_persist_retry = 0.0
         self._persist_retry = None  # the retry job on the worker, while it runs
 
@@ -86,6 +87,11 @@ class Runtime:
         from superlinear.sessions import SessionManager, SnapshotStore
 
         o = self.options
+        if o.model == "default":
+            from superlinear.model.default import ensure_default
+
+            ensure_default(progress=self._conversion_step)  # once per machine: say how far it is
+            self.conversion = None
         self.progress = f"loading model {o.model}"
         self.model = load_model(o.model, device=o.device, loaders=model_loaders())
         self.progress = "opening the snapshot store"
@@ -102,6 +108,12 @@ class Runtime:
                                    chunk_size=o.chunk_size)
         self.progress = "restoring sessions"
         self.restored = self.manager.restore_index()
+
+    def _conversion_step(self, index: int, what: str) -> None:
+        from superlinear.model.default import CONVERSION_STEPS
+
+        self.conversion = {"step": index + 1, "steps": len(CONVERSION_STEPS), "what": what}
+        self.progress = f"converting the default model, once (step {index + 1}/{len(CONVERSION_STEPS)}: {what})"
 
     @property
     def defaults(self) -> dict:
@@ -190,6 +202,8 @@ class Runtime:
         }
         if self.status == "loading":
             h["progress"] = self.loading_progress()
+            if self.conversion is not None:
+                h["conversion"] = self.conversion
         if self.error:
             h["error"] = self.error
         if self.status == "ok":
