@@ -31,7 +31,7 @@ def test_cli_flow(spl, tmp_path):
     first = spl("rag", "ingest", "click", "-w", "cl", "--no-llm")
     assert first.returncode == 0, first.stderr
     assert re.match(r"workspace cl: \d+ added, 0 updated, 0 unchanged, 0 removed, 0 skipped -> \d+ files, "
-                    r"\d+ passages", first.stdout)
+                    r"\d+ passages, \d+ chars \(indexed in [\d.]+ s; [\d.]+ s in all\)", first.stdout)
     assert "context: not built (--no-llm)" in first.stdout
     again = spl("rag", "ingest", "-w", "cl", "--no-llm", "--json")
     report = json.loads(again.stdout)["report"]

@@ -6,6 +6,7 @@ import json
 import os
 import sys
 import textwrap
+import time
 
 import click
 
@@ -99,19 +100,22 @@ def ingest_command(paths, workspace, globs, chunk_chars, overlap, no_llm, max_se
     bar = PrefillBar(label="prefill", note=lambda line: None, enabled=sys.stderr.isatty() and not as_json)
     ctx = Context(state={"progress": progress, "status": None if as_json else progress.message,
                          "prefill": bar.update})
+    started = time.perf_counter()
     try:
         result = dispatch(RagIngest(tuple(paths), workspace or _default_workspace(), tuple(globs), chunk_chars,
                                     overlap, llm=not no_llm, max_seq_len=max_seq_len, rebuild=rebuild), ctx)
     finally:
         bar.close()
         progress.end()
+    wall = time.perf_counter() - started
     if as_json:
         click.echo(json.dumps(result, indent=2))
         return
     r = result["report"]
     click.echo(f"workspace {r['workspace']}: {len(r['added'])} added, {len(r['updated'])} updated, "
                f"{r['unchanged']} unchanged, {len(r['removed'])} removed, {len(r['skipped'])} skipped "
-               f"-> {r['files']} files, {r['chunks']} passages, {r['chars']} chars ({r['seconds']:.2f} s)")
+               f"-> {r['files']} files, {r['chunks']} passages, {r['chars']} chars (indexed in {r['seconds']:.2f} s; "
+               f"{wall:.2f} s in all)")
     for path, reason in list(r["skipped"].items())[:10]:
         click.echo(f"  skipped {display_path(path)}: {reason}", err=True)
     if len(r["skipped"]) > 10:
