@@ -277,6 +277,12 @@ class Cache:
     def is_recording_past(self, layer_idx=0) -> bool:
         return False
 
+    def get_recurrent_states_to_keep(self, layer_idx=0) -> int:
+        return 0  # intermediate states are for speculative decoding, which we do not run
+
+    def increase_count(self, layer_idx=0, state_idx=0) -> None:
+        pass  # transformers counts in-place conv updates for its own caches; ours needs no count
+
     def update_conv_state(self, conv_states, layer_idx, state_idx=0, conv_kernel_size=None, **kwargs):
         state = self.conv[layer_idx]
         full = torch.cat([state.to(conv_states.dtype), conv_states], dim=-1)

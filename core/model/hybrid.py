@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import torch
 
+from superlinear.model import layer_types
 from superlinear.model.attention import spl_attention
 from superlinear.model.mamba2 import MambaDims, fla_available, mixer_forward
 from superlinear.model.moe import grouped_mm_supported, moe_forward
@@ -29,8 +30,8 @@ class HybridForward:
         self.hf = hf
         cfg = hf.config
         self.blocks = list(hf.model.layers)
-        self.types = list(cfg.layers_block_type)
-        self.dims = MambaDims.from_config(cfg) if "linear_attention" in self.types else None
+        self.types = layer_types.from_config(cfg)
+        self.dims = MambaDims.from_config(cfg) if layer_types.MAMBA in self.types else None
         param = next(hf.parameters())
         self.device, self.dtype = param.device, param.dtype
         self.fla = self.device.type == "cuda" and fla_available()
@@ -48,11 +49,11 @@ class HybridForward:
         h = None  # the last mixer's output, not yet added to the residual stream
         for idx, (block, kind) in enumerate(zip(self.blocks, self.types, strict=True)):
             normed, residual = self._add_and_norm(h, residual, block.norm)
-            if kind == "linear_attention":
+            if kind == layer_types.MAMBA:
                 h = mixer_forward(block.mixer, self.dims, normed, cache.conv[idx], cache.ssm[idx], fast=self.fla)
-            elif kind == "full_attention":
+            elif kind == layer_types.ATTENTION:
                 h = _attention(block.mixer, normed, cache)
-            elif kind == "moe":
+            elif kind == layer_types.MOE:
                 h = moe_forward(block.mixer, self.hf.config, normed, grouped=self.grouped)
             else:
                 h = block.mixer(normed)

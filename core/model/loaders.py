@@ -16,6 +16,7 @@ import torch
 
 from superlinear.errors import InvalidRequest, NotFound, Unavailable
 from superlinear.model import attention as attention_mod
+from superlinear.model import layer_types
 from superlinear.model.cache import CacheLayout
 from superlinear.model.checkpoint_meta import RETROFIT_SPAN, read_meta, weights_fingerprint
 from superlinear.model.model import Model
@@ -242,12 +243,12 @@ def load_tokenizer(path: Path):
 
 
 def layout_of(cfg) -> CacheLayout:
-    types = getattr(cfg, "layers_block_type", None)
+    types = layer_types.from_config(cfg)
     head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
     if not types:
         return CacheLayout(tuple(range(cfg.num_hidden_layers)), cfg.num_key_value_heads, head_dim)
-    attn = tuple(i for i, t in enumerate(types) if t == "full_attention")
-    mamba = tuple(i for i, t in enumerate(types) if t == "linear_attention")
+    attn = tuple(i for i, t in enumerate(types) if t == layer_types.ATTENTION)
+    mamba = tuple(i for i, t in enumerate(types) if t == layer_types.MAMBA)
     inner = cfg.mamba_num_heads * cfg.mamba_head_dim
     conv_dim = inner + 2 * cfg.n_groups * cfg.ssm_state_size
     return CacheLayout(attn, cfg.num_key_value_heads, head_dim, mamba,

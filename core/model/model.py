@@ -21,6 +21,7 @@ from typing import Any
 import torch
 
 from superlinear.errors import InvalidRequest
+from superlinear.model import layer_types
 from superlinear.model.attention import ForwardContext, attach
 from superlinear.model.cache import Cache, CacheLayout
 from superlinear.model.hybrid import HybridForward
@@ -63,7 +64,7 @@ class Model:
         if attention not in ("superlinear", "dense"):
             raise InvalidRequest(f"unknown attention {attention!r}: use 'superlinear' or 'dense'")
         if _shared is None:
-            hybrid = HybridForward(hf) if getattr(hf.config, "layers_block_type", None) else None
+            hybrid = HybridForward(hf) if layer_types.from_config(hf.config) else None
             _shared = _Shared(hf, ForwardContext(), hybrid)
             attach(hf, _shared.ctx)
         self._shared = _shared
@@ -89,7 +90,7 @@ class Model:
         self.cuda_graph = (self.device.type == "cuda") if cuda_graph is None else bool(cuda_graph)
         if self.cuda_graph and self.device.type != "cuda":
             self.cuda_graph = False
-        if "moe" in self.layer_types() and not (self.fast_paths and _shared.hybrid.grouped):
+        if layer_types.MOE in self.layer_types() and not (self.fast_paths and _shared.hybrid.grouped):
             # transformers' MoE experts loop over the experts a batch hits (host sync): not capturable.
             self.cuda_graph = False
         self.fingerprint = self._fingerprint()
@@ -123,10 +124,7 @@ class Model:
 
     def layer_types(self) -> list[str]:
         cfg = self.hf.config
-        types = getattr(cfg, "layers_block_type", None)
-        if types:
-            return list(types)
-        return ["full_attention"] * cfg.num_hidden_layers
+        return layer_types.from_config(cfg) or [layer_types.ATTENTION] * cfg.num_hidden_layers
 
     def num_parameters(self) -> int:
         seen, total = set(), 0

@@ -13,6 +13,8 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from superlinear.model import layer_types
+
 # Names the routing projection may carry in a checkpoint; the first is ours.
 ROUTING_NAMES = ("routing_q_proj", "q1_proj", "search_q_proj")
 
@@ -22,7 +24,13 @@ def nemotron_config(config: dict):
     from transformers import NemotronHConfig
 
     body = {k: v for k, v in config.items()
-            if not k.startswith("span_attention_") and k not in ("model_type", "architectures", "auto_map")}
+            if not k.startswith("span_attention_")
+            and k not in ("model_type", "architectures", "auto_map", "hybrid_override_pattern", "layers_block_type",
+                          "layer_types")}
+    types = layer_types.from_config(config)
+    if types:  # the pattern string: read the same way by every transformers release
+        body["hybrid_override_pattern"] = layer_types.to_pattern(types)
+        body["num_hidden_layers"] = len(types)
     return NemotronHConfig.from_dict(body)
 
 
@@ -68,9 +76,9 @@ def build(config_dict: dict):
     attention_cls = routing_attention_class()
     with init_empty_weights(include_buffers=False):
         model = NemotronHForCausalLM(config)
-        for idx, block in enumerate(model.model.layers):
-            if block.block_type == "full_attention":
-                block.mixer = attention_cls(config, idx)
+        for idx, kind in enumerate(layer_types.from_config(config)):
+            if kind == layer_types.ATTENTION:
+                model.model.layers[idx].mixer = attention_cls(config, idx)
     return model
 
 
