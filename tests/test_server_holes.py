@@ -9,6 +9,7 @@ import socket
 import time
 from urllib.parse import urlparse
 
+import httpx
 import pytest
 
 pytestmark = pytest.mark.slow
@@ -83,3 +84,21 @@ def test_health_clears_a_persist_failure_once_the_disk_recovers(server):
         info = c.get("/v1/sessions/retry-persist").json()
         assert info["persist_error"] is None and info["persisted_position"] == info["position"], info
         c.delete("/v1/sessions/retry-persist")
+
+
+def test_a_second_server_on_the_same_session_store_is_refused(server, tiny_llama):
+    """Two servers on one store would restore and journal the same sessions: the second is refused
+    (one line, exit 2, naming the first) before it binds its port."""
+    import subprocess
+    import sys
+
+    from server_helpers import free_port
+
+    env = {**server.env, "SPL_STATE_DIR": str(server.tmp / "second-state")}
+    second = subprocess.run([sys.executable, "-m", "superlinear.cli.main", "serve", "--model", str(tiny_llama),
+                             "--port", str(free_port())], capture_output=True, text=True, env=env, timeout=120)
+    assert second.returncode == 2, second.stderr
+    lines = second.stderr.strip().splitlines()
+    assert len(lines) == 1 and "is in use by another spl server" in lines[0], lines
+    assert f"pid {server.proc.pid}" in lines[0] and "SUPERLINEAR_SNAPSHOT_DIR" in lines[0], lines
+    assert httpx.get(server.url + "/health").json()["status"] == "ok"
