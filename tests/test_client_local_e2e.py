@@ -52,6 +52,11 @@ def test_stale_record_chosen_port_remembered_and_model_checked(tmp_path, sleeper
         status = json.loads(run_spl(env, "server", "status", "--json").stdout)
         assert status["up"] and status["source"] == "local" and status["url"].endswith(f":{port}")
         assert status["health"]["pid"] == record["pid"] == status["local"]["pid"]
+        # ...and `spl server config` says that port, not the default the settings would give.
+        config = json.loads(run_spl(env, "server", "config", "--json").stdout)
+        port_setting = config["settings"]["port"]
+        assert (port_setting["value"], port_setting["source"]) == (port, "running"), config
+        assert config["running"]["pid"] == record["pid"] and config["url"] == record["url"]
 
         line = one_error_line(ask(env, "--model", "nope"))
         assert "serves model 'default', not 'nope'" in line
