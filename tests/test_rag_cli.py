@@ -48,8 +48,13 @@ def test_cli_flow(spl, tmp_path):
     assert "root        click" in info.stdout and "context     none" in info.stdout
     sources = spl("rag", "sources", "cl")
     assert "click/core.py" in sources.stdout
+    # -w NAME, as ingest and ask take it, works everywhere a workspace is named
+    assert spl("rag", "info", "-w", "cl").stdout == info.stdout
+    assert spl("rag", "sources", "-w", "cl").stdout == sources.stdout
+    both = spl("rag", "info", "cl", "-w", "other")
+    assert both.returncode == 2 and "two workspaces given" in both.stderr
 
-    rm = spl("rag", "rm", "cl")
+    rm = spl("rag", "rm", "-w", "cl")
     assert rm.returncode == 0 and rm.stdout.strip() == "removed workspace cl"
     assert "no workspaces" in spl("rag", "ls").stdout
 

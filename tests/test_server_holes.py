@@ -102,3 +102,18 @@ def test_a_second_server_on_the_same_session_store_is_refused(server, tiny_llama
     assert len(lines) == 1 and "is in use by another spl server" in lines[0], lines
     assert f"pid {server.proc.pid}" in lines[0] and "SUPERLINEAR_SNAPSHOT_DIR" in lines[0], lines
     assert httpx.get(server.url + "/health").json()["status"] == "ok"
+
+
+def test_url_points_one_command_at_a_server(server, tmp_path):
+    import subprocess
+    import sys
+
+    from cli_helpers import isolated_env
+
+    env = isolated_env(tmp_path)  # nothing recorded, no $SPL_SERVER_URL: only --url finds the server
+    httpx.post(server.url + "/v1/sessions", json={"session_id": "by-url"}).raise_for_status()
+    run = subprocess.run([sys.executable, "-m", "superlinear.cli.main", "session", "ls", "--json", "--url", server.url],
+                         capture_output=True, text=True, env=env, timeout=120)
+    assert run.returncode == 0, run.stderr
+    assert "by-url" in [s["id"] for s in json.loads(run.stdout)]
+    httpx.delete(server.url + "/v1/sessions/by-url")

@@ -250,4 +250,7 @@ def config_command(as_json: bool) -> None:
 
 @hookimpl
 def register_commands(register):
+    from .url_option import with_url_option
+
+    with_url_option(status_command)  # which server answers there
     register(server_group)
