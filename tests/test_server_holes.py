@@ -54,8 +54,11 @@ def test_an_upload_larger_than_the_free_disk_is_refused_from_its_length(server):
     url = urlparse(server.url)
     with socket.create_connection((url.hostname, url.port), timeout=30) as s:
         s.sendall(f"POST /v1/snapshots/import HTTP/1.1\r\nHost: x\r\nContent-Type: application/x-tar\r\n"
-                  f"Content-Length: {free + (1 << 30)}\r\n\r\n".encode())
-        answer = s.recv(65536).decode()
+                  f"Connection: close\r\nContent-Length: {free + (1 << 30)}\r\n\r\n".encode())
+        parts = []
+        while part := s.recv(65536):  # the answer comes before any body was sent
+            parts.append(part)
+        answer = b"".join(parts).decode()
     status, _, rest = answer.partition("\r\n")
     assert " 413 " in status, answer
     assert "free space" in rest, answer
