@@ -33,6 +33,9 @@ def test_identity_matches_only_the_same_process(sleeper):
     assert ident["cmdline"] == ["sleep", "600"]
     assert process.matches(ident)
     assert not process.matches(dict(ident, create_time=ident["create_time"] - 3600))  # pid reused
+    # recorded by a process that read the boot time before the clock was stepped by an hour
+    assert process.matches(dict(ident, create_time=ident["create_time"] + 3600, boot_time=ident["boot_time"] + 3600))
+    assert process.matches({k: v for k, v in ident.items() if k != "boot_time"})  # an older spl's record
     assert not process.matches(dict(ident, cmdline=spl_serve_cmdline(8787)))
     assert not process.matches({"pid": sleeper.pid})  # no start time: never trusted
     # terminate() refuses a record of another process with that pid, and the process lives on.
