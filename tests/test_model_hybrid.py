@@ -62,9 +62,10 @@ def _greedy(model, ids, steps, chunk_size):
 
 
 def test_hybrid_forward_equals_transformers_prefill_and_decode(hybrid):
-    assert hybrid.fast_paths and hybrid.info()["forward"]["moe"].startswith("grouped")
+    assert hybrid.fast_paths and hybrid.info()["forward_paths"]["moe"].startswith("grouped")
+    assert hybrid.info()["forward"] == "fast" and hybrid.info()["forward_reason"] is None
     reference = hybrid.with_attention(fast_paths=False)
-    assert reference.info()["forward"] == "transformers"
+    assert reference.info()["forward"] == "fallback" and "fast_paths=False" in reference.info()["forward_reason"]
     ids = torch.randint(0, 512, (300,), generator=torch.Generator().manual_seed(0)).tolist()
     # chunks of 128: the reference scan's 64-token blocks and the model chunks both cross
     ours, ours_tokens, ours_cache = _greedy(hybrid, ids, 24, chunk_size=128)
@@ -171,7 +172,6 @@ LAYERS_5_24 = ["linear_attention", "moe", "full_attention", "linear_attention", 
 @pytest.mark.parametrize("spelling", [
     {"layers_block_type": ["mamba", "moe", "attention", "mamba", "moe", "attention", "mlp"]},  # transformers 5.3
     {"layers_block_type": None, "hybrid_override_pattern": "ME*ME*-"},  # NVIDIA's config.json
-    {"layers_block_type": None, "layer_types": LAYERS_5_24},
 ])
 def test_layer_types_are_read_in_every_spelling(spelling):
     reference = random_model(tiny_hybrid_config(), name="t", device="cpu", dtype="fp32", seed=7)
@@ -262,4 +262,6 @@ def test_layer_type_spellings_map_to_one_canonical_list():
     assert layer_types.from_config({"hybrid_override_pattern": "ME*-"}) == canonical
     assert layer_types.from_config({"layers_block_type": ["mamba", "E", "*", "-"]}) == canonical
     assert layer_types.from_config({"num_hidden_layers": 4}) is None
+    # another family's layer_types (Qwen3: full / sliding attention) is not a hybrid's
+    assert layer_types.from_config({"layer_types": ["full_attention", "sliding_attention"]}) is None
     assert layer_types.to_pattern(canonical) == "ME*-"

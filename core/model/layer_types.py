@@ -22,8 +22,9 @@ _ALIASES = {
     "-": MLP, "mlp": MLP,
 }
 _PATTERN = {MAMBA: "M", ATTENTION: "*", MOE: "E", MLP: "-"}
-# the keys a config may name its layers by, in the order they are trusted
-_LIST_KEYS = ("layers_block_type", "layer_types")
+# Only Nemotron-H's own key: other families' ``layer_types`` (Qwen's full/sliding attention)
+# mean something else. transformers maps a Nemotron-H config's ``layer_types`` onto this one.
+_LIST_KEY = "layers_block_type"
 
 
 def canonical(types) -> list[str]:
@@ -41,10 +42,9 @@ def from_config(config) -> list[str] | None:
     """The canonical layer types of a config (a dict or a transformers config object); None
     when it names none (an attention-only model)."""
     get = config.get if isinstance(config, dict) else (lambda key: getattr(config, key, None))
-    for key in _LIST_KEYS:
-        value = get(key)
-        if value:
-            return canonical(value)
+    value = get(_LIST_KEY)
+    if value:
+        return canonical(value)
     pattern = get("hybrid_override_pattern")
     return canonical(pattern) if pattern else None
 

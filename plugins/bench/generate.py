@@ -9,7 +9,6 @@ above ``--dense-max-len`` (it is O(L^2)). torch is imported only when the comman
 
 from __future__ import annotations
 
-import datetime as _dt
 import json
 import platform
 import time
@@ -18,7 +17,8 @@ from dataclasses import dataclass
 import click
 
 from superlinear.bus import Command, Context, dispatch
-from superlinear.plugins.bench.lengths import fmt_length, parse_length
+from superlinear.plugins.bench.lengths import case_error, exit_on_failed_cases, fmt_length, parse_length
+from superlinear.plugins.bench.provenance import provenance, provenance_line
 
 
 @dataclass(frozen=True)
@@ -119,7 +119,7 @@ def run_bench(command: BenchGenerate, ctx: Context) -> dict:
                 if on_cuda:
                     row["peak_gib"] = torch.cuda.max_memory_allocated(model.device) / 2**30
             except Exception as exc:  # one failing case (e.g. out of memory) must not end the run
-                row["error"] = f"{type(exc).__name__}: {str(exc).splitlines()[0][:160] if str(exc) else ''}"
+                row["error"] = case_error(exc)
             finally:
                 del cache
                 if on_cuda:
@@ -127,20 +127,23 @@ def run_bench(command: BenchGenerate, ctx: Context) -> dict:
                     torch.cuda.reset_peak_memory_stats(model.device)
             rows.append(row)
     device_name = torch.cuda.get_device_name(base.device) if on_cuda else (platform.processor() or "cpu")
+    info = base.info()
     return {
-        "date": _dt.datetime.now(_dt.UTC).strftime("%Y-%m-%d %H:%M UTC"),
+        **provenance(base.device),
         "model": base.name,
         "device": f"{base.device} ({device_name}, {torch.get_num_threads()} threads)" if not on_cuda
         else f"{base.device} ({device_name})",
         "dtype": str(base.dtype).replace("torch.", ""),
         "load_s": load_s,
         "window": base.window,
-        "span_params": base.info()["attention"],
+        "span_params": info["attention"],
         "chunk_size": chunk_size,
-        "forward": base.info()["forward"],
+        "forward": info["forward"],
+        "forward_reason": info["forward_reason"],
+        "forward_paths": info["forward_paths"],
         "parameters": base.num_parameters(),
         "decode_tokens": command.decode_tokens,
-        "cuda_graph_error": base.info()["cuda_graph_error"],
+        "cuda_graph_error": info["cuda_graph_error"],
         "rows": rows,
     }
 
@@ -154,6 +157,8 @@ def markdown(result: dict) -> str:
         f"{result['date']} · model `{result['model']}` · {result['device']} · {result['dtype']} · "
         f"window {result['window']} · chunk {result['chunk_size']} · {result['decode_tokens']} decode "
         f"tokens · load {result['load_s']:.2f} s",
+        f"{provenance_line(result)} · forward {result.get('forward')}"
+        + (f" ({result['forward_reason']})" if result.get("forward_reason") else ""),
         "",
         "| context | attention | prefill tok/s | prefill s | decode tok/s (CUDA graph) | decode tok/s (eager) "
         "| cache | peak GPU memory |",
@@ -199,6 +204,7 @@ def command(model, device, dtype, lengths, attentions, chunk_size, decode_tokens
                                     chunk_size=chunk_size, decode_tokens=max(2, decode_tokens),
                                     dense_max_len=parse_length(dense_max_len), graph=not no_graph))
     click.echo(json.dumps(result, indent=2, default=str) if as_json else markdown(result))
+    exit_on_failed_cases(result["rows"])
 
 
 BUS_COMMANDS = [(BenchGenerate, run_bench)]
