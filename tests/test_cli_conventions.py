@@ -53,7 +53,8 @@ NO_SERVER = {
     "server stop": "stops the local one", "server logs": "reads the local log file",
     "server config": "shows the settings", "server connect": "takes the URL as its argument",
     "completion": "prints a shell script", "plugins": "lists what is installed", "models list": "local files",
-    "models info": "loads the model here", "bench attention": "runs here", "bench generate": "runs here",
+    "models info": "loads the model here", "models check": "reads a checkpoint here",
+    "bench attention": "runs here", "bench generate": "runs here", "bench niah": "runs here",
     "rag ls": "reads the workspaces", "rag info": "reads the workspace", "rag sources": "reads the workspace",
     "rag retrievers": "lists plugins",
 }
