@@ -14,11 +14,10 @@ from superlinear.errors import UserError
 from superlinear.service import ChatTurn, Done, Logprobs, Persisted, ReasoningDelta, Started, TextDelta, ToolCallsEvent
 from superlinear.service.logprobs import chat_logprobs
 
+from . import bounds, progress, sse
 from . import chat as openai
-from . import progress, sse
-from .http import read_body
 from .runtime import Runtime
-from .schemas import ChatCompletionRequest, parse_body
+from .schemas import ChatCompletionRequest
 from .worker import JobCancelled
 
 END = object()  # the job's last item: the turn is over
@@ -34,7 +33,7 @@ class ClientGone(UserError):
 def add_routes(app: FastAPI, rt: Runtime) -> None:
     @app.post("/v1/chat/completions")
     async def chat_completions(request: Request):
-        body = parse_body(await read_body(request), ChatCompletionRequest)
+        body = await bounds.parse_request(request, ChatCompletionRequest)
         body.check_supported()
         if body.session_id is not None:
             from superlinear.sessions import validate_id
@@ -42,11 +41,13 @@ def add_routes(app: FastAPI, rt: Runtime) -> None:
             validate_id(body.session_id, "session id", param="session_id")
         rt.require_ready()
         rt.service.check_model(body.model)
+        messages = body.plain_messages()
+        await bounds.check_text(rt, sum(len(m["content"]) for m in messages), "messages")
         rt.stats["requests"] += 1
-        turn = ChatTurn(openai.engine_request(body, body.plain_messages(), rt.defaults),
+        turn = ChatTurn(openai.engine_request(body, messages, rt.defaults),
                         session_id=body.session_id, session_mode=body.session_mode)
         job = rt.worker.submit(lambda j: _chat_job(rt, j, turn), kind="generation", stream=True)
-        watcher = asyncio.create_task(_watch_disconnect(request, job))
+        watcher = asyncio.create_task(watch_disconnect(request, job))
         reply = Reply(rt.model_name, body, job)
         try:
             # The response starts once the prompt passed every check: what fails before (a
@@ -88,7 +89,7 @@ def _chat_job(rt: Runtime, job, turn: ChatTurn) -> None:
     job.emit(END)
 
 
-async def _watch_disconnect(request: Request, job) -> None:
+async def watch_disconnect(request: Request, job) -> None:
     """Cancel ``job`` when the client goes away (the body has been read already)."""
     while True:
         message = await request.receive()

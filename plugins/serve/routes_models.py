@@ -17,6 +17,7 @@ def add_routes(app: FastAPI, rt: Runtime) -> None:
     async def health():
         # Readiness probes and load balancers read the status code: 200 only once the model is
         # loaded and the server takes requests; 503 (same body) while loading, failed or stopping.
+        await rt.retry_failed_persists()
         body = rt.health()
         if body["status"] == "ok":
             return body

@@ -12,18 +12,17 @@ from fastapi.responses import Response
 from superlinear.engine import Done, Logprobs, RepetitionConfig, TextDelta
 from superlinear.service.logprobs import completion_logprobs
 
+from . import bounds, sse
 from . import chat as openai
-from . import sse
-from .http import read_body
-from .routes_chat import END, next_event
+from .routes_chat import END, next_event, watch_disconnect
 from .runtime import Runtime
-from .schemas import CompletionRequest, DetokenizeRequest, TokenizeRequest, parse_body
+from .schemas import CompletionRequest, DetokenizeRequest, TokenizeRequest
 
 
 def add_routes(app: FastAPI, rt: Runtime) -> None:
     @app.post("/tokenize")
     async def tokenize(request: Request):
-        body = parse_body(await read_body(request), TokenizeRequest)
+        body = await bounds.parse_request(request, TokenizeRequest)
         source = body.text_or_messages()
         rt.require_ready()
         # a long text takes a while to tokenize: not on the event loop (nor the model's worker)
@@ -33,31 +32,39 @@ def add_routes(app: FastAPI, rt: Runtime) -> None:
 
     @app.post("/detokenize")
     async def detokenize(request: Request):
-        body = parse_body(await read_body(request), DetokenizeRequest)
         rt.require_ready()
-        text = rt.service.detokenize(body.tokens)
+        body = await bounds.parse_request(request, DetokenizeRequest, limit=bounds.ids_body_limit(rt))
+        bounds.check_ids(rt, body.tokens, "tokens")
+        text = await asyncio.to_thread(rt.service.detokenize, body.tokens)
         return {"content": text, "prompt": text}  # llama.cpp's and vLLM's names
 
     @app.post("/v1/completions")
     async def completions(request: Request):
-        body = parse_body(await read_body(request), CompletionRequest)
+        body = await bounds.parse_request(request, CompletionRequest)
         body.check_supported()
         rt.require_ready()
         rt.service.check_model(body.model)
         prompt = body.single_prompt()
+        if isinstance(prompt, str):
+            await bounds.check_text(rt, len(prompt), "prompt")
+        else:
+            bounds.check_ids(rt, prompt, "prompt")
         echo = ""
         if body.echo:
-            echo = prompt if isinstance(prompt, str) else rt.service.detokenize(prompt)
+            echo = prompt if isinstance(prompt, str) else await asyncio.to_thread(rt.service.detokenize, prompt)
         rt.stats["requests"] += 1
         job = rt.worker.submit(lambda j: _completion_job(rt, j, body, prompt), kind="generation", stream=True)
+        watcher = asyncio.create_task(watch_disconnect(request, job))  # a client gone stops the job
         cid, created = "cmpl-" + secrets.token_hex(12), openai.now()
         try:
             first = await next_event(job)  # a bad prompt is a 400, before any response starts
         except BaseException:
+            watcher.cancel()
             job.cancel()
             raise
         events = _events(job, first)
         if body.stream:
+            watcher.cancel()  # the stream's own end (sse.response) cancels the job from here on
             return sse.response(_chunks(events, body, cid, created, rt.model_name, echo), on_close=job.cancel)
         try:
             text, done, prompt_logprobs, logprobs = [echo], None, [], []
@@ -77,6 +84,7 @@ def add_routes(app: FastAPI, rt: Runtime) -> None:
             return {**answer, "usage": openai.openai_usage(done.usage),
                     "timings": openai.spl_timings(done.usage, done.timings, None)}
         finally:
+            watcher.cancel()
             job.cancel()
 
     @app.get("/metrics")
