@@ -6,6 +6,8 @@
 #   die MESSAGE                   a setup failure: exit 1 now
 #   require_gpu                   die unless torch sees a CUDA GPU (GPU tests would only skip)
 #   unknown_step NAME             a step the script does not know: fails that step
+#   use_source_tree               install the carried .whl wheels to /tmp/site and map the source
+#                                 tree to the superlinear package on PYTHONPATH (no install)
 set -uo pipefail
 SPL_FAILED_STEPS=()
 
@@ -49,4 +51,15 @@ require_gpu() {
 show_provenance() {
   echo "commit: ${SPL_GIT_COMMIT:-unknown (set SPL_GIT_COMMIT)}"
   nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader || true
+}
+
+use_source_tree() {
+  export PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1
+  python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site \
+    .whl/*.whl || die "cannot install the carried wheels (.whl/)"
+  rm -rf /tmp/pp && mkdir -p /tmp/pp/superlinear
+  for f in core/*; do ln -s "$PWD/$f" /tmp/pp/superlinear/; done
+  ln -s "$PWD/plugins" /tmp/pp/superlinear/plugins
+  ln -s "$PWD/cli" /tmp/pp/superlinear/cli
+  export PYTHONPATH=/tmp/pp:/tmp/site
 }

@@ -14,14 +14,7 @@ cd "$(dirname "$0")/.." || exit 1
 source scripts/gpu_common.sh
 require_gpu
 OUT=${OUT:-/tmp/out}; mkdir -p "$OUT"
-export PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1
-python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site \
-  .whl/*.whl || die "cannot install the carried wheels (.whl/)"
-rm -rf /tmp/pp && mkdir -p /tmp/pp/superlinear
-for f in core/*; do ln -s "$PWD/$f" /tmp/pp/superlinear/; done
-ln -s "$PWD/plugins" /tmp/pp/superlinear/plugins
-ln -s "$PWD/cli" /tmp/pp/superlinear/cli
-export PYTHONPATH=/tmp/pp:/tmp/site
+use_source_tree
 show_provenance
 python3 -c "import torch, triton, transformers, fla; print('torch', torch.__version__, 'triton', triton.__version__,
 'transformers', transformers.__version__, 'fla', fla.__version__)" || die "a package is missing"

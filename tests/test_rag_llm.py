@@ -31,6 +31,7 @@ class FakeServer:
         self.calls: list[tuple[str, str | None, list[dict]]] = []
         self.ids = itertools.count(1)
         self.base_url = "http://fake"
+        self.queued = 0  # other requests /health reports waiting or running
 
     @staticmethod
     def tokens(messages) -> int:
@@ -77,8 +78,8 @@ class FakeServer:
         yield TextDelta(reply)
         yield Done("stop", {"role": "assistant", "content": reply}, {"prompt_tokens": self.tokens(usage_messages)}, {})
 
-    def health(self):
-        return {"status": "ok", "model": "fake"}
+    def health(self, timeout=None):
+        return {"status": "ok", "model": "fake", "queued": self.queued}
 
     def rollback(self, session_id, n):
         sid = session_id
@@ -163,6 +164,15 @@ def test_ingest_builds_context_snapshot_and_ask_loads_it(tmp_path, server):
 
     removed = commands.remove_workspace("readme", api=server)
     assert removed["snapshot_removed"] and not server.snapshots
+
+
+def test_ingest_says_what_it_waits_for_after_the_prefill(tmp_path, server):
+    docs = copy_click_docs(tmp_path / "docs")
+    server.queued = 2
+    notes: list[str] = []
+    dispatch(RagIngest((str(docs),), "busy", status=notes.append), ctx_for(server))
+    assert notes[-1] == ("saving the context snapshot on the server (it is busy with 2 other requests: "
+                         "waiting for them)…"), notes
 
 
 def test_too_large_documents_are_answered_from_passages(tmp_path, server):

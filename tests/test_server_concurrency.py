@@ -112,15 +112,13 @@ def test_disconnect_stops_the_generation(server):
         c.delete("/v1/sessions/leaver")
 
 
-def test_a_plain_completion_stops_when_its_client_leaves(server):
-    """Not streamed either: the one generation path watches every request's connection."""
+def test_disconnect_stops_a_plain_completion(server):
+    """A non-streamed /v1/completions whose client left is stopped too (not run to max_tokens)."""
     with server.http() as c:
-        with pytest.raises(httpx.ReadTimeout):
-            c.post("/v1/completions", json={"prompt": "Once upon a time", "max_tokens": 2000, "temperature": 0.8,
-                                            "seed": 2}, timeout=2.0)
-        start = time.perf_counter()
+        body = {"prompt": "Write a very long essay about rivers.", "max_tokens": 2000, "temperature": 0.8, "seed": 1}
+        with pytest.raises(httpx.ReadTimeout):  # the client gives up and closes its connection
+            c.post("/v1/completions", json=body, timeout=httpx.Timeout(120, read=3))
         r = _post_retrying(c, {"messages": [user("hi")], "max_tokens": 1, "temperature": 0})
-        waited = time.perf_counter() - start
         assert r.status_code == 200, r.text
-        # The abandoned completion (2000 tokens) stopped within a step: this request did not wait for it.
-        assert r.json()["timings"]["queued_s"] < 5.0 and waited < 30, (r.json()["timings"], waited)
+        # 2000 tokens would take minutes on a CPU: this request did not wait for them
+        assert r.json()["timings"]["queued_s"] < 5.0, r.json()["timings"]

@@ -56,7 +56,7 @@ def open_service(options: LocalOptions, progress: Callable[[str], None] | None =
                              evict_to_disk=options.persist == "turn", default_max_seq_len=options.max_seq_len,
                              chunk_size=options.chunk_size)
     service = ChatService(model, manager, store, persist_turns=options.persist == "turn",
-                          chunk_size=options.chunk_size)
+                          chunk_size=options.chunk_size, aliases=(options.model,))
     say("restoring sessions")
     service.restored = manager.restore_index()
     return service
@@ -104,8 +104,8 @@ class LocalApi:
     def submit_completion(self, completion: Completion, emit: Callable[[Any], None]) -> Job:
         return self.worker.submit(
             lambda job: _drain(self.service.complete(completion.prompt, completion.sampling,
-                                                     repetition=completion.repetition, cancel=job.cancel_event),
-                               job),
+                                                     repetition=completion.repetition, echo=completion.echo,
+                                                     cancel=job.cancel_event), job),
             kind="generation", emit=emit)
 
     def chat(self, turn: ChatTurn) -> Iterator[Event]:

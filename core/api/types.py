@@ -14,11 +14,13 @@ from superlinear.service.chat_service import ChatTurn
 
 @dataclass(frozen=True)
 class Completion:
-    """A plain text completion of ``prompt`` (a string or token ids; no chat template)."""
+    """A plain text completion of ``prompt`` (a string or token ids; no chat template).
+    ``echo`` with ``sampling.logprobs``: the prompt's logprobs come first."""
 
     prompt: str | list[int]
     sampling: SamplingParams = field(default_factory=SamplingParams)
     repetition: RepetitionConfig | None = None
+    echo: bool = False
 
 
 def chat_turn(messages: list[dict], *, session_id: str | None = None, session_mode: str = "auto",

@@ -100,6 +100,8 @@ class Worker:
                 if job.cancelled():
                     job.future.set_exception(JobCancelled("cancelled before it started"))
                     continue
+                if not job.future.set_running_or_notify_cancel():  # its future was cancelled
+                    continue
                 self.current = job
                 job.started = time.monotonic()
                 try:

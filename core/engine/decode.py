@@ -14,7 +14,7 @@ import threading
 from collections.abc import Callable, Generator, Iterator
 
 from .sampling import Sampler
-from .types import Event
+from .types import Event, Logprobs
 
 # after_step(token, logits) -> (logits, tokens it added, finish reason or None)
 AfterStep = Callable[[int, object], Generator[Event, None, tuple[object, int, str | None]]]
@@ -23,9 +23,13 @@ AfterStep = Callable[[int, object], Generator[Event, None, tuple[object, int, st
 def decode(conv, logits, sampler: Sampler, *, stop_ids: set[int], max_tokens: int, limit: int,
            cancel: threading.Event, feed: Callable[[int], Iterator[Event]], stopped: Callable[[], bool],
            detector=None, length_reason: str = "length", completion: int = 0,
-           after_step: AfterStep | None = None) -> Generator[Event, None, tuple[str, int]]:
+           after_step: AfterStep | None = None, stop_token_logprobs: bool = False
+           ) -> Generator[Event, None, tuple[str, int]]:
     """``limit``: the cache position generation must stay below (the caller keeps room there for
-    what follows, e.g. the end-of-turn tokens); reaching it finishes with ``length_reason``."""
+    what follows, e.g. the end-of-turn tokens); reaching it finishes with ``length_reason``. With
+    ``sampling.logprobs`` each picked token's ``Logprobs`` comes before its text;
+    ``stop_token_logprobs``: the end token that stops the generation gets one too (as vLLM
+    reports a completion's)."""
 
     def length() -> str:
         return "length" if completion >= max_tokens else length_reason
@@ -35,7 +39,9 @@ def decode(conv, logits, sampler: Sampler, *, stop_ids: set[int], max_tokens: in
             return "cancelled", completion
         if completion >= max_tokens or conv.position >= limit:
             return length(), completion
-        token = sampler(logits)
+        token, entry = sampler.pick(logits)
+        if entry is not None and (stop_token_logprobs or token not in stop_ids):
+            yield Logprobs([entry])
         if token in stop_ids:
             return "stop", completion
         completion += 1

@@ -72,7 +72,7 @@ def run_turn(conversation: Conversation, request: ChatRequest,
     On success the conversation holds messages + the assistant message (as yielded in ``Done``);
     on cancellation or an error it is restored to exactly what it was before.
     """
-    check_request(request)
+    check_request(request, len(conversation.model.tokenizer))
     cp = conversation.checkpoint()
     try:
         yield from _turn(conversation, request, cancel or threading.Event(), cp)
@@ -108,8 +108,8 @@ def _turn(conv: Conversation, req: ChatRequest, cancel: threading.Event, cp) -> 
     in_reasoning = prompt.text.rstrip().endswith("<think>")
     pipe = _TextPipeline(sp.stop, in_reasoning, tools is not None)
     detok = IncrementalDetokenizer(tok)
-    sampler = Sampler(sp)
     stop_ids = conv.template.end_token_ids | set(sp.stop_token_ids)
+    sampler = Sampler(sp, tokenizer=tok, end_ids=sorted(stop_ids), prompt_ids=prompt.ids)
     detector = RepetitionDetector(req.repetition) if req.repetition else None
     budget = req.reasoning_budget
     max_tokens = sp.max_tokens if sp.max_tokens is not None else conv.max_seq_len
@@ -141,6 +141,7 @@ def _turn(conv: Conversation, req: ChatRequest, cancel: threading.Event, cp) -> 
         if conv.position + len(ids) >= limit:
             return logits, 0, length_reason
         logits = conv.extend_tokens(ids)
+        sampler.accept(ids)
         yield from feed(ids)
         reasoning["budget"] = None
         return logits, len(ids), None
@@ -151,6 +152,7 @@ def _turn(conv: Conversation, req: ChatRequest, cancel: threading.Event, cp) -> 
     if forced:
         ids = tok.encode(forced, add_special_tokens=False)
         logits = conv.extend_tokens(ids)
+        sampler.accept(ids)
         completion += len(ids)
         yield from feed(ids)
 

@@ -80,12 +80,13 @@ _SPAN_PATH = "auto"  # "auto" | "union" | "gather"
 _UNION_MAX_RATIO = 8
 
 
-def _span_partials(q2, k, v, lo, hi, key_mask, scale):
+def _span_partials(q2, k, v, lo, hi, key_mask, scale, key_start=0):
     """Softmax partials (max, sum, acc) of every span over its keys ``[lo, hi] ∩ key_mask``.
 
     q2 ``[B,HQ,nq,D]``; lo, hi ``[B,HQ,nq,k]`` (an empty span has hi < lo). Returns m ``[B,HQ,nq,k]``
     (-inf for an empty span), l ``[B,HQ,nq,k]`` and acc ``[B,HQ,nq,k,D]`` (0 for an empty span).
-    Never reads a key outside the spans' union, so never past ``max(hi)``.
+    Never reads a key outside the spans' union, so never past ``max(hi)``. ``k[:, :, 0]`` is the key
+    at position ``key_start`` (a slice of the sequence); lo and hi are positions inside it.
     """
     B, HQ, nq, kspans = lo.shape
     D = q2.shape[-1]
@@ -95,26 +96,26 @@ def _span_partials(q2, k, v, lo, hi, key_mask, scale):
                 torch.zeros(B, HQ, nq, kspans, device=q2.device),
                 torch.zeros(B, HQ, nq, kspans, D, device=q2.device))
     if _SPAN_PATH == "gather":
-        return _span_partials_gather(q2, k, v, lo, hi, key_mask, scale)
+        return _span_partials_gather(q2, k, v, lo, hi, key_mask, scale, key_start)
     r0 = int(lo[nonempty].min())
     r1 = int(hi[nonempty].max())
     width = r1 - r0 + 1
     if _SPAN_PATH == "auto":
         lmax = int((hi - lo + 1).max())
         if width > _UNION_MAX_RATIO * lmax:
-            return _span_partials_gather(q2, k, v, lo, hi, key_mask, scale)
+            return _span_partials_gather(q2, k, v, lo, hi, key_mask, scale, key_start)
     if B * HQ * nq * kspans * width <= _BUDGET:
-        return _span_partials_union(q2, k, v, lo, hi, key_mask, scale, r0, r1)
+        return _span_partials_union(q2, k, v, lo, hi, key_mask, scale, r0, r1, key_start)
     if nq == 1:  # even one row's union is too wide for the budget
-        return _span_partials_gather(q2, k, v, lo, hi, key_mask, scale)
+        return _span_partials_gather(q2, k, v, lo, hi, key_mask, scale, key_start)
     # split the rows: a smaller block has a narrower union
     h = nq // 2
-    a = _span_partials(q2[:, :, :h], k, v, lo[:, :, :h], hi[:, :, :h], key_mask, scale)
-    b = _span_partials(q2[:, :, h:], k, v, lo[:, :, h:], hi[:, :, h:], key_mask, scale)
+    a = _span_partials(q2[:, :, :h], k, v, lo[:, :, :h], hi[:, :, :h], key_mask, scale, key_start)
+    b = _span_partials(q2[:, :, h:], k, v, lo[:, :, h:], hi[:, :, h:], key_mask, scale, key_start)
     return tuple(torch.cat([x, y], dim=2) for x, y in zip(a, b, strict=True))
 
 
-def _span_partials_union(q2, k, v, lo, hi, key_mask, scale, r0, r1):
+def _span_partials_union(q2, k, v, lo, hi, key_mask, scale, r0, r1, key_start=0):
     """Span partials from one score matmul per kv head over the union of keys ``[r0, r1]``."""
     B, HQ, nq, kspans = lo.shape
     D = q2.shape[-1]
@@ -123,7 +124,8 @@ def _span_partials_union(q2, k, v, lo, hi, key_mask, scale, r0, r1):
     R = r1 - r0 + 1
     kr = torch.arange(r0, r1 + 1, device=q2.device)
     q2g = q2.float().reshape(B, HKV, G * nq, D)
-    sc = torch.matmul(q2g, k[:, :, r0:r1 + 1].float().transpose(-1, -2)).mul_(scale)  # [B,HKV,G*nq,R]
+    k0, k1 = r0 - key_start, r1 - key_start + 1
+    sc = torch.matmul(q2g, k[:, :, k0:k1].float().transpose(-1, -2)).mul_(scale)  # [B,HKV,G*nq,R]
     sc = sc.reshape(B, HQ, nq, 1, R)
     inside = (kr >= lo[..., None]) & (kr <= hi[..., None])  # [B,HQ,nq,k,R]
     if key_mask is not None:
@@ -133,11 +135,11 @@ def _span_partials_union(q2, k, v, lo, hi, key_mask, scale, r0, r1):
     m_safe = torch.where(torch.isfinite(m_s), m_s, torch.zeros_like(m_s))
     p = sc.sub_(m_safe[..., None]).exp_()
     l_s = p.sum(-1)
-    acc_s = torch.matmul(p.reshape(B, HKV, G * nq * kspans, R), v[:, :, r0:r1 + 1].float())
+    acc_s = torch.matmul(p.reshape(B, HKV, G * nq * kspans, R), v[:, :, k0:k1].float())
     return m_s, l_s, acc_s.reshape(B, HQ, nq, kspans, D)
 
 
-def _span_partials_gather(q2, k, v, lo, hi, key_mask, scale):
+def _span_partials_gather(q2, k, v, lo, hi, key_mask, scale, key_start=0):
     """Span partials from the keys gathered per (row, span, key), in chunks of the span length."""
     B, HQ, nq, kspans = lo.shape
     D = q2.shape[-1]
@@ -146,7 +148,7 @@ def _span_partials_gather(q2, k, v, lo, hi, key_mask, scale):
     nsub = max(1, _BUDGET // max(1, B * HQ * kspans * Lmax * D))
     if nsub < nq:
         parts = [_span_partials_gather(q2[:, :, r:r + nsub], k, v, lo[:, :, r:r + nsub], hi[:, :, r:r + nsub],
-                                       key_mask, scale) for r in range(0, nq, nsub)]
+                                       key_mask, scale, key_start) for r in range(0, nq, nsub)]
         return tuple(torch.cat(x, dim=2) for x in zip(*parts, strict=True))
     HKV, LKV = k.shape[1], k.shape[2]
     G = HQ // HKV
@@ -162,7 +164,7 @@ def _span_partials_gather(q2, k, v, lo, hi, key_mask, scale):
     for c0 in range(0, Lmax, LC):
         idx = lo[..., None] + c0 + torch.arange(min(LC, Lmax - c0), device=dev)  # [B,HQ,nq,k,L]
         ok = idx <= hi[..., None]
-        idx_c = idx.clamp(0, LKV - 1)
+        idx_c = (idx - key_start).clamp(0, LKV - 1)
         if key_mask is not None:
             ok = ok & key_mask[bidx, idx_c]
         kg = k[bidx, hkv_of[None, :, None, None, None], idx_c].float()  # [B,HQ,nq,k,L,D]
@@ -179,9 +181,11 @@ def _span_partials_gather(q2, k, v, lo, hi, key_mask, scale):
     return m_s, l_s, acc_s
 
 
-def _general_rows(q1, q2, k, v, pos, key_mask, params, tables, st, out, rows, scale, plan=None):
+def _general_rows(q1, q2, k, v, pos, key_mask, params, tables, st, out, rows, scale, plan=None, key_start=0,
+                  exchange=None):
     B, HQ, _, D = q2.shape
     HKV, LKV = k.shape[1], k.shape[2]
+    key_end = key_start + LKV  # this call holds the keys at positions [key_start, key_end)
     G = HQ // HKV
     W = params.window_len
     s = params.sw_index
@@ -207,19 +211,19 @@ def _general_rows(q1, q2, k, v, pos, key_mask, params, tables, st, out, rows, sc
         # candidate stripes s+1 .. I with F(I) <= tmax + 1, ordered by DESCENDING i so that a
         # stable sort keeps the larger i first among equal scores (the tie rule)
         last = int(torch.searchsorted(offs, torch.tensor(tmax + 1, device=offs.device), right=True))
-        istripe = torch.arange(last - 1, s, -1, device=pos.device)  # descending
+        istripe = torch.arange(max(last - 1, s), s, -1, device=pos.device)  # descending; none before the window
         C = len(istripe)
         Fi = offs[istripe]  # [C]
         a = t[:, None] + 1 - Fi[None, :]  # [nq, C]
-        cvalid = (Fi[None, :] <= t[:, None] + 1) & (a < LKV) & (a >= 0)
-        a_cl = a.clamp(0, LKV - 1)
+        cvalid = (Fi[None, :] <= t[:, None] + 1) & (a < key_end) & (a >= key_start)
+        a_cl = a.clamp(key_start, max(key_start, key_end - 1))
         if key_mask is not None:
             cvalid_b = cvalid[None] & key_mask[:, a_cl]  # [B, nq, C]
         else:
             cvalid_b = cvalid[None].expand(B, -1, -1)
         q1f = q1[:, :, blk].float().reshape(B, HKV, G, nq, D)
-        if C > 0:
-            ka = k[:, :, a_cl.reshape(-1)].float().reshape(B, HKV, nq, C, D)
+        if C > 0 and LKV > 0:
+            ka = k[:, :, (a_cl - key_start).reshape(-1)].float().reshape(B, HKV, nq, C, D)
             scores = torch.einsum("bhgrd,bhrcd->bhgrc", q1f, ka).reshape(B, HQ, nq, C)
             scores = scores.masked_fill(~cvalid_b[:, None], float("-inf"))
             srt, order = torch.sort(scores, dim=-1, descending=True, stable=True)
@@ -234,6 +238,8 @@ def _general_rows(q1, q2, k, v, pos, key_mask, params, tables, st, out, rows, sc
             pad = kspans - kk
             sel_score = torch.cat([sel_score, sel_score.new_full((B, HQ, nq, pad), float("-inf"))], -1)
             sel_a = torch.cat([sel_a, sel_a.new_zeros((B, HQ, nq, pad))], -1)
+        if exchange is not None:  # the global top-k from every slice's own
+            sel_score, sel_a = exchange.topk(sel_score, sel_a)
         svalid = torch.isfinite(sel_score)  # [B, HQ, nq, k]
         gate_logit = torch.where(svalid, sel_score, torch.full_like(sel_score, -1e9))
         # ---- 2. span bounds ----------------------------------------------------------------
@@ -246,7 +252,9 @@ def _general_rows(q1, q2, k, v, pos, key_mask, params, tables, st, out, rows, sc
         if params.forward_factor == 0:
             hi = sel_a.clone()
         else:
-            hi = torch.minimum(torch.minimum(sel_a + fw, tt), torch.tensor(LKV - 1, device=pos.device))
+            # a slice's caller has every key up to the row's own position (elsewhere if not here)
+            last_key = tmax if exchange is not None else LKV - 1
+            hi = torch.minimum(torch.minimum(sel_a + fw, tt), torch.tensor(last_key, device=pos.device))
         if W > 0:
             hi = torch.minimum(hi, (tt - W + 1).clamp(min=0) - 1)
         hi = torch.where(svalid, hi, lo - 1)  # empty span for unselected slots
@@ -255,25 +263,26 @@ def _general_rows(q1, q2, k, v, pos, key_mask, params, tables, st, out, rows, sc
             plan["lo"][:, :, blk] = torch.where(svalid, lo, -1)
             plan["hi"][:, :, blk] = torch.where(svalid, hi, -1)
             plan["score"][:, :, blk] = gate_logit
-        # ---- 3. window partial per (b, h, row) ---------------------------------------------
-        if W > 0:
-            w_lo = (t - W + 1).clamp(min=0)
-            w_hi = t.clamp(max=LKV - 1)
-            r0, r1 = int(w_lo.min()), int(w_hi.max())
+        # ---- 3. window partial per (b, h, row), over the keys held here ---------------------
+        w_lo = (t - W + 1).clamp(min=max(0, key_start))
+        w_hi = t.clamp(max=key_end - 1)
+        r0, r1 = int(w_lo.min()), int(w_hi.max())
+        if W > 0 and r1 >= r0:
             kr = torch.arange(r0, r1 + 1, device=pos.device)
             wmask = (kr[None, :] >= w_lo[:, None]) & (kr[None, :] <= w_hi[:, None])  # [nq, R]
             wmask = wmask[None].expand(B, -1, -1)
             if key_mask is not None:
                 wmask = wmask & key_mask[:, None, r0:r1 + 1]
             q2g = q2[:, :, blk].float().reshape(B, HKV, G * nq, D)
+            kw = slice(r0 - key_start, r1 + 1 - key_start)
             # in place on the [B, HQ, nq, W + nq] scores: the largest temporaries of a block
-            sc = torch.matmul(q2g, k[:, :, r0:r1 + 1].float().transpose(-1, -2)).mul_(scale)
+            sc = torch.matmul(q2g, k[:, :, kw].float().transpose(-1, -2)).mul_(scale)
             sc = sc.reshape(B, HQ, nq, -1).masked_fill_(~wmask[:, None], float("-inf"))
             m_w = sc.amax(-1)  # [B, HQ, nq]
             m_ws = torch.where(torch.isfinite(m_w), m_w, torch.zeros_like(m_w))
             p = sc.sub_(m_ws[..., None]).exp_()
             l_w = p.sum(-1)
-            acc_w = torch.matmul(p.reshape(B, HKV, G * nq, -1), v[:, :, r0:r1 + 1].float())
+            acc_w = torch.matmul(p.reshape(B, HKV, G * nq, -1), v[:, :, kw].float())
             acc_w = acc_w.reshape(B, HQ, nq, D)
         else:
             m_w = torch.full((B, HQ, nq), float("-inf"), device=pos.device)
@@ -282,7 +291,9 @@ def _general_rows(q1, q2, k, v, pos, key_mask, params, tables, st, out, rows, sc
         # ---- 4. span partials, merged with the window, gated ------------------------------
         gates = torch.softmax(gate_logit, dim=-1)
         gates = torch.where(torch.isnan(gates), torch.full_like(gates, 1.0 / kspans), gates)
-        m_s, l_s, acc_s = _span_partials(q2[:, :, blk], k, v, lo, hi, key_mask, scale)
+        # the parts of the spans held here (all of them without a slice)
+        m_s, l_s, acc_s = _span_partials(q2[:, :, blk], k, v, lo.clamp(min=key_start), hi.clamp(max=key_end - 1),
+                                         key_mask, scale, key_start)
         m = torch.maximum(m_s, m_w[..., None])
         m_safe = torch.where(torch.isfinite(m), m, torch.zeros_like(m))
         aw = torch.exp(m_w[..., None] - m_safe)  # [B,HQ,nq,k]
@@ -290,15 +301,26 @@ def _general_rows(q1, q2, k, v, pos, key_mask, params, tables, st, out, rows, sc
         num = acc_w[:, :, :, None, :] * aw[..., None] + acc_s * asp[..., None]
         den = l_w[..., None] * aw + l_s * asp
         o_j = torch.where(den[..., None] > 0, num / den.clamp(min=1e-30)[..., None], torch.zeros_like(num))
+        if exchange is not None:  # each span's softmax over the keys of every slice
+            lse = torch.where(den > 0, m_safe + torch.log(den.clamp(min=1e-30)), float("-inf"))
+            o_j = exchange.combine(o_j, lse)
         res = (gates[..., None] * o_j).sum(-2)
         out[:, :, blk] = res
 
 
-def reference_prefill(q1, q2, k, v, positions, params: SpanParams, key_mask=None, plan=None):
+def reference_prefill(q1, q2, k, v, positions, params: SpanParams, key_mask=None, plan=None, key_start=0,
+                      exchange=None):
     """Superlinear attention for query rows at absolute ``positions`` ([LQ] int64).
 
     ``plan`` (optional dict) receives the routing diagnostics: ``anchor``, ``lo``, ``hi``
     ([B,HQ,LQ,k] int64, -1 where a slot is unselected) and ``score`` (gate logits, -1e9 there).
+
+    A slice of the sequence (context parallelism, ``superlinear.distributed``): ``k``/``v`` hold
+    the keys at positions ``key_start ..``, the other keys up to ``max(positions)`` are held by
+    other calls of the same rows, and ``exchange`` joins them: ``exchange.topk(score, anchor)``
+    turns this slice's top-k candidates ``[B,HQ,LQ,k]`` (sorted, -inf where none) into the
+    global top-k, and ``exchange.combine(out, lse)`` each span's partial softmax ``[B,HQ,LQ,k,D]``
+    and log-sum-exp ``[B,HQ,LQ,k]`` over this slice's keys into the one over all keys.
     """
     B, HQ, LQ, D = q2.shape
     LKV = k.shape[2]
@@ -307,8 +329,10 @@ def reference_prefill(q1, q2, k, v, positions, params: SpanParams, key_mask=None
         return out.to(q2.dtype)
     pos = positions.to(device=q2.device, dtype=torch.long)
     tmax = int(pos.max())
+    if exchange is not None and key_mask is not None:
+        raise ValueError("a slice of the keys (exchange) takes no key_mask")
     # never read keys after the largest position (static-cache tail)
-    nk = max(1, min(LKV, tmax + 1))
+    nk = max(1, min(LKV, tmax + 1)) if exchange is None else max(0, min(LKV, tmax + 1 - key_start))
     k = k[:, :, :nk]
     v = v[:, :, :nk]
     if key_mask is not None:
@@ -320,15 +344,18 @@ def reference_prefill(q1, q2, k, v, positions, params: SpanParams, key_mask=None
         for name in ("anchor", "lo", "hi"):
             plan[name] = torch.full((B, HQ, LQ, kspans), -1, dtype=torch.long, device=q2.device)
         plan["score"] = torch.full((B, HQ, LQ, kspans), -1e9, dtype=torch.float32, device=q2.device)
-    causal = (pos + 1 <= W).nonzero().flatten()
-    general = (pos + 1 > W).nonzero().flatten()
+    # rows without anchors take plain causal attention; a slice sends every row through the
+    # general path, whose collectives every slice must run alike
+    causal = (pos + 1 <= W).nonzero().flatten() if exchange is None else pos[:0]
+    general = (pos + 1 > W).nonzero().flatten() if exchange is None else torch.arange(LQ, device=q2.device)
     if len(causal):
         _causal_rows(q2, k, v, pos, key_mask, W, out, causal, scale)
     if len(general):
         tables = get_tables(params, tmax + 1, "cpu" if q2.device.type == "cpu" else q2.device)
         st = _first_true(key_mask, B, nk, q2.device)
         # reads limited to [0, nk): positions >= LKV would index out of the cache
-        _general_rows(q1, q2, k, v, pos, key_mask, params, tables, st, out, general, scale, plan)
+        _general_rows(q1, q2, k, v, pos, key_mask, params, tables, st, out, general, scale, plan, key_start,
+                      exchange)
     return out.to(q2.dtype)
 
 

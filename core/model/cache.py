@@ -58,6 +58,8 @@ class Cache:
     now, ``nbytes()`` its size: an idle session costs what it holds, not its limit.
     """
 
+    partition = None  # all positions are here (superlinear.distributed.SlicedCache holds a slice)
+
     def __init__(self, layout: CacheLayout, max_seq_len: int, device, dtype: torch.dtype):
         self.layout = layout
         self.max_seq_len = int(max_seq_len)

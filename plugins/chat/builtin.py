@@ -59,10 +59,11 @@ def _temp(text, repl):
 def _max(text, repl):
     text = text.strip().lower()
     s = repl.settings
-    if text in ("off", "none", "no"):
-        s.max_tokens = None
-    elif text:
-        s.max_tokens = parse_int(text, "max tokens", minimum=0) or None
+    if text:
+        s.max_tokens = None if text in ("off", "none", "no") else parse_int(text, "max tokens", minimum=0) or None
+        from . import state
+
+        state.remember_max_tokens(repl.name, s.max_tokens)  # kept for the next `spl chat`
     if s.max_tokens is None:
         return "max tokens per reply: no cap (until the session is full; a loop still stops the reply)"
     return f"max tokens per reply: {s.max_tokens}"

@@ -175,7 +175,7 @@ def wait_until_ready(client: SplClient, pid: int | None = None, timeout: float =
             return health
         if health.get("status") == "error":
             raise Unavailable(f"the spl server failed to load the model: {health.get('error')}")
-        line = f"spl: {health.get('progress') or health.get('status')}…"
+        line = f"spl: {_conversion_bar(health.get('conversion'))}{health.get('progress') or health.get('status')}…"
         # On a terminal the line is redrawn with the seconds ticking; in a log, once per stage.
         key = line if sys.stderr.isatty() else re.sub(r" \(\d+s\)", "", line)
         if progress and key != last:
@@ -184,6 +184,17 @@ def wait_until_ready(client: SplClient, pid: int | None = None, timeout: float =
         if time.monotonic() > deadline:
             raise Unavailable(f"the spl server did not become ready in {timeout:.0f}s; see `spl server logs`")
         time.sleep(0.25)
+
+
+def _conversion_bar(conversion) -> str:
+    """``[#####-----] `` for the default model's one-time conversion (its steps done so far)."""
+    try:
+        done, total = int(conversion["step"]) - 1, int(conversion["steps"])
+    except (TypeError, KeyError, ValueError):
+        return ""
+    width = 20
+    filled = width * max(0, min(done, total)) // max(total, 1)
+    return f"[{'#' * filled}{'-' * (width - filled)}] "
 
 
 def start(options: ServeOptions, progress: Progress | None = stderr_progress, timeout: float = 900.0,
@@ -246,7 +257,8 @@ def stop(timeout: float = 120.0) -> dict:
     if not info or ident is None:
         if recorded and recorded.get("pid"):
             raise Unavailable(f"no local spl server is running (pid {recorded['pid']} in {state.server_file()} "
-                              "is not an spl server any more; the stale file was removed)")
+                              "is not the spl server recorded there any more; it was left alone and the "
+                              "stale file removed)")
         raise Unavailable("no local spl server is running")
     sessions = None
     client = SplClient(info["url"], api_key=info.get("api_key"))

@@ -15,6 +15,7 @@ import os
 from pathlib import Path
 
 from superlinear import process
+from superlinear.errors import InvalidRequest
 from superlinear.paths import state_dir
 
 
@@ -58,7 +59,17 @@ def _write(path: Path, data: dict) -> None:
 
 
 def local_server() -> dict | None:
-    return _read(server_file())
+    """``server.json``, or None; a file whose pid is not a process id is a ``UserError`` (it
+    names no process that could be checked or stopped)."""
+    info = _read(server_file())
+    if info is None:
+        return None
+    pid = info.get("pid")
+    if not isinstance(pid, int) or isinstance(pid, bool) or pid <= 0 or not isinstance(info.get("url"), str):
+        raise InvalidRequest(f"{server_file()} is damaged (pid {pid!r}, url {info.get('url')!r}); no server "
+                             "can be checked or stopped through it: remove the file, then stop the server "
+                             "by its pid if one still runs")
+    return info
 
 
 def write_local_server(data: dict) -> None:
@@ -67,7 +78,7 @@ def write_local_server(data: dict) -> None:
 
 def clear_local_server(pid: int | None = None) -> None:
     """Remove ``server.json`` (only if it names ``pid``, when given)."""
-    if pid is not None and (local_server() or {}).get("pid") != pid:
+    if pid is not None and (_read(server_file()) or {}).get("pid") != pid:
         return
     server_file().unlink(missing_ok=True)
 
@@ -111,11 +122,23 @@ def verified_identity(info: dict) -> dict | None:
     ident = info.get("process")
     if isinstance(ident, dict) and ident.get("pid") == info.get("pid"):
         return ident if process.matches(ident) else None
-    # A server.json from an older spl holds the pid only: accept a live `spl serve` with it.
+    # A server.json from an older spl holds the pid only: a live `spl serve` with that pid may
+    # be anyone's (the pid was reused), so it counts only if the recorded URL's /health answers
+    # with that pid, from a process of this user.
     cmdline = process.cmdline(info.get("pid"))
-    if cmdline and _looks_like_spl_serve(cmdline):
-        return process.identity(info["pid"])
-    return None
+    if not (cmdline and _looks_like_spl_serve(cmdline) and process.owner(info["pid"]) == _user()):
+        return None
+    import httpx
+
+    try:  # /health needs no key
+        confirmed = httpx.get(info["url"].rstrip("/") + "/health", timeout=2.0).json().get("pid") == info["pid"]
+    except (httpx.HTTPError, ValueError, AttributeError):
+        confirmed = False
+    return process.identity(info["pid"]) if confirmed else None
+
+
+def _user() -> str | None:
+    return process.owner(os.getpid())
 
 
 def running_local() -> dict | None:

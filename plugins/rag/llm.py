@@ -143,6 +143,8 @@ def build_context(workspace: Workspace, client, *, max_seq_len: int | None = Non
         if budget is not None and tokens > budget:
             needed = tokens
             raise TooLarge("documents too large")
+        if progress:  # the snapshot is written by the server's worker: say so, and who is ahead
+            progress(f"saving the context snapshot on the server{_waiting_note(client)}…")
         # Keep only the documents: drop the one token generated to run the prefill.
         try:
             client.rollback(session_id, 1)
@@ -207,6 +209,17 @@ def _chat_events(client, turn):
     from superlinear.bus import Context, dispatch
 
     return dispatch(Chat(turn), Context(api=client))
+
+
+def _waiting_note(client) -> str:
+    """" (it is busy with 2 other requests: waiting for them)" when the server has other work."""
+    try:
+        queued = int(client.health(timeout=2.0).get("queued") or 0)
+    except (UserError, AttributeError, ValueError):
+        return ""
+    if queued <= 0:
+        return ""
+    return f" (it is busy with {queued} other request{'s' if queued > 1 else ''}: waiting for them)"
 
 
 def _time_estimate(client, tokens: int) -> str:

@@ -9,9 +9,9 @@ import asyncio
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse
 
-from .http import read_body
+from . import bounds
 from .runtime import Runtime
-from .schemas import CreateSession, ForkSession, ResizeSession, RollbackSession, SaveSession, parse_body
+from .schemas import CreateSession, ForkSession, ResizeSession, RollbackSession, SaveSession
 
 
 def add_routes(app: FastAPI, rt: Runtime) -> None:
@@ -21,7 +21,7 @@ def add_routes(app: FastAPI, rt: Runtime) -> None:
 
     @app.post("/v1/sessions")
     async def create_session(request: Request):
-        body = parse_body(await read_body(request), CreateSession, allow_empty=True)
+        body = await bounds.parse_request(request, CreateSession, allow_empty=True)
         info = await asyncio.to_thread(ready().create_session, body.session_id, body.max_seq_len,
                                        ephemeral=body.ephemeral)
         return JSONResponse(info, status_code=201)
@@ -50,7 +50,7 @@ def add_routes(app: FastAPI, rt: Runtime) -> None:
 
     async def on_session(request: Request, schema, call, *, allow_empty: bool = False):
         """Parse the body, then ``call(api, body)`` in a thread."""
-        body = parse_body(await read_body(request), schema, allow_empty=allow_empty)
+        body = await bounds.parse_request(request, schema, allow_empty=allow_empty)
         api = ready()
         return await asyncio.to_thread(call, api, body)
 

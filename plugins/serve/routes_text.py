@@ -12,19 +12,20 @@ from fastapi import FastAPI, Request
 from fastapi.responses import Response
 
 from superlinear.api.types import Completion
-from superlinear.engine import Done, RepetitionConfig, SamplingParams, TextDelta
+from superlinear.engine import Done, Logprobs, RepetitionConfig, TextDelta
+from superlinear.service.logprobs import completion_logprobs
 
+from . import bounds
 from . import chat as openai
 from .generation import JobStream, generate
-from .http import read_body
 from .runtime import Runtime
-from .schemas import CompletionRequest, DetokenizeRequest, TokenizeRequest, parse_body
+from .schemas import CompletionRequest, DetokenizeRequest, TokenizeRequest
 
 
 def add_routes(app: FastAPI, rt: Runtime) -> None:
     @app.post("/tokenize")
     async def tokenize(request: Request):
-        body = parse_body(await read_body(request), TokenizeRequest)
+        body = await bounds.parse_request(request, TokenizeRequest)
         source = body.text_or_messages()
         rt.require_ready()
         # a long text takes a while to tokenize: not on the event loop (nor the model's worker)
@@ -34,20 +35,26 @@ def add_routes(app: FastAPI, rt: Runtime) -> None:
 
     @app.post("/detokenize")
     async def detokenize(request: Request):
-        body = parse_body(await read_body(request), DetokenizeRequest)
         rt.require_ready()
-        text = rt.api.detokenize(body.tokens)
+        body = await bounds.parse_request(request, DetokenizeRequest, limit=bounds.ids_body_limit(rt))
+        bounds.check_ids(rt, body.tokens, "tokens")
+        text = await asyncio.to_thread(rt.api.detokenize, body.tokens)
         return {"content": text, "prompt": text}  # llama.cpp's and vLLM's names
 
     @app.post("/v1/completions")
     async def completions(request: Request):
-        body = parse_body(await read_body(request), CompletionRequest)
+        body = await bounds.parse_request(request, CompletionRequest)
         body.check_supported()
         rt.require_ready()
+        rt.service.check_model(body.model)
         prompt = body.single_prompt()
+        if isinstance(prompt, str):
+            await bounds.check_text(rt, len(prompt), "prompt")
+        else:
+            bounds.check_ids(rt, prompt, "prompt")
         echo = ""
         if body.echo:
-            echo = prompt if isinstance(prompt, str) else rt.api.detokenize(prompt)
+            echo = prompt if isinstance(prompt, str) else await asyncio.to_thread(rt.api.detokenize, prompt)
         rt.stats["requests"] += 1
         stream = JobStream(rt.api.submit_completion, completion_request(body, prompt, rt.defaults))
         reply = CompletionReply(rt, body, stream, echo)
@@ -60,56 +67,77 @@ def add_routes(app: FastAPI, rt: Runtime) -> None:
 
 
 def completion_request(body: CompletionRequest, prompt, defaults: dict) -> Completion:
-    stop = [body.stop] if isinstance(body.stop, str) else list(body.stop or [])
-    sampling = SamplingParams(
-        temperature=body.temperature if body.temperature is not None else defaults.get("temperature", 0.7),
-        top_p=body.top_p if body.top_p is not None else 1.0, top_k=body.top_k or 0, seed=body.seed,
-        max_tokens=body.max_tokens, stop=stop)
+    sampling = body.sampling_params(defaults, max_tokens=body.max_tokens, logprobs=body.logprobs)
     repetition = None
     if body.repetition_detection is True:
         repetition = RepetitionConfig()
     elif body.repetition_detection not in (None, False):
         repetition = RepetitionConfig(**body.repetition_detection.model_dump())
-    return Completion(prompt, sampling, repetition)
+    return Completion(prompt, sampling, repetition, echo=body.echo)
 
 
 class CompletionReply:
-    """One text completion being answered, streamed (``stream``) or whole (``collect``)."""
+    """One text completion being answered, streamed (``stream``) or whole (``collect``); with
+    ``logprobs``, each chunk carries the logprobs of the tokens picked since the last one, and
+    the echoed prompt waits for the prompt's own."""
 
     def __init__(self, rt: Runtime, body: CompletionRequest, stream: JobStream, echo: str):
         self.rt, self.body, self.stream_, self.echo = rt, body, stream, echo
         self.cid, self.created = "cmpl-" + secrets.token_hex(12), openai.now()
+        self.unsent: list = []  # generated tokens' logprobs, sent with the next chunk
+        self.offset = 0  # text_offset: characters of the choice's text sent so far
 
-    def _chunk(self, text: str, finish: str | None = None, **extra) -> dict:
+    def _base(self, text: str | None, finish: str | None = None) -> dict:
+        """A ``text_completion`` object: one choice of ``text``, none when it is None."""
+        choices = [] if text is None else [{"index": 0, "text": text, "logprobs": None, "finish_reason": finish}]
         return {"id": self.cid, "object": "text_completion", "created": self.created, "model": self.rt.model_name,
-                "choices": [{"index": 0, "text": text, "logprobs": None, "finish_reason": finish}], **extra}
+                "choices": choices}
+
+    def _chunk(self, text: str, finish: str | None = None, prompt: list | None = None, **extra) -> dict:
+        out = {**self._base(text, finish), **extra}
+        if self.body.logprobs is not None and (self.unsent or prompt):
+            out["choices"][0]["logprobs"] = completion_logprobs(self.unsent, self.offset, prompt or [])
+            self.unsent = []
+        self.offset += len(text)
+        return out
 
     def _done(self, done: Done) -> None:
         self.rt.finished(done, session_id=None, persisted=None, queued_s=self.stream_.job.queued_s)
 
     async def stream(self, first):
-        if self.echo:
+        if self.echo and self.body.logprobs is None:  # with logprobs the echo waits for the prompt's
             yield self._chunk(self.echo)
         async for event in self.stream_.events(first):
             match event:
+                case Logprobs(tokens=entries, prompt=True):
+                    yield self._chunk(self.echo, prompt=entries)
+                case Logprobs(tokens=entries):
+                    self.unsent.extend(entries)
                 case TextDelta(text=piece) if piece:
                     yield self._chunk(piece)
                 case Done():
                     self._done(event)
                     yield self._chunk("", _finish(event), done=dataclasses.asdict(event))
                     if self.body.stream_options and self.body.stream_options.include_usage:
-                        yield {**self._chunk(""), "choices": [], "usage": openai.openai_usage(event.usage)}
+                        yield {**self._base(None), "usage": openai.openai_usage(event.usage)}
 
     async def collect(self, first):
-        text, done = [self.echo], None
+        text, done, prompt_logprobs, logprobs = [self.echo], None, [], []
         async for event in self.stream_.events(first):
             match event:
                 case TextDelta(text=piece):
                     text.append(piece)
+                case Logprobs(tokens=entries, prompt=True):
+                    prompt_logprobs = entries
+                case Logprobs(tokens=entries):
+                    logprobs.extend(entries)
                 case Done():
                     done = event
                     self._done(event)
-        return {**self._chunk("".join(text), _finish(done)), "usage": openai.openai_usage(done.usage),
+        answer = self._base("".join(text), _finish(done))
+        if self.body.logprobs is not None:
+            answer["choices"][0]["logprobs"] = completion_logprobs(logprobs, len(self.echo), prompt_logprobs)
+        return {**answer, "usage": openai.openai_usage(done.usage),
                 "timings": openai.spl_timings(done.usage, done.timings, None)}
 
 
