@@ -16,7 +16,8 @@ import pytest
 from server_helpers import start_server
 
 import superlinear
-from superlinear.api import Done, PrefillProgress, chat_turn
+from superlinear.api import Completion, Done, PrefillProgress, chat_turn
+from superlinear.engine import SamplingParams
 from superlinear.errors import NotFound
 
 REPO = Path(__file__).resolve().parents[1]
@@ -54,6 +55,10 @@ def scenario(api) -> list:
     out.append(turn(api, "asked", "A question?"))
     out.append(api.history("asked"))
     out.append(api.tokenize("hello there")["tokens"])
+    out.append([comparable(e) for e in api.chat(chat_turn([{"role": "user", "content": "No session."}],
+                                                          temperature=0.0, max_tokens=4))])
+    plain = Completion("Once upon a time", SamplingParams(temperature=0.0, max_tokens=4))
+    out.append([comparable(e) for e in api.complete(plain)])
     with pytest.raises(NotFound):
         api.get_session("nope")
     out.append(api.close_session("asked")["id"])

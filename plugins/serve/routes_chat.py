@@ -121,7 +121,7 @@ class Reply:
         # The turn's first event is ``Started``: the first chunk says how the session took it.
         held = self._observe(first)
         yield self._chunk({"role": "assistant", "content": ""},
-                          **({"session_update": self.how} if self.body.session_id else {}))
+                          session_update=self.how)
         for chunk in held:
             yield chunk
         async for event in self._events(await self.stream_.next()):
