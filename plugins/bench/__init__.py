@@ -52,10 +52,3 @@ for _module in _modules():
 @hookimpl
 def register_commands(register):
     register(bench_group)
-
-
-@hookimpl
-def register_handlers(register):
-    for module in _modules():
-        for command_type, handler in getattr(module, "BUS_COMMANDS", ()):
-            register(command_type, handler)

@@ -18,7 +18,7 @@ from functools import partial
 
 import click
 
-from superlinear.bus import Command, Context, dispatch
+from superlinear.bus import Context
 from superlinear.plugins.bench.lengths import fmt_length, parse_length
 from superlinear.plugins.bench.provenance import provenance, provenance_line
 
@@ -36,7 +36,7 @@ BANDWIDTH = 3.0e12
 
 
 @dataclass(frozen=True)
-class BenchAttention(Command):
+class BenchAttention:
     name = "bench.attention"
     configs: tuple = ("1", "2")
     lengths: tuple = (16384, 65536, 262144, 1048576)
@@ -256,11 +256,10 @@ def markdown(result: dict, command_line: str) -> str:
     return "\n".join(lines) + "\n"
 
 
-def handle(command: BenchAttention, ctx: Context) -> dict:
+def handle(command: BenchAttention, ctx: Context | None = None) -> dict:
     return run_bench(command, ctx)
 
 
-BUS_COMMANDS = [(BenchAttention, handle)]
 
 
 def _split(text: str) -> tuple:
@@ -292,7 +291,7 @@ def command(configs, lengths, decode_lengths, chunk, heads, kv_heads, head_dim, 
     for c in cmd.configs:
         if c not in CONFIGS:
             raise click.BadParameter(f"unknown config {c!r} (choose from {', '.join(CONFIGS)})")
-    result = dispatch(cmd)
+    result = handle(cmd)
     args = sys.argv[sys.argv.index("attention") + 1:] if "attention" in sys.argv else []
     text = markdown(result, " ".join(["spl bench attention", *args]))
     click.echo(as_json(result) if json_out else text)

@@ -22,14 +22,14 @@ from dataclasses import dataclass
 
 import click
 
-from superlinear.bus import Command, Context, dispatch
+from superlinear.bus import Context
 from superlinear.plugins.bench.lengths import case_error, exit_on_failed_cases, fmt_length, parse_length
 from superlinear.plugins.bench.provenance import provenance, provenance_line
 from superlinear.plugins.bench.ranks import Ranks
 
 
 @dataclass(frozen=True)
-class BenchGenerate(Command):
+class BenchGenerate:
     name = "bench.generate"
     model: str = "default"
     device: str | None = None
@@ -79,7 +79,7 @@ def _warm_up(model, ids, chunk_size: int, ranks: Ranks) -> None:
     _sync(model.device)
 
 
-def run_bench(command: BenchGenerate, ctx: Context) -> dict:
+def run_bench(command: BenchGenerate, ctx: Context | None = None) -> dict:
     import torch
 
     from superlinear.errors import TooLarge
@@ -232,7 +232,7 @@ def command(model, device, dtype, lengths, attentions, chunk_size, decode_tokens
             world_size, probe, as_json) -> None:
     """Prefill and decode tokens/s at several context lengths, superlinear vs dense."""
     parsed = tuple(parse_length(x) for x in lengths.split(",")) if lengths else ()
-    result = dispatch(BenchGenerate(model=model, device=device, dtype=dtype, lengths=parsed,
+    result = run_bench(BenchGenerate(model=model, device=device, dtype=dtype, lengths=parsed,
                                     attentions=tuple(a.strip() for a in attentions.split(",") if a.strip()),
                                     chunk_size=chunk_size, decode_tokens=max(2, decode_tokens),
                                     dense_max_len=parse_length(dense_max_len), graph=not no_graph,
@@ -242,4 +242,3 @@ def command(model, device, dtype, lengths, attentions, chunk_size, decode_tokens
     exit_on_failed_cases(result["rows"])
 
 
-BUS_COMMANDS = [(BenchGenerate, run_bench)]

@@ -20,7 +20,7 @@ from dataclasses import dataclass
 
 import click
 
-from superlinear.bus import Command, Context, dispatch
+from superlinear.bus import Context
 from superlinear.plugins.bench.lengths import case_error, exit_on_failed_cases, fmt_length, parse_length
 from superlinear.plugins.bench.provenance import provenance, provenance_line
 
@@ -40,7 +40,7 @@ _PLACES = ("at dawn", "after the rain", "in the evening", "every winter", "befor
 
 
 @dataclass(frozen=True)
-class BenchNiah(Command):
+class BenchNiah:
     name = "bench.niah"
     model: str = "default"
     device: str | None = None
@@ -244,7 +244,7 @@ def command(model, device, dtype, lengths, depths, trials, attentions, dense_max
         raise click.BadParameter("depths must be numbers from 0 to 1", param_hint="--depths")
     if any(n < 64 for n in parsed_lengths):
         raise click.BadParameter("lengths must be at least 64 tokens", param_hint="--lengths")
-    result = dispatch(BenchNiah(model=model, device=device, dtype=dtype, lengths=parsed_lengths, depths=parsed_depths,
+    result = run_bench(BenchNiah(model=model, device=device, dtype=dtype, lengths=parsed_lengths, depths=parsed_depths,
                                 trials=trials, attentions=tuple(a.strip() for a in attentions.split(",") if a.strip()),
                                 dense_max_len=parse_length(dense_max_len), haystack=haystack,
                                 prompt_format=prompt_format, answer_tokens=answer_tokens, chunk_size=chunk_size,
@@ -257,4 +257,3 @@ def command(model, device, dtype, lengths, depths, trials, attentions, dense_max
     exit_on_failed_cases(result["rows"])
 
 
-BUS_COMMANDS = [(BenchNiah, run_bench)]
