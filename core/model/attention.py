@@ -13,6 +13,7 @@ positions.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from functools import lru_cache
 from typing import Any
 
 import torch
@@ -42,7 +43,9 @@ def spl_attention(module, query, key, value, attention_mask=None, scaling=None, 
     ctx: ForwardContext = module._spl_ctx
     routing_query = kwargs.get("routing_query")
     q1 = query if routing_query is None else routing_query
-    if ctx.mode == "dense":
+    if ctx.mode == "dense" or (not ctx.graph and ctx.start + ctx.length <= _window(ctx.params)):
+        # Inside the window superlinear attention is causal attention (every query's whole
+        # context is its window): dense SDPA computes the same function, faster.
         out = _dense(query, key, value, ctx, scaling)
     else:
         from superlinear.kernels import superlinear_decode, superlinear_prefill
@@ -54,6 +57,12 @@ def spl_attention(module, query, key, value, attention_mask=None, scaling=None, 
             out = superlinear_prefill(q1, query, key[:, :, :end], value[:, :, :end], ctx.positions,
                                       ctx.params, backend=ctx.backend)
     return out.transpose(1, 2).contiguous(), None
+
+
+@lru_cache(maxsize=32)
+def _window(params) -> int:
+    """W of superlinear attention with these span parameters (0: no window)."""
+    return params.window_len
 
 
 def _dense(query, key, value, ctx: ForwardContext, scaling):
