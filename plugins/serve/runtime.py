@@ -16,6 +16,7 @@ from typing import Any
 
 from superlinear.errors import Unavailable
 from superlinear.plugins.settings.options import ServeOptions
+from superlinear.plugins.settings.threads import default_threads, use_threads
 
 from .metrics import ServerMetrics
 from .worker import Worker
@@ -46,6 +47,7 @@ class Runtime:
         self.stats = {"requests": 0, "generations": 0, "cancelled": 0, "errors": 0}
         self.prefill_speed: dict | None = None  # the last measured prefill (``note_prefill``)
         self.on_load_error = None  # called (from the loader thread) when the model cannot be loaded
+        self.threads: int | None = None  # torch's CPU threads on the worker, once set
 
     # -- lifecycle -----------------------------------------------------------------------
     def start_loading(self) -> None:
@@ -78,6 +80,8 @@ class Runtime:
         from superlinear.sessions import SessionManager, SnapshotStore
 
         o = self.options
+        # on the worker thread, which runs every model call
+        self.threads = use_threads(o.threads or default_threads())
         self.progress = f"loading model {o.model}"
         self.model = load_model(o.model, device=o.device, loaders=model_loaders())
         self.progress = "opening the snapshot store"
@@ -155,6 +159,7 @@ class Runtime:
             "uptime_s": round(time.time() - self.started_at, 1),
             "queued": self.worker.generations,
             "busy": self.worker.current is not None,
+            "threads": self.threads,
         }
         if self.status == "loading":
             h["progress"] = self.loading_progress()
