@@ -44,6 +44,12 @@ def _first_true(key_mask: torch.Tensor | None, B: int, LKV: int) -> list[int]:
     return [int(f) if a else LKV for f, a in zip(first.tolist(), any_.tolist(), strict=True)]
 
 
+def _run(rows):
+    """``rows`` (ascending indices) as a slice when they are one run: a view, not a copy."""
+    first, last = int(rows[0]), int(rows[-1])
+    return slice(first, last + 1) if last - first + 1 == len(rows) else rows
+
+
 def _causal_rows(q2, k, v, pos, key_mask, W, out, rows, scale):
     """Rows with t + 1 <= W: softmax over keys [max(0, t-W+1), t] ∩ mask (= [0, t] ∩ mask)."""
     B, HQ, _, D = q2.shape
@@ -51,9 +57,9 @@ def _causal_rows(q2, k, v, pos, key_mask, W, out, rows, scale):
     n = len(rows)
     if key_mask is None and torch.equal(pos[rows], torch.arange(n, device=pos.device)):
         # a prefill from position 0: SDPA's causal kernel, no mask to build
-        o = F.scaled_dot_product_attention(q2[:, :, rows].float(), k[:, :, :n].float(), v[:, :, :n].float(),
-                                           is_causal=True, scale=scale, enable_gqa=gqa)
-        out[:, :, rows] = o
+        o = F.scaled_dot_product_attention(q2[:, :, _run(rows)].float(), k[:, :, :n].float(),
+                                           v[:, :, :n].float(), is_causal=True, scale=scale, enable_gqa=gqa)
+        out[:, :, _run(rows)] = o
         return
     i = 0
     while i < n:
@@ -67,12 +73,12 @@ def _causal_rows(q2, k, v, pos, key_mask, W, out, rows, scale):
         allowed = allowed[None].expand(B, -1, -1)
         if key_mask is not None:
             allowed = allowed & key_mask[:, None, :nk]
-        o = F.scaled_dot_product_attention(q2[:, :, blk].float(), k[:, :, :nk].float(), v[:, :, :nk].float(),
+        o = F.scaled_dot_product_attention(q2[:, :, _run(blk)].float(), k[:, :, :nk].float(), v[:, :, :nk].float(),
                                            attn_mask=allowed[:, None], scale=scale, enable_gqa=gqa)
         empty = ~allowed.any(dim=-1)  # [B, nq]: no key at all (left padding) -> 0, not NaN
         if bool(empty.any()):
             o = o.masked_fill(empty[:, None, :, None], 0.0).nan_to_num(0.0)
-        out[:, :, blk] = o
+        out[:, :, _run(blk)] = o
         i += len(blk)
 
 
@@ -272,7 +278,7 @@ def _general_rows(q1, q2, k, v, pos, key_mask, params, tables, st, out, rows, sc
     for g0 in range(0, len(rows), group):
         grows = rows[g0:g0 + group]
         n = len(grows)
-        q2s = q2[:, :, grows].float().mul_(scale)
+        q2s = q2[:, :, _run(grows)].float() * scale
         gate_logit = torch.empty(B, HQ, n, kspans, device=pos.device)
         lo = torch.empty(B, HQ, n, kspans, dtype=torch.long, device=pos.device)
         hi = torch.empty_like(lo)
@@ -286,7 +292,7 @@ def _general_rows(q1, q2, k, v, pos, key_mask, params, tables, st, out, rows, sc
             blk = slice(i, i + nq)
             t = pos[grows[blk]]
             gate_logit[:, :, blk], lo[:, :, blk], hi[:, :, blk], anchor = _route(
-                q1[:, :, grows[blk]].float(), k, t, key_mask, params, tables, st_t)
+                q1[:, :, _run(grows[blk])].float(), k, t, key_mask, params, tables, st_t)
             lse_w[:, :, blk], o_w[:, :, blk] = _window_partials(q2s[:, :, blk], k, v, t, W, key_mask)
             if plan is not None:
                 plan["anchor"][:, :, grows[blk]] = anchor
@@ -296,7 +302,7 @@ def _general_rows(q1, q2, k, v, pos, key_mask, params, tables, st, out, rows, sc
             i += nq
         res = o_w.clone()
         _add_spans(res, q2s, k, v, lo, hi, _gates(gate_logit, kspans), lse_w, o_w, key_mask)
-        out[:, :, grows] = res
+        out[:, :, _run(grows)] = res
 
 
 def reference_prefill(q1, q2, k, v, positions, params: SpanParams, key_mask=None, plan=None):
