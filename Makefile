@@ -5,7 +5,7 @@ PY := $(VENV)/bin/python
 
 .PHONY: setup run test test-gpu lint
 
-$(VENV)/.setup-done: pyproject.toml scripts/setup.sh
+$(VENV)/.setup-done: pyproject.toml constraints.txt scripts/setup.sh
 	./scripts/setup.sh
 	touch $@
 

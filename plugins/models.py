@@ -1,4 +1,4 @@
-"""Built-in plugin ``models``: ``spl models list|info`` (the loaders are core's, ``superlinear.model.registry``).
+"""Built-in plugin ``models``: ``spl models list|info|check`` (the loaders are core's, ``superlinear.model.registry``).
 
 Torch is imported only when a command runs (``spl --help`` loads every plugin).
 """
@@ -66,7 +66,8 @@ def _size(n: int | None) -> str:
 
 @click.group("models")
 def models_group() -> None:
-    """Models: what is available, and what a model is (size, attention, KV bytes per token)."""
+    """Models: what is available, what a model is (size, attention, KV bytes per token), and
+    whether a checkpoint directory loads."""
 
 
 @models_group.command("list")
@@ -96,12 +97,7 @@ def info_command(model: str, device: str | None, dtype: str | None, as_json: boo
         return
     att = info["attention"]
     if att["mode"] == "superlinear":
-        search = (f"inv_search_power={att['inv_search_power']}" if "inv_search_power" in att
-                  else f"search_power={att.get('search_power')}")
-        attention = (f"superlinear: window {att['window']} tokens (sw_index={att['sw_index']}), "
-                     f"num_spans={att['num_spans']}, backward_factor={att['backward_factor']}, "
-                     f"forward_factor={att['forward_factor']}, span_power={att['span_power']}, {search}; "
-                     f"routing query = {att['routing_query']}")
+        attention = f"superlinear: {_span_line(att)}; routing query = {att['routing_query']}"
     else:
         attention = "dense (plain causal attention)"
     layers = ", ".join(f"{t} x{n}" for t, n in info["layer_types"].items())
@@ -117,10 +113,97 @@ def info_command(model: str, device: str | None, dtype: str | None, as_json: boo
         ("recurrent state", _size(info["recurrent_bytes_per_sequence"]) + " per sequence"),
         ("layers", f"{info['layers']}: {layers}"),
         ("vocab", str(info["vocab_size"])),
+        ("forward", _forward_line(info)),
         ("fingerprint", info["fingerprint"]),
     ]
     for key, value in rows:
         click.echo(f"{key:<16} {value}")
+
+
+def _forward_line(info: dict) -> str:
+    """``fast (paths)`` or ``FALLBACK: reason (paths)``."""
+    paths = ", ".join(f"{k.replace('_', ' ')}: {v}" for k, v in info["forward_paths"].items())
+    if info["forward"] == "fast":
+        return f"fast ({paths})"
+    return f"FALLBACK: {info['forward_reason']} ({paths})"
+
+
+def _span_line(att: dict) -> str:
+    search = (f"inv_search_power={att['inv_search_power']}" if "inv_search_power" in att
+              else f"search_power={att.get('search_power')}")
+    return (f"window {att['window']} tokens (sw_index={att['sw_index']}), num_spans={att['num_spans']}, "
+            f"backward_factor={att['backward_factor']}, forward_factor={att['forward_factor']}, "
+            f"span_power={att['span_power']}, {search}")
+
+
+def _tensor_lines(tensors: list[dict]) -> list[str]:
+    """One line per checkpoint tensor; the experts of one fused parameter as one line."""
+    lines, experts = [], {}
+    for t in tensors:
+        target = t["target"] or "-"
+        if t["status"] == "ok" and target.endswith("]"):
+            param = target.rsplit("[", 1)[0]
+            if param in experts:
+                experts[param]["count"] += 1
+                continue
+            experts[param] = {"count": 1, "index": len(lines), "t": t}
+            lines.append("")
+            continue
+        note = "" if t["status"] == "ok" else f"  ({t['status']})"
+        lines.append(f"  {t['name']}  {t['dtype']} {t['shape']} -> {target}{note}")
+    for param, group in experts.items():
+        t = group["t"]
+        lines[group["index"]] = (f"  {t['name']} and {group['count'] - 1} more experts  {t['dtype']} {t['shape']} "
+                                 f"-> {param}[0..{group['count'] - 1}]")
+    return lines
+
+
+@models_group.command("check")
+@click.argument("directory", metavar="DIR")
+@click.option("--dtype", default=None, help="dtype of the loaded weights for the memory estimate (default bf16).")
+@click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
+def check_command(directory: str, dtype: str | None, as_json: bool) -> None:
+    """Check a checkpoint directory (or a model name under the models dir) without loading its
+    weights (headers only): architecture,
+    layers, every tensor -> our parameter, what is missing / unexpected / ignored, the attention
+    window and the memory needed at 128K / 1M / 10M tokens. Exit 1 when it would not load."""
+    from superlinear.model.check import check_dir
+    from superlinear.model.registry import local_dir
+
+    report = check_dir(local_dir(directory) or directory, dtype)
+    if as_json:
+        click.echo(json.dumps(report, indent=2))
+    else:
+        _print_check(report)
+    if not report["ok"]:
+        raise SystemExit(1)
+
+
+def _print_check(r: dict) -> None:
+    ckpt, mem = r["checkpoint"], r["memory"]
+    arch = ", ".join(r["architectures"]) or "-"
+    rows = [
+        ("path", r["path"]),
+        ("architecture", f"{r['model_type']} ({arch}): {r['kind']}; routing query = {r['routing_query']}"),
+        ("layers", f"{r['layers']}: " + ", ".join(f"{k} x{n}" for k, n in r["layer_types"].items())),
+        ("checkpoint", f"{len(ckpt['files'])} file(s), {_size(ckpt['bytes'])}, {ckpt['tensors']} tensors: "
+                       + ", ".join(f"{d} x{n}" for d, n in ckpt["dtypes"].items())),
+        ("attention", _span_line(r["attention"])),
+        (f"memory ({mem['dtype']})", f"weights {_size(mem['weights_bytes'])}, KV {_size(mem['kv_bytes_per_token'])}"
+                                     f"/token, recurrent state {_size(mem['recurrent_bytes'])}"),
+    ]
+    rows += [(f"  at {c['label']}", f"KV {_size(c['kv_bytes'])}, total {_size(c['total_bytes'])}")
+             for c in mem["contexts"]]
+    for key, value in rows:
+        click.echo(f"{key:<16} {value}")
+    click.echo("tensors (checkpoint -> ours)")
+    for line in _tensor_lines(r["tensors"]):
+        click.echo(line)
+    for what in ("missing", "unexpected", "wrong_shape", "duplicate", "ignored"):
+        if r[what]:
+            more = f" (+{len(r[what]) - 20} more: --json lists all)" if len(r[what]) > 20 else ""
+            click.echo(f"{what.replace('_', ' ')} {len(r[what])}: " + ", ".join(r[what][:20]) + more)
+    click.echo("result           " + ("OK: every tensor is accounted for" if r["ok"] else r["error"]))
 
 
 @hookimpl

@@ -43,7 +43,7 @@ def main() -> None:
     t0 = time.perf_counter()
     model = load_model(args.model)
     print(f"loaded {args.model} in {time.perf_counter() - t0:.1f} s: {model.num_parameters() / 1e9:.2f}B "
-          f"parameters, forward {model.info()['forward']}")
+          f"parameters, forward {model.forward_info()}")
     chunk = parse_length(args.chunk) if args.chunk else model.prefill_chunk_size()
     vocab = int(model.hf.config.vocab_size)
     ids = torch.randint(1000, vocab - 1, (depth + chunk + 64,), generator=torch.Generator().manual_seed(0))

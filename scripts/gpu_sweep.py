@@ -9,7 +9,7 @@ import torch
 from superlinear.kernels import SpanParams
 from superlinear.kernels.triton_decode import triton_decode
 from superlinear.kernels.triton_prefill import triton_prefill
-from superlinear.plugins.bench.attention import CONFIGS, _graph_ms
+from superlinear.plugins.bench.attention import CONFIGS, graph_ms
 
 HQ, HKV, D = 32, 2, 128
 g = torch.Generator(device="cuda").manual_seed(0)
@@ -56,5 +56,5 @@ if what in ("decode", "all"):
         k, v = K_[:, :, :L], V_[:, :, :L]
         for chunk, bn, w in [(512, 64, 4), (256, 64, 4), (128, 64, 4), (128, 128, 8), (256, 128, 8),
                              (1024, 64, 4), (512, 128, 8)]:
-            ms = _graph_ms(partial(triton_decode, q1, q2, k, v, pos, p, chunk=chunk, block_n=bn, warps=w))
+            ms = graph_ms(partial(triton_decode, q1, q2, k, v, pos, p, chunk=chunk, block_n=bn, warps=w))
             print(f"decode L={L >> 10}K chunk={chunk} block_n={bn} warps={w}: {ms * 1e3:.1f} us", flush=True)

@@ -52,6 +52,9 @@ class FakeCache:
     def growth_bytes(self, tokens: int, exact: bool = False) -> int:
         return 0
 
+    def transient_bytes(self) -> int:
+        return 0
+
     def reserve(self, tokens: int, exact: bool = False) -> None:
         if tokens > self.max_seq_len:
             raise TooLarge("fake cache full")

@@ -20,7 +20,6 @@ NO_STATE = {
     "server logs": "prints the server's log file as it is",
     "completion": "prints a shell script",
     "docs": "an interactive REPL (needs a terminal)",
-    "bench attention": "prints a measurement table (--out writes it to a file)",
 }
 
 

@@ -62,9 +62,10 @@ def _greedy(model, ids, steps, chunk_size):
 
 
 def test_hybrid_forward_equals_transformers_prefill_and_decode(hybrid):
-    assert hybrid.fast_paths and hybrid.info()["forward"]["moe"].startswith("grouped")
+    assert hybrid.fast_paths and hybrid.info()["forward_paths"]["moe"].startswith("grouped")
+    assert hybrid.info()["forward"] == "fast" and hybrid.info()["forward_reason"] is None
     reference = hybrid.with_attention(fast_paths=False)
-    assert reference.info()["forward"] == "transformers"
+    assert reference.info()["forward"] == "fallback" and "fast_paths=False" in reference.info()["forward_reason"]
     ids = torch.randint(0, 512, (300,), generator=torch.Generator().manual_seed(0)).tolist()
     # chunks of 128: the reference scan's 64-token blocks and the model chunks both cross
     ours, ours_tokens, ours_cache = _greedy(hybrid, ids, 24, chunk_size=128)
@@ -161,3 +162,106 @@ def test_random_default_shape_generates_and_unknown_shapes_are_clear():
     assert logits.shape == (49152,) and torch.isfinite(logits).all()
     with pytest.raises(NotFound, match="superlinear-exp-30b"):
         load_model("random:nope", device="cpu")
+
+
+# -- semantics taken from the config, whatever transformers is installed -------------------------
+
+LAYERS_5_24 = ["linear_attention", "moe", "full_attention", "linear_attention", "moe", "full_attention", "mlp"]
+
+
+@pytest.mark.parametrize("spelling", [
+    {"layers_block_type": ["mamba", "moe", "attention", "mamba", "moe", "attention", "mlp"]},  # transformers 5.3
+    {"layers_block_type": None, "hybrid_override_pattern": "ME*ME*-"},  # NVIDIA's config.json
+])
+def test_layer_types_are_read_in_every_spelling(spelling):
+    reference = random_model(tiny_hybrid_config(), name="t", device="cpu", dtype="fp32", seed=7)
+    config = {k: v for k, v in {**tiny_hybrid_config(), **spelling}.items() if v is not None}
+    model = random_model(config, name="t", device="cpu", dtype="fp32", seed=7)
+    assert model.layer_types() == LAYERS_5_24
+    assert model.layout == reference.layout
+    assert model.layout.attention_layers == (2, 5) and model.layout.mamba_layers == (0, 3)
+    ids = list(range(3, 40))
+    torch.testing.assert_close(model.prefill(model.new_cache(64), ids),
+                               reference.prefill(reference.new_cache(64), ids))
+
+
+def test_an_unknown_layer_type_is_named():
+    from superlinear.errors import InvalidRequest
+
+    config = tiny_hybrid_config(layers_block_type=["mamba", "moe", "transformer"])
+    with pytest.raises((ValueError, InvalidRequest), match="layer 2 has unknown type 'transformer'"):
+        random_model(config, name="t", device="cpu", dtype="fp32")
+
+
+def _small_dt_model(**extra):
+    """The tiny hybrid with softplus(dt) = 1.2e-4 everywhere (below time_step_min = 1e-3), a large
+    |A| and large mixer weights, so that a clamp at 1e-3 would change the answer visibly."""
+    model = random_model(tiny_hybrid_config(**extra), name="small-dt", device="cpu", dtype="fp32", seed=3)
+    with torch.no_grad():
+        for block in model.hf.model.layers:
+            if block.block_type == "linear_attention":
+                block.mixer.dt_bias.fill_(-9.0)
+                block.mixer.in_proj.weight.normal_(0, 1.0)  # large x, B, C: the mixer matters
+                block.mixer.in_proj.weight[-block.mixer.num_heads:].zero_()  # dt_raw = 0: dt = softplus(-9)
+                block.mixer.conv1d.weight.normal_(0, 0.5)
+                block.mixer.out_proj.weight.normal_(0, 1.0)
+                block.mixer.A_log.fill_(5.0)
+                block.mixer.D.zero_()
+    return model
+
+
+def _prefill_then_decode(model, ids, decoded):
+    """Logits of the last token, with the last ``decoded`` ids fed one at a time by decode."""
+    cache = model.new_cache(len(ids) + 1)
+    logits = model.prefill(cache, ids[:len(ids) - decoded], chunk_size=64)
+    for token in ids[len(ids) - decoded:]:
+        logits = model.decode_step(cache, token)
+    return logits, cache
+
+
+def test_dt_below_time_step_min_is_not_clamped():
+    model = _small_dt_model()
+    ids = torch.randint(0, 512, (90,), generator=torch.Generator().manual_seed(4)).tolist()
+    # a token's answer does not depend on whether it was prefilled or decoded
+    prefilled, pc = _prefill_then_decode(model, ids, 0)
+    decoded, dc = _prefill_then_decode(model, ids, 30)
+    torch.testing.assert_close(prefilled, decoded, rtol=1e-4, atol=1e-4)
+    for i in pc.ssm:
+        torch.testing.assert_close(pc.ssm[i], dc.ssm[i], rtol=1e-4, atol=1e-6)
+    # and equals transformers' forward where it honours the config's limit (from 5.25 on; 5.24
+    # clamped a prefill at time_step_min - the difference this test guards against)
+    import transformers
+    from packaging.version import Version
+
+    if Version(transformers.__version__) >= Version("5.25"):
+        theirs, _ = _prefill_then_decode(model.with_attention(fast_paths=False), ids, 0)
+        torch.testing.assert_close(prefilled, theirs, rtol=1e-4, atol=1e-4)
+    # a clamp at time_step_min would have changed the recurrent state a lot
+    clamped = _small_dt_model(time_step_limit=[1e-3, float("inf")])
+    clamped_logits, cc = _prefill_then_decode(clamped, ids, 0)
+    assert all((cc.ssm[i] - pc.ssm[i]).abs().max() > 0.5 * pc.ssm[i].abs().max() for i in pc.ssm)
+    assert not torch.allclose(clamped_logits, prefilled, rtol=1e-4, atol=1e-4)
+
+
+def test_the_configs_time_step_limit_holds_in_prefill_and_decode():
+    model = _small_dt_model(time_step_limit=[2e-3, 0.05])
+    ids = torch.randint(0, 512, (70,), generator=torch.Generator().manual_seed(5)).tolist()
+    prefilled, pc = _prefill_then_decode(model, ids, 0)
+    decoded, dc = _prefill_then_decode(model, ids, 25)
+    torch.testing.assert_close(prefilled, decoded, rtol=1e-4, atol=1e-4)
+    for i in pc.ssm:
+        torch.testing.assert_close(pc.ssm[i], dc.ssm[i], rtol=1e-4, atol=1e-6)
+
+
+def test_layer_type_spellings_map_to_one_canonical_list():
+    from superlinear.model import layer_types
+
+    canonical = ["linear_attention", "moe", "full_attention", "mlp"]
+    assert layer_types.canonical(["mamba", "moe", "attention", "mlp"]) == canonical
+    assert layer_types.canonical("ME*-") == canonical
+    assert layer_types.from_config({"hybrid_override_pattern": "ME*-"}) == canonical
+    assert layer_types.from_config({"layers_block_type": ["mamba", "E", "*", "-"]}) == canonical
+    assert layer_types.from_config({"num_hidden_layers": 4}) is None
+    # another family's layer_types (Qwen3: full / sliding attention) is not a hybrid's
+    assert layer_types.from_config({"layer_types": ["full_attention", "sliding_attention"]}) is None
+    assert layer_types.to_pattern(canonical) == "ME*-"

@@ -120,7 +120,7 @@ def gpu_hybrid():
 
 
 def test_graph_decode_equals_eager_decode(gpu_hybrid):
-    assert gpu_hybrid.cuda_graph and gpu_hybrid.info()["forward"]["mamba_prefill"].startswith("fla")
+    assert gpu_hybrid.cuda_graph and gpu_hybrid.info()["forward_paths"]["mamba_prefill"].startswith("fla")
     eager = gpu_hybrid.with_attention(cuda_graph=False)
     ids = torch.randint(0, 2048, (700,), generator=torch.Generator().manual_seed(0)).tolist()
     runs = {}
@@ -157,3 +157,65 @@ def test_fast_forward_is_as_exact_as_transformers_on_gpu(gpu_hybrid):
         assert ours < max(2 * theirs, 1e-2), (step, ours, theirs)
         token = int(logits["fp32"].argmax())
         logits = {name: m.decode_step(caches[name], token) for name, m in models.items()}
+
+
+@pytest.fixture(scope="module")
+def gpu_hybrid_fp16(gpu_hybrid):
+    """``gpu_hybrid``'s weights in fp16 (the superlinear-exp model card's dtype)."""
+    from superlinear.model.random_weights import random_model
+
+    model = random_model(gpu_hybrid.arch_config, name="gpu-hybrid-fp16", device="cuda", dtype="fp16")
+    model.hf.load_state_dict(gpu_hybrid.hf.state_dict())  # copied into each parameter's own dtype
+    return model
+
+
+def test_fp16_runs_the_fast_path_with_graph_decode_equal_to_eager(gpu_hybrid_fp16, gpu_hybrid):
+    """fp16 on a Hopper GPU: the MoE decode takes the Triton expert-rows kernel (torch's grouped
+    matmul syncs with the host in fp16), so the decode step is one CUDA graph; it gives eager
+    decode's tokens and, prefill and decode, is no less exact than bf16 against fp32 (transformers'
+    forward) on the same weights."""
+    from superlinear.model.random_weights import random_model
+
+    info = gpu_hybrid_fp16.info()
+    assert info["forward"] == "fast", info["forward_reason"]
+    assert info["forward_paths"]["moe"].startswith("grouped matmul in prefill, Triton")
+    assert info["forward_paths"]["decode"] == "CUDA graph" and gpu_hybrid_fp16.cuda_graph
+    eager = gpu_hybrid_fp16.with_attention(cuda_graph=False)
+    exact = random_model(gpu_hybrid.arch_config, name="gpu-hybrid-fp32", device="cuda", dtype="fp32")
+    exact.hf.load_state_dict(gpu_hybrid.hf.state_dict())
+    exact = exact.with_attention(fast_paths=False, cuda_graph=False)
+    ids = torch.randint(0, 2048, (700,), generator=torch.Generator().manual_seed(5)).tolist()
+    runs = {}
+    for label, model in (("graph", gpu_hybrid_fp16), ("eager", eager), ("bf16", gpu_hybrid), ("fp32", exact)):
+        cache = model.new_cache(800)
+        logits = model.prefill(cache, ids, chunk_size=256)
+        tokens, all_logits = [], [logits]
+        for step in range(48):
+            # every model follows the graph run's tokens, so the logits compare step by step
+            tokens.append(int(logits.argmax()) if label == "graph" else runs["graph"][0][step])
+            logits = model.decode_step(cache, tokens[-1])
+            all_logits.append(logits)
+        runs[label] = (tokens, torch.stack(all_logits))
+    assert gpu_hybrid_fp16.info()["cuda_graph_error"] is None
+    graph, eager_logits = runs["graph"][1], runs["eager"][1]
+    assert torch.isfinite(graph).all()
+    assert [int(x) for x in graph[1:].argmax(-1)] == [int(x) for x in eager_logits[1:].argmax(-1)]
+    assert rel(graph, eager_logits) < 1e-2, rel(graph, eager_logits)
+    fp16_error, bf16_error = rel(graph, runs["fp32"][1]), rel(runs["bf16"][1], runs["fp32"][1])
+    assert fp16_error < max(bf16_error, 1e-2), (fp16_error, bf16_error)  # fp16 has 3 more mantissa bits
+    assert len(set(runs["graph"][0])) > 5
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_expert_rows_kernel_at_the_30b_shape(dtype):
+    """The decode step's expert-rows kernel at the 30B's sizes (128 experts of 1856 x 2688, top 6)
+    against its PyTorch oracle."""
+    from superlinear.model.moe import expert_rows_reference
+    from superlinear.model.moe_triton import expert_rows
+
+    g = torch.Generator(device="cuda").manual_seed(0)
+    up = (torch.randn(128, 1856, 2688, device="cuda", generator=g) * 0.02).to(dtype)
+    x = torch.randn(1, 2688, device="cuda", generator=g).to(dtype)
+    experts = torch.randperm(128, device="cuda", generator=g)[:6]
+    out = expert_rows(x, up, experts, rows_per_x=6)
+    assert rel(out, expert_rows_reference(x, up, experts, rows_per_x=6)) < 5e-3

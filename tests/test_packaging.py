@@ -72,3 +72,23 @@ def test_non_editable_install_into_fresh_venv(tmp_path):
     assert f"FROM={site}" in result.stdout, result.stdout
     for plugin in ("meta", "serve", "chat", "rag"):
         assert plugin in result.stdout
+
+
+def test_constraints_pin_every_dependency_within_its_range():
+    """A fresh machine installs exactly what CI tested: every dependency (and test extra) of
+    pyproject.toml is pinned in constraints.txt, at a version its range admits."""
+    from packaging.requirements import Requirement
+    from packaging.utils import canonicalize_name
+
+    project = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]
+    pins = {}
+    for line in (ROOT / "constraints.txt").read_text().splitlines():
+        if line.strip() and not line.startswith("#"):
+            name, _, version = line.partition("==")
+            assert version, f"constraints.txt: {line!r} is not an exact pin"
+            pins[canonicalize_name(name)] = version
+    for spec in project["dependencies"] + project["optional-dependencies"]["test"]:
+        req = Requirement(spec)
+        name = canonicalize_name(req.name)
+        assert name in pins, f"{req.name} is not pinned in constraints.txt"
+        assert req.specifier.contains(pins[name], prereleases=True), f"{req.name}=={pins[name]} is outside {req}"

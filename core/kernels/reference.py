@@ -82,14 +82,17 @@ def _causal_rows(q2, k, v, pos, key_mask, W, out, rows, scale):
         i += len(blk)
 
 
-def _route(q1f, k, t, key_mask, params, tables, st_t):
+def _route(q1f, k, t, key_mask, params, tables, st_t, key_start=0, exchange=None):
     """Search and span bounds of rows at positions ``t`` ([n]) for q1f ``[B,HQ,n,D]`` (fp32).
 
     Returns gate logits, lo and hi, each ``[B,HQ,n,k]``: unselected slots have logit -1e9 and an
     empty span (hi = lo - 1). ``anchor`` (-1 where unselected) is returned for diagnostics.
+    ``k`` holds the keys at positions ``key_start ..``; with ``exchange`` (reference_prefill)
+    the candidates are those held here and ``exchange.topk`` picks the global top-k.
     """
     B, HQ, n, D = q1f.shape
     HKV, LKV = k.shape[1], k.shape[2]
+    key_end = key_start + LKV
     G = HQ // HKV
     kspans, s, W = params.num_spans, params.sw_index, params.window_len
     dev = q1f.device
@@ -97,18 +100,24 @@ def _route(q1f, k, t, key_mask, params, tables, st_t):
     tmax = int(t.max())
     last = int(torch.searchsorted(offs, torch.tensor(tmax + 1, device=offs.device), right=True))
     # candidate stripes by DESCENDING i: among equal scores the first (larger i) wins the tie
-    Fi = offs[torch.arange(last - 1, s, -1, device=offs.device)].to(dev)  # [C]
+    Fi = offs[torch.arange(max(last - 1, s), s, -1, device=offs.device)].to(dev)  # [C]; none before the window
     C = len(Fi)
     a = t[:, None] + 1 - Fi[None, :]  # [n, C]
-    cvalid = (Fi[None, :] <= t[:, None] + 1) & (a < LKV) & (a >= 0)
-    a_cl = a.clamp(0, LKV - 1)
+    cvalid = (Fi[None, :] <= t[:, None] + 1) & (a < key_end) & (a >= key_start)
+    a_cl = a.clamp(key_start, max(key_start, key_end - 1))
     cvalid_b = cvalid[None] & key_mask[:, a_cl] if key_mask is not None else cvalid[None].expand(B, -1, -1)
     kk = min(kspans, C)
     if kk > 0:
-        ka = k.index_select(2, a_cl.reshape(-1)).float().reshape(B, HKV, n, C, D)
-        scores = torch.einsum("bhgrd,bhrcd->bhgrc", q1f.reshape(B, HKV, G, n, D), ka).reshape(B, HQ, n, C)
-        scores = scores.masked_fill_(~cvalid_b[:, None], float("-inf"))
-        if C > kk:
+        if LKV > 0:
+            ka = k.index_select(2, (a_cl - key_start).reshape(-1)).float().reshape(B, HKV, n, C, D)
+            scores = torch.einsum("bhgrd,bhrcd->bhgrc", q1f.reshape(B, HKV, G, n, D), ka).reshape(B, HQ, n, C)
+            scores = scores.masked_fill_(~cvalid_b[:, None], float("-inf"))
+        else:  # a slice that holds no key yet
+            scores = torch.full((B, HQ, n, C), float("-inf"), device=dev)
+        if exchange is not None:  # exchange.topk merges lists sorted by the tie rule
+            top, order = torch.sort(scores, dim=-1, descending=True, stable=True)
+            sel_score, order = top[..., :kk], order[..., :kk]
+        elif C > kk:
             top, order = torch.topk(scores, kk + 1, dim=-1)
             # the k-th place is decided by the tie rule only if it ties with the (k+1)-th
             if bool(((top[..., kk - 1] == top[..., kk]) & torch.isfinite(top[..., kk])).any()):
@@ -124,6 +133,8 @@ def _route(q1f, k, t, key_mask, params, tables, st_t):
         pad = kspans - kk
         sel_score = torch.cat([sel_score, sel_score.new_full((B, HQ, n, pad), float("-inf"))], -1)
         sel_a = torch.cat([sel_a, sel_a.new_zeros((B, HQ, n, pad))], -1)
+    if exchange is not None:  # the global top-k from every slice's own
+        sel_score, sel_a = exchange.topk(sel_score, sel_a)
     svalid = torch.isfinite(sel_score)
     gate_logit = torch.where(svalid, sel_score, torch.full_like(sel_score, -1e9))
     tp = (t[None, :] + 1 - st_t[:, None]).clamp(min=0, max=tables.capacity)  # [B, n]
@@ -134,7 +145,9 @@ def _route(q1f, k, t, key_mask, params, tables, st_t):
         hi = sel_a.clone()
     else:
         fwd = tables.fwd.to(dev)[tp].long()[:, None, :, None]
-        hi = torch.minimum(torch.minimum(sel_a + fwd, tt), torch.tensor(LKV - 1, device=dev))
+        # a slice's caller has every key up to the row's own position (elsewhere if not here)
+        last_key = int(t.max()) if exchange is not None else key_end - 1
+        hi = torch.minimum(torch.minimum(sel_a + fwd, tt), torch.tensor(last_key, device=dev))
     if W > 0:
         hi = torch.minimum(hi, (tt - W + 1).clamp(min=0) - 1)
     hi = torch.where(svalid, hi, lo - 1)
@@ -176,25 +189,28 @@ def _attend(q, k, v, bias, may_be_empty: bool):
     return lse, torch.matmul(p, v.float())
 
 
-def _window_partials(q2s, k, v, t, W, key_mask):
-    """(lse, o) of each row's softmax over its window ``[t-W+1, t] ∩ key_mask``, o normalized:
-    one call per block over the block's window keys, the G query heads of a kv head stacked
-    as rows. q2s ``[B,HQ,n,D]`` fp32, pre-scaled."""
+def _window_partials(q2s, k, v, t, W, key_mask, key_start=0):
+    """(lse, o) of each row's softmax over its window ``[t-W+1, t] ∩ key_mask`` (∩ the keys
+    held: ``k`` starts at position ``key_start``), o normalized: one call per block over the
+    block's window keys, the G query heads of a kv head stacked as rows. q2s ``[B,HQ,n,D]``
+    fp32, pre-scaled."""
     B, HQ, n, D = q2s.shape
     HKV = k.shape[1]
     G = HQ // HKV
-    if W <= 0:
+    w_lo = (t - W + 1).clamp(min=max(0, key_start))
+    w_hi = t.clamp(max=key_start + k.shape[2] - 1)
+    r0, r1 = int(w_lo.min()), int(w_hi.max())
+    if W <= 0 or r1 < r0:
         return torch.full((B, HQ, n), float("-inf"), device=q2s.device), torch.zeros(B, HQ, n, D, device=q2s.device)
-    w_lo = (t - W + 1).clamp(min=0)
-    r0, r1 = int(w_lo.min()), int(t.max())
     kr = torch.arange(r0, r1 + 1, device=q2s.device)
-    inside = (kr[None, :] >= w_lo[:, None]) & (kr[None, :] <= t[:, None])  # [n, R]
+    inside = (kr[None, :] >= w_lo[:, None]) & (kr[None, :] <= w_hi[:, None])  # [n, R]
     if key_mask is not None:
         inside = inside[None, None] & key_mask[:, None, None, r0:r1 + 1]
     bias = _bias(inside)
     bias = bias.repeat(*([1] * (bias.dim() - 2)), G, 1)  # the G query heads of a kv head as rows
-    lse, o = _attend(q2s.reshape(B, HKV, G * n, D), k[:, :, r0:r1 + 1], v[:, :, r0:r1 + 1], bias,
-                     key_mask is not None)
+    held = slice(r0 - key_start, r1 + 1 - key_start)
+    lse, o = _attend(q2s.reshape(B, HKV, G * n, D), k[:, :, held], v[:, :, held], bias,
+                     key_mask is not None or bool((w_hi < w_lo).any()))
     return lse.reshape(B, HQ, n), o.reshape(B, HQ, n, D)
 
 
@@ -219,10 +235,13 @@ def _bucket_width(lmax: int) -> int:
     return max(16, lmax // 4)
 
 
-def _add_spans(res, q2s, k, v, lo, hi, gates, lse_w, o_w, key_mask):
-    """Add ``Σ_j gates_j · w_j · (o_j - o_w)`` over the non-empty spans to ``res`` ``[B,HQ,n,D]``
-    (which holds o_w: Σ_j gates_j = 1), o_j the softmax over span j alone, w_j its weight against
-    the window's. Spans are bucketed by first key (module doc). q2s pre-scaled."""
+def _add_spans(res, q2s, k, v, lo, hi, gates, lse_w, o_w, key_mask, key_start=0, slots=None):
+    """Add ``Σ_j gates_j · w_j · (s_j - o_w)`` over the non-empty spans to ``res`` ``[B,HQ,n,D]``
+    (which holds o_w: Σ_j gates_j = 1), s_j the softmax over span j alone, w_j its weight against
+    the window's. Spans are bucketed by first key (module doc); ``k`` starts at position
+    ``key_start``. q2s pre-scaled. With ``slots`` = (o ``[B,HQ,n,k,D]``, lse ``[B,HQ,n,k]``),
+    holding the window's, each span's softmax over window ∪ span and its log-sum-exp are
+    written there instead (ungated: a slice's partials, for its exchange)."""
     B, HQ, n, kspans = lo.shape
     D = q2s.shape[-1]
     HKV = k.shape[1]
@@ -237,7 +256,7 @@ def _add_spans(res, q2s, k, v, lo, hi, gates, lse_w, o_w, key_mask):
             firsts = lo_h.tolist()
             na = _bucket_width(int((hi_h - lo_h).max()) + 1)
             hs = slice(h * G, (h + 1) * G)
-            q_rows, out_rows = q2s[b, hs].reshape(G * n, D), res[b, hs].view(G * n, D)
+            q_rows = q2s[b, hs].reshape(G * n, D)
             lse_rows, o_rows, g_f = lse_w[b, hs].reshape(G * n), o_w[b, hs].reshape(G * n, D), gates[b, hs].reshape(-1)
             i = 0
             while i < len(firsts):
@@ -253,12 +272,17 @@ def _add_spans(res, q2s, k, v, lo, hi, gates, lse_w, o_w, key_mask):
                 if key_mask is not None:
                     inside = inside & key_mask[b, None, r0:r1 + 1]
                 row = sel // kspans
-                lse_s, o_s = _attend(q_rows[row][None, None], k[b:b + 1, h:h + 1, r0:r1 + 1],
-                                     v[b:b + 1, h:h + 1, r0:r1 + 1], _bias(inside), key_mask is not None)
+                held = slice(r0 - key_start, r1 + 1 - key_start)
+                lse_s, o_s = _attend(q_rows[row][None, None], k[b:b + 1, h:h + 1, held], v[b:b + 1, h:h + 1, held],
+                                     _bias(inside), key_mask is not None)
                 lse_s, o_s = lse_s[0, 0], o_s[0, 0]
-                o_w_rows = o_rows[row]
-                w = _span_weight(lse_rows[row], lse_s) * g_f[sel]
-                out_rows.index_add_(0, row, o_s.sub_(o_w_rows).mul_(w[:, None]))
+                o_w_rows, w = o_rows[row], _span_weight(lse_rows[row], lse_s)
+                if slots is None:
+                    res[b, hs].view(G * n, D).index_add_(0, row, o_s.sub_(o_w_rows).mul_((w * g_f[sel])[:, None]))
+                else:
+                    slots[0][b, hs].view(G * n * kspans, D).index_copy_(
+                        0, sel, o_w_rows + o_s.sub_(o_w_rows).mul_(w[:, None]))
+                    slots[1][b, hs].view(G * n * kspans).index_copy_(0, sel, torch.logaddexp(lse_rows[row], lse_s))
 
 
 def _gates(gate_logit, kspans):
@@ -266,15 +290,17 @@ def _gates(gate_logit, kspans):
     return torch.where(torch.isnan(gates), torch.full_like(gates, 1.0 / kspans), gates)
 
 
-def _general_rows(q1, q2, k, v, pos, key_mask, params, tables, st, out, rows, scale, plan=None):
+def _general_rows(q1, q2, k, v, pos, key_mask, params, tables, st, out, rows, scale, plan=None, key_start=0,
+                  exchange=None):
     B, HQ, _, D = q2.shape
     HKV = k.shape[1]
+    key_end = key_start + k.shape[2]  # this call holds the keys at positions [key_start, key_end)
     W = params.window_len
     kspans = params.num_spans
     st_t = torch.tensor(st, device=pos.device, dtype=torch.long)
     # a group of rows shares the span buckets (the more rows, the fuller a bucket); it holds the
     # window partials of its rows, about as much as the output
-    group = max(1, _BUDGET // (B * HQ * (2 * D + 3 * kspans + 1)))
+    group = max(1, _BUDGET // (B * HQ * ((2 + (kspans if exchange is not None else 0)) * D + 4 * kspans + 1)))
     for g0 in range(0, len(rows), group):
         grows = rows[g0:g0 + group]
         n = len(grows)
@@ -292,24 +318,40 @@ def _general_rows(q1, q2, k, v, pos, key_mask, params, tables, st, out, rows, sc
             blk = slice(i, i + nq)
             t = pos[grows[blk]]
             gate_logit[:, :, blk], lo[:, :, blk], hi[:, :, blk], anchor = _route(
-                q1[:, :, _run(grows[blk])].float(), k, t, key_mask, params, tables, st_t)
-            lse_w[:, :, blk], o_w[:, :, blk] = _window_partials(q2s[:, :, blk], k, v, t, W, key_mask)
+                q1[:, :, _run(grows[blk])].float(), k, t, key_mask, params, tables, st_t, key_start, exchange)
+            lse_w[:, :, blk], o_w[:, :, blk] = _window_partials(q2s[:, :, blk], k, v, t, W, key_mask, key_start)
             if plan is not None:
                 plan["anchor"][:, :, grows[blk]] = anchor
                 plan["lo"][:, :, grows[blk]] = torch.where(anchor >= 0, lo[:, :, blk], -1)
                 plan["hi"][:, :, grows[blk]] = torch.where(anchor >= 0, hi[:, :, blk], -1)
                 plan["score"][:, :, grows[blk]] = gate_logit[:, :, blk]
             i += nq
-        res = o_w.clone()
-        _add_spans(res, q2s, k, v, lo, hi, _gates(gate_logit, kspans), lse_w, o_w, key_mask)
+        gates = _gates(gate_logit, kspans)
+        # the parts of the spans held here (all of them without a slice)
+        lo, hi = lo.clamp(min=key_start), hi.clamp(max=key_end - 1)
+        if exchange is None:
+            res = o_w.clone()
+            _add_spans(res, q2s, k, v, lo, hi, gates, lse_w, o_w, key_mask, key_start)
+        else:  # each span's softmax over the keys of every slice
+            slots = (o_w[:, :, :, None].repeat(1, 1, 1, kspans, 1), lse_w[..., None].repeat(1, 1, 1, kspans))
+            _add_spans(None, q2s, k, v, lo, hi, gates, lse_w, o_w, key_mask, key_start, slots)
+            res = (gates[..., None] * exchange.combine(*slots)).sum(-2)
         out[:, :, _run(grows)] = res
 
 
-def reference_prefill(q1, q2, k, v, positions, params: SpanParams, key_mask=None, plan=None):
+def reference_prefill(q1, q2, k, v, positions, params: SpanParams, key_mask=None, plan=None, key_start=0,
+                      exchange=None):
     """Superlinear attention for query rows at absolute ``positions`` ([LQ] int64).
 
     ``plan`` (optional dict) receives the routing diagnostics: ``anchor``, ``lo``, ``hi``
     ([B,HQ,LQ,k] int64, -1 where a slot is unselected) and ``score`` (gate logits, -1e9 there).
+
+    A slice of the sequence (context parallelism, ``superlinear.distributed``): ``k``/``v`` hold
+    the keys at positions ``key_start ..``, the other keys up to ``max(positions)`` are held by
+    other calls of the same rows, and ``exchange`` joins them: ``exchange.topk(score, anchor)``
+    turns this slice's top-k candidates ``[B,HQ,LQ,k]`` (sorted, -inf where none) into the
+    global top-k, and ``exchange.combine(out, lse)`` each span's partial softmax ``[B,HQ,LQ,k,D]``
+    and log-sum-exp ``[B,HQ,LQ,k]`` over this slice's keys into the one over all keys.
     """
     B, HQ, LQ, D = q2.shape
     LKV = k.shape[2]
@@ -318,8 +360,10 @@ def reference_prefill(q1, q2, k, v, positions, params: SpanParams, key_mask=None
         return out.to(q2.dtype)
     pos = positions.to(device=q2.device, dtype=torch.long)
     tmax = int(pos.max())
+    if exchange is not None and key_mask is not None:
+        raise ValueError("a slice of the keys (exchange) takes no key_mask")
     # never read keys after the largest position (static-cache tail)
-    nk = max(1, min(LKV, tmax + 1))
+    nk = max(1, min(LKV, tmax + 1)) if exchange is None else max(0, min(LKV, tmax + 1 - key_start))
     k = k[:, :, :nk]
     v = v[:, :, :nk]
     if key_mask is not None:
@@ -331,14 +375,17 @@ def reference_prefill(q1, q2, k, v, positions, params: SpanParams, key_mask=None
         for name in ("anchor", "lo", "hi"):
             plan[name] = torch.full((B, HQ, LQ, kspans), -1, dtype=torch.long, device=q2.device)
         plan["score"] = torch.full((B, HQ, LQ, kspans), -1e9, dtype=torch.float32, device=q2.device)
-    causal = (pos + 1 <= W).nonzero().flatten()
-    general = (pos + 1 > W).nonzero().flatten()
+    # rows without anchors take plain causal attention; a slice sends every row through the
+    # general path, whose collectives every slice must run alike
+    causal = (pos + 1 <= W).nonzero().flatten() if exchange is None else pos[:0]
+    general = (pos + 1 > W).nonzero().flatten() if exchange is None else torch.arange(LQ, device=q2.device)
     if len(causal):
         _causal_rows(q2, k, v, pos, key_mask, W, out, causal, scale)
     if len(general):
         tables = get_tables(params, tmax + 1, q2.device)
         st = _first_true(key_mask, B, nk)
-        _general_rows(q1, q2, k, v, pos, key_mask, params, tables, st, out, general, scale, plan)
+        _general_rows(q1, q2, k, v, pos, key_mask, params, tables, st, out, general, scale, plan, key_start,
+                      exchange)
     return out.to(q2.dtype)
 
 

@@ -28,7 +28,7 @@ from .triton_common import check_triton_params, device_tables, first_key, mask_u
 @triton.jit
 def _dec_score_kernel(q1_ptr, k_ptr, pos_ptr, mask_ptr, offs_ptr, score_ptr,
                       sq_b, sq_h, sk_b, sk_h, sk_l, sm_b,
-                      LKV, NS, S1, NC,
+                      LKV, KS, NS, S1, NC,
                       HQ: tl.constexpr, G: tl.constexpr, GP: tl.constexpr, D: tl.constexpr,
                       BLOCK_D: tl.constexpr, BLOCK_C: tl.constexpr, NC_PAD: tl.constexpr,
                       MASKED: tl.constexpr, IEEE: tl.constexpr):
@@ -44,7 +44,7 @@ def _dec_score_kernel(q1_ptr, k_ptr, pos_ptr, mask_ptr, offs_ptr, score_ptr,
     fi = tl.load(offs_ptr + i, mask=cin, other=2147483647).to(tl.int32)
     ok = cin & (fi <= t + 1)
     a = t + 1 - fi
-    ok = ok & (a < LKV) & (a >= 0)
+    ok = ok & (a - KS < LKV) & (a >= KS)  # the keys held here: positions KS .. KS + LKV - 1
     if MASKED:
         ok = ok & (tl.load(mask_ptr + b * sm_b + a, mask=ok, other=0) != 0)
     d = tl.arange(0, BLOCK_D)
@@ -56,7 +56,7 @@ def _dec_score_kernel(q1_ptr, k_ptr, pos_ptr, mask_ptr, offs_ptr, score_ptr,
     # the G query heads of the group score the gathered anchor keys in one product
     q = tl.load(q1_ptr + b * sq_b + h[:, None] * sq_h + d[None, :], mask=gvalid[:, None] & dmask[None, :],
                 other=0.0)
-    kt = tl.load(k_ptr + b * sk_b + hk * sk_h + a[None, :] * sk_l + d[:, None],
+    kt = tl.load(k_ptr + b * sk_b + hk * sk_h + (a - KS)[None, :] * sk_l + d[:, None],
                  mask=ok[None, :] & dmask[:, None], other=0.0)
     if IEEE:
         s = tl.dot(q, kt, input_precision="ieee")
@@ -223,18 +223,24 @@ _PLANS: dict = {}
 
 
 def triton_decode(q1, q2, k, v, positions, params: SpanParams, key_mask=None, chunk: int | None = None,
-                  block_n: int | None = None, warps: int | None = None):
-    """``chunk`` (keys per split program), ``block_n``, ``warps``: tuning knobs (defaults tuned on H100)."""
+                  block_n: int | None = None, warps: int | None = None, key_start: int = 0, exchange=None,
+                  length_bound: int | None = None):
+    """``chunk`` (keys per split program), ``block_n``, ``warps``: tuning knobs (defaults tuned on H100).
+
+    A slice of the sequence (``reference_prefill``'s ``key_start`` and ``exchange``): k/v hold the
+    keys from position ``key_start``; ``length_bound`` (the sequence's longest, e.g. the
+    session's max_seq_len) sizes the candidates and tables, so every shape stays static."""
     check_triton_params(params)
     B, HQ, _, D = q2.shape
     HKV, LKV = k.shape[1], k.shape[2]
     G = HQ // HKV
     dev = q2.device
     K = params.num_spans
-    key = (params, LKV, str(dev), chunk, block_n, warps)
+    bound = max(LKV, key_start + LKV, length_bound or 0)
+    key = (params, bound, str(dev), chunk, block_n, warps)
     plan = _PLANS.get(key)
     if plan is None:
-        plan = _PLANS[key] = DecodePlan(params, LKV, dev, chunk, block_n, warps)
+        plan = _PLANS[key] = DecodePlan(params, bound, dev, chunk, block_n, warps)
     tab = plan.tab
     BLOCK_D = next_pow2(D)
     out = torch.empty(B, HQ, 1, D, device=dev, dtype=q2.dtype)
@@ -257,9 +263,11 @@ def triton_decode(q1, q2, k, v, positions, params: SpanParams, key_mask=None, ch
     _dec_score_kernel[(B * HKV, triton.cdiv(plan.nc_pad, plan.block_c))](
         q1, k, pos, mk, tab.offsets, scores,
         q1.stride(0), q1.stride(1), k.stride(0), k.stride(1), k.stride(2), sm_b,
-        LKV, tab.num_stripes, S1, plan.nc,
+        LKV, key_start, tab.num_stripes, S1, plan.nc,
         HQ=HQ, G=G, GP=next_pow2(G), D=D, BLOCK_D=BLOCK_D, BLOCK_C=plan.block_c, NC_PAD=plan.nc_pad,
         MASKED=masked, IEEE=k.dtype == torch.float32, num_warps=4)
+    if exchange is not None:
+        return _sliced_tail(q2, k, v, pos, params, plan, scores, key_start, exchange)
     sel_lo = torch.empty(B * HQ, K, device=dev, dtype=torch.int32)
     sel_hi = torch.empty(B * HQ, K, device=dev, dtype=torch.int32)
     _dec_topk_kernel[(B * HQ,)](
@@ -277,3 +285,70 @@ def triton_decode(q1, q2, k, v, positions, params: SpanParams, key_mask=None, ch
         gate, part_m, part_l, part_acc, out, out.stride(0), out.stride(1), plan.nsplit,
         HQ=HQ, D=D, BLOCK_D=BLOCK_D, NUM_SPANS=K, SPLIT_PAD=plan.split_pad, num_warps=4)
     return out
+
+
+def _sliced_tail(q2, k, v, pos, params: SpanParams, plan: DecodePlan, scores, key_start: int, exchange):
+    """Decode over a slice of the keys, from the candidate scores on: the slice's top-k, the
+    global one (``exchange.topk``), the span bounds, the partials of the keys held here (the
+    partial kernel in the slice's coordinates), each span's (out, lse) joined over the slices
+    (``exchange.combine``) and the gates. Torch ops with static shapes: no host sync."""
+    B, HQ, _, D = q2.shape
+    LKV = k.shape[2]
+    K, W, S1 = params.num_spans, params.window_len, params.sw_index + 1
+    tab, dev = plan.tab, q2.device
+    ninf = float("-inf")
+    # this slice's top-k, best first; among equal scores the farther anchor (the larger stripe)
+    best, order = torch.sort(scores.view(B, HQ, plan.nc_pad).flip(-1), dim=-1, descending=True, stable=True)
+    kk = min(K, plan.nc_pad)
+    stripe = (S1 + plan.nc_pad - 1 - order[..., :kk]).clamp(max=tab.offsets.numel() - 1)
+    t = pos.view(B, 1, 1)
+    anchor = t + 1 - tab.offsets[stripe].long()
+    best = best[..., :kk]
+    if kk < K:
+        best = torch.cat([best, best.new_full((B, HQ, K - kk), ninf)], -1)
+        anchor = torch.cat([anchor, anchor.new_zeros((B, HQ, K - kk))], -1)
+    score, anchor = exchange.topk(best, anchor)
+    valid = torch.isfinite(score)
+    # span bounds (triton_common.span_bounds without a key mask: st = 0)
+    tp = (t + 1).clamp(max=tab.capacity)
+    lo = (anchor - tab.back[tp].long()).clamp(min=0)
+    hi = torch.minimum(anchor + tab.fwd[tp].long(), t) if params.forward_factor > 0 else anchor
+    if W > 0:
+        hi = torch.minimum(hi, (t - W + 1).clamp(min=0) - 1)
+    hi = torch.where(valid, hi, lo - 1)
+    # the part held here, in the slice's coordinates (an empty part has hi < lo)
+    lo_here = (lo - key_start).clamp(min=0).to(torch.int32).reshape(B * HQ, K).contiguous()
+    hi_here = (hi - key_start).clamp(max=LKV - 1).to(torch.int32).reshape(B * HQ, K).contiguous()
+    BLOCK_D = next_pow2(D)
+    npart = B * HQ * (K + 1) * plan.nsplit
+    part_m = torch.empty(npart, device=dev, dtype=torch.float32)
+    part_l = torch.empty(npart, device=dev, dtype=torch.float32)
+    part_acc = torch.empty(npart, BLOCK_D, device=dev, dtype=torch.float32)
+    G = HQ // k.shape[1]
+    mk = mask_u8(None, dev)
+    _dec_partial_kernel[(B * HQ, K + 1, plan.nsplit)](
+        q2, k, v, pos - key_start, mk, lo_here, hi_here, part_m, part_l, part_acc,
+        q2.stride(0), q2.stride(1), k.stride(0), k.stride(1), k.stride(2),
+        v.stride(0), v.stride(1), v.stride(2), 0,
+        LKV, W, 1.0 / math.sqrt(D), plan.nsplit,
+        HQ=HQ, G=G, D=D, BLOCK_D=BLOCK_D, NUM_SPANS=K, CHUNK=plan.chunk,
+        BLOCK_N=plan.block_n, MASKED=False, num_warps=plan.warps)
+    # the splits of each slot (K spans, then the window) merged
+    pm = part_m.view(B, HQ, K + 1, plan.nsplit)
+    top = pm.amax(-1)
+    top_safe = torch.where(torch.isfinite(top), top, torch.zeros_like(top))
+    w = torch.exp(pm - top_safe[..., None])
+    l_slot = (w * part_l.view(B, HQ, K + 1, plan.nsplit)).sum(-1)
+    acc_slot = (w[..., None] * part_acc.view(B, HQ, K + 1, plan.nsplit, BLOCK_D)[..., :D]).sum(-2)
+    # each span with the window, as a normalised output and its log-sum-exp
+    m = torch.maximum(top[..., :K], top[..., K:])
+    m_safe = torch.where(torch.isfinite(m), m, torch.zeros_like(m))
+    f_s, f_w = torch.exp(top[..., :K] - m_safe), torch.exp(top[..., K:] - m_safe)
+    den = l_slot[..., :K] * f_s + l_slot[..., K:] * f_w
+    num = acc_slot[..., :K, :] * f_s[..., None] + acc_slot[..., K:, :] * f_w[..., None]
+    o = torch.where(den[..., None] > 0, num / den.clamp(min=1e-30)[..., None], torch.zeros_like(num))
+    lse = torch.where(den > 0, m_safe + torch.log(den.clamp(min=1e-30)), ninf)
+    o = exchange.combine(o, lse)
+    gates = torch.softmax(torch.where(valid, score, torch.full_like(score, -1e9)), dim=-1)
+    gates = torch.where(torch.isnan(gates), torch.full_like(gates, 1.0 / K), gates)
+    return (gates[..., None] * o).sum(-2)[:, :, None].to(q2.dtype)

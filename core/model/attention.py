@@ -35,6 +35,9 @@ class ForwardContext:
     length: int = 0  # tokens in this chunk
     positions: torch.Tensor | None = None  # [LQ] int64 on the device
     graph: bool = False  # inside a CUDA graph: no host-side position arithmetic
+    # this process's slice of a context-parallel sequence (superlinear.distributed.ContextParallel):
+    # the cache holds only its keys and the partition attends over every rank's; None: all here
+    partition: Any = None
     extra: dict = field(default_factory=dict)
 
 
@@ -43,7 +46,9 @@ def spl_attention(module, query, key, value, attention_mask=None, scaling=None, 
     ctx: ForwardContext = module._spl_ctx
     routing_query = kwargs.get("routing_query")
     q1 = query if routing_query is None else routing_query
-    if ctx.mode == "dense" or (not ctx.graph and ctx.start + ctx.length <= _window(ctx.params)):
+    if ctx.partition is not None:
+        out = ctx.partition.attend(q1, query, key, value, ctx.positions, ctx.params, ctx.mode, ctx.backend)
+    elif ctx.mode == "dense" or (not ctx.graph and ctx.start + ctx.length <= _window(ctx.params)):
         # Inside the window superlinear attention is causal attention (every query's whole
         # context is its window): dense SDPA computes the same function, faster.
         out = _dense(query, key, value, ctx, scaling)

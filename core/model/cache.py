@@ -52,12 +52,14 @@ class Cache:
     """State of one sequence (batch 1), holding at most ``max_seq_len`` tokens.
 
     KV memory is allocated lazily: an empty cache holds only the (small) recurrent state, and
-    the KV tensors grow when a forward needs room (``reserve``). Growth reallocates and copies,
-    so it goes in steps (1.5x while small, amortised O(1) per token; see ``_GRANULE``); a prefill
-    reserves its whole length plus some decode headroom at once, so a long context is allocated
-    once. ``capacity`` is what is allocated now,
-    ``nbytes()`` its size: an idle session costs what it holds, not its limit.
+    the KV tensors grow when a forward needs room (``reserve``). Growth reallocates and copies
+    one tensor at a time (never two copies of the cache: ``_reallocate``), in steps (see
+    ``_GRANULE``); a prefill reserves its whole length plus decode headroom (0.8% of it, at least
+    1024 tokens) at once, so a long context is allocated once. ``capacity`` is what is allocated
+    now, ``nbytes()`` its size: an idle session costs what it holds, not its limit.
     """
+
+    partition = None  # all positions are here (superlinear.distributed.SlicedCache holds a slice)
 
     def __init__(self, layout: CacheLayout, max_seq_len: int, device, dtype: torch.dtype):
         self.layout = layout
@@ -93,9 +95,20 @@ class Cache:
         return capacity_to_hold(tokens, self.max_seq_len, self.capacity, exact)
 
     def growth_bytes(self, tokens: int, exact: bool = False) -> int:
-        """Bytes ``reserve(tokens, exact)`` would add: what a memory budget must allow first."""
-        extra = self.capacity_for(min(int(tokens), self.max_seq_len), exact) - self.capacity
-        return extra * self.layout.kv_bytes_per_token(self.dtype)
+        """Bytes ``reserve(tokens, exact)`` adds at its peak, what a memory budget must allow
+        first: the KV of the added capacity plus one KV tensor at the current capacity (the
+        growth moves the cache one tensor at a time, ``_reallocate``)."""
+        grown = self.capacity_for(min(int(tokens), self.max_seq_len), exact)
+        if grown <= self.capacity:
+            return 0
+        return (grown - self.capacity) * self.layout.kv_bytes_per_token(self.dtype) + self.transient_bytes()
+
+    def transient_bytes(self) -> int:
+        """Bytes a growth (or a shrinking ``resize``) holds twice while it moves the KV: one
+        layer's K at the current capacity; 0 while nothing is allocated."""
+        lay = self.layout
+        elem = torch.empty((), dtype=self.dtype).element_size()
+        return self.capacity * lay.num_kv_heads * lay.head_dim * elem if lay.attention_layers else 0
 
     def reserve(self, tokens: int, exact: bool = False) -> None:
         """Make room for ``tokens`` tokens in all (``TooLarge`` past ``max_seq_len`` or when the
@@ -115,24 +128,43 @@ class Cache:
             self._reallocate(tokens)  # the geometric step did not fit: take exactly what is needed
 
     def _reallocate(self, capacity: int) -> None:
+        """Give every KV tensor ``capacity`` tokens, keeping the first ``position`` ones.
+
+        One tensor at a time: a layer's new K is allocated, filled and the old one dropped before
+        its V, then the next layer's, are moved. So the cache never exists twice; the peak is
+        the new cache plus one old tensor (``growth_bytes``), 1/12 of the old cache for a model
+        with 6 attention layers. If an allocation fails halfway, the tensors moved so far keep
+        their new size and ``capacity`` is the smallest one's: the content is intact either way.
+        """
         lay = self.layout
         shape = (1, lay.num_kv_heads, capacity, lay.head_dim)
-        keys: dict[int, torch.Tensor] = {}
-        values: dict[int, torch.Tensor] = {}
-        with _too_large_on_oom(lambda: capacity * lay.kv_bytes_per_token(self.dtype), self.device,
-                               f"a cache of {capacity} tokens"):
-            # zeros, not empty: dense attention in a CUDA graph multiplies masked-out (zero)
-            # weights with the keys past the position, and 0 * NaN garbage would be NaN
-            for i in lay.attention_layers:
-                keys[i] = torch.zeros(shape, dtype=self.dtype, device=self.device)
-                values[i] = torch.zeros(shape, dtype=self.dtype, device=self.device)
-        p = min(self.position, capacity)
-        for i in keys:
-            if i in self.keys and p:
-                keys[i][:, :, :p].copy_(self.keys[i][:, :, :p])
-                values[i][:, :, :p].copy_(self.values[i][:, :, :p])
-        self.keys, self.values, self.capacity = keys, values, capacity
-        self._graph = None  # a captured decode step points at the old tensors
+        keep = min(self.position, capacity)
+        self._graph = None  # captured decode steps read the old tensors: drop them (and their pools) first
+        try:
+            with _too_large_on_oom(lambda: capacity * lay.kv_bytes_per_token(self.dtype), self.device,
+                                   f"a cache of {capacity} tokens"):
+                for i in lay.attention_layers:
+                    for tensors in (self.keys, self.values):
+                        old = tensors.get(i)
+                        if old is not None and old.shape[2] == capacity:
+                            continue
+                        tensors[i] = self._moved(old, shape, keep)
+                        if old is not None:
+                            del old  # the last reference: one tensor exists twice at most
+                            _release_cached(self.device)
+        finally:
+            self.capacity = min(tensors[i].shape[2] if i in tensors else 0
+                                for i in lay.attention_layers for tensors in (self.keys, self.values))
+
+    def _moved(self, old: torch.Tensor | None, shape: tuple[int, ...], keep: int) -> torch.Tensor:
+        """A KV tensor of ``shape`` holding ``old``'s first ``keep`` tokens and zeros after them
+        (zeros, not garbage: dense attention in a CUDA graph multiplies the masked-out keys past
+        the position by zero weights, and 0 * NaN would be NaN)."""
+        new = torch.empty(shape, dtype=self.dtype, device=self.device)
+        if keep:
+            new[:, :, :keep].copy_(old[:, :, :keep])
+        new[:, :, keep:].zero_()
+        return new
 
     @property
     def has_recurrent_state(self) -> bool:
@@ -277,6 +309,12 @@ class Cache:
     def is_recording_past(self, layer_idx=0) -> bool:
         return False
 
+    def get_recurrent_states_to_keep(self, layer_idx=0) -> int:
+        return 0  # intermediate states are for speculative decoding, which we do not run
+
+    def increase_count(self, layer_idx=0, state_idx=0) -> None:
+        pass  # transformers counts in-place conv updates for its own caches; ours needs no count
+
     def update_conv_state(self, conv_states, layer_idx, state_idx=0, conv_kernel_size=None, **kwargs):
         state = self.conv[layer_idx]
         full = torch.cat([state.to(conv_states.dtype), conv_states], dim=-1)
@@ -289,12 +327,15 @@ class Cache:
         return state
 
 
-# KV capacity grows in multiples of this many tokens, by at least 1.5x while small and by at most
-# _MAX_STEP tokens once large (growing copies the cache, briefly holding both). Every growth
-# leaves _HEADROOM tokens free, so the decode after a prefill does not reallocate at once: a
-# 10M-token context is allocated once, not copied on its first generated token.
+# KV capacity grows in multiples of this many tokens, by at least 1.5x while small (amortised
+# O(1) copies per token) and by at most _MAX_STEP tokens or the headroom once large. Every growth
+# leaves decode headroom free, so the decode after a prefill does not reallocate at once:
+# _HEADROOM tokens, or 1/_HEADROOM_DIVISOR of the context if that is more (0.8%: 80K tokens at
+# 10M, 480 MiB of KV for the 30B hybrid, so a long answer to a 10M-token prompt needs no growth;
+# past it, one copy of the 60 GiB cache, tens of ms on an H200, per 80K generated tokens).
 _GRANULE = 256
 _HEADROOM = 1024
+_HEADROOM_DIVISOR = 128
 _MAX_STEP = 65536
 
 
@@ -306,7 +347,15 @@ def capacity_to_hold(tokens: int, max_seq_len: int, capacity: int = 0, exact: bo
     if exact:
         return tokens
     step = min(capacity * 3 // 2, capacity + _MAX_STEP)
-    return min(int(max_seq_len), _round_up(max(tokens + _HEADROOM, step), _GRANULE))
+    headroom = max(_HEADROOM, tokens // _HEADROOM_DIVISOR)
+    return min(int(max_seq_len), _round_up(max(tokens + headroom, step), _GRANULE))
+
+
+def _release_cached(device: torch.device) -> None:
+    """Give the block of a moved KV tensor back to the device. The CUDA caching allocator would
+    keep it, and it cannot serve the next, larger tensor: reserved memory would double."""
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
 
 
 def _round_up(n: int, granule: int) -> int:

@@ -17,11 +17,15 @@ own forward (the reference the tests compare against).
 
 from __future__ import annotations
 
+import sys
+
 import torch
 
+from superlinear.model import layer_types
 from superlinear.model.attention import spl_attention
 from superlinear.model.mamba2 import MambaDims, fla_available, mixer_forward
-from superlinear.model.moe import grouped_mm_supported, moe_forward
+from superlinear.model.moe import experts_path, moe_forward
+from superlinear.model.ops import SWITCHES, mamba_step, moe_decode, requested
 
 
 class HybridForward:
@@ -29,31 +33,61 @@ class HybridForward:
         self.hf = hf
         cfg = hf.config
         self.blocks = list(hf.model.layers)
-        self.types = list(cfg.layers_block_type)
-        self.dims = MambaDims.from_config(cfg) if "linear_attention" in self.types else None
+        self.types = layer_types.from_config(cfg)
+        self.dims = MambaDims.from_config(cfg) if layer_types.MAMBA in self.types else None
         param = next(hf.parameters())
         self.device, self.dtype = param.device, param.dtype
         self.fla = self.device.type == "cuda" and fla_available()
-        self.grouped = grouped_mm_supported(self.device, self.dtype)
+        self.experts = experts_path(self.device, self.dtype)
+        self.has_moe = layer_types.MOE in self.types
         self.eps = float(cfg.layer_norm_epsilon)
+        self.fused = self._fused_decode_ops(requested())
+
+    def _fused_decode_ops(self, wanted: set[str]) -> set[str]:
+        """The fused decode kernels switched on (``superlinear.model.ops``) that can run here."""
+        reasons = {}
+        if "moe" in wanted:
+            moes = [b.mixer for b, kind in zip(self.blocks, self.types, strict=True) if kind == layer_types.MOE]
+            reasons["moe"] = next(filter(None, (moe_decode.unsupported(m, self.hf.config) for m in moes)),
+                                  None if moes else "no MoE layers")
+        if "mamba" in wanted:
+            reasons["mamba"] = None if self.dims is not None else "no Mamba layers"
+        for op, why in reasons.items():
+            if why:
+                print(f"spl: warning: {SWITCHES[op]} ignored: {why}", file=sys.stderr)
+        return {op for op, why in reasons.items() if why is None}
 
     def info(self) -> dict:
+        fused = [name for op, name in (("moe", "MoE"), ("mamba", "Mamba-2 step prologue")) if op in self.fused]
         return {"mamba_prefill": "fla (Triton)" if self.fla else "PyTorch reference",
-                "moe": "grouped matmul (no host sync)" if self.grouped else "transformers experts loop"}
+                "moe": self.experts.describe(),
+                "decode_ops": f"fused Triton: {', '.join(fused)}" if fused else "default"}
+
+    def slow_reasons(self) -> list[str]:
+        """The slow fallbacks this forward takes on its device (empty: all fast paths)."""
+        reasons = [self.experts.reason] if self.has_moe and not self.experts.fast else []
+        if self.device.type == "cuda" and not self.fla and self.dims is not None:
+            reasons.append("fla (flash-linear-attention) is not installed: Mamba-2 prefill runs the PyTorch "
+                           "reference scan")
+        return reasons
 
     def __call__(self, ids: torch.Tensor, cache) -> torch.Tensor:
         """``ids [1, T]`` at the cache's current write position -> fp32 logits ``[1, 1, V]`` of
         the last token."""
         residual = self.hf.model.embeddings(ids)
         h = None  # the last mixer's output, not yet added to the residual stream
+        fused = self.fused if ids.shape[1] == 1 else ()
         for idx, (block, kind) in enumerate(zip(self.blocks, self.types, strict=True)):
             normed, residual = self._add_and_norm(h, residual, block.norm)
-            if kind == "linear_attention":
-                h = mixer_forward(block.mixer, self.dims, normed, cache.conv[idx], cache.ssm[idx], fast=self.fla)
-            elif kind == "full_attention":
+            if kind == layer_types.MAMBA:
+                step = mamba_step.mixer_step if "mamba" in fused else mixer_forward
+                h = step(block.mixer, self.dims, normed, cache.conv[idx], cache.ssm[idx], fast=self.fla)
+            elif kind == layer_types.ATTENTION:
                 h = _attention(block.mixer, normed, cache)
-            elif kind == "moe":
-                h = moe_forward(block.mixer, self.hf.config, normed, grouped=self.grouped)
+            elif kind == layer_types.MOE and "moe" in fused:
+                h = moe_decode.moe_decode(block.mixer, self.hf.config, normed)
+            elif kind == layer_types.MOE:
+                h = moe_forward(block.mixer, self.hf.config, normed, self.experts)
             else:
                 h = block.mixer(normed)
         last, _ = self._add_and_norm(h[:, -1:], residual[:, -1:], self.hf.model.norm_f)

@@ -9,6 +9,7 @@ builds the model.
 from __future__ import annotations
 
 import json
+import logging
 import os
 from pathlib import Path
 
@@ -16,6 +17,7 @@ import torch
 
 from superlinear.errors import InvalidRequest, NotFound, Unavailable
 from superlinear.model import attention as attention_mod
+from superlinear.model import layer_types, weights
 from superlinear.model.cache import CacheLayout
 from superlinear.model.checkpoint_meta import RETROFIT_SPAN, read_meta, weights_fingerprint
 from superlinear.model.model import Model
@@ -25,6 +27,9 @@ from superlinear.model.model import Model
 LLAMA_FAMILY = ("llama", "mistral", "qwen2", "qwen3")
 HYBRID = ("nemotron_h",)
 SUPERLINEAR_EXP = "superlinear-exp"
+
+log = logging.getLogger("spl.model")
+
 
 def default_device() -> torch.device:
     return torch.device("cuda" if torch.cuda.is_available() else "cpu")
@@ -100,14 +105,8 @@ def load_dir(path: Path, *, name: str, device=None, dtype=None, attention: str =
     model_type = config.get("model_type")
     device = torch.device(device) if device is not None else default_device()
     dtype = parse_dtype(dtype) or default_dtype(device)
-    attention_mod.register()
     hf, kind, routing = build_empty(config, where=str(path / "config.json"))
-    state = read_weights(path)
-    if model_type in HYBRID + (SUPERLINEAR_EXP,):
-        from superlinear.model.superlinear_exp import normalize_names
-
-        state = normalize_names(state)
-    assign_weights(hf, state, device, dtype, where=path)
+    load_weights(hf, path, checkpoint_names(model_type), device, dtype)
     hf.eval()
     tokenizer = load_tokenizer(path)
     if span_params is None:
@@ -125,6 +124,7 @@ def load_dir(path: Path, *, name: str, device=None, dtype=None, attention: str =
 
 def build_empty(config: dict, *, where: str):
     """The transformers module (meta weights) for a config: ``(hf, kind, routing)``."""
+    attention_mod.register()  # the modules are built for attn_implementation "spl"
     model_type = config.get("model_type")
     if model_type in LLAMA_FAMILY:
         return _build_auto(config), f"{model_type} (superlinear retrofit)", "attention query"
@@ -153,75 +153,58 @@ def span_params_from(config: dict):
 
 
 def _build_auto(config: dict):
-    from accelerate import init_empty_weights
     from transformers import CONFIG_MAPPING, AutoModelForCausalLM
 
     body = {k: v for k, v in config.items() if k not in ("quantization_config", "model_type")}
     cfg = CONFIG_MAPPING[config["model_type"]].from_dict(body)
     cfg._attn_implementation = attention_mod.ATTN_IMPLEMENTATION
-    with init_empty_weights(include_buffers=False):
+    with torch.device("meta"):
         return AutoModelForCausalLM.from_config(cfg, attn_implementation=attention_mod.ATTN_IMPLEMENTATION)
 
 
 def _build_nemotron(cfg):
-    from accelerate import init_empty_weights
     from transformers import NemotronHForCausalLM
 
     cfg._attn_implementation = attention_mod.ATTN_IMPLEMENTATION
-    with init_empty_weights(include_buffers=False):
+    with torch.device("meta"):
         return NemotronHForCausalLM(cfg)
 
 
-def read_weights(path: Path) -> dict[str, torch.Tensor]:
-    from safetensors.torch import load_file
+def checkpoint_names(model_type: str | None) -> weights.TargetFn:
+    """How a family's checkpoint names map to our parameters (``weights.Target``)."""
+    if model_type in HYBRID + (SUPERLINEAR_EXP,):
+        from superlinear.model.superlinear_exp import checkpoint_target
 
-    files = sorted(path.glob("*.safetensors"))
-    if not files:
-        raise NotFound(f"no *.safetensors weights in {path}")
-    state: dict[str, torch.Tensor] = {}
-    for f in files:
-        state.update(load_file(str(f)))
-    return state
+        return checkpoint_target
+    return weights.same_name
 
 
-def keep_fp32(hf, name: str) -> bool:
-    patterns = getattr(hf, "_keep_in_fp32_modules_strict", None) or []
-    return any(p in name for p in patterns)
+# how messages to users name the layer kinds
+_KIND_NAMES = {layer_types.ATTENTION: "attention", layer_types.MAMBA: "mamba", layer_types.MOE: "moe",
+               layer_types.MLP: "mlp"}
 
 
-def assign_weights(hf, state: dict[str, torch.Tensor], device, dtype, *, where) -> None:
-    """Load ``state`` into ``hf`` (meta weights); one clear error listing any name mismatch."""
-    expected = dict(hf.state_dict())
-    tied = bool(getattr(hf.config, "tie_word_embeddings", False))
-    optional = {"lm_head.weight"} if tied else set()
-    missing = sorted(set(expected) - set(state) - optional)
-    unexpected = sorted(set(state) - set(expected))
-    wrong_shape = [f"{n} {tuple(state[n].shape)} != {tuple(expected[n].shape)}"
-                   for n in sorted(set(state) & set(expected)) if state[n].shape != expected[n].shape]
-    if missing or unexpected or wrong_shape:
-        def show(names):
-            return ", ".join(names[:12]) + (f" (+{len(names) - 12} more)" if len(names) > 12 else "")
+def layer_kinds(hf) -> list[str]:
+    """Each layer's type as users name it (attention, mamba, moe, mlp)."""
+    types = layer_types.from_config(hf.config) or [layer_types.ATTENTION] * hf.config.num_hidden_layers
+    return [_KIND_NAMES[t] for t in types]
 
-        parts = []
-        if missing:
-            parts.append(f"missing {len(missing)}: {show(missing)}")
-        if unexpected:
-            parts.append(f"unexpected {len(unexpected)}: {show(unexpected)}")
-        if wrong_shape:
-            parts.append(f"wrong shape {len(wrong_shape)}: {show(wrong_shape)}")
-        raise InvalidRequest(f"weights in {where} do not match the model ({type(hf).__name__}): "
-                             + "; ".join(parts) + " (see docs/models.md for the expected names)")
-    converted = {}
-    for name, tensor in state.items():
-        target = torch.float32 if keep_fp32(hf, name) or not tensor.is_floating_point() else dtype
-        converted[name] = tensor.to(device=device, dtype=target)
-    hf.load_state_dict(converted, strict=False, assign=True)
-    if tied and "lm_head.weight" not in state:
-        hf.lm_head.weight = hf.get_input_embeddings().weight
-    hf.to(device)
-    leftover = [n for n, p in hf.named_parameters() if p.device.type == "meta"]
-    if leftover:
-        raise InvalidRequest(f"weights in {where} leave parameters unset: {', '.join(leftover[:12])}")
+
+def load_weights(hf, path: Path, target_of: weights.TargetFn, device: torch.device, dtype: torch.dtype) -> None:
+    """Stream the directory's checkpoint into ``hf`` (meta weights) on ``device``; one error that
+    lists every tensor that does not fit, before any weight is read."""
+    plan = weights.plan_load(hf, weights.read_entries(weights.shard_files(path)), target_of)
+    if not plan.ok:
+        raise InvalidRequest(weights.mismatch_message(plan, where=path, model=type(hf).__name__,
+                                                      layer_kinds=layer_kinds(hf)))
+    if plan.ignored:
+        log.warning("%s: ignored %d checkpoint tensors inference does not use (%s)", path, len(plan.ignored),
+                    weights.show_names(plan.ignored))
+    weights.stream_weights(hf, plan, device, dtype)
+    weights.materialize_buffers(hf, device)
+    unset = weights.unset_tensors(hf)
+    if unset:
+        raise InvalidRequest(f"weights in {path} leave parameters unset: {', '.join(unset[:12])}")
 
 
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "vocab.json")
@@ -242,12 +225,12 @@ def load_tokenizer(path: Path):
 
 
 def layout_of(cfg) -> CacheLayout:
-    types = getattr(cfg, "layers_block_type", None)
+    types = layer_types.from_config(cfg)
     head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
     if not types:
         return CacheLayout(tuple(range(cfg.num_hidden_layers)), cfg.num_key_value_heads, head_dim)
-    attn = tuple(i for i, t in enumerate(types) if t == "full_attention")
-    mamba = tuple(i for i, t in enumerate(types) if t == "linear_attention")
+    attn = tuple(i for i, t in enumerate(types) if t == layer_types.ATTENTION)
+    mamba = tuple(i for i, t in enumerate(types) if t == layer_types.MAMBA)
     inner = cfg.mamba_num_heads * cfg.mamba_head_dim
     conv_dim = inner + 2 * cfg.n_groups * cfg.ssm_state_size
     return CacheLayout(attn, cfg.num_key_value_heads, head_dim, mamba,

@@ -12,8 +12,9 @@ this module computes its forward against our cache, in two forms:
 
 The SSD recurrence per head h, with state S [P, N] (head dim P, state size N)::
 
-    dt_t = softplus(dt_raw_t + dt_bias)          (clamped below at time_step_min in a chunk,
-                                                  as transformers does)
+    dt_t = clamp(softplus(dt_raw_t + dt_bias), *time_step_limit)
+                                                 (the config's limit, default (0, inf): no
+                                                  clamp; in prefill and decode alike)
     S_t  = exp(dt_t * A) * S_{t-1} + dt_t * x_t B_t^T
     y_t  = S_t C_t + D * x_t
 
@@ -24,6 +25,7 @@ silu(z) applied before the norm) and the output projection.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import torch
@@ -42,7 +44,7 @@ class MambaDims:
     groups: int
     kernel: int
     eps: float
-    dt_min: float
+    dt_limit: tuple[float, float] = (0.0, math.inf)
 
     @property
     def inner(self) -> int:
@@ -56,7 +58,21 @@ class MambaDims:
     def from_config(cls, cfg) -> MambaDims:
         return cls(heads=cfg.mamba_num_heads, head_dim=cfg.mamba_head_dim, state=cfg.ssm_state_size,
                    groups=cfg.n_groups, kernel=cfg.conv_kernel, eps=float(cfg.layer_norm_epsilon),
-                   dt_min=float(cfg.time_step_min))
+                   dt_limit=dt_limit_of(cfg))
+
+
+def dt_limit_of(cfg) -> tuple[float, float]:
+    """The clamp on softplus(dt) the model was trained with: the config's ``time_step_limit``
+    (Mamba-2's ``dt_limit``). ``time_step_min`` only initialises ``dt_bias``; transformers 5.24
+    clamped prefill at it and 5.25 does not, so the limit comes from the config, never from
+    whichever transformers is installed."""
+    limit = getattr(cfg, "time_step_limit", None)
+    if limit is None:
+        return (0.0, math.inf)
+    low, high = (float(v) for v in limit)
+    if not 0.0 <= low <= high:
+        raise ValueError(f"time_step_limit {list(limit)} is not a range of non-negative numbers")
+    return (low, high)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -85,8 +101,8 @@ def mixer_forward(mixer, dims: MambaDims, x: torch.Tensor, conv_state: torch.Ten
     c = c.reshape(1, length, dims.groups, dims.state)
     dt = F.softplus(dt.float() + mixer.dt_bias.float())  # [1, T, heads]
     a = -torch.exp(mixer.A_log.float())
-    if length > 1:
-        dt = dt.clamp(min=dims.dt_min)  # transformers clamps in the chunked scan only
+    if dims.dt_limit != (0.0, math.inf):
+        dt = dt.clamp(min=dims.dt_limit[0], max=dims.dt_limit[1])
     if fast:  # fla's scan (a chunk) or fused recurrence (a step): bf16 out, skip added in bf16
         scan = ssd_step_fla if length == 1 else ssd_chunk_fla
     else:

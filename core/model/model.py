@@ -21,6 +21,8 @@ from typing import Any
 import torch
 
 from superlinear.errors import InvalidRequest
+from superlinear.kernels import resolve_backend
+from superlinear.model import layer_types
 from superlinear.model.attention import ForwardContext, attach
 from superlinear.model.cache import Cache, CacheLayout
 from superlinear.model.hybrid import HybridForward
@@ -62,8 +64,9 @@ class Model:
                  backend: str | None = None, fast_paths: bool = True, _shared: _Shared | None = None):
         if attention not in ("superlinear", "dense"):
             raise InvalidRequest(f"unknown attention {attention!r}: use 'superlinear' or 'dense'")
+        first_load = _shared is None
         if _shared is None:
-            hybrid = HybridForward(hf) if getattr(hf.config, "layers_block_type", None) else None
+            hybrid = HybridForward(hf) if layer_types.from_config(hf.config) else None
             _shared = _Shared(hf, ForwardContext(), hybrid)
             attach(hf, _shared.ctx)
         self._shared = _shared
@@ -86,16 +89,22 @@ class Model:
         param = next(hf.parameters())
         self.device = param.device
         self.dtype = param.dtype
-        self.cuda_graph = (self.device.type == "cuda") if cuda_graph is None else bool(cuda_graph)
-        if self.cuda_graph and self.device.type != "cuda":
-            self.cuda_graph = False
-        if "moe" in self.layer_types() and not (self.fast_paths and _shared.hybrid.grouped):
+        on_cuda = self.device.type == "cuda"
+        self.cuda_graph = on_cuda and (cuda_graph is None or bool(cuda_graph))
+        # why a CUDA decode runs without a graph (None: it runs with one, or not on CUDA)
+        self._graph_off = "cuda_graph=False" if on_cuda and not self.cuda_graph else None
+        hybrid = _shared.hybrid
+        if hybrid is not None and hybrid.has_moe and not (self.fast_paths and hybrid.experts.fast):
             # transformers' MoE experts loop over the experts a batch hits (host sync): not capturable.
             self.cuda_graph = False
+            if on_cuda:
+                self._graph_off = "the MoE experts loop syncs with the host"
         self.fingerprint = self._fingerprint()
         # transformers >= 5.20 calls it ``cache``, earlier 5.x ``past_key_values``
         params = inspect.signature(hf.forward).parameters
         self._cache_kw = "cache" if "cache" in params else "past_key_values"
+        if first_load and self.slow_reasons():  # named once per load, not per sibling
+            print(f"spl: warning: {name} runs a slow fallback: {'; '.join(self.slow_reasons())}", file=sys.stderr)
 
     # -- identity -------------------------------------------------------------------------------
     def _fingerprint(self) -> str:
@@ -123,10 +132,7 @@ class Model:
 
     def layer_types(self) -> list[str]:
         cfg = self.hf.config
-        types = getattr(cfg, "layers_block_type", None)
-        if types:
-            return list(types)
-        return ["full_attention"] * cfg.num_hidden_layers
+        return layer_types.from_config(cfg) or [layer_types.ATTENTION] * cfg.num_hidden_layers
 
     def num_parameters(self) -> int:
         seen, total = set(), 0
@@ -162,9 +168,37 @@ class Model:
             "max_position_embeddings": int(getattr(self.hf.config, "max_position_embeddings", 0) or 0),
             "cuda_graph": self.cuda_graph and self._shared.graph_error is None,
             "cuda_graph_error": self._shared.graph_error,
-            "forward": self._shared.hybrid.info() if self.fast_paths else "transformers",
+            **self.forward_info(),
             "fingerprint": self.fingerprint,
         }
+
+    def slow_reasons(self) -> list[str]:
+        """The slow fallbacks this model takes on its device, each with its reason (empty: every
+        fast path its device offers is in use)."""
+        hybrid = self._shared.hybrid
+        reasons = []
+        if hybrid is not None:
+            reasons += hybrid.slow_reasons() if self.fast_paths else [
+                "transformers' forward (fast_paths=False): MoE experts loop, Mamba-2 on PyTorch"]
+        if self.device.type == "cuda":
+            if self.attention == "superlinear" and resolve_backend(self.backend, self.device) != "triton":
+                reasons.append("superlinear attention on the PyTorch reference kernels (Triton not installed, "
+                               "or backend / SPL_ATTENTION_BACKEND=reference)")
+            if self._shared.graph_error is not None:
+                reasons.append(f"decode without CUDA graph: the capture failed ({self._shared.graph_error})")
+            elif self._graph_off is not None:
+                reasons.append(f"decode without CUDA graph ({self._graph_off})")
+        return reasons
+
+    def forward_info(self) -> dict:
+        """``forward``: ``fast`` or ``fallback``, ``forward_reason`` (None when fast) and the path
+        each part takes (``forward_paths``): for ``spl models info`` and the bench JSON."""
+        reasons = self.slow_reasons()
+        paths = self._shared.hybrid.info() if self.fast_paths else {"model": "transformers' forward"}
+        if self.device.type == "cuda":
+            paths["decode"] = "CUDA graph" if self.cuda_graph and self._shared.graph_error is None else "eager"
+        return {"forward": "fallback" if reasons else "fast", "forward_reason": "; ".join(reasons) or None,
+                "forward_paths": paths}
 
     def with_attention(self, attention: str | None = None, span_params=None,
                        cuda_graph: bool | None = None, fast_paths: bool | None = None) -> Model:
@@ -217,6 +251,7 @@ class Model:
 
     def _run(self, ids: torch.Tensor, positions: torch.Tensor, cache: Cache) -> torch.Tensor:
         """One forward of ``ids [1, T]`` at ``positions``: logits ``[1, 1, V]`` of the last token."""
+        self._shared.ctx.partition = cache.partition
         if self.fast_paths:
             return self._shared.hybrid(ids, cache)
         return self.hf(input_ids=ids, position_ids=positions[None], use_cache=True, logits_to_keep=1,

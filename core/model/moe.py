@@ -7,35 +7,95 @@ are sorted by expert, both projections run as one grouped matmul each over the e
 stacked weights (``torch._grouped_mm``, with per-expert row offsets computed on the device),
 and the rows are put back in token order and weighted. The router is transformers' own module
 (pure tensor ops). The same code serves prefill (T = chunk) and decode (T = 1).
+
+torch's grouped matmul has a host-sync-free kernel only in bf16 on sm90/sm100 (torch 2.11: the
+CUTLASS path); in fp16, fp32 or on other GPUs it reads the offsets on the host and loops over the
+experts, which is fine in a prefill chunk but cannot be captured. There the decode step's few
+(token, expert) rows run through ``superlinear.model.moe_triton.expert_rows`` instead (each
+picked expert's weights read once, expert ids read on the device): ``experts_path`` decides.
 """
 
 from __future__ import annotations
 
+import importlib.util
+from dataclasses import dataclass
+
 import torch
 import torch.nn.functional as F
 
+# (token, expert) rows of one MoE call up to which the "rows" path runs the Triton kernel: a
+# decode step has top-k of them; a prefill chunk has thousands and takes the grouped matmul
+ROWS_KERNEL_MAX = 64
 
-def grouped_mm_supported(device: torch.device, dtype: torch.dtype) -> bool:
-    """``torch._grouped_mm`` runs on CPU (torch >= 2.9) and on Hopper-class GPUs in bf16."""
-    if not hasattr(torch, "_grouped_mm"):
-        return False
-    if device.type == "cuda":
-        return dtype == torch.bfloat16 and torch.cuda.get_device_capability(device)[0] >= 9
-    return device.type == "cpu"
+_DESCRIPTIONS = {
+    "grouped": "grouped matmul (no host sync)",
+    "rows": "grouped matmul in prefill, Triton expert-rows kernel in decode (no host sync)",
+    "loop": "transformers experts loop (host syncs, no CUDA graph)",
+}
 
 
-def moe_forward(moe, config, x: torch.Tensor, grouped: bool) -> torch.Tensor:
-    """``x [1, T, hidden]`` through router, routed experts and the shared expert. Without
-    ``grouped`` (no grouped matmul for this device/dtype) transformers' experts loop runs."""
+@dataclass(frozen=True)
+class ExpertsPath:
+    """How the routed experts run: ``grouped`` (``torch._grouped_mm`` everywhere), ``rows``
+    (grouped matmul in prefill, ``moe_triton.expert_rows`` in decode) or ``loop`` (transformers'
+    experts loop: the slow fallback, ``reason`` says why)."""
+
+    kind: str
+    reason: str = ""
+
+    @property
+    def fast(self) -> bool:
+        """No host sync in a decode step: the step can be one CUDA graph."""
+        return self.kind != "loop"
+
+    def describe(self) -> str:
+        return _DESCRIPTIONS[self.kind] + (f" [{self.reason}]" if self.kind == "rows" else "")
+
+
+def choose_experts_path(device_type: str, dtype: torch.dtype, capability: tuple[int, int] | None,
+                        has_grouped_mm: bool, has_triton: bool) -> ExpertsPath:
+    """The experts path for a device (``capability``: CUDA compute capability, else None), a
+    dtype and what is installed."""
+    if not has_grouped_mm:
+        return ExpertsPath("loop", f"torch {torch.__version__} has no grouped matmul (torch >= 2.9 has): "
+                                   "MoE runs transformers' experts loop, decode without CUDA graph")
+    if device_type != "cuda":
+        return ExpertsPath("grouped")
+    major, minor = capability
+    if dtype == torch.bfloat16 and major in (9, 10):
+        return ExpertsPath("grouped")
+    if major < 8:
+        return ExpertsPath("loop", f"compute capability {major}.{minor}: torch's grouped matmul needs 8.0+; "
+                                   "MoE runs transformers' experts loop, decode without CUDA graph")
+    name = str(dtype).replace("torch.", "")
+    if not has_triton:
+        return ExpertsPath("loop", f"{name} on sm{major}{minor} needs Triton for the decode step's experts "
+                                   "(not installed): MoE runs transformers' experts loop, decode without CUDA graph")
+    return ExpertsPath("rows", f"{name} on sm{major}{minor}: torch's grouped matmul syncs with the host "
+                               "(its CUTLASS kernel is bf16 on sm90/sm100 only)")
+
+
+def experts_path(device: torch.device, dtype: torch.dtype) -> ExpertsPath:
+    cuda = device.type == "cuda"
+    return choose_experts_path(device.type, dtype, torch.cuda.get_device_capability(device) if cuda else None,
+                               hasattr(torch, "_grouped_mm"), importlib.util.find_spec("triton") is not None)
+
+
+def moe_forward(moe, config, x: torch.Tensor, path: ExpertsPath) -> torch.Tensor:
+    """``x [1, T, hidden]`` through router, routed experts (as ``path`` says) and the shared expert."""
     shape = x.shape
     flat = x.reshape(-1, shape[-1])
     weights, experts = route(moe.gate, config, flat)  # weights [T, K] fp32, experts [T, K]
     routed = moe.fc1_latent_proj(flat)
-    if grouped:
-        routed = grouped_experts(routed, experts, weights, moe.experts.up_proj, moe.experts.down_proj,
-                                 moe.experts.act_fn)
-    else:
+    up, down, act = moe.experts.up_proj, moe.experts.down_proj, moe.experts.act_fn
+    if path.kind == "loop":
         routed = moe.experts(routed, experts, weights)
+    elif path.kind == "rows" and experts.numel() <= ROWS_KERNEL_MAX:
+        from superlinear.model.moe_triton import expert_rows
+
+        routed = rows_experts(routed, experts, weights, up, down, act, expert_rows)
+    else:
+        routed = grouped_experts(routed, experts, weights, up, down, act)
     routed = moe.fc2_latent_proj(routed)
     return routed.reshape(shape) + moe.shared_experts(x)
 
@@ -78,3 +138,24 @@ def grouped_experts(x: torch.Tensor, experts: torch.Tensor, weights: torch.Tenso
     # atomics: a replayed graph gives the eager step's bits), then the sum over the slots
     inverse = torch.argsort(order)
     return out.index_select(0, inverse).view(tokens, k, -1).sum(1)
+
+
+def rows_experts(x: torch.Tensor, experts: torch.Tensor, weights: torch.Tensor, up: torch.Tensor,
+                 down: torch.Tensor, act, matvec) -> torch.Tensor:
+    """``grouped_experts`` for a few rows: each (token, slot) row multiplies by its expert's
+    weights directly (``matvec(x, weight, experts, rows_per_x)``: ``moe_triton.expert_rows`` or
+    ``expert_rows_reference``), no sort and no scatter."""
+    tokens, k = experts.shape
+    flat = experts.reshape(-1)
+    hidden = act(matvec(x, up, flat, k))  # [T * K, I]
+    hidden = hidden * weights.reshape(-1, 1).to(hidden.dtype)
+    return matvec(hidden, down, flat, 1).view(tokens, k, -1).sum(1)
+
+
+def expert_rows_reference(x: torch.Tensor, weight: torch.Tensor, experts: torch.Tensor,
+                          rows_per_x: int = 1) -> torch.Tensor:
+    """The oracle of ``moe_triton.expert_rows``: ``weight[experts[r]] @ x[r // rows_per_x]``, in
+    fp32, out in ``x``'s dtype (it copies the picked experts' weights: tests only)."""
+    rows = x.float().repeat_interleave(rows_per_x, dim=0)
+    picked = weight.float().index_select(0, experts.reshape(-1))
+    return torch.bmm(picked, rows[:, :, None])[:, :, 0].to(x.dtype)

@@ -43,13 +43,11 @@ def random_model(config: dict, *, name: str = "random", source: str = "", device
                  attention: str = "superlinear", cuda_graph: bool | None = None, backend: str | None = None,
                  span_params=None, seed: int = 0):
     """A ``Model`` of any supported config with random weights (also used by tests)."""
-    from superlinear.model import attention as attention_mod
     from superlinear.model import loaders
     from superlinear.model.model import Model
 
     device = torch.device(device) if device is not None else loaders.default_device()
     dtype = loaders.parse_dtype(dtype) or loaders.default_dtype(device)
-    attention_mod.register()
     hf, kind, routing = loaders.build_empty(config, where=name)
     fill_random(hf, device, dtype, seed)
     hf.eval()
@@ -63,27 +61,25 @@ def random_model(config: dict, *, name: str = "random", source: str = "", device
 def fill_random(hf: torch.nn.Module, device: torch.device, dtype: torch.dtype, seed: int) -> None:
     """Materialise the meta weights on ``device`` (fp32 where transformers keeps them fp32)
     and fill them: normal(0, 0.02) for matrices and embeddings, ones for norm weights, the
-    standard Mamba-2 init for ``A_log``/``D``/``dt_bias``, zeros for biases. Buffers (rotary
-    frequencies, router biases) keep the values the modules were built with."""
-    from superlinear.model.loaders import keep_fp32
+    standard Mamba-2 init for ``A_log``/``D``/``dt_bias``, zeros for biases and for the
+    checkpoint's buffers (router score biases, which the modules build as zeros). Buffers
+    computed from the config (rotary frequencies) are built on the device."""
+    from superlinear.model.weights import materialize_buffers, put_tensor, target_dtype
 
     generator = torch.Generator(device=device).manual_seed(seed)
-    for module_name, module in hf.named_modules():
-        for leaf, param in list(module._parameters.items()):
-            if param is None:
-                continue
-            name = f"{module_name}.{leaf}" if module_name else leaf
-            target = torch.float32 if keep_fp32(hf, name) else dtype
-            value = torch.empty(param.shape, dtype=target, device=device)
-            if leaf == "A_log":
-                value.copy_(torch.log(torch.arange(1, value.numel() + 1, dtype=torch.float32)).view_as(value))
-            elif leaf in ("D", "dt_bias") or (leaf == "weight" and value.dim() == 1):
-                value.fill_(1.0)
-            elif leaf == "bias":
-                value.zero_()
-            else:
-                value.normal_(0.0, 0.02, generator=generator)
-            module._parameters[leaf] = torch.nn.Parameter(value, requires_grad=False)
-    hf.to(device)  # the buffers; the parameters are there already
+    parameters = {name for name, _ in hf.named_parameters(remove_duplicate=False)}
+    for name, meta in hf.state_dict().items():
+        leaf = name.rpartition(".")[2]
+        value = torch.empty(meta.shape, dtype=target_dtype(hf, name, meta, dtype), device=device)
+        if leaf == "A_log":
+            value.copy_(torch.log(torch.arange(1, value.numel() + 1, dtype=torch.float32)).view_as(value))
+        elif leaf in ("D", "dt_bias") or (leaf == "weight" and value.dim() == 1):
+            value.fill_(1.0)
+        elif leaf == "bias" or name not in parameters:
+            value.zero_()
+        else:
+            value.normal_(0.0, 0.02, generator=generator)
+        put_tensor(hf, name, value)
+    materialize_buffers(hf, device)
     if getattr(hf.config, "tie_word_embeddings", False):
         hf.tie_weights()

@@ -10,8 +10,12 @@ of docs/attention-spec.md); ``q_proj`` is the attention query q2. docs/models.md
 
 from __future__ import annotations
 
+import re
+
 import torch
 from torch import nn
+
+from superlinear.model import layer_types
 
 # Names the routing projection may carry in a checkpoint; the first is ours.
 ROUTING_NAMES = ("routing_q_proj", "q1_proj", "search_q_proj")
@@ -22,7 +26,13 @@ def nemotron_config(config: dict):
     from transformers import NemotronHConfig
 
     body = {k: v for k, v in config.items()
-            if not k.startswith("span_attention_") and k not in ("model_type", "architectures", "auto_map")}
+            if not k.startswith("span_attention_")
+            and k not in ("model_type", "architectures", "auto_map", "hybrid_override_pattern", "layers_block_type",
+                          "layer_types")}
+    types = layer_types.from_config(config)
+    if types:  # the pattern string: read the same way by every transformers release
+        body["hybrid_override_pattern"] = layer_types.to_pattern(types)
+        body["num_hidden_layers"] = len(types)
     return NemotronHConfig.from_dict(body)
 
 
@@ -60,36 +70,37 @@ def routing_attention_class():
 
 def build(config_dict: dict):
     """An empty (meta-weight) Nemotron-H causal LM whose attention mixers have a routing projection."""
-    from accelerate import init_empty_weights
     from transformers import NemotronHForCausalLM
 
     config = nemotron_config(config_dict)
     config._attn_implementation = "spl"
     attention_cls = routing_attention_class()
-    with init_empty_weights(include_buffers=False):
+    with torch.device("meta"):
         model = NemotronHForCausalLM(config)
-        for idx, block in enumerate(model.model.layers):
-            if block.block_type == "full_attention":
-                block.mixer = attention_cls(config, idx)
+        for idx, kind in enumerate(layer_types.from_config(config)):
+            if kind == layer_types.ATTENTION:
+                model.model.layers[idx].mixer = attention_cls(config, idx)
     return model
 
 
-def normalize_names(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """Accept the original Nemotron layout too: ``backbone.`` prefix, per-expert MoE weights,
-    and the routing projection's alternative names."""
-    out: dict[str, torch.Tensor] = {}
-    experts: dict[tuple[str, str], dict[int, torch.Tensor]] = {}
-    for name, tensor in state.items():
-        if name.startswith("backbone."):
-            name = "model." + name[len("backbone."):]
-        for alias in ROUTING_NAMES[1:]:
-            name = name.replace(f".mixer.{alias}.", f".mixer.{ROUTING_NAMES[0]}.")
-        parts = name.split(".")
-        # model.layers.{i}.mixer.experts.{j}.up_proj.weight -> stacked model.layers.{i}.mixer.experts.up_proj
-        if len(parts) == 8 and parts[4] == "experts" and parts[5].isdigit() and parts[7] == "weight":
-            experts.setdefault((".".join(parts[:5]), parts[6]), {})[int(parts[5])] = tensor
-            continue
-        out[name] = tensor
-    for (prefix, proj), by_index in experts.items():
-        out[f"{prefix}.{proj}"] = torch.stack([by_index[j] for j in sorted(by_index)])
-    return out
+# Multi-token-prediction heads some Nemotron-H checkpoints carry: inference does not run them
+# (transformers ignores them too).
+IGNORED_PREFIXES = ("mtp.", "model.mtp.", "backbone.mtp.")
+_EXPERT_SLICE = re.compile(r"(model\.layers\.\d+\.mixer\.experts)\.(\d+)\.(up_proj|down_proj)\.weight")
+
+
+def checkpoint_target(name: str) -> tuple[str, int | None] | None:
+    """Our parameter for a Nemotron-H / superlinear-exp checkpoint tensor, with the expert's index
+    when the tensor is one expert's slice of a fused experts parameter; None for a tensor
+    inference ignores. Our own names map to themselves; NVIDIA's layout (``backbone.`` prefix,
+    ``…experts.{j}.up_proj.weight``) and the routing projection's other names are accepted."""
+    if name.startswith(IGNORED_PREFIXES):
+        return None
+    if name.startswith("backbone."):
+        name = "model." + name[len("backbone."):]
+    for alias in ROUTING_NAMES[1:]:
+        name = name.replace(f".mixer.{alias}.", f".mixer.{ROUTING_NAMES[0]}.")
+    expert = _EXPERT_SLICE.fullmatch(name)
+    if expert:
+        return f"{expert[1]}.{expert[3]}", int(expert[2])
+    return name, None

@@ -142,7 +142,7 @@ class SessionMemory:
             cache = conv.cache
             if cache.growth_bytes(position, exact=True) >= need:
                 raise
-            free = max(0, self.manager.free_bytes() or 0)
+            free = max(0, (self.manager.free_bytes() or 0) - cache.transient_bytes())
             room = cache.capacity + free // self.manager.sizes.kv_bytes_per_token
             target = max(position, min(cache.capacity_for(position), room))
             self.manager.reserve(cache.growth_bytes(target, exact=True), exclude=self.session, what=what)
@@ -154,4 +154,5 @@ class SessionMemory:
         if free is None:
             return None
         sizes = self.manager.sizes
-        return sizes.spare_tokens(conv) + max(0, free) // sizes.kv_bytes_per_token
+        # past the spare rows the cache grows, which briefly needs one of its tensors twice
+        return sizes.spare_tokens(conv) + max(0, free - conv.cache.transient_bytes()) // sizes.kv_bytes_per_token

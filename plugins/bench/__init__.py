@@ -14,7 +14,7 @@ import click
 
 from superlinear.hookspecs import hookimpl
 
-SUBCOMMANDS = ("attention", "generate")
+SUBCOMMANDS = ("attention", "generate", "niah")
 
 
 def _modules():
@@ -30,7 +30,7 @@ def _modules():
 
 @click.group("bench")
 def bench_group() -> None:
-    """Benchmarks: attention kernels, end-to-end generation."""
+    """Benchmarks: attention kernels, end-to-end generation, needle retrieval."""
 
 
 def _find_command(module):

@@ -13,17 +13,18 @@ superlinear and dense calls alternate so that a loaded machine slows both alike.
 
 from __future__ import annotations
 
-import datetime as _dt
+import json
 import math
 import statistics
 import sys
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from functools import partial
 
 import click
 
 from superlinear.bus import Command, Context, dispatch
 from superlinear.plugins.bench.lengths import fmt_length, parse_length
+from superlinear.plugins.bench.provenance import provenance, provenance_line
 
 CONFIGS = {
     "1": dict(sw_index=3, num_spans=3, backward_factor=3.0, forward_factor=1.0, span_power=0.5,
@@ -120,7 +121,7 @@ def _median_ms(fn, repeats: int, warmup: int = 2) -> float:
     return statistics.median(times)
 
 
-def _graph_ms(fn, replays: int = 200) -> float:
+def graph_ms(fn, replays: int = 200) -> float:
     """Median time of one call, replayed in a CUDA graph (20 calls per graph, 10 timed replays)."""
     import torch
 
@@ -209,16 +210,16 @@ def run_bench(command: BenchAttention, ctx: Context | None = None, log=None) -> 
             q1 = torch.randn(1, HQ, 1, D, device=dev, dtype=torch.bfloat16, generator=gen)
             q2 = torch.randn(1, HQ, 1, D, device=dev, dtype=torch.bfloat16, generator=gen)
             pos = torch.tensor([L - 1], device=dev)
-            ms = _graph_ms(partial(superlinear_decode, q1, q2, k, v, pos, params, backend=command.backend))
+            ms = graph_ms(partial(superlinear_decode, q1, q2, k, v, pos, params, backend=command.backend))
             dense_ms = None
             if command.dense:
                 import torch.nn.functional as F
 
-                dense_ms = _graph_ms(partial(F.scaled_dot_product_attention, q2, k, v, enable_gqa=True))
+                dense_ms = graph_ms(partial(F.scaled_dot_product_attention, q2, k, v, enable_gqa=True))
             fl, counts = floors(params, "decode", L, 1, HQ, HKV, D)
             rows.append(Row(cname, "decode", L, ms, dense_ms, fl, "", counts))
             log(f"config {cname} decode L={fmt_length(L)}: {ms * 1e3:.1f} us (dense {dense_ms}) floor {fl * 1e3:.1f}")
-    return {"rows": rows, "device": torch.cuda.get_device_name(), "torch": torch.__version__,
+    return {**provenance(dev), "rows": rows, "device": torch.cuda.get_device_name(), "torch": torch.__version__,
             "fits": fit_exponents(rows)}
 
 
@@ -286,8 +287,16 @@ def run_bench_cpu(command: BenchAttention, log) -> dict:
     finally:
         torch.set_num_threads(before)
     load = " / ".join(f"{x:.1f}" for x in os.getloadavg())
-    return {"rows": rows, "device": f"CPU ({os.cpu_count()} cores, load average {load} at the end)",
-            "torch": torch.__version__, "fits": {}}
+    return {**provenance("cpu"), "rows": rows,
+            "device": f"CPU ({os.cpu_count()} cores, load average {load} at the end)", "torch": torch.__version__,
+            "fits": {}}
+
+
+def as_json(result: dict) -> str:
+    """The result as JSON: rows as objects, the fits keyed ``config/phase``."""
+    out = dict(result, rows=[asdict(r) for r in result["rows"]],
+               fits={f"{cfg}/{phase}": slope for (cfg, phase), slope in result["fits"].items()})
+    return json.dumps(out, indent=2, default=str)
 
 
 def fit_exponents(rows: list[Row]) -> dict:
@@ -307,8 +316,8 @@ def fit_exponents(rows: list[Row]) -> dict:
 
 def markdown_cpu(result: dict, command_line: str) -> str:
     lines = [
-        f"Date: {_dt.datetime.now(_dt.UTC).strftime('%Y-%m-%d %H:%M UTC')}; device: {result['device']}; "
-        f"torch {result['torch']}; command: `{command_line}`",
+        f"Date: {result['date']}; device: {result['device']}; command: `{command_line}`",
+        provenance_line(result),
         "",
         "| config | case | L | threads | superlinear | dense SDPA | superlinear / dense |",
         "|---|---|---|---|---|---|---|",
@@ -327,8 +336,8 @@ def markdown(result: dict, command_line: str) -> str:
     if rows and rows[0].threads is not None:
         return markdown_cpu(result, command_line)
     lines = [
-        f"Date: {_dt.datetime.now(_dt.UTC).strftime('%Y-%m-%d %H:%M UTC')}; device: {result['device']}; "
-        f"torch {result['torch']}; command: `{command_line}`",
+        f"Date: {result['date']}; device: {result['device']}; command: `{command_line}`",
+        provenance_line(result),
         "",
         "| config | case | L | superlinear | dense SDPA | dense / superlinear | floor | superlinear / floor |",
         "|---|---|---|---|---|---|---|---|",
@@ -375,10 +384,12 @@ def _split(text: str) -> tuple:
 @click.option("--device", default="cuda", show_default=True, type=click.Choice(["cuda", "cpu"]),
               help="cpu: the reference backend, fp32, default-model shapes and config unless given.")
 @click.option("--threads", default="", help="CPU: torch thread counts to run side by side, e.g. 1,2.")
-@click.option("--out", "out_file", type=click.Path(dir_okay=False), help="Also write the table to this file.")
+@click.option("--json", "json_out", is_flag=True, help="Machine-readable output (rows, fits, provenance).")
+@click.option("--out", "out_file", type=click.Path(dir_okay=False),
+              help="Also write the markdown table to this file (with --json too).")
 @click.pass_context
 def command(click_ctx, configs, lengths, decode_lengths, chunk, heads, kv_heads, head_dim, no_dense, repeats,
-            backend, device, threads, out_file):
+            backend, device, threads, json_out, out_file):
     """Time superlinear prefill and decode against dense SDPA (CUDA GPU, or --device cpu)."""
     if device == "cpu":
         # the default model's shapes and config unless the user gave others
@@ -404,7 +415,7 @@ def command(click_ctx, configs, lengths, decode_lengths, chunk, heads, kv_heads,
     result = dispatch(cmd)
     args = sys.argv[sys.argv.index("attention") + 1:] if "attention" in sys.argv else []
     text = markdown(result, " ".join(["spl bench attention", *args]))
-    click.echo(text)
+    click.echo(as_json(result) if json_out else text)
     if out_file:
         with open(out_file, "w") as fh:
             fh.write(text)

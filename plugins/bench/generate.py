@@ -5,11 +5,16 @@ For each length L and attention: a cache of L + decode tokens, a chunked prefill
 (timed), then ``--decode-tokens`` greedy decode steps timed twice from the same position: as
 replays of the captured CUDA graph (CUDA only) and as eager steps. Dense attention is skipped
 above ``--dense-max-len`` (it is O(L^2)). torch is imported only when the command runs.
+
+``--world-size N`` (under ``torchrun --nproc-per-node N``) splits the session's context over N
+ranks (``superlinear.distributed``): every number is the session's, the memory the largest of
+one rank's. ``--probe`` does not prefill the L tokens: it allocates the cache for L and times one
+prefill chunk and the decode steps at depth L over zeroed keys, which measures what fits and the
+speed per step at depths a full prefill cannot reach within one run.
 """
 
 from __future__ import annotations
 
-import datetime as _dt
 import json
 import platform
 import time
@@ -18,7 +23,9 @@ from dataclasses import dataclass
 import click
 
 from superlinear.bus import Command, Context, dispatch
-from superlinear.plugins.bench.lengths import fmt_length, parse_length
+from superlinear.plugins.bench.lengths import case_error, exit_on_failed_cases, fmt_length, parse_length
+from superlinear.plugins.bench.provenance import provenance, provenance_line
+from superlinear.plugins.bench.ranks import Ranks
 
 
 @dataclass(frozen=True)
@@ -33,6 +40,8 @@ class BenchGenerate(Command):
     decode_tokens: int = 32
     dense_max_len: int = 128 * 1024
     graph: bool = True
+    world_size: int = 1
+    probe: bool = False
 
 
 def _sync(device) -> None:
@@ -60,10 +69,10 @@ def _decode(model, cache, first_token: int, n: int, graph: bool) -> tuple[float,
     return time.perf_counter() - start, n
 
 
-def _warm_up(model, ids, chunk_size: int) -> None:
+def _warm_up(model, ids, chunk_size: int, ranks: Ranks) -> None:
     """Compile every kernel the timed run uses: a full chunk and a partial one (Triton compiles
     and autotunes per shape), then capture the decode graph."""
-    cache = model.new_cache(len(ids) + 4)
+    cache = ranks.new_cache(model, len(ids) + 4)
     logits = model.prefill(cache, ids, chunk_size=min(chunk_size, max(1, len(ids) - 1)))
     for _ in range(2):
         logits = model.decode_step(cache, int(logits.argmax()))
@@ -73,11 +82,13 @@ def _warm_up(model, ids, chunk_size: int) -> None:
 def run_bench(command: BenchGenerate, ctx: Context) -> dict:
     import torch
 
+    from superlinear.errors import TooLarge
     from superlinear.model import load_model
     from superlinear.pluginloader import model_loaders
 
+    ranks = Ranks(command.world_size, command.device)
     start = time.perf_counter()
-    base = load_model(command.model, device=command.device, dtype=command.dtype, loaders=model_loaders())
+    base = load_model(command.model, device=ranks.device, dtype=command.dtype, loaders=model_loaders())
     load_s = time.perf_counter() - start
     on_cuda = base.device.type == "cuda"
     lengths = command.lengths or ((4096, 32768, 131072, 1 << 20) if on_cuda else (512, 2048, 4096))
@@ -92,21 +103,31 @@ def run_bench(command: BenchGenerate, ctx: Context) -> dict:
             if attention == "dense" and length > command.dense_max_len:
                 rows.append({"length": length, "attention": attention, "skipped": "above --dense-max-len"})
                 continue
-            model = base.with_attention(attention)
+            if attention == "dense" and ranks.split:
+                rows.append({"length": length, "attention": attention, "skipped": "one rank only"})
+                continue
+            model = ranks.variant(base, attention)
             row = {"length": length, "attention": attention}
             cache = None
             try:
                 if (attention, model.device.type) not in warmed:  # compile kernels, capture once
-                    _warm_up(model, ids[:min(length, max(2 * model.window, chunk_size) + 512)], chunk_size)
+                    _warm_up(model, ids[:min(length, max(2 * model.window, chunk_size) + 512)], chunk_size, ranks)
                     warmed.add((attention, model.device.type))
-                cache = model.new_cache(length + command.decode_tokens + 2)
+                cache = ranks.new_cache(model, length + command.decode_tokens + 2)
+                timed = ids
+                if command.probe:  # the last chunk only, at its depth, over the (zeroed) cache
+                    cache.reserve(length + command.decode_tokens + 2, exact=True)
+                    timed = ids[max(0, length - chunk_size):]
+                    cache.position = length - len(timed)
+                    row["probe"] = True
                 _sync(model.device)
+                ranks.barrier()
                 t0 = time.perf_counter()
-                logits = model.prefill(cache, ids, chunk_size=chunk_size)
+                logits = model.prefill(cache, timed, chunk_size=chunk_size)
                 _sync(model.device)
-                row["prefill_s"] = time.perf_counter() - t0
-                row["prefill_tok_s"] = length / row["prefill_s"]
-                row["cache_bytes"] = cache.nbytes()  # allocated by the prefill (lazily)
+                row["prefill_s"] = ranks.max(time.perf_counter() - t0)
+                row["prefill_tok_s"] = len(timed) / row["prefill_s"]
+                row["cache_bytes"] = ranks.sum(cache.nbytes())  # allocated by the prefill (lazily)
                 first = int(logits.argmax())
                 saved = cache.recurrent_state() if cache.has_recurrent_state else None
                 modes = [("eager", False)]
@@ -115,11 +136,14 @@ def run_bench(command: BenchGenerate, ctx: Context) -> dict:
                 for label, graph in modes:
                     cache.truncate(length, recurrent_state=saved)
                     seconds, steps = _decode(model, cache, first, command.decode_tokens, graph)
+                    seconds = ranks.max(seconds)
                     row[f"decode_{label}_tok_s"] = steps / seconds if seconds > 0 else float("nan")
                 if on_cuda:
-                    row["peak_gib"] = torch.cuda.max_memory_allocated(model.device) / 2**30
+                    row["peak_gib"] = ranks.max(torch.cuda.max_memory_allocated(model.device) / 2**30)
             except Exception as exc:  # one failing case (e.g. out of memory) must not end the run
-                row["error"] = f"{type(exc).__name__}: {str(exc).splitlines()[0][:160] if str(exc) else ''}"
+                if ranks.split and not isinstance(exc, TooLarge):
+                    raise  # the ranks no longer run the same steps: end the run (torchrun stops them all)
+                row["error"] = case_error(exc)
             finally:
                 del cache
                 if on_cuda:
@@ -127,20 +151,25 @@ def run_bench(command: BenchGenerate, ctx: Context) -> dict:
                     torch.cuda.reset_peak_memory_stats(model.device)
             rows.append(row)
     device_name = torch.cuda.get_device_name(base.device) if on_cuda else (platform.processor() or "cpu")
+    info = base.info()
     return {
-        "date": _dt.datetime.now(_dt.UTC).strftime("%Y-%m-%d %H:%M UTC"),
+        **provenance(base.device),
         "model": base.name,
         "device": f"{base.device} ({device_name}, {torch.get_num_threads()} threads)" if not on_cuda
         else f"{base.device} ({device_name})",
         "dtype": str(base.dtype).replace("torch.", ""),
         "load_s": load_s,
         "window": base.window,
-        "span_params": base.info()["attention"],
+        "span_params": info["attention"],
         "chunk_size": chunk_size,
-        "forward": base.info()["forward"],
+        "forward": info["forward"],
+        "forward_reason": info["forward_reason"],
+        "forward_paths": info["forward_paths"],
         "parameters": base.num_parameters(),
         "decode_tokens": command.decode_tokens,
-        "cuda_graph_error": base.info()["cuda_graph_error"],
+        "world_size": ranks.world_size,
+        "rank": ranks.rank,
+        "cuda_graph_error": info["cuda_graph_error"],
         "rows": rows,
     }
 
@@ -150,10 +179,14 @@ def _f(value, fmt="{:,.0f}") -> str:
 
 
 def markdown(result: dict) -> str:
+    world = result.get("world_size", 1)
     lines = [
-        f"{result['date']} · model `{result['model']}` · {result['device']} · {result['dtype']} · "
+        f"{result['date']} · model `{result['model']}` · {result['device']}"
+        f"{f' × {world} ranks (context split)' if world > 1 else ''} · {result['dtype']} · "
         f"window {result['window']} · chunk {result['chunk_size']} · {result['decode_tokens']} decode "
         f"tokens · load {result['load_s']:.2f} s",
+        f"{provenance_line(result)} · forward {result.get('forward')}"
+        + (f" ({result['forward_reason']})" if result.get("forward_reason") else ""),
         "",
         "| context | attention | prefill tok/s | prefill s | decode tok/s (CUDA graph) | decode tok/s (eager) "
         "| cache | peak GPU memory |",
@@ -165,8 +198,9 @@ def markdown(result: dict) -> str:
             lines.append(f"| {fmt_length(r['length'])} | {r['attention']} | {note} | | | | | |")
             continue
         cache = r.get("cache_bytes")
+        probe = " (probe: last chunk)" if r.get("probe") else ""
         lines.append(
-            f"| {fmt_length(r['length'])} | {r['attention']} | {_f(r.get('prefill_tok_s'))} | "
+            f"| {fmt_length(r['length'])}{probe} | {r['attention']} | {_f(r.get('prefill_tok_s'))} | "
             f"{_f(r.get('prefill_s'), '{:.2f}')} | {_f(r.get('decode_graph_tok_s'), '{:.1f}')} | "
             f"{_f(r.get('decode_eager_tok_s'), '{:.1f}')} | "
             f"{'-' if cache is None else f'{cache / 2**30:.2f} GiB'} | "
@@ -189,16 +223,23 @@ def markdown(result: dict) -> str:
 @click.option("--decode-tokens", default=32, show_default=True, type=int)
 @click.option("--dense-max-len", default="128K", show_default=True, help="Skip dense attention above this.")
 @click.option("--no-graph", is_flag=True, help="Do not time CUDA-graph decode (eager only).")
+@click.option("--world-size", default=1, show_default=True, type=int,
+              help="Split the context over this many ranks; run under torchrun --nproc-per-node N.")
+@click.option("--probe", is_flag=True,
+              help="Allocate the cache for each length and time only its last chunk and the decode there.")
 @click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
 def command(model, device, dtype, lengths, attentions, chunk_size, decode_tokens, dense_max_len, no_graph,
-            as_json) -> None:
+            world_size, probe, as_json) -> None:
     """Prefill and decode tokens/s at several context lengths, superlinear vs dense."""
     parsed = tuple(parse_length(x) for x in lengths.split(",")) if lengths else ()
     result = dispatch(BenchGenerate(model=model, device=device, dtype=dtype, lengths=parsed,
                                     attentions=tuple(a.strip() for a in attentions.split(",") if a.strip()),
                                     chunk_size=chunk_size, decode_tokens=max(2, decode_tokens),
-                                    dense_max_len=parse_length(dense_max_len), graph=not no_graph))
-    click.echo(json.dumps(result, indent=2, default=str) if as_json else markdown(result))
+                                    dense_max_len=parse_length(dense_max_len), graph=not no_graph,
+                                    world_size=world_size, probe=probe))
+    if result.get("rank", 0) == 0:
+        click.echo(json.dumps(result, indent=2, default=str) if as_json else markdown(result))
+    exit_on_failed_cases(result["rows"])
 
 
 BUS_COMMANDS = [(BenchGenerate, run_bench)]

@@ -1,4 +1,5 @@
-"""Context lengths as people write them on the command line: 512, 16K, 1M (powers of 1024)."""
+"""Context lengths as people write them on the command line: 512, 16K, 1M (powers of 1024); the
+benches' failed cases (their error text, and the exit status they give)."""
 
 from __future__ import annotations
 
@@ -19,3 +20,20 @@ def fmt_length(n: int) -> str:
     if n % 1024 == 0:
         return f"{n // 1024}K"
     return str(n)
+
+
+def case_error(exc: BaseException) -> str:
+    """A failed case's ``error``: the exception's type and first line."""
+    first = str(exc).splitlines()[0][:160] if str(exc) else ""
+    return f"{type(exc).__name__}: {first}" if first else type(exc).__name__
+
+
+def exit_on_failed_cases(rows: list[dict]) -> None:
+    """After the result is printed: exit 1 when a case failed (a row with ``error``), so scripts
+    and CI see a broken benchmark; the other cases' numbers are already out."""
+    import click
+
+    failed = [r for r in rows if r.get("error")]
+    if failed:
+        click.echo(f"spl bench: {len(failed)} of {len(rows)} cases failed (see 'error' in the rows)", err=True)
+        raise SystemExit(1)

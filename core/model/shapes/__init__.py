@@ -1,0 +1,1 @@
+"""The model shapes behind ``--model random:NAME``: config files only (package data)."""
