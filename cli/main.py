@@ -7,6 +7,7 @@ shows the traceback.
 
 from __future__ import annotations
 
+import inspect
 import os
 import sys
 
@@ -38,7 +39,19 @@ def build_cli() -> click.Group:
                   file=sys.stderr)
             continue
         cli.add_command(command)
+    _whole_first_sentences(cli)
     return cli
+
+
+def _whole_first_sentences(command: click.Command) -> None:
+    """Command lists show each command's first sentence whole (wrapped to the terminal), where
+    click would cut it at the column's width with "..."."""
+    if command.short_help is None and command.help:
+        words = inspect.cleandoc(command.help).split("\f", 1)[0].split("\n\n", 1)[0].split()
+        end = next((i for i, word in enumerate(words) if word.endswith(".")), len(words) - 1)
+        command.short_help = " ".join(words[:end + 1])
+    for sub in getattr(command, "commands", {}).values():
+        _whole_first_sentences(sub)
 
 
 def fail(message: str, code: int = USAGE_EXIT) -> None:

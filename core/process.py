@@ -60,7 +60,9 @@ def identity(pid: int, cmdline: list[str] | None = None) -> dict | None:
     if proc is None:
         return None
     try:
-        return {"pid": pid, "create_time": proc.create_time(), "cmdline": list(cmdline or proc.cmdline())}
+        boot = psutil.boot_time()  # read first: create_time is computed from it (see ``matches``)
+        return {"pid": pid, "create_time": proc.create_time(), "boot_time": boot,
+                "cmdline": list(cmdline or proc.cmdline())}
     except (psutil.Error, OSError):
         return None
 
@@ -76,7 +78,16 @@ def matches(ident: dict | None) -> bool:
     if proc is None:
         return False
     try:
-        if abs(proc.create_time() - float(ident["create_time"])) > _START_TIME_SLACK_S:
+        # A start time is the boot time (wall clock) plus ticks since boot, and each process reads
+        # the boot time once: after the clock is stepped (NTP), two processes disagree on every
+        # start time by the step. Compared as time since boot, they agree.
+        boot = psutil.boot_time()
+        started = proc.create_time()
+        if "boot_time" in ident:
+            started, recorded = started - boot, float(ident["create_time"]) - float(ident["boot_time"])
+        else:  # a record from an older spl
+            recorded = float(ident["create_time"])
+        if abs(started - recorded) > _START_TIME_SLACK_S:
             return False
         return list(proc.cmdline()) == list(ident["cmdline"])
     except (psutil.Error, OSError, TypeError, ValueError):

@@ -629,8 +629,10 @@ def snapshot_import_command(path, snapshot_id, replace, as_json) -> None:
 
 @hookimpl
 def register_commands(register):
+    from superlinear.plugins.client.url_option import with_url_option
+
     for command in (ls_command, rm_command, session_group, snapshot_group):
-        register(command)
+        register(with_url_option(command))
 
 
 @hookimpl

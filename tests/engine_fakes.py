@@ -128,7 +128,7 @@ class FakeModel:
             logits[self.script[n] if n < len(self.script) else self.tokenizer.eos_token_id] = 100.0
         return logits
 
-    def prefill(self, cache, token_ids, chunk_size=None, should_cancel=None):
+    def prefill(self, cache, token_ids, chunk_size=None, should_cancel=None, on_logits=None):
         from superlinear.model import Cancelled
 
         ids = list(token_ids)
@@ -137,8 +137,13 @@ class FakeModel:
             self.cancel_checks += 1
             if should_cancel is not None and should_cancel():
                 raise Cancelled("cancelled")
+            rows = []
             for t in ids[i:i + chunk_size]:
                 cache.append(int(t))
+                if on_logits is not None:
+                    rows.append(self._logits(cache))
+            if on_logits is not None:
+                on_logits(torch.stack(rows))
             self.prefilled += len(ids[i:i + chunk_size])
         return self._logits(cache)
 

@@ -476,3 +476,34 @@ def test_once_server_gone_is_one_line():
     assert result.returncode == 2
     lines = result.stderr.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("spl: error: cannot reach the spl server"), result.stderr
+
+
+def test_a_mistyped_session_is_refused_and_max_is_kept(server):
+    """`--session` names an existing session: a typo is one line (exit 2) with the close match and
+    how to start it, never a new session; `/max` set in one `spl chat` holds in the next."""
+    httpx.post(server["url"] + "/v1/sessions", json={"session_id": "weekly-notes"}).raise_for_status()
+    child = spawn_chat(server, "--session", "weekly-note")
+    child.expect(pexpect.EOF)
+    child.close()
+    assert child.exitstatus == 2, child.before
+    lines = [line for line in child.before.splitlines() if line.strip()]
+    assert lines == ["spl: error: no session 'weekly-note': did you mean weekly-notes? "
+                     "`spl chat --new --session weekly-note` starts it"], lines
+    assert httpx.get(server["url"] + "/v1/sessions/weekly-note").status_code == 404
+
+    child = spawn_chat(server, "--session", "weekly-notes")
+    child.expect(r"resumed session weekly-notes")
+    child.expect_exact(PROMPT)
+    send(child, "/max 77")
+    child.expect_exact("max tokens per reply: 77")
+    child.expect_exact(PROMPT)
+    child.sendeof()
+    child.expect(pexpect.EOF)
+    child = spawn_chat(server, "--session", "weekly-notes")
+    child.expect_exact(PROMPT)
+    send(child, "/max")
+    child.expect_exact("max tokens per reply: 77")
+    child.expect_exact(PROMPT)
+    child.sendeof()
+    child.expect(pexpect.EOF)
+    httpx.delete(server["url"] + "/v1/sessions/weekly-notes")

@@ -47,6 +47,37 @@ def test_every_command_that_prints_state_takes_json():
     assert not stale, f"NO_STATE names commands that do not exist: {stale}"
 
 
+# Commands that never talk to a server, and why. Every other command must take --url.
+NO_SERVER = {
+    "serve": "is the server", "server start": "starts a local one (--host, --port)",
+    "server stop": "stops the local one", "server logs": "reads the local log file",
+    "server config": "shows the settings", "server connect": "takes the URL as its argument",
+    "completion": "prints a shell script", "plugins": "lists what is installed", "models list": "local files",
+    "models info": "loads the model here", "models check": "reads a checkpoint here",
+    "bench attention": "runs here", "bench generate": "runs here", "bench niah": "runs here",
+    "rag ls": "reads the workspaces", "rag info": "reads the workspace", "rag sources": "reads the workspace",
+    "rag retrievers": "lists plugins",
+}
+
+
+def test_every_command_that_talks_to_a_server_takes_url():
+    from superlinear.cli.main import build_cli
+
+    commands = dict(leaf_commands(build_cli()))
+    missing = [path for path, command in commands.items()
+               if path not in NO_SERVER and not any("--url" in getattr(p, "opts", ()) for p in command.params)]
+    assert not missing, f"commands that talk to a server without --url: {missing}"
+    assert not set(NO_SERVER) - set(commands), set(NO_SERVER) - set(commands)
+
+
+def test_help_lists_never_cut_a_command_short(tmp_path):
+    env = isolated_env(tmp_path, COLUMNS="80")
+    for group in ((), ("session",), ("snapshot",), ("server",), ("rag",), ("models",), ("bench",)):
+        out = run_spl(env, *group, "--help").stdout
+        commands = out.split("Commands:", 1)[1]
+        assert "..." not in commands, (group, commands)
+
+
 @pytest.mark.parametrize("args", [
     ("plugins",), ("models", "list"), ("rag", "ls"), ("rag", "retrievers"), ("server", "status"),
     ("server", "config"),

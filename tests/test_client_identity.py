@@ -33,6 +33,9 @@ def test_identity_matches_only_the_same_process(sleeper):
     assert ident["cmdline"] == ["sleep", "600"]
     assert process.matches(ident)
     assert not process.matches(dict(ident, create_time=ident["create_time"] - 3600))  # pid reused
+    # recorded by a process that read the boot time before the clock was stepped by an hour
+    assert process.matches(dict(ident, create_time=ident["create_time"] + 3600, boot_time=ident["boot_time"] + 3600))
+    assert process.matches({k: v for k, v in ident.items() if k != "boot_time"})  # an older spl's record
     assert not process.matches(dict(ident, cmdline=spl_serve_cmdline(8787)))
     assert not process.matches({"pid": sleeper.pid})  # no start time: never trusted
     # terminate() refuses a record of another process with that pid, and the process lives on.
@@ -100,3 +103,35 @@ def test_no_server_of_ours_is_one_clear_line(tmp_path):
         unused = s.getsockname()[1]
     line = one_error_line(run_spl(isolated_env(tmp_path, SPL_PORT=str(unused)), "session", "ls"))
     assert "no spl server of yours is running" in line and "spl server start" in line
+
+
+@pytest.fixture
+def other_spl_serve():
+    """A live process that looks like someone's `spl serve` (its command line), with no /health."""
+    proc = subprocess.Popen(["bash", "-c", f'exec -a /opt/other/bin/spl {sys.executable} -c '
+                                           '"import time; time.sleep(600)" serve --port 9'])
+    deadline = time.monotonic() + 10
+    while "serve" not in (process.cmdline(proc.pid) or []) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    yield proc
+    proc.kill()
+    proc.wait()
+
+
+def test_an_old_pid_only_record_never_stops_an_unconfirmed_spl_serve(tmp_path, other_spl_serve):
+    env = isolated_env(tmp_path)
+    with socket.create_server(("127.0.0.1", 0)) as s:
+        unused = s.getsockname()[1]
+    write_record(env, {"pid": other_spl_serve.pid, "url": f"http://127.0.0.1:{unused}"})
+    line = one_error_line(run_spl(env, "server", "stop"))
+    assert "no local spl server is running" in line and str(other_spl_serve.pid) in line
+    assert other_spl_serve.poll() is None, "spl server stop signalled a server it could not confirm"
+
+
+@pytest.mark.parametrize("pid", ["abc", None, -4, 1.5, True])
+def test_a_damaged_record_is_one_clear_line(tmp_path, pid):
+    env = isolated_env(tmp_path)
+    write_record(env, {"pid": pid, "url": "http://127.0.0.1:9"})
+    for command in (("server", "stop"), ("server", "status")):
+        line = one_error_line(run_spl(env, *command))
+        assert "server.json is damaged" in line and "remove the file" in line, line

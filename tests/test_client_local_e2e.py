@@ -52,6 +52,11 @@ def test_stale_record_chosen_port_remembered_and_model_checked(tmp_path, sleeper
         status = json.loads(run_spl(env, "server", "status", "--json").stdout)
         assert status["up"] and status["source"] == "local" and status["url"].endswith(f":{port}")
         assert status["health"]["pid"] == record["pid"] == status["local"]["pid"]
+        # ...and `spl server config` says that port, not the default the settings would give.
+        config = json.loads(run_spl(env, "server", "config", "--json").stdout)
+        port_setting = config["settings"]["port"]
+        assert (port_setting["value"], port_setting["source"]) == (port, "running"), config
+        assert config["running"]["pid"] == record["pid"] and config["url"] == record["url"]
 
         line = one_error_line(ask(env, "--model", "nope"))
         assert "serves model 'default', not 'nope'" in line
@@ -123,3 +128,18 @@ def test_foreground_serve_takes_the_config_port_and_the_client_finds_it(tmp_path
         if proc.poll() is None:
             proc.kill()
             proc.wait()
+
+
+def test_the_one_time_conversion_shows_its_steps(tmp_path):
+    """A fresh cache: `spl server start` converts the default model (from the installed GGUF, no
+    download) and shows which step of the conversion runs, as /health reports it."""
+    env = isolated_env(tmp_path, XDG_CACHE_HOME=str(tmp_path / "cache"), SPL_PORT=str(free_port()))
+    try:
+        started = run_spl(env, "server", "start", timeout=600)
+        assert started.returncode == 0, started.stderr
+        lines = [line for line in started.stderr.splitlines() if "converting the default model" in line]
+        assert any("step 2/4: de-quantizing the GGUF weights" in line for line in lines), started.stderr
+        assert all(line.startswith("spl: [") for line in lines), lines  # with its bar
+        assert (tmp_path / "cache" / "spl" / "models" / "default" / "spl.json").is_file()
+    finally:
+        run_spl(env, "server", "stop", timeout=120)

@@ -78,3 +78,20 @@ def test_hybrid_turns_rollback_cancel_fork(hybrid_model):
     de = _turn(conv, edited)
     assert de.usage["cached_tokens"] == 0
     assert _turn(Conversation(hybrid_model, 512), edited).message == de.message
+
+
+
+@pytest.mark.parametrize("which", ["hybrid_model", "default_model"])
+def test_every_token_logits_match_one_prefix_at_a_time(request, which):
+    """``prefill(on_logits=...)`` (a prompt's log-likelihood) gives row i = the logits after
+    token i, as a prefill of the first i + 1 tokens alone does; chunk borders change nothing.
+    Both forwards: the hybrid's own and transformers' (the default llama, ``logits_to_keep=0``)."""
+    model = request.getfixturevalue(which)
+    ids = model.tokenizer.encode("The quick brown fox jumps over the lazy dog")
+    rows = []
+    last = model.prefill(model.new_cache(64), ids, chunk_size=4, on_logits=rows.append)
+    every = torch.cat(rows)
+    assert every.shape == (len(ids), last.numel()) and torch.equal(every[-1], last)
+    for i in (0, 3, 4, len(ids) - 1):
+        alone = model.prefill(model.new_cache(64), ids[:i + 1])
+        torch.testing.assert_close(every[i], alone, atol=1e-3, rtol=1e-3)

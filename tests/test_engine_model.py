@@ -129,3 +129,4 @@ def test_fork_gives_identical_continuation(first_turn):
     assert (c.position, c.token_ids, c.transcript) == (conv.position, conv.token_ids, conv.transcript)
     _, dc = _turn(c, nxt)
     assert dc.message == da.message and dc.usage["cached_tokens"] == conv.position
+

@@ -188,3 +188,25 @@ def test_a_short_prefill_gets_a_bar_once_it_turns_out_slow():
     assert notes == []  # short and quick so far: nothing to watch
     bar.update({"total": 600, "cache": 0, "processed": 512, "time_ms": 2100})
     assert notes == ["prefilling 600 tokens (no prefill measured on this server yet: the bar shows the ETA)"]
+
+
+def test_the_prefill_bar_moves_between_chunks_with_an_eta():
+    """Progress events come one per chunk (thousands of tokens apart); between them the bar moves
+    at the measured speed, with an ETA, but never past the end of the running chunk."""
+    from superlinear.plugins.client.progress import TICK_S, PrefillBar
+
+    out = io.StringIO()
+    bar = PrefillBar(out, speed=lambda: {"tokens_per_s": 1000.0}, note=lambda line: None, enabled=True)
+    assert TICK_S <= 2.0
+    bar.update({"total": 10_000, "cache": 0, "processed": 0, "time_ms": 0})
+    bar.tick(bar.reported_at + 1.0)  # before this prefill's own speed: the server's last one
+    assert 990 <= bar.position <= 1010 and 8.5 <= bar.eta_s <= 9.5
+    bar.update({"total": 10_000, "cache": 0, "processed": 2048, "time_ms": 1000})  # 2048 tokens/s
+    bar.tick(bar.reported_at + 0.5)
+    assert 3000 <= bar.position <= 3100 and 3.0 <= bar.eta_s <= 3.6
+    bar.tick(bar.reported_at + 60)  # a slow chunk: the bar waits at its end
+    assert bar.position == 4095
+    bar.update({"total": 10_000, "cache": 0, "processed": 10_000, "time_ms": 5000})
+    assert not bar.drawing
+    assert not [t for t in threading.enumerate() if t.name == "spl-prefill-bar"]  # no thread left
+    assert "eta" in out.getvalue() and "-:--:--" not in out.getvalue()

@@ -31,7 +31,7 @@ def test_cli_flow(spl, tmp_path):
     first = spl("rag", "ingest", "click", "-w", "cl", "--no-llm")
     assert first.returncode == 0, first.stderr
     assert re.match(r"workspace cl: \d+ added, 0 updated, 0 unchanged, 0 removed, 0 skipped -> \d+ files, "
-                    r"\d+ passages", first.stdout)
+                    r"\d+ passages, \d+ chars \(indexed in [\d.]+ s; [\d.]+ s in all\)", first.stdout)
     assert "context: not built (--no-llm)" in first.stdout
     again = spl("rag", "ingest", "-w", "cl", "--no-llm", "--json")
     report = json.loads(again.stdout)["report"]
@@ -48,8 +48,13 @@ def test_cli_flow(spl, tmp_path):
     assert "root        click" in info.stdout and "context     none" in info.stdout
     sources = spl("rag", "sources", "cl")
     assert "click/core.py" in sources.stdout
+    # -w NAME, as ingest and ask take it, works everywhere a workspace is named
+    assert spl("rag", "info", "-w", "cl").stdout == info.stdout
+    assert spl("rag", "sources", "-w", "cl").stdout == sources.stdout
+    both = spl("rag", "info", "cl", "-w", "other")
+    assert both.returncode == 2 and "two workspaces given" in both.stderr
 
-    rm = spl("rag", "rm", "cl")
+    rm = spl("rag", "rm", "-w", "cl")
     assert rm.returncode == 0 and rm.stdout.strip() == "removed workspace cl"
     assert "no workspaces" in spl("rag", "ls").stdout
 

@@ -32,6 +32,7 @@ class FakeServer:
         self.calls: list[tuple[str, str | None, list[dict]]] = []
         self.ids = itertools.count(1)
         self.base_url = "http://fake"
+        self.queued = 0  # other requests /health reports waiting or running
 
     @staticmethod
     def tokens(messages) -> int:
@@ -83,11 +84,11 @@ class FakeServer:
         yield StreamEvent("done", finish_reason=result.finish_reason, usage=result.usage, timings=result.timings,
                           message={"role": "assistant", "content": result.content}, session_id=session_id)
 
-    def health(self):
-        return {"status": "ok", "model": "fake", "memory": {"max_seq_len_limit": self.memory_limit}}
+    def health(self, timeout=None):
+        return {"status": "ok", "model": "fake", "queued": self.queued}
 
     def models(self):
-        return [{"id": "fake", "info": {"max_position_embeddings": self.trained}}]
+        return [{"id": "fake", "max_model_len": self.trained, "max_seq_len_limit": self.memory_limit}]
 
     def rollback(self, sid, n):
         self.sessions[sid]["messages"] = self.sessions[sid]["messages"][:n]
@@ -164,6 +165,15 @@ def test_ingest_builds_context_snapshot_and_ask_loads_it(tmp_path, server):
 
     removed = dispatch(RagRemove("readme"), ctx_for(server))
     assert removed["snapshot_removed"] and not server.snapshots
+
+
+def test_ingest_says_what_it_waits_for_after_the_prefill(tmp_path, server):
+    docs = copy_click_docs(tmp_path / "docs")
+    server.queued = 2
+    notes: list[str] = []
+    dispatch(RagIngest((str(docs),), "busy"), Context(state={"client": server, "status": notes.append}))
+    assert notes[-1] == ("saving the context snapshot on the server (it is busy with 2 other requests: "
+                         "waiting for them)…"), notes
 
 
 def test_too_large_documents_are_answered_from_passages(tmp_path, server):

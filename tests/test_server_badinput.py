@@ -50,7 +50,12 @@ BY_NAME = {  # extra values for fields of these names
     "prompt": [[10**12], [-1], ["a", "b"], [[1], [2]], [[]]], "tokens": [[10**12], [-1], [True]],
     "max_period": [10**9, 10**13], "tail_len": [10**9], "min_repeats": [10**9],
     "seed": [2**64 - 1, -(2**63), 2**64, -(2**63) - 1],
-    "response_format": [{"type": "json_schema"}, {"type": "text"}],
+    "response_format": [{"type": "json_schema"}, {"type": "text"}, {"type": "json_object"}, {"type": "xml"}, [],
+                        {"type": "json_schema", "json_schema": {"name": "x", "schema": {"type": "bogus"}}},
+                        {"type": "json_schema", "json_schema": {"name": "x", "schema": DEEP_DICT}}],
+    "frequency_penalty": [3, -2.5, "x"], "presence_penalty": [1e308, None], "min_p": [1.5, -0.1],
+    "repeat_penalty": [0, -1, 11], "repeat_last_n": [-1, 10**9], "top_logprobs": [21, -1, 5],
+    "logit_bias": [{"60000": 1}, {"-1": 1}, {"x": 1}, {"5": 101}, {str(i): 1 for i in range(1100)}, []],
     "title": ["t" * 201], "description": ["d" * 10_001],
 }
 

@@ -110,3 +110,15 @@ def test_disconnect_stops_the_generation(server):
         info = c.get("/v1/sessions/leaver").json()
         assert not info["busy"] and info["message_count"] in (0, 2)
         c.delete("/v1/sessions/leaver")
+
+
+def test_disconnect_stops_a_plain_completion(server):
+    """A non-streamed /v1/completions whose client left is stopped too (not run to max_tokens)."""
+    with server.http() as c:
+        body = {"prompt": "Write a very long essay about rivers.", "max_tokens": 2000, "temperature": 0.8, "seed": 1}
+        with pytest.raises(httpx.ReadTimeout):  # the client gives up and closes its connection
+            c.post("/v1/completions", json=body, timeout=httpx.Timeout(120, read=3))
+        r = _post_retrying(c, {"messages": [user("hi")], "max_tokens": 1, "temperature": 0})
+        assert r.status_code == 200, r.text
+        # 2000 tokens would take minutes on a CPU: this request did not wait for them
+        assert r.json()["timings"]["queued_s"] < 5.0, r.json()["timings"]

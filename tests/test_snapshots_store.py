@@ -18,7 +18,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from superlinear.errors import Conflict, InvalidRequest, NotFound, UserError
+from superlinear.errors import Conflict, InvalidRequest, NotFound, TooLarge, UserError
 from superlinear.sessions import CorruptSnapshot, ModelMismatch, SnapshotStore, check_model
 from superlinear.sessions.snapshots import MANIFEST, TENSORS, TRANSCRIPT
 
@@ -298,6 +298,70 @@ def test_import_refuses_tampered_and_hostile_files(store, tmp_path):
     assert not (tmp_path.parent / "evil").exists()
     assert [m["id"] for m in store.list()] == ["s"]
     assert [p.name for p in store.root.iterdir()] == ["s"]  # no temp dirs left over
+
+
+def _export_files(store, tmp_path) -> dict[str, bytes]:
+    save(store, snapshot_id="s")
+    with tarfile.open(store.export("s", tmp_path)) as tar:
+        return {m.name: tar.extractfile(m).read() for m in tar}
+
+
+def _gz_tar(path: Path, entries: list[tuple[str, bytes, dict | None]]) -> Path:
+    """A gzip-compressed tar of ``(name, data, pax_headers)``: zeros compress a thousandfold."""
+    import io
+
+    with tarfile.open(path, "w:gz", compresslevel=1, format=tarfile.PAX_FORMAT) as tar:
+        for name, data, pax in entries:
+            info = tarfile.TarInfo(name)
+            info.size = len(data)
+            if pax:
+                info.pax_headers = pax
+            tar.addfile(info, io.BytesIO(data))
+    return path
+
+
+def test_deeply_nested_manifest_is_refused_not_a_crash(store, tmp_path):
+    deep = b"[" * 100_000 + b"]" * 100_000
+    _tar_with(tmp_path / "deep.tar", {"d/" + MANIFEST: deep})
+    with pytest.raises(CorruptSnapshot, match="nested too deeply"):
+        store.import_(tmp_path / "deep.tar")
+    (store.root / "deep").mkdir(parents=True)
+    (store.root / "deep" / MANIFEST).write_bytes(deep)
+    with pytest.raises(CorruptSnapshot, match="nested too deeply"):
+        store.get("deep")
+    (store.root / "deep" / MANIFEST).write_bytes(b" " * (17 << 20))
+    with pytest.raises(CorruptSnapshot, match="over"):
+        store.get("deep")
+
+
+def test_compressed_import_never_expands_past_what_the_manifest_declares(store, tmp_path):
+    files = _export_files(store, tmp_path)
+    manifest = json.loads(files["s/" + MANIFEST])
+    # a member far larger than declared: refused from its header, before a byte of it is written
+    bomb = _gz_tar(tmp_path / "bomb.tar.gz", [("s/" + MANIFEST, files["s/" + MANIFEST], None),
+                                              ("s/" + TENSORS, bytes(64 << 20), None)])
+    assert bomb.stat().st_size < 1 << 20
+    with pytest.raises(CorruptSnapshot, match="the manifest declares"):
+        store.import_(bomb)
+    # headers expand too: a huge pax header before the manifest is refused while it is read
+    pax = _gz_tar(tmp_path / "pax.tar.gz", [("s/" + MANIFEST, files["s/" + MANIFEST], {"comment": "x" * (24 << 20)}),
+                                            *[(n, d, None) for n, d in files.items() if not n.endswith(MANIFEST)]])
+    with pytest.raises(CorruptSnapshot, match="expands past"):
+        store.import_(pax)
+    # the manifest must come first (nothing is written before it is known)
+    later = _gz_tar(tmp_path / "later.tar.gz", [(n, d, None) for n, d in reversed(files.items())])
+    with pytest.raises(CorruptSnapshot, match="first entry"):
+        store.import_(later)
+    # more than the disk holds: refused before anything but the manifest is written
+    manifest["files"][TENSORS]["bytes"] = 1 << 60
+    huge = _gz_tar(tmp_path / "huge.tar.gz", [("s/" + MANIFEST, json.dumps(manifest).encode(), None)])
+    with pytest.raises(TooLarge, match="bytes free"):
+        store.import_(huge)
+    assert [p.name for p in store.root.iterdir()] == ["s"]  # nothing left behind
+    other = SnapshotStore(tmp_path / "other")  # a well-formed compressed export still imports
+    good = _gz_tar(tmp_path / "good.tar.gz", [(n, d, None) for n, d in files.items()])
+    assert other.import_(good)["id"] == "s"
+    other.read("s", model=MODEL)
 
 
 def test_leftover_temp_dirs_ignored_and_cleaned(store):

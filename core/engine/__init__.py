@@ -7,16 +7,19 @@ from .types import (
     ChatRequest,
     Done,
     Event,
+    Logprobs,
     PrefillProgress,
     ReasoningDelta,
     RepetitionConfig,
     SamplingParams,
     TextDelta,
+    TokenLogprob,
     ToolCallsEvent,
 )
 
-__all__ = ["ChatRequest", "Conversation", "Done", "Event", "PrefillProgress", "ReasoningDelta", "RepetitionConfig",
-           "SamplingParams", "TextDelta", "ToolCallsEvent", "prompt_ids", "run_completion", "run_turn", "stream_turn"]
+__all__ = ["ChatRequest", "Conversation", "Done", "Event", "Logprobs", "PrefillProgress", "ReasoningDelta",
+           "RepetitionConfig", "SamplingParams", "TextDelta", "TokenLogprob", "ToolCallsEvent", "prompt_ids",
+           "run_completion", "run_turn", "stream_turn"]
 
 
 def __getattr__(name):

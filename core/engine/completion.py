@@ -14,11 +14,12 @@ from collections.abc import Iterator
 from superlinear.errors import InvalidRequest
 
 from .conversation import Conversation
+from .limits import check_sampling
 from .repetition import RepetitionDetector
-from .sampling import Sampler
+from .sampling import Sampler, prompt_logprobs, token_text
 from .text import IncrementalDetokenizer, StopCutter
 from .tokens import check_ids, tokenize_text
-from .types import Done, Event, RepetitionConfig, SamplingParams, TextDelta, turn_usage
+from .types import Done, Event, Logprobs, RepetitionConfig, SamplingParams, TextDelta, TokenLogprob, turn_usage
 
 # The OpenAI API's default for /v1/completions.
 DEFAULT_MAX_TOKENS = 16
@@ -34,30 +35,40 @@ def prompt_ids(tokenizer, prompt: str | list[int]) -> list[int]:
 
 
 def run_completion(conv: Conversation, ids: list[int], sampling: SamplingParams, *,
-                   repetition: RepetitionConfig | None = None,
+                   repetition: RepetitionConfig | None = None, echo: bool = False,
                    cancel: threading.Event | None = None) -> Iterator[Event]:
     """Complete the token ids ``ids`` on ``conv`` (blocking). The conversation then holds the
-    prompt and the generated tokens, with an empty transcript (it is no chat)."""
+    prompt and the generated tokens, with an empty transcript (it is no chat).
+
+    With ``sampling.logprobs`` every picked token's ``Logprobs`` comes before its text, the token
+    that stopped the generation included (as vLLM reports it); with ``echo`` too, the prompt's
+    come first (``Logprobs(prompt=True)``, the first token's logprob None): the whole prompt is
+    prefilled again for them."""
     from superlinear.model import Cancelled
 
+    check_sampling(sampling, len(conv.model.tokenizer))
     cancel = cancel or threading.Event()
     t_start = time.perf_counter()
     if len(ids) >= conv.max_seq_len:
         raise InvalidRequest(f"the prompt has {len(ids)} tokens but the context holds at most "
                              f"{conv.max_seq_len} (it needs room for one generated token)", param="prompt")
+    tok = conv.model.tokenizer
+    scorer = _PromptScorer(ids, sampling.logprobs, tok) if echo and sampling.logprobs is not None else None
     try:
-        stats = conv.sync_tokens(ids, should_cancel=cancel.is_set)
+        stats = conv.sync_tokens(ids, should_cancel=cancel.is_set, on_logits=scorer)
     except Cancelled:
         return
     finally:
         conv.set_transcript([], [])
     prefill_s = time.perf_counter() - t_start
-    tok = conv.model.tokenizer
+    if scorer is not None:
+        yield Logprobs(scorer.entries, prompt=True)
     max_tokens = sampling.max_tokens if sampling.max_tokens is not None else DEFAULT_MAX_TOKENS
     stop_ids = set(sampling.stop_token_ids)
     if tok.eos_token_id is not None:
         stop_ids.add(int(tok.eos_token_id))
-    sampler, detok, cutter = Sampler(sampling), IncrementalDetokenizer(tok), StopCutter(sampling.stop)
+    sampler = Sampler(sampling, tokenizer=tok, end_ids=sorted(stop_ids), prompt_ids=ids)
+    detok, cutter = IncrementalDetokenizer(tok), StopCutter(sampling.stop)
     detector = RepetitionDetector(repetition) if repetition else None
     logits, completion, finish = conv.logits, 0, None
     t_decode = time.perf_counter()
@@ -68,7 +79,9 @@ def run_completion(conv: Conversation, ids: list[int], sampling: SamplingParams,
         if completion >= max_tokens or conv.position >= conv.max_seq_len:
             finish = "length"
             break
-        t = sampler(logits)
+        t, entry = sampler.pick(logits)
+        if entry is not None:
+            yield Logprobs([entry])
         if t in stop_ids:
             finish = "stop"
             break
@@ -89,3 +102,18 @@ def run_completion(conv: Conversation, ids: list[int], sampling: SamplingParams,
     decode_s = time.perf_counter() - t_decode
     usage, timings = turn_usage(len(ids), completion, stats, prefill_s, decode_s)
     yield Done(finish, {"role": "assistant", "content": None}, usage, timings)
+
+
+class _PromptScorer:
+    """Collects the prompt's logprobs from the prefill's logits, chunk by chunk: row ``i``
+    predicts token ``i + 1``; the first token has nothing before it (logprob None)."""
+
+    def __init__(self, ids: list[int], top_n: int, tokenizer):
+        self.ids, self.top_n, self.tokenizer = ids, top_n, tokenizer
+        self.entries = [TokenLogprob(ids[0], token_text(tokenizer, ids[0]), None, None)]
+
+    def __call__(self, logits) -> None:
+        done = len(self.entries)
+        following = self.ids[done:done + logits.shape[0]]  # the last row predicts the first generated token
+        if following:
+            self.entries.extend(prompt_logprobs(logits[:len(following)], following, self.top_n, self.tokenizer))

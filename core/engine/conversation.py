@@ -31,6 +31,8 @@ _MEMO_MIN_CHARS = 4096
 # is the whole Mamba state (tens of MB for a 9B hybrid), and rollbacks rarely go further back
 # than a few turns; an older target is reached from an older copy (or 0) by prefilling forward.
 MAX_RECURRENT_CHECKPOINTS = 8
+# Prefill chunk when every token's logits are kept: 512 x a 49K vocabulary is 100 MB of fp32.
+EVERY_LOGITS_CHUNK = 512
 
 
 @dataclass
@@ -262,11 +264,12 @@ class Conversation:
         for _ in self._extend_steps(ids, checkpoint_at, should_cancel):
             pass
 
-    def _extend_steps(self, ids: list[int], checkpoint_at: list[int], should_cancel=None) -> Iterator[int]:
+    def _extend_steps(self, ids: list[int], checkpoint_at: list[int], should_cancel=None,
+                      on_logits=None) -> Iterator[int]:
         """``_extend`` one prefill chunk at a time, for progress: yields the cache position once
         the request passed its checks (before the first chunk) and after every chunk. Stopped
         early (cancelled, an error, the consumer closing it), the conversation holds the chunks
-        done, as the cache does."""
+        done, as the cache does. ``on_logits``: ``Model.prefill``'s (every token's logits)."""
         if not ids:
             return
         if self.position + len(ids) > self.max_seq_len:
@@ -281,13 +284,15 @@ class Conversation:
         if self.hybrid:
             cuts = sorted({p for p in checkpoint_at if base < p < end_all} | {end_all})
         step = self.chunk_size or _model_chunk(self.model)
+        if on_logits is not None:
+            step = min(step, EVERY_LOGITS_CHUNK)
         yield base
         try:
             for end in cuts:
                 while self.position < end:  # one model chunk per call: progress between chunks
                     piece = ids[self.position - base:min(end, self.position + step) - base]
                     self._logits = self.model.prefill(self.cache, piece, chunk_size=step,
-                                                      should_cancel=should_cancel)
+                                                      should_cancel=should_cancel, on_logits=on_logits)
                     self._ids.extend(piece)
                     if self.hybrid and self.position in checkpoint_at:
                         self._save_state(self.position)
@@ -319,10 +324,12 @@ class Conversation:
         return self._logits
 
     def sync_tokens(self, ids: list[int], checkpoint_at: list[int] = (), should_cancel=None,
-                    on_progress: Callable[[PrefillProgress], None] | None = None) -> SyncStats:
+                    on_progress: Callable[[PrefillProgress], None] | None = None, on_logits=None) -> SyncStats:
         """Make the cache hold exactly ``ids`` and have next-token logits for them.
-        ``on_progress`` gets a ``PrefillProgress`` when the prefill begins and after every chunk."""
-        steps = self.sync_steps(ids, checkpoint_at, should_cancel)
+        ``on_progress`` gets a ``PrefillProgress`` when the prefill begins and after every chunk.
+        ``on_logits`` gets the logits ``[T, V]`` of every token of ``ids`` in order, chunk by
+        chunk (a prompt's log-likelihood): nothing is reused from the cache then."""
+        steps = self.sync_steps(ids, checkpoint_at, should_cancel, on_logits)
         while True:
             try:
                 event = next(steps)
@@ -331,18 +338,18 @@ class Conversation:
             if on_progress is not None:
                 on_progress(event)
 
-    def sync_steps(self, ids: list[int], checkpoint_at: list[int] = (),
-                   should_cancel=None) -> Generator[PrefillProgress, None, SyncStats]:
+    def sync_steps(self, ids: list[int], checkpoint_at: list[int] = (), should_cancel=None,
+                   on_logits=None) -> Generator[PrefillProgress, None, SyncStats]:
         """``sync_tokens`` as a generator of its progress; returns the ``SyncStats``."""
         if len(ids) > self.max_seq_len:
             raise TooLarge(f"the prompt has {len(ids)} tokens but this conversation's cache holds at most "
                            f"{self.max_seq_len}; resize the session or start one with a larger --max-seq-len")
         t0 = time.perf_counter()
-        keep = common_token_prefix(self._ids, ids)
+        keep = common_token_prefix(self._ids, ids) if on_logits is None else 0
         if keep == len(ids) and (keep < self.position or self._logits is None) and keep > 0:
             keep -= 1  # the last token is run again for its logits
         cached = keep - self._truncate(keep)
-        for position in self._extend_steps(ids[self.position:], list(checkpoint_at), should_cancel):
+        for position in self._extend_steps(ids[self.position:], list(checkpoint_at), should_cancel, on_logits):
             yield PrefillProgress(position, len(ids), cached, time.perf_counter() - t0)
         return SyncStats(cached_tokens=cached, prefill_tokens=len(ids) - cached,
                          prefill_s=time.perf_counter() - t0)

@@ -1,37 +1,117 @@
-"""Next-token choice from fp32 logits: greedy, temperature, top-k, top-p, seeded.
+"""Next-token choice from fp32 logits, the one place both decode loops (chat turns and plain
+completions) pick a token: penalties, grammar mask, greedy or temperature, top-k, min-p, top-p,
+seeded; and each token's logprobs when asked.
+
+The steps, in order (vLLM's): the logprobs are read from the raw logits; the penalties change
+the logits (OpenAI's ``frequency_penalty`` and ``presence_penalty`` over the tokens generated so
+far, llama.cpp's ``repeat_penalty`` over the last ``repeat_last_n`` tokens of prompt and output:
+a positive logit divided by it, a negative one multiplied), then OpenAI's ``logit_bias`` is
+added; a ``response_format`` grammar masks
+the tokens it does not allow; then greedy (``temperature == 0``) or: temperature, top-k, min-p
+(drop tokens less likely than ``min_p`` times the most likely), top-p.
 
 Sampling draws one uniform number from a seeded generator and inverts the cumulative
 distribution over the candidates (exact, and much cheaper on CPU than ``torch.multinomial`` or
 sorting the whole vocabulary): top-p first looks at the 256 most likely tokens and sorts the
-whole vocabulary only when those do not reach ``top_p``.
+whole vocabulary only when those do not reach ``top_p``. Every step is a few tensor operations
+over the vocabulary; no Python loop runs over it.
 """
 
 from __future__ import annotations
 
 import os
+from collections import deque
+from collections.abc import Iterable
 
 import torch
 
-from .types import SamplingParams
+from .types import SamplingParams, TokenLogprob
 
 _TOP_P_CANDIDATES = 256
 
 
 class Sampler:
-    def __init__(self, params: SamplingParams):
+    """Picks the tokens of one generation. ``tokenizer`` names tokens in logprobs and builds a
+    ``response_format`` grammar; ``end_ids`` are the tokens that end the generation (a grammar
+    allows them once its text is complete); ``prompt_ids`` seed ``repeat_penalty``'s window."""
+
+    def __init__(self, params: SamplingParams, *, tokenizer=None, end_ids: Iterable[int] = (),
+                 prompt_ids: Iterable[int] = ()):
         self.params = params
+        self.tokenizer = tokenizer
         self.seed = params.seed if params.seed is not None else int.from_bytes(os.urandom(7), "little")
         self.generator: torch.Generator | None = None  # made on the logits' device at first use
+        self.generated: list[int] = []
+        self.counts: torch.Tensor | None = None  # how often each token was generated (made when needed)
+        self.recent: deque[int] = deque(maxlen=max(0, params.repeat_last_n))
+        if params.repeat_penalty != 1.0 and self.recent.maxlen:
+            self.recent.extend(list(prompt_ids)[-self.recent.maxlen:])
+        self.grammar = None
+        if params.response_format is not None:
+            from .grammar import Grammar, grammar_of
+
+            spec = grammar_of(params.response_format)
+            if spec is not None:
+                self.grammar = Grammar(tokenizer, spec, list(end_ids))
 
     def __call__(self, logits: torch.Tensor) -> int:
+        return self.pick(logits)[0]
+
+    def pick(self, logits: torch.Tensor) -> tuple[int, TokenLogprob | None]:
+        """The next token, recorded as generated, and its logprob entry (None unless asked)."""
         p = self.params
-        if p.temperature <= 0:
-            return int(torch.argmax(logits))
-        logits = logits.float() / p.temperature
+        changed = self._penalized(logits.float().clone()) if self._penalizes() or self.grammar else logits.float()
+        if self.grammar is not None:
+            changed = self.grammar.mask(changed)
+        token = int(torch.argmax(changed)) if p.temperature <= 0 else self._sample(changed)
+        entry = token_logprob(logits, token, p.logprobs, self.tokenizer) if p.logprobs is not None else None
+        self.accept([token])
+        return token, entry
+
+    def accept(self, ids: Iterable[int]) -> None:
+        """Record tokens as generated: what was picked, and what the engine inserts itself."""
+        for t in ids:
+            self.generated.append(t)
+            if self.counts is not None and 0 <= t < self.counts.numel():
+                self.counts[t] += 1
+            self.recent.append(t)
+            if self.grammar is not None:
+                self.grammar.accept(t)
+
+    def _penalizes(self) -> bool:
+        p = self.params
+        return bool(p.frequency_penalty or p.presence_penalty or p.logit_bias
+                    or (p.repeat_penalty != 1.0 and self.recent))
+
+    def _penalized(self, logits: torch.Tensor) -> torch.Tensor:
+        """The penalties applied to ``logits`` (a copy of the model's, changed in place)."""
+        p = self.params
+        if p.frequency_penalty or p.presence_penalty:
+            if self.counts is None:
+                self.counts = torch.zeros(logits.numel(), device=logits.device)
+                ids = torch.tensor([t for t in self.generated if 0 <= t < logits.numel()], dtype=torch.long)
+                self.counts.index_add_(0, ids.to(logits.device), torch.ones(len(ids), device=logits.device))
+            logits -= p.frequency_penalty * self.counts + p.presence_penalty * (self.counts > 0)
+        if p.repeat_penalty != 1.0 and self.recent:
+            ids = torch.tensor(sorted({t for t in self.recent if 0 <= t < logits.numel()}), dtype=torch.long,
+                               device=logits.device)
+            seen = logits[ids]
+            logits[ids] = torch.where(seen > 0, seen / p.repeat_penalty, seen * p.repeat_penalty)
+        if p.logit_bias:
+            ids = torch.tensor([t for t in p.logit_bias if t < logits.numel()], dtype=torch.long, device=logits.device)
+            logits[ids] += torch.tensor([float(p.logit_bias[t]) for t in ids.tolist()], device=logits.device)
+        return logits
+
+    def _sample(self, logits: torch.Tensor) -> int:
+        p = self.params
+        logits = logits / p.temperature
         index = None  # candidate ids (None: the whole vocabulary, in order)
         if p.top_k and p.top_k < logits.numel():
             logits, index = torch.topk(logits, p.top_k)  # sorted, most likely first
         probs = torch.softmax(logits, dim=-1)
+        if p.min_p > 0:
+            probs = probs * (probs >= p.min_p * probs.max())
+            probs = probs / probs.sum()
         if p.top_p < 1.0:
             if index is None:
                 k = min(_TOP_P_CANDIDATES, probs.numel())
@@ -48,3 +128,34 @@ class Sampler:
         u = torch.rand(1, generator=self.generator, device=logits.device) * cdf[-1]
         j = min(int(torch.searchsorted(cdf, u)), probs.numel() - 1)
         return int(index[j]) if index is not None else j
+
+
+def token_logprob(logits: torch.Tensor, token: int, top_n: int, tokenizer) -> TokenLogprob:
+    """``token``'s logprob under ``logits [V]`` (their log-softmax) and the ``top_n`` most likely."""
+    logprobs = torch.log_softmax(logits.float(), dim=-1)
+    top = None
+    if top_n:
+        values, ids = torch.topk(logprobs, min(top_n, logprobs.numel()))
+        top = [(i, token_text(tokenizer, i), v) for i, v in zip(ids.tolist(), values.tolist(), strict=True)]
+    return TokenLogprob(token, token_text(tokenizer, token), float(logprobs[token]), top)
+
+
+def prompt_logprobs(logits: torch.Tensor, next_ids: list[int], top_n: int, tokenizer) -> list[TokenLogprob]:
+    """The logprobs of ``next_ids`` under ``logits [T, V]`` (row i predicts ``next_ids[i]``)."""
+    logprobs = torch.log_softmax(logits.float(), dim=-1)
+    ids = torch.tensor(next_ids, device=logprobs.device)
+    chosen = logprobs.gather(1, ids[:, None])[:, 0].tolist()
+    tops: list = [None] * len(next_ids)
+    if top_n:
+        values, index = torch.topk(logprobs, min(top_n, logprobs.shape[-1]), dim=-1)
+        tops = [[(i, token_text(tokenizer, i), v) for i, v in zip(row_ids, row_values, strict=True)]
+                for row_ids, row_values in zip(index.tolist(), values.tolist(), strict=True)]
+    return [TokenLogprob(t, token_text(tokenizer, t), lp, top)
+            for t, lp, top in zip(next_ids, chosen, tops, strict=True)]
+
+
+def token_text(tokenizer, token: int) -> str:
+    """A token's own text (a token ending inside a multi-byte character shows U+FFFD)."""
+    if tokenizer is None:
+        return str(token)
+    return tokenizer.decode([token], skip_special_tokens=False, clean_up_tokenization_spaces=False)

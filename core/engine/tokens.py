@@ -44,3 +44,17 @@ def pieces(tokenizer, ids: list[int]) -> list[dict]:
 
 def detokenize(tokenizer, ids: list[int]) -> str:
     return tokenizer.decode(ids, skip_special_tokens=False, clean_up_tokenization_spaces=False)
+
+
+_MAX_TOKEN_BYTES: dict[int, int] = {}
+
+
+def max_token_bytes(tokenizer) -> int:
+    """The most bytes of text one token of ``tokenizer`` stands for (+ a margin for tokenizers
+    that strip a piece's leading space): a text of n characters is at least n / this many
+    tokens, known before tokenizing it. Computed once per tokenizer (~0.3 s for 49K tokens)."""
+    key = id(tokenizer)
+    if key not in _MAX_TOKEN_BYTES:
+        pieces_ = (tokenizer.convert_tokens_to_string([t]) for t in tokenizer.get_vocab())
+        _MAX_TOKEN_BYTES[key] = max((len(p.encode()) for p in pieces_), default=1) + 4
+    return _MAX_TOKEN_BYTES[key]

@@ -19,7 +19,7 @@ from .repetition import RepetitionDetector
 from .sampling import Sampler
 from .text import THINK_CLOSE, IncrementalDetokenizer, StopCutter, ThinkSplitter, find_first, partial_marker_start
 from .tools import TOOL_BLOCKS, parse_tool_calls
-from .types import ChatRequest, Done, Event, ReasoningDelta, TextDelta, ToolCallsEvent, turn_usage
+from .types import ChatRequest, Done, Event, Logprobs, ReasoningDelta, TextDelta, ToolCallsEvent, turn_usage
 
 END_OF_TURN_ROOM = 8
 
@@ -76,7 +76,7 @@ def run_turn(conversation: Conversation, request: ChatRequest,
     On success the conversation holds messages + the assistant message (as yielded in ``Done``);
     on cancellation or an error it is restored to exactly what it was before.
     """
-    check_request(request)
+    check_request(request, len(conversation.model.tokenizer))
     cp = conversation.checkpoint()
     try:
         yield from _turn(conversation, request, cancel or threading.Event(), cp)
@@ -112,8 +112,8 @@ def _turn(conv: Conversation, req: ChatRequest, cancel: threading.Event, cp) -> 
     in_reasoning = prompt.text.rstrip().endswith("<think>")
     pipe = _TextPipeline(sp.stop, in_reasoning, tools is not None)
     detok = IncrementalDetokenizer(tok)
-    sampler = Sampler(sp)
     stop_ids = conv.template.end_token_ids | set(sp.stop_token_ids)
+    sampler = Sampler(sp, tokenizer=tok, end_ids=sorted(stop_ids), prompt_ids=prompt.ids)
     detector = RepetitionDetector(req.repetition) if req.repetition else None
     budget = req.reasoning_budget
     max_tokens = sp.max_tokens if sp.max_tokens is not None else conv.max_seq_len
@@ -138,6 +138,7 @@ def _turn(conv: Conversation, req: ChatRequest, cancel: threading.Event, cp) -> 
     if forced:
         ids = tok.encode(forced, add_special_tokens=False)
         logits = conv.extend_tokens(ids)
+        sampler.accept(ids)
         completion += len(ids)
         yield from feed(ids)
 
@@ -148,10 +149,12 @@ def _turn(conv: Conversation, req: ChatRequest, cancel: threading.Event, cp) -> 
             if completion >= max_tokens or conv.position >= limit:
                 finish = "length" if completion >= max_tokens else length_reason
                 break
-            t = sampler(logits)
+            t, entry = sampler.pick(logits)
             if t in stop_ids:
                 finish = "stop"
                 break
+            if entry is not None:
+                yield Logprobs([entry])
             completion += 1
             was_reasoning = pipe.think.in_reasoning
             yield from feed([t])
@@ -174,6 +177,7 @@ def _turn(conv: Conversation, req: ChatRequest, cancel: threading.Event, cp) -> 
                         finish = length_reason
                         break
                     logits = conv.extend_tokens(ids)
+                    sampler.accept(ids)
                     completion += len(ids)
                     yield from feed(ids)
                     budget = None

@@ -20,6 +20,15 @@ class SamplingParams:
     max_tokens: int | None = None  # None = until the cache is full
     stop: list[str] = field(default_factory=list)  # cut before the first occurrence, never emitted
     stop_token_ids: list[int] = field(default_factory=list)  # in addition to the end-of-turn tokens
+    # Penalties on tokens already seen (``sampling.py`` says how each applies; 0/1 = off):
+    frequency_penalty: float = 0.0  # OpenAI: minus this times a token's count in the output so far
+    presence_penalty: float = 0.0  # OpenAI: minus this once a token is in the output
+    repeat_penalty: float = 1.0  # llama.cpp: logits of the last ``repeat_last_n`` tokens divided by it
+    repeat_last_n: int = 64  # llama.cpp's window (prompt and output), 0 = off
+    min_p: float = 0.0  # drop tokens less likely than min_p times the most likely one
+    logit_bias: dict[int, float] | None = None  # OpenAI's: added to those tokens' logits (-100..100)
+    logprobs: int | None = None  # None: off; n >= 0: each token's logprob and the n most likely
+    response_format: dict | None = None  # OpenAI's: {"type": "json_object"} or {"type": "json_schema", ...}
 
 
 @dataclass
@@ -65,6 +74,28 @@ class ToolCallsEvent:
 
 
 @dataclass
+class TokenLogprob:
+    """One token's log-probability under the model (the raw logits' log-softmax: before
+    temperature, penalties and grammar, as vLLM reports them). ``logprob`` is None for the first
+    prompt token (nothing comes before it); ``top`` holds ``(id, text, logprob)`` of the most
+    likely tokens at that position, most likely first."""
+
+    id: int
+    text: str
+    logprob: float | None
+    top: list[tuple[int, str, float]] | None = None
+
+
+@dataclass
+class Logprobs:
+    """The logprobs of tokens: generated ones as they are picked (before their text goes out),
+    or a ``/v1/completions`` prompt's (``prompt=True``, with ``echo``) before the first token."""
+
+    tokens: list[TokenLogprob]
+    prompt: bool = False
+
+
+@dataclass
 class PrefillProgress:
     """The prompt's prefill under way, before the first token: ``done`` of the ``total`` prompt
     tokens are in the cache, ``cached`` of them kept from before this turn, ``elapsed_s`` since the
@@ -93,7 +124,7 @@ class Done:
     partial: bool = False  # True when a cancelled turn kept its partial output
 
 
-Event = PrefillProgress | TextDelta | ReasoningDelta | ToolCallsEvent | Done
+Event = PrefillProgress | TextDelta | ReasoningDelta | ToolCallsEvent | Logprobs | Done
 
 
 def turn_usage(prompt_tokens: int, completion: int, stats, prefill_s: float, decode_s: float) -> tuple[dict, dict]:

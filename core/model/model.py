@@ -242,19 +242,22 @@ class Model:
         ctx.mode, ctx.params, ctx.backend = self.attention, self.span_params, self.backend
         ctx.start, ctx.length, ctx.positions, ctx.graph = start, length, positions, graph
 
-    def _forward(self, cache: Cache, ids: torch.Tensor, start: int) -> torch.Tensor:
+    def _forward(self, cache: Cache, ids: torch.Tensor, start: int, every: bool = False) -> torch.Tensor:
+        """Logits ``[V]`` of the last token of ``ids``, or ``[T, V]`` of every token (``every``)."""
         length = ids.shape[1]
         positions = torch.arange(start, start + length, device=self.device)
         self._set_ctx(start, length, positions, graph=False)
         cache._begin(start, length)
-        return self._run(ids, positions, cache)[0, -1].float()
+        logits = self._run(ids, positions, cache, keep=0 if every else 1)[0].float()
+        return logits if every else logits[-1]
 
-    def _run(self, ids: torch.Tensor, positions: torch.Tensor, cache: Cache) -> torch.Tensor:
-        """One forward of ``ids [1, T]`` at ``positions``: logits ``[1, 1, V]`` of the last token."""
+    def _run(self, ids: torch.Tensor, positions: torch.Tensor, cache: Cache, keep: int = 1) -> torch.Tensor:
+        """One forward of ``ids [1, T]`` at ``positions``: logits ``[1, keep, V]`` of the last
+        ``keep`` tokens (0: all)."""
         self._shared.ctx.partition = cache.partition
         if self.fast_paths:
-            return self._shared.hybrid(ids, cache)
-        return self.hf(input_ids=ids, position_ids=positions[None], use_cache=True, logits_to_keep=1,
+            return self._shared.hybrid(ids, cache, keep=keep)
+        return self.hf(input_ids=ids, position_ids=positions[None], use_cache=True, logits_to_keep=keep,
                        **{self._cache_kw: cache}).logits
 
     def prefill_chunk_size(self) -> int:
@@ -275,10 +278,13 @@ class Model:
     @torch.inference_mode()
     def prefill(self, cache: Cache, token_ids: Sequence[int] | torch.Tensor, chunk_size: int | None = None,
                 should_cancel: Callable[[], bool] | None = None,
-                on_chunk: Callable[[int, int, float], None] | None = None) -> torch.Tensor:
+                on_chunk: Callable[[int, int, float], None] | None = None,
+                on_logits: Callable[[torch.Tensor], None] | None = None) -> torch.Tensor:
         """Append ``token_ids`` to the cache in chunks (``prefill_chunk_size()`` by default);
         fp32 logits ``[V]`` of the last token. ``on_chunk(done, total, elapsed_s)`` is called
-        after every chunk (tokens of this call done so far, its total, seconds since it began)."""
+        after every chunk (tokens of this call done so far, its total, seconds since it began);
+        ``on_logits`` gets every chunk's logits ``[T, V]`` (every token's, as a prompt's
+        log-likelihood needs: pick a chunk small enough for ``T * V`` floats)."""
         ids = torch.as_tensor(token_ids, dtype=torch.long).reshape(-1)
         if ids.numel() == 0:
             raise InvalidRequest("prefill needs at least one token")
@@ -295,7 +301,10 @@ class Model:
                 if should_cancel is not None and should_cancel():
                     raise Cancelled(f"prefill cancelled at position {cache.position}")
                 chunk = ids[begin:begin + chunk_size][None]
-                logits = self._forward(cache, chunk, cache.position)
+                logits = self._forward(cache, chunk, cache.position, every=on_logits is not None)
+                if on_logits is not None:
+                    on_logits(logits)
+                    logits = logits[-1]
                 cache.position += chunk.shape[1]
                 if on_chunk is not None:
                     on_chunk(begin + chunk.shape[1], total, time.perf_counter() - started)

@@ -26,6 +26,7 @@ from .session_rule import merge_session_messages
 
 log = logging.getLogger("spl.service")
 SCRATCH_START = 16384  # tokens; grows to the default max_seq_len when a request needs it
+MODEL_ALIASES = ("default",)  # accepted as a request's "model" whatever the server serves
 
 
 @dataclass(frozen=True)
@@ -60,13 +61,30 @@ class ChatService:
     ``SnapshotStore``. ``persist_turns``: journal a session after every turn and change (False:
     only on shutdown and eviction, the manager's business)."""
 
-    def __init__(self, model, manager, store, *, persist_turns: bool = True, chunk_size: int | None = None):
+    def __init__(self, model, manager, store, *, persist_turns: bool = True, chunk_size: int | None = None,
+                 aliases: tuple[str, ...] = ()):
         self.model = model
         self.manager = manager
         self.store = store
         self.persist_turns = persist_turns
         self.chunk_size = chunk_size
         self.scratch = None  # the Conversation of requests without a session (kept between them)
+        # the names a request's "model" may give: the model's own, "default", how it was loaded
+        self.model_names = tuple(dict.fromkeys((model.name, *MODEL_ALIASES, *aliases)))
+
+    # -- the model -----------------------------------------------------------------------------
+    def check_model(self, requested: str | None) -> None:
+        """``NotFound`` (``model_not_found``, as vLLM answers) unless ``requested`` names the
+        model served (its name or an alias) or is left out."""
+        if requested is not None and requested not in self.model_names:
+            raise NotFound(f"The model {requested!r} does not exist; this server serves "
+                           f"{self.model_names[0]!r} (also called {', '.join(map(repr, self.model_names[1:]))})",
+                           param="model", code="model_not_found")
+
+    def max_model_len(self) -> int | None:
+        """The context length the model was trained for (its ``max_position_embeddings``); None
+        when its config does not say. The memory limit is ``manager.max_seq_len_limit()``."""
+        return self.model.info().get("max_position_embeddings") or None
 
     # -- chat --------------------------------------------------------------------------------
     def chat(self, turn: ChatTurn, *, cancel: threading.Event | None = None,
@@ -139,22 +157,23 @@ class ChatService:
             conv.memory = guard
 
     # -- plain text and tokens ------------------------------------------------------------------
-    def complete(self, prompt: str | list[int], sampling, *, repetition=None,
+    def complete(self, prompt: str | list[int], sampling, *, repetition=None, echo: bool = False,
                  cancel: threading.Event | None = None) -> Iterator[ChatEvent]:
         """A plain text completion of ``prompt`` (a string or token ids; no chat template) on the
-        scratch conversation: ``TextDelta`` events, then ``Done``."""
+        scratch conversation: ``TextDelta`` events (and ``Logprobs``, when asked: the prompt's
+        too with ``echo``), then ``Done``."""
         from superlinear.engine.completion import DEFAULT_MAX_TOKENS, prompt_ids, run_completion
 
         ids = prompt_ids(self.model.tokenizer, prompt)
         conv = self.scratch_conversation()
         if len(ids) + (sampling.max_tokens or DEFAULT_MAX_TOKENS) > conv.max_seq_len:
             self._grow_scratch()
-        yield from run_completion(conv, ids, sampling, repetition=repetition, cancel=cancel)
+        yield from run_completion(conv, ids, sampling, repetition=repetition, echo=echo, cancel=cancel)
 
     def tokenize(self, source: str | list[dict], *, add_special: bool = True, add_generation_prompt: bool = True,
                  with_pieces: bool = False) -> dict:
-        """``{"tokens", "count", "max_model_len"}`` (+ ``pieces``) of a text or of chat messages
-        rendered with the template (as a turn prefills them)."""
+        """``{"tokens", "count", "max_model_len", "max_seq_len_limit"}`` (+ ``pieces``) of a text or
+        of chat messages rendered with the template (as a turn prefills them)."""
         from superlinear.engine import tokens
 
         tok = self.model.tokenizer
@@ -162,7 +181,8 @@ class ChatService:
             ids = tokens.tokenize_text(tok, source, add_special)
         else:
             ids = tokens.tokenize_messages(tok, source, add_generation_prompt)
-        out = {"tokens": ids, "count": len(ids), "max_model_len": self.manager.max_seq_len_limit()}
+        out = {"tokens": ids, "count": len(ids), "max_model_len": self.max_model_len(),
+               "max_seq_len_limit": self.manager.max_seq_len_limit()}
         if with_pieces:
             out["pieces"] = tokens.pieces(tok, ids)
         return out

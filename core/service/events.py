@@ -1,13 +1,13 @@
 """The typed events of one chat turn through the service, in the order they come:
 ``Started`` (the prompt passed every check and its prefill begins), the engine's ``TextDelta`` /
-``ReasoningDelta`` / ``ToolCallsEvent``, ``Persisted`` (session turns only: whether the
-session's journal holds the turn) and last the engine's ``Done``."""
+``ReasoningDelta`` / ``ToolCallsEvent`` / ``Logprobs`` (when asked: before the token's text),
+``Persisted`` (session turns only: whether the session's journal holds the turn) and last the engine's ``Done``."""
 
 from __future__ import annotations
 
 from dataclasses import dataclass
 
-from superlinear.engine.types import Done, ReasoningDelta, TextDelta, ToolCallsEvent
+from superlinear.engine.types import Done, Logprobs, ReasoningDelta, TextDelta, ToolCallsEvent
 from superlinear.errors import UserError
 
 
@@ -26,6 +26,6 @@ class Persisted:
     error: UserError | None = None  # why writing it failed (None: it did not fail)
 
 
-ChatEvent = Started | TextDelta | ReasoningDelta | ToolCallsEvent | Persisted | Done
+ChatEvent = Started | TextDelta | ReasoningDelta | ToolCallsEvent | Logprobs | Persisted | Done
 
-__all__ = ["ChatEvent", "Done", "Persisted", "ReasoningDelta", "Started", "TextDelta", "ToolCallsEvent"]
+__all__ = ["ChatEvent", "Done", "Logprobs", "Persisted", "ReasoningDelta", "Started", "TextDelta", "ToolCallsEvent"]

@@ -22,6 +22,8 @@ refused (``CorruptSnapshot``). Tensors are safetensors; nothing is ever unpickle
 
 from __future__ import annotations
 
+import bz2
+import gzip
 import json
 import lzma
 import os
@@ -33,7 +35,7 @@ import threading
 import zlib
 from pathlib import Path
 
-from superlinear.errors import Conflict, InvalidRequest, NotFound
+from superlinear.errors import Conflict, InvalidRequest, NotFound, TooLarge
 from superlinear.process import pid_alive
 from superlinear.sessions import journal, tensorfile
 from superlinear.sessions.ids import new_id, validate_id
@@ -53,6 +55,10 @@ TENSORS = "tensors.safetensors"
 EXPORT_SUFFIX = ".spl-snapshot.tar"
 UPLOAD_NAME = "the uploaded file"  # how the server's import errors name an upload (the CLI puts the path back)
 
+# A manifest lists a few files and a session's bookkeeping; anything larger is not one of ours
+# (and is never parsed: a hostile one could be nested deep enough to exhaust the parser).
+MAX_MANIFEST_BYTES = 16 << 20
+_TAR_SLACK = 1 << 20  # tar headers, padding and read-ahead beyond the files' own bytes
 MAX_TITLE = 200
 MAX_DESCRIPTION = 10_000
 MAX_TAGS = 64
@@ -298,11 +304,18 @@ class SnapshotStore:
     def _load_manifest(self, directory: Path, snapshot_id: str) -> dict:
         path = directory / MANIFEST
         try:
-            raw = path.read_bytes()
+            with open(path, "rb") as f:
+                raw = f.read(MAX_MANIFEST_BYTES + 1)
         except FileNotFoundError:
             raise NotFound(f"no snapshot {snapshot_id!r} in {self.root}", param="snapshot_id") from None
+        if len(raw) > MAX_MANIFEST_BYTES:
+            raise CorruptSnapshot(f"snapshot {snapshot_id!r}: manifest.json is over {MAX_MANIFEST_BYTES} bytes; "
+                                  "the snapshot is damaged, delete it", param="snapshot_id")
         try:
             manifest = json.loads(raw)
+        except RecursionError:
+            raise CorruptSnapshot(f"snapshot {snapshot_id!r}: manifest.json is nested too deeply; the snapshot "
+                                  "is damaged, delete it", param="snapshot_id") from None
         except (UnicodeDecodeError, json.JSONDecodeError) as exc:
             raise CorruptSnapshot(f"snapshot {snapshot_id!r}: manifest.json is not valid JSON ({exc}); "
                                   "the snapshot is damaged, delete it", param="snapshot_id") from None
@@ -474,14 +487,9 @@ class SnapshotStore:
             validate_id(snapshot_id, "snapshot id", param="snapshot_id")
         tmp = self.make_temp_dir()
         try:
-            top = self._unpack(file, label, tmp)
-            original = validate_id(top, "snapshot id", param="file")
-            manifest = self._load_manifest(tmp, original)
+            manifest = self._unpack(file, label, tmp)
+            original = manifest["id"]
             _verify_files(tmp, manifest, original)
-            extra = {p.name for p in tmp.iterdir()} - {MANIFEST, *manifest["files"]}
-            if extra:
-                raise CorruptSnapshot(f"{label} holds files the manifest does not list: {sorted(extra)}",
-                                      param="file")
             final_id = snapshot_id or original
             tags = [t for t in manifest.get("tags", []) if not str(t).startswith(RESERVED_TAG_PREFIX)]
             if manifest.get("id") != final_id or tags != manifest.get("tags", []):
@@ -500,38 +508,113 @@ class SnapshotStore:
             raise
         return manifest
 
-    @staticmethod
-    def _unpack(file: Path, label: str, tmp: Path) -> str:
+    def _unpack(self, file: Path, label: str, tmp: Path) -> dict:
         """Copy the regular files of an export tar into ``tmp`` (no links, no paths, never
-        ``extractall``); returns the top directory's name."""
-        top = None
+        ``extractall``); returns its manifest (``id``: the tar's top directory).
+
+        A compressed tar may expand a thousandfold, so nothing is trusted before the manifest:
+        it must come first and be small; every later entry must be a file it lists, with the
+        size it declares, and everything it declares must fit on the disk. The tar is read
+        through a budget of decompressed bytes, so not even its headers can expand past that."""
+        top, declared = None, None
         try:
-            with tarfile.open(file, "r:*") as tar:
-                for member in tar:
-                    parts = member.name.split("/")
-                    if member.isdir() and len(parts) == 1:
-                        continue
-                    if (not member.isfile() or len(parts) != 2
-                            or not _FILE_NAME_RE.fullmatch(parts[1]) or (top not in (None, parts[0]))):
-                        raise CorruptSnapshot(f"{label} is not a snapshot export: unexpected entry "
-                                              f"{member.name!r}", param="file")
-                    top = parts[0]
-                    if (tmp / parts[1]).exists():
-                        raise CorruptSnapshot(f"{label}: entry {member.name!r} appears twice", param="file")
-                    src = tar.extractfile(member)
-                    with open(tmp / parts[1], "wb") as out:
-                        shutil.copyfileobj(src, out, 8 << 20)
-                        out.flush()
-                        os.fsync(out.fileno())
+            with _open_decompressed(file) as raw:
+                stream = _ReadBudget(raw, MAX_MANIFEST_BYTES + _TAR_SLACK)
+                with tarfile.open(fileobj=stream, mode="r|") as tar:
+                    for member in tar:
+                        parts = member.name.split("/")
+                        if member.isdir() and len(parts) == 1:
+                            continue
+                        if (not member.isfile() or len(parts) != 2
+                                or not _FILE_NAME_RE.fullmatch(parts[1]) or (top not in (None, parts[0]))):
+                            raise CorruptSnapshot(f"{label} is not a snapshot export: unexpected entry "
+                                                  f"{member.name!r}", param="file")
+                        top, name = parts
+                        if declared is None:
+                            declared = self._unpack_manifest(tar, member, name, label, tmp)
+                            stream.budget = stream.used + _declared_bytes(declared) + _TAR_SLACK
+                            self._check_room(declared, label)
+                            continue
+                        want = declared["files"].get(name)
+                        if want is None:
+                            raise CorruptSnapshot(f"{label} holds files the manifest does not list: "
+                                                  f"[{name!r}]", param="file")
+                        if (tmp / name).exists():
+                            raise CorruptSnapshot(f"{label}: entry {member.name!r} appears twice", param="file")
+                        if member.size != want["bytes"]:
+                            raise CorruptSnapshot(f"{label}: {name} has {member.size} bytes, the manifest "
+                                                  f"declares {want['bytes']}; the file is damaged", param="file")
+                        _copy_member(tar, member, tmp / name)
         except tarfile.ReadError:
             raise CorruptSnapshot(f"{label} is not a snapshot export (not a tar file made by "
                                   "`spl snapshot export`)", param="file") from None
-        except (tarfile.TarError, EOFError, zlib.error, lzma.LZMAError) as exc:
+        except (tarfile.TarError, _UnreadableExport) as exc:
             reason = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
             raise CorruptSnapshot(f"{label} is not a readable snapshot export ({reason})", param="file") from None
-        if top is None:
+        if declared is None:
             raise CorruptSnapshot(f"{label} is empty, not a snapshot export", param="file")
-        return top
+        return declared
+
+    def _unpack_manifest(self, tar, member, name: str, label: str, tmp: Path) -> dict:
+        if name != MANIFEST:
+            raise CorruptSnapshot(f"{label} is not a snapshot export: its first entry is {name!r}, not "
+                                  f"{MANIFEST}", param="file")
+        if member.size > MAX_MANIFEST_BYTES:
+            raise CorruptSnapshot(f"{label}: {MANIFEST} is {member.size} bytes; at most {MAX_MANIFEST_BYTES} "
+                                  "are allowed", param="file")
+        top = validate_id(member.name.split("/")[0], "snapshot id", param="file")
+        _copy_member(tar, member, tmp / MANIFEST)
+        return self._load_manifest(tmp, top)
+
+    def _check_room(self, manifest: dict, label: str) -> None:
+        need, free = _declared_bytes(manifest), shutil.disk_usage(self.root).free
+        if need > free:
+            raise TooLarge(f"{label} declares {need} bytes of files, more than the {free} bytes free in "
+                           f"{self.root}; free space or set $SUPERLINEAR_SNAPSHOT_DIR to another directory",
+                           param="file")
+
+
+class _UnreadableExport(Exception):
+    """The export's bytes cannot be read: bad compression, or more of them than declared."""
+
+
+class _ReadBudget:
+    """A file object that refuses to read past ``budget`` bytes (of decompressed data)."""
+
+    def __init__(self, raw, budget: int):
+        self.raw, self.budget, self.used = raw, budget, 0
+
+    def read(self, size: int = -1) -> bytes:
+        try:
+            data = self.raw.read(size)
+        except (OSError, EOFError, zlib.error, lzma.LZMAError) as exc:
+            raise _UnreadableExport(str(exc) or type(exc).__name__) from None
+        self.used += len(data)
+        if self.used > self.budget:
+            raise _UnreadableExport("it expands past the size its manifest declares")
+        return data
+
+
+_COMPRESSED = ((b"\x1f\x8b", gzip.open), (b"BZh", bz2.open), (b"\xfd7zXZ\x00", lzma.open))
+
+
+def _open_decompressed(file: Path):
+    """``file`` opened for reading, decompressed when it is gzip, bzip2 or xz (by its magic)."""
+    with open(file, "rb") as f:
+        magic = f.read(6)
+    opener = next((o for m, o in _COMPRESSED if magic.startswith(m)), None)
+    return opener(file, "rb") if opener else open(file, "rb")
+
+
+def _declared_bytes(manifest: dict) -> int:
+    return sum(entry["bytes"] for entry in manifest["files"].values())
+
+
+def _copy_member(tar: tarfile.TarFile, member: tarfile.TarInfo, dest: Path) -> None:
+    with open(dest, "wb") as out:
+        shutil.copyfileobj(tar.extractfile(member), out, 8 << 20)
+        out.flush()
+        os.fsync(out.fileno())
 
 
 def _manifest_problem(manifest) -> str | None:

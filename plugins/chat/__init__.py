@@ -119,9 +119,29 @@ def main_repl(*, url: str | None = None, model: str | None = None, new: bool = F
     from .repl import ChatRepl
 
     client = connect(url, model, port=port)
+    if session_id and not new:
+        _require_session(client, session_id)
     repl = ChatRepl(client, session_id=session_id, new=new, settings=settings,
                     reconnect=_reconnector(url, model, port))
     return repl.run()
+
+
+def _require_session(client, session_id: str) -> None:
+    """A session named on the command line must exist (a typo must not start a new one)."""
+    import difflib
+
+    from superlinear.errors import NotFound
+
+    try:
+        client.get_session(session_id)
+        return
+    except NotFound:
+        pass
+    known = [s.get("id") for s in client.list_sessions() if isinstance(s.get("id"), str)]
+    close = difflib.get_close_matches(session_id, known, n=3)
+    hint = f"did you mean {', '.join(close)}? " if close else ""
+    raise NotFound(f"no session {session_id!r}: {hint}`spl chat --new --session {session_id}` starts it",
+                   param="session_id")
 
 
 @click.command("chat")
@@ -131,9 +151,10 @@ def main_repl(*, url: str | None = None, model: str | None = None, new: bool = F
               "config file, 'default'); a running server that serves another one is refused.")
 @click.option("--port", type=click.IntRange(1, 65535), default=None,
               help="Port of a local server started now (default: $SPL_PORT, the config file, 8787).")
-@click.option("--new", "new", is_flag=True, help="Start a fresh session instead of resuming the last one.")
-@click.option("--session", "session_id", default=None, metavar="ID", help="Use this session (created if missing).",
-              shell_complete=complete_session_ids)
+@click.option("--new", "new", is_flag=True, help="Start a fresh session instead of resuming the last one "
+              "(with --session ID: one with that id).")
+@click.option("--session", "session_id", default=None, metavar="ID", shell_complete=complete_session_ids,
+              help="Use this existing session (with --new or --once: created if missing).")
 @click.option("--once", "once", default=None, metavar="TEXT",
               help="Answer one message and exit ('-' reads it from stdin). Without --session it "
               "uses no session.")
@@ -151,8 +172,11 @@ def chat_command(url, model, port, new, session_id, once, as_json, system, tempe
     Enter sends, Alt-Enter adds a line, Ctrl-C stops a reply, Ctrl-D quits; /help inside lists
     the slash commands.
     """
+    from . import state
     from .repl import ChatSettings
 
+    if max_tokens is None and once is None:  # what /max set last time, unless told otherwise
+        max_tokens = state.remembered_max_tokens("chat")
     cap = {} if max_tokens is None else {"max_tokens": max_tokens or None}
     settings = ChatSettings(system=system, temperature=temperature, show_reasoning=not no_think,
                             thinking=False if no_think else None, markdown=not plain, **cap)

@@ -136,11 +136,15 @@ def handle_temperature(command: ChatTemperature, ctx: Context) -> str:
 
 
 def handle_max_tokens(command: ChatMaxTokens, ctx: Context) -> str:
-    s = _repl(ctx).settings
+    repl = _repl(ctx)
+    s = repl.settings
     if command.value is not None:
         if command.value < 0:
             raise InvalidRequest(f"the cap must be a number of tokens (0: no cap), not {command.value}")
         s.max_tokens = command.value or None
+        from . import state
+
+        state.remember_max_tokens(repl.name, s.max_tokens)  # kept for the next `spl chat`
     if s.max_tokens is None:
         return "max tokens per reply: no cap (until the session is full; a loop still stops the reply)"
     return f"max tokens per reply: {s.max_tokens}"

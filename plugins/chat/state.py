@@ -46,6 +46,23 @@ def remember_session(name: str, session_id: str | None, url: str | None = None) 
         sessions.pop(name, None)
     else:
         sessions[name] = {"session_id": session_id, "url": url}
+    _write(data)
+
+
+def remember_max_tokens(name: str, max_tokens: int | None) -> None:
+    """Record the reply cap ``/max`` set in REPL ``name`` (None: no cap), for its next start."""
+    data = _read()
+    data.setdefault("max_tokens", {})[name] = max_tokens or 0
+    _write(data)
+
+
+def remembered_max_tokens(name: str) -> int | None:
+    """The cap ``/max`` last set in REPL ``name``: tokens, 0 for no cap, None if never set."""
+    value = _read().get("max_tokens", {}).get(name)
+    return value if isinstance(value, int) and not isinstance(value, bool) and value >= 0 else None
+
+
+def _write(data: dict) -> None:
     path = _state_file()
     try:
         path.parent.mkdir(parents=True, exist_ok=True)

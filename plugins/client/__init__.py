@@ -100,8 +100,30 @@ def effective_config() -> dict:
     settings = {name: {"value": values[name], "source": sources[name], "env": BY_NAME[name].env}
                 for name in BY_NAME}
     path = config_path()
-    return {"config_file": str(path), "config_file_exists": path.is_file(), "settings": settings,
-            "url": options.url()}
+    result = {"config_file": str(path), "config_file_exists": path.is_file(), "settings": settings,
+              "url": options.url()}
+    _with_running_server(result, sources)
+    return result
+
+
+def _with_running_server(result: dict, sources: dict) -> None:
+    """Where your local server runs on another port than the settings say (the default port was
+    taken when it started), the commands use its port: say so, rather than show the default."""
+    from urllib.parse import urlparse
+
+    from .local import running_local
+
+    try:
+        local = running_local()
+    except UserError:
+        return
+    if not local:
+        return
+    result["running"] = {"url": local["url"], "pid": local["pid"]}
+    port = urlparse(local["url"]).port
+    if port and port != result["settings"]["port"]["value"] and sources["port"] == "default":
+        result["settings"]["port"].update(value=port, source="running")
+        result["url"] = local["url"]
 
 
 # -- click -----------------------------------------------------------------------------------
@@ -222,9 +244,14 @@ def config_command(as_json: bool) -> None:
     for name, item in result["settings"].items():
         value = "-" if item["value"] is None else item["value"]
         lines.append(f"{name:<16} {value!s:<24} {item['source']:<10} (${item['env']})".rstrip())
+    if result.get("running"):
+        lines.append(f"your server runs at {result['running']['url']} (pid {result['running']['pid']})")
     _emit(result, as_json, "\n".join(lines))
 
 
 @hookimpl
 def register_commands(register):
+    from .url_option import with_url_option
+
+    with_url_option(status_command)  # which server answers there
     register(server_group)

@@ -71,11 +71,23 @@ def verified_identity(info: dict) -> dict | None:
     ident = info.get("process")
     if isinstance(ident, dict) and ident.get("pid") == info.get("pid"):
         return ident if process.matches(ident) else None
-    # A server.json from an older spl holds the pid only: accept a live `spl serve` with it.
+    # A server.json from an older spl holds the pid only: a live `spl serve` with that pid may
+    # be anyone's (the pid was reused), so it counts only if the recorded URL's /health answers
+    # with that pid, from a process of this user.
     cmdline = process.cmdline(info.get("pid"))
-    if cmdline and _looks_like_spl_serve(cmdline):
-        return process.identity(info["pid"])
-    return None
+    if not (cmdline and _looks_like_spl_serve(cmdline) and process.owner(info["pid"]) == _user()):
+        return None
+    import httpx
+
+    try:  # /health needs no key
+        confirmed = httpx.get(info["url"].rstrip("/") + "/health", timeout=2.0).json().get("pid") == info["pid"]
+    except (httpx.HTTPError, ValueError, AttributeError):
+        confirmed = False
+    return process.identity(info["pid"]) if confirmed else None
+
+
+def _user() -> str | None:
+    return process.owner(os.getpid())
 
 
 def running_local() -> dict | None:
@@ -203,7 +215,7 @@ def wait_until_ready(client: SplClient, pid: int | None = None, timeout: float =
             return health
         if health.get("status") == "error":
             raise Unavailable(f"the spl server failed to load the model: {health.get('error')}")
-        line = f"spl: {health.get('progress') or health.get('status')}…"
+        line = f"spl: {_conversion_bar(health.get('conversion'))}{health.get('progress') or health.get('status')}…"
         # On a terminal the line is redrawn with the seconds ticking; in a log, once per stage.
         key = line if sys.stderr.isatty() else re.sub(r" \(\d+s\)", "", line)
         if progress and key != last:
@@ -212,6 +224,17 @@ def wait_until_ready(client: SplClient, pid: int | None = None, timeout: float =
         if time.monotonic() > deadline:
             raise Unavailable(f"the spl server did not become ready in {timeout:.0f}s; see `spl server logs`")
         time.sleep(0.25)
+
+
+def _conversion_bar(conversion) -> str:
+    """``[#####-----] `` for the default model's one-time conversion (its steps done so far)."""
+    try:
+        done, total = int(conversion["step"]) - 1, int(conversion["steps"])
+    except (TypeError, KeyError, ValueError):
+        return ""
+    width = 20
+    filled = width * max(0, min(done, total)) // max(total, 1)
+    return f"[{'#' * filled}{'-' * (width - filled)}] "
 
 
 def start(options: ServeOptions, progress: Progress | None = stderr_progress, timeout: float = 900.0,
@@ -274,7 +297,8 @@ def stop(timeout: float = 120.0) -> dict:
     if not info or ident is None:
         if recorded and recorded.get("pid"):
             raise Unavailable(f"no local spl server is running (pid {recorded['pid']} in {state.server_file()} "
-                              "is not an spl server any more; the stale file was removed)")
+                              "is not the spl server recorded there any more; it was left alone and the "
+                              "stale file removed)")
         raise Unavailable("no local spl server is running")
     sessions = None
     client = SplClient(info["url"], api_key=info.get("api_key"))

@@ -11,11 +11,14 @@ away when the prefill is done.
 from __future__ import annotations
 
 import sys
+import threading
+import time
 from collections.abc import Callable
 from typing import Any
 
 LONG_PREFILL_TOKENS = 2048  # a prefill this long gets a bar (and an estimate) from its start,
 SLOW_PREFILL_MS = 2000  # a shorter one once it has lasted this long (a slow or busy machine)
+TICK_S = 0.5  # how often a bar moves between the server's progress events
 
 
 def _terminal(stream) -> bool:
@@ -80,6 +83,17 @@ class PrefillBar:
         self._bar = None
         self._task = None
         self.seen: list[int] = []  # processed counts received (what a test or a log can check)
+        # Between two progress events (one per prefill chunk, thousands of tokens apart) the bar
+        # moves at the measured speed, never past the end of the running chunk (``tick``).
+        self.work = 0
+        self.done = 0  # tokens the server reported done
+        self.position = 0.0  # tokens the bar shows
+        self.eta_s: float | None = None
+        self.tokens_per_s: float | None = None
+        self._chunk_end = 0
+        self.reported_at = 0.0  # time.monotonic() of the last progress event
+        self._ticker: threading.Thread | None = None
+        self._stop = threading.Event()
 
     def update(self, progress: dict) -> None:
         total, cache = int(progress.get("total") or 0), int(progress.get("cache") or 0)
@@ -90,17 +104,46 @@ class PrefillBar:
             if processed >= total or (total - cache < self.min_tokens and not slow):
                 return
             self._start(total - cache)
-        self._bar.update(self._task, completed=processed - cache)
+        done, elapsed = processed - cache, int(progress.get("time_ms") or 0) / 1000
+        if done > 0 and elapsed > 0:
+            self.tokens_per_s = done / elapsed
+        step = done - self.done  # the chunk just finished: the running one is about as long
+        self._chunk_end = min(self.work, done + step) if step > 0 else self.work
+        self.done, self.reported_at = done, time.monotonic()
+        self.tick(self.reported_at)
         if processed >= total:
             self.close()
 
+    @property
+    def drawing(self) -> bool:
+        return self._bar is not None
+
+    def tick(self, now: float) -> None:
+        """Redraw at ``now``: the reported tokens plus what the measured speed did since."""
+        position = float(self.done)
+        if self.tokens_per_s:
+            moved = self.done + self.tokens_per_s * max(0.0, now - self.reported_at)
+            position = min(moved, max(self._chunk_end - 1, self.done))
+            self.eta_s = (self.work - position) / self.tokens_per_s
+        self.position = max(self.position, position)
+        if self._bar is not None:
+            eta = format_seconds(self.eta_s) if self.eta_s is not None else "measuring"
+            self._bar.update(self._task, completed=int(self.position), eta=eta)
+
+    def _tick_forever(self) -> None:
+        while not self._stop.wait(TICK_S):
+            self.tick(time.monotonic())
+
     def _start(self, work: int) -> None:
+        self.work = work
         speed = None
         if self.speed is not None:
             try:
                 speed = self.speed()
             except Exception:  # noqa: BLE001 - an estimate is never worth failing a turn
                 speed = None
+        if speed and speed.get("tokens_per_s"):
+            self.tokens_per_s = float(speed["tokens_per_s"])  # until this prefill's own is measured
         line = estimate_line(work, speed)
         if self.note is not None:
             self.note(line)
@@ -111,15 +154,22 @@ class PrefillBar:
             self._bar = _NoBar()
             self._task = 0
             return
-        from rich.progress import BarColumn, MofNCompleteColumn, TextColumn, TimeRemainingColumn
+        from rich.progress import BarColumn, MofNCompleteColumn, TextColumn
 
         self._bar = _progress(self.stream, TextColumn("{task.description}"), BarColumn(),
                               TextColumn("{task.percentage:>3.0f}%"), MofNCompleteColumn(),
-                              TextColumn("tokens · eta"), TimeRemainingColumn())
+                              TextColumn("tokens · eta {task.fields[eta]}"))
         self._bar.start()
-        self._task = self._bar.add_task(self.label, total=work)
+        self._task = self._bar.add_task(self.label, total=work, eta="measuring")
+        self._stop.clear()
+        self._ticker = threading.Thread(target=self._tick_forever, name="spl-prefill-bar", daemon=True)
+        self._ticker.start()
 
     def close(self) -> None:
+        self._stop.set()
+        if self._ticker is not None:
+            self._ticker.join()
+            self._ticker = None
         if self._bar is not None:
             self._bar.stop()
             self._bar = None

@@ -15,6 +15,7 @@ import os
 from pathlib import Path
 
 from superlinear import process
+from superlinear.errors import InvalidRequest
 from superlinear.paths import state_dir
 
 
@@ -58,7 +59,17 @@ def _write(path: Path, data: dict) -> None:
 
 
 def local_server() -> dict | None:
-    return _read(server_file())
+    """``server.json``, or None; a file whose pid is not a process id is a ``UserError`` (it
+    names no process that could be checked or stopped)."""
+    info = _read(server_file())
+    if info is None:
+        return None
+    pid = info.get("pid")
+    if not isinstance(pid, int) or isinstance(pid, bool) or pid <= 0 or not isinstance(info.get("url"), str):
+        raise InvalidRequest(f"{server_file()} is damaged (pid {pid!r}, url {info.get('url')!r}); no server "
+                             "can be checked or stopped through it: remove the file, then stop the server "
+                             "by its pid if one still runs")
+    return info
 
 
 def write_local_server(data: dict) -> None:
@@ -67,7 +78,7 @@ def write_local_server(data: dict) -> None:
 
 def clear_local_server(pid: int | None = None) -> None:
     """Remove ``server.json`` (only if it names ``pid``, when given)."""
-    if pid is not None and (local_server() or {}).get("pid") != pid:
+    if pid is not None and (_read(server_file()) or {}).get("pid") != pid:
         return
     server_file().unlink(missing_ok=True)
 

@@ -17,8 +17,12 @@ from superlinear.hookspecs import hookimpl
 
 @hookimpl
 def register_commands(register):
-    from .cli import docs_command, rag_group
+    from superlinear.plugins.client.url_option import with_url_option
 
+    from .cli import ask_command, docs_command, ingest_command, rag_group, rm_command
+
+    for command in (ingest_command, ask_command, rm_command):  # those that talk to a server
+        with_url_option(command)
     register(rag_group)
     register(docs_command)
 

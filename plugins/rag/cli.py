@@ -1,4 +1,7 @@
-"""``spl rag ingest|ask|ls|info|rm|retrievers`` and ``spl docs NAME``: build bus commands, dispatch, print."""
+"""``spl rag ingest|ask|ls|info|sources|rm|retrievers`` and ``spl docs``: build bus commands, dispatch, print.
+
+Every command that works on one workspace takes ``-w NAME``; ``info``, ``sources``, ``rm`` and
+``docs`` also take it as an argument (the older form)."""
 
 from __future__ import annotations
 
@@ -6,6 +9,7 @@ import json
 import os
 import sys
 import textwrap
+import time
 
 import click
 
@@ -23,6 +27,14 @@ def _default_workspace() -> str:
 
 def workspace_option(func):
     return click.option("--workspace", "-w", default=None, metavar="NAME", help=WORKSPACE_HELP)(func)
+
+
+def _one_workspace(name: str | None, workspace: str | None) -> str:
+    """The workspace named by ``-w NAME`` (as every rag command takes it) or, the older form, by
+    the NAME argument; the default one when neither is given."""
+    if name and workspace and name != workspace:
+        raise click.UsageError(f"two workspaces given ({name!r} and -w {workspace!r}); name one")
+    return workspace or name or _default_workspace()
 
 
 class _Progress:
@@ -99,19 +111,22 @@ def ingest_command(paths, workspace, globs, chunk_chars, overlap, no_llm, max_se
     bar = PrefillBar(label="prefill", note=lambda line: None, enabled=sys.stderr.isatty() and not as_json)
     ctx = Context(state={"progress": progress, "status": None if as_json else progress.message,
                          "prefill": bar.update})
+    started = time.perf_counter()
     try:
         result = dispatch(RagIngest(tuple(paths), workspace or _default_workspace(), tuple(globs), chunk_chars,
                                     overlap, llm=not no_llm, max_seq_len=max_seq_len, rebuild=rebuild), ctx)
     finally:
         bar.close()
         progress.end()
+    wall = time.perf_counter() - started
     if as_json:
         click.echo(json.dumps(result, indent=2))
         return
     r = result["report"]
     click.echo(f"workspace {r['workspace']}: {len(r['added'])} added, {len(r['updated'])} updated, "
                f"{r['unchanged']} unchanged, {len(r['removed'])} removed, {len(r['skipped'])} skipped "
-               f"-> {r['files']} files, {r['chunks']} passages, {r['chars']} chars ({r['seconds']:.2f} s)")
+               f"-> {r['files']} files, {r['chunks']} passages, {r['chars']} chars (indexed in {r['seconds']:.2f} s; "
+               f"{wall:.2f} s in all)")
     for path, reason in list(r["skipped"].items())[:10]:
         click.echo(f"  skipped {display_path(path)}: {reason}", err=True)
     if len(r["skipped"]) > 10:
@@ -207,10 +222,11 @@ def ls_command(as_json):
 
 @rag_group.command("info")
 @click.argument("name", required=False)
+@workspace_option
 @click.option("--json", "as_json", is_flag=True)
-def info_command(name, as_json):
+def info_command(name, workspace, as_json):
     """Show a workspace: roots, files, passages, context snapshot."""
-    result = dispatch(RagInfo(name or _default_workspace()))
+    result = dispatch(RagInfo(_one_workspace(name, workspace)))
     if as_json:
         click.echo(json.dumps(result, indent=2))
         return
@@ -234,11 +250,16 @@ def info_command(name, as_json):
 
 
 @rag_group.command("rm")
-@click.argument("names", nargs=-1, required=True)
+@click.argument("names", nargs=-1)
+@click.option("--workspace", "-w", "workspaces", multiple=True, metavar="NAME",
+              help="Workspace to remove (repeatable; or give the names as arguments).")
 @click.option("--keep-snapshot", is_flag=True, help="Keep the workspace's context snapshot on the server.")
 @click.option("--json", "as_json", is_flag=True)
-def rm_command(names, keep_snapshot, as_json):
+def rm_command(names, workspaces, keep_snapshot, as_json):
     """Remove workspaces (and their context snapshots)."""
+    names = list(dict.fromkeys([*names, *workspaces]))
+    if not names:
+        raise click.UsageError("name the workspaces to remove: spl rag rm -w NAME (or spl rag rm NAME)")
     results = []
     for name in names:
         result = dispatch(RagRemove(name, keep_snapshot))
@@ -257,10 +278,11 @@ def rm_command(names, keep_snapshot, as_json):
 
 @rag_group.command("sources")
 @click.argument("name", required=False)
+@workspace_option
 @click.option("--json", "as_json", is_flag=True)
-def sources_command(name, as_json):
+def sources_command(name, workspace, as_json):
     """List the files of a workspace."""
-    result = dispatch(RagSources(name or _default_workspace()))
+    result = dispatch(RagSources(_one_workspace(name, workspace)))
     if as_json:
         click.echo(json.dumps(result, indent=2))
         return
@@ -283,12 +305,13 @@ def retrievers_command(as_json):
 
 @click.command("docs")
 @click.argument("name", required=False)
+@workspace_option
 @click.option("--url", default=None, help="Server to talk to (default: the configured one, or a local one).")
 @click.option("-k", "--k", "k", type=click.IntRange(1, 50), default=5, show_default=True)
 @click.option("--retriever", "-r", default="bm25", show_default=True)
 @click.option("--max-tokens", type=click.IntRange(1), default=None, help="Cap on tokens per reply.")
 @click.option("--temp", "temperature", type=click.FloatRange(0.0, 2.0), default=None, help="Temperature.")
-def docs_command(name, url, k, retriever, max_tokens, temperature):
+def docs_command(name, workspace, url, k, retriever, max_tokens, temperature):
     """Chat over a workspace's documents (the `spl chat` REPL in the workspace session).
 
     Extra commands: /add PATH…, /sources, /rag k N | retriever NAME | off | on, /reset.
@@ -297,5 +320,5 @@ def docs_command(name, url, k, retriever, max_tokens, temperature):
 
     if not sys.stdin.isatty():
         raise click.UsageError("spl docs needs a terminal; use `spl rag ask` for scripts")
-    return run_docs(name or _default_workspace(), url=url, k=k, retriever=retriever, max_tokens=max_tokens,
+    return run_docs(_one_workspace(name, workspace), url=url, k=k, retriever=retriever, max_tokens=max_tokens,
                     temperature=temperature)

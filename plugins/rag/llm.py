@@ -141,6 +141,8 @@ def build_context(workspace: Workspace, client, *, max_seq_len: int | None = Non
         if budget is not None and tokens > budget:
             needed = tokens
             raise TooLarge("documents too large")
+        if progress:  # the snapshot is written by the server's worker: say so, and who is ahead
+            progress(f"saving the context snapshot on the server{_waiting_note(client)}…")
         # Keep only the documents: drop the one token generated to run the prefill.
         try:
             client.rollback(session_id, 1)
@@ -204,6 +206,17 @@ def _prefill(client, system: str, session_id: str, on_prefill=None):
     return collect(watched())
 
 
+def _waiting_note(client) -> str:
+    """" (it is busy with 2 other requests: waiting for them)" when the server has other work."""
+    try:
+        queued = int(client.health(timeout=2.0).get("queued") or 0)
+    except (UserError, AttributeError, ValueError):
+        return ""
+    if queued <= 0:
+        return ""
+    return f" (it is busy with {queued} other request{'s' if queued > 1 else ''}: waiting for them)"
+
+
 def _time_estimate(client, tokens: int) -> str:
     """", about 2 min 10 s at …" from the server's last measured prefill ("" when unknown)."""
     from superlinear.plugins.client.progress import time_estimate
@@ -223,19 +236,15 @@ def _model_name(client) -> str | None:
 
 
 def _length_limits(client) -> dict[str, int]:
-    """The longest sessions worth advising: ``trained`` (the model's trained context,
-    max_position_embeddings) and ``memory`` (the longest session the server's memory budget
-    allows), each left out when the server does not say."""
-    limits: dict[str, int] = {}
+    """The longest sessions worth advising, from ``/v1/models``: ``trained`` (``max_model_len``, the
+    context the model was trained for) and ``memory`` (``max_seq_len_limit``, the longest session
+    the server's memory budget holds), each left out when the server does not say."""
     try:
-        trained = ((client.models() or [{}])[0].get("info") or {}).get("max_position_embeddings")
-        memory = (client.health().get("memory") or {}).get("max_seq_len_limit")
+        card = (client.models() or [{}])[0]
     except (UserError, AttributeError, LookupError, TypeError):
-        return limits
-    for name, value in (("trained", trained), ("memory", memory)):
-        if isinstance(value, int) and value > 0:
-            limits[name] = value
-    return limits
+        return {}
+    limits = {"trained": card.get("max_model_len"), "memory": card.get("max_seq_len_limit")}
+    return {name: value for name, value in limits.items() if isinstance(value, int) and value > 0}
 
 
 def does_not_fit_reason(needed: int, *, session_len: int, reserve: int, suggest: int,

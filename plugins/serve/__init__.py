@@ -51,11 +51,15 @@ def serve(options: ServeOptions) -> int:
 
     import uvicorn
 
+    from superlinear.paths import snapshots_dir
     from superlinear.plugins.client.local import registered
+
+    from .store_lock import lock_store
 
     check_model_known(options.model)
     options = replace(options, threads=options.threads or default_threads())
     limit_threads_before_torch(options.threads)
+    store_lock = lock_store(snapshots_dir(), options.url())  # one server per session store
     logging.basicConfig(level=options.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     app = build_app(options)
     auth = "API key required" if options.api_key else "no API key"
@@ -65,7 +69,7 @@ def serve(options: ServeOptions) -> int:
     server = uvicorn.Server(config)
     runtime = app.state.runtime
     _exit_on_load_error(server, runtime)
-    with registered(options):  # server.json names this process while it serves
+    with store_lock, registered(options):  # server.json names this process while it serves
         server.run()
     if runtime.error is not None:
         from superlinear.errors import UserError

@@ -15,7 +15,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from superlinear.errors import InvalidRequest, NotFound, TooLarge, Unauthorized, UserError
 
 from . import routes_chat, routes_models, routes_sessions, routes_snapshots, routes_text, sse
-from .http import MAX_BODY_BYTES, MAX_IMPORT_BYTES, error_response
+from .http import MAX_BODY_BYTES, error_response, import_limit
 from .runtime import Runtime
 
 log = logging.getLogger("spl.serve")
@@ -56,7 +56,7 @@ class GuardMiddleware:
                        else "invalid API key")
                 return await error_response(Unauthorized(msg))(scope, receive, send)
         length = headers.get("content-length")
-        limit = MAX_IMPORT_BYTES if path == "/v1/snapshots/import" else MAX_BODY_BYTES
+        limit, why = import_limit() if path == "/v1/snapshots/import" else (MAX_BODY_BYTES, "the limit")
         if length is not None:
             try:
                 too_big = int(length) > limit
@@ -64,7 +64,7 @@ class GuardMiddleware:
                 return await error_response(InvalidRequest("bad Content-Length"))(scope, receive, send)
             if too_big:
                 return await error_response(
-                    TooLarge(f"request body is {length} bytes; the limit is {limit}", code="body_too_large")
+                    TooLarge(f"request body is {length} bytes; {why} is {limit}", code="body_too_large")
                 )(scope, receive, send)
         started, status = False, 500
 
@@ -92,7 +92,9 @@ def create_app(runtime: Runtime) -> FastAPI:
     @asynccontextmanager
     async def lifespan(app: FastAPI):
         runtime.start_loading()
+        retrier = asyncio.create_task(runtime.retry_persists_forever())
         yield
+        retrier.cancel()
         await asyncio.to_thread(runtime.shutdown)
 
     app = FastAPI(title="spl", version=_version(), lifespan=lifespan, docs_url=None, redoc_url=None)

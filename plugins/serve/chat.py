@@ -12,17 +12,10 @@ from .schemas import ChatCompletionRequest
 
 
 def engine_request(req: ChatCompletionRequest, messages: list[dict], defaults: dict):
-    from superlinear.engine import ChatRequest, RepetitionConfig, SamplingParams
+    from superlinear.engine import ChatRequest, RepetitionConfig
 
-    stop = [req.stop] if isinstance(req.stop, str) else list(req.stop or [])
-    sampling = SamplingParams(
-        temperature=req.temperature if req.temperature is not None else defaults.get("temperature", 0.7),
-        top_p=req.top_p if req.top_p is not None else 1.0,
-        top_k=req.top_k or 0,
-        seed=req.seed,
-        max_tokens=req.max_completion_tokens or req.max_tokens or defaults.get("max_tokens"),
-        stop=stop,
-    )
+    sampling = req.sampling_params(defaults, logprobs=req.logprobs_count(),
+                                   max_tokens=req.max_completion_tokens or req.max_tokens or defaults.get("max_tokens"))
     repetition = None
     if req.repetition_detection is True:
         repetition = RepetitionConfig()

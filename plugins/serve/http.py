@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import os
+import shutil
+import tempfile
 
 from fastapi import Request
 from fastapi.responses import JSONResponse
@@ -11,6 +13,20 @@ from superlinear.errors import TooLarge, UserError
 
 MAX_BODY_BYTES = int(os.environ.get("SPL_MAX_BODY_BYTES", 256 << 20))  # ~50M tokens of text
 MAX_IMPORT_BYTES = int(os.environ.get("SPL_MAX_IMPORT_BYTES", 1 << 40))
+
+
+def import_limit() -> tuple[int, str]:
+    """The most bytes a snapshot upload may have, and why: ``MAX_IMPORT_BYTES``, or less when
+    the disk that holds uploads has less free space (an upload that cannot fit is refused
+    before it fills the disk other sessions persist to)."""
+    directory = tempfile.gettempdir()
+    try:
+        free = shutil.disk_usage(directory).free
+    except OSError:
+        free = MAX_IMPORT_BYTES
+    if free < MAX_IMPORT_BYTES:
+        return free, f"the free space in {directory}"
+    return MAX_IMPORT_BYTES, "the upload limit"
 
 
 def error_response(exc: UserError) -> JSONResponse:

@@ -11,13 +11,26 @@ import json
 import logging
 import os
 
-from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+from prometheus_client import (
+    CONTENT_TYPE_LATEST,
+    CollectorRegistry,
+    Counter,
+    Gauge,
+    Histogram,
+    disable_created_metrics,
+    generate_latest,
+)
 from prometheus_client.core import GaugeMetricFamily
 
 log = logging.getLogger("spl.turn")
+# No `*_created` series beside every counter and histogram: dashboards do not read them
+# (vLLM and llama.cpp publish none), and they double the scrape.
+disable_created_metrics()
 
 # Turn phases last from milliseconds (a cached prompt) to minutes (a 1M-token prefill).
 _SECONDS_BUCKETS = (0.01, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300, 600, 1800)
+# Time per output token: a few ms on a GPU to seconds on a loaded CPU.
+_TOKEN_SECONDS_BUCKETS = (0.005, 0.01, 0.02, 0.04, 0.06, 0.08, 0.1, 0.15, 0.2, 0.3, 0.5, 0.75, 1, 2.5, 5)
 
 
 class ServerMetrics:
@@ -36,6 +49,16 @@ class ServerMetrics:
                                          buckets=_SECONDS_BUCKETS)
         self.decode_seconds = Histogram("spl_decode_seconds", "Decode time per turn", registry=r,
                                         buckets=_SECONDS_BUCKETS)
+        # the latencies vLLM's and llama.cpp's dashboards read (docs/server.md maps the names)
+        self.time_to_first_token = Histogram(
+            "spl_time_to_first_token_seconds", "From the request's arrival at the model worker's queue to its "
+            "first token (queue wait + prefill)", registry=r, buckets=_SECONDS_BUCKETS)
+        self.time_per_output_token = Histogram(
+            "spl_time_per_output_token_seconds", "Mean time per generated token of a request (decode time / "
+            "tokens)", registry=r, buckets=_TOKEN_SECONDS_BUCKETS)
+        self.e2e_latency = Histogram(
+            "spl_e2e_request_latency_seconds", "From the request's arrival at the model worker's queue to its "
+            "last token (queue wait + prefill + decode)", registry=r, buckets=_SECONDS_BUCKETS)
         self.prefill_rate = Gauge("spl_prefill_tokens_per_second", "Prefill tokens/s of the last turn", registry=r)
         self.decode_rate = Gauge("spl_decode_tokens_per_second", "Decode tokens/s of the last turn", registry=r)
         r.register(_RuntimeGauges(runtime))
@@ -55,6 +78,7 @@ class ServerMetrics:
             self.prefill_seconds.observe(timings["prefill_s"])
         if timings.get("decode_s") is not None:
             self.decode_seconds.observe(timings["decode_s"])
+        self._latencies(usage, timings, queued_s or 0.0)
         if timings.get("prefill_tokens_per_s"):
             self.prefill_rate.set(timings["prefill_tokens_per_s"])
         if timings.get("decode_tokens_per_s"):
@@ -68,6 +92,16 @@ class ServerMetrics:
             "decode_s": timings.get("decode_s"), "decode_tok_s": timings.get("decode_tokens_per_s"),
             "persisted": persisted,
         }, separators=(",", ":")))
+
+    def _latencies(self, usage: dict, timings: dict, queued_s: float) -> None:
+        prefill_s, decode_s = timings.get("prefill_s"), timings.get("decode_s")
+        if prefill_s is None or decode_s is None:  # a turn cancelled before its first token
+            return
+        self.time_to_first_token.observe(queued_s + prefill_s)
+        self.e2e_latency.observe(queued_s + prefill_s + decode_s)
+        tokens = usage.get("completion_tokens") or 0
+        if tokens:
+            self.time_per_output_token.observe(decode_s / tokens)
 
     def render(self) -> tuple[bytes, str]:
         return generate_latest(self.registry), CONTENT_TYPE_LATEST
@@ -87,6 +121,10 @@ class _RuntimeGauges:
         worker = rt.worker
         yield _gauge("spl_queue_depth", "Jobs waiting for the model worker", worker.queued())
         yield _gauge("spl_generations", "Generations waiting or running", worker.generations)
+        current = worker.current
+        running = 1 if current is not None and current.kind == "generation" else 0
+        yield _gauge("spl_requests_running", "Generations running on the model (one at a time)", running)
+        yield _gauge("spl_requests_waiting", "Generations waiting for the model", max(0, worker.generations - running))
         manager = rt.manager
         if manager is not None:
             listing = manager.list()
@@ -97,6 +135,8 @@ class _RuntimeGauges:
             yield _gauge("spl_session_memory_bytes", "Bytes resident sessions hold", listing.bytes)
             if listing.memory_budget is not None:
                 yield _gauge("spl_session_memory_budget_bytes", "The session memory budget", listing.memory_budget)
+                yield _gauge("spl_cache_usage_ratio", "Share of the session memory budget the caches hold (0..1)",
+                             min(1.0, listing.bytes / listing.memory_budget) if listing.memory_budget else 0.0)
         yield _gauge("spl_process_resident_memory_bytes", "Resident memory of the server process", _rss())
         device = _device_memory()
         if device is not None:

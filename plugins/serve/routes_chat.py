@@ -11,13 +11,13 @@ from fastapi.responses import JSONResponse
 
 from superlinear.engine import PrefillProgress
 from superlinear.errors import UserError
-from superlinear.service import ChatTurn, Done, Persisted, ReasoningDelta, Started, TextDelta, ToolCallsEvent
+from superlinear.service import ChatTurn, Done, Logprobs, Persisted, ReasoningDelta, Started, TextDelta, ToolCallsEvent
+from superlinear.service.logprobs import chat_logprobs
 
+from . import bounds, progress, sse
 from . import chat as openai
-from . import progress, sse
-from .http import read_body
 from .runtime import Runtime
-from .schemas import ChatCompletionRequest, parse_body
+from .schemas import ChatCompletionRequest
 from .worker import JobCancelled
 
 END = object()  # the job's last item: the turn is over
@@ -33,18 +33,21 @@ class ClientGone(UserError):
 def add_routes(app: FastAPI, rt: Runtime) -> None:
     @app.post("/v1/chat/completions")
     async def chat_completions(request: Request):
-        body = parse_body(await read_body(request), ChatCompletionRequest)
+        body = await bounds.parse_request(request, ChatCompletionRequest)
         body.check_supported()
         if body.session_id is not None:
             from superlinear.sessions import validate_id
 
             validate_id(body.session_id, "session id", param="session_id")
         rt.require_ready()
+        rt.service.check_model(body.model)
+        messages = body.plain_messages()
+        await bounds.check_text(rt, sum(len(m["content"]) for m in messages), "messages")
         rt.stats["requests"] += 1
-        turn = ChatTurn(openai.engine_request(body, body.plain_messages(), rt.defaults),
+        turn = ChatTurn(openai.engine_request(body, messages, rt.defaults),
                         session_id=body.session_id, session_mode=body.session_mode)
         job = rt.worker.submit(lambda j: _chat_job(rt, j, turn), kind="generation", stream=True)
-        watcher = asyncio.create_task(_watch_disconnect(request, job))
+        watcher = asyncio.create_task(watch_disconnect(request, job))
         reply = Reply(rt.model_name, body, job)
         try:
             # The response starts once the prompt passed every check: what fails before (a
@@ -86,7 +89,7 @@ def _chat_job(rt: Runtime, job, turn: ChatTurn) -> None:
     job.emit(END)
 
 
-async def _watch_disconnect(request: Request, job) -> None:
+async def watch_disconnect(request: Request, job) -> None:
     """Cancel ``job`` when the client goes away (the body has been read already)."""
     while True:
         message = await request.receive()
@@ -128,6 +131,8 @@ class Reply:
         self.content: list[str] = []
         self.reasoning: list[str] = []
         self.tool_calls: list[dict] | None = None
+        self.logprobs: list = []  # every token's, for the answer
+        self.unsent_logprobs: list = []  # a stream's not yet sent: they go with the next chunk
         self.done: Done | None = None
 
     async def _events(self, first):
@@ -139,7 +144,11 @@ class Reply:
             raise RuntimeError("the turn ended without a Done event")
 
     def _chunk(self, delta: dict | None, finish_reason: str | None = None, **fields) -> dict:
-        return openai.chunk(self.cid, self.created, self.model, delta, finish_reason, **fields, **self.extra)
+        chunk = openai.chunk(self.cid, self.created, self.model, delta, finish_reason, **fields, **self.extra)
+        if self.unsent_logprobs and delta is not None:
+            chunk["choices"][0]["logprobs"] = chat_logprobs(self.unsent_logprobs)
+            self.unsent_logprobs = []
+        return chunk
 
     def _observe(self, event) -> list[dict]:
         """Take in one event; returns the stream chunks it makes."""
@@ -152,6 +161,9 @@ class Reply:
             case PrefillProgress():  # llama.cpp's prompt_progress chunks, when asked for
                 if self.body.return_progress:
                     return [progress.progress_chunk(self._chunk(None), event)]
+            case Logprobs(tokens=entries):
+                self.logprobs.extend(entries)
+                self.unsent_logprobs.extend(entries)
             case TextDelta(text=text):
                 self.content.append(text)
                 return [self._chunk({"content": text})] if text else []
@@ -198,6 +210,8 @@ class Reply:
             tool_calls=self.tool_calls or done.message.get("tool_calls"), session_id=self.body.session_id,
             queued_s=self.queued_s, how=self.how)
         _fix_finish(body["choices"][0], done)
+        if self.body.logprobs:
+            body["choices"][0]["logprobs"] = chat_logprobs(self.logprobs)
         if self.persisted is None:
             return body
         body.update(self._persist_fields())

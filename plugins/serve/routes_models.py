@@ -9,8 +9,6 @@ from typing import Any
 from fastapi import FastAPI
 from fastapi.responses import JSONResponse
 
-from superlinear.errors import NotFound
-
 from .runtime import Runtime
 
 
@@ -19,6 +17,7 @@ def add_routes(app: FastAPI, rt: Runtime) -> None:
     async def health():
         # Readiness probes and load balancers read the status code: 200 only once the model is
         # loaded and the server takes requests; 503 (same body) while loading, failed or stopping.
+        await rt.retry_failed_persists()
         body = rt.health()
         if body["status"] == "ok":
             return body
@@ -32,10 +31,8 @@ def add_routes(app: FastAPI, rt: Runtime) -> None:
     @app.get("/v1/models/{model_id:path}")
     async def model(model_id: str):
         rt.require_ready()
-        card = _model_card(rt)
-        if model_id not in (card["id"], "default", rt.options.model):
-            raise NotFound(f"no model {model_id!r}; this server serves {card['id']!r}", param="model")
-        return card
+        rt.service.check_model(model_id)
+        return _model_card(rt)
 
 
 
@@ -49,6 +46,10 @@ def _model_card(rt: Runtime) -> dict:
         "created": int(rt.ready_at or rt.started_at),
         "owned_by": "spl",
         "fingerprint": rt.model.fingerprint,
+        # vLLM's field: the context the model was trained for; what the memory budget lets one
+        # session hold is beside it (a longer context than trained runs, but is untested ground)
+        "max_model_len": rt.service.max_model_len(),
+        "max_seq_len_limit": rt.service.manager.max_seq_len_limit(),
         "info": _jsonable(info),
     }
 

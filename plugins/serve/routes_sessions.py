@@ -8,9 +8,9 @@ import asyncio
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse
 
-from .http import read_body
+from . import bounds
 from .runtime import Runtime
-from .schemas import CreateSession, ForkSession, ResizeSession, RollbackSession, SaveSession, parse_body
+from .schemas import CreateSession, ForkSession, ResizeSession, RollbackSession, SaveSession
 
 
 def add_routes(app: FastAPI, rt: Runtime) -> None:
@@ -23,7 +23,7 @@ def add_routes(app: FastAPI, rt: Runtime) -> None:
 
     @app.post("/v1/sessions")
     async def create_session(request: Request):
-        body = parse_body(await read_body(request), CreateSession, allow_empty=True)
+        body = await bounds.parse_request(request, CreateSession, allow_empty=True)
         service = ready()
         info = await on_worker(lambda: service.create_session(body.session_id, body.max_seq_len))
         return JSONResponse(info, status_code=201)
@@ -54,7 +54,7 @@ def add_routes(app: FastAPI, rt: Runtime) -> None:
 
     async def on_session(session_id: str, request: Request, schema, call, *, allow_empty: bool = False):
         """Parse the body, 404 at once for a missing session, then ``call(service, body)`` on the worker."""
-        body = parse_body(await read_body(request), schema, allow_empty=allow_empty)
+        body = await bounds.parse_request(request, schema, allow_empty=allow_empty)
         service = ready()
         service.session_info(session_id)
         return await on_worker(lambda: call(service, body))

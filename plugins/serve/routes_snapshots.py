@@ -16,9 +16,9 @@ from starlette.background import BackgroundTask
 from superlinear.errors import InvalidRequest, TooLarge
 from superlinear.sessions.snapshots import UPLOAD_NAME
 
-from . import http
+from . import bounds, http
 from .runtime import Runtime
-from .schemas import LoadSnapshot, PatchSnapshot, parse_body
+from .schemas import LoadSnapshot, PatchSnapshot
 
 
 def add_routes(app: FastAPI, rt: Runtime) -> None:
@@ -36,12 +36,12 @@ def add_routes(app: FastAPI, rt: Runtime) -> None:
         service = ready()
         fd, tmp = tempfile.mkstemp(prefix="spl-import-", suffix=".tar")
         try:
-            size = 0
+            size, (limit, why) = 0, http.import_limit()
             with os.fdopen(fd, "wb") as out:
                 async for part in request.stream():
                     size += len(part)
-                    if size > http.MAX_IMPORT_BYTES:
-                        raise TooLarge(f"upload is over the limit of {http.MAX_IMPORT_BYTES} bytes")
+                    if size > limit:
+                        raise TooLarge(f"upload is over {why}, {limit} bytes", code="body_too_large")
                     out.write(part)
             if size == 0:
                 raise InvalidRequest("the upload is empty; send the file made by snapshot export")
@@ -58,7 +58,7 @@ def add_routes(app: FastAPI, rt: Runtime) -> None:
 
     @app.patch("/v1/snapshots/{snapshot_id}")
     async def patch_snapshot(snapshot_id: str, request: Request):
-        body = parse_body(await http.read_body(request), PatchSnapshot)
+        body = await bounds.parse_request(request, PatchSnapshot)
         service = ready()
         fields = body.model_dump(exclude_unset=True)
         return await asyncio.to_thread(lambda: service.update_snapshot(snapshot_id, **fields))
@@ -70,7 +70,7 @@ def add_routes(app: FastAPI, rt: Runtime) -> None:
 
     @app.post("/v1/snapshots/{snapshot_id}/load")
     async def load_snapshot(snapshot_id: str, request: Request):
-        body = parse_body(await http.read_body(request), LoadSnapshot, allow_empty=True)
+        body = await bounds.parse_request(request, LoadSnapshot, allow_empty=True)
         service = ready()
         await asyncio.to_thread(service.get_snapshot, snapshot_id)  # 404 before queueing
         info = await rt.worker.run(lambda _job: service.load(

@@ -8,6 +8,8 @@ read plain bookkeeping and never wait for it.
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import logging
 import os
 import threading
@@ -24,6 +26,10 @@ from .worker import Worker
 log = logging.getLogger("spl.serve")
 # A prefill of fewer tokens is dominated by fixed costs: its speed says little about a long one.
 MEASURED_PREFILL_TOKENS = 256
+# A session whose persist failed (disk full, read-only) is written again when the disk may have
+# recovered: on /health at most this often, and in the background (``retry_persists_forever``).
+PERSIST_RETRY_S = 2.0
+PERSIST_RETRY_BACKGROUND_S = 30.0
 
 
 class Runtime:
@@ -48,6 +54,9 @@ class Runtime:
         self.prefill_speed: dict | None = None  # the last measured prefill (``note_prefill``)
         self.on_load_error = None  # called (from the loader thread) when the model cannot be loaded
         self.threads: int | None = None  # torch's CPU threads on the worker, once set
+        self.conversion: dict | None = None  # {"step", "steps", "what"} while the default model is converted
+        self._next_persist_retry = 0.0
+        self._persist_retry = None  # the retry job on the worker, while it runs
 
     # -- lifecycle -----------------------------------------------------------------------
     def start_loading(self) -> None:
@@ -82,6 +91,11 @@ class Runtime:
         o = self.options
         # on the worker thread, which runs every model call
         self.threads = use_threads(o.threads or default_threads())
+        if o.model == "default":
+            from superlinear.model.default import ensure_default
+
+            ensure_default(progress=self._conversion_step)  # once per machine: say how far it is
+            self.conversion = None
         self.progress = f"loading model {o.model}"
         self.model = load_model(o.model, device=o.device, loaders=model_loaders())
         self.progress = "opening the snapshot store"
@@ -95,9 +109,15 @@ class Runtime:
                                       evict_to_disk=o.persist == "turn", default_max_seq_len=o.max_seq_len,
                                       chunk_size=o.chunk_size)
         self.service = ChatService(self.model, self.manager, self.store, persist_turns=o.persist == "turn",
-                                   chunk_size=o.chunk_size)
+                                   chunk_size=o.chunk_size, aliases=(o.model,))
         self.progress = "restoring sessions"
         self.restored = self.manager.restore_index()
+
+    def _conversion_step(self, index: int, what: str) -> None:
+        from superlinear.model.default import CONVERSION_STEPS
+
+        self.conversion = {"step": index + 1, "steps": len(CONVERSION_STEPS), "what": what}
+        self.progress = f"converting the default model, once (step {index + 1}/{len(CONVERSION_STEPS)}: {what})"
 
     @property
     def defaults(self) -> dict:
@@ -132,6 +152,30 @@ class Runtime:
         log.info("spl: stopped; %d session(s) saved", saved)
         return saved
 
+    # -- durability ------------------------------------------------------------------------
+    async def retry_failed_persists(self, wait_s: float = 2.0) -> None:
+        """Persist again every session whose last persist failed, on the worker (waiting up to
+        ``wait_s`` for it): a session left idle after a failure has no next turn to retry it, so
+        without this /health would report the failure long after the disk recovered."""
+        if (self.status != "ok" or time.monotonic() < self._next_persist_retry
+                or (self._persist_retry is not None and not self._persist_retry.future.done())
+                or not self.manager.persist_errors()):
+            return  # one retry at a time: a long turn on the worker must not pile them up
+        self._next_persist_retry = time.monotonic() + PERSIST_RETRY_S
+        self._persist_retry = self.worker.submit(lambda _job: self._persist_failing(), kind="admin")
+        with contextlib.suppress(Exception):  # noqa: BLE001 - timed out (it goes on) or failed: /health answers
+            await asyncio.wait_for(asyncio.shield(self._persist_retry.future), wait_s)
+
+    def _persist_failing(self) -> None:
+        for session_id in self.manager.persist_errors():
+            self.service.persist(session_id)  # a failure is kept in the session and logged
+
+    async def retry_persists_forever(self) -> None:
+        while True:
+            await asyncio.sleep(PERSIST_RETRY_BACKGROUND_S)
+            with contextlib.suppress(Exception):  # noqa: BLE001 - a retry must not end the loop
+                await self.retry_failed_persists()
+
     # -- read-only views (safe off the worker) -------------------------------------------
     @property
     def model_name(self) -> str:
@@ -163,6 +207,8 @@ class Runtime:
         }
         if self.status == "loading":
             h["progress"] = self.loading_progress()
+            if self.conversion is not None:
+                h["conversion"] = self.conversion
         if self.error:
             h["error"] = self.error
         if self.status == "ok":

@@ -92,24 +92,54 @@ def check_stops(v):
     return v
 
 
-class ChatCompletionRequest(BaseModel):
+class SamplingFields(BaseModel):
+    """The sampling fields chat and plain completions share (OpenAI's, and llama.cpp's
+    ``top_k``, ``min_p``, ``repeat_penalty``, ``repeat_last_n``)."""
+
     model_config = _ALLOW
     model: str | None = None
-    messages: list[Message] = Field(min_length=1, max_length=MAX_MESSAGES)
-    stream: StrictBool = False
-    stream_options: StreamOptions | None = None
     temperature: float | None = Field(None, ge=0.0, le=2.0)
     top_p: float | None = Field(None, gt=0.0, le=1.0)
     top_k: int | None = Field(None, ge=0, le=limits.MAX_TOP_K)
-    max_tokens: int | None = _TOKENS
-    max_completion_tokens: int | None = _TOKENS
+    min_p: float | None = Field(None, ge=0.0, le=1.0)
+    frequency_penalty: float | None = Field(None, ge=-2.0, le=2.0)
+    presence_penalty: float | None = Field(None, ge=-2.0, le=2.0)
+    repeat_penalty: float | None = Field(None, gt=0.0, le=limits.MAX_REPEAT_PENALTY)
+    repeat_last_n: int | None = Field(None, ge=0, le=limits.MAX_REPEAT_LAST_N)
     stop: str | list[str] | None = None
     seed: int | None = Field(None, ge=limits.SEED_MIN, le=limits.SEED_MAX)
+    response_format: dict | None = None  # checked by the engine (superlinear.engine.grammar)
+    logit_bias: dict[int, float] | None = None  # token id (a JSON key) -> -100..100
+
+    @field_validator("stop")
+    @classmethod
+    def _stops(cls, v):
+        return check_stops(v)
+
+    def sampling_params(self, defaults: dict, *, max_tokens: int | None, logprobs: int | None):
+        from superlinear.engine import SamplingParams
+
+        given = {name: getattr(self, name) for name in ("min_p", "frequency_penalty", "presence_penalty",
+                                                         "repeat_penalty", "repeat_last_n", "logit_bias")
+                 if getattr(self, name) is not None}
+        return SamplingParams(
+            temperature=self.temperature if self.temperature is not None else defaults.get("temperature", 0.7),
+            top_p=self.top_p if self.top_p is not None else 1.0, top_k=self.top_k or 0, seed=self.seed,
+            max_tokens=max_tokens, stop=[self.stop] if isinstance(self.stop, str) else list(self.stop or []),
+            logprobs=logprobs, response_format=self.response_format, **given)
+
+
+class ChatCompletionRequest(SamplingFields):
+    messages: list[Message] = Field(min_length=1, max_length=MAX_MESSAGES)
+    stream: StrictBool = False
+    stream_options: StreamOptions | None = None
+    max_tokens: int | None = _TOKENS
+    max_completion_tokens: int | None = _TOKENS
     n: int | None = None
     tools: list[Tool] | None = None
     tool_choice: Literal["none", "auto", "required"] | dict | None = None
-    response_format: dict | None = None
     logprobs: StrictBool | None = None
+    top_logprobs: int | None = Field(None, ge=0, le=limits.MAX_TOP_LOGPROBS)
     # spl extensions (OpenAI clients send them with extra_body=...)
     session_id: str | None = None
     session_mode: Literal["auto", "append", "replace"] = "auto"
@@ -121,11 +151,6 @@ class ChatCompletionRequest(BaseModel):
     # and the seconds of silence after which a ": keep-alive" comment goes out (-1: none)
     return_progress: StrictBool = False
     sse_ping_interval: float | None = Field(None, ge=-1, le=3600)
-
-    @field_validator("stop")
-    @classmethod
-    def _stops(cls, v):
-        return check_stops(v)
 
     @field_validator("chat_template_kwargs")
     @classmethod
@@ -140,11 +165,8 @@ class ChatCompletionRequest(BaseModel):
         if self.n not in (None, 1):
             raise InvalidRequest(f"n={self.n} is not supported: spl returns one choice per request (n=1)",
                                  param="n", code="unsupported_value")
-        if self.logprobs:
-            raise InvalidRequest("logprobs are not supported", param="logprobs", code="unsupported_value")
-        if self.response_format and self.response_format.get("type", "text") != "text":
-            raise InvalidRequest(f"response_format {self.response_format.get('type')!r} is not supported",
-                                 param="response_format", code="unsupported_value")
+        if self.top_logprobs is not None and not self.logprobs:
+            raise InvalidRequest("top_logprobs needs logprobs: true", param="top_logprobs")
         if isinstance(self.tool_choice, dict):
             fn = self.tool_choice.get("function")
             if self.tool_choice.get("type") != "function" or not isinstance(fn, dict) or not fn.get("name"):
@@ -162,6 +184,10 @@ class ChatCompletionRequest(BaseModel):
 
     def plain_messages(self) -> list[dict]:
         return plain_messages(self.messages)
+
+    def logprobs_count(self) -> int | None:
+        """How many alternatives each token's logprobs list (None: no logprobs)."""
+        return (self.top_logprobs or 0) if self.logprobs else None
 
 
 def plain_messages(messages: list[Message]) -> list[dict]:
@@ -189,39 +215,25 @@ def plain_messages(messages: list[Message]) -> list[dict]:
     return out
 
 
-class CompletionRequest(BaseModel):
+class CompletionRequest(SamplingFields):
     """``/v1/completions``: one prompt (a string or token ids), continued as plain text."""
 
-    model_config = _ALLOW
-    model: str | None = None
     prompt: str | list[int] | list[str] | list[list[int]]
     stream: StrictBool = False
     stream_options: StreamOptions | None = None
     max_tokens: int | None = _TOKENS
-    temperature: float | None = Field(None, ge=0.0, le=2.0)
-    top_p: float | None = Field(None, gt=0.0, le=1.0)
-    top_k: int | None = Field(None, ge=0, le=limits.MAX_TOP_K)
-    stop: str | list[str] | None = None
-    seed: int | None = Field(None, ge=limits.SEED_MIN, le=limits.SEED_MAX)
     echo: StrictBool = False
     n: int | None = None
     best_of: int | None = None
-    logprobs: int | None = None
+    logprobs: int | None = Field(None, ge=0, le=limits.MAX_TOP_LOGPROBS)  # the legacy API: how many alternatives
     suffix: str | None = None
     repetition_detection: StrictBool | RepetitionOptions | None = None
-
-    @field_validator("stop")
-    @classmethod
-    def _stops(cls, v):
-        return check_stops(v)
 
     def check_supported(self) -> None:
         for name in ("n", "best_of"):
             if getattr(self, name) not in (None, 1):
                 raise InvalidRequest(f"{name}={getattr(self, name)} is not supported: one completion per request",
                                      param=name, code="unsupported_value")
-        if self.logprobs is not None:
-            raise InvalidRequest("logprobs are not supported", param="logprobs", code="unsupported_value")
         if self.suffix:
             raise InvalidRequest("suffix (insertion) is not supported", param="suffix", code="unsupported_value")
         if isinstance(self.prompt, list) and self.prompt and isinstance(self.prompt[0], (str, list)):

@@ -1,0 +1,39 @@
+"""Token logprobs (the engine's ``TokenLogprob``) in OpenAI's two shapes: the chat completion's
+``logprobs.content`` list and the legacy completion's parallel lists (``tokens``,
+``token_logprobs``, ``top_logprobs``, ``text_offset``), which evaluation harnesses read."""
+
+from __future__ import annotations
+
+from superlinear.engine.types import TokenLogprob
+
+
+def chat_logprobs(entries: list[TokenLogprob]) -> dict:
+    """``{"content": [{"token", "logprob", "bytes", "top_logprobs": [...]}]}``."""
+    return {"content": [{**_chat_item(e.text, e.logprob),
+                         "top_logprobs": [_chat_item(text, lp) for _, text, lp in e.top or ()]}
+                        for e in entries],
+            "refusal": None}
+
+
+def _chat_item(text: str, logprob: float | None) -> dict:
+    return {"token": text, "logprob": logprob, "bytes": list(text.encode("utf-8"))}
+
+
+def completion_logprobs(entries: list[TokenLogprob], offset: int = 0, prompt: list[TokenLogprob] = ()) -> dict:
+    """The legacy ``logprobs`` object of the generated ``entries``, after the echoed ``prompt``'s.
+    ``text_offset`` counts characters of the choice's text: the prompt's from 0 (the echo is the
+    prompt as sent), the generated tokens' from ``offset`` (where their text starts). A position
+    without alternatives (the first prompt token) has ``top_logprobs`` None, as vLLM answers."""
+    everything = [*prompt, *entries]
+    return {"tokens": [e.text for e in everything],
+            "token_logprobs": [e.logprob for e in everything],
+            "top_logprobs": [None if e.top is None else {text: lp for _, text, lp in e.top} for e in everything],
+            "text_offset": _offsets(prompt, 0) + _offsets(entries, offset)}
+
+
+def _offsets(entries: list[TokenLogprob], start: int) -> list[int]:
+    offsets = []
+    for e in entries:
+        offsets.append(start)
+        start += len(e.text)
+    return offsets
