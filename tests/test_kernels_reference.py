@@ -174,51 +174,31 @@ def test_reference_matches_naive(combo):
     assert torch.equal(plan["anchor"].sort(-1).values, torch.from_numpy(anchors).sort(-1).values)
 
 
-@pytest.mark.parametrize("combo", COMBOS[:5], ids=[f"c{i}" for i in range(5)])
-def test_span_paths_agree(combo, monkeypatch):
-    """Step 4's two implementations (union-of-spans matmul, per-key gather) give the same output,
-    also when a tiny budget makes the union path split its rows or fall back to the gather."""
+@pytest.mark.parametrize("combo", COMBOS, ids=[f"c{i}" for i in range(len(COMBOS))])
+def test_fused_matmul_and_split_paths_match_naive(combo, monkeypatch):
+    """Step 3 on torch's fused CPU kernel and on the matmul path, with the default sizes and with
+    a tiny budget (one-row blocks, span buckets split to a few spans, several row groups), all
+    compute the naive loop's output."""
     import superlinear.kernels.reference as ref
 
     cfg, B, HQ, HKV, LQ, LKV, D, pad = combo
     q1, q2, k, v, pos, mask = make_inputs(B, HQ, HKV, LQ, LKV, D, seed=7, left_pad=pad)
     p = SpanParams(**cfg)
-    outs = {}
-    full = ref._BUDGET
-    for path, budget in (("gather", full), ("union", full), ("union", 2000), ("auto", 300)):
-        monkeypatch.setattr(ref, "_SPAN_PATH", path)
-        monkeypatch.setattr(ref, "_BUDGET", budget)
-        plan: dict = {}
-        outs[path, budget] = reference_prefill(q1, q2, k, v, pos, p, mask, plan=plan)
-        assert (plan["hi"] >= plan["lo"]).any()  # the spans are not all empty: step 4 does work
-    base = outs["gather", full]
-    assert torch.isfinite(base).all()
-    for key, o in outs.items():
-        torch.testing.assert_close(o, base, atol=2e-5, rtol=1e-5, msg=str(key))
-
-
-def test_span_partials_union_equals_gather(monkeypatch):
-    """The helper itself on random spans (some empty, some masked keys): the union path, with its
-    row splitting (small budget) and its fallback (budget below one row), equals the gather path."""
-    import superlinear.kernels.reference as ref
-
-    g = torch.Generator().manual_seed(0)
-    B, HQ, HKV, nq, ks, L, D = 2, 4, 2, 24, 3, 120, 8
-    q2 = torch.randn(B, HQ, nq, D, generator=g)
-    k = torch.randn(B, HKV, L, D, generator=g)
-    v = torch.randn(B, HKV, L, D, generator=g)
-    lo = torch.randint(0, L, (B, HQ, nq, ks), generator=g)
-    hi = (lo + torch.randint(-3, 30, (B, HQ, nq, ks), generator=g)).clamp(max=L - 1)
-    mask = torch.rand(B, L, generator=g) > 0.2
-    assert (hi < lo).any() and (hi >= lo).any()
-    exp = ref._span_partials_gather(q2, k, v, lo, hi, mask, 0.3)
-    full = ref._BUDGET
-    for budget in (full, 20000, 5000, 500):
-        monkeypatch.setattr(ref, "_SPAN_PATH", "union")
-        monkeypatch.setattr(ref, "_BUDGET", budget)
-        got = ref._span_partials(q2, k, v, lo, hi, mask, 0.3)
-        for x, y in zip(got, exp, strict=True):
-            torch.testing.assert_close(x, y, atol=1e-5, rtol=1e-5, msg=f"budget {budget}")
+    exp, _ = naive_attention(*(x.double().numpy() for x in (q1, q2, k, v)), pos.numpy(), **cfg,
+                             key_mask=None if mask is None else mask.numpy())
+    inputs = [x.clone() for x in (q1, q2, k, v)]
+    for fused in (True, False):
+        for budget in (ref._BUDGET, 300):
+            monkeypatch.setattr(ref, "_FUSED", fused)
+            monkeypatch.setattr(ref, "_BUDGET", budget)
+            plan: dict = {}
+            out = reference_prefill(q1, q2, k, v, pos, p, mask, plan=plan)
+            assert (plan["hi"] >= plan["lo"]).any()  # the spans are not all empty: they do work
+            assert np.abs(out.double().numpy() - exp).max() < 1e-4, (fused, budget)
+            o = superlinear_decode(q1[:, :, -1:], q2[:, :, -1:], k, v, pos[-1:].expand(B).contiguous(), p, mask,
+                                   backend="reference")
+            assert np.abs(o.double().numpy() - exp[:, :, -1:]).max() < 1e-4, (fused, budget)
+            assert all(torch.equal(x, y) for x, y in zip(inputs, (q1, q2, k, v), strict=True))  # read only
 
 
 def test_decode_equals_last_row_and_garbage_tail():

@@ -3,6 +3,9 @@ between chunked / unchunked / decode paths, superlinear vs dense, cache operatio
 
 from __future__ import annotations
 
+import contextlib
+import sys
+
 import pytest
 import torch
 
@@ -77,8 +80,54 @@ def test_superlinear_equals_dense_inside_the_window(default_model):
     assert len(ids) + 24 < default_model.window
     a = default_model.prefill(default_model.new_cache(512), ids)
     b = dense.prefill(dense.new_cache(512), ids)
-    torch.testing.assert_close(a, b, atol=1e-4, rtol=1e-4)
+    # the model runs dense SDPA there (the same function, cheaper): identical, not just close
+    assert torch.equal(a, b)
     assert greedy(default_model, ids, 12) == greedy(dense, ids, 12)
+
+
+def test_superlinear_runs_dense_inside_the_window_only(tiny_llama):
+    """Bit-identical to dense attention while every query's context fits the window (prefill in
+    chunks and decode), superlinear once the context reaches past it."""
+    from superlinear.kernels import SpanParams
+    from superlinear.model import load_model
+
+    model = load_model(str(tiny_llama), device="cpu", dtype=torch.float32)
+    small = SpanParams(sw_index=5, num_spans=2, backward_factor=3.0, forward_factor=1.0,
+                       span_power=0.5, inv_search_power=2)  # W = 35
+    sparse = model.with_attention("superlinear", span_params=small)
+    dense = model.with_attention("dense")
+    ids = list(range(3, 3 + 80))
+    W = small.window_len
+    cs, cd = sparse.new_cache(128), dense.new_cache(128)
+    with _kernel_calls() as calls:
+        assert torch.equal(sparse.prefill(cs, ids[:20], chunk_size=8), dense.prefill(cd, ids[:20], chunk_size=8))
+        for token in ids[20:W]:  # decode up to the last position inside the window
+            assert torch.equal(sparse.decode_step(cs, token), dense.decode_step(cd, token))
+    assert cs.position == W
+    assert not calls  # dense SDPA, not the superlinear kernels
+    # past the window the spans leave keys out (2 of 3 candidates at the last position)
+    with _kernel_calls() as calls:
+        a, b = sparse.prefill(cs, ids[W:]), dense.prefill(cd, ids[W:])
+    assert "reference_prefill" in calls
+    assert (a - b).abs().max() > 1e-4
+
+
+@contextlib.contextmanager
+def _kernel_calls():
+    """Names of the functions of superlinear.kernels.reference called inside the block."""
+    import superlinear.kernels.reference as reference
+
+    calls: set[str] = set()
+
+    def profile(frame, event, arg):
+        if event == "call" and frame.f_code.co_filename == reference.__file__:
+            calls.add(frame.f_code.co_name)
+
+    sys.setprofile(profile)
+    try:
+        yield calls
+    finally:
+        sys.setprofile(None)
 
 
 def test_beyond_the_window_differs_but_stays_sane(default_model):

@@ -23,8 +23,9 @@ from superlinear.plugins.rag.workspace import Workspace
 class FakeServer:
     """Sessions hold messages; a token is 4 characters; the reply cites passage [1]."""
 
-    def __init__(self, default_max_seq_len: int = 8192):
+    def __init__(self, default_max_seq_len: int = 8192, trained: int = 1 << 20, memory_limit: int = 1 << 20):
         self.default = default_max_seq_len
+        self.trained, self.memory_limit = trained, memory_limit  # what /v1/models and /health say
         self.sessions: dict[str, dict] = {}
         self.snapshots: dict[str, dict] = {}
         self.prefilled_chars = 0
@@ -80,6 +81,9 @@ class FakeServer:
 
     def health(self, timeout=None):
         return {"status": "ok", "model": "fake", "queued": self.queued}
+
+    def models(self):
+        return [{"id": "fake", "max_model_len": self.trained, "max_seq_len_limit": self.memory_limit}]
 
     def rollback(self, session_id, n):
         sid = session_id
@@ -190,12 +194,34 @@ def test_too_large_documents_are_answered_from_passages(tmp_path, server):
     assert server.prefilled_chars == 0  # not even tried: the server's token count is over the budget
     answer = dispatch(RagAsk("How do I show a progress bar?", "big", k=3), ctx_for(server))
     assert answer["mode"] == "retrieval-only"
-    assert answer["note"] == f"retrieval-only: {reason}"  # --json carries why
+    assert answer["note"] is None  # the ingest said why, once; `spl rag info` keeps it
     kind, sid, messages = server.calls[-1]
     assert sid is None and [m["role"] for m in messages] == ["system", "user"]
     assert answer["citations"][0]["path"].endswith("termui.py")
     info = commands.workspace_info("big")
     assert info["mode"] == "retrieval-only" and info["retrieval_only_reason"] == reason
+
+
+@pytest.mark.parametrize("limit", ["trained", "memory"])
+def test_advice_names_no_length_the_model_or_the_memory_cannot_take(tmp_path, server, limit):
+    """A corpus needing ~120K tokens on a model trained on 8192 (or a budget of 65536 tokens):
+    no --max-seq-len is advised, the limit in the way is named, and asking says nothing again."""
+    if limit == "trained":
+        server.trained = 8192
+    else:
+        server.memory_limit = 65536
+    src = copy_click(tmp_path / "click")
+    out = dispatch(RagIngest((str(src),), "big"), ctx_for(server))
+    reason = out["context"]["reason"]
+    assert out["context"]["mode"] == "retrieval-only" and out["context"]["needed_tokens"] > 65536
+    assert "--max-seq-len" not in reason, reason
+    if limit == "trained":
+        assert "the model was trained on 8192 tokens" in reason, reason
+    else:
+        assert "memory budget allows sessions of 65536 tokens" in reason, reason
+    assert "answered from the retrieved passages" in reason
+    answer = dispatch(RagAsk("How do I show a progress bar?", "big", k=3), ctx_for(server))
+    assert answer["mode"] == "retrieval-only" and answer["note"] is None
 
 
 def test_prefill_over_budget_falls_back(tmp_path, server):

@@ -204,6 +204,7 @@ def test_sweep_request_bodies(server, c):
             total += 1
         check_alive(server, c, f"the {method} {template} batch")
     assert total > 1000  # hundreds of bodies per big schema
+    print(f"\nbad-input sweep: {total} malformed bodies over {len(ROUTES)} routes, no 5xx")
 
 
 def test_sweep_ids_and_queries(server, c):

@@ -13,6 +13,7 @@ positions.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from functools import lru_cache
 from typing import Any
 
 import torch
@@ -47,7 +48,9 @@ def spl_attention(module, query, key, value, attention_mask=None, scaling=None, 
     q1 = query if routing_query is None else routing_query
     if ctx.partition is not None:
         out = ctx.partition.attend(q1, query, key, value, ctx.positions, ctx.params, ctx.mode, ctx.backend)
-    elif ctx.mode == "dense":
+    elif ctx.mode == "dense" or (not ctx.graph and ctx.start + ctx.length <= _window(ctx.params)):
+        # Inside the window superlinear attention is causal attention (every query's whole
+        # context is its window): dense SDPA computes the same function, faster.
         out = _dense(query, key, value, ctx, scaling)
     else:
         from superlinear.kernels import superlinear_decode, superlinear_prefill
@@ -59,6 +62,12 @@ def spl_attention(module, query, key, value, attention_mask=None, scaling=None, 
             out = superlinear_prefill(q1, query, key[:, :, :end], value[:, :, :end], ctx.positions,
                                       ctx.params, backend=ctx.backend)
     return out.transpose(1, 2).contiguous(), None
+
+
+@lru_cache(maxsize=32)
+def _window(params) -> int:
+    """W of superlinear attention with these span parameters (0: no window)."""
+    return params.window_len
 
 
 def _dense(query, key, value, ctx: ForwardContext, scaling):

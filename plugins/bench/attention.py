@@ -5,6 +5,10 @@ depth L, timed as CUDA-graph replays. Shapes HQ=32, HKV=2, D=128, bf16 (all opti
 ``scaled_dot_product_attention`` with ``enable_gqa`` (the fast path), timed in the same run.
 The floor column is max(FLOPs / rate, bytes / bandwidth) for what the case must do (see
 docs/benchmarks.md for the counting). torch is imported only when the command runs.
+
+``--device cpu`` times the CPU backend (the PyTorch reference) at the default model's shapes and
+attention config (HQ=9, HKV=3, D=64, fp32, config ``default``) for each ``--threads`` count;
+superlinear and dense calls alternate so that a loaded machine slows both alike.
 """
 
 from __future__ import annotations
@@ -27,7 +31,12 @@ CONFIGS = {
               inv_search_power=2),
     "2": dict(sw_index=65, num_spans=3, backward_factor=3.0, forward_factor=1.0, span_power=0.55,
               search_power=0.55),
+    # the default model's retrofit (window 2024): superlinear.model.checkpoint_meta.RETROFIT_SPAN
+    "default": dict(sw_index=44, num_spans=3, backward_factor=3.0, forward_factor=1.0, span_power=0.5,
+                    inv_search_power=2),
 }
+# --device cpu: the default model's attention shapes
+CPU_SHAPES = dict(heads=9, kv_heads=3, head_dim=64)
 # H100 SXM rates used for the floors: measured bf16 GEMM and device copy on this workplace's
 # machines (KINDS.md), datasheet fp32 (non-tensor) for the routing dot products
 PEAK_MMA = 790e12
@@ -48,6 +57,8 @@ class BenchAttention:
     dense: bool = True
     repeats: int = 10
     backend: str = "triton"
+    device: str = "cuda"
+    threads: tuple = ()  # CPU: torch thread counts to run (empty: torch's default)
 
 
 @dataclass
@@ -60,6 +71,7 @@ class Row:
     floor_ms: float
     note: str = ""
     extra: dict = field(default_factory=dict)
+    threads: int | None = None
 
 
 def floors(params, phase: str, L: int, chunk: int, HQ: int, HKV: int, D: int) -> tuple[float, dict]:
@@ -163,9 +175,11 @@ def run_bench(command: BenchAttention, ctx: Context | None = None, log=None) -> 
     from superlinear.errors import Unavailable
     from superlinear.kernels import SpanParams, superlinear_decode, superlinear_prefill
 
-    if not torch.cuda.is_available():
-        raise Unavailable("spl bench attention needs a CUDA GPU")
     log = log or (lambda msg: print(msg, file=sys.stderr, flush=True))
+    if command.device == "cpu":
+        return run_bench_cpu(command, log)
+    if not torch.cuda.is_available():
+        raise Unavailable("spl bench attention needs a CUDA GPU (or --device cpu)")
     dev = "cuda"
     HQ, HKV, D, C = command.heads, command.kv_heads, command.head_dim, command.chunk
     rows: list[Row] = []
@@ -209,6 +223,75 @@ def run_bench(command: BenchAttention, ctx: Context | None = None, log=None) -> 
             "fits": fit_exponents(rows)}
 
 
+def _interleaved_ms(fns: list, repeats: int) -> list[float]:
+    """Median wall ms of each function, called in turn ``repeats`` times after one warm-up round."""
+    import time
+
+    for fn in fns:
+        fn()
+    times: list[list[float]] = [[] for _ in fns]
+    for _ in range(repeats):
+        for fn, acc in zip(fns, times, strict=True):
+            start = time.perf_counter()
+            fn()
+            acc.append((time.perf_counter() - start) * 1e3)
+    return [statistics.median(t) for t in times]
+
+
+def run_bench_cpu(command: BenchAttention, log) -> dict:
+    """The CPU backend against dense SDPA, fp32, alternating calls; one row per (case, threads)."""
+    import os
+
+    import torch
+    import torch.nn.functional as F
+
+    from superlinear.kernels import SpanParams, superlinear_decode, superlinear_prefill
+
+    HQ, HKV, D, C = command.heads, command.kv_heads, command.head_dim, command.chunk
+    gen = torch.Generator().manual_seed(0)
+    maxlen = max(list(command.lengths) + list(command.decode_lengths))
+    k_all = torch.randn(1, HKV, maxlen, D, generator=gen)
+    v_all = torch.randn(1, HKV, maxlen, D, generator=gen)
+    rows: list[Row] = []
+    before = torch.get_num_threads()
+    try:
+        for threads in command.threads or (before,):
+            torch.set_num_threads(threads)
+            for cname in command.configs:
+                params = SpanParams(**CONFIGS[cname])
+                for L in command.lengths:
+                    chunk = min(C, L)
+                    k, v = k_all[:, :, :L], v_all[:, :, :L]
+                    q1 = torch.randn(1, HQ, chunk, D, generator=gen)
+                    q2 = torch.randn(1, HQ, chunk, D, generator=gen)
+                    pos = torch.arange(L - chunk, L)
+                    fns = [partial(superlinear_prefill, q1, q2, k, v, pos, params, backend="reference")]
+                    if command.dense:
+                        fns.append(_dense_prefill(q2, k, v, L, chunk)[0])
+                    ms, *dense = _interleaved_ms(fns, command.repeats)
+                    rows.append(Row(cname, "prefill", L, ms, dense[0] if dense else None, float("nan"),
+                                    extra={"chunk": chunk}, threads=threads))
+                    log(f"threads {threads} config {cname} prefill L={fmt_length(L)}: {ms:.1f} ms (dense {dense})")
+                for L in command.decode_lengths:
+                    k, v = k_all[:, :, :L], v_all[:, :, :L]
+                    q1 = torch.randn(1, HQ, 1, D, generator=gen)
+                    q2 = torch.randn(1, HQ, 1, D, generator=gen)
+                    pos = torch.tensor([L - 1])
+                    fns = [partial(superlinear_decode, q1, q2, k, v, pos, params, backend="reference")]
+                    if command.dense:
+                        fns.append(partial(F.scaled_dot_product_attention, q2, k, v, enable_gqa=True))
+                    ms, *dense = _interleaved_ms(fns, max(command.repeats, 20))
+                    rows.append(Row(cname, "decode", L, ms, dense[0] if dense else None, float("nan"),
+                                    threads=threads))
+                    log(f"threads {threads} config {cname} decode L={fmt_length(L)}: {ms:.3f} ms (dense {dense})")
+    finally:
+        torch.set_num_threads(before)
+    load = " / ".join(f"{x:.1f}" for x in os.getloadavg())
+    return {**provenance("cpu"), "rows": rows,
+            "device": f"CPU ({os.cpu_count()} cores, load average {load} at the end)", "torch": torch.__version__,
+            "fits": {}}
+
+
 def as_json(result: dict) -> str:
     """The result as JSON: rows as objects, the fits keyed ``config/phase``."""
     out = dict(result, rows=[asdict(r) for r in result["rows"]],
@@ -231,8 +314,27 @@ def fit_exponents(rows: list[Row]) -> dict:
     return out
 
 
+def markdown_cpu(result: dict, command_line: str) -> str:
+    lines = [
+        f"Date: {result['date']}; device: {result['device']}; command: `{command_line}`",
+        provenance_line(result),
+        "",
+        "| config | case | L | threads | superlinear | dense SDPA | superlinear / dense |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    for r in result["rows"]:
+        case = (f"prefill {fmt_length(r.extra['chunk'])} queries" if r.phase == "prefill" else "decode step")
+        dense = f"{r.dense_ms:.3g} ms" if r.dense_ms is not None else "—"
+        ratio = f"{r.ms / r.dense_ms:.2f}×" if r.dense_ms else "—"
+        lines.append(f"| {r.config} | {case} | {fmt_length(r.length)} | {r.threads} | {r.ms:.3g} ms | {dense} | "
+                     f"{ratio} |")
+    return "\n".join(lines) + "\n"
+
+
 def markdown(result: dict, command_line: str) -> str:
     rows = result["rows"]
+    if rows and rows[0].threads is not None:
+        return markdown_cpu(result, command_line)
     lines = [
         f"Date: {result['date']}; device: {result['device']}; command: `{command_line}`",
         provenance_line(result),
@@ -278,16 +380,34 @@ def _split(text: str) -> tuple:
 @click.option("--no-dense", is_flag=True, help="Skip the dense SDPA baseline.")
 @click.option("--repeats", default=10, show_default=True, help="Timed prefill calls per case (median).")
 @click.option("--backend", default="triton", show_default=True, type=click.Choice(["triton", "reference"]))
+@click.option("--device", default="cuda", show_default=True, type=click.Choice(["cuda", "cpu"]),
+              help="cpu: the reference backend, fp32, default-model shapes and config unless given.")
+@click.option("--threads", default="", help="CPU: torch thread counts to run side by side, e.g. 1,2.")
 @click.option("--json", "json_out", is_flag=True, help="Machine-readable output (rows, fits, provenance).")
 @click.option("--out", "out_file", type=click.Path(dir_okay=False),
               help="Also write the markdown table to this file (with --json too).")
-def command(configs, lengths, decode_lengths, chunk, heads, kv_heads, head_dim, no_dense, repeats, backend,
-            json_out, out_file):
-    """Time superlinear prefill and decode against dense SDPA (needs a CUDA GPU)."""
+@click.pass_context
+def command(click_ctx, configs, lengths, decode_lengths, chunk, heads, kv_heads, head_dim, no_dense, repeats,
+            backend, device, threads, json_out, out_file):
+    """Time superlinear prefill and decode against dense SDPA (CUDA GPU, or --device cpu)."""
+    if device == "cpu":
+        # the default model's shapes and config unless the user gave others
+        given = {name for name in ("configs", "heads", "kv_heads", "head_dim")
+                 if click_ctx.get_parameter_source(name) == click.core.ParameterSource.COMMANDLINE}
+        configs = configs if "configs" in given else "default"
+        heads, kv_heads, head_dim = (v if n in given else CPU_SHAPES[n]
+                                     for n, v in (("heads", heads), ("kv_heads", kv_heads), ("head_dim", head_dim)))
+    try:
+        thread_counts = tuple(int(x) for x in threads.split(",") if x.strip())
+    except ValueError:
+        raise click.BadParameter(f"--threads takes counts like 1,2, got {threads!r}") from None
+    if any(n < 1 for n in thread_counts):
+        raise click.BadParameter("--threads counts must be >= 1")
     cmd = BenchAttention(configs=tuple(c.strip() for c in configs.split(",") if c.strip()),
                          lengths=_split(lengths), decode_lengths=_split(decode_lengths),
                          chunk=parse_length(chunk), heads=heads, kv_heads=kv_heads, head_dim=head_dim,
-                         dense=not no_dense, repeats=repeats, backend=backend)
+                         dense=not no_dense, repeats=repeats, backend=backend, device=device,
+                         threads=thread_counts)
     for c in cmd.configs:
         if c not in CONFIGS:
             raise click.BadParameter(f"unknown config {c!r} (choose from {', '.join(CONFIGS)})")

@@ -166,7 +166,8 @@ def format_status(result: dict) -> str:
     if result["up"]:
         uptime = health.get("uptime_s")
         lines.append(f"up: {result['url']}  model {health.get('model')}  sessions {health.get('sessions')}"
-                     f"  queue {health.get('queued', 0)}" + (f"  uptime {uptime:.0f}s" if uptime else ""))
+                     f"  queue {health.get('queued', 0)}  threads {health.get('threads')}"
+                     + (f"  uptime {uptime:.0f}s" if uptime else ""))
     elif other:
         lines.append(f"down: no spl server of yours is running; {other['description']} answers at {other['url']}, "
                      f"not started by you (`spl server connect {other['url']}` to use it)")

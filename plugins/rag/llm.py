@@ -161,7 +161,7 @@ def build_context(workspace: Workspace, client, *, max_seq_len: int | None = Non
         else:
             reason = does_not_fit_reason(needed, session_len=limit,
                                          reserve=context_reserve(k, max_chars),
-                                         suggest=needed_seq_len(needed, k, max_chars))
+                                         suggest=needed_seq_len(needed, k, max_chars), limits=_length_limits(client))
         workspace.set_context(None, reason=reason)
         _drop_snapshot(client, old.get("snapshot_id"))
         return {"mode": "retrieval-only", "reason": reason, "document_tokens": document_tokens,
@@ -240,12 +240,37 @@ def _model_name(client) -> str | None:
         return None
 
 
-def does_not_fit_reason(needed: int, *, session_len: int, reserve: int, suggest: int) -> str:
-    """One line: how many tokens the documents need against what the session holds, and the option."""
-    return (f"the documents need {needed} tokens (+{reserve} for a question and its answer) but the "
-            f"session holds {session_len}: ingest again with --max-seq-len {suggest} to keep them in the "
-            "context (the server must have the memory); until then questions are answered from the "
-            "retrieved passages alone")
+def _length_limits(client) -> dict[str, int]:
+    """The longest sessions worth advising, from ``/v1/models``: ``trained`` (``max_model_len``, the
+    context the model was trained for) and ``memory`` (``max_seq_len_limit``, the longest session
+    the server's memory budget holds), each left out when the server does not say."""
+    try:
+        card = (client.models() or [{}])[0]
+    except (UserError, AttributeError, LookupError, TypeError):
+        return {}
+    limits = {"trained": card.get("max_model_len"), "memory": card.get("max_seq_len_limit")}
+    return {name: value for name, value in limits.items() if isinstance(value, int) and value > 0}
+
+
+def does_not_fit_reason(needed: int, *, session_len: int, reserve: int, suggest: int,
+                        limits: dict[str, int] | None = None) -> str:
+    """One line: how many tokens the documents need against what the session holds, and what to
+    do. A longer session is advised only when the model was trained for it and the memory
+    budget allows it (``limits``, ``_length_limits``); otherwise it says which limit is in the way."""
+    need = (f"the documents need {needed} tokens (+{reserve} for a question and its answer) but the "
+            f"session holds {session_len}")
+    passages = "questions are answered from the retrieved passages alone"
+    limits = limits or {}
+    trained, memory = limits.get("trained"), limits.get("memory")
+    if trained is not None and suggest > trained:
+        return (f"{need}, and the model was trained on {trained} tokens: {passages} (ingest fewer or "
+                "smaller files to keep them in the context)")
+    if memory is not None and suggest > memory:
+        return (f"{need}, and the server's memory budget allows sessions of {memory} tokens: {passages} "
+                "(a larger --memory-budget on the server, or fewer files, keeps them in the context)")
+    if not limits:
+        return f"{need}: {passages}"
+    return f"{need}: ingest again with --max-seq-len {suggest} to keep them in the context; until then {passages}"
 
 
 def context_is_current(workspace: Workspace) -> bool:
@@ -302,8 +327,7 @@ def answer(workspace: Workspace, client, question: str, passages: list[Passage],
                 _delete_session(client, loaded)
     elif context.get("snapshot_id"):
         note = "the documents changed since the context was built: answering from the passages"
-    else:
-        note = retrieval_only_note(workspace)
+    # else: retrieval-only, as the ingest said once (`spl rag info` repeats why)
     if outcome is None:
         outcome = _chat(client, [{"role": "system", "content": SYSTEM_PASSAGES}, message], len(passages),
                         on_text, **options)
@@ -325,15 +349,6 @@ def answer(workspace: Workspace, client, question: str, passages: list[Passage],
     if checked.text.strip() != content.strip():
         out["raw_answer"] = content  # what the model said, before the checks
     return out
-
-
-def retrieval_only_note(workspace: Workspace) -> str:
-    """Why a workspace without a context snapshot answers from the passages alone."""
-    reason = workspace.manifest.get("retrieval_only_reason")
-    if reason:
-        return f"retrieval-only: {reason}"
-    return ("retrieval-only: the workspace has no context snapshot (ingested with --no-llm, or no server "
-            "answered); answering from the retrieved passages alone")
 
 
 def _delete_session(client, session_id: str | None) -> None:

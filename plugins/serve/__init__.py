@@ -7,10 +7,13 @@ so ``spl --help`` stays fast.
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 import click
 
 from superlinear.hookspecs import hookimpl
 from superlinear.plugins.settings.options import ServeOptions, server_options
+from superlinear.plugins.settings.threads import default_threads, limit_threads_before_torch
 
 
 def build_app(options: ServeOptions):
@@ -54,6 +57,8 @@ def serve(options: ServeOptions) -> int:
     from .store_lock import lock_store
 
     check_model_known(options.model)
+    options = replace(options, threads=options.threads or default_threads())
+    limit_threads_before_torch(options.threads)
     store_lock = lock_store(snapshots_dir(), options.url())  # one server per session store
     logging.basicConfig(level=options.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     app = build_app(options)

@@ -20,6 +20,7 @@ from typing import Any
 from superlinear.api.worker import Worker
 from superlinear.errors import Unavailable
 from superlinear.plugins.settings.options import ServeOptions
+from superlinear.plugins.settings.threads import default_threads, use_threads
 
 from .metrics import ServerMetrics
 
@@ -54,6 +55,7 @@ class Runtime:
         self.stats = {"requests": 0, "generations": 0, "cancelled": 0, "errors": 0}
         self.prefill_speed: dict | None = None  # the last measured prefill (``note_prefill``)
         self.on_load_error = None  # called (from the loader thread) when the model cannot be loaded
+        self.threads: int | None = None  # torch's CPU threads on the worker, once set
         self.conversion: dict | None = None  # {"step", "steps", "what"} while the default model is converted
         self._next_persist_retry = 0.0
         self._persist_retry = None  # the retry job on the worker, while it runs
@@ -87,6 +89,8 @@ class Runtime:
         from superlinear.pluginloader import model_loaders
 
         o = self.options
+        # on the worker thread, which runs every model call
+        self.threads = use_threads(o.threads or default_threads())
         if o.model == "default":
             from superlinear.model.default import ensure_default
 
@@ -189,6 +193,7 @@ class Runtime:
             "uptime_s": round(time.time() - self.started_at, 1),
             "queued": self.worker.generations,
             "busy": self.worker.current is not None,
+            "threads": self.threads,
         }
         if self.status == "loading":
             h["progress"] = self.loading_progress()

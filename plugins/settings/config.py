@@ -109,6 +109,7 @@ SETTINGS: tuple[Setting, ...] = (
     Setting("max_seq_len", "SPL_MAX_SEQ_LEN", None, _int(1)),
     Setting("chunk_size", "SPL_CHUNK_SIZE", None, _int(1)),
     Setting("device", "SPL_DEVICE", None, _text),
+    Setting("threads", "SPL_THREADS", None, _int(1, 1024)),  # None: threads.default_threads()
     Setting("persist", "SPL_PERSIST", "turn", _choice(PERSIST_MODES)),
     Setting("log_level", "SPL_LOG_LEVEL", "info", _choice(LOG_LEVELS)),
 )

@@ -30,6 +30,7 @@ class ServeOptions:
     max_concurrency: int = 16
     memory_budget: int | None = None  # bytes
     device: str | None = None
+    threads: int | None = None  # CPU threads of torch (None: threads.default_threads())
     # "turn": journal each session after every turn and change (a crash loses at most the turn in
     # flight); "shutdown": only on clean shutdown and eviction (no per-turn disk writes).
     persist: str = "turn"
@@ -54,6 +55,8 @@ class ServeOptions:
             args += ["--memory-budget", str(self.memory_budget)]
         if self.device:
             args += ["--device", self.device]
+        if self.threads:
+            args += ["--threads", str(self.threads)]
         return args
 
     def as_dict(self) -> dict:
@@ -108,6 +111,9 @@ def server_options(func):
                      help=_help("Memory all sessions may hold, e.g. 8GB (if unset: half the free RAM, 80% of "
                                  "the free GPU memory).", "SPL_MEMORY_BUDGET")),
         click.option("--device", default=None, help=_help("cpu, cuda, cuda:1 ... (auto if unset).", "SPL_DEVICE")),
+        click.option("--threads", type=click.IntRange(1, 1024), default=None,
+                     help=_help("CPU threads for the model (if unset: the physical cores, at most 8; 1 on a "
+                                "machine of 2 cores or fewer).", "SPL_THREADS")),
         click.option("--persist", type=click.Choice(PERSIST_MODES), default=None,
                      help=_help("When sessions reach disk: after every turn (a crash loses at most the turn in "
                                 "flight; each persist writes only the new tokens' KV) or only on clean shutdown.",
@@ -119,11 +125,11 @@ def server_options(func):
     wants_sources = "option_sources" in inspect.signature(func).parameters
 
     def wrapper(model, host, port, chunk_size, max_seq_len, api_key, max_concurrency, memory_budget,
-                device, persist, log_level, **kwargs):
+                device, threads, persist, log_level, **kwargs):
         options, sources = resolve_options(model=model, host=host, port=port, chunk_size=chunk_size,
                                      max_seq_len=max_seq_len, api_key=api_key or None,
                                      max_concurrency=max_concurrency, memory_budget=memory_budget,
-                                     device=device, persist=persist,
+                                     device=device, threads=threads, persist=persist,
                                      log_level=log_level.lower() if log_level else None)
         if wants_sources:
             kwargs["option_sources"] = sources
