@@ -1,8 +1,9 @@
-"""`spl rag ingest` of a corpus whose prefill takes over a minute on this CPU, in a terminal
+"""`spl rag ingest` of a corpus whose prefill takes tens of seconds on this CPU, in a terminal
 (pexpect): the time estimate is printed first, the prefill bar advances, the ingest succeeds.
 
 The corpus is sized from the speed this server measures on a short calibration prompt, so the
-prefill lasts about ``TARGET_S`` whatever the machine's load (bounded: the test costs ~1.5 min)."""
+prefill lasts about ``TARGET_S`` whatever the machine's load (bounded: the test costs well under a
+minute); the bar redraws every half second, so that is many redraws."""
 
 from __future__ import annotations
 
@@ -16,7 +17,7 @@ from server_helpers import start_server
 
 pytestmark = pytest.mark.slow
 
-TARGET_S = 65  # the prefill should take over a minute (the corpus grows with the context: a bit more)
+TARGET_S = 30  # the prefill should take about this long (the corpus grows with the context: a bit more)
 # ...but never more tokens than this: the calibration's short prompt overstates the speed of a
 # long context (superlinear attention's per-token cost grows with it): 12K tokens sized from a
 # fast calibration ran for over 20 minutes on a loaded CPU
@@ -87,7 +88,7 @@ def test_ingest_shows_estimate_and_an_advancing_bar(server, tmp_path):
     assert child.exitstatus == 0, log[-2000:]
     assert len([p for p in percentages if 0 < p < 100]) >= 2, (percentages, log[-2000:])  # it advanced
     assert context_tokens >= tokens * 0.8
-    assert prefill_s > TARGET_S * 0.6, (prefill_s, rate)  # a long prefill, as meant (the load may vary)
+    assert prefill_s > 10, (prefill_s, rate)  # long enough to watch (the load and the CPU path's speed vary)
     assert "ReadTimeout" not in log and "error" not in log.lower()
     health = httpx.get(server.url + "/health", timeout=10).json()
     assert health["prefill"]["tokens"] >= context_tokens - 2
