@@ -8,6 +8,7 @@
 #   unknown_step NAME             a step the script does not know: fails that step
 #   use_source_tree               install the carried .whl wheels to /tmp/site and map the source
 #                                 tree to the superlinear package on PYTHONPATH (no install)
+#   prepare_run                   require_gpu, $OUT (default /tmp/out), use_source_tree, show_provenance
 set -uo pipefail
 SPL_FAILED_STEPS=()
 
@@ -62,4 +63,12 @@ use_source_tree() {
   ln -s "$PWD/plugins" /tmp/pp/superlinear/plugins
   ln -s "$PWD/cli" /tmp/pp/superlinear/cli
   export PYTHONPATH=/tmp/pp:/tmp/site
+}
+
+prepare_run() {
+  require_gpu
+  OUT=${OUT:-/tmp/out}
+  mkdir -p "$OUT"
+  use_source_tree
+  show_provenance
 }

@@ -20,10 +20,7 @@
 # length fits.
 cd "$(dirname "$0")/.." || exit 1
 source scripts/gpu_common.sh
-require_gpu
-OUT=${OUT:-/tmp/out}; mkdir -p "$OUT"
-use_source_tree
-show_provenance
+prepare_run
 MODEL=random:superlinear-exp-30b
 SPLIT_CHUNK=${SPLIT_CHUNK:-1024}
 GPUS=$(nvidia-smi --query-gpu=name --format=csv,noheader | wc -l)

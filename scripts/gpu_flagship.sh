@@ -12,10 +12,7 @@
 # Every step runs; the exit status is 1 when any failed (scripts/gpu_common.sh).
 cd "$(dirname "$0")/.." || exit 1
 source scripts/gpu_common.sh
-require_gpu
-OUT=${OUT:-/tmp/out}; mkdir -p "$OUT"
-use_source_tree
-show_provenance
+prepare_run
 python3 -c "import torch, triton, transformers, fla; print('torch', torch.__version__, 'triton', triton.__version__,
 'transformers', transformers.__version__, 'fla', fla.__version__)" || die "a package is missing"
 

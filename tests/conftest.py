@@ -43,3 +43,26 @@ def tiny_server(tiny_llama):
     yield server
     server.stop()
     shutil.rmtree(server.tmp, ignore_errors=True)
+
+
+# The one default-model server of the run (server_helpers.shared_server) and its clients, for the
+# test modules that need no server of their own (a module's own ``server`` fixture wins).
+@pytest.fixture(scope="module")
+def server():
+    from server_helpers import shared_server
+
+    return shared_server()
+
+
+@pytest.fixture(scope="module")
+def http(server):
+    with server.http(timeout=300) as client:
+        yield client
+
+
+@pytest.fixture(scope="module")
+def client(server):
+    """The official OpenAI client on the shared server."""
+    import openai
+
+    return openai.OpenAI(base_url=server.url + "/v1", api_key=server.api_key, max_retries=0, timeout=300)

@@ -55,3 +55,14 @@ def write_tiny_llama_with_default_tokenizer(path) -> Path:
     from superlinear.model.loaders import load_tokenizer
 
     return write_tiny_llama(path, load_tokenizer(ensure_default()))
+
+
+def greedy_turn(manager, session_id: str, text: str, max_tokens: int):
+    """One greedy chat turn of ``text`` on a managed session; its ``Done`` event."""
+    from superlinear.engine import ChatRequest, Done, SamplingParams, run_turn
+
+    with manager.use(session_id) as session:
+        conv = session.conversation
+        request = ChatRequest(messages=conv.transcript + [{"role": "user", "content": text}],
+                              sampling=SamplingParams(temperature=0.0, max_tokens=max_tokens))
+        return [ev for ev in run_turn(conv, request) if isinstance(ev, Done)][-1]

@@ -8,14 +8,9 @@ import subprocess
 import sys
 
 import pytest
-from server_helpers import shared_server, user
+from server_helpers import user
 
 pytestmark = pytest.mark.slow
-
-
-@pytest.fixture(scope="module")
-def server():
-    return shared_server()
 
 
 @pytest.fixture

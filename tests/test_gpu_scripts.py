@@ -68,4 +68,4 @@ def test_every_gpu_script_uses_the_common_steps(script):
     lines = [line.strip() for line in (ROOT / "scripts" / script).read_text().splitlines()
              if line.strip() and not line.lstrip().startswith("#")]
     start = lines.index("source scripts/gpu_common.sh")
-    assert lines[start + 1] == "require_gpu" and lines[-1] == "finish"
+    assert lines[start + 1] in ("require_gpu", "prepare_run") and lines[-1] == "finish"  # prepare_run checks first

@@ -101,6 +101,19 @@ def generate(model, ids, n):
     return out
 
 
+def check_chunks_and_decode_agree(model, ids, chunk_size):
+    """One prefill, a chunked one and a prefill + decode of the last token give the same logits
+    (returned), and the model generates."""
+    full = model.prefill(model.new_cache(64), ids)
+    chunked = model.prefill(model.new_cache(64), ids, chunk_size=chunk_size)
+    torch.testing.assert_close(chunked, full, atol=1e-4, rtol=1e-4)
+    cache = model.new_cache(64)
+    model.prefill(cache, ids[:-1])
+    torch.testing.assert_close(model.decode_step(cache, ids[-1]), full, atol=1e-4, rtol=1e-4)
+    assert len(generate(model, ids, 5)) == 5
+    return full
+
+
 def test_tiny_llama_dir_retrofit(tmp_path, tokenizer_files):
     from transformers import LlamaConfig, LlamaForCausalLM
 
@@ -147,14 +160,8 @@ def test_nemotron_h_hybrid_runs_and_matches_transformers(nemotron_dir):
     ids = list(range(100, 150))
     with torch.no_grad():
         ref = hf(torch.tensor([ids])).logits[0, -1]
-    full = model.prefill(model.new_cache(64), ids)
+    full = check_chunks_and_decode_agree(model, ids, chunk_size=7)
     torch.testing.assert_close(full, ref, atol=1e-4, rtol=1e-4)
-    chunked = model.prefill(model.new_cache(64), ids, chunk_size=7)
-    torch.testing.assert_close(chunked, full, atol=1e-4, rtol=1e-4)
-    cache = model.new_cache(64)
-    model.prefill(cache, ids[:-1])
-    torch.testing.assert_close(model.decode_step(cache, ids[-1]), full, atol=1e-4, rtol=1e-4)
-    assert len(generate(model, ids, 5)) == 5
 
 
 def test_nemotron_h_cache_state_roundtrip(nemotron_dir):
@@ -183,13 +190,7 @@ def test_superlinear_exp_loads_and_uses_its_routing_projection(tmp_path, tokeniz
     assert info["kind"] == "superlinear-exp"
     assert info["attention"]["window"] == 8 and "routing_q_proj" in info["attention"]["routing_query"]
     ids = list(range(500, 540))
-    full = model.prefill(model.new_cache(64), ids)
-    chunked = model.prefill(model.new_cache(64), ids, chunk_size=9)
-    torch.testing.assert_close(chunked, full, atol=1e-4, rtol=1e-4)
-    cache = model.new_cache(64)
-    model.prefill(cache, ids[:-1])
-    torch.testing.assert_close(model.decode_step(cache, ids[-1]), full, atol=1e-4, rtol=1e-4)
-    assert len(generate(model, ids, 5)) == 5
+    full = check_chunks_and_decode_agree(model, ids, chunk_size=9)
     # the routing query picks the spans: other routing weights, other output past the window
     state = load_file(str(path / "model.safetensors"))
     state["model.layers.1.mixer.routing_q_proj.weight"] = -state["model.layers.1.mixer.routing_q_proj.weight"]

@@ -219,15 +219,21 @@ def _prefill_then_decode(model, ids, decoded):
     return logits, cache
 
 
+def _assert_prefill_equals_decode(model, ids, decoded):
+    """A token's answer, and the recurrent state, do not depend on whether it was prefilled or
+    decoded; returns the prefilled logits and cache."""
+    prefilled, pc = _prefill_then_decode(model, ids, 0)
+    logits, dc = _prefill_then_decode(model, ids, decoded)
+    torch.testing.assert_close(prefilled, logits, rtol=1e-4, atol=1e-4)
+    for i in pc.ssm:
+        torch.testing.assert_close(pc.ssm[i], dc.ssm[i], rtol=1e-4, atol=1e-6)
+    return prefilled, pc
+
+
 def test_dt_below_time_step_min_is_not_clamped():
     model = _small_dt_model()
     ids = torch.randint(0, 512, (90,), generator=torch.Generator().manual_seed(4)).tolist()
-    # a token's answer does not depend on whether it was prefilled or decoded
-    prefilled, pc = _prefill_then_decode(model, ids, 0)
-    decoded, dc = _prefill_then_decode(model, ids, 30)
-    torch.testing.assert_close(prefilled, decoded, rtol=1e-4, atol=1e-4)
-    for i in pc.ssm:
-        torch.testing.assert_close(pc.ssm[i], dc.ssm[i], rtol=1e-4, atol=1e-6)
+    prefilled, pc = _assert_prefill_equals_decode(model, ids, 30)
     # and equals transformers' forward where it honours the config's limit (from 5.25 on; 5.24
     # clamped a prefill at time_step_min - the difference this test guards against)
     import transformers
@@ -246,11 +252,7 @@ def test_dt_below_time_step_min_is_not_clamped():
 def test_the_configs_time_step_limit_holds_in_prefill_and_decode():
     model = _small_dt_model(time_step_limit=[2e-3, 0.05])
     ids = torch.randint(0, 512, (70,), generator=torch.Generator().manual_seed(5)).tolist()
-    prefilled, pc = _prefill_then_decode(model, ids, 0)
-    decoded, dc = _prefill_then_decode(model, ids, 25)
-    torch.testing.assert_close(prefilled, decoded, rtol=1e-4, atol=1e-4)
-    for i in pc.ssm:
-        torch.testing.assert_close(pc.ssm[i], dc.ssm[i], rtol=1e-4, atol=1e-6)
+    _assert_prefill_equals_decode(model, ids, 25)
 
 
 def test_layer_type_spellings_map_to_one_canonical_list():

@@ -8,14 +8,9 @@ import time
 
 import httpx
 import pytest
-from server_helpers import shared_server, sse_chunks, user
+from server_helpers import sse_chunks, user
 
 pytestmark = pytest.mark.slow
-
-
-@pytest.fixture(scope="module")
-def server():
-    return shared_server()
 
 
 def _post_retrying(c: httpx.Client, body: dict) -> httpx.Response:

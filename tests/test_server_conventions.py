@@ -7,29 +7,11 @@ from __future__ import annotations
 import json
 import time
 
-import openai
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
-from server_helpers import shared_server, user
+from server_helpers import user
 
 pytestmark = pytest.mark.slow
-
-
-@pytest.fixture(scope="module")
-def server():
-    return shared_server()  # the one server of the run (server_helpers)
-
-
-@pytest.fixture(scope="module")
-def http(server):
-    with server.http() as client:
-        yield client
-    # (and the official client on the same server)
-
-
-@pytest.fixture(scope="module")
-def client(server):
-    return openai.OpenAI(base_url=f"{server.url}/v1", api_key=server.api_key, max_retries=0, timeout=120)
 
 
 def _error(r, status: int) -> dict:

@@ -8,20 +8,9 @@ import time
 
 import httpx
 import pytest
-from server_helpers import shared_server, user
+from server_helpers import user
 
 pytestmark = pytest.mark.slow
-
-
-@pytest.fixture(scope="module")
-def server():
-    return shared_server()
-
-
-@pytest.fixture(scope="module")
-def http(server):
-    with server.http() as client:
-        yield client
 
 
 def _is_openai_error(r: httpx.Response, status: int) -> dict:

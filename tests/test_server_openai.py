@@ -11,20 +11,10 @@ from pathlib import Path
 
 import openai
 import pytest
-from server_helpers import shared_server, user
+from server_helpers import user
 
 pytestmark = pytest.mark.slow
 ROOT = Path(__file__).resolve().parents[1]
-
-
-@pytest.fixture(scope="module")
-def server():
-    return shared_server()
-
-
-@pytest.fixture(scope="module")
-def client(server):
-    return openai.OpenAI(base_url=server.url + "/v1", api_key=server.api_key, max_retries=0, timeout=120)
 
 
 def test_create(client):

@@ -11,25 +11,9 @@ import jsonschema
 import openai
 import pytest
 import torch
-from server_helpers import shared_server, user
+from server_helpers import user
 
 pytestmark = pytest.mark.slow
-
-
-@pytest.fixture(scope="module")
-def server():
-    return shared_server()
-
-
-@pytest.fixture(scope="module")
-def client(server):
-    return openai.OpenAI(base_url=server.url + "/v1", api_key=server.api_key, max_retries=0, timeout=300)
-
-
-@pytest.fixture(scope="module")
-def http(server):
-    with server.http(timeout=300) as c:
-        yield c
 
 
 # -- logprobs ---------------------------------------------------------------------------------

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from sessions_tiny import write_tiny_hybrid, write_tiny_llama
+from sessions_tiny import greedy_turn, write_tiny_hybrid, write_tiny_llama
 
 from superlinear.sessions import SessionManager, SnapshotStore
 
@@ -40,14 +40,8 @@ def _load(path: Path, device: str):
     return load_model(str(path), device=device, dtype="bfloat16" if device == "cuda" else "float32")
 
 
-def turn(manager, sid, text, n=6):
-    from superlinear.engine import ChatRequest, Done, SamplingParams, run_turn
-
-    with manager.use(sid) as session:
-        conv = session.conversation
-        req = ChatRequest(messages=conv.transcript + [{"role": "user", "content": text}],
-                          sampling=SamplingParams(temperature=0.0, max_tokens=n))
-        return [e for e in run_turn(conv, req) if isinstance(e, Done)][-1]
+def turn(manager, session_id, text, max_tokens=6):
+    return greedy_turn(manager, session_id, text, max_tokens)
 
 
 @pytest.mark.parametrize("kind", ["llama", "hybrid"])

@@ -9,7 +9,7 @@ decoding is deterministic, which is all these tests need).
 from __future__ import annotations
 
 import pytest
-from sessions_tiny import write_tiny_hybrid
+from sessions_tiny import greedy_turn, write_tiny_hybrid
 
 from superlinear.sessions import SessionManager, SnapshotStore
 
@@ -37,14 +37,8 @@ def hybrid(request, tmp_path_factory):
     return model
 
 
-def turn(manager, sid, text, n=4):
-    from superlinear.engine import ChatRequest, Done, SamplingParams, run_turn
-
-    with manager.use(sid) as session:
-        conv = session.conversation
-        req = ChatRequest(messages=conv.transcript + [{"role": "user", "content": text}],
-                          sampling=SamplingParams(temperature=0.0, max_tokens=n))
-        return [e for e in run_turn(conv, req) if isinstance(e, Done)][-1]
+def turn(manager, session_id, text, max_tokens=4):
+    return greedy_turn(manager, session_id, text, max_tokens)
 
 
 def test_hybrid_snapshot_keeps_boundary_checkpoints_and_rolls_back(hybrid, tmp_path):

@@ -12,6 +12,7 @@ import os
 import signal
 
 import pytest
+from sessions_tiny import greedy_turn
 
 from superlinear.errors import Unavailable
 from superlinear.sessions import CorruptSnapshot, SessionManager, SnapshotStore, state_snapshot_id
@@ -23,13 +24,7 @@ MAX_TOKENS = 6
 
 
 def turn(manager, session_id, text, max_tokens=MAX_TOKENS):
-    from superlinear.engine import ChatRequest, Done, SamplingParams, run_turn
-
-    with manager.use(session_id) as session:
-        conv = session.conversation
-        request = ChatRequest(messages=conv.transcript + [{"role": "user", "content": text}],
-                              sampling=SamplingParams(temperature=0.0, max_tokens=max_tokens))
-        return [ev for ev in run_turn(conv, request) if isinstance(ev, Done)][-1]
+    return greedy_turn(manager, session_id, text, max_tokens)
 
 
 def manifest(store, sid):

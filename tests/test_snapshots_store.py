@@ -269,27 +269,16 @@ def test_import_refuses_tampered_and_hostile_files(store, tmp_path):
     with tarfile.open(f) as tar:
         for m in tar:
             files[m.name] = tar.extractfile(m).read()
-    # tampered tensors
-    bad = dict(files)
-    data = bad["s/" + TENSORS]
-    bad["s/" + TENSORS] = data[:-1] + bytes([data[-1] ^ 1])
-    _tar_with(tmp_path / "bad.tar", bad)
-    with pytest.raises(CorruptSnapshot, match="hash of"):
-        store.import_(tmp_path / "bad.tar", snapshot_id="bad")
-    # path traversal inside the tar
-    evil = dict(files)
-    evil["s/../../evil"] = b"x"
-    _tar_with(tmp_path / "evil.tar", evil)
-    with pytest.raises(CorruptSnapshot, match="unexpected entry"):
-        store.import_(tmp_path / "evil.tar", snapshot_id="evil")
-    _tar_with(tmp_path / "link.tar", files, symlink="s/link")
-    with pytest.raises(CorruptSnapshot, match="unexpected entry"):
-        store.import_(tmp_path / "link.tar", snapshot_id="link")
-    extra = dict(files)
-    extra["s/extra.bin"] = b"x"
-    _tar_with(tmp_path / "extra.tar", extra)
-    with pytest.raises(CorruptSnapshot, match="does not list"):
-        store.import_(tmp_path / "extra.tar", snapshot_id="extra")
+    def refused(name: str, entries: dict, match: str, **tar_options) -> None:
+        _tar_with(tmp_path / f"{name}.tar", entries, **tar_options)
+        with pytest.raises(CorruptSnapshot, match=match):
+            store.import_(tmp_path / f"{name}.tar", snapshot_id=name)
+
+    data = files["s/" + TENSORS]
+    refused("bad", {**files, "s/" + TENSORS: data[:-1] + bytes([data[-1] ^ 1])}, "hash of")  # tampered tensors
+    refused("evil", {**files, "s/../../evil": b"x"}, "unexpected entry")  # path traversal inside the tar
+    refused("link", files, "unexpected entry", symlink="s/link")
+    refused("extra", {**files, "s/extra.bin": b"x"}, "does not list")
     (tmp_path / "junk.tar").write_bytes(b"not a tar at all" * 100)
     with pytest.raises(CorruptSnapshot):
         store.import_(tmp_path / "junk.tar")
