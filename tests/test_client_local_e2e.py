@@ -47,6 +47,9 @@ def test_stale_record_chosen_port_remembered_and_model_checked(tmp_path, sleeper
         assert sleeper.poll() is None
         record = json.loads((state / "server.json").read_text())
         assert record["url"] == f"http://127.0.0.1:{port}" and record["pid"] != sleeper.pid
+        # the first run says where the server is and how to chat and stop it
+        assert (f"server started at {record['url']} (pid {record['pid']})" in first.stderr
+                and "`spl chat`" in first.stderr and "`spl server stop`" in first.stderr), first.stderr
 
         # Remembered: later commands without $SPL_PORT talk to that server.
         status = json.loads(run_spl(env, "server", "status", "--json").stdout)

@@ -384,6 +384,11 @@ def ensure_server(model: str | None = None, progress: Progress | None = stderr_p
             info = running_local()  # another process won the race
             if not info:
                 raise
+        else:
+            if progress is not None:  # a first run: say where the server is and how to leave it
+                _end_progress()
+                print(f"spl: server started at {info['url']} (pid {info['pid']}); it keeps running for the next "
+                      "command: `spl chat` to chat, `spl server stop` to stop it", file=sys.stderr, flush=True)
     return _use_local(info, model, port, progress)
 
 
