@@ -16,6 +16,7 @@ import torch
 
 from superlinear.errors import NotFound
 from superlinear.model import loaders, weights
+from superlinear.model.checkpoint_meta import shard_files
 
 CONTEXTS = {"128K": 128 << 10, "1M": 1 << 20, "10M": 10 << 20}
 
@@ -29,7 +30,7 @@ def check_dir(path, dtype=None) -> dict:
     dtype = loaders.parse_dtype(dtype) or torch.bfloat16
     config = loaders.read_config(path)
     hf, kind, routing = loaders.build_empty(config, where=str(path / "config.json"))
-    files = weights.shard_files(path)
+    files = shard_files(path)
     entries = weights.read_entries(files)
     plan = weights.plan_load(hf, entries, loaders.checkpoint_names(config.get("model_type")))
     span = loaders.span_params_from(config)

@@ -10,8 +10,10 @@ import os
 from pathlib import Path
 
 from superlinear import paths
+from superlinear.errors import InvalidRequest, NotFound
 
 META = "spl.json"  # written last: its presence marks a complete conversion
+INDEX = "model.safetensors.index.json"
 
 # Superlinear attention for a model not trained with it: routing query = attention query and a
 # window of W = 45**2 - 1 = 2024 tokens, so ordinary chats are computed exactly (plain causal
@@ -38,8 +40,29 @@ def read_meta(path: Path) -> dict:
 _FULL_HASH_LIMIT = 4 << 30
 
 
+def shard_files(path: Path) -> list[Path]:
+    """The weight files of a model directory: the index's shards, or every ``*.safetensors``."""
+    path = Path(path)
+    index = path / INDEX
+    if index.is_file():
+        try:
+            weight_map = json.loads(index.read_text())["weight_map"]
+        except (ValueError, KeyError, TypeError) as exc:
+            raise InvalidRequest(f"{index} is not a safetensors index (no weight_map): {exc}") from exc
+        files = [path / name for name in sorted(set(weight_map.values()))]
+        absent = [f.name for f in files if not f.is_file()]
+        if absent:
+            raise NotFound(f"{index} names shards that are not there: {', '.join(absent[:5])}"
+                           + (f" (+{len(absent) - 5} more)" if len(absent) > 5 else ""))
+        return files
+    files = sorted(path.glob("*.safetensors"))
+    if not files:
+        raise NotFound(f"no *.safetensors weights in {path}")
+    return files
+
+
 def weights_fingerprint(path: Path, remember: bool = True) -> str:
-    files = sorted(Path(path).glob("*.safetensors"))
+    files = shard_files(path)  # the files a load reads: a shard the index does not name is not hashed
     stats = [(f.name, f.stat().st_size, f.stat().st_mtime_ns) for f in files]
     key = f"{Path(path).resolve()}|{stats}"
     store = paths.cache_dir() / "fingerprints.json"

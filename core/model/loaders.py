@@ -19,7 +19,7 @@ from superlinear.errors import InvalidRequest, NotFound, Unavailable
 from superlinear.model import attention as attention_mod
 from superlinear.model import layer_types, weights
 from superlinear.model.cache import CacheLayout
-from superlinear.model.checkpoint_meta import RETROFIT_SPAN, read_meta, weights_fingerprint
+from superlinear.model.checkpoint_meta import RETROFIT_SPAN, read_meta, shard_files, weights_fingerprint
 from superlinear.model.model import Model
 
 # Attention-only families whose transformers attention module writes through ``cache.update``
@@ -193,7 +193,7 @@ def layer_kinds(hf) -> list[str]:
 def load_weights(hf, path: Path, target_of: weights.TargetFn, device: torch.device, dtype: torch.dtype) -> None:
     """Stream the directory's checkpoint into ``hf`` (meta weights) on ``device``; one error that
     lists every tensor that does not fit, before any weight is read."""
-    plan = weights.plan_load(hf, weights.read_entries(weights.shard_files(path)), target_of)
+    plan = weights.plan_load(hf, weights.read_entries(shard_files(path)), target_of)
     if not plan.ok:
         raise InvalidRequest(weights.mismatch_message(plan, where=path, model=type(hf).__name__,
                                                       layer_kinds=layer_kinds(hf)))

@@ -12,7 +12,6 @@ copied into the fused parameter on the device instead of being stacked on the ho
 
 from __future__ import annotations
 
-import json
 import re
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -20,9 +19,8 @@ from pathlib import Path
 
 import torch
 
-from superlinear.errors import InvalidRequest, NotFound
+from superlinear.errors import InvalidRequest
 
-INDEX = "model.safetensors.index.json"
 ALIASES_DOC = "docs/models.md, 'Weight names'"
 
 # A checkpoint name -> (our parameter, expert index or None), or None: a tensor inference ignores.
@@ -42,27 +40,6 @@ class Entry:
     file: Path
     dtype: str  # safetensors' name: BF16, F16, F32...
     shape: tuple[int, ...]
-
-
-def shard_files(path: Path) -> list[Path]:
-    """The weight files of a model directory: the index's shards, or every ``*.safetensors``."""
-    path = Path(path)
-    index = path / INDEX
-    if index.is_file():
-        try:
-            weight_map = json.loads(index.read_text())["weight_map"]
-        except (ValueError, KeyError, TypeError) as exc:
-            raise InvalidRequest(f"{index} is not a safetensors index (no weight_map): {exc}") from exc
-        files = [path / name for name in sorted(set(weight_map.values()))]
-        absent = [f.name for f in files if not f.is_file()]
-        if absent:
-            raise NotFound(f"{index} names shards that are not there: {', '.join(absent[:5])}"
-                           + (f" (+{len(absent) - 5} more)" if len(absent) > 5 else ""))
-        return files
-    files = sorted(path.glob("*.safetensors"))
-    if not files:
-        raise NotFound(f"no *.safetensors weights in {path}")
-    return files
 
 
 def read_entries(files: list[Path]) -> list[Entry]:
