@@ -102,8 +102,9 @@ class Model:
         # transformers >= 5.20 calls it ``cache``, earlier 5.x ``past_key_values``
         params = inspect.signature(hf.forward).parameters
         self._cache_kw = "cache" if "cache" in params else "past_key_values"
-        if first_load and self.slow_reasons():  # named once per load, not per sibling
-            print(f"spl: warning: {name} runs a slow fallback: {'; '.join(self.slow_reasons())}", file=sys.stderr)
+        reasons = self.slow_reasons() if first_load else []  # named once per load, not per sibling
+        if reasons:
+            print(f"spl: warning: {name} runs a slow fallback: {'; '.join(reasons)}", file=sys.stderr)
 
     # -- identity -------------------------------------------------------------------------------
     def _fingerprint(self) -> str:
