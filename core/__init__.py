@@ -9,9 +9,10 @@ from superlinear.version import __version__
 __all__ = ["__version__", "connect"]
 
 
-def connect(target: str | None = None, **options):
-    """The API (``superlinear.api``): ``connect("local", model=...)`` in process, ``connect(url)``
-    over HTTP; ``connect()``: ``$SPL_SERVER_URL`` when set, else local."""
-    from superlinear.api import connect as _connect
+def connect(target: str | None = None, *, start: bool = False, **options):
+    """The API (``superlinear.api.Api``): ``connect("local", model=...)`` in this process,
+    ``connect(url)`` an spl server, ``connect()`` the server the spl commands talk to
+    (``start=True``: started if none runs). See ``superlinear.client.connect``."""
+    from superlinear.client import connect as connect_api
 
-    return _connect(target, **options)
+    return connect_api(target, start=start, **options)

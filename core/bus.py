@@ -47,16 +47,6 @@ class Context:
     api: Any = None
 
 
-@dataclass(frozen=True)
-class SlashCommand:
-    """A REPL slash command. ``run(argument_text, repl)`` usually builds a bus command."""
-
-    name: str  # without the slash
-    help: str
-    run: Callable[[str, Any], Any]
-    usage: str = ""
-
-
 Handler = Callable[[Command, Context], Any]
 Middleware = Callable[[Command, Context, Callable[[Command, Context], Any]], Any]
 

@@ -34,7 +34,7 @@ def register_handlers(register):
 
 @hookspec
 def register_slash_commands(register):
-    """Add REPL slash commands: ``register(superlinear.bus.SlashCommand(...))``."""
+    """Add REPL slash commands: ``register(superlinear.chat_ui.SlashCommand(...))``."""
 
 
 @hookspec
@@ -42,7 +42,7 @@ def register_retrievers(register):
     """Add document retrievers: ``register(name, factory)``.
 
     ``factory(workspace)`` returns an object with ``search(query, k) -> list[Passage]``
-    (see ``superlinear.plugins.rag``).
+    (see ``superlinear.retrieval``).
     """
 
 

@@ -11,7 +11,7 @@ the question's terms over them on the fly and scores each passage by
 
 So a passage that covers more of the question, and keeps its phrases together, wins — no index
 to build, nothing to rebuild when files change. It is a plugin of its own to show that a
-retriever needs nothing from core: `spl rag ask --retriever light`.
+retriever needs nothing but core (``superlinear.retrieval``): `spl rag ask --retriever light`.
 """
 
 from __future__ import annotations
@@ -34,8 +34,8 @@ class LightRetriever:
         self._key = key
 
     def _analyse(self):
-        from superlinear.plugins.rag.retrieval import indexed_text
-        from superlinear.plugins.rag.text import terms
+        from superlinear.retrieval import indexed_text
+        from superlinear.retrieval.text import terms
 
         chunks = self.workspace.chunks()
         if self._version != self.workspace.version or len(self._docs) != len(chunks):
@@ -49,8 +49,8 @@ class LightRetriever:
         return chunks, self._docs
 
     def search(self, query: str, k: int):
-        from superlinear.plugins.rag.retrieval import Passage
-        from superlinear.plugins.rag.text import terms
+        from superlinear.retrieval import Passage
+        from superlinear.retrieval.text import terms
 
         q_terms = terms(query)
         distinct = list(dict.fromkeys(q_terms))

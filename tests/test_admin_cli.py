@@ -113,11 +113,11 @@ def test_admin_errors_are_one_line(spl):
 
 
 def test_api_commands_run_against_the_api_in_the_context(server):
+    from superlinear import connect
     from superlinear.api import commands as api
     from superlinear.bus import Context, dispatch
-    from superlinear.client import SplClient
 
-    with SplClient(server.url, api_key=server.api_key) as client:
+    with connect(server.url, api_key=server.api_key) as client:
         ctx = Context(api=client)
         dispatch(api.CreateSession(session_id="ctx-1"), ctx)
         assert "ctx-1" in [s["id"] for s in dispatch(api.ListSessions(), ctx)["sessions"]]

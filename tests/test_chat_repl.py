@@ -404,11 +404,11 @@ def test_ctrl_c_as_the_reply_ends_leaves_no_half_turn(server):
     (here: exactly when the final event arrives) still leaves the session as before the turn."""
     import io
 
+    from superlinear import connect
     from superlinear.api import Done
-    from superlinear.client import SplClient
     from superlinear.plugins.chat.repl import ChatRepl, ChatSettings
 
-    client = SplClient(server["url"])
+    client = connect(server["url"])
     real_chat = client.chat
 
     def interrupted_at_the_end(turn):

@@ -11,7 +11,7 @@ import pytest
 from prompt_toolkit.document import Document
 
 from superlinear.api import Done, TextDelta
-from superlinear.bus import SlashCommand
+from superlinear.chat_ui import SlashCommand
 from superlinear.engine import RepetitionConfig
 from superlinear.errors import InvalidRequest, NotFound, Unavailable
 from superlinear.plugins.chat import state as chat_state
@@ -153,7 +153,7 @@ def test_last_session_roundtrip(tmp_path):
 
 # -- the REPL against a fake client --------------------------------------------------------------
 class FakeClient:
-    """Just enough of SplClient: sessions with transcripts, a streamed echo reply."""
+    """Just enough of a server's API: sessions with transcripts, a streamed echo reply."""
 
     base_url = "http://fake"
 

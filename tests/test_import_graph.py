@@ -3,7 +3,10 @@ function: a lazy import is still a dependency) is read with ``ast``.
 
 - core (``superlinear``) never imports the plugins or the CLI;
 - the kernels import only the standard library, torch, triton, numpy and each other;
-- no import cycle between the modules of core, nor between those of the plugins and the CLI;
+- no import cycle between the modules of core, nor between those of the plugins and the CLI,
+  counting ``from superlinear.pkg import name`` as a use of the package (its ``__init__`` runs),
+  so a package and its own submodules cannot import each other round;
+- plugins are leaves: no plugin imports another one (they meet in core: the API, the bus, hooks);
 - no module reaches into another one's privates: ``obj._name`` on anything but ``self`` / ``cls``
   is refused when ``_name`` is a private that another of our modules defines and this one does not.
 """
@@ -33,8 +36,16 @@ def source_modules() -> dict[str, Path]:
 MODULES = source_modules()
 
 
-def imported_names(module: str, path: Path) -> set[str]:
-    """Dotted names ``module`` imports; ``from pkg import sub`` names the submodule ``pkg.sub``."""
+# The top packages hold nothing but light entry points (``superlinear.connect``); every module
+# reads ``superlinear.errors`` & co through them, so they are no edge of their own.
+ROOTS = {"superlinear", "superlinear.plugins", "superlinear.cli"}
+
+
+def imported_names(module: str, path: Path, *, packages: bool = False) -> set[str]:
+    """Dotted names ``module`` imports; ``from pkg import sub`` names the submodule ``pkg.sub``
+    (and, with ``packages``, the package ``pkg`` too when it is named in full: a module that
+    reaches its own package by name goes through the package's ``__init__``; ``from . import``
+    is how a package's modules reach each other)."""
     package = module.split(".") if path.name == "__init__.py" else module.split(".")[:-1]
     names: set[str] = set()
     for node in ast.walk(ast.parse(path.read_text(), str(path))):
@@ -46,6 +57,8 @@ def imported_names(module: str, path: Path) -> set[str]:
                 base = ".".join(package[: len(package) - node.level + 1] + ([node.module] if node.module else []))
             for alias in node.names:
                 names.add(f"{base}.{alias.name}" if f"{base}.{alias.name}" in MODULES else base)
+            if packages and not node.level and base in MODULES and base not in ROOTS:
+                names.add(base)  # read by its name, as an outsider would: its __init__ runs first
     return names
 
 
@@ -56,16 +69,22 @@ def ours(name: str) -> str | None:
     return name or None
 
 
-def internal_graph() -> dict[str, set[str]]:
+def internal_graph(*, packages: bool = False) -> dict[str, set[str]]:
     graph = {}
     for module, path in MODULES.items():
-        targets = {ours(n) for n in imported_names(module, path)}
+        targets = {ours(n) for n in imported_names(module, path, packages=packages)}
         graph[module] = {t for t in targets if t and t != module}
     return graph
 
 
 def is_core(module: str) -> bool:
-    return not module.startswith(("superlinear.plugins", "superlinear.cli"))
+    return not any(module == top or module.startswith(top + ".") for top in ("superlinear.plugins", "superlinear.cli"))
+
+
+def plugin_of(module: str) -> str | None:
+    """``chat`` for ``superlinear.plugins.chat.repl``; None outside the plugins."""
+    parts = module.split(".")
+    return parts[2] if len(parts) > 2 and parts[:2] == ["superlinear", "plugins"] else None
 
 
 def test_core_never_imports_plugins_or_the_cli():
@@ -130,8 +149,17 @@ def test_no_import_cycles_in_core():
 
 
 def test_no_import_cycles_anywhere():
-    """The plugins and the CLI too (a cycle there is as hard to follow as one in core)."""
-    assert cycles(internal_graph()) == []
+    """The plugins and the CLI too (a cycle there is as hard to follow as one in core), and
+    between a package and its own submodules (``from pkg import x`` inside ``pkg``'s modules
+    while ``pkg/__init__`` imports them)."""
+    assert cycles(internal_graph(packages=True)) == []
+
+
+def test_plugins_are_leaves():
+    """A plugin imports core and itself, never another plugin."""
+    bad = sorted((m, t) for m, targets in internal_graph().items() if plugin_of(m)
+                 for t in targets if plugin_of(t) and plugin_of(t) != plugin_of(m))
+    assert bad == []
 
 
 def private_names(tree: ast.AST) -> set[str]:
@@ -176,12 +204,20 @@ def test_no_module_reaches_into_another_ones_privates():
     assert private_reach_ins({m: p.read_text() for m, p in MODULES.items()}) == []
 
 
-def test_the_checks_see_a_cycle_and_a_layer_break():
+def test_the_checks_see_a_cycle_and_a_layer_break(tmp_path):
     """The checks can fail: a made-up graph with a cycle is found, and core -> plugins is seen."""
     assert cycles({"a": {"b"}, "b": {"c"}, "c": {"a"}, "d": set()}) == [["a", "b", "c"]]
     assert "superlinear.plugins.serve.runtime" in {ours(n) for n in imported_names(
         "superlinear.plugins.serve.routes_chat", MODULES["superlinear.plugins.serve.routes_chat"])}
     assert not is_core("superlinear.plugins.serve") and is_core("superlinear.service")
+    assert is_core("superlinear.client") and not is_core("superlinear.cli.main")
+    assert plugin_of("superlinear.plugins.chat.repl") == "chat" and plugin_of("superlinear.client") is None
+    # a submodule that reaches its own package by name while the package imports it: a cycle
+    source = tmp_path / "api.py"
+    source.write_text("from superlinear.plugins.chat import repl\nfrom . import render\n")
+    names = imported_names("superlinear.plugins.chat.api", source, packages=True)
+    assert {"superlinear.plugins.chat", "superlinear.plugins.chat.repl", "superlinear.plugins.chat.render"} <= names
+    assert "superlinear.plugins.chat" not in imported_names("superlinear.plugins.chat.api", source)
     sources = {"a": "class Cache:\n    def _begin(self):\n        self._graph = None\n",
                "b": "def forward(cache):\n    cache._begin()\n    return cache._graph, cache.position\n"}
     assert private_reach_ins(sources) == [("b", 2, "cache._begin"), ("b", 3, "cache._graph")]

@@ -21,7 +21,8 @@ from dataclasses import dataclass
 
 import click
 
-from superlinear.bus import Command, SlashCommand, dispatch
+from superlinear.bus import Command, dispatch
+from superlinear.chat_ui import SlashCommand
 from superlinear.hookspecs import hookimpl
 
 

@@ -129,8 +129,8 @@ def test_reading_a_chat_stream_gives_the_core_events():
 
 
 def test_error_mapping_and_unreachable():
+    from superlinear import connect
     from superlinear.api.remote import error_from_response
-    from superlinear.client import SplClient
 
     def resp(status, body):
         return httpx.Response(status, json=body)
@@ -141,7 +141,7 @@ def test_error_mapping_and_unreachable():
         err = error_from_response(resp(status, body))
         assert isinstance(err, cls) and err.message == "nope" and err.param == "p"
     assert error_from_response(httpx.Response(500, text="boom")).http_status == 500
-    with SplClient("http://127.0.0.1:9", connect_timeout=0.5) as c:
+    with connect("http://127.0.0.1:9", connect_timeout=0.5) as c:
         assert not c.is_up()
         with pytest.raises(Unavailable) as e:
             c.list_sessions()
@@ -149,7 +149,7 @@ def test_error_mapping_and_unreachable():
 
 
 def test_parse_bytes():
-    from superlinear.client import parse_bytes
+    from superlinear.settings.options import parse_bytes
 
     assert parse_bytes("8GB") == 8 << 30 and parse_bytes("512m") == 512 << 20 and parse_bytes("100") == 100
     assert parse_bytes("1.5KiB") == 1536 and parse_bytes(None) is None

@@ -14,7 +14,6 @@ to (``superlinear.api.commands``).
 
 from __future__ import annotations
 
-import os
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any, Protocol
@@ -54,22 +53,6 @@ class Api(Protocol):
     def close(self) -> Any: ...
 
 
-def connect(target: str | None = None, *, api_key: str | None = None, **options: Any) -> Api:
-    """An API: ``"local"`` loads a model in this process (``options``: ``LocalOptions``' fields;
-    the model defaults to ``$SPL_MODEL``, else ``"default"``); a URL talks to that server.
-    ``None``: ``$SPL_SERVER_URL`` when set, else local."""
-    target = target or os.environ.get("SPL_SERVER_URL") or "local"
-    if target == "local":
-        from .local import LocalApi, LocalOptions
-
-        options.setdefault("model", os.environ.get("SPL_MODEL") or "default")
-        return LocalApi.open(LocalOptions(**options))
-    from .remote import RemoteApi
-
-    url = target if "://" in target else f"http://{target}"
-    return RemoteApi(url, api_key if api_key is not None else os.environ.get("SPL_API_KEY"), **options)
-
-
 def collect_text(events: Iterator[Event]) -> tuple[str, Done]:
     """Run a turn to its end: its answer text and its ``Done``."""
     text, done = [], None
@@ -85,4 +68,4 @@ def collect_text(events: Iterator[Event]) -> tuple[str, Done]:
 
 __all__ = ["Api", "ChatTurn", "Completion", "Done", "Event", "Persisted", "PrefillProgress", "ReasoningDelta",
            "SessionInfo", "SessionListing", "SnapshotInfo", "Started", "TextDelta", "Tokens", "ToolCallsEvent",
-           "chat_turn", "collect_text", "connect"]
+           "chat_turn", "collect_text"]

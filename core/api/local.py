@@ -69,13 +69,6 @@ class LocalApi:
         self.service = service
         self.worker = worker or Worker()
 
-    @classmethod
-    def open(cls, options: LocalOptions | None = None, *, worker: Worker | None = None,
-             progress: Callable[[str], None] | None = None) -> LocalApi:
-        worker = worker or Worker()
-        service = worker.call(lambda: open_service(options or LocalOptions(), progress))
-        return cls(service, worker=worker)
-
     @property
     def model(self):
         return self.service.model

@@ -44,12 +44,15 @@ def error_from_response(response: httpx.Response) -> UserError:
 
 
 class RemoteApi:
-    """Every operation of ``superlinear.api.Api`` against the spl server at ``base_url``."""
+    """Every operation of ``superlinear.api.Api`` against the spl server at ``base_url``, plus
+    what only a server has: its ``/health`` and its models. ``superlinear.connect(url)`` makes
+    one; ``target`` says which server it is and why that one (``superlinear.client.Target``)."""
 
     def __init__(self, base_url: str, api_key: str | None = None, *, timeout: float | None = 600.0,
-                 connect_timeout: float = 5.0):
+                 connect_timeout: float = 5.0, target: Any = None):
         self.base_url = base_url.rstrip("/")
         self.api_key = api_key
+        self.target = target
         headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
         self.http = httpx.Client(base_url=self.base_url, headers=headers,
                                  timeout=httpx.Timeout(timeout, connect=connect_timeout))
@@ -65,7 +68,10 @@ class RemoteApi:
         self.close()
 
     def unreachable(self, exc: Exception) -> Unavailable:
-        return Unavailable(f"cannot reach the spl server at {self.base_url} ({type(exc).__name__})")
+        return Unavailable(
+            f"cannot reach the spl server at {self.base_url} ({type(exc).__name__}); "
+            "start one with `spl server start` or point to one with `spl server connect URL`"
+        )
 
     def request(self, method: str, path: str, **kwargs) -> Any:
         try:
@@ -87,6 +93,35 @@ class RemoteApi:
                 yield from read(_chunks(source.iter_sse()))
         except httpx.TransportError as exc:
             raise self.unreachable(exc) from exc
+
+    # -- the server itself ---------------------------------------------------------------------
+    def health(self, timeout: float | None = None) -> dict:
+        """``GET /health``: ``{"status": "ok"|"loading", "model", "sessions", ...}`` (never 401)."""
+        kwargs = {"timeout": timeout} if timeout is not None else {}
+        try:
+            response = self.http.get("/health", **kwargs)
+        except httpx.TransportError as exc:
+            raise self.unreachable(exc) from exc
+        try:
+            return response.json()
+        except ValueError as exc:
+            raise Unavailable(f"{self.base_url} does not look like an spl server") from exc
+
+    def is_up(self, timeout: float = 2.0) -> bool:
+        """True when a server answers ``/health`` with status ``ok`` (model loaded)."""
+        try:
+            return self.health(timeout=timeout).get("status") == "ok"
+        except UserError:
+            return False
+
+    def prefill_speed(self) -> dict | None:
+        """The server's last measured prefill (``{"tokens", "seconds", "tokens_per_s"}``), from
+        ``/health``; None when it has measured none (or is older than this client)."""
+        speed = self.health(timeout=5.0).get("prefill")
+        return speed if isinstance(speed, dict) else None
+
+    def models(self) -> list[dict]:
+        return self.request("GET", "/v1/models")["data"]
 
     # -- generation ----------------------------------------------------------------------------
     def chat(self, turn: ChatTurn) -> Iterator[Event]:

@@ -1,45 +1,86 @@
-"""The client of an spl server: the httpx client (``SplClient``) every command uses, and
-``spl server start|status|stop|logs|connect`` (the ``server`` plugin registers them).
+"""``connect``: the one way to get the API (``superlinear.api.Api``), in this process or from an
+spl server, and which server the spl commands use (``status``).
 
-Public API (see docs/server.md):
-    from superlinear.client import SplClient, ensure_server
+    import superlinear
+    api = superlinear.connect("local")                  # the model in this process (LocalApi)
+    api = superlinear.connect("http://host:8787")       # that server (RemoteApi)
+    api = superlinear.connect()                         # the server the spl commands talk to
+    api = superlinear.connect(start=True)               # ... started in the background if none runs
+
+Which server ``connect()`` means: ``$SPL_SERVER_URL`` > ``spl server connect URL`` > your local
+server (``superlinear.server_process``) > none: a server that answers on the configured port
+without being yours belongs to someone else and is never used unless named.
 """
 
 from __future__ import annotations
 
-import dataclasses
-import json
-import time
+import os
+import sys
+from collections.abc import Callable
+from typing import Any
 
-import click
+from superlinear.errors import Conflict, InvalidRequest, Unavailable, UserError
 
-from superlinear.errors import InvalidRequest, Unavailable, UserError
-from superlinear.settings.options import ServeOptions, parse_bytes, resolve_options, server_options
+from .target import DEFAULT_URL, Target, resolve_api_key, resolve_target, resolve_url
 
-from . import state
-from .api import DEFAULT_URL, SplClient, Target, resolve_api_key, resolve_target, resolve_url
-from .local import describe_other, ensure_server, running_local, start, status, stop, wait_until_ready
+Progress = Callable[[str], None]
 
-__all__ = [
-    "DEFAULT_URL", "ServeOptions", "SplClient", "Target", "ensure_server",
-    "parse_bytes", "resolve_api_key", "resolve_options", "resolve_target", "resolve_url", "running_local",
-    "server_options", "start", "status", "stop", "wait_until_ready", "connect", "effective_config",
-    "get_client",
-]
+__all__ = ["DEFAULT_URL", "Target", "connect", "no_server_message", "resolve_api_key", "resolve_target",
+           "resolve_url", "status"]
 
 
-def get_client() -> SplClient:
-    """A client for the server the commands talk to; never someone else's server."""
-    client = SplClient()
-    if client.target.source == "configured":  # no server of ours runs: never use someone else's
-        url = client.base_url
-        client.close()
-        raise Unavailable(no_server_message(url))
-    return client
+def connect(target: str | None = None, *, start: bool = False, api_key: str | None = None,
+            progress: Progress | None = None, **options: Any):
+    """The API.
+
+    - ``"local"``: a model loaded in this process (``LocalApi``). ``options``: the fields of
+      ``superlinear.api.local.LocalOptions`` (the model defaults to ``$SPL_MODEL``, else
+      ``"default"``) and ``worker`` (a server passes its own, whose queue it reports while the
+      model loads); ``progress(line)`` hears each loading step.
+    - a URL: the spl server there (``RemoteApi``); with ``start``, it must answer and is waited
+      for while its model loads.
+    - None: the server the spl commands talk to. Without one of yours, ``start=True`` starts one
+      in the background (``options``: ``model``, ``port``), otherwise ``Unavailable`` says how to.
+
+    For a server, ``options`` may hold ``timeout`` / ``connect_timeout`` (seconds: per read, to
+    connect), and ``model`` / ``port``, which a running server must match (``InvalidRequest``).
+    The caller closes what it gets (``api.close()``, or ``with connect(...) as api``).
+    """
+    if target == "local":
+        return _local(progress, **options)
+    url = target if not target or "://" in target else f"http://{target}"
+    http = {k: options.pop(k) for k in ("timeout", "connect_timeout") if k in options}
+    if start:
+        return _server_ready(url, api_key, progress, http, **options)
+    if options:
+        raise TypeError(f"connect(): {', '.join(sorted(options))} only with start=True or 'local'")
+    chosen = resolve_target(url)
+    if chosen.source == "configured":  # no server of yours runs: never use someone else's
+        raise Unavailable(no_server_message(chosen.url))
+    return _remote(chosen, api_key, http)
+
+
+def _local(progress: Progress | None, *, worker=None, **options: Any):
+    from superlinear.api.local import LocalApi, LocalOptions, open_service
+    from superlinear.api.worker import Worker
+
+    options.setdefault("model", os.environ.get("SPL_MODEL") or "default")
+    worker = worker or Worker()
+    settings = LocalOptions(**options)
+    service = worker.call(lambda: open_service(settings, progress))
+    return LocalApi(service, worker=worker)
+
+
+def _remote(target: Target, api_key: str | None, http: dict):
+    from superlinear.api.remote import RemoteApi
+
+    return RemoteApi(target.url, resolve_api_key(api_key), target=target, **http)
 
 
 def no_server_message(url: str) -> str:
     """Why a command has no server to talk to, naming what answers at ``url`` if anything does."""
+    from superlinear.server_process import describe_other
+
     base = "no spl server of yours is running (`spl server start` starts one"
     if not local_port_answers(url):
         return base + ", `spl server connect URL` uses another)"
@@ -50,186 +91,163 @@ def no_server_message(url: str) -> str:
 def local_port_answers(url: str) -> bool:
     from urllib.parse import urlsplit
 
-    from .local import port_taken
+    from superlinear.server_process import port_taken
 
     parts = urlsplit(url)
     return parts.port is not None and port_taken(parts.hostname or "127.0.0.1", parts.port)
 
 
-# -- what the commands do (plain functions: only the CLI runs them) -------------------------
-def connect(url: str | None, api_key: str | None = None, forget: bool = False) -> dict:
-    """Point the other commands at the server at ``url`` (``forget``: back to the local one)."""
-    if forget:
-        state.clear_connected()
-        return {"url": resolve_url(), "connected": None}
-    if not url:
-        raise InvalidRequest("give the server URL, e.g. `spl server connect http://host:8787`")
-    url = url if "://" in url else f"http://{url}"
-    client = SplClient(url, api_key=api_key)
+# -- status -------------------------------------------------------------------------------------
+def status() -> dict:
+    """What runs where: our local server (if any), the connected URL, and its /health. A server
+    that answers where no server of ours runs is reported under ``other``, never as ours."""
+    from superlinear import process
+    from superlinear.server_process import describe_other, files
+
+    connected = files.connected()
+    target = resolve_target()
+    client = _remote(target, None, {})
+    local = files.running_local() if target.source == "local" else None
+    result: dict = {"url": client.base_url, "source": target.source, "local": None,
+                    "connected": connected.get("url") if connected else None}
+    if local:
+        result["local"] = {k: local[k] for k in ("pid", "url", "log", "started_at", "foreground") if k in local}
     try:
-        health = client.health(timeout=5.0)
+        health = client.health(timeout=3.0)
+    except UserError as exc:
+        health = None
+        result["error"] = exc.message
     finally:
         client.close()
-    state.write_connected(url, api_key)
-    return {"url": url.rstrip("/"), "connected": url.rstrip("/"), "health": health}
-
-
-def effective_config() -> dict:
-    """The effective server settings, where each comes from, and the config file."""
-    from superlinear.settings.config import BY_NAME, config_path
-
-    options, sources = resolve_options()
-    values = dataclasses.asdict(options)
-    if values.get("api_key"):
-        values["api_key"] = "***"  # set, not shown
-    settings = {name: {"value": values[name], "source": sources[name], "env": BY_NAME[name].env}
-                for name in BY_NAME}
-    path = config_path()
-    result = {"config_file": str(path), "config_file_exists": path.is_file(), "settings": settings,
-              "url": options.url()}
-    _with_running_server(result, sources)
+    if health is not None and not _is_ours(target.source, health, local):
+        result["other"] = {"url": client.base_url, "pid": health.get("pid"), "model": health.get("model"),
+                           "user": process.owner(health.get("pid")) if isinstance(health.get("pid"), int) else None,
+                           "description": describe_other(client.base_url, health)}
+        result["error"] = "no spl server of yours is running"
+        health = None
+    result["health"] = health
+    result["up"] = bool(health) and health.get("status") == "ok"
     return result
 
 
-def _with_running_server(result: dict, sources: dict) -> None:
-    """Where your local server runs on another port than the settings say (the default port was
-    taken when it started), the commands use its port: say so, rather than show the default."""
-    from urllib.parse import urlparse
+def _is_ours(source: str, health: dict, local: dict | None) -> bool:
+    if source == "configured":
+        return False  # nothing of ours is recorded, so whatever answers is someone else's
+    if source == "local" and local is not None:
+        return health.get("pid") in (None, local["pid"])
+    return True  # a server the user pointed at
 
-    from .local import running_local
 
+# -- a server that answers (connect(start=True)) ------------------------------------------------
+def check_model(requested: str | None, health: dict, url: str, served: str | None = None,
+                local: bool = False) -> None:
+    """Refuse a ``--model`` the running server does not serve (``served``: the spec it was
+    started with, when known)."""
+    if requested is None:
+        return
+    names = {health.get("model"), served}
+    if requested in names or (served and os.path.exists(requested) and os.path.exists(served)
+                              and os.path.samefile(requested, served)):
+        return
+    current = health.get("model") or served or "?"
+    how = (f"`spl server stop`, then start it with --model {requested}" if local
+           else "start a server with that model and point to it")
+    raise InvalidRequest(f"the spl server at {url} serves model {current!r}, not {requested!r}: drop --model, "
+                         f"or {how}", param="model")
+
+
+def _ready_client(target: Target, api_key: str | None, progress: Progress | None, http: dict,
+                  unreachable: str | None = None):
+    """A client for ``target`` and its /health once ready (waits while the model loads).
+    ``unreachable`` replaces the message when nothing answers."""
+    from superlinear.server_process import wait_until_ready
+
+    client = _remote(target, api_key, http)
     try:
-        local = running_local()
-    except UserError:
-        return
-    if not local:
-        return
-    result["running"] = {"url": local["url"], "pid": local["pid"]}
-    port = urlparse(local["url"]).port
-    if port and port != result["settings"]["port"]["value"] and sources["port"] == "default":
-        result["settings"]["port"].update(value=port, source="running")
-        result["url"] = local["url"]
+        try:
+            health = client.health(timeout=5.0)  # Unavailable with a clear line when nothing answers
+        except Unavailable:
+            if unreachable is None:
+                raise
+            raise Unavailable(unreachable) from None
+        if health.get("status") in ("loading", "starting"):
+            health = wait_until_ready(client, progress=progress)
+        elif health.get("status") != "ok":
+            raise Unavailable(f"the spl server at {client.base_url} is not ready: {health.get('status')}")
+    except BaseException:
+        client.close()
+        raise
+    return client, health
 
 
-# -- click -----------------------------------------------------------------------------------
-_json_option = click.option("--json", "as_json", is_flag=True, help="Print one JSON document.")
+def _server_ready(url: str | None, api_key: str | None, progress: Progress | None, http: dict, *,
+                  model: str | None = None, port: int | None = None, serve_options=None):
+    """A client for a server that answers: the one the user named, our local one, or a local one
+    started now.
+
+    ``url`` / ``$SPL_SERVER_URL`` / ``spl server connect`` name a server: it must answer (a
+    named server is never replaced by a local one). Otherwise our recorded local server is
+    used, or ``spl server start`` runs in the background (model and port from ``model``/``port``,
+    else the environment, the config file, the defaults), showing a progress line while the
+    model loads. ``model`` / ``port``, when given, must match a server that runs already
+    (``InvalidRequest``).
+    """
+    from superlinear.server_process import end_progress, files, start, start_lock
+    from superlinear.settings.options import resolve_options
+
+    target = resolve_target(url)
+    if target.chosen:
+        if port is not None:
+            raise InvalidRequest(f"--port is for a local server; this command talks to {target.url} "
+                                 f"({target.source})", param="port")
+        unreachable = None if target.source == "argument" else (
+            f"the spl server at {target.url} ({target.source}) does not answer; start it, or "
+            "`spl server connect --forget` to use a local one")
+        client, health = _ready_client(target, api_key, progress, http, unreachable=unreachable)
+        _checked(client, lambda: check_model(model, health, target.url))
+        return client
+    with start_lock():
+        pass  # wait out a start that another process has under way
+    info = files.running_local()
+    if info is None:
+        opts, sources = (serve_options, {}) if serve_options else resolve_options(model=model, port=port)
+        try:
+            info = start(opts, progress=progress, port_chosen=sources.get("port", "flag") != "default")
+        except Conflict:
+            info = files.running_local()  # another process won the race
+            if not info:
+                raise
+        else:
+            if progress is not None:  # a first run: say where the server is and how to leave it
+                end_progress()
+                print(f"spl: server started at {info['url']} (pid {info['pid']}); it keeps running for the next "
+                      "command: `spl chat` to chat, `spl server stop` to stop it", file=sys.stderr, flush=True)
+    return _use_local(info, model, port, progress, http)
 
 
-def _emit(result: dict, as_json: bool, text: str | None = None) -> None:
-    click.echo(json.dumps(result, indent=2, default=str) if as_json else text)
+def _use_local(info: dict, model: str | None, port: int | None, progress: Progress | None, http: dict):
+    from superlinear.server_process import describe_other, wait_until_ready
+
+    url = info["url"]
+    if port is not None and not url.endswith(f":{port}"):
+        raise InvalidRequest(f"your local spl server runs at {url} (pid {info['pid']}), not on port {port}: "
+                             "drop --port, or `spl server stop` first", param="port")
+    client = _remote(Target(url, "local"), info.get("api_key"), http)
+
+    def verify() -> None:
+        health = wait_until_ready(client, pid=info["pid"], progress=progress)  # it may still be starting
+        if health.get("pid") not in (None, info["pid"]):
+            raise Unavailable(f"{describe_other(url, health)} answers at {url}, not your server (pid "
+                              f"{info['pid']}); see `spl server status`")
+        check_model(model, health, url, served=(info.get("options") or {}).get("model"), local=True)
+
+    _checked(client, verify)
+    return client
 
 
-@click.group("server")
-def server_group() -> None:
-    """Run spl in the background, or point the other commands at a server."""
-
-
-@server_group.command("start")
-@_json_option
-@server_options
-def start_command(options: ServeOptions, option_sources: dict, as_json: bool) -> None:
-    """Start a background server (returns once the model is loaded)."""
-    info = start(options, port_chosen=option_sources["port"] != "default")
-    info.pop("api_key", None)
-    health = info.get("health") or {}
-    restored = health.get("sessions")
-    extra = f", {restored} session(s)" if restored else ""
-    _emit(info, as_json, f"spl server running at {info['url']} (pid {info['pid']}, model {health.get('model', '?')}"
-                         f"{extra}); logs: {info['log']}")
-
-
-@server_group.command("stop")
-@_json_option
-def stop_command(as_json: bool) -> None:
-    """Stop the local server; its sessions are snapshotted and come back on the next start."""
-    result = stop()
-    how = "stopped" if result["graceful"] else "killed (did not stop in time)"
-    saved = f"; {result['sessions']} session(s) saved" if result.get("sessions") else ""
-    _emit(result, as_json, f"spl server (pid {result['pid']}) {how}{saved}")
-
-
-@server_group.command("status")
-@_json_option
-def status_command(as_json: bool) -> None:
-    """Which server the commands use, and whether it answers (exit 1 if not)."""
-    result = status()
-    _emit(result, as_json, None if as_json else format_status(result))
-    if not result["up"]:
-        raise SystemExit(1)
-
-
-def format_status(result: dict) -> str:
-    lines = []
-    health = result.get("health") or {}
-    other = result.get("other")
-    if result["up"]:
-        uptime = health.get("uptime_s")
-        lines.append(f"up: {result['url']}  model {health.get('model')}  sessions {health.get('sessions')}"
-                     f"  queue {health.get('queued', 0)}  threads {health.get('threads')}"
-                     + (f"  uptime {uptime:.0f}s" if uptime else ""))
-    elif other:
-        lines.append(f"down: no spl server of yours is running; {other['description']} answers at {other['url']}, "
-                     f"not started by you (`spl server connect {other['url']}` to use it)")
-    elif health:
-        lines.append(f"{health.get('status')}: {result['url']}  {health.get('progress') or ''}".rstrip())
-    else:
-        lines.append(f"down: {result['url']} ({result.get('error', 'no answer')})")
-    if result.get("local"):
-        local = result["local"]
-        since = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(local.get("started_at", 0)))
-        where = "in the foreground" if local.get("foreground") else f"log {local.get('log')}"
-        lines.append(f"local server: pid {local['pid']}, started {since}, {where}")
-    if result.get("connected"):
-        lines.append(f"connected to: {result['connected']} (`spl server connect --forget` to undo)")
-    return "\n".join(lines)
-
-
-@server_group.command("logs")
-@click.option("-n", "--lines", "n", type=int, default=50, show_default=True, help="Lines to show.")
-@click.option("-f", "--follow", is_flag=True, help="Keep printing new lines (Ctrl-C to stop).")
-def logs_command(n: int, follow: bool) -> None:
-    """Show the background server's log."""
-    path = state.log_file()
-    if not path.exists():
-        raise UserError(f"no server log yet ({path}); `spl server start` writes it")
-    with open(path, errors="replace") as f:
-        lines = f.readlines()
-        click.echo("".join(lines[-n:]) if n > 0 else "", nl=False)
-        while follow:
-            line = f.readline()
-            if line:
-                click.echo(line, nl=False)
-            else:
-                time.sleep(0.3)
-
-
-@server_group.command("connect")
-@click.argument("url", required=False)
-@click.option("--api-key", default=None, help="API key the server requires (stored with the URL).")
-@click.option("--forget", is_flag=True, help="Forget the stored URL (use the local server again).")
-@_json_option
-def connect_command(url: str | None, api_key: str | None, forget: bool, as_json: bool) -> None:
-    """Make the other commands talk to the server at URL."""
-    result = connect(url, api_key=api_key, forget=forget)
-    if forget:
-        text = f"forgot the stored server; commands now use {result['url']}"
-    else:
-        health = result.get("health") or {}
-        text = f"connected to {result['url']} ({health.get('status')}, model {health.get('model')})"
-    _emit(result, as_json, text)
-
-
-@server_group.command("config")
-@_json_option
-def config_command(as_json: bool) -> None:
-    """Show the server settings in effect and where each comes from (flag > env > config file > default)."""
-    result = effective_config()
-    exists = "" if result["config_file_exists"] else " (none)"
-    lines = [f"config file: {result['config_file']}{exists}"]
-    for name, item in result["settings"].items():
-        value = "-" if item["value"] is None else item["value"]
-        lines.append(f"{name:<16} {value!s:<24} {item['source']:<10} (${item['env']})".rstrip())
-    if result.get("running"):
-        lines.append(f"your server runs at {result['running']['url']} (pid {result['running']['pid']})")
-    _emit(result, as_json, "\n".join(lines))
-
+def _checked(client, check: Callable[[], None]) -> None:
+    try:
+        check()
+    except BaseException:
+        client.close()
+        raise

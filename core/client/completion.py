@@ -20,12 +20,12 @@ _SESSION_STATE_TAG = "spl:session-state"
 def _from_server(what: str) -> list[dict] | None:
     """``what`` ("sessions" or "snapshots") from the server the commands use (None when no
     server of ours runs)."""
-    from superlinear.client import SplClient
+    from superlinear.client import connect, resolve_target
 
-    client = SplClient(timeout=TIMEOUT_S, connect_timeout=TIMEOUT_S)
+    if resolve_target().source == "configured":
+        return None  # no server of ours runs; never list someone else's
+    client = connect(timeout=TIMEOUT_S, connect_timeout=TIMEOUT_S)
     try:
-        if client.target.source == "configured":
-            return None  # no server of ours runs; never list someone else's
         return client.list_sessions()["sessions"] if what == "sessions" else client.list_snapshots()
     finally:
         client.close()

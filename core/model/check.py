@@ -15,8 +15,9 @@ from pathlib import Path
 import torch
 
 from superlinear.errors import NotFound
-from superlinear.model import loaders, weights
 from superlinear.model.checkpoint_meta import shard_files
+
+from . import loaders, weights
 
 CONTEXTS = {"128K": 128 << 10, "1M": 1 << 20, "10M": 10 << 20}
 

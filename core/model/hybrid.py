@@ -21,11 +21,12 @@ import sys
 
 import torch
 
-from superlinear.model import layer_types
 from superlinear.model.attention import spl_attention
 from superlinear.model.mamba2 import MambaDims, fla_available, mixer_forward
 from superlinear.model.moe import experts_path, moe_forward
 from superlinear.model.ops import SWITCHES, mamba_step, moe_decode, requested
+
+from . import layer_types
 
 
 class HybridForward:

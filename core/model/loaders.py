@@ -16,11 +16,12 @@ from pathlib import Path
 import torch
 
 from superlinear.errors import InvalidRequest, NotFound, Unavailable
-from superlinear.model import attention as attention_mod
-from superlinear.model import layer_types, weights
 from superlinear.model.cache import CacheLayout
 from superlinear.model.checkpoint_meta import RETROFIT_SPAN, read_meta, shard_files, weights_fingerprint
 from superlinear.model.model import Model
+
+from . import attention as attention_mod
+from . import layer_types, weights
 
 # Attention-only families whose transformers attention module writes through ``cache.update``
 # and calls the registered attention function (the retrofit needs nothing else).

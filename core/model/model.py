@@ -21,10 +21,11 @@ import torch
 
 from superlinear.errors import InvalidRequest
 from superlinear.kernels import resolve_backend
-from superlinear.model import layer_types
 from superlinear.model.attention import ForwardContext, attach
 from superlinear.model.cache import Cache, CacheLayout
 from superlinear.model.hybrid import HybridForward
+
+from . import layer_types
 
 # Activation bytes per token and unit of hidden size in one prefill chunk (model.prefill_chunk_size).
 _ACTIVATION_BYTES_PER_HIDDEN = 64

@@ -43,8 +43,9 @@ def random_model(config: dict, *, name: str = "random", source: str = "", device
                  attention: str = "superlinear", cuda_graph: bool | None = None, backend: str | None = None,
                  span_params=None, seed: int = 0):
     """A ``Model`` of any supported config with random weights (also used by tests)."""
-    from superlinear.model import loaders
     from superlinear.model.model import Model
+
+    from . import loaders
 
     device = torch.device(device) if device is not None else loaders.default_device()
     dtype = loaders.parse_dtype(dtype) or loaders.default_dtype(device)

@@ -15,7 +15,7 @@ import re
 import torch
 from torch import nn
 
-from superlinear.model import layer_types
+from . import layer_types
 
 # Names the routing projection may carry in a checkpoint; the first is ours.
 ROUTING_NAMES = ("routing_q_proj", "q1_proj", "search_q_proj")

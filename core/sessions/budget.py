@@ -17,7 +17,8 @@ from __future__ import annotations
 from superlinear.engine.limits import MAX_TOKENS
 from superlinear.errors import OverBudget, TooLarge
 from superlinear.model.cache import capacity_to_hold
-from superlinear.sessions import state as _state
+
+from . import state as _state
 
 # Python objects of a resident session besides its tensors (conversation, cache bookkeeping,
 # token id list, template): counted so that many empty sessions still add up. Each session also

@@ -42,8 +42,9 @@ import shutil
 import weakref
 from pathlib import Path
 
-from superlinear.sessions import tensorfile
 from superlinear.sessions.manifest import CorruptSnapshot, disk_error, model_identity, now_iso, spl_version
+
+from . import tensorfile
 
 FORMAT = "spl-journal"
 SCHEMA_VERSION = 2

@@ -26,12 +26,13 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 
 from superlinear.errors import Conflict, InvalidRequest, NotFound, OverBudget, TooLarge, UserError
-from superlinear.sessions import journal as _journal
-from superlinear.sessions import state as _state
 from superlinear.sessions.budget import SESSION_OVERHEAD_BYTES, CacheSizes, SessionMemory, fmt_bytes
 from superlinear.sessions.ids import new_id, validate_id
 from superlinear.sessions.memory import default_budget
 from superlinear.sessions.snapshots import SESSION_STATE_TAG, CorruptSnapshot, SnapshotStore, check_model
+
+from . import journal as _journal
+from . import state as _state
 
 log = logging.getLogger(__name__)
 

@@ -37,7 +37,6 @@ from pathlib import Path
 
 from superlinear.errors import Conflict, InvalidRequest, NotFound, TooLarge
 from superlinear.process import pid_alive
-from superlinear.sessions import journal, tensorfile
 from superlinear.sessions.ids import new_id, validate_id
 from superlinear.sessions.manifest import (
     CorruptSnapshot,
@@ -46,6 +45,8 @@ from superlinear.sessions.manifest import (
     now_iso,
     spl_version,
 )
+
+from . import journal, tensorfile
 
 SCHEMA_VERSION = 1  # single-file snapshots; session journals (journal.py) are version 2
 READABLE_SCHEMA_VERSION = 2

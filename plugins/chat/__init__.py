@@ -3,9 +3,10 @@ slash commands (each a bus command; other plugins add more with ``register_slash
 
 Embedding the REPL (``spl docs`` does this)::
 
-    from superlinear.plugins.chat import ChatRepl, ChatSettings, connect
+    import superlinear
+    from superlinear.plugins.chat import ChatRepl, ChatSettings
 
-    client = connect(url=None)                  # ensure_server() or the --url server
+    client = superlinear.connect(start=True)    # your server (started if none runs), or connect(URL)
     ChatRepl(client, name="docs:NAME", session_id="docs-NAME",
              extra_slash_commands=[...], prepare_message=fn, banner="...").run()
 
@@ -17,17 +18,13 @@ from __future__ import annotations
 
 import json
 import sys
-import time
 
 import click
 
 from superlinear.client.completion import complete_session_ids
 from superlinear.hookspecs import hookimpl
 
-__all__ = ["ChatRepl", "ChatSettings", "TurnResult", "connect", "ask_once", "main_repl"]
-
-
-from .connection import connect
+__all__ = ["ChatRepl", "ChatSettings", "TurnResult", "ask_once", "main_repl"]
 
 
 def __getattr__(name):  # lazy: `spl --help` must not import prompt_toolkit or httpx
@@ -38,9 +35,18 @@ def __getattr__(name):  # lazy: `spl --help` must not import prompt_toolkit or h
     raise AttributeError(name)
 
 
+def connect_server(url: str | None, model: str | None, port: int | None = None):
+    """The server the chat talks to: ``url`` if given (it must answer), else yours (started now,
+    with a progress line, if none runs). A ``model`` or ``port`` it does not match is refused."""
+    from superlinear import connect
+    from superlinear.server_process import stderr_progress
+
+    return connect(url, start=True, model=model, port=port, progress=stderr_progress)
+
+
 def _reconnector(url: str | None, model: str | None, port: int | None = None):
     def reconnect():
-        return connect(url, model, port=port)
+        return connect_server(url, model, port=port)
 
     return reconnect
 
@@ -48,13 +54,14 @@ def _reconnector(url: str | None, model: str | None, port: int | None = None):
 def ask_once(client, text: str, *, session_id: str | None = None, settings=None, as_json: bool = False,
              out=None, err=None) -> int:
     """Answer one message: stream it to ``out`` (footer on ``err``), or print one JSON object."""
-    from superlinear.api import Done, TextDelta, chat_turn
+    import io
+
+    from superlinear.api import chat_turn
     from superlinear.api import commands as api
     from superlinear.bus import Context, dispatch
-    from superlinear.errors import Unavailable
 
-    from .render import StreamRenderer, TurnStats, format_footer
-    from .repl import ChatSettings
+    from .render import StreamRenderer, format_footer
+    from .repl import ChatSettings, render_turn
 
     out = out or sys.stdout
     err = err or sys.stderr
@@ -73,22 +80,9 @@ def ask_once(client, text: str, *, session_id: str | None = None, settings=None,
     if settings.system and fresh:  # a system prompt opens a conversation, never joins one
         messages.append({"role": "system", "content": settings.system})
     messages.append({"role": "user", "content": text})
-    renderer = StreamRenderer(out, show_reasoning=False, color=False)
-    done = None
-    started = time.perf_counter()
+    renderer = StreamRenderer(io.StringIO() if as_json else out, show_reasoning=False, color=False)
     stream = dispatch(api.Chat(chat_turn(messages, session_id=session_id, **options)), Context(api=client))
-    try:
-        for event in stream:
-            if isinstance(event, TextDelta) and not as_json:
-                renderer.content_delta(event.text)
-            elif isinstance(event, Done):
-                done = event
-    finally:
-        stream.close()
-    if done is None or done.finish_reason is None:
-        raise Unavailable("the server closed the stream before the reply ended (server gone?)")
-    stats = TurnStats.from_usage(done.usage, done.timings, finish_reason=done.finish_reason,
-                                 elapsed_s=time.perf_counter() - started)
+    done, stats = render_turn(stream, renderer)
     message = done.message or {}
     if as_json:
         out.write(json.dumps({
@@ -103,7 +97,6 @@ def ask_once(client, text: str, *, session_id: str | None = None, settings=None,
         }) + "\n")
         out.flush()
         return 0
-    renderer.end_line()
     err.write(format_footer(stats) + "\n")
     err.flush()
     return 0
@@ -113,7 +106,7 @@ def main_repl(*, url: str | None = None, model: str | None = None, new: bool = F
               session_id: str | None = None, settings=None, port: int | None = None) -> int:
     from .repl import ChatRepl
 
-    client = connect(url, model, port=port)
+    client = connect_server(url, model, port=port)
     if session_id and not new:
         _require_session(client, session_id)
     repl = ChatRepl(client, session_id=session_id, new=new, settings=settings,
@@ -181,7 +174,7 @@ def chat_command(url, model, port, new, session_id, once, as_json, system, tempe
         text = sys.stdin.read() if once == "-" else once
         if not text.strip():
             raise click.UsageError("--once needs a non-empty message")
-        client = connect(url, model, port=port)
+        client = connect_server(url, model, port=port)
         try:
             return ask_once(client, text, session_id=session_id, settings=settings, as_json=as_json)
         finally:
@@ -194,6 +187,25 @@ def chat_command(url, model, port, new, session_id, once, as_json, system, tempe
 @hookimpl
 def register_commands(register):
     register(chat_command)
+
+
+def open_chat(command, ctx) -> int:
+    """The handler of ``superlinear.chat_ui.OpenChat``: the REPL on the context's API."""
+    from .repl import ChatRepl, ChatSettings
+
+    given = {"max_tokens": command.max_tokens, "repetition": command.repetition}
+    settings = ChatSettings(temperature=command.temperature, **{k: v for k, v in given.items() if v is not None})
+    repl = ChatRepl(ctx.api, name=command.repl_name, session_id=command.session_id,
+                    extra_slash_commands=command.slash_commands, prepare_message=command.prepare_message,
+                    banner=command.banner, settings=settings, reply_filter=command.reply_filter)
+    return repl.run()
+
+
+@hookimpl
+def register_handlers(register):
+    from superlinear.chat_ui import OpenChat
+
+    register(OpenChat, open_chat)
 
 
 @hookimpl

@@ -10,10 +10,10 @@ Each one parses its argument text. The REPL's own settings and moves (``/temp``,
 from __future__ import annotations
 
 from superlinear.api import commands as api
-from superlinear.bus import SlashCommand
+from superlinear.chat_ui import SlashCommand, split_args
 from superlinear.errors import InvalidRequest
 
-from .slash import parse_int, split_args
+from .slash import parse_int
 
 
 def _help(text, repl):
@@ -109,27 +109,25 @@ def _tail(text, repl):
 
 
 # -- operations on sessions and snapshots: the API's commands, on the current session --------------
-def _admin():
-    from superlinear.plugins import admin
-
-    return admin
-
-
 def _ls(text, repl):
-    admin = _admin()
-    result = admin.list_all(repl.dispatch)
-    sessions = admin.session_table(result["sessions"])
+    from superlinear.api.composite import list_all
+    from superlinear.output import session_table, snapshot_table
+
+    result = list_all(repl.dispatch)
+    sessions = session_table(result["sessions"])
     if repl.session_id:  # mark the current session
         sessions = "\n".join(("* " if line.split(" ", 1)[0] == repl.session_id else "  ") + line
                              for line in sessions.splitlines())
-    return sessions + "\n\n" + admin.snapshot_table(result["snapshots"])
+    return sessions + "\n\n" + snapshot_table(result["snapshots"])
 
 
 def _rm(text, repl):
     ids = split_args(text)
     if not ids:
         raise InvalidRequest("usage: /rm ID… (sessions or snapshots; /ls lists them)")
-    removed = _admin().remove(repl.dispatch, ids)
+    from superlinear.api.composite import remove
+
+    removed = remove(repl.dispatch, ids)
     lines = [f"removed {item['kind']} {item['id']}" for item in removed]
     if any(item["kind"] == "session" and item["id"] == repl.session_id for item in removed):
         lines.append(repl.new_session() + " (the current one was removed)")

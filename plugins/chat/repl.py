@@ -1,6 +1,6 @@
 """``ChatRepl``: the interactive loop of ``spl chat`` (and of ``spl docs``, with extras).
 
-The REPL only talks to the server through ``SplClient``. A turn sends just the new message(s)
+The REPL only talks to the server through the API (``superlinear.connect``). A turn sends just the new message(s)
 with the session id and ``session_mode="append"``, so the server's session is the one source of
 truth; ``/system`` on a non-empty session resends the transcript with the new system prompt
 (``session_mode="replace"``) and the server rolls back to the common prefix.
@@ -21,13 +21,14 @@ import contextlib
 import os
 import sys
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from typing import Any, Protocol, TextIO
 
-from superlinear.api import Done, ReasoningDelta, TextDelta, chat_turn
+from superlinear.api import Done, Event, ReasoningDelta, TextDelta, chat_turn
 from superlinear.api import commands as api
-from superlinear.bus import Context, SlashCommand, dispatch
+from superlinear.bus import Context, dispatch
+from superlinear.chat_ui import SlashCommand
 from superlinear.client.progress import PrefillBar, watch_prefill
 from superlinear.engine import RepetitionConfig
 from superlinear.errors import InvalidRequest, NotFound, Unavailable, UserError
@@ -150,10 +151,38 @@ def message_text(message: dict) -> str:
     return text
 
 
+def render_turn(events: Iterator[Event], renderer: StreamRenderer,
+                shown: ReplyFilter | None = None) -> tuple[Done, TurnStats]:
+    """Show one turn's events as they come (the reply through ``shown``, when given) and return
+    its ``Done`` and stats: the turn of the REPL and of ``spl chat --once`` alike. The stream is
+    closed however this ends (the server then cancels a turn left early, e.g. on Ctrl-C)."""
+    started = time.perf_counter()
+    done = None
+    try:
+        for event in events:
+            match event:
+                case ReasoningDelta(text=text):
+                    renderer.reasoning_delta(text)
+                case TextDelta(text=text):
+                    renderer.content_delta(shown.feed(text) if shown else text)
+                case Done():
+                    done = event
+                    if shown:
+                        renderer.content_delta(shown.finish())
+    finally:
+        events.close()
+    renderer.end_line()
+    if done is None or done.finish_reason is None:
+        raise Unavailable("the server closed the stream before the reply ended (server gone?)")
+    stats = TurnStats.from_usage(done.usage, done.timings, elapsed_s=time.perf_counter() - started,
+                                 finish_reason=done.finish_reason)
+    return done, stats
+
+
 class ChatRepl:
     """An interactive chat on one server session at a time.
 
-    ``client``: a ``SplClient`` (``None``: ``connect()`` makes one when the REPL starts).
+    ``client``: the API of a server (``None``: ``superlinear.connect(start=True)`` when the REPL starts).
     ``name``: which REPL this is, for the remembered last session and the input history file.
     ``session_id``: use this session (created if missing); else the last one of ``name``
     (unless ``new``); else a new one. ``extra_slash_commands`` override/add to the registered
@@ -278,9 +307,10 @@ class ChatRepl:
     def open_session(self) -> str:
         """Pick the session at start: the given one, the last one, or a new one. Returns a note."""
         if self.client is None:
-            from .connection import connect
+            from superlinear import connect
+            from superlinear.server_process import stderr_progress
 
-            self.client = connect()
+            self.client = connect(start=True, progress=stderr_progress)
 
         if self.session_id:
             wanted = self.session_id
@@ -417,7 +447,7 @@ class ChatRepl:
             lines.append(f"model    ? ({exc.message})")
         lines.append(f"session  {self.session_id}")
         if self.session_id:
-            from superlinear.plugins.admin import format_bytes
+            from superlinear.output import format_bytes
 
             info = self.dispatch(api.GetSession(session_id=self.session_id))
             lines.append(f"  tokens   {info.get('position', '?')} of {info.get('max_seq_len', '?')}, "
@@ -478,25 +508,13 @@ class ChatRepl:
                                   markdown=self.settings.markdown)
         before = self._message_count()
         started = time.perf_counter()
-        done = None
-        cancelled = False
         # A long prompt (the first of a big session, a long paste) shows a bar with its ETA.
         bar = PrefillBar(speed=getattr(self.client, "prefill_speed", None))
         turn = chat_turn(messages, session_id=self.session_id, session_mode=mode, **self.settings.request_options())
-        stream = watch_prefill(self.dispatch(api.Chat(turn)), bar)
         quiet = quiet_terminal() if self.running else contextlib.nullcontext()
         try:
             with quiet:
-                for event in stream:
-                    match event:
-                        case ReasoningDelta(text=text):
-                            renderer.reasoning_delta(text)
-                        case TextDelta(text=text):
-                            renderer.content_delta(shown.feed(text) if shown else text)
-                        case Done():
-                            done = event
-                            if shown:
-                                renderer.content_delta(shown.finish())
+                done, stats = render_turn(watch_prefill(self.dispatch(api.Chat(turn)), bar), renderer, shown)
         except Unavailable:
             self.server_down = True
             raise
@@ -504,25 +522,13 @@ class ChatRepl:
             if renderer.wrote_anything:
                 raise
             return self._session_vanished(text, out)
-        except KeyboardInterrupt:
-            cancelled = True
-        finally:
-            stream.close()  # closes the HTTP response: the server stops generating
-        elapsed = time.perf_counter() - started
-        if cancelled:  # the server drops the cancelled turn: a new system prompt is still pending
+        except KeyboardInterrupt:  # the server drops the cancelled turn: a new system prompt is still pending
             self._drop_cancelled_turn(before)
             renderer.notice("[cancelled]")
-            stats = TurnStats(elapsed_s=elapsed, finish_reason="cancelled")
+            stats = TurnStats(elapsed_s=time.perf_counter() - started, finish_reason="cancelled")
             return TurnResult(renderer.text, "".join(renderer.reasoning), stats, cancelled=True,
                               session_id=self.session_id)
-        if done is None or done.finish_reason is None:
-            renderer.end_line()
-            self.server_down = True
-            raise Unavailable("the server closed the stream before the reply ended (server gone?)")
         self.system_dirty = False
-        stats = TurnStats.from_usage(done.usage, done.timings, elapsed_s=elapsed,
-                                     finish_reason=done.finish_reason)
-        renderer.end_line()
         for line in shown.notes() if shown else []:
             self.note(line)
         if done.finish_reason == "length" and self.settings.max_tokens:

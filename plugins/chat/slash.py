@@ -1,6 +1,6 @@
 """Slash commands: parsing a line, the registry (built-ins + plugins + extras), completion.
 
-A slash command is a ``superlinear.bus.SlashCommand``; its ``run(argument_text, repl)`` builds a
+A slash command is a ``superlinear.chat_ui.SlashCommand``; its ``run(argument_text, repl)`` builds a
 bus command and dispatches it. Completion of arguments is derived from the ``usage`` string, so a
 plugin's command gets it for free: ``SNAP`` completes snapshot ids, ``SESSION`` session ids, ``ID``
 either, ``on|off`` style alternatives complete literally (``usage="/think on|off|budget N"``),
@@ -10,13 +10,12 @@ and a trailing ``…`` repeats the last kind.
 from __future__ import annotations
 
 import re
-import shlex
 from collections.abc import Callable, Iterable
 
 from prompt_toolkit.completion import Completer, Completion
 from prompt_toolkit.document import Document
 
-from superlinear.bus import SlashCommand
+from superlinear.chat_ui import SlashCommand
 from superlinear.errors import InvalidRequest, UserError
 
 
@@ -37,14 +36,6 @@ def parse_line(line: str) -> tuple[str, str] | None:
     if not head or not re.fullmatch(r"[A-Za-z][\w.-]*", head):
         return None  # e.g. "/usr/bin/env is a path" is a message, not a command
     return head.lower(), rest.strip()
-
-
-def split_args(text: str) -> list[str]:
-    """Shell-like split that reports bad quoting as a user error."""
-    try:
-        return shlex.split(text)
-    except ValueError as exc:
-        raise InvalidRequest(f"cannot parse arguments: {exc}") from exc
 
 
 def parse_int(text: str, what: str, *, default: int | None = None, minimum: int | None = None) -> int:

@@ -56,9 +56,10 @@ def _client(ctx: Context):
     """The bound API, or one for a server that answers (started locally if need be): ``(api, owned)``."""
     if ctx.api is not None:
         return ctx.api, False
-    from superlinear.client import ensure_server
+    from superlinear import connect
+    from superlinear.server_process import stderr_progress
 
-    return ensure_server(), True
+    return connect(start=True, progress=stderr_progress), True
 
 
 def handle_ingest(command: RagIngest, ctx: Context) -> dict:
@@ -173,10 +174,10 @@ def remove_workspace(workspace: str, keep_snapshot: bool = False, api=None) -> d
     ws.remove()
     out = {"removed": ws.name, "snapshot_id": snapshot_id, "snapshot_removed": False}
     if snapshot_id and not keep_snapshot:
-        from superlinear.client import SplClient
+        from superlinear import connect
 
         try:
-            (api or SplClient()).delete_snapshot(snapshot_id)
+            (api or connect()).delete_snapshot(snapshot_id)
             out["snapshot_removed"] = True
         except UserError as exc:  # server down or snapshot gone: the workspace is removed anyway
             out["snapshot_error"] = exc.message

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from superlinear.bus import SlashCommand
+from superlinear.chat_ui import OpenChat, SlashCommand, split_args
 from superlinear.errors import InvalidRequest, UserError
 
 from . import commands, llm
@@ -81,8 +81,6 @@ class Docs:
         return note
 
     def add(self, text: str, repl) -> str:
-        from superlinear.plugins.chat.slash import split_args
-
         paths = split_args(text)
         if not paths:
             raise InvalidRequest("usage: /add PATH…")
@@ -161,12 +159,14 @@ class CheckedReply:
 
 def run_docs(name: str, *, url: str | None = None, k: int = 5, retriever: str = "bm25",
              max_tokens: int | None = None, temperature: float | None = None) -> int:
-    from superlinear.plugins.chat import ChatRepl, ChatSettings, connect
+    from superlinear import connect
+    from superlinear.bus import Context, dispatch
+    from superlinear.server_process import stderr_progress
 
     ws = Workspace.open(name)
     if retriever not in available_retrievers():
         raise InvalidRequest(f"unknown retriever {retriever!r}")
-    client = connect(url)
+    client = connect(url, start=True, progress=stderr_progress)
     state = DocsState(name, f"docs-{name}", k=k, retriever=retriever)
     try:
         client.get_session(state.session_id)
@@ -177,12 +177,11 @@ def run_docs(name: str, *, url: str | None = None, k: int = 5, retriever: str = 
     banner = (f"docs {name}: {info['files']} files, {info['chunks']} passages; {opened}\n"
               f"each message gets {k} passages from {retriever}; /add, /sources, /rag, /reset")
     docs = Docs(state)
-    repl = ChatRepl(client, name=f"docs:{name}", session_id=state.session_id,
-                    extra_slash_commands=docs.slash_commands(), prepare_message=docs.prepare_message, banner=banner,
-                    settings=ChatSettings(max_tokens=max_tokens or DOCS_MAX_TOKENS, temperature=temperature,
-                                          repetition=llm.ANSWER_REPETITION),
-                    reply_filter=docs.reply_filter)
+    chat = OpenChat(repl_name=f"docs:{name}", session_id=state.session_id, banner=banner,
+                    slash_commands=tuple(docs.slash_commands()), prepare_message=docs.prepare_message,
+                    reply_filter=docs.reply_filter, max_tokens=max_tokens or DOCS_MAX_TOKENS,
+                    temperature=temperature, repetition=llm.ANSWER_REPETITION)
     try:
-        return repl.run()
+        return dispatch(chat, Context(api=client))
     finally:
         client.close()

@@ -1,71 +1,22 @@
-"""Retrievers: what the ``register_retrievers`` hook provides, and the built-in ``bm25``.
-
-A retriever factory takes a ``Workspace`` and returns an object with
-``search(query: str, k: int) -> list[Passage]`` (best first). The workspace gives
-``chunks()`` (the passages, ``Chunk`` values), ``version`` (changes when they change) and
-``index_dir(name)`` (a folder to keep an index in). See docs/rag.md.
+"""The retrievers the ``register_retrievers`` hook provides (their contract is
+``superlinear.retrieval``), searching with one, and the built-in ``bm25``. See docs/rag.md.
 """
 
 from __future__ import annotations
 
 import json
 from collections.abc import Callable
-from dataclasses import dataclass
-from typing import Any, Protocol
+from typing import Any
 
 from superlinear.errors import InvalidRequest
+from superlinear.retrieval import Passage, Retriever, indexed_text
+from superlinear.retrieval.text import terms
 
-from .text import terms
-from .workspace import Chunk, Workspace
-
-DEFAULT_RETRIEVER = "bm25"
-
-
-@dataclass(frozen=True)
-class Passage:
-    """A retrieved chunk and its score (higher is better; scales differ between retrievers)."""
-
-    chunk: Chunk
-    score: float
-    retriever: str = ""
-
-    @property
-    def path(self) -> str:
-        return self.chunk.path
-
-    @property
-    def start(self) -> int:
-        return self.chunk.start
-
-    @property
-    def end(self) -> int:
-        return self.chunk.end
-
-    @property
-    def text(self) -> str:
-        return self.chunk.text
-
-    @property
-    def citation(self) -> str:
-        return self.chunk.citation
-
-    def to_dict(self) -> dict:
-        return {"path": self.chunk.display_path, "abs_path": self.path, "start": self.start, "end": self.end,
-                "citation": self.citation, "section": self.chunk.section, "score": round(float(self.score), 4),
-                "retriever": self.retriever, "chunk_id": self.chunk.id, "text": self.text}
-
-
-class Retriever(Protocol):
-    def search(self, query: str, k: int) -> list[Passage]: ...
-
+from .workspace import Workspace
 
 RetrieverFactory = Callable[[Workspace], Retriever]
 
-
-def indexed_text(chunk: Chunk) -> str:
-    """What lexical retrievers index for a chunk: its file name and heading count as words too."""
-    name = chunk.path.replace("\\", "/").rsplit("/", 2)
-    return " ".join(filter(None, [" ".join(name[-2:]), chunk.section or "", chunk.text]))
+DEFAULT_RETRIEVER = "bm25"
 
 
 def available_retrievers() -> dict[str, tuple[str, RetrieverFactory]]:

@@ -51,8 +51,8 @@ def serve(options: ServeOptions) -> int:
 
     import uvicorn
 
-    from superlinear.client.local import registered
     from superlinear.paths import snapshots_dir
+    from superlinear.server_process import registered
 
     from .store_lock import lock_store
 

@@ -85,7 +85,7 @@ class Runtime:
                  time.monotonic() - self._load_started, len(self.list_sessions()))
 
     def _open(self) -> None:
-        from superlinear.api.local import LocalApi, LocalOptions
+        from superlinear import connect
         from superlinear.pluginloader import model_loaders
 
         o = self.options
@@ -96,14 +96,12 @@ class Runtime:
 
             ensure_default(progress=self._conversion_step)  # once per machine: say how far it is
             self.conversion = None
-        options = LocalOptions(model=o.model, device=o.device, memory_budget=o.memory_budget or "auto",
-                               persist=o.persist, max_seq_len=o.max_seq_len, chunk_size=o.chunk_size,
-                               loaders=tuple(model_loaders()))
-
         def progress(line: str) -> None:
             self.progress = line
 
-        self.api = LocalApi.open(options, worker=self.worker, progress=progress)
+        self.api = connect("local", worker=self.worker, progress=progress, model=o.model, device=o.device,
+                           memory_budget=o.memory_budget or "auto", persist=o.persist, max_seq_len=o.max_seq_len,
+                           chunk_size=o.chunk_size, loaders=tuple(model_loaders()))
         self.service = self.api.service
         self.model, self.manager, self.store = self.service.model, self.service.manager, self.service.store
         self.restored = self.service.restored

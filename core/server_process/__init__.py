@@ -1,5 +1,6 @@
-"""The local server: start (detached, health-checked), stop (graceful), status, and
-``ensure_server()`` for commands that need a server and should start one if none answers.
+"""The local server's process: start it (detached, health-checked), stop it (gracefully), and
+record a foreground ``spl serve`` (``registered``); its pid, log and lock files are ``files``.
+``superlinear.connect(start=True)`` starts one through here when none answers.
 
 "Ours" is the server recorded in the state dir's ``server.json``, and only while the process
 with the recorded pid is still the one recorded (start time + command line; a pid reused by
@@ -22,12 +23,12 @@ import time
 from collections.abc import Callable
 
 from superlinear import process
-from superlinear.errors import Conflict, InvalidRequest, Unavailable, UserError
-from superlinear.settings.options import ServeOptions, resolve_options
+from superlinear.api.remote import RemoteApi
+from superlinear.errors import Conflict, Unavailable, UserError
+from superlinear.settings.options import ServeOptions
 
-from . import state
-from .api import SplClient, resolve_target
-from .state import running_local, verified_identity
+from . import files
+from .files import running_local, verified_identity
 
 Progress = Callable[[str], None]
 
@@ -44,16 +45,16 @@ def stderr_progress(line: str) -> None:
         print(line, file=sys.stderr, flush=True)
 
 
-def _end_progress() -> None:
+def end_progress() -> None:
     if sys.stderr.isatty():
         sys.stderr.write("\r\033[K")
         sys.stderr.flush()
 
 
 @contextlib.contextmanager
-def _start_lock():
-    """Serialise starts, so two commands calling ensure_server() at once start one server."""
-    with open(state.lock_file(), "a+") as f:
+def start_lock():
+    """Serialise starts, so two commands that need a server at once start one server."""
+    with open(files.lock_file(), "a+") as f:
         fcntl.flock(f, fcntl.LOCK_EX)
         try:
             yield
@@ -76,10 +77,10 @@ def registered(options: ServeOptions):
     if os.environ.get(DETACHED_ENV) == "1":
         yield None  # launched by `spl server start`, which records it
         return
-    with _start_lock():
+    with start_lock():
         existing = running_local()
         if existing is None:
-            state.write_local_server(_record(os.getpid(), options.url(), options, foreground=True))
+            files.write_local_server(_record(os.getpid(), options.url(), options, foreground=True))
     if existing is not None:
         print(f"spl: note: your local server at {existing['url']} (pid {existing['pid']}) stays the one the "
               f"other commands use; point them here with SPL_SERVER_URL={options.url()}", flush=True)
@@ -87,7 +88,7 @@ def registered(options: ServeOptions):
         yield existing
     finally:
         if existing is None:
-            state.clear_local_server(pid=os.getpid())
+            files.clear_local_server(pid=os.getpid())
 
 
 # -- what answers on a port ---------------------------------------------------------------------
@@ -116,7 +117,7 @@ def describe_other(url: str, health: dict | None = None) -> str:
     """``another spl server (pid 123, user bob, model default)`` or ``another program``."""
     if health is None:
         try:
-            with SplClient(url, api_key="") as probe:
+            with RemoteApi(url) as probe:
                 health = probe.health(timeout=1.0)
         except UserError:
             return "another program"
@@ -154,14 +155,14 @@ def _tail(path, n: int = 15) -> str:
     return "\n".join(lines[-n:])
 
 
-def wait_until_ready(client: SplClient, pid: int | None = None, timeout: float = 900.0,
+def wait_until_ready(client: RemoteApi, pid: int | None = None, timeout: float = 900.0,
                      progress: Progress | None = stderr_progress) -> dict:
     """Poll ``/health`` until the model is loaded; show the server's progress line meanwhile."""
     deadline = time.monotonic() + timeout
     last = None
     while True:
-        if pid is not None and not state.pid_alive(pid):
-            log = _tail(state.log_file(), 40).splitlines()
+        if pid is not None and not files.pid_alive(pid):
+            log = _tail(files.log_file(), 40).splitlines()
             errors = [line for line in log if "error" in line.lower()]
             why = errors[-1].strip() if errors else (log[-1].strip() if log else "no output")
             raise Unavailable(f"the spl server exited while starting ({why}); see `spl server logs`")
@@ -171,7 +172,7 @@ def wait_until_ready(client: SplClient, pid: int | None = None, timeout: float =
             health = {"status": "starting", "progress": "starting the server"}
         if health.get("status") == "ok":
             if progress and last is not None:
-                _end_progress()
+                end_progress()
             return health
         if health.get("status") == "error":
             raise Unavailable(f"the spl server failed to load the model: {health.get('error')}")
@@ -204,13 +205,13 @@ def start(options: ServeOptions, progress: Progress | None = stderr_progress, ti
     ``port_chosen=False`` (the port is the built-in default): if someone else holds it, a free
     port is used instead, and remembered in ``server.json`` like any other.
     """
-    with _start_lock():
+    with start_lock():
         existing = running_local()
         if existing:
             raise Conflict(f"an spl server is already running (pid {existing['pid']}, {existing['url']}); "
                            "`spl server stop` stops it")
         options = _choose_port(options, port_chosen)
-        log_path = state.log_file()
+        log_path = files.log_file()
         log_path.parent.mkdir(parents=True, exist_ok=True)
         env = dict(os.environ)
         if options.api_key:
@@ -226,13 +227,13 @@ def start(options: ServeOptions, progress: Progress | None = stderr_progress, ti
             proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
                                     env=env, start_new_session=True, close_fds=True)
         info = _record(proc.pid, options.url(), options, cmdline=cmd, log=str(log_path))
-        state.write_local_server(info)
-        client = SplClient(options.url(), api_key=options.api_key)
+        files.write_local_server(info)
+        client = RemoteApi(options.url(), options.api_key)
         try:
             health = wait_until_ready(client, pid=proc.pid, timeout=timeout, progress=progress)
         except BaseException:
             _stop_child(proc, grace=5.0)
-            state.clear_local_server(pid=proc.pid)
+            files.clear_local_server(pid=proc.pid)
             raise
         finally:
             client.close()
@@ -251,17 +252,17 @@ def _stop_child(proc: subprocess.Popen, grace: float) -> None:
 
 def stop(timeout: float = 120.0) -> dict:
     """Stop the local server gracefully: its open sessions are snapshotted before it exits."""
-    recorded = state.local_server()
+    recorded = files.local_server()
     info = running_local()
     ident = verified_identity(info) if info else None
     if not info or ident is None:
         if recorded and recorded.get("pid"):
-            raise Unavailable(f"no local spl server is running (pid {recorded['pid']} in {state.server_file()} "
+            raise Unavailable(f"no local spl server is running (pid {recorded['pid']} in {files.server_file()} "
                               "is not the spl server recorded there any more; it was left alone and the "
                               "stale file removed)")
         raise Unavailable("no local spl server is running")
     sessions = None
-    client = SplClient(info["url"], api_key=info.get("api_key"))
+    client = RemoteApi(info["url"], info.get("api_key"))
     try:
         sessions = client.health(timeout=2.0).get("sessions")
     except UserError:
@@ -269,150 +270,5 @@ def stop(timeout: float = 120.0) -> dict:
     finally:
         client.close()
     graceful = process.terminate(ident, grace=timeout)
-    state.clear_local_server(pid=info["pid"])
+    files.clear_local_server(pid=info["pid"])
     return {"pid": info["pid"], "url": info["url"], "graceful": graceful, "sessions": sessions}
-
-
-# -- status -------------------------------------------------------------------------------------
-def status() -> dict:
-    """What runs where: our local server (if any), the connected URL, and its /health. A server
-    that answers where no server of ours runs is reported under ``other``, never as ours."""
-    connected = state.connected()
-    client = SplClient()
-    local = running_local() if client.target.source == "local" else None
-    result: dict = {"url": client.base_url, "source": client.target.source, "local": None,
-                    "connected": connected.get("url") if connected else None}
-    if local:
-        result["local"] = {k: local[k] for k in ("pid", "url", "log", "started_at", "foreground") if k in local}
-    try:
-        health = client.health(timeout=3.0)
-    except UserError as exc:
-        health = None
-        result["error"] = exc.message
-    finally:
-        client.close()
-    if health is not None and not _is_ours(client.target.source, health, local):
-        result["other"] = {"url": client.base_url, "pid": health.get("pid"), "model": health.get("model"),
-                           "user": process.owner(health.get("pid")) if isinstance(health.get("pid"), int) else None,
-                           "description": describe_other(client.base_url, health)}
-        result["error"] = "no spl server of yours is running"
-        health = None
-    result["health"] = health
-    result["up"] = bool(health) and health.get("status") == "ok"
-    return result
-
-
-def _is_ours(source: str, health: dict, local: dict | None) -> bool:
-    if source == "configured":
-        return False  # nothing of ours is recorded, so whatever answers is someone else's
-    if source == "local" and local is not None:
-        return health.get("pid") in (None, local["pid"])
-    return True  # a server the user pointed at
-
-
-# -- ensure_server ------------------------------------------------------------------------------
-def check_model(requested: str | None, health: dict, url: str, served: str | None = None,
-                local: bool = False) -> None:
-    """Refuse a ``--model`` the running server does not serve (``served``: the spec it was
-    started with, when known)."""
-    if requested is None:
-        return
-    names = {health.get("model"), served}
-    if requested in names or (served and os.path.exists(requested) and os.path.exists(served)
-                              and os.path.samefile(requested, served)):
-        return
-    current = health.get("model") or served or "?"
-    how = (f"`spl server stop`, then start it with --model {requested}" if local
-           else "start a server with that model and point to it")
-    raise InvalidRequest(f"the spl server at {url} serves model {current!r}, not {requested!r}: drop --model, "
-                         f"or {how}", param="model")
-
-
-def _ready_client(url: str, api_key: str | None, progress: Progress | None, unreachable: str | None = None):
-    """A client for ``url`` and its /health once ready (waits while the model loads).
-    ``unreachable`` replaces the message when nothing answers."""
-    client = SplClient(url, api_key=api_key)
-    try:
-        try:
-            health = client.health(timeout=5.0)  # Unavailable with a clear line when nothing answers
-        except Unavailable:
-            if unreachable is None:
-                raise
-            raise Unavailable(unreachable) from None
-        if health.get("status") in ("loading", "starting"):
-            health = wait_until_ready(client, progress=progress)
-        elif health.get("status") != "ok":
-            raise Unavailable(f"the spl server at {client.base_url} is not ready: {health.get('status')}")
-    except BaseException:
-        client.close()
-        raise
-    return client, health
-
-
-def ensure_server(model: str | None = None, progress: Progress | None = stderr_progress,
-                  options: ServeOptions | None = None, url: str | None = None,
-                  port: int | None = None) -> SplClient:
-    """A client for a server that answers: the one the user named, our local one, or a local one
-    started now.
-
-    ``url`` / ``$SPL_SERVER_URL`` / ``spl server connect`` name a server: it must answer (a
-    named server is never replaced by a local one). Otherwise our recorded local server is
-    used, or ``spl server start`` runs in the background (model and port from ``model``/``port``,
-    else the environment, the config file, the defaults), showing a progress line while the
-    model loads. ``model`` / ``port``, when given, must match a server that runs already
-    (``InvalidRequest``). The caller owns (and should close) the returned client.
-    """
-    target = resolve_target(url)
-    if target.chosen:
-        if port is not None:
-            raise InvalidRequest(f"--port is for a local server; this command talks to {target.url} "
-                                 f"({target.source})", param="port")
-        unreachable = None if target.source == "argument" else (
-            f"the spl server at {target.url} ({target.source}) does not answer; start it, or "
-            "`spl server connect --forget` to use a local one")
-        client, health = _ready_client(target.url, None, progress, unreachable=unreachable)
-        _checked(client, lambda: check_model(model, health, target.url))
-        return client
-    with _start_lock():
-        pass  # wait out a start that another process has under way
-    info = running_local()
-    if info is None:
-        opts, sources = (options, {}) if options else resolve_options(model=model, port=port)
-        try:
-            info = start(opts, progress=progress, port_chosen=sources.get("port", "flag") != "default")
-        except Conflict:
-            info = running_local()  # another process won the race
-            if not info:
-                raise
-        else:
-            if progress is not None:  # a first run: say where the server is and how to leave it
-                _end_progress()
-                print(f"spl: server started at {info['url']} (pid {info['pid']}); it keeps running for the next "
-                      "command: `spl chat` to chat, `spl server stop` to stop it", file=sys.stderr, flush=True)
-    return _use_local(info, model, port, progress)
-
-
-def _use_local(info: dict, model: str | None, port: int | None, progress: Progress | None) -> SplClient:
-    url = info["url"]
-    if port is not None and not url.endswith(f":{port}"):
-        raise InvalidRequest(f"your local spl server runs at {url} (pid {info['pid']}), not on port {port}: "
-                             "drop --port, or `spl server stop` first", param="port")
-    client = SplClient(url, api_key=info.get("api_key"))
-
-    def verify() -> None:
-        health = wait_until_ready(client, pid=info["pid"], progress=progress)  # it may still be starting
-        if health.get("pid") not in (None, info["pid"]):
-            raise Unavailable(f"{describe_other(url, health)} answers at {url}, not your server (pid "
-                              f"{info['pid']}); see `spl server status`")
-        check_model(model, health, url, served=(info.get("options") or {}).get("model"), local=True)
-
-    _checked(client, verify)
-    return client
-
-
-def _checked(client: SplClient, check: Callable[[], None]) -> None:
-    try:
-        check()
-    except BaseException:
-        client.close()
-        raise
