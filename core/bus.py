@@ -1,4 +1,4 @@
-"""The command bus: the API's operations (``superlinear.api.commands``) and what plugins add,
+"""The command bus: the API's operations (``superlinear.protocol``) and what plugins add,
 as small typed commands dispatched through one middleware chain.
 
 A command either carries its behaviour (``run(ctx)``: the API commands run against the API the

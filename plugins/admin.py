@@ -1,6 +1,6 @@
 """Built-in plugin ``admin``: ``spl ls``, ``spl rm``, ``spl session …``, ``spl snapshot …``.
 
-Every operation is one of the API's bus commands (``superlinear.api.commands``), dispatched
+Every operation is one of the API's bus commands (``superlinear.protocol``), dispatched
 against the server the commands talk to (``superlinear.connect()``); the chat REPL's slash commands
 dispatch the same commands against its own client. ``spl ls`` / ``spl rm`` / ``snapshot tag``
 combine a few of them (``superlinear.api.composite``).
@@ -16,7 +16,7 @@ from pathlib import Path
 
 import click
 
-from superlinear.api import commands as api
+from superlinear import protocol as api
 from superlinear.api.composite import list_all, remove, retag
 from superlinear.bus import Context, dispatch
 from superlinear.client.completion import complete_any_ids, complete_session_ids, complete_snapshot_ids

@@ -114,7 +114,7 @@ def test_admin_errors_are_one_line(spl):
 
 def test_api_commands_run_against_the_api_in_the_context(server):
     from superlinear import connect
-    from superlinear.api import commands as api
+    from superlinear import protocol as api
     from superlinear.bus import Context, dispatch
 
     with connect(server.url, api_key=server.api_key) as client:

@@ -115,8 +115,8 @@ def test_trace_prints_command_and_time(monkeypatch, capsys):
 
 
 def test_an_api_command_runs_against_the_bound_api():
-    """``superlinear.api.commands`` carry their behaviour: no handler, the context's API."""
-    from superlinear.api import commands as api
+    """``superlinear.protocol`` carry their behaviour: no handler, the context's API."""
+    from superlinear import protocol as api
     from superlinear.errors import InvalidRequest
 
     class Api:

@@ -50,7 +50,11 @@ def test_session_rule():
 
 
 def test_parse_body():
-    from superlinear.plugins.serve.schemas import ChatCompletionRequest, CreateSession, parse_body
+    from superlinear import protocol
+    from superlinear.plugins.serve.routes_api import request_model
+    from superlinear.plugins.serve.schemas import ChatCompletionRequest, parse_body
+
+    CreateSession = request_model(protocol.CreateSession)
 
     ok = parse_body(b'{"messages": [{"role": "user", "content": [{"type": "text", "text": "a"},'
                     b' {"type": "text", "text": "b"}]}], "extra_field": 1}', ChatCompletionRequest)

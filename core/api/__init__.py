@@ -9,7 +9,7 @@ implementations: ``LocalApi`` (in process: it owns the model's worker thread) an
         ...                                       # Started, PrefillProgress, TextDelta, ..., Done
 
 The bus (``superlinear.bus``) dispatches these operations as commands to the API it is bound
-to (``superlinear.api.commands``).
+to (``superlinear.protocol``).
 """
 
 from __future__ import annotations

@@ -1,4 +1,4 @@
-"""Operations made of a few of the API's commands (``superlinear.api.commands``): each is a
+"""Operations made of a few of the API's commands (``superlinear.protocol``): each is a
 plain function of ``run``, which dispatches one command against some API, so the CLI (``spl
 ls``, ``spl rm``, ``spl snapshot tag``) and the chat REPL (``/ls``, ``/rm``) share them."""
 
@@ -6,9 +6,8 @@ from __future__ import annotations
 
 from collections.abc import Callable
 
+from superlinear import protocol as api
 from superlinear.errors import InvalidRequest, NotFound
-
-from . import commands as api
 
 Run = Callable[[api.ApiCommand], object]  # dispatches one API command against some API
 

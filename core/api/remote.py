@@ -6,7 +6,6 @@ server raised (``errors.from_openai``); an unreachable server is ``Unavailable``
 
 from __future__ import annotations
 
-import dataclasses
 import json
 import os
 from collections.abc import Callable, Iterator
@@ -16,8 +15,11 @@ from urllib.parse import quote
 
 import httpx
 
+from superlinear import protocol
+from superlinear.engine.types import Logprobs
 from superlinear.errors import InvalidRequest, Unavailable, UserError, from_openai
 from superlinear.service.chat_service import ChatTurn
+from superlinear.service.logprobs import read_chat_logprobs
 
 from .events import Done, Event, Persisted, PrefillProgress, ReasoningDelta, Started, TextDelta, ToolCallsEvent
 from .types import Completion, SessionInfo, SessionListing, SnapshotInfo, Tokens
@@ -123,76 +125,87 @@ class RemoteApi:
     def models(self) -> list[dict]:
         return self.request("GET", "/v1/models")["data"]
 
-    # -- generation ----------------------------------------------------------------------------
+    # -- the operations: each call is built from its declaration (``superlinear.protocol``) --------
+    def send(self, command: protocol.ApiCommand) -> Any:
+        """Run one operation on the server: its route and method, path fields in the path, the
+        others in the body (or the query) under their wire names; the result read off the answer."""
+        http = command.http
+        values = command.arguments()
+        path = http.route.format(**{name: _q(values.pop(name)) for name in http.path_fields()})
+        wire = {http.wire.get(k, k): v for k, v in values.items()
+                if k in {f.name for f in command.wire_fields().values()}}
+        if http.query:
+            answer = self.request(http.method, path, params={k: _query_value(v) for k, v in wire.items()})
+        elif http.method in ("GET", "DELETE"):
+            answer = self.request(http.method, path)
+        else:
+            answer = self.request(http.method, path, json=wire)
+        return command.read(answer)
+
     def chat(self, turn: ChatTurn) -> Iterator[Event]:
         """One turn's events, as ``LocalApi.chat`` yields them. Closing the iterator early closes
         the connection: the server cancels the turn."""
-        return self._events("/v1/chat/completions", chat_body(turn), read_chat)
+        return self._events(protocol.Chat.http.route, protocol.chat_body(turn), read_chat)
 
     def complete(self, completion: Completion) -> Iterator[Event]:
-        return self._events("/v1/completions", completion_body(completion), read_completion)
+        return self._events(protocol.Complete.http.route, protocol.completion_body(completion), read_completion)
 
     def tokenize(self, source: str | list[dict], *, add_special: bool = True, add_generation_prompt: bool = True,
                  with_pieces: bool = False) -> Tokens:
         body: dict[str, Any] = {"content": source} if isinstance(source, str) else {"messages": source}
         body.update(add_special=add_special, add_generation_prompt=add_generation_prompt, with_pieces=with_pieces)
-        return self.request("POST", "/tokenize", json=body)
+        return self.request(protocol.Tokenize.http.method, protocol.Tokenize.http.route, json=body)
 
     def detokenize(self, ids: list[int]) -> str:
-        return self.request("POST", "/detokenize", json={"tokens": list(ids)})["content"]
+        return self.send(protocol.Detokenize(ids=tuple(ids)))
 
-    # -- sessions ------------------------------------------------------------------------------
     def create_session(self, session_id: str | None = None, max_seq_len: int | None = None, *,
                        ephemeral: bool = False) -> SessionInfo:
-        body = _given(session_id=session_id, max_seq_len=max_seq_len, ephemeral=ephemeral or None)
-        return self.request("POST", "/v1/sessions", json=body)
+        return self.send(protocol.CreateSession(session_id, max_seq_len, ephemeral))
 
     def get_session(self, session_id: str) -> SessionInfo:
-        return self.request("GET", f"/v1/sessions/{_q(session_id)}")
+        return self.send(protocol.GetSession(session_id))
 
     def list_sessions(self) -> SessionListing:
-        body = self.request("GET", "/v1/sessions")
-        return {"sessions": body["data"], **{k: body.get(k) for k in ("count", "bytes", "resident", "memory_budget")}}
+        return self.send(protocol.ListSessions())
 
     def history(self, session_id: str) -> list[dict]:
-        return self.request("GET", f"/v1/sessions/{_q(session_id)}/history")["messages"]
+        return self.send(protocol.History(session_id))
 
     def fork(self, session_id: str, new_id: str | None = None) -> SessionInfo:
-        return self.request("POST", f"/v1/sessions/{_q(session_id)}/fork", json=_given(new_session_id=new_id))
+        return self.send(protocol.Fork(session_id, new_id))
 
     def rollback(self, session_id: str, n_messages: int) -> SessionInfo:
         """Keep the first ``n_messages`` messages of the transcript (negative: drop that many)."""
-        return self.request("POST", f"/v1/sessions/{_q(session_id)}/rollback", json={"n_messages": n_messages})
+        return self.send(protocol.Rollback(session_id, n_messages))
 
     def resize(self, session_id: str, max_seq_len: int) -> SessionInfo:
-        return self.request("POST", f"/v1/sessions/{_q(session_id)}/resize", json={"max_seq_len": max_seq_len})
+        return self.send(protocol.Resize(session_id, max_seq_len))
 
     def save(self, session_id: str, *, title: str | None = None, description: str | None = None,
              tags: list[str] | None = None) -> SnapshotInfo:
-        return self.request("POST", f"/v1/sessions/{_q(session_id)}/save",
-                            json=_given(title=title, description=description, tags=tags))
+        return self.send(protocol.Save(session_id, title, description, tuple(tags) if tags is not None else None))
 
     def close_session(self, session_id: str) -> SessionInfo:
-        return self.request("DELETE", f"/v1/sessions/{_q(session_id)}")["session"]
+        return self.send(protocol.CloseSession(session_id))
 
-    # -- snapshots -----------------------------------------------------------------------------
     def list_snapshots(self, tag: str | None = None, include_session_state: bool = False) -> list[SnapshotInfo]:
-        params = _given(tag=tag, all="true" if include_session_state else None)
-        return self.request("GET", "/v1/snapshots", params=params)["data"]
+        return self.send(protocol.ListSnapshots(tag, include_session_state))
 
     def get_snapshot(self, snapshot_id: str) -> SnapshotInfo:
-        return self.request("GET", f"/v1/snapshots/{_q(snapshot_id)}")
+        return self.send(protocol.GetSnapshot(snapshot_id))
 
     def update_snapshot(self, snapshot_id: str, **fields: Any) -> SnapshotInfo:
-        return self.request("PATCH", f"/v1/snapshots/{_q(snapshot_id)}", json=fields)
+        if "tags" in fields and fields["tags"] is not None:
+            fields["tags"] = tuple(fields["tags"])
+        return self.send(protocol.UpdateSnapshot(snapshot_id, **fields))
 
     def delete_snapshot(self, snapshot_id: str) -> None:
-        self.request("DELETE", f"/v1/snapshots/{_q(snapshot_id)}")
+        self.send(protocol.DeleteSnapshot(snapshot_id))
 
     def load(self, snapshot_id: str, *, session_id: str | None = None, force: bool = False,
              max_seq_len: int | None = None, ephemeral: bool = False) -> SessionInfo:
-        body = _given(session_id=session_id, max_seq_len=max_seq_len, ephemeral=ephemeral or None)
-        return self.request("POST", f"/v1/snapshots/{_q(snapshot_id)}/load", json={"force": force, **body})
+        return self.send(protocol.Load(snapshot_id, session_id, force, max_seq_len, ephemeral))
 
     def export_snapshot(self, snapshot_id: str, dest: str | Path,
                         on_bytes: Callable[[int, int | None], None] | None = None) -> Path:
@@ -246,27 +259,8 @@ def _given(**fields: Any) -> dict:
     return {k: v for k, v in fields.items() if v is not None}
 
 
-# -- the wire format of the generation routes -----------------------------------------------------
-def sampling_fields(sampling, repetition) -> dict:
-    return _given(temperature=sampling.temperature, top_p=sampling.top_p, top_k=sampling.top_k or None,
-                  seed=sampling.seed, max_tokens=sampling.max_tokens, stop=list(sampling.stop) or None,
-                  repetition_detection=dataclasses.asdict(repetition) if repetition else None)
-
-
-def chat_body(turn: ChatTurn) -> dict:
-    r = turn.request
-    body = {"model": "default", "messages": r.messages, "stream": True, "stream_options": {"include_usage": True},
-            "return_progress": True, "session_mode": turn.session_mode,
-            **sampling_fields(r.sampling, r.repetition),
-            **_given(session_id=turn.session_id, tools=r.tools, tool_choice=r.tool_choice,
-                     reasoning_budget=r.reasoning_budget, chat_template_kwargs=r.chat_template_kwargs,
-                     keep_thinking=r.keep_thinking or None)}
-    return body
-
-
-def completion_body(completion: Completion) -> dict:
-    return {"model": "default", "prompt": completion.prompt, "stream": True,
-            **sampling_fields(completion.sampling, completion.repetition)}
+def _query_value(value: Any) -> Any:
+    return ("true" if value else "false") if isinstance(value, bool) else value
 
 
 def _chunks(sse) -> Iterator[dict]:
@@ -298,6 +292,8 @@ def read_chat(chunks: Iterator[dict]) -> Iterator[Event]:
             yield PrefillProgress(p["processed"], p["total"], p["cache"], p["time_ms"] / 1000)
         for choice in chunk.get("choices") or []:
             delta = choice.get("delta") or {}
+            if isinstance(choice.get("logprobs"), dict):
+                yield Logprobs(read_chat_logprobs(choice["logprobs"]))
             if delta.get("reasoning_content"):
                 yield ReasoningDelta(delta["reasoning_content"])
             if delta.get("content"):

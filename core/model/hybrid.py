@@ -26,14 +26,14 @@ from superlinear.model.attention import spl_attention
 from superlinear.model.mamba2 import MambaDims, fla_available, mixer_forward, mixer_step_fused
 from superlinear.model.moe import experts_path, fused_decode_unsupported, moe_decode_fused, moe_forward
 
+from . import layer_types
+
 SWITCHES = {"moe": "SPL_FUSED_MOE_DECODE", "mamba": "SPL_FUSED_MAMBA_STEP"}
 
 
 def requested() -> set[str]:
     """The fused decode ops the environment switches on (``moe``, ``mamba``)."""
     return {op for op, var in SWITCHES.items() if os.environ.get(var, "").strip() not in ("", "0")}
-
-from . import layer_types
 
 
 class HybridForward:

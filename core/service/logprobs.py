@@ -8,15 +8,23 @@ from superlinear.engine.types import TokenLogprob
 
 
 def chat_logprobs(entries: list[TokenLogprob]) -> dict:
-    """``{"content": [{"token", "logprob", "bytes", "top_logprobs": [...]}]}``."""
-    return {"content": [{**_chat_item(e.text, e.logprob),
-                         "top_logprobs": [_chat_item(text, lp) for _, text, lp in e.top or ()]}
+    """``{"content": [{"token", "logprob", "bytes", "top_logprobs": [...]}]}``, each item with
+    its token ``id`` too (spl's: the remote API reads the engine's ``TokenLogprob`` back)."""
+    return {"content": [{**_chat_item(e.id, e.text, e.logprob),
+                         "top_logprobs": [_chat_item(i, text, lp) for i, text, lp in e.top or ()]}
                         for e in entries],
             "refusal": None}
 
 
-def _chat_item(text: str, logprob: float | None) -> dict:
-    return {"token": text, "logprob": logprob, "bytes": list(text.encode("utf-8"))}
+def _chat_item(token_id: int, text: str, logprob: float | None) -> dict:
+    return {"token": text, "logprob": logprob, "bytes": list(text.encode("utf-8")), "id": token_id}
+
+
+def read_chat_logprobs(logprobs: dict) -> list[TokenLogprob]:
+    """The ``TokenLogprob`` s of a chat chunk's ``logprobs`` (the inverse of ``chat_logprobs``)."""
+    return [TokenLogprob(item["id"], item["token"], item["logprob"],
+                         [(top["id"], top["token"], top["logprob"]) for top in item.get("top_logprobs") or []])
+            for item in logprobs.get("content") or []]
 
 
 def completion_logprobs(entries: list[TokenLogprob], offset: int = 0, prompt: list[TokenLogprob] = ()) -> dict:

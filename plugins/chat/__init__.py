@@ -56,8 +56,8 @@ def ask_once(client, text: str, *, session_id: str | None = None, settings=None,
     """Answer one message: stream it to ``out`` (footer on ``err``), or print one JSON object."""
     import io
 
+    from superlinear import protocol as api
     from superlinear.api import chat_turn
-    from superlinear.api import commands as api
     from superlinear.bus import Context, dispatch
 
     from .render import StreamRenderer, format_footer

@@ -3,13 +3,13 @@
 Each one parses its argument text. The REPL's own settings and moves (``/temp``, ``/max``,
 ``/new``, ``/exit``…) are plain methods of the REPL; operations on sessions and snapshots
 (``/save``, ``/load``, ``/fork``, ``/rollback``, ``/ls``, ``/rm``) dispatch the API's commands
-(``superlinear.api.commands``) against the REPL's API, the very ones `spl session …` and
+(``superlinear.protocol``) against the REPL's API, the very ones `spl session …` and
 `spl snapshot …` dispatch, and format their results here.
 """
 
 from __future__ import annotations
 
-from superlinear.api import commands as api
+from superlinear import protocol as api
 from superlinear.chat_ui import SlashCommand, split_args
 from superlinear.errors import InvalidRequest
 

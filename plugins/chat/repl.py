@@ -25,8 +25,8 @@ from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from typing import Any, Protocol, TextIO
 
+from superlinear import protocol as api
 from superlinear.api import Done, Event, ReasoningDelta, TextDelta, chat_turn
-from superlinear.api import commands as api
 from superlinear.bus import Context, dispatch
 from superlinear.chat_ui import SlashCommand
 from superlinear.client.progress import PrefillBar, watch_prefill

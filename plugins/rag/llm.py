@@ -205,8 +205,8 @@ def _prefill(client, system: str, session_id: str, on_prefill=None) -> Done:
 
 def _chat_events(client, turn):
     """A turn's events, dispatched on the bus against ``client`` (the API rag runs on)."""
-    from superlinear.api.commands import Chat
     from superlinear.bus import Context, dispatch
+    from superlinear.protocol import Chat
 
     return dispatch(Chat(turn), Context(api=client))
 

@@ -14,7 +14,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from superlinear.errors import InvalidRequest, NotFound, TooLarge, Unauthorized, UserError
 
-from . import routes_chat, routes_models, routes_sessions, routes_snapshots, routes_text, sse
+from . import routes_api, routes_chat, routes_models, routes_snapshots, routes_text, sse
 from .http import MAX_BODY_BYTES, error_response, import_limit
 from .runtime import Runtime
 
@@ -132,7 +132,7 @@ def create_app(runtime: Runtime) -> FastAPI:
     async def _bug(request: Request, exc: Exception):
         return _bug_response(exc)
 
-    for routes in (routes_models, routes_chat, routes_sessions, routes_snapshots, routes_text):
+    for routes in (routes_models, routes_chat, routes_snapshots, routes_api, routes_text):
         routes.add_routes(app, runtime)
     from superlinear.pluginloader import collect
 

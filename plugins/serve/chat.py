@@ -26,6 +26,7 @@ def engine_request(req: ChatCompletionRequest, messages: list[dict], defaults: d
         messages=messages, tools=tools, tool_choice=req.tool_choice, sampling=sampling,
         reasoning_budget=req.reasoning_budget, repetition=repetition,
         chat_template_kwargs=req.chat_template_kwargs, keep_thinking=req.keep_thinking,
+        keep_partial=req.keep_partial,
     )
 
 

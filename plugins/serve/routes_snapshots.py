@@ -1,5 +1,6 @@
-"""/v1/snapshots: snapshots on disk, through the in-process API (``LocalApi``). Store work runs
-in a thread (it never waits for a turn); loading one into a session runs on the worker."""
+"""The snapshot routes that move a file, through the in-process API (``LocalApi``): an upload
+(import) and a download (export); store work runs in a thread (it never waits for a turn). The
+other snapshot routes are the protocol's (``routes_api``)."""
 
 from __future__ import annotations
 
@@ -16,20 +17,14 @@ from starlette.background import BackgroundTask
 from superlinear.errors import InvalidRequest, TooLarge
 from superlinear.sessions.snapshots import UPLOAD_NAME
 
-from . import bounds, http
+from . import http
 from .runtime import Runtime
-from .schemas import LoadSnapshot, PatchSnapshot
 
 
 def add_routes(app: FastAPI, rt: Runtime) -> None:
     def ready():
         rt.require_ready()
         return rt.api
-
-    @app.get("/v1/snapshots")
-    async def list_snapshots(tag: str | None = None, all: bool = False):  # noqa: A002 - query name
-        items = await asyncio.to_thread(ready().list_snapshots, tag, all)
-        return {"object": "list", "data": items}
 
     @app.post("/v1/snapshots/import")
     async def import_snapshot(request: Request, snapshot_id: str | None = None, replace: bool = False):
@@ -51,29 +46,6 @@ def add_routes(app: FastAPI, rt: Runtime) -> None:
             with contextlib.suppress(OSError):
                 os.unlink(tmp)
         return JSONResponse(view, status_code=201)
-
-    @app.get("/v1/snapshots/{snapshot_id}")
-    async def get_snapshot(snapshot_id: str):
-        return await asyncio.to_thread(ready().get_snapshot, snapshot_id)
-
-    @app.patch("/v1/snapshots/{snapshot_id}")
-    async def patch_snapshot(snapshot_id: str, request: Request):
-        body = await bounds.parse_request(request, PatchSnapshot)
-        service = ready()
-        fields = body.model_dump(exclude_unset=True)
-        return await asyncio.to_thread(lambda: service.update_snapshot(snapshot_id, **fields))
-
-    @app.delete("/v1/snapshots/{snapshot_id}")
-    async def delete_snapshot(snapshot_id: str):
-        await asyncio.to_thread(ready().delete_snapshot, snapshot_id)
-        return {"id": snapshot_id, "object": "snapshot.deleted", "deleted": True}
-
-    @app.post("/v1/snapshots/{snapshot_id}/load")
-    async def load_snapshot(snapshot_id: str, request: Request):
-        body = await bounds.parse_request(request, LoadSnapshot, allow_empty=True)
-        info = await asyncio.to_thread(lambda: ready().load(snapshot_id, session_id=body.session_id, force=body.force,
-                                                            max_seq_len=body.max_seq_len, ephemeral=body.ephemeral))
-        return JSONResponse(info, status_code=201)
 
     @app.get("/v1/snapshots/{snapshot_id}/export")
     async def export_snapshot(snapshot_id: str):

@@ -110,6 +110,7 @@ class SamplingFields(BaseModel):
     seed: int | None = Field(None, ge=limits.SEED_MIN, le=limits.SEED_MAX)
     response_format: dict | None = None  # checked by the engine (superlinear.engine.grammar)
     logit_bias: dict[int, float] | None = None  # token id (a JSON key) -> -100..100
+    stop_token_ids: list[int] | None = Field(None, max_length=limits.MAX_STOPS)  # vLLM's: end the reply on these
 
     @field_validator("stop")
     @classmethod
@@ -120,7 +121,8 @@ class SamplingFields(BaseModel):
         from superlinear.engine import SamplingParams
 
         given = {name: getattr(self, name) for name in ("min_p", "frequency_penalty", "presence_penalty",
-                                                         "repeat_penalty", "repeat_last_n", "logit_bias")
+                                                         "repeat_penalty", "repeat_last_n", "logit_bias",
+                                                         "stop_token_ids")
                  if getattr(self, name) is not None}
         return SamplingParams(
             temperature=self.temperature if self.temperature is not None else defaults.get("temperature", 0.7),
@@ -147,6 +149,7 @@ class ChatCompletionRequest(SamplingFields):
     repetition_detection: StrictBool | RepetitionOptions | None = None
     chat_template_kwargs: dict[str, Any] | None = None
     keep_thinking: StrictBool = False
+    keep_partial: StrictBool = False  # a turn cancelled while decoding stores its partial answer
     # llama.cpp's conventions: prompt_progress chunks while the prompt is prefilled (stream only),
     # and the seconds of silence after which a ": keep-alive" comment goes out (-1: none)
     return_progress: StrictBool = False
@@ -280,50 +283,6 @@ class DetokenizeRequest(BaseModel):
     model_config = _ALLOW
     model: str | None = None
     tokens: list[int] = Field(max_length=limits.MAX_TOKENS)
-
-
-class CreateSession(BaseModel):
-    model_config = _FORBID
-    session_id: str | None = None
-    max_seq_len: int | None = _TOKENS
-    ephemeral: StrictBool = False  # never written to disk (a throwaway turn)
-
-
-class ForkSession(BaseModel):
-    model_config = _FORBID
-    new_session_id: str | None = None
-
-
-class RollbackSession(BaseModel):
-    model_config = _FORBID
-    n_messages: int = Field(ge=-limits.MAX_TOKENS, le=limits.MAX_TOKENS)
-
-
-class ResizeSession(BaseModel):
-    model_config = _FORBID
-    max_seq_len: int = Field(ge=1, le=limits.MAX_TOKENS)
-
-
-class SaveSession(BaseModel):
-    model_config = _FORBID
-    title: str | None = None
-    description: str | None = None
-    tags: list[str] | None = None
-
-
-class PatchSnapshot(BaseModel):
-    model_config = _FORBID
-    title: str | None = None
-    description: str | None = None
-    tags: list[str] | None = None
-
-
-class LoadSnapshot(BaseModel):
-    model_config = _FORBID
-    session_id: str | None = None
-    force: StrictBool = False
-    max_seq_len: int | None = _TOKENS
-    ephemeral: StrictBool = False  # the session is never written to disk (a throwaway question)
 
 
 def parse_body(raw: bytes, model: type[BaseModel], *, allow_empty: bool = False,
