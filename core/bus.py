@@ -65,12 +65,6 @@ class Bus:
             raise ValueError(f"a handler for {command_type.name!r} is already registered")
         self._handlers[command_type] = handler
 
-    def handles(self, command_type: type[Command]) -> bool:
-        return command_type in self._handlers
-
-    def commands(self) -> list[str]:
-        return sorted(t.name for t in self._handlers)
-
     def dispatch(self, command: Command, ctx: Context | None = None) -> Any:
         ctx = ctx or Context()
 
@@ -156,7 +150,3 @@ def get_bus() -> Bus:
 def dispatch(command: Command, ctx: Context | None = None) -> Any:
     return get_bus().dispatch(command, ctx)
 
-
-def reset_for_tests() -> None:
-    global _bus
-    _bus = None

@@ -17,8 +17,9 @@ def models_dir() -> Path:
 
 
 def snapshots_dir() -> Path:
-    """``$SUPERLINEAR_SNAPSHOT_DIR`` or ``$XDG_CACHE_HOME/spl/snapshots``."""
-    override = os.environ.get("SUPERLINEAR_SNAPSHOT_DIR")
+    """``$SPL_SNAPSHOT_DIR`` or ``$XDG_CACHE_HOME/spl/snapshots`` (``$SUPERLINEAR_SNAPSHOT_DIR``,
+    its old name, is still read)."""
+    override = os.environ.get("SPL_SNAPSHOT_DIR") or os.environ.get("SUPERLINEAR_SNAPSHOT_DIR")
     return Path(override) if override else cache_dir() / "snapshots"
 
 

@@ -139,8 +139,3 @@ def model_loaders() -> list:
     """The model loaders plugins register (``register_model_loaders``), in load order; give them
     to ``superlinear.model.load_model(..., loaders=...)``."""
     return [args[0] for _plugin, args, _kwargs in collect("register_model_loaders") if args]
-
-
-def reset_for_tests() -> None:
-    global _state
-    _state = None

@@ -25,7 +25,7 @@ def main() -> None:
     parser.add_argument("--model", default="default")
     args = parser.parse_args()
     tmp = tempfile.mkdtemp(prefix="spl-files-touched-")
-    os.environ.update(SPL_STATE_DIR=tmp + "/state", SUPERLINEAR_SNAPSHOT_DIR=tmp + "/snapshots")
+    os.environ.update(SPL_STATE_DIR=tmp + "/state", SPL_SNAPSHOT_DIR=tmp + "/snapshots")
     from starlette.testclient import TestClient
 
     from superlinear.plugins.serve import build_app

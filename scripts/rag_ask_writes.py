@@ -41,7 +41,7 @@ def main() -> None:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
-    env = dict(os.environ, SPL_STATE_DIR=str(tmp / "state"), SUPERLINEAR_SNAPSHOT_DIR=str(tmp / "snapshots"),
+    env = dict(os.environ, SPL_STATE_DIR=str(tmp / "state"), SPL_SNAPSHOT_DIR=str(tmp / "snapshots"),
                SPL_WORKSPACES_DIR=str(tmp / "ws"), SPL_SERVER_URL=f"http://127.0.0.1:{port}")
     env.pop("SPL_API_KEY", None)
     spl = [sys.executable, "-m", "superlinear.cli.main"]

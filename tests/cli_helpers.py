@@ -18,7 +18,7 @@ def isolated_env(root: Path, **extra: str) -> dict:
     """An environment whose state dir, snapshot dir and config dir live under ``root`` (the
     converted default model in XDG_CACHE_HOME is shared)."""
     env = {k: v for k, v in os.environ.items() if k not in _CLEARED}
-    env.update(SPL_STATE_DIR=str(root / "state"), SUPERLINEAR_SNAPSHOT_DIR=str(root / "snapshots"),
+    env.update(SPL_STATE_DIR=str(root / "state"), SPL_SNAPSHOT_DIR=str(root / "snapshots"),
                XDG_CONFIG_HOME=str(root / "config"), PYTHONUNBUFFERED="1", NO_COLOR="1")
     env.update(extra)
     return env

@@ -1,7 +1,7 @@
 """One real spl server (a subprocess on a free port, the default model) shared by the server
 and admin test modules of a pytest run, plus helpers to talk to it.
 
-The server gets its own SPL_STATE_DIR and SUPERLINEAR_SNAPSHOT_DIR (temporary), but keeps
+The server gets its own SPL_STATE_DIR and SPL_SNAPSHOT_DIR (temporary), but keeps
 XDG_CACHE_HOME, so the converted default model is reused, not converted again.
 """
 
@@ -48,7 +48,7 @@ class RunningServer:
         env.update({
             "SPL_SERVER_URL": self.url,
             "SPL_STATE_DIR": str(self.tmp / "client-state"),
-            "SUPERLINEAR_SNAPSHOT_DIR": str(self.tmp / "snapshots"),
+            "SPL_SNAPSHOT_DIR": str(self.tmp / "snapshots"),
         })
         if self.api_key:
             env["SPL_API_KEY"] = self.api_key
@@ -80,7 +80,7 @@ def start_server(api_key: str | None = API_KEY, max_concurrency: int = MAX_CONCU
     port = free_port()
     env = dict(os.environ)
     (tmp / "tmp").mkdir(exist_ok=True)  # the server's temporary files (uploads, exports): tests look for leaks
-    env.update({"SPL_STATE_DIR": str(tmp / "state"), "SUPERLINEAR_SNAPSHOT_DIR": str(tmp / "snapshots"),
+    env.update({"SPL_STATE_DIR": str(tmp / "state"), "SPL_SNAPSHOT_DIR": str(tmp / "snapshots"),
                 "TMPDIR": str(tmp / "tmp"), "PYTHONUNBUFFERED": "1"})
     env.pop("SPL_API_KEY", None)
     args = [sys.executable, "-m", "superlinear.cli.main", "serve", "--port", str(port),

@@ -93,7 +93,7 @@ def test_the_notebook_example_runs_as_written(tiny_llama, tmp_path):
     text = (REPO / "docs" / "notebook.md").read_text()
     code = "\n".join(re.findall(r"```python\n(.*?)```", text, re.S))
     assert "superlinear.connect(" in code
-    env = dict(os.environ, SPL_MODEL=str(tiny_llama), SUPERLINEAR_SNAPSHOT_DIR=str(tmp_path / "snapshots"),
+    env = dict(os.environ, SPL_MODEL=str(tiny_llama), SPL_SNAPSHOT_DIR=str(tmp_path / "snapshots"),
                SPL_STATE_DIR=str(tmp_path / "state"), OMP_NUM_THREADS="1")
     env.pop("SPL_SERVER_URL", None)
     r = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=300,

@@ -66,7 +66,7 @@ def _wait_ready(url: str, proc, log_path, timeout: float = 240.0) -> None:
 def server(tmp_path_factory):
     root = tmp_path_factory.mktemp("chat")
     env = dict(os.environ)
-    env.update(SPL_STATE_DIR=str(root / "state"), SUPERLINEAR_SNAPSHOT_DIR=str(root / "snapshots"),
+    env.update(SPL_STATE_DIR=str(root / "state"), SPL_SNAPSHOT_DIR=str(root / "snapshots"),
                PYTHONUNBUFFERED="1", NO_COLOR="1")
     for key in ("SPL_SERVER_URL", "SPL_API_KEY"):
         env.pop(key, None)

@@ -111,3 +111,13 @@ def test_server_config_shows_values_and_sources(tmp_path):
     # start one at) the configured port.
     status = json.loads(run_spl(env, "server", "status", "--json").stdout)
     assert status["url"] == "http://127.0.0.1:9301" and status["source"] == "configured"
+
+
+def test_the_snapshot_dir_is_spl_snapshot_dir_and_its_old_name_still_works(monkeypatch, tmp_path):
+    from superlinear.paths import snapshots_dir
+
+    monkeypatch.delenv("SPL_SNAPSHOT_DIR", raising=False)
+    monkeypatch.setenv("SUPERLINEAR_SNAPSHOT_DIR", str(tmp_path / "old"))
+    assert snapshots_dir() == tmp_path / "old"
+    monkeypatch.setenv("SPL_SNAPSHOT_DIR", str(tmp_path / "new"))
+    assert snapshots_dir() == tmp_path / "new"

@@ -34,7 +34,7 @@ def _free_port() -> int:
 def server(tmp_path_factory):
     root = tmp_path_factory.mktemp("rag-e2e")
     port = _free_port()
-    env = {**os.environ, "SUPERLINEAR_SNAPSHOT_DIR": str(root / "snapshots"), "SPL_STATE_DIR": str(root / "state")}
+    env = {**os.environ, "SPL_SNAPSHOT_DIR": str(root / "snapshots"), "SPL_STATE_DIR": str(root / "state")}
     env.pop("SPL_SERVER_URL", None)
     log = open(root / "server.log", "w")
     proc = subprocess.Popen(SPL + ["serve", "--model", "default", "--port", str(port)], env=env,

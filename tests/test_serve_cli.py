@@ -11,7 +11,7 @@ from server_helpers import free_port
 
 
 def test_serve_unknown_model_fails_before_binding(tmp_path):
-    env = dict(os.environ, SPL_STATE_DIR=str(tmp_path / "state"), SUPERLINEAR_SNAPSHOT_DIR=str(tmp_path / "s"))
+    env = dict(os.environ, SPL_STATE_DIR=str(tmp_path / "state"), SPL_SNAPSHOT_DIR=str(tmp_path / "s"))
     r = subprocess.run([sys.executable, "-m", "superlinear.cli.main", "serve", "--model", "nope", "--port",
                         str(free_port())], capture_output=True, text=True, env=env, timeout=120)
     assert r.returncode == 2, (r.stdout, r.stderr)
@@ -25,7 +25,7 @@ def test_serve_broken_model_ends_with_the_error(tmp_path):
     broken = tmp_path / "broken"
     broken.mkdir()
     (broken / "config.json").write_text("{not json")
-    env = dict(os.environ, SPL_STATE_DIR=str(tmp_path / "state"), SUPERLINEAR_SNAPSHOT_DIR=str(tmp_path / "s"))
+    env = dict(os.environ, SPL_STATE_DIR=str(tmp_path / "state"), SPL_SNAPSHOT_DIR=str(tmp_path / "s"))
     r = subprocess.run([sys.executable, "-m", "superlinear.cli.main", "serve", "--model", str(broken), "--port",
                         str(free_port())], capture_output=True, text=True, env=env, timeout=120)
     assert r.returncode == 2, (r.stdout, r.stderr)

@@ -103,7 +103,7 @@ def test_a_second_server_on_the_same_session_store_is_refused(server, tiny_llama
     assert second.returncode == 2, second.stderr
     lines = second.stderr.strip().splitlines()
     assert len(lines) == 1 and "is in use by another spl server" in lines[0], lines
-    assert f"pid {server.proc.pid}" in lines[0] and "SUPERLINEAR_SNAPSHOT_DIR" in lines[0], lines
+    assert f"pid {server.proc.pid}" in lines[0] and "SPL_SNAPSHOT_DIR" in lines[0], lines
     assert httpx.get(server.url + "/health").json()["status"] == "ok"
 
 

@@ -18,7 +18,7 @@ def test_start_status_chat_stop_start(tmp_path):
     env = dict(os.environ)
     for var in ("SPL_SERVER_URL", "SPL_API_KEY"):
         env.pop(var, None)
-    env.update({"SPL_STATE_DIR": str(tmp_path / "state"), "SUPERLINEAR_SNAPSHOT_DIR": str(tmp_path / "snaps")})
+    env.update({"SPL_STATE_DIR": str(tmp_path / "state"), "SPL_SNAPSHOT_DIR": str(tmp_path / "snaps")})
     port = str(free_port())
 
     def spl(*args, timeout=300):

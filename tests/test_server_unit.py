@@ -209,7 +209,7 @@ def test_health_is_503_after_a_failed_load(tmp_path, monkeypatch):
     broken = tmp_path / "broken-model"
     broken.mkdir()
     (broken / "config.json").write_text("{not json")
-    monkeypatch.setenv("SUPERLINEAR_SNAPSHOT_DIR", str(tmp_path / "snaps"))
+    monkeypatch.setenv("SPL_SNAPSHOT_DIR", str(tmp_path / "snaps"))
     rt = Runtime(ServeOptions(model=str(broken)))
     with TestClient(create_app(rt), raise_server_exceptions=False) as client:  # lifespan: loads
         deadline = time.monotonic() + 60

@@ -8,6 +8,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any, TypedDict
 
+from superlinear import defaults
 from superlinear.engine.types import ChatRequest, RepetitionConfig, SamplingParams
 from superlinear.service.chat_service import ChatTurn
 
@@ -24,7 +25,7 @@ class Completion:
 
 
 def chat_turn(messages: list[dict], *, session_id: str | None = None, session_mode: str = "auto",
-              temperature: float = 0.7, top_p: float = 1.0, top_k: int = 0, seed: int | None = None,
+              temperature: float = defaults.TEMPERATURE, top_p: float = 1.0, top_k: int = 0, seed: int | None = None,
               max_tokens: int | None = None, stop: list[str] | None = None, tools: list[dict] | None = None,
               tool_choice: Any = None, reasoning_budget: int | None = None,
               repetition: RepetitionConfig | None = None, chat_template_kwargs: dict | None = None,

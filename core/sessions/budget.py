@@ -18,12 +18,16 @@ from superlinear.engine.limits import MAX_TOKENS
 from superlinear.errors import OverBudget, TooLarge
 from superlinear.model.cache import capacity_to_hold
 
-from . import state as _state
-
 # Python objects of a resident session besides its tensors (conversation, cache bookkeeping,
 # token id list, template): counted so that many empty sessions still add up. Each session also
 # keeps its next-token logits (vocabulary x 4 bytes), counted from the start.
 SESSION_OVERHEAD_BYTES = 64 << 10
+
+
+def model_max_seq_len(model) -> int | None:
+    """A hard limit on the cache length, if the model declares one (``max_seq_len``)."""
+    value = getattr(model, "max_seq_len", None)
+    return int(value) if isinstance(value, int) and value > 0 else None
 
 
 def fmt_bytes(n: float) -> str:
@@ -44,8 +48,8 @@ class CacheSizes:
 
     def _measure(self) -> tuple[int, int]:
         if self._probe is None:
-            a = _state.cache_nbytes(self.model.new_cache(16))
-            b = _state.cache_nbytes(self.model.new_cache(32))
+            a = self.model.new_cache(16).nbytes()
+            b = self.model.new_cache(32).nbytes()
             per_token = max(0, (b - a) // 16)
             self._probe = (max(0, a - 16 * per_token), per_token)
         return self._probe
@@ -83,14 +87,14 @@ class CacheSizes:
 
     def spare_tokens(self, conv) -> int:
         """Tokens ``conv``'s cache can take without allocating (preallocated, unused rows)."""
-        have = _state.cache_nbytes(conv.cache) - self.fixed_bytes
-        return max(0, have // self.kv_bytes_per_token - _state.position(conv))
+        have = conv.cache.nbytes() - self.fixed_bytes
+        return max(0, have // self.kv_bytes_per_token - conv.position)
 
     def max_seq_len_for(self, budget: int | None) -> int:
         """The longest ``max_seq_len`` a session can have: what the model supports, what a full
         cache of it fits in ``budget``, and the engine's bound."""
         limits = [MAX_TOKENS]
-        model_limit = _state.model_max_seq_len(self.model)
+        model_limit = model_max_seq_len(self.model)
         if model_limit:
             limits.append(model_limit)
         if budget is not None:
@@ -107,7 +111,7 @@ class CacheSizes:
         limit = self.max_seq_len_for(budget)
         if max_seq_len <= limit:
             return
-        model_limit = _state.model_max_seq_len(self.model)
+        model_limit = model_max_seq_len(self.model)
         if model_limit and max_seq_len > model_limit:
             raise TooLarge(f"max_seq_len {max_seq_len} is more than the model supports ({model_limit})",
                            param="max_seq_len")

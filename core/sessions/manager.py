@@ -32,7 +32,8 @@ from superlinear.sessions.memory import default_budget
 from superlinear.sessions.snapshots import SESSION_STATE_TAG, CorruptSnapshot, SnapshotStore, check_model
 
 from . import journal as _journal
-from . import state as _state
+from . import saved_state
+from .memory import allocate, free_memory
 
 log = logging.getLogger(__name__)
 
@@ -107,19 +108,19 @@ class Session:
     @property
     def max_seq_len(self) -> int:
         if self.conversation is not None:
-            return _state.max_seq_len(self.conversation)
+            return self.conversation.max_seq_len
         return self._max_seq_len
 
     @property
     def position(self) -> int:
         if self.conversation is not None:
-            return _state.position(self.conversation)
+            return self.conversation.position
         return int(self._disk_info.get("position", 0))
 
     @property
     def message_count(self) -> int:
         if self.conversation is not None:
-            return _state.message_count(self.conversation)
+            return len(self.conversation.transcript)
         return int(self._disk_info.get("message_count", 0))
 
     @property
@@ -136,7 +137,7 @@ class Session:
         if self.conversation is None:
             return 0
         overhead = self._manager.sizes.overhead if self._manager is not None else SESSION_OVERHEAD_BYTES
-        return _state.nbytes(self.conversation) + overhead
+        return self.conversation.nbytes + overhead
 
     def touch(self) -> None:
         self.last_used = time.time()
@@ -266,7 +267,7 @@ class SessionManager:
             self._persist_locked(session)
             session.conversation = None
             log.info("session %s evicted to snapshot %s", session.id, session.state_snapshot)
-            _state.free_memory()
+            free_memory()
             return True
         finally:
             session.lock.release()
@@ -292,7 +293,7 @@ class SessionManager:
         changed since the last write (``journal.persist``)."""
         sid = self._state_id(session)
         conv = session.conversation
-        meta, tensors = _state.export(conv)
+        meta, tensors = saved_state.export(conv)
         tracker, written = _journal.persist(
             self.store, snapshot_id=sid, model=self.model, session=self._session_meta(session),
             created_at=None, conv=conv, meta=meta, tensors=tensors, tracker=session._journal,
@@ -316,8 +317,8 @@ class SessionManager:
         self._check_len(max_seq_len)
         with self._alloc_lock:
             self.reserve(self.estimate_bytes(max_seq_len), exclude=exclude, what=what)
-            return _state.allocate(
-                lambda: _state.new_conversation(self.model, max_seq_len, self.chunk_size), max_seq_len)
+            return allocate(
+                lambda: saved_state.new_conversation(self.model, max_seq_len, self.chunk_size), max_seq_len)
 
     def _check_len(self, max_seq_len) -> None:
         """A max_seq_len the model supports and the budget can hold once full (else 400 / 413)."""
@@ -340,8 +341,8 @@ class SessionManager:
         manifest, transcript, tensors = self.store.read(snapshot_id, model=self.model)  # hashes checked
         with self._alloc_lock:
             self.reserve(need, exclude=exclude, what=what)
-            conv = _state.allocate(
-                lambda: _state.restore(self.model, transcript, tensors, position=position,
+            conv = allocate(
+                lambda: saved_state.restore(self.model, transcript, tensors, position=position,
                                        max_seq_len=max_seq_len, chunk_size=self.chunk_size),
                 max_seq_len)
         return manifest, conv
@@ -426,7 +427,7 @@ class SessionManager:
         session._journal = None
         if _journal.is_journal(manifest):  # the next persist appends to it
             tracker = _journal.Tracker(conv, sid, manifest)
-            tracker.meta_bytes = _journal.meta_bytes(_state.export(conv)[0])
+            tracker.meta_bytes = _journal.meta_bytes(saved_state.export(conv)[0])
             session._journal = tracker
         # The state snapshot stays: it is the session's durable copy (what a restart after a
         # crash finds), rewritten by the next eviction / persist, deleted by close.
@@ -477,7 +478,7 @@ class SessionManager:
                     self.store.delete(session.state_snapshot)
                 except NotFound:
                     pass
-        _state.free_memory()
+        free_memory()
         return info
 
     def fork(self, session_id: str, new_id: str | None = None, max_seq_len: int | None = None) -> Session:
@@ -495,7 +496,7 @@ class SessionManager:
             with self._alloc_lock:
                 self.reserve(self.sizes.holding(need, source.position), exclude=source,
                              what=f"forking {session_id!r}")
-                conv = _state.allocate(lambda: _state.fork(source.conversation, max_seq_len), need)
+                conv = allocate(lambda: saved_state.fork(source.conversation, max_seq_len), need)
             source.touch()
         return self._register(Session(nid, conv, max_seq_len=need, manager=self))
 
@@ -508,7 +509,7 @@ class SessionManager:
                                  param="n_messages")
         with session.lock:
             conv = self._resident(session)
-            count = _state.message_count(conv)
+            count = len(conv.transcript)
             if n_messages > count:
                 raise InvalidRequest(f"session {session_id!r} has {count} messages; cannot roll back to "
                                      f"{n_messages}", param="n_messages")
@@ -526,19 +527,19 @@ class SessionManager:
         self._check_len(max_seq_len)
         with session.lock:
             conv = self._resident(session)
-            position = _state.position(conv)
+            position = conv.position
             if max_seq_len < position:
                 raise InvalidRequest(
                     f"cannot resize session {session_id!r} to {max_seq_len} tokens: it already holds "
                     f"{position}; roll back first or pick at least {position}", param="max_seq_len")
-            old = _state.max_seq_len(conv)
+            old = conv.max_seq_len
             if max_seq_len != old:
                 grow = self.sizes.holding(max_seq_len, position) - self.sizes.holding(old, position)
                 with self._alloc_lock:
                     self.reserve(grow, exclude=session, what=f"resizing {session_id!r} to {max_seq_len}")
-                    _state.allocate(lambda: _state.resize(conv, max_seq_len), max_seq_len)
+                    allocate(lambda: conv.resize(max_seq_len), max_seq_len)
                 session._max_seq_len = max_seq_len
-                _state.free_memory()
+                free_memory()
             session.touch()
         return session.info()
 
@@ -553,7 +554,7 @@ class SessionManager:
         session = self.get(session_id)
         with session.lock:
             conv = self._resident(session)
-            meta, tensors = _state.export(conv)
+            meta, tensors = saved_state.export(conv)
             manifest = self.store.save(model=self.model, session=self._session_meta(session),
                                        transcript=meta, tensors=tensors, title=title,
                                        description=description, tags=tags, snapshot_id=snapshot_id)
@@ -578,7 +579,7 @@ class SessionManager:
             sid = self._new_session_id(session_id)
             _, conv = self._conversation_from_snapshot(snapshot_id, max_seq_len, exclude=None,
                                                        what=f"loading snapshot {snapshot_id!r}")
-            return self._register(Session(sid, conv, max_seq_len=_state.max_seq_len(conv), manager=self,
+            return self._register(Session(sid, conv, max_seq_len=conv.max_seq_len, manager=self,
                                           ephemeral=ephemeral))
         with existing.lock:
             if existing.closed:
@@ -586,12 +587,12 @@ class SessionManager:
             _, conv = self._conversation_from_snapshot(
                 snapshot_id, max_seq_len, exclude=existing, what=f"loading snapshot {snapshot_id!r}")
             existing.conversation = conv
-            existing._max_seq_len = _state.max_seq_len(conv)
+            existing._max_seq_len = conv.max_seq_len
             # The old journal stays until the next persist replaces it atomically with a whole
             # new one (no tracker): a crash in between finds the session as it was, not gone.
             existing._journal = None
             existing.touch()
-        _state.free_memory()
+        free_memory()
         return existing
 
     # ------------------------------------------------------------------ durability

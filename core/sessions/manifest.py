@@ -45,5 +45,5 @@ DISK_ERRNOS = {errno.ENOSPC: "the disk is full", errno.EDQUOT: "the disk quota i
 def disk_error(what: str, exc: OSError) -> Unavailable:
     """A disk problem (full, read-only, permissions) as a clear user-facing error."""
     reason = DISK_ERRNOS.get(exc.errno, exc.strerror or str(exc))
-    return Unavailable(f"{what}: {reason}; free space or set $SUPERLINEAR_SNAPSHOT_DIR to another "
+    return Unavailable(f"{what}: {reason}; free space or set $SPL_SNAPSHOT_DIR to another "
                        "directory", code="snapshot_write_failed")

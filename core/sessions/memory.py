@@ -1,4 +1,5 @@
-"""How much memory the sessions may hold by default: a fraction of what the device has free.
+"""How much memory the sessions may hold by default: a fraction of what the device has free;
+and allocating a cache (``allocate``: an out-of-memory becomes a clear ``TooLarge``).
 
 Without a budget every new session and every long prompt allocates until the kernel's OOM
 killer ends the server (and every session in it). The default is measured once, after the
@@ -11,6 +12,8 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
+
+from superlinear.errors import TooLarge
 
 # What is left outside the budget: activations of a prefill chunk, the scratch conversation,
 # snapshots being read or written, the rest of the process (and on CPU other processes).
@@ -77,3 +80,46 @@ def default_budget(device) -> int | None:
     if free is None:
         return None
     return int(free * (CUDA_FRACTION if kind == "cuda" else HOST_FRACTION))
+
+
+# -- allocating a cache ---------------------------------------------------------------------------
+def allocate(build, max_seq_len: int):
+    """Run ``build()`` (which allocates a cache); an out-of-memory becomes ``TooLarge``."""
+    try:
+        return build()
+    except TooLarge:
+        raise
+    except (MemoryError, RuntimeError) as exc:
+        if not _is_oom(exc):
+            raise
+        free_memory()
+        raise TooLarge(f"not enough memory for a cache of {max_seq_len} tokens "
+                       f"({str(exc).splitlines()[0][:200]}); use a smaller max_seq_len, or close or save "
+                       "other sessions", param="max_seq_len") from exc
+
+
+def _is_oom(exc: BaseException) -> bool:
+    if isinstance(exc, MemoryError):
+        return True
+    try:
+        import torch
+
+        if isinstance(exc, torch.OutOfMemoryError):
+            return True
+    except Exception:  # noqa: BLE001
+        pass
+    text = str(exc).lower()
+    return "out of memory" in text or "can't allocate memory" in text or "not enough memory" in text
+
+
+def free_memory() -> None:
+    """Give freed cache memory back to the device (CUDA caching allocator). Tensors are freed
+    by reference counting as soon as a cache is dropped; only CUDA needs this extra step."""
+    import sys
+
+    torch = sys.modules.get("torch")
+    try:
+        if torch is not None and torch.cuda.is_available() and torch.cuda.is_initialized():
+            torch.cuda.empty_cache()
+    except Exception:  # noqa: BLE001
+        pass

@@ -571,7 +571,7 @@ class SnapshotStore:
         need, free = _declared_bytes(manifest), shutil.disk_usage(self.root).free
         if need > free:
             raise TooLarge(f"{label} declares {need} bytes of files, more than the {free} bytes free in "
-                           f"{self.root}; free space or set $SUPERLINEAR_SNAPSHOT_DIR to another directory",
+                           f"{self.root}; free space or set $SPL_SNAPSHOT_DIR to another directory",
                            param="file")
 
 

@@ -1,8 +1,7 @@
 """Built-in plugin ``bench``: ``spl bench <what>`` (benchmarks are commands, not timed tests).
 
 Each subcommand lives in its own module of this package and exposes a click command named
-``command`` (plus, optionally, ``BUS_COMMANDS``: a list of ``(CommandType, handler)`` pairs for
-the bus). To add one, drop ``plugins/bench/<name>.py`` in and list ``<name>`` in ``SUBCOMMANDS``;
+``command``. To add one, drop ``plugins/bench/<name>.py`` in and list ``<name>`` in ``SUBCOMMANDS``;
 a module that is not there yet is skipped. Modules must not import torch at import time.
 """
 

@@ -46,7 +46,6 @@ BANDWIDTH = 3.0e12
 
 @dataclass(frozen=True)
 class BenchAttention:
-    name = "bench.attention"
     configs: tuple = ("1", "2")
     lengths: tuple = (16384, 65536, 262144, 1048576)
     decode_lengths: tuple = (16384, 65536, 262144, 1048576, 4194304)

@@ -30,7 +30,6 @@ from superlinear.plugins.bench.ranks import Ranks
 
 @dataclass(frozen=True)
 class BenchGenerate:
-    name = "bench.generate"
     model: str = "default"
     device: str | None = None
     dtype: str | None = None

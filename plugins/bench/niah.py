@@ -41,7 +41,6 @@ _PLACES = ("at dawn", "after the rain", "in the evening", "every winter", "befor
 
 @dataclass(frozen=True)
 class BenchNiah:
-    name = "bench.niah"
     model: str = "default"
     device: str | None = None
     dtype: str | None = None

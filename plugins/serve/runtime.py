@@ -18,6 +18,7 @@ import time
 from typing import Any
 
 from superlinear.api.worker import Worker
+from superlinear.defaults import TEMPERATURE
 from superlinear.errors import Unavailable
 from superlinear.settings.options import ServeOptions
 from superlinear.settings.threads import default_threads, use_threads
@@ -115,7 +116,7 @@ class Runtime:
     @property
     def defaults(self) -> dict:
         """Sampling defaults for requests that leave them out."""
-        return {"temperature": 0.7}
+        return {"temperature": TEMPERATURE}
 
     def loading_progress(self) -> str:
         return f"{self.progress} ({time.monotonic() - self._load_started:.0f}s)"

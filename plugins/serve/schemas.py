@@ -17,6 +17,7 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, StrictBool, ValidationError, field_validator
 
+from superlinear.defaults import TEMPERATURE as DEFAULT_TEMPERATURE
 from superlinear.engine import limits
 from superlinear.errors import InvalidRequest, TooLarge
 
@@ -124,8 +125,9 @@ class SamplingFields(BaseModel):
                                                          "repeat_penalty", "repeat_last_n", "logit_bias",
                                                          "stop_token_ids")
                  if getattr(self, name) is not None}
+        temperature = defaults.get("temperature", DEFAULT_TEMPERATURE) if self.temperature is None else self.temperature
         return SamplingParams(
-            temperature=self.temperature if self.temperature is not None else defaults.get("temperature", 0.7),
+            temperature=temperature,
             top_p=self.top_p if self.top_p is not None else 1.0, top_k=self.top_k or 0, seed=self.seed,
             max_tokens=max_tokens, stop=[self.stop] if isinstance(self.stop, str) else list(self.stop or []),
             logprobs=logprobs, response_format=self.response_format, **given)

@@ -32,7 +32,7 @@ def lock_store(root: Path, url: str) -> IO:
         who = f"pid {holder.get('pid')}, {holder.get('url')}" if isinstance(holder, dict) and holder else "?"
         raise Conflict(f"the session store {root} is in use by another spl server ({who}); this one is not "
                        "started: stop that one, or give this one its own store with "
-                       "SUPERLINEAR_SNAPSHOT_DIR=DIR") from None
+                       "SPL_SNAPSHOT_DIR=DIR") from None
     f.seek(0)
     f.truncate()
     f.write(json.dumps({"pid": os.getpid(), "url": url}))
