@@ -51,7 +51,8 @@ def add_routes(app: FastAPI, rt: Runtime) -> None:
 def _endpoint(op: type[ApiCommand], rt: Runtime):
     model = request_model(op)
     names = _field_names(op)
-    optional = all(not f.is_required() for f in model.model_fields.values())
+    # a POST whose fields are all optional may come without a body; a PATCH must say what changes
+    optional = op.http.method == "POST" and all(not f.is_required() for f in model.model_fields.values())
 
     async def endpoint(request: Request):
         if op.http.query:
