@@ -321,6 +321,13 @@ class Model:
             cache.position += 1
             return logits
 
+    def decode_batch(self, caches: Sequence[Cache], token_ids: Sequence[int]) -> torch.Tensor:
+        """Append ``token_ids[i]`` to ``caches[i]`` (each advances by one, as ``decode_step``);
+        fp32 logits ``[B, V]``. The scheduler's one decode call for every running sequence."""
+        if len(caches) != len(token_ids) or not caches:
+            raise InvalidRequest(f"decode_batch needs one token per cache, got {len(token_ids)} for {len(caches)}")
+        return torch.stack([self.decode_step(c, t) for c, t in zip(caches, token_ids, strict=True)])
+
     # -- CUDA graph decode ----------------------------------------------------------------------
     def _graph_key(self) -> tuple:
         return (self.attention, repr(self.span_params), self.backend, self.fast_paths)
