@@ -75,6 +75,9 @@ class LiveSequence:
 
     def __init__(self, scheduler: Scheduler, fn: Callable[[], None], name: str,
                  on_end: Callable[[BaseException | None], None] | None = None):
+        import torch
+
+        self.threads = torch.get_num_threads()  # torch's CPU threads are per thread: the worker's
         self.scheduler = scheduler
         self.on_end = on_end
         self.request: _Decode | _Prefill | None = None
@@ -88,6 +91,9 @@ class LiveSequence:
         self._thread = threading.Thread(target=self._main, name=name, daemon=True)
 
     def _main(self) -> None:
+        import torch
+
+        torch.set_num_threads(self.threads)
         _local.seq = self
         self._go.wait()
         self._go.clear()
