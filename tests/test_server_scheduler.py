@@ -14,7 +14,7 @@ from server_helpers import start_server, user
 
 pytestmark = pytest.mark.slow
 
-LONG_WORDS = 3600  # ~4K tokens of the default model's tokenizer
+LONG_REPEATS = 300  # ~1.8K tokens: seconds to prefill on one thread (the assertion is relative to it)
 
 
 @pytest.fixture(scope="module")
@@ -27,14 +27,11 @@ def server():
 
 
 def long_prompt(tag: str) -> str:
-    return f"{tag}: " + " ".join(f"word{i % 97}" for i in range(LONG_WORDS))
+    return f"{tag}: " + " ".join("the river runs to the sea" for _ in range(LONG_REPEATS))
 
 
 def test_a_short_chat_is_answered_while_a_long_prompt_is_prefilled(server):
     with server.http(timeout=300) as c:
-        alone = c.post("/v1/completions", json={"prompt": long_prompt("alone"), "max_tokens": 1}).json()
-        prefill_s = alone["timings"]["prefill_s"]
-        assert alone["usage"]["prompt_tokens"] > 3500
         long_result: dict = {}
 
         def ingest():
@@ -52,7 +49,10 @@ def test_a_short_chat_is_answered_while_a_long_prompt_is_prefilled(server):
         r = c.post("/v1/chat/completions", json={"messages": [user("Hi")], "max_tokens": 1, "temperature": 0})
         short_end = time.perf_counter()
         thread.join(300)
-    assert r.status_code == 200 and long_result["r"].status_code == 200
+    assert r.status_code == 200 and long_result["r"].status_code == 200, long_result["r"].text
+    ingest = long_result["r"].json()
+    prefill_s = ingest["timings"]["prefill_s"]
+    assert ingest["usage"]["prompt_tokens"] > 1500
     assert short_end < long_result["end"]  # answered before the ingest finished
     # its first (only) token came in a small part of the ingest's own prefill time
     assert short_end - t0 < 0.35 * prefill_s, (short_end - t0, prefill_s)
@@ -60,7 +60,7 @@ def test_a_short_chat_is_answered_while_a_long_prompt_is_prefilled(server):
 
 def test_parallel_chats_run_together(server):
     def body(i: int) -> dict:
-        return {"messages": [user(f"Client {i}: name three rivers.")], "max_tokens": 24, "temperature": 0}
+        return {"messages": [user(f"Client {i}: name three rivers.")], "max_tokens": 12, "temperature": 0}
 
     with server.http(timeout=300) as c:
         c.post("/v1/chat/completions", json=body(99))  # warm

@@ -84,6 +84,7 @@ class LiveSequence:
         self.result = None
         self.error: BaseException | None = None
         self.finished = False
+        self.prefilled = False  # had a prefill chunk in a step
         self.outcome: BaseException | None = None  # what ``fn`` raised
         self._go = threading.Event()
         self._back = threading.Event()
@@ -170,7 +171,11 @@ class Scheduler:
             if seq.on_end is not None:
                 seq.on_end(seq.outcome)
         elif isinstance(seq.request, _Prefill) and seq not in self._prefills:
-            self._prefills.append(seq)
+            # a prompt that never had a turn goes first: a short chat waits for no long ingest
+            if seq.prefilled:
+                self._prefills.append(seq)
+            else:
+                self._prefills.appendleft(seq)
         self._count()
 
     def _count(self) -> None:
@@ -229,6 +234,7 @@ class Scheduler:
                 break
             self._prefills.rotate(-1)  # served: to the back of the line
             served.append(seq)
+            seq.prefilled = True
             if req.should_cancel is not None and req.should_cancel():
                 seq.complete(error=Cancelled(f"prefill cancelled at position {req.cache.position}"))
                 self._prefills.remove(seq)
@@ -253,7 +259,10 @@ def decode(model, cache, token_id: int):
     """``model.decode_step(cache, token_id)``, batched with the other live sequences' decodes
     when called from a scheduled sequence."""
     seq: LiveSequence | None = getattr(_local, "seq", None)
-    if seq is None or seq.scheduler.alone(seq):
+    if seq is None:
+        return model.decode_step(cache, token_id)
+    if seq.scheduler.alone(seq):
+        seq.scheduler.stats.decoding = 1
         return model.decode_step(cache, token_id)
     cache.reserve(cache.position + 1)  # a refusal (limit, memory) is this sequence's alone
     return seq.wait(_Decode(model, cache, int(token_id)))
@@ -272,11 +281,17 @@ def prefill(model, cache, ids: Sequence[int], *, chunk_size: int | None = None,
     cache.reserve(cache.position + len(ids))
     chunk = min(chunk_size or len(ids), seq.scheduler.step_tokens(model))
     done, logits = 0, None
-    while done < len(ids) and seq.scheduler.alone(seq):  # nobody to share with: no hand-off
-        if should_cancel is not None and should_cancel():
-            raise Cancelled(f"prefill cancelled at position {cache.position}")
-        logits = model.prefill(cache, ids[done:done + chunk], chunk_size=chunk, on_logits=on_logits)
-        done += min(chunk, len(ids) - done)
+    stats = seq.scheduler.stats
+    try:
+        while done < len(ids) and seq.scheduler.alone(seq):  # nobody to share with: no hand-off
+            stats.prefilling, stats.decoding = 1, 0
+            if should_cancel is not None and should_cancel():
+                raise Cancelled(f"prefill cancelled at position {cache.position}")
+            logits = model.prefill(cache, ids[done:done + chunk], chunk_size=chunk, on_logits=on_logits)
+            done += min(chunk, len(ids) - done)
+            seq.prefilled = True
+    finally:
+        stats.prefilling = 0
     if done == len(ids):
         return logits
     return seq.wait(_Prefill(model, cache, ids[done:], should_cancel, on_logits, chunk))
