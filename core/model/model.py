@@ -181,6 +181,7 @@ class Model:
             "max_position_embeddings": int(getattr(self.hf.config, "max_position_embeddings", 0) or 0),
             "cuda_graph": self.cuda_graph and self._shared.graph_error is None,
             "cuda_graph_error": self._shared.graph_error,
+            "batch_graph_error": self._shared.batch_graph_error,  # decode_batch's bucket graphs
             **self.forward_info(),
             "fingerprint": self.fingerprint,
         }
