@@ -102,3 +102,33 @@ def test_rows_reject_mismatched_inputs():
     q = torch.zeros(3, 4, 1, 16, device=DEVICE)
     with pytest.raises(ValueError, match="3 queries"):
         superlinear_decode_rows(q, q, rows, torch.zeros(3, dtype=torch.long, device=DEVICE), PARAMS[0])
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not HAS_CUDA, reason="needs a CUDA GPU")
+def test_gpu_bf16_rows_at_the_30b_heads_against_the_fp32_reference_and_a_graph_replay():
+    """bf16 at the 30B's attention shape (32 query heads on 2 KV heads of 128), the shipped span
+    parameters, contexts from inside the window to 64K; then the kernel captured in a CUDA graph
+    and replayed on the same sequences in another order (tables rewritten)."""
+    from superlinear.model.loaders import span_params_from
+    from superlinear.model.random_weights import read_shape
+
+    params = span_params_from(read_shape("superlinear-exp-30b"))
+    capacities, positions = [70000, 3000, 40, 20000], [65535, 2999, 12, 16000]
+    q1, q2, keys, values, pos = _sequences(capacities, positions, 32, 2, 128, torch.bfloat16, seed=11)
+    ref = _alone(q1, q2, keys, values, pos, params)
+    rows = KVRows.of(keys, values, bound=1 << 17)
+    out = superlinear_decode_rows(q1, q2, rows, pos, params)
+    assert (out.float() - ref).abs().max().item() < 2e-2
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        captured = superlinear_decode_rows(q1, q2, rows, pos, params)
+    order = [3, 1, 0, 2]
+    swapped = KVRows.of([keys[i] for i in order], [values[i] for i in order], bound=1 << 17)
+    for table, new in ((rows.k_ptrs, swapped.k_ptrs), (rows.v_ptrs, swapped.v_ptrs), (rows.capacity, swapped.capacity)):
+        table.copy_(new)
+    q1.copy_(q1[order].clone())
+    q2.copy_(q2[order].clone())
+    pos.copy_(pos[order].clone())
+    graph.replay()
+    assert (captured.float() - ref[order]).abs().max().item() < 2e-2

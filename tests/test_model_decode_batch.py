@@ -110,7 +110,7 @@ def test_static_step_equals_alone_with_padding_and_a_growing_cache(hybrid):
                          backend="triton")
     model.hf.load_state_dict(hybrid.hf.state_dict())
     _batched_equals_alone(model, [6, 40, 90], steps=2, graph=True, atol=2e-4, exact=True, alone_model=hybrid)
-    assert [step.rows.bucket for step in model._shared.batch_steps.values()] == [4]
+    assert model.batch_steps() == [{"bucket": 4, "bound": 1024, "graph": False}]
 
 
 def test_llama_static_step_equals_alone():

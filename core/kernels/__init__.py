@@ -8,8 +8,14 @@ The backend is chosen by device (Triton on CUDA, the PyTorch reference elsewhere
 forced with ``backend=`` or the environment variable ``SPL_ATTENTION_BACKEND``. See docs/kernels.md.
 """
 
-from .api import (append_kv_rows, available_backends, resolve_backend, superlinear_decode, superlinear_decode_rows,
-                  superlinear_prefill)
+from .api import (
+                  append_kv_rows,
+                  available_backends,
+                  resolve_backend,
+                  superlinear_decode,
+                  superlinear_decode_rows,
+                  superlinear_prefill,
+)
 from .params import SpanParams, get_tables
 from .rows import KVRows
 

@@ -372,6 +372,12 @@ class Model:
                 out.append(logits)
         return torch.cat(out)
 
+    def batch_steps(self) -> list[dict]:
+        """The batched decode steps built so far (one per bucket): ``bucket``, ``bound`` (the
+        largest cache capacity its tables serve) and ``graph`` (captured as a CUDA graph)."""
+        return sorted(({"bucket": s.rows.bucket, "bound": s.rows.bound, "graph": s.graph is not None}
+                       for s in self._shared.batch_steps.values()), key=lambda s: s["bucket"])
+
     def _batches(self, caches: list[Cache]) -> bool:
         """Whether this forward runs B sequences in one pass: ours for hybrids, transformers'
         for the attention-only (llama-family) models, over plain caches of this model."""
