@@ -20,7 +20,7 @@ if not HAS_CUDA:
 triton = pytest.importorskip("triton")
 
 from superlinear.kernels import KVRows, SpanParams, append_kv_rows, superlinear_decode_rows  # noqa: E402
-from superlinear.kernels.reference import reference_decode  # noqa: E402
+from superlinear.kernels.attention.reference import reference_decode  # noqa: E402
 
 DEVICE = "cuda" if HAS_CUDA else "cpu"
 PARAMS = [
