@@ -1,4 +1,5 @@
-"""Compile the MoE-decode, Mamba-2-step and batched-decode attention Triton kernels for an H100/H200 (sm_90) on a machine without a GPU:
+"""Compile the MoE-decode, Mamba-2-step and batched-decode attention Triton kernels for an
+H100/H200 (sm_90) on a machine without a GPU:
 the interpreter runs Python, not the compiler, so this is what catches a kernel that would not
 compile on the device. Run as a script (TRITON_INTERPRET unset): prints one line per kernel."""
 

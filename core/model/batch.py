@@ -182,7 +182,8 @@ class StaticRows:
         if not self.conv:
             return []
         memo = self._pairs
-        if memo is not None and len(memo[0]) == len(caches) and all(r() is c for r, c in zip(memo[0], caches)):
+        if memo is not None and len(memo[0]) == len(caches) \
+                and all(r() is c for r, c in zip(memo[0], caches, strict=True)):
             return memo[1]
         rows = [(i, b) for i in self.conv for b in range(len(caches))]
         pairs = [([self.conv[i][b:b + 1] for i, b in rows], [caches[b].conv[i] for i, b in rows]),
