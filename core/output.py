@@ -17,10 +17,16 @@ json_option = click.option("--json", "as_json", is_flag=True, help="Print one JS
 
 def emit(result: Any, as_json: bool, text: str | Callable[[Any], str] | None = None) -> None:
     """Print ``result`` as JSON, or ``text`` (a string, or a function of the result)."""
-    if as_json:
-        click.echo(json.dumps(result, indent=2, default=str))
-    else:
+    if not emit_json(result, as_json):
         click.echo(text(result) if callable(text) else text)
+
+
+def emit_json(result: Any, as_json: bool) -> bool:
+    """With ``as_json``, print ``result`` as one JSON document (non-ASCII text as it is) and say
+    so; a command that prints its text line by line returns then."""
+    if as_json:
+        click.echo(json.dumps(result, indent=2, default=str, ensure_ascii=False))
+    return as_json
 
 
 def format_bytes(n: int | None) -> str:

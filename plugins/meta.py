@@ -3,13 +3,13 @@ the shell completion script (click's, for bash, zsh and fish)."""
 
 from __future__ import annotations
 
-import json
 import os
 from dataclasses import asdict
 
 import click
 
 from superlinear.hookspecs import hookimpl
+from superlinear.output import emit_json
 
 
 def list_plugins() -> dict:
@@ -27,8 +27,7 @@ def list_plugins() -> dict:
 def plugins_command(as_json: bool) -> None:
     """List loaded plugins, their versions and the hooks each implements."""
     result = list_plugins()
-    if as_json:
-        click.echo(json.dumps(result, indent=2))
+    if emit_json(result, as_json):
         return
     for info in result["plugins"]:
         kind = "built-in" if info["builtin"] else "third-party"

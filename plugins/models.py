@@ -10,6 +10,7 @@ import json
 import click
 
 from superlinear.hookspecs import hookimpl
+from superlinear.output import emit_json
 
 
 def _dir_size(path) -> int:
@@ -75,8 +76,7 @@ def models_group() -> None:
 def list_command(as_json: bool) -> None:
     """List the default model and the model directories in the cache."""
     result = list_models()
-    if as_json:
-        click.echo(json.dumps(result, indent=2))
+    if emit_json(result, as_json):
         return
     for m in result["models"]:
         state = "ready" if m["converted"] else "not converted"
@@ -92,8 +92,7 @@ def list_command(as_json: bool) -> None:
 def info_command(model: str, device: str | None, dtype: str | None, as_json: bool) -> None:
     """Show a model: parameters, size, dtype, attention config (window), KV bytes per token."""
     info = model_info(model, device, dtype)
-    if as_json:
-        click.echo(json.dumps(info, indent=2))
+    if emit_json(info, as_json):
         return
     att = info["attention"]
     if att["mode"] == "superlinear":
@@ -171,9 +170,7 @@ def check_command(directory: str, dtype: str | None, as_json: bool) -> None:
     from superlinear.model.registry import local_dir
 
     report = check_dir(local_dir(directory) or directory, dtype)
-    if as_json:
-        click.echo(json.dumps(report, indent=2))
-    else:
+    if not emit_json(report, as_json):
         _print_check(report)
     if not report["ok"]:
         raise SystemExit(1)

@@ -4,7 +4,6 @@ results and the very same events. And the notebook example of docs/notebook.md, 
 
 from __future__ import annotations
 
-import dataclasses
 import os
 import re
 import shutil
@@ -13,24 +12,15 @@ import sys
 from pathlib import Path
 
 import pytest
-from server_helpers import start_server
+from server_helpers import comparable, start_server
 
 import superlinear
-from superlinear.api import Completion, Done, PrefillProgress, chat_turn
+from superlinear.api import Completion, chat_turn
 from superlinear.engine import SamplingParams
 from superlinear.errors import NotFound
 
 REPO = Path(__file__).resolve().parents[1]
 SESSION_FIELDS = ("id", "position", "max_seq_len", "message_count", "ephemeral")
-
-
-def comparable(event):
-    """An event without what differs between two runs: times."""
-    if isinstance(event, PrefillProgress):
-        return dataclasses.replace(event, elapsed_s=0.0)
-    if isinstance(event, Done):
-        return dataclasses.replace(event, timings={})
-    return event
 
 
 def turn(api, session_id: str, text: str) -> list:

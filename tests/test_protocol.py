@@ -13,11 +13,11 @@ import dataclasses
 import shutil
 
 import pytest
-from server_helpers import start_server
+from server_helpers import comparable, start_server
 
 import superlinear
 from superlinear import protocol
-from superlinear.api import Done, PrefillProgress, chat_turn
+from superlinear.api import chat_turn
 from superlinear.api.types import Completion
 from superlinear.engine import ChatRequest, Logprobs, RepetitionConfig, SamplingParams
 from superlinear.service.chat_service import ChatTurn
@@ -38,15 +38,6 @@ REQUEST_VALUES = {
     "tool_choice": "none", "reasoning_budget": 1, "repetition": RepetitionConfig(tail_len=4, min_repeats=2),
     "chat_template_kwargs": {"enable_thinking": False}, "keep_thinking": True, "keep_partial": True,
 }
-
-
-def comparable(event):
-    """An event without what differs between two runs: times."""
-    if isinstance(event, PrefillProgress):
-        return dataclasses.replace(event, elapsed_s=0.0)
-    if isinstance(event, Done):
-        return dataclasses.replace(event, timings={})
-    return event
 
 
 def turns(ids: list[int]) -> list[tuple[str, ChatTurn]]:

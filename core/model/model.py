@@ -69,6 +69,17 @@ class _BatchStep:
     logits: torch.Tensor | None = None
 
 
+def warm_up_on_side_stream(run: Callable[[], Any], times: int = 2) -> None:
+    """Call ``run`` ``times`` on a side stream before a CUDA graph captures it (PyTorch's recipe:
+    the first calls compile kernels and allocate, which a capture must not see)."""
+    stream = torch.cuda.Stream()
+    stream.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(stream):
+        for _ in range(times):
+            run()
+    torch.cuda.current_stream().wait_stream(stream)
+
+
 class Model:
     def __init__(self, hf: torch.nn.Module, tokenizer, *, name: str, kind: str, layout: CacheLayout,
                  span_params, attention: str = "superlinear", routing: str = "attention query",
@@ -444,12 +455,7 @@ class Model:
         """Capture the bucket's step: two warm-up runs on a side stream (they write this step's
         keys, which the real step rewrites, and step only the static recurrent buffers), then
         the graph."""
-        stream = torch.cuda.Stream()
-        stream.wait_stream(torch.cuda.current_stream())
-        with torch.cuda.stream(stream):
-            for _ in range(2):
-                self._run_rows(step.rows.load(caches, ids), step.rows.ids)
-        torch.cuda.current_stream().wait_stream(stream)
+        warm_up_on_side_stream(lambda: self._run_rows(step.rows.load(caches, ids), step.rows.ids))
         batch = step.rows.load(caches, ids)
         graph = torch.cuda.CUDAGraph()
         with torch.cuda.graph(graph):
@@ -494,12 +500,7 @@ class Model:
                 cache.begin_forward(0, 0)
 
         try:
-            stream = torch.cuda.Stream()
-            stream.wait_stream(torch.cuda.current_stream())
-            with torch.cuda.stream(stream):
-                for _ in range(2):
-                    run()
-            torch.cuda.current_stream().wait_stream(stream)
+            warm_up_on_side_stream(run)
             graph = torch.cuda.CUDAGraph()
             # each graph gets its own memory pool: a pool shared with graphs that were freed
             # (their cache was dropped) trips the caching allocator

@@ -23,6 +23,7 @@ refused (``CorruptSnapshot``). Tensors are safetensors; nothing is ever unpickle
 from __future__ import annotations
 
 import bz2
+import contextlib
 import gzip
 import json
 import lzma
@@ -33,6 +34,7 @@ import shutil
 import tarfile
 import threading
 import zlib
+from collections.abc import Iterator
 from pathlib import Path
 
 from superlinear.errors import Conflict, InvalidRequest, NotFound, TooLarge
@@ -229,8 +231,7 @@ class SnapshotStore:
         if not replace and self.exists(snapshot_id):
             raise Conflict(f"snapshot {snapshot_id!r} already exists; pick another id or delete it first",
                            param="snapshot_id")
-        tmp = self.make_temp_dir()
-        try:
+        with self.staging(f"cannot write snapshot {snapshot_id!r} in {self.root}") as tmp:
             transcript_bytes = json.dumps(transcript, ensure_ascii=False, separators=(",", ":")).encode()
             manifest["files"][TRANSCRIPT] = tensorfile.write_bytes(tmp / TRANSCRIPT, transcript_bytes)
             manifest["files"][TENSORS] = tensorfile.write_safetensors(
@@ -238,13 +239,21 @@ class SnapshotStore:
             self.write_manifest(tmp, manifest)
             tensorfile.fsync_dir(tmp)
             self.publish(tmp, snapshot_id, replace)
+        return manifest
+
+    @contextlib.contextmanager
+    def staging(self, what: str) -> Iterator[Path]:
+        """A temporary directory to write a snapshot into before ``publish``; removed when
+        anything fails, a disk error then said as ``what`` (``disk_error``)."""
+        tmp = self.make_temp_dir()
+        try:
+            yield tmp
         except OSError as exc:
             shutil.rmtree(tmp, ignore_errors=True)
-            raise disk_error(f"cannot write snapshot {snapshot_id!r} in {self.root}", exc) from exc
+            raise disk_error(what, exc) from exc
         except BaseException:
             shutil.rmtree(tmp, ignore_errors=True)
             raise
-        return manifest
 
     def make_temp_dir(self) -> Path:
         """A new temporary directory in the store, to write a snapshot into before ``publish``."""
@@ -486,8 +495,7 @@ class SnapshotStore:
             raise NotFound(f"no such file: {label}", param="file")
         if snapshot_id is not None:
             validate_id(snapshot_id, "snapshot id", param="snapshot_id")
-        tmp = self.make_temp_dir()
-        try:
+        with self.staging(f"cannot import {label} into {self.root}") as tmp:
             manifest = self._unpack(file, label, tmp)
             original = manifest["id"]
             _verify_files(tmp, manifest, original)
@@ -501,12 +509,6 @@ class SnapshotStore:
                 raise Conflict(f"snapshot {final_id!r} already exists; import it under another id "
                                "or delete the existing one", param="snapshot_id")
             self.publish(tmp, final_id, replace, keep_session_state=True)
-        except OSError as exc:
-            shutil.rmtree(tmp, ignore_errors=True)
-            raise disk_error(f"cannot import {label} into {self.root}", exc) from exc
-        except BaseException:
-            shutil.rmtree(tmp, ignore_errors=True)
-            raise
         return manifest
 
     def _unpack(self, file: Path, label: str, tmp: Path) -> dict:

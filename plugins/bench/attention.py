@@ -124,14 +124,11 @@ def graph_ms(fn, replays: int = 200) -> float:
     """Median time of one call, replayed in a CUDA graph (20 calls per graph, 10 timed replays)."""
     import torch
 
+    from superlinear.model.model import warm_up_on_side_stream
+
     fn()
     torch.cuda.synchronize()
-    s = torch.cuda.Stream()
-    s.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(s):
-        for _ in range(2):
-            fn()
-    torch.cuda.current_stream().wait_stream(s)
+    warm_up_on_side_stream(fn)
     torch.cuda.synchronize()
     per = 20
     g = torch.cuda.CUDAGraph()

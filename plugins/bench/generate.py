@@ -15,7 +15,6 @@ speed per step at depths a full prefill cannot reach within one run.
 
 from __future__ import annotations
 
-import json
 import platform
 import time
 from dataclasses import dataclass
@@ -23,6 +22,7 @@ from dataclasses import dataclass
 import click
 
 from superlinear.bus import Context
+from superlinear.output import emit
 from superlinear.plugins.bench.batch_decode import batch_rows, markdown_rows
 from superlinear.plugins.bench.lengths import case_error, exit_on_failed_cases, fmt_length, parse_length
 from superlinear.plugins.bench.provenance import provenance, provenance_line
@@ -256,7 +256,7 @@ def command(model, device, dtype, lengths, attentions, chunk_size, decode_tokens
                                     dense_max_len=parse_length(dense_max_len), graph=not no_graph,
                                     world_size=world_size, probe=probe, batches=counts))
     if result.get("rank", 0) == 0:
-        click.echo(json.dumps(result, indent=2, default=str) if as_json else markdown(result))
+        emit(result, as_json, markdown)
     exit_on_failed_cases(result["rows"])
 
 

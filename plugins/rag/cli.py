@@ -6,7 +6,6 @@ Every command that works on one workspace takes ``-w NAME``; ``info``, ``sources
 
 from __future__ import annotations
 
-import json
 import os
 import sys
 import textwrap
@@ -15,6 +14,7 @@ import time
 import click
 
 from superlinear.bus import dispatch
+from superlinear.output import emit_json
 
 from . import commands
 from .commands import RagAsk, RagIngest
@@ -121,8 +121,7 @@ def ingest_command(paths, workspace, globs, chunk_chars, overlap, no_llm, max_se
         bar.close()
         progress.end()
     wall = time.perf_counter() - started
-    if as_json:
-        click.echo(json.dumps(result, indent=2))
+    if emit_json(result, as_json):
         return
     r = result["report"]
     click.echo(f"workspace {r['workspace']}: {len(r['added'])} added, {len(r['updated'])} updated, "
@@ -171,8 +170,7 @@ def ask_command(question, workspace, k, retriever, no_llm, max_tokens, as_json):
 
     result = dispatch(RagAsk(question, workspace or _default_workspace(), k, retriever, llm=not no_llm,
                              max_tokens=max_tokens, on_text=None if as_json or no_llm else on_text))
-    if as_json:
-        click.echo(json.dumps(result, indent=2, ensure_ascii=False))
+    if emit_json(result, as_json):
         return
     if no_llm:
         if not result["passages"]:
@@ -207,8 +205,7 @@ def _snippet(text: str, width: int = 300) -> str:
 def ls_command(as_json):
     """List workspaces."""
     result = commands.list_workspaces()
-    if as_json:
-        click.echo(json.dumps(result, indent=2))
+    if emit_json(result, as_json):
         return
     if not result["workspaces"]:
         click.echo("no workspaces (create one with `spl rag ingest PATH`)")
@@ -228,8 +225,7 @@ def ls_command(as_json):
 def info_command(name, workspace, as_json):
     """Show a workspace: roots, files, passages, context snapshot."""
     result = commands.workspace_info(_one_workspace(name, workspace))
-    if as_json:
-        click.echo(json.dumps(result, indent=2))
+    if emit_json(result, as_json):
         return
     click.echo(f"workspace   {result['name']}  ({result['path']})")
     for root in result["roots"]:
@@ -273,8 +269,7 @@ def rm_command(names, workspaces, keep_snapshot, as_json):
         elif result.get("snapshot_error"):
             extra = f" (snapshot {result['snapshot_id']} not removed: {result['snapshot_error']})"
         click.echo(f"removed workspace {result['removed']}{extra}")
-    if as_json:
-        click.echo(json.dumps(results, indent=2))
+    emit_json(results, as_json)
 
 
 @rag_group.command("sources")
@@ -284,8 +279,7 @@ def rm_command(names, workspaces, keep_snapshot, as_json):
 def sources_command(name, workspace, as_json):
     """List the files of a workspace."""
     result = commands.sources(_one_workspace(name, workspace))
-    if as_json:
-        click.echo(json.dumps(result, indent=2))
+    if emit_json(result, as_json):
         return
     for f in result["files"]:
         encoding = f", {f['encoding']}" if f.get("encoding") not in (None, "utf-8") else ""
@@ -297,8 +291,7 @@ def sources_command(name, workspace, as_json):
 def retrievers_command(as_json):
     """List the retrievers plugins provide."""
     result = commands.retrievers()
-    if as_json:
-        click.echo(json.dumps(result, indent=2))
+    if emit_json(result, as_json):
         return
     for r in result["retrievers"]:
         click.echo(f"{r['name']:<12} {r['plugin']}{'  (default)' if r['default'] else ''}")

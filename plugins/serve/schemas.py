@@ -119,18 +119,20 @@ class SamplingFields(BaseModel):
         return check_stops(v)
 
     def sampling_params(self, defaults: dict, *, max_tokens: int | None, logprobs: int | None):
+        """The engine's ``SamplingParams``: every field of it this body names goes through as it
+        is (so a new sampling field needs only its declaration here), but the temperature (the
+        server's default when left out), ``stop`` (one string or a list), and ``max_tokens`` /
+        ``logprobs``, which chat and completions spell differently."""
+        import dataclasses
+
         from superlinear.engine import SamplingParams
 
-        given = {name: getattr(self, name) for name in ("min_p", "frequency_penalty", "presence_penalty",
-                                                         "repeat_penalty", "repeat_last_n", "logit_bias",
-                                                         "stop_token_ids")
-                 if getattr(self, name) is not None}
+        own = {"temperature", "stop", "max_tokens", "logprobs"}
+        given = {f.name: getattr(self, f.name) for f in dataclasses.fields(SamplingParams)
+                 if f.name not in own and f.name in type(self).model_fields and getattr(self, f.name) is not None}
         temperature = defaults.get("temperature", DEFAULT_TEMPERATURE) if self.temperature is None else self.temperature
-        return SamplingParams(
-            temperature=temperature,
-            top_p=self.top_p if self.top_p is not None else 1.0, top_k=self.top_k or 0, seed=self.seed,
-            max_tokens=max_tokens, stop=[self.stop] if isinstance(self.stop, str) else list(self.stop or []),
-            logprobs=logprobs, response_format=self.response_format, **given)
+        return SamplingParams(temperature=temperature, max_tokens=max_tokens, logprobs=logprobs,
+                              stop=[self.stop] if isinstance(self.stop, str) else list(self.stop or []), **given)
 
 
 class ChatCompletionRequest(SamplingFields):
