@@ -14,7 +14,7 @@ from superlinear.api import Done, TextDelta
 from superlinear.chat_ui import SlashCommand
 from superlinear.engine import RepetitionConfig
 from superlinear.errors import InvalidRequest, NotFound, Unavailable
-from superlinear.plugins.chat import state as chat_state
+from superlinear.plugins.chat import remembered as chat_state
 from superlinear.plugins.chat.render import StreamRenderer, TurnStats, format_footer
 from superlinear.plugins.chat.repl import ChatRepl, ChatSettings
 from superlinear.plugins.chat.slash import (

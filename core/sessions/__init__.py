@@ -7,11 +7,11 @@ from superlinear.sessions.ids import validate_id
 from superlinear.sessions.manager import (
     SESSION_STATE_TAG,
     Session,
-    SessionListing,
+    SessionInfos,
     SessionManager,
     state_snapshot_id,
 )
 from superlinear.sessions.snapshots import CorruptSnapshot, ModelMismatch, SnapshotStore, check_model
 
-__all__ = ["SESSION_STATE_TAG", "CorruptSnapshot", "ModelMismatch", "Session", "SessionListing",
+__all__ = ["SESSION_STATE_TAG", "CorruptSnapshot", "ModelMismatch", "Session", "SessionInfos",
            "SessionManager", "SnapshotStore", "check_model", "state_snapshot_id", "validate_id"]

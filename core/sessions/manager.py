@@ -445,12 +445,12 @@ class SessionManager:
         with self._lock:
             return session_id in self._sessions
 
-    def list(self) -> SessionListing:
+    def list(self) -> SessionInfos:
         """Info dicts of every session (oldest first); the list also carries the totals
         (``.count``, ``.bytes``, ``.resident``, ``.memory_budget``; ``.as_dict()``)."""
         with self._lock:
             sessions = sorted(self._sessions.values(), key=lambda s: s.created_at)
-        return SessionListing([s.info() for s in sessions], memory_budget=self.memory_budget)
+        return SessionInfos([s.info() for s in sessions], memory_budget=self.memory_budget)
 
     def info(self, session_id: str) -> dict:
         return self.lookup(session_id).info()
@@ -678,7 +678,7 @@ class SessionManager:
 
 
 
-class SessionListing(list):
+class SessionInfos(list):
     """``SessionManager.list()``: a list of session info dicts plus the totals."""
 
     def __init__(self, infos, memory_budget=None):

@@ -61,9 +61,9 @@ def _max(text, repl):
     s = repl.settings
     if text:
         s.max_tokens = None if text in ("off", "none", "no") else parse_int(text, "max tokens", minimum=0) or None
-        from . import state
+        from . import remembered
 
-        state.remember_max_tokens(repl.name, s.max_tokens)  # kept for the next `spl chat`
+        remembered.remember_max_tokens(repl.name, s.max_tokens)  # kept for the next `spl chat`
     if s.max_tokens is None:
         return "max tokens per reply: no cap (until the session is full; a loop still stops the reply)"
     return f"max tokens per reply: {s.max_tokens}"

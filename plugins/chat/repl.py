@@ -33,7 +33,7 @@ from superlinear.client.progress import PrefillBar, watch_prefill
 from superlinear.engine import RepetitionConfig
 from superlinear.errors import InvalidRequest, NotFound, Unavailable, UserError
 
-from . import state as chat_state
+from . import remembered as chat_state
 from .render import StreamRenderer, Styler, TurnStats, format_footer, use_color
 
 # prepare_message(text, repl) -> the messages to send for this turn (a str is one user message).
