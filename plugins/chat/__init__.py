@@ -160,12 +160,14 @@ def chat_command(url, model, port, new, session_id, once, as_json, system, tempe
     Enter sends, Alt-Enter adds a line, Ctrl-C stops a reply, Ctrl-D quits; /help inside lists
     the slash commands.
     """
+    from superlinear.defaults import typed_cap
+
     from . import remembered
     from .repl import ChatSettings
 
     if max_tokens is None and once is None:  # what /max set last time, unless told otherwise
         max_tokens = remembered.remembered_max_tokens("chat")
-    cap = {} if max_tokens is None else {"max_tokens": max_tokens or None}
+    cap = {} if max_tokens is None else {"max_tokens": typed_cap(max_tokens)}
     settings = ChatSettings(system=system, temperature=temperature, show_reasoning=not no_think,
                             thinking=False if no_think else None, markdown=not plain, **cap)
     if as_json and once is None:

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 from superlinear import protocol as api
 from superlinear.chat_ui import SlashCommand, split_args
+from superlinear.defaults import NO_CAP, typed_cap
 from superlinear.errors import InvalidRequest
 
 from .slash import parse_int
@@ -60,7 +61,7 @@ def _max(text, repl):
     text = text.strip().lower()
     s = repl.settings
     if text:
-        s.max_tokens = None if text in ("off", "none", "no") else parse_int(text, "max tokens", minimum=0) or None
+        s.max_tokens = NO_CAP if text in ("off", "none", "no") else typed_cap(parse_int(text, "max tokens", minimum=0))
         from . import remembered
 
         remembered.remember_max_tokens(repl.name, s.max_tokens)  # kept for the next `spl chat`

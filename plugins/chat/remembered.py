@@ -52,7 +52,7 @@ def remember_session(name: str, session_id: str | None, url: str | None = None) 
 def remember_max_tokens(name: str, max_tokens: int | None) -> None:
     """Record the reply cap ``/max`` set in REPL ``name`` (None: no cap), for its next start."""
     data = _read()
-    data.setdefault("max_tokens", {})[name] = max_tokens or 0
+    data.setdefault("max_tokens", {})[name] = max_tokens or 0  # 0: no cap, as a user types it
     _write(data)
 
 

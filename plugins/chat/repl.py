@@ -59,7 +59,7 @@ DEFAULT_MAX_TOKENS = 1024  # a reply longer than this is rarely wanted, and a lo
 class ChatSettings:
     system: str | None = None
     temperature: float | None = None
-    max_tokens: int | None = DEFAULT_MAX_TOKENS  # None: no cap (until the session is full)
+    max_tokens: int | None = DEFAULT_MAX_TOKENS  # superlinear.defaults.NO_CAP: no cap
     show_reasoning: bool = True
     thinking: bool | None = None  # False: ask the template not to think (chat_template_kwargs)
     reasoning_budget: int | None = None
