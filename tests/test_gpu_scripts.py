@@ -154,3 +154,17 @@ def test_the_carried_wheels_hold_everything_the_gpu_tests_and_the_server_import(
     assert "opentelemetry-api" in needed  # fastapi's: the check sees requirements, not only imports
     missing = sorted(needed - image - carried)
     assert missing == [], f"add to SERVER_PACKAGES in scripts/gpu_wheels.sh: {missing}"
+
+
+def test_the_suite_orders_are_permutations_of_every_gpu_test_file(tmp_path):
+    expected = sorted(str(p.relative_to(ROOT)) for p in (ROOT / "tests").glob("test_*.py")
+                      if "mark.gpu" in p.read_text() and p.name != "test_model_30b_gpu.py")
+    orders = {}
+    for order in ("normal", "reverse", "shuffle:1", "shuffle:2"):
+        result = bash(f"gpu_test_files {order}", tmp_path)
+        assert result.returncode == 0, result
+        orders[order] = result.stdout.split()
+    assert orders["normal"] == expected and orders["reverse"] == expected[::-1]
+    assert sorted(orders["shuffle:1"]) == expected and orders["shuffle:1"] != orders["shuffle:2"]
+    assert bash("gpu_test_files shuffle:1", tmp_path).stdout.split() == orders["shuffle:1"]  # seeded
+    assert bash("gpu_test_files sideways", tmp_path).returncode == 2
