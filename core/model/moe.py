@@ -27,8 +27,9 @@ import torch
 import torch.nn.functional as F
 
 # tokens of one MoE call up to which the fused decode kernels run where the grouped matmul syncs
-# with the host (a batched decode step); each token reads its own experts, so a prefill chunk
-# takes the grouped matmul
+# with the host: a decode step has one per sequence of its batch (at most 64, the largest bucket
+# of superlinear.model.batch); each token reads its own experts, so a prefill chunk takes the
+# grouped matmul
 FUSED_MAX_TOKENS = 64
 
 
