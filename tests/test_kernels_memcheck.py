@@ -24,7 +24,13 @@ from test_kernels_reference import make_inputs  # noqa: E402
 from test_model_ops import MOE_CASES, PROLOGUE_CASES, moe_inputs, prologue_inputs  # noqa: E402
 from triton_memcheck import OutOfBounds, bounds_checked  # noqa: E402
 
-from superlinear.kernels import SpanParams, superlinear_decode, superlinear_prefill  # noqa: E402
+from superlinear.kernels import (  # noqa: E402
+    KVRows,
+    SpanParams,
+    superlinear_decode,
+    superlinear_decode_rows,
+    superlinear_prefill,
+)
 from superlinear.kernels.attention.reference import reference_decode, reference_prefill  # noqa: E402
 from superlinear.kernels.moe_decode import fused_moe_decode, moe_decode_reference  # noqa: E402
 
@@ -34,8 +40,8 @@ DEVICES = [pytest.param("cpu", marks=pytest.mark.skipif(HAS_CUDA, reason="the in
            pytest.param("cuda", marks=[pytest.mark.gpu, pytest.mark.skipif(not HAS_CUDA, reason="needs a CUDA GPU")])]
 
 
-def checked(device: str):
-    return bounds_checked() if device == "cpu" else contextlib.nullcontext()
+def checked(device: str, also=()):
+    return bounds_checked(also) if device == "cpu" else contextlib.nullcontext()
 
 # (params, B, HQ, HKV, LQ, LKV, D, left pad): window and none, forward spans and none, GQA,
 # integer and float powers; D, LQ and LKV off the block sizes (16 on CPU)
@@ -98,6 +104,28 @@ def test_attention_prefill_and_decode_stay_in_bounds(case, device):
             got = superlinear_decode(qa, qb, kc, vc, posd, params, key_mask=mc, backend="triton")
         want = reference_decode(qa, qb, kc, vc, posd, params, mc)
         torch.testing.assert_close(got, want, atol=2e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("case", range(len(ATTENTION)))
+def test_batched_decode_rows_stays_in_bounds(case, device):
+    """The batched decode over sequences in their own K/V tensors (reached through a table of
+    addresses): capacities off the blocks, positions at 0, inside the window and at the end."""
+    cfg, _, HQ, HKV, _, _, D, _ = ATTENTION[case]
+    params = SpanParams(**cfg)
+    capacities, positions = [37, 1, 53, 20], [36, 0, 30, 1]
+    g = torch.Generator().manual_seed(case)
+    keys = [((torch.randn(1, HKV, c, D, generator=g) * 2).round() / 4).to(device) for c in capacities]
+    values = [torch.randn(1, HKV, c, D, generator=g).to(device) for c in capacities]
+    q1 = ((torch.randn(len(capacities), HQ, 1, D, generator=g) * 2).round() / 4).to(device)
+    q2 = torch.randn(len(capacities), HQ, 1, D, generator=g).to(device)
+    pos = torch.tensor(positions, device=device)
+    rows = KVRows.of(keys, values)
+    with checked(device, also=keys + values):
+        got = superlinear_decode_rows(q1, q2, rows, pos, params, backend="triton")
+    for b, (k, v) in enumerate(zip(keys, values, strict=True)):
+        want = reference_decode(q1[b:b + 1], q2[b:b + 1], k, v, pos[b:b + 1], params)
+        torch.testing.assert_close(got[b:b + 1], want, atol=2e-5, rtol=1e-5)
 
 
 @pytest.mark.parametrize("device", DEVICES)
