@@ -123,7 +123,8 @@ async def _run(command: BenchServe, url: str, api_key: str | None) -> dict:
         results = [await runner.run_level(level, i, run_id) for i, level in enumerate(levels)]
     add_ratios(results)
     settings = {k: v for k, v in asdict(command).items() if k != "url"}
-    settings.update(prompt_tokens=str(command.prompt_tokens), output_tokens=str(command.output_tokens))
+    settings.update(prompt_tokens=str(command.prompt_tokens), output_tokens=str(command.output_tokens),
+                    concurrency=None if command.request_rate is not None else list(command.concurrency))
     return {**provenance(), "target": {"url": url, "model": model, **server}, "settings": settings,
             "prompt_sizing": prompts.sizing, "template_tokens": prompts.template_tokens,
             "warmup": {"ok": warmup.ok, "error": warmup.error, "e2e_s": warmup.latency},

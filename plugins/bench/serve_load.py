@@ -114,10 +114,11 @@ class LoadRunner:
 
         tasks = []
         for conv in convs:
+            if tasks:
+                await asyncio.sleep(rng.expovariate(rate))
             if time.perf_counter() >= self.deadline:
                 break
             tasks.append(asyncio.create_task(one(conv)))
-            await asyncio.sleep(rng.expovariate(rate))
         await asyncio.gather(*tasks)
 
     async def run_level(self, level: Level, index: int, run_id: str) -> dict:

@@ -71,11 +71,14 @@ def _mean(values: Iterable[float]) -> float | None:
 
 def add_ratios(levels: list[dict]) -> None:
     """``ratio_to_c1``: each level's output token throughput over the concurrency-1 level's of
-    the same run (None where the run has none)."""
-    base = next((lv for lv in levels if lv.get("concurrency") == 1 and lv.get("output_throughput")), None)
+    the same run (None where the run has none, and for the chats beside a long prefill: their
+    throughput is not what the level scales)."""
+    plain = [lv for lv in levels if not lv.get("long")]
+    base = next((lv for lv in plain if lv.get("concurrency") == 1 and lv.get("output_throughput")), None)
     for level in levels:
         value = level.get("output_throughput")
-        level["ratio_to_c1"] = value / base["output_throughput"] if base and value is not None else None
+        ok = base is not None and value is not None and level in plain
+        level["ratio_to_c1"] = value / base["output_throughput"] if ok else None
 
 
 def _ms(dist: dict) -> str:
