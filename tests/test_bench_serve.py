@@ -11,6 +11,8 @@ import json
 import pytest
 from server_helpers import free_port, spl
 
+from superlinear.plugins.bench.serve_stats import markdown
+
 PROVENANCE_KEYS = {"date", "git_commit", "git_dirty", "versions", "device_info", "command"}
 DISTRIBUTIONS = ("ttft_s", "tpot_s", "itl_s", "e2e_s")
 
@@ -55,6 +57,7 @@ def test_concurrency_levels(server):
     result = run_json(server, "--concurrency", "1,2", "--num-prompts", "4", "--prompt-tokens", "32",
                       "--output-tokens", "4")
     assert PROVENANCE_KEYS <= set(result) and result["git_commit"]
+    assert result["device_info"]["type"] == "host" and result["device_info"]["cpus"] >= 1  # the client's
     assert result["target"]["url"] == server.url  # from $SPL_SERVER_URL, as the other commands
     assert result["target"]["model"] == "default" and result["target"]["device"] == "cpu"
     assert result["prompt_sizing"] == "tokenize" and result["warmup"]["ok"]
@@ -103,6 +106,14 @@ def test_long_prefill_mix(server):
     assert abs(level["prompt_tokens"]["asked_mean"] - 32) < 1e-9  # the chats only, not the long one
 
 
+def test_duration_bounds_a_level(server):
+    # both workers send their first request at once; after that the 0.1 s are over
+    result = run_json(server, "--concurrency", "2", "--duration", "0.1", "--num-prompts", "50",
+                      "--prompt-tokens", "16", "--output-tokens", "1")
+    (level,) = result["levels"]
+    assert level["requests"] == level["completed"] == 2
+
+
 def test_unreachable_server_is_one_line_and_exit_2(server):
     env = {**server.env}
     env.pop("SPL_SERVER_URL")
@@ -125,8 +136,8 @@ def test_server_errors_are_counted(server):
     assert level["error_messages"][0].startswith("HTTP 404") and "no-such-model" in level["error_messages"][0]
     assert level["output_throughput"] == 0 and level["ttft_s"]["n"] == 0
     assert "2 requests failed" in done.stderr
-    table = bench(server, "--model", "no-such-model", "--num-prompts", "1", "--output-tokens", "1")
-    assert table.returncode == 1 and "| c=1 | 0 / 1 |" in table.stdout and "HTTP 404" in table.stdout
+    table = markdown(json.loads(done.stdout))  # what the command prints without --json
+    assert "| c=1 | 0 / 2 |" in table and "- c=1: HTTP 404" in table
 
 
 @pytest.mark.parametrize(("args", "message"), [

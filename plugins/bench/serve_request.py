@@ -69,8 +69,8 @@ async def stream_chat(http: httpx.AsyncClient, body: dict, *, prompt_tokens: int
         result.error = f"no complete answer within {timeout:g} s (--request-timeout)"
     except httpx.HTTPError as exc:
         result.error = f"{type(exc).__name__}: {exc}"[:MAX_ERROR_CHARS]
-    except ValueError as exc:  # a chunk that is not JSON
-        result.error = f"bad stream: {exc}"[:MAX_ERROR_CHARS]
+    except (ValueError, TypeError, AttributeError) as exc:  # a chunk that is not JSON, or not a chunk's shape
+        result.error = f"bad stream: {type(exc).__name__}: {exc}"[:MAX_ERROR_CHARS]
     result.ended = time.perf_counter()
     result.ok = result.error is None
     if result.ok and result.counted == "usage" and result.prompt_tokens is None:
