@@ -19,6 +19,7 @@ import random
 import httpx
 
 CORPUS_CHARS = 200_000  # tokenized once: ~45K tokens of distinct text; longer prompts wrap around
+SMALL_CORPUS_CHARS = 8_000
 DETOKENIZE_CHUNK = 32_768  # token ids per /detokenize call
 CHARS_PER_TOKEN = 4.0  # the estimate where the server cannot tokenize
 
@@ -48,8 +49,7 @@ class PromptMaker:
 
     async def calibrate(self) -> None:
         try:
-            self.ids = (await self._post("/tokenize", {"model": self.model, "prompt": self.text,
-                                                       "add_special_tokens": False}))["tokens"]
+            self.ids = await self._corpus_ids()
             empty = [{"role": "user", "content": ""}]
             counted = await self._post("/tokenize", {"model": self.model, "messages": empty,
                                                      "add_generation_prompt": True})
@@ -62,6 +62,17 @@ class PromptMaker:
             self.sizing = "tokenize"
         else:
             self.ids = []
+
+    async def _corpus_ids(self) -> list[int]:
+        """The corpus in tokens; a server that refuses a text longer than its context (vLLM's
+        /tokenize may) gets a slice of a few thousand tokens."""
+        body = {"model": self.model, "add_special_tokens": False}
+        try:
+            return (await self._post("/tokenize", {**body, "prompt": self.text}))["tokens"]
+        except httpx.HTTPStatusError as exc:
+            if exc.response.status_code not in (400, 413):
+                raise
+            return (await self._post("/tokenize", {**body, "prompt": self.text[:SMALL_CORPUS_CHARS]}))["tokens"]
 
     async def make(self, tokens: int, rng: random.Random, *, first_turn: bool = True) -> str:
         """A user message whose turn prefills about ``tokens`` tokens (the template's share is
