@@ -80,10 +80,11 @@ class HybridForward:
 
     def __call__(self, ids: torch.Tensor, cache, keep: int = 1) -> torch.Tensor:
         """``ids [1, T]`` at the cache's current write position -> fp32 logits ``[1, keep, V]``
-        of the last ``keep`` tokens (0: all)."""
+        of the last ``keep`` tokens (0: all). A batched step: ``ids [B, 1]`` over a
+        ``superlinear.model.batch.BatchCache`` (each row its own sequence)."""
         residual = self.hf.model.embeddings(ids)
         h = None  # the last mixer's output, not yet added to the residual stream
-        fused = self.fused if ids.shape[1] == 1 else ()
+        fused = self.fused if tuple(ids.shape) == (1, 1) else ()  # one sequence's step (not a batch)
         for idx, (block, kind) in enumerate(zip(self.blocks, self.types, strict=True)):
             normed, residual = self._add_and_norm(h, residual, block.norm)
             if kind == layer_types.MAMBA:

@@ -23,8 +23,9 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-# (token, expert) rows of one MoE call up to which the "rows" path runs the Triton kernel: a
-# decode step has top-k of them; a prefill chunk has thousands and takes the grouped matmul
+# tokens of one MoE call up to which the "rows" path runs the Triton kernel: a decode step has
+# one per sequence of its batch (at most 64, the largest bucket of superlinear.model.batch); a
+# prefill chunk has thousands and takes the grouped matmul
 ROWS_KERNEL_MAX = 64
 
 _DESCRIPTIONS = {
@@ -90,7 +91,7 @@ def moe_forward(moe, config, x: torch.Tensor, path: ExpertsPath) -> torch.Tensor
     up, down, act = moe.experts.up_proj, moe.experts.down_proj, moe.experts.act_fn
     if path.kind == "loop":
         routed = moe.experts(routed, experts, weights)
-    elif path.kind == "rows" and experts.numel() <= ROWS_KERNEL_MAX:
+    elif path.kind == "rows" and experts.shape[0] <= ROWS_KERNEL_MAX:
         from superlinear.kernels.moe_decode.triton_rows import expert_rows
 
         routed = rows_experts(routed, experts, weights, up, down, act, expert_rows)
