@@ -95,12 +95,10 @@ def levels_of(command: BenchServe) -> list[Level]:
 
 
 def run_bench(command: BenchServe, ctx: Context | None = None) -> dict:
-    from superlinear.client.api import resolve_api_key, resolve_target
+    from superlinear.client import no_server_message, resolve_api_key, resolve_target
 
     target = resolve_target(command.url)
     if target.source == "configured":  # no server of ours runs: never load someone else's by default
-        from superlinear.client import no_server_message
-
         raise Unavailable(no_server_message(target.url))
     return asyncio.run(_run(command, target.url, resolve_api_key()))
 
