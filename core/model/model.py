@@ -343,8 +343,9 @@ class Model:
         token_ids[b])`` returns. Every weight is read once for the B rows; attention and the
         recurrent state are per sequence (``superlinear.model.batch``). One row is ``decode_step``
         (its CUDA graph). ``graph``: None = a CUDA graph per batch-size bucket where decode runs
-        graphs (superlinear attention on Triton); True = the static tables a graph captures, run
-        eagerly off CUDA (tests, under the Triton interpreter); False = eager."""
+        graphs (superlinear attention on Triton); True = the static tables a graph captures (run
+        eagerly off CUDA: tests, under the Triton interpreter; superlinear attention only);
+        False = eager."""
         caches, ids = list(caches), [int(t) for t in token_ids]
         if len(caches) != len(ids):
             raise InvalidRequest(f"decode_batch needs one token per cache, got {len(caches)} caches and "
@@ -359,7 +360,8 @@ class Model:
             return torch.stack([self.decode_step(c, t) for c, t in zip(caches, ids, strict=True)])
         for cache in caches:
             cache.reserve(cache.position + 1)
-        static = self._static_rows() if graph is None else bool(graph)
+        # the static tables serve the superlinear kernels only (dense attention runs per row)
+        static = self._static_rows() if graph is None else bool(graph) and self.attention == "superlinear"
         out = []
         with self._shared.lock:
             for begin in range(0, len(caches), BUCKETS[-1]):
