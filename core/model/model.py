@@ -345,7 +345,9 @@ class Model:
         (its CUDA graph). ``graph``: None = a CUDA graph per batch-size bucket where decode runs
         graphs (superlinear attention on Triton); True = the static tables a graph captures (run
         eagerly off CUDA: tests, under the Triton interpreter; superlinear attention only);
-        False = eager."""
+        False = eager. If it raises, no cache has advanced (the recurrent states are written back
+        only after a step's forward; its keys at the positions are rewritten by the next step),
+        except, above 64 rows, the caches of the slices of 64 before the failing one."""
         caches, ids = list(caches), [int(t) for t in token_ids]
         if len(caches) != len(ids):
             raise InvalidRequest(f"decode_batch needs one token per cache, got {len(caches)} caches and "
