@@ -211,6 +211,7 @@ class Model:
         paths = self._shared.hybrid.info() if self.fast_paths else {"model": "transformers' forward"}
         if self.device.type == "cuda":
             paths["decode"] = "CUDA graph" if self.cuda_graph and self._shared.graph_error is None else "eager"
+            paths["decode_batch"] = "CUDA graph per batch-size bucket" if self._static_rows() else "eager"
         return {"forward": "fallback" if reasons else "fast", "forward_reason": "; ".join(reasons) or None,
                 "forward_paths": paths}
 
