@@ -9,6 +9,7 @@ import jsonschema
 import pytest
 import torch
 
+from superlinear.engine.grammar import from_response_format, grammar_of
 from superlinear.engine.limits import check_sampling
 from superlinear.engine.sampling import Sampler, prompt_logprobs, token_logprob
 from superlinear.engine.types import SamplingParams
@@ -135,7 +136,7 @@ def test_grammar_masks_random_logits_into_valid_json(tokenizer, response_format)
     closers = [tokenizer.convert_tokens_to_ids(t) for t in ('"', "}", ":", "1")]
     torch.manual_seed(0)
     for seed in range(3):
-        s = Sampler(SamplingParams(temperature=1.0, seed=seed, response_format=response_format),
+        s = Sampler(SamplingParams(temperature=1.0, seed=seed, structured=from_response_format(response_format)),
                     tokenizer=tokenizer, end_ids=[end])
         ids = []
         for _ in range(200):
@@ -157,8 +158,10 @@ def test_bad_response_formats_are_refused():
     for fmt, param in (({"type": "yaml"}, "response_format.type"),
                        ({"type": "json_schema"}, "response_format.json_schema.schema"),
                        ({"type": "json_schema", "json_schema": {"name": "x", "schema": {"type": "nonsense"}}},
-                        "response_format.json_schema.schema")):
+                        "response_format")):
         with pytest.raises(InvalidRequest) as err:
-            check_sampling(SamplingParams(response_format=fmt))
+            grammar_of(from_response_format(fmt), "response_format")
         assert err.value.param == param
-    check_sampling(SamplingParams(response_format={"type": "text"}))
+    assert from_response_format({"type": "text"}) is None
+    with pytest.raises(InvalidRequest):
+        check_sampling(SamplingParams(structured={"regex": "a", "choice": ["b"]}))  # two at once

@@ -15,7 +15,8 @@ def engine_request(req: ChatCompletionRequest, messages: list[dict], defaults: d
     from superlinear.engine import ChatRequest, RepetitionConfig
 
     sampling = req.sampling_params(defaults, logprobs=req.logprobs_count(),
-                                   max_tokens=req.max_completion_tokens or req.max_tokens or defaults.get("max_tokens"))
+                                   max_tokens=req.token_limit(req.max_completion_tokens or req.max_tokens)
+                                   or defaults.get("max_tokens"))
     repetition = None
     if req.repetition_detection is True:
         repetition = RepetitionConfig()
