@@ -157,6 +157,7 @@ def _turn(conv: Conversation, req: ChatRequest, cancel: threading.Event, cp) -> 
     ids = tok.encode(forced, add_special_tokens=False) if forced else []
     if tool_grammar and not in_reasoning:  # what the grammar allows alone (a required call's opening)
         ids += sampler.forced_tokens()
+    ids = ids[:max(0, max_tokens - completion)]
     if ids and conv.position + len(ids) < limit:
         logits = conv.extend_tokens(ids)
         sampler.accept(ids)
