@@ -54,9 +54,10 @@ def from_response_format(response_format) -> dict | None:
                          param="response_format.type", code="unsupported_value")
 
 
-def strict_schema(schema: dict) -> dict:
+def strict_schema(schema: dict, *, require_all: bool = True) -> dict:
     """OpenAI's ``strict: true``: every object schema closed (``additionalProperties: false``)
-    with all its properties required, at every depth (a copy; ``schema`` is left as it is)."""
+    with all its properties required, at every depth (a copy; ``schema`` is left as it is).
+    ``require_all=False`` only closes the objects that do not say whether they are open."""
     out = copy.deepcopy(schema)
     stack: list = [out]
     while stack:
@@ -68,10 +69,13 @@ def strict_schema(schema: dict) -> dict:
             continue
         if node.get("type") == "object" or isinstance(node.get("properties"), dict):
             props = node.get("properties") if isinstance(node.get("properties"), dict) else {}
-            node["additionalProperties"] = False
-            node["required"] = list(props)
+            if require_all:
+                node["additionalProperties"] = False
+                node["required"] = list(props)
+            else:
+                node.setdefault("additionalProperties", False)
         for key, value in node.items():
-            if key != "enum" and key != "const" and isinstance(value, (dict, list)):
+            if key not in ("enum", "const") and isinstance(value, (dict, list)):
                 stack.append(value)
     return out
 
@@ -145,14 +149,17 @@ def _tools_spec(value, param: str) -> dict:
     if not isinstance(value, dict) or not isinstance(value.get("tools"), list) or not value["tools"]:
         raise InvalidRequest(f"{param}: tools needs a list of tools", param=param)
     return {"tools": value["tools"], "choice": value.get("choice", "required"), "fmt": value.get("format", "hermes"),
-            "reasoning": bool(value.get("reasoning"))}
+            "reasoning": bool(value.get("reasoning")), "parallel": bool(value.get("parallel"))}
 
 
-def tools_lark(tools: list[dict], choice: str = "required", fmt: str = "hermes", reasoning: bool = False) -> str:
-    """A Lark grammar of tool calls in the model's markup: ``choice`` "required" (one call or
-    more, to any tool), "auto" (free text without the markup, or such text and then calls) or a
-    tool's name (one call to it). Each call's arguments follow that tool's parameter schema.
-    ``reasoning``: the prompt opened a ``<think>`` block, free until it closes."""
+def tools_lark(tools: list[dict], choice: str = "required", fmt: str = "hermes", reasoning: bool = False,
+               parallel: bool = False) -> str:
+    """A Lark grammar of tool calls in the model's markup: ``choice`` "required" (a call to any
+    tool), "auto" (free text without the markup, or such text and then a call) or a tool's name
+    (a call to it). Each call's arguments follow that tool's parameter schema.
+    ``reasoning``: the prompt opened a ``<think>`` block, free until it closes; ``parallel``:
+    several calls may follow each other (else one: a small model given the choice tends to call
+    again and again)."""
     functions = [t.get("function", t) for t in tools]
     if choice not in ("required", "auto"):
         functions = [f for f in functions if f.get("name") == choice]
@@ -165,12 +172,13 @@ def tools_lark(tools: list[dict], choice: str = "required", fmt: str = "hermes",
     lines.append("call: " + " | ".join(f"call_{i}" for i in range(len(calls))))
     opener, closer = json.dumps(TOOL_OPEN + "\n"), json.dumps("\n" + TOOL_CLOSE)
     lines.append(f"block: {opener} call {closer}")
+    more = ' ("\\n" block)*' if parallel else ""
     if choice == "auto":
         lines.append(f"TEXT: {_free_text(TOOL_OPEN, '')}")
         lines.append(f"TEXT_OPEN: {_free_text(TOOL_OPEN, TOOL_OPEN + chr(10))}")
-        lines.append(f'answer: TEXT | TEXT_OPEN call {closer} ("\\n" block)*')
+        lines.append(f"answer: TEXT | TEXT_OPEN call {closer}{more}")
     elif choice == "required":
-        lines.append('answer: block ("\\n" block)*')
+        lines.append(f"answer: block{more}")
     else:
         lines.append("answer: block")
     if reasoning:
@@ -192,16 +200,24 @@ def _free_text(marker: str, end: str) -> str:
 
 
 def _parameters(function: dict) -> dict:
+    """A tool's parameter schema, its objects closed unless they say otherwise (a call's arguments
+    are the declared ones; a small model left free invents more and never ends); all required
+    too with the function's ``strict: true``."""
     params = function.get("parameters")
-    return params if isinstance(params, dict) and params else {"type": "object", "properties": {}}
+    params = params if isinstance(params, dict) and params else {"type": "object", "properties": {}}
+    return strict_schema(params, require_all=function.get("strict") is True)
+
+
+def _json(schema: dict) -> str:
+    """Lark's embedded JSON of ``schema``, compact as the response formats' (no free blanks)."""
+    return "%json " + json.dumps({**schema, "x-guidance": _JSON_DEFAULTS})
 
 
 def _hermes_call(function: dict) -> str:
     """``{"name": NAME, "arguments": {...}}`` (the Hermes / Qwen markup's JSON)."""
-    schema = {"type": "object", "properties": {"name": {"const": function.get("name")},
-                                               "arguments": _parameters(function)},
-              "required": ["name", "arguments"], "additionalProperties": False}
-    return "%json " + json.dumps(schema)
+    return _json({"type": "object", "properties": {"name": {"const": function.get("name")},
+                                                   "arguments": _parameters(function)},
+                  "required": ["name", "arguments"], "additionalProperties": False})
 
 
 def _xml_call(function: dict) -> str:
@@ -216,7 +232,7 @@ def _xml_call(function: dict) -> str:
         if isinstance(schema, dict) and schema.get("type") == "string":  # the value and its closing: one lexeme
             item = f"{opener} /[^<]*\\n<\\/parameter>\\n/"
         else:
-            item = f'{opener} %json {json.dumps(schema if isinstance(schema, dict) else {})} "\\n</parameter>\\n"'
+            item = f'{opener} {_json(schema if isinstance(schema, dict) else {})} "\\n</parameter>\\n"'
 
         parts.append(item if name in required else f"({item})?")
     parts.append(json.dumps("</function>"))

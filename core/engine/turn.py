@@ -114,6 +114,7 @@ def _turn(conv: Conversation, req: ChatRequest, cancel: threading.Event, cp) -> 
     if tool_grammar:  # the calls follow the markup, names and parameter schemas of the tools
         sp = dataclasses.replace(sp, structured={"tools": {
             "tools": tools, "format": conv.template.tool_format, "reasoning": in_reasoning,
+            "parallel": req.parallel_tool_calls,
             "choice": (req.tool_choice.get("function") or {}).get("name") if isinstance(req.tool_choice, dict)
             else req.tool_choice}})
     sampler = Sampler(sp, tokenizer=tok, end_ids=sorted(stop_ids), prompt_ids=prompt.ids)

@@ -55,6 +55,7 @@ class ChatRequest:
     messages: list[dict]  # the whole conversation as the client wants it after this turn's prompt
     tools: list[dict] | None = None  # OpenAI tools ({"type": "function", "function": {...}})
     tool_choice: Any = None  # None/"auto", "none", "required", {"type":"function","function":{"name":..}}
+    parallel_tool_calls: bool = False  # several calls in one answer (else the grammar allows one)
     sampling: SamplingParams = field(default_factory=SamplingParams)
     reasoning_budget: int | None = None  # max reasoning tokens; then the engine closes </think> itself
     repetition: RepetitionConfig | None = None  # None = no loop detection

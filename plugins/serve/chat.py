@@ -25,6 +25,7 @@ def engine_request(req: ChatCompletionRequest, messages: list[dict], defaults: d
     tools = [t.model_dump(exclude_none=True) for t in req.tools] if req.tools else None
     return ChatRequest(
         messages=messages, tools=tools, tool_choice=req.tool_choice, sampling=sampling,
+        parallel_tool_calls=bool(req.parallel_tool_calls),
         reasoning_budget=req.reasoning_budget, repetition=repetition,
         chat_template_kwargs=req.chat_template_kwargs, keep_thinking=req.keep_thinking,
     )

@@ -68,7 +68,8 @@ _F = (
     KnownField("tool_choice", "OpenAI", HONOURED, "`required` / a named function: a grammar over the tools' "
                "names and parameter schemas; `auto`: free text or a valid call; `none`: no tools; a name not in "
                "`tools` is 400", "same (named and required guided)", "`auto` / `none` / `required`", (CHAT,)),
-    KnownField("parallel_tool_calls", "OpenAI", ACCEPTED, "no effect (several calls may come)", _S, _S, (CHAT,)),
+    KnownField("parallel_tool_calls", "OpenAI", HONOURED, "`true`: several calls may follow each other; else the "
+               "tool grammar allows one (OpenAI's default is true)", _S, _S, (CHAT,)),
     KnownField("user", "OpenAI", ACCEPTED, "no effect", _S, "—"),
     KnownField("metadata", "OpenAI", ACCEPTED, "no effect", "—", "—", (CHAT,)),
     KnownField("store", "OpenAI", ACCEPTED, "no effect (nothing is stored without a `session_id`)", "—", "—", (CHAT,)),

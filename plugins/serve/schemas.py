@@ -196,6 +196,7 @@ class ChatCompletionRequest(SamplingFields):
     n: int | None = None
     tools: list[Tool] | None = None
     tool_choice: Literal["none", "auto", "required"] | dict | None = None
+    parallel_tool_calls: StrictBool | None = None  # several calls per answer only when true
     logprobs: StrictBool | None = None
     top_logprobs: int | None = Field(None, ge=0, le=limits.MAX_TOP_LOGPROBS)
     # spl extensions (OpenAI clients send them with extra_body=...)
