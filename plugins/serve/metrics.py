@@ -66,9 +66,6 @@ class ServerMetrics:
         self.e2e_latency = Histogram(
             "spl_e2e_request_latency_seconds", "From the request's arrival at the model worker's queue to its "
             "last token (queue wait + prefill + decode)", MODEL, registry=r, buckets=_SECONDS_BUCKETS)
-        self.queue_time = Histogram(
-            "spl_request_queue_time_seconds", "Time a request waited in the model worker's queue",
-            MODEL, registry=r, buckets=_SECONDS_BUCKETS)
         self.request_prompt_tokens = Histogram(
             "spl_request_prompt_tokens", "Prompt tokens per request", MODEL, registry=r,
             buckets=_TOKEN_COUNT_BUCKETS)
@@ -81,11 +78,12 @@ class ServerMetrics:
                                  registry=r)
         self._per_model = (self.prompt_tokens, self.completion_tokens, self.cached_tokens, self.prefill_tokens,
                            self.prefill_seconds, self.decode_seconds, self.time_to_first_token,
-                           self.time_per_output_token, self.e2e_latency, self.queue_time,
+                           self.time_per_output_token, self.e2e_latency,
                            self.request_prompt_tokens, self.request_generation_tokens, self.prefill_rate,
                            self.decode_rate)
         self._named: str | None = None
         r.register(_RuntimeGauges(runtime))
+        self.scheduler = SchedulerMetrics(runtime, r)
 
     @property
     def model_name(self) -> str:
@@ -93,7 +91,7 @@ class ServerMetrics:
         scrape (zero), so a dashboard's queries resolve before the first request."""
         name = self.runtime.model_name
         if name != self._named:
-            for metric in self._per_model:
+            for metric in self._per_model + self.scheduler.per_model:
                 metric.labels(name)
             self._named = name
         return name
@@ -111,8 +109,6 @@ class ServerMetrics:
         self.prefill_tokens.labels(name).inc(usage.get("prefill_tokens") or 0)
         self.request_prompt_tokens.labels(name).observe(usage.get("prompt_tokens") or 0)
         self.request_generation_tokens.labels(name).observe(usage.get("completion_tokens") or 0)
-        if queued_s is not None:
-            self.queue_time.labels(name).observe(queued_s)
         if timings.get("prefill_s") is not None:
             self.prefill_seconds.labels(name).observe(timings["prefill_s"])
         if timings.get("decode_s") is not None:
@@ -159,19 +155,14 @@ class _RuntimeGauges:
     def collect(self):
         rt = self.runtime
         name = rt.model_name
-
-        def gauge(metric: str, doc: str, value) -> GaugeMetricFamily:
-            family = GaugeMetricFamily(metric, doc, labels=MODEL)
-            family.add_metric([name], float(value))
-            return family
-
         worker = rt.worker
-        yield gauge("spl_queue_depth", "Jobs waiting for the model worker", worker.queued())
-        yield gauge("spl_generations", "Generations waiting or running", worker.generations)
-        current = worker.current
-        running = 1 if current is not None and current.kind == "generation" else 0
-        yield gauge("spl_requests_running", "Generations running on the model (one at a time)", running)
-        yield gauge("spl_requests_waiting", "Generations waiting for the model", max(0, worker.generations - running))
+        yield _gauge("spl_queue_depth", "Jobs waiting for the model worker", worker.queued(), name)
+        yield _gauge("spl_generations", "Generations waiting or running", worker.generations, name)
+        running = worker.running()
+        yield _gauge("spl_requests_running", "Generations running on the model (batched by the scheduler)", running,
+                     name)
+        yield _gauge("spl_requests_waiting", "Generations waiting for the model", max(0, worker.generations - running),
+                     name)
         manager = rt.manager
         if manager is not None:
             listing = manager.list()
@@ -179,15 +170,79 @@ class _RuntimeGauges:
             sessions.add_metric([name, "resident"], listing.resident)
             sessions.add_metric([name, "on_disk"], listing.count - listing.resident)
             yield sessions
-            yield gauge("spl_session_memory_bytes", "Bytes resident sessions hold", listing.bytes)
+            yield _gauge("spl_session_memory_bytes", "Bytes resident sessions hold", listing.bytes, name)
             if listing.memory_budget is not None:
-                yield gauge("spl_session_memory_budget_bytes", "The session memory budget", listing.memory_budget)
-                yield gauge("spl_cache_usage_ratio", "Share of the session memory budget the caches hold (0..1)",
-                            min(1.0, listing.bytes / listing.memory_budget) if listing.memory_budget else 0.0)
-        yield gauge("spl_process_resident_memory_bytes", "Resident memory of the server process", _rss())
+                yield _gauge("spl_session_memory_budget_bytes", "The session memory budget", listing.memory_budget,
+                             name)
+                yield _gauge("spl_cache_usage_ratio", "Share of the session memory budget the caches hold (0..1)",
+                             min(1.0, listing.bytes / listing.memory_budget) if listing.memory_budget else 0.0, name)
+        yield _gauge("spl_process_resident_memory_bytes", "Resident memory of the server process", _rss(), name)
         device = _device_memory()
         if device is not None:
-            yield gauge("spl_device_memory_allocated_bytes", "GPU memory allocated by torch", device)
+            yield _gauge("spl_device_memory_allocated_bytes", "GPU memory allocated by torch", device, name)
+
+
+# -- the engine's scheduler (continuous batching) ---------------------------------------------------
+# Its own block: a step is one batched decode of the running sequences plus prefill chunks.
+_BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128)
+_STEP_SECONDS_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10)
+
+
+class SchedulerMetrics:
+    """Step time, decode batch size and queue time as histograms (observed on the model's worker
+    as they happen); running / waiting / batch gauges read at scrape time."""
+
+    def __init__(self, runtime, registry: CollectorRegistry):
+        r = registry
+        self.runtime = runtime
+        self.step_seconds = Histogram("spl_scheduler_step_seconds", "Time of one scheduler step (a batched "
+                                      "decode plus prefill chunks)", MODEL, registry=r, buckets=_STEP_SECONDS_BUCKETS)
+        self.batch_size = Histogram("spl_scheduler_batch_size", "Sequences decoded together in a step",
+                                    MODEL, registry=r, buckets=_BATCH_BUCKETS)
+        self.prefill_tokens = Counter("spl_scheduler_prefill_tokens", "Prompt tokens prefilled by scheduler "
+                                      "steps", MODEL, registry=r)
+        self.queue_seconds = Histogram("spl_request_queue_time_seconds", "Time a generation waited before the "
+                                       "scheduler started it", MODEL, registry=r, buckets=_SECONDS_BUCKETS)
+        self.per_model = (self.step_seconds, self.batch_size, self.prefill_tokens, self.queue_seconds)
+        r.register(_SchedulerGauges(runtime))
+
+    def step(self, batch: int, prefill_tokens: int, seconds: float) -> None:
+        name = self.runtime.model_name
+        self.step_seconds.labels(name).observe(seconds)
+        if batch:
+            self.batch_size.labels(name).observe(batch)
+        if prefill_tokens:
+            self.prefill_tokens.labels(name).inc(prefill_tokens)
+
+    def started(self, job) -> None:
+        if job.kind == "generation":
+            self.queue_seconds.labels(self.runtime.model_name).observe(job.queued_s)
+
+
+class _SchedulerGauges:
+    def __init__(self, runtime):
+        self.runtime = runtime
+
+    def describe(self):
+        return []
+
+    def collect(self):
+        state, name = self.runtime.scheduler_state(), self.runtime.model_name
+        yield _gauge("spl_scheduler_running", "Sequences in the scheduler (decoding or prefilling)", state["running"],
+                     name)
+        yield _gauge("spl_scheduler_decoding", "Sequences decoding (the next step's batch)", state["decoding"], name)
+        yield _gauge("spl_scheduler_prefilling", "Sequences whose prompt is being prefilled", state["prefilling"], name)
+        yield _gauge("spl_scheduler_waiting", "Generations waiting to start", state["waiting"], name)
+        yield _gauge("spl_scheduler_last_batch_size", "Sequences decoded in the last step", state["batch"], name)
+        if state["max_step_tokens"]:
+            yield _gauge("spl_scheduler_max_step_tokens", "Prompt tokens prefilled per step at most",
+                         state["max_step_tokens"], name)
+
+
+def _gauge(metric: str, doc: str, value, model_name: str) -> GaugeMetricFamily:
+    family = GaugeMetricFamily(metric, doc, labels=MODEL)
+    family.add_metric([model_name], float(value))
+    return family
 
 
 def _rss() -> int:
