@@ -104,8 +104,9 @@ class ServerError(UserError):
 
 _BY_STATUS: dict[int, type[UserError]] = {400: InvalidRequest, 401: Unauthorized, 404: NotFound, 409: Conflict,
                                           413: BodyTooLarge, 422: InvalidRequest, 429: Busy, 503: Unavailable}
-_BY_CODE: dict[str, type[UserError]] = {cls.code: cls for cls in (Unauthorized, NotFound, Conflict, TooLarge, BodyTooLarge, Busy,
-                                                                   OverBudget, Unavailable, ServerError)}
+_BY_CODE: dict[str, type[UserError]] = {cls.code: cls for cls in (Unauthorized, NotFound, Conflict, TooLarge,
+                                                                   BodyTooLarge, Busy, OverBudget, Unavailable,
+                                                                   ServerError)}
 
 
 def from_openai(error: dict, status: int | None = None) -> UserError:

@@ -57,7 +57,8 @@ def from_response_format(response_format) -> dict | None:
 def strict_schema(schema: dict, *, require_all: bool = True) -> dict:
     """OpenAI's ``strict: true``: every object schema closed (``additionalProperties: false``)
     with all its properties required, at every depth (a copy; ``schema`` is left as it is).
-    ``require_all=False`` only closes the objects that do not say whether they are open."""
+    ``require_all=False`` only closes the objects that list properties and do not say whether
+    they are open."""
     out = copy.deepcopy(schema)
     stack: list = [out]
     while stack:
@@ -72,7 +73,7 @@ def strict_schema(schema: dict, *, require_all: bool = True) -> dict:
             if require_all:
                 node["additionalProperties"] = False
                 node["required"] = list(props)
-            else:
+            elif "properties" in node:  # a bare {"type": "object"} stays any object
                 node.setdefault("additionalProperties", False)
         for key, value in node.items():
             if key not in ("enum", "const") and isinstance(value, (dict, list)):

@@ -6,8 +6,8 @@ The steps, in order (vLLM's): the logprobs are read from the raw logits; the pen
 the logits (OpenAI's ``frequency_penalty`` and ``presence_penalty`` over the tokens generated so
 far, llama.cpp's ``repeat_penalty`` over the last ``repeat_last_n`` tokens of prompt and output:
 a positive logit divided by it, a negative one multiplied), then OpenAI's ``logit_bias`` is
-added; the ``structured`` constraint's grammar masks
-the tokens it does not allow (and ``min_tokens`` the end tokens); then greedy (``temperature == 0``) or: temperature, top-k, min-p
+added; the ``structured`` constraint's grammar masks the tokens it does not allow (and
+``min_tokens`` the end tokens); then greedy (``temperature == 0``) or: temperature, top-k, min-p
 (drop tokens less likely than ``min_p`` times the most likely), top-p.
 
 Sampling draws one uniform number from a seeded generator and inverts the cumulative

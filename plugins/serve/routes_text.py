@@ -117,8 +117,8 @@ class CompletionReply:
                     yield self._chunk(piece)
                 case Done():
                     self._done(event)
-                    final = self._chunk("", _finish(event), done=dataclasses.asdict(event),
-                                        timings=openai.spl_timings(event.usage, event.timings, self.stream_.job.queued_s))
+                    timings = openai.spl_timings(event.usage, event.timings, self.stream_.job.queued_s)
+                    final = self._chunk("", _finish(event), done=dataclasses.asdict(event), timings=timings)
                     final["choices"][0]["stop_reason"] = event.stop_reason
                     yield final
                     if self.body.stream_options and self.body.stream_options.include_usage:

@@ -18,9 +18,9 @@ from typing import Any, ClassVar, Literal
 from pydantic import BaseModel, ConfigDict, Field, StrictBool, ValidationError, field_validator
 
 from superlinear.engine import limits
+from superlinear.errors import BodyTooLarge, InvalidRequest
 
 from .fields import CONSTRAINTS, check_fields
-from superlinear.errors import BodyTooLarge, InvalidRequest
 
 MAX_JSON_DEPTH = 64  # tool schemas nest a few levels; nothing legitimate comes close
 MAX_MESSAGES = 100_000
