@@ -249,7 +249,8 @@ def done_event(fields: dict) -> Done:
     """``Done`` from the ``done`` field of a final chunk (the server puts the whole ``Done`` there:
     OpenAI's fields cannot say it all)."""
     return Done(fields["finish_reason"], fields["message"], fields["usage"], fields["timings"],
-                reasoning=fields.get("reasoning"), partial=bool(fields.get("partial")))
+                reasoning=fields.get("reasoning"), partial=bool(fields.get("partial")),
+                stop_reason=fields.get("stop_reason"))
 
 
 def read_chat(chunks: Iterator[dict]) -> Iterator[Event]:

@@ -571,7 +571,7 @@ class SnapshotStore:
         if need > free:
             raise TooLarge(f"{label} declares {need} bytes of files, more than the {free} bytes free in "
                            f"{self.root}; free space or set $SUPERLINEAR_SNAPSHOT_DIR to another directory",
-                           param="file")
+                           param="file", code="insufficient_storage")
 
 
 class _UnreadableExport(Exception):

@@ -12,7 +12,7 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from superlinear.errors import InvalidRequest, NotFound, TooLarge, Unauthorized, UserError
+from superlinear.errors import BodyTooLarge, InvalidRequest, NotFound, Unauthorized, UserError
 
 from . import routes_chat, routes_models, routes_sessions, routes_snapshots, routes_text, sse
 from .http import MAX_BODY_BYTES, error_response, import_limit
@@ -64,7 +64,7 @@ class GuardMiddleware:
                 return await error_response(InvalidRequest("bad Content-Length"))(scope, receive, send)
             if too_big:
                 return await error_response(
-                    TooLarge(f"request body is {length} bytes; {why} is {limit}", code="body_too_large")
+                    BodyTooLarge(f"request body is {length} bytes; {why} is {limit}")
                 )(scope, receive, send)
         started, status = False, 500
 

@@ -23,11 +23,12 @@ ID_JSON_BYTES = 16  # the most bytes one token id takes in a JSON list ("4294967
 _SLACK = 64 << 10  # the rest of a body around its list of ids
 
 
-async def parse_request(request: Request, model, *, limit: int = MAX_BODY_BYTES, allow_empty: bool = False):
+async def parse_request(request: Request, model, *, limit: int = MAX_BODY_BYTES, allow_empty: bool = False,
+                        lenient: bool = False):
     raw = await read_body(request, limit)
     if len(raw) <= PARSE_ON_LOOP_BYTES:
-        return parse_body(raw, model, allow_empty=allow_empty)
-    return await asyncio.to_thread(parse_body, raw, model, allow_empty=allow_empty)
+        return parse_body(raw, model, allow_empty=allow_empty, lenient=lenient)
+    return await asyncio.to_thread(parse_body, raw, model, allow_empty=allow_empty, lenient=lenient)
 
 
 def token_limit(rt) -> int:

@@ -9,7 +9,7 @@ import tempfile
 from fastapi import Request
 from fastapi.responses import JSONResponse
 
-from superlinear.errors import TooLarge, UserError
+from superlinear.errors import BodyTooLarge, UserError
 
 MAX_BODY_BYTES = int(os.environ.get("SPL_MAX_BODY_BYTES", 256 << 20))  # ~50M tokens of text
 MAX_IMPORT_BYTES = int(os.environ.get("SPL_MAX_IMPORT_BYTES", 1 << 40))
@@ -39,6 +39,6 @@ async def read_body(request: Request, limit: int = MAX_BODY_BYTES) -> bytes:
     async for part in request.stream():
         size += len(part)
         if size > limit:
-            raise TooLarge(f"request body is over the limit of {limit} bytes", code="body_too_large")
+            raise BodyTooLarge(f"request body is over the limit of {limit} bytes")
         chunks.append(part)
     return b"".join(chunks)

@@ -23,7 +23,7 @@ from .schemas import ChatCompletionRequest
 def add_routes(app: FastAPI, rt: Runtime) -> None:
     @app.post("/v1/chat/completions")
     async def chat_completions(request: Request):
-        body = await bounds.parse_request(request, ChatCompletionRequest)
+        body = await bounds.parse_request(request, ChatCompletionRequest, lenient=rt.options.lenient_fields)
         body.check_supported()
         if body.session_id is not None:
             from superlinear.sessions import validate_id
@@ -150,7 +150,10 @@ class Reply:
 
 
 def _fix_finish(choice: dict, done: Done) -> None:
-    """OpenAI clients know stop/length/tool_calls; spl's own reasons go to ``stop_reason``."""
+    """OpenAI clients know stop/length/tool_calls; ``stop_reason`` says what stopped it, as vLLM's
+    does (the stop string or token id; null for an end token or a length), and holds spl's own
+    reasons."""
+    choice["stop_reason"] = done.stop_reason
     if done.finish_reason in ("repetition", "cancelled"):
         choice["stop_reason"] = done.finish_reason
         choice["finish_reason"] = "stop"

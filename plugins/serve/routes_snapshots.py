@@ -13,7 +13,7 @@ from fastapi import FastAPI, Request
 from fastapi.responses import FileResponse, JSONResponse
 from starlette.background import BackgroundTask
 
-from superlinear.errors import InvalidRequest, TooLarge
+from superlinear.errors import BodyTooLarge, InvalidRequest
 from superlinear.sessions.snapshots import UPLOAD_NAME
 
 from . import bounds, http
@@ -41,7 +41,7 @@ def add_routes(app: FastAPI, rt: Runtime) -> None:
                 async for part in request.stream():
                     size += len(part)
                     if size > limit:
-                        raise TooLarge(f"upload is over {why}, {limit} bytes", code="body_too_large")
+                        raise BodyTooLarge(f"upload is over {why}, {limit} bytes")
                     out.write(part)
             if size == 0:
                 raise InvalidRequest("the upload is empty; send the file made by snapshot export")

@@ -43,7 +43,7 @@ def add_routes(app: FastAPI, rt: Runtime) -> None:
 
     @app.post("/v1/completions")
     async def completions(request: Request):
-        body = await bounds.parse_request(request, CompletionRequest)
+        body = await bounds.parse_request(request, CompletionRequest, lenient=rt.options.lenient_fields)
         body.check_supported()
         rt.require_ready()
         rt.service.check_model(body.model)
@@ -67,7 +67,7 @@ def add_routes(app: FastAPI, rt: Runtime) -> None:
 
 
 def completion_request(body: CompletionRequest, prompt, defaults: dict) -> Completion:
-    sampling = body.sampling_params(defaults, max_tokens=body.max_tokens, logprobs=body.logprobs)
+    sampling = body.sampling_params(defaults, max_tokens=body.token_limit(body.max_tokens), logprobs=body.logprobs)
     repetition = None
     if body.repetition_detection is True:
         repetition = RepetitionConfig()
@@ -117,8 +117,10 @@ class CompletionReply:
                     yield self._chunk(piece)
                 case Done():
                     self._done(event)
-                    yield self._chunk("", _finish(event), done=dataclasses.asdict(event),
-                                      timings=openai.spl_timings(event.usage, event.timings, self.stream_.job.queued_s))
+                    timings = openai.spl_timings(event.usage, event.timings, self.stream_.job.queued_s)
+                    final = self._chunk("", _finish(event), done=dataclasses.asdict(event), timings=timings)
+                    final["choices"][0]["stop_reason"] = event.stop_reason
+                    yield final
                     if self.body.stream_options and self.body.stream_options.include_usage:
                         yield {**self._base(None), "usage": openai.openai_usage(event.usage)}
 
@@ -136,6 +138,7 @@ class CompletionReply:
                     done = event
                     self._done(event)
         answer = self._base("".join(text), _finish(done))
+        answer["choices"][0]["stop_reason"] = done.stop_reason
         if self.body.logprobs is not None:
             answer["choices"][0]["logprobs"] = completion_logprobs(logprobs, len(self.echo), prompt_logprobs)
         return {**answer, "usage": openai.openai_usage(done.usage),
@@ -143,4 +146,4 @@ class CompletionReply:
 
 
 def _finish(done: Done) -> str:
-    return "length" if done.finish_reason == "length" else "stop"
+    return "length" if done.finish_reason in ("length", "memory") else "stop"
