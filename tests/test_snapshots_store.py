@@ -517,12 +517,10 @@ def test_reserved_tags_are_refused_and_dropped_on_import(store, tmp_path):
 def test_import_never_replaces_a_session_state(store, tmp_path):
     """``replace=True`` onto a session's own journal would leave the live session writing
     manifests that name files it lost: refused (409), the journal untouched."""
-    from superlinear.sessions import journal
-
     save(store, snapshot_id="user")
     state = save(store, snapshot_id="session-s1")
-    manifest = dict(state, tags=["spl:session-state"], format=journal.FORMAT)
-    store.write_manifest(store.root / "session-s1", manifest)  # as the session journal writes it
+    manifest = dict(state, tags=["spl:session-state"])  # the tag a session's journal carries
+    store.write_manifest(store.root / "session-s1", manifest)
     path = store.export("user", tmp_path)
     with pytest.raises(Conflict, match="saved state of a session"):
         store.import_(path, snapshot_id="session-s1", replace=True)

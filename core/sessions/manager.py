@@ -466,16 +466,16 @@ class SessionManager:
         session = self.lookup(session_id)
         with session.lock:
             info = session.info()
+            if session.state_snapshot:  # first: a delete the disk refuses leaves the session as it was
+                try:
+                    self.store.delete(session.state_snapshot)
+                except NotFound:
+                    pass
             with self._lock:
                 if self._sessions.get(session_id) is session:
                     del self._sessions[session_id]
             session.closed = True
             session.conversation = None
-            if session.state_snapshot:
-                try:
-                    self.store.delete(session.state_snapshot)
-                except NotFound:
-                    pass
         _state.free_memory()
         return info
 

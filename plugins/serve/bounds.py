@@ -1,26 +1,81 @@
-"""Sizes bounded before work, and big bodies parsed off the event loop.
+"""Sizes bounded before work, and big bodies and replies encoded off the event loop.
 
-A body is capped while it streams in (``http.read_body``); one larger than ``PARSE_ON_LOOP_BYTES``
-is parsed and validated in a thread, so ``/health`` and other requests keep being answered. Token
-ids are counted against the longest conversation the server can hold; a text is bounded by its
-characters before it is tokenized (a token stands for at most ``max_token_bytes`` of text), so an
-oversized prompt is a 413 at once instead of minutes of tokenizing on the model's worker.
+Each route declares its ``Bounds`` beside it (``declare``): the most bytes its body may have
+(refused while it streams in, before any parsing), the most characters of text that reach the
+model, the most items of its lists, and what its reply may hold. docs/server.md lists them;
+tests/test_server_bounds.py checks the table against ``table()``.
+
+A body larger than ``PARSE_ON_LOOP_BYTES`` is parsed and validated in a thread, so ``/health`` and
+other requests keep being answered; so is a reply larger than that encoded. Token ids are counted
+against the longest conversation the server can hold; text is bounded by its characters before
+it is tokenized (a token stands for at most ``max_token_bytes`` of text), and every string a
+prompt is made of counts (message contents, names, tool calls' arguments, the tools' names,
+descriptions and schemas): an oversized prompt is a 413 at once instead of minutes on the
+model's worker.
 """
 
 from __future__ import annotations
 
 import asyncio
+import json
+from dataclasses import dataclass
 
 from fastapi import Request
+from fastapi.responses import Response
 
+from superlinear.engine import limits
 from superlinear.errors import TooLarge
 
 from .http import MAX_BODY_BYTES, read_body
-from .schemas import parse_body
+from .schemas import MAX_JSON_DEPTH, parse_body
 
-PARSE_ON_LOOP_BYTES = 256 << 10  # parses in about a millisecond
+PARSE_ON_LOOP_BYTES = 256 << 10  # parses (or encodes) in about a millisecond
 ID_JSON_BYTES = 16  # the most bytes one token id takes in a JSON list ("4294967295, ")
 _SLACK = 64 << 10  # the rest of a body around its list of ids
+SMALL_BODY_BYTES = 64 << 10  # session and snapshot commands: ids, a title, tags
+MAX_RESPONSE_FORMAT_CHARS = 1 << 20  # a JSON schema compiled into a grammar on the worker
+MAX_LOGIT_BIAS = 1024  # entries; OpenAI takes 300
+MAX_TOKENIZE_CHARS = 4 << 20  # one tokenization holds ~100 bytes per character while it runs
+TOKENIZE_BODY_BYTES = MAX_TOKENIZE_CHARS * 6 + _SLACK  # a character is at most 6 bytes of JSON ("\\u00e9")
+SAMPLING_ITEMS = (f"stop {limits.MAX_STOPS} of {limits.MAX_STOP_CHARS} characters; logit_bias {MAX_LOGIT_BIAS}; "
+                  f"response_format {MAX_RESPONSE_FORMAT_CHARS:,} characters")
+TOKEN_LIMIT = "the conversation limit"  # ``token_limit``: what the memory budget lets one session hold
+
+
+@dataclass(frozen=True)
+class Bounds:
+    """What one route takes and gives, checked before any work (``None``: not applicable)."""
+
+    method: str
+    path: str
+    body_bytes: int | str = SMALL_BODY_BYTES  # or how it is computed
+    depth: int | None = MAX_JSON_DEPTH  # JSON nesting of the body
+    text: str | None = None  # the characters that become tokens: at most what fits TOKEN_LIMIT
+    items: str | None = None  # list lengths
+    reply: str | None = None  # what the answer may hold
+
+    def row(self) -> str:
+        size = f"{self.body_bytes:,} bytes" if isinstance(self.body_bytes, int) else self.body_bytes
+        cells = [f"`{self.method} {self.path}`", size, "-" if self.depth is None else str(self.depth),
+                 self.text or "-", self.items or "-", self.reply or "-"]
+        return "| " + " | ".join(cells) + " |"
+
+
+ROUTES: dict[tuple[str, str], Bounds] = {}
+
+
+def declare(method: str, path: str, **fields) -> Bounds:
+    """Declare the bounds of the route ``method path`` (next to its handler)."""
+    bounds = Bounds(method, path, **fields)
+    ROUTES[(method, path)] = bounds
+    return bounds
+
+
+def table() -> str:
+    """The bounds of every declared route as a markdown table (docs/server.md holds it)."""
+    head = ["| Route | Body | JSON depth | Text to the model | Items | Reply |",
+            "|---|---|---|---|---|---|"]
+    return "\n".join(head + [b.row() for _, b in sorted(ROUTES.items())])
 
 
 async def parse_request(request: Request, model, *, limit: int = MAX_BODY_BYTES, allow_empty: bool = False):
@@ -28,6 +83,23 @@ async def parse_request(request: Request, model, *, limit: int = MAX_BODY_BYTES,
     if len(raw) <= PARSE_ON_LOOP_BYTES:
         return parse_body(raw, model, allow_empty=allow_empty)
     return await asyncio.to_thread(parse_body, raw, model, allow_empty=allow_empty)
+
+
+async def json_reply(content, *, status_code: int = 200, headers: dict | None = None) -> Response:
+    """``content`` as a JSON response, encoded in a thread when it is large (a long list of
+    token ids or pieces takes seconds to encode: never on the event loop)."""
+
+    def encode() -> bytes:
+        return json.dumps(content, ensure_ascii=False, separators=(",", ":")).encode()
+
+    body = encode() if _small(content) else await asyncio.to_thread(encode)
+    return Response(body, status_code=status_code, media_type="application/json", headers=headers)
+
+
+def _small(content) -> bool:
+    """Whether encoding ``content`` is quick: no list or string in its first level is long."""
+    values = content.values() if isinstance(content, dict) else [content]
+    return all(not isinstance(v, (list, str)) or len(v) < 10_000 for v in values)
 
 
 def token_limit(rt) -> int:
@@ -46,15 +118,54 @@ def check_ids(rt, ids: list, param: str) -> None:
         raise TooLarge(f"{param} has {len(ids)} token ids; a conversation here holds at most {limit}", param=param)
 
 
-async def check_text(rt, chars: int, param: str) -> None:
-    """Refuse a text of ``chars`` characters that cannot fit in ``token_limit`` tokens."""
+def check_sampling(body) -> None:
+    """The sampling fields' sizes (``SAMPLING_ITEMS``; stop sequences are bounded by the schema)."""
+    check_items(len(body.logit_bias or ()), MAX_LOGIT_BIAS, "logit_bias")
+    check_chars(string_chars(body.response_format), MAX_RESPONSE_FORMAT_CHARS, "response_format")
+
+
+def check_items(count: int, limit: int, param: str) -> None:
+    if count > limit:
+        raise TooLarge(f"{param} has {count} entries; at most {limit} are allowed", param=param)
+
+
+def check_chars(chars: int, limit: int, param: str) -> None:
+    if chars > limit:
+        raise TooLarge(f"{param} has {chars} characters; at most {limit} are allowed", param=param)
+
+
+async def check_text(rt, chars: int, param: str, *, pieces: int = 0) -> None:
+    """Refuse a text of ``chars`` characters (in ``pieces`` messages or tools, each at least a
+    token of its own) that cannot fit in ``token_limit`` tokens."""
     limit = token_limit(rt)
+    if pieces > limit:
+        raise TooLarge(f"{param} has {pieces} entries, each at least one token: more than the {limit} tokens "
+                       "a conversation here holds", param=param)
     tokenizer = rt.model.tokenizer
-    if chars <= limit or tokenizer is None:  # every token stands for at least one character
+    if chars + pieces <= limit or tokenizer is None:  # every token stands for at least one character
         return
     from superlinear.engine import tokens
 
-    at_least = -(-chars // await asyncio.to_thread(tokens.max_token_bytes, tokenizer))
+    at_least = -(-chars // await asyncio.to_thread(tokens.max_token_bytes, tokenizer)) + pieces
     if at_least > limit:
         raise TooLarge(f"{param} has {chars} characters, at least {at_least} tokens: more than the {limit} "
                        "tokens a conversation here holds; send less text", param=param)
+
+
+def string_chars(value) -> int:
+    """The characters of every string (keys included) inside ``value``: parsed JSON or pydantic
+    models, walked without recursion (a tool's schema may nest)."""
+    total, stack = 0, [value]
+    while stack:
+        item = stack.pop()
+        if isinstance(item, str):
+            total += len(item)
+        elif isinstance(item, dict):
+            stack.extend(item.keys())
+            stack.extend(item.values())
+        elif isinstance(item, (list, tuple)):
+            stack.extend(item)
+        elif hasattr(item, "__pydantic_fields__"):
+            stack.extend(item.__dict__.values())
+            stack.extend((item.__pydantic_extra__ or {}).items())
+    return total

@@ -29,7 +29,8 @@ def add_routes(app: FastAPI, rt: Runtime) -> None:
     @app.get("/v1/snapshots")
     async def list_snapshots(tag: str | None = None, all: bool = False):  # noqa: A002 - query name
         items = await asyncio.to_thread(ready().list_snapshots, tag, all)
-        return {"object": "list", "data": items}
+        # unreadable snapshots are left out, never a failed listing; they are named beside it
+        return {"object": "list", "data": items, "skipped": rt.store.skipped}
 
     @app.post("/v1/snapshots/import")
     async def import_snapshot(request: Request, snapshot_id: str | None = None, replace: bool = False):

@@ -174,6 +174,11 @@ class ChatCompletionRequest(SamplingFields):
                                      '{"type": "function", "function": {"name": ...}}', param="tool_choice")
         if self.tool_choice not in (None, "none", "auto") and not self.tools:
             raise InvalidRequest("tool_choice needs tools", param="tool_choice")
+        if isinstance(self.tool_choice, dict):
+            name, known = self.tool_choice["function"]["name"], [t.function.name for t in self.tools]
+            if name not in known:
+                raise InvalidRequest(f"tool_choice names function {str(name)[:100]!r}, which is not in tools "
+                                     f"({', '.join(known)[:300]})", param="tool_choice.function.name")
         for i, m in enumerate(self.messages):
             if isinstance(m.content, list):
                 for j, part in enumerate(m.content):
