@@ -64,6 +64,9 @@ EXPORT_SUFFIX = ".spl-snapshot.tar"
 UPLOAD_NAME = "the uploaded file"  # how the server's import errors name an upload (the CLI puts the path back)
 
 _TAR_SLACK = 1 << 20  # tar headers, padding and read-ahead beyond the files' own bytes
+RESERVE_ENV = "SPL_STORE_RESERVE_BYTES"
+DEFAULT_RESERVE_BYTES = 256 << 20  # what an import leaves free: the sessions' journals go on being written
+_COPY_CHUNK = 8 << 20
 # Tags in this namespace belong to spl: ``spl:session-state`` marks a session's own journal
 # (hidden from listings, restored as a session on start, deleted with the session), so a user
 # snapshot must never carry one.
@@ -71,6 +74,20 @@ RESERVED_TAG_PREFIX = "spl:"
 SESSION_STATE_TAG = "spl:session-state"
 _FILE_NAME_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,127}")
 _UNSET = object()
+
+
+def reserve_bytes() -> int:
+    """The free space an import must leave on the disk (``$SPL_STORE_RESERVE_BYTES``)."""
+    value = os.environ.get(RESERVE_ENV, "")
+    try:
+        return max(0, int(value)) if value.strip() else DEFAULT_RESERVE_BYTES
+    except ValueError:
+        raise InvalidRequest(f"${RESERVE_ENV} must be a number of bytes, got {value!r}") from None
+
+
+def room(path: str | os.PathLike) -> int:
+    """The bytes that may still be written under ``path``: its disk's free space less the reserve."""
+    return shutil.disk_usage(path).free - reserve_bytes()
 
 
 class ModelMismatch(Conflict):
@@ -503,9 +520,12 @@ class SnapshotStore:
             validate_id(snapshot_id, "snapshot id", param="snapshot_id")
         tmp = self.make_temp_dir()
         try:
-            manifest = self._unpack(file, label, tmp)
+            manifest = self._unpack(file, label, tmp)  # every file hashed as it was unpacked
             original = manifest["id"]
-            _verify_files(tmp, manifest, original)
+            missing = sorted(name for name in manifest["files"] if not (tmp / name).is_file())
+            if missing:
+                raise CorruptSnapshot(f"{label} is incomplete: {', '.join(missing)[:300]} missing", param="file")
+            _check_transcript(tmp, manifest, label)
             final_id = snapshot_id or original
             tags = [t for t in manifest.get("tags", []) if not str(t).startswith(RESERVED_TAG_PREFIX)]
             if manifest.get("id") != final_id or tags != manifest.get("tags", []):
@@ -560,7 +580,10 @@ class SnapshotStore:
                         if member.size != want["bytes"]:
                             raise CorruptSnapshot(f"{label}: {name} has {member.size} bytes, the manifest "
                                                   f"declares {want['bytes']}; the file is damaged", param="file")
-                        _copy_member(tar, member, tmp / name)
+                        digest = _copy_member(tar, member, tmp / name, tensorfile.hash_of(want)[0], label)
+                        if digest != tensorfile.hash_of(want)[1]:
+                            raise CorruptSnapshot(f"{label}: the hash of {name} does not match its manifest (the "
+                                                  "file was edited or corrupted)", param="file")
         except tarfile.ReadError:
             raise CorruptSnapshot(f"{label} is not a snapshot export (not a tar file made by a "
                                   "snapshot export)", param="file") from None
@@ -579,15 +602,15 @@ class SnapshotStore:
             raise CorruptSnapshot(f"{label}: {MANIFEST} is {member.size} bytes; at most {MAX_MANIFEST_BYTES} "
                                   "are allowed", param="file")
         top = validate_id(member.name.split("/")[0], "snapshot id", param="file")
-        _copy_member(tar, member, tmp / MANIFEST)
+        _copy_member(tar, member, tmp / MANIFEST, None, label)
         return self._load_manifest(tmp, top, param=None)
 
     def _check_room(self, manifest: dict, label: str) -> None:
-        need, free = _declared_bytes(manifest), shutil.disk_usage(self.root).free
+        need, free = _declared_bytes(manifest), room(self.root)
         if need > free:
-            raise TooLarge(f"{label} declares {need} bytes of files, more than the {free} bytes free in "
-                           f"{self.root}; free space or set $SUPERLINEAR_SNAPSHOT_DIR to another directory",
-                           param="file")
+            raise TooLarge(f"{label} declares {need} bytes of files, more than the {max(free, 0)} bytes free in "
+                           f"{self.root} beyond ${RESERVE_ENV} ({reserve_bytes()} bytes, kept for the sessions' "
+                           "journals); free space or set $SUPERLINEAR_SNAPSHOT_DIR to another directory", param="file")
 
 
 class _UnreadableExport(Exception):
@@ -626,11 +649,41 @@ def _declared_bytes(manifest: dict) -> int:
     return sum(entry["bytes"] for entry in manifest["files"].values())
 
 
-def _copy_member(tar: tarfile.TarFile, member: tarfile.TarInfo, dest: Path) -> None:
+def _copy_member(tar: tarfile.TarFile, member: tarfile.TarInfo, dest: Path, algorithm: str | None,
+                 label: str) -> str | None:
+    """Copy one entry to ``dest``, hashing it on the way (``algorithm``; returns the hex digest),
+    and stop before a chunk that would leave less than the reserve free on the disk."""
+    digest = tensorfile.new_digest(algorithm) if algorithm else None
+    source = tar.extractfile(member)
     with open(dest, "wb") as out:
-        shutil.copyfileobj(tar.extractfile(member), out, 8 << 20)
+        while chunk := source.read(_COPY_CHUNK):
+            if len(chunk) > room(dest.parent):
+                raise TooLarge(f"{label}: the disk of {dest.parent.parent} would keep less than ${RESERVE_ENV} "
+                               f"({reserve_bytes()} bytes) free; free space or set $SUPERLINEAR_SNAPSHOT_DIR to "
+                               "another directory", param="file")
+            out.write(chunk)
+            if digest is not None:
+                digest.update(chunk)
         out.flush()
         os.fsync(out.fileno())
+    return digest.hexdigest() if digest is not None else None
+
+
+def _check_transcript(directory: Path, manifest: dict, label: str) -> None:
+    """The transcript (a journal's meta file) must be a JSON object at the manifest's position:
+    a loaded snapshot is rebuilt from both, so one that disagrees is refused on import, not on load."""
+    name = manifest.get("meta", TRANSCRIPT) if journal.is_journal(manifest) else TRANSCRIPT
+    if name not in manifest["files"]:
+        raise CorruptSnapshot(f"{label}: the manifest lists no {name}", param="files")
+    try:
+        meta = json.loads((directory / name).read_bytes())
+    except (ValueError, RecursionError):
+        raise CorruptSnapshot(f"{label}: {name} is not valid JSON", param="file") from None
+    position = manifest["session"]["position"]
+    if not isinstance(meta, dict) or meta.get("position", position) != position:
+        raise CorruptSnapshot(f"{label}: the manifest's session.position ({position}) is not the transcript's "
+                              f"({meta.get('position') if isinstance(meta, dict) else None!r})",
+                              param="session.position")
 
 
 def _verify_files(directory: Path, manifest: dict, snapshot_id: str) -> None:

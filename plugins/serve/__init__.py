@@ -90,8 +90,11 @@ def serve(options: ServeOptions) -> int:
     app = build_app(options)
     auth = "API key required" if options.api_key else "no API key"
     print(f"spl: serving {options.model} on {options.url()} ({auth}); loading the model…", flush=True)
+    from .framing import OpenAIErrorsH11Protocol
+
     config = uvicorn.Config(app, host=options.host, port=options.port, log_level=options.log_level,
-                            timeout_graceful_shutdown=5, lifespan="on", access_log=False)
+                            timeout_graceful_shutdown=5, lifespan="on", access_log=False,
+                            http=OpenAIErrorsH11Protocol)
     server = _server_class()(config)
     runtime = app.state.runtime
     _exit_on_load_error(server, runtime)

@@ -6,7 +6,7 @@ model, the most items of its lists, and what its reply may hold. docs/server.md 
 tests/test_server_bounds.py checks the table against ``table()``.
 
 A body larger than ``PARSE_ON_LOOP_BYTES`` is parsed and validated in a thread, so ``/health`` and
-other requests keep being answered; so is a reply larger than that encoded. Token ids are counted
+other requests keep being answered; a reply that can be large is encoded in one (``json_reply``). Token ids are counted
 against the longest conversation the server can hold; text is bounded by its characters before
 it is tokenized (a token stands for at most ``max_token_bytes`` of text), and every string a
 prompt is made of counts (message contents, names, tool calls' arguments, the tools' names,
@@ -53,6 +53,7 @@ class Bounds:
     text: str | None = None  # the characters that become tokens: at most what fits TOKEN_LIMIT
     items: str | None = None  # list lengths
     reply: str | None = None  # what the answer may hold
+    body: type | str | None = None  # the request body's schema (a pydantic model) or media type, for /openapi.json
 
     def row(self) -> str:
         size = f"{self.body_bytes:,} bytes" if isinstance(self.body_bytes, int) else self.body_bytes
@@ -71,6 +72,25 @@ def declare(method: str, path: str, **fields) -> Bounds:
     return bounds
 
 
+def document_bodies(schema: dict) -> dict:
+    """Add each declared route's request body to an OpenAPI ``schema`` (the routes read their
+    bodies themselves, so FastAPI cannot see them)."""
+    components = schema.setdefault("components", {}).setdefault("schemas", {})
+    for (method, path), bounds in ROUTES.items():
+        operation = schema.get("paths", {}).get(path, {}).get(method.lower())
+        if operation is None or bounds.body is None:
+            continue
+        if isinstance(bounds.body, str):
+            content = {bounds.body: {"schema": {"type": "string", "format": "binary"}}}
+        else:
+            own = bounds.body.model_json_schema(ref_template="#/components/schemas/{model}")
+            components.update(own.pop("$defs", {}))
+            components[bounds.body.__name__] = own
+            content = {"application/json": {"schema": {"$ref": f"#/components/schemas/{bounds.body.__name__}"}}}
+        operation["requestBody"] = {"required": True, "content": content}
+    return schema
+
+
 def table() -> str:
     """The bounds of every declared route as a markdown table (docs/server.md holds it)."""
     head = ["| Route | Body | JSON depth | Text to the model | Items | Reply |",
@@ -85,21 +105,14 @@ async def parse_request(request: Request, model, *, limit: int = MAX_BODY_BYTES,
     return await asyncio.to_thread(parse_body, raw, model, allow_empty=allow_empty)
 
 
-async def json_reply(content, *, status_code: int = 200, headers: dict | None = None) -> Response:
-    """``content`` as a JSON response, encoded in a thread when it is large (a long list of
-    token ids or pieces takes seconds to encode: never on the event loop)."""
+async def json_reply(content, *, status_code: int = 200) -> Response:
+    """``content`` as a JSON response, encoded in a thread: a long list of token ids, pieces or
+    messages takes seconds to encode, never on the event loop."""
 
     def encode() -> bytes:
         return json.dumps(content, ensure_ascii=False, separators=(",", ":")).encode()
 
-    body = encode() if _small(content) else await asyncio.to_thread(encode)
-    return Response(body, status_code=status_code, media_type="application/json", headers=headers)
-
-
-def _small(content) -> bool:
-    """Whether encoding ``content`` is quick: no list or string in its first level is long."""
-    values = content.values() if isinstance(content, dict) else [content]
-    return all(not isinstance(v, (list, str)) or len(v) < 10_000 for v in values)
+    return Response(await asyncio.to_thread(encode), status_code=status_code, media_type="application/json")
 
 
 def token_limit(rt) -> int:

@@ -21,13 +21,12 @@ from .http import MAX_BODY_BYTES
 from .runtime import Runtime
 from .schemas import MAX_MESSAGES, ChatCompletionRequest
 
-
 CHAT = bounds.declare(
     "POST", "/v1/chat/completions", body_bytes=MAX_BODY_BYTES,
     text=f"every string of messages, tools and tool_choice: at most {bounds.TOKEN_LIMIT}, each message and tool "
          "one token at least",
     items=f"messages {MAX_MESSAGES:,}; " + bounds.SAMPLING_ITEMS,
-    reply="one choice of at most max_tokens tokens")
+    reply="one choice of at most max_tokens tokens", body=ChatCompletionRequest)
 
 
 def add_routes(app: FastAPI, rt: Runtime) -> None:

@@ -22,19 +22,19 @@ from .http import MAX_BODY_BYTES
 from .runtime import Runtime
 from .schemas import MAX_MESSAGES, CompletionRequest, DetokenizeRequest, TokenizeRequest
 
-
+LARGE_TOKENIZATION_CHARS = 256 << 10  # tokenized in milliseconds: no need to wait for a turn
 TOKENIZE = bounds.declare(
     "POST", "/tokenize", body_bytes=bounds.TOKENIZE_BODY_BYTES,
     text=f"{bounds.MAX_TOKENIZE_CHARS:,} characters, and at most {bounds.TOKEN_LIMIT}",
     items=f"messages {MAX_MESSAGES:,}",
-    reply=f"{bounds.TOKEN_LIMIT} token ids (and pieces); one large tokenization at a time")
+    reply=f"{bounds.TOKEN_LIMIT} token ids (and pieces); one large tokenization at a time", body=TokenizeRequest)
 DETOKENIZE = bounds.declare(
     "POST", "/detokenize", body_bytes=f"{bounds.ID_JSON_BYTES} per id of {bounds.TOKEN_LIMIT}",
-    items=f"tokens: {bounds.TOKEN_LIMIT}", reply="the text of those ids")
+    items=f"tokens: {bounds.TOKEN_LIMIT}", reply="the text of those ids", body=DetokenizeRequest)
 COMPLETIONS = bounds.declare(
     "POST", "/v1/completions", body_bytes=MAX_BODY_BYTES,
     text=f"prompt: at most {bounds.TOKEN_LIMIT}", items=f"prompt ids: {bounds.TOKEN_LIMIT}; " + bounds.SAMPLING_ITEMS,
-    reply="one choice of at most max_tokens tokens")
+    reply="one choice of at most max_tokens tokens", body=CompletionRequest)
 METRICS = bounds.declare("GET", "/metrics", body_bytes=0, depth=None, reply="Prometheus text, one series per route")
 
 
@@ -58,7 +58,7 @@ def add_routes(app: FastAPI, rt: Runtime) -> None:
             bounds.check_ids(rt, tokens["tokens"], "tokens")  # the reply's bound: what fits a conversation
             return tokens
 
-        if chars < bounds.PARSE_ON_LOOP_BYTES:
+        if chars < LARGE_TOKENIZATION_CHARS:
             return await bounds.json_reply(await asyncio.to_thread(run))
         async with large_tokenization:
             return await bounds.json_reply(await asyncio.to_thread(run))
@@ -91,7 +91,7 @@ def add_routes(app: FastAPI, rt: Runtime) -> None:
         reply = CompletionReply(rt, body, stream, echo)
         return await generate(request, stream, streamed=body.stream, chunks=reply.stream, collect=reply.collect)
 
-    @app.get(METRICS.path, response_class=PlainTextResponse)
+    @app.get(METRICS.path, response_class=PlainTextResponse)  # documented as text/plain
     async def metrics():
         data, content_type = rt.metrics.render()
         return Response(data, media_type=content_type)
