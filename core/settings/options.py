@@ -25,6 +25,7 @@ class ServeOptions:
     host: str = DEFAULT_HOST
     port: int = DEFAULT_PORT
     chunk_size: int | None = None
+    max_step_tokens: int | None = None  # prefill tokens per scheduler step (None: the device's default)
     max_seq_len: int | None = None
     api_key: str | None = None
     max_concurrency: int = 16
@@ -49,6 +50,8 @@ class ServeOptions:
                 "--log-level", self.log_level]
         if self.chunk_size:
             args += ["--chunk-size", str(self.chunk_size)]
+        if self.max_step_tokens:
+            args += ["--max-step-tokens", str(self.max_step_tokens)]
         if self.max_seq_len:
             args += ["--max-seq-len", str(self.max_seq_len)]
         if self.memory_budget:
@@ -100,6 +103,10 @@ def server_options(func):
                      help=_help("Port to listen on.", "SPL_PORT", DEFAULT_PORT)),
         click.option("--chunk-size", type=click.IntRange(1), default=None,
                      help=_help("Prefill chunk size in tokens (the model's default if unset).", "SPL_CHUNK_SIZE")),
+        click.option("--max-step-tokens", type=click.IntRange(1), default=None,
+                     help=_help("Prompt tokens prefilled per scheduler step, shared by the waiting prompts: "
+                                "running streams wait at most one such step per token (if unset: 256 on CPU, "
+                                "4096 on CUDA).", "SPL_MAX_STEP_TOKENS")),
         click.option("--max-seq-len", type=click.IntRange(1), default=None,
                      help=_help("Default max_seq_len of new sessions.", "SPL_MAX_SEQ_LEN")),
         click.option("--api-key", default=None,
@@ -124,10 +131,10 @@ def server_options(func):
 
     wants_sources = "option_sources" in inspect.signature(func).parameters
 
-    def wrapper(model, host, port, chunk_size, max_seq_len, api_key, max_concurrency, memory_budget,
+    def wrapper(model, host, port, chunk_size, max_step_tokens, max_seq_len, api_key, max_concurrency, memory_budget,
                 device, threads, persist, log_level, **kwargs):
         options, sources = resolve_options(model=model, host=host, port=port, chunk_size=chunk_size,
-                                     max_seq_len=max_seq_len, api_key=api_key or None,
+                                     max_step_tokens=max_step_tokens, max_seq_len=max_seq_len, api_key=api_key or None,
                                      max_concurrency=max_concurrency, memory_budget=memory_budget,
                                      device=device, threads=threads, persist=persist,
                                      log_level=log_level.lower() if log_level else None)

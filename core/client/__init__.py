@@ -1,8 +1,8 @@
-"""Built-in plugin ``client``: the httpx client (``SplClient``) every command uses, and
-``spl server start|status|stop|logs|connect``.
+"""The client of an spl server: the httpx client (``SplClient``) every command uses, and
+``spl server start|status|stop|logs|connect`` (the ``server`` plugin registers them).
 
 Public API (see docs/server.md):
-    from superlinear.plugins.client import SplClient, ensure_server
+    from superlinear.client import SplClient, ensure_server
 """
 
 from __future__ import annotations
@@ -14,8 +14,7 @@ import time
 import click
 
 from superlinear.errors import InvalidRequest, Unavailable, UserError
-from superlinear.hookspecs import hookimpl
-from superlinear.plugins.settings.options import ServeOptions, parse_bytes, resolve_options, server_options
+from superlinear.settings.options import ServeOptions, parse_bytes, resolve_options, server_options
 
 from . import state
 from .api import DEFAULT_URL, SplClient, Target, resolve_api_key, resolve_target, resolve_url
@@ -77,7 +76,7 @@ def connect(url: str | None, api_key: str | None = None, forget: bool = False) -
 
 def effective_config() -> dict:
     """The effective server settings, where each comes from, and the config file."""
-    from superlinear.plugins.settings.config import BY_NAME, config_path
+    from superlinear.settings.config import BY_NAME, config_path
 
     options, sources = resolve_options()
     values = dataclasses.asdict(options)
@@ -168,6 +167,11 @@ def format_status(result: dict) -> str:
         lines.append(f"up: {result['url']}  model {health.get('model')}  sessions {health.get('sessions')}"
                      f"  queue {health.get('queued', 0)}  threads {health.get('threads')}"
                      + (f"  uptime {uptime:.0f}s" if uptime else ""))
+        sched = health.get("scheduler")
+        if sched:
+            lines.append(f"scheduler: {sched.get('running')} running ({sched.get('decoding')} decoding, "
+                         f"{sched.get('prefilling')} prefilling), {sched.get('waiting')} waiting, last batch "
+                         f"{sched.get('batch')}, {sched.get('max_step_tokens')} prefill tokens per step")
     elif other:
         lines.append(f"down: no spl server of yours is running; {other['description']} answers at {other['url']}, "
                      f"not started by you (`spl server connect {other['url']}` to use it)")
@@ -234,10 +238,3 @@ def config_command(as_json: bool) -> None:
         lines.append(f"your server runs at {result['running']['url']} (pid {result['running']['pid']})")
     _emit(result, as_json, "\n".join(lines))
 
-
-@hookimpl
-def register_commands(register):
-    from .url_option import with_url_option
-
-    with_url_option(status_command)  # which server answers there
-    register(server_group)

@@ -6,10 +6,10 @@ past the live length exit early.
 
 1. ``_dec_score_kernel`` (batch x kv head x candidate block): routing scores q1 . k[anchor] of all
    candidate stripes for every query head of the GQA group (fp32), -inf where invalid.
-2. ``_dec_topk_kernel`` (batch x query head): top-k (tie: larger i), gate logits, span bounds.
+2. ``dec_topk_kernel`` (batch x query head): top-k (tie: larger i), gate logits, span bounds.
 3. ``_dec_partial_kernel`` (batch x query head x (k slots + window) x split): one chunk of its
    slot's span (or of the window) -> partial softmax (max, sum, acc), split-K / flash-decoding.
-4. ``_dec_combine_kernel`` (batch x query head): merges the splits, O_j = merge(window, span_j),
+4. ``dec_combine_kernel`` (batch x query head): merges the splits, O_j = merge(window, span_j),
    gate softmax, output.
 """
 
@@ -46,7 +46,7 @@ def _dec_score_kernel(q1_ptr, k_ptr, pos_ptr, mask_ptr, offs_ptr, score_ptr,
     a = t + 1 - fi
     ok = ok & (a - KS < LKV) & (a >= KS)  # the keys held here: positions KS .. KS + LKV - 1
     if MASKED:
-        ok = ok & (tl.load(mask_ptr + b * sm_b + a, mask=ok, other=0) != 0)
+        ok = ok & (tl.load(mask_ptr + b * sm_b + (a - KS), mask=ok, other=0) != 0)
     d = tl.arange(0, BLOCK_D)
     dmask = d < D
     ninf = float("-inf")
@@ -56,7 +56,9 @@ def _dec_score_kernel(q1_ptr, k_ptr, pos_ptr, mask_ptr, offs_ptr, score_ptr,
     # the G query heads of the group score the gathered anchor keys in one product
     q = tl.load(q1_ptr + b * sq_b + h[:, None] * sq_h + d[None, :], mask=gvalid[:, None] & dmask[None, :],
                 other=0.0)
-    kt = tl.load(k_ptr + b * sk_b + hk * sk_h + (a - KS)[None, :] * sk_l + d[:, None],
+    # int64 offsets: a 16M-token cache of 128-wide heads is 2**31 elements per head
+    kt = tl.load(k_ptr + b.to(tl.int64) * sk_b + hk.to(tl.int64) * sk_h + (a - KS).to(tl.int64)[None, :] * sk_l
+                 + d[:, None],
                  mask=ok[None, :] & dmask[:, None], other=0.0)
     if IEEE:
         s = tl.dot(q, kt, input_precision="ieee")
@@ -68,7 +70,7 @@ def _dec_score_kernel(q1_ptr, k_ptr, pos_ptr, mask_ptr, offs_ptr, score_ptr,
 
 
 @triton.jit
-def _dec_topk_kernel(pos_ptr, st_ptr, offs_ptr, back_ptr, fwd_ptr, score_ptr, gate_ptr, lo_ptr, hi_ptr,
+def dec_topk_kernel(pos_ptr, st_ptr, offs_ptr, back_ptr, fwd_ptr, score_ptr, gate_ptr, lo_ptr, hi_ptr,
                      LKV, S1, CAP, W,
                      HQ: tl.constexpr, NC_PAD: tl.constexpr, NUM_SPANS: tl.constexpr, HAS_FWD: tl.constexpr):
     """Per (batch, query head): top-k of the candidate scores (a tie keeps the larger index,
@@ -85,7 +87,8 @@ def _dec_topk_kernel(pos_ptr, st_ptr, offs_ptr, back_ptr, fwd_ptr, score_ptr, ga
         cj = tl.max(tl.where(sc == mj, c, -1), 0)
         sc = tl.where(c == cj, ninf, sc)
         valid = mj > ninf
-        fi = tl.load(offs_ptr + S1 + tl.maximum(cj, 0)).to(tl.int32)
+        # an empty slot's cj is any padded candidate, past the stripe table: not read
+        fi = tl.load(offs_ptr + S1 + tl.maximum(cj, 0), mask=valid, other=0).to(tl.int32)
         a = t + 1 - fi
         lo, hi = span_bounds(a, t, st, back_ptr, fwd_ptr, CAP, LKV, W, HAS_FWD)
         tl.store(gate_ptr + pid_bh * NUM_SPANS + j, tl.where(valid, mj, -1e9))
@@ -124,14 +127,15 @@ def _dec_partial_kernel(q2_ptr, k_ptr, v_ptr, pos_ptr, mask_ptr, lo_ptr, hi_ptr,
     acc = tl.zeros([BLOCK_D], tl.float32)
     m_i = tl.max(acc, 0) + ninf  # fp32 scalars (loop-carried)
     l_i = tl.sum(acc, 0)
-    kbase = k_ptr + b * sk_b + hk * sk_h
-    vbase = v_ptr + b * sv_b + hk * sv_h
+    kbase = k_ptr + b.to(tl.int64) * sk_b + hk.to(tl.int64) * sk_h
+    vbase = v_ptr + b.to(tl.int64) * sv_b + hk.to(tl.int64) * sv_h
     for k0 in range(c_lo, c_hi + 1, BLOCK_N):
         kn = k0 + tl.arange(0, BLOCK_N)
         kv = kn <= c_hi
         if MASKED:
             kv = kv & (tl.load(mask_ptr + b * sm_b + kn, mask=kv, other=0) != 0)
-        kk = tl.load(kbase + kn[:, None] * sk_l + d[None, :], mask=kv[:, None] & dmask[None, :],
+        kn64 = kn.to(tl.int64)
+        kk = tl.load(kbase + kn64[:, None] * sk_l + d[None, :], mask=kv[:, None] & dmask[None, :],
                      other=0.0).to(tl.float32)
         s = tl.sum(kk * q[None, :], 1) * SCALE
         s = tl.where(kv, s, ninf)
@@ -140,7 +144,7 @@ def _dec_partial_kernel(q2_ptr, k_ptr, v_ptr, pos_ptr, mask_ptr, lo_ptr, hi_ptr,
         alpha = tl.exp(m_i - m_safe)
         p = tl.exp(s - m_safe)
         l_i = l_i * alpha + tl.sum(p, 0)
-        vv = tl.load(vbase + kn[:, None] * sv_l + d[None, :], mask=kv[:, None] & dmask[None, :],
+        vv = tl.load(vbase + kn64[:, None] * sv_l + d[None, :], mask=kv[:, None] & dmask[None, :],
                      other=0.0).to(tl.float32)
         acc = acc * alpha + tl.sum(p[:, None] * vv, 0)
         m_i = m_new
@@ -151,7 +155,7 @@ def _dec_partial_kernel(q2_ptr, k_ptr, v_ptr, pos_ptr, mask_ptr, lo_ptr, hi_ptr,
 
 
 @triton.jit
-def _dec_combine_kernel(gate_ptr, part_m_ptr, part_l_ptr, part_acc_ptr, out_ptr, so_b, so_h, NSPLIT,
+def dec_combine_kernel(gate_ptr, part_m_ptr, part_l_ptr, part_acc_ptr, out_ptr, so_b, so_h, NSPLIT,
                         HQ: tl.constexpr, D: tl.constexpr, BLOCK_D: tl.constexpr,
                         NUM_SPANS: tl.constexpr, SPLIT_PAD: tl.constexpr):
     pid_bh = tl.program_id(0)
@@ -270,7 +274,7 @@ def triton_decode(q1, q2, k, v, positions, params: SpanParams, key_mask=None, ch
         return _sliced_tail(q2, k, v, pos, params, plan, scores, key_start, exchange)
     sel_lo = torch.empty(B * HQ, K, device=dev, dtype=torch.int32)
     sel_hi = torch.empty(B * HQ, K, device=dev, dtype=torch.int32)
-    _dec_topk_kernel[(B * HQ,)](
+    dec_topk_kernel[(B * HQ,)](
         pos, st, tab.offsets, tab.back, tab.fwd, scores, gate, sel_lo, sel_hi,
         LKV, S1, tab.capacity, params.window_len,
         HQ=HQ, NC_PAD=plan.nc_pad, NUM_SPANS=K, HAS_FWD=params.forward_factor > 0, num_warps=4)
@@ -281,7 +285,7 @@ def triton_decode(q1, q2, k, v, positions, params: SpanParams, key_mask=None, ch
         LKV, params.window_len, 1.0 / math.sqrt(D), plan.nsplit,
         HQ=HQ, G=G, D=D, BLOCK_D=BLOCK_D, NUM_SPANS=K, CHUNK=plan.chunk,
         BLOCK_N=plan.block_n, MASKED=masked, num_warps=plan.warps)
-    _dec_combine_kernel[(B * HQ,)](
+    dec_combine_kernel[(B * HQ,)](
         gate, part_m, part_l, part_acc, out, out.stride(0), out.stride(1), plan.nsplit,
         HQ=HQ, D=D, BLOCK_D=BLOCK_D, NUM_SPANS=K, SPLIT_PAD=plan.split_pad, num_warps=4)
     return out

@@ -15,7 +15,7 @@ import httpx
 
 from superlinear.api.remote import RemoteApi
 from superlinear.errors import Unavailable, UserError
-from superlinear.plugins.settings.config import DEFAULT_HOST, DEFAULT_PORT
+from superlinear.settings.config import DEFAULT_HOST, DEFAULT_PORT
 
 DEFAULT_URL = f"http://{DEFAULT_HOST}:{DEFAULT_PORT}"
 
@@ -43,9 +43,9 @@ def resolve_target(url: str | None = None) -> Target:
     env = os.environ.get("SPL_SERVER_URL")
     if env:
         return Target(env.rstrip("/"), "$SPL_SERVER_URL")
-    from superlinear.plugins.client import state
-    from superlinear.plugins.client.state import running_local
-    from superlinear.plugins.settings.options import resolve_options
+    from superlinear.client import state
+    from superlinear.client.state import running_local
+    from superlinear.settings.options import resolve_options
 
     connected = state.connected()
     if connected and connected.get("url"):
@@ -67,8 +67,8 @@ def resolve_api_key(api_key: str | None = None) -> str | None:
         return api_key
     if os.environ.get("SPL_API_KEY"):
         return os.environ["SPL_API_KEY"]
-    from superlinear.plugins.client import state
-    from superlinear.plugins.client.state import running_local
+    from superlinear.client import state
+    from superlinear.client.state import running_local
 
     connected = state.connected()
     if connected and connected.get("api_key"):
