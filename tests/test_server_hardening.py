@@ -342,10 +342,9 @@ def test_openapi_documents_request_bodies_and_metrics_as_text(server):
 def test_docs_list_every_declared_route_bound():
     from pathlib import Path
 
-    from superlinear.plugins.serve import app, bounds  # app declares the routes' bounds
-
     from fastapi.routing import APIRoute
 
+    from superlinear.plugins.serve import app, bounds  # app declares the routes' bounds
     from superlinear.plugins.serve.runtime import Runtime
     from superlinear.plugins.settings.options import ServeOptions
 

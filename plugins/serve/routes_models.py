@@ -12,8 +12,8 @@ from fastapi.responses import JSONResponse
 from . import bounds
 from .runtime import Runtime
 
-
-HEALTH = bounds.declare("GET", "/health", body_bytes=0, depth=None, reply="bookkeeping only: never waits for the worker")
+HEALTH = bounds.declare("GET", "/health", body_bytes=0, depth=None,
+                        reply="bookkeeping only: never waits for the worker")
 MODELS = bounds.declare("GET", "/v1/models", body_bytes=0, depth=None)
 MODEL = bounds.declare("GET", "/v1/models/{model_id:path}", body_bytes=0, depth=None)
 
