@@ -346,7 +346,7 @@ def test_docs_list_every_declared_route_bound():
 
     from superlinear.plugins.serve import app, bounds  # app declares the routes' bounds
     from superlinear.plugins.serve.runtime import Runtime
-    from superlinear.plugins.settings.options import ServeOptions
+    from superlinear.settings.options import ServeOptions
 
     served = {(method, r.path) for r in app.create_app(Runtime(ServeOptions())).routes if isinstance(r, APIRoute)
               for method in r.methods - {"HEAD"}}
