@@ -259,14 +259,28 @@ def test_a_huge_string_in_tools_is_refused_before_the_worker(server, where):
 
 
 def test_many_messages_are_refused_before_rendering(server):
+    """Each message costs at least the template's own tokens (role markers, measured once): a
+    request of more messages than fit is counted, not rendered."""
+    from superlinear.plugins.serve import bounds
+
     with server.http() as c:
         limit = c.get("/health").json()["memory"]["max_seq_len_limit"]
-        messages = [{"role": "user", "content": ""}] * (limit + 1)
+        per = bounds.tokens_per_message(bounds_tokenizer())
+        assert per >= 2
+        messages = [{"role": "user", "content": ""}, {"role": "assistant", "content": ""}] * (limit // per // 2 + 1)
         t = time.perf_counter()
         r = c.post("/v1/chat/completions", json={"messages": messages, "max_tokens": 1})
         assert r.status_code == 413 and r.json()["error"]["param"] == "messages", r.text[:300]
-        assert "entries" in r.json()["error"]["message"], r.text[:300]  # counted, not rendered
+        assert f"{len(messages)} messages" in r.json()["error"]["message"], r.text[:300]  # counted, not rendered
         assert time.perf_counter() - t < 5
+
+
+def bounds_tokenizer():
+    """The tiny server's tokenizer: the default model's."""
+    from superlinear.model.default import ensure_default
+    from superlinear.model.loaders import load_tokenizer
+
+    return load_tokenizer(ensure_default())
 
 
 def test_tool_choice_must_name_a_given_tool(server):

@@ -147,19 +147,41 @@ def check_chars(chars: int, limit: int, param: str) -> None:
         raise TooLarge(f"{param} has {chars} characters; at most {limit} are allowed", param=param)
 
 
-async def check_text(rt, chars: int, param: str, *, pieces: int = 0) -> None:
-    """Refuse a text of ``chars`` characters (in ``pieces`` messages or tools, each at least a
-    token of its own) that cannot fit in ``token_limit`` tokens."""
+_TOKENS_PER_MESSAGE: dict[int, int] = {}
+
+
+def tokens_per_message(tokenizer) -> int:
+    """The fewest tokens the chat template adds for one message (its role markers), measured once
+    per tokenizer from two renderings; 1 when the template cannot say."""
+    key = id(tokenizer)
+    if key not in _TOKENS_PER_MESSAGE:
+        from superlinear.engine import tokens
+
+        turns = [{"role": "user", "content": ""}, {"role": "assistant", "content": ""}] * 2
+        try:  # what one more user message adds, and one more assistant message: the fewer of the two
+            lengths = [len(tokens.tokenize_messages(tokenizer, turns[:n], False)) for n in (2, 3, 4)]
+            _TOKENS_PER_MESSAGE[key] = max(1, min(lengths[1] - lengths[0], lengths[2] - lengths[1]))
+        except Exception:  # noqa: BLE001 - a template that refuses empty messages: the safe floor
+            _TOKENS_PER_MESSAGE[key] = 1
+    return _TOKENS_PER_MESSAGE[key]
+
+
+async def check_text(rt, chars: int, param: str, *, messages: int = 0, pieces: int = 0) -> None:
+    """Refuse a text of ``chars`` characters in ``messages`` messages (each at least the template's
+    own tokens) and ``pieces`` other parts (tools: at least a token each) that cannot fit in
+    ``token_limit`` tokens: counted before anything is rendered or tokenized."""
     limit = token_limit(rt)
-    if pieces > limit:
-        raise TooLarge(f"{param} has {pieces} entries, each at least one token: more than the {limit} tokens "
-                       "a conversation here holds", param=param)
     tokenizer = rt.model.tokenizer
-    if chars + pieces <= limit or tokenizer is None:  # every token stands for at least one character
+    per = 1 if tokenizer is None or not messages else await asyncio.to_thread(tokens_per_message, tokenizer)
+    floor = messages * per + pieces  # tokens the template and the tools add, whatever the text
+    if floor > limit:
+        raise TooLarge(f"{param} has {messages} messages and {pieces} other entries: at least {floor} tokens, more "
+                       f"than the {limit} tokens a conversation here holds", param=param)
+    if chars + floor <= limit or tokenizer is None:  # every token stands for at least one character
         return
     from superlinear.engine import tokens
 
-    at_least = -(-chars // await asyncio.to_thread(tokens.max_token_bytes, tokenizer)) + pieces
+    at_least = -(-chars // await asyncio.to_thread(tokens.max_token_bytes, tokenizer)) + floor
     if at_least > limit:
         raise TooLarge(f"{param} has {chars} characters, at least {at_least} tokens: more than the {limit} "
                        "tokens a conversation here holds; send less text", param=param)

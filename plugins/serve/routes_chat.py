@@ -23,8 +23,8 @@ from .schemas import MAX_MESSAGES, ChatCompletionRequest
 
 CHAT = bounds.declare(
     "POST", "/v1/chat/completions", body_bytes=MAX_BODY_BYTES,
-    text=f"every string of messages, tools and tool_choice: at most {bounds.TOKEN_LIMIT}, each message and tool "
-         "one token at least",
+    text=f"every string of messages, tools and tool_choice: at most {bounds.TOKEN_LIMIT}, each message the "
+         "template's own tokens at least, each tool one",
     items=f"messages {MAX_MESSAGES:,}; " + bounds.SAMPLING_ITEMS,
     reply="one choice of at most max_tokens tokens", body=ChatCompletionRequest)
 
@@ -46,7 +46,7 @@ def add_routes(app: FastAPI, rt: Runtime) -> None:
         chars = await asyncio.to_thread(lambda: {"messages": bounds.string_chars(messages),
                                                  "tools": bounds.string_chars([body.tools, body.tool_choice])})
         await bounds.check_text(rt, sum(chars.values()), max(chars, key=chars.get),
-                                pieces=len(messages) + len(body.tools or ()))
+                                messages=len(messages), pieces=len(body.tools or ()))
         rt.stats["requests"] += 1
         turn = ChatTurn(openai.engine_request(body, messages, rt.defaults),
                         session_id=body.session_id, session_mode=body.session_mode)

@@ -50,7 +50,7 @@ def add_routes(app: FastAPI, rt: Runtime) -> None:
         chars = bounds.string_chars(source) if isinstance(source, list) else len(source)
         param = "messages" if isinstance(source, list) else "content" if body.content is not None else "prompt"
         bounds.check_chars(chars, bounds.MAX_TOKENIZE_CHARS, param)
-        await bounds.check_text(rt, chars, param, pieces=len(source) if isinstance(source, list) else 0)
+        await bounds.check_text(rt, chars, param, messages=len(source) if isinstance(source, list) else 0)
 
         def run():  # not on the event loop (nor the model's worker)
             tokens = rt.api.tokenize(source, add_special=body.special(),
