@@ -145,6 +145,9 @@ class RemoteApi:
         params = _given(tag=tag, all="true" if include_session_state else None)
         return self.request("GET", "/v1/snapshots", params=params)["data"]
 
+    def skipped_snapshots(self) -> list[dict]:
+        return self.request("GET", "/health").get("snapshots_skipped", [])
+
     def get_snapshot(self, snapshot_id: str) -> SnapshotInfo:
         return self.request("GET", f"/v1/snapshots/{_q(snapshot_id)}")
 

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import os
-import shutil
 import tempfile
 
 from fastapi import Request
@@ -17,15 +16,17 @@ MAX_IMPORT_BYTES = int(os.environ.get("SPL_MAX_IMPORT_BYTES", 1 << 40))
 
 def import_limit() -> tuple[int, str]:
     """The most bytes a snapshot upload may have, and why: ``MAX_IMPORT_BYTES``, or less when
-    the disk that holds uploads has less free space (an upload that cannot fit is refused
-    before it fills the disk other sessions persist to)."""
+    the disk that holds uploads has less room (its free space less ``$SPL_STORE_RESERVE_BYTES``):
+    an upload that cannot fit is refused before it fills the disk other sessions persist to."""
+    from superlinear.sessions.snapshots import RESERVE_ENV, room
+
     directory = tempfile.gettempdir()
     try:
-        free = shutil.disk_usage(directory).free
+        free = max(0, room(directory))
     except OSError:
         free = MAX_IMPORT_BYTES
     if free < MAX_IMPORT_BYTES:
-        return free, f"the free space in {directory}"
+        return free, f"the free space in {directory} less ${RESERVE_ENV}"
     return MAX_IMPORT_BYTES, "the upload limit"
 
 

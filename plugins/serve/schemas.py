@@ -234,10 +234,10 @@ class ChatCompletionRequest(SamplingFields):
         if self.tool_choice not in (None, "none", "auto") and not self.tools:
             raise InvalidRequest("tool_choice needs tools", param="tool_choice")
         if isinstance(self.tool_choice, dict):
-            name = self.tool_choice["function"]["name"]
-            if name not in {t.function.name for t in self.tools}:
-                raise InvalidRequest(f"tool_choice names the function {name!r}, which is not in tools",
-                                     param="tool_choice.function.name")
+            name, known = self.tool_choice["function"]["name"], [t.function.name for t in self.tools]
+            if name not in known:
+                raise InvalidRequest(f"tool_choice names function {str(name)[:100]!r}, which is not in tools "
+                                     f"({', '.join(known)[:300]})", param="tool_choice.function.name")
         constraint = next((n for n in CONSTRAINTS if getattr(self, n) is not None), None)
         if constraint and (self.tool_choice == "required" or isinstance(self.tool_choice, dict)):
             raise InvalidRequest(f"tool_choice {self.tool_choice!r} is a constraint of its own: send it or "
