@@ -254,6 +254,14 @@ class ListSnapshots(ApiCommand):
 
 
 @dataclass(frozen=True)
+class SkippedSnapshots(ApiCommand):
+    """The snapshots the last listing left out as unreadable: ``[{"id", "error"}]``."""
+
+    name, method, result = "snapshot.skipped", "skipped_snapshots", list
+    http = Http("GET", "/health", result_key="snapshots_skipped", served=False)  # a part of /health
+
+
+@dataclass(frozen=True)
 class GetSnapshot(SnapshotCommand):
     name, method, result = "snapshot.get", "get_snapshot", SnapshotInfo
     http = Http("GET", "/v1/snapshots/{snapshot_id}")
@@ -313,14 +321,28 @@ class Load(SnapshotCommand):
 
 OPERATIONS: tuple[type[ApiCommand], ...] = (
     Chat, Complete, Tokenize, Detokenize, CreateSession, GetSession, ListSessions, History, Fork, Rollback,
-    Resize, Save, CloseSession, ListSnapshots, GetSnapshot, UpdateSnapshot, DeleteSnapshot, ExportSnapshot,
-    ImportSnapshot, Load)
+    Resize, Save, CloseSession, ListSnapshots, SkippedSnapshots, GetSnapshot, UpdateSnapshot, DeleteSnapshot,
+    ExportSnapshot, ImportSnapshot, Load)
 
 
 # -- chat and completions: OpenAI's bodies, from the engine's request types field by field ----------
-# Every field of SamplingParams goes by its own name, but these two: the chat's logprobs are
-# OpenAI's ``logprobs: true`` + ``top_logprobs: n``, a completion's the legacy ``logprobs: n``.
-_SAMPLING_OWN_WIRE = ("logprobs",)
+# Every field of SamplingParams goes by its own name, but these: the chat's logprobs are OpenAI's
+# ``logprobs: true`` + ``top_logprobs: n``, a completion's the legacy ``logprobs: n``; the output
+# constraint (``structured``) is OpenAI's ``response_format`` or vLLM's ``structured_outputs``.
+_SAMPLING_OWN_WIRE = ("logprobs", "structured")
+
+
+def structured_fields(structured: dict | None) -> dict:
+    """The engine's ``structured`` constraint as the fields that say it on the wire (the server
+    reads them back into the same dict: ``engine.grammar.from_response_format``)."""
+    if not structured:
+        return {}
+    if "json" in structured:
+        return {"response_format": {"type": "json_schema", "json_schema": {
+            "name": "output", "schema": structured["json"], "strict": bool(structured.get("strict"))}}}
+    if structured.get("json_object"):
+        return {"response_format": {"type": "json_object"}}
+    return {"structured_outputs": dict(structured)}  # regex, choice, grammar
 
 
 def _given(**fields: Any) -> dict:
@@ -337,7 +359,7 @@ def sampling_fields(sampling: SamplingParams, repetition: RepetitionConfig | Non
         body[f.name] = {str(k): v for k, v in value.items()} if f.name == "logit_bias" else value
     if repetition is not None:
         body["repetition_detection"] = dataclasses.asdict(repetition)
-    return body
+    return {**body, **structured_fields(sampling.structured)}
 
 
 def chat_body(turn: ChatTurn) -> dict:
@@ -350,7 +372,7 @@ def chat_body(turn: ChatTurn) -> dict:
             **_given(logprobs=True if logprobs is not None else None, top_logprobs=logprobs,
                      session_id=turn.session_id, tools=r.tools, tool_choice=r.tool_choice,
                      reasoning_budget=r.reasoning_budget, chat_template_kwargs=r.chat_template_kwargs,
-                     keep_thinking=r.keep_thinking or None, keep_partial=r.keep_partial or None)}
+                     keep_thinking=r.keep_thinking or None, parallel_tool_calls=r.parallel_tool_calls or None)}
 
 
 def completion_body(completion: Completion) -> dict:
@@ -361,5 +383,5 @@ def completion_body(completion: Completion) -> dict:
 
 __all__ = ["OPERATIONS", "ApiCommand", "Chat", "CloseSession", "Complete", "CreateSession", "DeleteSnapshot",
            "Detokenize", "ExportSnapshot", "Fork", "GetSession", "GetSnapshot", "History", "Http", "ImportSnapshot",
-           "ListSessions", "ListSnapshots", "Load", "Resize", "Rollback", "Save", "SessionCommand",
+           "ListSessions", "ListSnapshots", "Load", "Resize", "Rollback", "Save", "SessionCommand", "SkippedSnapshots",
            "SnapshotCommand", "Tokenize", "UpdateSnapshot", "chat_body", "completion_body", "sampling_fields"]

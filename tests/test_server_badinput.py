@@ -18,9 +18,7 @@ import pytest
 from pydantic import BaseModel
 from server_helpers import TINY_MAX_SEQ_LEN as MAX_SEQ_LEN
 
-from superlinear import protocol as P
 from superlinear.plugins.serve import schemas as S
-from superlinear.plugins.serve.routes_api import request_model
 
 pytestmark = pytest.mark.slow
 
@@ -67,13 +65,13 @@ ROUTES: dict[tuple[str, str], tuple[type[BaseModel], dict]] = {
     ("POST", "/v1/completions"): (S.CompletionRequest, {"prompt": "Hi", "max_tokens": 1, "temperature": 0}),
     ("POST", "/tokenize"): (S.TokenizeRequest, {"content": "Hi"}),
     ("POST", "/detokenize"): (S.DetokenizeRequest, {"tokens": [1, 2]}),
-    ("POST", "/v1/sessions"): (request_model(P.CreateSession), {"max_seq_len": 32}),
-    ("POST", "/v1/sessions/{session_id}/fork"): (request_model(P.Fork), {}),
-    ("POST", "/v1/sessions/{session_id}/rollback"): (request_model(P.Rollback), {"n_messages": 2}),
-    ("POST", "/v1/sessions/{session_id}/resize"): (request_model(P.Resize), {"max_seq_len": MAX_SEQ_LEN}),
-    ("POST", "/v1/sessions/{session_id}/save"): (request_model(P.Save), {"title": "t"}),
-    ("PATCH", "/v1/snapshots/{snapshot_id}"): (request_model(P.UpdateSnapshot), {"title": "t"}),
-    ("POST", "/v1/snapshots/{snapshot_id}/load"): (request_model(P.Load), {"session_id": "sweep-load", "force": True}),
+    ("POST", "/v1/sessions"): (S.CreateSession, {"max_seq_len": 32}),
+    ("POST", "/v1/sessions/{session_id}/fork"): (S.ForkSession, {}),
+    ("POST", "/v1/sessions/{session_id}/rollback"): (S.RollbackSession, {"n_messages": 2}),
+    ("POST", "/v1/sessions/{session_id}/resize"): (S.ResizeSession, {"max_seq_len": MAX_SEQ_LEN}),
+    ("POST", "/v1/sessions/{session_id}/save"): (S.SaveSession, {"title": "t"}),
+    ("PATCH", "/v1/snapshots/{snapshot_id}"): (S.PatchSnapshot, {"title": "t"}),
+    ("POST", "/v1/snapshots/{snapshot_id}/load"): (S.LoadSnapshot, {"session_id": "sweep-load", "force": True}),
 }
 SWEPT_PREFIXES = ("/v1", "/health", "/metrics", "/tokenize", "/detokenize")
 RAW_BODY_ROUTES = {("POST", "/v1/snapshots/import")}  # a tar file, not JSON

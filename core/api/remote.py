@@ -192,6 +192,9 @@ class RemoteApi:
     def list_snapshots(self, tag: str | None = None, include_session_state: bool = False) -> list[SnapshotInfo]:
         return self.send(protocol.ListSnapshots(tag, include_session_state))
 
+    def skipped_snapshots(self) -> list[dict]:
+        return self.request("GET", "/health").get("snapshots_skipped", [])
+
     def get_snapshot(self, snapshot_id: str) -> SnapshotInfo:
         return self.send(protocol.GetSnapshot(snapshot_id))
 
@@ -278,7 +281,8 @@ def done_event(fields: dict) -> Done:
     """``Done`` from the ``done`` field of a final chunk (the server puts the whole ``Done`` there:
     OpenAI's fields cannot say it all)."""
     return Done(fields["finish_reason"], fields["message"], fields["usage"], fields["timings"],
-                reasoning=fields.get("reasoning"), partial=bool(fields.get("partial")))
+                reasoning=fields.get("reasoning"), partial=bool(fields.get("partial")),
+                stop_reason=fields.get("stop_reason"))
 
 
 def read_chat(chunks: Iterator[dict]) -> Iterator[Event]:
