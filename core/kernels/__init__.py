@@ -6,20 +6,32 @@ The attention entries are re-exported here, the public API:
 
 ```python
 from superlinear.kernels import SpanParams, superlinear_prefill, superlinear_decode
+from superlinear.kernels import KVRows, append_kv_rows, superlinear_decode_rows  # B sequences, own caches
 ```
 The backend is chosen by device (Triton on CUDA, the PyTorch reference elsewhere) and can be
 forced with ``backend=`` or the environment variable ``SPL_ATTENTION_BACKEND``. See docs/kernels.md.
 Kernels import only the standard library, torch, triton, numpy and each other.
 """
 
-from .attention.api import available_backends, resolve_backend, superlinear_decode, superlinear_prefill
+from .attention.api import (
+    append_kv_rows,
+    available_backends,
+    resolve_backend,
+    superlinear_decode,
+    superlinear_decode_rows,
+    superlinear_prefill,
+)
 from .attention.params import SpanParams, get_tables
+from .attention.rows import KVRows
 
 __all__ = [
+    "KVRows",
     "SpanParams",
+    "append_kv_rows",
     "available_backends",
     "get_tables",
     "resolve_backend",
     "superlinear_decode",
+    "superlinear_decode_rows",
     "superlinear_prefill",
 ]
