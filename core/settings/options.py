@@ -36,6 +36,8 @@ class ServeOptions:
     # flight); "shutdown": only on clean shutdown and eviction (no per-turn disk writes).
     persist: str = "turn"
     log_level: str = "info"
+    # unknown request fields are ignored (and logged) instead of refused with a 400
+    lenient_fields: bool = False
 
     def url(self) -> str:
         host = "127.0.0.1" if self.host in ("0.0.0.0", "", "::") else self.host
@@ -60,6 +62,8 @@ class ServeOptions:
             args += ["--device", self.device]
         if self.threads:
             args += ["--threads", str(self.threads)]
+        if self.lenient_fields:
+            args += ["--lenient-fields"]
         return args
 
     def as_dict(self) -> dict:
@@ -127,17 +131,21 @@ def server_options(func):
                                 "SPL_PERSIST", "turn")),
         click.option("--log-level", type=click.Choice(LOG_LEVELS, case_sensitive=False), default=None,
                      help=_help("Server log level.", "SPL_LOG_LEVEL", "info")),
+        click.option("--lenient-fields", is_flag=True, default=None,
+                     help=_help("Ignore (and log) unknown request fields instead of answering 400.",
+                                "SPL_LENIENT_FIELDS", "off")),
     ]
 
     wants_sources = "option_sources" in inspect.signature(func).parameters
 
     def wrapper(model, host, port, chunk_size, max_step_tokens, max_seq_len, api_key, max_concurrency, memory_budget,
-                device, threads, persist, log_level, **kwargs):
+                device, threads, persist, log_level, lenient_fields, **kwargs):
         options, sources = resolve_options(model=model, host=host, port=port, chunk_size=chunk_size,
                                      max_step_tokens=max_step_tokens, max_seq_len=max_seq_len, api_key=api_key or None,
                                      max_concurrency=max_concurrency, memory_budget=memory_budget,
                                      device=device, threads=threads, persist=persist,
-                                     log_level=log_level.lower() if log_level else None)
+                                     log_level=log_level.lower() if log_level else None,
+                                     lenient_fields=lenient_fields)
         if wants_sources:
             kwargs["option_sources"] = sources
         return func(options=options, **kwargs)
