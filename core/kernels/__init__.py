@@ -7,8 +7,19 @@ The backend is chosen by device (Triton on CUDA, the PyTorch reference elsewhere
 forced with ``backend=`` or the environment variable ``SPL_ATTENTION_BACKEND``. See docs/kernels.md.
 """
 
-from .api import available_backends, resolve_backend, superlinear_decode, superlinear_prefill
 from .params import SpanParams, get_tables
+
+_API = ("available_backends", "resolve_backend", "superlinear_decode", "superlinear_prefill")
+
+
+def __getattr__(name: str):
+    # the entries import torch; SpanParams does not, so `spl models info` reads a model's span
+    # parameters without loading torch
+    if name in _API:
+        from . import api
+
+        return getattr(api, name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 __all__ = [
     "SpanParams",

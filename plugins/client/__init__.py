@@ -13,6 +13,7 @@ import time
 
 import click
 
+from superlinear.api.remote import server_root
 from superlinear.errors import InvalidRequest, Unavailable, UserError
 from superlinear.hookspecs import hookimpl
 from superlinear.plugins.settings.options import ServeOptions, parse_bytes, resolve_options, server_options
@@ -65,14 +66,14 @@ def connect(url: str | None, api_key: str | None = None, forget: bool = False) -
         return {"url": resolve_url(), "connected": None}
     if not url:
         raise InvalidRequest("give the server URL, e.g. `spl server connect http://host:8787`")
-    url = url if "://" in url else f"http://{url}"
+    url = server_root(url)
     client = SplClient(url, api_key=api_key)
     try:
         health = client.health(timeout=5.0)
     finally:
         client.close()
     state.write_connected(url, api_key)
-    return {"url": url.rstrip("/"), "connected": url.rstrip("/"), "health": health}
+    return {"url": url, "connected": url, "health": health}
 
 
 def effective_config() -> dict:
