@@ -24,7 +24,7 @@ from superlinear.errors import InvalidRequest, NotFound, UserError
 from superlinear.hookspecs import hookimpl
 from superlinear.plugins.client.completion import complete_any_ids, complete_session_ids, complete_snapshot_ids
 
-__all__ = ["format_bytes", "format_history", "list_all", "remove", "retag", "session_table", "snapshot_table"]
+__all__ = ["as_listing", "format_bytes", "format_history", "list_all", "remove", "retag", "session_table", "snapshot_table"]
 
 Run = Callable[[api.ApiCommand], object]  # dispatches one API command against some API
 
@@ -50,6 +50,18 @@ def _one(command: api.ApiCommand):
 def list_all(run: Run) -> dict:
     """Sessions and snapshots: ``{"sessions": [...], "snapshots": [...]}``."""
     return {"sessions": run(api.ListSessions())["sessions"], "snapshots": run(api.ListSnapshots())}
+
+
+def as_listing(items: list[dict], **extra) -> dict:
+    """A listing in the one shape the HTTP API and every ``--json`` give it:
+    ``{"object": "list", "data": [...], ...}`` (a session listing adds count, bytes, resident and
+    memory_budget)."""
+    return {"object": "list", "data": items, **extra}
+
+
+def session_listing(listing: dict) -> dict:
+    """``ListSessions``' result (``{"sessions": [...], "count", ...}``) as ``GET /v1/sessions`` gives it."""
+    return as_listing(listing["sessions"], **{k: v for k, v in listing.items() if k != "sessions"})
 
 
 def remove(run: Run, ids) -> list[dict]:
@@ -208,12 +220,12 @@ _json_option = click.option("--json", "as_json", is_flag=True, help="Print one J
 def ls_command(as_json: bool) -> None:
     """List sessions and snapshots."""
     with _server() as run:
-        result = list_all(run)
+        sessions, snapshots = session_listing(run(api.ListSessions())), as_listing(run(api.ListSnapshots()))
 
     def text(r):
-        return session_table(r["sessions"]) + "\n\n" + snapshot_table(r["snapshots"])
+        return session_table(r["sessions"]["data"]) + "\n\n" + snapshot_table(r["snapshots"]["data"])
 
-    _emit(result, as_json, text)
+    _emit({"sessions": sessions, "snapshots": snapshots}, as_json, text)
 
 
 @click.command("rm")
@@ -245,7 +257,7 @@ def session_new_command(session_id, max_seq_len, as_json) -> None:
 @_json_option
 def session_ls_command(as_json) -> None:
     """List sessions."""
-    _emit(_one(api.ListSessions())["sessions"], as_json, session_table)
+    _emit(session_listing(_one(api.ListSessions())), as_json, lambda r: session_table(r["data"]))
 
 
 @session_group.command("info")
@@ -326,7 +338,7 @@ def snapshot_group() -> None:
 @_json_option
 def snapshot_ls_command(tag, as_json) -> None:
     """List snapshots."""
-    _emit(_one(api.ListSnapshots(tag=tag)), as_json, snapshot_table)
+    _emit(as_listing(_one(api.ListSnapshots(tag=tag))), as_json, lambda r: snapshot_table(r["data"]))
 
 
 @snapshot_group.command("info")
