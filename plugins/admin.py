@@ -24,7 +24,8 @@ from superlinear.errors import InvalidRequest, NotFound, UserError
 from superlinear.hookspecs import hookimpl
 from superlinear.plugins.client.completion import complete_any_ids, complete_session_ids, complete_snapshot_ids
 
-__all__ = ["as_listing", "format_bytes", "format_history", "list_all", "remove", "retag", "session_table", "snapshot_table"]
+__all__ = ["as_listing", "format_bytes", "format_history", "list_all", "remove", "retag", "session_table",
+           "snapshot_table"]
 
 Run = Callable[[api.ApiCommand], object]  # dispatches one API command against some API
 
