@@ -246,7 +246,8 @@ def session_group() -> None:
 
 @session_group.command("new")
 @click.argument("session_id", required=False)
-@click.option("--max-seq-len", type=click.IntRange(1), default=None)
+@click.option("--max-seq-len", type=click.IntRange(1), default=None,
+              help="Tokens the session may hold (default: the server's --max-seq-len).")
 @_json_option
 def session_new_command(session_id, max_seq_len, as_json) -> None:
     """Create an empty session."""
@@ -352,8 +353,8 @@ def snapshot_info_command(snapshot_id, as_json) -> None:
 
 @snapshot_group.command("save")
 @click.argument("session_id", shell_complete=complete_session_ids)
-@click.option("--title", default=None)
-@click.option("--description", default=None)
+@click.option("--title", default=None, help="A short title, shown by `spl snapshot ls`.")
+@click.option("--description", default=None, help="A longer note kept with the snapshot.")
 @click.option("--tag", "tags", multiple=True, help="Tag (repeatable).")
 @_json_option
 def snapshot_save_command(session_id, title, description, tags, as_json) -> None:
@@ -368,7 +369,8 @@ def snapshot_save_command(session_id, title, description, tags, as_json) -> None
 @click.option("--session", "session_id", default=None, help="Session id to load into.",
               shell_complete=complete_session_ids)
 @click.option("--force", is_flag=True, help="Replace an existing session's state.")
-@click.option("--max-seq-len", type=click.IntRange(1), default=None)
+@click.option("--max-seq-len", type=click.IntRange(1), default=None,
+              help="Tokens the loaded session may hold (default: the snapshot's, within the server's limit).")
 @_json_option
 def snapshot_load_command(snapshot_id, session_id, force, max_seq_len, as_json) -> None:
     """Load a snapshot into a session."""
@@ -394,8 +396,8 @@ def snapshot_rm_command(snapshot_ids, as_json) -> None:
 @click.argument("snapshot_id", shell_complete=complete_snapshot_ids)
 @click.argument("tags", nargs=-1)
 @click.option("--remove", "remove_tags", multiple=True, help="Tag to remove (repeatable).")
-@click.option("--title", default=None)
-@click.option("--description", default=None)
+@click.option("--title", default=None, help="Replace the title.")
+@click.option("--description", default=None, help="Replace the description.")
 @_json_option
 def snapshot_tag_command(snapshot_id, tags, remove_tags, title, description, as_json) -> None:
     """Add tags (and/or remove them, set the title or description)."""
