@@ -29,7 +29,7 @@ BUILTIN_MODULES = (
     "superlinear.plugins.models",
     "superlinear.plugins.bench",
     "superlinear.plugins.serve",
-    "superlinear.plugins.client",
+    "superlinear.plugins.server",
     "superlinear.plugins.chat",
     "superlinear.plugins.rag",
     "superlinear.plugins.lightrag",

@@ -20,9 +20,9 @@ import click
 
 from superlinear.api import commands as api
 from superlinear.bus import Context, dispatch
+from superlinear.client.completion import complete_any_ids, complete_session_ids, complete_snapshot_ids
 from superlinear.errors import InvalidRequest, NotFound, UserError
 from superlinear.hookspecs import hookimpl
-from superlinear.plugins.client.completion import complete_any_ids, complete_session_ids, complete_snapshot_ids
 
 __all__ = ["as_listing", "format_bytes", "format_history", "list_all", "remove", "retag", "session_table",
            "snapshot_table"]
@@ -33,7 +33,7 @@ Run = Callable[[api.ApiCommand], object]  # dispatches one API command against s
 @contextlib.contextmanager
 def _server() -> Iterator[Run]:
     """A dispatcher bound to the server the commands talk to (closed after)."""
-    from superlinear.plugins.client import get_client
+    from superlinear.client import get_client
 
     client = get_client()
     try:
@@ -103,7 +103,7 @@ def export_snapshot(snapshot_id: str, path: str) -> dict:
     path = Path(path or f"{snapshot_id}.spl-snapshot.tar")
     if path.is_dir():
         path = path / f"{snapshot_id}.spl-snapshot.tar"
-    from superlinear.plugins.client.progress import ByteBar
+    from superlinear.client.progress import ByteBar
 
     with ByteBar(f"export {snapshot_id}", None) as bar:  # drawn on a terminal only
         out = _one(api.ExportSnapshot(snapshot_id=snapshot_id, dest=str(path), on_bytes=bar))
@@ -111,7 +111,7 @@ def export_snapshot(snapshot_id: str, path: str) -> dict:
 
 
 def import_snapshot(path: str, snapshot_id: str | None, replace: bool) -> dict:
-    from superlinear.plugins.client.progress import ByteBar
+    from superlinear.client.progress import ByteBar
     from superlinear.sessions.snapshots import UPLOAD_NAME
 
     try:
@@ -431,7 +431,7 @@ def snapshot_import_command(path, snapshot_id, replace, as_json) -> None:
 
 @hookimpl
 def register_commands(register):
-    from superlinear.plugins.client.url_option import with_url_option
+    from superlinear.client.url_option import with_url_option
 
     for command in (ls_command, rm_command, session_group, snapshot_group):
         register(with_url_option(command))

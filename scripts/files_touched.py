@@ -29,7 +29,7 @@ def main() -> None:
     from starlette.testclient import TestClient
 
     from superlinear.plugins.serve import build_app
-    from superlinear.plugins.settings.options import ServeOptions
+    from superlinear.settings.options import ServeOptions
 
     touched: set[str] = set()
     recording = threading.Event()

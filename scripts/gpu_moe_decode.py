@@ -9,7 +9,7 @@ import itertools
 import torch
 
 from superlinear.model.moe import grouped_experts, rows_experts
-from superlinear.model.moe_triton import expert_rows
+from superlinear.kernels.moe_decode.triton_rows import expert_rows
 from superlinear.plugins.bench.attention import graph_ms
 
 EXPERTS, INTER, HIDDEN, TOP_K = 128, 1856, 2688, 6

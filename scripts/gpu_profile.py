@@ -6,7 +6,7 @@ import sys
 import torch
 
 from superlinear.kernels import SpanParams
-from superlinear.kernels.triton_prefill import triton_prefill
+from superlinear.kernels.attention.triton_prefill import triton_prefill
 from superlinear.plugins.bench.attention import CONFIGS, parse_length
 
 cfg = sys.argv[1] if len(sys.argv) > 1 else "1"

@@ -7,8 +7,8 @@ from functools import partial
 import torch
 
 from superlinear.kernels import SpanParams
-from superlinear.kernels.triton_decode import triton_decode
-from superlinear.kernels.triton_prefill import triton_prefill
+from superlinear.kernels.attention.triton_decode import triton_decode
+from superlinear.kernels.attention.triton_prefill import triton_prefill
 from superlinear.plugins.bench.attention import CONFIGS, graph_ms
 
 HQ, HKV, D = 32, 2, 128

@@ -115,7 +115,7 @@ def test_admin_errors_are_one_line(spl):
 def test_api_commands_run_against_the_api_in_the_context(server):
     from superlinear.api import commands as api
     from superlinear.bus import Context, dispatch
-    from superlinear.plugins.client import SplClient
+    from superlinear.client import SplClient
 
     with SplClient(server.url, api_key=server.api_key) as client:
         ctx = Context(api=client)

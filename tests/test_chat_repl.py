@@ -405,8 +405,8 @@ def test_ctrl_c_as_the_reply_ends_leaves_no_half_turn(server):
     import io
 
     from superlinear.api import Done
+    from superlinear.client import SplClient
     from superlinear.plugins.chat.repl import ChatRepl, ChatSettings
-    from superlinear.plugins.client import SplClient
 
     client = SplClient(server["url"])
     real_chat = client.chat

@@ -73,7 +73,7 @@ def test_plugins_lists_builtins(as_json):
     if as_json:
         data = json.loads(result.stdout)
         by_name = {p["name"]: p for p in data["plugins"]}
-        for name in ("meta", "models", "serve", "client", "admin", "chat", "rag", "lightrag", "bench"):
+        for name in ("meta", "models", "serve", "server", "admin", "chat", "rag", "lightrag", "bench"):
             assert by_name[name]["builtin"] is True
             assert by_name[name]["hooks"], f"{name} implements no hook"
         assert "register_commands" in by_name["meta"]["hooks"]

@@ -78,9 +78,9 @@ def test_stop_leaves_an_unrelated_process_alone(tmp_path, sleeper, record_kind):
 
 
 def test_a_taken_port_is_refused_when_chosen_and_replaced_when_not():
+    from superlinear.client.local import _choose_port, port_taken
     from superlinear.errors import Conflict
-    from superlinear.plugins.client.local import _choose_port, port_taken
-    from superlinear.plugins.settings.options import ServeOptions
+    from superlinear.settings.options import ServeOptions
 
     with socket.create_server(("127.0.0.1", 0)) as listener:
         port = listener.getsockname()[1]

@@ -30,7 +30,7 @@ def config_env(tmp_path, monkeypatch):
 
 
 def test_precedence_flag_env_file_default(config_env, monkeypatch):
-    from superlinear.plugins.settings.options import resolve_options
+    from superlinear.settings.options import resolve_options
 
     write_config(config_env, '[server]\nport = 9101\nmodel = "from-file"\nmemory_budget = "2GB"\n'
                              'max_seq_len = 4096\npersist = "shutdown"\nlog_level = "WARNING"\n')
@@ -50,7 +50,7 @@ def test_precedence_flag_env_file_default(config_env, monkeypatch):
 
 
 def test_spl_config_overrides_the_location(config_env, monkeypatch, tmp_path):
-    from superlinear.plugins.settings.options import resolve_options
+    from superlinear.settings.options import resolve_options
 
     write_config(config_env, "[server]\nport = 9101\n")
     other = tmp_path / "elsewhere.toml"
@@ -73,7 +73,7 @@ def test_spl_config_overrides_the_location(config_env, monkeypatch, tmp_path):
     ("[sever]\nport = 9000\n", "unknown table or key 'sever'"),
 ])
 def test_a_bad_config_file_is_one_line_and_exit_2(config_env, text, expected):
-    from superlinear.plugins.settings.config import read_config
+    from superlinear.settings.config import read_config
 
     path = write_config(config_env, text)
     with pytest.raises(InvalidRequest) as caught:

@@ -17,7 +17,7 @@ from test_model_hybrid import tiny_hybrid_config
 from superlinear.distributed import ContextParallel, ContextSlices, SlicedCache, merge_partials, new_cache
 from superlinear.errors import InvalidRequest
 from superlinear.kernels import SpanParams
-from superlinear.kernels.reference import reference_prefill
+from superlinear.kernels.attention.reference import reference_prefill
 from superlinear.model import layer_types
 from superlinear.model.random_weights import random_model
 
@@ -88,7 +88,7 @@ def _kernel_case(ties: bool, params: SpanParams, device) -> torch.Tensor:
 
 def _triton_decode_case(ties: bool, params: SpanParams, device) -> torch.Tensor:
     """The last row as a Triton decode step over this rank's keys (the interpreter on CPU)."""
-    from superlinear.kernels.triton_decode import triton_decode
+    from superlinear.kernels.attention.triton_decode import triton_decode
 
     q1, q2, k, v = _kernel_inputs(ties, device)
     part = ContextParallel(ContextSlices((0, KERNEL_BOUNDARY)))

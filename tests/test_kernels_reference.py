@@ -13,9 +13,9 @@ import pytest
 import torch
 
 from superlinear.kernels import SpanParams, superlinear_decode, superlinear_prefill
-from superlinear.kernels.naive import naive_attention
-from superlinear.kernels.params import get_tables, span_lengths_np, stripe_offsets_np
-from superlinear.kernels.reference import reference_prefill
+from superlinear.kernels.attention.naive import naive_attention
+from superlinear.kernels.attention.params import get_tables, span_lengths_np, stripe_offsets_np
+from superlinear.kernels.attention.reference import reference_prefill
 
 # In the repository (tests/golden/attention, see its README); SPL_GOLDEN_DIR overrides.
 GOLDEN = Path(os.environ.get("SPL_GOLDEN_DIR") or Path(__file__).resolve().parent / "golden" / "attention")
@@ -179,7 +179,7 @@ def test_fused_matmul_and_split_paths_match_naive(combo, monkeypatch):
     """Step 3 on torch's fused CPU kernel and on the matmul path, with the default sizes and with
     a tiny budget (one-row blocks, span buckets split to a few spans, several row groups), all
     compute the naive loop's output."""
-    import superlinear.kernels.reference as ref
+    import superlinear.kernels.attention.reference as ref
 
     cfg, B, HQ, HKV, LQ, LKV, D, pad = combo
     q1, q2, k, v, pos, mask = make_inputs(B, HQ, HKV, LQ, LKV, D, seed=7, left_pad=pad)

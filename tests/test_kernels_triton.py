@@ -25,7 +25,7 @@ triton = pytest.importorskip("triton")
 from test_kernels_reference import COMBOS, make_inputs  # noqa: E402
 
 from superlinear.kernels import SpanParams, superlinear_decode, superlinear_prefill  # noqa: E402
-from superlinear.kernels.reference import reference_decode, reference_prefill  # noqa: E402
+from superlinear.kernels.attention.reference import reference_decode, reference_prefill  # noqa: E402
 
 cpu_only = pytest.mark.skipif(HAS_CUDA, reason="interpreter tests run where there is no GPU")
 gpu = pytest.mark.gpu

@@ -114,8 +114,8 @@ def test_superlinear_runs_dense_inside_the_window_only(tiny_llama):
 
 @contextlib.contextmanager
 def _kernel_calls():
-    """Names of the functions of superlinear.kernels.reference called inside the block."""
-    import superlinear.kernels.reference as reference
+    """Names of the functions of superlinear.kernels.attention.reference called inside the block."""
+    import superlinear.kernels.attention.reference as reference
 
     calls: set[str] = set()
 

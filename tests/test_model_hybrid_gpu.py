@@ -210,8 +210,8 @@ def test_fp16_runs_the_fast_path_with_graph_decode_equal_to_eager(gpu_hybrid_fp1
 def test_expert_rows_kernel_at_the_30b_shape(dtype):
     """The decode step's expert-rows kernel at the 30B's sizes (128 experts of 1856 x 2688, top 6)
     against its PyTorch oracle."""
-    from superlinear.model.moe import expert_rows_reference
-    from superlinear.model.moe_triton import expert_rows
+    from superlinear.kernels.moe_decode import expert_rows_reference
+    from superlinear.kernels.moe_decode.triton_rows import expert_rows
 
     g = torch.Generator(device="cuda").manual_seed(0)
     up = (torch.randn(128, 1856, 2688, device="cuda", generator=g) * 0.02).to(dtype)

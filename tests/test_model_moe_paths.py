@@ -17,15 +17,15 @@ import pytest
 import torch
 
 if not torch.cuda.is_available():
-    # must be set before the Triton kernel is decorated (superlinear.model.moe_triton, imported below)
+    # must be set before the Triton kernel is decorated (superlinear.kernels.moe_decode.triton_rows, imported below)
     os.environ["TRITON_INTERPRET"] = "1"
 
 from test_model_hybrid import tiny_hybrid_config  # noqa: E402
 
+from superlinear.kernels.moe_decode import expert_rows_reference  # noqa: E402
 from superlinear.model.moe import (  # noqa: E402
     ExpertsPath,
     choose_experts_path,
-    expert_rows_reference,
     grouped_experts,
     moe_forward,
     route,
@@ -75,7 +75,7 @@ def _loop(mixer, x, experts, weights):
 @pytest.mark.parametrize("dtype", [FP32, FP16])
 @pytest.mark.parametrize("rows_per_x", [1, 3])
 def test_expert_rows_kernel_equals_reference(dtype, rows_per_x):
-    from superlinear.model.moe_triton import expert_rows
+    from superlinear.kernels.moe_decode.triton_rows import expert_rows
 
     g = torch.Generator().manual_seed(rows_per_x)
     # sizes off the kernel's blocks (32 output rows, 256 inputs per step) on purpose
@@ -96,7 +96,7 @@ def test_expert_rows_kernel_equals_reference(dtype, rows_per_x):
 def test_grouped_and_rows_paths_equal_the_experts_loop(moe_block, dtype, tokens):
     """The decode step's rows path (Triton kernel, and its oracle) and the grouped matmul give
     transformers' per-expert loop's result, in fp32 and in fp16 (the model card's dtype)."""
-    from superlinear.model.moe_triton import expert_rows
+    from superlinear.kernels.moe_decode.triton_rows import expert_rows
 
     mixer, config = moe_block
     x = torch.randn(tokens, config.hidden_size, generator=torch.Generator().manual_seed(tokens))

@@ -1,5 +1,6 @@
-"""The fused decode kernels of the model's ops (``superlinear.model.ops``) against their PyTorch
-references, and the hybrid forward with them switched on against the default path.
+"""The MoE-decode and Mamba-2-step kernels (``superlinear.kernels.moe_decode``,
+``superlinear.kernels.mamba2_step``) against their PyTorch references, and the hybrid forward
+with them switched on against the default path.
 
 Without CUDA the kernels run under ``TRITON_INTERPRET=1`` at small sizes with fp32/fp16 inputs
 (the interpreter's bf16 arithmetic is wrong). On the GPU (``-m gpu``) the same comparisons run in
@@ -21,8 +22,12 @@ pytest.importorskip("triton")
 
 from test_model_hybrid import tiny_hybrid_config  # noqa: E402
 
-from superlinear.model.moe import ExpertsPath, moe_forward  # noqa: E402
-from superlinear.model.ops.moe_decode import fused_moe_decode, moe_decode, moe_decode_reference  # noqa: E402
+from superlinear.kernels.moe_decode import fused_moe_decode, moe_decode_reference  # noqa: E402
+from superlinear.model.moe import (  # noqa: E402
+    ExpertsPath,
+    moe_decode_fused,  # noqa: E402
+    moe_forward,
+)
 from superlinear.model.random_weights import random_model  # noqa: E402
 
 DEVICE = "cuda" if HAS_CUDA else "cpu"
@@ -90,7 +95,7 @@ def test_moe_decode_equals_the_grouped_moe_of_the_hybrid(tiny_hybrid):
             continue
         x = torch.randn(1, 1, cfg.hidden_size, generator=torch.Generator().manual_seed(5))
         expected = moe_forward(block.mixer, cfg, x, ExpertsPath("grouped"))
-        torch.testing.assert_close(moe_decode(block.mixer, cfg, x), expected, rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(moe_decode_fused(block.mixer, cfg, x), expected, rtol=1e-5, atol=1e-5)
 
 
 def prologue_inputs(heads, head_dim, state, groups, kernel, dtype, bias=True, dt_limit=(0.0, float("inf")),
@@ -122,7 +127,7 @@ PROLOGUE_CASES = [(4, 16, 16, 1, 4, True), (8, 16, 16, 2, 4, False), (6, 12, 10,
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
 @pytest.mark.parametrize("dt_limits", [(0.0, float("inf")), (1e-3, 0.1)])
 def test_mamba_step_prologue_matches_reference(case, dtype, dt_limits):
-    from superlinear.model.ops.mamba_step import step_prologue, step_prologue_reference
+    from superlinear.kernels.mamba2_step import step_prologue, step_prologue_reference
 
     *shape, bias = PROLOGUE_CASES[case]
     dims, inputs = prologue_inputs(*shape, dtype=dtype, bias=bias, dt_limit=dt_limits, seed=case)
@@ -142,8 +147,7 @@ def test_mamba_step_prologue_matches_reference(case, dtype, dt_limits):
 
 @cpu_only
 def test_mixer_step_equals_the_default_decode_step(tiny_hybrid):
-    from superlinear.model.mamba2 import MambaDims, mixer_forward
-    from superlinear.model.ops.mamba_step import mixer_step
+    from superlinear.model.mamba2 import MambaDims, mixer_forward, mixer_step_fused
 
     cfg = tiny_hybrid.hf.config
     dims = MambaDims.from_config(cfg)
@@ -155,7 +159,7 @@ def test_mixer_step_equals_the_default_decode_step(tiny_hybrid):
     for _ in range(3):  # a few steps: the states carry over
         x = torch.randn(1, 1, cfg.hidden_size, generator=g)
         expected = mixer_forward(block.mixer, dims, x, *states[0], fast=False)
-        got = mixer_step(block.mixer, dims, x, *states[1], fast=False)
+        got = mixer_step_fused(block.mixer, dims, x, *states[1], fast=False)
         torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-5)
         torch.testing.assert_close(states[1][1], states[0][1], rtol=1e-5, atol=1e-5)
         assert torch.equal(states[1][0], states[0][0])
@@ -212,7 +216,7 @@ def test_gpu_fused_moe_decode_at_the_30b_sizes():
 @pytest.mark.gpu
 @pytest.mark.skipif(not HAS_CUDA, reason="needs a CUDA GPU")
 def test_gpu_mamba_step_prologue_at_the_30b_sizes():
-    from superlinear.model.ops.mamba_step import step_prologue, step_prologue_reference
+    from superlinear.kernels.mamba2_step import step_prologue, step_prologue_reference
 
     dims, inputs = prologue_inputs(64, 64, 128, 8, 4, torch.bfloat16, seed=2)
     ref_state = inputs["conv_state"].clone()

@@ -131,7 +131,7 @@ def test_progress_chunk_has_llama_cpp_shape():
 
 
 def test_estimate_line():
-    from superlinear.plugins.client.progress import estimate_line, format_seconds
+    from superlinear.client.progress import estimate_line, format_seconds
 
     assert estimate_line(14000, {"tokens_per_s": 100.0}) == \
         "prefilling 14,000 tokens: about 2 min 20 s at 100 tokens/s (this server's last prefill)"
@@ -141,7 +141,7 @@ def test_estimate_line():
 
 def test_prefill_bar_notes_the_estimate_once_and_watch_closes_the_stream():
     from superlinear.api import PrefillProgress, TextDelta
-    from superlinear.plugins.client.progress import PrefillBar, watch_prefill
+    from superlinear.client.progress import PrefillBar, watch_prefill
 
     notes = []
     bar = PrefillBar(io.StringIO(), speed=lambda: {"tokens_per_s": 50.0}, note=notes.append, enabled=False)
@@ -165,7 +165,7 @@ def test_prefill_bar_notes_the_estimate_once_and_watch_closes_the_stream():
 
 
 def test_a_short_prefill_gets_a_bar_once_it_turns_out_slow():
-    from superlinear.plugins.client.progress import PrefillBar
+    from superlinear.client.progress import PrefillBar
 
     notes = []
     bar = PrefillBar(io.StringIO(), note=notes.append, enabled=False)
@@ -179,7 +179,7 @@ def test_a_short_prefill_gets_a_bar_once_it_turns_out_slow():
 def test_the_prefill_bar_moves_between_chunks_with_an_eta():
     """Progress events come one per chunk (thousands of tokens apart); between them the bar moves
     at the measured speed, with an ETA, but never past the end of the running chunk."""
-    from superlinear.plugins.client.progress import TICK_S, PrefillBar
+    from superlinear.client.progress import TICK_S, PrefillBar
 
     out = io.StringIO()
     bar = PrefillBar(out, speed=lambda: {"tokens_per_s": 1000.0}, note=lambda line: None, enabled=True)

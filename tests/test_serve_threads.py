@@ -6,7 +6,7 @@ from __future__ import annotations
 import pytest
 from server_helpers import spl, start_server
 
-from superlinear.plugins.settings import threads
+from superlinear.settings import threads
 
 
 def test_a_server_started_with_threads_1_runs_torch_on_one_thread(tiny_llama):
@@ -24,7 +24,7 @@ def test_a_server_started_with_threads_1_runs_torch_on_one_thread(tiny_llama):
 
 
 def test_threads_resolve_from_env_and_config(tmp_path, monkeypatch):
-    from superlinear.plugins.settings.options import resolve_options
+    from superlinear.settings.options import resolve_options
 
     config = tmp_path / "config.toml"
     config.write_text("[server]\nthreads = 3\n")

@@ -175,7 +175,7 @@ def _send(c: httpx.Client, method: str, path: str, body) -> httpx.Response:
 def test_every_route_is_swept(server):
     from superlinear.plugins.serve.app import create_app
     from superlinear.plugins.serve.runtime import Runtime
-    from superlinear.plugins.settings.options import ServeOptions
+    from superlinear.settings.options import ServeOptions
 
     rt = Runtime(ServeOptions())
     try:

@@ -127,7 +127,7 @@ def test_keepalive_comments_while_a_prefill_runs(server):
 def test_a_read_timeout_shorter_than_the_prefill_does_not_cut_it(server):
     """The client's timeout is an idle one (httpx: per read), and keep-alives keep the stream busy."""
     from superlinear.api import chat_turn, collect_text
-    from superlinear.plugins.client import SplClient
+    from superlinear.client import SplClient
 
     messages = _prompt(300, "measure")
     with SplClient(server.url, timeout=120) as client:  # how long does this prefill take here, now?
@@ -151,7 +151,7 @@ def test_bad_progress_options_are_400(server):
 
 def test_snapshot_export_and_import_report_their_bytes(server, tmp_path):
     from superlinear.api import chat_turn, collect_text
-    from superlinear.plugins.client import SplClient
+    from superlinear.client import SplClient
 
     with SplClient(server.url, timeout=60) as client:
         _, done = collect_text(client.chat(chat_turn(_prompt(40, "t8-"), session_id="progress-bytes", max_tokens=2)))

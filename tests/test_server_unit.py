@@ -130,7 +130,7 @@ def test_reading_a_chat_stream_gives_the_core_events():
 
 def test_error_mapping_and_unreachable():
     from superlinear.api.remote import error_from_response
-    from superlinear.plugins.client import SplClient
+    from superlinear.client import SplClient
 
     def resp(status, body):
         return httpx.Response(status, json=body)
@@ -149,7 +149,7 @@ def test_error_mapping_and_unreachable():
 
 
 def test_parse_bytes():
-    from superlinear.plugins.client import parse_bytes
+    from superlinear.client import parse_bytes
 
     assert parse_bytes("8GB") == 8 << 30 and parse_bytes("512m") == 512 << 20 and parse_bytes("100") == 100
     assert parse_bytes("1.5KiB") == 1536 and parse_bytes(None) is None
@@ -164,7 +164,7 @@ def loading_app():
 
     from superlinear.plugins.serve.app import create_app
     from superlinear.plugins.serve.runtime import Runtime
-    from superlinear.plugins.settings.options import ServeOptions
+    from superlinear.settings.options import ServeOptions
 
     rt = Runtime(ServeOptions(api_key="k"))
     client = TestClient(create_app(rt), raise_server_exceptions=False)  # no `with`: no lifespan, no load
@@ -200,7 +200,7 @@ def test_health_is_503_after_a_failed_load(tmp_path, monkeypatch):
 
     from superlinear.plugins.serve.app import create_app
     from superlinear.plugins.serve.runtime import Runtime
-    from superlinear.plugins.settings.options import ServeOptions
+    from superlinear.settings.options import ServeOptions
 
     broken = tmp_path / "broken-model"
     broken.mkdir()

@@ -1,4 +1,4 @@
-"""Compile the model ops' Triton kernels for an H100/H200 (sm_90) on a machine without a GPU:
+"""Compile the MoE-decode and Mamba-2-step Triton kernels for an H100/H200 (sm_90) on a machine without a GPU:
 the interpreter runs Python, not the compiler, so this is what catches a kernel that would not
 compile on the device. Run as a script (TRITON_INTERPRET unset): prints one line per kernel."""
 
@@ -8,7 +8,8 @@ import triton
 from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
 
-from superlinear.model.ops import triton_mamba_step, triton_moe_decode
+from superlinear.kernels.mamba2_step import triton_prologue
+from superlinear.kernels.moe_decode import triton_fused
 
 BF16, F32, I32 = "*bf16", "*fp32", "i32"
 
@@ -19,17 +20,17 @@ def signature(fn, types: dict[str, str]) -> dict[str, str]:
 
 
 KERNELS = [
-    (triton_moe_decode._router, {"x_ptr": BF16, "w_ptr": BF16, "scores_ptr": F32, "E": I32, "H": I32},
+    (triton_fused._router, {"x_ptr": BF16, "w_ptr": BF16, "scores_ptr": F32, "E": I32, "H": I32},
      {"BLOCK_E": 4, "BLOCK_H": 128}),
-    (triton_moe_decode._up, {"x_ptr": BF16, "xr_ptr": BF16, "scores_ptr": F32, "bias_ptr": F32, "up_ptr": BF16,
+    (triton_fused._up, {"x_ptr": BF16, "xr_ptr": BF16, "scores_ptr": F32, "bias_ptr": F32, "up_ptr": BF16,
                              "sup_ptr": BF16, "hidden_ptr": F32, "shidden_ptr": F32, "ids_ptr": "*i32",
                              "wts_ptr": F32, "E": I32, "H": I32, "HR": I32, "INNER": I32, "SHARED_INNER": I32,
                              "ROUTED_BLOCKS": I32, "scaling": "fp32"},
      {"K": 6, "BLOCK_E": 128, "NORM": True, "ACT": 0, "BLOCK_I": 32, "BLOCK_H": 128}),
-    (triton_moe_decode._down, {"hidden_ptr": F32, "shidden_ptr": F32, "ids_ptr": "*i32", "down_ptr": BF16,
+    (triton_fused._down, {"hidden_ptr": F32, "shidden_ptr": F32, "ids_ptr": "*i32", "down_ptr": BF16,
                                "sdown_ptr": BF16, "out_ptr": BF16, "OUT": I32, "INNER": I32, "SHARED_INNER": I32},
      {"K": 6, "SHARED": True, "BLOCK_O": 16, "BLOCK_I": 128}),
-    (triton_mamba_step._prologue, {"proj_ptr": BF16, "state_ptr": BF16, "w_ptr": BF16, "b_ptr": BF16,
+    (triton_prologue._prologue, {"proj_ptr": BF16, "state_ptr": BF16, "w_ptr": BF16, "b_ptr": BF16,
                                    "dt_bias_ptr": BF16, "a_log_ptr": BF16, "q_ptr": F32, "k_ptr": F32, "v_ptr": F32,
                                    "g_ptr": F32, "INNER": I32, "CONV_DIM": I32, "H": I32, "N": I32,
                                    "dt_min": "fp32", "dt_max": "fp32"},

@@ -9,7 +9,7 @@ import torch.distributed as dist
 
 from superlinear.errors import InvalidRequest
 from superlinear.kernels import resolve_backend
-from superlinear.kernels.reference import reference_prefill
+from superlinear.kernels.attention.reference import reference_prefill
 
 
 @dataclass(frozen=True)
@@ -103,7 +103,7 @@ class ContextParallel:
         if mode != "superlinear":
             raise InvalidRequest(f"context parallelism runs superlinear attention, not {mode!r}")
         if q2.shape[2] == 1 and resolve_backend(backend, q2.device) == "triton":
-            from superlinear.kernels.triton_decode import triton_decode
+            from superlinear.kernels.attention.triton_decode import triton_decode
 
             return triton_decode(q1, q2, k, v, positions.reshape(-1), params, key_start=self.key_start,
                                  exchange=self, length_bound=self.length_bound)

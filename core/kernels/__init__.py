@@ -1,13 +1,18 @@
-"""Superlinear attention kernels (docs/attention-spec.md): one prefill and one decode entry.
+"""Our kernels, one folder per op, each a PyTorch oracle beside its Triton kernels
+(core/kernels/README.md): ``attention`` (superlinear attention), ``moe_decode`` (one token
+through a mixture of experts), ``mamba2_step`` (the Mamba-2 decode step's prologue).
+
+The attention entries are re-exported here, the public API:
 
 ```python
 from superlinear.kernels import SpanParams, superlinear_prefill, superlinear_decode
 ```
 The backend is chosen by device (Triton on CUDA, the PyTorch reference elsewhere) and can be
 forced with ``backend=`` or the environment variable ``SPL_ATTENTION_BACKEND``. See docs/kernels.md.
+Kernels import only the standard library, torch, triton, numpy and each other.
 """
 
-from .params import SpanParams, get_tables
+from .attention.params import SpanParams, get_tables
 
 _API = ("available_backends", "resolve_backend", "superlinear_decode", "superlinear_prefill")
 
@@ -16,10 +21,11 @@ def __getattr__(name: str):
     # the entries import torch; SpanParams does not, so `spl models info` reads a model's span
     # parameters without loading torch
     if name in _API:
-        from . import api
+        from .attention import api
 
         return getattr(api, name)
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
 
 __all__ = [
     "SpanParams",

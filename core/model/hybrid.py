@@ -17,15 +17,22 @@ own forward (the reference the tests compare against).
 
 from __future__ import annotations
 
+import os
 import sys
 
 import torch
 
 from superlinear.model import layer_types
 from superlinear.model.attention import spl_attention
-from superlinear.model.mamba2 import MambaDims, fla_available, mixer_forward
-from superlinear.model.moe import experts_path, moe_forward
-from superlinear.model.ops import SWITCHES, mamba_step, moe_decode, requested
+from superlinear.model.mamba2 import MambaDims, fla_available, mixer_forward, mixer_step_fused
+from superlinear.model.moe import experts_path, fused_decode_unsupported, moe_decode_fused, moe_forward
+
+SWITCHES = {"moe": "SPL_FUSED_MOE_DECODE", "mamba": "SPL_FUSED_MAMBA_STEP"}
+
+
+def requested() -> set[str]:
+    """The fused decode ops the environment switches on (``moe``, ``mamba``)."""
+    return {op for op, var in SWITCHES.items() if os.environ.get(var, "").strip() not in ("", "0")}
 
 
 class HybridForward:
@@ -44,11 +51,11 @@ class HybridForward:
         self.fused = self._fused_decode_ops(requested())
 
     def _fused_decode_ops(self, wanted: set[str]) -> set[str]:
-        """The fused decode kernels switched on (``superlinear.model.ops``) that can run here."""
+        """The fused decode kernels switched on (``superlinear.kernels``) that can run here."""
         reasons = {}
         if "moe" in wanted:
             moes = [b.mixer for b, kind in zip(self.blocks, self.types, strict=True) if kind == layer_types.MOE]
-            reasons["moe"] = next(filter(None, (moe_decode.unsupported(m, self.hf.config) for m in moes)),
+            reasons["moe"] = next(filter(None, (fused_decode_unsupported(m, self.hf.config) for m in moes)),
                                   None if moes else "no MoE layers")
         if "mamba" in wanted:
             reasons["mamba"] = None if self.dims is not None else "no Mamba layers"
@@ -80,12 +87,12 @@ class HybridForward:
         for idx, (block, kind) in enumerate(zip(self.blocks, self.types, strict=True)):
             normed, residual = self._add_and_norm(h, residual, block.norm)
             if kind == layer_types.MAMBA:
-                step = mamba_step.mixer_step if "mamba" in fused else mixer_forward
+                step = mixer_step_fused if "mamba" in fused else mixer_forward
                 h = step(block.mixer, self.dims, normed, cache.conv[idx], cache.ssm[idx], fast=self.fla)
             elif kind == layer_types.ATTENTION:
                 h = _attention(block.mixer, normed, cache)
             elif kind == layer_types.MOE and "moe" in fused:
-                h = moe_decode.moe_decode(block.mixer, self.hf.config, normed)
+                h = moe_decode_fused(block.mixer, self.hf.config, normed)
             elif kind == layer_types.MOE:
                 h = moe_forward(block.mixer, self.hf.config, normed, self.experts)
             else:

@@ -114,6 +114,40 @@ def mixer_forward(mixer, dims: MambaDims, x: torch.Tensor, conv_state: torch.Ten
 
 
 # ---------------------------------------------------------------------------------------------
+# a decode step with the fused prologue (superlinear.kernels.mamba2_step)
+# ---------------------------------------------------------------------------------------------
+
+def gla_step(q, k, v, g, state: torch.Tensor) -> torch.Tensor:
+    """The recurrence in PyTorch: ``S = exp(g) S + v k^T``, ``y = S q`` (``state [1, H, P, N]``
+    fp32, in place); ``y [1, 1, H, P]`` fp32. fla's fused recurrence does this on CUDA."""
+    decay = torch.exp(g[:, 0])[..., None, None]
+    state.copy_(state * decay + v[:, 0, :, :, None] * k[:, 0, :, None, :])
+    return (state @ q[:, 0, :, :, None])[..., 0][:, None]
+
+
+def mixer_step_fused(mixer, dims: MambaDims, x: torch.Tensor, conv_state, ssm_state, fast: bool) -> torch.Tensor:
+    """One token ``x [1, 1, hidden]`` through a Nemotron-H Mamba-2 mixer with the fused
+    prologue; ``fast``: fla's fused recurrence and gated norm (CUDA)."""
+    from superlinear.kernels.mamba2_step import step_prologue
+
+    projected = mixer.in_proj(x)
+    q, k, v, g = step_prologue(projected, conv_state, mixer.conv1d.weight.squeeze(1), mixer.conv1d.bias,
+                               mixer.dt_bias, mixer.A_log, dims)
+    if fast:
+        from fla.ops.simple_gla import fused_recurrent_simple_gla
+
+        y, final = fused_recurrent_simple_gla(q, k, v, g=g, scale=1.0, initial_state=ssm_state,
+                                              output_final_state=True, state_v_first=True)
+        ssm_state.copy_(final)
+    else:
+        y = gla_step(q, k, v, g, ssm_state)
+    y = torch.addcmul(y.float(), v, mixer.D.float()[:, None]).reshape(1, 1, dims.inner)
+    y = gated_rms_norm(y, projected[..., :dims.inner], mixer.norm.weight, dims.inner // dims.groups, dims.eps,
+                       fast=fast)
+    return mixer.out_proj(y.to(x.dtype))
+
+
+# ---------------------------------------------------------------------------------------------
 # causal depthwise conv
 # ---------------------------------------------------------------------------------------------
 

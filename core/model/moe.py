@@ -11,7 +11,7 @@ and the rows are put back in token order and weighted. The router is transformer
 torch's grouped matmul has a host-sync-free kernel only in bf16 on sm90/sm100 (torch 2.11: the
 CUTLASS path); in fp16, fp32 or on other GPUs it reads the offsets on the host and loops over the
 experts, which is fine in a prefill chunk but cannot be captured. There the decode step's few
-(token, expert) rows run through ``superlinear.model.moe_triton.expert_rows`` instead (each
+(token, expert) rows run through ``superlinear.kernels.moe_decode.triton_rows.expert_rows`` instead (each
 picked expert's weights read once, expert ids read on the device): ``experts_path`` decides.
 """
 
@@ -37,7 +37,7 @@ _DESCRIPTIONS = {
 @dataclass(frozen=True)
 class ExpertsPath:
     """How the routed experts run: ``grouped`` (``torch._grouped_mm`` everywhere), ``rows``
-    (grouped matmul in prefill, ``moe_triton.expert_rows`` in decode) or ``loop`` (transformers'
+    (grouped matmul in prefill, ``kernels.moe_decode.triton_rows.expert_rows`` in decode) or ``loop`` (transformers'
     experts loop: the slow fallback, ``reason`` says why)."""
 
     kind: str
@@ -91,7 +91,7 @@ def moe_forward(moe, config, x: torch.Tensor, path: ExpertsPath) -> torch.Tensor
     if path.kind == "loop":
         routed = moe.experts(routed, experts, weights)
     elif path.kind == "rows" and experts.numel() <= ROWS_KERNEL_MAX:
-        from superlinear.model.moe_triton import expert_rows
+        from superlinear.kernels.moe_decode.triton_rows import expert_rows
 
         routed = rows_experts(routed, experts, weights, up, down, act, expert_rows)
     else:
@@ -143,8 +143,8 @@ def grouped_experts(x: torch.Tensor, experts: torch.Tensor, weights: torch.Tenso
 def rows_experts(x: torch.Tensor, experts: torch.Tensor, weights: torch.Tensor, up: torch.Tensor,
                  down: torch.Tensor, act, matvec) -> torch.Tensor:
     """``grouped_experts`` for a few rows: each (token, slot) row multiplies by its expert's
-    weights directly (``matvec(x, weight, experts, rows_per_x)``: ``moe_triton.expert_rows`` or
-    ``expert_rows_reference``), no sort and no scatter."""
+    weights directly (``matvec(x, weight, experts, rows_per_x)``: ``triton_rows.expert_rows`` or
+    ``expert_rows_reference`` of ``superlinear.kernels.moe_decode``), no sort and no scatter."""
     tokens, k = experts.shape
     flat = experts.reshape(-1)
     hidden = act(matvec(x, up, flat, k))  # [T * K, I]
@@ -152,10 +152,33 @@ def rows_experts(x: torch.Tensor, experts: torch.Tensor, weights: torch.Tensor, 
     return matvec(hidden, down, flat, 1).view(tokens, k, -1).sum(1)
 
 
-def expert_rows_reference(x: torch.Tensor, weight: torch.Tensor, experts: torch.Tensor,
-                          rows_per_x: int = 1) -> torch.Tensor:
-    """The oracle of ``moe_triton.expert_rows``: ``weight[experts[r]] @ x[r // rows_per_x]``, in
-    fp32, out in ``x``'s dtype (it copies the picked experts' weights: tests only)."""
-    rows = x.float().repeat_interleave(rows_per_x, dim=0)
-    picked = weight.float().index_select(0, experts.reshape(-1))
-    return torch.bmm(picked, rows[:, :, None])[:, :, 0].to(x.dtype)
+def fused_decode_unsupported(moe, config) -> str | None:
+    """Why the fused kernels cannot run this MoE module (None: they can)."""
+    if config.topk_group != config.n_group:
+        return "group-limited routing (topk_group != n_group)"
+    from superlinear.kernels.moe_decode import ACTIVATIONS
+
+    if config.mlp_hidden_act not in ACTIVATIONS:
+        return f"activation {config.mlp_hidden_act!r}"
+    if moe.shared_experts.up_proj.bias is not None or moe.shared_experts.down_proj.bias is not None:
+        return "biases in the shared expert"
+    return None
+
+
+def moe_decode_fused(moe, config, x: torch.Tensor) -> torch.Tensor:
+    """``x [1, 1, hidden]`` through a ``NemotronHMoE`` module on the fused kernels. With a
+    latent projection the shared expert and the projections run as they are (their sum
+    cannot be fused past ``fc2_latent_proj``)."""
+    flat = x.reshape(1, -1)
+    latent = not isinstance(moe.fc1_latent_proj, torch.nn.Identity)
+    shared = moe.shared_experts
+    from superlinear.kernels.moe_decode import fused_moe_decode
+
+    out = fused_moe_decode(flat, moe.gate.weight, moe.gate.e_score_correction_bias, moe.experts.up_proj,
+                           moe.experts.down_proj, None if latent else shared.up_proj.weight,
+                           None if latent else shared.down_proj.weight, top_k=config.num_experts_per_tok,
+                           norm_topk=config.norm_topk_prob, scaling=config.routed_scaling_factor,
+                           act=config.mlp_hidden_act, x_routed=moe.fc1_latent_proj(flat) if latent else None)
+    if latent:
+        out = moe.fc2_latent_proj(out) + shared(flat)
+    return out.reshape(x.shape)

@@ -76,7 +76,7 @@ def _layout(config: dict, types: list[str] | None) -> dict | None:
 def summarize(path: Path, name: str) -> dict | None:
     """``Model.info()``'s keys for the model directory ``path`` (less the forward paths), or
     None when the config alone cannot say (then load the model to ask it)."""
-    from superlinear.kernels.params import SpanParams
+    from superlinear.kernels.attention.params import SpanParams
 
     path = Path(path)
     config = read_config(path)

@@ -80,7 +80,7 @@ def floors(params, phase: str, L: int, chunk: int, HQ: int, HKV: int, D: int) ->
     """(floor ms, counts) of one case: what the function must compute and move at least."""
     import numpy as np
 
-    from superlinear.kernels.params import span_lengths_np, stripe_offsets_np
+    from superlinear.kernels.attention.params import span_lengths_np, stripe_offsets_np
 
     k = params.num_spans
     W = params.window_len

@@ -21,8 +21,8 @@ import time
 
 import click
 
+from superlinear.client.completion import complete_session_ids
 from superlinear.hookspecs import hookimpl
-from superlinear.plugins.client.completion import complete_session_ids
 
 __all__ = ["ChatRepl", "ChatSettings", "TurnResult", "connect", "ask_once", "main_repl"]
 

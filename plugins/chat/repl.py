@@ -28,9 +28,9 @@ from typing import Any, Protocol, TextIO
 from superlinear.api import Done, ReasoningDelta, TextDelta, chat_turn
 from superlinear.api import commands as api
 from superlinear.bus import Context, SlashCommand, dispatch
+from superlinear.client.progress import PrefillBar, watch_prefill
 from superlinear.engine import RepetitionConfig
 from superlinear.errors import InvalidRequest, NotFound, Unavailable, UserError
-from superlinear.plugins.client.progress import PrefillBar, watch_prefill
 
 from . import state as chat_state
 from .render import StreamRenderer, Styler, TurnStats, format_footer, use_color

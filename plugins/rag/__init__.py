@@ -17,7 +17,7 @@ from superlinear.hookspecs import hookimpl
 
 @hookimpl
 def register_commands(register):
-    from superlinear.plugins.client.url_option import with_url_option
+    from superlinear.client.url_option import with_url_option
 
     from .cli import ask_command, docs_command, ingest_command, rag_group, rm_command
 

@@ -106,7 +106,7 @@ def ingest_command(paths, workspace, globs, chunk_chars, overlap, no_llm, max_se
     re-sync the workspace's folders: unchanged files are skipped, changed ones re-read, deleted
     ones dropped.
     """
-    from superlinear.plugins.client.progress import PrefillBar
+    from superlinear.client.progress import PrefillBar
 
     progress = _Progress(sys.stderr.isatty() and not as_json)
     # the status line before the prefill carries the time estimate: the bar adds none of its own

@@ -56,7 +56,7 @@ def _client(ctx: Context):
     """The bound API, or one for a server that answers (started locally if need be): ``(api, owned)``."""
     if ctx.api is not None:
         return ctx.api, False
-    from superlinear.plugins.client import ensure_server
+    from superlinear.client import ensure_server
 
     return ensure_server(), True
 
@@ -173,7 +173,7 @@ def remove_workspace(workspace: str, keep_snapshot: bool = False, api=None) -> d
     ws.remove()
     out = {"removed": ws.name, "snapshot_id": snapshot_id, "snapshot_removed": False}
     if snapshot_id and not keep_snapshot:
-        from superlinear.plugins.client import SplClient
+        from superlinear.client import SplClient
 
         try:
             (api or SplClient()).delete_snapshot(snapshot_id)

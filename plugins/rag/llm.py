@@ -224,7 +224,7 @@ def _waiting_note(client) -> str:
 
 def _time_estimate(client, tokens: int) -> str:
     """", about 2 min 10 s at …" from the server's last measured prefill ("" when unknown)."""
-    from superlinear.plugins.client.progress import time_estimate
+    from superlinear.client.progress import time_estimate
 
     try:
         estimate = time_estimate(tokens, client.prefill_speed())

@@ -12,8 +12,8 @@ from dataclasses import replace
 import click
 
 from superlinear.hookspecs import hookimpl
-from superlinear.plugins.settings.options import ServeOptions, server_options
-from superlinear.plugins.settings.threads import default_threads, limit_threads_before_torch
+from superlinear.settings.options import ServeOptions, server_options
+from superlinear.settings.threads import default_threads, limit_threads_before_torch
 
 
 def build_app(options: ServeOptions):
@@ -51,8 +51,8 @@ def serve(options: ServeOptions) -> int:
 
     import uvicorn
 
+    from superlinear.client.local import registered
     from superlinear.paths import snapshots_dir
-    from superlinear.plugins.client.local import registered
 
     from .store_lock import lock_store
 

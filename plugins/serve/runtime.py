@@ -19,8 +19,8 @@ from typing import Any
 
 from superlinear.api.worker import Worker
 from superlinear.errors import Unavailable
-from superlinear.plugins.settings.options import ServeOptions
-from superlinear.plugins.settings.threads import default_threads, use_threads
+from superlinear.settings.options import ServeOptions
+from superlinear.settings.threads import default_threads, use_threads
 
 from .metrics import ServerMetrics
 

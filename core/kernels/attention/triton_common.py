@@ -66,7 +66,8 @@ def span_bounds(a, t, st, back_ptr, fwd_ptr, CAP, LKV, W, HAS_FWD: tl.constexpr)
     """Inclusive key bounds [lo, hi] of the span of anchor a for a query at position t."""
     tp = tl.minimum(tl.maximum(t + 1 - st, 0), CAP)
     bk = tl.load(back_ptr + tp)
-    lo = tl.maximum(tl.maximum(a - bk, 0), st)
+    # at most LKV: the split programs add multiples of their chunk to lo without overflowing
+    lo = tl.minimum(tl.maximum(tl.maximum(a - bk, 0), st), LKV)
     if HAS_FWD:
         fw = tl.load(fwd_ptr + tp)
         hi = tl.minimum(tl.minimum(a + fw, t), LKV - 1)

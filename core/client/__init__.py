@@ -1,8 +1,8 @@
-"""Built-in plugin ``client``: the httpx client (``SplClient``) every command uses, and
-``spl server start|status|stop|logs|connect``.
+"""The client of an spl server: the httpx client (``SplClient``) every command uses, and
+``spl server start|status|stop|logs|connect`` (the ``server`` plugin registers them).
 
 Public API (see docs/server.md):
-    from superlinear.plugins.client import SplClient, ensure_server
+    from superlinear.client import SplClient, ensure_server
 """
 
 from __future__ import annotations
@@ -15,8 +15,7 @@ import click
 
 from superlinear.api.remote import server_root
 from superlinear.errors import Conflict, InvalidRequest, Unavailable, UserError
-from superlinear.hookspecs import hookimpl
-from superlinear.plugins.settings.options import ServeOptions, parse_bytes, resolve_options, server_options
+from superlinear.settings.options import ServeOptions, parse_bytes, resolve_options, server_options
 
 from . import state
 from .api import DEFAULT_URL, SplClient, Target, resolve_api_key, resolve_target, resolve_url
@@ -78,7 +77,7 @@ def connect(url: str | None, api_key: str | None = None, forget: bool = False) -
 
 def effective_config() -> dict:
     """The effective server settings, where each comes from, and the config file."""
-    from superlinear.plugins.settings.config import BY_NAME, config_path
+    from superlinear.settings.config import BY_NAME, config_path
 
     options, sources = resolve_options()
     values = dataclasses.asdict(options)
@@ -257,10 +256,3 @@ def config_command(as_json: bool) -> None:
         lines.append(f"your server runs at {result['running']['url']} (pid {result['running']['pid']})")
     _emit(result, as_json, "\n".join(lines))
 
-
-@hookimpl
-def register_commands(register):
-    from .url_option import with_url_option
-
-    with_url_option(status_command)  # which server answers there
-    register(server_group)

@@ -23,7 +23,7 @@ from collections.abc import Callable
 
 from superlinear import process
 from superlinear.errors import Conflict, InvalidRequest, Unavailable, UserError
-from superlinear.plugins.settings.options import ServeOptions, resolve_options
+from superlinear.settings.options import ServeOptions, resolve_options
 
 from . import state
 from .api import SplClient, resolve_api_key, resolve_target

@@ -15,7 +15,7 @@ import httpx
 
 from superlinear.api.remote import RemoteApi, server_root
 from superlinear.errors import Unavailable, UserError
-from superlinear.plugins.settings.config import DEFAULT_HOST, DEFAULT_PORT
+from superlinear.settings.config import DEFAULT_HOST, DEFAULT_PORT
 
 DEFAULT_URL = f"http://{DEFAULT_HOST}:{DEFAULT_PORT}"
 
@@ -43,9 +43,9 @@ def resolve_target(url: str | None = None) -> Target:
         return Target(server_root(url), "argument")
     if os.environ.get("SPL_SERVER_URL"):
         return Target(server_root(os.environ["SPL_SERVER_URL"]), "$SPL_SERVER_URL")
-    from superlinear.plugins.client import state
-    from superlinear.plugins.client.state import running_local
-    from superlinear.plugins.settings.options import resolve_options
+    from superlinear.client import state
+    from superlinear.client.state import running_local
+    from superlinear.settings.options import resolve_options
 
     connected = state.connected()
     if connected and connected.get("url"):
@@ -74,8 +74,8 @@ def resolve_api_key(api_key: str | None = None, target: Target | None = None) ->
     openai_key = os.environ.get("OPENAI_API_KEY") or None
     if openai_key and target is not None and target.source == "$OPENAI_BASE_URL":
         return openai_key
-    from superlinear.plugins.client import state
-    from superlinear.plugins.client.state import running_local
+    from superlinear.client import state
+    from superlinear.client.state import running_local
 
     connected = state.connected()
     if connected and connected.get("api_key"):

@@ -1,4 +1,4 @@
-"""The Triton kernels of ``moe_decode``: router, up (routed + shared), down (sum).
+"""The Triton kernels of ``fused.fused_moe_decode``: router, up (routed + shared), down (sum).
 
 All accumulation is fp32; weights are read in their own dtype. The top-k is recomputed by every
 program of the up kernel from the E router scores (E is small: 128 for the 30B), which saves a
@@ -39,7 +39,8 @@ def _slot(scores_ptr, bias_ptr, slot, E, scaling, K: tl.constexpr, BLOCK_E: tl.c
     total = 0.0
     for j in tl.static_range(K):
         best = tl.max(pick, axis=0)
-        idx = tl.min(tl.where(pick == best, e, BLOCK_E), axis=0)
+        # a NaN score matches nothing: stay inside the expert table all the same
+        idx = tl.minimum(tl.min(tl.where(pick == best, e, BLOCK_E), axis=0), E - 1)
         w = tl.sum(tl.where(e == idx, score, 0.0), axis=0)
         total += w
         chosen_id = tl.where(j == slot, idx, chosen_id)
@@ -109,7 +110,7 @@ def _down(hidden_ptr, shidden_ptr, ids_ptr, down_ptr, sdown_ptr, out_ptr, OUT, I
 
 def moe_decode_kernels(x, xr, router_weight, correction_bias, up, down, shared_up, shared_down, *, top_k,
                        norm_topk, scaling, act, block_e, block_i, block_h, block_o) -> torch.Tensor:
-    """Launch the three kernels (arguments checked by ``moe_decode.fused_moe_decode``)."""
+    """Launch the three kernels (arguments checked by ``fused.fused_moe_decode``)."""
     num_experts, inner, routed_in = up.shape
     hidden_size, out_dim = x.shape[1], down.shape[1]
     shared = shared_up is not None

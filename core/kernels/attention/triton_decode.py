@@ -46,7 +46,7 @@ def _dec_score_kernel(q1_ptr, k_ptr, pos_ptr, mask_ptr, offs_ptr, score_ptr,
     a = t + 1 - fi
     ok = ok & (a - KS < LKV) & (a >= KS)  # the keys held here: positions KS .. KS + LKV - 1
     if MASKED:
-        ok = ok & (tl.load(mask_ptr + b * sm_b + a, mask=ok, other=0) != 0)
+        ok = ok & (tl.load(mask_ptr + b * sm_b + (a - KS), mask=ok, other=0) != 0)
     d = tl.arange(0, BLOCK_D)
     dmask = d < D
     ninf = float("-inf")
@@ -56,7 +56,9 @@ def _dec_score_kernel(q1_ptr, k_ptr, pos_ptr, mask_ptr, offs_ptr, score_ptr,
     # the G query heads of the group score the gathered anchor keys in one product
     q = tl.load(q1_ptr + b * sq_b + h[:, None] * sq_h + d[None, :], mask=gvalid[:, None] & dmask[None, :],
                 other=0.0)
-    kt = tl.load(k_ptr + b * sk_b + hk * sk_h + (a - KS)[None, :] * sk_l + d[:, None],
+    # int64 offsets: a 16M-token cache of 128-wide heads is 2**31 elements per head
+    kt = tl.load(k_ptr + b.to(tl.int64) * sk_b + hk.to(tl.int64) * sk_h + (a - KS).to(tl.int64)[None, :] * sk_l
+                 + d[:, None],
                  mask=ok[None, :] & dmask[:, None], other=0.0)
     if IEEE:
         s = tl.dot(q, kt, input_precision="ieee")
@@ -85,8 +87,7 @@ def _dec_topk_kernel(pos_ptr, st_ptr, offs_ptr, back_ptr, fwd_ptr, score_ptr, ga
         cj = tl.max(tl.where(sc == mj, c, -1), 0)
         sc = tl.where(c == cj, ninf, sc)
         valid = mj > ninf
-        # with fewer valid candidates than spans the max is -inf and cj a padded index past the
-        # offsets table: read it only for a real pick
+        # an empty slot's cj is any padded candidate, past the stripe table: not read
         fi = tl.load(offs_ptr + S1 + tl.maximum(cj, 0), mask=valid, other=0).to(tl.int32)
         a = t + 1 - fi
         lo, hi = span_bounds(a, t, st, back_ptr, fwd_ptr, CAP, LKV, W, HAS_FWD)
@@ -126,14 +127,15 @@ def _dec_partial_kernel(q2_ptr, k_ptr, v_ptr, pos_ptr, mask_ptr, lo_ptr, hi_ptr,
     acc = tl.zeros([BLOCK_D], tl.float32)
     m_i = tl.max(acc, 0) + ninf  # fp32 scalars (loop-carried)
     l_i = tl.sum(acc, 0)
-    kbase = k_ptr + b * sk_b + hk * sk_h
-    vbase = v_ptr + b * sv_b + hk * sv_h
+    kbase = k_ptr + b.to(tl.int64) * sk_b + hk.to(tl.int64) * sk_h
+    vbase = v_ptr + b.to(tl.int64) * sv_b + hk.to(tl.int64) * sv_h
     for k0 in range(c_lo, c_hi + 1, BLOCK_N):
         kn = k0 + tl.arange(0, BLOCK_N)
         kv = kn <= c_hi
         if MASKED:
             kv = kv & (tl.load(mask_ptr + b * sm_b + kn, mask=kv, other=0) != 0)
-        kk = tl.load(kbase + kn[:, None] * sk_l + d[None, :], mask=kv[:, None] & dmask[None, :],
+        kn64 = kn.to(tl.int64)
+        kk = tl.load(kbase + kn64[:, None] * sk_l + d[None, :], mask=kv[:, None] & dmask[None, :],
                      other=0.0).to(tl.float32)
         s = tl.sum(kk * q[None, :], 1) * SCALE
         s = tl.where(kv, s, ninf)
@@ -142,7 +144,7 @@ def _dec_partial_kernel(q2_ptr, k_ptr, v_ptr, pos_ptr, mask_ptr, lo_ptr, hi_ptr,
         alpha = tl.exp(m_i - m_safe)
         p = tl.exp(s - m_safe)
         l_i = l_i * alpha + tl.sum(p, 0)
-        vv = tl.load(vbase + kn[:, None] * sv_l + d[None, :], mask=kv[:, None] & dmask[None, :],
+        vv = tl.load(vbase + kn64[:, None] * sv_l + d[None, :], mask=kv[:, None] & dmask[None, :],
                      other=0.0).to(tl.float32)
         acc = acc * alpha + tl.sum(p[:, None] * vv, 0)
         m_i = m_new

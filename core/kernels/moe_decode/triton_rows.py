@@ -5,7 +5,7 @@
 weight rows once and accumulates in fp32; the expert id is read on the device, so the step has
 no host sync and a fixed launch (it is captured in the decode CUDA graph). Any dtype: this is the
 path for fp16 (and for GPUs without torch's CUTLASS grouped GEMM), where ``torch._grouped_mm``
-copies the group offsets to the host. ``moe.expert_rows_reference`` is its PyTorch oracle.
+copies the group offsets to the host. ``reference.expert_rows_reference`` is its PyTorch oracle.
 Imported only where it runs (CUDA, or the CPU tests under ``TRITON_INTERPRET=1``).
 """
 

@@ -60,7 +60,8 @@ def _search_kernel(q1_ptr, k_ptr, pos_ptr, mask_ptr, st_ptr, offs_ptr, back_ptr,
     dmask = d < D
     cc = tl.arange(0, BLOCK_C)
     ninf = float("-inf")
-    kbase = k_ptr + b * sk_b + hk * sk_h
+    # int64 offsets: a 16M-token cache of 128-wide heads is 2**31 elements per head
+    kbase = k_ptr + b.to(tl.int64) * sk_b + hk.to(tl.int64) * sk_h
     for rr in range(0, BLOCK_M):
         row = pid_m * BLOCK_M + rr
         if row < LQ:
@@ -86,7 +87,7 @@ def _search_kernel(q1_ptr, k_ptr, pos_ptr, mask_ptr, st_ptr, offs_ptr, back_ptr,
                 ok = inb & (fi <= t + 1) & (a < LKV)
                 if MASKED:
                     ok = ok & (tl.load(mask_ptr + b * sm_b + a, mask=ok, other=0) != 0)
-                kt = tl.load(kbase + a[None, :] * sk_l + d[:, None], mask=ok[None, :] & dmask[:, None],
+                kt = tl.load(kbase + a.to(tl.int64)[None, :] * sk_l + d[:, None], mask=ok[None, :] & dmask[:, None],
                              other=0.0)
                 if IEEE:
                     sc = tl.dot(q, kt, input_precision="ieee")
@@ -117,7 +118,8 @@ def _search_kernel(q1_ptr, k_ptr, pos_ptr, mask_ptr, st_ptr, offs_ptr, back_ptr,
                     bj = b3
                     ij = i3
                 ok = bj > ninf
-                # an empty slot (score -inf) may carry a padded stripe index past the table
+                # an empty slot (score -inf) carries a padded candidate index, past the stripe
+                # table: not read
                 fj = tl.load(offs_ptr + tl.maximum(ij, 0), mask=gvalid & ok, other=0).to(tl.int32)
                 lo = tl.maximum(tl.maximum(t + 1 - fj - bk, 0), st)
                 lo = tl.minimum(lo, LKV - 1)
@@ -138,7 +140,8 @@ def _attend_key_range(q, kbase, vbase, mask_row, lo, hi, kmin, kmax, m_i, l_i, a
     for k0 in range(start, kmax + 1, BLOCK_N):
         kn = k0 + tl.arange(0, BLOCK_N)
         kvalid = kn <= kmax
-        kt = tl.load(kbase + kn[None, :] * sk_l + d[:, None], mask=kvalid[None, :] & dmask[:, None], other=0.0)
+        kn64 = kn.to(tl.int64)
+        kt = tl.load(kbase + kn64[None, :] * sk_l + d[:, None], mask=kvalid[None, :] & dmask[:, None], other=0.0)
         if IEEE:
             s = tl.dot(q, kt, input_precision="ieee")
         else:
@@ -154,7 +157,7 @@ def _attend_key_range(q, kbase, vbase, mask_row, lo, hi, kmin, kmax, m_i, l_i, a
         alpha = tl.exp(m_i - m_safe)
         p = tl.exp(s - m_safe[:, None])
         l_i = l_i * alpha + tl.sum(p, 1)
-        vt = tl.load(vbase + kn[:, None] * sv_l + d[None, :], mask=kvalid[:, None] & dmask[None, :], other=0.0)
+        vt = tl.load(vbase + kn64[:, None] * sv_l + d[None, :], mask=kvalid[:, None] & dmask[None, :], other=0.0)
         if IEEE:
             acc = acc * alpha[:, None] + tl.dot(p.to(vt.dtype), vt, input_precision="ieee")
         else:
@@ -205,14 +208,14 @@ def _span_kernel(q2_ptr, k_ptr, v_ptr, pos_ptr, mask_ptr, st_ptr, offs_ptr, back
     m_i = tl.full([BLOCK_M], ninf, tl.float32)
     l_i = tl.zeros([BLOCK_M], tl.float32)
     acc = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
-    kbase = k_ptr + b * sk_b + hk * sk_h
-    vbase = v_ptr + b * sv_b + hk * sv_h
+    kbase = k_ptr + b.to(tl.int64) * sk_b + hk.to(tl.int64) * sk_h
+    vbase = v_ptr + b.to(tl.int64) * sv_b + hk.to(tl.int64) * sv_h
     m_i, l_i, acc = _attend_key_range(q, kbase, vbase, mask_ptr + b * sm_b, lo, hi, kmin, kmax,
                                       m_i, l_i, acc, sk_l, sv_l, d, dmask, SCALE,
                                       BLOCK_N, MASKED, IEEE)
     tl.store(span_m_ptr + e, m_i, mask=evalid)
     tl.store(span_l_ptr + e, l_i, mask=evalid)
-    tl.store(span_acc_ptr + e[:, None] * BLOCK_D + d[None, :], acc, mask=evalid[:, None])
+    tl.store(span_acc_ptr + e.to(tl.int64)[:, None] * BLOCK_D + d[None, :], acc, mask=evalid[:, None])
 
 
 @triton.jit
@@ -247,8 +250,8 @@ def _window_combine_kernel(q2_ptr, k_ptr, v_ptr, pos_ptr, mask_ptr,
         w_hi = tl.where(rvalid, w_hi, -1)
         kmin = tl.min(w_lo, 0)
         kmax = tl.max(w_hi, 0)
-        kbase = k_ptr + b * sk_b + hk * sk_h
-        vbase = v_ptr + b * sv_b + hk * sv_h
+        kbase = k_ptr + b.to(tl.int64) * sk_b + hk.to(tl.int64) * sk_h
+        vbase = v_ptr + b.to(tl.int64) * sv_b + hk.to(tl.int64) * sv_h
         m_w, l_w, acc_w = _attend_key_range(q, kbase, vbase, mask_ptr + b * sm_b, w_lo, w_hi, kmin, kmax,
                                             m_w, l_w, acc_w, sk_l, sv_l, d, dmask, SCALE,
                                             BLOCK_N, MASKED, IEEE)
@@ -274,7 +277,8 @@ def _window_combine_kernel(q2_ptr, k_ptr, v_ptr, pos_ptr, mask_ptr,
         sel = (ij >= 0) & rvalid
         ms = tl.load(span_m_ptr + base + j, mask=sel, other=ninf)
         ls = tl.load(span_l_ptr + base + j, mask=sel, other=0.0)
-        accs = tl.load(span_acc_ptr + (base + j)[:, None] * BLOCK_D + d[None, :], mask=sel[:, None], other=0.0)
+        accs = tl.load(span_acc_ptr + (base + j).to(tl.int64)[:, None] * BLOCK_D + d[None, :], mask=sel[:, None],
+                       other=0.0)
         mm = tl.maximum(ms, m_w)
         mm = tl.where(mm == ninf, 0.0, mm)
         aw = tl.exp(m_w - mm)

@@ -1,4 +1,4 @@
-"""The Triton kernel of ``mamba_step.step_prologue``: one program per group of heads.
+"""The Triton kernel of ``fused.step_prologue``: one program per group of heads.
 
 A group's program owns its conv channels (its heads' x, its B and its C), so the conv-state
 shift never races: every channel is read and written by one program. The conv accumulates in
@@ -73,7 +73,7 @@ def _prologue(proj_ptr, state_ptr, w_ptr, b_ptr, dt_bias_ptr, a_log_ptr, q_ptr, 
 
 
 def prologue_kernel(projected, conv_state, conv_weight, conv_bias, dt_bias, a_log, dims):
-    """Launch ``_prologue`` (arguments checked by ``mamba_step.step_prologue``)."""
+    """Launch ``_prologue`` (arguments checked by ``fused.step_prologue``)."""
     device = projected.device
     heads, state, head_dim = dims.heads, dims.state, dims.head_dim
     q = torch.empty((1, 1, heads, state), dtype=torch.float32, device=device)

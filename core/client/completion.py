@@ -20,7 +20,7 @@ _SESSION_STATE_TAG = "spl:session-state"
 def _from_server(what: str) -> list[dict] | None:
     """``what`` ("sessions" or "snapshots") from the server the commands use (None when no
     server of ours runs)."""
-    from superlinear.plugins.client import SplClient
+    from superlinear.client import SplClient
 
     client = SplClient(timeout=TIMEOUT_S, connect_timeout=TIMEOUT_S)
     try:

@@ -1,0 +1,6 @@
+"""Superlinear attention (docs/attention-spec.md): one prefill and one decode entry.
+
+``naive`` is the definition as a float64 loop (the oracle), ``reference`` the exact PyTorch
+backend (CPU), ``triton_prefill`` / ``triton_decode`` the CUDA kernels; ``api`` checks the
+arguments and picks the backend by device. The entries are exported by ``superlinear.kernels``.
+"""
