@@ -99,7 +99,7 @@ def test_llama_cpp_and_vllm_flag_names_resolve(monkeypatch):
     import click
     from click.testing import CliRunner
 
-    from superlinear.plugins.settings.options import server_options
+    from superlinear.settings.options import server_options
 
     for name in list(os.environ):
         if name.startswith("SPL_"):
