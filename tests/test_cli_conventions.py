@@ -47,6 +47,23 @@ def test_every_command_that_prints_state_takes_json():
     assert not stale, f"NO_STATE names commands that do not exist: {stale}"
 
 
+def test_with_json_an_error_is_json(tmp_path):
+    """A script that asked for --json reads JSON whatever happens: the error in the HTTP API's
+    shape on stdout, the exit code unchanged (2), nothing on stderr."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]  # closed again: nothing listens there
+    unreachable = ("session", "ls", "--json", "--url", f"127.0.0.1:{port}")
+    messages = []
+    for args in (unreachable, ("models", "check", str(tmp_path), "--json")):
+        result = run_spl(isolated_env(tmp_path), *args)
+        assert result.returncode == 2 and result.stderr == "", (args, result.stderr)
+        error = json.loads(result.stdout)["error"]
+        assert set(error) == {"message", "type", "param", "code"}, error
+        messages.append(error["message"])
+    assert "cannot reach the spl server" in messages[0] and "no config.json" in messages[1]
+
+
 def test_every_option_has_help():
     from superlinear.cli.main import build_cli
 
