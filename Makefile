@@ -22,8 +22,11 @@ run: setup
 test: setup
 	$(PY) -m pytest -q -m "not gpu"
 
+# On a CUDA machine (carry .whl and .gpu: scripts/gpu_wheels.sh): every GPU test file, in the
+# normal order; `make test-gpu ORDER="reverse memcheck"` for others (scripts/gpu_suite.sh).
+ORDER ?= normal
 test-gpu:
-	python3 -m pytest -q -m gpu tests
+	bash scripts/gpu_suite.sh $(ORDER)
 
 lint: setup
 	$(VENV)/bin/ruff check core plugins cli tests

@@ -9,6 +9,9 @@
 #   use_source_tree               install the carried .whl wheels to /tmp/site and map the source
 #                                 tree to the superlinear package on PYTHONPATH (no install)
 #   prepare_run                   require_gpu, $OUT (default /tmp/out), use_source_tree, show_provenance
+#   gpu_test_files ORDER          the test files holding GPU tests, one a line, in ORDER: normal
+#                                 (sorted), reverse, shuffle:SEED (the 30B sanity test is left out:
+#                                 it has its own call, scripts/gpu_flagship.sh sanity30b)
 set -uo pipefail
 SPL_FAILED_STEPS=()
 
@@ -71,4 +74,16 @@ prepare_run() {
   mkdir -p "$OUT"
   use_source_tree
   show_provenance
+}
+
+gpu_test_files() {
+  local files
+  files=$(grep -l "mark.gpu" tests/test_*.py | grep -v test_model_30b_gpu.py | LC_ALL=C sort)
+  case $1 in
+    normal) echo "$files" ;;
+    reverse) echo "$files" | tac ;;
+    shuffle:*) echo "$files" | python3 -c "import random, sys; f = sys.stdin.read().split()
+random.Random(int(sys.argv[1])).shuffle(f); print('\n'.join(f))" "${1#shuffle:}" ;;
+    *) echo "unknown order: $1" >&2; return 2 ;;
+  esac
 }

@@ -12,10 +12,35 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PY=${PY:-.venv/bin/python}
+# What the device image brings (the 'cuda' image's package list in the device notes, KINDS.md,
+# read on 2026-11-17): tests/test_gpu_scripts.py checks that everything else the GPU tests and
+# the server import, and what that requires, is carried.
+IMAGE_PACKAGES=(
+  absl-py accelerate aiofiles aiohappyeyeballs aiohttp aiosignal annotated-doc anyio attrs botorch build
+  certifi charset-normalizer chex click cloudpickle cmake colorama contourpy coverage cuda-bindings cuda-core
+  cuda-pathfinder cuda-toolkit cupy-cuda13x cycler cython diffrax e3nn einops equinox etils execnet filelock
+  flatbuffers flax fonttools formulaic frozenlist fsspec gpytorch grpcio h11 h5py hf-xet httpcore httpx
+  huggingface-hub humanize hypothesis idna imageio iniconfig interface-meta jax jax-cuda13-pjrt
+  jax-cuda13-plugin jaxlib jaxtyping jinja2 joblib kiwisolver lazy-loader lightning lightning-utilities
+  linear-operator lineax llvmlite lxml markdown markdown-it-py markupsafe matplotlib mdurl meson ml-dtypes
+  mpi4py mpmath msgpack multidict multipledispatch mypy-extensions nanobind narwhals networkx ninja numba
+  numba-cuda numpy numpyro nvidia-cublas nvidia-cuda-cupti nvidia-cuda-nvrtc nvidia-cuda-runtime
+  nvidia-cudnn-cu13 nvidia-cufft nvidia-cufile nvidia-curand nvidia-cusolver nvidia-cusparse
+  nvidia-cusparselt-cu13 nvidia-ml-py nvidia-nccl-cu13 nvidia-nvjitlink nvidia-nvshmem-cu13 nvidia-nvtx onnx
+  onnx-ir onnxruntime onnxscript opencv-python-headless optax opt-einsum opt-einsum-fx optimistix
+  orbax-checkpoint packaging pandas pathspec patsy peft pillow pip pluggy portalocker prometheus-client
+  propcache protobuf psutil pyarrow pybind11 py-cpuinfo pygments pyparsing pyproject-hooks pyre-extensions
+  pytest pytest-benchmark pytest-cov pytest-mock pytest-timeout pytest-xdist python-dateutil
+  pytorch-lightning pyyaml regex requests rich sacrebleu safetensors scikit-build-core scikit-image
+  scikit-learn scipy seaborn sentencepiece sentence-transformers setuptools shellingham simplejson six
+  sortedcontainers statsmodels sympy tabulate tensorboard tensorboard-data-server tensorstore threadpoolctl
+  tifffile tiktoken timm tokenizers toolz torch torchaudio torchdiffeq torch-geometric torchmetrics
+  torchvision tqdm transformers treescope triton typer typing-extensions typing-inspect urllib3 uvloop
+  wadler-lindig werkzeug wheel wrapt xarray xxhash yarl zipp)
 # The model's wheels, then the server/client/test set (each with --no-deps: one version each).
 MODEL_WHEELS=("transformers==5.24.0" "fla-core==0.6.0")
 SERVER_PACKAGES=(fastapi starlette annotated-doc uvicorn h11 anyio sniffio pydantic pydantic_core
-  annotated-types typing-inspection typing_extensions opentelemetry-api httpx httpcore httpx-sse
+  annotated-types typing-inspection typing_extensions opentelemetry-api httpx httpcore httpx-sse httpx2 httpcore2 truststore
   certifi idna prometheus_client psutil pluggy click rich markdown-it-py mdurl Pygments llguidance
   prompt_toolkit wcwidth bm25s PyStemmer pathspec charset-normalizer xxhash gguf openai distro jiter
   pexpect ptyprocess pyte jsonschema jsonschema-specifications referencing rpds-py attrs

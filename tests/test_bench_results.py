@@ -104,3 +104,28 @@ def test_niah_on_the_default_model_inside_its_window(cli):
 def test_niah_bad_options_exit_2(cli, args, message):
     result = CliRunner().invoke(cli, ["bench", "niah", *args])
     assert result.exit_code == 2 and message in result.output
+
+
+def test_generate_batch_rows_aggregate_and_per_stream(cli, tmp_path):
+    """``--batch 1,3``: one row per session count, the aggregate B times the per-stream rate,
+    the speedup over the one-stream row of the same run; and the table renders them."""
+    from superlinear.plugins.bench.generate import markdown
+
+    write_tiny_nemotron(tmp_path)
+    result = CliRunner().invoke(cli, ["bench", "generate", "--model", str(tmp_path), "--device", "cpu",
+                                      "--lengths", "40", "--attention", "superlinear", "--decode-tokens", "3",
+                                      "--batch", "1,3", "--json"])
+    assert result.exit_code == 0, result.output
+    out = json.loads(result.output)
+    assert [(r["length"], r["batch"]) for r in out["rows"]] == [(40, 1), (40, 3)]
+    one, three = out["rows"]
+    assert three["decode_tok_s"] == pytest.approx(3 * three["decode_stream_tok_s"])
+    assert three["speedup_vs_one_stream"] == pytest.approx(three["decode_tok_s"] / one["decode_tok_s"])
+    assert one["speedup_vs_one_stream"] == pytest.approx(1.0) and three["decode_path"] == "eager"
+    assert "| 40 | superlinear | 3 |" in markdown(out)
+
+
+@pytest.mark.parametrize("value", ["0", "x", "1,2000"])
+def test_generate_bad_batch_exits_2(cli, value):
+    result = CliRunner().invoke(cli, ["bench", "generate", "--batch", value])
+    assert result.exit_code == 2 and "--batch" in result.output

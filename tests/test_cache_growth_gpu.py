@@ -6,7 +6,7 @@ KV tensor while a growth moves it, never by a second copy of the cache.
 
 Run on the device machine: ``bash scripts/gpu_flagship.sh growth`` (about 4 minutes on an H200),
 which sets ``SPL_GPU_GROWTH_TOKENS`` (the context; without it the test is skipped, so that
-``scripts/gpu_all.sh`` stays within its call). ``SPL_GPU_GROWTH_MODEL`` / ``SPL_GPU_GROWTH_STEPS``
+``scripts/gpu_suite.sh`` stays within its call). ``SPL_GPU_GROWTH_MODEL`` / ``SPL_GPU_GROWTH_STEPS``
 change the model and the number of decode tokens (default ``random:superlinear-exp-30b``, 4608:
 four growths).
 """

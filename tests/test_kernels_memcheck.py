@@ -1,30 +1,47 @@
-"""Every Triton kernel under the interpreter's bounds check (tests/triton_memcheck.py), at small,
-deliberately ragged sizes: head dims, lengths, expert counts and widths that are not multiples of
-the block sizes, decode positions where fewer candidates exist than spans are selected, key
-masks, a static cache longer than the live keys. Each address a mask lets through must lie in a
-tensor argument; the results must also match the oracles (a masked-off lane must not leak in).
-On the GPU, compute-sanitizer does the same (scripts/gpu_suite.sh, step "memcheck").
+"""Every Triton kernel at small, deliberately ragged sizes, under a memory check: on CPU the
+interpreter's bounds check (tests/triton_memcheck.py), on the GPU compute-sanitizer
+(scripts/gpu_suite.sh runs these ``-m gpu`` tests under memcheck and racecheck). The sizes: head
+dims, lengths, expert counts and widths that are not multiples of the block sizes, decode
+positions where fewer candidates exist than spans are selected, key masks, a static cache longer
+than the live keys. Each address a mask lets through must lie in a tensor argument; the results
+must also match the oracles (a masked-off lane must not leak in).
 """
 
 from __future__ import annotations
 
+import contextlib
 import os
 
 import pytest
 import torch
 
-if not torch.cuda.is_available():
+HAS_CUDA = torch.cuda.is_available()
+if not HAS_CUDA:
     os.environ["TRITON_INTERPRET"] = "1"  # before the kernels are decorated (imported lazily below)
-pytestmark = pytest.mark.skipif(torch.cuda.is_available(), reason="the interpreter's check runs where there is no GPU")
 pytest.importorskip("triton")
 
 from test_kernels_reference import make_inputs  # noqa: E402
 from test_model_ops import MOE_CASES, PROLOGUE_CASES, moe_inputs, prologue_inputs  # noqa: E402
 from triton_memcheck import OutOfBounds, bounds_checked  # noqa: E402
 
-from superlinear.kernels import SpanParams, superlinear_decode, superlinear_prefill  # noqa: E402
+from superlinear.kernels import (  # noqa: E402
+    KVRows,
+    SpanParams,
+    superlinear_decode,
+    superlinear_decode_rows,
+    superlinear_prefill,
+)
 from superlinear.kernels.attention.reference import reference_decode, reference_prefill  # noqa: E402
-from superlinear.kernels.moe_decode import expert_rows_reference, fused_moe_decode, moe_decode_reference  # noqa: E402
+from superlinear.kernels.moe_decode import fused_moe_decode, moe_decode_reference  # noqa: E402
+
+# the interpreter with its bounds check where there is no GPU; the device (under compute-sanitizer
+# when scripts/gpu_suite.sh runs them) where there is one
+DEVICES = [pytest.param("cpu", marks=pytest.mark.skipif(HAS_CUDA, reason="the interpreter runs where there is no GPU")),
+           pytest.param("cuda", marks=[pytest.mark.gpu, pytest.mark.skipif(not HAS_CUDA, reason="needs a CUDA GPU")])]
+
+
+def checked(device: str, also=()):
+    return bounds_checked(also) if device == "cpu" else contextlib.nullcontext()
 
 # (params, B, HQ, HKV, LQ, LKV, D, left pad): window and none, forward spans and none, GQA,
 # integer and float powers; D, LQ and LKV off the block sizes (16 on CPU)
@@ -38,6 +55,7 @@ ATTENTION = [
 ]
 
 
+@pytest.mark.skipif(HAS_CUDA, reason="the interpreter runs where there is no GPU")
 def test_the_check_sees_an_out_of_bounds_read():
     import triton
     import triton.language as tl
@@ -55,22 +73,24 @@ def test_the_check_sees_an_out_of_bounds_read():
         past_the_end[(1,)](x, out, 4, BLOCK=8)  # in bounds: no complaint
 
 
+@pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("case", range(len(ATTENTION)))
-def test_attention_prefill_and_decode_stay_in_bounds(case):
+def test_attention_prefill_and_decode_stay_in_bounds(case, device):
     cfg, B, HQ, HKV, LQ, LKV, D, pad = ATTENTION[case]
     params = SpanParams(**cfg)
-    q1, q2, k, v, pos, mask = make_inputs(B, HQ, HKV, LQ, LKV, D, seed=40 + case, left_pad=pad)
-    with bounds_checked():
+    q1, q2, k, v, pos, mask = (None if x is None else x.to(device)
+                               for x in make_inputs(B, HQ, HKV, LQ, LKV, D, seed=40 + case, left_pad=pad))
+    with checked(device):
         out = superlinear_prefill(q1, q2, k, v, pos, params, key_mask=mask, backend="triton")
     torch.testing.assert_close(out, reference_prefill(q1, q2, k, v, pos, params, mask), atol=2e-5, rtol=1e-5)
     # decode on a static cache longer than the keys, at the first positions (fewer candidate
     # stripes than spans: the empty slots) and at the last one
     cap = LKV + 19
-    kc, vc = torch.zeros(B, HKV, cap, D), torch.zeros(B, HKV, cap, D)
+    kc, vc = torch.zeros(B, HKV, cap, D, device=device), torch.zeros(B, HKV, cap, D, device=device)
     kc[:, :, :LKV], vc[:, :, :LKV] = k, v
     mc = None
     if mask is not None:
-        mc = torch.zeros(B, cap, dtype=torch.bool)
+        mc = torch.zeros(B, cap, dtype=torch.bool, device=device)
         mc[:, :LKV] = mask
     for t in (0, 1, params.window_len + 1, LKV - 1):
         if t >= LKV:
@@ -78,46 +98,57 @@ def test_attention_prefill_and_decode_stay_in_bounds(case):
         row = t - (LKV - LQ)
         if row < 0:
             continue
-        posd = torch.full((B,), t, dtype=torch.long)
+        posd = torch.full((B,), t, dtype=torch.long, device=device)
         qa, qb = q1[:, :, row:row + 1], q2[:, :, row:row + 1]
-        with bounds_checked():
+        with checked(device):
             got = superlinear_decode(qa, qb, kc, vc, posd, params, key_mask=mc, backend="triton")
         want = reference_decode(qa, qb, kc, vc, posd, params, mc)
         torch.testing.assert_close(got, want, atol=2e-5, rtol=1e-5)
 
 
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("case", range(len(ATTENTION)))
+def test_batched_decode_rows_stays_in_bounds(case, device):
+    """The batched decode over sequences in their own K/V tensors (reached through a table of
+    addresses): capacities off the blocks, positions at 0, inside the window and at the end."""
+    cfg, _, HQ, HKV, _, _, D, _ = ATTENTION[case]
+    params = SpanParams(**cfg)
+    capacities, positions = [37, 1, 53, 20], [36, 0, 30, 1]
+    g = torch.Generator().manual_seed(case)
+    keys = [((torch.randn(1, HKV, c, D, generator=g) * 2).round() / 4).to(device) for c in capacities]
+    values = [torch.randn(1, HKV, c, D, generator=g).to(device) for c in capacities]
+    q1 = ((torch.randn(len(capacities), HQ, 1, D, generator=g) * 2).round() / 4).to(device)
+    q2 = torch.randn(len(capacities), HQ, 1, D, generator=g).to(device)
+    pos = torch.tensor(positions, device=device)
+    rows = KVRows.of(keys, values)
+    with checked(device, also=keys + values):
+        got = superlinear_decode_rows(q1, q2, rows, pos, params, backend="triton")
+    for b, (k, v) in enumerate(zip(keys, values, strict=True)):
+        want = reference_decode(q1[b:b + 1], q2[b:b + 1], k, v, pos[b:b + 1], params)
+        torch.testing.assert_close(got[b:b + 1], want, atol=2e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("case", range(len(MOE_CASES)))
-def test_fused_moe_decode_stays_in_bounds(case):
+def test_fused_moe_decode_stays_in_bounds(case, device):
     E, H, inner, shared_inner, K, latent = MOE_CASES[case]
-    inputs = moe_inputs(E, H, inner, shared_inner, torch.float32, latent, seed=case)
+    inputs = moe_inputs(E, H, inner, shared_inner, torch.float32, latent, seed=case, tokens=1 + case % 3)
     kw = dict(top_k=K, norm_topk=True, scaling=2.5, act="relu2")
-    with bounds_checked():
+    with checked(device):
         got = fused_moe_decode(**inputs, **kw, block_e=8, block_i=16, block_h=32, block_o=16)
     torch.testing.assert_close(got, moe_decode_reference(**inputs, **kw), rtol=1e-5, atol=1e-5)
 
 
-@pytest.mark.parametrize("rows_per_x", [1, 3])
-def test_expert_rows_stays_in_bounds(rows_per_x):
-    from superlinear.kernels.moe_decode.triton_rows import expert_rows
-
-    g = torch.Generator().manual_seed(rows_per_x)
-    weight = torch.randn(5, 37, 300, generator=g)  # 37 rows, 300 inputs: off BLOCK_N and BLOCK_K
-    x = torch.randn(2, 300, generator=g)
-    experts = torch.randint(0, 5, (2 * rows_per_x,), generator=g)
-    with bounds_checked():
-        got = expert_rows(x, weight, experts, rows_per_x)
-    torch.testing.assert_close(got, expert_rows_reference(x, weight, experts, rows_per_x), rtol=1e-5, atol=1e-5)
-
-
+@pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("case", range(len(PROLOGUE_CASES)))
-def test_mamba_step_prologue_stays_in_bounds(case):
+def test_mamba_step_prologue_stays_in_bounds(case, device):
     from superlinear.kernels.mamba2_step import step_prologue, step_prologue_reference
 
     *shape, bias = PROLOGUE_CASES[case]
     dims, inputs = prologue_inputs(*shape, dtype=torch.float32, bias=bias, seed=case)
     ref_state = inputs["conv_state"].clone()
     expected = step_prologue_reference(**{**inputs, "conv_state": ref_state}, dims=dims)
-    with bounds_checked():
+    with checked(device):
         got = step_prologue(**inputs, dims=dims)
     assert torch.equal(inputs["conv_state"], ref_state)
     for a, b in zip(got, expected, strict=True):

@@ -170,15 +170,15 @@ def gpu_hybrid_fp16(gpu_hybrid):
 
 
 def test_fp16_runs_the_fast_path_with_graph_decode_equal_to_eager(gpu_hybrid_fp16, gpu_hybrid):
-    """fp16 on a Hopper GPU: the MoE decode takes the Triton expert-rows kernel (torch's grouped
-    matmul syncs with the host in fp16), so the decode step is one CUDA graph; it gives eager
+    """fp16 on a Hopper GPU: the MoE decode takes the fused Triton kernels (torch's grouped matmul
+    syncs with the host in fp16), so the decode step is one CUDA graph; it gives eager
     decode's tokens and, prefill and decode, is no less exact than bf16 against fp32 (transformers'
     forward) on the same weights."""
     from superlinear.model.random_weights import random_model
 
     info = gpu_hybrid_fp16.info()
     assert info["forward"] == "fast", info["forward_reason"]
-    assert info["forward_paths"]["moe"].startswith("grouped matmul in prefill, Triton")
+    assert info["forward_paths"]["moe"].startswith("grouped matmul in prefill, fused Triton MoE decode")
     assert info["forward_paths"]["decode"] == "CUDA graph" and gpu_hybrid_fp16.cuda_graph
     eager = gpu_hybrid_fp16.with_attention(cuda_graph=False)
     exact = random_model(gpu_hybrid.arch_config, name="gpu-hybrid-fp32", device="cuda", dtype="fp32")
@@ -204,18 +204,3 @@ def test_fp16_runs_the_fast_path_with_graph_decode_equal_to_eager(gpu_hybrid_fp1
     fp16_error, bf16_error = rel(graph, runs["fp32"][1]), rel(runs["bf16"][1], runs["fp32"][1])
     assert fp16_error < max(bf16_error, 1e-2), (fp16_error, bf16_error)  # fp16 has 3 more mantissa bits
     assert len(set(runs["graph"][0])) > 5
-
-
-@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
-def test_expert_rows_kernel_at_the_30b_shape(dtype):
-    """The decode step's expert-rows kernel at the 30B's sizes (128 experts of 1856 x 2688, top 6)
-    against its PyTorch oracle."""
-    from superlinear.kernels.moe_decode import expert_rows_reference
-    from superlinear.kernels.moe_decode.triton_rows import expert_rows
-
-    g = torch.Generator(device="cuda").manual_seed(0)
-    up = (torch.randn(128, 1856, 2688, device="cuda", generator=g) * 0.02).to(dtype)
-    x = torch.randn(1, 2688, device="cuda", generator=g).to(dtype)
-    experts = torch.randperm(128, device="cuda", generator=g)[:6]
-    out = expert_rows(x, up, experts, rows_per_x=6)
-    assert rel(out, expert_rows_reference(x, up, experts, rows_per_x=6)) < 5e-3

@@ -1,8 +1,8 @@
 """The MoE experts paths (superlinear.model.moe) and how a model names its slow fallbacks.
 
-Which path runs where (``choose_experts_path``: grouped matmul, grouped + the Triton expert-rows
-kernel in decode, or transformers' experts loop), what each path computes against the per-expert
-loop (fp32 and fp16; the Triton kernel under ``TRITON_INTERPRET=1`` without a GPU), an fp16
+Which path runs where (``choose_experts_path``: grouped matmul with the fused MoE decode kernels
+in a decode step, or transformers' experts loop), what each path computes against the per-expert
+loop (fp32 and fp16; the Triton kernels under ``TRITON_INTERPRET=1`` without a GPU), an fp16
 hybrid on its fast path against the same weights in fp32, and the fallback named once at load,
 in ``model.info()`` and in ``spl models info``. The fp16 decode as a CUDA graph is checked on
 the GPU: tests/test_model_hybrid_gpu.py.
@@ -17,44 +17,49 @@ import pytest
 import torch
 
 if not torch.cuda.is_available():
-    # must be set before the Triton kernel is decorated (superlinear.kernels.moe_decode.triton_rows, imported below)
+    # must be set before the Triton kernels are decorated (superlinear.kernels.moe_decode, imported lazily)
     os.environ["TRITON_INTERPRET"] = "1"
 
 from test_model_hybrid import tiny_hybrid_config  # noqa: E402
 
-from superlinear.kernels.moe_decode import expert_rows_reference  # noqa: E402
 from superlinear.model.moe import (  # noqa: E402
     ExpertsPath,
     choose_experts_path,
     grouped_experts,
     moe_forward,
     route,
-    rows_experts,
 )
 from superlinear.model.random_weights import random_model  # noqa: E402
 
 BF16, FP16, FP32 = torch.bfloat16, torch.float16, torch.float32
 
 
-@pytest.mark.parametrize("device, dtype, capability, grouped_mm, triton, kind, reason", [
-    ("cpu", FP32, None, True, False, "grouped", ""),
-    ("cpu", FP16, None, True, False, "grouped", ""),
-    ("cuda", BF16, (9, 0), True, True, "grouped", ""),  # H100 / H200: CUTLASS grouped GEMM
-    ("cuda", BF16, (10, 0), True, True, "grouped", ""),
-    ("cuda", FP16, (9, 0), True, True, "rows", "float16 on sm90"),  # the model card's dtype
-    ("cuda", FP32, (9, 0), True, True, "rows", "float32 on sm90"),
-    ("cuda", BF16, (8, 0), True, True, "rows", "bfloat16 on sm80"),  # A100: no CUTLASS path
-    ("cuda", FP16, (9, 0), True, False, "loop", "Triton"),
-    ("cuda", BF16, (7, 5), True, True, "loop", "compute capability 7.5"),
-    ("cuda", BF16, (9, 0), False, True, "loop", "no grouped matmul"),
-    ("cpu", FP32, None, False, False, "loop", "no grouped matmul"),
+@pytest.mark.parametrize("device, dtype, capability, grouped_mm, triton, blocker, kind, fused, reason", [
+    ("cpu", FP32, None, True, False, None, "grouped", False, ""),
+    ("cpu", FP16, None, True, True, None, "grouped", False, ""),  # no Triton kernels on CPU
+    ("cuda", BF16, (9, 0), True, True, None, "grouped", True, ""),  # H100 / H200: CUTLASS grouped GEMM
+    ("cuda", BF16, (10, 0), True, True, None, "grouped", True, ""),
+    ("cuda", BF16, (9, 0), True, True, "group-limited routing", "grouped", False, ""),
+    ("cuda", BF16, (9, 0), True, False, None, "grouped", False, ""),
+    ("cuda", FP16, (9, 0), True, True, None, "fused", True, "float16 on sm90"),  # the model card's dtype
+    ("cuda", FP32, (9, 0), True, True, None, "fused", True, "float32 on sm90"),
+    ("cuda", BF16, (8, 0), True, True, None, "fused", True, "bfloat16 on sm80"),  # A100: no CUTLASS path
+    ("cuda", FP16, (9, 0), True, False, None, "loop", False, "Triton is not installed"),
+    ("cuda", FP16, (9, 0), True, True, "group-limited routing", "loop", False, "cannot run it (group-limited"),
+    ("cuda", BF16, (7, 5), True, True, None, "loop", False, "compute capability 7.5"),
+    ("cuda", BF16, (9, 0), False, True, None, "loop", False, "no grouped matmul"),
+    ("cpu", FP32, None, False, False, None, "loop", False, "no grouped matmul"),
 ])
-def test_experts_path_choice(device, dtype, capability, grouped_mm, triton, kind, reason):
-    path = choose_experts_path(device, dtype, capability, grouped_mm, triton)
-    assert path.kind == kind
+def test_experts_path_choice(device, dtype, capability, grouped_mm, triton, blocker, kind, fused, reason):
+    path = choose_experts_path(device, dtype, capability, grouped_mm, triton, blocker)
+    assert path.kind == kind and path.fused_for(1) == fused
     assert path.fast == (kind != "loop")
     assert reason in path.reason and (kind == "grouped") == (path.reason == "")
-    assert (path.reason in path.describe()) == (kind != "loop")  # rows: says why it is not CUTLASS
+    assert (path.reason in path.describe()) == (kind != "loop")  # fused: says why the grouped matmul is not
+    assert ("fused Triton MoE decode" in path.describe()) == fused
+    # a prefill chunk never takes the fused kernels; a batched decode step only where the grouped
+    # matmul would sync with the host
+    assert not path.fused_for(512) and path.fused_for(8) == (fused and kind == "fused")
 
 
 @pytest.fixture(scope="module")
@@ -73,30 +78,11 @@ def _loop(mixer, x, experts, weights):
 
 
 @pytest.mark.parametrize("dtype", [FP32, FP16])
-@pytest.mark.parametrize("rows_per_x", [1, 3])
-def test_expert_rows_kernel_equals_reference(dtype, rows_per_x):
-    from superlinear.kernels.moe_decode.triton_rows import expert_rows
-
-    g = torch.Generator().manual_seed(rows_per_x)
-    # sizes off the kernel's blocks (32 output rows, 256 inputs per step) on purpose
-    x = torch.randn(4, 300, generator=g).to(dtype)
-    weight = (torch.randn(6, 50, 300, generator=g) / 16).to(dtype)
-    experts = torch.randint(0, 6, (4 * rows_per_x,), generator=g)
-    out = expert_rows(x, weight, experts, rows_per_x)
-    ref = expert_rows_reference(x, weight, experts, rows_per_x)
-    assert out.dtype == dtype and out.shape == (4 * rows_per_x, 50)
-    torch.testing.assert_close(out, ref, rtol=2e-3, atol=2e-3)
-    # against a row-by-row product, so the oracle is checked too
-    manual = torch.stack([weight[e].float() @ x[r // rows_per_x].float() for r, e in enumerate(experts.tolist())])
-    torch.testing.assert_close(ref.float(), manual, rtol=2e-3, atol=2e-3)
-
-
-@pytest.mark.parametrize("dtype", [FP32, FP16])
 @pytest.mark.parametrize("tokens", [1, 5, 40])
-def test_grouped_and_rows_paths_equal_the_experts_loop(moe_block, dtype, tokens):
-    """The decode step's rows path (Triton kernel, and its oracle) and the grouped matmul give
+def test_grouped_and_fused_paths_equal_the_experts_loop(moe_block, dtype, tokens):
+    """The grouped matmul and the fused decode kernels (a decode step of 1 or a few tokens) give
     transformers' per-expert loop's result, in fp32 and in fp16 (the model card's dtype)."""
-    from superlinear.kernels.moe_decode.triton_rows import expert_rows
+    from superlinear.model.moe import moe_decode_fused
 
     mixer, config = moe_block
     x = torch.randn(tokens, config.hidden_size, generator=torch.Generator().manual_seed(tokens))
@@ -104,28 +90,29 @@ def test_grouped_and_rows_paths_equal_the_experts_loop(moe_block, dtype, tokens)
     assert len(set(experts.flatten().tolist())) > 1
     up, down, act = mixer.experts.up_proj, mixer.experts.down_proj, mixer.experts.act_fn
     expected = _loop(mixer, x, experts, weights).double()
+    scale = expected.abs().max()
+    tolerance = 1e-5 if dtype == FP32 else 4e-3
     if dtype == FP16:
         x, up, down = x.half(), up.detach().half(), down.detach().half()
-    scale = expected.abs().max()
-    outs = {"grouped": grouped_experts(x, experts, weights, up, down, act),
-            "rows": rows_experts(x, experts, weights, up, down, act, expert_rows),
-            "rows oracle": rows_experts(x, experts, weights, up, down, act, expert_rows_reference)}
-    tolerance = 1e-5 if dtype == FP32 else 4e-3
-    for name, out in outs.items():
-        assert out.dtype == dtype, name
-        error = float((out.double() - expected).abs().max() / scale)
-        assert error < tolerance, (name, error)
+    grouped = grouped_experts(x, experts, weights, up, down, act)
+    assert grouped.dtype == dtype
+    assert float((grouped.double() - expected).abs().max() / scale) < tolerance
+    if dtype == FP32 and tokens <= 5:  # the whole layer (shared expert too) on the fused kernels
+        with torch.no_grad():
+            fused = moe_decode_fused(mixer, config, x[None])
+            whole = moe_forward(mixer, config, x[None], ExpertsPath("loop"))
+        torch.testing.assert_close(fused, whole, rtol=1e-5, atol=1e-5)
 
 
-@pytest.mark.parametrize("kind", ["grouped", "rows", "loop"])
+@pytest.mark.parametrize("kind", ["grouped", "fused", "loop"])
 def test_moe_forward_follows_its_path(moe_block, kind):
     """``moe_forward`` with each path gives the same answer for a decode step (1 token) and a
-    prefill chunk (24 tokens: above the rows kernel's limit the rows path takes the grouped matmul)."""
+    prefill chunk (80 tokens: above ``FUSED_MAX_TOKENS`` the fused path takes the grouped matmul)."""
     mixer, config = moe_block
     with torch.no_grad():
-        for tokens in (1, 24):
+        for tokens in (1, 80):
             x = torch.randn(1, tokens, config.hidden_size, generator=torch.Generator().manual_seed(tokens))
-            out = moe_forward(mixer, config, x, ExpertsPath(kind))
+            out = moe_forward(mixer, config, x, ExpertsPath(kind, fused_decode=kind == "fused"))
             ref = moe_forward(mixer, config, x, ExpertsPath("loop"))
             torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-5)
 

@@ -1,10 +1,11 @@
 """The MoE-decode and Mamba-2-step kernels (``superlinear.kernels.moe_decode``,
 ``superlinear.kernels.mamba2_step``) against their PyTorch references, and the hybrid forward
-with them switched on against the default path.
+with them (the CUDA decode path) against the path without them.
 
 Without CUDA the kernels run under ``TRITON_INTERPRET=1`` at small sizes with fp32/fp16 inputs
-(the interpreter's bf16 arithmetic is wrong). On the GPU (``-m gpu``) the same comparisons run in
-bf16 at the 30B hybrid's sizes: ``bash scripts/gpu_fused_decode.sh``.
+(the interpreter's bf16 arithmetic is wrong), the model's choice made as on an H100. On the GPU
+(``-m gpu``) the same comparisons run in bf16 at the 30B hybrid's sizes
+(``bash scripts/gpu_suite.sh normal``).
 """
 
 from __future__ import annotations
@@ -23,18 +24,15 @@ pytest.importorskip("triton")
 from test_model_hybrid import tiny_hybrid_config  # noqa: E402
 
 from superlinear.kernels.moe_decode import fused_moe_decode, moe_decode_reference  # noqa: E402
-from superlinear.model.moe import (  # noqa: E402
-    ExpertsPath,
-    moe_decode_fused,  # noqa: E402
-    moe_forward,
-)
+from superlinear.model import hybrid  # noqa: E402
+from superlinear.model.moe import ExpertsPath, choose_experts_path, moe_decode_fused, moe_forward  # noqa: E402
 from superlinear.model.random_weights import random_model  # noqa: E402
 
 DEVICE = "cuda" if HAS_CUDA else "cpu"
 cpu_only = pytest.mark.skipif(HAS_CUDA, reason="interpreter tests run where there is no GPU")
 
 
-def moe_inputs(E, H, inner, shared_inner, dtype, latent=None, seed=0):
+def moe_inputs(E, H, inner, shared_inner, dtype, latent=None, seed=0, tokens=1):
     g = torch.Generator().manual_seed(seed)
 
     def rand(*shape, scale=1.0):
@@ -42,11 +40,11 @@ def moe_inputs(E, H, inner, shared_inner, dtype, latent=None, seed=0):
 
     routed_in = latent or H
     return dict(
-        x=rand(1, H), router_weight=rand(E, H, scale=H ** -0.5), correction_bias=rand(E, scale=0.1).float(),
+        x=rand(tokens, H), router_weight=rand(E, H, scale=H ** -0.5), correction_bias=rand(E, scale=0.1).float(),
         up=rand(E, inner, routed_in, scale=routed_in ** -0.5), down=rand(E, routed_in, inner, scale=inner ** -0.5),
         shared_up=rand(shared_inner, H, scale=H ** -0.5) if shared_inner else None,
         shared_down=rand(routed_in, shared_inner, scale=shared_inner ** -0.5) if shared_inner else None,
-        x_routed=rand(1, latent) if latent else None)
+        x_routed=rand(tokens, latent) if latent else None)
 
 
 # (experts, hidden, inner, shared inner, top-k, latent): non-powers of two, blocks that do not
@@ -58,14 +56,14 @@ MOE_CASES = [(8, 48, 40, 24, 2, None), (13, 70, 33, 0, 3, None), (16, 64, 64, 96
 @cpu_only
 @pytest.mark.parametrize("case", range(len(MOE_CASES)))
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
-@pytest.mark.parametrize("act,norm", [("relu2", True), ("silu", False)])
-def test_fused_moe_decode_matches_reference(case, dtype, act, norm):
+@pytest.mark.parametrize("act,norm,tokens", [("relu2", True, 1), ("silu", False, 3)])
+def test_fused_moe_decode_matches_reference(case, dtype, act, norm, tokens):
     E, H, inner, shared_inner, K, latent = MOE_CASES[case]
-    inputs = moe_inputs(E, H, inner, shared_inner, dtype, latent, seed=case)
+    inputs = moe_inputs(E, H, inner, shared_inner, dtype, latent, seed=case, tokens=tokens)
     kw = dict(top_k=K, norm_topk=norm, scaling=2.5, act=act)
     expected = moe_decode_reference(**inputs, **kw)
     got = fused_moe_decode(**inputs, **kw, block_e=4, block_i=16, block_h=32, block_o=16)
-    assert got.dtype == dtype and got.shape == expected.shape == (1, latent or H)
+    assert got.dtype == dtype and got.shape == expected.shape == (tokens, latent or H)
     tol = 1e-5 if dtype == torch.float32 else 2e-3
     torch.testing.assert_close(got, expected, rtol=tol, atol=tol)
 
@@ -76,8 +74,8 @@ def test_fused_moe_decode_refuses_what_it_cannot_read():
     kw = dict(top_k=2, norm_topk=True, scaling=1.0, act="relu2")
     with pytest.raises(ValueError, match="contiguous"):
         fused_moe_decode(**{**inputs, "up": inputs["up"].transpose(1, 2).contiguous().transpose(1, 2)}, **kw)
-    with pytest.raises(ValueError, match="one token"):
-        fused_moe_decode(**{**inputs, "x": inputs["x"].repeat(2, 1)}, **kw)
+    with pytest.raises(ValueError, match=r"x \[T, H\] and the routed input"):
+        fused_moe_decode(**{**inputs, "x": inputs["x"][0]}, **kw)
     with pytest.raises(ValueError, match="activation"):
         fused_moe_decode(**inputs, **{**kw, "act": "gelu"})
 
@@ -165,6 +163,15 @@ def test_mixer_step_equals_the_default_decode_step(tiny_hybrid):
         assert torch.equal(states[1][0], states[0][0])
 
 
+def as_on_a_gpu(monkeypatch, fused=True):
+    """The decode paths of an H100 in fp32 (fused MoE and Mamba-2 step when ``fused``), chosen at
+    load: on CPU the kernels then run in the interpreter; on the GPU ``fused=False`` gives the
+    paths without them."""
+    monkeypatch.setattr(hybrid, "experts_path", lambda device, dtype, blocker: choose_experts_path(
+        "cuda", torch.float32, (9, 0), True, fused, blocker))
+    monkeypatch.setattr(hybrid, "fused_mamba_step_runs", lambda device, dims: fused and dims is not None)
+
+
 @cpu_only
 def test_hybrid_decode_with_the_fused_ops_equals_the_default_path(monkeypatch):
     def greedy(model):
@@ -177,9 +184,10 @@ def test_hybrid_decode_with_the_fused_ops_equals_the_default_path(monkeypatch):
             seen.append(logits)
         return out, seen
 
-    expected = greedy(random_model(tiny_hybrid_config(), name="tiny", device=DEVICE, dtype="fp32", seed=4))
-    monkeypatch.setenv("SPL_FUSED_MOE_DECODE", "1")
-    monkeypatch.setenv("SPL_FUSED_MAMBA_STEP", "1")
+    default = random_model(tiny_hybrid_config(), name="tiny", device=DEVICE, dtype="fp32", seed=4)
+    assert default.info()["forward_paths"]["decode_ops"] == "default"  # on CPU
+    expected = greedy(default)
+    as_on_a_gpu(monkeypatch)
     fused = random_model(tiny_hybrid_config(), name="tiny", device=DEVICE, dtype="fp32", seed=4)
     assert fused.info()["forward_paths"]["decode_ops"] == "fused Triton: MoE, Mamba-2 step prologue"
     got = greedy(fused)
@@ -189,11 +197,11 @@ def test_hybrid_decode_with_the_fused_ops_equals_the_default_path(monkeypatch):
 
 
 @cpu_only
-def test_a_fused_op_the_model_cannot_run_is_named_and_left_off(monkeypatch, capsys):
-    monkeypatch.setenv("SPL_FUSED_MOE_DECODE", "1")
+def test_a_fused_op_the_model_cannot_run_is_named_and_left_off(monkeypatch):
+    as_on_a_gpu(monkeypatch)
     model = random_model(tiny_hybrid_config(n_group=2, topk_group=1), name="tiny", device=DEVICE, dtype="fp32")
-    assert "SPL_FUSED_MOE_DECODE ignored: group-limited routing" in capsys.readouterr().err
-    assert model.info()["forward_paths"]["decode_ops"] == "default"
+    assert model.info()["forward_paths"]["decode_ops"] == ("fused Triton: Mamba-2 step prologue (no fused MoE "
+                                                           "decode: group-limited routing (topk_group != n_group))")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -227,6 +235,16 @@ def test_gpu_mamba_step_prologue_at_the_30b_sizes():
         assert rel(a, b) < 1e-2, name
 
 
+def without_fused_ops(monkeypatch):
+    """The decode paths of this GPU without the fused kernels (the grouped matmul and the plain
+    Mamba-2 step), chosen at load."""
+    from superlinear.model.moe import experts_path
+
+    monkeypatch.setattr(hybrid, "experts_path", lambda device, dtype, blocker: experts_path(
+        device, dtype, "left off by the test"))
+    monkeypatch.setattr(hybrid, "fused_mamba_step_runs", lambda device, dims: False)
+
+
 @pytest.mark.gpu
 @pytest.mark.skipif(not HAS_CUDA, reason="needs a CUDA GPU")
 def test_gpu_graph_decode_with_fused_ops_equals_eager_and_the_default_path(monkeypatch):
@@ -258,10 +276,11 @@ def test_gpu_graph_decode_with_fused_ops_equals_eager_and_the_default_path(monke
             torch.cuda.synchronize()
         return sum(1 for e in prof.events() if e.device_type == torch.autograd.DeviceType.CUDA)
 
+    without_fused_ops(monkeypatch)
     base = random_model(config, name="gpu-hybrid", device="cuda", dtype="bf16", seed=3)
+    assert base.info()["forward_paths"]["decode_ops"].startswith("default")
     default = decode(base)
-    monkeypatch.setenv("SPL_FUSED_MOE_DECODE", "1")
-    monkeypatch.setenv("SPL_FUSED_MAMBA_STEP", "1")
+    monkeypatch.undo()  # the paths a bf16 model chooses on this GPU
     fused = random_model(config, name="gpu-hybrid", device="cuda", dtype="bf16", seed=3)
     assert fused.info()["forward_paths"]["decode_ops"] == "fused Triton: MoE, Mamba-2 step prologue"
     graph, eager = decode(fused), decode(fused.with_attention(cuda_graph=False))
@@ -288,4 +307,5 @@ def test_the_kernels_compile_for_hopper(tmp_path):
     script = Path(__file__).parent / "triton_hopper_compile.py"
     done = subprocess.run([sys.executable, str(script)], env=env, capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr[-3000:]
-    assert [line.split(":")[0] for line in done.stdout.splitlines()] == ["_router", "_up", "_down", "_prologue"]
+    assert [line.split(":")[0] for line in done.stdout.splitlines()] == [
+        "_router", "_up", "_down", "_prologue", "_append_rows_kernel", "_score_rows_kernel", "_partial_rows_kernel"]

@@ -1,4 +1,5 @@
-"""Compile the MoE-decode and Mamba-2-step Triton kernels for an H100/H200 (sm_90) on a machine without a GPU:
+"""Compile the MoE-decode, Mamba-2-step and batched-decode attention Triton kernels for an
+H100/H200 (sm_90) on a machine without a GPU:
 the interpreter runs Python, not the compiler, so this is what catches a kernel that would not
 compile on the device. Run as a script (TRITON_INTERPRET unset): prints one line per kernel."""
 
@@ -8,10 +9,11 @@ import triton
 from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
 
+from superlinear.kernels.attention import triton_decode_rows
 from superlinear.kernels.mamba2_step import triton_prologue
 from superlinear.kernels.moe_decode import triton_fused
 
-BF16, F32, I32 = "*bf16", "*fp32", "i32"
+BF16, F32, I32, I64 = "*bf16", "*fp32", "i32", "*i64"
 
 
 def signature(fn, types: dict[str, str]) -> dict[str, str]:
@@ -35,6 +37,21 @@ KERNELS = [
                                    "g_ptr": F32, "INNER": I32, "CONV_DIM": I32, "H": I32, "N": I32,
                                    "dt_min": "fp32", "dt_max": "fp32"},
      {"P": 64, "PER_GROUP": 8, "KW": 4, "HAS_BIAS": True, "BLOCK_X": 512, "BLOCK_N": 128, "BLOCK_HG": 8}),
+    # the decode over B sequences' own K/V tensors (int64 address tables cast to pointers), 30B heads
+    (triton_decode_rows._append_rows_kernel, {"k_new_ptr": BF16, "v_new_ptr": BF16, "kp_ptr": I64, "vp_ptr": I64,
+                                              "cap_ptr": I64, "pos_ptr": I64, "sn_b": I32, "sn_h": I32,
+                                              "sv_b": I32, "sv_h": I32},
+     {"HKV": 2, "D": 128, "BLOCK_D": 128}),
+    (triton_decode_rows._score_rows_kernel, {"q1_ptr": BF16, "kp_ptr": I64, "cap_ptr": I64, "pos_ptr": I64,
+                                             "offs_ptr": I64, "score_ptr": F32, "sq_b": I32, "sq_h": I32,
+                                             "NS": I32, "S1": I32, "NC": I32},
+     {"HQ": 32, "G": 16, "GP": 16, "D": 128, "BLOCK_D": 128, "BLOCK_C": 32, "NC_PAD": 64, "IEEE": False}),
+    (triton_decode_rows._partial_rows_kernel, {"q2_ptr": BF16, "kp_ptr": I64, "vp_ptr": I64, "cap_ptr": I64,
+                                               "pos_ptr": I64, "lo_ptr": "*i32", "hi_ptr": "*i32", "part_m_ptr": F32,
+                                               "part_l_ptr": F32, "part_acc_ptr": F32, "sq_b": I32, "sq_h": I32,
+                                               "W": I32, "SCALE": "fp32", "NSPLIT": I32},
+     {"HQ": 32, "G": 16, "GP": 16, "D": 128, "BLOCK_D": 128, "NUM_SPANS": 3, "CHUNK": 128, "BLOCK_N": 64,
+      "IEEE": False}),
 ]
 
 

@@ -1,7 +1,8 @@
 """A bounds check for Triton kernels run by the interpreter (``TRITON_INTERPRET=1``): the CPU's
 stand-in for compute-sanitizer's memcheck.
 
-``bounds_checked()`` records, for each launch, the storage of every tensor argument, and checks
+``bounds_checked(also=...)`` records, for each launch, the storage of every tensor argument (and
+of the tensors ``also`` names: those a kernel reaches through a table of addresses), and checks
 every load and store the kernel does: each address a mask lets through must lie inside one of
 those tensors. An out-of-bounds access raises at once (the interpreter wraps it in an
 ``InterpreterError`` naming it), where the GPU would read a neighbour's bytes or fault later.
@@ -19,20 +20,22 @@ class OutOfBounds(AssertionError):
     pass
 
 
+def _span(tensor) -> tuple[int, int]:
+    storage = tensor.untyped_storage()
+    return storage.data_ptr(), storage.data_ptr() + storage.nbytes()
+
+
 @contextlib.contextmanager
-def bounds_checked():
+def bounds_checked(also=()):
     ranges: list[tuple[int, int]] = []
+    fixed = [_span(t) for t in also]
     init_args = interpreter.GridExecutor._init_args_hst
     load = interpreter.InterpreterBuilder.create_masked_load
     store = interpreter.InterpreterBuilder.create_masked_store
 
     def recording_init(self, args_dev, kwargs):
         args_hst, kwargs_hst = init_args(self, args_dev, kwargs)
-        ranges.clear()
-        for arg in [*args_hst, *kwargs_hst.values()]:
-            if hasattr(arg, "untyped_storage"):
-                storage = arg.untyped_storage()
-                ranges.append((storage.data_ptr(), storage.data_ptr() + storage.nbytes()))
+        ranges[:] = fixed + [_span(arg) for arg in [*args_hst, *kwargs_hst.values()] if hasattr(arg, "untyped_storage")]
         return args_hst, kwargs_hst
 
     def check(kind, ptrs, mask):

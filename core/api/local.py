@@ -101,7 +101,7 @@ class LocalApi:
         """Queue a chat turn; each event goes to ``emit`` on the worker thread (a server's
         bridge to its event loop). ``job.future`` ends when the turn does."""
         return self.worker.submit(lambda job: _drain(self.service.chat(turn, cancel=job.cancel_event), job),
-                                  kind="generation", emit=emit)
+                                  kind="generation", emit=emit, session=turn.session_id)
 
     def submit_completion(self, completion: Completion, emit: Callable[[Any], None]) -> Job:
         return self.worker.submit(
@@ -140,7 +140,8 @@ class LocalApi:
     # -- sessions ------------------------------------------------------------------------------
     def create_session(self, session_id: str | None = None, max_seq_len: int | None = None, *,
                        ephemeral: bool = False) -> SessionInfo:
-        return self.worker.call(lambda: self.service.create_session(session_id, max_seq_len, ephemeral=ephemeral))
+        return self.worker.call(lambda: self.service.create_session(session_id, max_seq_len, ephemeral=ephemeral),
+                                session=session_id or object())
 
     def get_session(self, session_id: str) -> SessionInfo:
         return self.service.session_info(session_id)
@@ -153,25 +154,25 @@ class LocalApi:
 
     def fork(self, session_id: str, new_id: str | None = None) -> SessionInfo:
         self.service.session_info(session_id)  # a missing session fails at once, not after the queue
-        return self.worker.call(lambda: self.service.fork_session(session_id, new_id))
+        return self.worker.call(lambda: self.service.fork_session(session_id, new_id), session=session_id)
 
     def rollback(self, session_id: str, n_messages: int) -> SessionInfo:
         self.service.session_info(session_id)
-        return self.worker.call(lambda: self.service.rollback(session_id, n_messages))
+        return self.worker.call(lambda: self.service.rollback(session_id, n_messages), session=session_id)
 
     def resize(self, session_id: str, max_seq_len: int) -> SessionInfo:
         self.service.session_info(session_id)
-        return self.worker.call(lambda: self.service.resize(session_id, max_seq_len))
+        return self.worker.call(lambda: self.service.resize(session_id, max_seq_len), session=session_id)
 
     def save(self, session_id: str, *, title: str | None = None, description: str | None = None,
              tags: list[str] | None = None) -> SnapshotInfo:
         self.service.session_info(session_id)
         return self.worker.call(lambda: self.service.save(session_id, title=title, description=description,
-                                                          tags=tags))
+                                                          tags=tags), session=session_id)
 
     def close_session(self, session_id: str) -> SessionInfo:
         self.service.session_info(session_id)
-        return self.worker.call(lambda: self.service.close_session(session_id))
+        return self.worker.call(lambda: self.service.close_session(session_id), session=session_id)
 
     # -- snapshots -----------------------------------------------------------------------------
     def list_snapshots(self, tag: str | None = None, include_session_state: bool = False) -> list[SnapshotInfo]:
@@ -210,7 +211,8 @@ class LocalApi:
         to disk (a throwaway question on a saved context)."""
         self.service.get_snapshot(snapshot_id)
         return self.worker.call(lambda: self.service.load(snapshot_id, session_id=session_id, force=force,
-                                                          max_seq_len=max_seq_len, ephemeral=ephemeral))
+                                                          max_seq_len=max_seq_len, ephemeral=ephemeral),
+                                session=session_id or object())
 
 
 def _drain(events: Iterator[Event], job: Job) -> None:

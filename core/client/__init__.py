@@ -190,6 +190,11 @@ def format_status(result: dict) -> str:
         lines.append(f"up: {result['url']}  model {health.get('model')}  sessions {health.get('sessions')}"
                      f"  queue {health.get('queued', 0)}  threads {health.get('threads')}"
                      + (f"  uptime {uptime:.0f}s" if uptime else ""))
+        sched = health.get("scheduler")
+        if sched:
+            lines.append(f"scheduler: {sched.get('running')} running ({sched.get('decoding')} decoding, "
+                         f"{sched.get('prefilling')} prefilling), {sched.get('waiting')} waiting, last batch "
+                         f"{sched.get('batch')}, {sched.get('max_step_tokens')} prefill tokens per step")
     elif other:
         lines.append(f"down: no spl server of yours is running; {other['description']} answers at {other['url']}, "
                      f"not started by you (`spl server connect {other['url']}` to use it)")

@@ -21,6 +21,7 @@ import torch
 
 from superlinear.errors import InvalidRequest, TooLarge
 
+from . import scheduler
 from .template import ChatTemplate
 from .types import PrefillProgress
 
@@ -293,8 +294,8 @@ class Conversation:
             for end in cuts:
                 while self.position < end:  # one model chunk per call: progress between chunks
                     piece = ids[self.position - base:min(end, self.position + step) - base]
-                    self._logits = self.model.prefill(self.cache, piece, chunk_size=step,
-                                                      should_cancel=should_cancel, on_logits=on_logits)
+                    self._logits = scheduler.prefill(self.model, self.cache, piece, chunk_size=step,
+                                                     should_cancel=should_cancel, on_logits=on_logits)
                     self._ids.extend(piece)
                     if self.hybrid and self.position in checkpoint_at:
                         self._save_state(self.position)
@@ -316,7 +317,7 @@ class Conversation:
             raise TooLarge(f"the conversation is at its cache's limit of {self.max_seq_len} tokens")
         if self.memory is not None:  # the cache may grow by a step: the budget must allow it
             self.memory.reserve(self, self.position + 1)
-        self._logits = self.model.decode_step(self.cache, token_id)
+        self._logits = scheduler.decode(self.model, self.cache, token_id)
         self._ids.append(token_id)
         return self._logits
 

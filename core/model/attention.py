@@ -38,6 +38,9 @@ class ForwardContext:
     # this process's slice of a context-parallel sequence (superlinear.distributed.ContextParallel):
     # the cache holds only its keys and the partition attends over every rank's; None: all here
     partition: Any = None
+    # a batched decode step (superlinear.model.batch.BatchCache): B sequences, one token each,
+    # each attending to its own cache; None: one sequence
+    batch: Any = None
     extra: dict = field(default_factory=dict)
 
 
@@ -46,22 +49,29 @@ def spl_attention(module, query, key, value, attention_mask=None, scaling=None, 
     ctx: ForwardContext = module._spl_ctx
     routing_query = kwargs.get("routing_query")
     q1 = query if routing_query is None else routing_query
-    if ctx.partition is not None:
+    if ctx.batch is not None:
+        out = ctx.batch.attend(module.layer_idx, q1, query, ctx, scaling)
+    elif ctx.partition is not None:
         out = ctx.partition.attend(q1, query, key, value, ctx.positions, ctx.params, ctx.mode, ctx.backend)
-    elif ctx.mode == "dense" or (not ctx.graph and ctx.start + ctx.length <= _window(ctx.params)):
+    else:
+        out = attend(q1, query, key, value, ctx, scaling)
+    return out.transpose(1, 2).contiguous(), None
+
+
+def attend(q1, query, key, value, ctx: ForwardContext, scaling) -> torch.Tensor:
+    """One sequence's attention ``[1, HQ, LQ, D]`` over its cache ``key``/``value`` (whole
+    preallocated tensors: ``ctx`` says which keys are filled)."""
+    if ctx.mode == "dense" or (not ctx.graph and ctx.start + ctx.length <= _window(ctx.params)):
         # Inside the window superlinear attention is causal attention (every query's whole
         # context is its window): dense SDPA computes the same function, faster.
-        out = _dense(query, key, value, ctx, scaling)
-    else:
-        from superlinear.kernels import superlinear_decode, superlinear_prefill
+        return _dense(query, key, value, ctx, scaling)
+    from superlinear.kernels import superlinear_decode, superlinear_prefill
 
-        if query.shape[2] == 1:
-            out = superlinear_decode(q1, query, key, value, ctx.positions, ctx.params, backend=ctx.backend)
-        else:
-            end = ctx.start + ctx.length
-            out = superlinear_prefill(q1, query, key[:, :, :end], value[:, :, :end], ctx.positions,
-                                      ctx.params, backend=ctx.backend)
-    return out.transpose(1, 2).contiguous(), None
+    if query.shape[2] == 1:
+        return superlinear_decode(q1, query, key, value, ctx.positions, ctx.params, backend=ctx.backend)
+    end = ctx.start + ctx.length
+    return superlinear_prefill(q1, query, key[:, :, :end], value[:, :, :end], ctx.positions,
+                               ctx.params, backend=ctx.backend)
 
 
 @lru_cache(maxsize=32)

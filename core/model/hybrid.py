@@ -3,10 +3,12 @@
 transformers builds the modules and holds the weights; this walks the blocks itself so that
 every mixer runs the way long contexts need:
 
-- Mamba-2 mixers on fla's Triton kernels in prefill (CUDA) and as plain tensor ops in decode
+- Mamba-2 mixers on fla's Triton kernels in prefill (CUDA); in decode the fused step prologue
+  (``superlinear.kernels.mamba2_step``) and fla's recurrence on CUDA, plain tensor ops elsewhere
   (``superlinear.model.mamba2``);
-- MoE mixers without host synchronisation (``superlinear.model.moe``), so the whole decode step
-  is one CUDA graph;
+- MoE mixers without host synchronisation (``superlinear.model.moe``: grouped matmuls in
+  prefill, the fused MoE decode kernels in a decode step on CUDA), so the whole decode step is
+  one CUDA graph;
 - attention mixers (no positional embedding in Nemotron-H) writing into our cache and calling
   the superlinear kernels through ``superlinear.model.attention.spl_attention``;
 - the LM head on the last token only (a 32K-token chunk of 131K-vocab logits would be 8 GiB).
@@ -17,22 +19,20 @@ own forward (the reference the tests compare against).
 
 from __future__ import annotations
 
-import os
-import sys
+import importlib.util
 
 import torch
 
 from superlinear.model import layer_types
 from superlinear.model.attention import spl_attention
 from superlinear.model.mamba2 import MambaDims, fla_available, mixer_forward, mixer_step_fused
-from superlinear.model.moe import experts_path, fused_decode_unsupported, moe_decode_fused, moe_forward
-
-SWITCHES = {"moe": "SPL_FUSED_MOE_DECODE", "mamba": "SPL_FUSED_MAMBA_STEP"}
+from superlinear.model.moe import experts_path, fused_decode_unsupported, moe_forward
 
 
-def requested() -> set[str]:
-    """The fused decode ops the environment switches on (``moe``, ``mamba``)."""
-    return {op for op, var in SWITCHES.items() if os.environ.get(var, "").strip() not in ("", "0")}
+def fused_mamba_step_runs(device: torch.device, dims: MambaDims | None) -> bool:
+    """Whether a decode step's Mamba-2 mixers run the fused prologue kernel
+    (``superlinear.kernels.mamba2_step``): on CUDA with Triton, for a model with Mamba layers."""
+    return dims is not None and device.type == "cuda" and importlib.util.find_spec("triton") is not None
 
 
 class HybridForward:
@@ -45,30 +45,23 @@ class HybridForward:
         param = next(hf.parameters())
         self.device, self.dtype = param.device, param.dtype
         self.fla = self.device.type == "cuda" and fla_available()
-        self.experts = experts_path(self.device, self.dtype)
         self.has_moe = layer_types.MOE in self.types
+        moes = [b.mixer for b, kind in zip(self.blocks, self.types, strict=True) if kind == layer_types.MOE]
+        # why the fused MoE decode cannot run this model (None: it can)
+        self.fused_moe_blocker = next(filter(None, (fused_decode_unsupported(m, cfg) for m in moes)), None)
+        self.experts = experts_path(self.device, self.dtype, self.fused_moe_blocker)
+        self.fused_mamba = fused_mamba_step_runs(self.device, self.dims)
         self.eps = float(cfg.layer_norm_epsilon)
-        self.fused = self._fused_decode_ops(requested())
-
-    def _fused_decode_ops(self, wanted: set[str]) -> set[str]:
-        """The fused decode kernels switched on (``superlinear.kernels``) that can run here."""
-        reasons = {}
-        if "moe" in wanted:
-            moes = [b.mixer for b, kind in zip(self.blocks, self.types, strict=True) if kind == layer_types.MOE]
-            reasons["moe"] = next(filter(None, (fused_decode_unsupported(m, self.hf.config) for m in moes)),
-                                  None if moes else "no MoE layers")
-        if "mamba" in wanted:
-            reasons["mamba"] = None if self.dims is not None else "no Mamba layers"
-        for op, why in reasons.items():
-            if why:
-                print(f"spl: warning: {SWITCHES[op]} ignored: {why}", file=sys.stderr)
-        return {op for op, why in reasons.items() if why is None}
 
     def info(self) -> dict:
-        fused = [name for op, name in (("moe", "MoE"), ("mamba", "Mamba-2 step prologue")) if op in self.fused]
+        fused = [name for on, name in ((self.has_moe and self.experts.fused_for(1), "MoE"),
+                                       (self.fused_mamba, "Mamba-2 step prologue")) if on]
+        decode_ops = f"fused Triton: {', '.join(fused)}" if fused else "default"
+        if self.has_moe and self.experts.blocked:
+            decode_ops += f" (no fused MoE decode: {self.experts.blocked})"
         return {"mamba_prefill": "fla (Triton)" if self.fla else "PyTorch reference",
                 "moe": self.experts.describe(),
-                "decode_ops": f"fused Triton: {', '.join(fused)}" if fused else "default"}
+                "decode_ops": decode_ops}
 
     def slow_reasons(self) -> list[str]:
         """The slow fallbacks this forward takes on its device (empty: all fast paths)."""
@@ -80,19 +73,18 @@ class HybridForward:
 
     def __call__(self, ids: torch.Tensor, cache, keep: int = 1) -> torch.Tensor:
         """``ids [1, T]`` at the cache's current write position -> fp32 logits ``[1, keep, V]``
-        of the last ``keep`` tokens (0: all)."""
+        of the last ``keep`` tokens (0: all). A batched step: ``ids [B, 1]`` over a
+        ``superlinear.model.batch.BatchCache`` (each row its own sequence)."""
         residual = self.hf.model.embeddings(ids)
         h = None  # the last mixer's output, not yet added to the residual stream
-        fused = self.fused if ids.shape[1] == 1 else ()
+        fused_mamba = self.fused_mamba and tuple(ids.shape) == (1, 1)  # one sequence's step (not a batch)
         for idx, (block, kind) in enumerate(zip(self.blocks, self.types, strict=True)):
             normed, residual = self._add_and_norm(h, residual, block.norm)
             if kind == layer_types.MAMBA:
-                step = mixer_step_fused if "mamba" in fused else mixer_forward
+                step = mixer_step_fused if fused_mamba else mixer_forward
                 h = step(block.mixer, self.dims, normed, cache.conv[idx], cache.ssm[idx], fast=self.fla)
             elif kind == layer_types.ATTENTION:
                 h = _attention(block.mixer, normed, cache)
-            elif kind == layer_types.MOE and "moe" in fused:
-                h = moe_decode_fused(block.mixer, self.hf.config, normed)
             elif kind == layer_types.MOE:
                 h = moe_forward(block.mixer, self.hf.config, normed, self.experts)
             else:

@@ -81,10 +81,13 @@ def dt_limit_of(cfg) -> tuple[float, float]:
 
 def mixer_forward(mixer, dims: MambaDims, x: torch.Tensor, conv_state: torch.Tensor,
                   ssm_state: torch.Tensor, fast: bool) -> torch.Tensor:
-    """``x [1, T, hidden]`` -> ``[1, T, hidden]``; updates ``conv_state [1, conv_dim, kernel]``
-    and ``ssm_state [1, heads, head_dim, state]`` (fp32) in place. ``fast``: fla kernels for a
-    chunk (CUDA)."""
-    length = x.shape[1]
+    """``x [B, T, hidden]`` -> ``[B, T, hidden]``; updates ``conv_state [B, conv_dim, kernel]``
+    and ``ssm_state [B, heads, head_dim, state]`` (fp32) in place. ``fast``: fla kernels for a
+    chunk (CUDA). ``B > 1`` only for a step (``T == 1``): B sequences' tokens, each row with its
+    own state (``superlinear.model.batch``)."""
+    rows, length = x.shape[0], x.shape[1]
+    if rows > 1 and length > 1:
+        raise ValueError("a Mamba-2 chunk runs one sequence; only a step (T == 1) takes several rows")
     projected = mixer.in_proj(x)
     gate, xbc, dt = projected.split([dims.inner, dims.conv_dim, dims.heads], dim=-1)
     weight = mixer.conv1d.weight.squeeze(1)  # [conv_dim, kernel]
@@ -96,10 +99,10 @@ def mixer_forward(mixer, dims: MambaDims, x: torch.Tensor, conv_state: torch.Ten
     else:
         xbc = conv_chunk_reference(xbc, conv_state, weight, mixer.conv1d.bias)
     xs, b, c = xbc.split([dims.inner, dims.groups * dims.state, dims.groups * dims.state], dim=-1)
-    xs = xs.reshape(1, length, dims.heads, dims.head_dim)
-    b = b.reshape(1, length, dims.groups, dims.state)
-    c = c.reshape(1, length, dims.groups, dims.state)
-    dt = F.softplus(dt.float() + mixer.dt_bias.float())  # [1, T, heads]
+    xs = xs.reshape(rows, length, dims.heads, dims.head_dim)
+    b = b.reshape(rows, length, dims.groups, dims.state)
+    c = c.reshape(rows, length, dims.groups, dims.state)
+    dt = F.softplus(dt.float() + mixer.dt_bias.float())  # [B, T, heads]
     a = -torch.exp(mixer.A_log.float())
     if dims.dt_limit != (0.0, math.inf):
         dt = dt.clamp(min=dims.dt_limit[0], max=dims.dt_limit[1])
@@ -108,7 +111,7 @@ def mixer_forward(mixer, dims: MambaDims, x: torch.Tensor, conv_state: torch.Ten
     else:
         scan = ssm_step if length == 1 else ssd_chunk_reference
     y = scan(xs, dt, a, b, c, mixer.D, ssm_state)
-    y = y.reshape(1, length, dims.inner)
+    y = y.reshape(rows, length, dims.inner)
     y = gated_rms_norm(y, gate, mixer.norm.weight, dims.inner // dims.groups, dims.eps, fast=fast)
     return mixer.out_proj(y.to(x.dtype))
 
@@ -152,8 +155,8 @@ def mixer_step_fused(mixer, dims: MambaDims, x: torch.Tensor, conv_state, ssm_st
 # ---------------------------------------------------------------------------------------------
 
 def conv_step(u: torch.Tensor, state: torch.Tensor, weight: torch.Tensor, bias) -> torch.Tensor:
-    """One token ``u [1, conv_dim]``: shift it into ``state [1, conv_dim, kernel]`` (the last
-    ``kernel`` inputs, newest last) and return silu(conv) ``[1, conv_dim]``."""
+    """One token per row ``u [B, conv_dim]``: shift it into ``state [B, conv_dim, kernel]`` (the
+    last ``kernel`` inputs, newest last) and return silu(conv) ``[B, conv_dim]``."""
     state.copy_(torch.cat([state[:, :, 1:], u[:, :, None].to(state.dtype)], dim=-1))
     out = (state * weight).sum(-1)
     if bias is not None:
@@ -213,16 +216,16 @@ def _per_head(t: torch.Tensor, heads: int) -> torch.Tensor:
 
 
 def ssm_step(xs, dt, a, b, c, d, state: torch.Tensor) -> torch.Tensor:
-    """One token: ``xs [1, 1, H, P]``, ``dt [1, 1, H]`` fp32, ``b, c [1, 1, G, N]``; updates
-    ``state [1, H, P, N]`` in place, returns ``y [1, 1, H, P]`` fp32."""
+    """One token per row: ``xs [B, 1, H, P]``, ``dt [B, 1, H]`` fp32, ``b, c [B, 1, G, N]``;
+    updates ``state [B, H, P, N]`` in place, returns ``y [B, 1, H, P]`` fp32."""
     heads = xs.shape[2]
-    x = xs[:, 0].float()  # [1, H, P]
-    step = dt[:, 0]  # [1, H]
-    bh = _per_head(b, heads)[:, 0].float()  # [1, H, N]
+    x = xs[:, 0].float()  # [B, H, P]
+    step = dt[:, 0]  # [B, H]
+    bh = _per_head(b, heads)[:, 0].float()  # [B, H, N]
     ch = _per_head(c, heads)[:, 0].float()
-    decay = torch.exp(step * a)[..., None, None]  # [1, H, 1, 1]
+    decay = torch.exp(step * a)[..., None, None]  # [B, H, 1, 1]
     state.copy_(state * decay + (step[..., None] * x)[..., None] * bh[:, :, None, :])
-    y = (state @ ch[..., None])[..., 0] + d.float()[:, None] * x  # [1, H, P]
+    y = (state @ ch[..., None])[..., 0] + d.float()[:, None] * x  # [B, H, P]
     return y[:, None]
 
 
@@ -258,11 +261,12 @@ def ssd_chunk_reference(xs, dt, a, b, c, d, state: torch.Tensor, chunk: int = RE
 def _gla_inputs(xs, dt, a, b, c):
     """simple-GLA operands in the model dtype: q = C and k = dt * B per head (broadcast over the
     heads of a group, no fp32 copies), g = dt * A (fp32 log-decay)."""
-    _, length, heads, _ = xs.shape
+    rows, length, heads, _ = xs.shape
     groups, state = b.shape[2], b.shape[3]
     per_group = heads // groups
-    q = c[:, :, :, None, :].expand(1, length, groups, per_group, state).reshape(1, length, heads, state)
-    k = (b[:, :, :, None, :] * dt.view(1, length, groups, per_group, 1).to(b.dtype)).reshape(1, length, heads, state)
+    q = c[:, :, :, None, :].expand(rows, length, groups, per_group, state).reshape(rows, length, heads, state)
+    k = (b[:, :, :, None, :] * dt.view(rows, length, groups, per_group, 1).to(b.dtype)).reshape(
+        rows, length, heads, state)
     return q, k, xs.contiguous(), dt * a
 
 

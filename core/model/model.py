@@ -21,6 +21,7 @@ from superlinear.errors import InvalidRequest
 from superlinear.kernels import resolve_backend
 from superlinear.model import layer_types
 from superlinear.model.attention import ForwardContext, attach
+from superlinear.model.batch import BUCKETS, BatchCache, StaticRows, bound_for, bucket_for, rows_backend
 from superlinear.model.cache import Cache, CacheLayout
 from superlinear.model.checkpoint_meta import model_fingerprint, span_dict
 from superlinear.model.hybrid import HybridForward
@@ -44,6 +45,9 @@ class _Shared:
     hybrid: HybridForward | None = None  # our forward for Nemotron-H hybrids (None: transformers')
     lock: threading.RLock = field(default_factory=threading.RLock)
     graph_error: str | None = None  # set when a capture failed: decode stays eager from then on
+    # batched decode steps (decode_batch): per (graph key, bucket) its static buffers and graph
+    batch_steps: dict = field(default_factory=dict)
+    batch_graph_error: str | None = None  # a batched capture failed: batches decode eagerly
 
 
 @dataclass
@@ -52,6 +56,15 @@ class _DecodeGraph:
     ids: torch.Tensor
     pos: torch.Tensor
     logits: torch.Tensor
+
+
+@dataclass
+class _BatchStep:
+    """A batched decode step for one bucket: its buffers and (on CUDA) its captured graph."""
+
+    rows: StaticRows
+    graph: Any = None
+    logits: torch.Tensor | None = None
 
 
 class Model:
@@ -163,6 +176,7 @@ class Model:
             "max_position_embeddings": int(getattr(self.hf.config, "max_position_embeddings", 0) or 0),
             "cuda_graph": self.cuda_graph and self._shared.graph_error is None,
             "cuda_graph_error": self._shared.graph_error,
+            "batch_graph_error": self._shared.batch_graph_error,  # decode_batch's bucket graphs
             **self.forward_info(),
             "fingerprint": self.fingerprint,
         }
@@ -232,10 +246,10 @@ class Model:
         return cache
 
     # -- compute --------------------------------------------------------------------------------
-    def _set_ctx(self, start: int, length: int, positions: torch.Tensor, graph: bool) -> None:
+    def _set_ctx(self, start: int, length: int, positions: torch.Tensor, graph: bool, batch=None) -> None:
         ctx = self._shared.ctx
         ctx.mode, ctx.params, ctx.backend = self.attention, self.span_params, self.backend
-        ctx.start, ctx.length, ctx.positions, ctx.graph = start, length, positions, graph
+        ctx.start, ctx.length, ctx.positions, ctx.graph, ctx.batch = start, length, positions, graph, batch
 
     def _forward(self, cache: Cache, ids: torch.Tensor, start: int, every: bool = False) -> torch.Tensor:
         """Logits ``[V]`` of the last token of ``ids``, or ``[T, V]`` of every token (``every``)."""
@@ -315,6 +329,126 @@ class Model:
             logits = self._forward(cache, ids, cache.position)
             cache.position += 1
             return logits
+
+    @torch.inference_mode()
+    def decode_batch(self, caches: Sequence[Cache], token_ids: Sequence[int], *,
+                     graph: bool | None = None) -> torch.Tensor:
+        """Append one token to each cache (``token_ids[b]`` to ``caches[b]``; each session its own
+        cache, of any length); fp32 logits ``[B, V]``, row b what ``decode_step(caches[b],
+        token_ids[b])`` returns. Every weight is read once for the B rows; attention and the
+        recurrent state are per sequence (``superlinear.model.batch``). One row is ``decode_step``
+        (its CUDA graph). ``graph``: None = a CUDA graph per batch-size bucket where decode runs
+        graphs (superlinear attention on Triton); True = the static tables a graph captures, run
+        eagerly off CUDA (tests, under the Triton interpreter); False = eager."""
+        caches, ids = list(caches), [int(t) for t in token_ids]
+        if len(caches) != len(ids):
+            raise InvalidRequest(f"decode_batch needs one token per cache, got {len(caches)} caches and "
+                                 f"{len(ids)} tokens")
+        if len({id(c) for c in caches}) != len(caches):
+            raise InvalidRequest("decode_batch got the same cache twice: one token per sequence and step")
+        if not caches:
+            return torch.empty((0, self.vocab_size), dtype=torch.float32, device=self.device)
+        if len(caches) == 1 and graph is not True:
+            return self.decode_step(caches[0], ids[0])[None]
+        if not self._batches(caches):  # a forward that runs one sequence: a step each
+            return torch.stack([self.decode_step(c, t) for c, t in zip(caches, ids, strict=True)])
+        for cache in caches:
+            cache.reserve(cache.position + 1)
+        static = self._static_rows() if graph is None else bool(graph)
+        out = []
+        with self._shared.lock:
+            for begin in range(0, len(caches), BUCKETS[-1]):
+                part, part_ids = caches[begin:begin + BUCKETS[-1]], ids[begin:begin + BUCKETS[-1]]
+                logits = self._decode_static(part, part_ids) if static else None
+                if logits is None:
+                    logits = self._decode_rows(part, part_ids)
+                for cache in part:
+                    cache.position += 1
+                out.append(logits)
+        return torch.cat(out)
+
+    def batch_steps(self) -> list[dict]:
+        """The batched decode steps built so far (one per bucket): ``bucket``, ``bound`` (the
+        largest cache capacity its tables serve) and ``graph`` (captured as a CUDA graph)."""
+        return sorted(({"bucket": s.rows.bucket, "bound": s.rows.bound, "graph": s.graph is not None}
+                       for s in self._shared.batch_steps.values()), key=lambda s: s["bucket"])
+
+    def _batches(self, caches: list[Cache]) -> bool:
+        """Whether this forward runs B sequences in one pass: ours for hybrids, transformers'
+        for the attention-only (llama-family) models, over plain caches of this model."""
+        forward_ok = self.fast_paths or self._shared.hybrid is None
+        return forward_ok and all(type(c) is Cache and c.layout == self.layout for c in caches)
+
+    def _static_rows(self) -> bool:
+        return (self.cuda_graph and self._shared.batch_graph_error is None and self.attention == "superlinear"
+                and rows_backend(self.backend, self.device, self.attention) == "triton")
+
+    def _run_rows(self, batch: BatchCache, ids: torch.Tensor) -> torch.Tensor:
+        """One forward of ``ids [B, 1]``, row b at ``batch.positions[b]``: logits ``[B, 1, V]``."""
+        self._set_ctx(0, 1, batch.positions, graph=False, batch=batch)
+        self._shared.ctx.partition = None
+        try:
+            if self.fast_paths:
+                return self._shared.hybrid(ids, batch)
+            return self.hf(input_ids=ids, position_ids=batch.positions[:, None], use_cache=True, logits_to_keep=1,
+                           **{self._cache_kw: batch}).logits
+        finally:
+            self._shared.ctx.batch = None
+
+    def _decode_rows(self, caches: list[Cache], ids: list[int]) -> torch.Tensor:
+        batch = BatchCache.rows(caches, rows_backend(self.backend, self.device, self.attention))
+        tokens = torch.tensor(ids, dtype=torch.long, device=self.device)[:, None]
+        logits = self._run_rows(batch, tokens)[:, -1].float()
+        batch.scatter()
+        return logits
+
+    def _decode_static(self, caches: list[Cache], ids: list[int]) -> torch.Tensor | None:
+        """The step on a bucket's static buffers, replayed as a CUDA graph on CUDA (None: the
+        capture failed; the caller decodes eagerly)."""
+        bucket = bucket_for(len(caches))
+        key = (self._graph_key(), bucket)
+        step = self._shared.batch_steps.get(key)
+        if step is None or not step.rows.fits(caches):
+            # a larger bound replaces the bucket's old step (graph and pool freed first)
+            self._shared.batch_steps.pop(key, None)
+            bound = bound_for(max(c.capacity for c in caches))
+            step = _BatchStep(StaticRows(self.layout, bucket, bound, self.device, self.dtype))
+            if self.device.type == "cuda":
+                try:
+                    self._capture_rows(step, caches, ids)
+                except Exception as exc:  # an optimisation: fall back to eager batched decode
+                    reason = f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}"
+                    print(f"spl: warning: CUDA graph capture of a batched step failed ({reason}); "
+                          "decoding batches without graphs", file=sys.stderr)
+                    self._shared.batch_graph_error = reason
+                    torch.cuda.synchronize()
+                    return None
+            self._shared.batch_steps[key] = step
+        batch = step.rows.load(caches, ids)
+        if step.graph is not None:
+            self._set_ctx(0, 1, batch.positions, graph=True)
+            step.graph.replay()
+            logits = step.logits
+        else:
+            logits = self._run_rows(batch, step.rows.ids)
+        step.rows.store(caches)
+        return logits[:len(caches), -1].float().clone()
+
+    def _capture_rows(self, step: _BatchStep, caches: list[Cache], ids: list[int]) -> None:
+        """Capture the bucket's step: two warm-up runs on a side stream (they write this step's
+        keys, which the real step rewrites, and step only the static recurrent buffers), then
+        the graph."""
+        stream = torch.cuda.Stream()
+        stream.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(stream):
+            for _ in range(2):
+                self._run_rows(step.rows.load(caches, ids), step.rows.ids)
+        torch.cuda.current_stream().wait_stream(stream)
+        batch = step.rows.load(caches, ids)
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            step.logits = self._run_rows(batch, step.rows.ids)
+        step.graph = graph
 
     # -- CUDA graph decode ----------------------------------------------------------------------
     def _graph_key(self) -> tuple:

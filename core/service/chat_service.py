@@ -25,6 +25,7 @@ from .session_rule import merge_session_messages
 
 log = logging.getLogger("spl.service")
 SCRATCH_START = 16384  # tokens; grows to the default max_seq_len when a request needs it
+MAX_IDLE_SCRATCH = 2  # scratch conversations kept between requests (each holds its last prompt's cache)
 MODEL_ALIASES = ("default",)  # accepted as a request's "model" whatever the server serves
 
 
@@ -50,7 +51,9 @@ class ChatService:
         self.store = store
         self.persist_turns = persist_turns
         self.chunk_size = chunk_size
-        self.scratch = None  # the Conversation of requests without a session (kept between them)
+        # Conversations of requests without a session: kept between requests (a client that
+        # resends a growing history reuses its prefix); one per request running at once.
+        self._scratch_idle: list = []
         self.restored: list[str] = []  # the sessions a previous run left, listed again at start
         # the names a request's "model" may give: the served name (vLLM's --served-model-name), the
         # model's own, "default", how it was loaded; the first is the one /v1/models reports
@@ -107,14 +110,19 @@ class ChatService:
                 self.persist(session.id)
 
     def _turn(self, turn: ChatTurn, session, cancel):
+        if session is not None:
+            conv = session.conversation or self.manager.get(session.id).conversation
+            return (yield from self._turn_on(conv, turn, session, cancel))
+        with self.scratch_conversation() as conv:
+            return (yield from self._turn_on(conv, turn, None, cancel))
+
+    def _turn_on(self, conv, turn: ChatTurn, session, cancel):
         from superlinear.engine.turn import run_turn
 
         if session is not None:
-            conv = session.conversation or self.manager.get(session.id).conversation
             messages, how, _kept = merge_session_messages(list(conv.transcript), turn.request.messages,
                                                           turn.session_mode)
         else:
-            conv = self.scratch_conversation()
             messages, how = turn.request.messages, None
         request = dataclasses.replace(turn.request, messages=messages)
         started = False
@@ -132,7 +140,7 @@ class ChatService:
         try:
             return (yield from _until_done(events()))
         except TooLarge:
-            if session is not None or started or not self._grow_scratch():
+            if session is not None or started or not self._grow_scratch(conv):
                 raise
             return (yield from _until_done(events()))
 
@@ -145,10 +153,10 @@ class ChatService:
         from superlinear.engine.completion import DEFAULT_MAX_TOKENS, prompt_ids, run_completion
 
         ids = prompt_ids(self.model.tokenizer, prompt)
-        conv = self.scratch_conversation()
-        if len(ids) + (sampling.max_tokens or DEFAULT_MAX_TOKENS) > conv.max_seq_len:
-            self._grow_scratch()
-        yield from run_completion(conv, ids, sampling, repetition=repetition, echo=echo, cancel=cancel)
+        with self.scratch_conversation() as conv:
+            if len(ids) + (sampling.max_tokens or DEFAULT_MAX_TOKENS) > conv.max_seq_len:
+                self._grow_scratch(conv)
+            yield from run_completion(conv, ids, sampling, repetition=repetition, echo=echo, cancel=cancel)
 
     def tokenize(self, source: str | list[dict], *, add_special: bool = True, add_generation_prompt: bool = True,
                  with_pieces: bool = False) -> dict:
@@ -173,22 +181,30 @@ class ChatService:
         tok = self.model.tokenizer
         return tokens.detokenize(tok, tokens.check_ids(tok, ids))
 
+    @contextlib.contextmanager
     def scratch_conversation(self):
-        """The conversation of requests without a session. It is kept between requests, so a
-        client that resends a growing history reuses its prefix."""
-        if self.scratch is None:
+        """A conversation for a request without a session, for the request's duration: the one
+        used last when it is free (its cache keeps the previous prompt: a client that resends a
+        growing history reuses its prefix), a new one when requests run at once."""
+        if self._scratch_idle:
+            conv = self._scratch_idle.pop()
+        else:
             from superlinear.engine.conversation import Conversation
 
-            self.scratch = Conversation(self.model, min(self.manager.default_max_seq_len, SCRATCH_START),
-                                        chunk_size=self.chunk_size)
-        return self.scratch
+            conv = Conversation(self.model, min(self.manager.default_max_seq_len, SCRATCH_START),
+                                chunk_size=self.chunk_size)
+        try:
+            yield conv
+        finally:
+            # the most recent first; past MAX_IDLE_SCRATCH the others' caches are freed
+            self._scratch_idle = [*self._scratch_idle, conv][-MAX_IDLE_SCRATCH:]
 
-    def _grow_scratch(self) -> bool:
-        """Give the scratch conversation the full default max_seq_len; False if it has it."""
+    def _grow_scratch(self, conv) -> bool:
+        """Give a scratch conversation the full default max_seq_len; False if it has it."""
         limit = self.manager.default_max_seq_len
-        if self.scratch is None or self.scratch.max_seq_len >= limit:
+        if conv.max_seq_len >= limit:
             return False
-        self.scratch.resize(limit)
+        conv.resize(limit)
         return True
 
     # -- sessions ------------------------------------------------------------------------------

@@ -109,6 +109,8 @@ SETTINGS: tuple[Setting, ...] = (
     Setting("memory_budget", "SPL_MEMORY_BUDGET", None, _size),
     Setting("max_seq_len", "SPL_MAX_SEQ_LEN", None, _int(1)),
     Setting("chunk_size", "SPL_CHUNK_SIZE", None, _int(1)),
+    # None: the scheduler's default for the device (superlinear.engine.scheduler)
+    Setting("max_step_tokens", "SPL_MAX_STEP_TOKENS", None, _int(1)),
     Setting("device", "SPL_DEVICE", None, _text),
     Setting("threads", "SPL_THREADS", None, _int(1, 1024)),  # None: threads.default_threads()
     Setting("persist", "SPL_PERSIST", "turn", _choice(PERSIST_MODES)),

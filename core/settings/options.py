@@ -26,6 +26,7 @@ class ServeOptions:
     host: str = DEFAULT_HOST
     port: int = DEFAULT_PORT
     chunk_size: int | None = None
+    max_step_tokens: int | None = None  # prefill tokens per scheduler step (None: the device's default)
     max_seq_len: int | None = None
     api_key: str | None = None
     max_concurrency: int = 16
@@ -52,6 +53,8 @@ class ServeOptions:
             args += ["--served-model-name", self.served_model_name]
         if self.chunk_size:
             args += ["--chunk-size", str(self.chunk_size)]
+        if self.max_step_tokens:
+            args += ["--max-step-tokens", str(self.max_step_tokens)]
         if self.max_seq_len:
             args += ["--max-seq-len", str(self.max_seq_len)]
         if self.memory_budget:
@@ -112,6 +115,10 @@ def server_options(func):
                      help=_help("Port to listen on.", "SPL_PORT", DEFAULT_PORT)),
         click.option("--chunk-size", type=click.IntRange(1), default=None,
                      help=_help("Prefill chunk size in tokens (the model's default if unset).", "SPL_CHUNK_SIZE")),
+        click.option("--max-step-tokens", type=click.IntRange(1), default=None,
+                     help=_help("Prompt tokens prefilled per scheduler step, shared by the waiting prompts: "
+                                "running streams wait at most one such step per token (if unset: 256 on CPU, "
+                                "4096 on CUDA).", "SPL_MAX_STEP_TOKENS")),
         click.option("--max-seq-len", "--max-model-len", "--ctx-size", "-c", "max_seq_len", type=click.IntRange(1),
                      default=None,
                      help=_help("Context length of new sessions and of requests without one, reported as "

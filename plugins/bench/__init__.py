@@ -14,7 +14,7 @@ import click
 
 from superlinear.hookspecs import hookimpl
 
-SUBCOMMANDS = ("attention", "generate", "niah")
+SUBCOMMANDS = ("attention", "generate", "niah", "serve")
 
 
 def _modules():
@@ -30,7 +30,7 @@ def _modules():
 
 @click.group("bench")
 def bench_group() -> None:
-    """Benchmarks: attention kernels, end-to-end generation, needle retrieval."""
+    """Benchmarks: attention kernels, end-to-end generation, needle retrieval, serving load."""
 
 
 def _find_command(module):

@@ -23,6 +23,7 @@ from dataclasses import dataclass
 import click
 
 from superlinear.bus import Context
+from superlinear.plugins.bench.batch_decode import batch_rows, markdown_rows
 from superlinear.plugins.bench.lengths import case_error, exit_on_failed_cases, fmt_length, parse_length
 from superlinear.plugins.bench.provenance import provenance, provenance_line
 from superlinear.plugins.bench.ranks import Ranks
@@ -42,6 +43,7 @@ class BenchGenerate:
     graph: bool = True
     world_size: int = 1
     probe: bool = False
+    batches: tuple[int, ...] = ()  # --batch: sessions decoding together (bench.batch_decode)
 
 
 def _sync(device) -> None:
@@ -107,6 +109,12 @@ def run_bench(command: BenchGenerate, ctx: Context | None = None) -> dict:
                 rows.append({"length": length, "attention": attention, "skipped": "one rank only"})
                 continue
             model = ranks.variant(base, attention)
+            if command.batches:
+                if (attention, model.device.type) not in warmed:
+                    _warm_up(model, ids[:min(length, max(2 * model.window, chunk_size) + 512)], chunk_size, ranks)
+                    warmed.add((attention, model.device.type))
+                rows.extend(batch_rows(model, ids, length, attention, command, chunk_size))
+                continue
             row = {"length": length, "attention": attention}
             cache = None
             try:
@@ -170,6 +178,7 @@ def run_bench(command: BenchGenerate, ctx: Context | None = None) -> dict:
         "world_size": ranks.world_size,
         "rank": ranks.rank,
         "cuda_graph_error": info["cuda_graph_error"],
+        "batch_graph_error": info.get("batch_graph_error"),
         "rows": rows,
     }
 
@@ -188,6 +197,10 @@ def markdown(result: dict) -> str:
         f"{provenance_line(result)} · forward {result.get('forward')}"
         + (f" ({result['forward_reason']})" if result.get("forward_reason") else ""),
         "",
+    ]
+    if any("batch" in r for r in result["rows"]):
+        return "\n".join(lines + markdown_rows(result["rows"]))
+    lines += [
         "| context | attention | prefill tok/s | prefill s | decode tok/s (CUDA graph) | decode tok/s (eager) "
         "| cache | peak GPU memory |",
         "|---:|---|---:|---:|---:|---:|---:|---:|",
@@ -229,18 +242,32 @@ def markdown(result: dict) -> str:
               help="Split the context over this many ranks; run under torchrun --nproc-per-node N.")
 @click.option("--probe", is_flag=True,
               help="Allocate the cache for each length and time only its last chunk and the decode there.")
+@click.option("--batch", "batches", default=None,
+              help="Comma-separated session counts, e.g. 1,8: that many sessions of each length decode "
+                   "together (one forward per step); aggregate and per-stream decode tok/s.")
 @click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
 def command(model, device, dtype, lengths, attentions, chunk_size, decode_tokens, dense_max_len, no_graph,
-            world_size, probe, as_json) -> None:
+            world_size, probe, batches, as_json) -> None:
     """Prefill and decode tokens/s at several context lengths, superlinear vs dense."""
     parsed = tuple(parse_length(x) for x in lengths.split(",")) if lengths else ()
+    counts = _batch_counts(batches) if batches else ()
+    if counts and world_size > 1:
+        raise click.UsageError("--batch runs on one rank (--world-size 1)")
     result = run_bench(BenchGenerate(model=model, device=device, dtype=dtype, lengths=parsed,
                                     attentions=tuple(a.strip() for a in attentions.split(",") if a.strip()),
                                     chunk_size=chunk_size, decode_tokens=max(2, decode_tokens),
                                     dense_max_len=parse_length(dense_max_len), graph=not no_graph,
-                                    world_size=world_size, probe=probe))
+                                    world_size=world_size, probe=probe, batches=counts))
     if result.get("rank", 0) == 0:
         click.echo(json.dumps(result, indent=2, default=str) if as_json else markdown(result))
     exit_on_failed_cases(result["rows"])
 
 
+def _batch_counts(text: str) -> tuple[int, ...]:
+    try:
+        counts = tuple(int(x) for x in text.split(",") if x.strip())
+    except ValueError:
+        raise click.BadParameter(f"{text!r}: comma-separated session counts, e.g. 1,8", param_hint="--batch") from None
+    if not counts or any(not 1 <= n <= 1024 for n in counts):
+        raise click.BadParameter(f"{text!r}: each count between 1 and 1024", param_hint="--batch")
+    return counts

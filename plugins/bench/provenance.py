@@ -70,10 +70,13 @@ def nvidia_driver() -> str | None:
 
 def device_info(device) -> dict:
     """Name, driver, CUDA runtime and compute capability of a CUDA device; the processor and
-    thread count otherwise."""
+    thread count otherwise. ``None``: the host of a command that runs no model itself (a load
+    generator, ``spl bench serve``): its processor and CPU count, without importing torch."""
+    if device is None:
+        return {"type": "host", "name": platform.processor() or platform.machine() or "cpu", "cpus": os.cpu_count()}
     import torch
 
-    device = torch.device(device) if device is not None else torch.device("cpu")
+    device = torch.device(device)
     if device.type == "cuda":
         major, minor = torch.cuda.get_device_capability(device)
         props = torch.cuda.get_device_properties(device)

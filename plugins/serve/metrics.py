@@ -62,6 +62,7 @@ class ServerMetrics:
         self.prefill_rate = Gauge("spl_prefill_tokens_per_second", "Prefill tokens/s of the last turn", registry=r)
         self.decode_rate = Gauge("spl_decode_tokens_per_second", "Decode tokens/s of the last turn", registry=r)
         r.register(_RuntimeGauges(runtime))
+        self.scheduler = SchedulerMetrics(runtime, r)
 
     def request(self, method: str, route: str, status: int) -> None:
         self.requests.labels(method, route, str(status)).inc()
@@ -121,9 +122,8 @@ class _RuntimeGauges:
         worker = rt.worker
         yield _gauge("spl_queue_depth", "Jobs waiting for the model worker", worker.queued())
         yield _gauge("spl_generations", "Generations waiting or running", worker.generations)
-        current = worker.current
-        running = 1 if current is not None and current.kind == "generation" else 0
-        yield _gauge("spl_requests_running", "Generations running on the model (one at a time)", running)
+        running = worker.running()
+        yield _gauge("spl_requests_running", "Generations running on the model (batched by the scheduler)", running)
         yield _gauge("spl_requests_waiting", "Generations waiting for the model", max(0, worker.generations - running))
         manager = rt.manager
         if manager is not None:
@@ -141,6 +141,59 @@ class _RuntimeGauges:
         device = _device_memory()
         if device is not None:
             yield _gauge("spl_device_memory_allocated_bytes", "GPU memory allocated by torch", device)
+
+
+# -- the engine's scheduler (continuous batching) ---------------------------------------------------
+# Its own block: a step is one batched decode of the running sequences plus prefill chunks.
+_BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128)
+_STEP_SECONDS_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10)
+
+
+class SchedulerMetrics:
+    """Step time, decode batch size and queue time as histograms (observed on the model's worker
+    as they happen); running / waiting / batch gauges read at scrape time."""
+
+    def __init__(self, runtime, registry: CollectorRegistry):
+        r = registry
+        self.step_seconds = Histogram("spl_scheduler_step_seconds", "Time of one scheduler step (a batched "
+                                      "decode plus prefill chunks)", registry=r, buckets=_STEP_SECONDS_BUCKETS)
+        self.batch_size = Histogram("spl_scheduler_batch_size", "Sequences decoded together in a step",
+                                    registry=r, buckets=_BATCH_BUCKETS)
+        self.prefill_tokens = Counter("spl_scheduler_prefill_tokens", "Prompt tokens prefilled by scheduler "
+                                      "steps", registry=r)
+        self.queue_seconds = Histogram("spl_request_queue_time_seconds", "Time a generation waited before the "
+                                       "scheduler started it", registry=r, buckets=_SECONDS_BUCKETS)
+        r.register(_SchedulerGauges(runtime))
+
+    def step(self, batch: int, prefill_tokens: int, seconds: float) -> None:
+        self.step_seconds.observe(seconds)
+        if batch:
+            self.batch_size.observe(batch)
+        if prefill_tokens:
+            self.prefill_tokens.inc(prefill_tokens)
+
+    def started(self, job) -> None:
+        if job.kind == "generation":
+            self.queue_seconds.observe(job.queued_s)
+
+
+class _SchedulerGauges:
+    def __init__(self, runtime):
+        self.runtime = runtime
+
+    def describe(self):
+        return []
+
+    def collect(self):
+        state = self.runtime.scheduler_state()
+        yield _gauge("spl_scheduler_running", "Sequences in the scheduler (decoding or prefilling)", state["running"])
+        yield _gauge("spl_scheduler_decoding", "Sequences decoding (the next step's batch)", state["decoding"])
+        yield _gauge("spl_scheduler_prefilling", "Sequences whose prompt is being prefilled", state["prefilling"])
+        yield _gauge("spl_scheduler_waiting", "Generations waiting to start", state["waiting"])
+        yield _gauge("spl_scheduler_last_batch_size", "Sequences decoded in the last step", state["batch"])
+        if state["max_step_tokens"]:
+            yield _gauge("spl_scheduler_max_step_tokens", "Prompt tokens prefilled per step at most",
+                         state["max_step_tokens"])
 
 
 def _gauge(name: str, doc: str, value) -> GaugeMetricFamily:

@@ -117,7 +117,8 @@ class CompletionReply:
                     yield self._chunk(piece)
                 case Done():
                     self._done(event)
-                    yield self._chunk("", _finish(event), done=dataclasses.asdict(event))
+                    yield self._chunk("", _finish(event), done=dataclasses.asdict(event),
+                                      timings=openai.spl_timings(event.usage, event.timings, self.stream_.job.queued_s))
                     if self.body.stream_options and self.body.stream_options.include_usage:
                         yield {**self._base(None), "usage": openai.openai_usage(event.usage)}
 
@@ -138,7 +139,7 @@ class CompletionReply:
         if self.body.logprobs is not None:
             answer["choices"][0]["logprobs"] = completion_logprobs(logprobs, len(self.echo), prompt_logprobs)
         return {**answer, "usage": openai.openai_usage(done.usage),
-                "timings": openai.spl_timings(done.usage, done.timings, None)}
+                "timings": openai.spl_timings(done.usage, done.timings, self.stream_.job.queued_s)}
 
 
 def _finish(done: Done) -> str:

@@ -36,7 +36,10 @@ PERSIST_RETRY_BACKGROUND_S = 30.0
 class Runtime:
     def __init__(self, options: ServeOptions):
         self.options = options
-        self.worker = Worker(max_queued=options.max_concurrency)
+        # the metrics' scheduler block observes every step and every job's queue time
+        self.worker = Worker(max_queued=options.max_concurrency, max_step_tokens=options.max_step_tokens,
+                             on_step=lambda *step: self.metrics.scheduler.step(*step),
+                             on_start=lambda job: self.metrics.scheduler.started(job))
         self.status = "loading"  # loading | ok | error | stopping
         self.progress = f"loading model {options.model}"
         self.error: str | None = None
@@ -195,7 +198,8 @@ class Runtime:
             "pid": os.getpid(),
             "uptime_s": round(time.time() - self.started_at, 1),
             "queued": self.worker.generations,
-            "busy": self.worker.current is not None,
+            "busy": self.worker.current is not None or self.worker.running() > 0,
+            "scheduler": self.scheduler_state(),
             "threads": self.threads,
         }
         if self.status == "loading":
@@ -216,6 +220,16 @@ class Runtime:
 
             h["version"] = __version__
         return h
+
+    def scheduler_state(self) -> dict:
+        """What the engine's scheduler does now (``/health``, ``spl server status``)."""
+        worker = self.worker
+        sched = worker.scheduler
+        stats = sched.stats
+        step_tokens = sched.step_tokens(self.model) if self.model is not None else self.options.max_step_tokens
+        return {"running": worker.running(), "decoding": stats.decoding, "prefilling": stats.prefilling,
+                "waiting": max(0, worker.generations - worker.running()), "batch": stats.last_batch,
+                "steps": stats.steps, "max_step_tokens": step_tokens}
 
     def finished(self, done, *, session_id: str | None, persisted: bool | None, queued_s: float | None) -> None:
         """A generation ended: count it, remember its prefill speed, record its metrics."""

@@ -7,6 +7,7 @@ import os
 import torch
 
 from .params import SpanParams
+from .rows import KVRows
 
 BACKENDS = ("reference", "triton")
 _DTYPES = (torch.float32, torch.float16, torch.bfloat16)
@@ -87,3 +88,44 @@ def superlinear_decode(q1, q2, k, v, positions, params: SpanParams, key_mask=Non
     from .reference import reference_decode
 
     return reference_decode(q1, q2, k, v, positions.reshape(-1), params, key_mask)
+
+
+def superlinear_decode_rows(q1, q2, rows: KVRows, positions, params: SpanParams, backend=None):
+    """B sequences of different lengths, one query each: ``q1, q2 [B,HQ,1,D]``, row b's keys and
+    values where ``rows`` (``KVRows``) says, filled up to ``positions[b]`` (int64 ``[B]``, on the
+    device) -> ``[B,HQ,1,D]``, row b equal to ``superlinear_decode`` of that sequence alone. The
+    Triton backend is one launch per stage for all rows and reads only device tables (a CUDA graph
+    replays it for other sequences); the reference decodes the rows one by one."""
+    if not isinstance(params, SpanParams):
+        raise TypeError(f"params must be a SpanParams, got {type(params).__name__}")
+    B, HQ, LQ, D = q2.shape
+    if q1.shape != q2.shape or LQ != 1:
+        raise ValueError(f"q1 and q2 must both be [B,HQ,1,D], got {tuple(q1.shape)} and {tuple(q2.shape)}")
+    if len(rows) != B or positions.numel() != B:
+        raise ValueError(f"{B} queries need {B} K/V rows and positions, got {len(rows)} and {positions.numel()}")
+    if D != rows.head_dim or HQ % rows.num_kv_heads:
+        raise ValueError(f"q {tuple(q2.shape)} does not match K/V rows of {rows.num_kv_heads} heads of {rows.head_dim}")
+    if resolve_backend(backend, q2.device) == "triton":
+        from .triton_decode_rows import triton_decode_rows
+
+        return triton_decode_rows(q1, q2, rows, positions.reshape(-1), params)
+    if rows.keys is None:
+        raise ValueError("the reference backend reads the K/V tensors: build the rows with KVRows.of")
+    from .reference import reference_decode
+
+    pos = positions.reshape(-1, 1)
+    return torch.cat([reference_decode(q1[b:b + 1], q2[b:b + 1], rows.keys[b], rows.values[b], pos[b], params)
+                      for b in range(B)])
+
+
+def append_kv_rows(k_new, v_new, rows: KVRows, positions, backend=None) -> None:
+    """Write a decode step's ``k_new``/``v_new [B,HKV,1,D]`` into row b's K/V at ``positions[b]``
+    (one Triton launch that reads only device tables, or a copy per row)."""
+    if resolve_backend(backend, k_new.device) == "triton":
+        from .triton_decode_rows import append_rows
+
+        append_rows(k_new, v_new, rows, positions.reshape(-1))
+        return
+    for b, t in enumerate(positions.reshape(-1).tolist()):
+        rows.keys[b][:, :, t:t + 1].copy_(k_new[b:b + 1])
+        rows.values[b][:, :, t:t + 1].copy_(v_new[b:b + 1])

@@ -6,10 +6,10 @@ past the live length exit early.
 
 1. ``_dec_score_kernel`` (batch x kv head x candidate block): routing scores q1 . k[anchor] of all
    candidate stripes for every query head of the GQA group (fp32), -inf where invalid.
-2. ``_dec_topk_kernel`` (batch x query head): top-k (tie: larger i), gate logits, span bounds.
+2. ``dec_topk_kernel`` (batch x query head): top-k (tie: larger i), gate logits, span bounds.
 3. ``_dec_partial_kernel`` (batch x query head x (k slots + window) x split): one chunk of its
    slot's span (or of the window) -> partial softmax (max, sum, acc), split-K / flash-decoding.
-4. ``_dec_combine_kernel`` (batch x query head): merges the splits, O_j = merge(window, span_j),
+4. ``dec_combine_kernel`` (batch x query head): merges the splits, O_j = merge(window, span_j),
    gate softmax, output.
 """
 
@@ -70,7 +70,7 @@ def _dec_score_kernel(q1_ptr, k_ptr, pos_ptr, mask_ptr, offs_ptr, score_ptr,
 
 
 @triton.jit
-def _dec_topk_kernel(pos_ptr, st_ptr, offs_ptr, back_ptr, fwd_ptr, score_ptr, gate_ptr, lo_ptr, hi_ptr,
+def dec_topk_kernel(pos_ptr, st_ptr, offs_ptr, back_ptr, fwd_ptr, score_ptr, gate_ptr, lo_ptr, hi_ptr,
                      LKV, S1, CAP, W,
                      HQ: tl.constexpr, NC_PAD: tl.constexpr, NUM_SPANS: tl.constexpr, HAS_FWD: tl.constexpr):
     """Per (batch, query head): top-k of the candidate scores (a tie keeps the larger index,
@@ -155,7 +155,7 @@ def _dec_partial_kernel(q2_ptr, k_ptr, v_ptr, pos_ptr, mask_ptr, lo_ptr, hi_ptr,
 
 
 @triton.jit
-def _dec_combine_kernel(gate_ptr, part_m_ptr, part_l_ptr, part_acc_ptr, out_ptr, so_b, so_h, NSPLIT,
+def dec_combine_kernel(gate_ptr, part_m_ptr, part_l_ptr, part_acc_ptr, out_ptr, so_b, so_h, NSPLIT,
                         HQ: tl.constexpr, D: tl.constexpr, BLOCK_D: tl.constexpr,
                         NUM_SPANS: tl.constexpr, SPLIT_PAD: tl.constexpr):
     pid_bh = tl.program_id(0)
@@ -274,7 +274,7 @@ def triton_decode(q1, q2, k, v, positions, params: SpanParams, key_mask=None, ch
         return _sliced_tail(q2, k, v, pos, params, plan, scores, key_start, exchange)
     sel_lo = torch.empty(B * HQ, K, device=dev, dtype=torch.int32)
     sel_hi = torch.empty(B * HQ, K, device=dev, dtype=torch.int32)
-    _dec_topk_kernel[(B * HQ,)](
+    dec_topk_kernel[(B * HQ,)](
         pos, st, tab.offsets, tab.back, tab.fwd, scores, gate, sel_lo, sel_hi,
         LKV, S1, tab.capacity, params.window_len,
         HQ=HQ, NC_PAD=plan.nc_pad, NUM_SPANS=K, HAS_FWD=params.forward_factor > 0, num_warps=4)
@@ -285,7 +285,7 @@ def triton_decode(q1, q2, k, v, positions, params: SpanParams, key_mask=None, ch
         LKV, params.window_len, 1.0 / math.sqrt(D), plan.nsplit,
         HQ=HQ, G=G, D=D, BLOCK_D=BLOCK_D, NUM_SPANS=K, CHUNK=plan.chunk,
         BLOCK_N=plan.block_n, MASKED=masked, num_warps=plan.warps)
-    _dec_combine_kernel[(B * HQ,)](
+    dec_combine_kernel[(B * HQ,)](
         gate, part_m, part_l, part_acc, out, out.stride(0), out.stride(1), plan.nsplit,
         HQ=HQ, D=D, BLOCK_D=BLOCK_D, NUM_SPANS=K, SPLIT_PAD=plan.split_pad, num_warps=4)
     return out

@@ -1,4 +1,4 @@
-"""One token through Nemotron-H's mixture of experts in three kernels instead of ~25.
+"""A decode step's tokens through Nemotron-H's mixture of experts in three kernels instead of ~25.
 
 The grouped-matmul path spends a decode step's MoE layer on the router's matmul, sigmoid, top-k,
 gathers, a sort, counts, offsets, two grouped matmuls padded to full tiles for one row, the
@@ -24,15 +24,16 @@ from .reference import ACTIVATIONS
 def fused_moe_decode(x, router_weight, correction_bias, up, down, shared_up=None, shared_down=None, *,
                      top_k: int, norm_topk: bool, scaling: float, act: str, x_routed=None,
                      block_e: int = 4, block_i: int = 32, block_h: int = 128, block_o: int = 16) -> torch.Tensor:
-    """``moe_decode_reference`` on the Triton kernels (no host sync: capturable in a CUDA graph).
-    The block sizes are the GPU's tuning knobs, per program: experts of the router, rows of an
-    up projection, columns of the input per step, output rows of the down projection."""
+    """``moe_decode_reference`` on the Triton kernels (no host sync: capturable in a CUDA graph),
+    for the T tokens of a decode step (each reads its own experts' rows). The block sizes are the
+    GPU's tuning knobs, per program: experts of the router, rows of an up projection, columns of
+    the input per step, output rows of the down projection."""
     from .triton_fused import moe_decode_kernels
 
     xr = x if x_routed is None else x_routed
     num_experts, inner, routed_in = up.shape
-    if x.dim() != 2 or x.shape[0] != 1 or xr.shape != (1, routed_in):
-        raise ValueError(f"one token: x [1, H] and the routed input [1, {routed_in}], got {tuple(x.shape)}, "
+    if x.dim() != 2 or x.shape[0] < 1 or xr.shape != (x.shape[0], routed_in):
+        raise ValueError(f"x [T, H] and the routed input [T, {routed_in}] for T >= 1 tokens, got {tuple(x.shape)}, "
                          f"{tuple(xr.shape)}")
     if router_weight.shape != (num_experts, x.shape[1]) or down.shape[0] != num_experts or down.shape[2] != inner:
         raise ValueError(f"router {tuple(router_weight.shape)}, up {tuple(up.shape)} and down "

@@ -1,9 +1,10 @@
 """The Triton kernels of ``fused.fused_moe_decode``: router, up (routed + shared), down (sum).
 
-All accumulation is fp32; weights are read in their own dtype. The top-k is recomputed by every
-program of the up kernel from the E router scores (E is small: 128 for the 30B), which saves a
-launch; the programs of slot j's first row block write expert j's id and weight for the down
-kernel. Ties pick the lower expert index.
+The grid's second axis is the token: each of the T tokens of a (batched) decode step has its own
+programs and reads its own experts' rows. All accumulation is fp32; weights are read in their own
+dtype. The top-k is recomputed by every program of the up kernel from the E router scores (E is
+small: 128 for the 30B), which saves a launch; the programs of slot j's first row block write
+expert j's id and weight for the down kernel. Ties pick the lower expert index.
 """
 
 from __future__ import annotations
@@ -18,6 +19,9 @@ _ACT = {"relu2": 0, "silu": 1}
 @triton.jit
 def _router(x_ptr, w_ptr, scores_ptr, E, H, BLOCK_E: tl.constexpr, BLOCK_H: tl.constexpr):
     e = tl.program_id(0) * BLOCK_E + tl.arange(0, BLOCK_E)
+    token = tl.program_id(1).to(tl.int64)
+    x_ptr += token * H
+    scores_ptr += token * E
     acc = tl.zeros([BLOCK_E], dtype=tl.float32)
     for h0 in range(0, H, BLOCK_H):
         h = h0 + tl.arange(0, BLOCK_H)
@@ -78,6 +82,14 @@ def _up(x_ptr, xr_ptr, scores_ptr, bias_ptr, up_ptr, sup_ptr, hidden_ptr, shidde
         NORM: tl.constexpr, ACT: tl.constexpr, BLOCK_I: tl.constexpr, BLOCK_H: tl.constexpr):
     # programs 0 .. K * ROUTED_BLOCKS - 1: a row block of a selected expert; the rest: of the shared one
     pid = tl.program_id(0)
+    token = tl.program_id(1).to(tl.int64)
+    x_ptr += token * H
+    xr_ptr += token * HR
+    scores_ptr += token * E
+    hidden_ptr += token * K * INNER
+    shidden_ptr += token * SHARED_INNER
+    ids_ptr += token * K
+    wts_ptr += token * K
     if pid < K * ROUTED_BLOCKS:
         slot = pid // ROUTED_BLOCKS
         block = pid % ROUTED_BLOCKS
@@ -98,6 +110,11 @@ def _up(x_ptr, xr_ptr, scores_ptr, bias_ptr, up_ptr, sup_ptr, hidden_ptr, shidde
 def _down(hidden_ptr, shidden_ptr, ids_ptr, down_ptr, sdown_ptr, out_ptr, OUT, INNER, SHARED_INNER, K: tl.constexpr,
           SHARED: tl.constexpr, BLOCK_O: tl.constexpr, BLOCK_I: tl.constexpr):
     rows = tl.program_id(0) * BLOCK_O + tl.arange(0, BLOCK_O)
+    token = tl.program_id(1).to(tl.int64)
+    hidden_ptr += token * K * INNER
+    shidden_ptr += token * SHARED_INNER
+    ids_ptr += token * K
+    out_ptr += token * OUT
     acc = tl.zeros([BLOCK_O], dtype=tl.float32)
     for slot in tl.static_range(K):
         expert = tl.load(ids_ptr + slot).to(tl.int64)
@@ -112,25 +129,25 @@ def moe_decode_kernels(x, xr, router_weight, correction_bias, up, down, shared_u
                        norm_topk, scaling, act, block_e, block_i, block_h, block_o) -> torch.Tensor:
     """Launch the three kernels (arguments checked by ``fused.fused_moe_decode``)."""
     num_experts, inner, routed_in = up.shape
-    hidden_size, out_dim = x.shape[1], down.shape[1]
+    tokens, hidden_size, out_dim = x.shape[0], x.shape[1], down.shape[1]
     shared = shared_up is not None
     shared_inner = shared_up.shape[0] if shared else 0
     device = x.device
-    scores = torch.empty(num_experts, dtype=torch.float32, device=device)
-    hidden = torch.empty((top_k, inner), dtype=torch.float32, device=device)
-    shidden = torch.empty(max(shared_inner, 1), dtype=torch.float32, device=device)
-    ids = torch.empty(top_k, dtype=torch.int32, device=device)
-    wts = torch.empty(top_k, dtype=torch.float32, device=device)
-    out = torch.empty((1, out_dim), dtype=x.dtype, device=device)
-    _router[(triton.cdiv(num_experts, block_e),)](x, router_weight, scores, num_experts, hidden_size,
+    scores = torch.empty((tokens, num_experts), dtype=torch.float32, device=device)
+    hidden = torch.empty((tokens, top_k, inner), dtype=torch.float32, device=device)
+    shidden = torch.empty((tokens, max(shared_inner, 1)), dtype=torch.float32, device=device)
+    ids = torch.empty((tokens, top_k), dtype=torch.int32, device=device)
+    wts = torch.empty((tokens, top_k), dtype=torch.float32, device=device)
+    out = torch.empty((tokens, out_dim), dtype=x.dtype, device=device)
+    _router[(triton.cdiv(num_experts, block_e), tokens)](x, router_weight, scores, num_experts, hidden_size,
                                                    BLOCK_E=block_e, BLOCK_H=block_h)
     sup = shared_up if shared else up  # a placeholder pointer when there is no shared expert
     sdown = shared_down if shared else down
     routed_blocks = triton.cdiv(inner, block_i)
-    _up[(top_k * routed_blocks + triton.cdiv(shared_inner, block_i),)](
+    _up[(top_k * routed_blocks + triton.cdiv(shared_inner, block_i), tokens)](
         x, xr, scores, correction_bias, up, sup, hidden, shidden, ids, wts, num_experts, hidden_size, routed_in,
         inner, shared_inner, routed_blocks, scaling, K=top_k, BLOCK_E=triton.next_power_of_2(num_experts),
         NORM=bool(norm_topk), ACT=_ACT[act], BLOCK_I=block_i, BLOCK_H=block_h)
-    _down[(triton.cdiv(out_dim, block_o),)](hidden, shidden, ids, down, sdown, out, out_dim, inner, shared_inner,
+    _down[(triton.cdiv(out_dim, block_o), tokens)](hidden, shidden, ids, down, sdown, out, out_dim, inner, shared_inner,
                                             K=top_k, SHARED=shared, BLOCK_O=block_o, BLOCK_I=block_h)
     return out
