@@ -56,9 +56,20 @@ class Conflict(UserError):
 
 
 class TooLarge(UserError):
-    http_status = 413
+    """More tokens than a context (or the memory for one) holds: 400 ``context_length_exceeded``,
+    as OpenAI and vLLM answer it, so clients' ``BadRequestError`` fallbacks fire."""
+
+    http_status = 400
     error_type = "invalid_request_error"
     code = "context_length_exceeded"
+
+
+class BodyTooLarge(UserError):
+    """A request body (or upload) over the server's byte limit: HTTP 413."""
+
+    http_status = 413
+    error_type = "invalid_request_error"
+    code = "body_too_large"
 
 
 class Busy(UserError):
@@ -92,9 +103,10 @@ class ServerError(UserError):
 
 
 _BY_STATUS: dict[int, type[UserError]] = {400: InvalidRequest, 401: Unauthorized, 404: NotFound, 409: Conflict,
-                                          413: TooLarge, 422: InvalidRequest, 429: Busy, 503: Unavailable}
-_BY_CODE: dict[str, type[UserError]] = {cls.code: cls for cls in (Unauthorized, NotFound, Conflict, TooLarge, Busy,
-                                                                   OverBudget, Unavailable, ServerError)}
+                                          413: BodyTooLarge, 422: InvalidRequest, 429: Busy, 503: Unavailable}
+_BY_CODE: dict[str, type[UserError]] = {cls.code: cls for cls in (Unauthorized, NotFound, Conflict, TooLarge,
+                                                                   BodyTooLarge, Busy, OverBudget, Unavailable,
+                                                                   ServerError)}
 
 
 def from_openai(error: dict, status: int | None = None) -> UserError:

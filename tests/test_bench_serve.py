@@ -146,6 +146,7 @@ def test_server_errors_are_counted(server):
     (("--concurrency", "1,x"), "--concurrency must be comma-separated"),
     (("--long-prompt-tokens", "1K:2K"), "one length"),
     (("--mix", "long-prefill", "--request-rate", "2"), "fixed --concurrency"),
+    (("--concurrency", "2", "--request-rate", "2"), "not both"),
 ])
 def test_bad_options_exit_2(server, args, message):
     done = bench(server, *args)

@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from superlinear.engine import Conversation, Done, SamplingParams, TextDelta, prompt_ids, run_completion
-from superlinear.errors import InvalidRequest
+from superlinear.errors import InvalidRequest, TooLarge
 
 pytestmark = pytest.mark.slow
 
@@ -64,6 +64,7 @@ def test_bad_prompts_are_refused(default_model, prompt, match):
 def test_a_prompt_longer_than_the_context_is_refused_before_any_work(default_model):
     conv = Conversation(default_model, 16)
     ids = prompt_ids(default_model.tokenizer, PROMPT * 3)
-    with pytest.raises(InvalidRequest, match="at most 16"):
+    with pytest.raises(TooLarge, match="at most 16") as err:  # 400 context_length_exceeded
         list(run_completion(conv, ids, SamplingParams()))
+    assert err.value.http_status == 400 and err.value.code == "context_length_exceeded"
     assert conv.position == 0

@@ -261,13 +261,20 @@ def test_template_opened_think_and_zero_budget(tokenizer):
 
 def test_named_tool_choice_forces_the_call(tokenizer):
     tools = [{"type": "function", "function": {"name": "get_weather", "parameters": {"type": "object"}}}]
-    script = tokenizer.encode('{"city": "Oslo"}}\n</tool_call>', add_special_tokens=False)
+    # the grammar forces '<tool_call>\n{"name":"get_weather","arguments":' (compact JSON); then the model
+    script = tokenizer.encode('{"city":"Oslo"}}\n</tool_call>', add_special_tokens=False)
     conv = Conversation(FakeModel(tokenizer, script=script), 4096)
     choice = {"type": "function", "function": {"name": "get_weather"}}
     ev, d = _run(conv, [{"role": "user", "content": "Weather?"}], tools=tools, tool_choice=choice,
                  sampling=SamplingParams(max_tokens=40))
     assert d.finish_reason == "tool_calls" and _text(ev) == ""
     assert d.message["tool_calls"][0]["function"] == {"name": "get_weather", "arguments": '{"city": "Oslo"}'}
+    # a model that would write something else is held to the call's markup and the tool's name
+    conv = Conversation(FakeModel(tokenizer, script=tokenizer.encode("Sure! It is sunny.", add_special_tokens=False)),
+                        4096)
+    _, d = _run(conv, [{"role": "user", "content": "Weather?"}], tools=tools, tool_choice=choice,
+                sampling=SamplingParams(max_tokens=40))
+    assert "<tool_call>" not in (d.message["content"] or "") and "Sure" not in (d.message["content"] or "")
     # tool_choice "none": the tools are not even described
     conv = Conversation(FakeModel(tokenizer), 4096)
     _, d = _run(conv, [{"role": "user", "content": "Weather?"}], tools=tools, tool_choice="none")
@@ -278,7 +285,9 @@ def test_named_tool_choice_forces_the_call(tokenizer):
     ({"sampling": SamplingParams(seed=2**64)}, "seed"),
     ({"sampling": SamplingParams(top_k=-1)}, "top_k"),
     ({"sampling": SamplingParams(temperature=float("nan"))}, "temperature"),
-    ({"sampling": SamplingParams(max_tokens=0)}, "max_tokens"),
+    ({"sampling": SamplingParams(max_tokens=-1)}, "max_tokens"),
+    ({"sampling": SamplingParams(min_tokens=5, max_tokens=2)}, "min_tokens"),
+    ({"sampling": SamplingParams(stop_token_ids=[-3])}, "stop_token_ids"),
     ({"sampling": SamplingParams(stop=["x" * 5000])}, "stop"),
     ({"reasoning_budget": 2**70}, "reasoning_budget"),
     ({"repetition": "big"}, "repetition_detection.max_period"),

@@ -9,6 +9,7 @@ import jsonschema
 import pytest
 import torch
 
+from superlinear.engine.grammar import from_response_format, grammar_of
 from superlinear.engine.limits import check_sampling
 from superlinear.engine.sampling import Sampler, prompt_logprobs, token_logprob
 from superlinear.engine.types import SamplingParams
@@ -135,7 +136,7 @@ def test_grammar_masks_random_logits_into_valid_json(tokenizer, response_format)
     closers = [tokenizer.convert_tokens_to_ids(t) for t in ('"', "}", ":", "1")]
     torch.manual_seed(0)
     for seed in range(3):
-        s = Sampler(SamplingParams(temperature=1.0, seed=seed, response_format=response_format),
+        s = Sampler(SamplingParams(temperature=1.0, seed=seed, structured=from_response_format(response_format)),
                     tokenizer=tokenizer, end_ids=[end])
         ids = []
         for _ in range(200):
@@ -157,8 +158,58 @@ def test_bad_response_formats_are_refused():
     for fmt, param in (({"type": "yaml"}, "response_format.type"),
                        ({"type": "json_schema"}, "response_format.json_schema.schema"),
                        ({"type": "json_schema", "json_schema": {"name": "x", "schema": {"type": "nonsense"}}},
-                        "response_format.json_schema.schema")):
+                        "response_format")):
         with pytest.raises(InvalidRequest) as err:
-            check_sampling(SamplingParams(response_format=fmt))
+            grammar_of(from_response_format(fmt), "response_format")
         assert err.value.param == param
-    check_sampling(SamplingParams(response_format={"type": "text"}))
+    assert from_response_format({"type": "text"}) is None
+    with pytest.raises(InvalidRequest):
+        check_sampling(SamplingParams(structured={"regex": "a", "choice": ["b"]}))  # two at once
+
+
+def test_strict_schema_closes_every_object_and_requires_every_property():
+    from superlinear.engine.grammar import strict_schema
+
+    schema = {"type": "object", "properties": {"a": {"type": "object", "properties": {"b": {"type": "integer"}}},
+                                               "c": {"type": "array", "items": {"properties": {"d": {}}}}}}
+    out = strict_schema(schema)
+    assert out["additionalProperties"] is False and out["required"] == ["a", "c"]
+    assert out["properties"]["a"]["required"] == ["b"] and out["properties"]["a"]["additionalProperties"] is False
+    assert out["properties"]["c"]["items"]["required"] == ["d"]
+    assert "required" not in schema  # a copy
+
+
+TOOLS = [{"type": "function", "function": {"name": "get_weather", "parameters": {
+    "type": "object", "properties": {"city": {"type": "string"}, "days": {"type": "integer"}}, "required": ["city"]}}}]
+
+
+@pytest.mark.parametrize("spec,text,ok", [
+    ({"choice": "required"}, '<tool_call>\n{"name":"get_weather","arguments":{"city":"Oslo"}}\n</tool_call>', True),
+    ({"choice": "required"}, '<tool_call>\n{"name":"Paris","arguments":{"city":"Oslo"}}\n</tool_call>', False),
+    ({"choice": "required"}, '<tool_call>\n{"name":"get_weather","arguments":{"town":"Oslo"}}\n</tool_call>', False),
+    ({"choice": "required"}, "Hello", False),
+    ({"choice": "auto"}, "Hello, no tool needed.", True),
+    ({"choice": "auto"}, 'Hi <tool_call>\n{"name":"get_weather","arguments":{"city":"Oslo"}}\n</tool_call>', True),
+    ({"choice": "auto"}, "Hi <tool_call>\nnot json", False),
+    ({"choice": "required", "format": "xml"},
+     "<tool_call>\n<function=get_weather>\n<parameter=city>\nOslo\n</parameter>\n</function>\n</tool_call>", True),
+    ({"choice": "required", "reasoning": True},
+     'hmm</think>\n\n<tool_call>\n{"name":"get_weather","arguments":{"city":"Oslo"}}\n</tool_call>', True),
+    ({"choice": "required", "parallel": True}, '<tool_call>\n{"name":"get_weather","arguments":{"city":"A"}}\n'
+     '</tool_call>\n<tool_call>\n{"name":"get_weather","arguments":{"city":"B"}}\n</tool_call>', True),
+])
+def test_tool_grammars_take_valid_calls_only(tokenizer, spec, text, ok):
+    from superlinear.engine.grammar import Grammar
+
+    g = Grammar(tokenizer, grammar_of({"tools": {"tools": TOOLS, **spec}}), [tokenizer.eos_token_id])
+    took = all(g.matcher.consume_token(t) for t in tokenizer.encode(text, add_special_tokens=False))
+    assert (took and g.matcher.is_accepting() and not g.matcher.is_error()) == ok
+
+
+@pytest.mark.parametrize("structured,param", [
+    ({"choice": []}, "x"), ({"regex": "("}, "x"), ({"grammar": "root ::= ("}, "x"), ({"json": "{not json"}, "x"),
+    ({"tools": {"tools": TOOLS, "choice": "nope"}}, "tool_choice")])
+def test_unusable_constraints_are_refused(structured, param):
+    with pytest.raises(InvalidRequest) as err:
+        grammar_of(structured, "x")
+    assert err.value.param == param

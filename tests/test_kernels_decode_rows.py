@@ -98,6 +98,9 @@ def test_rows_reject_mismatched_inputs():
     _, _, keys, values, _ = _sequences([8, 9], [1, 2], 4, 2, 16, torch.float32, seed=0)
     with pytest.raises(ValueError, match="contiguous"):
         KVRows.of([keys[0][:, :, :4]], [values[0][:, :, :4]])
+    shifted = torch.zeros(2 * 8 * 16 + 1, device=DEVICE)[1:].view(1, 2, 8, 16)  # contiguous, 4 bytes off
+    with pytest.raises(ValueError, match="16-byte"):
+        KVRows.of([shifted], [shifted])
     rows = KVRows.of(keys, values)
     q = torch.zeros(3, 4, 1, 16, device=DEVICE)
     with pytest.raises(ValueError, match="3 queries"):

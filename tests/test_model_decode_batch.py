@@ -105,12 +105,14 @@ def test_static_step_equals_alone_with_padding_and_a_growing_cache(hybrid):
     """The step a CUDA graph captures (device tables, bucket padding, stacked recurrent
     buffers), run eagerly on the Triton interpreter: 3 sequences in the bucket of 4, each
     cache allocated exactly to its prompt, so the first step grows it (new tensors: the
-    tables must follow)."""
+    tables must follow); then one leaves, and the other two run twice in the bucket of 2."""
     model = random_model(hybrid.arch_config, name="tiny-hybrid", device="cpu", dtype="fp32", seed=1,
                          backend="triton")
     model.hf.load_state_dict(hybrid.hf.state_dict())
-    _batched_equals_alone(model, [6, 40, 90], steps=2, graph=True, atol=2e-4, exact=True, alone_model=hybrid)
-    assert model.batch_steps() == [{"bucket": 4, "bound": 1024, "graph": False}]
+    _batched_equals_alone(model, [6, 40, 90], steps=3, leave_at=1, graph=True, atol=2e-4, exact=True,
+                          alone_model=hybrid)
+    assert model.batch_steps() == [{"bucket": 2, "bound": 1024, "graph": False},
+                                   {"bucket": 4, "bound": 1024, "graph": False}]
 
 
 def test_llama_static_step_equals_alone():

@@ -94,12 +94,16 @@ def test_completions_refuse_what_they_cannot_do(http, change, param):
 
 
 def _metrics(http) -> dict:
+    """The samples of /metrics by (name, labels but ``model_name``), which every sample has."""
     r = http.get("/metrics")
     assert r.status_code == 200 and r.headers["content-type"].startswith("text/plain")
+    model = http.get("/v1/models").json()["data"][0]["id"]
     samples = {}
     for family in text_string_to_metric_families(r.text):
         for s in family.samples:
-            samples[(s.name, tuple(sorted(s.labels.items())))] = s.value
+            labels = dict(s.labels)
+            assert labels.pop("model_name", None) == model, (s.name, s.labels)
+            samples[(s.name, tuple(sorted(labels.items())))] = s.value
     return samples
 
 
@@ -124,6 +128,10 @@ def test_metrics_parse_and_move_after_a_turn(http, server):
         == usage["completion_tokens"]
     assert _total(after, "spl_turns_total") == _total(before, "spl_turns_total") + 1
     assert _total(after, "spl_prefill_seconds_count") == _total(before, "spl_prefill_seconds_count") + 1
+    for histogram in ("spl_request_queue_time_seconds", "spl_request_prompt_tokens", "spl_request_generation_tokens"):
+        assert _total(after, histogram + "_count") == _total(before, histogram + "_count") + 1, histogram
+    assert _total(after, "spl_request_prompt_tokens_sum") - _total(before, "spl_request_prompt_tokens_sum") \
+        == usage["prompt_tokens"]
     key = ("spl_requests_total", (("method", "POST"), ("route", "/v1/chat/completions"), ("status", "200")))
     assert after.get(key, 0) == before.get(key, 0) + 1
     assert after[("spl_decode_tokens_per_second", ())] > 0

@@ -29,9 +29,10 @@ def test_detokenize_refuses_more_ids_than_any_conversation_holds(server):
         assert r.status_code == 413, r.text[:300]
         assert r.json()["error"]["code"] == "body_too_large"
         r = c.post("/detokenize", content=json.dumps({"tokens": [1] * (limit + 1)}).encode().replace(b" ", b""))
-        assert r.status_code == 413 and r.json()["error"]["param"] == "tokens", r.text[:300]
+        assert r.status_code == 400 and r.json()["error"]["param"] == "tokens", r.text[:300]
         r = c.post("/v1/completions", json={"prompt": [1] * (limit + 1), "max_tokens": 1})
-        assert r.status_code == 413 and r.json()["error"]["param"] == "prompt", r.text[:300]
+        assert r.status_code == 400 and r.json()["error"]["param"] == "prompt", r.text[:300]
+        assert r.json()["error"]["code"] == "context_length_exceeded"
         assert c.get("/health").json()["status"] == "ok"
 
 
@@ -39,11 +40,11 @@ def test_a_text_too_long_for_any_conversation_is_refused_before_tokenizing(serve
     text = "word " * 400_000  # 2 MB: at least tens of thousands of tokens, whatever the tokenizer
     with server.http() as c:
         r = c.post("/v1/chat/completions", json={"messages": [{"role": "user", "content": text}], "max_tokens": 1})
-        assert r.status_code == 413, r.text[:300]
+        assert r.status_code == 400 and r.json()["error"]["code"] == "context_length_exceeded", r.text[:300]
         err = r.json()["error"]
         assert err["param"] == "messages" and "characters" in err["message"], err
         r = c.post("/v1/completions", json={"prompt": text, "max_tokens": 1})
-        assert r.status_code == 413 and r.json()["error"]["param"] == "prompt", r.text[:300]
+        assert r.status_code == 400 and r.json()["error"]["param"] == "prompt", r.text[:300]
         short = c.post("/v1/chat/completions", json={"messages": [{"role": "user", "content": "hi"}],
                                                      "max_tokens": 1})
         assert short.status_code == 200, short.text

@@ -1,6 +1,6 @@
 """The session memory budget on a real server: hundreds of empty sessions never get the server
 killed (the budget refuses with an OpenAI-style 429, or evicts idle sessions to disk), a
-max_seq_len the budget can never hold is a 413 that allocates nothing, and the default budget
+max_seq_len the budget can never hold is a 400 that allocates nothing, and the default budget
 is a fraction of the free memory."""
 
 from __future__ import annotations
@@ -92,14 +92,15 @@ def test_sessions_past_the_budget_evict_idle_ones(tiny_server):
 
 
 @pytest.mark.skipif(not os.path.exists("/proc/self/status"), reason="reads the server's RSS from /proc")
-def test_max_seq_len_beyond_the_budget_is_413_and_allocates_nothing(refusing_server):
+def test_max_seq_len_beyond_the_budget_is_400_and_allocates_nothing(refusing_server):
     with refusing_server.http(timeout=60) as c:
         health = c.get("/health").json()
         limit = health["memory"]["max_seq_len_limit"]
         assert 0 < limit < 1_000_000
         before = rss(refusing_server.proc.pid)
         for body in ({"max_seq_len": 10_000_000}, {"max_seq_len": limit + 1}):
-            err = _is_openai_error(c.post("/v1/sessions", json=body), 413)
+            err = _is_openai_error(c.post("/v1/sessions", json=body), 400)
+            assert err["code"] == "context_length_exceeded"
             assert f"at most {limit} tokens" in err["message"]
         _is_openai_error(c.post("/v1/sessions", json={"max_seq_len": 2**70}), 400)
         assert rss(refusing_server.proc.pid) - before < 16 << 20

@@ -124,13 +124,13 @@ def test_errors(client, server):
     bad = openai.OpenAI(base_url=server.url + "/v1", api_key="wrong", max_retries=0)
     with pytest.raises(openai.AuthenticationError):
         bad.chat.completions.create(model="default", messages=[user("hi")])
-    # A prompt longer than the session's max_seq_len: 413 with a message that says how to resize.
+    # A prompt longer than the session's max_seq_len: 400 context_length_exceeded, saying how to resize.
     with server.http() as http:
         http.post("/v1/sessions", json={"session_id": "tiny", "max_seq_len": 64}).raise_for_status()
-    with pytest.raises(openai.APIStatusError) as e:
+    with pytest.raises(openai.BadRequestError) as e:
         client.chat.completions.create(model="default", messages=[user("word " * 200)],
                                        extra_body={"session_id": "tiny"})
-    assert e.value.status_code == 413 and e.value.body["code"] == "context_length_exceeded"
+    assert e.value.body["code"] == "context_length_exceeded" and "64" in e.value.body["message"]
     with server.http() as http:
         info = http.get("/v1/sessions/tiny").json()
         assert info["position"] == 0 and info["message_count"] == 0  # left as before the request

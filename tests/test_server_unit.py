@@ -8,7 +8,16 @@ import threading
 import httpx
 import pytest
 
-from superlinear.errors import Busy, Conflict, InvalidRequest, NotFound, TooLarge, Unauthorized, Unavailable
+from superlinear.errors import (
+    BodyTooLarge,
+    Busy,
+    Conflict,
+    InvalidRequest,
+    NotFound,
+    TooLarge,
+    Unauthorized,
+    Unavailable,
+)
 
 
 def m(role, content):
@@ -53,8 +62,14 @@ def test_parse_body():
     from superlinear.plugins.serve.schemas import ChatCompletionRequest, CreateSession, parse_body
 
     ok = parse_body(b'{"messages": [{"role": "user", "content": [{"type": "text", "text": "a"},'
-                    b' {"type": "text", "text": "b"}]}], "extra_field": 1}', ChatCompletionRequest)
+                    b' {"type": "text", "text": "b"}]}], "user": "u1"}', ChatCompletionRequest)
     assert ok.plain_messages() == [{"role": "user", "content": "ab"}]
+    with pytest.raises(InvalidRequest) as e:  # a field outside fields.py's table
+        parse_body(b'{"messages": [{"role": "user", "content": "x"}], "extra_field": 1}', ChatCompletionRequest)
+    assert e.value.param == "extra_field" and e.value.code == "unknown_parameter"
+    lenient = parse_body(b'{"messages": [{"role": "user", "content": "x"}], "extra_field": 1}', ChatCompletionRequest,
+                         lenient=True)
+    assert lenient.model_extra == {}
     for raw in (b"", b"nope", b"[]", b"3", b'{"messages": 3}', b'{"messages": [{"role": "x"}]}'):
         with pytest.raises(InvalidRequest):
             parse_body(raw, ChatCompletionRequest)
@@ -65,7 +80,7 @@ def test_parse_body():
     with pytest.raises(InvalidRequest) as e:
         parse_body(b'{"sesion_id": "typo"}', CreateSession)
     assert "unknown field" in e.value.message
-    with pytest.raises(TooLarge):
+    with pytest.raises(BodyTooLarge):
         parse_body(b"{}" * 10, CreateSession, max_bytes=5)
     req = parse_body(b'{"messages": [{"role": "user", "content": "x"}], "n": 2}', ChatCompletionRequest)
     with pytest.raises(InvalidRequest):
@@ -137,7 +152,7 @@ def test_error_mapping_and_unreachable():
 
     body = {"error": {"message": "nope", "type": "x", "param": "p", "code": "c"}}
     for status, cls in ((400, InvalidRequest), (401, Unauthorized), (404, NotFound), (409, Conflict),
-                        (413, TooLarge), (429, Busy), (503, Unavailable)):
+                        (413, BodyTooLarge), (429, Busy), (503, Unavailable)):
         err = error_from_response(resp(status, body))
         assert isinstance(err, cls) and err.message == "nope" and err.param == "p"
     assert error_from_response(httpx.Response(500, text="boom")).http_status == 500

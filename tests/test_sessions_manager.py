@@ -188,7 +188,7 @@ def test_full_cache_error_says_how_to_resize_and_changes_nothing(model, tmp_path
     before = state(manager, "small")
     with pytest.raises(TooLarge, match="resize") as err:
         turn(manager, "small", "Tell me a long story about " + "dragons and castles " * 4)
-    assert err.value.http_status == 413
+    assert err.value.http_status == 400 and err.value.code == "context_length_exceeded"
     assert state(manager, "small") == before  # transcript and cache did not drift
     # resize up keeps the state; the same request now fits
     info = manager.resize("small", 512)

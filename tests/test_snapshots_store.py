@@ -353,6 +353,37 @@ def test_compressed_import_never_expands_past_what_the_manifest_declares(store, 
     other.read("s", model=MODEL)
 
 
+def test_an_import_never_takes_the_disk_below_the_reserve(store, tmp_path, monkeypatch):
+    """The repro: a bz2 upload of under a KiB declaring almost all the free space in zeros (with a
+    wrong hash) was written in full before its hash was checked. With the room (free space less
+    $SPL_STORE_RESERVE_BYTES) at 1 GiB: what declares more is refused before a byte of it is
+    written; what fits is hashed as it is unpacked and refused, leaving nothing."""
+    import bz2
+    import io
+    import shutil
+
+    files = _export_files(store, tmp_path)
+    manifest = json.loads(files["s/" + MANIFEST])
+    monkeypatch.setenv("SPL_STORE_RESERVE_BYTES", str(shutil.disk_usage(store.root).free - (1 << 30)))
+
+    def bomb(name: str, declared: int, data: int) -> Path:
+        manifest["files"][TENSORS] = {"bytes": declared, "xxh3_128": "0" * 32}
+        with bz2.open(tmp_path / name, "wb") as out, tarfile.open(fileobj=out, mode="w|") as tar:
+            for entry, size, source in ((MANIFEST, None, json.dumps(manifest).encode()), (TENSORS, data, None)):
+                info = tarfile.TarInfo("s/" + entry)
+                info.size = len(source) if size is None else size
+                tar.addfile(info, io.BytesIO(source if size is None else bytes(size)))
+        return tmp_path / name
+
+    big = bomb("big.tar.bz2", 4 << 30, 0)
+    assert big.stat().st_size < 1024
+    with pytest.raises(TooLarge, match="SPL_STORE_RESERVE_BYTES"):
+        store.import_(big)
+    with pytest.raises(CorruptSnapshot, match="hash of tensors.safetensors does not match"):
+        store.import_(bomb("fits.tar.bz2", 32 << 20, 32 << 20))
+    assert [p.name for p in store.root.iterdir()] == ["s"]  # nothing left behind
+
+
 def test_leftover_temp_dirs_ignored_and_cleaned(store):
     save(store, snapshot_id="s")
     dead = store.root / ".tmp.999999999.0123456789ab"
@@ -517,12 +548,10 @@ def test_reserved_tags_are_refused_and_dropped_on_import(store, tmp_path):
 def test_import_never_replaces_a_session_state(store, tmp_path):
     """``replace=True`` onto a session's own journal would leave the live session writing
     manifests that name files it lost: refused (409), the journal untouched."""
-    from superlinear.sessions import journal
-
     save(store, snapshot_id="user")
     state = save(store, snapshot_id="session-s1")
-    manifest = dict(state, tags=["spl:session-state"], format=journal.FORMAT)
-    store.write_manifest(store.root / "session-s1", manifest)  # as the session journal writes it
+    manifest = dict(state, tags=["spl:session-state"])  # the tag a session's journal carries
+    store.write_manifest(store.root / "session-s1", manifest)
     path = store.export("user", tmp_path)
     with pytest.raises(Conflict, match="saved state of a session"):
         store.import_(path, snapshot_id="session-s1", replace=True)

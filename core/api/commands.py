@@ -152,6 +152,13 @@ class ListSnapshots(ApiCommand):
 
 
 @dataclass(frozen=True)
+class SkippedSnapshots(ApiCommand):
+    """The snapshots the last listing left out as unreadable: ``[{"id", "error"}]``."""
+
+    name, method = "snapshot.skipped", "skipped_snapshots"
+
+
+@dataclass(frozen=True)
 class GetSnapshot(SnapshotCommand):
     name, method = "snapshot.get", "get_snapshot"
 

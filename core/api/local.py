@@ -178,6 +178,9 @@ class LocalApi:
     def list_snapshots(self, tag: str | None = None, include_session_state: bool = False) -> list[SnapshotInfo]:
         return self.service.list_snapshots(tag, include_session_state)
 
+    def skipped_snapshots(self) -> list[dict]:
+        return list(self.service.store.skipped)
+
     def get_snapshot(self, snapshot_id: str) -> SnapshotInfo:
         return self.service.get_snapshot(snapshot_id)
 

@@ -154,6 +154,9 @@ class RemoteApi:
         params = _given(tag=tag, all="true" if include_session_state else None)
         return self.request("GET", "/v1/snapshots", params=params)["data"]
 
+    def skipped_snapshots(self) -> list[dict]:
+        return self.request("GET", "/health").get("snapshots_skipped", [])
+
     def get_snapshot(self, snapshot_id: str) -> SnapshotInfo:
         return self.request("GET", f"/v1/snapshots/{_q(snapshot_id)}")
 
@@ -258,7 +261,8 @@ def done_event(fields: dict) -> Done:
     """``Done`` from the ``done`` field of a final chunk (the server puts the whole ``Done`` there:
     OpenAI's fields cannot say it all)."""
     return Done(fields["finish_reason"], fields["message"], fields["usage"], fields["timings"],
-                reasoning=fields.get("reasoning"), partial=bool(fields.get("partial")))
+                reasoning=fields.get("reasoning"), partial=bool(fields.get("partial")),
+                stop_reason=fields.get("stop_reason"))
 
 
 def read_chat(chunks: Iterator[dict]) -> Iterator[Event]:

@@ -13,8 +13,11 @@ from __future__ import annotations
 import json
 import os
 from pathlib import Path
+from typing import Annotated
 
-from superlinear import process
+from pydantic import BaseModel, ConfigDict, Field, StringConstraints
+
+from superlinear import process, records
 from superlinear.errors import InvalidRequest
 from superlinear.paths import state_dir
 
@@ -44,7 +47,7 @@ def connect_file() -> Path:
 def _read(path: Path) -> dict | None:
     try:
         data = json.loads(path.read_text())
-    except (OSError, ValueError):
+    except (OSError, ValueError, RecursionError):
         return None
     return data if isinstance(data, dict) else None
 
@@ -58,18 +61,36 @@ def _write(path: Path, data: dict) -> None:
     os.replace(tmp, path)
 
 
+class ServerRecord(BaseModel):
+    """What ``server.json`` must hold to name a server that can be checked and stopped."""
+
+    model_config = ConfigDict(extra="allow", strict=True)
+    pid: Annotated[int, Field(gt=0, lt=1 << 32)]
+    url: Annotated[str, StringConstraints(min_length=1, max_length=2048)]
+    process: dict | None = None
+    api_key: Annotated[str, StringConstraints(max_length=4096)] | None = None
+
+
+MAX_RECORD_BYTES = 1 << 20  # a pid, a URL, the options: a few hundred bytes
+
+
 def local_server() -> dict | None:
-    """``server.json``, or None; a file whose pid is not a process id is a ``UserError`` (it
-    names no process that could be checked or stopped)."""
-    info = _read(server_file())
-    if info is None:
+    """``server.json``, or None; a file that is not a ``ServerRecord`` (wrong types, too large,
+    nested too deep) is a ``UserError``: it names no process that could be checked or stopped."""
+    path = server_file()
+    try:
+        raw = path.read_bytes()
+    except FileNotFoundError:
         return None
-    pid = info.get("pid")
-    if not isinstance(pid, int) or isinstance(pid, bool) or pid <= 0 or not isinstance(info.get("url"), str):
-        raise InvalidRequest(f"{server_file()} is damaged (pid {pid!r}, url {info.get('url')!r}); no server "
-                             "can be checked or stopped through it: remove the file, then stop the server "
-                             "by its pid if one still runs")
-    return info
+    except OSError as exc:
+        raise InvalidRequest(f"{path} cannot be read ({exc.strerror}); remove the file") from None
+    try:
+        return records.checked_json(raw[:MAX_RECORD_BYTES + 1], ServerRecord, what="server.json",
+                                    max_bytes=MAX_RECORD_BYTES)
+    except records.BadRecord as exc:
+        raise InvalidRequest(f"{path} is damaged ({exc.message}); no server can be checked or stopped "
+                             "through it: remove the file, then stop the server by its pid if one still "
+                             "runs") from None
 
 
 def write_local_server(data: dict) -> None:

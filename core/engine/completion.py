@@ -11,10 +11,10 @@ import threading
 import time
 from collections.abc import Iterator
 
-from superlinear.errors import InvalidRequest
+from superlinear.errors import InvalidRequest, TooLarge
 
 from .conversation import Conversation
-from .decode import decode
+from .decode import decode, stop_reason
 from .limits import check_sampling
 from .repetition import RepetitionDetector
 from .sampling import Sampler, prompt_logprobs, token_text
@@ -51,8 +51,8 @@ def run_completion(conv: Conversation, ids: list[int], sampling: SamplingParams,
     cancel = cancel or threading.Event()
     t_start = time.perf_counter()
     if len(ids) >= conv.max_seq_len:
-        raise InvalidRequest(f"the prompt has {len(ids)} tokens but the context holds at most "
-                             f"{conv.max_seq_len} (it needs room for one generated token)", param="prompt")
+        raise TooLarge(f"the prompt has {len(ids)} tokens but the context holds at most "
+                       f"{conv.max_seq_len} (it needs room for one generated token)", param="prompt")
     tok = conv.model.tokenizer
     scorer = _PromptScorer(ids, sampling.logprobs, tok) if echo and sampling.logprobs is not None else None
     try:
@@ -66,10 +66,11 @@ def run_completion(conv: Conversation, ids: list[int], sampling: SamplingParams,
         yield Logprobs(scorer.entries, prompt=True)
     max_tokens = sampling.max_tokens if sampling.max_tokens is not None else DEFAULT_MAX_TOKENS
     stop_ids = set(sampling.stop_token_ids)
-    if tok.eos_token_id is not None:
+    if tok.eos_token_id is not None and not sampling.ignore_eos:
         stop_ids.add(int(tok.eos_token_id))
     sampler = Sampler(sampling, tokenizer=tok, end_ids=sorted(stop_ids), prompt_ids=ids)
-    detok, cutter = IncrementalDetokenizer(tok), StopCutter(sampling.stop)
+    detok = IncrementalDetokenizer(tok, skip_special_tokens=sampling.skip_special_tokens)
+    cutter = StopCutter(sampling.stop, unarmed=sampling.min_tokens)
 
     def feed(token: int) -> Iterator[Event]:
         text = cutter.push(detok.push(token))
@@ -87,7 +88,8 @@ def run_completion(conv: Conversation, ids: list[int], sampling: SamplingParams,
             yield TextDelta(tail)
     decode_s = time.perf_counter() - t_decode
     usage, timings = turn_usage(len(ids), completion, stats, prefill_s, decode_s)
-    yield Done(finish, {"role": "assistant", "content": None}, usage, timings)
+    yield Done(finish, {"role": "assistant", "content": None}, usage, timings,
+               stop_reason=stop_reason(finish, sampler, cutter.matched))
 
 
 class _PromptScorer:

@@ -5,7 +5,7 @@ anything else the caller's text pipeline reports (``stopped()``), a loop (``dete
 ``max_tokens``, the cache's ``limit`` or ``cancel``. Each sampled token goes to ``feed(token)``,
 whose events are yielded; ``after_step(token, logits)`` (chat turns: the reasoning budget) may
 add tokens of its own. Returns ``(finish_reason, tokens generated)``; ``"cancelled"`` when
-``cancel`` was set.
+``cancel`` was set. ``stop_reason`` says what stopped it, as vLLM's choices do.
 """
 
 from __future__ import annotations
@@ -39,7 +39,8 @@ def decode(conv, logits, sampler: Sampler, *, stop_ids: set[int], max_tokens: in
             return "cancelled", completion
         if completion >= max_tokens or conv.position >= limit:
             return length(), completion
-        token, entry = sampler.pick(logits)
+        # before min_tokens no end token may come (vLLM's min_tokens)
+        token, entry = sampler.pick(logits, stop_ids if completion < sampler.params.min_tokens else ())
         if entry is not None and (stop_token_logprobs or token not in stop_ids):
             yield Logprobs([entry])
         if token in stop_ids:
@@ -58,3 +59,14 @@ def decode(conv, logits, sampler: Sampler, *, stop_ids: set[int], max_tokens: in
             completion += added
             if finish is not None:
                 return finish, completion
+
+
+def stop_reason(finish: str, sampler: Sampler, matched: str | None) -> str | int | None:
+    """vLLM's ``stop_reason``: the stop string that matched (``matched``), or the token of
+    ``stop_token_ids`` that ended the generation; None for an end-of-text token or a length."""
+    if finish != "stop":
+        return None
+    if matched is not None:
+        return matched
+    last = sampler.generated[-1] if sampler.generated else None
+    return last if last in sampler.params.stop_token_ids else None

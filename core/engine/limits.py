@@ -70,7 +70,15 @@ def check_sampling(sp: SamplingParams, vocab: int = MAX_TOP_K) -> None:
         raise InvalidRequest("repeat_penalty must be more than 0 (1 is off)", param="repeat_penalty")
     _int_in(sp.top_k, 0, MAX_TOP_K, "top_k")
     _int_in(sp.seed, SEED_MIN, SEED_MAX, "seed")
-    _int_in(sp.max_tokens, 1, MAX_TOKENS, "max_tokens")
+    _int_in(sp.max_tokens, 0, MAX_TOKENS, "max_tokens")
+    _int_in(sp.min_tokens, 0, MAX_TOKENS, "min_tokens")
+    if sp.max_tokens is not None and sp.min_tokens > sp.max_tokens:
+        raise InvalidRequest(f"min_tokens ({sp.min_tokens}) is more than max_tokens ({sp.max_tokens})",
+                             param="min_tokens")
+    if len(sp.stop_token_ids) > MAX_STOPS * 64 or any(
+            not isinstance(t, int) or isinstance(t, bool) or not 0 <= t < vocab for t in sp.stop_token_ids):
+        raise InvalidRequest(f"stop_token_ids: at most {MAX_STOPS * 64} token ids below {vocab}",
+                             param="stop_token_ids")
     _int_in(sp.repeat_last_n, 0, MAX_REPEAT_LAST_N, "repeat_last_n")
     _int_in(sp.logprobs, 0, MAX_TOP_LOGPROBS, "top_logprobs")
     if len(sp.stop) > MAX_STOPS or any(not isinstance(s, str) or len(s) > MAX_STOP_CHARS for s in sp.stop):
@@ -79,7 +87,7 @@ def check_sampling(sp: SamplingParams, vocab: int = MAX_TOP_K) -> None:
     _check_logit_bias(sp.logit_bias, vocab)
     from .grammar import grammar_of
 
-    grammar_of(sp.response_format)
+    grammar_of(sp.structured)
 
 
 def _check_logit_bias(bias, vocab: int) -> None:

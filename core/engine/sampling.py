@@ -6,8 +6,8 @@ The steps, in order (vLLM's): the logprobs are read from the raw logits; the pen
 the logits (OpenAI's ``frequency_penalty`` and ``presence_penalty`` over the tokens generated so
 far, llama.cpp's ``repeat_penalty`` over the last ``repeat_last_n`` tokens of prompt and output:
 a positive logit divided by it, a negative one multiplied), then OpenAI's ``logit_bias`` is
-added; a ``response_format`` grammar masks
-the tokens it does not allow; then greedy (``temperature == 0``) or: temperature, top-k, min-p
+added; the ``structured`` constraint's grammar masks the tokens it does not allow (and
+``min_tokens`` the end tokens); then greedy (``temperature == 0``) or: temperature, top-k, min-p
 (drop tokens less likely than ``min_p`` times the most likely), top-p.
 
 Sampling draws one uniform number from a seeded generator and inverts the cumulative
@@ -32,7 +32,7 @@ _TOP_P_CANDIDATES = 256
 
 class Sampler:
     """Picks the tokens of one generation. ``tokenizer`` names tokens in logprobs and builds a
-    ``response_format`` grammar; ``end_ids`` are the tokens that end the generation (a grammar
+    ``structured`` grammar; ``end_ids`` are the tokens that end the generation (a grammar
     allows them once its text is complete); ``prompt_ids`` seed ``repeat_penalty``'s window."""
 
     def __init__(self, params: SamplingParams, *, tokenizer=None, end_ids: Iterable[int] = (),
@@ -47,26 +47,39 @@ class Sampler:
         if params.repeat_penalty != 1.0 and self.recent.maxlen:
             self.recent.extend(list(prompt_ids)[-self.recent.maxlen:])
         self.grammar = None
-        if params.response_format is not None:
+        if params.structured is not None:
             from .grammar import Grammar, grammar_of
 
-            spec = grammar_of(params.response_format)
+            spec = grammar_of(params.structured)
             if spec is not None:
                 self.grammar = Grammar(tokenizer, spec, list(end_ids))
 
     def __call__(self, logits: torch.Tensor) -> int:
         return self.pick(logits)[0]
 
-    def pick(self, logits: torch.Tensor) -> tuple[int, TokenLogprob | None]:
-        """The next token, recorded as generated, and its logprob entry (None unless asked)."""
+    def pick(self, logits: torch.Tensor, ban: Iterable[int] = ()) -> tuple[int, TokenLogprob | None]:
+        """The next token, recorded as generated, and its logprob entry (None unless asked).
+        ``ban``: tokens that may not come now (the end tokens before ``min_tokens``), unless
+        the grammar allows nothing else."""
         p = self.params
-        changed = self._penalized(logits.float().clone()) if self._penalizes() or self.grammar else logits.float()
+        ban = [t for t in ban if 0 <= t < logits.numel()]
+        changed = (self._penalized(logits.float().clone()) if self._penalizes() or self.grammar or ban
+                   else logits.float())
         if self.grammar is not None:
             changed = self.grammar.mask(changed)
+        if ban:
+            kept = changed.clone()
+            changed[torch.tensor(ban, dtype=torch.long, device=changed.device)] = float("-inf")
+            if not bool(torch.isfinite(changed).any()):
+                changed = kept
         token = int(torch.argmax(changed)) if p.temperature <= 0 else self._sample(changed)
         entry = token_logprob(logits, token, p.logprobs, self.tokenizer) if p.logprobs is not None else None
         self.accept([token])
         return token, entry
+
+    def forced_tokens(self) -> list[int]:
+        """The tokens the grammar allows alone from here (none without a grammar)."""
+        return list(self.grammar.matcher.compute_ff_tokens()) if self.grammar is not None else []
 
     def accept(self, ids: Iterable[int]) -> None:
         """Record tokens as generated: what was picked, and what the engine inserts itself."""

@@ -94,15 +94,3 @@ class ChatTemplate:
             reason = str(exc).splitlines()[0][:300] if str(exc) else type(exc).__name__
             raise InvalidRequest(f"the chat template cannot render this request: {reason}",
                                  param="messages") from exc
-
-    def forced_tool_prefix(self, tool_choice) -> str:
-        """Text that starts the answer when a tool call is required (tool_choice "required" or a
-        named function); "" otherwise."""
-        name = None
-        if isinstance(tool_choice, dict):
-            name = (tool_choice.get("function") or {}).get("name")
-        elif tool_choice != "required":
-            return ""
-        if self.tool_format == "xml":
-            return "<tool_call>\n" + (f"<function={name}>\n" if name else "")
-        return "<tool_call>\n" + (f'{{"name": "{name}", "arguments": ' if name else "")

@@ -60,23 +60,28 @@ class IncrementalDetokenizer:
 
 
 class StopCutter:
-    """Cuts the text stream before the first stop string; never emits part of one."""
+    """Cuts the text stream before the first stop string; never emits part of one. The first
+    ``unarmed`` pushes (one per token: ``min_tokens``) pass through uncut; ``matched`` is the
+    stop string that cut it."""
 
-    def __init__(self, stops: list[str]):
+    def __init__(self, stops: list[str], unarmed: int = 0):
         self.stops = [s for s in stops if s]
         self.buf = ""
         self.stopped = False
+        self.matched: str | None = None
+        self.unarmed = unarmed
 
     def push(self, text: str) -> str:
         if self.stopped:
             return ""
         self.buf += text
-        if not self.stops:
+        if not self.stops or self.unarmed > 0:
+            self.unarmed -= 1
             out, self.buf = self.buf, ""
             return out
-        i, _ = find_first(self.buf, self.stops)
+        i, stop = find_first(self.buf, self.stops)
         if i != -1:
-            out, self.buf, self.stopped = self.buf[:i], "", True
+            out, self.buf, self.stopped, self.matched = self.buf[:i], "", True, stop
             return out
         k = partial_marker_start(self.buf, self.stops)
         out, self.buf = self.buf[:k], self.buf[k:]

@@ -6,6 +6,7 @@ splitter -> events. Each stage holds back only what it might still have to take 
 
 from __future__ import annotations
 
+import dataclasses
 import threading
 import time
 from collections.abc import Iterator
@@ -13,7 +14,7 @@ from collections.abc import Iterator
 from superlinear.errors import InvalidRequest, OverBudget, TooLarge
 
 from .conversation import Conversation
-from .decode import decode
+from .decode import decode, stop_reason
 from .limits import check_request
 from .repetition import RepetitionDetector
 from .sampling import Sampler
@@ -27,8 +28,8 @@ END_OF_TURN_ROOM = 8
 class _TextPipeline:
     """Generated text in, events out."""
 
-    def __init__(self, stops, in_reasoning: bool, parse_tools: bool):
-        self.stop = StopCutter(stops)
+    def __init__(self, stops, in_reasoning: bool, parse_tools: bool, unarmed: int = 0):
+        self.stop = StopCutter(stops, unarmed)
         self.think = ThinkSplitter(in_reasoning)
         self.parse_tools = parse_tools
         self.pending = ""  # answer text held back (could start <tool_call>)
@@ -106,9 +107,16 @@ def _turn(conv: Conversation, req: ChatRequest, cancel: threading.Event, cp) -> 
     prefill_s = time.perf_counter() - t_start
 
     in_reasoning = prompt.text.rstrip().endswith("<think>")
-    pipe = _TextPipeline(sp.stop, in_reasoning, tools is not None)
-    detok = IncrementalDetokenizer(tok)
-    stop_ids = conv.template.end_token_ids | set(sp.stop_token_ids)
+    pipe = _TextPipeline(sp.stop, in_reasoning, tools is not None, sp.min_tokens)
+    detok = IncrementalDetokenizer(tok, skip_special_tokens=sp.skip_special_tokens)
+    stop_ids = (set() if sp.ignore_eos else conv.template.end_token_ids) | set(sp.stop_token_ids)
+    tool_grammar = tools is not None and sp.structured is None and req.tool_choice not in (None, "none")
+    if tool_grammar:  # the calls follow the markup, names and parameter schemas of the tools
+        sp = dataclasses.replace(sp, structured={"tools": {
+            "tools": tools, "format": conv.template.tool_format, "reasoning": in_reasoning,
+            "parallel": req.parallel_tool_calls,
+            "choice": (req.tool_choice.get("function") or {}).get("name") if isinstance(req.tool_choice, dict)
+            else req.tool_choice}})
     sampler = Sampler(sp, tokenizer=tok, end_ids=sorted(stop_ids), prompt_ids=prompt.ids)
     detector = RepetitionDetector(req.repetition) if req.repetition else None
     budget = req.reasoning_budget
@@ -146,11 +154,12 @@ def _turn(conv: Conversation, req: ChatRequest, cancel: threading.Event, cp) -> 
         reasoning["budget"] = None
         return logits, len(ids), None
 
-    forced = conv.template.forced_tool_prefix(req.tool_choice) if tools else ""
-    if budget is not None and budget <= 0 and in_reasoning:
-        forced = "\n" + THINK_CLOSE + "\n\n" + forced
-    if forced:
-        ids = tok.encode(forced, add_special_tokens=False)
+    forced = "\n" + THINK_CLOSE + "\n\n" if budget is not None and budget <= 0 and in_reasoning else ""
+    ids = tok.encode(forced, add_special_tokens=False) if forced else []
+    if tool_grammar and not in_reasoning:  # what the grammar allows alone (a required call's opening)
+        ids += sampler.forced_tokens()
+    ids = ids[:max(0, max_tokens - completion)]
+    if ids and conv.position + len(ids) < limit:
         logits = conv.extend_tokens(ids)
         sampler.accept(ids)
         completion += len(ids)
@@ -182,6 +191,8 @@ def _turn(conv: Conversation, req: ChatRequest, cancel: threading.Event, cp) -> 
         _, calls = parse_tool_calls(answer, tools)
         if calls:
             answer = pipe.emitted  # the text streamed before the first tool-call block
+        elif pipe.in_tools and finish in ("length", "memory"):  # a call cut short: no markup leaks
+            answer = pipe.emitted
         elif pipe.in_tools:  # a <tool_call> that does not parse: it is plain text after all
             yield TextDelta(answer[len(pipe.emitted):])
     # The stored content is exactly the streamed text (the answer's leading blanks never stream).
@@ -200,7 +211,8 @@ def _turn(conv: Conversation, req: ChatRequest, cancel: threading.Event, cp) -> 
     except (TooLarge, OverBudget):  # the rendering does not fit: keep the generated tokens, the next sync trims
         conv.set_transcript(req.messages + [message], prompt.boundaries + [None], tools, kwargs)
     usage, timings = turn_usage(len(prompt.ids), completion, stats, prefill_s, decode_s)
-    yield Done(finish, message, usage, timings, reasoning=reasoning_text)
+    yield Done(finish, message, usage, timings, reasoning=reasoning_text,
+               stop_reason=stop_reason(finish, sampler, pipe.stop.matched))
 
 
 def _done_cancelled(conv, prompt, completion, t_start, pipe: _TextPipeline | None = None) -> Done:

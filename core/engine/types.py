@@ -28,7 +28,12 @@ class SamplingParams:
     min_p: float = 0.0  # drop tokens less likely than min_p times the most likely one
     logit_bias: dict[int, float] | None = None  # OpenAI's: added to those tokens' logits (-100..100)
     logprobs: int | None = None  # None: off; n >= 0: each token's logprob and the n most likely
-    response_format: dict | None = None  # OpenAI's: {"type": "json_object"} or {"type": "json_schema", ...}
+    # The one output constraint (``grammar.py``): {"json": schema, "strict": bool} | {"json_object": True} |
+    # {"regex": r} | {"choice": [...]} | {"grammar": lark_or_gbnf} | {"tools": {...}}; None: free text
+    structured: dict | None = None
+    min_tokens: int = 0  # no end token and no stop string before this many tokens (vLLM's)
+    ignore_eos: bool = False  # the end-of-text / end-of-turn tokens do not stop (stop_token_ids still do)
+    skip_special_tokens: bool = False  # special tokens left out of the text (vLLM's; its default is True)
 
 
 @dataclass
@@ -50,6 +55,7 @@ class ChatRequest:
     messages: list[dict]  # the whole conversation as the client wants it after this turn's prompt
     tools: list[dict] | None = None  # OpenAI tools ({"type": "function", "function": {...}})
     tool_choice: Any = None  # None/"auto", "none", "required", {"type":"function","function":{"name":..}}
+    parallel_tool_calls: bool = False  # several calls in one answer (else the grammar allows one)
     sampling: SamplingParams = field(default_factory=SamplingParams)
     reasoning_budget: int | None = None  # max reasoning tokens; then the engine closes </think> itself
     repetition: RepetitionConfig | None = None  # None = no loop detection
@@ -122,6 +128,7 @@ class Done:
     timings: dict  # prefill_s, prefill_tokens_per_s, decode_s, decode_tokens_per_s
     reasoning: str | None = None  # the reasoning text (also when not kept in the transcript)
     partial: bool = False  # True when a cancelled turn kept its partial output
+    stop_reason: str | int | None = None  # the stop string or stop_token_ids entry that ended it (vLLM's)
 
 
 Event = PrefillProgress | TextDelta | ReasoningDelta | ToolCallsEvent | Logprobs | Done

@@ -206,6 +206,7 @@ class Model:
         paths = self._shared.hybrid.info() if self.fast_paths else {"model": "transformers' forward"}
         if self.device.type == "cuda":
             paths["decode"] = "CUDA graph" if self.cuda_graph and self._shared.graph_error is None else "eager"
+            paths["decode_batch"] = "CUDA graph per batch-size bucket" if self._static_rows() else "eager"
         return {"forward": "fallback" if reasons else "fast", "forward_reason": "; ".join(reasons) or None,
                 "forward_paths": paths}
 
@@ -338,8 +339,11 @@ class Model:
         token_ids[b])`` returns. Every weight is read once for the B rows; attention and the
         recurrent state are per sequence (``superlinear.model.batch``). One row is ``decode_step``
         (its CUDA graph). ``graph``: None = a CUDA graph per batch-size bucket where decode runs
-        graphs (superlinear attention on Triton); True = the static tables a graph captures, run
-        eagerly off CUDA (tests, under the Triton interpreter); False = eager."""
+        graphs (superlinear attention on Triton); True = the static tables a graph captures (run
+        eagerly off CUDA: tests, under the Triton interpreter; superlinear attention only);
+        False = eager. If it raises, no cache has advanced (the recurrent states are written back
+        only after a step's forward; its keys at the positions are rewritten by the next step),
+        except, above 64 rows, the caches of the slices of 64 before the failing one."""
         caches, ids = list(caches), [int(t) for t in token_ids]
         if len(caches) != len(ids):
             raise InvalidRequest(f"decode_batch needs one token per cache, got {len(caches)} caches and "
@@ -354,7 +358,8 @@ class Model:
             return torch.stack([self.decode_step(c, t) for c, t in zip(caches, ids, strict=True)])
         for cache in caches:
             cache.reserve(cache.position + 1)
-        static = self._static_rows() if graph is None else bool(graph)
+        # the static tables serve the superlinear kernels only (dense attention runs per row)
+        static = self._static_rows() if graph is None else bool(graph) and self.attention == "superlinear"
         out = []
         with self._shared.lock:
             for begin in range(0, len(caches), BUCKETS[-1]):

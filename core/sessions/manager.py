@@ -341,11 +341,19 @@ class SessionManager:
         manifest, transcript, tensors = self.store.read(snapshot_id, model=self.model)  # hashes checked
         with self._alloc_lock:
             self.reserve(need, exclude=exclude, what=what)
-            conv = _state.allocate(
-                lambda: _state.restore(self.model, transcript, tensors, position=position,
-                                       max_seq_len=max_seq_len, chunk_size=self.chunk_size),
-                max_seq_len)
+            conv = _state.allocate(lambda: self._restore(snapshot_id, transcript, tensors, position, max_seq_len),
+                                   max_seq_len)
         return manifest, conv
+
+    def _restore(self, snapshot_id: str, transcript, tensors: dict, position: int, max_seq_len: int):
+        """A conversation from a snapshot's files. Their hashes matched, but an imported snapshot's
+        files are whatever its maker hashed: what does not fit this model is a damaged snapshot."""
+        try:
+            return _state.restore(self.model, transcript, tensors, position=position, max_seq_len=max_seq_len,
+                                  chunk_size=self.chunk_size)
+        except (KeyError, ValueError, TypeError, IndexError, AttributeError) as exc:
+            raise CorruptSnapshot(f"snapshot {snapshot_id!r} does not fit this model ({type(exc).__name__}: "
+                                  f"{str(exc)[:200]}); it cannot be loaded", param="snapshot_id") from None
 
     # ------------------------------------------------------------------ table
     def _register(self, session: Session) -> Session:
@@ -468,16 +476,16 @@ class SessionManager:
         session = self.lookup(session_id)
         with session.lock:
             info = session.info()
+            if session.state_snapshot:  # first: a delete the disk refuses leaves the session as it was
+                try:
+                    self.store.delete(session.state_snapshot)
+                except NotFound:
+                    pass
             with self._lock:
                 if self._sessions.get(session_id) is session:
                     del self._sessions[session_id]
             session.closed = True
             session.conversation = None
-            if session.state_snapshot:
-                try:
-                    self.store.delete(session.state_snapshot)
-                except NotFound:
-                    pass
         _state.free_memory()
         return info
 

@@ -35,12 +35,20 @@ import threading
 import zlib
 from pathlib import Path
 
-from superlinear.errors import Conflict, InvalidRequest, NotFound, TooLarge
+from superlinear import records
+from superlinear.errors import Conflict, InvalidRequest, NotFound, TooLarge, Unavailable, UserError
 from superlinear.process import pid_alive
 from superlinear.sessions import journal, tensorfile
-from superlinear.sessions.ids import new_id, validate_id
+from superlinear.sessions.ids import MAX_ID_LEN, new_id, validate_id
 from superlinear.sessions.manifest import (
+    MAX_DEPTH,
+    MAX_DESCRIPTION,
+    MAX_MANIFEST_BYTES,
+    MAX_TAG_LEN,
+    MAX_TAGS,
+    MAX_TITLE,
     CorruptSnapshot,
+    Manifest,
     disk_error,
     model_identity,
     now_iso,
@@ -55,14 +63,10 @@ TENSORS = "tensors.safetensors"
 EXPORT_SUFFIX = ".spl-snapshot.tar"
 UPLOAD_NAME = "the uploaded file"  # how the server's import errors name an upload (the CLI puts the path back)
 
-# A manifest lists a few files and a session's bookkeeping; anything larger is not one of ours
-# (and is never parsed: a hostile one could be nested deep enough to exhaust the parser).
-MAX_MANIFEST_BYTES = 16 << 20
 _TAR_SLACK = 1 << 20  # tar headers, padding and read-ahead beyond the files' own bytes
-MAX_TITLE = 200
-MAX_DESCRIPTION = 10_000
-MAX_TAGS = 64
-MAX_TAG_LEN = 64
+RESERVE_ENV = "SPL_STORE_RESERVE_BYTES"
+DEFAULT_RESERVE_BYTES = 256 << 20  # what an import leaves free: the sessions' journals go on being written
+_COPY_CHUNK = 8 << 20
 # Tags in this namespace belong to spl: ``spl:session-state`` marks a session's own journal
 # (hidden from listings, restored as a session on start, deleted with the session), so a user
 # snapshot must never carry one.
@@ -70,6 +74,20 @@ RESERVED_TAG_PREFIX = "spl:"
 SESSION_STATE_TAG = "spl:session-state"
 _FILE_NAME_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,127}")
 _UNSET = object()
+
+
+def reserve_bytes() -> int:
+    """The free space an import must leave on the disk (``$SPL_STORE_RESERVE_BYTES``)."""
+    value = os.environ.get(RESERVE_ENV, "")
+    try:
+        return max(0, int(value)) if value.strip() else DEFAULT_RESERVE_BYTES
+    except ValueError:
+        raise InvalidRequest(f"${RESERVE_ENV} must be a number of bytes, got {value!r}") from None
+
+
+def room(path: str | os.PathLike) -> int:
+    """The bytes that may still be written under ``path``: its disk's free space less the reserve."""
+    return shutil.disk_usage(path).free - reserve_bytes()
 
 
 class ModelMismatch(Conflict):
@@ -140,6 +158,7 @@ class SnapshotStore:
             root = snapshots_dir()
         self.root = Path(root)
         self._lock = threading.RLock()
+        self.skipped: list[dict] = []  # the snapshots the last ``list`` left out as unreadable
         if cleanup:
             try:
                 self.cleanup()
@@ -301,28 +320,28 @@ class SnapshotStore:
             return False
 
     # ------------------------------------------------------------------ reading
-    def _load_manifest(self, directory: Path, snapshot_id: str) -> dict:
+    def _load_manifest(self, directory: Path, snapshot_id: str, param: str | None = "snapshot_id") -> dict:
+        """The manifest, checked against its schema (``param``: what errors name; None: the bad field)."""
         path = directory / MANIFEST
         try:
             with open(path, "rb") as f:
                 raw = f.read(MAX_MANIFEST_BYTES + 1)
         except FileNotFoundError:
-            raise NotFound(f"no snapshot {snapshot_id!r} in {self.root}", param="snapshot_id") from None
+            raise self._missing(snapshot_id) from None
+        except OSError as exc:
+            raise disk_error(f"cannot read snapshot {snapshot_id!r} in {self.root}", exc) from exc
         if len(raw) > MAX_MANIFEST_BYTES:
             raise CorruptSnapshot(f"snapshot {snapshot_id!r}: manifest.json is over {MAX_MANIFEST_BYTES} bytes; "
                                   "the snapshot is damaged, delete it", param="snapshot_id")
         try:
-            manifest = json.loads(raw)
-        except RecursionError:
-            raise CorruptSnapshot(f"snapshot {snapshot_id!r}: manifest.json is nested too deeply; the snapshot "
-                                  "is damaged, delete it", param="snapshot_id") from None
-        except (UnicodeDecodeError, json.JSONDecodeError) as exc:
-            raise CorruptSnapshot(f"snapshot {snapshot_id!r}: manifest.json is not valid JSON ({exc}); "
-                                  "the snapshot is damaged, delete it", param="snapshot_id") from None
-        problem = _manifest_problem(manifest)
-        if problem:
+            manifest = records.checked_json(raw, Manifest, what="manifest.json", max_bytes=MAX_MANIFEST_BYTES,
+                                            max_depth=MAX_DEPTH)
+        except records.BadRecord as exc:
+            raise CorruptSnapshot(f"snapshot {snapshot_id!r}: {exc.message}; the snapshot is damaged, delete it",
+                                  param=param or exc.param) from None
+        if journal.is_journal(manifest) and (problem := journal.manifest_problem(manifest)):
             raise CorruptSnapshot(f"snapshot {snapshot_id!r}: manifest.json {problem}; the snapshot is "
-                                  "damaged, delete it", param="snapshot_id")
+                                  "damaged, delete it", param=param or "manifest.json")
         if manifest["schema_version"] > READABLE_SCHEMA_VERSION:
             raise InvalidRequest(
                 f"snapshot {snapshot_id!r} has schema version {manifest['schema_version']}, newer than "
@@ -331,15 +350,27 @@ class SnapshotStore:
             manifest = dict(manifest, id=snapshot_id)  # renamed by hand: the directory name wins
         return manifest
 
+    def _missing(self, snapshot_id: str) -> Exception:
+        """``NotFound``, unless the store's path is taken by something else than a directory (a
+        file, a broken mount): then nothing can be said of the snapshot, and whoever acts on a
+        not-found (closing a session whose journal it is) must not go on."""
+        if self.root.is_dir() or not os.path.lexists(self.root):
+            return NotFound(f"no snapshot {snapshot_id!r} in {self.root}", param="snapshot_id")
+        return Unavailable(f"the snapshot directory {self.root} is not a directory; restore it or set "
+                           "$SUPERLINEAR_SNAPSHOT_DIR", code="snapshot_store_unavailable")
+
     def get(self, snapshot_id: str) -> dict:
         """The manifest of one snapshot (files are not hashed; ``verify`` or ``read`` do)."""
         return self._load_manifest(self._dir(snapshot_id), snapshot_id)
 
     def list(self, *, tag: str | None = None, include_broken: bool = False) -> list[dict]:
         """Manifests of every snapshot, oldest first; ``tag`` filters. Broken ones are left
-        out unless ``include_broken`` (then they appear as ``{"id", "error"}``)."""
+        out unless ``include_broken`` (then they appear as ``{"id", "error"}``); either way
+        ``skipped`` names them until the next listing (``/health`` and ``spl ls`` warn of them)."""
         out: list[dict] = []
+        skipped: list[dict] = []
         if not self.root.is_dir():
+            self.skipped = skipped
             return out
         for entry in sorted(self.root.iterdir()):
             if entry.name.startswith(".") or not entry.is_dir():
@@ -347,13 +378,15 @@ class SnapshotStore:
             try:
                 validate_id(entry.name)
                 manifest = self._load_manifest(entry, entry.name)
-            except (InvalidRequest, NotFound) as exc:
+            except UserError as exc:  # damaged, unreadable or gone meanwhile: the listing goes on
+                skipped.append({"id": entry.name[:MAX_ID_LEN], "error": str(exc)[:500]})
                 if include_broken:
-                    out.append({"id": entry.name, "error": str(exc)})
+                    out.append(skipped[-1])
                 continue
             if tag is None or tag in manifest.get("tags", ()):
                 out.append(manifest)
         out.sort(key=lambda m: (m.get("created_at", ""), m["id"]))
+        self.skipped = skipped
         return out
 
     def verify(self, snapshot_id: str) -> dict:
@@ -435,7 +468,7 @@ class SnapshotStore:
         directory = self._dir(snapshot_id)
         with self._lock:
             if not directory.is_dir():
-                raise NotFound(f"no snapshot {snapshot_id!r} in {self.root}", param="snapshot_id")
+                raise self._missing(snapshot_id)
             trash = self._tmp_dir("del")
             try:
                 os.rename(directory, trash)
@@ -487,9 +520,12 @@ class SnapshotStore:
             validate_id(snapshot_id, "snapshot id", param="snapshot_id")
         tmp = self.make_temp_dir()
         try:
-            manifest = self._unpack(file, label, tmp)
+            manifest = self._unpack(file, label, tmp)  # every file hashed as it was unpacked
             original = manifest["id"]
-            _verify_files(tmp, manifest, original)
+            missing = sorted(name for name in manifest["files"] if not (tmp / name).is_file())
+            if missing:
+                raise CorruptSnapshot(f"{label} is incomplete: {', '.join(missing)[:300]} missing", param="file")
+            _check_transcript(tmp, manifest, label)
             final_id = snapshot_id or original
             tags = [t for t in manifest.get("tags", []) if not str(t).startswith(RESERVED_TAG_PREFIX)]
             if manifest.get("id") != final_id or tags != manifest.get("tags", []):
@@ -544,7 +580,10 @@ class SnapshotStore:
                         if member.size != want["bytes"]:
                             raise CorruptSnapshot(f"{label}: {name} has {member.size} bytes, the manifest "
                                                   f"declares {want['bytes']}; the file is damaged", param="file")
-                        _copy_member(tar, member, tmp / name)
+                        digest = _copy_member(tar, member, tmp / name, tensorfile.hash_of(want)[0], label)
+                        if digest != tensorfile.hash_of(want)[1]:
+                            raise CorruptSnapshot(f"{label}: the hash of {name} does not match its manifest (the "
+                                                  "file was edited or corrupted)", param="file")
         except tarfile.ReadError:
             raise CorruptSnapshot(f"{label} is not a snapshot export (not a tar file made by a "
                                   "snapshot export)", param="file") from None
@@ -563,15 +602,16 @@ class SnapshotStore:
             raise CorruptSnapshot(f"{label}: {MANIFEST} is {member.size} bytes; at most {MAX_MANIFEST_BYTES} "
                                   "are allowed", param="file")
         top = validate_id(member.name.split("/")[0], "snapshot id", param="file")
-        _copy_member(tar, member, tmp / MANIFEST)
-        return self._load_manifest(tmp, top)
+        _copy_member(tar, member, tmp / MANIFEST, None, label)
+        return self._load_manifest(tmp, top, param=None)
 
     def _check_room(self, manifest: dict, label: str) -> None:
-        need, free = _declared_bytes(manifest), shutil.disk_usage(self.root).free
+        need, free = _declared_bytes(manifest), room(self.root)
         if need > free:
-            raise TooLarge(f"{label} declares {need} bytes of files, more than the {free} bytes free in "
-                           f"{self.root}; free space or set $SUPERLINEAR_SNAPSHOT_DIR to another directory",
-                           param="file")
+            raise TooLarge(f"{label} declares {need} bytes of files, more than the {max(free, 0)} bytes free in "
+                           f"{self.root} beyond ${RESERVE_ENV} ({reserve_bytes()} bytes, kept for the sessions' "
+                           "journals); free space or set $SUPERLINEAR_SNAPSHOT_DIR to another directory", param="file",
+                           code="insufficient_storage")
 
 
 class _UnreadableExport(Exception):
@@ -610,27 +650,41 @@ def _declared_bytes(manifest: dict) -> int:
     return sum(entry["bytes"] for entry in manifest["files"].values())
 
 
-def _copy_member(tar: tarfile.TarFile, member: tarfile.TarInfo, dest: Path) -> None:
+def _copy_member(tar: tarfile.TarFile, member: tarfile.TarInfo, dest: Path, algorithm: str | None,
+                 label: str) -> str | None:
+    """Copy one entry to ``dest``, hashing it on the way (``algorithm``; returns the hex digest),
+    and stop before a chunk that would leave less than the reserve free on the disk."""
+    digest = tensorfile.new_digest(algorithm) if algorithm else None
+    source = tar.extractfile(member)
     with open(dest, "wb") as out:
-        shutil.copyfileobj(tar.extractfile(member), out, 8 << 20)
+        while chunk := source.read(_COPY_CHUNK):
+            if len(chunk) > room(dest.parent):
+                raise TooLarge(f"{label}: the disk of {dest.parent.parent} would keep less than ${RESERVE_ENV} "
+                               f"({reserve_bytes()} bytes) free; free space or set $SUPERLINEAR_SNAPSHOT_DIR to "
+                               "another directory", param="file")
+            out.write(chunk)
+            if digest is not None:
+                digest.update(chunk)
         out.flush()
         os.fsync(out.fileno())
+    return digest.hexdigest() if digest is not None else None
 
 
-def _manifest_problem(manifest) -> str | None:
-    if not isinstance(manifest, dict):
-        return "is not an object"
-    for key, kind in (("schema_version", int), ("id", str), ("model", dict), ("session", dict),
-                      ("files", dict)):
-        if not isinstance(manifest.get(key), kind):
-            return f"lacks a valid {key!r}"
-    for name, entry in manifest["files"].items():
-        if not _FILE_NAME_RE.fullmatch(name) or name == MANIFEST:
-            return f"lists an invalid file name {name!r}"
-        if not (isinstance(entry, dict) and tensorfile.hash_of(entry) is not None
-                and isinstance(entry.get("bytes"), int)):
-            return f"has no valid hash for {name!r}"
-    return None
+def _check_transcript(directory: Path, manifest: dict, label: str) -> None:
+    """The transcript (a journal's meta file) must be a JSON object at the manifest's position:
+    a loaded snapshot is rebuilt from both, so one that disagrees is refused on import, not on load."""
+    name = manifest.get("meta", TRANSCRIPT) if journal.is_journal(manifest) else TRANSCRIPT
+    if name not in manifest["files"]:
+        raise CorruptSnapshot(f"{label}: the manifest lists no {name}", param="files")
+    try:
+        meta = json.loads((directory / name).read_bytes())
+    except (ValueError, RecursionError):
+        raise CorruptSnapshot(f"{label}: {name} is not valid JSON", param="file") from None
+    position = manifest["session"]["position"]
+    if not isinstance(meta, dict) or meta.get("position", position) != position:
+        raise CorruptSnapshot(f"{label}: the manifest's session.position ({position}) is not the transcript's "
+                              f"({meta.get('position') if isinstance(meta, dict) else None!r})",
+                              param="session.position")
 
 
 def _verify_files(directory: Path, manifest: dict, snapshot_id: str) -> None:

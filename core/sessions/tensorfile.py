@@ -43,7 +43,7 @@ def hash_of(entry: dict) -> tuple[str, str] | None:
     return None
 
 
-def _new_digest(algorithm: str = HASH):
+def new_digest(algorithm: str = HASH):
     return _hashers()[algorithm]()
 
 
@@ -94,7 +94,7 @@ def write_safetensors(path: str | os.PathLike, tensors: dict, metadata: dict | N
     blob = json.dumps(header, separators=(",", ":")).encode("utf-8")
     blob += b" " * ((8 - len(blob) % 8) % 8)
 
-    digest = _new_digest()
+    digest = new_digest()
     path = Path(path)
     with open(path, "wb") as f:
         _write(f, struct.pack("<Q", len(blob)), digest)
@@ -145,7 +145,7 @@ def read_safetensors(path: str | os.PathLike, device=None) -> dict:
 
 def write_bytes(path: str | os.PathLike, data: bytes) -> dict:
     """Write ``data`` to ``path`` and fsync it; returns ``{"xxh3_128", "bytes"}``."""
-    digest = _new_digest()
+    digest = new_digest()
     with open(path, "wb") as f:
         _write(f, data, digest)
         f.flush()
@@ -155,7 +155,7 @@ def write_bytes(path: str | os.PathLike, data: bytes) -> dict:
 
 def file_digest(path: str | os.PathLike, algorithm: str = HASH) -> dict:
     """``{algorithm: hex, "bytes": size}`` of a file on disk."""
-    digest = _new_digest(algorithm)
+    digest = new_digest(algorithm)
     size = 0
     with open(path, "rb") as f:
         while chunk := f.read(8 << 20):

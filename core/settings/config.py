@@ -85,6 +85,14 @@ def _size(value: Any) -> int | None:
     return size
 
 
+def _bool(value: Any) -> bool:
+    if isinstance(value, bool):
+        return value
+    if isinstance(value, str) and value.strip().lower() in ("1", "true", "yes", "on", "0", "false", "no", "off", ""):
+        return value.strip().lower() in ("1", "true", "yes", "on")
+    raise ValueError("must be true or false")
+
+
 def _key(value: Any) -> str | None:
     if not isinstance(value, str):
         raise ValueError("must be a string")
@@ -115,6 +123,7 @@ SETTINGS: tuple[Setting, ...] = (
     Setting("threads", "SPL_THREADS", None, _int(1, 1024)),  # None: threads.default_threads()
     Setting("persist", "SPL_PERSIST", "turn", _choice(PERSIST_MODES)),
     Setting("log_level", "SPL_LOG_LEVEL", "info", _choice(LOG_LEVELS)),
+    Setting("lenient_fields", "SPL_LENIENT_FIELDS", False, _bool),
 )
 BY_NAME = {s.name: s for s in SETTINGS}
 

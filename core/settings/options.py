@@ -37,6 +37,8 @@ class ServeOptions:
     # flight); "shutdown": only on clean shutdown and eviction (no per-turn disk writes).
     persist: str = "turn"
     log_level: str = "info"
+    # unknown request fields are ignored (and logged) instead of refused with a 400
+    lenient_fields: bool = False
 
     def url(self) -> str:
         host = "127.0.0.1" if self.host in ("0.0.0.0", "", "::") else self.host
@@ -63,6 +65,8 @@ class ServeOptions:
             args += ["--device", self.device]
         if self.threads:
             args += ["--threads", str(self.threads)]
+        if self.lenient_fields:
+            args += ["--lenient-fields"]
         return args
 
     def as_dict(self) -> dict:
@@ -142,6 +146,9 @@ def server_options(func):
                                 "SPL_PERSIST", "turn")),
         click.option("--log-level", type=click.Choice(LOG_LEVELS, case_sensitive=False), default=None,
                      help=_help("Server log level.", "SPL_LOG_LEVEL", "info")),
+        click.option("--lenient-fields", is_flag=True, default=None,
+                     help=_help("Ignore (and log) unknown request fields instead of answering 400.",
+                                "SPL_LENIENT_FIELDS", "off")),
     ]
 
     wants_sources = "option_sources" in inspect.signature(func).parameters

@@ -86,12 +86,11 @@ def batch_rows(model, ids, length: int, attention: str, command, chunk_size: int
 
 
 def _path(model, count: int) -> str:
-    info = model.info()
+    """How the steps ran: one row is ``decode_step`` (its CUDA graph), more the bucket graphs."""
     if model.device.type != "cuda":
         return "eager"
-    if count == 1:
-        return "CUDA graph (decode_step)" if info["cuda_graph"] else "eager"
-    return "eager" if info.get("batch_graph_error") or not info["cuda_graph"] else "CUDA graph per bucket"
+    paths = model.info()["forward_paths"]
+    return paths.get("decode" if count == 1 else "decode_batch", "eager")
 
 
 def markdown_rows(rows: list[dict]) -> list[str]:

@@ -177,9 +177,9 @@ def _ints(text: str, what: str, low: int, high: int) -> tuple[int, ...]:
 @click.option("--url", default=None, metavar="URL",
               help="Server to load (default: $SPL_SERVER_URL, `spl server connect`, your local server).")
 @click.option("--model", default=None, help="Model to ask for (default: the first one the server lists).")
-@click.option("--concurrency", default="1", show_default=True,
-              help="Requests in flight; a list (1,4,8) runs one level per value and reports each level's "
-                   "throughput over the concurrency-1 level's.")
+@click.option("--concurrency", default=None,
+              help="Requests in flight (default 1); a list (1,4,8) runs one level per value and reports each "
+                   "level's throughput over the concurrency-1 level's.")
 @click.option("--request-rate", type=click.FloatRange(min=0.001, max=10_000), default=None,
               help="Poisson arrivals: requests a second (instead of --concurrency).")
 @click.option("--num-prompts", type=click.IntRange(1, MAX_PROMPTS), default=16, show_default=True,
@@ -205,12 +205,14 @@ def command(url, model, concurrency, request_rate, num_prompts, duration, prompt
     """Load a running server: TTFT, TPOT, ITL, throughput at several concurrencies or a Poisson rate."""
     if request_rate is not None and mix:
         raise InvalidRequest("--mix long-prefill runs at a fixed --concurrency, not a --request-rate")
+    if request_rate is not None and concurrency is not None:
+        raise InvalidRequest("give --concurrency or --request-rate, not both")
     long = LengthRange.parse(long_prompt_tokens, MAX_LONG_PROMPT_TOKENS, "--long-prompt-tokens")
     if long.low != long.high:
         raise InvalidRequest(f"--long-prompt-tokens is one length, got {long_prompt_tokens!r}")
     options = BenchServe(
         url=url if url is None or "://" in url else f"http://{url}", model=model,
-        concurrency=_ints(concurrency, "--concurrency", 1, MAX_CONCURRENCY), request_rate=request_rate,
+        concurrency=_ints(concurrency or "1", "--concurrency", 1, MAX_CONCURRENCY), request_rate=request_rate,
         num_prompts=num_prompts, duration=duration,
         prompt_tokens=LengthRange.parse(prompt_tokens, MAX_PROMPT_TOKENS, "--prompt-tokens"),
         output_tokens=LengthRange.parse(output_tokens, MAX_OUTPUT_TOKENS, "--output-tokens"),

@@ -45,6 +45,32 @@ def check_model_known(spec: str) -> None:
     load_model(spec)  # no loader matches: raises its "unknown model" error, loads nothing
 
 
+def _server_class():
+    """uvicorn's server, stopping the same clean way on SIGTERM, SIGINT and SIGHUP.
+
+    uvicorn handles SIGINT and SIGTERM only, and once it has shut down it raises the signal again,
+    so the process dies of it (exit -15) before ``serve`` removes its record from server.json;
+    SIGHUP (a closed terminal) would kill it at once, with no sessions saved. Here all three set
+    ``should_exit`` (a second SIGINT forces the exit, as in uvicorn) and nothing is raised again."""
+    import contextlib
+    import signal
+
+    import uvicorn
+
+    class Server(uvicorn.Server):
+        @contextlib.contextmanager
+        def capture_signals(self):
+            stops = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
+            original = {sig: signal.signal(sig, self.handle_exit) for sig in stops}
+            try:
+                yield
+            finally:
+                for sig, handler in original.items():
+                    signal.signal(sig, handler)
+
+    return Server
+
+
 def serve(options: ServeOptions) -> int:
     """Serve in the foreground until stopped; the exit code (a failed start raises ``UserError``)."""
     import logging
@@ -64,9 +90,12 @@ def serve(options: ServeOptions) -> int:
     app = build_app(options)
     auth = "API key required" if options.api_key else "no API key"
     print(f"spl: serving {options.model} on {options.url()} ({auth}); loading the model…", flush=True)
+    from .framing import OpenAIErrorsH11Protocol
+
     config = uvicorn.Config(app, host=options.host, port=options.port, log_level=options.log_level,
-                            timeout_graceful_shutdown=5, lifespan="on", access_log=False)
-    server = uvicorn.Server(config)
+                            timeout_graceful_shutdown=5, lifespan="on", access_log=False,
+                            http=OpenAIErrorsH11Protocol)
+    server = _server_class()(config)
     runtime = app.state.runtime
     _exit_on_load_error(server, runtime)
     with store_lock, registered(options):  # server.json names this process while it serves

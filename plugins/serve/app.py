@@ -12,9 +12,9 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from superlinear.errors import InvalidRequest, NotFound, TooLarge, Unauthorized, UserError
+from superlinear.errors import BodyTooLarge, InvalidRequest, NotFound, Unauthorized, UserError
 
-from . import routes_chat, routes_models, routes_sessions, routes_snapshots, routes_text, sse
+from . import bounds, routes_chat, routes_models, routes_sessions, routes_snapshots, routes_text, sse
 from .http import MAX_BODY_BYTES, error_response, import_limit
 from .runtime import Runtime
 
@@ -66,7 +66,7 @@ class GuardMiddleware:
                 return await error_response(InvalidRequest("bad Content-Length"))(scope, receive, send)
             if too_big:
                 return await error_response(
-                    TooLarge(f"request body is {length} bytes; {why} is {limit}", code="body_too_large")
+                    BodyTooLarge(f"request body is {length} bytes; {why} is {limit}")
                 )(scope, receive, send)
         started, status = False, 500
 
@@ -136,6 +136,16 @@ def create_app(runtime: Runtime) -> FastAPI:
 
     for routes in (routes_models, routes_chat, routes_sessions, routes_snapshots, routes_text):
         routes.add_routes(app, runtime)
+
+    def openapi() -> dict:
+        if app.openapi_schema is None:
+            from fastapi.openapi.utils import get_openapi
+
+            app.openapi_schema = bounds.document_bodies(get_openapi(title=app.title, version=app.version,
+                                                                    routes=app.routes))
+        return app.openapi_schema
+
+    app.openapi = openapi
     from superlinear.pluginloader import collect
 
     for plugin, args, kwargs in collect("register_routes"):

@@ -15,7 +15,8 @@ def engine_request(req: ChatCompletionRequest, messages: list[dict], defaults: d
     from superlinear.engine import ChatRequest, RepetitionConfig
 
     sampling = req.sampling_params(defaults, logprobs=req.logprobs_count(),
-                                   max_tokens=req.max_completion_tokens or req.max_tokens or defaults.get("max_tokens"))
+                                   max_tokens=req.token_limit(req.max_completion_tokens or req.max_tokens)
+                                   or defaults.get("max_tokens"))
     repetition = None
     if req.repetition_detection is True:
         repetition = RepetitionConfig()
@@ -24,6 +25,7 @@ def engine_request(req: ChatCompletionRequest, messages: list[dict], defaults: d
     tools = [t.model_dump(exclude_none=True) for t in req.tools] if req.tools else None
     return ChatRequest(
         messages=messages, tools=tools, tool_choice=req.tool_choice, sampling=sampling,
+        parallel_tool_calls=bool(req.parallel_tool_calls),
         reasoning_budget=req.reasoning_budget, repetition=repetition,
         chat_template_kwargs=req.chat_template_kwargs, keep_thinking=req.keep_thinking,
     )

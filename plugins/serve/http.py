@@ -3,13 +3,12 @@
 from __future__ import annotations
 
 import os
-import shutil
 import tempfile
 
 from fastapi import Request
 from fastapi.responses import JSONResponse
 
-from superlinear.errors import TooLarge, UserError
+from superlinear.errors import BodyTooLarge, UserError
 
 MAX_BODY_BYTES = int(os.environ.get("SPL_MAX_BODY_BYTES", 256 << 20))  # ~50M tokens of text
 MAX_IMPORT_BYTES = int(os.environ.get("SPL_MAX_IMPORT_BYTES", 1 << 40))
@@ -17,15 +16,17 @@ MAX_IMPORT_BYTES = int(os.environ.get("SPL_MAX_IMPORT_BYTES", 1 << 40))
 
 def import_limit() -> tuple[int, str]:
     """The most bytes a snapshot upload may have, and why: ``MAX_IMPORT_BYTES``, or less when
-    the disk that holds uploads has less free space (an upload that cannot fit is refused
-    before it fills the disk other sessions persist to)."""
+    the disk that holds uploads has less room (its free space less ``$SPL_STORE_RESERVE_BYTES``):
+    an upload that cannot fit is refused before it fills the disk other sessions persist to."""
+    from superlinear.sessions.snapshots import RESERVE_ENV, room
+
     directory = tempfile.gettempdir()
     try:
-        free = shutil.disk_usage(directory).free
+        free = max(0, room(directory))
     except OSError:
         free = MAX_IMPORT_BYTES
     if free < MAX_IMPORT_BYTES:
-        return free, f"the free space in {directory}"
+        return free, f"the free space in {directory} less ${RESERVE_ENV}"
     return MAX_IMPORT_BYTES, "the upload limit"
 
 
@@ -39,6 +40,6 @@ async def read_body(request: Request, limit: int = MAX_BODY_BYTES) -> bytes:
     async for part in request.stream():
         size += len(part)
         if size > limit:
-            raise TooLarge(f"request body is over the limit of {limit} bytes", code="body_too_large")
+            raise BodyTooLarge(f"request body is over the limit of {limit} bytes")
         chunks.append(part)
     return b"".join(chunks)

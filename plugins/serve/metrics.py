@@ -2,7 +2,10 @@
 
 Counters move as requests and turns finish; gauges (queue, sessions, memory) are read from the
 runtime when `/metrics` is scraped, so they are never stale. Each server has its own registry:
-two servers in one process (tests) do not share numbers.
+two servers in one process (tests) do not share numbers. Every series carries a `model_name`
+label (the served model's name, as vLLM's do), so dashboards written for several servers can
+tell them apart; docs/server.md maps each series to vLLM's and llama.cpp's names, and
+docs/grafana/spl.json is a dashboard on them.
 """
 
 from __future__ import annotations
@@ -31,6 +34,9 @@ disable_created_metrics()
 _SECONDS_BUCKETS = (0.01, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300, 600, 1800)
 # Time per output token: a few ms on a GPU to seconds on a loaded CPU.
 _TOKEN_SECONDS_BUCKETS = (0.005, 0.01, 0.02, 0.04, 0.06, 0.08, 0.1, 0.15, 0.2, 0.3, 0.5, 0.75, 1, 2.5, 5)
+# Tokens per request, 1-2-5 steps as vLLM's, up to the longest contexts spl serves.
+_TOKEN_COUNT_BUCKETS = tuple(m * 10 ** e for e in range(7) for m in (1, 2, 5))
+MODEL = ["model_name"]  # the label every series has
 
 
 class ServerMetrics:
@@ -38,52 +44,80 @@ class ServerMetrics:
         self.runtime = runtime
         self.registry = CollectorRegistry(auto_describe=True)
         r = self.registry
-        self.requests = Counter("spl_requests", "HTTP requests answered", ["method", "route", "status"], registry=r)
-        self.turns = Counter("spl_turns", "Chat turns finished, by finish reason", ["finish"], registry=r)
-        self.prompt_tokens = Counter("spl_prompt_tokens", "Prompt tokens of finished turns", registry=r)
-        self.completion_tokens = Counter("spl_completion_tokens", "Tokens generated", registry=r)
+        self.requests = Counter("spl_requests", "HTTP requests answered", MODEL + ["method", "route", "status"],
+                                registry=r)
+        self.turns = Counter("spl_turns", "Chat turns finished, by finish reason", MODEL + ["finish"], registry=r)
+        self.prompt_tokens = Counter("spl_prompt_tokens", "Prompt tokens of finished turns", MODEL, registry=r)
+        self.completion_tokens = Counter("spl_completion_tokens", "Tokens generated", MODEL, registry=r)
         self.cached_tokens = Counter("spl_cached_tokens",
-                                     "Prompt tokens reused from the cache (not prefilled again)", registry=r)
-        self.prefill_tokens = Counter("spl_prefill_tokens", "Prompt tokens prefilled", registry=r)
-        self.prefill_seconds = Histogram("spl_prefill_seconds", "Prefill time per turn", registry=r,
+                                     "Prompt tokens reused from the cache (not prefilled again)", MODEL, registry=r)
+        self.prefill_tokens = Counter("spl_prefill_tokens", "Prompt tokens prefilled", MODEL, registry=r)
+        self.prefill_seconds = Histogram("spl_prefill_seconds", "Prefill time per turn", MODEL, registry=r,
                                          buckets=_SECONDS_BUCKETS)
-        self.decode_seconds = Histogram("spl_decode_seconds", "Decode time per turn", registry=r,
+        self.decode_seconds = Histogram("spl_decode_seconds", "Decode time per turn", MODEL, registry=r,
                                         buckets=_SECONDS_BUCKETS)
         # the latencies vLLM's and llama.cpp's dashboards read (docs/server.md maps the names)
         self.time_to_first_token = Histogram(
             "spl_time_to_first_token_seconds", "From the request's arrival at the model worker's queue to its "
-            "first token (queue wait + prefill)", registry=r, buckets=_SECONDS_BUCKETS)
+            "first token (queue wait + prefill)", MODEL, registry=r, buckets=_SECONDS_BUCKETS)
         self.time_per_output_token = Histogram(
             "spl_time_per_output_token_seconds", "Mean time per generated token of a request (decode time / "
-            "tokens)", registry=r, buckets=_TOKEN_SECONDS_BUCKETS)
+            "tokens)", MODEL, registry=r, buckets=_TOKEN_SECONDS_BUCKETS)
         self.e2e_latency = Histogram(
             "spl_e2e_request_latency_seconds", "From the request's arrival at the model worker's queue to its "
-            "last token (queue wait + prefill + decode)", registry=r, buckets=_SECONDS_BUCKETS)
-        self.prefill_rate = Gauge("spl_prefill_tokens_per_second", "Prefill tokens/s of the last turn", registry=r)
-        self.decode_rate = Gauge("spl_decode_tokens_per_second", "Decode tokens/s of the last turn", registry=r)
+            "last token (queue wait + prefill + decode)", MODEL, registry=r, buckets=_SECONDS_BUCKETS)
+        self.request_prompt_tokens = Histogram(
+            "spl_request_prompt_tokens", "Prompt tokens per request", MODEL, registry=r,
+            buckets=_TOKEN_COUNT_BUCKETS)
+        self.request_generation_tokens = Histogram(
+            "spl_request_generation_tokens", "Generated tokens per request", MODEL, registry=r,
+            buckets=_TOKEN_COUNT_BUCKETS)
+        self.prefill_rate = Gauge("spl_prefill_tokens_per_second", "Prefill tokens/s of the last turn", MODEL,
+                                  registry=r)
+        self.decode_rate = Gauge("spl_decode_tokens_per_second", "Decode tokens/s of the last turn", MODEL,
+                                 registry=r)
+        self._per_model = (self.prompt_tokens, self.completion_tokens, self.cached_tokens, self.prefill_tokens,
+                           self.prefill_seconds, self.decode_seconds, self.time_to_first_token,
+                           self.time_per_output_token, self.e2e_latency,
+                           self.request_prompt_tokens, self.request_generation_tokens, self.prefill_rate,
+                           self.decode_rate)
+        self._named: str | None = None
         r.register(_RuntimeGauges(runtime))
         self.scheduler = SchedulerMetrics(runtime, r)
 
+    @property
+    def model_name(self) -> str:
+        """The ``model_name`` label: the served model's name. Its series exist from the first
+        scrape (zero), so a dashboard's queries resolve before the first request."""
+        name = self.runtime.model_name
+        if name != self._named:
+            for metric in self._per_model + self.scheduler.per_model:
+                metric.labels(name)
+            self._named = name
+        return name
+
     def request(self, method: str, route: str, status: int) -> None:
-        self.requests.labels(method, route, str(status)).inc()
+        self.requests.labels(self.model_name, method, route, str(status)).inc()
 
     def turn(self, done, *, session_id: str | None, queued_s: float | None, persisted: bool | None) -> None:
         """Count a finished turn (an engine ``Done``) and log it as one JSON line."""
-        usage, timings = done.usage, done.timings
-        self.turns.labels(done.finish_reason).inc()
-        self.prompt_tokens.inc(usage.get("prompt_tokens") or 0)
-        self.completion_tokens.inc(usage.get("completion_tokens") or 0)
-        self.cached_tokens.inc(usage.get("cached_tokens") or 0)
-        self.prefill_tokens.inc(usage.get("prefill_tokens") or 0)
+        usage, timings, name = done.usage, done.timings, self.model_name
+        self.turns.labels(name, done.finish_reason).inc()
+        self.prompt_tokens.labels(name).inc(usage.get("prompt_tokens") or 0)
+        self.completion_tokens.labels(name).inc(usage.get("completion_tokens") or 0)
+        self.cached_tokens.labels(name).inc(usage.get("cached_tokens") or 0)
+        self.prefill_tokens.labels(name).inc(usage.get("prefill_tokens") or 0)
+        self.request_prompt_tokens.labels(name).observe(usage.get("prompt_tokens") or 0)
+        self.request_generation_tokens.labels(name).observe(usage.get("completion_tokens") or 0)
         if timings.get("prefill_s") is not None:
-            self.prefill_seconds.observe(timings["prefill_s"])
+            self.prefill_seconds.labels(name).observe(timings["prefill_s"])
         if timings.get("decode_s") is not None:
-            self.decode_seconds.observe(timings["decode_s"])
-        self._latencies(usage, timings, queued_s or 0.0)
+            self.decode_seconds.labels(name).observe(timings["decode_s"])
+        self._latencies(name, usage, timings, queued_s or 0.0)
         if timings.get("prefill_tokens_per_s"):
-            self.prefill_rate.set(timings["prefill_tokens_per_s"])
+            self.prefill_rate.labels(name).set(timings["prefill_tokens_per_s"])
         if timings.get("decode_tokens_per_s"):
-            self.decode_rate.set(timings["decode_tokens_per_s"])
+            self.decode_rate.labels(name).set(timings["decode_tokens_per_s"])
         log.info(json.dumps({
             "event": "turn", "session": session_id, "finish": done.finish_reason,
             "prompt_tokens": usage.get("prompt_tokens"), "cached_tokens": usage.get("cached_tokens"),
@@ -94,17 +128,18 @@ class ServerMetrics:
             "persisted": persisted,
         }, separators=(",", ":")))
 
-    def _latencies(self, usage: dict, timings: dict, queued_s: float) -> None:
+    def _latencies(self, name: str, usage: dict, timings: dict, queued_s: float) -> None:
         prefill_s, decode_s = timings.get("prefill_s"), timings.get("decode_s")
         if prefill_s is None or decode_s is None:  # a turn cancelled before its first token
             return
-        self.time_to_first_token.observe(queued_s + prefill_s)
-        self.e2e_latency.observe(queued_s + prefill_s + decode_s)
+        self.time_to_first_token.labels(name).observe(queued_s + prefill_s)
+        self.e2e_latency.labels(name).observe(queued_s + prefill_s + decode_s)
         tokens = usage.get("completion_tokens") or 0
         if tokens:
-            self.time_per_output_token.observe(decode_s / tokens)
+            self.time_per_output_token.labels(name).observe(decode_s / tokens)
 
     def render(self) -> tuple[bytes, str]:
+        _ = self.model_name  # the series of a model loaded since the last scrape
         return generate_latest(self.registry), CONTENT_TYPE_LATEST
 
 
@@ -119,28 +154,32 @@ class _RuntimeGauges:
 
     def collect(self):
         rt = self.runtime
+        name = rt.model_name
         worker = rt.worker
-        yield _gauge("spl_queue_depth", "Jobs waiting for the model worker", worker.queued())
-        yield _gauge("spl_generations", "Generations waiting or running", worker.generations)
+        yield _gauge("spl_queue_depth", "Jobs waiting for the model worker", worker.queued(), name)
+        yield _gauge("spl_generations", "Generations waiting or running", worker.generations, name)
         running = worker.running()
-        yield _gauge("spl_requests_running", "Generations running on the model (batched by the scheduler)", running)
-        yield _gauge("spl_requests_waiting", "Generations waiting for the model", max(0, worker.generations - running))
+        yield _gauge("spl_requests_running", "Generations running on the model (batched by the scheduler)", running,
+                     name)
+        yield _gauge("spl_requests_waiting", "Generations waiting for the model", max(0, worker.generations - running),
+                     name)
         manager = rt.manager
         if manager is not None:
             listing = manager.list()
-            sessions = GaugeMetricFamily("spl_sessions", "Open sessions", labels=["state"])
-            sessions.add_metric(["resident"], listing.resident)
-            sessions.add_metric(["on_disk"], listing.count - listing.resident)
+            sessions = GaugeMetricFamily("spl_sessions", "Open sessions", labels=MODEL + ["state"])
+            sessions.add_metric([name, "resident"], listing.resident)
+            sessions.add_metric([name, "on_disk"], listing.count - listing.resident)
             yield sessions
-            yield _gauge("spl_session_memory_bytes", "Bytes resident sessions hold", listing.bytes)
+            yield _gauge("spl_session_memory_bytes", "Bytes resident sessions hold", listing.bytes, name)
             if listing.memory_budget is not None:
-                yield _gauge("spl_session_memory_budget_bytes", "The session memory budget", listing.memory_budget)
+                yield _gauge("spl_session_memory_budget_bytes", "The session memory budget", listing.memory_budget,
+                             name)
                 yield _gauge("spl_cache_usage_ratio", "Share of the session memory budget the caches hold (0..1)",
-                             min(1.0, listing.bytes / listing.memory_budget) if listing.memory_budget else 0.0)
-        yield _gauge("spl_process_resident_memory_bytes", "Resident memory of the server process", _rss())
+                             min(1.0, listing.bytes / listing.memory_budget) if listing.memory_budget else 0.0, name)
+        yield _gauge("spl_process_resident_memory_bytes", "Resident memory of the server process", _rss(), name)
         device = _device_memory()
         if device is not None:
-            yield _gauge("spl_device_memory_allocated_bytes", "GPU memory allocated by torch", device)
+            yield _gauge("spl_device_memory_allocated_bytes", "GPU memory allocated by torch", device, name)
 
 
 # -- the engine's scheduler (continuous batching) ---------------------------------------------------
@@ -155,26 +194,29 @@ class SchedulerMetrics:
 
     def __init__(self, runtime, registry: CollectorRegistry):
         r = registry
+        self.runtime = runtime
         self.step_seconds = Histogram("spl_scheduler_step_seconds", "Time of one scheduler step (a batched "
-                                      "decode plus prefill chunks)", registry=r, buckets=_STEP_SECONDS_BUCKETS)
+                                      "decode plus prefill chunks)", MODEL, registry=r, buckets=_STEP_SECONDS_BUCKETS)
         self.batch_size = Histogram("spl_scheduler_batch_size", "Sequences decoded together in a step",
-                                    registry=r, buckets=_BATCH_BUCKETS)
+                                    MODEL, registry=r, buckets=_BATCH_BUCKETS)
         self.prefill_tokens = Counter("spl_scheduler_prefill_tokens", "Prompt tokens prefilled by scheduler "
-                                      "steps", registry=r)
+                                      "steps", MODEL, registry=r)
         self.queue_seconds = Histogram("spl_request_queue_time_seconds", "Time a generation waited before the "
-                                       "scheduler started it", registry=r, buckets=_SECONDS_BUCKETS)
+                                       "scheduler started it", MODEL, registry=r, buckets=_SECONDS_BUCKETS)
+        self.per_model = (self.step_seconds, self.batch_size, self.prefill_tokens, self.queue_seconds)
         r.register(_SchedulerGauges(runtime))
 
     def step(self, batch: int, prefill_tokens: int, seconds: float) -> None:
-        self.step_seconds.observe(seconds)
+        name = self.runtime.model_name
+        self.step_seconds.labels(name).observe(seconds)
         if batch:
-            self.batch_size.observe(batch)
+            self.batch_size.labels(name).observe(batch)
         if prefill_tokens:
-            self.prefill_tokens.inc(prefill_tokens)
+            self.prefill_tokens.labels(name).inc(prefill_tokens)
 
     def started(self, job) -> None:
         if job.kind == "generation":
-            self.queue_seconds.observe(job.queued_s)
+            self.queue_seconds.labels(self.runtime.model_name).observe(job.queued_s)
 
 
 class _SchedulerGauges:
@@ -185,19 +227,22 @@ class _SchedulerGauges:
         return []
 
     def collect(self):
-        state = self.runtime.scheduler_state()
-        yield _gauge("spl_scheduler_running", "Sequences in the scheduler (decoding or prefilling)", state["running"])
-        yield _gauge("spl_scheduler_decoding", "Sequences decoding (the next step's batch)", state["decoding"])
-        yield _gauge("spl_scheduler_prefilling", "Sequences whose prompt is being prefilled", state["prefilling"])
-        yield _gauge("spl_scheduler_waiting", "Generations waiting to start", state["waiting"])
-        yield _gauge("spl_scheduler_last_batch_size", "Sequences decoded in the last step", state["batch"])
+        state, name = self.runtime.scheduler_state(), self.runtime.model_name
+        yield _gauge("spl_scheduler_running", "Sequences in the scheduler (decoding or prefilling)", state["running"],
+                     name)
+        yield _gauge("spl_scheduler_decoding", "Sequences decoding (the next step's batch)", state["decoding"], name)
+        yield _gauge("spl_scheduler_prefilling", "Sequences whose prompt is being prefilled", state["prefilling"], name)
+        yield _gauge("spl_scheduler_waiting", "Generations waiting to start", state["waiting"], name)
+        yield _gauge("spl_scheduler_last_batch_size", "Sequences decoded in the last step", state["batch"], name)
         if state["max_step_tokens"]:
             yield _gauge("spl_scheduler_max_step_tokens", "Prompt tokens prefilled per step at most",
-                         state["max_step_tokens"])
+                         state["max_step_tokens"], name)
 
 
-def _gauge(name: str, doc: str, value) -> GaugeMetricFamily:
-    return GaugeMetricFamily(name, doc, value=float(value))
+def _gauge(metric: str, doc: str, value, model_name: str) -> GaugeMetricFamily:
+    family = GaugeMetricFamily(metric, doc, labels=MODEL)
+    family.add_metric([model_name], float(value))
+    return family
 
 
 def _rss() -> int:

@@ -4,6 +4,7 @@ events come back through the one generation path (``generation.py``) and are fol
 
 from __future__ import annotations
 
+import asyncio
 import dataclasses
 
 from fastapi import FastAPI, Request
@@ -16,14 +17,22 @@ from superlinear.service.logprobs import chat_logprobs
 from . import bounds, progress
 from . import chat as openai
 from .generation import JobStream, generate
+from .http import MAX_BODY_BYTES
 from .runtime import Runtime
-from .schemas import ChatCompletionRequest
+from .schemas import MAX_MESSAGES, ChatCompletionRequest
+
+CHAT = bounds.declare(
+    "POST", "/v1/chat/completions", body_bytes=MAX_BODY_BYTES,
+    text=f"every string of messages, tools and tool_choice: at most {bounds.TOKEN_LIMIT}, each message the "
+         "template's own tokens at least, each tool one",
+    items=f"messages {MAX_MESSAGES:,}; " + bounds.SAMPLING_ITEMS,
+    reply="one choice of at most max_tokens tokens", body=ChatCompletionRequest)
 
 
 def add_routes(app: FastAPI, rt: Runtime) -> None:
-    @app.post("/v1/chat/completions")
+    @app.post(CHAT.path)
     async def chat_completions(request: Request):
-        body = await bounds.parse_request(request, ChatCompletionRequest)
+        body = await bounds.parse_request(request, ChatCompletionRequest, lenient=rt.options.lenient_fields)
         body.check_supported()
         if body.session_id is not None:
             from superlinear.sessions import validate_id
@@ -31,8 +40,13 @@ def add_routes(app: FastAPI, rt: Runtime) -> None:
             validate_id(body.session_id, "session id", param="session_id")
         rt.require_ready()
         rt.service.check_model(body.model)
+        bounds.check_sampling(body)
         messages = body.plain_messages()
-        await bounds.check_text(rt, sum(len(m["content"]) for m in messages), "messages")
+        # every string the template renders counts, before any of it reaches the worker
+        chars = await asyncio.to_thread(lambda: {"messages": bounds.string_chars(messages),
+                                                 "tools": bounds.string_chars([body.tools, body.tool_choice])})
+        await bounds.check_text(rt, sum(chars.values()), max(chars, key=chars.get),
+                                messages=len(messages), pieces=len(body.tools or ()))
         rt.stats["requests"] += 1
         turn = ChatTurn(openai.engine_request(body, messages, rt.defaults),
                         session_id=body.session_id, session_mode=body.session_mode)
@@ -150,7 +164,10 @@ class Reply:
 
 
 def _fix_finish(choice: dict, done: Done) -> None:
-    """OpenAI clients know stop/length/tool_calls; spl's own reasons go to ``stop_reason``."""
+    """OpenAI clients know stop/length/tool_calls; ``stop_reason`` says what stopped it, as vLLM's
+    does (the stop string or token id; null for an end token or a length), and holds spl's own
+    reasons."""
+    choice["stop_reason"] = done.stop_reason
     if done.finish_reason in ("repetition", "cancelled"):
         choice["stop_reason"] = done.finish_reason
         choice["finish_reason"] = "stop"

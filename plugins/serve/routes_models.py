@@ -9,11 +9,17 @@ from typing import Any
 from fastapi import FastAPI
 from fastapi.responses import JSONResponse
 
+from . import bounds
 from .runtime import Runtime
+
+HEALTH = bounds.declare("GET", "/health", body_bytes=0, depth=None,
+                        reply="bookkeeping only: never waits for the worker")
+MODELS = bounds.declare("GET", "/v1/models", body_bytes=0, depth=None)
+MODEL = bounds.declare("GET", "/v1/models/{model_id:path}", body_bytes=0, depth=None)
 
 
 def add_routes(app: FastAPI, rt: Runtime) -> None:
-    @app.get("/health")
+    @app.get(HEALTH.path)
     async def health():
         # Readiness probes and load balancers read the status code: 200 only once the model is
         # loaded and the server takes requests; 503 (same body) while loading, failed or stopping.
@@ -23,12 +29,12 @@ def add_routes(app: FastAPI, rt: Runtime) -> None:
             return body
         return JSONResponse(body, status_code=503, headers={"Retry-After": "1"})
 
-    @app.get("/v1/models")
+    @app.get(MODELS.path)
     async def models():
         rt.require_ready()
         return {"object": "list", "data": [_model_card(rt)]}
 
-    @app.get("/v1/models/{model_id:path}")
+    @app.get(MODEL.path)
     async def model(model_id: str):
         rt.require_ready()
         rt.service.check_model(model_id)

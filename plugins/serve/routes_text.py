@@ -9,7 +9,7 @@ import dataclasses
 import secrets
 
 from fastapi import FastAPI, Request
-from fastapi.responses import Response
+from fastapi.responses import PlainTextResponse, Response
 
 from superlinear.api.types import Completion
 from superlinear.engine import Done, Logprobs, RepetitionConfig, TextDelta
@@ -18,35 +18,66 @@ from superlinear.service.logprobs import completion_logprobs
 from . import bounds
 from . import chat as openai
 from .generation import JobStream, generate
+from .http import MAX_BODY_BYTES
 from .runtime import Runtime
-from .schemas import CompletionRequest, DetokenizeRequest, TokenizeRequest
+from .schemas import MAX_MESSAGES, CompletionRequest, DetokenizeRequest, TokenizeRequest
+
+LARGE_TOKENIZATION_CHARS = 256 << 10  # tokenized in milliseconds: no need to wait for a turn
+TOKENIZE = bounds.declare(
+    "POST", "/tokenize", body_bytes=bounds.TOKENIZE_BODY_BYTES,
+    text=f"{bounds.MAX_TOKENIZE_CHARS:,} characters, and at most {bounds.TOKEN_LIMIT}",
+    items=f"messages {MAX_MESSAGES:,}",
+    reply=f"{bounds.TOKEN_LIMIT} token ids (and pieces); one large tokenization at a time", body=TokenizeRequest)
+DETOKENIZE = bounds.declare(
+    "POST", "/detokenize", body_bytes=f"{bounds.ID_JSON_BYTES} per id of {bounds.TOKEN_LIMIT}",
+    items=f"tokens: {bounds.TOKEN_LIMIT}", reply="the text of those ids", body=DetokenizeRequest)
+COMPLETIONS = bounds.declare(
+    "POST", "/v1/completions", body_bytes=MAX_BODY_BYTES,
+    text=f"prompt: at most {bounds.TOKEN_LIMIT}", items=f"prompt ids: {bounds.TOKEN_LIMIT}; " + bounds.SAMPLING_ITEMS,
+    reply="one choice of at most max_tokens tokens", body=CompletionRequest)
+METRICS = bounds.declare("GET", "/metrics", body_bytes=0, depth=None, reply="Prometheus text, one series per route")
 
 
 def add_routes(app: FastAPI, rt: Runtime) -> None:
-    @app.post("/tokenize")
+    # A tokenization holds many times its text in memory while it runs: large ones take turns.
+    large_tokenization = asyncio.Semaphore(1)
+
+    @app.post(TOKENIZE.path)
     async def tokenize(request: Request):
-        body = await bounds.parse_request(request, TokenizeRequest)
+        body = await bounds.parse_request(request, TokenizeRequest, limit=bounds.TOKENIZE_BODY_BYTES)
         source = body.text_or_messages()
         rt.require_ready()
-        # a long text takes a while to tokenize: not on the event loop (nor the model's worker)
-        return await asyncio.to_thread(rt.api.tokenize, source, add_special=body.special(),
-                                       add_generation_prompt=body.add_generation_prompt,
-                                       with_pieces=body.with_pieces)
+        chars = bounds.string_chars(source) if isinstance(source, list) else len(source)
+        param = "messages" if isinstance(source, list) else "content" if body.content is not None else "prompt"
+        bounds.check_chars(chars, bounds.MAX_TOKENIZE_CHARS, param)
+        await bounds.check_text(rt, chars, param, messages=len(source) if isinstance(source, list) else 0)
 
-    @app.post("/detokenize")
+        def run():  # not on the event loop (nor the model's worker)
+            tokens = rt.api.tokenize(source, add_special=body.special(),
+                                     add_generation_prompt=body.add_generation_prompt, with_pieces=body.with_pieces)
+            bounds.check_ids(rt, tokens["tokens"], "tokens")  # the reply's bound: what fits a conversation
+            return tokens
+
+        if chars < LARGE_TOKENIZATION_CHARS:
+            return await bounds.json_reply(await asyncio.to_thread(run))
+        async with large_tokenization:
+            return await bounds.json_reply(await asyncio.to_thread(run))
+
+    @app.post(DETOKENIZE.path)
     async def detokenize(request: Request):
         rt.require_ready()
         body = await bounds.parse_request(request, DetokenizeRequest, limit=bounds.ids_body_limit(rt))
         bounds.check_ids(rt, body.tokens, "tokens")
         text = await asyncio.to_thread(rt.api.detokenize, body.tokens)
-        return {"content": text, "prompt": text}  # llama.cpp's and vLLM's names
+        return await bounds.json_reply({"content": text, "prompt": text})  # llama.cpp's and vLLM's names
 
-    @app.post("/v1/completions")
+    @app.post(COMPLETIONS.path)
     async def completions(request: Request):
-        body = await bounds.parse_request(request, CompletionRequest)
+        body = await bounds.parse_request(request, CompletionRequest, lenient=rt.options.lenient_fields)
         body.check_supported()
         rt.require_ready()
         rt.service.check_model(body.model)
+        bounds.check_sampling(body)
         prompt = body.single_prompt()
         if isinstance(prompt, str):
             await bounds.check_text(rt, len(prompt), "prompt")
@@ -60,14 +91,14 @@ def add_routes(app: FastAPI, rt: Runtime) -> None:
         reply = CompletionReply(rt, body, stream, echo)
         return await generate(request, stream, streamed=body.stream, chunks=reply.stream, collect=reply.collect)
 
-    @app.get("/metrics")
+    @app.get(METRICS.path, response_class=PlainTextResponse)  # documented as text/plain
     async def metrics():
         data, content_type = rt.metrics.render()
         return Response(data, media_type=content_type)
 
 
 def completion_request(body: CompletionRequest, prompt, defaults: dict) -> Completion:
-    sampling = body.sampling_params(defaults, max_tokens=body.max_tokens, logprobs=body.logprobs)
+    sampling = body.sampling_params(defaults, max_tokens=body.token_limit(body.max_tokens), logprobs=body.logprobs)
     repetition = None
     if body.repetition_detection is True:
         repetition = RepetitionConfig()
@@ -117,8 +148,10 @@ class CompletionReply:
                     yield self._chunk(piece)
                 case Done():
                     self._done(event)
-                    yield self._chunk("", _finish(event), done=dataclasses.asdict(event),
-                                      timings=openai.spl_timings(event.usage, event.timings, self.stream_.job.queued_s))
+                    timings = openai.spl_timings(event.usage, event.timings, self.stream_.job.queued_s)
+                    final = self._chunk("", _finish(event), done=dataclasses.asdict(event), timings=timings)
+                    final["choices"][0]["stop_reason"] = event.stop_reason
+                    yield final
                     if self.body.stream_options and self.body.stream_options.include_usage:
                         yield {**self._base(None), "usage": openai.openai_usage(event.usage)}
 
@@ -136,6 +169,7 @@ class CompletionReply:
                     done = event
                     self._done(event)
         answer = self._base("".join(text), _finish(done))
+        answer["choices"][0]["stop_reason"] = done.stop_reason
         if self.body.logprobs is not None:
             answer["choices"][0]["logprobs"] = completion_logprobs(logprobs, len(self.echo), prompt_logprobs)
         return {**answer, "usage": openai.openai_usage(done.usage),
@@ -143,4 +177,4 @@ class CompletionReply:
 
 
 def _finish(done: Done) -> str:
-    return "length" if done.finish_reason == "length" else "stop"
+    return "length" if done.finish_reason in ("length", "memory") else "stop"

@@ -214,6 +214,8 @@ class Runtime:
                 h["sessions"] = len(self.list_sessions())
                 h["memory"] = self.memory_info()
                 h["persist"] = self.persist_info()
+                if self.store.skipped:  # as of the last listing: /health itself never reads the store
+                    h["snapshots_skipped"] = self.store.skipped
             except Exception:  # noqa: BLE001 - /health must answer
                 h.setdefault("sessions", None)
             from superlinear.version import __version__

@@ -1,7 +1,7 @@
-"""Request bodies of the HTTP API (pydantic). Unknown fields are accepted and ignored, the way
-OpenAI-compatible servers usually do, but every known field is type-checked and every number is
-bounded (the engine's limits, ``superlinear.engine.limits``): a wrong type or a value out of range
-is a 400 that names the field (``param``).
+"""Request bodies of the HTTP API (pydantic). The generation routes take the fields of one table
+(``fields.py``: a field outside it is a 400 naming it); every known field is type-checked and every
+number is bounded (the engine's limits, ``superlinear.engine.limits``): a wrong type or a value out
+of range is a 400 that names the field (``param``).
 
 Before the schema sees a body, ``parse_body`` refuses what would break the code behind it: JSON
 nested deeper than ``MAX_JSON_DEPTH``, ``NaN``/``Infinity`` and lone UTF-16 surrogates in strings
@@ -13,12 +13,14 @@ from __future__ import annotations
 import json
 import math
 import re
-from typing import Any, Literal
+from typing import Any, ClassVar, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, StrictBool, ValidationError, field_validator
 
 from superlinear.engine import limits
-from superlinear.errors import InvalidRequest, TooLarge
+from superlinear.errors import BodyTooLarge, InvalidRequest
+
+from .fields import CONSTRAINTS, check_fields
 
 MAX_JSON_DEPTH = 64  # tool schemas nest a few levels; nothing legitimate comes close
 MAX_MESSAGES = 100_000
@@ -93,43 +95,99 @@ def check_stops(v):
 
 
 class SamplingFields(BaseModel):
-    """The sampling fields chat and plain completions share (OpenAI's, and llama.cpp's
-    ``top_k``, ``min_p``, ``repeat_penalty``, ``repeat_last_n``)."""
+    """The sampling fields chat and plain completions share (OpenAI's, vLLM's and llama.cpp's:
+    ``fields.py`` is the table of them). ``ROUTE``: the route's name in that table."""
 
+    ROUTE: ClassVar[str]
     model_config = _ALLOW
     model: str | None = None
     temperature: float | None = Field(None, ge=0.0, le=2.0)
     top_p: float | None = Field(None, gt=0.0, le=1.0)
-    top_k: int | None = Field(None, ge=0, le=limits.MAX_TOP_K)
+    top_k: int | None = Field(None, ge=-1, le=limits.MAX_TOP_K)  # -1 or 0: off (vLLM's and llama.cpp's)
     min_p: float | None = Field(None, ge=0.0, le=1.0)
     frequency_penalty: float | None = Field(None, ge=-2.0, le=2.0)
     presence_penalty: float | None = Field(None, ge=-2.0, le=2.0)
     repeat_penalty: float | None = Field(None, gt=0.0, le=limits.MAX_REPEAT_PENALTY)
     repeat_last_n: int | None = Field(None, ge=0, le=limits.MAX_REPEAT_LAST_N)
+    repetition_penalty: float | None = Field(None, gt=0.0, le=limits.MAX_REPEAT_PENALTY)  # vLLM's name
     stop: str | list[str] | None = None
+    stop_token_ids: list[int] | None = Field(None, max_length=limits.MAX_STOPS * 64)
+    min_tokens: int | None = Field(None, ge=0, le=limits.MAX_TOKENS)
+    ignore_eos: StrictBool = False
+    skip_special_tokens: StrictBool = False
+    n_predict: int | None = Field(None, ge=-1, le=limits.MAX_TOKENS)  # llama.cpp's max_tokens (-1: no limit)
     seed: int | None = Field(None, ge=limits.SEED_MIN, le=limits.SEED_MAX)
-    response_format: dict | None = None  # checked by the engine (superlinear.engine.grammar)
     logit_bias: dict[int, float] | None = None  # token id (a JSON key) -> -100..100
+    # the output constraints, at most one (fields.CONSTRAINTS); each becomes the engine's ``structured``
+    response_format: dict | None = None
+    guided_json: dict | str | None = None
+    guided_regex: str | None = None
+    guided_choice: list[str] | None = Field(None, max_length=4096)
+    guided_grammar: str | None = None
+    structured_outputs: dict | None = None
+    grammar: str | None = None  # llama.cpp's GBNF
+    json_schema: dict | None = None  # llama.cpp's
 
     @field_validator("stop")
     @classmethod
     def _stops(cls, v):
         return check_stops(v)
 
+    def structured(self) -> dict | None:
+        """The one output constraint as the engine's ``structured`` (checked: a 400 names the
+        field it came from)."""
+        from superlinear.engine.grammar import from_response_format, grammar_of
+
+        for name, make in (("response_format", lambda v: from_response_format(v)),
+                           ("guided_json", lambda v: {"json": v}), ("json_schema", lambda v: {"json": v}),
+                           ("guided_regex", lambda v: {"regex": v}), ("guided_choice", lambda v: {"choice": v}),
+                           ("guided_grammar", lambda v: {"grammar": v}), ("grammar", lambda v: {"grammar": v}),
+                           ("structured_outputs", _structured_outputs)):
+            value = getattr(self, name)
+            if value is not None:
+                structured = make(value)
+                grammar_of(structured, name)
+                return structured
+        return None
+
+    def token_limit(self, max_tokens: int | None) -> int | None:
+        """``max_tokens`` or llama.cpp's ``n_predict`` (-1: no limit)."""
+        if max_tokens is not None or self.n_predict is None:
+            return max_tokens
+        return None if self.n_predict < 0 else self.n_predict
+
     def sampling_params(self, defaults: dict, *, max_tokens: int | None, logprobs: int | None):
         from superlinear.engine import SamplingParams
 
         given = {name: getattr(self, name) for name in ("min_p", "frequency_penalty", "presence_penalty",
-                                                         "repeat_penalty", "repeat_last_n", "logit_bias")
+                                                         "repeat_penalty", "repeat_last_n", "logit_bias",
+                                                         "min_tokens")
                  if getattr(self, name) is not None}
+        if self.repetition_penalty is not None and self.repeat_penalty is None:
+            given["repeat_penalty"] = self.repetition_penalty
+            given.setdefault("repeat_last_n", limits.MAX_REPEAT_LAST_N)  # vLLM's: the whole prompt and output
         return SamplingParams(
             temperature=self.temperature if self.temperature is not None else defaults.get("temperature", 0.7),
-            top_p=self.top_p if self.top_p is not None else 1.0, top_k=self.top_k or 0, seed=self.seed,
+            top_p=self.top_p if self.top_p is not None else 1.0, top_k=max(0, self.top_k or 0), seed=self.seed,
             max_tokens=max_tokens, stop=[self.stop] if isinstance(self.stop, str) else list(self.stop or []),
-            logprobs=logprobs, response_format=self.response_format, **given)
+            stop_token_ids=list(self.stop_token_ids or []), ignore_eos=self.ignore_eos,
+            skip_special_tokens=self.skip_special_tokens, logprobs=logprobs, structured=self.structured(), **given)
+
+
+def _structured_outputs(value: dict) -> dict:
+    """vLLM's ``structured_outputs`` (``{"json" | "regex" | "choice" | "grammar" | "json_object": ...}``)."""
+    if not isinstance(value, dict):
+        raise InvalidRequest("structured_outputs must be an object", param="structured_outputs")
+    allowed = {"json", "regex", "choice", "grammar", "json_object", "disable_any_whitespace", "whitespace_pattern"}
+    unknown = sorted(set(value) - allowed)
+    if unknown:
+        raise InvalidRequest(f"structured_outputs: unknown key {unknown[0]!r} (json, regex, choice, grammar, "
+                             "json_object)", param=f"structured_outputs.{unknown[0]}", code="unknown_parameter")
+    return {k: v for k, v in value.items() if k in ("json", "regex", "choice", "grammar", "json_object")}
 
 
 class ChatCompletionRequest(SamplingFields):
+    ROUTE = "chat"
     messages: list[Message] = Field(min_length=1, max_length=MAX_MESSAGES)
     stream: StrictBool = False
     stream_options: StreamOptions | None = None
@@ -138,6 +196,7 @@ class ChatCompletionRequest(SamplingFields):
     n: int | None = None
     tools: list[Tool] | None = None
     tool_choice: Literal["none", "auto", "required"] | dict | None = None
+    parallel_tool_calls: StrictBool | None = None  # several calls per answer only when true
     logprobs: StrictBool | None = None
     top_logprobs: int | None = Field(None, ge=0, le=limits.MAX_TOP_LOGPROBS)
     # spl extensions (OpenAI clients send them with extra_body=...)
@@ -174,6 +233,15 @@ class ChatCompletionRequest(SamplingFields):
                                      '{"type": "function", "function": {"name": ...}}', param="tool_choice")
         if self.tool_choice not in (None, "none", "auto") and not self.tools:
             raise InvalidRequest("tool_choice needs tools", param="tool_choice")
+        if isinstance(self.tool_choice, dict):
+            name, known = self.tool_choice["function"]["name"], [t.function.name for t in self.tools]
+            if name not in known:
+                raise InvalidRequest(f"tool_choice names function {str(name)[:100]!r}, which is not in tools "
+                                     f"({', '.join(known)[:300]})", param="tool_choice.function.name")
+        constraint = next((n for n in CONSTRAINTS if getattr(self, n) is not None), None)
+        if constraint and (self.tool_choice == "required" or isinstance(self.tool_choice, dict)):
+            raise InvalidRequest(f"tool_choice {self.tool_choice!r} is a constraint of its own: send it or "
+                                 f"{constraint}, not both", param=constraint, code="conflicting_parameters")
         for i, m in enumerate(self.messages):
             if isinstance(m.content, list):
                 for j, part in enumerate(m.content):
@@ -218,15 +286,15 @@ def plain_messages(messages: list[Message]) -> list[dict]:
 class CompletionRequest(SamplingFields):
     """``/v1/completions``: one prompt (a string or token ids), continued as plain text."""
 
+    ROUTE = "completions"
     prompt: str | list[int] | list[str] | list[list[int]]
     stream: StrictBool = False
     stream_options: StreamOptions | None = None
-    max_tokens: int | None = _TOKENS
+    max_tokens: int | None = Field(None, ge=0, le=limits.MAX_TOKENS)  # 0 with echo: the prompt scored only
     echo: StrictBool = False
     n: int | None = None
     best_of: int | None = None
     logprobs: int | None = Field(None, ge=0, le=limits.MAX_TOP_LOGPROBS)  # the legacy API: how many alternatives
-    suffix: str | None = None
     repetition_detection: StrictBool | RepetitionOptions | None = None
 
     def check_supported(self) -> None:
@@ -234,8 +302,9 @@ class CompletionRequest(SamplingFields):
             if getattr(self, name) not in (None, 1):
                 raise InvalidRequest(f"{name}={getattr(self, name)} is not supported: one completion per request",
                                      param=name, code="unsupported_value")
-        if self.suffix:
-            raise InvalidRequest("suffix (insertion) is not supported", param="suffix", code="unsupported_value")
+        if self.max_tokens == 0 and not self.echo:
+            raise InvalidRequest("max_tokens 0 generates nothing: it needs echo (the prompt, scored with logprobs)",
+                                 param="max_tokens")
         if isinstance(self.prompt, list) and self.prompt and isinstance(self.prompt[0], (str, list)):
             if len(self.prompt) != 1:
                 raise InvalidRequest(f"one prompt per request, got {len(self.prompt)}", param="prompt",
@@ -327,10 +396,12 @@ class LoadSnapshot(BaseModel):
 
 
 def parse_body(raw: bytes, model: type[BaseModel], *, allow_empty: bool = False,
-               max_bytes: int | None = None) -> BaseModel:
-    """Bytes -> a validated request model; anything malformed is ``InvalidRequest`` (400)."""
+               max_bytes: int | None = None, lenient: bool = False) -> BaseModel:
+    """Bytes -> a validated request model; anything malformed is ``InvalidRequest`` (400). A
+    generation request (a ``SamplingFields``) takes only the fields of ``fields.py``'s table
+    (``lenient``: unknown ones are dropped)."""
     if max_bytes is not None and len(raw) > max_bytes:
-        raise TooLarge(f"request body is {len(raw)} bytes; the limit is {max_bytes}", code="body_too_large")
+        raise BodyTooLarge(f"request body is {len(raw)} bytes; the limit is {max_bytes}")
     if not raw.strip():
         if allow_empty:
             raw = b"{}"
@@ -347,6 +418,8 @@ def parse_body(raw: bytes, model: type[BaseModel], *, allow_empty: bool = False,
         raise InvalidRequest(f"the request body must be a JSON object, not {type(data).__name__}",
                              code="invalid_json")
     check_json_values(data)
+    if issubclass(model, SamplingFields):
+        check_fields(data, model.ROUTE, lenient=lenient)
     try:
         return model.model_validate(data)
     except ValidationError as exc:

@@ -27,6 +27,8 @@ class KVRows:
             if k.dim() != 4 or k.shape[0] != 1 or v.shape != k.shape or not (k.is_contiguous() and v.is_contiguous()):
                 raise ValueError(f"each sequence's k and v must be one contiguous [1, HKV, L, D], "
                                  f"got {tuple(k.shape)} and {tuple(v.shape)}")
+            if k.data_ptr() % 16 or v.data_ptr() % 16:  # the kernels assume it (torch allocates at 512)
+                raise ValueError("each sequence's k and v must start at a 16-byte boundary")
             if k.shape[1] != first.shape[1] or k.shape[3] != first.shape[3] or k.dtype != first.dtype:
                 raise ValueError("every sequence's k/v must have the same heads, head dim and dtype")
         caps = [int(k.shape[2]) for k in keys]
