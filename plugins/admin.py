@@ -24,7 +24,8 @@ from superlinear.client.completion import complete_any_ids, complete_session_ids
 from superlinear.errors import InvalidRequest, NotFound, UserError
 from superlinear.hookspecs import hookimpl
 
-__all__ = ["format_bytes", "format_history", "list_all", "remove", "retag", "session_table", "snapshot_table"]
+__all__ = ["as_listing", "format_bytes", "format_history", "list_all", "remove", "retag", "session_table",
+           "snapshot_table"]
 
 Run = Callable[[api.ApiCommand], object]  # dispatches one API command against some API
 
@@ -50,6 +51,18 @@ def _one(command: api.ApiCommand):
 def list_all(run: Run) -> dict:
     """Sessions and snapshots: ``{"sessions": [...], "snapshots": [...]}``."""
     return {"sessions": run(api.ListSessions())["sessions"], "snapshots": run(api.ListSnapshots())}
+
+
+def as_listing(items: list[dict], **extra) -> dict:
+    """A listing in the one shape the HTTP API and every ``--json`` give it:
+    ``{"object": "list", "data": [...], ...}`` (a session listing adds count, bytes, resident and
+    memory_budget)."""
+    return {"object": "list", "data": items, **extra}
+
+
+def session_listing(listing: dict) -> dict:
+    """``ListSessions``' result (``{"sessions": [...], "count", ...}``) as ``GET /v1/sessions`` gives it."""
+    return as_listing(listing["sessions"], **{k: v for k, v in listing.items() if k != "sessions"})
 
 
 def remove(run: Run, ids) -> list[dict]:
@@ -208,14 +221,14 @@ _json_option = click.option("--json", "as_json", is_flag=True, help="Print one J
 def ls_command(as_json: bool) -> None:
     """List sessions and snapshots."""
     with _server() as run:
-        result = list_all(run)
+        sessions, snapshots = session_listing(run(api.ListSessions())), as_listing(run(api.ListSnapshots()))
         for skipped in run(api.SkippedSnapshots()):  # unreadable: left out of the listing, never its failure
             click.echo(f"spl: warning: snapshot {skipped['id']} skipped: {skipped['error']}", err=True)
 
     def text(r):
-        return session_table(r["sessions"]) + "\n\n" + snapshot_table(r["snapshots"])
+        return session_table(r["sessions"]["data"]) + "\n\n" + snapshot_table(r["snapshots"]["data"])
 
-    _emit(result, as_json, text)
+    _emit({"sessions": sessions, "snapshots": snapshots}, as_json, text)
 
 
 @click.command("rm")
@@ -235,7 +248,8 @@ def session_group() -> None:
 
 @session_group.command("new")
 @click.argument("session_id", required=False)
-@click.option("--max-seq-len", type=click.IntRange(1), default=None)
+@click.option("--max-seq-len", type=click.IntRange(1), default=None,
+              help="Tokens the session may hold (default: the server's --max-seq-len).")
 @_json_option
 def session_new_command(session_id, max_seq_len, as_json) -> None:
     """Create an empty session."""
@@ -247,7 +261,7 @@ def session_new_command(session_id, max_seq_len, as_json) -> None:
 @_json_option
 def session_ls_command(as_json) -> None:
     """List sessions."""
-    _emit(_one(api.ListSessions())["sessions"], as_json, session_table)
+    _emit(session_listing(_one(api.ListSessions())), as_json, lambda r: session_table(r["data"]))
 
 
 @session_group.command("info")
@@ -328,7 +342,7 @@ def snapshot_group() -> None:
 @_json_option
 def snapshot_ls_command(tag, as_json) -> None:
     """List snapshots."""
-    _emit(_one(api.ListSnapshots(tag=tag)), as_json, snapshot_table)
+    _emit(as_listing(_one(api.ListSnapshots(tag=tag))), as_json, lambda r: snapshot_table(r["data"]))
 
 
 @snapshot_group.command("info")
@@ -341,8 +355,8 @@ def snapshot_info_command(snapshot_id, as_json) -> None:
 
 @snapshot_group.command("save")
 @click.argument("session_id", shell_complete=complete_session_ids)
-@click.option("--title", default=None)
-@click.option("--description", default=None)
+@click.option("--title", default=None, help="A short title, shown by `spl snapshot ls`.")
+@click.option("--description", default=None, help="A longer note kept with the snapshot.")
 @click.option("--tag", "tags", multiple=True, help="Tag (repeatable).")
 @_json_option
 def snapshot_save_command(session_id, title, description, tags, as_json) -> None:
@@ -357,7 +371,8 @@ def snapshot_save_command(session_id, title, description, tags, as_json) -> None
 @click.option("--session", "session_id", default=None, help="Session id to load into.",
               shell_complete=complete_session_ids)
 @click.option("--force", is_flag=True, help="Replace an existing session's state.")
-@click.option("--max-seq-len", type=click.IntRange(1), default=None)
+@click.option("--max-seq-len", type=click.IntRange(1), default=None,
+              help="Tokens the loaded session may hold (default: the snapshot's, within the server's limit).")
 @_json_option
 def snapshot_load_command(snapshot_id, session_id, force, max_seq_len, as_json) -> None:
     """Load a snapshot into a session."""
@@ -383,8 +398,8 @@ def snapshot_rm_command(snapshot_ids, as_json) -> None:
 @click.argument("snapshot_id", shell_complete=complete_snapshot_ids)
 @click.argument("tags", nargs=-1)
 @click.option("--remove", "remove_tags", multiple=True, help="Tag to remove (repeatable).")
-@click.option("--title", default=None)
-@click.option("--description", default=None)
+@click.option("--title", default=None, help="Replace the title.")
+@click.option("--description", default=None, help="Replace the description.")
 @_json_option
 def snapshot_tag_command(snapshot_id, tags, remove_tags, title, description, as_json) -> None:
     """Add tags (and/or remove them, set the title or description)."""

@@ -67,8 +67,7 @@ def connect(target: str | None = None, *, api_key: str | None = None, **options:
         return LocalApi.open(LocalOptions(**options))
     from .remote import RemoteApi
 
-    url = target if "://" in target else f"http://{target}"
-    return RemoteApi(url, api_key if api_key is not None else os.environ.get("SPL_API_KEY"), **options)
+    return RemoteApi(target, api_key if api_key is not None else os.environ.get("SPL_API_KEY"), **options)
 
 
 def collect_text(events: Iterator[Event]) -> tuple[str, Done]:

@@ -26,7 +26,7 @@ from superlinear.errors import Conflict, InvalidRequest, Unavailable, UserError
 from superlinear.settings.options import ServeOptions, resolve_options
 
 from . import state
-from .api import SplClient, resolve_target
+from .api import SplClient, resolve_api_key, resolve_target
 from .state import running_local, verified_identity
 
 Progress = Callable[[str], None]
@@ -370,7 +370,7 @@ def ensure_server(model: str | None = None, progress: Progress | None = stderr_p
         unreachable = None if target.source == "argument" else (
             f"the spl server at {target.url} ({target.source}) does not answer; start it, or "
             "`spl server connect --forget` to use a local one")
-        client, health = _ready_client(target.url, None, progress, unreachable=unreachable)
+        client, health = _ready_client(target.url, resolve_api_key(None, target), progress, unreachable=unreachable)
         _checked(client, lambda: check_model(model, health, target.url))
         return client
     with _start_lock():
