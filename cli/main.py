@@ -2,12 +2,15 @@
 
 Errors a user can cause end in one line on stderr and exit code 2 (click's own usage errors
 included); anything else is a bug: one line plus a hint to rerun with ``SPL_TRACE=1``, which
-shows the traceback.
+shows the traceback. A command run with ``--json`` prints its error as JSON on stdout instead,
+in the HTTP API's shape (``{"error": {"message", "type", "param", "code"}}``), with the same exit
+code, so a script reads one format whatever happens.
 """
 
 from __future__ import annotations
 
 import inspect
+import json
 import os
 import sys
 
@@ -54,19 +57,31 @@ def _whole_first_sentences(command: click.Command) -> None:
         _whole_first_sentences(sub)
 
 
-def fail(message: str, code: int = USAGE_EXIT) -> None:
+def fail(message: str, code: int = USAGE_EXIT, error: UserError | None = None, label: str = "error") -> None:
     first_line = message.strip().splitlines()[0] if message.strip() else "failed"
-    print(f"spl: error: {first_line}", file=sys.stderr)
+    if _json_output:
+        body = error.to_openai() if error is not None else {"error": {
+            "message": first_line, "type": "invalid_request_error" if code == USAGE_EXIT else "internal_error",
+            "param": None, "code": None}}
+        print(json.dumps(body), flush=True)
+    else:
+        print(f"spl: {label}: {first_line}", file=sys.stderr)
     sys.exit(code)
 
 
+_json_output = False  # the command line asked for --json: errors come out as JSON too
+
+
 def main(argv: list[str] | None = None) -> None:
+    global _json_output
     if os.environ.get("_SPL_COMPLETE"):
         # A shell asks for completions on Tab: whatever goes wrong, nothing may reach the terminal.
         sys.stderr = open(os.devnull, "w")  # noqa: SIM115 - for the rest of this short process
+    args = sys.argv[1:] if argv is None else list(argv)
+    _json_output = "--json" in args[: args.index("--")] if "--" in args else "--json" in args
     cli = build_cli()
     try:
-        result = cli.main(args=argv, prog_name="spl", standalone_mode=False)
+        result = cli.main(args=args, prog_name="spl", standalone_mode=False)
     except click.exceptions.NoSuchOption as exc:
         fail(exc.format_message())
     except click.UsageError as exc:
@@ -78,18 +93,16 @@ def main(argv: list[str] | None = None) -> None:
         print("spl: interrupted", file=sys.stderr)
         sys.exit(130)
     except UserError as exc:
-        fail(exc.message)
+        fail(exc.message, error=exc)
     except BrokenPipeError:
         sys.exit(0)
     except Exception as exc:
         mapped = as_user_error(exc)
         if mapped is not None:
-            fail(mapped.message)
+            fail(mapped.message, error=mapped)
         if os.environ.get("SPL_TRACE") == "1":
             raise
-        print(f"spl: internal error: {type(exc).__name__}: {exc} (rerun with SPL_TRACE=1 for the traceback)"
-              .splitlines()[0], file=sys.stderr)
-        sys.exit(1)
+        fail(f"{type(exc).__name__}: {exc} (rerun with SPL_TRACE=1 for the traceback)", code=1, label="internal error")
     if isinstance(result, int):
         sys.exit(result)
 

@@ -108,3 +108,15 @@ def key_values(d: dict) -> str:
             v = _when(v)
         lines.append(f"{k:<14} {v}")
     return "\n".join(lines)
+
+
+def as_listing(items: list[dict], **extra) -> dict:
+    """A listing in the one shape the HTTP API and every ``--json`` give it:
+    ``{"object": "list", "data": [...], ...}`` (a session listing adds count, bytes, resident and
+    memory_budget)."""
+    return {"object": "list", "data": items, **extra}
+
+
+def session_listing(listing: dict) -> dict:
+    """``ListSessions``' result (``{"sessions": [...], "count", ...}``) as ``GET /v1/sessions`` gives it."""
+    return as_listing(listing["sessions"], **{k: v for k, v in listing.items() if k != "sessions"})

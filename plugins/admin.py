@@ -17,17 +17,19 @@ from pathlib import Path
 import click
 
 from superlinear import protocol as api
-from superlinear.api.composite import list_all, remove, retag
+from superlinear.api.composite import remove, retag
 from superlinear.bus import Context, dispatch
 from superlinear.client.completion import complete_any_ids, complete_session_ids, complete_snapshot_ids
 from superlinear.errors import UserError
 from superlinear.hookspecs import hookimpl
 from superlinear.output import (
+    as_listing,
     emit,
     format_bytes,
     format_history,
     json_option,
     key_values,
+    session_listing,
     session_table,
     snapshot_table,
 )
@@ -81,14 +83,14 @@ def import_snapshot(path: str, snapshot_id: str | None, replace: bool) -> dict:
 def ls_command(as_json: bool) -> None:
     """List sessions and snapshots."""
     with _server() as run:
-        result = list_all(run)
+        sessions, snapshots = session_listing(run(api.ListSessions())), as_listing(run(api.ListSnapshots()))
         for skipped in run(api.SkippedSnapshots()):  # unreadable: left out of the listing, never its failure
             click.echo(f"spl: warning: snapshot {skipped['id']} skipped: {skipped['error']}", err=True)
 
     def text(r):
-        return session_table(r["sessions"]) + "\n\n" + snapshot_table(r["snapshots"])
+        return session_table(r["sessions"]["data"]) + "\n\n" + snapshot_table(r["snapshots"]["data"])
 
-    emit(result, as_json, text)
+    emit({"sessions": sessions, "snapshots": snapshots}, as_json, text)
 
 
 @click.command("rm")
@@ -214,8 +216,8 @@ def snapshot_info_command(snapshot_id, as_json) -> None:
 
 @snapshot_group.command("save")
 @click.argument("session_id", shell_complete=complete_session_ids)
-@click.option("--title", default=None)
-@click.option("--description", default=None)
+@click.option("--title", default=None, help="A short title, shown by `spl snapshot ls`.")
+@click.option("--description", default=None, help="A longer note kept with the snapshot.")
 @click.option("--tag", "tags", multiple=True, help="Tag (repeatable).")
 @json_option
 def snapshot_save_command(session_id, title, description, tags, as_json) -> None:

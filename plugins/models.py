@@ -48,11 +48,41 @@ def list_models() -> dict:
     return {"models_dir": str(root), "models": models}
 
 
-def model_info(model: str = "default", device: str | None = None, dtype: str | None = None) -> dict:
+def model_info(model: str = "default", device: str | None = None, dtype: str | None = None,
+               load: bool = False) -> dict:
+    """What ``model`` is: from its config and the safetensors headers (no torch) when that says
+    enough, else (or with ``load``, ``device`` or ``dtype``) by loading it."""
+    if not (load or device or dtype):
+        summary = _summary(model)
+        if summary is not None:
+            return summary
     from superlinear.model import load_model
     from superlinear.pluginloader import model_loaders
 
-    return load_model(model, device=device, dtype=dtype, loaders=model_loaders()).info()
+    return {**load_model(model, device=device, dtype=dtype, loaders=model_loaders()).info(), "loaded": True}
+
+
+def _summary(model: str) -> dict | None:
+    """The header-only summary of a converted default model or a local directory that no
+    plugin's loader claims; None where a load must answer."""
+    from superlinear.model.registry import BUILTIN_LOADERS, find_loader, local_dir
+    from superlinear.pluginloader import model_loaders
+
+    loader = find_loader(model, model_loaders())
+    if loader not in BUILTIN_LOADERS:
+        return None  # a plugin's loader, or none: the load says what it is (or why not)
+    if model == "default":
+        from superlinear.model.default import default_dir, is_converted
+
+        path, name = (default_dir(), "default") if is_converted() else (None, None)
+    else:
+        path = local_dir(model)
+        name = path.name if path is not None and ("/" in model or model.startswith("~")) else model
+    if path is None:
+        return None
+    from superlinear.model.summary import summarize
+
+    return summarize(path, name)
 
 
 def _size(n: int | None) -> str:
@@ -86,12 +116,14 @@ def list_command(as_json: bool) -> None:
 
 @models_group.command("info")
 @click.argument("model", default="default")
-@click.option("--device", default=None, help="cpu, cuda, cuda:1 (default: cuda if available).")
-@click.option("--dtype", default=None, help="bf16, fp16 or fp32 (default: bf16 on CUDA, fp32 on CPU).")
+@click.option("--device", default=None, help="cpu, cuda, cuda:1 (default: cuda if available); loads the model.")
+@click.option("--dtype", default=None, help="bf16, fp16 or fp32 (default: bf16 on CUDA, fp32 on CPU); loads the model.")
+@click.option("--load", is_flag=True, help="Load the model to report its forward paths and CUDA graph too "
+                                            "(otherwise read from config.json and the weights' headers).")
 @click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
-def info_command(model: str, device: str | None, dtype: str | None, as_json: bool) -> None:
+def info_command(model: str, device: str | None, dtype: str | None, load: bool, as_json: bool) -> None:
     """Show a model: parameters, size, dtype, attention config (window), KV bytes per token."""
-    info = model_info(model, device, dtype)
+    info = model_info(model, device, dtype, load)
     if emit_json(info, as_json):
         return
     att = info["attention"]
@@ -106,7 +138,7 @@ def info_command(model: str, device: str | None, dtype: str | None, as_json: boo
         ("source", info["source"]),
         ("parameters", f"{info['parameters'] / 1e6:.1f}M"),
         ("bytes on disk", f"{info['bytes_on_disk']} ({_size(info['bytes_on_disk'])})"),
-        ("dtype", f"{info['dtype']} on {info['device']}"),
+        ("dtype", f"{info['dtype']} on {info['device']}" + ("" if info["loaded"] else " (when loaded)")),
         ("attention", attention),
         ("kv bytes/token", f"{info['kv_bytes_per_token']} ({_size(info['kv_bytes_per_token'])})"),
         ("recurrent state", _size(info["recurrent_bytes_per_sequence"]) + " per sequence"),
@@ -121,6 +153,8 @@ def info_command(model: str, device: str | None, dtype: str | None, as_json: boo
 
 def _forward_line(info: dict) -> str:
     """``fast (paths)`` or ``FALLBACK: reason (paths)``."""
+    if not info["loaded"]:
+        return "not loaded (`spl models info --load` runs it and names the paths)"
     paths = ", ".join(f"{k.replace('_', ' ')}: {v}" for k, v in info["forward_paths"].items())
     if info["forward"] == "fast":
         return f"fast ({paths})"

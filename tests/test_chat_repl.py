@@ -320,8 +320,8 @@ class Tee:
 
 
 def test_rendering_wrapping_max_ctrl_c_and_history_in_a_narrow_terminal(server):
-    """A 50-column colour terminal: a reply with a code block is rendered (highlighted code between
-    dimmed fences) and its prose wraps at word boundaries; /max caps the reply; Ctrl-C keeps what
+    """A 50-column colour terminal: a reply with a code block is rendered (rich's Markdown: the
+    code highlighted, the fences gone) and its prose wraps at word boundaries; /max caps the reply; Ctrl-C keeps what
     was typed ahead and leaves no half turn on the server; /history numbers the messages as
     `spl session history` does."""
     columns, rows = 50, 200  # tall: the whole conversation stays on the emulated screen
@@ -353,13 +353,13 @@ def test_rendering_wrapping_max_ctrl_c_and_history_in_a_narrow_terminal(server):
         top = asked - (-(prompt_width + len(question)) // columns)  # below the (wrapped) question
         bottom = next(i for i, line in enumerate(shown) if "reached the cap of 48 tokens" in line)
         body = shown[top:bottom]
-        fences = [i for i, line in enumerate(body) if line.lstrip().startswith("```")]
-        assert fences, body
-        code_row = top + fences[0] + 1  # the first line of code: highlighted
-        assert {screen.buffer[code_row][x].fg for x in range(columns)} - {"default"}, body
+        assert not any(line.lstrip().startswith("```") for line in body), body  # rendered, not raw
+        first_code = next(line.strip() for line in reply["content"].split("```")[1].splitlines()[1:] if line.strip())
+        code_row = top + next(i for i, line in enumerate(body) if line.strip() == first_code)
+        assert {screen.buffer[code_row][x].fg for x in range(columns)} - {"default"}, body  # highlighted
         # Every word on screen is a word of the reply: a word cut in two at the edge would not be.
         words = set(re.findall(r"\S+", reply["content"]))
-        on_screen = [w for line in body if not line.lstrip().startswith("```") for w in line.split()]
+        on_screen = [w for line in body for w in line.split()]
         assert on_screen and all(w in words for w in on_screen), (on_screen, words)
         assert all(len(line) <= columns for line in body)
 

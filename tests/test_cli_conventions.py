@@ -47,6 +47,54 @@ def test_every_command_that_prints_state_takes_json():
     assert not stale, f"NO_STATE names commands that do not exist: {stale}"
 
 
+def test_with_json_an_error_is_json(tmp_path):
+    """A script that asked for --json reads JSON whatever happens: the error in the HTTP API's
+    shape on stdout, the exit code unchanged (2), nothing on stderr."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]  # closed again: nothing listens there
+    unreachable = ("session", "ls", "--json", "--url", f"127.0.0.1:{port}")
+    messages = []
+    for args in (unreachable, ("models", "check", str(tmp_path), "--json")):
+        result = run_spl(isolated_env(tmp_path), *args)
+        assert result.returncode == 2 and result.stderr == "", (args, result.stderr)
+        error = json.loads(result.stdout)["error"]
+        assert set(error) == {"message", "type", "param", "code"}, error
+        messages.append(error["message"])
+    assert "cannot reach the spl server" in messages[0] and "no config.json" in messages[1]
+
+
+def test_every_option_has_help():
+    from superlinear.cli.main import build_cli
+
+    bare = [f"{path} {'/'.join(p.opts)}" for path, command in leaf_commands(build_cli()) for p in command.params
+            if isinstance(p, click.Option) and not p.hidden and not (p.help or "").strip()]
+    assert not bare, f"options without help text: {bare}"
+
+
+def test_threads_is_one_type_on_serve_and_bench_attention():
+    """`--threads N` means the same on both: one count of torch's CPU threads (bench attention
+    takes it more than once to run counts side by side)."""
+    from superlinear.cli.main import build_cli
+
+    commands = dict(leaf_commands(build_cli()))
+    serve, bench = ({p.name: p for p in commands[name].params}["threads"] for name in ("serve", "bench attention"))
+    assert type(serve.type) is type(bench.type) is click.IntRange
+    assert (serve.type.min, serve.type.max) == (bench.type.min, bench.type.max)
+
+
+def test_bench_attention_runs_on_the_device_that_exists(tmp_path):
+    """No --device on a machine without CUDA: the CPU bench, not an error asking for a GPU."""
+    torch = pytest.importorskip("torch")
+    if torch.cuda.is_available():
+        pytest.skip("a GPU is there: the default is CUDA")
+    result = run_spl(isolated_env(tmp_path, OMP_NUM_THREADS="1"), "bench", "attention", "--lengths", "256",
+                     "--decode-lengths", "256", "--repeats", "1", "--threads", "1", "--json")
+    assert result.returncode == 0, result.stderr
+    out = json.loads(result.stdout)
+    assert out["device"].startswith("CPU") and {r["threads"] for r in out["rows"]} == {1}
+
+
 # Commands that never talk to a server, and why. Every other command must take --url.
 NO_SERVER = {
     "serve": "is the server", "server start": "starts a local one (--host, --port)",

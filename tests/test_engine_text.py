@@ -37,19 +37,36 @@ def test_stop_earliest_of_several():
     assert _stream(StopCutter(["bb", "a"]), ["xxbba"]) == "xx"
 
 
-class _ByteTok:
-    """A byte-level tokenizer: every token is one UTF-8 byte (worst case for multi-byte text)."""
+def _byte_tokenizer():
+    """A byte-level tokenizer (tokenizers' own byte-level BPE, no merges): every token is one
+    UTF-8 byte, the worst case for multi-byte text."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
 
-    def decode(self, ids, skip_special_tokens=False, clean_up_tokenization_spaces=False):
-        return bytes(ids).decode("utf-8", errors="replace")
+    vocab = {ch: i for i, ch in enumerate(sorted(pre_tokenizers.ByteLevel.alphabet()))}  # one per byte
+    tok = Tokenizer(models.BPE(vocab=vocab, merges=[]))
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    return tok
 
 
 def test_detok_never_breaks_utf8():
     text = "Paris 🇫🇷 — 東京は日本の首都です 😀!"
-    d = IncrementalDetokenizer(_ByteTok())
-    pieces = [d.push(b) for b in text.encode()]
+    tok = _byte_tokenizer()
+    ids = tok.encode(text).ids
+    assert len(ids) == len(text.encode())  # one token per byte
+    d = IncrementalDetokenizer(tok)
+    pieces = [d.push(i) for i in ids]
     assert all("\ufffd" not in p for p in pieces)
     assert "".join(pieces) + d.flush() == text
+
+
+def test_detok_flush_gives_a_cut_character_as_replacement():
+    """A generation cut inside a character ends with what was held: U+FFFD, never silence."""
+    tok = _byte_tokenizer()
+    ids = tok.encode("ok 😀").ids[:-2]  # the emoji's last two bytes never came
+    d = IncrementalDetokenizer(tok)
+    text = "".join(d.push(i) for i in ids)
+    assert text == "ok " and d.flush() == "\ufffd"
 
 
 def test_think_splitter_streams():

@@ -75,8 +75,8 @@ def test_non_editable_install_into_fresh_venv(tmp_path):
 
 
 def test_constraints_pin_every_dependency_within_its_range():
-    """A fresh machine installs exactly what CI tested: every dependency (and test extra) of
-    pyproject.toml is pinned in constraints.txt, at a version its range admits."""
+    """A fresh machine installs exactly what CI tested: every dependency (and the test and eval
+    extras) of pyproject.toml is pinned in constraints.txt, at a version its range admits."""
     from packaging.requirements import Requirement
     from packaging.utils import canonicalize_name
 
@@ -87,7 +87,8 @@ def test_constraints_pin_every_dependency_within_its_range():
             name, _, version = line.partition("==")
             assert version, f"constraints.txt: {line!r} is not an exact pin"
             pins[canonicalize_name(name)] = version
-    for spec in project["dependencies"] + project["optional-dependencies"]["test"]:
+    extras = project["optional-dependencies"]
+    for spec in project["dependencies"] + extras["test"] + extras["eval"]:
         req = Requirement(spec)
         name = canonicalize_name(req.name)
         assert name in pins, f"{req.name} is not pinned in constraints.txt"

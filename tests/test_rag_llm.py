@@ -194,7 +194,7 @@ def test_too_large_documents_are_answered_from_passages(tmp_path, server):
     assert server.prefilled_chars == 0  # not even tried: the server's token count is over the budget
     answer = dispatch(RagAsk("How do I show a progress bar?", "big", k=3), ctx_for(server))
     assert answer["mode"] == "retrieval-only"
-    assert answer["note"] is None  # the ingest said why, once; `spl rag info` keeps it
+    assert answer["note"] == f"retrieval-only: {reason}"  # why, as the ingest said it (and `spl rag info`)
     kind, sid, messages = server.calls[-1]
     assert sid is None and [m["role"] for m in messages] == ["system", "user"]
     assert answer["citations"][0]["path"].endswith("termui.py")
@@ -205,7 +205,7 @@ def test_too_large_documents_are_answered_from_passages(tmp_path, server):
 @pytest.mark.parametrize("limit", ["trained", "memory"])
 def test_advice_names_no_length_the_model_or_the_memory_cannot_take(tmp_path, server, limit):
     """A corpus needing ~120K tokens on a model trained on 8192 (or a budget of 65536 tokens):
-    no --max-seq-len is advised, the limit in the way is named, and asking says nothing again."""
+    no --max-seq-len is advised, the limit in the way is named, and each answer's note repeats it."""
     if limit == "trained":
         server.trained = 8192
     else:
@@ -221,7 +221,7 @@ def test_advice_names_no_length_the_model_or_the_memory_cannot_take(tmp_path, se
         assert "memory budget allows sessions of 65536 tokens" in reason, reason
     assert "answered from the retrieved passages" in reason
     answer = dispatch(RagAsk("How do I show a progress bar?", "big", k=3), ctx_for(server))
-    assert answer["mode"] == "retrieval-only" and answer["note"] is None
+    assert answer["mode"] == "retrieval-only" and answer["note"] == f"retrieval-only: {reason}"
 
 
 def test_prefill_over_budget_falls_back(tmp_path, server):

@@ -125,3 +125,42 @@ def test_a_sessions_turns_and_admin_operations_wait_for_its_running_turn(api):
     assert api.history("s-fork") == api.history("s")
     saved = api.save("s", title="between turns")
     assert saved["session"]["position"] == api.get_session("s")["position"]
+
+
+@pytest.fixture(scope="module")
+def hybrid_api(tmp_path_factory):
+    """A tiny random Nemotron-H hybrid (Mamba + attention): its prompts are cut at message
+    boundaries for the recurrent-state checkpoints, then in step chunks."""
+    from sessions_tiny import write_tiny_hybrid
+
+    from superlinear.model.default import ensure_default
+    from superlinear.model.loaders import load_tokenizer
+
+    path = write_tiny_hybrid(tmp_path_factory.mktemp("tiny-hybrid"), load_tokenizer(ensure_default()))
+    api = LocalApi.open(LocalOptions(model=str(path), device="cpu", max_seq_len=2048,
+                                     snapshots_dir=str(tmp_path_factory.mktemp("hybrid-snapshots"))),
+                        worker=Worker(max_step_tokens=STEP_TOKENS))
+    yield api
+    api.close()
+
+
+def test_hybrid_session_turns_in_a_batch_give_exactly_their_tokens_alone(hybrid_api):
+    texts = ["Tell me about rivers and the sea, at length.", "Hi", "What is the capital of a country far away?"]
+
+    def answers(events: list) -> str:
+        return next(e for e in events if isinstance(e, Done)).message["content"]
+
+    alone = []
+    for i, text in enumerate(texts):
+        alone.append([answers(list(hybrid_api.chat(chat(t, f"alone-{i}", max_tokens=10))))
+                      for t in (text, "And then?")])
+    together: list[list[str]] = [[] for _ in texts]
+    for follow_up in (None, "And then?"):
+        events: list[list] = [[] for _ in texts]
+        jobs = [hybrid_api.submit_chat(chat(follow_up or text, f"together-{i}", max_tokens=10), events[i].append)
+                for i, text in enumerate(texts)]
+        for job in jobs:
+            job.future.result(120)
+        for i in range(len(texts)):
+            together[i].append(answers(events[i]))
+    assert together == alone

@@ -119,5 +119,5 @@ def test_url_points_one_command_at_a_server(server, tmp_path):
     run = subprocess.run([sys.executable, "-m", "superlinear.cli.main", "session", "ls", "--json", "--url", server.url],
                          capture_output=True, text=True, env=env, timeout=120)
     assert run.returncode == 0, run.stderr
-    assert "by-url" in [s["id"] for s in json.loads(run.stdout)]
+    assert "by-url" in [s["id"] for s in json.loads(run.stdout)["data"]]
     httpx.delete(server.url + "/v1/sessions/by-url")

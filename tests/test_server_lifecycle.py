@@ -30,8 +30,11 @@ def test_start_status_chat_stop_start(tmp_path):
         assert started.returncode == 0, started.stderr
         assert f"127.0.0.1:{port}" in started.stdout and "pid" in started.stdout
         assert "loading model" in started.stderr  # the progress line
-        again = spl("server", "start", "--port", port)
-        assert again.returncode == 2 and "already running" in again.stderr
+        again = spl("server", "start", "--port", port)  # a friendly no-op that says where it runs
+        assert again.returncode == 0 and "already running" in again.stdout and f":{port}" in again.stdout, again
+        assert json.loads(spl("server", "start", "--json").stdout)["already_running"] is True
+        other = spl("server", "start", "--port", str(free_port()))  # another port asked: stop first
+        assert other.returncode == 2 and "`spl server stop` first" in other.stderr, other.stderr
 
         status = spl("server", "status")
         assert status.returncode == 0 and status.stdout.startswith("up:"), status.stdout + status.stderr
@@ -43,6 +46,7 @@ def test_start_status_chat_stop_start(tmp_path):
         assert "life" in listing.stdout
         before = spl("session", "history", "life", "--json")
         assert before.returncode == 0 and "my name is Bob" in before.stdout
+        last_used = json.loads(spl("session", "info", "life", "--json").stdout)["last_used"]
 
         stopped = spl("server", "stop")
         assert stopped.returncode == 0 and "stopped" in stopped.stdout, stopped.stdout + stopped.stderr
@@ -57,6 +61,7 @@ def test_start_status_chat_stop_start(tmp_path):
         assert "1 session(s)" in restarted.stdout
         after = spl("session", "history", "life", "--json")
         assert after.returncode == 0 and after.stdout == before.stdout
+        assert json.loads(spl("session", "info", "life", "--json").stdout)["last_used"] == last_used
         more = spl("chat", "--once", "What is my name?", "--session", "life", "--max-tokens", "3", "--temp", "0")
         assert more.returncode == 0, more.stderr
         info = spl("session", "info", "life", "--json")

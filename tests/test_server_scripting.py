@@ -220,11 +220,12 @@ def test_unknown_model_is_404_model_not_found(client, http):
     assert r.status_code == 200
 
 
-def test_models_report_the_trained_context_and_the_memory_limit(http):
+def test_models_report_the_context_limit_and_the_memory_limit(http):
     card = http.get("/v1/models").json()["data"][0]
-    assert card["max_model_len"] == 8192  # the default model's max_position_embeddings
+    # the server's --max-seq-len (vLLM's --max-model-len), where the trained context is 8192
+    assert card["max_model_len"] == 2048 and card["info"]["max_position_embeddings"] == 8192
     assert isinstance(card["max_seq_len_limit"], int) and card["max_seq_len_limit"] > 0
-    assert http.post("/tokenize", json={"content": "hi"}).json()["max_model_len"] == 8192
+    assert http.post("/tokenize", json={"content": "hi"}).json()["max_model_len"] == 2048
 
 
 # -- metrics ----------------------------------------------------------------------------------

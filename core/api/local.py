@@ -28,6 +28,7 @@ class LocalOptions:
     close (a request that needs memory others hold is refused instead)."""
 
     model: str = "default"
+    served_model_name: str | None = None  # the name the model is reported by (None: its own)
     device: str | None = None
     memory_budget: int | str | None = "auto"
     persist: str = "turn"
@@ -56,7 +57,8 @@ def open_service(options: LocalOptions, progress: Callable[[str], None] | None =
                              evict_to_disk=options.persist == "turn", default_max_seq_len=options.max_seq_len,
                              chunk_size=options.chunk_size)
     service = ChatService(model, manager, store, persist_turns=options.persist == "turn",
-                          chunk_size=options.chunk_size, aliases=(options.model,))
+                          chunk_size=options.chunk_size, aliases=(options.model,),
+                          served_name=options.served_model_name, max_model_len=options.max_seq_len)
     say("restoring sessions")
     service.restored = manager.restore_index()
     return service

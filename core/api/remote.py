@@ -45,14 +45,23 @@ def error_from_response(response: httpx.Response) -> UserError:
     return from_openai(err, response.status_code)
 
 
+def server_root(url: str) -> str:
+    """The server's root URL from what a user may give: ``host:port``, ``http://host:port/``
+    or the OpenAI-style base URL ``http://host:port/v1`` (the routes add ``/v1/...`` themselves)."""
+    url = url.strip() if "://" in url else f"http://{url.strip()}"
+    url = url.rstrip("/")
+    return url[: -len("/v1")] if url.endswith("/v1") else url
+
+
 class RemoteApi:
-    """Every operation of ``superlinear.api.Api`` against the spl server at ``base_url``, plus
-    what only a server has: its ``/health`` and its models. ``superlinear.connect(url)`` makes
-    one; ``target`` says which server it is and why that one (``superlinear.client.Target``)."""
+    """Every operation of ``superlinear.api.Api`` against the spl server at ``base_url`` (with or
+    without ``/v1``), plus what only a server has: its ``/health`` and its models.
+    ``superlinear.connect(url)`` makes one; ``target`` says which server it is and why that one
+    (``superlinear.client.Target``)."""
 
     def __init__(self, base_url: str, api_key: str | None = None, *, timeout: float | None = 600.0,
                  connect_timeout: float = 5.0, target: Any = None):
-        self.base_url = base_url.rstrip("/")
+        self.base_url = server_root(base_url)
         self.api_key = api_key
         self.target = target
         headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}

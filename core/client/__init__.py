@@ -74,7 +74,7 @@ def _local(progress: Progress | None, *, worker=None, **options: Any):
 def _remote(target: Target, api_key: str | None, http: dict):
     from superlinear.api.remote import RemoteApi
 
-    return RemoteApi(target.url, resolve_api_key(api_key), target=target, **http)
+    return RemoteApi(target.url, resolve_api_key(api_key, target), target=target, **http)
 
 
 def no_server_message(url: str) -> str:

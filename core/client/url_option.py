@@ -7,7 +7,8 @@ import os
 
 import click
 
-HELP = "Server to talk to (default: $SPL_SERVER_URL, `spl server connect`, your local server)."
+HELP = ("Server to talk to, with or without /v1 (default: $SPL_SERVER_URL, $OPENAI_BASE_URL, `spl server connect`, "
+        "your local server).")
 
 
 def _use(ctx: click.Context, param: click.Parameter, value: str | None) -> None:

@@ -30,41 +30,33 @@ def find_first(text: str, markers: list[str], start: int = 0) -> tuple[int, str 
 
 
 class IncrementalDetokenizer:
-    """Token ids in, text out, never a broken UTF-8 character.
-
-    Decodes a short window of ids and emits the text past what the window already produced,
-    holding it back while it ends in U+FFFD (an incomplete byte sequence). Decoding a window
-    rather than one token at a time keeps tokenizers' context-dependent spacing right.
-    """
+    """Token ids in, text out, never a broken UTF-8 character: tokenizers' ``DecodeStream``,
+    which decodes each id against the ids before it (tokenizers' context-dependent spacing) and
+    holds back a token that ends inside a multi-byte character until the character is whole.
+    ``flush`` gives what is still held at the end, replacement characters included."""
 
     def __init__(self, tokenizer, skip_special_tokens: bool = False):
-        self.tokenizer = tokenizer
-        self.skip = skip_special_tokens
-        self.ids: list[int] = []
-        self.prefix_offset = 0  # window start
-        self.read_offset = 0  # ids before this are already emitted
+        from tokenizers import Tokenizer
+        from tokenizers.decoders import DecodeStream
 
-    def _decode(self, ids: list[int]) -> str:
-        return self.tokenizer.decode(ids, skip_special_tokens=self.skip,
-                                     clean_up_tokenization_spaces=False)
+        # a transformers tokenizer wraps the Rust one (``backend_tokenizer``); a bare one is itself
+        self.backend = tokenizer if isinstance(tokenizer, Tokenizer) else tokenizer.backend_tokenizer
+        self.skip = skip_special_tokens
+        self.stream = DecodeStream(skip_special_tokens=skip_special_tokens)
+        self.held: list[int] = []  # ids pushed since the last text came out
 
     def push(self, token_id: int) -> str:
-        self.ids.append(token_id)
-        prefix = self._decode(self.ids[self.prefix_offset:self.read_offset])
-        full = self._decode(self.ids[self.prefix_offset:])
-        if len(full) > len(prefix) and not full.endswith("\ufffd"):
-            new = full[len(prefix):]
-            self.prefix_offset = self.read_offset
-            self.read_offset = len(self.ids)
-            return new
-        return ""
+        text = self.stream.step(self.backend, token_id)
+        if text is None:
+            self.held.append(token_id)
+            return ""
+        self.held.clear()
+        return text
 
     def flush(self) -> str:
         """Whatever is still held back (at the end of generation), replacement chars included."""
-        prefix = self._decode(self.ids[self.prefix_offset:self.read_offset])
-        full = self._decode(self.ids[self.prefix_offset:])
-        self.prefix_offset = self.read_offset = len(self.ids)
-        return full[len(prefix):]
+        held, self.held = self.held, []
+        return self.backend.decode(held, skip_special_tokens=self.skip) if held else ""
 
 
 class StopCutter:

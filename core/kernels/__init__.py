@@ -13,16 +13,25 @@ forced with ``backend=`` or the environment variable ``SPL_ATTENTION_BACKEND``. 
 Kernels import only the standard library, torch, triton, numpy and each other.
 """
 
-from .attention.api import (
-    append_kv_rows,
-    available_backends,
-    resolve_backend,
-    superlinear_decode,
-    superlinear_decode_rows,
-    superlinear_prefill,
-)
 from .attention.params import SpanParams, get_tables
-from .attention.rows import KVRows
+
+_API = ("append_kv_rows", "available_backends", "resolve_backend", "superlinear_decode", "superlinear_decode_rows",
+        "superlinear_prefill")
+
+
+def __getattr__(name: str):
+    # the entries import torch; SpanParams does not, so `spl models info` reads a model's span
+    # parameters without loading torch
+    if name in _API:
+        from .attention import api
+
+        return getattr(api, name)
+    if name == "KVRows":
+        from .attention.rows import KVRows
+
+        return KVRows
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
 
 __all__ = [
     "KVRows",

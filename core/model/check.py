@@ -12,12 +12,8 @@ from __future__ import annotations
 from dataclasses import fields
 from pathlib import Path
 
-import torch
-
 from superlinear.errors import NotFound
-from superlinear.model.checkpoint_meta import shard_files
-
-from . import loaders, weights
+from superlinear.model.checkpoint_meta import family, read_config, shard_files
 
 CONTEXTS = {"128K": 128 << 10, "1M": 1 << 20, "10M": 10 << 20}
 
@@ -28,10 +24,15 @@ def check_dir(path, dtype=None) -> dict:
     path = Path(path).expanduser()
     if not path.is_dir():
         raise NotFound(f"{path} is not a directory: give a model directory (config.json + *.safetensors)")
+    config = read_config(path)
+    family(config, str(path / "config.json"))  # an unsupported model_type
+    files = shard_files(path)  # what is not a checkpoint is refused before torch is imported (seconds)
+    import torch
+
+    from superlinear.model import loaders, weights
+
     dtype = loaders.parse_dtype(dtype) or torch.bfloat16
-    config = loaders.read_config(path)
     hf, kind, routing = loaders.build_empty(config, where=str(path / "config.json"))
-    files = shard_files(path)
     entries = weights.read_entries(files)
     plan = weights.plan_load(hf, entries, loaders.checkpoint_names(config.get("model_type")))
     span = loaders.span_params_from(config)

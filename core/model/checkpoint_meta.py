@@ -7,10 +7,17 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+from dataclasses import fields
 from pathlib import Path
 
 from superlinear import paths
 from superlinear.errors import InvalidRequest, NotFound
+
+# Attention-only families whose transformers attention module writes through ``cache.update``
+# and calls the registered attention function (the retrofit needs nothing else).
+LLAMA_FAMILY = ("llama", "mistral", "qwen2", "qwen3")
+HYBRID = ("nemotron_h",)
+SUPERLINEAR_EXP = "superlinear-exp"
 
 META = "spl.json"  # written last: its presence marks a complete conversion
 INDEX = "model.safetensors.index.json"
@@ -26,6 +33,58 @@ RETROFIT_SPAN = {
     "span_attention_span_power": 0.5,
     "span_attention_inv_search_power": 2,
 }
+
+
+def family(config: dict, where: str) -> tuple[str, str]:
+    """``(kind, routing)`` of a config: how spl runs it and where its routing query comes from."""
+    model_type = config.get("model_type")
+    if model_type in LLAMA_FAMILY or model_type in HYBRID:
+        return f"{model_type} (superlinear retrofit)", "attention query"
+    if model_type == SUPERLINEAR_EXP:
+        if not any(k.startswith("span_attention_") for k in config):
+            raise InvalidRequest(f"{where}: a superlinear-exp config needs the span_attention_* keys")
+        return "superlinear-exp", "separate projection (routing_q_proj)"
+    raise InvalidRequest(f"{where}: model_type {model_type!r} is not supported (supported: "
+                         f"{', '.join(LLAMA_FAMILY + HYBRID)}, {SUPERLINEAR_EXP})")
+
+
+def architecture(config: dict) -> dict:
+    """The config keys that make the architecture (the fingerprint's part; not paths or versions)."""
+    return {k: v for k, v in config.items()
+            if k not in ("_name_or_path", "transformers_version", "dtype", "torch_dtype", "architectures",
+                         "auto_map", "quantization_config")}
+
+
+def span_dict(params) -> dict:
+    """A ``SpanParams``' set fields by name ({} for None)."""
+    if params is None:
+        return {}
+    return {f.name: getattr(params, f.name) for f in fields(params) if getattr(params, f.name) is not None}
+
+
+def model_fingerprint(arch_config: dict, attention: str, span_params, routing: str, weights_hash: str) -> str:
+    """What identifies a loaded model for snapshots: architecture, attention, span parameters,
+    routing and the weights' hash; not its path or name."""
+    blob = json.dumps({"config": arch_config, "attention": attention,
+                       "span": span_dict(span_params) if attention == "superlinear" else None,
+                       "routing": routing, "weights": weights_hash}, sort_keys=True, default=str)
+    return hashlib.sha256(blob.encode()).hexdigest()[:32]
+
+
+def read_config(path: Path) -> dict:
+    try:
+        return json.loads((Path(path) / "config.json").read_text(), object_hook=_special_floats)
+    except FileNotFoundError as exc:
+        raise NotFound(f"no config.json in {path}") from exc
+    except json.JSONDecodeError as exc:
+        raise InvalidRequest(f"{Path(path) / 'config.json'} is not valid JSON: {exc}") from exc
+
+
+def _special_floats(obj: dict):
+    # transformers writes inf/nan as {"__float__": "Infinity"} to keep config.json strict JSON.
+    if len(obj) == 1 and "__float__" in obj:
+        return float(obj["__float__"])
+    return obj
 
 
 def read_meta(path: Path) -> dict:

@@ -8,26 +8,30 @@ builds the model.
 
 from __future__ import annotations
 
-import json
 import logging
 import os
 from pathlib import Path
 
 import torch
 
-from superlinear.errors import InvalidRequest, NotFound, Unavailable
+from superlinear.errors import InvalidRequest, Unavailable
 from superlinear.model.cache import CacheLayout
-from superlinear.model.checkpoint_meta import RETROFIT_SPAN, read_meta, shard_files, weights_fingerprint
+from superlinear.model.checkpoint_meta import (
+    HYBRID,
+    LLAMA_FAMILY,
+    RETROFIT_SPAN,
+    SUPERLINEAR_EXP,
+    architecture,
+    family,
+    read_config,
+    read_meta,
+    shard_files,
+    weights_fingerprint,
+)
 from superlinear.model.model import Model
 
 from . import attention as attention_mod
 from . import layer_types, weights
-
-# Attention-only families whose transformers attention module writes through ``cache.update``
-# and calls the registered attention function (the retrofit needs nothing else).
-LLAMA_FAMILY = ("llama", "mistral", "qwen2", "qwen3")
-HYBRID = ("nemotron_h",)
-SUPERLINEAR_EXP = "superlinear-exp"
 
 log = logging.getLogger("spl.model")
 
@@ -83,22 +87,6 @@ def download(repo_id: str) -> Path:
 # building a model from a directory
 # ---------------------------------------------------------------------------------------------
 
-def read_config(path: Path) -> dict:
-    try:
-        return json.loads((path / "config.json").read_text(), object_hook=_special_floats)
-    except FileNotFoundError as exc:
-        raise NotFound(f"no config.json in {path}") from exc
-    except json.JSONDecodeError as exc:
-        raise InvalidRequest(f"{path / 'config.json'} is not valid JSON: {exc}") from exc
-
-
-def _special_floats(obj: dict):
-    # transformers writes inf/nan as {"__float__": "Infinity"} to keep config.json strict JSON.
-    if len(obj) == 1 and "__float__" in obj:
-        return float(obj["__float__"])
-    return obj
-
-
 def load_dir(path: Path, *, name: str, device=None, dtype=None, attention: str = "superlinear",
              cuda_graph: bool | None = None, backend: str | None = None, span_params=None) -> Model:
     path = Path(path)
@@ -114,9 +102,7 @@ def load_dir(path: Path, *, name: str, device=None, dtype=None, attention: str =
         span_params = span_params_from(config)
     meta = read_meta(path)
     weights_hash = meta.get("weights_hash") or weights_fingerprint(path)
-    arch = {k: v for k, v in config.items()
-            if k not in ("_name_or_path", "transformers_version", "dtype", "torch_dtype", "architectures",
-                         "auto_map", "quantization_config")}
+    arch = architecture(config)
     return Model(hf, tokenizer, name=name, kind=kind, layout=layout_of(hf.config),
                  span_params=span_params, attention=attention, routing=routing, source=str(path),
                  bytes_on_disk=dir_bytes(path), weights_hash=weights_hash, arch_config=arch,
@@ -125,22 +111,18 @@ def load_dir(path: Path, *, name: str, device=None, dtype=None, attention: str =
 
 def build_empty(config: dict, *, where: str):
     """The transformers module (meta weights) for a config: ``(hf, kind, routing)``."""
+    kind, routing = family(config, where)  # refuses an unsupported model_type
     attention_mod.register()  # the modules are built for attn_implementation "spl"
     model_type = config.get("model_type")
     if model_type in LLAMA_FAMILY:
-        return _build_auto(config), f"{model_type} (superlinear retrofit)", "attention query"
+        return _build_auto(config), kind, routing
     if model_type in HYBRID:
         from superlinear.model.superlinear_exp import nemotron_config
 
-        return _build_nemotron(nemotron_config(config)), "nemotron_h (superlinear retrofit)", "attention query"
-    if model_type == SUPERLINEAR_EXP:
-        from superlinear.model.superlinear_exp import build
+        return _build_nemotron(nemotron_config(config)), kind, routing
+    from superlinear.model.superlinear_exp import build
 
-        if not any(k.startswith("span_attention_") for k in config):
-            raise InvalidRequest(f"{where}: a superlinear-exp config needs the span_attention_* keys")
-        return build(config), "superlinear-exp", "separate projection (routing_q_proj)"
-    raise InvalidRequest(f"{where}: model_type {model_type!r} is not supported (supported: "
-                         f"{', '.join(LLAMA_FAMILY + HYBRID)}, {SUPERLINEAR_EXP})")
+    return build(config), kind, routing
 
 
 def span_params_from(config: dict):

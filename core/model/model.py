@@ -8,9 +8,7 @@ single-token decode (captured as a CUDA graph on CUDA), caches, info and fingerp
 
 from __future__ import annotations
 
-import hashlib
 import inspect
-import json
 import sys
 import threading
 from collections.abc import Callable, Sequence
@@ -24,6 +22,7 @@ from superlinear.kernels import resolve_backend
 from superlinear.model.attention import ForwardContext, attach
 from superlinear.model.batch import BUCKETS, BatchCache, StaticRows, bound_for, bucket_for, rows_backend
 from superlinear.model.cache import Cache, CacheLayout
+from superlinear.model.checkpoint_meta import model_fingerprint, span_dict
 from superlinear.model.hybrid import HybridForward
 
 from . import layer_types
@@ -133,11 +132,7 @@ class Model:
 
     # -- identity -------------------------------------------------------------------------------
     def _fingerprint(self) -> str:
-        blob = json.dumps({"config": self.arch_config, "attention": self.attention,
-                           "span": _params_dict(self.span_params) if self.attention == "superlinear" else None,
-                           "routing": self.routing, "weights": self.weights_hash},
-                          sort_keys=True, default=str)
-        return hashlib.sha256(blob.encode()).hexdigest()[:32]
+        return model_fingerprint(self.arch_config, self.attention, self.span_params, self.routing, self.weights_hash)
 
     @property
     def has_recurrent_state(self) -> bool:
@@ -174,7 +169,7 @@ class Model:
             counts[t] = counts.get(t, 0) + 1
         attention = {"mode": self.attention, "routing_query": self.routing}
         if self.span_params is not None:
-            attention.update(_params_dict(self.span_params))
+            attention.update(span_dict(self.span_params))
             attention["window"] = self.window
         return {
             "name": self.name,
@@ -515,15 +510,3 @@ class Model:
             if saved is not None:  # the warm-up steps advanced the recurrent state: put it back
                 cache.load_recurrent_state(saved)
         return _DecodeGraph(graph, ids, pos, logits)
-
-
-def _params_dict(params) -> dict:
-    if params is None:
-        return {}
-    out = {}
-    for name in ("sw_index", "num_spans", "backward_factor", "forward_factor", "span_power",
-                 "search_power", "inv_search_power"):
-        value = getattr(params, name, None)
-        if value is not None:
-            out[name] = value
-    return out

@@ -45,7 +45,7 @@ class ChatService:
     only on shutdown and eviction, the manager's business)."""
 
     def __init__(self, model, manager, store, *, persist_turns: bool = True, chunk_size: int | None = None,
-                 aliases: tuple[str, ...] = ()):
+                 aliases: tuple[str, ...] = (), served_name: str | None = None, max_model_len: int | None = None):
         self.model = model
         self.manager = manager
         self.store = store
@@ -55,8 +55,10 @@ class ChatService:
         # resends a growing history reuses its prefix); one per request running at once.
         self._scratch_idle: list = []
         self.restored: list[str] = []  # the sessions a previous run left, listed again at start
-        # the names a request's "model" may give: the model's own, "default", how it was loaded
-        self.model_names = tuple(dict.fromkeys((model.name, *MODEL_ALIASES, *aliases)))
+        # the names a request's "model" may give: the served name (vLLM's --served-model-name), the
+        # model's own, "default", how it was loaded; the first is the one /v1/models reports
+        self.model_names = tuple(dict.fromkeys((*filter(None, [served_name]), model.name, *MODEL_ALIASES, *aliases)))
+        self.context_limit = max_model_len  # the operator's --max-model-len (None: the trained context)
 
     # -- the model -----------------------------------------------------------------------------
     def check_model(self, requested: str | None) -> None:
@@ -67,10 +69,16 @@ class ChatService:
                            f"{self.model_names[0]!r} (also called {', '.join(map(repr, self.model_names[1:]))})",
                            param="model", code="model_not_found")
 
+    @property
+    def model_name(self) -> str:
+        """The name the server reports for its model."""
+        return self.model_names[0]
+
     def max_model_len(self) -> int | None:
-        """The context length the model was trained for (its ``max_position_embeddings``); None
-        when its config does not say. The memory limit is ``manager.max_seq_len_limit()``."""
-        return self.model.info().get("max_position_embeddings") or None
+        """The context length the operator set (``max_seq_len``, vLLM's ``--max-model-len``), else
+        the one the model was trained for (its ``max_position_embeddings``); None when neither
+        says. The memory limit is ``manager.max_seq_len_limit()``."""
+        return self.context_limit or self.model.info().get("max_position_embeddings") or None
 
     # -- chat --------------------------------------------------------------------------------
     def chat(self, turn: ChatTurn, *, cancel: threading.Event | None = None) -> Iterator[ChatEvent]:

@@ -309,8 +309,10 @@ class SessionManager:
         return sid
 
     def _session_meta(self, session: Session) -> dict:
+        # last_used travels with the state: a restart lists every session as last used when it was
         return {"id": session.id, "position": session.position, "max_seq_len": session.max_seq_len,
-                "message_count": session.message_count, "created_at": session.created_at}
+                "message_count": session.message_count, "created_at": session.created_at,
+                "last_used": session.last_used}
 
     # ------------------------------------------------------------------ building conversations
     def _new_conversation(self, max_seq_len: int, *, exclude: Session | None = None, what: str):
@@ -675,6 +677,8 @@ class SessionManager:
             session = Session(sid, None, max_seq_len=int(info.get("max_seq_len", self.default_max_seq_len)),
                               created_at=info.get("created_at"), manager=self)
             session.state_snapshot = manifest["id"]
+            if isinstance(info.get("last_used"), (int, float)):  # journals of older spl lack it
+                session.last_used = float(info["last_used"])
             session._disk_info = {"position": info.get("position", 0),
                                   "message_count": info.get("message_count", 0)}
             with self._lock:

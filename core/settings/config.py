@@ -109,6 +109,7 @@ class Setting:
 
 SETTINGS: tuple[Setting, ...] = (
     Setting("model", "SPL_MODEL", "default", _text),
+    Setting("served_model_name", "SPL_SERVED_MODEL_NAME", None, _text),
     Setting("host", "SPL_HOST", DEFAULT_HOST, _text),
     Setting("port", "SPL_PORT", DEFAULT_PORT, _int(0, 65535)),
     Setting("api_key", "SPL_API_KEY", None, _key),

@@ -7,7 +7,7 @@ Each option resolves as flag > environment variable > config file > built-in def
 from __future__ import annotations
 
 import inspect
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, fields
 from typing import Any
 
 import click
@@ -22,6 +22,7 @@ __all__ = ["ServeOptions", "parse_bytes", "resolve_options", "server_options"]
 @dataclass(frozen=True)
 class ServeOptions:
     model: str = "default"
+    served_model_name: str | None = None  # the name /v1/models reports (None: the model's own)
     host: str = DEFAULT_HOST
     port: int = DEFAULT_PORT
     chunk_size: int | None = None
@@ -50,6 +51,8 @@ class ServeOptions:
         args = ["--model", self.model, "--host", self.host, "--port", str(self.port),
                 "--max-concurrency", str(self.max_concurrency), "--persist", self.persist,
                 "--log-level", self.log_level]
+        if self.served_model_name:
+            args += ["--served-model-name", self.served_model_name]
         if self.chunk_size:
             args += ["--chunk-size", str(self.chunk_size)]
         if self.max_step_tokens:
@@ -96,10 +99,19 @@ def _help(text: str, env: str, default: Any = None) -> str:
 
 def server_options(func):
     """Decorate a click command with the server options; it receives ``options: ServeOptions``
-    (and ``option_sources``, where each option came from, if it takes that argument)."""
+    (and ``option_sources``, where each option came from, if it takes that argument).
+
+    The names vLLM (``vllm serve MODEL --max-model-len N --served-model-name X``) and llama.cpp
+    (``llama-server -m MODEL -c N``) give the same settings are accepted as they are, so a
+    command line written for either starts spl (docs/server.md lists them)."""
     decorators = [
-        click.option("--model", default=None,
-                     help=_help("Model to serve (name, path or hub id; `spl models list`).", "SPL_MODEL", "default")),
+        click.argument("model_arg", metavar="[MODEL]", required=False, default=None),
+        click.option("-m", "--model", default=None,
+                     help=_help("Model to serve (name, path or hub id; `spl models list`); the same as the "
+                                "MODEL argument.", "SPL_MODEL", "default")),
+        click.option("--served-model-name", default=None,
+                     help=_help("The model's name in /v1/models and in requests (vLLM's flag; the model's own "
+                                "name and `default` are accepted too).", "SPL_SERVED_MODEL_NAME")),
         click.option("--host", default=None,
                      help=_help("Interface to bind (0.0.0.0 exposes the server on the network).", "SPL_HOST",
                                 DEFAULT_HOST)),
@@ -111,8 +123,11 @@ def server_options(func):
                      help=_help("Prompt tokens prefilled per scheduler step, shared by the waiting prompts: "
                                 "running streams wait at most one such step per token (if unset: 256 on CPU, "
                                 "4096 on CUDA).", "SPL_MAX_STEP_TOKENS")),
-        click.option("--max-seq-len", type=click.IntRange(1), default=None,
-                     help=_help("Default max_seq_len of new sessions.", "SPL_MAX_SEQ_LEN")),
+        click.option("--max-seq-len", "--max-model-len", "--ctx-size", "-c", "max_seq_len", type=click.IntRange(1),
+                     default=None,
+                     help=_help("Context length of new sessions and of requests without one, reported as "
+                                "max_model_len in /v1/models (vLLM: --max-model-len; llama.cpp: --ctx-size, -c).",
+                                "SPL_MAX_SEQ_LEN")),
         click.option("--api-key", default=None,
                      help=_help("Require `Authorization: Bearer KEY` on every /v1 route.", "SPL_API_KEY")),
         click.option("--max-concurrency", type=click.IntRange(1), default=None,
@@ -137,15 +152,17 @@ def server_options(func):
     ]
 
     wants_sources = "option_sources" in inspect.signature(func).parameters
+    setting_names = [f.name for f in fields(ServeOptions)]
 
-    def wrapper(model, host, port, chunk_size, max_step_tokens, max_seq_len, api_key, max_concurrency, memory_budget,
-                device, threads, persist, log_level, lenient_fields, **kwargs):
-        options, sources = resolve_options(model=model, host=host, port=port, chunk_size=chunk_size,
-                                     max_step_tokens=max_step_tokens, max_seq_len=max_seq_len, api_key=api_key or None,
-                                     max_concurrency=max_concurrency, memory_budget=memory_budget,
-                                     device=device, threads=threads, persist=persist,
-                                     log_level=log_level.lower() if log_level else None,
-                                     lenient_fields=lenient_fields)
+    def wrapper(model_arg, **kwargs):
+        flags = {name: kwargs.pop(name) for name in setting_names}
+        if model_arg is not None:
+            if flags["model"] is not None and flags["model"] != model_arg:
+                raise click.UsageError(f"two models given: MODEL {model_arg!r} and --model {flags['model']!r}")
+            flags["model"] = model_arg
+        flags["api_key"] = flags["api_key"] or None
+        flags["log_level"] = flags["log_level"].lower() if flags["log_level"] else None
+        options, sources = resolve_options(**flags)
         if wants_sources:
             kwargs["option_sources"] = sources
         return func(options=options, **kwargs)

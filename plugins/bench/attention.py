@@ -37,6 +37,8 @@ CONFIGS = {
 }
 # --device cpu: the default model's attention shapes
 CPU_SHAPES = dict(heads=9, kv_heads=3, head_dim=64)
+# lengths a CPU gets through in minutes (the GPU defaults reach 1M-4M tokens)
+CPU_LENGTHS = ("512,2K,4K", "4K,16K")
 # H100 SXM rates used for the floors: measured bf16 GEMM and device copy on this workplace's
 # machines (KINDS.md), datasheet fp32 (non-tensor) for the routing dot products
 PEAK_MMA = 790e12
@@ -367,42 +369,52 @@ def _split(text: str) -> tuple:
 @click.command("attention")
 @click.option("--config", "configs", default="1,2", show_default=True,
               help="Configs to run: 1 = (s=3,k=3,bf=3,ff=1,p=sp=0.5), 2 = (s=65,k=3,bf=3,ff=1,p=sp=0.55).")
-@click.option("--lengths", default="16K,64K,256K,1M", show_default=True, help="Prefill depths.")
-@click.option("--decode-lengths", default="16K,64K,256K,1M,4M", show_default=True, help="Decode depths.")
+@click.option("--lengths", default="16K,64K,256K,1M", show_default=True,
+              help=f"Prefill depths (CPU: {CPU_LENGTHS[0]} unless given).")
+@click.option("--decode-lengths", default="16K,64K,256K,1M,4M", show_default=True,
+              help=f"Decode depths (CPU: {CPU_LENGTHS[1]} unless given).")
 @click.option("--chunk", default="16K", show_default=True, help="Queries per prefill chunk.")
-@click.option("--heads", default=32, show_default=True)
-@click.option("--kv-heads", default=2, show_default=True)
-@click.option("--head-dim", default=128, show_default=True)
+@click.option("--heads", default=32, show_default=True, type=click.IntRange(1),
+              help="Query heads (CPU: the default model's 9 unless given).")
+@click.option("--kv-heads", default=2, show_default=True, type=click.IntRange(1),
+              help="Key/value heads, grouped-query (CPU: the default model's 3 unless given).")
+@click.option("--head-dim", default=128, show_default=True, type=click.IntRange(1),
+              help="Dimension of each head (CPU: the default model's 64 unless given).")
 @click.option("--no-dense", is_flag=True, help="Skip the dense SDPA baseline.")
 @click.option("--repeats", default=10, show_default=True, help="Timed prefill calls per case (median).")
-@click.option("--backend", default="triton", show_default=True, type=click.Choice(["triton", "reference"]))
-@click.option("--device", default="cuda", show_default=True, type=click.Choice(["cuda", "cpu"]),
-              help="cpu: the reference backend, fp32, default-model shapes and config unless given.")
-@click.option("--threads", default="", help="CPU: torch thread counts to run side by side, e.g. 1,2.")
+@click.option("--backend", default=None, type=click.Choice(["triton", "reference"]),
+              help="Superlinear kernels on CUDA: triton (default) or the PyTorch reference; CPU runs the reference.")
+@click.option("--device", default=None, type=click.Choice(["cuda", "cpu"]),
+              help="Where to run (default: cuda if a GPU is there, else cpu). cpu: the reference backend, fp32, "
+                   "default-model shapes and config unless given.")
+@click.option("--threads", type=click.IntRange(1, 1024), multiple=True,
+              help="CPU threads of torch, as in `spl serve --threads`; repeat it to run counts side by side "
+                   "(--threads 1 --threads 2). Default: torch's.")
 @click.option("--json", "json_out", is_flag=True, help="Machine-readable output (rows, fits, provenance).")
 @click.option("--out", "out_file", type=click.Path(dir_okay=False),
               help="Also write the markdown table to this file (with --json too).")
 @click.pass_context
 def command(click_ctx, configs, lengths, decode_lengths, chunk, heads, kv_heads, head_dim, no_dense, repeats,
             backend, device, threads, json_out, out_file):
-    """Time superlinear prefill and decode against dense SDPA (CUDA GPU, or --device cpu)."""
+    """Time superlinear prefill and decode against dense SDPA (on the GPU if there is one, else the CPU)."""
+    if device is None:
+        import torch
+
+        device = "cuda" if torch.cuda.is_available() else "cpu"
     if device == "cpu":
-        # the default model's shapes and config unless the user gave others
-        given = {name for name in ("configs", "heads", "kv_heads", "head_dim")
+        # the default model's shapes and config, and lengths a CPU gets through, unless the user gave others
+        given = {name for name in ("configs", "heads", "kv_heads", "head_dim", "lengths", "decode_lengths")
                  if click_ctx.get_parameter_source(name) == click.core.ParameterSource.COMMANDLINE}
         configs = configs if "configs" in given else "default"
         heads, kv_heads, head_dim = (v if n in given else CPU_SHAPES[n]
                                      for n, v in (("heads", heads), ("kv_heads", kv_heads), ("head_dim", head_dim)))
-    try:
-        thread_counts = tuple(int(x) for x in threads.split(",") if x.strip())
-    except ValueError:
-        raise click.BadParameter(f"--threads takes counts like 1,2, got {threads!r}") from None
-    if any(n < 1 for n in thread_counts):
-        raise click.BadParameter("--threads counts must be >= 1")
+        lengths = lengths if "lengths" in given else CPU_LENGTHS[0]
+        decode_lengths = decode_lengths if "decode_lengths" in given else CPU_LENGTHS[1]
+    thread_counts = tuple(threads)
     cmd = BenchAttention(configs=tuple(c.strip() for c in configs.split(",") if c.strip()),
                          lengths=_split(lengths), decode_lengths=_split(decode_lengths),
                          chunk=parse_length(chunk), heads=heads, kv_heads=kv_heads, head_dim=head_dim,
-                         dense=not no_dense, repeats=repeats, backend=backend, device=device,
+                         dense=not no_dense, repeats=repeats, backend=backend or "triton", device=device,
                          threads=thread_counts)
     for c in cmd.configs:
         if c not in CONFIGS:

@@ -229,10 +229,12 @@ def markdown(result: dict) -> str:
 @click.option("--lengths", default=None,
               help="Comma-separated context lengths, e.g. 4K,32K,1M (default: 512,2K,4K on CPU; "
                    "4K,32K,128K,1M on CUDA).")
-@click.option("--attention", "attentions", default="superlinear,dense", show_default=True)
+@click.option("--attention", "attentions", default="superlinear,dense", show_default=True,
+              help="Attentions to run, comma-separated: superlinear, dense (plain causal).")
 @click.option("--chunk-size", default=None, type=int,
               help="Prefill chunk (default: the model's choice for throughput: 32K on a GPU where memory allows).")
-@click.option("--decode-tokens", default=32, show_default=True, type=int)
+@click.option("--decode-tokens", default=32, show_default=True, type=int,
+              help="Tokens decoded after each prefill (the decode rate's sample).")
 @click.option("--dense-max-len", default="128K", show_default=True, help="Skip dense attention above this.")
 @click.option("--no-graph", is_flag=True, help="Do not time CUDA-graph decode (eager only).")
 @click.option("--world-size", default=1, show_default=True, type=int,

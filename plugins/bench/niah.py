@@ -220,15 +220,18 @@ def markdown(result: dict) -> str:
               help="Comma-separated needle depths, 0 (start) to 1 (end).")
 @click.option("--trials", default=2, show_default=True, type=click.IntRange(1, 1000),
               help="Prompts (passkeys and haystacks) per length and depth.")
-@click.option("--attention", "attentions", default="superlinear,dense", show_default=True)
+@click.option("--attention", "attentions", default="superlinear,dense", show_default=True,
+              help="Attentions to run, comma-separated: superlinear, dense (plain causal).")
 @click.option("--dense-max-len", default="256K", show_default=True, help="Skip dense attention above this.")
 @click.option("--haystack", type=click.Choice(["varied", "repeat"]), default="varied", show_default=True,
               help="varied: generated sentences; repeat: the classic passkey filler.")
 @click.option("--format", "prompt_format", type=click.Choice(["auto", "chat", "raw"]), default="auto",
               show_default=True, help="chat: the model's chat template; auto: chat when the model has one.")
-@click.option("--answer-tokens", default=10, show_default=True, type=click.IntRange(1, 256))
+@click.option("--answer-tokens", default=10, show_default=True, type=click.IntRange(1, 256),
+              help="Tokens generated for each answer (the passkey must be among them).")
 @click.option("--chunk-size", default=None, type=int, help="Prefill chunk (default: the model's choice).")
-@click.option("--seed", default=0, show_default=True, type=int)
+@click.option("--seed", default=0, show_default=True, type=int,
+              help="Seed of the passkeys and haystacks (the same seed, the same prompts).")
 @click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
 @click.option("--out", "out_file", type=click.Path(dir_okay=False), help="Also write the output to this file.")
 def command(model, device, dtype, lengths, depths, trials, attentions, dense_max_len, haystack, prompt_format,

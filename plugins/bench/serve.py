@@ -191,7 +191,8 @@ def _ints(text: str, what: str, low: int, high: int) -> tuple[int, ...]:
 @click.option("--mix", type=click.Choice(["long-prefill"]), default=None,
               help="long-prefill: one long prompt per level, the chats run while it is prefilled.")
 @click.option("--long-prompt-tokens", default="4096", show_default=True, help="The long prompt's length (4K, 1M).")
-@click.option("--long-output-tokens", type=click.IntRange(1, MAX_OUTPUT_TOKENS), default=1, show_default=True)
+@click.option("--long-output-tokens", type=click.IntRange(1, MAX_OUTPUT_TOKENS), default=1, show_default=True,
+              help="Tokens generated after each long prompt.")
 @click.option("--request-timeout", type=click.FloatRange(min=1, max=86_400), default=600, show_default=True,
               help="Seconds a request may take in all before it counts as an error.")
 @click.option("--seed", type=int, default=0, show_default=True, help="Prompt texts, drawn lengths, arrivals.")

@@ -201,7 +201,7 @@ def _snippet(text: str, width: int = 300) -> str:
 
 
 @rag_group.command("ls")
-@click.option("--json", "as_json", is_flag=True)
+@click.option("--json", "as_json", is_flag=True, help="Print one JSON document.")
 def ls_command(as_json):
     """List workspaces."""
     result = commands.list_workspaces()
@@ -221,7 +221,7 @@ def ls_command(as_json):
 @rag_group.command("info")
 @click.argument("name", required=False)
 @workspace_option
-@click.option("--json", "as_json", is_flag=True)
+@click.option("--json", "as_json", is_flag=True, help="Print one JSON document.")
 def info_command(name, workspace, as_json):
     """Show a workspace: roots, files, passages, context snapshot."""
     result = commands.workspace_info(_one_workspace(name, workspace))
@@ -251,7 +251,7 @@ def info_command(name, workspace, as_json):
 @click.option("--workspace", "-w", "workspaces", multiple=True, metavar="NAME",
               help="Workspace to remove (repeatable; or give the names as arguments).")
 @click.option("--keep-snapshot", is_flag=True, help="Keep the workspace's context snapshot on the server.")
-@click.option("--json", "as_json", is_flag=True)
+@click.option("--json", "as_json", is_flag=True, help="Print one JSON document.")
 def rm_command(names, workspaces, keep_snapshot, as_json):
     """Remove workspaces (and their context snapshots)."""
     names = list(dict.fromkeys([*names, *workspaces]))
@@ -275,7 +275,7 @@ def rm_command(names, workspaces, keep_snapshot, as_json):
 @rag_group.command("sources")
 @click.argument("name", required=False)
 @workspace_option
-@click.option("--json", "as_json", is_flag=True)
+@click.option("--json", "as_json", is_flag=True, help="Print one JSON document.")
 def sources_command(name, workspace, as_json):
     """List the files of a workspace."""
     result = commands.sources(_one_workspace(name, workspace))
@@ -287,7 +287,7 @@ def sources_command(name, workspace, as_json):
 
 
 @rag_group.command("retrievers")
-@click.option("--json", "as_json", is_flag=True)
+@click.option("--json", "as_json", is_flag=True, help="Print one JSON document.")
 def retrievers_command(as_json):
     """List the retrievers plugins provide."""
     result = commands.retrievers()
@@ -301,8 +301,9 @@ def retrievers_command(as_json):
 @click.argument("name", required=False)
 @workspace_option
 @click.option("--url", default=None, help="Server to talk to (default: the configured one, or a local one).")
-@click.option("-k", "--k", "k", type=click.IntRange(1, 50), default=5, show_default=True)
-@click.option("--retriever", "-r", default="bm25", show_default=True)
+@click.option("-k", "--k", "k", type=click.IntRange(1, 50), default=5, show_default=True,
+              help="Passages retrieved for each question.")
+@click.option("--retriever", "-r", default="bm25", show_default=True, help="bm25, light, or a plugin's.")
 @click.option("--max-tokens", type=click.IntRange(1), default=None, help="Cap on tokens per reply.")
 @click.option("--temp", "temperature", type=click.FloatRange(0.0, 2.0), default=None, help="Temperature.")
 def docs_command(name, workspace, url, k, retriever, max_tokens, temperature):

@@ -327,7 +327,10 @@ def answer(workspace: Workspace, client, question: str, passages: list[Passage],
                 _delete_session(client, loaded)
     elif context.get("snapshot_id"):
         note = "the documents changed since the context was built: answering from the passages"
-    # else: retrieval-only, as the ingest said once (`spl rag info` repeats why)
+    else:
+        # why there is no context (what the ingest said; `spl rag info` keeps it)
+        note = "retrieval-only: " + (workspace.manifest.get("retrieval_only_reason")
+                                     or "no context was built; answering from the retrieved passages")
     if outcome is None:
         outcome = _chat(client, [{"role": "system", "content": SYSTEM_PASSAGES}, message], len(passages),
                         on_text, **options)

@@ -52,8 +52,10 @@ class GuardMiddleware:
             auth = headers.get("authorization", "")
             scheme, _, token = auth.partition(" ")
             if scheme.lower() != "bearer" or not hmac.compare_digest(token.strip().encode(), self.api_key.encode()):
-                msg = ("missing API key: send `Authorization: Bearer KEY`" if not auth
-                       else "invalid API key")
+                msg = ("missing API key: send `Authorization: Bearer KEY` (spl commands: set SPL_API_KEY=KEY, "
+                       "or `spl server connect URL --api-key KEY`)" if not auth
+                       else "invalid API key (spl commands send $SPL_API_KEY, else the key of "
+                       "`spl server connect URL --api-key KEY`)")
                 return await error_response(Unauthorized(msg))(scope, receive, send)
         length = headers.get("content-length")
         limit, why = import_limit() if path == "/v1/snapshots/import" else (MAX_BODY_BYTES, "the limit")

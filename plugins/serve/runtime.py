@@ -104,7 +104,8 @@ class Runtime:
         def progress(line: str) -> None:
             self.progress = line
 
-        self.api = connect("local", worker=self.worker, progress=progress, model=o.model, device=o.device,
+        self.api = connect("local", worker=self.worker, progress=progress, model=o.model,
+                           served_model_name=o.served_model_name, device=o.device,
                            memory_budget=o.memory_budget or "auto", persist=o.persist, max_seq_len=o.max_seq_len,
                            chunk_size=o.chunk_size, loaders=tuple(model_loaders()))
         self.service = self.api.service
@@ -177,7 +178,9 @@ class Runtime:
     # -- read-only views (safe off the worker) -------------------------------------------
     @property
     def model_name(self) -> str:
-        return self.model.name if self.model is not None else self.options.model
+        if self.service is not None:
+            return self.service.model_name
+        return self.options.served_model_name or self.options.model
 
     def list_sessions(self) -> list[dict]:
         if self.service is None:
