@@ -110,7 +110,8 @@ def session_group() -> None:
 
 @session_group.command("new")
 @click.argument("session_id", required=False)
-@click.option("--max-seq-len", type=click.IntRange(1), default=None)
+@click.option("--max-seq-len", type=click.IntRange(1), default=None,
+              help="Tokens the session may hold (default: the server's --max-seq-len).")
 @json_option
 def session_new_command(session_id, max_seq_len, as_json) -> None:
     """Create an empty session."""
@@ -122,7 +123,7 @@ def session_new_command(session_id, max_seq_len, as_json) -> None:
 @json_option
 def session_ls_command(as_json) -> None:
     """List sessions."""
-    emit(_one(api.ListSessions())["sessions"], as_json, session_table)
+    emit(session_listing(_one(api.ListSessions())), as_json, lambda r: session_table(r["data"]))
 
 
 @session_group.command("info")
@@ -203,7 +204,7 @@ def snapshot_group() -> None:
 @json_option
 def snapshot_ls_command(tag, as_json) -> None:
     """List snapshots."""
-    emit(_one(api.ListSnapshots(tag=tag)), as_json, snapshot_table)
+    emit(as_listing(_one(api.ListSnapshots(tag=tag))), as_json, lambda r: snapshot_table(r["data"]))
 
 
 @snapshot_group.command("info")
@@ -232,7 +233,8 @@ def snapshot_save_command(session_id, title, description, tags, as_json) -> None
 @click.option("--session", "session_id", default=None, help="Session id to load into.",
               shell_complete=complete_session_ids)
 @click.option("--force", is_flag=True, help="Replace an existing session's state.")
-@click.option("--max-seq-len", type=click.IntRange(1), default=None)
+@click.option("--max-seq-len", type=click.IntRange(1), default=None,
+              help="Tokens the loaded session may hold (default: the snapshot's, within the server's limit).")
 @json_option
 def snapshot_load_command(snapshot_id, session_id, force, max_seq_len, as_json) -> None:
     """Load a snapshot into a session."""
@@ -258,8 +260,8 @@ def snapshot_rm_command(snapshot_ids, as_json) -> None:
 @click.argument("snapshot_id", shell_complete=complete_snapshot_ids)
 @click.argument("tags", nargs=-1)
 @click.option("--remove", "remove_tags", multiple=True, help="Tag to remove (repeatable).")
-@click.option("--title", default=None)
-@click.option("--description", default=None)
+@click.option("--title", default=None, help="Replace the title.")
+@click.option("--description", default=None, help="Replace the description.")
 @json_option
 def snapshot_tag_command(snapshot_id, tags, remove_tags, title, description, as_json) -> None:
     """Add tags (and/or remove them, set the title or description)."""
