@@ -206,9 +206,14 @@ def _turn(conv: Conversation, req: ChatRequest, cancel: threading.Event, cp) -> 
         message["reasoning_content"] = reasoning_text
     # Store the turn as the template renders it: the generated tokens stay in the cache where
     # they match that rendering, the end-of-turn tokens are appended.
-    try:
-        conv.sync(req.messages + [message], tools=tools, template_kwargs=kwargs)
-    except (TooLarge, OverBudget):  # the rendering does not fit: keep the generated tokens, the next sync trims
+    stored = False
+    if req.close_turn:
+        try:
+            conv.sync(req.messages + [message], tools=tools, template_kwargs=kwargs)
+            stored = True
+        except (TooLarge, OverBudget):  # the rendering does not fit: keep the generated tokens
+            pass
+    if not stored:  # the cache keeps the generated tokens; the next sync trims and appends
         conv.set_transcript(req.messages + [message], prompt.boundaries + [None], tools, kwargs)
     usage, timings = turn_usage(len(prompt.ids), completion, stats, prefill_s, decode_s)
     yield Done(finish, message, usage, timings, reasoning=reasoning_text,

@@ -62,6 +62,9 @@ class ChatRequest:
     chat_template_kwargs: dict | None = None  # e.g. {"enable_thinking": False}
     keep_thinking: bool = False  # keep the reasoning in the stored assistant message
     keep_partial: bool = False  # a turn cancelled while decoding stores its partial answer
+    # prefill the end-of-turn tokens before Done (a session's next turn starts from them); a
+    # sessionless turn leaves them to its scratch cache's next sync, so its stream ends at once
+    close_turn: bool = True
 
 
 @dataclass

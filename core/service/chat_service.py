@@ -124,7 +124,7 @@ class ChatService:
                                                           turn.session_mode)
         else:
             messages, how = turn.request.messages, None
-        request = dataclasses.replace(turn.request, messages=messages)
+        request = dataclasses.replace(turn.request, messages=messages, close_turn=session is not None)
         started = False
 
         def events() -> Iterator[ChatEvent]:
