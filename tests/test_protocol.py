@@ -38,8 +38,9 @@ REQUEST_VALUES = {
     "tool_choice": "none", "reasoning_budget": 1, "repetition": RepetitionConfig(tail_len=4, min_repeats=2),
     "chat_template_kwargs": {"enable_thinking": False}, "keep_thinking": True, "parallel_tool_calls": True,
 }
-# keep_partial is the server's own choice for a cancelled turn, not a field of a request
-NOT_SENT = {"messages", "sampling", "keep_partial"}
+# the service's own choices, not fields of a request: keep_partial (a cancelled turn's answer) and
+# close_turn (whether the end-of-turn tokens are prefilled before Done)
+NOT_SENT = {"messages", "sampling", "keep_partial", "close_turn"}
 
 
 def turns(ids: list[int]) -> list[tuple[str, ChatTurn]]:
