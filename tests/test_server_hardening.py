@@ -60,10 +60,11 @@ def test_tokenize_is_bounded_and_health_stays_fast_meanwhile(server):
         ok = c.post("/tokenize", json={"content": "hello world"})
         assert ok.status_code == 200 and ok.json()["count"] >= 2, ok.text
         # the input's bound (characters), then the reply's (token ids: what a conversation holds)
-        for text, param, why in (("x" * (bounds.MAX_TOKENIZE_CHARS + 1), "content", "characters"),
-                                 ("word " * (limit * 2), "tokens", "token ids")):
+        # over the route's input bound: 413; more ids than a conversation holds: 400 context_length_exceeded
+        for text, param, why, status in (("x" * (bounds.MAX_TOKENIZE_CHARS + 1), "content", "characters", 413),
+                                         ("word " * (limit * 2), "tokens", "token ids", 400)):
             r = c.post("/tokenize", json={"content": text})
-            assert r.status_code == 413, r.text[:300]
+            assert r.status_code == status, r.text[:300]
             assert r.json()["error"]["param"] == param and why in r.json()["error"]["message"], r.text[:300]
     body = json.dumps({"content": "ab " * (bounds.MAX_TOKENIZE_CHARS // 3)}).encode()  # the largest text taken
 

@@ -129,7 +129,7 @@ def ids_body_limit(rt) -> int:
 def check_ids(rt, ids: list, param: str) -> None:
     limit = token_limit(rt)
     if len(ids) > limit:
-        raise BodyTooLarge(f"{param} has {len(ids)} token ids; a conversation here holds at most {limit}", param=param)
+        raise TooLarge(f"{param} has {len(ids)} token ids; a conversation here holds at most {limit}", param=param)
 
 
 def check_sampling(body) -> None:
