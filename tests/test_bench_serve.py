@@ -107,11 +107,13 @@ def test_long_prefill_mix(server):
 
 
 def test_duration_bounds_a_level(server):
-    # both workers send their first request at once; after that the 0.1 s are over
+    # both workers send their first request at once; a request that ends within the 0.1 s may be
+    # followed by another, but the level stops far short of its 50 prompts
     result = run_json(server, "--concurrency", "2", "--duration", "0.1", "--num-prompts", "50",
                       "--prompt-tokens", "16", "--output-tokens", "1")
     (level,) = result["levels"]
-    assert level["requests"] == level["completed"] == 2
+    assert level["requests"] == level["completed"]
+    assert 2 <= level["requests"] <= 10, level["requests"]
 
 
 def test_unreachable_server_is_one_line_and_exit_2(server):

@@ -10,7 +10,7 @@ import threading
 
 import pytest
 
-from superlinear.api.local import LocalApi, LocalOptions
+import superlinear
 from superlinear.api.types import Completion
 from superlinear.api.worker import Worker
 from superlinear.engine import ChatRequest, Done, SamplingParams, TextDelta
@@ -23,8 +23,8 @@ STEP_TOKENS = 16  # small: prompts take several steps, interleaved with the othe
 def api(tiny_llama, tmp_path_factory):
     steps: list[tuple[int, int]] = []
     worker = Worker(max_step_tokens=STEP_TOKENS, on_step=lambda batch, tokens, _s: steps.append((batch, tokens)))
-    api = LocalApi.open(LocalOptions(model=str(tiny_llama), max_seq_len=2048,
-                                     snapshots_dir=str(tmp_path_factory.mktemp("snapshots"))), worker=worker)
+    api = superlinear.connect("local", model=str(tiny_llama), max_seq_len=2048,
+                              snapshots_dir=str(tmp_path_factory.mktemp("snapshots")), worker=worker)
     api.steps = steps
     yield api
     api.close()
@@ -137,9 +137,9 @@ def hybrid_api(tmp_path_factory):
     from superlinear.model.loaders import load_tokenizer
 
     path = write_tiny_hybrid(tmp_path_factory.mktemp("tiny-hybrid"), load_tokenizer(ensure_default()))
-    api = LocalApi.open(LocalOptions(model=str(path), device="cpu", max_seq_len=2048,
-                                     snapshots_dir=str(tmp_path_factory.mktemp("hybrid-snapshots"))),
-                        worker=Worker(max_step_tokens=STEP_TOKENS))
+    api = superlinear.connect("local", model=str(path), device="cpu", max_seq_len=2048,
+                              snapshots_dir=str(tmp_path_factory.mktemp("hybrid-snapshots")),
+                              worker=Worker(max_step_tokens=STEP_TOKENS))
     yield api
     api.close()
 
