@@ -73,10 +73,12 @@ def _batched_equals_alone(model, lengths, steps, leave_at=None, graph=None, atol
 
 def test_default_model_batch_equals_alone_in_window_and_superlinear_regimes(default_model):
     assert default_model.window > 1000  # the shipped window: these lengths are exact attention
-    _batched_equals_alone(default_model, [3, 40, 17], steps=3)
+    # the default model's logits run to tens: a batched fp32 matmul sums in another order (1e-4
+    # of absolute difference was seen at one of 49,152 logits); greedy tokens must still agree
+    _batched_equals_alone(default_model, [3, 40, 17], steps=3, atol=5e-4)
     sparse = default_model.with_attention("superlinear", span_params=SMALL_SPANS)
     assert sparse.window == 8
-    history = _batched_equals_alone(sparse, [5, 90, 200, 33], steps=4, leave_at=2)
+    history = _batched_equals_alone(sparse, [5, 90, 200, 33], steps=4, leave_at=2, atol=5e-4)
     assert len({tuple(h) for h in history}) > 1  # the rows move
 
 

@@ -17,7 +17,7 @@ from server_helpers import start_server
 
 pytestmark = pytest.mark.slow
 
-TARGET_S = 30  # the prefill should take about this long (the corpus grows with the context: a bit more)
+TARGET_S = 12  # the prefill should take about this long (the corpus grows with the context: a bit more)
 # ...but never more tokens than this: the calibration's short prompt overstates the speed of a
 # long context (superlinear attention's per-token cost grows with it): 12K tokens sized from a
 # fast calibration ran for over 20 minutes on a loaded CPU
@@ -88,7 +88,7 @@ def test_ingest_shows_estimate_and_an_advancing_bar(server, tmp_path):
     assert child.exitstatus == 0, log[-2000:]
     assert len([p for p in percentages if 0 < p < 100]) >= 2, (percentages, log[-2000:])  # it advanced
     assert context_tokens >= tokens * 0.8
-    assert prefill_s > 10, (prefill_s, rate)  # long enough to watch (the load and the CPU path's speed vary)
+    assert prefill_s > 4, (prefill_s, rate)  # long enough to watch the bar (it redraws every 0.5 s)
     assert "ReadTimeout" not in log and "error" not in log.lower()
     health = httpx.get(server.url + "/health", timeout=10).json()
     assert health["prefill"]["tokens"] >= context_tokens - 2
