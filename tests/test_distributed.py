@@ -12,13 +12,12 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 from safetensors.torch import load_file, save_file
-from test_model_hybrid import tiny_hybrid_config
+from test_model_hybrid import make_state_matter, tiny_hybrid_config
 
 from superlinear.distributed import ContextParallel, ContextSlices, SlicedCache, merge_partials, new_cache
 from superlinear.errors import InvalidRequest
 from superlinear.kernels import SpanParams
 from superlinear.kernels.attention.reference import reference_prefill
-from superlinear.model import layer_types
 from superlinear.model.random_weights import random_model
 
 WORLD = 2
@@ -36,14 +35,8 @@ KERNEL_PARAMS = {
 
 def _model(device="cpu"):
     torch.manual_seed(0)  # the same weights in every process
-    model = random_model(tiny_hybrid_config(), name="tiny-hybrid", device="cpu", dtype="fp32", seed=1)
-    with torch.no_grad():  # Mamba parameters that make the decay and the skip matter
-        for block in model.hf.model.layers:
-            if layer_types.canonical([block.block_type]) == [layer_types.MAMBA]:
-                block.mixer.A_log.uniform_(-1.0, 1.5)
-                block.mixer.dt_bias.uniform_(-2.0, 0.5)
-                block.mixer.D.normal_()
-                block.mixer.conv1d.weight.normal_(0, 0.3)
+    model = make_state_matter(random_model(tiny_hybrid_config(), name="tiny-hybrid", device="cpu", dtype="fp32",
+                                           seed=1))
     if device == "cpu":
         return model
     on_device = random_model(tiny_hybrid_config(), name="tiny-hybrid", device=device, dtype="fp32", seed=1)

@@ -16,7 +16,7 @@ import torch
 if not torch.cuda.is_available():
     os.environ["TRITON_INTERPRET"] = "1"  # before the kernels are decorated
 
-from test_model_hybrid import tiny_hybrid_config  # noqa: E402
+from test_model_hybrid import make_state_matter, tiny_hybrid_config  # noqa: E402
 
 from superlinear.errors import InvalidRequest  # noqa: E402
 from superlinear.kernels import SpanParams  # noqa: E402
@@ -85,16 +85,7 @@ def test_default_model_batch_equals_alone_in_window_and_superlinear_regimes(defa
 @pytest.fixture(scope="module")
 def hybrid():
     model = random_model(tiny_hybrid_config(), name="tiny-hybrid", device="cpu", dtype="fp32", seed=1)
-    with torch.no_grad():  # Mamba parameters that make the recurrent state matter, a router that spreads
-        for block in model.hf.model.layers:
-            if block.block_type == "linear_attention":
-                block.mixer.A_log.uniform_(-1.0, 1.5)
-                block.mixer.dt_bias.uniform_(-2.0, 0.5)
-                block.mixer.D.normal_()
-                block.mixer.conv1d.weight.normal_(0, 0.3)
-            if block.block_type == "moe":
-                block.mixer.gate.weight.normal_(0, 0.5)
-    return model
+    return make_state_matter(model, router_std=0.5)
 
 
 def test_hybrid_batch_equals_alone(hybrid):

@@ -12,7 +12,7 @@ import pytest
 import torch
 
 from superlinear.errors import NotFound
-from superlinear.model import mamba2
+from superlinear.model import layer_types, mamba2
 from superlinear.model.moe import grouped_experts
 from superlinear.model.random_weights import random_model, read_shape
 
@@ -36,18 +36,25 @@ def tiny_hybrid_config(**extra) -> dict:
     return config
 
 
-@pytest.fixture(scope="module")
-def hybrid():
-    model = random_model(tiny_hybrid_config(), name="tiny-hybrid", device="cpu", dtype="fp32", seed=1)
-    # random Mamba parameters that make the decay and the skip matter
+def make_state_matter(model, router_std: float | None = None):
+    """Random Mamba parameters that make the decay and the skip matter (random init leaves them
+    near no-ops) and, with ``router_std``, a router that spreads the tokens over the experts."""
     with torch.no_grad():
         for block in model.hf.model.layers:
-            if block.block_type == "linear_attention":
+            if layer_types.canonical([block.block_type]) == [layer_types.MAMBA]:
                 block.mixer.A_log.uniform_(-1.0, 1.5)
                 block.mixer.dt_bias.uniform_(-2.0, 0.5)
                 block.mixer.D.normal_()
                 block.mixer.conv1d.weight.normal_(0, 0.3)
+            if router_std is not None and block.block_type == layer_types.MOE:
+                block.mixer.gate.weight.normal_(0, router_std)
     return model
+
+
+@pytest.fixture(scope="module")
+def hybrid():
+    return make_state_matter(random_model(tiny_hybrid_config(), name="tiny-hybrid", device="cpu", dtype="fp32",
+                                          seed=1))
 
 
 def _greedy(model, ids, steps, chunk_size):
