@@ -15,11 +15,20 @@ import time
 from superlinear.plugins.bench.lengths import case_error, fmt_length
 
 
-def _sync(device) -> None:
+def sync(device) -> None:
     import torch
 
     if device.type == "cuda":
         torch.cuda.synchronize(device)
+
+
+def probe_tail(cache, ids, length: int, room: int, chunk_size: int):
+    """``--probe``: the cache holds ``length + room`` tokens at once and stands where the last
+    chunk of ``ids`` begins (the keys before it zeroed); returns that chunk, the part to prefill."""
+    cache.reserve(length + room, exact=True)
+    tail = ids[max(0, length - chunk_size):]
+    cache.position = length - len(tail)
+    return tail
 
 
 def _sessions(model, ids, count: int, length: int, command, chunk_size: int):
@@ -27,18 +36,16 @@ def _sessions(model, ids, count: int, length: int, command, chunk_size: int):
     import torch
 
     caches, first = [], []
-    _sync(model.device)
+    sync(model.device)
     start = time.perf_counter()
     for b in range(count):
         cache = model.new_cache(length + command.decode_tokens + 4)
         prompt = torch.roll(ids, shifts=b * 7919)
         if command.probe:
-            cache.reserve(length + command.decode_tokens + 4, exact=True)
-            prompt = prompt[max(0, length - chunk_size):]
-            cache.position = length - len(prompt)
+            prompt = probe_tail(cache, prompt, length, command.decode_tokens + 4, chunk_size)
         first.append(int(model.prefill(cache, prompt, chunk_size=chunk_size).argmax()))
         caches.append(cache)
-    _sync(model.device)
+    sync(model.device)
     return caches, first, time.perf_counter() - start
 
 
@@ -59,11 +66,11 @@ def batch_rows(model, ids, length: int, attention: str, command, chunk_size: int
             row["cache_bytes"] = sum(c.nbytes() for c in caches)
             for _ in range(2):  # compile and capture: not timed
                 tokens = model.decode_batch(caches, tokens).argmax(-1).tolist()
-            _sync(model.device)
+            sync(model.device)
             start = time.perf_counter()
             for _ in range(command.decode_tokens):
                 tokens = model.decode_batch(caches, tokens).argmax(-1).tolist()
-            _sync(model.device)
+            sync(model.device)
             seconds = time.perf_counter() - start
             row["decode_stream_tok_s"] = command.decode_tokens / seconds
             row["decode_tok_s"] = count * command.decode_tokens / seconds

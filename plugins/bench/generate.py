@@ -23,7 +23,7 @@ import click
 
 from superlinear.bus import Context
 from superlinear.output import emit
-from superlinear.plugins.bench.batch_decode import batch_rows, markdown_rows
+from superlinear.plugins.bench.batch_decode import batch_rows, markdown_rows, probe_tail, sync
 from superlinear.plugins.bench.lengths import case_error, exit_on_failed_cases, fmt_length, parse_length
 from superlinear.plugins.bench.provenance import provenance, provenance_line
 from superlinear.plugins.bench.ranks import Ranks
@@ -45,13 +45,6 @@ class BenchGenerate:
     batches: tuple[int, ...] = ()  # --batch: sessions decoding together (bench.batch_decode)
 
 
-def _sync(device) -> None:
-    import torch
-
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-
-
 def _decode(model, cache, first_token: int, n: int, graph: bool) -> tuple[float, int]:
     """Time ``n`` greedy steps; returns (seconds, last token). The first graph step captures and
     is not timed."""
@@ -62,11 +55,11 @@ def _decode(model, cache, first_token: int, n: int, graph: bool) -> tuple[float,
     if graph and variant.info()["cuda_graph"]:
         token = int(variant.decode_step(cache, token).argmax())
         n -= 1
-    _sync(model.device)
+    sync(model.device)
     start = time.perf_counter()
     for _ in range(n):
         token = int(torch.argmax(variant.decode_step(cache, token)))
-    _sync(model.device)
+    sync(model.device)
     return time.perf_counter() - start, n
 
 
@@ -77,7 +70,7 @@ def _warm_up(model, ids, chunk_size: int, ranks: Ranks) -> None:
     logits = model.prefill(cache, ids, chunk_size=min(chunk_size, max(1, len(ids) - 1)))
     for _ in range(2):
         logits = model.decode_step(cache, int(logits.argmax()))
-    _sync(model.device)
+    sync(model.device)
 
 
 def run_bench(command: BenchGenerate, ctx: Context | None = None) -> dict:
@@ -98,6 +91,13 @@ def run_bench(command: BenchGenerate, ctx: Context | None = None) -> dict:
     chunk_size = command.chunk_size or base.prefill_chunk_size()
     rows = []
     warmed: set = set()
+
+    def warm(model, attention: str, ids, length: int) -> None:
+        """Compile the kernels and capture once per attention and device, untimed."""
+        if (attention, model.device.type) not in warmed:
+            _warm_up(model, ids[:min(length, max(2 * model.window, chunk_size) + 512)], chunk_size, ranks)
+            warmed.add((attention, model.device.type))
+
     for length in lengths:
         ids = torch.randint(min(1000, vocab // 2), vocab - 1, (length,), generator=generator)
         for attention in command.attentions:
@@ -109,29 +109,23 @@ def run_bench(command: BenchGenerate, ctx: Context | None = None) -> dict:
                 continue
             model = ranks.variant(base, attention)
             if command.batches:
-                if (attention, model.device.type) not in warmed:
-                    _warm_up(model, ids[:min(length, max(2 * model.window, chunk_size) + 512)], chunk_size, ranks)
-                    warmed.add((attention, model.device.type))
+                warm(model, attention, ids, length)
                 rows.extend(batch_rows(model, ids, length, attention, command, chunk_size))
                 continue
             row = {"length": length, "attention": attention}
             cache = None
             try:
-                if (attention, model.device.type) not in warmed:  # compile kernels, capture once
-                    _warm_up(model, ids[:min(length, max(2 * model.window, chunk_size) + 512)], chunk_size, ranks)
-                    warmed.add((attention, model.device.type))
+                warm(model, attention, ids, length)
                 cache = ranks.new_cache(model, length + command.decode_tokens + 2)
                 timed = ids
                 if command.probe:  # the last chunk only, at its depth, over the (zeroed) cache
-                    cache.reserve(length + command.decode_tokens + 2, exact=True)
-                    timed = ids[max(0, length - chunk_size):]
-                    cache.position = length - len(timed)
+                    timed = probe_tail(cache, ids, length, command.decode_tokens + 2, chunk_size)
                     row["probe"] = True
-                _sync(model.device)
+                sync(model.device)
                 ranks.barrier()
                 t0 = time.perf_counter()
                 logits = model.prefill(cache, timed, chunk_size=chunk_size)
-                _sync(model.device)
+                sync(model.device)
                 row["prefill_s"] = ranks.max(time.perf_counter() - t0)
                 row["prefill_tok_s"] = len(timed) / row["prefill_s"]
                 row["cache_bytes"] = ranks.sum(cache.nbytes())  # allocated by the prefill (lazily)
