@@ -3,11 +3,14 @@
 from __future__ import annotations
 
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
 
 SPL = [sys.executable, "-m", "superlinear.cli.main"]
+# The footer `spl chat` prints under each reply (stderr with --once).
+CHAT_FOOTER = re.compile(r"\[\d+ → \d+ tokens · prefill \S+ tok/s · decode \S+ tok/s · \d+ reused · [\d.]+ s[^\]]*\]")
 # Variables that would point the CLI at a server, a config or settings of the developer's shell.
 _CLEARED = ("SPL_SERVER_URL", "SPL_API_KEY", "SPL_CONFIG", "SPL_HOST", "SPL_PORT", "SPL_MODEL",
             "SPL_MAX_CONCURRENCY", "SPL_MEMORY_BUDGET", "SPL_MAX_SEQ_LEN", "SPL_CHUNK_SIZE", "SPL_DEVICE",

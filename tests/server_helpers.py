@@ -92,19 +92,29 @@ def start_server(api_key: str | None = API_KEY, max_concurrency: int = MAX_CONCU
         proc = subprocess.Popen(args, stdout=out, stderr=subprocess.STDOUT, env=env,
                                 preexec_fn=_limit_files(file_size_limit) if file_size_limit else None)
     server = RunningServer(f"http://127.0.0.1:{port}", api_key, proc, tmp, log)
-    deadline = time.monotonic() + 300
+    try:
+        wait_healthy(server.url, proc, lambda: log.read_text()[-3000:])
+    except RuntimeError:
+        server.stop()
+        raise
+    return server
+
+
+def wait_healthy(url: str, proc: subprocess.Popen, output, timeout: float = 300) -> None:
+    """Until the server at ``url`` (run by ``proc``) answers /health "ok"; ``output()``, the
+    server's last output, goes into the error if it exits or never gets ready."""
+    deadline = time.monotonic() + timeout
     while True:
         if proc.poll() is not None:
-            raise RuntimeError(f"spl serve exited: {log.read_text()[-3000:]}")
+            raise RuntimeError(f"spl serve exited: {output()}")
         try:
-            if httpx.get(server.url + "/health", timeout=1.0).json().get("status") == "ok":
-                return server
+            if httpx.get(url + "/health", timeout=1.0).json().get("status") == "ok":
+                return
         except (httpx.HTTPError, ValueError):
             pass
         if time.monotonic() > deadline:
-            server.stop()
-            raise RuntimeError(f"spl serve did not get ready: {log.read_text()[-3000:]}")
-        time.sleep(0.2)
+            raise RuntimeError(f"spl serve did not get ready: {output()}")
+        time.sleep(0.1)
 
 
 def _limit_files(limit: int):

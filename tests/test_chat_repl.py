@@ -1,17 +1,12 @@
-"""`spl chat` for real: the REPL in a pseudo-terminal (pexpect) against a real spl server with
-the default model, plus `spl chat --once` / `--json`.
-
-The module's server is started the way the README's main job starts it: `spl chat --once
-"What is the capital of France?"` with no server running (fresh state dir) starts a local one
-on the default port and answers. If that port is taken, a plain `spl serve` on a free port is
-used instead (and that check is skipped). Temporary state and snapshot dirs; the converted
-default model in XDG_CACHE_HOME is reused.
+"""`spl chat` for real: the REPL in a pseudo-terminal (pexpect) against the shared spl server of
+the run (the default model), plus `spl chat --once` / `--json`. The module's client state (input
+history, the last session) is in a temporary folder of its own. (`spl chat --once` starting a
+server when none runs: test_client_local_e2e.)
 """
 
 from __future__ import annotations
 
 import json
-import os
 import re
 import socket
 import subprocess
@@ -19,86 +14,25 @@ import sys
 import time
 
 import pytest
+from cli_helpers import CHAT_FOOTER as FOOTER
+from server_helpers import free_port, shared_server
 
 pexpect = pytest.importorskip("pexpect")
-httpx = pytest.importorskip("httpx")
 
 pytestmark = pytest.mark.slow
 
-FOOTER = re.compile(r"\[\d+ → \d+ tokens · prefill \S+ tok/s · decode \S+ tok/s · \d+ reused · [\d.]+ s[^\]]*\]")
 PROMPT = "›"
 LEFT_PROMPT = "\x1b[?2004l"  # prompt_toolkit turns bracketed paste off when the prompt returns
 SPL = [sys.executable, "-m", "superlinear.cli.main"]
-DEFAULT_PORT = 8787
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def _port_free(port: int) -> bool:
-    with socket.socket() as s:
-        try:
-            s.bind(("127.0.0.1", port))
-        except OSError:
-            return False
-    return True
-
-
-def _wait_ready(url: str, proc, log_path, timeout: float = 240.0) -> None:
-    deadline = time.monotonic() + timeout
-    while True:
-        if proc.poll() is not None:
-            pytest.fail(f"spl serve exited: {log_path.read_text()[-3000:]}")
-        try:
-            if httpx.get(f"{url}/health", timeout=2).json().get("status") == "ok":
-                return
-        except (httpx.HTTPError, ValueError):
-            pass
-        if time.monotonic() > deadline:
-            pytest.fail(f"spl serve not ready: {log_path.read_text()[-3000:]}")
-        time.sleep(0.2)
 
 
 @pytest.fixture(scope="module")
 def server(tmp_path_factory):
+    shared = shared_server()
     root = tmp_path_factory.mktemp("chat")
-    env = dict(os.environ)
-    env.update(SPL_STATE_DIR=str(root / "state"), SPL_SNAPSHOT_DIR=str(root / "snapshots"),
-               PYTHONUNBUFFERED="1", NO_COLOR="1")
-    for key in ("SPL_SERVER_URL", "SPL_API_KEY"):
-        env.pop(key, None)
-    if os.environ.get("SPL_TEST_CHAT_URL"):  # developing: reuse a running server
-        yield {"url": os.environ["SPL_TEST_CHAT_URL"], "env": env, "root": root, "auto_start": None}
-        return
-    if _port_free(DEFAULT_PORT):
-        # The README's main job on a machine with no server: --once starts one and answers.
-        auto = subprocess.run([*SPL, "chat", "--once", "What is the capital of France?", "--temp", "0",
-                               "--max-tokens", "24"], capture_output=True, text=True, timeout=300, env=env)
-        info = json.loads((root / "state" / "server.json").read_text()) if auto.returncode == 0 else {}
-        try:
-            assert auto.returncode == 0, auto.stderr
-            yield {"url": info["url"], "env": env, "root": root, "auto_start": auto}
-        finally:
-            subprocess.run([*SPL, "server", "stop"], capture_output=True, text=True, timeout=120, env=env)
-        return
-    port = _free_port()
-    url = f"http://127.0.0.1:{port}"
-    log_path = root / "server.log"
-    with open(log_path, "wb") as log:
-        proc = subprocess.Popen([*SPL, "serve", "--model", "default", "--port", str(port)], stdout=log,
-                                stderr=subprocess.STDOUT, env=env, start_new_session=True)
-        try:
-            _wait_ready(url, proc, log_path)
-            yield {"url": url, "env": env, "root": root, "auto_start": None}
-        finally:
-            proc.terminate()
-            try:
-                proc.wait(timeout=20)
-            except subprocess.TimeoutExpired:
-                proc.kill()
+    env = dict(shared.env, SPL_STATE_DIR=str(root / "state"), PYTHONUNBUFFERED="1", NO_COLOR="1")
+    env.pop("SPL_SERVER_URL")  # every command here names the server with --url
+    return {"url": shared.url, "env": env, "root": root, "http": shared.http}
 
 
 def spawn_chat(server, *args):
@@ -170,7 +104,8 @@ def test_repl_session(server):
         send(child, "/history")
         child.expect(r"\d+\s+user\s+Thanks\. What is 2 \+ 2\?")
         child.expect_exact(PROMPT)
-        history = httpx.get(f"{server['url']}/v1/sessions/{loaded}/history", timeout=10).json()["messages"]
+        with server["http"]() as http:
+            history = http.get(f"/v1/sessions/{loaded}/history").json()["messages"]
         roles = [m["role"] for m in history]
         assert roles[:2] == ["user", "assistant"] and roles[-2:] == ["user", "assistant"], roles
         assert all(a != b for a, b in zip(roles, roles[1:], strict=False)), roles  # user/assistant alternate
@@ -212,7 +147,7 @@ class Proxy:
     def __init__(self, target_url: str) -> None:
         host, port = target_url.rsplit("//", 1)[1].split(":")
         self.target = (host, int(port))
-        self.port = _free_port()
+        self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         self.listener = None
         self.conns: list[socket.socket] = []
@@ -344,7 +279,8 @@ def test_rendering_wrapping_max_ctrl_c_and_history_in_a_narrow_terminal(server):
         child.expect(FOOTER)
         assert "· length]" in child.match.group(0)  # the 48-token cap cut it
         child.expect_exact(PROMPT)
-        reply = httpx.get(f"{server['url']}/v1/sessions/{session}/history", timeout=10).json()["messages"][1]
+        with server["http"]() as http:
+            reply = http.get(f"/v1/sessions/{session}/history").json()["messages"][1]
         assert reply["role"] == "assistant" and "```" in reply["content"], reply
         screen = tee.screen(columns, rows)
         shown = [line.rstrip() for line in screen.display]
@@ -382,7 +318,8 @@ def test_rendering_wrapping_max_ctrl_c_and_history_in_a_narrow_terminal(server):
         assert prompt_rows[-1].rstrip().endswith("› what next"), prompt_rows[-1]
         child.sendintr()  # clears the line
         child.expect_exact(PROMPT)
-        history = httpx.get(f"{server['url']}/v1/sessions/{session}/history", timeout=10).json()["messages"]
+        with server["http"]() as http:
+            history = http.get(f"/v1/sessions/{session}/history").json()["messages"]
         assert [m["role"] for m in history] == ["user", "assistant"], history
 
         send(child, "/history")
@@ -408,7 +345,7 @@ def test_ctrl_c_as_the_reply_ends_leaves_no_half_turn(server):
     from superlinear.api import Done
     from superlinear.plugins.chat.repl import ChatRepl, ChatSettings
 
-    client = connect(server["url"])
+    client = connect(server["url"], api_key=server["env"]["SPL_API_KEY"])
     real_chat = client.chat
 
     def interrupted_at_the_end(turn):
@@ -445,14 +382,6 @@ def run_once(server, *args):
                           capture_output=True, text=True, timeout=120, env=env)
 
 
-def test_once_starts_a_local_server(server):
-    auto = server["auto_start"]
-    if auto is None:
-        pytest.skip(f"port {DEFAULT_PORT} was taken: the module used `spl serve` on a free port")
-    assert "Paris" in auto.stdout, auto.stdout
-    assert FOOTER.search(auto.stderr), auto.stderr
-
-
 def test_once_prints_the_answer(server):
     result = run_once(server, "What is the capital of France?")
     assert result.returncode == 0, result.stderr
@@ -470,7 +399,7 @@ def test_once_json(server):
 
 
 def test_once_server_gone_is_one_line():
-    port = _free_port()
+    port = free_port()
     result = subprocess.run([*SPL, "chat", "--url",
                              f"http://127.0.0.1:{port}", "--once", "hi"],
                             capture_output=True, text=True, timeout=60)
@@ -482,7 +411,8 @@ def test_once_server_gone_is_one_line():
 def test_a_mistyped_session_is_refused_and_max_is_kept(server):
     """`--session` names an existing session: a typo is one line (exit 2) with the close match and
     how to start it, never a new session; `/max` set in one `spl chat` holds in the next."""
-    httpx.post(server["url"] + "/v1/sessions", json={"session_id": "weekly-notes"}).raise_for_status()
+    with server["http"]() as http:
+        http.post("/v1/sessions", json={"session_id": "weekly-notes"}).raise_for_status()
     child = spawn_chat(server, "--session", "weekly-note")
     child.expect(pexpect.EOF)
     child.close()
@@ -490,7 +420,8 @@ def test_a_mistyped_session_is_refused_and_max_is_kept(server):
     lines = [line for line in child.before.splitlines() if line.strip()]
     assert lines == ["spl: error: no session 'weekly-note': did you mean weekly-notes? "
                      "`spl chat --new --session weekly-note` starts it"], lines
-    assert httpx.get(server["url"] + "/v1/sessions/weekly-note").status_code == 404
+    with server["http"]() as http:
+        assert http.get("/v1/sessions/weekly-note").status_code == 404
 
     child = spawn_chat(server, "--session", "weekly-notes")
     child.expect(r"resumed session weekly-notes")
@@ -507,4 +438,5 @@ def test_a_mistyped_session_is_refused_and_max_is_kept(server):
     child.expect_exact(PROMPT)
     child.sendeof()
     child.expect(pexpect.EOF)
-    httpx.delete(server["url"] + "/v1/sessions/weekly-notes")
+    with server["http"]() as http:
+        http.delete("/v1/sessions/weekly-notes")

@@ -1,7 +1,8 @@
 """Which server the commands use, with real processes and real servers (default model):
 
 - a stale `server.json` naming an unrelated live process (`sleep`): `spl chat --once` starts a
-  server of ours instead of waiting forever, and nothing ever signals the `sleep`;
+  server of ours instead of waiting forever, answers (the README's main job), and nothing ever
+  signals the `sleep`;
 - the auto-started server's port comes from `$SPL_PORT` and is remembered for later commands;
   a `--model` or `--port` the running server does not match is refused (one line, exit 2);
 - "another user's" server (its own state dir) on the configured port is never reported or used
@@ -18,7 +19,7 @@ import time
 
 import httpx
 import pytest
-from cli_helpers import SPL, isolated_env, one_error_line, run_spl
+from cli_helpers import CHAT_FOOTER, SPL, isolated_env, one_error_line, run_spl
 from server_helpers import shared_server
 
 pytestmark = pytest.mark.slow
@@ -42,8 +43,11 @@ def test_stale_record_chosen_port_remembered_and_model_checked(tmp_path, sleeper
                                                    "started_at": time.time() - 3600}))
     port = free_port()
     try:
-        first = ask(dict(env, SPL_PORT=str(port)))  # used to wait for the `sleep` to answer, forever
+        # the README's main job; it used to wait for the `sleep` to answer, forever
+        first = run_spl(dict(env, SPL_PORT=str(port)), "chat", "--temp", "0", "--max-tokens", "24", "--once",
+                        "What is the capital of France?", timeout=300)
         assert first.returncode == 0, first.stderr
+        assert "Paris" in first.stdout and CHAT_FOOTER.search(first.stderr), (first.stdout, first.stderr)
         assert sleeper.poll() is None
         record = json.loads((state / "server.json").read_text())
         assert record["url"] == f"http://127.0.0.1:{port}" and record["pid"] != sleeper.pid

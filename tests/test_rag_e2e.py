@@ -1,21 +1,17 @@
 """End to end with the real server and the default model: `spl rag ingest` prefills a small real
 corpus (click's license and the start of its README) into a workspace session and snapshots it;
 `spl rag ask` answers from that snapshot (the documents' tokens are reused, not prefilled again)
-and cites path:lines. One server for the module; the converted default model is reused from
-the user's cache; snapshots, server state and workspaces go to temp folders."""
+and cites path:lines. The shared server of the run (conftest's ``server``); the workspaces, the
+client's state and the documents go to this module's temp folder."""
 
 from __future__ import annotations
 
 import json
-import os
 import re
-import socket
 import subprocess
 import sys
-import time
 from pathlib import Path
 
-import httpx
 import pytest
 from rag_corpus import copy_click_docs
 
@@ -24,74 +20,42 @@ pytestmark = pytest.mark.slow
 SPL = [sys.executable, "-m", "superlinear.cli.main"]
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+@pytest.fixture(scope="module")
+def root(tmp_path_factory) -> Path:
+    return tmp_path_factory.mktemp("rag-e2e")
+
+
+def _env(server, root: Path, **extra) -> dict:
+    return {**server.env, "SPL_WORKSPACES_DIR": str(root / "ws"), "SPL_STATE_DIR": str(root / "cli-state"), **extra}
+
+
+def _spl(server, root, *args, timeout=300):
+    return subprocess.run(SPL + list(args), env=_env(server, root), capture_output=True, text=True, timeout=timeout,
+                          cwd=root)
 
 
 @pytest.fixture(scope="module")
-def server(tmp_path_factory):
-    root = tmp_path_factory.mktemp("rag-e2e")
-    port = _free_port()
-    env = {**os.environ, "SPL_SNAPSHOT_DIR": str(root / "snapshots"), "SPL_STATE_DIR": str(root / "state")}
-    env.pop("SPL_SERVER_URL", None)
-    log = open(root / "server.log", "w")
-    proc = subprocess.Popen(SPL + ["serve", "--model", "default", "--port", str(port)], env=env,
-                            stdout=log, stderr=subprocess.STDOUT)
-    url = f"http://127.0.0.1:{port}"
-    deadline = time.monotonic() + 180
-    try:
-        while True:
-            if proc.poll() is not None:
-                pytest.fail(f"spl serve exited: {(root / 'server.log').read_text()[-2000:]}")
-            try:
-                if httpx.get(url + "/health", timeout=2).json().get("status") == "ok":
-                    break
-            except (httpx.HTTPError, ValueError):
-                pass
-            if time.monotonic() > deadline:
-                pytest.fail("spl serve did not become ready in 180 s")
-            time.sleep(0.5)
-        yield {"url": url, "root": root}
-    finally:
-        proc.terminate()
-        try:
-            proc.wait(timeout=30)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-        log.close()
-
-
-def _spl(server, *args, timeout=300):
-    env = {**os.environ, "SPL_SERVER_URL": server["url"], "SPL_WORKSPACES_DIR": str(server["root"] / "ws"),
-           "SPL_STATE_DIR": str(server["root"] / "cli-state")}
-    return subprocess.run(SPL + list(args), env=env, capture_output=True, text=True, timeout=timeout,
-                          cwd=server["root"])
-
-
-@pytest.fixture(scope="module")
-def ingested(server):
-    docs = copy_click_docs(server["root"] / "docs")
+def ingested(server, root):
+    docs = copy_click_docs(root / "docs")
     readme = docs / "README.md"
     # Keep the corpus small: the CPU prefill of the default model is the slow part.
     readme.write_text("\n".join(readme.read_text().splitlines()[:16]) + "\n")
     # Short passages keep each question's prefill small too.
-    ingest = _spl(server, "rag", "ingest", str(docs), "-w", "click", "--chunk-chars", "400", "--overlap", "40",
+    ingest = _spl(server, root, "rag", "ingest", str(docs), "-w", "click", "--chunk-chars", "400", "--overlap", "40",
                   "--json")
     assert ingest.returncode == 0, ingest.stderr
     return json.loads(ingest.stdout)["context"]
 
 
-def test_ingest_snapshot_then_ask_cites_a_path(server, ingested):
+def test_ingest_snapshot_then_ask_cites_a_path(server, root, ingested):
     context = ingested
     assert context["mode"] == "context", context
     assert context["snapshot_id"] and context["tokens"] > 200
-    assert (server["root"] / "snapshots" / context["snapshot_id"]).is_dir()
+    assert (server.tmp / "snapshots" / context["snapshot_id"]).is_dir()
     print(f"\ningest: {context['tokens']} tokens prefilled in {context['prefill_s']} s, "
           f"snapshot {context['snapshot_id']}")
 
-    ask = _spl(server, "rag", "ask", "Who holds the copyright of the software?", "-w", "click", "-k", "1",
+    ask = _spl(server, root, "rag", "ask", "Who holds the copyright of the software?", "-w", "click", "-k", "1",
                "--max-tokens", "12", "--json")
     assert ask.returncode == 0, ask.stderr
     out = json.loads(ask.stdout)
@@ -104,12 +68,12 @@ def test_ingest_snapshot_then_ask_cites_a_path(server, ingested):
     print(f"ask: {out['seconds']} s, {cached} tokens reused, answer {out['answer']!r}")
 
     # The text form streams the answer, then lists the sources with path:lines.
-    text = _spl(server, "rag", "ask", "What is Click?", "-w", "click", "-k", "1", "--max-tokens", "8")
+    text = _spl(server, root, "rag", "ask", "What is Click?", "-w", "click", "-k", "1", "--max-tokens", "8")
     assert text.returncode == 0, text.stderr
     assert re.search(r"\nSources \(.*\):\n [ *]\[1\] docs/README\.md:\d+-\d+  \(score \d", text.stdout), text.stdout
     assert "(context, bm25," in text.stderr
 
-    info = _spl(server, "rag", "info", "click")
+    info = _spl(server, root, "rag", "info", "click")
     assert info.returncode == 0 and context["snapshot_id"] in info.stdout and "current" in info.stdout
 
 
@@ -127,11 +91,11 @@ def cited_in(text: str) -> set[int]:
     return numbers
 
 
-def test_every_citation_in_an_answer_refers_to_a_passage_that_was_given(server, ingested):
+def test_every_citation_in_an_answer_refers_to_a_passage_that_was_given(server, root, ingested):
     k = 2
     for question in ("Who holds the copyright of the software?",
                      "Under which conditions may the software be redistributed?"):
-        ask = _spl(server, "rag", "ask", question, "-w", "click", "-k", str(k), "--max-tokens", "32", "--json")
+        ask = _spl(server, root, "rag", "ask", question, "-w", "click", "-k", str(k), "--max-tokens", "32", "--json")
         assert ask.returncode == 0, ask.stderr
         out = json.loads(ask.stdout)
         assert len(out["citations"]) == k
@@ -143,22 +107,21 @@ def test_every_citation_in_an_answer_refers_to_a_passage_that_was_given(server, 
             assert set(out["invented_citations"]) <= cited_in(out["raw_answer"])
         print(f"\n{question!r}: {out['answer']!r} cited {out['cited']} invented {out['invented_citations']}")
     # The streamed text form shows the checked answer too, and marks what it cites.
-    text = _spl(server, "rag", "ask", "Who holds the copyright?", "-w", "click", "-k", str(k), "--max-tokens", "24")
+    text = _spl(server, root, "rag", "ask", "Who holds the copyright?", "-w", "click", "-k", str(k),
+                "--max-tokens", "24")
     assert text.returncode == 0, text.stderr
     answer = text.stdout.split("\nSources")[0]
     assert cited_in(answer) <= given, text.stdout
     assert re.search(r"\nSources \((\* = cited by the answer|the answer cites none of them)\):\n", text.stdout)
 
 
-def test_docs_repl_in_a_terminal(server, ingested):
+def test_docs_repl_in_a_terminal(server, root, ingested):
     pexpect = pytest.importorskip("pexpect")
-    env = {**os.environ, "SPL_WORKSPACES_DIR": str(server["root"] / "ws"),
-           "SPL_STATE_DIR": str(server["root"] / "cli-state"),
-           "TERM": "xterm", "PROMPT_TOOLKIT_NO_CPR": "1", "COLUMNS": "160", "LINES": "40"}
-    child = pexpect.spawn(sys.executable, ["-m", "superlinear.cli.main", "docs", "click", "--url", server["url"],
+    env = _env(server, root, TERM="xterm", PROMPT_TOOLKIT_NO_CPR="1", COLUMNS="160", LINES="40")
+    child = pexpect.spawn(sys.executable, ["-m", "superlinear.cli.main", "docs", "click", "--url", server.url,
                                            "--max-tokens", "6", "--temp", "0"],
-                          env=env, encoding="utf-8", timeout=60, dimensions=(40, 160), cwd=str(server["root"]))
-    child.logfile_read = open(server["root"] / "docs-pty.log", "a")
+                          env=env, encoding="utf-8", timeout=60, dimensions=(40, 160), cwd=str(root))
+    child.logfile_read = open(root / "docs-pty.log", "a")
     try:
         child.expect(r"docs click: 2 files")
         child.expect(rf"session docs-click reset to snapshot {ingested['snapshot_id']}")
@@ -177,12 +140,13 @@ def test_docs_repl_in_a_terminal(server, ingested):
         child.expect(pexpect.EOF)
     finally:
         child.close()
-    messages = httpx.get(f"{server['url']}/v1/sessions/docs-click/history", timeout=10).json()["messages"]
+    with server.http() as http:
+        messages = http.get("/v1/sessions/docs-click/history").json()["messages"]
     assert [m["role"] for m in messages] == ["system"]
 
 
-def test_rm_removes_workspace_and_snapshot(server, ingested):
-    rm = _spl(server, "rag", "rm", "click")
+def test_rm_removes_workspace_and_snapshot(server, root, ingested):
+    rm = _spl(server, root, "rag", "rm", "click")
     assert rm.returncode == 0 and ingested["snapshot_id"] in rm.stdout
-    assert not (server["root"] / "snapshots" / ingested["snapshot_id"]).exists()
-    assert not Path(server["root"] / "ws" / "click").exists()
+    assert not (server.tmp / "snapshots" / ingested["snapshot_id"]).exists()
+    assert not (root / "ws" / "click").exists()
