@@ -45,6 +45,23 @@ def tiny_server(tiny_llama):
     shutil.rmtree(server.tmp, ignore_errors=True)
 
 
+@pytest.fixture(scope="session")
+def one_thread_server():
+    """One real default-model server on one torch thread (``--threads 1``: a prefill's pace does
+    not depend on the cores), an 8K context and 256-token scheduler steps and prefill chunks
+    (a long prompt is many steps), shared by the scheduler's timing tests, the ``--threads``
+    test and the pty ingest's progress bar."""
+    import shutil
+
+    from server_helpers import start_server
+
+    server = start_server(api_key=None, extra_args=("--threads", "1", "--max-seq-len", "8192",
+                                                    "--max-step-tokens", "256", "--chunk-size", "256"))
+    yield server
+    server.stop()
+    shutil.rmtree(server.tmp, ignore_errors=True)
+
+
 # The one default-model server of the run (server_helpers.shared_server) and its clients, for the
 # test modules that need no server of their own (a module's own ``server`` fixture wins).
 @pytest.fixture(scope="module")

@@ -8,12 +8,10 @@ minute); the bar redraws every half second, so that is many redraws."""
 from __future__ import annotations
 
 import os
-import shutil
 import sys
 
 import httpx
 import pytest
-from server_helpers import start_server
 
 pytestmark = pytest.mark.slow
 
@@ -22,7 +20,6 @@ TARGET_S = 12  # the prefill should take about this long (the corpus grows with 
 # long context (superlinear attention's per-token cost grows with it): 12K tokens sized from a
 # fast calibration ran for over 20 minutes on a loaded CPU
 MAX_TOKENS = 5000
-CHUNK = 256  # the server's prefill chunk: the bar moves every few seconds even on a loaded CPU
 
 _WORDS = ("river", "archive", "lantern", "harbor", "meadow", "copper", "signal", "orchard", "glacier",
           "market", "ledger", "compass", "thistle", "quarry", "beacon", "willow")
@@ -38,11 +35,10 @@ def _text(first: int, n: int) -> str:
 
 
 @pytest.fixture(scope="module")
-def server():
-    server = start_server(api_key=None, extra_args=("--chunk-size", str(CHUNK), "--max-seq-len", "4096"))
-    yield server
-    server.stop()
-    shutil.rmtree(server.tmp, ignore_errors=True)
+def server(one_thread_server):
+    """conftest's ``one_thread_server``: its 256-token prefill chunks move the bar every few
+    seconds even on a loaded CPU."""
+    return one_thread_server
 
 
 def _calibrate(server) -> tuple[float, float]:

@@ -4,23 +4,20 @@ reported by /health and `spl server status`."""
 from __future__ import annotations
 
 import pytest
-from server_helpers import spl, start_server
+from server_helpers import spl
 
 from superlinear.settings import threads
 
 
-def test_a_server_started_with_threads_1_runs_torch_on_one_thread(tiny_llama):
-    server = start_server(api_key=None, extra_args=("--model", str(tiny_llama), "--threads", "1"))
-    try:
-        with server.http() as http:
-            assert http.get("/health").json()["threads"] == 1  # torch.get_num_threads() on the worker
-            # the model still answers on one thread
-            r = http.post("/v1/completions", json={"prompt": "Hello", "max_tokens": 2})
-            assert r.status_code == 200, r.text
-        status = spl(server, "server", "status")
-        assert "threads 1" in status.stdout, status.stdout
-    finally:
-        server.stop()
+def test_a_server_started_with_threads_1_runs_torch_on_one_thread(one_thread_server):
+    server = one_thread_server  # conftest's: started with --threads 1
+    with server.http() as http:
+        assert http.get("/health").json()["threads"] == 1  # torch.get_num_threads() on the worker
+        # the model still answers on one thread
+        r = http.post("/v1/completions", json={"prompt": "Hello", "max_tokens": 2})
+        assert r.status_code == 200, r.text
+    status = spl(server, "server", "status")
+    assert "threads 1" in status.stdout, status.stdout
 
 
 def test_threads_resolve_from_env_and_config(tmp_path, monkeypatch):

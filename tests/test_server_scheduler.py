@@ -1,16 +1,16 @@
-"""Continuous batching on a real server (default model, CPU, one thread): a short chat gets its
-first token while a long prompt is being prefilled, parallel chats run together instead of
-queueing, and /health and /metrics show the scheduler."""
+"""Continuous batching on a real server (default model, CPU, one thread: conftest's
+``one_thread_server``): a short chat gets its first token while a long prompt is being
+prefilled, parallel chats run together instead of queueing, and /health and /metrics show the
+scheduler."""
 
 from __future__ import annotations
 
-import shutil
 import threading
 import time
 
 import httpx
 import pytest
-from server_helpers import start_server, user
+from server_helpers import user
 
 pytestmark = pytest.mark.slow
 
@@ -18,12 +18,8 @@ LONG_REPEATS = 300  # ~1.8K tokens: seconds to prefill on one thread (the assert
 
 
 @pytest.fixture(scope="module")
-def server():
-    server = start_server(api_key=None, extra_args=("--max-seq-len", "8192", "--threads", "1",
-                                                    "--max-step-tokens", "256"))
-    yield server
-    server.stop()
-    shutil.rmtree(server.tmp, ignore_errors=True)
+def server(one_thread_server):
+    return one_thread_server
 
 
 def long_prompt(tag: str) -> str:
