@@ -46,6 +46,23 @@ def tiny_server(tiny_llama):
 
 
 @pytest.fixture(scope="session")
+def persist_shutdown_server(tiny_llama):
+    """One real server on ``tiny_llama`` with ``--persist shutdown`` (sessions reach disk only at
+    a clean stop, so past its memory budget it refuses instead of evicting), a small budget and 4K
+    sessions: shared by the budget-refusal tests and the check that a turn writes no journal."""
+    import shutil
+
+    from server_helpers import SHUTDOWN_BUDGET, SHUTDOWN_SESSION_LEN, start_server
+
+    server = start_server(api_key=None, extra_args=("--model", str(tiny_llama), "--persist", "shutdown",
+                                                    "--memory-budget", str(SHUTDOWN_BUDGET),
+                                                    "--max-seq-len", str(SHUTDOWN_SESSION_LEN)))
+    yield server
+    server.stop()
+    shutil.rmtree(server.tmp, ignore_errors=True)
+
+
+@pytest.fixture(scope="session")
 def one_thread_server():
     """One real default-model server on one torch thread (``--threads 1``: a prefill's pace does
     not depend on the cores), an 8K context and 256-token scheduler steps and prefill chunks

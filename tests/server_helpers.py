@@ -25,6 +25,8 @@ API_KEY = "test-key-123"
 MAX_CONCURRENCY = 4
 TINY_BUDGET = 8 << 20  # the memory budget of conftest's ``tiny_server`` (~28 of its sessions)
 TINY_MAX_SEQ_LEN = 64  # its default max_seq_len: every generation there stays short
+SHUTDOWN_BUDGET = 32 << 20  # the memory budget of conftest's ``persist_shutdown_server``
+SHUTDOWN_SESSION_LEN = 4096  # its sessions' length: 2 MiB of the tiny llama's KV each, allocated up front
 
 
 def free_port() -> int:

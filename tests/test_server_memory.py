@@ -6,15 +6,13 @@ is a fraction of the free memory."""
 from __future__ import annotations
 
 import os
-import shutil
 
 import pytest
-from server_helpers import TINY_BUDGET, start_server
+from server_helpers import SHUTDOWN_BUDGET, TINY_BUDGET
 
 pytestmark = pytest.mark.slow
 
-BUDGET = 32 << 20
-SESSION_LEN = 4096  # tokens: 2 MiB of KV for the tiny llama when allocated up front
+BUDGET = SHUTDOWN_BUDGET  # conftest's ``persist_shutdown_server``: past its budget it refuses
 
 
 def rss(pid: int) -> int:
@@ -35,13 +33,9 @@ def _is_openai_error(r, status: int, code: str | None = None) -> dict:
 
 
 @pytest.fixture(scope="module")
-def refusing_server(tiny_llama):
+def refusing_server(persist_shutdown_server):
     """--persist shutdown: eviction would write whole sessions, so past the budget it refuses."""
-    server = start_server(api_key=None, extra_args=("--model", str(tiny_llama), "--memory-budget", str(BUDGET),
-                                                    "--max-seq-len", str(SESSION_LEN), "--persist", "shutdown"))
-    yield server
-    server.stop()
-    shutil.rmtree(server.tmp, ignore_errors=True)
+    return persist_shutdown_server
 
 
 @pytest.mark.skipif(not os.path.exists("/proc/self/status"), reason="reads the server's RSS from /proc")
@@ -65,6 +59,9 @@ def test_hundreds_of_empty_sessions_are_refused_past_the_budget(refusing_server)
     assert 1 <= created < 300 and codes[created:] == [429] * (300 - created), codes  # refused once full
     assert listing["count"] == created and listing["bytes"] <= listing["memory_budget"] == BUDGET
     assert grown < BUDGET + (64 << 20), f"the server grew by {grown >> 20} MiB for a {BUDGET >> 20} MiB budget"
+    with server.http(timeout=60) as c:  # the budget free again for the server's other tests
+        for session in listing["data"]:
+            assert c.delete(f"/v1/sessions/{session['id']}").status_code == 200
 
 
 def test_sessions_past_the_budget_evict_idle_ones(tiny_server):

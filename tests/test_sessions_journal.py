@@ -199,23 +199,16 @@ def _restart(server):
     return start_server(api_key=None, tmp=server.tmp)
 
 
-def test_persist_shutdown_option_writes_nothing_per_turn():
-    """`spl serve --persist shutdown`: no journal after a turn (sessions reach disk only on a
-    clean shutdown), which is what a 1M-token context may want."""
-    from server_helpers import start_server
-
-    server = start_server(api_key=None, extra_args=("--persist", "shutdown"))
-    try:
-        with server.http() as c:
-            r = c.post("/v1/chat/completions", json={
-                "messages": [{"role": "user", "content": "Hi"}], "session_id": "quiet",
-                "max_tokens": 2, "temperature": 0})
-            assert r.status_code == 200, r.text
-            c.post("/v1/sessions/quiet/resize", json={"max_seq_len": 2048})  # waits for the worker
-            info = c.get("/v1/sessions/quiet").json()
-            assert info["position"] > 0 and info["persisted_position"] is None
-    finally:
-        server.stop()
-        import shutil
-
-        shutil.rmtree(server.tmp, ignore_errors=True)
+def test_persist_shutdown_option_writes_nothing_per_turn(persist_shutdown_server):
+    """`spl serve --persist shutdown` (conftest's server): no journal after a turn (sessions reach
+    disk only on a clean shutdown), which is what a 1M-token context may want."""
+    with persist_shutdown_server.http() as c:
+        r = c.post("/v1/chat/completions", json={
+            "messages": [{"role": "user", "content": "Hi"}], "session_id": "quiet",
+            "max_tokens": 2, "temperature": 0})
+        assert r.status_code == 200, r.text
+        c.post("/v1/sessions/quiet/resize", json={"max_seq_len": 2048})  # waits for the worker
+        info = c.get("/v1/sessions/quiet").json()
+        assert info["position"] > 0 and info["persisted_position"] is None
+        assert not (persist_shutdown_server.tmp / "snapshots" / "session-quiet").exists()
+        assert c.delete("/v1/sessions/quiet").status_code == 200
