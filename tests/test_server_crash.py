@@ -1,7 +1,8 @@
 """kill -9 of a real server right after an answer and at a random moment of turns and saves: after a
 restart on the same directories every turn the client got with ``persisted: true`` is in the
 session, every snapshot a client got a 201 for is listed, and every listed snapshot (user
-snapshots and session journals alike) is complete (its files match its manifest)."""
+snapshots and session journals alike) is complete (its files match its manifest); the session
+continues from its restored cache."""
 
 from __future__ import annotations
 
@@ -36,7 +37,8 @@ class Client:
         return {"messages": [{"role": "user", "content": text}], "session_id": SESSION, "max_tokens": 6,
                 "temperature": 0, "session_mode": "append", "stream": stream}
 
-    def turn(self, stream: bool, on_ack=None) -> None:
+    def turn(self, stream: bool, on_ack=None) -> dict | None:
+        """One turn; a plain one returns the answer."""
         self.n += 1
         text = f"Question {self.n}: name a color."
         if not stream:
@@ -48,7 +50,7 @@ class Client:
                 self.acked.append((text, answer["choices"][0]["message"]["content"]))
                 if on_ack:
                     on_ack()
-            return
+            return answer
         content = []
         with self.http.stream("POST", "/v1/chat/completions", json=self.body(text, True)) as r:
             assert r.status_code == 200
@@ -89,6 +91,7 @@ def check_nothing_lost(server, client: Client) -> None:
     from superlinear.sessions import SnapshotStore
 
     with server.http() as c:
+        assert SESSION in [s["id"] for s in c.get("/v1/sessions").json()["data"]]  # restored from its journal
         messages = c.get(f"/v1/sessions/{SESSION}/history").json()["messages"]
         pairs = [(messages[i]["content"], messages[i + 1]["content"]) for i in range(len(messages) - 1)
                  if messages[i]["role"] == "user" and messages[i + 1]["role"] == "assistant"]
@@ -128,6 +131,11 @@ def test_kill_9_never_loses_an_acknowledged_turn(tiny_llama):
             server = start_server(api_key=None, extra_args=args, tmp=server.tmp)
             client.http = httpx.Client(base_url=server.url, timeout=120)
             check_nothing_lost(server, client)
+            if moment == "after a reply":  # the session goes on from its restored cache, not prefilled again
+                restored = client.http.get(f"/v1/sessions/{SESSION}").json()
+                assert restored["persisted_position"] == restored["position"] > 0, restored
+                answer = client.turn(stream=False)
+                assert answer["usage"]["prompt_tokens_details"]["cached_tokens"] >= restored["position"] - 1, answer
         assert len(client.acked) >= 3 and client.saved
         print(f"\nkill -9: 2 kills, {len(client.acked)} acknowledged turns and {len(client.saved)} saves, none lost")
     finally:
