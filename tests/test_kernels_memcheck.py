@@ -45,14 +45,9 @@ def checked(device: str, also=()):
 
 # (params, B, HQ, HKV, LQ, LKV, D, left pad): window and none, forward spans and none, GQA,
 # integer and float powers; D, LQ and LKV off the block sizes (16 on CPU)
-ATTENTION = [
-    (dict(sw_index=3, num_spans=3, backward_factor=3.0, forward_factor=1.0, span_power=0.5, inv_search_power=2),
-     1, 6, 2, 37, 53, 12, None),
-    (dict(sw_index=0, num_spans=3, backward_factor=2.0, forward_factor=0.0, span_power=0.55, search_power=0.55),
-     2, 3, 1, 29, 29, 20, [0, 7]),
-    (dict(sw_index=2, num_spans=4, backward_factor=1.5, forward_factor=0.5, span_power=0.6, inv_search_power=3),
-     1, 2, 2, 45, 45, 8, None),
-]
+ATTENTION = [(SpanParams(3, 3, 3.0, 1.0, 0.5, inv_search_power=2), 1, 6, 2, 37, 53, 12, None),
+             (SpanParams(0, 3, 2.0, 0.0, 0.55, search_power=0.55), 2, 3, 1, 29, 29, 20, [0, 7]),
+             (SpanParams(2, 4, 1.5, 0.5, 0.6, inv_search_power=3), 1, 2, 2, 45, 45, 8, None)]
 
 
 @pytest.mark.skipif(HAS_CUDA, reason="the interpreter runs where there is no GPU")
@@ -76,8 +71,7 @@ def test_the_check_sees_an_out_of_bounds_read():
 @pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("case", range(len(ATTENTION)))
 def test_attention_prefill_and_decode_stay_in_bounds(case, device):
-    cfg, B, HQ, HKV, LQ, LKV, D, pad = ATTENTION[case]
-    params = SpanParams(**cfg)
+    params, B, HQ, HKV, LQ, LKV, D, pad = ATTENTION[case]
     q1, q2, k, v, pos, mask = (None if x is None else x.to(device)
                                for x in make_inputs(B, HQ, HKV, LQ, LKV, D, seed=40 + case, left_pad=pad))
     with checked(device):
@@ -111,8 +105,7 @@ def test_attention_prefill_and_decode_stay_in_bounds(case, device):
 def test_batched_decode_rows_stays_in_bounds(case, device):
     """The batched decode over sequences in their own K/V tensors (reached through a table of
     addresses): capacities off the blocks, positions at 0, inside the window and at the end."""
-    cfg, _, HQ, HKV, _, _, D, _ = ATTENTION[case]
-    params = SpanParams(**cfg)
+    params, _, HQ, HKV, _, _, D, _ = ATTENTION[case]
     capacities, positions = [37, 1, 53, 20], [36, 0, 30, 1]
     g = torch.Generator().manual_seed(case)
     keys = [((torch.randn(1, HKV, c, D, generator=g) * 2).round() / 4).to(device) for c in capacities]
