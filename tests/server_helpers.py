@@ -152,6 +152,17 @@ def spl(server: RunningServer, *args: str, env: dict | None = None,
                           text=True, env=env or server.env, timeout=timeout)
 
 
+def openai_error(r: httpx.Response, status: int, code: str | None = None) -> dict:
+    """The error of an OpenAI-style error answer, checked: the status, the four fields, a message
+    (and ``code`` if given)."""
+    assert r.status_code == status, (r.status_code, r.text)
+    err = r.json()["error"]
+    assert set(err) == {"message", "type", "param", "code"} and err["message"], err
+    if code is not None:
+        assert err["code"] == code, err
+    return err
+
+
 def user(text: str) -> dict:
     return {"role": "user", "content": text}
 

@@ -8,16 +8,9 @@ import time
 
 import httpx
 import pytest
-from server_helpers import user
+from server_helpers import openai_error, user
 
 pytestmark = pytest.mark.slow
-
-
-def _is_openai_error(r: httpx.Response, status: int) -> dict:
-    assert r.status_code == status, (r.status_code, r.text)
-    err = r.json()["error"]
-    assert set(err) == {"message", "type", "param", "code"} and err["message"]
-    return err
 
 
 def test_health_needs_no_key(server):
@@ -56,15 +49,15 @@ def test_a_live_session_journal_is_protected(server, http):
     for method, path, kwargs in (("DELETE", f"/v1/snapshots/{journal}", {}),
                                  ("PATCH", f"/v1/snapshots/{journal}", {"json": {"title": "x"}}),
                                  ("GET", f"/v1/snapshots/{journal}/export", {})):
-        err = _is_openai_error(http.request(method, path, **kwargs), 409)
+        err = openai_error(http.request(method, path, **kwargs), 409)
         assert "guarded" in err["message"]
     snap = http.post("/v1/sessions/guarded/save", json={}).json()["id"]
     export = http.get(f"/v1/snapshots/{snap}/export").content
     r = http.post("/v1/snapshots/import", params={"snapshot_id": journal, "replace": "true"}, content=export)
-    _is_openai_error(r, 409)
+    openai_error(r, 409)
     for tags in (["spl:session-state"], ["spl:x"]):
-        _is_openai_error(http.post("/v1/sessions/guarded/save", json={"tags": tags}), 400)
-        _is_openai_error(http.patch(f"/v1/snapshots/{snap}", json={"tags": tags}), 400)
+        openai_error(http.post("/v1/sessions/guarded/save", json={"tags": tags}), 400)
+        openai_error(http.patch(f"/v1/snapshots/{snap}", json={"tags": tags}), 400)
     r = http.post("/v1/chat/completions", json={"messages": [user("Again")], "session_id": "guarded",
                                                 "max_tokens": 2, "temperature": 0})
     assert r.status_code == 200 and r.json()["persisted"] is True
@@ -79,7 +72,7 @@ def test_a_failed_export_leaves_no_temporary_files(server, http):
     tensors = server.tmp / "snapshots" / snap / "tensors.safetensors"
     tensors.write_bytes(tensors.read_bytes()[:-1] + b"\x00")  # damaged on disk
     for _ in range(3):
-        err = _is_openai_error(http.get(f"/v1/snapshots/{snap}/export"), 400)
+        err = openai_error(http.get(f"/v1/snapshots/{snap}/export"), 400)
         assert err["code"] == "snapshot_corrupted"
     assert [p.name for p in (server.tmp / "tmp").iterdir() if p.name.startswith("spl-")] == []
 
@@ -90,7 +83,7 @@ def test_auth(server):
         for method, path in (("GET", "/v1/models"), ("GET", "/v1/sessions"), ("POST", "/v1/chat/completions"),
                              ("GET", "/v1/snapshots"), ("DELETE", "/v1/sessions/x")):
             r = httpx.request(method, server.url + path, headers=headers, json={})
-            err = _is_openai_error(r, 401)
+            err = openai_error(r, 401)
             assert err["type"] == "authentication_error"
     r = httpx.get(server.url + "/v1/models", headers={"Authorization": f"Bearer {server.api_key}"})
     assert r.status_code == 200
@@ -125,7 +118,7 @@ BAD_CHAT_BODIES = [
 @pytest.mark.parametrize("body", BAD_CHAT_BODIES)
 def test_bad_chat_bodies_are_400(http, body):
     r = http.post("/v1/chat/completions", content=body, headers={"Content-Type": "application/json"})
-    _is_openai_error(r, 400)
+    openai_error(r, 400)
 
 
 @pytest.mark.parametrize("method,path,body", [
@@ -142,7 +135,7 @@ def test_bad_chat_bodies_are_400(http, body):
 def test_bad_admin_bodies_are_400(http, method, path, body):
     http.post("/v1/sessions", json={"session_id": "http-a"})  # may already exist (409): fine
     r = http.request(method, path, content=body)
-    _is_openai_error(r, 400)
+    openai_error(r, 400)
 
 
 def test_unknown_things_are_404(http):
@@ -150,18 +143,18 @@ def test_unknown_things_are_404(http):
                          ("GET", "/v1/sessions/nope/history"), ("GET", "/v1/snapshots/nope"),
                          ("DELETE", "/v1/snapshots/nope"), ("GET", "/v1/snapshots/nope/export"),
                          ("GET", "/v1/nothing-here")):
-        _is_openai_error(http.request(method, path), 404)
+        openai_error(http.request(method, path), 404)
     for method, path, body in (("POST", "/v1/sessions/nope/fork", {}), ("POST", "/v1/sessions/nope/rollback",
                                {"n_messages": 0}), ("POST", "/v1/sessions/nope/resize", {"max_seq_len": 64}),
                                ("POST", "/v1/sessions/nope/save", {}), ("POST", "/v1/snapshots/nope/load", {})):
-        _is_openai_error(http.request(method, path, json=body), 404)
-    _is_openai_error(http.get("/v1/sessions/bad..id"), 400)
+        openai_error(http.request(method, path, json=body), 404)
+    openai_error(http.get("/v1/sessions/bad..id"), 400)
 
 
 def test_every_session_and_snapshot_route(http, tmp_path):
     r = http.post("/v1/sessions", json={"session_id": "routes", "max_seq_len": 512})
     assert r.status_code == 201 and r.json()["id"] == "routes" and r.json()["max_seq_len"] == 512
-    _is_openai_error(http.post("/v1/sessions", json={"session_id": "routes"}), 409)
+    openai_error(http.post("/v1/sessions", json={"session_id": "routes"}), 409)
     auto = http.post("/v1/sessions").json()["id"]
     assert auto and http.delete(f"/v1/sessions/{auto}").json()["deleted"]
 
@@ -177,14 +170,14 @@ def test_every_session_and_snapshot_route(http, tmp_path):
     fork = http.post("/v1/sessions/routes/fork", json={"new_session_id": "routes-fork"})
     assert fork.status_code == 201 and fork.json()["position"] == info["position"]
     assert http.get("/v1/sessions/routes-fork/history").json()["messages"] == history
-    _is_openai_error(http.post("/v1/sessions/routes/fork", json={"new_session_id": "routes-fork"}), 409)
+    openai_error(http.post("/v1/sessions/routes/fork", json={"new_session_id": "routes-fork"}), 409)
 
     rb = http.post("/v1/sessions/routes-fork/rollback", json={"n_messages": 1}).json()
     assert rb["message_count"] == 1 and rb["position"] < info["position"]
-    _is_openai_error(http.post("/v1/sessions/routes-fork/rollback", json={"n_messages": 9}), 400)
+    openai_error(http.post("/v1/sessions/routes-fork/rollback", json={"n_messages": 9}), 400)
     rs = http.post("/v1/sessions/routes-fork/resize", json={"max_seq_len": 1024}).json()
     assert rs["max_seq_len"] == 1024 and rs["message_count"] == 1
-    _is_openai_error(http.post("/v1/sessions/routes-fork/resize", json={"max_seq_len": 2}), 400)
+    openai_error(http.post("/v1/sessions/routes-fork/resize", json={"max_seq_len": 2}), 400)
 
     snap = http.post("/v1/sessions/routes/save", json={"title": "routes test", "tags": ["t1"]})
     assert snap.status_code == 201, snap.text
@@ -198,23 +191,23 @@ def test_every_session_and_snapshot_route(http, tmp_path):
     loaded = http.post(f"/v1/snapshots/{sid}/load", json={"session_id": "routes-loaded"})
     assert loaded.status_code == 201 and loaded.json()["position"] == info["position"]
     assert http.get("/v1/sessions/routes-loaded/history").json()["messages"] == history
-    _is_openai_error(http.post(f"/v1/snapshots/{sid}/load", json={"session_id": "routes-loaded"}), 409)
+    openai_error(http.post(f"/v1/snapshots/{sid}/load", json={"session_id": "routes-loaded"}), 409)
     forced = http.post(f"/v1/snapshots/{sid}/load", json={"session_id": "routes-fork", "force": True})
     assert forced.status_code == 201 and forced.json()["message_count"] == 2
 
     export = http.get(f"/v1/snapshots/{sid}/export")
     assert export.status_code == 200 and len(export.content) > 1000
-    _is_openai_error(http.post("/v1/snapshots/import", content=export.content), 409)  # same id exists
+    openai_error(http.post("/v1/snapshots/import", content=export.content), 409)  # same id exists
     imported = http.post("/v1/snapshots/import", params={"snapshot_id": "routes-imported"}, content=export.content)
     assert imported.status_code == 201 and imported.json()["id"] == "routes-imported"
-    _is_openai_error(http.post("/v1/snapshots/import", params={"snapshot_id": "x2"}, content=b"garbage"), 400)
-    _is_openai_error(http.post("/v1/snapshots/import", content=b""), 400)
+    openai_error(http.post("/v1/snapshots/import", params={"snapshot_id": "x2"}, content=b"garbage"), 400)
+    openai_error(http.post("/v1/snapshots/import", content=b""), 400)
 
     for s in ("routes-imported", sid):
         assert http.delete(f"/v1/snapshots/{s}").json()["deleted"]
     for s in ("routes", "routes-fork", "routes-loaded"):
         assert http.delete(f"/v1/sessions/{s}").json()["deleted"]
-    _is_openai_error(http.get("/v1/sessions/routes"), 404)
+    openai_error(http.get("/v1/sessions/routes"), 404)
 
 
 def test_listing_answers_during_a_long_generation(server, http):
@@ -263,4 +256,4 @@ def test_full_queue_answers_429(server):
     codes = sorted(r.status_code for r in statuses)
     assert 429 in codes and 200 in codes and set(codes) <= {200, 429}, codes
     busy = next(r for r in statuses if r.status_code == 429)
-    assert _is_openai_error(busy, 429)["code"] == "server_busy" and busy.headers.get("retry-after")
+    assert openai_error(busy, 429)["code"] == "server_busy" and busy.headers.get("retry-after")

@@ -8,7 +8,7 @@ from __future__ import annotations
 import os
 
 import pytest
-from server_helpers import SHUTDOWN_BUDGET, TINY_BUDGET
+from server_helpers import SHUTDOWN_BUDGET, TINY_BUDGET, openai_error
 
 pytestmark = pytest.mark.slow
 
@@ -21,15 +21,6 @@ def rss(pid: int) -> int:
             if line.startswith("VmRSS:"):
                 return int(line.split()[1]) * 1024
     raise AssertionError("no VmRSS")
-
-
-def _is_openai_error(r, status: int, code: str | None = None) -> dict:
-    assert r.status_code == status, (r.status_code, r.text)
-    err = r.json()["error"]
-    assert set(err) == {"message", "type", "param", "code"} and err["message"]
-    if code is not None:
-        assert err["code"] == code, err
-    return err
 
 
 @pytest.fixture(scope="module")
@@ -50,7 +41,7 @@ def test_hundreds_of_empty_sessions_are_refused_past_the_budget(refusing_server)
             r = c.post("/v1/sessions", json={})
             codes.append(r.status_code)
             if r.status_code != 201:
-                err = _is_openai_error(r, 429, "memory_budget_exceeded")
+                err = openai_error(r, 429, "memory_budget_exceeded")
                 assert err["type"] == "rate_limit_error" and "budget" in err["message"]
         grown = rss(server.proc.pid) - before
         listing = c.get("/v1/sessions").json()
@@ -96,10 +87,10 @@ def test_max_seq_len_beyond_the_budget_is_400_and_allocates_nothing(refusing_ser
         assert 0 < limit < 1_000_000
         before = rss(refusing_server.proc.pid)
         for body in ({"max_seq_len": 10_000_000}, {"max_seq_len": limit + 1}):
-            err = _is_openai_error(c.post("/v1/sessions", json=body), 400)
+            err = openai_error(c.post("/v1/sessions", json=body), 400)
             assert err["code"] == "context_length_exceeded"
             assert f"at most {limit} tokens" in err["message"]
-        _is_openai_error(c.post("/v1/sessions", json={"max_seq_len": 2**70}), 400)
+        openai_error(c.post("/v1/sessions", json={"max_seq_len": 2**70}), 400)
         assert rss(refusing_server.proc.pid) - before < 16 << 20
 
 
