@@ -245,10 +245,10 @@ def _eos(http) -> int:
 
 def test_ignore_eos_gives_exactly_max_tokens(http):
     forced_end = {str(_eos(http)): 100}  # the end token is the only likely one
-    stopped = _chat(http, messages=[user("Hi")], max_tokens=64, logit_bias=forced_end)
+    stopped = _chat(http, messages=[user("Hi")], max_tokens=16, logit_bias=forced_end)
     assert stopped["usage"]["completion_tokens"] == 0 and stopped["choices"][0]["finish_reason"] == "stop"
-    out = _chat(http, messages=[user("Hi")], max_tokens=64, logit_bias=forced_end, ignore_eos=True)
-    assert out["usage"]["completion_tokens"] == 64 and out["choices"][0]["finish_reason"] == "length"
+    out = _chat(http, messages=[user("Hi")], max_tokens=16, logit_bias=forced_end, ignore_eos=True)
+    assert out["usage"]["completion_tokens"] == 16 and out["choices"][0]["finish_reason"] == "length"
 
 
 def test_min_tokens_holds_the_end_back(http):
