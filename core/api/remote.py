@@ -19,7 +19,7 @@ from superlinear import protocol
 from superlinear.engine.types import Logprobs
 from superlinear.errors import InvalidRequest, Unavailable, UserError, from_openai
 from superlinear.service.chat_service import ChatTurn
-from superlinear.service.logprobs import read_chat_logprobs
+from superlinear.service.logprobs import read_chat_logprobs, read_completion_logprobs
 
 from .events import Done, Event, Persisted, PrefillProgress, ReasoningDelta, Started, TextDelta, ToolCallsEvent
 from .types import Completion, SessionInfo, SessionListing, SnapshotInfo, Tokens
@@ -306,7 +306,7 @@ def read_chat(chunks: Iterator[dict]) -> Iterator[Event]:
         for choice in chunk.get("choices") or []:
             delta = choice.get("delta") or {}
             if isinstance(choice.get("logprobs"), dict):
-                yield Logprobs(read_chat_logprobs(choice["logprobs"]))
+                yield from picked(read_chat_logprobs(choice["logprobs"]))
             if delta.get("reasoning_content"):
                 yield ReasoningDelta(delta["reasoning_content"])
             if delta.get("content"):
@@ -325,11 +325,24 @@ def read_chat(chunks: Iterator[dict]) -> Iterator[Event]:
     yield done
 
 
+def picked(entries: list) -> Iterator[Logprobs]:
+    """Generated tokens' logprobs as the engine yields them: one event per picked token (a chunk
+    carries those of every token picked since the last one)."""
+    for entry in entries:
+        yield Logprobs([entry])
+
+
 def read_completion(chunks: Iterator[dict]) -> Iterator[Event]:
+    """A completion's events from its chunks: the chunk that says ``echo`` holds the echoed
+    prompt, which is no generated text (``LocalApi`` yields none), and its logprobs (the prompt's)."""
     done = None
     for chunk in chunks:
+        echo = chunk.get("echo") is True
         for choice in chunk.get("choices") or []:
-            if choice.get("text"):
+            if isinstance(choice.get("logprobs"), dict):
+                entries = read_completion_logprobs(choice["logprobs"])
+                yield from [Logprobs(entries, prompt=True)] if echo else picked(entries)
+            if choice.get("text") and not echo:
                 yield TextDelta(choice["text"])
         if "done" in chunk:
             done = done_event(chunk["done"])
