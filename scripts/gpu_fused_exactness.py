@@ -74,6 +74,16 @@ def main() -> None:
         hybrid.experts = dataclasses.replace(fused[1], fused_decode=moe and fused[1].fused_decode)
         rows[label] = run(base.with_attention(cuda_graph=graph))
     hybrid.fused_mamba, hybrid.experts = fused
+    # the same models stepped in turn (as tests/test_model_hybrid_gpu.py does): what one model's
+    # step leaves in state shared with its siblings shows up here and not above
+    models = {"interleaved: ours, graph": base, "interleaved: ours, eager": base.with_attention(cuda_graph=False),
+              "interleaved: transformers bf16": base.with_attention(fast_paths=False, cuda_graph=False)}
+    caches = {label: m.new_cache(1000) for label, m in models.items()}
+    outs = {label: [m.prefill(caches[label], ids, chunk_size=512)] for label, m in models.items()}
+    for token in tokens[:args.steps - 1]:
+        for label, m in models.items():
+            outs[label].append(m.decode_step(caches[label], token))
+    rows.update(outs)
     table = {label: [round(rel(a, b), 4) for a, b in zip(out, reference, strict=True)] for label, out in rows.items()}
     width = max(map(len, table))
     for label, errors in table.items():
