@@ -22,7 +22,16 @@ import triton
 import triton.language as tl
 
 from .params import SpanParams
-from .triton_common import check_triton_params, device_tables, first_key, mask_u8, next_pow2, span_bounds
+from .triton_common import (
+    device_tables,
+    first_key,
+    mask_u8,
+    next_pow2,
+    query_shapes,
+    sequence_and_kv_head,
+    span_bounds,
+    unit_stride,
+)
 
 
 @triton.jit
@@ -32,13 +41,8 @@ def _dec_score_kernel(q1_ptr, k_ptr, pos_ptr, mask_ptr, offs_ptr, score_ptr,
                       HQ: tl.constexpr, G: tl.constexpr, GP: tl.constexpr, D: tl.constexpr,
                       BLOCK_D: tl.constexpr, BLOCK_C: tl.constexpr, NC_PAD: tl.constexpr,
                       MASKED: tl.constexpr, IEEE: tl.constexpr):
-    pid_bh = tl.program_id(0)
-    pid_c = tl.program_id(1)
-    HKV: tl.constexpr = HQ // G
-    b = pid_bh // HKV
-    hk = pid_bh % HKV
-    t = tl.load(pos_ptr + b).to(tl.int32)
-    c = pid_c * BLOCK_C + tl.arange(0, BLOCK_C)
+    b, hk, t = sequence_and_kv_head(pos_ptr, HQ, G)
+    c = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)
     i = S1 + c
     cin = (c < NC) & (i < NS)
     fi = tl.load(offs_ptr + i, mask=cin, other=2147483647).to(tl.int32)
@@ -234,10 +238,8 @@ def triton_decode(q1, q2, k, v, positions, params: SpanParams, key_mask=None, ch
     A slice of the sequence (``reference_prefill``'s ``key_start`` and ``exchange``): k/v hold the
     keys from position ``key_start``; ``length_bound`` (the sequence's longest, e.g. the
     session's max_seq_len) sizes the candidates and tables, so every shape stays static."""
-    check_triton_params(params)
-    B, HQ, _, D = q2.shape
     HKV, LKV = k.shape[1], k.shape[2]
-    G = HQ // HKV
+    B, HQ, _, D, G = query_shapes(q2, HKV, params)
     dev = q2.device
     K = params.num_spans
     bound = max(LKV, key_start + LKV, length_bound or 0)
@@ -253,10 +255,7 @@ def triton_decode(q1, q2, k, v, positions, params: SpanParams, key_mask=None, ch
     mk = mask_u8(key_mask, dev)
     masked = key_mask is not None
     sm_b = mk.stride(0) if masked else 0
-    k = k if k.stride(-1) == 1 else k.contiguous()
-    v = v if v.stride(-1) == 1 else v.contiguous()
-    q1 = q1 if q1.stride(-1) == 1 else q1.contiguous()
-    q2 = q2 if q2.stride(-1) == 1 else q2.contiguous()
+    k, v, q1, q2 = unit_stride(k, v, q1, q2)
     scores = torch.empty(B * HQ, plan.nc_pad, device=dev, dtype=torch.float32)
     gate = torch.empty(B * HQ, K, device=dev, dtype=torch.float32)
     npart = B * HQ * (K + 1) * plan.nsplit
