@@ -7,7 +7,8 @@ captured CUDA graph is replayed for other sequences (other tensors, after a grow
 rewriting the tables; the grid comes from the static ``bound`` (no row's capacity exceeds it).
 
 1. ``_score_rows_kernel`` (row x kv head x candidate block): routing scores of the candidate
-   stripes for the G query heads of a group, as ``triton_decode``'s score kernel.
+   stripes for the G query heads of a group: ``triton_decode``'s score kernel (its candidates,
+   group queries and score product are the same functions) but for where a row's keys are.
 2. ``triton_decode.dec_topk_kernel``: top-k, gate logits, span bounds (per query head).
 3. ``_partial_rows_kernel`` (row x kv head x (G * k spans + the window) x split): a span slot
    attends one query head to its span; the window slot attends all G query heads of the group to
@@ -30,7 +31,14 @@ import triton.language as tl
 from .params import SpanParams
 from .rows import KVRows
 from .triton_common import first_key, next_pow2, query_shapes, sequence_and_kv_head, unit_stride
-from .triton_decode import DecodePlan, dec_combine_kernel, dec_topk_kernel
+from .triton_decode import (
+    DecodePlan,
+    dec_candidates,
+    dec_combine_kernel,
+    dec_group_queries,
+    dec_store_scores,
+    dec_topk_kernel,
+)
 
 
 @triton.jit
@@ -63,27 +71,14 @@ def _score_rows_kernel(q1_ptr, kp_ptr, cap_ptr, pos_ptr, offs_ptr, score_ptr, sq
                        BLOCK_D: tl.constexpr, BLOCK_C: tl.constexpr, NC_PAD: tl.constexpr, IEEE: tl.constexpr):
     b, hk, t = sequence_and_kv_head(pos_ptr, HQ, G)
     cap = tl.load(cap_ptr + b).to(tl.int64)
-    c = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)
-    stripe = S1 + c
-    live = (c < NC) & (stripe < NS)
-    first = tl.load(offs_ptr + stripe, mask=live, other=2147483647).to(tl.int32)
-    anchor = t + 1 - first
-    live = live & (first <= t + 1) & (anchor < cap)
+    c, anchor, live = dec_candidates(offs_ptr, t, S1, NS, NC, BLOCK_C)
+    live = live & (anchor < cap)
+    q = dec_group_queries(q1_ptr, b, hk, sq_b, sq_h, G, GP, D, BLOCK_D)
     d = tl.arange(0, BLOCK_D)
-    g = tl.arange(0, GP)
-    heads = hk * G + g
-    q = tl.load(q1_ptr + b * sq_b + heads[:, None] * sq_h + d[None, :],
-                mask=(g[:, None] < G) & (d[None, :] < D), other=0.0)
     keys = _row_base(kp_ptr, q1_ptr, b) + hk * cap * D
     kt = tl.load(keys + anchor[None, :].to(tl.int64) * D + d[:, None], mask=live[None, :] & (d[:, None] < D),
                  other=0.0)
-    if IEEE:
-        s = tl.dot(q, kt.to(q.dtype), input_precision="ieee")
-    else:
-        s = tl.dot(q, kt.to(q.dtype))
-    s = tl.where(live[None, :], s, float("-inf"))
-    tl.store(score_ptr + (b * HQ + heads[:, None]) * NC_PAD + c[None, :], s,
-             mask=(g[:, None] < G) & (c[None, :] < NC_PAD))
+    dec_store_scores(score_ptr, q, kt.to(q.dtype), live, b, hk, c, HQ, G, GP, NC_PAD, IEEE)
 
 
 @triton.jit
