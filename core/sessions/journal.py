@@ -10,14 +10,14 @@ session after a turn writes only the rows appended since the last persist::
       seg-<start>-<end>-<rand>.safetensors       KV rows [start, end) of every attention layer
                                                  (layers.<i>.key / .value [1, heads, end-start, dim])
                                                  and conversation.token_ids [end-start] int64
-      state-<generation>-<rand>.safetensors      small: next-token logits, recurrent (Mamba) state,
-                                                 recurrent checkpoints of hybrids
+      state-<generation>-<rand>.safetensors      small: next-token logits, recurrent (Mamba) state
+      ckpt-<position>-<rand>.safetensors         a hybrid's recurrent checkpoint at a message boundary
       meta-<generation>-<rand>.json              the conversation meta (transcript, boundaries, ...)
 
-Every file is listed in ``manifest["files"]`` with its size and SHA-256 (the store's usual
-check), and the segments cover ``[0, position)`` without gaps.
+Every file is listed in ``manifest["files"]`` with its size and hash (the store's usual check),
+and the segments cover ``[0, position)`` without gaps.
 
-A persist (``persist``): new files get fresh names, are written and fsynced, the directory is
+A persist (``Persistence.persist``): new files get fresh names, are written and fsynced, the directory is
 fsynced, then the manifest is written to a temporary file, fsynced and renamed over
 ``manifest.json`` (atomic), the directory fsynced again, and only then the files the new
 manifest no longer lists are deleted. A crash at any point leaves the previous or the new
