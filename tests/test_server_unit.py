@@ -59,7 +59,11 @@ def test_session_rule():
 
 
 def test_parse_body():
-    from superlinear.plugins.serve.schemas import ChatCompletionRequest, CreateSession, parse_body
+    from superlinear import protocol
+    from superlinear.plugins.serve.routes_api import body_model
+    from superlinear.plugins.serve.schemas import ChatCompletionRequest, parse_body
+
+    CreateSession = body_model(protocol.CreateSession)  # noqa: N806 - a model
 
     ok = parse_body(b'{"messages": [{"role": "user", "content": [{"type": "text", "text": "a"},'
                     b' {"type": "text", "text": "b"}]}], "user": "u1"}', ChatCompletionRequest)

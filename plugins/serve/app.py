@@ -13,8 +13,9 @@ from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from superlinear.errors import BodyTooLarge, InvalidRequest, NotFound, Unauthorized, UserError
+from superlinear.protocol import ImportSnapshot
 
-from . import bounds, routes_chat, routes_models, routes_sessions, routes_snapshots, routes_text, sse
+from . import bounds, routes_api, routes_chat, routes_models, routes_snapshots, routes_text, sse
 from .http import MAX_BODY_BYTES, error_response, import_limit
 from .runtime import Runtime
 
@@ -58,7 +59,7 @@ class GuardMiddleware:
                        "`spl server connect URL --api-key KEY`)")
                 return await error_response(Unauthorized(msg))(scope, receive, send)
         length = headers.get("content-length")
-        limit, why = import_limit() if path == "/v1/snapshots/import" else (MAX_BODY_BYTES, "the limit")
+        limit, why = import_limit() if path == ImportSnapshot.http.route else (MAX_BODY_BYTES, "the limit")
         if length is not None:
             try:
                 too_big = int(length) > limit
@@ -134,7 +135,7 @@ def create_app(runtime: Runtime) -> FastAPI:
     async def _bug(request: Request, exc: Exception):
         return _bug_response(exc)
 
-    for routes in (routes_models, routes_chat, routes_sessions, routes_snapshots, routes_text):
+    for routes in (routes_models, routes_chat, routes_api, routes_snapshots, routes_text):
         routes.add_routes(app, runtime)
 
     def openapi() -> dict:

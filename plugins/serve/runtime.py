@@ -126,6 +126,11 @@ class Runtime:
     def loading_progress(self) -> str:
         return f"{self.progress} ({time.monotonic() - self._load_started:.0f}s)"
 
+    def ready_api(self):
+        """The API the routes call, once the model is loaded (else ``Unavailable``)."""
+        self.require_ready()
+        return self.api
+
     def require_ready(self) -> None:
         if self.status == "ok":
             return
