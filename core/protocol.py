@@ -23,7 +23,7 @@ from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
-from superlinear.api.types import ChatTurn, Completion, SessionInfo, SessionListing, SnapshotInfo, Tokens
+from superlinear.api.types import ChatTurn, Completion, ModelInfo, SessionInfo, SessionListing, SnapshotInfo, Tokens
 from superlinear.bus import Command, Context
 from superlinear.engine import limits
 from superlinear.engine.types import RepetitionConfig, SamplingParams
@@ -143,19 +143,25 @@ class ApiCommand(Command):
 
 
 @dataclass(frozen=True)
-class Chat(ApiCommand):
-    """One turn: its events (an iterator; close it to cancel the turn)."""
+class Streamed(ApiCommand):
+    """An operation whose result is its events as they come: an iterator; close it to cancel."""
+
+    result: ClassVar[Any] = Iterator
+    streams: ClassVar[bool] = True
+
+
+@dataclass(frozen=True)
+class Chat(Streamed):
+    """One turn of a conversation."""
 
     name, method = "chat", "chat"
-    result, streams = Iterator, True
     http = Http("POST", "/v1/chat/completions", served=False)
     turn: ChatTurn
 
 
 @dataclass(frozen=True)
-class Complete(ApiCommand):
+class Complete(Streamed):
     name, method = "complete", "complete"
-    result, streams = Iterator, True
     http = Http("POST", "/v1/completions", served=False)
     completion: Completion
 
@@ -175,6 +181,15 @@ class Detokenize(ApiCommand):
     name, method, result = "detokenize", "detokenize", str
     http = Http("POST", "/detokenize", wire={"ids": "tokens"}, result_key="content", served=False)
     ids: tuple[int, ...]
+
+
+@dataclass(frozen=True)
+class GetModel(ApiCommand):
+    """The model served; ``NotFound`` unless ``model`` is one of its names (None: whichever)."""
+
+    name, method, result = "model.get", "get_model", ModelInfo
+    http = Http("GET", "/v1/models/{model}", served=False)  # OpenAI's model object: an adapter
+    model: str | None = None
 
 
 # -- sessions ---------------------------------------------------------------------------------------
@@ -271,9 +286,7 @@ class CloseSession(SessionCommand):
 # -- snapshots --------------------------------------------------------------------------------------
 @dataclass(frozen=True)
 class SnapshotCommand(ApiCommand):
-    """An operation on one snapshot."""
-
-    snapshot_id: str
+    snapshot_id: str  # the snapshot it works on
 
 
 @dataclass(frozen=True)
@@ -303,7 +316,7 @@ class SkippedSnapshots(ApiCommand):
 @dataclass(frozen=True)
 class GetSnapshot(SnapshotCommand):
     name, method, result = "snapshot.get", "get_snapshot", SnapshotInfo
-    http = Http("GET", "/v1/snapshots/{snapshot_id}")
+    http = Http("GET", "/v1/snapshots/{snapshot_id}")  # its manifest, without the list of its files
 
 
 @dataclass(frozen=True)
@@ -363,7 +376,7 @@ class Load(SnapshotCommand):
 
 
 OPERATIONS: tuple[type[ApiCommand], ...] = (
-    Chat, Complete, Tokenize, Detokenize, CreateSession, GetSession, ListSessions, History, Fork, Rollback,
+    Chat, Complete, Tokenize, Detokenize, GetModel, CreateSession, GetSession, ListSessions, History, Fork, Rollback,
     Resize, Save, CloseSession, ListSnapshots, SkippedSnapshots, GetSnapshot, UpdateSnapshot, DeleteSnapshot,
     ExportSnapshot, ImportSnapshot, Load)
 
@@ -425,6 +438,7 @@ def completion_body(completion: Completion) -> dict:
 
 
 __all__ = ["OPERATIONS", "ApiCommand", "Chat", "CloseSession", "Complete", "CreateSession", "DeleteSnapshot",
-           "Detokenize", "ExportSnapshot", "Fork", "GetSession", "GetSnapshot", "History", "Http", "ImportSnapshot",
-           "ListSessions", "ListSnapshots", "Load", "Resize", "Rollback", "Save", "SessionCommand", "SkippedSnapshots",
-           "SnapshotCommand", "Tokenize", "UpdateSnapshot", "chat_body", "completion_body", "sampling_fields"]
+           "Detokenize", "ExportSnapshot", "Fork", "GetModel", "GetSession", "GetSnapshot", "History", "Http",
+           "ImportSnapshot", "ListSessions", "ListSnapshots", "Load", "Resize", "Rollback", "Save", "SessionCommand",
+           "SkippedSnapshots", "SnapshotCommand", "Tokenize", "UpdateSnapshot", "chat_body", "completion_body",
+           "sampling_fields"]

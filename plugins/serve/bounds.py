@@ -119,7 +119,7 @@ async def json_reply(content, *, status_code: int = 200) -> Response:
 
 def token_limit(rt) -> int:
     """The most tokens any conversation on this server can hold."""
-    return rt.manager.max_seq_len_limit()
+    return rt.api.get_model()["max_seq_len_limit"]
 
 
 def ids_body_limit(rt) -> int:
@@ -173,7 +173,7 @@ async def check_text(rt, chars: int, param: str, *, messages: int = 0, pieces: i
     own tokens) and ``pieces`` other parts (tools: at least a token each) that cannot fit in
     ``token_limit`` tokens: counted before anything is rendered or tokenized."""
     limit = token_limit(rt)
-    tokenizer = rt.model.tokenizer
+    tokenizer = rt.api.model.tokenizer
     per = 1 if tokenizer is None or not messages else await asyncio.to_thread(tokens_per_message, tokenizer)
     floor = messages * per + pieces  # tokens the template and the tools add, whatever the text
     if floor > limit:
