@@ -59,9 +59,8 @@ def _add_route(app: FastAPI, rt: Runtime, op: type[protocol.ApiCommand]) -> None
     http, limit, model = op.http, BOUNDS[op].body_bytes, body_model(op)
     path = http.path_fields()
     names = {wire: f.name for wire, f in op.wire_fields().items()}
-    # a body may be left out when every field has a default; a PATCH must say what it changes
-    allow_empty = http.method != "PATCH" and all(not f.is_required() for f in (model.model_fields.values()
-                                                                               if model else ()))
+    required = model is not None and any(f.is_required() for f in model.model_fields.values())
+    allow_empty = http.method != "PATCH" and not required  # a PATCH must say what it changes
 
     async def endpoint(request: Request, **params):
         values = {names.get(key, key): value for key, value in params.items()}
