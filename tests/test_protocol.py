@@ -20,6 +20,7 @@ from superlinear import protocol
 from superlinear.api import chat_turn
 from superlinear.api.types import Completion
 from superlinear.engine import ChatRequest, Logprobs, RepetitionConfig, SamplingParams
+from superlinear.errors import NotFound
 from superlinear.service.chat_service import ChatTurn
 
 BASE = {"temperature": 0.9, "seed": 5, "max_tokens": 4}
@@ -109,6 +110,13 @@ def walk(api, ids: list[int]) -> dict:
     tokens = api.tokenize("hello", add_special=False, with_pieces=True)
     results["tokens"] = {k: v for k, v in tokens.items() if k != "max_seq_len_limit"}  # the free memory's
     results["detokenize"] = api.detokenize(ids)
+    model = api.get_model()
+    results["model"] = {k: v for k, v in model.items() if k != "max_seq_len_limit"}  # the free memory's
+    results["model by name"] = api.get_model(model["id"])["id"]
+    try:
+        api.get_model("no-such-model")
+    except NotFound as exc:
+        results["model unknown"] = (exc.code, exc.message)
     results["close"] = _session(api.close_session("walk-new"))
     api.delete_snapshot(snap["id"])
     results["sessions"] = sorted(s["id"] for s in api.list_sessions()["sessions"])
@@ -156,3 +164,4 @@ def test_every_declared_field_survives_http_as_in_process(tiny_llama, tmp_path):
     text = "".join(getattr(e, "text", "") for e in in_process["sampling.logit_bias"] if type(e).__name__ == "TextDelta")
     assert text, "the biased token was never picked"
     assert in_process["load"]["ephemeral"] is True and in_process["resize"]["max_seq_len"] == 512
+    assert in_process["model unknown"][0] == "model_not_found" and in_process["model"]["fingerprint"]

@@ -22,7 +22,7 @@ from superlinear.service.chat_service import ChatTurn
 from superlinear.service.logprobs import read_chat_logprobs, read_completion_logprobs
 
 from .events import Done, Event, Persisted, PrefillProgress, ReasoningDelta, Started, TextDelta, ToolCallsEvent
-from .types import Completion, SessionInfo, SessionListing, SnapshotInfo, Tokens
+from .types import Completion, ModelInfo, SessionInfo, SessionListing, SnapshotInfo, Tokens
 
 
 def _q(part: str) -> str:
@@ -167,6 +167,14 @@ class RemoteApi:
 
     def detokenize(self, ids: list[int]) -> str:
         return self.send(protocol.Detokenize(ids=tuple(ids)))
+
+    def get_model(self, model: str | None = None) -> ModelInfo:
+        """The model served: OpenAI's model object, which carries spl's fields too."""
+        if model is None:
+            card = self.models()[0]
+        else:
+            card = self.send(protocol.GetModel(model))
+        return {k: card[k] for k in ModelInfo.__annotations__}
 
     def create_session(self, session_id: str | None = None, max_seq_len: int | None = None, *,
                        ephemeral: bool = False) -> SessionInfo:

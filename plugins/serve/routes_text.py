@@ -76,7 +76,7 @@ def add_routes(app: FastAPI, rt: Runtime) -> None:
         body = await bounds.parse_request(request, CompletionRequest, lenient=rt.options.lenient_fields)
         body.check_supported()
         rt.require_ready()
-        rt.service.check_model(body.model)
+        rt.api.get_model(body.model)  # NotFound unless it names the model served
         bounds.check_sampling(body)
         prompt = body.single_prompt()
         if isinstance(prompt, str):
