@@ -20,7 +20,7 @@ class SamplingParams:
     max_tokens: int | None = None  # None = until the cache is full
     stop: list[str] = field(default_factory=list)  # cut before the first occurrence, never emitted
     stop_token_ids: list[int] = field(default_factory=list)  # in addition to the end-of-turn tokens
-    # Penalties on tokens already seen (``sampling.py`` says how each applies; 0/1 = off):
+    # Penalties on tokens already seen (``decode.py``'s Sampler says how each applies; 0/1 = off):
     frequency_penalty: float = 0.0  # OpenAI: minus this times a token's count in the output so far
     presence_penalty: float = 0.0  # OpenAI: minus this once a token is in the output
     repeat_penalty: float = 1.0  # llama.cpp: logits of the last ``repeat_last_n`` tokens divided by it
@@ -70,6 +70,10 @@ class ChatRequest:
 @dataclass
 class TextDelta:
     text: str
+
+
+# The reasoning block's markers in a model's text (``ReasoningDelta``: the text between them).
+THINK_OPEN, THINK_CLOSE = "<think>", "</think>"
 
 
 @dataclass
@@ -135,16 +139,3 @@ class Done:
 
 
 Event = PrefillProgress | TextDelta | ReasoningDelta | ToolCallsEvent | Logprobs | Done
-
-
-def turn_usage(prompt_tokens: int, completion: int, stats, prefill_s: float, decode_s: float) -> tuple[dict, dict]:
-    """``(usage, timings)`` of a finished turn or completion (``Done``'s), from the prompt's
-    ``SyncStats`` and the measured prefill and decode seconds."""
-    usage = {"prompt_tokens": prompt_tokens, "completion_tokens": completion,
-             "total_tokens": prompt_tokens + completion, "cached_tokens": stats.cached_tokens,
-             "prefill_tokens": stats.prefill_tokens}
-    timings = {"prefill_s": round(prefill_s, 4),
-               "prefill_tokens_per_s": round(stats.prefill_tokens / prefill_s, 1) if prefill_s > 0 else None,
-               "decode_s": round(decode_s, 4),
-               "decode_tokens_per_s": round(completion / decode_s, 1) if decode_s > 0 else None}
-    return usage, timings

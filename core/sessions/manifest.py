@@ -1,5 +1,5 @@
 """What the snapshot store and the session journal share: the manifest's schema, its fields
-(time stamps, the model's identity, spl's version) and the errors of snapshot files on disk.
+(the model's identity, spl's version) and the errors of snapshot files on disk.
 
 ``Manifest`` is the one definition of a manifest. Every manifest is checked against it in strict
 mode (types as written, sizes, at most ``MAX_DEPTH`` levels) when it is read, whether from the
@@ -10,7 +10,6 @@ top by ``journal.manifest_problem``.
 
 from __future__ import annotations
 
-import datetime as _dt
 import errno
 from typing import Annotated
 
@@ -42,7 +41,9 @@ class ModelIdentity(_Record):
     fingerprint: Annotated[str, StringConstraints(min_length=1, max_length=_SHORT)]
 
 
-class SessionInfo(_Record):
+class SessionRecord(_Record):
+    """The session a snapshot holds, as its manifest records it."""
+
     position: Count
     max_seq_len: Annotated[int, Field(ge=1, le=1 << 62)]
     message_count: Count
@@ -80,7 +81,7 @@ class Manifest(_Record):
     created_at: Short
     updated_at: Short | None = None
     model: ModelIdentity
-    session: SessionInfo
+    session: SessionRecord
     title: Annotated[str, StringConstraints(max_length=MAX_TITLE)] = ""
     description: Annotated[str, StringConstraints(max_length=MAX_DESCRIPTION)] = ""
     tags: Annotated[list[Annotated[str, StringConstraints(min_length=1, max_length=MAX_TAG_LEN)]],
@@ -107,10 +108,6 @@ class CorruptSnapshot(InvalidRequest):
     """A snapshot's files do not match its manifest (truncated, edited, missing)."""
 
     code = "snapshot_corrupted"
-
-
-def now_iso() -> str:
-    return _dt.datetime.now(_dt.UTC).isoformat(timespec="milliseconds").replace("+00:00", "Z")
 
 
 def model_identity(model) -> dict:

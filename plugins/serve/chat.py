@@ -1,6 +1,6 @@
 """POST /v1/chat/completions in OpenAI's shapes: the engine request from the body, the answer
 and the stream chunks from the turn's events. The session-chat rule is the service's
-(``superlinear.service.session_rule``)."""
+(``superlinear.service.merge_session_messages``)."""
 
 from __future__ import annotations
 

@@ -39,7 +39,7 @@ def add_routes(app: FastAPI, rt: Runtime) -> None:
 
             validate_id(body.session_id, "session id", param="session_id")
         rt.require_ready()
-        rt.service.check_model(body.model)
+        rt.api.get_model(body.model)  # NotFound unless it names the model served
         bounds.check_sampling(body)
         messages = body.plain_messages()
         # every string the template renders counts, before any of it reaches the worker

@@ -76,7 +76,7 @@ def add_routes(app: FastAPI, rt: Runtime) -> None:
         body = await bounds.parse_request(request, CompletionRequest, lenient=rt.options.lenient_fields)
         body.check_supported()
         rt.require_ready()
-        rt.service.check_model(body.model)
+        rt.api.get_model(body.model)  # NotFound unless it names the model served
         bounds.check_sampling(body)
         prompt = body.single_prompt()
         if isinstance(prompt, str):
@@ -110,7 +110,8 @@ def completion_request(body: CompletionRequest, prompt, defaults: dict) -> Compl
 class CompletionReply:
     """One text completion being answered, streamed (``stream``) or whole (``collect``); with
     ``logprobs``, each chunk carries the logprobs of the tokens picked since the last one, and
-    the echoed prompt waits for the prompt's own."""
+    the echoed prompt waits for the prompt's own. The chunk of the echoed prompt says
+    ``"echo": true`` (spl's: the remote API tells the prompt from generated text by it)."""
 
     def __init__(self, rt: Runtime, body: CompletionRequest, stream: JobStream, echo: str):
         self.rt, self.body, self.stream_, self.echo = rt, body, stream, echo
@@ -137,11 +138,11 @@ class CompletionReply:
 
     async def stream(self, first):
         if self.echo and self.body.logprobs is None:  # with logprobs the echo waits for the prompt's
-            yield self._chunk(self.echo)
+            yield self._chunk(self.echo, echo=True)
         async for event in self.stream_.events(first):
             match event:
                 case Logprobs(tokens=entries, prompt=True):
-                    yield self._chunk(self.echo, prompt=entries)
+                    yield self._chunk(self.echo, prompt=entries, echo=True)
                 case Logprobs(tokens=entries):
                     self.unsent.extend(entries)
                 case TextDelta(text=piece) if piece:
