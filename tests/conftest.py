@@ -49,14 +49,16 @@ def tiny_server(tiny_llama):
 def persist_shutdown_server(tiny_llama):
     """One real server on ``tiny_llama`` with ``--persist shutdown`` (sessions reach disk only at
     a clean stop, so past its memory budget it refuses instead of evicting), a small budget and 4K
-    sessions: shared by the budget-refusal tests and the check that a turn writes no journal."""
+    sessions: shared by the budget-refusal tests and the check that a turn writes no journal.
+    Also ``--lenient-fields`` (an unknown chat or completion field is ignored and logged, which
+    none of those tests sends) for the test of that flag."""
     import shutil
 
     from server_helpers import SHUTDOWN_BUDGET, SHUTDOWN_SESSION_LEN, start_server
 
     server = start_server(api_key=None, extra_args=("--model", str(tiny_llama), "--persist", "shutdown",
                                                     "--memory-budget", str(SHUTDOWN_BUDGET),
-                                                    "--max-seq-len", str(SHUTDOWN_SESSION_LEN)))
+                                                    "--max-seq-len", str(SHUTDOWN_SESSION_LEN), "--lenient-fields"))
     yield server
     server.stop()
     shutil.rmtree(server.tmp, ignore_errors=True)

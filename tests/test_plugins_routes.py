@@ -27,11 +27,11 @@ def register_routes(register):
 '''
 
 
-def test_plugin_route_is_served(tmp_path, monkeypatch):
+def test_plugin_route_is_served(tmp_path, monkeypatch, tiny_llama):
     write_dist(tmp_path, "spl-routes", "spl_routes", ROUTES_PLUGIN)
     monkeypatch.setenv("PYTHONPATH", os.pathsep.join([str(tmp_path), os.environ.get("PYTHONPATH", "")]))
     monkeypatch.delenv("SPL_LOAD_PLUGINS", raising=False)
-    server = start_server(api_key=None)
+    server = start_server(api_key=None, extra_args=("--model", str(tiny_llama)))  # any model: the route is the point
     try:
         r = httpx.get(server.url + "/v1/hello", params={"name": "Ada"}, timeout=30)
         assert r.status_code == 200 and r.json() == {"hello": "Ada"}
