@@ -14,7 +14,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from superlinear.errors import BodyTooLarge, InvalidRequest, NotFound, Unauthorized, UserError
 
-from . import bounds, routes_chat, routes_models, routes_sessions, routes_snapshots, routes_text, sse
+from . import bounds, routes_chat, routes_models, routes_sessions, routes_snapshots, routes_text
 from .http import MAX_BODY_BYTES, error_response, import_limit
 from .runtime import Runtime
 
@@ -31,7 +31,7 @@ def _bug_response(exc: BaseException) -> JSONResponse:
         log.error("spl: storage error: %s", exc)
         return error_response(disk_error("the server cannot write its files", exc))
     log.exception("spl: internal error: %s", exc)
-    return JSONResponse(sse.internal_error_body(exc), status_code=500)
+    return JSONResponse(routes_chat.internal_error_body(exc), status_code=500)
 
 
 class GuardMiddleware:
