@@ -254,27 +254,12 @@ def test_json_guards_name_the_field():
     assert err(base % (b'"x"', b', "seed": 18446744073709551616')).param == "seed"
 
 
-def _declared_value(f, hint):
-    """A valid value of the declared field ``f`` (of type ``hint``) other than its default."""
-    bounds = f.metadata["bounds"]
-    if hint is bool:
-        return not f.default
-    if "dict" in str(hint):
-        return {7: 1.5}
-    if "list" in str(hint):
-        return [7]
-    low, high = bounds.get("ge", bounds.get("gt", 0)), bounds.get("le", 100)
-    value = (low + high) / 2 if "float" in str(hint) else (low + high) // 2
-    return value if value != f.default else value + 1
-
-
 def test_every_declared_field_reaches_the_engine_through_the_wire():
     """A field an engine request type declares for clients (``request_field`` with a ``doc``)
     goes on the wire as the remote API builds the body, is parsed by the server's OpenAI bodies
     and arrives in the engine's request unchanged; and it is a row of the fields table, on the
     routes of its type, as every field of the bodies is."""
-    import dataclasses
-    import typing
+    from server_helpers import declared_values
 
     from superlinear import protocol
     from superlinear.api.types import Completion
@@ -283,12 +268,7 @@ def test_every_declared_field_reaches_the_engine_through_the_wire():
     from superlinear.plugins.serve.schemas import ChatCompletionRequest, CompletionRequest
     from superlinear.service import ChatTurn
 
-    def declared(request_type):
-        hints = typing.get_type_hints(request_type)
-        return {f.name: _declared_value(f, hints[f.name]) for f in dataclasses.fields(request_type)
-                if "doc" in f.metadata}
-
-    sampling, chat = declared(SamplingParams), declared(ChatRequest)
+    sampling, chat = declared_values(SamplingParams), declared_values(ChatRequest)
     assert {"temperature", "min_p", "logit_bias", "ignore_eos", "repeat_last_n"} <= set(sampling)
     sp = SamplingParams(**sampling)
     turn = ChatTurn(ChatRequest(messages=[{"role": "user", "content": "hi"}], sampling=sp, **chat))
