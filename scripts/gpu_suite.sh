@@ -4,6 +4,7 @@
 # step; every step runs, and the script exits 1 at the end when one failed. Logs go to $OUT.
 #   bash scripts/gpu_suite.sh [STEP ...]      (default: normal)
 #     normal | reverse | shuffle:SEED   the GPU test files in sorted, reversed or shuffled order
+#     only:ID[,ID...]                   just these test files or node ids, in this order
 #     memcheck | racecheck              compute-sanitizer on tests/test_kernels_memcheck.py -m gpu
 #                                       (memcheck also on the fp32 hybrid's graph decode), with
 #                                       PYTORCH_NO_CUDA_MEMORY_CACHING=1 so it sees each allocation
@@ -33,11 +34,17 @@ SANITIZER_TIMEOUT=${SPL_SANITIZER_TIMEOUT:-250}
 SANITIZER=${SANITIZER:-$(command -v compute-sanitizer || ls /usr/local/cuda*/bin/compute-sanitizer 2>/dev/null | head -1)}
 
 suite() {  # ORDER
-  local files
-  files=$(gpu_test_files "$1" | tr '\n' ' ')
+  local files log
+  if [[ $1 == only:* ]]; then files=${1#only:}; files=${files//,/ }; else files=$(gpu_test_files "$1" | tr '\n' ' '); fi
   echo "files ($1): $files"
-  timeout "$SUITE_TIMEOUT" python3 -m pytest -q -m gpu $files -p no:cacheprovider --durations=15 -rs 2>&1 \
-    | tee "$OUT/gpu_tests_${1/:/_}.log"
+  log="$OUT/gpu_tests_$(echo "${1%%,*}" | tr -c 'A-Za-z0-9_.-' _ | cut -c1-40).log"
+  # -v names each test as it ends and faulthandler dumps every thread's stack when one test
+  # runs past 150 s: a timed-out run still says which test hung and where
+  timeout "$SUITE_TIMEOUT" python3 -m pytest -v --tb=short -m gpu $files -p no:cacheprovider --durations=15 -rfEs \
+    -o faulthandler_timeout=150 >"$log" 2>&1
+  local rc=$?
+  grep -E "PASSED|FAILED|ERROR|SKIPPED|passed|failed" "$log" | tail -80
+  return $rc
 }
 
 sanitize() {  # TOOL
@@ -52,7 +59,7 @@ sanitize() {  # TOOL
 (($# > 0)) || set -- normal
 for name in "$@"; do
   case $name in
-    normal | reverse | shuffle:[0-9]*) step "gpu tests ($name)" suite "$name" ;;
+    normal | reverse | shuffle:[0-9]* | only:*) step "gpu tests ($name)" suite "$name" ;;
     memcheck | racecheck) step "compute-sanitizer $name" sanitize "$name" ;;
     *) step "$name" unknown_step "$name" ;;
   esac

@@ -87,18 +87,17 @@ def test_long_prefill_keeps_server_responsive_and_disconnect_stops_it(gpu_server
     assert r2.json()["timings"]["tokens_reused"] >= out["usage"]["prompt_tokens"]
     http.delete("/v1/sessions/long")
 
-    # Leave mid-prefill: the next request starts within about one chunk.
+    # Leave mid-prefill: close the stream at its first progress chunk (the prompt is being
+    # prefilled then); the turn is cancelled within about one step and leaves nothing behind.
     short = max(n // 2, 16384)
-    leave_body = {**body, "session_id": "leaver", "stream": True,
+    leave_body = {**body, "session_id": "leaver", "stream": True, "return_progress": True,
                   "messages": [{"role": "user", "content": _prompt(short)}]}
-    # Closing a request before its headers arrive = a disconnect during the prefill.
-    with httpx.Client(base_url=server.url, timeout=httpx.Timeout(600, read=1.5)) as c:
+    with httpx.Client(base_url=server.url, timeout=600) as c:
         t0 = time.perf_counter()
-        try:
-            c.post("/v1/chat/completions", json=leave_body)
-        except httpx.ReadTimeout:
-            pass
+        with c.stream("POST", "/v1/chat/completions", json=leave_body) as stream:
+            first = next(line for line in stream.iter_lines() if line.startswith("data: "))
         left_at = time.perf_counter() - t0
+    assert "prompt_progress" in first, first[:300]
     t1 = time.perf_counter()
     tiny = http.post("/v1/chat/completions", json={"messages": [{"role": "user", "content": "hi"}],
                                                    "max_tokens": 1})
@@ -106,7 +105,11 @@ def test_long_prefill_keeps_server_responsive_and_disconnect_stops_it(gpu_server
     numbers["leave"] = {"prompt_words": short, "left_after_s": round(left_at, 2),
                         "next_request_wall_s": round(time.perf_counter() - t1, 3),
                         "next_request_queued_s": tiny.json()["timings"]["queued_s"]}
-    info = http.get("/v1/sessions/leaver")
+    deadline = time.perf_counter() + 30
+    while (info := http.get("/v1/sessions/leaver")).status_code == 200 and info.json()["busy"]:
+        assert time.perf_counter() < deadline, "the abandoned prefill still runs 30 s later"
+        time.sleep(0.05)
+    numbers["leave"]["stopped_after_s"] = round(time.perf_counter() - t0 - left_at, 3)
     if info.status_code == 200:
         numbers["leave"]["session_after"] = {k: info.json()[k] for k in ("position", "message_count", "busy")}
         assert info.json()["message_count"] == 0 and info.json()["position"] == 0

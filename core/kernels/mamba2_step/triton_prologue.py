@@ -1,7 +1,7 @@
 """The Triton kernel of ``fused.step_prologue``: one program per group of heads.
 
-A group's program owns its conv channels (its heads' x, its B and its C), so the conv-state
-shift never races: every channel is read and written by one program. The conv accumulates in
+A group's program owns its conv channels (its heads' x, its B and its C), so no two programs
+touch one channel; inside a program a barrier orders the in-place shift (see ``_conv``). The conv accumulates in
 fp32 and its output is rounded to the model's dtype before use, as the default path does.
 """
 
@@ -32,6 +32,9 @@ def _conv(proj_ptr, state_ptr, w_ptr, b_ptr, ch, n_ch, xbc_offset, KW: tl.conste
     for j in tl.static_range(KW - 1):
         s = tl.load(state_ptr + ch * KW + j + 1, mask=mask, other=0.0)
         acc += s.to(tl.float32) * tl.load(w_ptr + ch * KW + j, mask=mask, other=0.0).to(tl.float32)
+        # a block smaller than the program's threads is held by several warps: every copy must
+        # read slot j + 1 before any copy shifts slot j + 1 down (the next step's store)
+        tl.debug_barrier()
         tl.store(state_ptr + ch * KW + j, s, mask=mask)
     s = u.to(state_ptr.dtype.element_ty)
     acc += s.to(tl.float32) * tl.load(w_ptr + ch * KW + KW - 1, mask=mask, other=0.0).to(tl.float32)
