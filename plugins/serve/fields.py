@@ -42,6 +42,8 @@ class KnownField:
 
 
 _S = SAME
+# the adapters (OpenAI's shapes of the engine's fields) and the fields accepted or refused; the
+# engine's own fields are ``declared`` below
 _WRITTEN = (
     # -- OpenAI -------------------------------------------------------------------------------
     KnownField("model", "OpenAI", HONOURED, "the served model's name or an alias; another is 404", _S, "ignored"),
@@ -120,7 +122,6 @@ _WRITTEN = (
     KnownField("sse_ping_interval", "spl", HONOURED, "seconds of silence before a `: keep-alive` comment",
                "—", "—", (CHAT,)),
 )
-
 
 
 def declared(request_type: type, routes: tuple[str, ...]) -> list[KnownField]:
