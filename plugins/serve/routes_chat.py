@@ -127,16 +127,6 @@ def spl_timings(done: Done, queued_s: float | None) -> dict:
     return t
 
 
-def persist_fields(result: Persisted) -> dict:
-    """What a session turn's answer says about durability: ``persisted`` (the session's state
-    with this turn is on disk: a crash or restart keeps it) and, when writing it failed,
-    ``persist_error`` (an OpenAI-style error object; the turn itself stands)."""
-    fields: dict[str, Any] = {"persisted": result.ok}
-    if result.error is not None:
-        fields["persist_error"] = result.error.to_openai()["error"]
-    return fields
-
-
 def chunk(cid: str, created: int, model: str, delta: dict | None = None, finish_reason: str | None = None,
           **extra) -> dict:
     """A ``chat.completion.chunk``: one choice with ``delta``, none when it is None."""
@@ -246,7 +236,15 @@ class ChatReply:
         return []
 
     def _persist_fields(self) -> dict:
-        return persist_fields(self.persisted) if self.persisted is not None else {}
+        """What a session turn's answer says about durability: ``persisted`` (the session's state
+        with this turn is on disk: a crash or restart keeps it) and, when writing it failed,
+        ``persist_error`` (an OpenAI-style error object; the turn itself stands)."""
+        if self.persisted is None:
+            return {}
+        fields: dict[str, Any] = {"persisted": self.persisted.ok}
+        if self.persisted.error is not None:
+            fields["persist_error"] = self.persisted.error.to_openai()["error"]
+        return fields
 
     async def stream(self, first):
         # The turn's first event is ``Started``: the first chunk says how the session took it.

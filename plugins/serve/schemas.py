@@ -113,15 +113,6 @@ RepetitionOptions = create_model("RepetitionOptions", __config__=_FORBID,
                                  **wire_fields(RepetitionConfig, default_from_engine=True))
 
 
-def check_stops(v):
-    stops = [v] if isinstance(v, str) else v or []
-    if len(stops) > limits.MAX_STOPS:
-        raise ValueError(f"at most {limits.MAX_STOPS} stop sequences")
-    if any(len(s) > limits.MAX_STOP_CHARS for s in stops):
-        raise ValueError(f"a stop sequence has at most {limits.MAX_STOP_CHARS} characters")
-    return v
-
-
 _SAMPLING_WIRE = wire_fields(SamplingParams)
 
 
@@ -151,7 +142,12 @@ class GenerationBody(create_model("SamplingWire", __config__=_ALLOW, **_SAMPLING
     @field_validator("stop")
     @classmethod
     def _stops(cls, v):
-        return check_stops(v)
+        stops = [v] if isinstance(v, str) else v or []
+        if len(stops) > limits.MAX_STOPS:
+            raise ValueError(f"at most {limits.MAX_STOPS} stop sequences")
+        if any(len(s) > limits.MAX_STOP_CHARS for s in stops):
+            raise ValueError(f"a stop sequence has at most {limits.MAX_STOP_CHARS} characters")
+        return v
 
     @classmethod
     def check_body(cls, data: dict, *, lenient: bool) -> None:
