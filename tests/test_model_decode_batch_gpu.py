@@ -1,7 +1,9 @@
 """``Model.decode_batch`` on a CUDA GPU in bf16: the bucket's CUDA graph (device tables of K/V
 addresses, padding rows, stacked recurrent buffers) against each sequence's own graph-decoded
-``decode_step``, within the tolerance graph decode meets against eager
-(tests/test_model_hybrid_gpu.py). Run on the device machine: scripts/gpu_batch.sh."""
+``decode_step``. The hybrid's rows run other ops than one sequence's step (the grouped matmul
+and fla's conv/recurrence, where one sequence runs the fused MoE and Mamba-2 kernels), so they
+agree within the bound the fused ops meet against the default path (tests/test_model_ops.py).
+Run on the device machine: scripts/gpu_batch.sh."""
 
 from __future__ import annotations
 
@@ -47,17 +49,17 @@ def test_hybrid_bucket_graph_equals_each_sequence_alone(gpu_hybrid):  # noqa: F8
     info = gpu_hybrid.info()
     assert info["batch_graph_error"] is None and info["cuda_graph_error"] is None
     assert [s["bucket"] for s in gpu_hybrid.batch_steps() if s["graph"]] == [8]
-    assert worst < 1e-2, worst
+    assert worst < 3e-2, worst
     assert same >= 22, same  # bf16: a near-tie may flip a step's argmax, rarely
 
 
 def test_hybrid_buckets_2_to_16_and_a_cache_past_the_bound(gpu_hybrid):  # noqa: F811
     for count in (2, 3, 9):
         worst, _ = _batched_against_alone(gpu_hybrid, [17 + 50 * i for i in range(count)], steps=4)
-        assert worst < 1e-2, (count, worst)
+        assert worst < 3e-2, (count, worst)
     # a cache longer than the bucket's bound: the step is rebuilt for a larger bound
     worst, _ = _batched_against_alone(gpu_hybrid, [40, 1500], steps=4)
-    assert worst < 1e-2
+    assert worst < 3e-2
     assert {s["bucket"]: s["bound"] for s in gpu_hybrid.batch_steps()}[2] == 4096
 
 

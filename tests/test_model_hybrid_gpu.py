@@ -152,11 +152,16 @@ def test_fast_forward_is_as_exact_as_transformers_on_gpu(gpu_hybrid):
     models = {"ours": gpu_hybrid, "transformers": reference, "fp32": exact}
     caches = {name: m.new_cache(1000) for name, m in models.items()}
     logits = {name: m.prefill(caches[name], ids, chunk_size=512) for name, m in models.items()}
-    for step in range(9):  # the prefill, then decode (a CUDA graph on ours) on the fp32 tokens
-        ours, theirs = rel(logits["ours"], logits["fp32"]), rel(logits["transformers"], logits["fp32"])
-        assert ours < max(2 * theirs, 1e-2), (step, ours, theirs)
+    errors = []
+    for _ in range(9):  # the prefill, then decode (a CUDA graph on ours) on the fp32 tokens
+        errors.append((rel(logits["ours"], logits["fp32"]), rel(logits["transformers"], logits["fp32"])))
         token = int(logits["fp32"].argmax())
         logits = {name: m.decode_step(caches[name], token) for name, m in models.items()}
+    # bf16 rounds differently in each forward: where a router score is a near tie, one of them
+    # picks another expert for a step (0.034 against 0.011 once, on these weights, with the fused
+    # ops on or off: scripts/gpu_fused_exactness.py), so the steps are judged together
+    ours, theirs = (sorted(column)[len(column) // 2] for column in zip(*errors, strict=True))
+    assert ours < max(1.5 * theirs, 1e-2) and max(e for e, _ in errors) < 5e-2, errors
 
 
 @pytest.fixture(scope="module")
