@@ -99,7 +99,8 @@ def wire_fields(request_type: type, *, default_from_engine: bool = False) -> dic
             continue
         kind = StrictBool if hints[f.name] is bool else hints[f.name]
         default = f.default if default_from_engine else None
-        out[f.name] = (kind if default_from_engine else kind | None, Field(default, **f.metadata["bounds"]))
+        out[f.name] = (kind if default_from_engine else kind | None,
+                       Field(default, description=f.metadata.get("doc"), **f.metadata["bounds"]))
     return out
 
 
