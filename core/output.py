@@ -52,30 +52,34 @@ def _when(value) -> str:
         return str(value)
 
 
+def _session_row(s: dict) -> tuple:
+    state = "busy" if s.get("busy") else ("live" if s.get("resident", True) else "on disk")
+    return (s["id"], f"{s.get('position', 0)}/{s.get('max_seq_len', '?')}", str(s.get("message_count", 0)),
+            format_bytes(s.get("bytes")), state, _when(s.get("last_used")))
+
+
 def session_table(sessions: list[dict]) -> str:
-    if not sessions:
-        return "no sessions"
-    rows = [("SESSION", "TOKENS", "MESSAGES", "MEMORY", "STATE", "LAST USED")]
-    for s in sessions:
-        state = "busy" if s.get("busy") else ("live" if s.get("resident", True) else "on disk")
-        rows.append((s["id"], f"{s.get('position', 0)}/{s.get('max_seq_len', '?')}", str(s.get("message_count", 0)),
-                     format_bytes(s.get("bytes")), state, _when(s.get("last_used"))))
-    return _table(rows)
+    return _table(("SESSION", "TOKENS", "MESSAGES", "MEMORY", "STATE", "LAST USED"), sessions, _session_row,
+                  "no sessions")
+
+
+def _snapshot_row(s: dict) -> tuple:
+    session = s.get("session") or {}
+    return (s["id"], (s.get("title") or "")[:40], str(session.get("position", "-")),
+            format_bytes(s.get("bytes")), ",".join(s.get("tags") or []), _when(s.get("created_at")))
 
 
 def snapshot_table(snaps: list[dict]) -> str:
-    if not snaps:
-        return "no snapshots"
-    rows = [("SNAPSHOT", "TITLE", "TOKENS", "SIZE", "TAGS", "CREATED")]
-    for s in snaps:
-        session = s.get("session") or {}
-        rows.append((s["id"], (s.get("title") or "")[:40], str(session.get("position", "-")),
-                     format_bytes(s.get("bytes")), ",".join(s.get("tags") or []), _when(s.get("created_at"))))
-    return _table(rows)
+    return _table(("SNAPSHOT", "TITLE", "TOKENS", "SIZE", "TAGS", "CREATED"), snaps, _snapshot_row, "no snapshots")
 
 
-def _table(rows: list[tuple]) -> str:
-    widths = [max(len(str(r[i])) for r in rows) for i in range(len(rows[0]))]
+def _table(header: tuple[str, ...], items: list[dict], row: Callable[[dict], tuple], empty: str) -> str:
+    """One line per item (``row`` gives its cells) under ``header``, each column as wide as its
+    widest cell; ``empty`` when there are no items."""
+    if not items:
+        return empty
+    rows = [header, *map(row, items)]
+    widths = [max(len(str(r[i])) for r in rows) for i in range(len(header))]
     return "\n".join("  ".join(str(c).ljust(w) for c, w in zip(r, widths, strict=True)).rstrip() for r in rows)
 
 

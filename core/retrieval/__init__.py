@@ -11,6 +11,7 @@ retrievers use.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from operator import attrgetter
 from typing import Any, Protocol
 
 
@@ -22,25 +23,12 @@ class Passage:
     score: float
     retriever: str = ""
 
-    @property
-    def path(self) -> str:
-        return self.chunk.path
-
-    @property
-    def start(self) -> int:
-        return self.chunk.start
-
-    @property
-    def end(self) -> int:
-        return self.chunk.end
-
-    @property
-    def text(self) -> str:
-        return self.chunk.text
-
-    @property
-    def citation(self) -> str:
-        return self.chunk.citation
+    # the chunk's own fields, read through the passage
+    path = property(attrgetter("chunk.path"))
+    start = property(attrgetter("chunk.start"))
+    end = property(attrgetter("chunk.end"))
+    text = property(attrgetter("chunk.text"))
+    citation = property(attrgetter("chunk.citation"))
 
     def to_dict(self) -> dict:
         return {"path": self.chunk.display_path, "abs_path": self.path, "start": self.start, "end": self.end,

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import json
 import logging
 import threading
 from collections.abc import Iterator
@@ -18,10 +19,9 @@ from pathlib import Path
 from typing import Any
 
 from superlinear.engine.types import ChatRequest, Done
-from superlinear.errors import Conflict, NotFound, TooLarge, Unavailable, UserError
+from superlinear.errors import Conflict, InvalidRequest, NotFound, TooLarge, Unavailable, UserError
 
 from .events import ChatEvent, Persisted, Started
-from .session_rule import merge_session_messages
 
 log = logging.getLogger("spl.service")
 SCRATCH_START = 16384  # tokens; grows to the default max_seq_len when a request needs it
@@ -32,7 +32,7 @@ MODEL_ALIASES = ("default",)  # accepted as a request's "model" whatever the ser
 @dataclass(frozen=True)
 class ChatTurn:
     """One chat request: the engine request with the messages the client sent, and the session
-    (if any) they continue by the session rule (``session_rule``)."""
+    (if any) they continue by the session rule (``merge_session_messages``)."""
 
     request: ChatRequest
     session_id: str | None = None
@@ -89,11 +89,8 @@ class ChatService:
         turn leaves the session as before and its journal gets what changed. Run it to the end
         (or close it): a session turn holds the session's lock while it runs."""
         session = None
-        if turn.session_id:
-            try:
-                session = self.manager.get(turn.session_id)
-            except NotFound:
-                session = self.manager.create(turn.session_id)  # first use of a session id creates it
+        if turn.session_id:  # first use of a session id creates it
+            session = self.manager.sessions.find(turn.session_id) or self.manager.create(turn.session_id)
         persisted = False
         try:
             lock = session.lock if session is not None else contextlib.nullcontext()
@@ -101,17 +98,17 @@ class ChatService:
                 done = yield from self._turn(turn, session, cancel)
                 if session is not None:
                     session.touch()
-                    result = self.persist(session.id)
+                    result = self._persist(session)
                     persisted = True
                     yield result
                 yield done
         finally:
             if session is not None and not persisted:
-                self.persist(session.id)
+                self._persist(session)
 
     def _turn(self, turn: ChatTurn, session, cancel):
-        if session is not None:
-            conv = session.conversation or self.manager.get(session.id).conversation
+        if session is not None:  # on disk (evicted, restored after a restart): loaded back first
+            conv = session.conversation or self.manager.conversation_of(session)
             return (yield from self._turn_on(conv, turn, session, cancel))
         with self.scratch_conversation() as conv:
             return (yield from self._turn_on(conv, turn, None, cancel))
@@ -210,15 +207,23 @@ class ChatService:
     # -- sessions ------------------------------------------------------------------------------
     def persist(self, session_id: str | None) -> Persisted:
         """Make a session durable after a turn or a change, before the answer goes out
-        (``SessionManager.persist`` writes only what changed). A failure is logged and returned;
+        (``Persistence.persist`` writes only what changed). A failure is logged and returned;
         the turn or change itself stands, the journal keeps its last good state and the next
         persist retries. Without ``persist_turns``, ``ok`` is False."""
         if not session_id or not self.persist_turns:
             return Persisted(False)
         try:
-            if self.manager.lookup(session_id).ephemeral:
-                return Persisted(False)
-            self.manager.persist(session_id)
+            session = self.manager.lookup(session_id)
+        except NotFound:  # closed meanwhile
+            return Persisted(False)
+        return self._persist(session)
+
+    def _persist(self, session) -> Persisted:
+        if not self.persist_turns or session.ephemeral:
+            return Persisted(False)
+        session_id = session.id
+        try:
+            self.manager.persistence.persist(session)
         except NotFound:  # closed meanwhile
             return Persisted(False)
         except UserError as exc:
@@ -232,7 +237,7 @@ class ChatService:
         return Persisted(True)
 
     def _persisted(self, session) -> dict:
-        self.persist(session.id)
+        self._persist(session)
         return session.info()
 
     def create_session(self, session_id: str | None = None, max_seq_len: int | None = None, *,
@@ -297,7 +302,7 @@ class ChatService:
 
     # -- snapshots -----------------------------------------------------------------------------
     def list_snapshots(self, tag: str | None = None, include_session_state: bool = False) -> list[dict]:
-        from superlinear.sessions.snapshots import SESSION_STATE_TAG
+        from superlinear.sessions import SESSION_STATE_TAG
 
         items = self.store.list(tag=tag)
         if not include_session_state:
@@ -356,3 +361,65 @@ def snapshot_view(manifest: dict) -> dict:
     files = manifest.get("files") or {}
     view["bytes"] = sum(int(f.get("bytes", 0)) for f in files.values() if isinstance(f, dict))
     return view
+
+
+# -- the session rule ------------------------------------------------------------------------------
+# Which conversation a chat request with a ``session_id`` continues. The request's messages are
+# matched against the session's transcript T (docs/server.md):
+# - they start with all of T (the client resent the history): only the new tail is prefilled;
+# - they share no leading message with T (the client sent only the new messages): appended to T;
+# - they share a prefix with T and then differ (an edit, a regenerate): the session rolls back to
+#   the common prefix and continues from the request's messages.
+# ``session_mode: "append"`` always appends, ``"replace"`` always takes the messages as the whole
+# conversation (rolling back as far as needed).
+
+def _norm(message: dict) -> tuple:
+    calls = tuple(
+        (c.get("function", {}).get("name"), _norm_args(c.get("function", {}).get("arguments")))
+        for c in message.get("tool_calls") or []
+    )
+    content = message.get("content")
+    if isinstance(content, list):
+        content = "".join(p.get("text", "") for p in content if isinstance(p, dict))
+    role = "system" if message.get("role") == "developer" else message.get("role")
+    return (role, (content or "").strip(), calls, message.get("tool_call_id") or None)
+
+
+def _norm_args(args: Any) -> Any:
+    if isinstance(args, str):
+        try:
+            return json.dumps(json.loads(args), sort_keys=True)
+        except ValueError:
+            return args.strip()
+    return json.dumps(args, sort_keys=True)
+
+
+def common_prefix(a: list[dict], b: list[dict]) -> int:
+    n = 0
+    for x, y in zip(a, b, strict=False):
+        if _norm(x) != _norm(y):
+            break
+        n += 1
+    return n
+
+
+def merge_session_messages(transcript: list[dict], messages: list[dict], mode: str = "auto"
+                           ) -> tuple[list[dict], str, int]:
+    """The whole conversation the session should hold for this turn.
+
+    Returns ``(messages, how, kept)``: ``how`` is ``new`` / ``extend`` / ``append`` / ``rollback``,
+    ``kept`` the number of transcript messages kept as they are.
+    """
+    if not transcript:
+        return list(messages), "new", 0
+    if mode == "append":
+        return [*transcript, *messages], "append", len(transcript)
+    p = common_prefix(transcript, messages)
+    if p == len(transcript):
+        if p == len(messages) and transcript[-1].get("role") == "assistant":
+            raise InvalidRequest("the messages add nothing to the session's transcript (they equal it); "
+                                 "send the next user message", param="messages")
+        return [*transcript, *messages[p:]], "extend", p
+    if mode == "replace" or p > 0:
+        return [*transcript[:p], *messages[p:]], "rollback", p
+    return [*transcript, *messages], "append", len(transcript)

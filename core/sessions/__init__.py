@@ -3,14 +3,9 @@
 Importing this package does not import torch; the classes do when they are used.
 """
 
-from superlinear.sessions.ids import validate_id
-from superlinear.sessions.manager import (
-    SESSION_STATE_TAG,
-    Session,
-    SessionInfos,
-    SessionManager,
-    state_snapshot_id,
-)
+from superlinear.sessions.journal import SESSION_STATE_TAG, state_snapshot_id
+from superlinear.sessions.manager import SessionManager
+from superlinear.sessions.registry import Session, SessionInfos, validate_id
 from superlinear.sessions.snapshots import CorruptSnapshot, ModelMismatch, SnapshotStore, check_model
 
 __all__ = ["SESSION_STATE_TAG", "CorruptSnapshot", "ModelMismatch", "Session", "SessionInfos",

@@ -14,9 +14,15 @@ and their sizes compared.
 
 from __future__ import annotations
 
+import logging
+import threading
+
 from superlinear.engine.limits import MAX_TOKENS
-from superlinear.errors import OverBudget, TooLarge
+from superlinear.errors import OverBudget, TooLarge, UserError
 from superlinear.model.cache import capacity_to_hold
+from superlinear.sessions.memory import allocate, default_budget
+
+log = logging.getLogger(__name__)
 
 # Python objects of a resident session besides its tensors (conversation, cache bookkeeping,
 # token id list, template): counted so that many empty sessions still add up. Each session also
@@ -124,40 +130,114 @@ class CacheSizes:
         raise TooLarge(f"max_seq_len {max_seq_len} is more than spl supports ({limit})", param="max_seq_len")
 
 
+class MemoryBudget:
+    """The bytes all resident sessions (``sessions``, the registry) may hold together: ``limit``
+    (``"auto"``: a fraction of the device's free memory measured now, ``memory.default_budget``;
+    None: no limit). An operation that needs more makes room by evicting idle sessions to disk
+    when it may (``evict``: session -> whether it went; None: never), else it is refused."""
+
+    def __init__(self, model, sessions, limit: int | str | None = "auto", *, evict=None):
+        if limit == "auto":
+            limit = default_budget(model.device)
+        self.limit = int(limit) if limit else None
+        self.sizes = CacheSizes(model)
+        self.sessions = sessions
+        self.evict = evict
+        # Held from the budget check to the end of the allocation, so two threads cannot both
+        # pass the check and together overshoot the budget. Never waits for a session lock.
+        self._alloc_lock = threading.RLock()
+
+    def max_seq_len_limit(self) -> int:
+        """The longest max_seq_len a session may have (the model's limit, a full cache within the budget)."""
+        return self.sizes.max_seq_len_for(self.limit)
+
+    def check_len(self, max_seq_len) -> None:
+        """A max_seq_len the model supports and the budget can hold once full (else 400 / 413)."""
+        self.sizes.check_len(max_seq_len, self.limit)
+
+    def free_bytes(self) -> int | None:
+        """Budget not held by any session (None: no budget)."""
+        if self.limit is None:
+            return None
+        return self.limit - self.sessions.bytes_in_use()
+
+    def reserve(self, need: int, *, exclude=None, what: str) -> None:
+        """Make room for ``need`` more bytes under the budget: evict idle sessions to disk (if
+        allowed) or raise ``OverBudget`` (429); ``TooLarge`` (413) if the budget could never
+        hold it. ``exclude`` is never evicted (the session being worked on)."""
+        if self.limit is None or need <= 0:
+            return
+        held = exclude.nbytes() if exclude is not None else 0
+        if need + held > self.limit:
+            raise TooLarge(
+                f"{what} needs {fmt_bytes(need)}, more than the whole session memory budget "
+                f"({fmt_bytes(self.limit)}) allows{' next to what it holds' if held else ''}; "
+                "ask for a smaller max_seq_len or raise the memory budget",
+                param="max_seq_len")
+        failed: set[str] = set()
+        while True:
+            used = self.sessions.bytes_in_use()
+            if used + need <= self.limit:
+                return
+            victims = sorted((s for s in self.sessions.all()
+                              if s.resident and not s.ephemeral and s is not exclude and not s.lock.locked()
+                              and s.id not in failed), key=lambda s: s.last_used)
+            hint = ("every other session is busy; try again shortly" if self.evict else
+                    "close or save idle sessions, or ask for a smaller max_seq_len")
+            if self.evict is None or not victims:
+                raise OverBudget(
+                    f"{what} needs {fmt_bytes(need)} but sessions already hold {fmt_bytes(used)} of the "
+                    f"{fmt_bytes(self.limit)} session memory budget; {hint}", param="max_seq_len")
+            victim = victims[0]
+            try:
+                if not self.evict(victim):
+                    failed.add(victim.id)
+            except (UserError, OSError) as exc:  # cannot write it out (disk full): keep it, try another
+                log.warning("could not evict session %s: %s", victim.id, exc)
+                failed.add(victim.id)
+
+    def allocate(self, need: int, build, *, max_seq_len: int, exclude=None, what: str):
+        """``build()`` (which allocates a cache of ``max_seq_len``) once ``need`` bytes are
+        reserved; an out-of-memory becomes ``TooLarge``."""
+        with self._alloc_lock:
+            self.reserve(need, exclude=exclude, what=what)
+            return allocate(build, max_seq_len)
+
+
 class SessionMemory:
     """The memory guard a session's ``Conversation`` calls (``Conversation.memory``): before its
     cache grows, and for how far a generation may go."""
 
-    def __init__(self, manager, session):
-        self.manager = manager
+    def __init__(self, budget: MemoryBudget, session):
+        self.budget = budget
         self.session = session
 
     def reserve(self, conv, position: int) -> None:
         """Before the cache grows to ``position`` tokens: make room (evicting idle sessions if
-        the manager may) or raise ``OverBudget`` (429) / ``TooLarge`` (413)."""
-        need = self.manager.sizes.growth(conv, position)
+        the budget may) or raise ``OverBudget`` (429) / ``TooLarge`` (413)."""
+        need = self.budget.sizes.growth(conv, position)
         if need <= 0:
             return
         what = f"session {self.session.id!r} growing to {position} tokens"
         try:
-            self.manager.reserve(need, exclude=self.session, what=what)
+            self.budget.reserve(need, exclude=self.session, what=what)
         except (OverBudget, TooLarge):
             # A cache growing in 1.5x steps may still fit taking less: as much of the step as the
             # budget has room for (not one token at a time, which would copy the cache per token).
             cache = conv.cache
             if cache.growth_bytes(position, exact=True) >= need:
                 raise
-            free = max(0, (self.manager.free_bytes() or 0) - cache.transient_bytes())
-            room = cache.capacity + free // self.manager.sizes.kv_bytes_per_token
+            free = max(0, (self.budget.free_bytes() or 0) - cache.transient_bytes())
+            room = cache.capacity + free // self.budget.sizes.kv_bytes_per_token
             target = max(position, min(cache.capacity_for(position), room))
-            self.manager.reserve(cache.growth_bytes(target, exact=True), exclude=self.session, what=what)
+            self.budget.reserve(cache.growth_bytes(target, exact=True), exclude=self.session, what=what)
             cache.reserve(target, exact=True)
 
     def room(self, conv) -> int | None:
         """Tokens this conversation may still add within the budget (None: no budget)."""
-        free = self.manager.free_bytes()
+        free = self.budget.free_bytes()
         if free is None:
             return None
-        sizes = self.manager.sizes
+        sizes = self.budget.sizes
         # past the spare rows the cache grows, which briefly needs one of its tensors twice
         return sizes.spare_tokens(conv) + max(0, free - conv.cache.transient_bytes()) // sizes.kv_bytes_per_token

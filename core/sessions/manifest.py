@@ -1,5 +1,5 @@
 """What the snapshot store and the session journal share: the manifest's schema, its fields
-(time stamps, the model's identity, spl's version) and the errors of snapshot files on disk.
+(the model's identity, spl's version) and the errors of snapshot files on disk.
 
 ``Manifest`` is the one definition of a manifest. Every manifest is checked against it in strict
 mode (types as written, sizes, at most ``MAX_DEPTH`` levels) when it is read, whether from the
@@ -10,7 +10,6 @@ top by ``journal.manifest_problem``.
 
 from __future__ import annotations
 
-import datetime as _dt
 import errno
 from typing import Annotated
 
@@ -107,10 +106,6 @@ class CorruptSnapshot(InvalidRequest):
     """A snapshot's files do not match its manifest (truncated, edited, missing)."""
 
     code = "snapshot_corrupted"
-
-
-def now_iso() -> str:
-    return _dt.datetime.now(_dt.UTC).isoformat(timespec="milliseconds").replace("+00:00", "Z")
 
 
 def model_identity(model) -> dict:

@@ -40,7 +40,7 @@ from pathlib import Path
 from superlinear import records
 from superlinear.errors import Conflict, InvalidRequest, NotFound, TooLarge, Unavailable, UserError
 from superlinear.process import pid_alive
-from superlinear.sessions.ids import MAX_ID_LEN, new_id, validate_id
+from superlinear.sessions.journal import SESSION_STATE_TAG
 from superlinear.sessions.manifest import (
     MAX_DEPTH,
     MAX_DESCRIPTION,
@@ -52,9 +52,10 @@ from superlinear.sessions.manifest import (
     Manifest,
     disk_error,
     model_identity,
-    now_iso,
     spl_version,
 )
+from superlinear.sessions.registry import MAX_ID_LEN, new_id, validate_id
+from superlinear.sessions.tensorfile import now_iso, write_manifest
 
 from . import journal, tensorfile
 
@@ -70,11 +71,9 @@ _TAR_SLACK = 1 << 20  # tar headers, padding and read-ahead beyond the files' ow
 RESERVE_ENV = "SPL_STORE_RESERVE_BYTES"
 DEFAULT_RESERVE_BYTES = 256 << 20  # what an import leaves free: the sessions' journals go on being written
 _COPY_CHUNK = 8 << 20
-# Tags in this namespace belong to spl: ``spl:session-state`` marks a session's own journal
-# (hidden from listings, restored as a session on start, deleted with the session), so a user
-# snapshot must never carry one.
+# Tags in this namespace belong to spl (``SESSION_STATE_TAG`` marks a session's own journal), so
+# a user snapshot must never carry one.
 RESERVED_TAG_PREFIX = "spl:"
-SESSION_STATE_TAG = "spl:session-state"
 _FILE_NAME_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,127}")
 _UNSET = object()
 
@@ -255,7 +254,7 @@ class SnapshotStore:
             manifest["files"][TRANSCRIPT] = tensorfile.write_bytes(tmp / TRANSCRIPT, transcript_bytes)
             manifest["files"][TENSORS] = tensorfile.write_safetensors(
                 tmp / TENSORS, tensors, metadata={"snapshot_id": snapshot_id, "format": "spl-session"})
-            self.write_manifest(tmp, manifest)
+            write_manifest(tmp, manifest)
             tensorfile.fsync_dir(tmp)
             self.publish(tmp, snapshot_id, replace)
         return manifest
@@ -283,17 +282,6 @@ class SnapshotStore:
         except OSError as exc:
             raise disk_error(f"cannot write to the snapshot directory {self.root}", exc) from exc
         return tmp
-
-    def write_manifest(self, directory: Path, manifest: dict) -> None:
-        """Write ``directory``'s manifest atomically (temp file, fsync, rename)."""
-        data = json.dumps(manifest, ensure_ascii=False, indent=2).encode() + b"\n"
-        part = directory / f".{MANIFEST}.{secrets.token_hex(4)}"
-        try:
-            tensorfile.write_bytes(part, data)
-            os.replace(part, directory / MANIFEST)
-        except BaseException:
-            part.unlink(missing_ok=True)  # a full disk must not keep what it could not finish
-            raise
 
     def publish(self, tmp: Path, snapshot_id: str, replace: bool, *, keep_session_state: bool = False) -> None:
         """Rename a complete temporary directory to its final name. ``keep_session_state``:
@@ -467,7 +455,7 @@ class SnapshotStore:
                                                + _clean_tags(add_tags), user=False)
             manifest["updated_at"] = now_iso()
             try:
-                self.write_manifest(directory, manifest)
+                write_manifest(directory, manifest)
             except OSError as exc:
                 raise disk_error(f"cannot change snapshot {snapshot_id!r} in {self.root}", exc) from exc
             tensorfile.fsync_dir(directory)
@@ -539,7 +527,7 @@ class SnapshotStore:
             tags = [t for t in manifest.get("tags", []) if not str(t).startswith(RESERVED_TAG_PREFIX)]
             if manifest.get("id") != final_id or tags != manifest.get("tags", []):
                 manifest["id"], manifest["tags"] = final_id, tags
-                self.write_manifest(tmp, manifest)
+                write_manifest(tmp, manifest)
             tensorfile.fsync_dir(tmp)
             if not replace and self.exists(final_id):
                 raise Conflict(f"snapshot {final_id!r} already exists; import it under another id "

@@ -1,4 +1,5 @@
-"""Write tensors as a safetensors file, streamed, hashed and fsynced as they are written.
+"""The files of a snapshot directory, written durably: tensors as a safetensors file (streamed,
+hashed and fsynced as they are written), bytes, and the manifest (replaced atomically).
 
 ``safetensors.torch.save_file`` first turns every tensor into a Python ``bytes`` object, which
 doubles the memory a large cache needs. The format is simple (8-byte little-endian header
@@ -13,9 +14,11 @@ algorithm is the key the entry has.
 
 from __future__ import annotations
 
+import datetime as _dt
 import hashlib
 import json
 import os
+import secrets
 import struct
 from pathlib import Path
 
@@ -151,6 +154,23 @@ def write_bytes(path: str | os.PathLike, data: bytes) -> dict:
         f.flush()
         os.fsync(f.fileno())
     return {HASH: digest.hexdigest(), "bytes": len(data)}
+
+
+def now_iso() -> str:
+    """The time stamp manifests record (``created_at``, ``updated_at``)."""
+    return _dt.datetime.now(_dt.UTC).isoformat(timespec="milliseconds").replace("+00:00", "Z")
+
+
+def write_manifest(directory: Path, manifest: dict) -> None:
+    """Write ``directory``'s manifest.json atomically (temp file, fsync, rename)."""
+    data = json.dumps(manifest, ensure_ascii=False, indent=2).encode() + b"\n"
+    part = directory / f".manifest.json.{secrets.token_hex(4)}"
+    try:
+        write_bytes(part, data)
+        os.replace(part, directory / "manifest.json")
+    except BaseException:
+        part.unlink(missing_ok=True)  # a full disk must not keep what it could not finish
+        raise
 
 
 def file_digest(path: str | os.PathLike, algorithm: str = HASH) -> dict:

@@ -22,6 +22,16 @@ def sync(device) -> None:
         torch.cuda.synchronize(device)
 
 
+def release(device) -> None:
+    """After a case, its caches dropped: their memory goes back to CUDA and the peak count starts
+    again, so the next case's ``peak_gib`` is its own."""
+    import torch
+
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+        torch.cuda.reset_peak_memory_stats(device)
+
+
 def probe_tail(cache, ids, length: int, room: int, chunk_size: int):
     """``--probe``: the cache holds ``length + room`` tokens at once and stands where the last
     chunk of ``ids`` begins (the keys before it zeroed); returns that chunk, the part to prefill."""
@@ -81,9 +91,7 @@ def batch_rows(model, ids, length: int, attention: str, command, chunk_size: int
             row["error"] = case_error(exc)
         finally:
             del caches
-            if on_cuda:
-                torch.cuda.empty_cache()
-                torch.cuda.reset_peak_memory_stats(model.device)
+            release(model.device)
         rows.append(row)
     one = next((r.get("decode_tok_s") for r in rows if r["batch"] == 1), None)
     for r in rows:

@@ -23,22 +23,21 @@ import click
 
 from superlinear.bus import Context
 from superlinear.output import emit
-from superlinear.plugins.bench.batch_decode import batch_rows, markdown_rows, probe_tail, sync
-from superlinear.plugins.bench.lengths import case_error, exit_on_failed_cases, fmt_length, parse_length
+from superlinear.plugins.bench.batch_decode import batch_rows, markdown_rows, probe_tail, release, sync
+from superlinear.plugins.bench.lengths import (
+    ModelCases,
+    case_error,
+    exit_on_failed_cases,
+    fmt_length,
+    parse_length,
+)
 from superlinear.plugins.bench.provenance import provenance, provenance_line
 from superlinear.plugins.bench.ranks import Ranks
 
 
 @dataclass(frozen=True)
-class BenchGenerate:
-    model: str = "default"
-    device: str | None = None
-    dtype: str | None = None
-    lengths: tuple[int, ...] = ()
-    attentions: tuple[str, ...] = ("superlinear", "dense")
-    chunk_size: int | None = None  # None: the model's prefill_chunk_size()
+class BenchGenerate(ModelCases):
     decode_tokens: int = 32
-    dense_max_len: int = 128 * 1024
     graph: bool = True
     world_size: int = 1
     probe: bool = False
@@ -147,9 +146,7 @@ def run_bench(command: BenchGenerate, ctx: Context | None = None) -> dict:
                 row["error"] = case_error(exc)
             finally:
                 del cache
-                if on_cuda:
-                    torch.cuda.empty_cache()
-                    torch.cuda.reset_peak_memory_stats(model.device)
+                release(model.device)
             rows.append(row)
     device_name = torch.cuda.get_device_name(base.device) if on_cuda else (platform.processor() or "cpu")
     info = base.info()

@@ -1,7 +1,25 @@
-"""Context lengths as people write them on the command line: 512, 16K, 1M (powers of 1024); the
-benches' failed cases (their error text, and the exit status they give)."""
+"""Context lengths as people write them on the command line: 512, 16K, 1M (powers of 1024); what
+the model benches run over them (``ModelCases``); the failed cases (their error text, and the exit
+status they give)."""
 
 from __future__ import annotations
+
+from dataclasses import dataclass
+
+
+@dataclass(frozen=True)
+class ModelCases:
+    """The cases a model bench runs: ``model`` on ``device`` in ``dtype`` (None: the loader's
+    choice) at each of ``lengths`` (empty: the bench's defaults for the device) with each of
+    ``attentions``, dense only up to ``dense_max_len``."""
+
+    model: str = "default"
+    device: str | None = None
+    dtype: str | None = None
+    lengths: tuple[int, ...] = ()
+    attentions: tuple[str, ...] = ("superlinear", "dense")
+    dense_max_len: int = 128 * 1024
+    chunk_size: int | None = None  # None: the model's prefill_chunk_size()
 
 
 def parse_length(text: str) -> int:

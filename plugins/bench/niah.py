@@ -21,7 +21,7 @@ from dataclasses import dataclass
 import click
 
 from superlinear.bus import Context
-from superlinear.plugins.bench.lengths import case_error, exit_on_failed_cases, fmt_length, parse_length
+from superlinear.plugins.bench.lengths import ModelCases, case_error, exit_on_failed_cases, fmt_length, parse_length
 from superlinear.plugins.bench.provenance import provenance, provenance_line
 
 INTRO = "There is a pass key hidden inside a lot of irrelevant text. Find it and remember it.\n\n"
@@ -40,19 +40,13 @@ _PLACES = ("at dawn", "after the rain", "in the evening", "every winter", "befor
 
 
 @dataclass(frozen=True)
-class BenchNiah:
-    model: str = "default"
-    device: str | None = None
-    dtype: str | None = None
-    lengths: tuple[int, ...] = ()
+class BenchNiah(ModelCases):
+    dense_max_len: int = 256 * 1024
     depths: tuple[float, ...] = (0.0, 0.25, 0.5, 0.75, 1.0)
     trials: int = 2
-    attentions: tuple[str, ...] = ("superlinear", "dense")
-    dense_max_len: int = 256 * 1024
     haystack: str = "varied"  # or "repeat": the classic passkey filler
     prompt_format: str = "auto"  # chat (the model's template), raw, or auto (chat when it has one)
     answer_tokens: int = 10
-    chunk_size: int | None = None
     seed: int = 0
 
 

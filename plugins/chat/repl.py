@@ -22,7 +22,7 @@ import os
 import sys
 import time
 from collections.abc import Callable, Iterable, Iterator
-from dataclasses import dataclass
+from dataclasses import KW_ONLY, InitVar, dataclass
 from typing import Any, Protocol, TextIO
 
 from superlinear import protocol as api
@@ -179,6 +179,7 @@ def render_turn(events: Iterator[Event], renderer: StreamRenderer,
     return done, stats
 
 
+@dataclass(eq=False)
 class ChatRepl:
     """An interactive chat on one server session at a time.
 
@@ -190,23 +191,24 @@ class ChatRepl:
     retrieved passages).
     """
 
-    def __init__(self, client=None, *, name: str = "chat", session_id: str | None = None,
-                 new: bool = False, extra_slash_commands: Iterable[SlashCommand] = (),
-                 prepare_message: PrepareMessage | None = None, settings: ChatSettings | None = None,
-                 prompt: str = "› ", banner: str | None = None, out: TextIO | None = None,
-                 reconnect: Callable[[], Any] | None = None, reply_filter: MakeReplyFilter | None = None) -> None:
-        self.client = client
-        self.name = name
-        self.session_id = session_id
-        self.new = new
-        self.prepare_message = prepare_message
-        self.reply_filter = reply_filter
-        self.settings = settings or ChatSettings()
-        self.prompt_text = prompt
-        self.banner = banner
-        self.out = out or sys.stdout
+    client: Any = None
+    _: KW_ONLY
+    name: str = "chat"
+    session_id: str | None = None
+    new: bool = False
+    extra_slash_commands: InitVar[Iterable[SlashCommand]] = ()
+    prepare_message: PrepareMessage | None = None
+    settings: ChatSettings | None = None  # None: ChatSettings()
+    prompt: str = "› "
+    banner: str | None = None
+    out: TextIO | None = None  # None: stdout
+    reconnect: Callable[[], Any] | None = None
+    reply_filter: MakeReplyFilter | None = None
+
+    def __post_init__(self, extra_slash_commands: Iterable[SlashCommand]) -> None:
+        self.settings = self.settings or ChatSettings()
+        self.out = self.out or sys.stdout
         self.style = Styler(use_color(self.out))
-        self.reconnect = reconnect
         self.running = False
         self.system_dirty = False
         self.last_stats: TurnStats | None = None
@@ -655,4 +657,4 @@ class ChatRepl:
         label = self.session_id or "no session"
         if len(label) > 20:  # generated ids (sess-DATE-TIME-random): the random tail is enough
             label = label.rsplit("-", 1)[-1][-8:] if "-" in label else label[-8:]
-        return FormattedText([("ansibrightblack", f"{label} "), ("bold", self.prompt_text)])
+        return FormattedText([("ansibrightblack", f"{label} "), ("bold", self.prompt)])

@@ -10,11 +10,12 @@ import os
 import sys
 import textwrap
 import time
+from collections.abc import Callable
 
 import click
 
 from superlinear.bus import dispatch
-from superlinear.output import emit_json
+from superlinear.output import emit, emit_json, json_option
 
 from . import commands
 from .commands import RagAsk, RagIngest
@@ -201,7 +202,7 @@ def _snippet(text: str, width: int = 300) -> str:
 
 
 @rag_group.command("ls")
-@click.option("--json", "as_json", is_flag=True, help="Print one JSON document.")
+@json_option
 def ls_command(as_json):
     """List workspaces."""
     result = commands.list_workspaces()
@@ -218,15 +219,24 @@ def ls_command(as_json):
                    f"snapshot {snap}  updated {w['updated']}")
 
 
-@rag_group.command("info")
-@click.argument("name", required=False)
-@workspace_option
-@click.option("--json", "as_json", is_flag=True, help="Print one JSON document.")
-def info_command(name, workspace, as_json):
-    """Show a workspace: roots, files, passages, context snapshot."""
-    result = commands.workspace_info(_one_workspace(name, workspace))
-    if emit_json(result, as_json):
-        return
+def _workspace_command(command_name: str, read: Callable[[str], dict], show: Callable[[dict], None],
+                       help: str) -> click.Command:
+    """``spl rag COMMAND [NAME]``: what ``read`` reports of one workspace, printed by ``show`` (or
+    as one JSON document)."""
+
+    @rag_group.command(command_name, help=help)
+    @click.argument("name", required=False)
+    @workspace_option
+    @json_option
+    def command(name, workspace, as_json):
+        result = read(_one_workspace(name, workspace))
+        if not emit_json(result, as_json):
+            show(result)
+
+    return command
+
+
+def _show_info(result: dict) -> None:
     click.echo(f"workspace   {result['name']}  ({result['path']})")
     for root in result["roots"]:
         globs = f"  (globs: {', '.join(root['globs'])})" if root.get("globs") else ""
@@ -246,12 +256,16 @@ def info_command(name, workspace, as_json):
     click.echo(f"updated     {result['updated']}")
 
 
+info_command = _workspace_command("info", commands.workspace_info, _show_info,
+                                  "Show a workspace: roots, files, passages, context snapshot.")
+
+
 @rag_group.command("rm")
 @click.argument("names", nargs=-1)
 @click.option("--workspace", "-w", "workspaces", multiple=True, metavar="NAME",
               help="Workspace to remove (repeatable; or give the names as arguments).")
 @click.option("--keep-snapshot", is_flag=True, help="Keep the workspace's context snapshot on the server.")
-@click.option("--json", "as_json", is_flag=True, help="Print one JSON document.")
+@json_option
 def rm_command(names, workspaces, keep_snapshot, as_json):
     """Remove workspaces (and their context snapshots)."""
     names = list(dict.fromkeys([*names, *workspaces]))
@@ -272,29 +286,21 @@ def rm_command(names, workspaces, keep_snapshot, as_json):
     emit_json(results, as_json)
 
 
-@rag_group.command("sources")
-@click.argument("name", required=False)
-@workspace_option
-@click.option("--json", "as_json", is_flag=True, help="Print one JSON document.")
-def sources_command(name, workspace, as_json):
-    """List the files of a workspace."""
-    result = commands.sources(_one_workspace(name, workspace))
-    if emit_json(result, as_json):
-        return
+def _show_sources(result: dict) -> None:
     for f in result["files"]:
         encoding = f", {f['encoding']}" if f.get("encoding") not in (None, "utf-8") else ""
         click.echo(f"{f['path']}  ({f.get('kind')}{encoding}, {f.get('lines')} lines, {f.get('chunks')} passages)")
 
 
+sources_command = _workspace_command("sources", commands.sources, _show_sources, "List the files of a workspace.")
+
+
 @rag_group.command("retrievers")
-@click.option("--json", "as_json", is_flag=True, help="Print one JSON document.")
+@json_option
 def retrievers_command(as_json):
     """List the retrievers plugins provide."""
-    result = commands.retrievers()
-    if emit_json(result, as_json):
-        return
-    for r in result["retrievers"]:
-        click.echo(f"{r['name']:<12} {r['plugin']}{'  (default)' if r['default'] else ''}")
+    emit(commands.retrievers(), as_json, lambda result: "\n".join(
+        f"{r['name']:<12} {r['plugin']}{'  (default)' if r['default'] else ''}" for r in result["retrievers"]))
 
 
 @click.command("docs")

@@ -36,10 +36,30 @@ def device_tables(params: SpanParams, LKV: int, device):
     return tab
 
 
-def check_triton_params(params: SpanParams) -> None:
+def unit_stride(*tensors: torch.Tensor) -> tuple[torch.Tensor, ...]:
+    """The tensors with a last dimension of stride 1 (copied only where it is not): the kernels
+    step through a head's dimension one element at a time."""
+    return tuple(t if t.stride(-1) == 1 else t.contiguous() for t in tensors)
+
+
+def query_shapes(q: torch.Tensor, num_kv_heads: int, params: SpanParams) -> tuple[int, int, int, int, int]:
+    """``q [B, HQ, LQ, D]``'s sizes and its GQA group size ``G = HQ // HKV``, once ``params`` are
+    known to be ones the Triton kernels run."""
     if params.num_spans > MAX_TRITON_SPANS:
         raise ValueError(f"the Triton backend supports num_spans <= {MAX_TRITON_SPANS}, "
                          f"got {params.num_spans}; use backend='reference'")
+    B, HQ, LQ, D = q.shape
+    return B, HQ, LQ, D, HQ // num_kv_heads
+
+
+@triton.jit
+def sequence_and_kv_head(pos_ptr, HQ: tl.constexpr, G: tl.constexpr):
+    """For a program of a (sequence x kv head) grid (axis 0): its sequence ``b``, kv head ``hk``
+    and the sequence's position ``t`` (int32)."""
+    HKV: tl.constexpr = HQ // G
+    pid = tl.program_id(0)
+    b = pid // HKV
+    return b, pid % HKV, tl.load(pos_ptr + b).to(tl.int32)
 
 
 @triton.jit

@@ -22,7 +22,55 @@ import triton
 import triton.language as tl
 
 from .params import SpanParams
-from .triton_common import check_triton_params, device_tables, first_key, mask_u8, next_pow2, span_bounds
+from .triton_common import (
+    device_tables,
+    first_key,
+    mask_u8,
+    next_pow2,
+    query_shapes,
+    sequence_and_kv_head,
+    span_bounds,
+    unit_stride,
+)
+
+
+@triton.jit
+def dec_candidates(offs_ptr, t, S1, NS, NC, BLOCK_C: tl.constexpr):
+    """The block of candidate stripes of this program (grid axis 1) for a query at position ``t``:
+    their indices ``c`` (from the first searched stripe ``S1``), their anchors ``t + 1 - F(stripe)``
+    and which are live (the stripe exists and its first key is reached)."""
+    c = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)
+    stripe = S1 + c
+    live = (c < NC) & (stripe < NS)
+    first = tl.load(offs_ptr + stripe, mask=live, other=2147483647).to(tl.int32)
+    return c, t + 1 - first, live & (first <= t + 1)
+
+
+@triton.jit
+def dec_group_queries(q1_ptr, b, hk, sq_b, sq_h, G: tl.constexpr, GP: tl.constexpr, D: tl.constexpr,
+                      BLOCK_D: tl.constexpr):
+    """The routing queries of the G query heads of kv head ``hk``'s group, ``[GP, BLOCK_D]``
+    (zero rows past G): they score the gathered anchor keys in one product (``dec_store_scores``)."""
+    d = tl.arange(0, BLOCK_D)
+    gh = tl.arange(0, GP)
+    h = hk * G + gh
+    return tl.load(q1_ptr + b * sq_b + h[:, None] * sq_h + d[None, :], mask=(gh < G)[:, None] & (d < D)[None, :],
+                   other=0.0)
+
+
+@triton.jit
+def dec_store_scores(score_ptr, q, kt, live, b, hk, c, HQ: tl.constexpr, G: tl.constexpr, GP: tl.constexpr,
+                     NC_PAD: tl.constexpr, IEEE: tl.constexpr):
+    """The group's scores of the candidates ``c``: ``q [GP, D]`` times the anchor keys
+    ``kt [D, BLOCK_C]`` (fp32), -inf where a candidate is not live."""
+    if IEEE:
+        s = tl.dot(q, kt, input_precision="ieee")
+    else:
+        s = tl.dot(q, kt)
+    s = tl.where(live[None, :], s, float("-inf"))
+    gh = tl.arange(0, GP)
+    h = hk * G + gh
+    tl.store(score_ptr + (b * HQ + h[:, None]) * NC_PAD + c[None, :], s, mask=(gh < G)[:, None] & (c[None, :] < NC_PAD))
 
 
 @triton.jit
@@ -32,41 +80,18 @@ def _dec_score_kernel(q1_ptr, k_ptr, pos_ptr, mask_ptr, offs_ptr, score_ptr,
                       HQ: tl.constexpr, G: tl.constexpr, GP: tl.constexpr, D: tl.constexpr,
                       BLOCK_D: tl.constexpr, BLOCK_C: tl.constexpr, NC_PAD: tl.constexpr,
                       MASKED: tl.constexpr, IEEE: tl.constexpr):
-    pid_bh = tl.program_id(0)
-    pid_c = tl.program_id(1)
-    HKV: tl.constexpr = HQ // G
-    b = pid_bh // HKV
-    hk = pid_bh % HKV
-    t = tl.load(pos_ptr + b).to(tl.int32)
-    c = pid_c * BLOCK_C + tl.arange(0, BLOCK_C)
-    i = S1 + c
-    cin = (c < NC) & (i < NS)
-    fi = tl.load(offs_ptr + i, mask=cin, other=2147483647).to(tl.int32)
-    ok = cin & (fi <= t + 1)
-    a = t + 1 - fi
+    b, hk, t = sequence_and_kv_head(pos_ptr, HQ, G)
+    c, a, ok = dec_candidates(offs_ptr, t, S1, NS, NC, BLOCK_C)
     ok = ok & (a - KS < LKV) & (a >= KS)  # the keys held here: positions KS .. KS + LKV - 1
     if MASKED:
         ok = ok & (tl.load(mask_ptr + b * sm_b + (a - KS), mask=ok, other=0) != 0)
+    q = dec_group_queries(q1_ptr, b, hk, sq_b, sq_h, G, GP, D, BLOCK_D)
     d = tl.arange(0, BLOCK_D)
-    dmask = d < D
-    ninf = float("-inf")
-    gh = tl.arange(0, GP)
-    gvalid = gh < G
-    h = hk * G + gh
-    # the G query heads of the group score the gathered anchor keys in one product
-    q = tl.load(q1_ptr + b * sq_b + h[:, None] * sq_h + d[None, :], mask=gvalid[:, None] & dmask[None, :],
-                other=0.0)
     # int64 offsets: a 16M-token cache of 128-wide heads is 2**31 elements per head
     kt = tl.load(k_ptr + b.to(tl.int64) * sk_b + hk.to(tl.int64) * sk_h + (a - KS).to(tl.int64)[None, :] * sk_l
                  + d[:, None],
-                 mask=ok[None, :] & dmask[:, None], other=0.0)
-    if IEEE:
-        s = tl.dot(q, kt, input_precision="ieee")
-    else:
-        s = tl.dot(q, kt)
-    s = tl.where(ok[None, :], s, ninf)
-    tl.store(score_ptr + (b * HQ + h[:, None]) * NC_PAD + c[None, :], s,
-             mask=gvalid[:, None] & (c[None, :] < NC_PAD))
+                 mask=ok[None, :] & (d[:, None] < D), other=0.0)
+    dec_store_scores(score_ptr, q, kt, ok, b, hk, c, HQ, G, GP, NC_PAD, IEEE)
 
 
 @triton.jit
@@ -234,10 +259,8 @@ def triton_decode(q1, q2, k, v, positions, params: SpanParams, key_mask=None, ch
     A slice of the sequence (``reference_prefill``'s ``key_start`` and ``exchange``): k/v hold the
     keys from position ``key_start``; ``length_bound`` (the sequence's longest, e.g. the
     session's max_seq_len) sizes the candidates and tables, so every shape stays static."""
-    check_triton_params(params)
-    B, HQ, _, D = q2.shape
     HKV, LKV = k.shape[1], k.shape[2]
-    G = HQ // HKV
+    B, HQ, _, D, G = query_shapes(q2, HKV, params)
     dev = q2.device
     K = params.num_spans
     bound = max(LKV, key_start + LKV, length_bound or 0)
@@ -253,10 +276,7 @@ def triton_decode(q1, q2, k, v, positions, params: SpanParams, key_mask=None, ch
     mk = mask_u8(key_mask, dev)
     masked = key_mask is not None
     sm_b = mk.stride(0) if masked else 0
-    k = k if k.stride(-1) == 1 else k.contiguous()
-    v = v if v.stride(-1) == 1 else v.contiguous()
-    q1 = q1 if q1.stride(-1) == 1 else q1.contiguous()
-    q2 = q2 if q2.stride(-1) == 1 else q2.contiguous()
+    k, v, q1, q2 = unit_stride(k, v, q1, q2)
     scores = torch.empty(B * HQ, plan.nc_pad, device=dev, dtype=torch.float32)
     gate = torch.empty(B * HQ, K, device=dev, dtype=torch.float32)
     npart = B * HQ * (K + 1) * plan.nsplit

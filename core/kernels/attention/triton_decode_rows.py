@@ -7,7 +7,8 @@ captured CUDA graph is replayed for other sequences (other tensors, after a grow
 rewriting the tables; the grid comes from the static ``bound`` (no row's capacity exceeds it).
 
 1. ``_score_rows_kernel`` (row x kv head x candidate block): routing scores of the candidate
-   stripes for the G query heads of a group, as ``triton_decode``'s score kernel.
+   stripes for the G query heads of a group: ``triton_decode``'s score kernel (its candidates,
+   group queries and score product are the same functions) but for where a row's keys are.
 2. ``triton_decode.dec_topk_kernel``: top-k, gate logits, span bounds (per query head).
 3. ``_partial_rows_kernel`` (row x kv head x (G * k spans + the window) x split): a span slot
    attends one query head to its span; the window slot attends all G query heads of the group to
@@ -29,8 +30,15 @@ import triton.language as tl
 
 from .params import SpanParams
 from .rows import KVRows
-from .triton_common import check_triton_params, first_key, next_pow2
-from .triton_decode import DecodePlan, dec_combine_kernel, dec_topk_kernel
+from .triton_common import first_key, next_pow2, query_shapes, sequence_and_kv_head, unit_stride
+from .triton_decode import (
+    DecodePlan,
+    dec_candidates,
+    dec_combine_kernel,
+    dec_group_queries,
+    dec_store_scores,
+    dec_topk_kernel,
+)
 
 
 @triton.jit
@@ -61,33 +69,16 @@ def _append_rows_kernel(k_new_ptr, v_new_ptr, kp_ptr, vp_ptr, cap_ptr, pos_ptr, 
 def _score_rows_kernel(q1_ptr, kp_ptr, cap_ptr, pos_ptr, offs_ptr, score_ptr, sq_b, sq_h, NS, S1, NC,
                        HQ: tl.constexpr, G: tl.constexpr, GP: tl.constexpr, D: tl.constexpr,
                        BLOCK_D: tl.constexpr, BLOCK_C: tl.constexpr, NC_PAD: tl.constexpr, IEEE: tl.constexpr):
-    pid = tl.program_id(0)
-    HKV: tl.constexpr = HQ // G
-    b = pid // HKV
-    hk = pid % HKV
-    t = tl.load(pos_ptr + b).to(tl.int32)
+    b, hk, t = sequence_and_kv_head(pos_ptr, HQ, G)
     cap = tl.load(cap_ptr + b).to(tl.int64)
-    c = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)
-    stripe = S1 + c
-    live = (c < NC) & (stripe < NS)
-    first = tl.load(offs_ptr + stripe, mask=live, other=2147483647).to(tl.int32)
-    anchor = t + 1 - first
-    live = live & (first <= t + 1) & (anchor < cap)
+    c, anchor, live = dec_candidates(offs_ptr, t, S1, NS, NC, BLOCK_C)
+    live = live & (anchor < cap)
+    q = dec_group_queries(q1_ptr, b, hk, sq_b, sq_h, G, GP, D, BLOCK_D)
     d = tl.arange(0, BLOCK_D)
-    g = tl.arange(0, GP)
-    heads = hk * G + g
-    q = tl.load(q1_ptr + b * sq_b + heads[:, None] * sq_h + d[None, :],
-                mask=(g[:, None] < G) & (d[None, :] < D), other=0.0)
     keys = _row_base(kp_ptr, q1_ptr, b) + hk * cap * D
     kt = tl.load(keys + anchor[None, :].to(tl.int64) * D + d[:, None], mask=live[None, :] & (d[:, None] < D),
                  other=0.0)
-    if IEEE:
-        s = tl.dot(q, kt.to(q.dtype), input_precision="ieee")
-    else:
-        s = tl.dot(q, kt.to(q.dtype))
-    s = tl.where(live[None, :], s, float("-inf"))
-    tl.store(score_ptr + (b * HQ + heads[:, None]) * NC_PAD + c[None, :], s,
-             mask=(g[:, None] < G) & (c[None, :] < NC_PAD))
+    dec_store_scores(score_ptr, q, kt.to(q.dtype), live, b, hk, c, HQ, G, GP, NC_PAD, IEEE)
 
 
 @triton.jit
@@ -96,14 +87,10 @@ def _partial_rows_kernel(q2_ptr, kp_ptr, vp_ptr, cap_ptr, pos_ptr, lo_ptr, hi_pt
                          HQ: tl.constexpr, G: tl.constexpr, GP: tl.constexpr, D: tl.constexpr,
                          BLOCK_D: tl.constexpr, NUM_SPANS: tl.constexpr, CHUNK: tl.constexpr,
                          BLOCK_N: tl.constexpr, IEEE: tl.constexpr):
-    pid = tl.program_id(0)
+    b, hk, t = sequence_and_kv_head(pos_ptr, HQ, G)
+    cap = tl.load(cap_ptr + b).to(tl.int64)
     slot = tl.program_id(1)
     split = tl.program_id(2)
-    HKV: tl.constexpr = HQ // G
-    b = pid // HKV
-    hk = pid % HKV
-    t = tl.load(pos_ptr + b).to(tl.int32)
-    cap = tl.load(cap_ptr + b).to(tl.int64)
     g = tl.arange(0, GP)
     heads = hk * G + g
     if slot < G * NUM_SPANS:  # one query head's span
@@ -161,10 +148,7 @@ def append_rows(k_new: torch.Tensor, v_new: torch.Tensor, rows: KVRows, position
     """Write ``k_new``/``v_new [B, HKV, 1, D]`` into each row's K/V at its position (a row whose
     position is past its capacity is skipped: the caller reserves first)."""
     B, HKV, _, D = k_new.shape
-    k_new = k_new.to(rows.dtype)
-    v_new = v_new.to(rows.dtype)
-    k_new = k_new if k_new.stride(-1) == 1 else k_new.contiguous()
-    v_new = v_new if v_new.stride(-1) == 1 else v_new.contiguous()
+    k_new, v_new = unit_stride(k_new.to(rows.dtype), v_new.to(rows.dtype))
     _append_rows_kernel[(B, HKV)](k_new, v_new, rows.k_ptrs, rows.v_ptrs,
                                   rows.capacity, positions, k_new.stride(0), k_new.stride(1), v_new.stride(0),
                                   v_new.stride(1), HKV=HKV, D=D, BLOCK_D=next_pow2(D, lo=1))
@@ -177,10 +161,8 @@ def triton_decode_rows(q1, q2, rows: KVRows, positions, params: SpanParams, chun
                        block_n: int | None = None, warps: int | None = None) -> torch.Tensor:
     """``q1, q2 [B, HQ, 1, D]``, one row per sequence of ``rows``; ``positions`` int64 ``[B]`` on
     the device (each row's keys ``0 .. position`` are filled) -> ``[B, HQ, 1, D]``."""
-    check_triton_params(params)
-    B, HQ, _, D = q2.shape
     HKV = rows.num_kv_heads
-    G = HQ // HKV
+    B, HQ, _, D, G = query_shapes(q2, HKV, params)
     dev = q2.device
     K = params.num_spans
     key = (params, rows.bound, str(dev), chunk, block_n, warps)
@@ -192,10 +174,7 @@ def triton_decode_rows(q1, q2, rows: KVRows, positions, params: SpanParams, chun
     GP = next_pow2(G)
     ieee = q2.dtype == torch.float32
     out_dtype = q2.dtype
-    q1 = q1.to(rows.dtype)
-    q2 = q2.to(rows.dtype)
-    q1 = q1 if q1.stride(-1) == 1 else q1.contiguous()
-    q2 = q2 if q2.stride(-1) == 1 else q2.contiguous()
+    q1, q2 = unit_stride(q1.to(rows.dtype), q2.to(rows.dtype))
     pos = positions.to(device=dev, dtype=torch.int64)
     S1 = params.sw_index + 1
     scores = torch.empty(B * HQ, plan.nc_pad, device=dev, dtype=torch.float32)

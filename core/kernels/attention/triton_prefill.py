@@ -25,13 +25,14 @@ import triton.language as tl
 
 from .params import SpanParams
 from .triton_common import (
-    check_triton_params,
     device_tables,
     first_key,
     mask_u8,
     next_pow2,
+    query_shapes,
     span_bounds,
     topk_insert,
+    unit_stride,
 )
 
 NEG = -1e9
@@ -303,10 +304,8 @@ def triton_prefill(q1, q2, k, v, positions, params: SpanParams, key_mask=None, b
                    timings: list | None = None):
     """``blocks`` overrides tile sizes; ``timings`` (a list, CUDA only) receives CUDA events
     around the stages: search, bucketing, span tiles, window+combine."""
-    check_triton_params(params)
-    B, HQ, LQ, D = q2.shape
     HKV, LKV = k.shape[1], k.shape[2]
-    G = HQ // HKV
+    B, HQ, LQ, D, G = query_shapes(q2, HKV, params)
     dev = q2.device
     K = params.num_spans
     out = torch.empty(B, HQ, LQ, D, device=dev, dtype=q2.dtype)
@@ -316,10 +315,7 @@ def triton_prefill(q1, q2, k, v, positions, params: SpanParams, key_mask=None, b
     cfg = _blocks(dev.type == "cuda", G, BLOCK_D)
     if blocks:
         cfg.update(blocks)
-    q1 = q1.contiguous() if q1.stride(-1) != 1 else q1
-    q2 = q2.contiguous() if q2.stride(-1) != 1 else q2
-    k = k.contiguous() if k.stride(-1) != 1 else k
-    v = v.contiguous() if v.stride(-1) != 1 else v
+    q1, q2, k, v = unit_stride(q1, q2, k, v)
     if q1.dtype != k.dtype:
         q1 = q1.to(k.dtype)
     if q2.dtype != k.dtype:
