@@ -23,7 +23,7 @@ from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
-from superlinear.api.types import ChatTurn, Completion, SessionInfo, SessionListing, SnapshotInfo, Tokens
+from superlinear.api.types import ChatTurn, Completion, ModelInfo, SessionInfo, SessionListing, SnapshotInfo, Tokens
 from superlinear.bus import Command, Context
 from superlinear.engine import limits
 from superlinear.engine.types import RepetitionConfig, SamplingParams
@@ -32,13 +32,32 @@ from superlinear.errors import InvalidRequest
 OnBytes = Callable[[int, int | None], None]
 
 
+def _snapshot_text() -> str:
+    from superlinear.sessions.manifest import MAX_DESCRIPTION, MAX_TAG_LEN, MAX_TAGS, MAX_TITLE
+
+    return f"title {MAX_TITLE}, description {MAX_DESCRIPTION:,} characters; tags {MAX_TAGS} of {MAX_TAG_LEN}"
+
+
+def _manifest_depth() -> int:
+    from superlinear.sessions.manifest import MAX_DEPTH
+
+    return MAX_DEPTH
+
+
 @dataclass(frozen=True)
 class Http:
     """How an operation goes over HTTP. ``route``'s ``{names}`` are fields of the command; the
     other fields go in a JSON body (``query``: in the query string), under their ``wire`` name
     where it differs. ``result_key``: the answer's key that holds the result (None: all of it).
     ``served``: the server registers the route from this declaration (else a route of its own
-    carries it: an upload, a download)."""
+    carries it: an upload, a download).
+
+    What the server checks before any work (docs/server.md's table of bounds): ``body_bytes``, the
+    most bytes of the body or how that limit is computed (None: the default of a small JSON body,
+    or 0 without one); ``depth``, its JSON nesting (None: the default); ``items``, the bounds of
+    its strings and lists; ``reply``, what the answer may hold; ``upload``, the media type of a
+    body that is a file rather than JSON. A bound may be a function that gives it: the limits of
+    snapshots live beside torch, which the protocol (the CLI's) does not import."""
 
     method: str
     route: str
@@ -47,6 +66,11 @@ class Http:
     query: bool = False
     result_key: str | None = None
     served: bool = True
+    body_bytes: int | str | None = None
+    depth: int | Callable[[], int] | None = None
+    items: str | Callable[[], str] | None = None
+    reply: str | None = None
+    upload: str | None = None
 
     def path_fields(self) -> list[str]:
         import string
@@ -89,6 +113,10 @@ class ApiCommand(Command):
         """The body the server answers with ``result`` (where ``read`` finds it)."""
         return result
 
+    def respond(self, api) -> Any:
+        """What the server answers: the call on its API, as ``answer`` puts it."""
+        return self.answer(self.call(api))
+
     @classmethod
     def read(cls, answer: Any) -> Any:
         """The result in the server's answer (``http.result_key``; ``""``: there is none)."""
@@ -108,21 +136,32 @@ class ApiCommand(Command):
     def field_types(cls) -> dict[str, Any]:
         return typing.get_type_hints(cls)
 
+    @classmethod
+    def sends_body(cls) -> bool:
+        """Whether its wire fields go in a JSON body: not in the query, not on a GET or DELETE."""
+        return not cls.http.query and cls.http.method not in ("GET", "DELETE") and bool(cls.wire_fields())
+
 
 @dataclass(frozen=True)
-class Chat(ApiCommand):
-    """One turn: its events (an iterator; close it to cancel the turn)."""
+class Streamed(ApiCommand):
+    """An operation whose result is its events as they come: an iterator; close it to cancel."""
+
+    result: ClassVar[Any] = Iterator
+    streams: ClassVar[bool] = True
+
+
+@dataclass(frozen=True)
+class Chat(Streamed):
+    """One turn of a conversation."""
 
     name, method = "chat", "chat"
-    result, streams = Iterator, True
     http = Http("POST", "/v1/chat/completions", served=False)
     turn: ChatTurn
 
 
 @dataclass(frozen=True)
-class Complete(ApiCommand):
+class Complete(Streamed):
     name, method = "complete", "complete"
-    result, streams = Iterator, True
     http = Http("POST", "/v1/completions", served=False)
     completion: Completion
 
@@ -142,6 +181,15 @@ class Detokenize(ApiCommand):
     name, method, result = "detokenize", "detokenize", str
     http = Http("POST", "/detokenize", wire={"ids": "tokens"}, result_key="content", served=False)
     ids: tuple[int, ...]
+
+
+@dataclass(frozen=True)
+class GetModel(ApiCommand):
+    """The model served; ``NotFound`` unless ``model`` is one of its names (None: whichever)."""
+
+    name, method, result = "model.get", "get_model", ModelInfo
+    http = Http("GET", "/v1/models/{model}", served=False)  # OpenAI's model object: an adapter
+    model: str | None = None
 
 
 # -- sessions ---------------------------------------------------------------------------------------
@@ -184,7 +232,8 @@ class ListSessions(ApiCommand):
 @dataclass(frozen=True)
 class History(SessionCommand):
     name, method, result = "session.history", "history", list
-    http = Http("GET", "/v1/sessions/{session_id}/history", result_key="messages")
+    http = Http("GET", "/v1/sessions/{session_id}/history", result_key="messages",
+                reply="the messages of the conversation limit, encoded off the event loop")
 
     def answer(self, result):
         return {"object": "session.history", "id": self.session_id, "messages": result,
@@ -210,7 +259,7 @@ class Rollback(SessionCommand):
 @dataclass(frozen=True)
 class Resize(SessionCommand):
     name, method, result = "session.resize", "resize", SessionInfo
-    http = Http("POST", "/v1/sessions/{session_id}/resize")
+    http = Http("POST", "/v1/sessions/{session_id}/resize", items="max_seq_len: the conversation limit")
     max_seq_len: int = bounded(dataclasses.MISSING, ge=1, le=limits.MAX_TOKENS)
 
 
@@ -219,7 +268,7 @@ class Save(SessionCommand):
     """Snapshot a session; the snapshot's info."""
 
     name, method, result = "session.save", "save", SnapshotInfo
-    http = Http("POST", "/v1/sessions/{session_id}/save", status=201)
+    http = Http("POST", "/v1/sessions/{session_id}/save", status=201, items=_snapshot_text)
     title: str | None = None
     description: str | None = None
     tags: tuple[str, ...] | None = None
@@ -237,9 +286,7 @@ class CloseSession(SessionCommand):
 # -- snapshots --------------------------------------------------------------------------------------
 @dataclass(frozen=True)
 class SnapshotCommand(ApiCommand):
-    """An operation on one snapshot."""
-
-    snapshot_id: str
+    snapshot_id: str  # the snapshot it works on
 
 
 @dataclass(frozen=True)
@@ -247,10 +294,15 @@ class ListSnapshots(ApiCommand):
     name, method, result = "snapshot.list", "list_snapshots", list
     http = Http("GET", "/v1/snapshots", query=True, wire={"include_session_state": "all"}, result_key="data")
 
-    def answer(self, result):
-        return {"object": "list", "data": result}
     tag: str | None = None
     include_session_state: bool = False
+
+    def answer(self, result):
+        return {"object": "list", "data": result}
+
+    def respond(self, api):
+        # unreadable snapshots are left out, never a failed listing: they are named beside it
+        return {**super().respond(api), "skipped": api.skipped_snapshots()}
 
 
 @dataclass(frozen=True)
@@ -264,7 +316,7 @@ class SkippedSnapshots(ApiCommand):
 @dataclass(frozen=True)
 class GetSnapshot(SnapshotCommand):
     name, method, result = "snapshot.get", "get_snapshot", SnapshotInfo
-    http = Http("GET", "/v1/snapshots/{snapshot_id}")
+    http = Http("GET", "/v1/snapshots/{snapshot_id}")  # its manifest, without the list of its files
 
 
 @dataclass(frozen=True)
@@ -272,7 +324,7 @@ class UpdateSnapshot(SnapshotCommand):
     """Change a snapshot's title, description or tags (None: unchanged)."""
 
     name, method, result = "snapshot.update", "update_snapshot", SnapshotInfo
-    http = Http("PATCH", "/v1/snapshots/{snapshot_id}")
+    http = Http("PATCH", "/v1/snapshots/{snapshot_id}", items=_snapshot_text)
     title: str | None = None
     description: str | None = None
     tags: tuple[str, ...] | None = None
@@ -292,7 +344,8 @@ class ExportSnapshot(SnapshotCommand):
     """Write a snapshot to one file; ``on_bytes(done, total)`` follows the transfer."""
 
     name, method, result = "snapshot.export", "export_snapshot", str
-    http = Http("GET", "/v1/snapshots/{snapshot_id}/export", served=False)  # a file download
+    http = Http("GET", "/v1/snapshots/{snapshot_id}/export", served=False,  # a file download
+                reply="the snapshot's files, streamed from disk")
     dest: str
     on_bytes: OnBytes | None = _bytes_field()
 
@@ -300,7 +353,10 @@ class ExportSnapshot(SnapshotCommand):
 @dataclass(frozen=True)
 class ImportSnapshot(ApiCommand):
     name, method, result = "snapshot.import", "import_snapshot", SnapshotInfo
-    http = Http("POST", "/v1/snapshots/import", status=201, query=True, served=False)  # an upload
+    http = Http("POST", "/v1/snapshots/import", status=201, query=True, served=False,  # an upload
+                body_bytes="the room of the disk: free space less $SPL_STORE_RESERVE_BYTES", depth=_manifest_depth,
+                items="manifest: 16 MiB; then only the files it lists, each hashed and stopped at the size it "
+                      "declares (never more decompressed)", upload="application/x-tar")
     file: str
     snapshot_id: str | None = None
     replace: bool = False
@@ -320,7 +376,7 @@ class Load(SnapshotCommand):
 
 
 OPERATIONS: tuple[type[ApiCommand], ...] = (
-    Chat, Complete, Tokenize, Detokenize, CreateSession, GetSession, ListSessions, History, Fork, Rollback,
+    Chat, Complete, Tokenize, Detokenize, GetModel, CreateSession, GetSession, ListSessions, History, Fork, Rollback,
     Resize, Save, CloseSession, ListSnapshots, SkippedSnapshots, GetSnapshot, UpdateSnapshot, DeleteSnapshot,
     ExportSnapshot, ImportSnapshot, Load)
 
@@ -383,6 +439,7 @@ def completion_body(completion: Completion) -> dict:
 
 
 __all__ = ["OPERATIONS", "ApiCommand", "Chat", "CloseSession", "Complete", "CreateSession", "DeleteSnapshot",
-           "Detokenize", "ExportSnapshot", "Fork", "GetSession", "GetSnapshot", "History", "Http", "ImportSnapshot",
-           "ListSessions", "ListSnapshots", "Load", "Resize", "Rollback", "Save", "SessionCommand", "SkippedSnapshots",
-           "SnapshotCommand", "Tokenize", "UpdateSnapshot", "chat_body", "completion_body", "sampling_fields"]
+           "Detokenize", "ExportSnapshot", "Fork", "GetModel", "GetSession", "GetSnapshot", "History", "Http",
+           "ImportSnapshot", "ListSessions", "ListSnapshots", "Load", "Resize", "Rollback", "Save", "SessionCommand",
+           "SkippedSnapshots", "SnapshotCommand", "Tokenize", "UpdateSnapshot", "chat_body", "completion_body",
+           "sampling_fields"]

@@ -7,7 +7,7 @@ import pytest
 
 from superlinear.engine import ChatRequest, Done, SamplingParams, TextDelta, run_turn
 from superlinear.engine.conversation import Conversation
-from superlinear.engine.text import IncrementalDetokenizer
+from superlinear.engine.decode import IncrementalDetokenizer
 
 pytestmark = pytest.mark.slow
 

@@ -9,9 +9,9 @@ import jsonschema
 import pytest
 import torch
 
+from superlinear.engine.decode import Sampler, prompt_logprobs, token_logprob
 from superlinear.engine.grammar import from_response_format, grammar_of
 from superlinear.engine.limits import check_sampling
-from superlinear.engine.sampling import Sampler, prompt_logprobs, token_logprob
 from superlinear.engine.types import SamplingParams
 from superlinear.errors import InvalidRequest
 

@@ -4,9 +4,10 @@ import json
 
 import pytest
 
+from superlinear.engine.decode import IncrementalDetokenizer, StopCutter
 from superlinear.engine.repetition import RepetitionDetector
-from superlinear.engine.text import IncrementalDetokenizer, StopCutter, ThinkSplitter
 from superlinear.engine.tools import parse_tool_calls
+from superlinear.engine.turn import ThinkSplitter
 from superlinear.engine.types import RepetitionConfig, SamplingParams
 
 
@@ -143,7 +144,7 @@ def test_repetition_short_runs_are_not_loops():
 
 def test_sampler_seeds():
     torch = pytest.importorskip("torch")
-    from superlinear.engine.sampling import Sampler
+    from superlinear.engine.decode import Sampler
 
     logits = torch.randn(1000, generator=torch.Generator().manual_seed(0))
     p = SamplingParams(temperature=0.9, top_p=0.95, top_k=50, seed=1234)

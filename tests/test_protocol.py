@@ -1,7 +1,8 @@
 """The protocol (``superlinear.protocol``) declares every operation once; the remote API and the
 server's routes are built from it. Here every declared field of a chat turn (each field of
-``SamplingParams``, ``ChatRequest`` and ``ChatTurn``) and of each served operation is set to a
-value other than its default and sent both ways, in process (``connect("local")``) and to a
+``SamplingParams``, ``ChatRequest`` and ``ChatTurn``), of a completion (``Completion``'s, its
+sampling's, logprobs with and without echo) and of each served operation is set to a value
+other than its default and sent both ways, in process (``connect("local")``) and to a
 real server on a free port (``connect(url)``): the events and results must be the same.
 
 The tables below must name every field: adding one to the request types without a value here
@@ -20,6 +21,7 @@ from superlinear import protocol
 from superlinear.api import chat_turn
 from superlinear.api.types import Completion
 from superlinear.engine import ChatRequest, Logprobs, RepetitionConfig, SamplingParams
+from superlinear.errors import NotFound
 from superlinear.service.chat_service import ChatTurn
 
 BASE = {"temperature": 0.9, "seed": 5, "max_tokens": 4}
@@ -72,16 +74,30 @@ def turns(ids: list[int]) -> list[tuple[str, ChatTurn]]:
     return out
 
 
+def completions(ids: list[int]) -> list[tuple[str, Completion]]:
+    """One completion per declared field of ``Completion`` and of its ``sampling``, that field
+    set (the rest as in ``BASE``); the prompt's logprobs (``echo`` with ``logprobs``) too."""
+    base = Completion("Once upon", SamplingParams(**BASE))
+    values = {"prompt": ids * 3, "sampling": SamplingParams(**{**BASE, "logprobs": 2}),
+              "repetition": RepetitionConfig(tail_len=4, min_repeats=2), "echo": True}
+    names = {f.name for f in dataclasses.fields(Completion)}
+    assert set(values) == names, f"fields without a value here: {sorted(names - set(values))}"
+    out = [(f"completion.{name}", dataclasses.replace(base, **{name: value})) for name, value in values.items()]
+    out += [(f"completion.sampling.{name}", dataclasses.replace(
+        base, sampling=dataclasses.replace(base.sampling, **{name: value})))
+        for name, value in sampling_values(ids).items()]
+    out.append(("completion.echo+logprobs", dataclasses.replace(base, echo=True, sampling=values["sampling"])))
+    return out
+
+
 def walk(api, ids: list[int]) -> dict:
-    """Every field's turn, a completion with each of its own fields, and each served operation."""
+    """Every field's turn and completion, and each served operation."""
     results: dict = {}
     api.create_session("walk")
     for label, turn in turns(ids):
         results[label] = [comparable(e) for e in api.chat(turn)]
-    # (a completion's logprobs and echo are OpenAI's legacy shapes, without token ids: not read back yet)
-    results["completion"] = [comparable(e) for e in api.complete(
-        Completion("Once upon", dataclasses.replace(turns(ids)[0][1].request.sampling, **BASE),
-                   RepetitionConfig(tail_len=4)))]
+    for label, completion in completions(ids):
+        results[label] = [comparable(e) for e in api.complete(completion)]
     # the served operations, each field other than its default
     results["fork"] = _session(api.fork("walk", "walk-fork"))
     results["rollback"] = _session(api.rollback("walk-fork", 1))
@@ -98,6 +114,13 @@ def walk(api, ids: list[int]) -> dict:
     tokens = api.tokenize("hello", add_special=False, with_pieces=True)
     results["tokens"] = {k: v for k, v in tokens.items() if k != "max_seq_len_limit"}  # the free memory's
     results["detokenize"] = api.detokenize(ids)
+    model = api.get_model()
+    results["model"] = {k: v for k, v in model.items() if k != "max_seq_len_limit"}  # the free memory's
+    results["model by name"] = api.get_model(model["id"])["id"]
+    try:
+        api.get_model("no-such-model")
+    except NotFound as exc:
+        results["model unknown"] = (exc.code, exc.message)
     results["close"] = _session(api.close_session("walk-new"))
     api.delete_snapshot(snap["id"])
     results["sessions"] = sorted(s["id"] for s in api.list_sessions()["sessions"])
@@ -137,8 +160,12 @@ def test_every_declared_field_survives_http_as_in_process(tiny_llama, tmp_path):
         shutil.rmtree(server.tmp, ignore_errors=True)
     for label in in_process:
         assert over_http[label] == in_process[label], label
-    # the fields did something: logprobs came back, the biased token was picked
+    # the fields did something: logprobs came back (the prompt's with echo), the biased token was picked
     assert any(isinstance(e, Logprobs) for e in in_process["sampling.logprobs"])
+    assert any(isinstance(e, Logprobs) and not e.prompt for e in in_process["completion.sampling.logprobs"])
+    prompt = [e for e in in_process["completion.echo+logprobs"] if isinstance(e, Logprobs) and e.prompt]
+    assert len(prompt) == 1 and len(prompt[0].tokens) > 1 and prompt[0].tokens[1].top
     text = "".join(getattr(e, "text", "") for e in in_process["sampling.logit_bias"] if type(e).__name__ == "TextDelta")
     assert text, "the biased token was never picked"
     assert in_process["load"]["ephemeral"] is True and in_process["resize"]["max_seq_len"] == 512
+    assert in_process["model unknown"][0] == "model_not_found" and in_process["model"]["fingerprint"]

@@ -18,7 +18,9 @@ import pytest
 from pydantic import BaseModel
 from server_helpers import TINY_MAX_SEQ_LEN as MAX_SEQ_LEN
 
+from superlinear import protocol
 from superlinear.plugins.serve import schemas as S
+from superlinear.plugins.serve.routes_api import body_model
 
 pytestmark = pytest.mark.slow
 
@@ -65,13 +67,10 @@ ROUTES: dict[tuple[str, str], tuple[type[BaseModel], dict]] = {
     ("POST", "/v1/completions"): (S.CompletionRequest, {"prompt": "Hi", "max_tokens": 1, "temperature": 0}),
     ("POST", "/tokenize"): (S.TokenizeRequest, {"content": "Hi"}),
     ("POST", "/detokenize"): (S.DetokenizeRequest, {"tokens": [1, 2]}),
-    ("POST", "/v1/sessions"): (S.CreateSession, {"max_seq_len": 32}),
-    ("POST", "/v1/sessions/{session_id}/fork"): (S.ForkSession, {}),
-    ("POST", "/v1/sessions/{session_id}/rollback"): (S.RollbackSession, {"n_messages": 2}),
-    ("POST", "/v1/sessions/{session_id}/resize"): (S.ResizeSession, {"max_seq_len": MAX_SEQ_LEN}),
-    ("POST", "/v1/sessions/{session_id}/save"): (S.SaveSession, {"title": "t"}),
-    ("PATCH", "/v1/snapshots/{snapshot_id}"): (S.PatchSnapshot, {"title": "t"}),
-    ("POST", "/v1/snapshots/{snapshot_id}/load"): (S.LoadSnapshot, {"session_id": "sweep-load", "force": True}),
+    **{(op.http.method, op.http.route): (body_model(op), base) for op, base in (
+        (protocol.CreateSession, {"max_seq_len": 32}), (protocol.Fork, {}), (protocol.Rollback, {"n_messages": 2}),
+        (protocol.Resize, {"max_seq_len": MAX_SEQ_LEN}), (protocol.Save, {"title": "t"}),
+        (protocol.UpdateSnapshot, {"title": "t"}), (protocol.Load, {"session_id": "sweep-load", "force": True}))},
 }
 SWEPT_PREFIXES = ("/v1", "/health", "/metrics", "/tokenize", "/detokenize")
 RAW_BODY_ROUTES = {("POST", "/v1/snapshots/import")}  # a tar file, not JSON

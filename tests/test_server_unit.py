@@ -59,7 +59,11 @@ def test_session_rule():
 
 
 def test_parse_body():
-    from superlinear.plugins.serve.schemas import ChatCompletionRequest, CreateSession, parse_body
+    from superlinear import protocol
+    from superlinear.plugins.serve.routes_api import body_model
+    from superlinear.plugins.serve.schemas import ChatCompletionRequest, parse_body
+
+    CreateSession = body_model(protocol.CreateSession)  # noqa: N806 - a model
 
     ok = parse_body(b'{"messages": [{"role": "user", "content": [{"type": "text", "text": "a"},'
                     b' {"type": "text", "text": "b"}]}], "user": "u1"}', ChatCompletionRequest)
@@ -205,6 +209,29 @@ def test_app_auth_validation_and_loading(loading_app):
     assert r.status_code == 404 and set(r.json()["error"]) == {"message", "type", "param", "code"}
     r = client.delete("/health")
     assert r.status_code == 405 and "error" in r.json()
+
+
+def test_the_operations_routes_are_their_declarations(loading_app):
+    """Each served operation of the protocol has its route, method and body model with the
+    command's bounds; its body is checked before the server is asked to be ready."""
+    from fastapi.routing import APIRoute
+
+    from superlinear import protocol
+
+    client, _rt = loading_app
+    routes = {(method, r.path): r for r in client.app.routes if isinstance(r, APIRoute) for method in r.methods}
+    for op in protocol.OPERATIONS:
+        if op.http.served:
+            assert routes[(op.http.method, op.http.route)].status_code == op.http.status, op.name
+    auth = {"Authorization": "Bearer k"}
+    for body, status, param in (({"max_seq_len": 0}, 400, "max_seq_len"), ({"max_seq_len": "x"}, 400, "max_seq_len"),
+                                ({"max_seq_len": 8, "x": 1}, 400, "x"), ({"max_seq_len": 8}, 503, None)):
+        r = client.post("/v1/sessions/s/resize", json=body, headers=auth)
+        assert r.status_code == status and r.json()["error"]["param"] == param, (body, r.text)
+    r = client.get("/v1/snapshots", params={"all": "maybe"}, headers=auth)
+    assert r.status_code == 400 and r.json()["error"]["param"] == "all"
+    resize = client.get("/openapi.json").json()["components"]["schemas"]["Resize"]
+    assert resize["properties"]["max_seq_len"]["minimum"] == 1 and resize["required"] == ["max_seq_len"]
 
 
 def test_health_is_503_after_a_failed_load(tmp_path, monkeypatch):

@@ -19,7 +19,7 @@ from pathlib import Path
 from typing import Any, Protocol
 
 from .events import Done, Event, Persisted, PrefillProgress, ReasoningDelta, Started, TextDelta, ToolCallsEvent
-from .types import ChatTurn, Completion, SessionInfo, SessionListing, SnapshotInfo, Tokens, chat_turn
+from .types import ChatTurn, Completion, ModelInfo, SessionInfo, SessionListing, SnapshotInfo, Tokens, chat_turn
 
 
 class Api(Protocol):
@@ -30,6 +30,7 @@ class Api(Protocol):
     def tokenize(self, source: str | list[dict], *, add_special: bool = True, add_generation_prompt: bool = True,
                  with_pieces: bool = False) -> Tokens: ...
     def detokenize(self, ids: list[int]) -> str: ...
+    def get_model(self, model: str | None = None) -> ModelInfo: ...
     def create_session(self, session_id: str | None = None, max_seq_len: int | None = None, *,
                        ephemeral: bool = False) -> SessionInfo: ...
     def get_session(self, session_id: str) -> SessionInfo: ...
@@ -67,6 +68,6 @@ def collect_text(events: Iterator[Event]) -> tuple[str, Done]:
     return "".join(text), done
 
 
-__all__ = ["Api", "ChatTurn", "Completion", "Done", "Event", "Persisted", "PrefillProgress", "ReasoningDelta",
-           "SessionInfo", "SessionListing", "SnapshotInfo", "Started", "TextDelta", "Tokens", "ToolCallsEvent",
-           "chat_turn", "collect_text"]
+__all__ = ["Api", "ChatTurn", "Completion", "Done", "Event", "ModelInfo", "Persisted", "PrefillProgress",
+           "ReasoningDelta", "SessionInfo", "SessionListing", "SnapshotInfo", "Started", "TextDelta", "Tokens",
+           "ToolCallsEvent", "chat_turn", "collect_text"]

@@ -6,6 +6,7 @@ snapshot store, session manager and service."""
 
 from __future__ import annotations
 
+import functools
 import queue
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
@@ -15,7 +16,7 @@ from typing import Any
 from superlinear.service.chat_service import ChatService, ChatTurn
 
 from .events import Event
-from .types import Completion, SessionInfo, SessionListing, SnapshotInfo, Tokens
+from .types import Completion, ModelInfo, SessionInfo, SessionListing, SnapshotInfo, Tokens
 from .worker import Job, Worker
 
 _END = object()  # a streaming job's last item
@@ -130,6 +131,20 @@ class LocalApi:
     def detokenize(self, ids: list[int]) -> str:
         return self.service.detokenize(ids)
 
+    def get_model(self, model: str | None = None) -> ModelInfo:
+        self.service.check_model(model)
+        manager = self.service.manager
+        return {**self._model_facts, "max_seq_len_limit": manager.max_seq_len_limit(),
+                "default_max_seq_len": manager.default_max_seq_len}
+
+    @functools.cached_property
+    def _model_facts(self) -> dict:
+        """What stays the same while the model is loaded (``max_model_len`` may read the model's
+        description, which walks every layer)."""
+        service = self.service
+        return {"id": service.model_name, "fingerprint": service.model.fingerprint,
+                "max_model_len": service.max_model_len()}
+
     # -- sessions ------------------------------------------------------------------------------
     def create_session(self, session_id: str | None = None, max_seq_len: int | None = None, *,
                        ephemeral: bool = False) -> SessionInfo:
@@ -166,6 +181,18 @@ class LocalApi:
     def close_session(self, session_id: str) -> SessionInfo:
         self.service.session_info(session_id)
         return self.worker.call(lambda: self.service.close_session(session_id), session=session_id)
+
+    def persist_failed(self) -> Job:
+        """Write again, on the worker, every session whose last persist failed: the disk that was
+        full or read-only may have recovered, and an idle session has no next turn to retry it.
+        Its job (a failure is kept in the session, as ``persist_error``)."""
+
+        def persist(_job: Job) -> None:
+            for info in self.service.list_sessions()["sessions"]:
+                if info["persist_error"]:
+                    self.service.persist(info["id"])
+
+        return self.worker.submit(persist, kind="admin")
 
     # -- snapshots -----------------------------------------------------------------------------
     def list_snapshots(self, tag: str | None = None, include_session_state: bool = False) -> list[SnapshotInfo]:

@@ -19,10 +19,10 @@ from superlinear import protocol
 from superlinear.engine.types import Logprobs
 from superlinear.errors import InvalidRequest, Unavailable, UserError, from_openai
 from superlinear.service.chat_service import ChatTurn
-from superlinear.service.logprobs import read_chat_logprobs
+from superlinear.service.logprobs import read_chat_logprobs, read_completion_logprobs
 
 from .events import Done, Event, Persisted, PrefillProgress, ReasoningDelta, Started, TextDelta, ToolCallsEvent
-from .types import Completion, SessionInfo, SessionListing, SnapshotInfo, Tokens
+from .types import Completion, ModelInfo, SessionInfo, SessionListing, SnapshotInfo, Tokens
 
 
 def _q(part: str) -> str:
@@ -168,6 +168,14 @@ class RemoteApi:
     def detokenize(self, ids: list[int]) -> str:
         return self.send(protocol.Detokenize(ids=tuple(ids)))
 
+    def get_model(self, model: str | None = None) -> ModelInfo:
+        """The model served: OpenAI's model object, which carries spl's fields too."""
+        if model is None:
+            card = self.models()[0]
+        else:
+            card = self.send(protocol.GetModel(model))
+        return {k: card[k] for k in ModelInfo.__annotations__}
+
     def create_session(self, session_id: str | None = None, max_seq_len: int | None = None, *,
                        ephemeral: bool = False) -> SessionInfo:
         return self.send(protocol.CreateSession(session_id, max_seq_len, ephemeral))
@@ -306,7 +314,7 @@ def read_chat(chunks: Iterator[dict]) -> Iterator[Event]:
         for choice in chunk.get("choices") or []:
             delta = choice.get("delta") or {}
             if isinstance(choice.get("logprobs"), dict):
-                yield Logprobs(read_chat_logprobs(choice["logprobs"]))
+                yield from picked(read_chat_logprobs(choice["logprobs"]))
             if delta.get("reasoning_content"):
                 yield ReasoningDelta(delta["reasoning_content"])
             if delta.get("content"):
@@ -325,11 +333,24 @@ def read_chat(chunks: Iterator[dict]) -> Iterator[Event]:
     yield done
 
 
+def picked(entries: list) -> Iterator[Logprobs]:
+    """Generated tokens' logprobs as the engine yields them: one event per picked token (a chunk
+    carries those of every token picked since the last one)."""
+    for entry in entries:
+        yield Logprobs([entry])
+
+
 def read_completion(chunks: Iterator[dict]) -> Iterator[Event]:
+    """A completion's events from its chunks: the chunk that says ``echo`` holds the echoed
+    prompt, which is no generated text (``LocalApi`` yields none), and its logprobs (the prompt's)."""
     done = None
     for chunk in chunks:
+        echo = chunk.get("echo") is True
         for choice in chunk.get("choices") or []:
-            if choice.get("text"):
+            if isinstance(choice.get("logprobs"), dict):
+                entries = read_completion_logprobs(choice["logprobs"])
+                yield from [Logprobs(entries, prompt=True)] if echo else picked(entries)
+            if choice.get("text") and not echo:
                 yield TextDelta(choice["text"])
         if "done" in chunk:
             done = done_event(chunk["done"])

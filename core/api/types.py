@@ -47,6 +47,17 @@ class Tokens(TypedDict, total=False):
     pieces: list[str]
 
 
+class ModelInfo(TypedDict):
+    """The model an API serves, and how long its sessions may be (cheap to ask: the server asks
+    it on every request; ``LocalApi.model.info()`` describes the model itself)."""
+
+    id: str  # the name it is served by
+    fingerprint: str  # what a snapshot must have been made with to load
+    max_model_len: int | None  # the operator's max_seq_len, else the context it was trained for
+    max_seq_len_limit: int  # the longest session the memory budget lets one hold now
+    default_max_seq_len: int  # a new session's, when it asks for none
+
+
 class SessionInfo(TypedDict):
     id: str
     position: int
@@ -86,4 +97,5 @@ class SnapshotInfo(TypedDict, total=False):
     session: dict
 
 
-__all__ = ["ChatTurn", "Completion", "SessionInfo", "SessionListing", "SnapshotInfo", "Tokens", "chat_turn"]
+__all__ = ["ChatTurn", "Completion", "ModelInfo", "SessionInfo", "SessionListing", "SnapshotInfo", "Tokens",
+           "chat_turn"]

@@ -14,13 +14,20 @@ from collections.abc import Iterator
 from superlinear.errors import InvalidRequest, TooLarge
 
 from .conversation import Conversation
-from .decode import decode, stop_reason
+from .decode import (
+    IncrementalDetokenizer,
+    Sampler,
+    StopCutter,
+    decode,
+    prompt_logprobs,
+    stop_reason,
+    token_text,
+    turn_usage,
+)
 from .limits import check_sampling
 from .repetition import RepetitionDetector
-from .sampling import Sampler, prompt_logprobs, token_text
-from .text import IncrementalDetokenizer, StopCutter
 from .tokens import check_ids, tokenize_text
-from .types import Done, Event, Logprobs, RepetitionConfig, SamplingParams, TextDelta, TokenLogprob, turn_usage
+from .types import Done, Event, Logprobs, RepetitionConfig, SamplingParams, TextDelta, TokenLogprob
 
 # The OpenAI API's default for /v1/completions.
 DEFAULT_MAX_TOKENS = 16

@@ -23,8 +23,8 @@ import threading
 
 from superlinear.errors import InvalidRequest
 
-from .text import THINK_CLOSE
 from .tools import TOOL_CLOSE, TOOL_OPEN
+from .types import THINK_CLOSE
 
 STRUCTURED_KINDS = ("json", "json_object", "regex", "choice", "grammar", "tools")
 _JSON_DEFAULTS = {"whitespace_flexible": False}

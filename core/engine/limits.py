@@ -92,9 +92,10 @@ def check_sampling(sp, vocab: int = MAX_TOP_K) -> None:
         raise InvalidRequest(f"stop: at most {MAX_STOPS} strings of at most {MAX_STOP_CHARS} characters",
                              param="stop")
     _check_logit_bias(sp.logit_bias, vocab)
-    from .grammar import grammar_of
+    if sp.structured is not None:  # the grammar module is for the generations that ask for one
+        from .grammar import grammar_of
 
-    grammar_of(sp.structured)
+        grammar_of(sp.structured)
 
 
 def _check_logit_bias(bias, vocab: int) -> None:

@@ -5,8 +5,8 @@ from __future__ import annotations
 
 from superlinear.errors import InvalidRequest
 
+from .decode import IncrementalDetokenizer
 from .template import ChatTemplate
-from .text import IncrementalDetokenizer
 
 
 def tokenize_text(tokenizer, text: str, add_special: bool = True) -> list[int]:

@@ -15,6 +15,7 @@ import uuid
 TOOL_OPEN, TOOL_CLOSE = "<tool_call>", "</tool_call>"
 # Nemotron Nano v2 writes a JSON list: <TOOLCALL>[{"name": ..., "arguments": {...}}, ...]</TOOLCALL>
 TOOL_BLOCKS = {TOOL_OPEN: TOOL_CLOSE, "<TOOLCALL>": "</TOOLCALL>"}
+_BLOCK_OPEN_RE = re.compile("|".join(map(re.escape, TOOL_BLOCKS)))  # the earliest opener (two never match at one place)
 
 _FUNC_RE = re.compile(r"<function=([^>\s]+)>(.*?)(?:</function>|$)", re.S)
 _PARAM_RE = re.compile(r"<parameter=([^>\s]+)>(.*?)(?:</parameter>|(?=<parameter=)|$)", re.S)
@@ -85,20 +86,18 @@ def parse_tool_call_body(body: str, tools: list[dict] | None = None) -> list[dic
 def parse_tool_calls(text: str, tools: list[dict] | None = None) -> tuple[str, list[dict]]:
     """Splits an answer into (content before the first tool-call block, calls). An unclosed last
     block (generation ended inside it) is parsed too."""
-    from .text import find_first
-
-    pos, opener = find_first(text, list(TOOL_BLOCKS))
-    if pos == -1:
+    block = _BLOCK_OPEN_RE.search(text)
+    if block is None:
         return text, []
-    content, calls = text[:pos], []
-    while pos != -1:
-        start = pos + len(opener)
-        end = text.find(TOOL_BLOCKS[opener], start)
-        body = text[start:] if end == -1 else text[start:end]
+    content, calls = text[:block.start()], []
+    while block is not None:
+        closer = TOOL_BLOCKS[block.group()]
+        end = text.find(closer, block.end())
+        body = text[block.end():] if end == -1 else text[block.end():end]
         calls.extend(parse_tool_call_body(body, tools))
         if end == -1:
             break
-        pos, opener = find_first(text, list(TOOL_BLOCKS), end + len(TOOL_BLOCKS[opener]))
+        block = _BLOCK_OPEN_RE.search(text, end + len(closer))
     return content.rstrip(), calls
 
 

@@ -14,15 +14,92 @@ from collections.abc import Iterator
 from superlinear.errors import InvalidRequest, OverBudget, TooLarge
 
 from .conversation import Conversation
-from .decode import decode, stop_reason
+from .decode import (
+    IncrementalDetokenizer,
+    Sampler,
+    StopCutter,
+    decode,
+    find_first,
+    partial_marker_start,
+    stop_reason,
+    turn_usage,
+)
 from .limits import check_request
 from .repetition import RepetitionDetector
-from .sampling import Sampler
-from .text import THINK_CLOSE, IncrementalDetokenizer, StopCutter, ThinkSplitter, find_first, partial_marker_start
 from .tools import TOOL_BLOCKS, parse_tool_calls
-from .types import ChatRequest, Done, Event, ReasoningDelta, TextDelta, ToolCallsEvent, turn_usage
+from .types import THINK_CLOSE, THINK_OPEN, ChatRequest, Done, Event, ReasoningDelta, TextDelta, ToolCallsEvent
 
 END_OF_TURN_ROOM = 8
+
+
+class ThinkSplitter:
+    """Splits generated text into reasoning (inside <think>…</think>) and answer.
+
+    ``in_reasoning=True`` when the prompt already opened the block (templates that end the
+    generation prompt with ``<think>``). A ``<think>`` is honoured only before any answer text
+    (leading whitespace aside), like the models that emit it.
+    """
+
+    def __init__(self, in_reasoning: bool = False):
+        self.state = "reasoning" if in_reasoning else "start"  # start -> reasoning -> answer
+        self.buf = ""
+        self.reasoning = ""
+        self.answer = ""
+
+    @property
+    def in_reasoning(self) -> bool:
+        return self.state == "reasoning"
+
+    def push(self, text: str) -> tuple[str, str]:
+        """Returns (reasoning_delta, answer_delta)."""
+        self.buf += text
+        r_out, a_out = "", ""
+        while True:
+            if self.state == "start":
+                stripped = self.buf.lstrip()
+                if stripped.startswith(THINK_OPEN):
+                    self.buf = stripped[len(THINK_OPEN):]
+                    self.state = "reasoning"
+                    continue
+                if THINK_OPEN.startswith(stripped):  # empty or a prefix of <think>: wait
+                    break
+                self.state = "answer_start"
+                continue
+            if self.state == "reasoning":
+                i = self.buf.find(THINK_CLOSE)
+                if i != -1:
+                    r_out += self.buf[:i]
+                    self.buf = self.buf[i + len(THINK_CLOSE):]
+                    self.state = "answer_start"
+                    continue
+                k = partial_marker_start(self.buf, [THINK_CLOSE])
+                r_out += self.buf[:k]
+                self.buf = self.buf[k:]
+                break
+            if self.state == "answer_start":  # the answer starts at its first visible character
+                self.buf = self.buf.lstrip()
+                if not self.buf:
+                    break
+                self.state = "answer"
+                continue
+            a_out += self.buf  # answer
+            self.buf = ""
+            break
+        if not self.reasoning:
+            r_out = r_out.lstrip()  # the newline after <think>
+        self.reasoning += r_out
+        self.answer += a_out
+        return r_out, a_out
+
+    def flush(self) -> tuple[str, str]:
+        rest, self.buf = self.buf, ""
+        if self.state == "reasoning":
+            self.reasoning += rest
+            return rest, ""
+        if self.state in ("start", "answer_start"):
+            rest = rest.lstrip()
+        self.answer += rest
+        return "", rest
 
 
 class _TextPipeline:

@@ -3,7 +3,7 @@
 The request fields a client sets by their own name carry their bounds and their row of the
 server's fields table (``request_field``): the server's OpenAI request bodies, its table of
 fields (docs/server.md) and ``limits.check_sampling`` all read them from here, so a new sampling
-field is declared once, in ``SamplingParams``, and implemented in ``sampling.py``."""
+field is declared once, in ``SamplingParams``, and implemented in ``decode.py`` (its ``Sampler``)."""
 
 from __future__ import annotations
 
@@ -48,7 +48,7 @@ class SamplingParams:
     stop_token_ids: list[int] = request_field(
         factory=list, max_length=limits.MAX_STOPS * 64, origin="vLLM", vllm=SAME,
         doc="token ids that stop, besides the end tokens; `stop_reason` names the one")
-    # Penalties on tokens already seen (``sampling.py`` says how each applies; 0/1 = off):
+    # Penalties on tokens already seen (``decode.py``'s Sampler says how each applies; 0/1 = off):
     frequency_penalty: float = request_field(0.0, ge=-2.0, le=2.0, origin="OpenAI", vllm=SAME, llamacpp=SAME,
                                              doc="OpenAI's, over the output")
     presence_penalty: float = request_field(0.0, ge=-2.0, le=2.0, origin="OpenAI", vllm=SAME, llamacpp=SAME,
@@ -114,6 +114,10 @@ class TextDelta:
     text: str
 
 
+# The reasoning block's markers in a model's text (``ReasoningDelta``: the text between them).
+THINK_OPEN, THINK_CLOSE = "<think>", "</think>"
+
+
 @dataclass
 class ReasoningDelta:
     text: str
@@ -177,16 +181,3 @@ class Done:
 
 
 Event = PrefillProgress | TextDelta | ReasoningDelta | ToolCallsEvent | Logprobs | Done
-
-
-def turn_usage(prompt_tokens: int, completion: int, stats, prefill_s: float, decode_s: float) -> tuple[dict, dict]:
-    """``(usage, timings)`` of a finished turn or completion (``Done``'s), from the prompt's
-    ``SyncStats`` and the measured prefill and decode seconds."""
-    usage = {"prompt_tokens": prompt_tokens, "completion_tokens": completion,
-             "total_tokens": prompt_tokens + completion, "cached_tokens": stats.cached_tokens,
-             "prefill_tokens": stats.prefill_tokens}
-    timings = {"prefill_s": round(prefill_s, 4),
-               "prefill_tokens_per_s": round(stats.prefill_tokens / prefill_s, 1) if prefill_s > 0 else None,
-               "decode_s": round(decode_s, 4),
-               "decode_tokens_per_s": round(completion / decode_s, 1) if decode_s > 0 else None}
-    return usage, timings

@@ -31,12 +31,24 @@ def completion_logprobs(entries: list[TokenLogprob], offset: int = 0, prompt: li
     """The legacy ``logprobs`` object of the generated ``entries``, after the echoed ``prompt``'s.
     ``text_offset`` counts characters of the choice's text: the prompt's from 0 (the echo is the
     prompt as sent), the generated tokens' from ``offset`` (where their text starts). A position
-    without alternatives (the first prompt token) has ``top_logprobs`` None, as vLLM answers."""
+    without alternatives (the first prompt token) has ``top_logprobs`` None, as vLLM answers.
+    spl adds ``token_ids`` (each token's id) and ``top_tokens`` (each position's alternatives as
+    ``[id, text, logprob]``): ``top_logprobs`` is keyed by text, so it has no ids and keeps one of
+    two tokens of the same text. The remote API reads the engine's ``TokenLogprob`` back from them."""
     everything = [*prompt, *entries]
     return {"tokens": [e.text for e in everything],
             "token_logprobs": [e.logprob for e in everything],
             "top_logprobs": [None if e.top is None else {text: lp for _, text, lp in e.top} for e in everything],
-            "text_offset": _offsets(prompt, 0) + _offsets(entries, offset)}
+            "text_offset": _offsets(prompt, 0) + _offsets(entries, offset),
+            "token_ids": [e.id for e in everything],
+            "top_tokens": [None if e.top is None else [list(t) for t in e.top] for e in everything]}
+
+
+def read_completion_logprobs(logprobs: dict) -> list[TokenLogprob]:
+    """The ``TokenLogprob`` s of a completion's ``logprobs`` (the inverse of ``completion_logprobs``)."""
+    return [TokenLogprob(token_id, text, logprob, None if top is None else [tuple(t) for t in top])
+            for token_id, text, logprob, top in zip(logprobs["token_ids"], logprobs["tokens"],
+                                                    logprobs["token_logprobs"], logprobs["top_tokens"], strict=True)]
 
 
 def _offsets(entries: list[TokenLogprob], start: int) -> list[int]:

@@ -1,91 +1,23 @@
-"""The FastAPI application: errors in OpenAI's shape, auth, body limits, and the routes of
-each resource (``routes_*.py``) plus those of plugins."""
+"""The FastAPI application: the guard every request passes (``http.GuardMiddleware``: auth, body
+limits), errors in OpenAI's shape, and the routes of each resource (``routes_*.py``) plus those
+of plugins."""
 
 from __future__ import annotations
 
 import asyncio
-import hmac
 import logging
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from superlinear.errors import BodyTooLarge, InvalidRequest, NotFound, Unauthorized, UserError
+from superlinear.errors import InvalidRequest, NotFound, UserError
 
-from . import bounds, routes_chat, routes_models, routes_sessions, routes_snapshots, routes_text
-from .http import MAX_BODY_BYTES, error_response, import_limit
+from . import bounds, routes_api, routes_chat, routes_models, routes_snapshots, routes_text
+from .http import GuardMiddleware, bug_response, error_response
 from .runtime import Runtime
 
 log = logging.getLogger("spl.serve")
-# Outside /v1 but still behind the API key (llama.cpp's and vLLM's paths for them).
-_KEYED_PATHS = ("/tokenize", "/detokenize")
-
-def _bug_response(exc: BaseException) -> JSONResponse:
-    """The answer to an exception no route turned into a ``UserError``: a disk that is full or
-    read-only is the storage's state (503), anything else a bug (500, logged with its traceback)."""
-    from superlinear.sessions.manifest import DISK_ERRNOS, disk_error
-
-    if isinstance(exc, OSError) and exc.errno in DISK_ERRNOS:
-        log.error("spl: storage error: %s", exc)
-        return error_response(disk_error("the server cannot write its files", exc))
-    log.exception("spl: internal error: %s", exc)
-    return JSONResponse(routes_chat.internal_error_body(exc), status_code=500)
-
-
-class GuardMiddleware:
-    """Pure ASGI (streaming and disconnects pass through untouched): API key on /v1 routes,
-    body-size limit from Content-Length, and any uncaught exception answered as a 500 body."""
-
-    def __init__(self, app, api_key: str | None, metrics=None):
-        self.app = app
-        self.api_key = api_key
-        self.metrics = metrics
-
-    async def __call__(self, scope, receive, send):
-        if scope["type"] != "http":
-            return await self.app(scope, receive, send)
-        path: str = scope.get("path", "")
-        headers = {k.decode("latin-1").lower(): v.decode("latin-1") for k, v in scope.get("headers", [])}
-        if self.api_key and (path == "/v1" or path.startswith("/v1/") or path in _KEYED_PATHS):
-            auth = headers.get("authorization", "")
-            scheme, _, token = auth.partition(" ")
-            if scheme.lower() != "bearer" or not hmac.compare_digest(token.strip().encode(), self.api_key.encode()):
-                msg = ("missing API key: send `Authorization: Bearer KEY` (spl commands: set SPL_API_KEY=KEY, "
-                       "or `spl server connect URL --api-key KEY`)" if not auth
-                       else "invalid API key (spl commands send $SPL_API_KEY, else the key of "
-                       "`spl server connect URL --api-key KEY`)")
-                return await error_response(Unauthorized(msg))(scope, receive, send)
-        length = headers.get("content-length")
-        limit, why = import_limit() if path == "/v1/snapshots/import" else (MAX_BODY_BYTES, "the limit")
-        if length is not None:
-            try:
-                too_big = int(length) > limit
-            except ValueError:
-                return await error_response(InvalidRequest("bad Content-Length"))(scope, receive, send)
-            if too_big:
-                return await error_response(
-                    BodyTooLarge(f"request body is {length} bytes; {why} is {limit}")
-                )(scope, receive, send)
-        started, status = False, 500
-
-        async def tracking_send(message):
-            nonlocal started, status
-            if message["type"] == "http.response.start":
-                started, status = True, message["status"]
-            await send(message)
-
-        try:
-            await self.app(scope, receive, tracking_send)
-        except Exception as exc:  # noqa: BLE001 - the last line of defence: still an OpenAI body
-            if started:
-                raise
-            await _bug_response(exc)(scope, receive, tracking_send)
-        finally:
-            if self.metrics is not None:  # by route template: session ids must not become labels
-                route = getattr(scope.get("route"), "path", None) or "unmatched"
-                self.metrics.request(scope.get("method", ""), route, status)
 
 
 def create_app(runtime: Runtime) -> FastAPI:
@@ -132,9 +64,9 @@ def create_app(runtime: Runtime) -> FastAPI:
 
     @app.exception_handler(Exception)
     async def _bug(request: Request, exc: Exception):
-        return _bug_response(exc)
+        return bug_response(exc)
 
-    for routes in (routes_models, routes_chat, routes_sessions, routes_snapshots, routes_text):
+    for routes in (routes_models, routes_chat, routes_api, routes_snapshots, routes_text):
         routes.add_routes(app, runtime)
 
     def openapi() -> dict:

@@ -32,7 +32,7 @@ from .schemas import MAX_JSON_DEPTH, parse_body
 PARSE_ON_LOOP_BYTES = 256 << 10  # parses (or encodes) in about a millisecond
 ID_JSON_BYTES = 16  # the most bytes one token id takes in a JSON list ("4294967295, ")
 _SLACK = 64 << 10  # the rest of a body around its list of ids
-SMALL_BODY_BYTES = 64 << 10  # session and snapshot commands: ids, a title, tags
+SMALL_BODY_BYTES = 64 << 10  # the API's operations: ids, a title, tags
 MAX_RESPONSE_FORMAT_CHARS = 1 << 20  # a JSON schema compiled into a grammar on the worker
 MAX_LOGIT_BIAS = 1024  # entries; OpenAI takes 300
 MAX_TOKENIZE_CHARS = 4 << 20  # one tokenization holds ~100 bytes per character while it runs
@@ -106,19 +106,20 @@ async def parse_request(request: Request, model, *, limit: int = MAX_BODY_BYTES,
     return await asyncio.to_thread(parse_body, raw, model, allow_empty=allow_empty, lenient=lenient)
 
 
+def encode_json(content) -> bytes:
+    return json.dumps(content, ensure_ascii=False, separators=(",", ":")).encode()
+
+
 async def json_reply(content, *, status_code: int = 200) -> Response:
     """``content`` as a JSON response, encoded in a thread: a long list of token ids, pieces or
     messages takes seconds to encode, never on the event loop."""
-
-    def encode() -> bytes:
-        return json.dumps(content, ensure_ascii=False, separators=(",", ":")).encode()
-
-    return Response(await asyncio.to_thread(encode), status_code=status_code, media_type="application/json")
+    return Response(await asyncio.to_thread(encode_json, content), status_code=status_code,
+                    media_type="application/json")
 
 
 def token_limit(rt) -> int:
     """The most tokens any conversation on this server can hold."""
-    return rt.manager.max_seq_len_limit()
+    return rt.api.get_model()["max_seq_len_limit"]
 
 
 def ids_body_limit(rt) -> int:
@@ -172,7 +173,7 @@ async def check_text(rt, chars: int, param: str, *, messages: int = 0, pieces: i
     own tokens) and ``pieces`` other parts (tools: at least a token each) that cannot fit in
     ``token_limit`` tokens: counted before anything is rendered or tokenized."""
     limit = token_limit(rt)
-    tokenizer = rt.model.tokenizer
+    tokenizer = rt.api.model.tokenizer
     per = 1 if tokenizer is None or not messages else await asyncio.to_thread(tokens_per_message, tokenizer)
     floor = messages * per + pieces  # tokens the template and the tools add, whatever the text
     if floor > limit:

@@ -163,19 +163,18 @@ class _RuntimeGauges:
                      name)
         yield _gauge("spl_requests_waiting", "Generations waiting for the model", max(0, worker.generations - running),
                      name)
-        manager = rt.manager
-        if manager is not None:
-            listing = manager.list()
+        if rt.api is not None:
+            listing = rt.api.list_sessions()
             sessions = GaugeMetricFamily("spl_sessions", "Open sessions", labels=MODEL + ["state"])
-            sessions.add_metric([name, "resident"], listing.resident)
-            sessions.add_metric([name, "on_disk"], listing.count - listing.resident)
+            sessions.add_metric([name, "resident"], listing["resident"])
+            sessions.add_metric([name, "on_disk"], listing["count"] - listing["resident"])
             yield sessions
-            yield _gauge("spl_session_memory_bytes", "Bytes resident sessions hold", listing.bytes, name)
-            if listing.memory_budget is not None:
-                yield _gauge("spl_session_memory_budget_bytes", "The session memory budget", listing.memory_budget,
-                             name)
+            used, budget = listing["bytes"], listing["memory_budget"]
+            yield _gauge("spl_session_memory_bytes", "Bytes resident sessions hold", used, name)
+            if budget is not None:
+                yield _gauge("spl_session_memory_budget_bytes", "The session memory budget", budget, name)
                 yield _gauge("spl_cache_usage_ratio", "Share of the session memory budget the caches hold (0..1)",
-                             min(1.0, listing.bytes / listing.memory_budget) if listing.memory_budget else 0.0, name)
+                             min(1.0, used / budget) if budget else 0.0, name)
         yield _gauge("spl_process_resident_memory_bytes", "Resident memory of the server process", _rss(), name)
         device = _device_memory()
         if device is not None:

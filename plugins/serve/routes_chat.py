@@ -36,7 +36,7 @@ from superlinear.service import ChatTurn, Done, Logprobs, Persisted, ReasoningDe
 from superlinear.service.logprobs import chat_logprobs, completion_logprobs
 
 from . import bounds
-from .http import MAX_BODY_BYTES
+from .http import MAX_BODY_BYTES, internal_error_body
 from .runtime import Runtime
 from .schemas import MAX_MESSAGES, ChatCompletionRequest, CompletionRequest
 
@@ -67,7 +67,7 @@ def add_routes(app: FastAPI, rt: Runtime) -> None:
 
             validate_id(body.session_id, "session id", param="session_id")
         rt.require_ready()
-        rt.service.check_model(body.model)
+        rt.api.get_model(body.model)  # NotFound unless it names the model served
         bounds.check_sampling(body)
         messages = body.plain_messages()
         # every string the template renders counts, before any of it reaches the worker
@@ -88,7 +88,7 @@ def add_routes(app: FastAPI, rt: Runtime) -> None:
         body = await bounds.parse_request(request, CompletionRequest, lenient=rt.options.lenient_fields)
         body.check_supported()
         rt.require_ready()
-        rt.service.check_model(body.model)
+        rt.api.get_model(body.model)  # NotFound unless it names the model served
         bounds.check_sampling(body)
         prompt = body.single_prompt()
         if isinstance(prompt, str):
@@ -290,7 +290,8 @@ class ChatReply:
 class CompletionReply:
     """One text completion being answered, streamed (``stream``) or whole (``collect``); with
     ``logprobs``, each chunk carries the logprobs of the tokens picked since the last one, and
-    the echoed prompt waits for the prompt's own."""
+    the echoed prompt waits for the prompt's own. The chunk of the echoed prompt says
+    ``"echo": true`` (spl's: the remote API tells the prompt from generated text by it)."""
 
     def __init__(self, rt: Runtime, body: CompletionRequest, stream: JobStream, echo: str):
         self.rt, self.body, self.stream_, self.echo = rt, body, stream, echo
@@ -317,11 +318,11 @@ class CompletionReply:
 
     async def stream(self, first):
         if self.echo and self.body.logprobs is None:  # with logprobs the echo waits for the prompt's
-            yield self._chunk(self.echo)
+            yield self._chunk(self.echo, echo=True)
         async for event in self.stream_.events(first):
             match event:
                 case Logprobs(tokens=entries, prompt=True):
-                    yield self._chunk(self.echo, prompt=entries)
+                    yield self._chunk(self.echo, prompt=entries, echo=True)
                 case Logprobs(tokens=entries):
                     self.unsent.extend(entries)
                 case TextDelta(text=piece) if piece:
@@ -444,11 +445,6 @@ def ping_interval(requested: float | None) -> float | None:
 def frame(data: dict | str) -> bytes:
     payload = data if isinstance(data, str) else json.dumps(data, ensure_ascii=False)
     return f"data: {payload}\n\n".encode()
-
-
-def internal_error_body(exc: BaseException) -> dict:
-    return {"error": {"message": f"internal error: {type(exc).__name__}: {exc}".splitlines()[0],
-                      "type": "server_error", "param": None, "code": "internal_error"}}
 
 
 def sse_response(chunks: AsyncIterator[dict], on_close: Callable[[], None],

@@ -9,6 +9,8 @@ from typing import Any
 from fastapi import FastAPI
 from fastapi.responses import JSONResponse
 
+from superlinear.api.types import ModelInfo
+
 from . import bounds
 from .runtime import Runtime
 
@@ -31,33 +33,22 @@ def add_routes(app: FastAPI, rt: Runtime) -> None:
 
     @app.get(MODELS.path)
     async def models():
-        rt.require_ready()
-        return {"object": "list", "data": [_model_card(rt)]}
+        return {"object": "list", "data": [_model_card(rt, rt.ready_api().get_model())]}
 
     @app.get(MODEL.path)
     async def model(model_id: str):
-        rt.require_ready()
-        rt.service.check_model(model_id)
-        return _model_card(rt)
+        return _model_card(rt, rt.ready_api().get_model(model_id))
 
 
-
-def _model_card(rt: Runtime) -> dict:
+def _model_card(rt: Runtime, model: ModelInfo) -> dict:
+    """OpenAI's model object with spl's fields: vLLM's ``max_model_len`` (the context the model was
+    trained for, or the operator's limit), and beside it what the memory budget lets one session
+    hold (a longer context than trained runs, but is untested ground)."""
     info: dict[str, Any] = {}
     with contextlib.suppress(Exception):
-        info = dict(rt.model.info())
-    return {
-        "id": rt.model_name,
-        "object": "model",
-        "created": int(rt.ready_at or rt.started_at),
-        "owned_by": "spl",
-        "fingerprint": rt.model.fingerprint,
-        # vLLM's field: the context the model was trained for; what the memory budget lets one
-        # session hold is beside it (a longer context than trained runs, but is untested ground)
-        "max_model_len": rt.service.max_model_len(),
-        "max_seq_len_limit": rt.service.manager.max_seq_len_limit(),
-        "info": _jsonable(info),
-    }
+        info = dict(rt.api.model.info())
+    return {"id": model["id"], "object": "model", "created": int(rt.ready_at or rt.started_at), "owned_by": "spl",
+            **{k: v for k, v in model.items() if k != "id"}, "info": _jsonable(info)}
 
 
 def _jsonable(value: Any) -> Any:

@@ -1,6 +1,7 @@
 """What the routes work on: the in-process API (``superlinear.api.LocalApi``: the model, its
-sessions and snapshots, and the worker thread that runs whatever touches them), and the
-server's own state (loading, health, metrics).
+sessions and snapshots, and the worker thread that runs whatever touches them) and what it says
+of its model (``model``), and the server's own state (loading, health, metrics). Everything the
+server reads of the model and its sessions goes through that API.
 
 The model is loaded in a background thread after the socket is bound, so ``/health`` answers
 (``"status": "loading"``) while it loads and ``spl server start`` can show progress. Listings
@@ -17,6 +18,7 @@ import threading
 import time
 from typing import Any
 
+from superlinear.api.types import ModelInfo, SessionListing
 from superlinear.api.worker import Worker
 from superlinear.defaults import TEMPERATURE
 from superlinear.errors import Unavailable
@@ -47,13 +49,9 @@ class Runtime:
         self.failed_step: str | None = None  # what was being done when the start-up failed
         self.started_at = time.time()
         self.ready_at: float | None = None
-        self.model = None
-        self.store = None
-        self.manager = None
         self.api = None  # the LocalApi every route calls, once the model is loaded
-        self.service = None  # its ChatService
+        self.model: ModelInfo | None = None  # its model, as it was when loaded
         self.metrics = ServerMetrics(self)
-        self.restored: list[str] = []
         self._load_started = time.monotonic()
         self._thread: threading.Thread | None = None
         self.stats = {"requests": 0, "generations": 0, "cancelled": 0, "errors": 0}
@@ -86,7 +84,7 @@ class Runtime:
         self.status = "ok"
         self.ready_at = time.time()
         log.info("spl: model %s ready in %.1fs; %d session(s) known", self.model_name,
-                 time.monotonic() - self._load_started, len(self.list_sessions()))
+                 time.monotonic() - self._load_started, self.api.list_sessions()["count"])
 
     def _open(self) -> None:
         from superlinear import connect
@@ -108,9 +106,7 @@ class Runtime:
                            served_model_name=o.served_model_name, device=o.device,
                            memory_budget=o.memory_budget or "auto", persist=o.persist, max_seq_len=o.max_seq_len,
                            chunk_size=o.chunk_size, loaders=tuple(model_loaders()))
-        self.service = self.api.service
-        self.model, self.manager, self.store = self.service.model, self.service.manager, self.service.store
-        self.restored = self.service.restored
+        self.model = self.api.get_model()
 
     def _conversion_step(self, index: int, what: str) -> None:
         from superlinear.model.default import CONVERSION_STEPS
@@ -125,6 +121,11 @@ class Runtime:
 
     def loading_progress(self) -> str:
         return f"{self.progress} ({time.monotonic() - self._load_started:.0f}s)"
+
+    def ready_api(self):
+        """The API the routes call, once the model is loaded (else ``Unavailable``)."""
+        self.require_ready()
+        return self.api
 
     def require_ready(self) -> None:
         if self.status == "ok":
@@ -142,9 +143,9 @@ class Runtime:
         self.status = "stopping"
         self.worker.cancel_all()
         saved = 0
-        if was_ok and self.manager is not None:
-            try:
-                saved = len(self.worker.call(self.manager.persist_all, timeout=600))
+        if was_ok and self.api is not None:
+            try:  # brings every session's journal up to date on the worker, then stops it
+                saved = len(self.api.close(timeout=600))
             except BaseException as exc:  # noqa: BLE001 - logged; shutdown goes on
                 log.error("spl: saving sessions at shutdown failed: %s", exc)
         self.worker.stop(timeout=30.0 if was_ok else 1.0)
@@ -158,16 +159,12 @@ class Runtime:
         without this /health would report the failure long after the disk recovered."""
         if (self.status != "ok" or time.monotonic() < self._next_persist_retry
                 or (self._persist_retry is not None and not self._persist_retry.future.done())
-                or not self.manager.persist_errors()):
+                or not self.persist_errors(self.api.list_sessions())):
             return  # one retry at a time: a long turn on the worker must not pile them up
         self._next_persist_retry = time.monotonic() + PERSIST_RETRY_S
-        self._persist_retry = self.worker.submit(lambda _job: self._persist_failing(), kind="admin")
+        self._persist_retry = self.api.persist_failed()
         with contextlib.suppress(Exception):  # noqa: BLE001 - timed out (it goes on) or failed: /health answers
             await asyncio.wait_for(asyncio.shield(asyncio.wrap_future(self._persist_retry.future)), wait_s)
-
-    def _persist_failing(self) -> None:
-        for session_id in self.manager.persist_errors():
-            self.service.persist(session_id)  # a failure is kept in the session and logged
 
     async def retry_persists_forever(self) -> None:
         while True:
@@ -178,18 +175,9 @@ class Runtime:
     # -- read-only views (safe off the worker) -------------------------------------------
     @property
     def model_name(self) -> str:
-        if self.service is not None:
-            return self.service.model_name
+        if self.model is not None:
+            return self.model["id"]
         return self.options.served_model_name or self.options.model
-
-    def list_sessions(self) -> list[dict]:
-        if self.service is None:
-            return []
-        return self.session_listing()["sessions"]
-
-    def session_listing(self) -> dict:
-        """``{"sessions": [info...], "count", "bytes", "resident", "memory_budget"}``."""
-        return self.service.list_sessions()
 
     def health(self) -> dict:
         h: dict[str, Any] = {
@@ -211,11 +199,13 @@ class Runtime:
         if self.status == "ok":
             h["prefill"] = self.prefill_speed
             try:
-                h["sessions"] = len(self.list_sessions())
-                h["memory"] = self.memory_info()
-                h["persist"] = self.persist_info()
-                if self.store.skipped:  # as of the last listing: /health itself never reads the store
-                    h["snapshots_skipped"] = self.store.skipped
+                listing = self.api.list_sessions()
+                h["sessions"] = listing["count"]
+                h["memory"] = self.memory_info(listing)
+                h["persist"] = self.persist_info(listing)
+                skipped = self.api.skipped_snapshots()  # as of the last listing: never reads the store
+                if skipped:
+                    h["snapshots_skipped"] = skipped
             except Exception:  # noqa: BLE001 - /health must answer
                 h.setdefault("sessions", None)
             from superlinear.version import __version__
@@ -228,7 +218,7 @@ class Runtime:
         worker = self.worker
         sched = worker.scheduler
         stats = sched.stats
-        step_tokens = sched.step_tokens(self.model) if self.model is not None else self.options.max_step_tokens
+        step_tokens = sched.step_tokens(self.api.model) if self.api is not None else self.options.max_step_tokens
         return {"running": worker.running(), "decoding": stats.decoding, "prefilling": stats.prefilling,
                 "waiting": max(0, worker.generations - worker.running()), "batch": stats.last_batch,
                 "steps": stats.steps, "max_step_tokens": step_tokens}
@@ -247,20 +237,24 @@ class Runtime:
             self.prefill_speed = {"tokens": int(tokens), "seconds": round(float(seconds), 3),
                                   "tokens_per_s": round(tokens / seconds, 1)}
 
-    def memory_info(self) -> dict:
-        """The session memory budget: ``{"budget", "used", "free", "max_seq_len_limit", "eviction"}``."""
-        m = self.manager
-        used = m.bytes_in_use()
-        return {"budget": m.memory_budget, "used": used,
-                "free": None if m.memory_budget is None else m.memory_budget - used,
-                "max_seq_len_limit": m.max_seq_len_limit(), "default_max_seq_len": m.default_max_seq_len,
-                "eviction": bool(m.evict_to_disk)}
+    def memory_info(self, listing: SessionListing) -> dict:
+        """The session memory budget: ``{"budget", "used", "free", "max_seq_len_limit", "eviction"}``
+        (idle sessions go to disk when memory runs short only while every turn is journaled)."""
+        budget, used, model = listing["memory_budget"], listing["bytes"], self.api.get_model()
+        return {"budget": budget, "used": used, "free": None if budget is None else budget - used,
+                "max_seq_len_limit": model["max_seq_len_limit"], "default_max_seq_len": model["default_max_seq_len"],
+                "eviction": self.options.persist == "turn"}
 
-    def persist_info(self) -> dict:
+    def persist_info(self, listing: SessionListing) -> dict:
         """Durability at a glance: ``ok`` is False while some session's last persist failed
         (disk full, read-only): its journal holds an older state than the answers gave."""
-        failing = self.manager.persist_errors()
+        failing = self.persist_errors(listing)
         return {"mode": self.options.persist, "ok": not failing, "failing_sessions": sorted(failing),
                 "error": next(iter(failing.values()), None)}
+
+    @staticmethod
+    def persist_errors(listing: SessionListing) -> dict[str, str]:
+        """``{session id: why its last persist failed}``."""
+        return {s["id"]: s["persist_error"] for s in listing["sessions"] if s["persist_error"]}
 
 

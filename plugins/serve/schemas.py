@@ -383,50 +383,6 @@ class DetokenizeRequest(BaseModel):
     tokens: list[int] = Field(max_length=limits.MAX_TOKENS)
 
 
-class CreateSession(BaseModel):
-    model_config = _FORBID
-    session_id: str | None = None
-    max_seq_len: int | None = _TOKENS
-    ephemeral: StrictBool = False  # never written to disk (a throwaway turn)
-
-
-class ForkSession(BaseModel):
-    model_config = _FORBID
-    new_session_id: str | None = None
-
-
-class RollbackSession(BaseModel):
-    model_config = _FORBID
-    n_messages: int = Field(ge=-limits.MAX_TOKENS, le=limits.MAX_TOKENS)
-
-
-class ResizeSession(BaseModel):
-    model_config = _FORBID
-    max_seq_len: int = Field(ge=1, le=limits.MAX_TOKENS)
-
-
-class SaveSession(BaseModel):
-    model_config = _FORBID
-    title: str | None = None
-    description: str | None = None
-    tags: list[str] | None = None
-
-
-class PatchSnapshot(BaseModel):
-    model_config = _FORBID
-    title: str | None = None
-    description: str | None = None
-    tags: list[str] | None = None
-
-
-class LoadSnapshot(BaseModel):
-    model_config = _FORBID
-    session_id: str | None = None
-    force: StrictBool = False
-    max_seq_len: int | None = _TOKENS
-    ephemeral: StrictBool = False  # the session is never written to disk (a throwaway question)
-
-
 def parse_body(raw: bytes, model: type[BaseModel], *, allow_empty: bool = False,
                max_bytes: int | None = None, lenient: bool = False) -> BaseModel:
     """Bytes -> a validated request model; anything malformed is ``InvalidRequest`` (400). A
