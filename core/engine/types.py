@@ -114,10 +114,6 @@ class TextDelta:
     text: str
 
 
-# The reasoning block's markers in a model's text (``ReasoningDelta``: the text between them).
-THINK_OPEN, THINK_CLOSE = "<think>", "</think>"
-
-
 @dataclass
 class ReasoningDelta:
     text: str
