@@ -41,7 +41,9 @@ class ModelIdentity(_Record):
     fingerprint: Annotated[str, StringConstraints(min_length=1, max_length=_SHORT)]
 
 
-class SessionInfo(_Record):
+class SessionRecord(_Record):
+    """The session a snapshot holds, as its manifest records it."""
+
     position: Count
     max_seq_len: Annotated[int, Field(ge=1, le=1 << 62)]
     message_count: Count
@@ -79,7 +81,7 @@ class Manifest(_Record):
     created_at: Short
     updated_at: Short | None = None
     model: ModelIdentity
-    session: SessionInfo
+    session: SessionRecord
     title: Annotated[str, StringConstraints(max_length=MAX_TITLE)] = ""
     description: Annotated[str, StringConstraints(max_length=MAX_DESCRIPTION)] = ""
     tags: Annotated[list[Annotated[str, StringConstraints(min_length=1, max_length=MAX_TAG_LEN)]],

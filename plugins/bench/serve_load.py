@@ -34,7 +34,9 @@ class Turn:
 
 
 @dataclass(frozen=True)
-class Conversation:
+class ScriptedChat:
+    """One simulated user: the turns it sends, in one session or none."""
+
     turns: tuple[Turn, ...]
     session_id: str | None
 
@@ -56,7 +58,7 @@ class LoadRunner:
         self.http, self.model, self.prompts, self.o = http, model, prompts, options
         self.deadline = math.inf
 
-    async def conversations(self, rng: random.Random, prefix: str) -> list[Conversation]:
+    async def conversations(self, rng: random.Random, prefix: str) -> list[ScriptedChat]:
         """The level's conversations: ``num_prompts`` turns in all (the last one may be shorter)."""
         turns_each = self.o.turns if self.o.sessions else 1
         out = []
@@ -68,11 +70,11 @@ class LoadRunner:
                 prompt = self.o.prompt_tokens.draw(rng)
                 text = await self.prompts.make(prompt, rng, first_turn=i == 0)
                 turns.append(Turn(text, prompt, self.o.output_tokens.draw(rng)))
-            out.append(Conversation(tuple(turns), f"{prefix}-{len(out)}" if self.o.sessions else None))
+            out.append(ScriptedChat(tuple(turns), f"{prefix}-{len(out)}" if self.o.sessions else None))
             left -= n
         return out
 
-    async def converse(self, conv: Conversation, sink: list[RequestResult]) -> None:
+    async def converse(self, conv: ScriptedChat, sink: list[RequestResult]) -> None:
         messages: list[dict] = []
         for turn in conv.turns:
             if time.perf_counter() >= self.deadline:
@@ -89,7 +91,7 @@ class LoadRunner:
         return await stream_chat(self.http, body, prompt_tokens=prompt_tokens, timeout=self.o.request_timeout,
                                  on_first_event=on_first_event)
 
-    async def fixed(self, convs: list[Conversation], concurrency: int, sink: list[RequestResult],
+    async def fixed(self, convs: list[ScriptedChat], concurrency: int, sink: list[RequestResult],
                     keep_going: Callable[[], bool] = lambda: True) -> None:
         """``concurrency`` workers, each taking the next conversation until none is left, the
         duration is over or ``keep_going()`` says stop."""
@@ -103,12 +105,12 @@ class LoadRunner:
 
         await asyncio.gather(*(worker() for _ in range(concurrency)))
 
-    async def poisson(self, convs: list[Conversation], rate: float, rng: random.Random,
+    async def poisson(self, convs: list[ScriptedChat], rate: float, rng: random.Random,
                       sink: list[RequestResult]) -> None:
         """Conversations starting at exponential intervals (mean 1 / ``rate``)."""
         gate = asyncio.Semaphore(MAX_IN_FLIGHT)
 
-        async def one(conv: Conversation) -> None:
+        async def one(conv: ScriptedChat) -> None:
             async with gate:
                 await self.converse(conv, sink)
 
