@@ -425,10 +425,11 @@ def chat_body(turn: ChatTurn) -> dict:
     return {"model": "default", "messages": r.messages, "stream": True, "stream_options": {"include_usage": True},
             "return_progress": True, "session_mode": turn.session_mode,
             **sampling_fields(r.sampling, r.repetition),
+            **{f.name: getattr(r, f.name) for f in dataclasses.fields(r)  # the fields it declares for clients
+               if "doc" in f.metadata and getattr(r, f.name) != f.default},
             **_given(logprobs=True if logprobs is not None else None, top_logprobs=logprobs,
                      session_id=turn.session_id, tools=r.tools, tool_choice=r.tool_choice,
-                     reasoning_budget=r.reasoning_budget, chat_template_kwargs=r.chat_template_kwargs,
-                     keep_thinking=r.keep_thinking or None, parallel_tool_calls=r.parallel_tool_calls or None)}
+                     chat_template_kwargs=r.chat_template_kwargs)}
 
 
 def completion_body(completion: Completion) -> dict:

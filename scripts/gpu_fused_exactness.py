@@ -24,7 +24,7 @@ def rel(a, b) -> float:
 
 
 def main() -> None:
-    from test_model_hybrid import tiny_hybrid_config
+    from test_model_hybrid_gpu import make_gpu_hybrid
 
     from superlinear.model.random_weights import random_model
 
@@ -32,18 +32,7 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=9)
     args = parser.parse_args()
     torch.manual_seed(0)
-    config = tiny_hybrid_config(hidden_size=256, mamba_num_heads=8, mamba_head_dim=32, ssm_state_size=64,
-                                num_attention_heads=8, head_dim=32, moe_intermediate_size=128,
-                                moe_shared_expert_intermediate_size=128, vocab_size=2048)
-    base = random_model(config, name="gpu-hybrid", device="cuda", dtype="bf16", seed=3)
-    with torch.no_grad():
-        for block in base.hf.model.layers:
-            if block.block_type == "linear_attention":
-                block.mixer.A_log.uniform_(-1.0, 1.5)
-                block.mixer.dt_bias.uniform_(-2.0, 0.5)
-                block.mixer.conv1d.weight.normal_(0, 0.3)
-            if block.block_type == "moe":
-                block.mixer.gate.weight.normal_(0, 0.5)
+    base = make_gpu_hybrid()
     exact = random_model(base.arch_config, name="gpu-hybrid-fp32", device="cuda", dtype="fp32")
     exact.hf.load_state_dict({k: v.float() for k, v in base.hf.state_dict().items()})
     exact = exact.with_attention(fast_paths=False, cuda_graph=False)

@@ -191,3 +191,29 @@ def comparable(event):
     if isinstance(event, Done):
         return dataclasses.replace(event, timings={})
     return event
+
+
+def declared_values(request_type: type) -> dict:
+    """A valid value other than the default for each field the engine's ``request_type`` declares
+    for clients (``request_field`` with a ``doc``), from its type and bounds: a new field is
+    walked by the tests that use these without being written into them."""
+    import dataclasses
+    import typing
+
+    hints = typing.get_type_hints(request_type)
+    values = {}
+    for f in dataclasses.fields(request_type):
+        if "doc" not in f.metadata:
+            continue
+        hint, bounds = str(hints[f.name]), f.metadata["bounds"]
+        if hints[f.name] is bool:
+            values[f.name] = not f.default
+        elif hint.startswith("dict"):
+            values[f.name] = {7: 1.5}
+        elif hint.startswith("list"):
+            values[f.name] = [7]
+        else:
+            low, high = bounds.get("ge", bounds.get("gt", 0)), bounds.get("le", 100)
+            value = (low + high) / 2 if "float" in hint else (low + high) // 2
+            values[f.name] = value if value != f.default else value + 1
+    return values

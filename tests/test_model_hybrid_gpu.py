@@ -97,8 +97,9 @@ def test_fla_gated_norm_equals_the_reference():
     assert rel(out, ref) < 1e-2, rel(out, ref)
 
 
-@pytest.fixture(scope="module")
-def gpu_hybrid():
+def make_gpu_hybrid():
+    """The tiny hybrid in bf16 on the GPU, with Mamba decays, steps and routers spread so that
+    each path's rounding shows (scripts/gpu_fused_exactness.py uses it too)."""
     from test_model_hybrid import tiny_hybrid_config
 
     from superlinear.model.random_weights import random_model
@@ -117,6 +118,11 @@ def gpu_hybrid():
             if block.block_type == "moe":
                 block.mixer.gate.weight.normal_(0, 0.5)
     return model
+
+
+@pytest.fixture(scope="module")
+def gpu_hybrid():
+    return make_gpu_hybrid()
 
 
 def test_graph_decode_equals_eager_decode(gpu_hybrid):

@@ -84,7 +84,7 @@ async def _slow_parts(delays, closed):
 
 
 def test_keepalive_fills_silences_and_passes_every_part():
-    from superlinear.plugins.serve.progress import KEEPALIVE, with_keepalive
+    from superlinear.plugins.serve.routes_chat import KEEPALIVE, with_keepalive
 
     async def run():
         closed = []
@@ -99,7 +99,7 @@ def test_keepalive_fills_silences_and_passes_every_part():
 
 
 def test_keepalive_closes_the_stream_when_the_consumer_leaves():
-    from superlinear.plugins.serve.progress import with_keepalive
+    from superlinear.plugins.serve.routes_chat import with_keepalive
 
     async def run():
         closed = []
@@ -113,7 +113,7 @@ def test_keepalive_closes_the_stream_when_the_consumer_leaves():
 
 
 def test_ping_interval():
-    from superlinear.plugins.serve.progress import DEFAULT_PING_S, ping_interval
+    from superlinear.plugins.serve.routes_chat import DEFAULT_PING_S, ping_interval
 
     assert ping_interval(None) == DEFAULT_PING_S <= 10
     assert ping_interval(0.5) == 0.5
@@ -121,8 +121,7 @@ def test_ping_interval():
 
 
 def test_progress_chunk_has_llama_cpp_shape():
-    from superlinear.plugins.serve.chat import chunk
-    from superlinear.plugins.serve.progress import progress_chunk
+    from superlinear.plugins.serve.routes_chat import chunk, progress_chunk
 
     body = progress_chunk(chunk("chatcmpl-x", 1, "default", session_id="s"), PrefillProgress(1024, 4096, 512, 1.25))
     assert body["prompt_progress"] == {"total": 4096, "cache": 512, "processed": 1024, "time_ms": 1250}

@@ -6,14 +6,15 @@ other than its default and sent both ways, in process (``connect("local")``) and
 real server on a free port (``connect(url)``): the events and results must be the same.
 
 The tables below must name every field: adding one to the request types without a value here
-fails the test, so a new field cannot be left out of the wire."""
+fails the test, so a new field cannot be left out of the wire (a field declared for clients,
+``request_field`` with a ``doc``, gets one from its type and bounds)."""
 
 from __future__ import annotations
 
 import dataclasses
 import shutil
 
-from server_helpers import comparable, start_server
+from server_helpers import comparable, declared_values, start_server
 
 import superlinear
 from superlinear import protocol
@@ -27,8 +28,10 @@ BASE = {"temperature": 0.9, "seed": 5, "max_tokens": 4}
 
 
 def sampling_values(ids: list[int]) -> dict:
-    """A value other than the default for each field of ``SamplingParams``."""
-    return {"temperature": 1.4, "top_p": 0.6, "top_k": 7, "seed": 17, "max_tokens": 2, "stop": ["e"],
+    """A value other than the default for each field of ``SamplingParams``: those declared for
+    clients from their bounds (``declared_values``), unless chosen here."""
+    return {**declared_values(SamplingParams),
+            "temperature": 1.4, "top_p": 0.6, "top_k": 7, "seed": 17, "max_tokens": 2, "stop": ["e"],
             "stop_token_ids": [ids[0]], "frequency_penalty": 1.5, "presence_penalty": 1.0, "repeat_penalty": 1.8,
             "repeat_last_n": 8, "min_p": 0.2, "logit_bias": {ids[1]: 100.0}, "logprobs": 2,
             "structured": {"choice": ["red", "green"]}, "min_tokens": 3, "ignore_eos": True,
@@ -36,6 +39,7 @@ def sampling_values(ids: list[int]) -> dict:
 
 
 REQUEST_VALUES = {
+    **declared_values(ChatRequest),
     "tools": [{"type": "function", "function": {"name": "lookup", "parameters": {"type": "object"}}}],
     "tool_choice": "none", "reasoning_budget": 1, "repetition": RepetitionConfig(tail_len=4, min_repeats=2),
     "chat_template_kwargs": {"enable_thinking": False}, "keep_thinking": True, "parallel_tool_calls": True,

@@ -36,7 +36,7 @@ UNKNOWN = ["max_token", "temprature", "top-p", "topk", "stream_option", "respone
            "guided_jsn", "guidedregex", "guided_choices", "structured_output", "gramar", "jsonschema",
            "min_token", "ignore_eos_token", "stop_tokens", "npredict", "presense_penalty", "frequency_penality",
            "logit_biases", "seeds", "max_completion_token", "sessionid", "reasoning_budgets", "foo", "bar_baz",
-           "mirostat", "typical_p", "dry_multiplier"]
+           "mirostat", "tfs_z", "dry_multiplier"]
 
 
 def test_thirty_unknown_or_misspelled_fields_are_each_a_400_naming_it(http):

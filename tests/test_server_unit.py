@@ -279,3 +279,33 @@ def test_json_guards_name_the_field():
     e = err(base % (b'"x"', b', "chat_template_kwargs": {"add_generation_prompt": false}'))
     assert e.param == "chat_template_kwargs" and "add_generation_prompt" in e.message
     assert err(base % (b'"x"', b', "seed": 18446744073709551616')).param == "seed"
+
+
+def test_every_declared_field_reaches_the_engine_through_the_wire():
+    """A field an engine request type declares for clients (``request_field`` with a ``doc``)
+    goes on the wire as the remote API builds the body, is parsed by the server's OpenAI bodies
+    and arrives in the engine's request unchanged; and it is a row of the fields table, on the
+    routes of its type, as every field of the bodies is."""
+    from server_helpers import declared_values
+
+    from superlinear import protocol
+    from superlinear.api.types import Completion
+    from superlinear.engine.types import ChatRequest, SamplingParams
+    from superlinear.plugins.serve.fields import FIELDS
+    from superlinear.plugins.serve.schemas import ChatCompletionRequest, CompletionRequest
+    from superlinear.service import ChatTurn
+
+    sampling, chat = declared_values(SamplingParams), declared_values(ChatRequest)
+    assert {"temperature", "min_p", "logit_bias", "ignore_eos", "repeat_last_n"} <= set(sampling)
+    sp = SamplingParams(**sampling)
+    turn = ChatTurn(ChatRequest(messages=[{"role": "user", "content": "hi"}], sampling=sp, **chat))
+    body = ChatCompletionRequest.model_validate(protocol.chat_body(turn))
+    request = body.engine_request(body.plain_messages(), {})
+    assert {k: getattr(request.sampling, k) for k in sampling} == sampling
+    assert {k: getattr(request, k) for k in chat} == chat
+    text = CompletionRequest.model_validate(protocol.completion_body(Completion("hi", sp)))
+    assert {k: getattr(text.engine_request("hi", {}).sampling, k) for k in sampling} == sampling
+    for route, model, names in (("chat", ChatCompletionRequest, {*sampling, *chat}),
+                                ("completions", CompletionRequest, set(sampling))):
+        assert names <= set(FIELDS[route]) and set(model.model_fields) <= set(FIELDS[route]), route
+    assert not set(chat) & set(FIELDS["completions"])

@@ -23,8 +23,7 @@ import threading
 
 from superlinear.errors import InvalidRequest
 
-from .tools import TOOL_CLOSE, TOOL_OPEN
-from .types import THINK_CLOSE
+from .tools import THINK_CLOSE, TOOL_CLOSE, TOOL_OPEN
 
 STRUCTURED_KINDS = ("json", "json_object", "regex", "choice", "grammar", "tools")
 _JSON_DEFAULTS = {"whitespace_flexible": False}

@@ -1,18 +1,18 @@
 """Bounds on every number a chat request carries, and the check that enforces them.
 
 A request field is user input: an unbounded one can make the engine allocate a list of its
-size (``repetition.max_period``), overflow a C integer (``seed``), or run for hours. The server
-declares the same bounds in its request schemas (so the error names the JSON field); the engine
-checks them again in ``run_turn`` for library callers.
+size (``repetition.max_period``), overflow a C integer (``seed``), or run for hours. Each field
+declares its bounds in ``types.py`` (``request_field``, from the numbers here); the server's
+request schemas take them from there (so the error names the JSON field), and the engine checks
+them again in ``run_turn`` for library callers (``check_bounds``).
 """
 
 from __future__ import annotations
 
+import dataclasses
 import math
 
 from superlinear.errors import InvalidRequest
-
-from .types import ChatRequest, SamplingParams
 
 MAX_TOKENS = 1 << 32  # max_tokens, reasoning_budget, max_seq_len: beyond any cache
 MAX_TOP_K = 1 << 20  # larger than any vocabulary
@@ -54,33 +54,40 @@ def check_template_kwargs(kwargs) -> None:
                              "sets them itself", param="chat_template_kwargs")
 
 
-def check_sampling(sp: SamplingParams, vocab: int = MAX_TOP_K) -> None:
-    """Raise ``InvalidRequest`` (naming the field) for a sampling value outside its bounds;
+def check_bounds(request, prefix: str = "") -> None:
+    """Raise ``InvalidRequest`` (naming the field) for a value of the dataclass ``request``
+    outside its declared bounds (``types.request_field``); None is always allowed."""
+    for f in dataclasses.fields(request):
+        bounds, value = f.metadata.get("bounds"), getattr(request, f.name)
+        if not bounds or value is None:
+            continue
+        param = prefix + _PARAMS.get(f.name, f.name)
+        if "max_length" in bounds and len(value) > bounds["max_length"]:
+            raise InvalidRequest(f"{param}: at most {bounds['max_length']} entries", param=param)
+        if not bounds.keys() & {"ge", "gt", "le"}:
+            continue
+        integer = "int" in str(f.type).split(" | ")
+        ok = (isinstance(value, int) if integer else isinstance(value, (int, float)) and math.isfinite(value))
+        ok = ok and not isinstance(value, bool) and bounds.get("ge", value) <= value <= bounds.get("le", value)
+        if not ok or ("gt" in bounds and not value > bounds["gt"]):
+            low = f"[{bounds['ge']}" if "ge" in bounds else f"({bounds['gt']}"
+            raise InvalidRequest(f"{param} must be {'an integer' if integer else 'a number'} in {low}, "
+                                 f"{bounds['le']}], got {value!r}", param=param)
+
+
+_PARAMS = {"logprobs": "top_logprobs"}  # the chat's name of the count of alternatives
+
+
+def check_sampling(sp, vocab: int = MAX_TOP_K) -> None:
+    """Raise ``InvalidRequest`` (naming the field) for a value of the ``SamplingParams`` ``sp``
+    outside its bounds (``types.py`` imports this module: no annotation names its classes);
     ``vocab``: the model's vocabulary size (``logit_bias`` names token ids below it)."""
-    for name, value, low, high in (("temperature", sp.temperature, 0.0, 2.0), ("top_p", sp.top_p, 0.0, 1.0),
-                                   ("min_p", sp.min_p, 0.0, 1.0),
-                                   ("frequency_penalty", sp.frequency_penalty, -2.0, 2.0),
-                                   ("presence_penalty", sp.presence_penalty, -2.0, 2.0),
-                                   ("repeat_penalty", sp.repeat_penalty, 0.0, MAX_REPEAT_PENALTY)):
-        if not isinstance(value, (int, float)) or not math.isfinite(value) or not low <= value <= high:
-            raise InvalidRequest(f"{name} must be a number from {low} to {high}, got {value!r}", param=name)
-    if sp.top_p <= 0:
-        raise InvalidRequest("top_p must be more than 0", param="top_p")
-    if sp.repeat_penalty <= 0:
-        raise InvalidRequest("repeat_penalty must be more than 0 (1 is off)", param="repeat_penalty")
-    _int_in(sp.top_k, 0, MAX_TOP_K, "top_k")
-    _int_in(sp.seed, SEED_MIN, SEED_MAX, "seed")
-    _int_in(sp.max_tokens, 0, MAX_TOKENS, "max_tokens")
-    _int_in(sp.min_tokens, 0, MAX_TOKENS, "min_tokens")
+    check_bounds(sp)
     if sp.max_tokens is not None and sp.min_tokens > sp.max_tokens:
         raise InvalidRequest(f"min_tokens ({sp.min_tokens}) is more than max_tokens ({sp.max_tokens})",
                              param="min_tokens")
-    if len(sp.stop_token_ids) > MAX_STOPS * 64 or any(
-            not isinstance(t, int) or isinstance(t, bool) or not 0 <= t < vocab for t in sp.stop_token_ids):
-        raise InvalidRequest(f"stop_token_ids: at most {MAX_STOPS * 64} token ids below {vocab}",
-                             param="stop_token_ids")
-    _int_in(sp.repeat_last_n, 0, MAX_REPEAT_LAST_N, "repeat_last_n")
-    _int_in(sp.logprobs, 0, MAX_TOP_LOGPROBS, "top_logprobs")
+    if any(not isinstance(t, int) or isinstance(t, bool) or not 0 <= t < vocab for t in sp.stop_token_ids):
+        raise InvalidRequest(f"stop_token_ids: token ids below {vocab}", param="stop_token_ids")
     if len(sp.stop) > MAX_STOPS or any(not isinstance(s, str) or len(s) > MAX_STOP_CHARS for s in sp.stop):
         raise InvalidRequest(f"stop: at most {MAX_STOPS} strings of at most {MAX_STOP_CHARS} characters",
                              param="stop")
@@ -103,13 +110,11 @@ def _check_logit_bias(bias, vocab: int) -> None:
                                  param="logit_bias")
 
 
-def check_request(req: ChatRequest, vocab: int = MAX_TOP_K) -> None:
-    """Raise ``InvalidRequest`` (naming the field) for a value outside the bounds above."""
+def check_request(req, vocab: int = MAX_TOP_K) -> None:
+    """Raise ``InvalidRequest`` (naming the field) for a value of the ``ChatRequest`` ``req``
+    outside the bounds above."""
     check_sampling(req.sampling, vocab)
-    _int_in(req.reasoning_budget, 0, MAX_TOKENS, "reasoning_budget")
-    rep = req.repetition
-    if rep is not None:
-        _int_in(rep.tail_len, 2, MAX_REPETITION_TAIL, "repetition_detection.tail_len")
-        _int_in(rep.min_repeats, 2, MAX_REPETITION_REPEATS, "repetition_detection.min_repeats")
-        _int_in(rep.max_period, 1, MAX_REPETITION_PERIOD, "repetition_detection.max_period")
+    check_bounds(req)
+    if req.repetition is not None:
+        check_bounds(req.repetition, "repetition_detection.")
     check_template_kwargs(req.chat_template_kwargs)

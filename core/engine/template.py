@@ -14,8 +14,7 @@ from jinja2 import TemplateError
 from superlinear.errors import InvalidRequest
 
 from .limits import check_template_kwargs
-from .tools import arguments_as_objects, hermes_render_calls, hermes_tools_system_prompt
-from .types import THINK_CLOSE, THINK_OPEN
+from .tools import THINK_CLOSE, THINK_OPEN, arguments_as_objects, hermes_render_calls, hermes_tools_system_prompt
 
 # End-of-turn tokens of common chat formats: stop tokens whenever the vocabulary has them (a
 # model that starts a new turn, <|im_start|>, has ended its own).

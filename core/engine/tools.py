@@ -1,4 +1,6 @@
-"""Tool calls: parsing the formats models emit, and describing tools to templates without tool support.
+"""Tool calls: parsing the formats models emit, and describing tools to templates without tool support;
+and the markup around them (tool-call blocks, the reasoning block), which the template, the turn
+and the tool grammar share.
 
 Formats (both inside ``<tool_call>…</tool_call>``, several per turn):
 - Hermes / Qwen: a JSON object ``{"name": ..., "arguments": {...}}``.
@@ -13,6 +15,8 @@ import re
 import uuid
 
 TOOL_OPEN, TOOL_CLOSE = "<tool_call>", "</tool_call>"
+# The reasoning block's markers in a model's text (``ReasoningDelta``: the text between them).
+THINK_OPEN, THINK_CLOSE = "<think>", "</think>"
 # Nemotron Nano v2 writes a JSON list: <TOOLCALL>[{"name": ..., "arguments": {...}}, ...]</TOOLCALL>
 TOOL_BLOCKS = {TOOL_OPEN: TOOL_CLOSE, "<TOOLCALL>": "</TOOLCALL>"}
 _BLOCK_OPEN_RE = re.compile("|".join(map(re.escape, TOOL_BLOCKS)))  # the earliest opener (two never match at one place)

@@ -26,8 +26,8 @@ from .decode import (
 )
 from .limits import check_request
 from .repetition import RepetitionDetector
-from .tools import TOOL_BLOCKS, parse_tool_calls
-from .types import THINK_CLOSE, THINK_OPEN, ChatRequest, Done, Event, ReasoningDelta, TextDelta, ToolCallsEvent
+from .tools import THINK_CLOSE, THINK_OPEN, TOOL_BLOCKS, parse_tool_calls
+from .types import ChatRequest, Done, Event, ReasoningDelta, TextDelta, ToolCallsEvent
 
 END_OF_TURN_ROOM = 8
 

@@ -1,9 +1,30 @@
-"""Requests and events of a chat turn (plain dataclasses, no torch)."""
+"""Requests and events of a chat turn (plain dataclasses, no torch).
+
+The request fields a client sets by their own name carry their bounds and their row of the
+server's fields table (``request_field``): the server's OpenAI request bodies, its table of
+fields (docs/server.md) and ``limits.check_sampling`` all read them from here, so a new sampling
+field is declared once, in ``SamplingParams``, and implemented in ``decode.py`` (its ``Sampler``)."""
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import MISSING, dataclass, field
 from typing import Any
+
+from . import limits
+
+SAME = "same"
+
+
+def request_field(default: Any = MISSING, *, factory: Any = MISSING, ge: float | None = None,
+                  gt: float | None = None, le: float | None = None, max_length: int | None = None,
+                  doc: str | None = None, origin: str = "spl", vllm: str = "—", llamacpp: str = "—") -> Any:
+    """A field with the bounds every front end checks before any work (``ge``/``gt``/``le``: a
+    number's, ``max_length``: a list's). With ``doc``, a client sets it by this name: ``doc`` says
+    what spl does with it, ``origin`` whose API it comes from, ``vllm``/``llamacpp`` what those
+    servers do (``SAME``: the same; "—": they have no such field)."""
+    bounds = {k: v for k, v in (("ge", ge), ("gt", gt), ("le", le), ("max_length", max_length)) if v is not None}
+    table = {"doc": doc, "origin": origin, "vllm": vllm, "llamacpp": llamacpp} if doc else {}
+    return field(default=default, default_factory=factory, metadata={"bounds": bounds, **table})
 
 # "memory": the session's memory budget ended the generation (the server answers "length").
 FINISH_REASONS = ("stop", "length", "tool_calls", "repetition", "cancelled", "memory")
@@ -11,29 +32,46 @@ FINISH_REASONS = ("stop", "length", "tool_calls", "repetition", "cancelled", "me
 
 @dataclass
 class SamplingParams:
-    """How the next token is picked. ``temperature == 0`` is greedy (top_p/top_k/seed unused)."""
+    """How the next token is picked. ``temperature == 0`` is greedy (top_p/top_k/seed unused).
+    ``max_tokens``, ``stop``, ``top_k``, ``logprobs`` and ``structured`` have OpenAI's shapes of
+    their own (the server's adapters); every other field goes on the wire by its name."""
 
-    temperature: float = 0.0
-    top_p: float = 1.0
-    top_k: int = 0  # 0 = off
-    seed: int | None = None  # same seed (same model, same device) => same tokens
-    max_tokens: int | None = None  # None = until the cache is full
+    temperature: float = request_field(0.0, ge=0.0, le=2.0, origin="OpenAI", vllm=SAME, llamacpp=SAME,
+                                       doc="0 is greedy; default 0.7")
+    top_p: float = request_field(1.0, gt=0.0, le=1.0, origin="OpenAI", vllm=SAME, llamacpp=SAME,
+                                 doc="nucleus sampling")
+    top_k: int = request_field(0, ge=0, le=limits.MAX_TOP_K)  # 0 = off
+    seed: int | None = request_field(None, ge=limits.SEED_MIN, le=limits.SEED_MAX, origin="OpenAI", vllm=SAME,
+                                     llamacpp=SAME, doc="same seed, same tokens (same device)")
+    max_tokens: int | None = request_field(None, ge=0, le=limits.MAX_TOKENS)  # None = until the cache is full
     stop: list[str] = field(default_factory=list)  # cut before the first occurrence, never emitted
-    stop_token_ids: list[int] = field(default_factory=list)  # in addition to the end-of-turn tokens
+    stop_token_ids: list[int] = request_field(
+        factory=list, max_length=limits.MAX_STOPS * 64, origin="vLLM", vllm=SAME,
+        doc="token ids that stop, besides the end tokens; `stop_reason` names the one")
     # Penalties on tokens already seen (``decode.py``'s Sampler says how each applies; 0/1 = off):
-    frequency_penalty: float = 0.0  # OpenAI: minus this times a token's count in the output so far
-    presence_penalty: float = 0.0  # OpenAI: minus this once a token is in the output
-    repeat_penalty: float = 1.0  # llama.cpp: logits of the last ``repeat_last_n`` tokens divided by it
-    repeat_last_n: int = 64  # llama.cpp's window (prompt and output), 0 = off
-    min_p: float = 0.0  # drop tokens less likely than min_p times the most likely one
-    logit_bias: dict[int, float] | None = None  # OpenAI's: added to those tokens' logits (-100..100)
-    logprobs: int | None = None  # None: off; n >= 0: each token's logprob and the n most likely
+    frequency_penalty: float = request_field(0.0, ge=-2.0, le=2.0, origin="OpenAI", vllm=SAME, llamacpp=SAME,
+                                             doc="OpenAI's, over the output")
+    presence_penalty: float = request_field(0.0, ge=-2.0, le=2.0, origin="OpenAI", vllm=SAME, llamacpp=SAME,
+                                            doc="OpenAI's, over the output")
+    repeat_penalty: float = request_field(1.0, gt=0.0, le=limits.MAX_REPEAT_PENALTY, origin="llama.cpp",
+                                          vllm="`repetition_penalty`", llamacpp=SAME,
+                                          doc="logits of the last `repeat_last_n` tokens divided by it")
+    repeat_last_n: int = request_field(64, ge=0, le=limits.MAX_REPEAT_LAST_N, origin="llama.cpp", llamacpp=SAME,
+                                       doc="`repeat_penalty`'s window (prompt and output; 64)")
+    min_p: float = request_field(0.0, ge=0.0, le=1.0, origin="vLLM", vllm=SAME, llamacpp=SAME,
+                                 doc="drop tokens below `min_p` × the most likely")
+    logit_bias: dict[int, float] | None = request_field(None, origin="OpenAI", vllm=SAME, llamacpp=SAME,
+                                                        doc="token id → −100..100 added to its logit")
+    logprobs: int | None = request_field(None, ge=0, le=limits.MAX_TOP_LOGPROBS)  # None: off; n: the n most likely too
     # The one output constraint (``grammar.py``): {"json": schema, "strict": bool} | {"json_object": True} |
     # {"regex": r} | {"choice": [...]} | {"grammar": lark_or_gbnf} | {"tools": {...}}; None: free text
     structured: dict | None = None
-    min_tokens: int = 0  # no end token and no stop string before this many tokens (vLLM's)
-    ignore_eos: bool = False  # the end-of-text / end-of-turn tokens do not stop (stop_token_ids still do)
-    skip_special_tokens: bool = False  # special tokens left out of the text (vLLM's; its default is True)
+    min_tokens: int = request_field(0, ge=0, le=limits.MAX_TOKENS, origin="vLLM", vllm=SAME,
+                                    doc="no end token and no stop before this many tokens")
+    ignore_eos: bool = request_field(False, origin="vLLM", vllm=SAME, llamacpp=SAME,
+                                     doc="end-of-text / end-of-turn tokens do not stop the generation")
+    skip_special_tokens: bool = request_field(False, origin="vLLM", vllm="default true",
+                                              doc="special tokens left out of the text (default false)")
 
 
 @dataclass
@@ -45,9 +83,9 @@ class RepetitionConfig:
     ``tail_len`` tokens long (so a short run of one repeated token such as ``---`` is not a loop).
     """
 
-    tail_len: int = 32
-    min_repeats: int = 3
-    max_period: int = 64
+    tail_len: int = request_field(32, ge=2, le=limits.MAX_REPETITION_TAIL)
+    min_repeats: int = request_field(3, ge=2, le=limits.MAX_REPETITION_REPEATS)
+    max_period: int = request_field(64, ge=1, le=limits.MAX_REPETITION_PERIOD)
 
 
 @dataclass
@@ -55,12 +93,16 @@ class ChatRequest:
     messages: list[dict]  # the whole conversation as the client wants it after this turn's prompt
     tools: list[dict] | None = None  # OpenAI tools ({"type": "function", "function": {...}})
     tool_choice: Any = None  # None/"auto", "none", "required", {"type":"function","function":{"name":..}}
-    parallel_tool_calls: bool = False  # several calls in one answer (else the grammar allows one)
+    parallel_tool_calls: bool = request_field(  # else the grammar allows one call
+        False, origin="OpenAI", vllm=SAME, llamacpp=SAME,
+        doc="`true`: several calls may follow each other; else the tool grammar allows one (OpenAI's default is true)")
     sampling: SamplingParams = field(default_factory=SamplingParams)
-    reasoning_budget: int | None = None  # max reasoning tokens; then the engine closes </think> itself
+    # then the engine closes </think> itself
+    reasoning_budget: int | None = request_field(None, ge=0, le=limits.MAX_TOKENS,
+                                                 doc="reasoning tokens before `</think>` is written")
     repetition: RepetitionConfig | None = None  # None = no loop detection
     chat_template_kwargs: dict | None = None  # e.g. {"enable_thinking": False}
-    keep_thinking: bool = False  # keep the reasoning in the stored assistant message
+    keep_thinking: bool = request_field(False, doc="keep the reasoning in the session's transcript")
     keep_partial: bool = False  # a turn cancelled while decoding stores its partial answer
     # prefill the end-of-turn tokens before Done (a session's next turn starts from them); a
     # sessionless turn leaves them to its scratch cache's next sync, so its stream ends at once
@@ -70,10 +112,6 @@ class ChatRequest:
 @dataclass
 class TextDelta:
     text: str
-
-
-# The reasoning block's markers in a model's text (``ReasoningDelta``: the text between them).
-THINK_OPEN, THINK_CLOSE = "<think>", "</think>"
 
 
 @dataclass

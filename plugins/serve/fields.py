@@ -1,5 +1,8 @@
 """The one table of the request fields spl knows on ``/v1/chat/completions`` and
-``/v1/completions``: OpenAI's, vLLM's and llama.cpp's extensions, and spl's own.
+``/v1/completions``: OpenAI's, vLLM's and llama.cpp's extensions, and spl's own. The rows of the
+fields the engine's request types declare (``request_field`` in ``superlinear.engine.types``:
+``SamplingParams``' on both routes, ``ChatRequest``'s on the chat) come from those declarations;
+the rows written here are the adapters and the fields spl accepts or refuses.
 
 Each field is *honoured* (it changes what spl does), *accepted* (common clients send it and it
 changes nothing here: ``user``, ``store``...) or *refused* (known, not supported: a 400 that says
@@ -12,10 +15,12 @@ docs/server.md's table of fields is this table (``markdown_rows``; a test keeps 
 
 from __future__ import annotations
 
+import dataclasses
 import difflib
 import logging
 from dataclasses import dataclass
 
+from superlinear.engine.types import SAME, ChatRequest, SamplingParams
 from superlinear.errors import InvalidRequest
 
 log = logging.getLogger("spl.serve")
@@ -36,8 +41,10 @@ class KnownField:
     routes: tuple[str, ...] = BOTH
 
 
-_S = "same"
-_F = (
+_S = SAME
+# the adapters (OpenAI's shapes of the engine's fields) and the fields accepted or refused; the
+# engine's own fields are ``declared`` below
+_WRITTEN = (
     # -- OpenAI -------------------------------------------------------------------------------
     KnownField("model", "OpenAI", HONOURED, "the served model's name or an alias; another is 404", _S, "ignored"),
     KnownField("messages", "OpenAI", HONOURED, "text content (parts joined); images refused", _S, _S, (CHAT,)),
@@ -45,17 +52,11 @@ _F = (
     KnownField("max_tokens", "OpenAI", HONOURED, "chat: until the context is full if unset; completions: 16; "
                "0 with `echo` scores the prompt only", _S, "`n_predict`"),
     KnownField("max_completion_tokens", "OpenAI", HONOURED, "as `max_tokens`", _S, _S, (CHAT,)),
-    KnownField("temperature", "OpenAI", HONOURED, "0 is greedy; default 0.7", _S, _S),
-    KnownField("top_p", "OpenAI", HONOURED, "nucleus sampling", _S, _S),
     KnownField("n", "OpenAI", HONOURED, "1 only; other values 400", "several choices", _S),
     KnownField("best_of", "OpenAI", HONOURED, "1 only; other values 400", _S, "—", (TEXT,)),
     KnownField("stream", "OpenAI", HONOURED, "server-sent events", _S, _S),
     KnownField("stream_options", "OpenAI", HONOURED, "`include_usage`: a last chunk with the usage", _S, _S),
     KnownField("stop", "OpenAI", HONOURED, "up to 16 strings; the text is cut before the first", _S, _S),
-    KnownField("seed", "OpenAI", HONOURED, "same seed, same tokens (same device)", _S, _S),
-    KnownField("frequency_penalty", "OpenAI", HONOURED, "OpenAI's, over the output", _S, _S),
-    KnownField("presence_penalty", "OpenAI", HONOURED, "OpenAI's, over the output", _S, _S),
-    KnownField("logit_bias", "OpenAI", HONOURED, "token id → −100..100 added to its logit", _S, _S),
     KnownField("logprobs", "OpenAI", HONOURED, "chat: a bool; completions: how many alternatives", _S, "`n_probs`"),
     KnownField("top_logprobs", "OpenAI", HONOURED, "0..20 alternatives per token (needs `logprobs`)", _S, _S, (CHAT,)),
     KnownField("echo", "OpenAI", HONOURED, "the prompt before the completion (its logprobs with `logprobs`)",
@@ -68,8 +69,6 @@ _F = (
     KnownField("tool_choice", "OpenAI", HONOURED, "`required` / a named function: a grammar over the tools' "
                "names and parameter schemas; `auto`: free text or a valid call; `none`: no tools; a name not in "
                "`tools` is 400", "same (named and required guided)", "`auto` / `none` / `required`", (CHAT,)),
-    KnownField("parallel_tool_calls", "OpenAI", HONOURED, "`true`: several calls may follow each other; else the "
-               "tool grammar allows one (OpenAI's default is true)", _S, _S, (CHAT,)),
     KnownField("user", "OpenAI", ACCEPTED, "no effect", _S, "—"),
     KnownField("metadata", "OpenAI", ACCEPTED, "no effect", "—", "—", (CHAT,)),
     KnownField("store", "OpenAI", ACCEPTED, "no effect (nothing is stored without a `session_id`)", "—", "—", (CHAT,)),
@@ -85,15 +84,8 @@ _F = (
     KnownField("web_search_options", "OpenAI", REFUSED, "400: not supported", "—", "—", (CHAT,)),
     # -- vLLM -----------------------------------------------------------------------------------
     KnownField("top_k", "vLLM", HONOURED, "0 or −1: off", _S, _S),
-    KnownField("min_p", "vLLM", HONOURED, "drop tokens below `min_p` × the most likely", _S, _S),
     KnownField("repetition_penalty", "vLLM", HONOURED, "as llama.cpp's `repeat_penalty`, over the last "
                "`repeat_last_n` tokens (65,536 when unset)", "over prompt and output", "`repeat_penalty`"),
-    KnownField("min_tokens", "vLLM", HONOURED, "no end token and no stop before this many tokens", _S, "—"),
-    KnownField("ignore_eos", "vLLM", HONOURED, "end-of-text / end-of-turn tokens do not stop the generation", _S, _S),
-    KnownField("stop_token_ids", "vLLM", HONOURED, "token ids that stop, besides the end tokens; `stop_reason` "
-               "names the one", _S, "—"),
-    KnownField("skip_special_tokens", "vLLM", HONOURED, "special tokens left out of the text (default false)",
-               "default true", "—"),
     KnownField("spaces_between_special_tokens", "vLLM", ACCEPTED, "no effect", _S, "—"),
     KnownField("guided_json", "vLLM", HONOURED, "JSON of this schema (llguidance)", "same (deprecated for "
                "`structured_outputs`)", "`json_schema`"),
@@ -113,9 +105,6 @@ _F = (
     KnownField("include_stop_str_in_output", "vLLM", REFUSED, "400: the stop string is never in the text", _S, "—"),
     # -- llama.cpp ------------------------------------------------------------------------------
     KnownField("n_predict", "llama.cpp", HONOURED, "as `max_tokens` (−1: no limit)", "—", _S),
-    KnownField("repeat_penalty", "llama.cpp", HONOURED, "logits of the last `repeat_last_n` tokens divided by it",
-               "`repetition_penalty`", _S),
-    KnownField("repeat_last_n", "llama.cpp", HONOURED, "`repeat_penalty`'s window (prompt and output; 64)", "—", _S),
     KnownField("grammar", "llama.cpp", HONOURED, "GBNF (or Lark) through llguidance", "`guided_grammar`", _S),
     KnownField("json_schema", "llama.cpp", HONOURED, "JSON of this schema", "`guided_json`", _S),
     KnownField("cache_prompt", "llama.cpp", ACCEPTED, "no effect (the cached prefix is always reused)", "—", _S),
@@ -128,16 +117,23 @@ _F = (
     KnownField("session_id", "spl", HONOURED, "the turn runs on this session (its cache is kept)", "—", "—", (CHAT,)),
     KnownField("session_mode", "spl", HONOURED, "`auto`, `append` or `replace` the session's messages", "—", "—",
                (CHAT,)),
-    KnownField("reasoning_budget", "spl", HONOURED, "reasoning tokens before `</think>` is written", "—", "—",
-               (CHAT,)),
     KnownField("repetition_detection", "spl", HONOURED, "stop a loop (`finish_reason` stop, `stop_reason` "
                "repetition)", "—", "—"),
-    KnownField("keep_thinking", "spl", HONOURED, "keep the reasoning in the session's transcript", "—", "—",
-               (CHAT,)),
     KnownField("sse_ping_interval", "spl", HONOURED, "seconds of silence before a `: keep-alive` comment",
                "—", "—", (CHAT,)),
 )
 
+
+def declared(request_type: type, routes: tuple[str, ...]) -> list[KnownField]:
+    """The rows of the fields ``request_type`` declares for clients (those with a ``doc``)."""
+    return [KnownField(f.name, f.metadata["origin"], HONOURED, f.metadata["doc"], f.metadata["vllm"],
+                       f.metadata["llamacpp"], routes)
+            for f in dataclasses.fields(request_type) if "doc" in f.metadata]
+
+
+_ORIGINS, _STATUSES = ("OpenAI", "vLLM", "llama.cpp", "spl"), (HONOURED, ACCEPTED, REFUSED)
+_F = sorted([*declared(SamplingParams, BOTH), *declared(ChatRequest, (CHAT,)), *_WRITTEN],
+            key=lambda f: (_ORIGINS.index(f.origin), _STATUSES.index(f.status)))
 FIELDS: dict[str, dict[str, KnownField]] = {route: {f.name: f for f in _F if route in f.routes} for route in BOTH}
 # the fields that say how the output is constrained: at most one per request
 CONSTRAINTS = ("response_format", "guided_json", "guided_regex", "guided_choice", "guided_grammar",

@@ -14,8 +14,6 @@ from fastapi.responses import JSONResponse
 from superlinear import protocol
 from superlinear.errors import BodyTooLarge, InvalidRequest, Unauthorized, UserError
 
-from . import sse
-
 log = logging.getLogger("spl.serve")
 
 MAX_BODY_BYTES = int(os.environ.get("SPL_MAX_BODY_BYTES", 256 << 20))  # ~50M tokens of text
@@ -57,6 +55,12 @@ async def read_body(request: Request, limit: int = MAX_BODY_BYTES) -> bytes:
 _KEYED_PATHS = (protocol.Tokenize.http.route, protocol.Detokenize.http.route)
 
 
+def internal_error_body(exc: BaseException) -> dict:
+    """The OpenAI error body of a bug (a 500, or the last event of a stream that had begun)."""
+    return {"error": {"message": f"internal error: {type(exc).__name__}: {exc}".splitlines()[0],
+                      "type": "server_error", "param": None, "code": "internal_error"}}
+
+
 def bug_response(exc: BaseException) -> JSONResponse:
     """The answer to an exception no route turned into a ``UserError``: a disk that is full or
     read-only is the storage's state (503), anything else a bug (500, logged with its traceback)."""
@@ -66,7 +70,7 @@ def bug_response(exc: BaseException) -> JSONResponse:
         log.error("spl: storage error: %s", exc)
         return error_response(disk_error("the server cannot write its files", exc))
     log.exception("spl: internal error: %s", exc)
-    return JSONResponse(sse.internal_error_body(exc), status_code=500)
+    return JSONResponse(internal_error_body(exc), status_code=500)
 
 
 class GuardMiddleware:

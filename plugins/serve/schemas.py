@@ -1,7 +1,12 @@
 """Request bodies of the HTTP API (pydantic). The generation routes take the fields of one table
 (``fields.py``: a field outside it is a 400 naming it); every known field is type-checked and every
-number is bounded (the engine's limits, ``superlinear.engine.limits``): a wrong type or a value out
-of range is a 400 that names the field (``param``).
+number is bounded: a wrong type or a value out of range is a 400 that names the field (``param``).
+
+The chat and completion bodies derive from the engine's request types (``SamplingParams``,
+``ChatRequest``, ``RepetitionConfig``): a field declared there with a ``doc`` is a field of the
+body by the same name, type and bounds, passed through to the engine as it is; what stays
+written here are the adapters, OpenAI's (vLLM's, llama.cpp's) names and shapes that differ from
+the engine's (``max_completion_tokens``, ``response_format``, ``logprobs``, ``repetition_penalty``…).
 
 Before the schema sees a body, ``parse_body`` refuses what would break the code behind it: JSON
 nested deeper than ``MAX_JSON_DEPTH``, ``NaN``/``Infinity`` and lone UTF-16 surrogates in strings
@@ -10,15 +15,19 @@ nested deeper than ``MAX_JSON_DEPTH``, ``NaN``/``Infinity`` and lone UTF-16 surr
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 import re
+import typing
 from typing import Any, ClassVar, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, StrictBool, ValidationError, field_validator
+from pydantic import BaseModel, ConfigDict, Field, StrictBool, ValidationError, create_model, field_validator
 
+from superlinear.api.types import Completion
 from superlinear.defaults import TEMPERATURE as DEFAULT_TEMPERATURE
 from superlinear.engine import limits
+from superlinear.engine.types import ChatRequest, RepetitionConfig, SamplingParams
 from superlinear.errors import BodyTooLarge, InvalidRequest
 
 from .fields import CONSTRAINTS, check_fields
@@ -79,46 +88,48 @@ class StreamOptions(BaseModel):
     include_usage: StrictBool = False
 
 
-class RepetitionOptions(BaseModel):
-    model_config = _FORBID
-    tail_len: int = Field(32, ge=2, le=limits.MAX_REPETITION_TAIL)
-    min_repeats: int = Field(3, ge=2, le=limits.MAX_REPETITION_REPEATS)
-    max_period: int = Field(64, ge=1, le=limits.MAX_REPETITION_PERIOD)
+def wire_fields(request_type: type, *, default_from_engine: bool = False) -> dict[str, Any]:
+    """The fields of the engine's dataclass ``request_type`` that a client sets by their own name
+    (``types.request_field`` with a ``doc``; ``default_from_engine``: every bounded field), as
+    pydantic fields of the same type and bounds. Left out, a field is None: the engine's default."""
+    hints = typing.get_type_hints(request_type)
+    out = {}
+    for f in dataclasses.fields(request_type):
+        if "doc" not in f.metadata and not (default_from_engine and f.metadata.get("bounds")):
+            continue
+        kind = StrictBool if hints[f.name] is bool else hints[f.name]
+        default = f.default if default_from_engine else None
+        out[f.name] = (kind if default_from_engine else kind | None,
+                       Field(default, description=f.metadata.get("doc"), **f.metadata["bounds"]))
+    return out
 
 
-def check_stops(v):
-    stops = [v] if isinstance(v, str) else v or []
-    if len(stops) > limits.MAX_STOPS:
-        raise ValueError(f"at most {limits.MAX_STOPS} stop sequences")
-    if any(len(s) > limits.MAX_STOP_CHARS for s in stops):
-        raise ValueError(f"a stop sequence has at most {limits.MAX_STOP_CHARS} characters")
-    return v
+def given(body: BaseModel, request_type: type) -> dict:
+    """The fields of ``request_type`` that ``body`` sets (``wire_fields``), for its constructor."""
+    return {f.name: getattr(body, f.name) for f in dataclasses.fields(request_type)
+            if "doc" in f.metadata and getattr(body, f.name) is not None}
 
 
-class SamplingFields(BaseModel):
-    """The sampling fields chat and plain completions share (OpenAI's, vLLM's and llama.cpp's:
-    ``fields.py`` is the table of them). ``ROUTE``: the route's name in that table."""
+RepetitionOptions = create_model("RepetitionOptions", __config__=_FORBID,
+                                 **wire_fields(RepetitionConfig, default_from_engine=True))
+
+
+_SAMPLING_WIRE = wire_fields(SamplingParams)
+
+
+class GenerationBody(create_model("SamplingWire", __config__=_ALLOW, **_SAMPLING_WIRE)):
+    """What chat and plain completions share: every ``SamplingParams`` field a client sets by its
+    name (derived), and the adapters: OpenAI's, vLLM's and llama.cpp's names and shapes for the
+    engine's fields that differ (``fields.py`` is the table of them all). ``ROUTE``: the route's
+    name in that table."""
 
     ROUTE: ClassVar[str]
-    model_config = _ALLOW
     model: str | None = None
-    temperature: float | None = Field(None, ge=0.0, le=2.0)
-    top_p: float | None = Field(None, gt=0.0, le=1.0)
     top_k: int | None = Field(None, ge=-1, le=limits.MAX_TOP_K)  # -1 or 0: off (vLLM's and llama.cpp's)
-    min_p: float | None = Field(None, ge=0.0, le=1.0)
-    frequency_penalty: float | None = Field(None, ge=-2.0, le=2.0)
-    presence_penalty: float | None = Field(None, ge=-2.0, le=2.0)
-    repeat_penalty: float | None = Field(None, gt=0.0, le=limits.MAX_REPEAT_PENALTY)
-    repeat_last_n: int | None = Field(None, ge=0, le=limits.MAX_REPEAT_LAST_N)
     repetition_penalty: float | None = Field(None, gt=0.0, le=limits.MAX_REPEAT_PENALTY)  # vLLM's name
     stop: str | list[str] | None = None
-    stop_token_ids: list[int] | None = Field(None, max_length=limits.MAX_STOPS * 64)
-    min_tokens: int | None = Field(None, ge=0, le=limits.MAX_TOKENS)
-    ignore_eos: StrictBool = False
-    skip_special_tokens: StrictBool = False
     n_predict: int | None = Field(None, ge=-1, le=limits.MAX_TOKENS)  # llama.cpp's max_tokens (-1: no limit)
-    seed: int | None = Field(None, ge=limits.SEED_MIN, le=limits.SEED_MAX)
-    logit_bias: dict[int, float] | None = None  # token id (a JSON key) -> -100..100
+    repetition_detection: StrictBool | RepetitionOptions | None = None
     # the output constraints, at most one (fields.CONSTRAINTS); each becomes the engine's ``structured``
     response_format: dict | None = None
     guided_json: dict | str | None = None
@@ -132,7 +143,17 @@ class SamplingFields(BaseModel):
     @field_validator("stop")
     @classmethod
     def _stops(cls, v):
-        return check_stops(v)
+        stops = [v] if isinstance(v, str) else v or []
+        if len(stops) > limits.MAX_STOPS:
+            raise ValueError(f"at most {limits.MAX_STOPS} stop sequences")
+        if any(len(s) > limits.MAX_STOP_CHARS for s in stops):
+            raise ValueError(f"a stop sequence has at most {limits.MAX_STOP_CHARS} characters")
+        return v
+
+    @classmethod
+    def check_body(cls, data: dict, *, lenient: bool) -> None:
+        """Before validation (``parse_body``): only the fields of the route's table."""
+        check_fields(data, cls.ROUTE, lenient=lenient)
 
     def structured(self) -> dict | None:
         """The one output constraint as the engine's ``structured`` (checked: a 400 names the
@@ -157,23 +178,23 @@ class SamplingFields(BaseModel):
             return max_tokens
         return None if self.n_predict < 0 else self.n_predict
 
-    def sampling_params(self, defaults: dict, *, max_tokens: int | None, logprobs: int | None):
-        from superlinear.engine import SamplingParams
-
-        given = {name: getattr(self, name) for name in ("min_p", "frequency_penalty", "presence_penalty",
-                                                         "repeat_penalty", "repeat_last_n", "logit_bias",
-                                                         "min_tokens")
-                 if getattr(self, name) is not None}
+    def sampling_params(self, defaults: dict, *, max_tokens: int | None, logprobs: int | None) -> SamplingParams:
+        """The engine's sampling: the fields set, else the server's ``defaults``, else the engine's."""
+        server = {"temperature": DEFAULT_TEMPERATURE, **defaults}
+        fields = {**{k: v for k, v in server.items() if k in _SAMPLING_WIRE}, **given(self, SamplingParams)}
         if self.repetition_penalty is not None and self.repeat_penalty is None:
-            given["repeat_penalty"] = self.repetition_penalty
-            given.setdefault("repeat_last_n", limits.MAX_REPEAT_LAST_N)  # vLLM's: the whole prompt and output
-        temperature = defaults.get("temperature", DEFAULT_TEMPERATURE) if self.temperature is None else self.temperature
-        return SamplingParams(
-            temperature=temperature,
-            top_p=self.top_p if self.top_p is not None else 1.0, top_k=max(0, self.top_k or 0), seed=self.seed,
-            max_tokens=max_tokens, stop=[self.stop] if isinstance(self.stop, str) else list(self.stop or []),
-            stop_token_ids=list(self.stop_token_ids or []), ignore_eos=self.ignore_eos,
-            skip_special_tokens=self.skip_special_tokens, logprobs=logprobs, structured=self.structured(), **given)
+            fields["repeat_penalty"] = self.repetition_penalty
+            fields.setdefault("repeat_last_n", limits.MAX_REPEAT_LAST_N)  # vLLM's: the whole prompt and output
+        return SamplingParams(**fields, top_k=max(0, self.top_k or 0), max_tokens=max_tokens,
+                              stop=[self.stop] if isinstance(self.stop, str) else list(self.stop or []),
+                              logprobs=logprobs, structured=self.structured())
+
+    def repetition(self) -> RepetitionConfig | None:
+        if self.repetition_detection is True:
+            return RepetitionConfig()
+        if self.repetition_detection in (None, False):
+            return None
+        return RepetitionConfig(**self.repetition_detection.model_dump())
 
 
 def _structured_outputs(value: dict) -> dict:
@@ -188,7 +209,10 @@ def _structured_outputs(value: dict) -> dict:
     return {k: v for k, v in value.items() if k in ("json", "regex", "choice", "grammar", "json_object")}
 
 
-class ChatCompletionRequest(SamplingFields):
+class ChatCompletionRequest(create_model("ChatWire", __base__=GenerationBody, **wire_fields(ChatRequest))):
+    """``/v1/chat/completions``: the ``ChatRequest`` fields a client sets by name (derived), and
+    the adapters of the others."""
+
     ROUTE = "chat"
     messages: list[Message] = Field(min_length=1, max_length=MAX_MESSAGES)
     stream: StrictBool = False
@@ -198,16 +222,12 @@ class ChatCompletionRequest(SamplingFields):
     n: int | None = None
     tools: list[Tool] | None = None
     tool_choice: Literal["none", "auto", "required"] | dict | None = None
-    parallel_tool_calls: StrictBool | None = None  # several calls per answer only when true
     logprobs: StrictBool | None = None
     top_logprobs: int | None = Field(None, ge=0, le=limits.MAX_TOP_LOGPROBS)
+    chat_template_kwargs: dict[str, Any] | None = None
     # spl extensions (OpenAI clients send them with extra_body=...)
     session_id: str | None = None
     session_mode: Literal["auto", "append", "replace"] = "auto"
-    reasoning_budget: int | None = Field(None, ge=0, le=limits.MAX_TOKENS)
-    repetition_detection: StrictBool | RepetitionOptions | None = None
-    chat_template_kwargs: dict[str, Any] | None = None
-    keep_thinking: StrictBool = False
     # llama.cpp's conventions: prompt_progress chunks while the prompt is prefilled (stream only),
     # and the seconds of silence after which a ": keep-alive" comment goes out (-1: none)
     return_progress: StrictBool = False
@@ -255,9 +275,15 @@ class ChatCompletionRequest(SamplingFields):
     def plain_messages(self) -> list[dict]:
         return plain_messages(self.messages)
 
-    def logprobs_count(self) -> int | None:
-        """How many alternatives each token's logprobs list (None: no logprobs)."""
-        return (self.top_logprobs or 0) if self.logprobs else None
+    def engine_request(self, messages: list[dict], defaults: dict) -> ChatRequest:
+        """The engine's request of this body (``messages``: ``plain_messages()``)."""
+        logprobs = (self.top_logprobs or 0) if self.logprobs else None
+        max_tokens = self.token_limit(self.max_completion_tokens or self.max_tokens) or defaults.get("max_tokens")
+        tools = [t.model_dump(exclude_none=True) for t in self.tools] if self.tools else None
+        return ChatRequest(messages=messages, tools=tools, tool_choice=self.tool_choice,
+                           sampling=self.sampling_params(defaults, logprobs=logprobs, max_tokens=max_tokens),
+                           repetition=self.repetition(), chat_template_kwargs=self.chat_template_kwargs,
+                           **given(self, ChatRequest))
 
 
 def plain_messages(messages: list[Message]) -> list[dict]:
@@ -285,7 +311,7 @@ def plain_messages(messages: list[Message]) -> list[dict]:
     return out
 
 
-class CompletionRequest(SamplingFields):
+class CompletionRequest(GenerationBody):
     """``/v1/completions``: one prompt (a string or token ids), continued as plain text."""
 
     ROUTE = "completions"
@@ -297,7 +323,6 @@ class CompletionRequest(SamplingFields):
     n: int | None = None
     best_of: int | None = None
     logprobs: int | None = Field(None, ge=0, le=limits.MAX_TOP_LOGPROBS)  # the legacy API: how many alternatives
-    repetition_detection: StrictBool | RepetitionOptions | None = None
 
     def check_supported(self) -> None:
         for name in ("n", "best_of"):
@@ -318,6 +343,11 @@ class CompletionRequest(SamplingFields):
         if isinstance(p, list) and p and isinstance(p[0], (str, list)):
             return p[0]
         return p
+
+    def engine_request(self, prompt: str | list[int], defaults: dict) -> Completion:
+        """The API's request of this body (``prompt``: ``single_prompt()``)."""
+        sampling = self.sampling_params(defaults, max_tokens=self.token_limit(self.max_tokens), logprobs=self.logprobs)
+        return Completion(prompt, sampling, self.repetition(), echo=self.echo)
 
 
 class TokenizeRequest(BaseModel):
@@ -356,8 +386,8 @@ class DetokenizeRequest(BaseModel):
 def parse_body(raw: bytes, model: type[BaseModel], *, allow_empty: bool = False,
                max_bytes: int | None = None, lenient: bool = False) -> BaseModel:
     """Bytes -> a validated request model; anything malformed is ``InvalidRequest`` (400). A
-    generation request (a ``SamplingFields``) takes only the fields of ``fields.py``'s table
-    (``lenient``: unknown ones are dropped)."""
+    model's ``check_body(data, lenient=...)`` sees the parsed JSON first (a generation request
+    takes only the fields of ``fields.py``'s table; ``lenient``: unknown ones are dropped)."""
     if max_bytes is not None and len(raw) > max_bytes:
         raise BodyTooLarge(f"request body is {len(raw)} bytes; the limit is {max_bytes}")
     if not raw.strip():
@@ -376,8 +406,9 @@ def parse_body(raw: bytes, model: type[BaseModel], *, allow_empty: bool = False,
         raise InvalidRequest(f"the request body must be a JSON object, not {type(data).__name__}",
                              code="invalid_json")
     check_json_values(data)
-    if issubclass(model, SamplingFields):
-        check_fields(data, model.ROUTE, lenient=lenient)
+    check_body = getattr(model, "check_body", None)
+    if check_body is not None:
+        check_body(data, lenient=lenient)
     try:
         return model.model_validate(data)
     except ValidationError as exc:
