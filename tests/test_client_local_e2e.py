@@ -8,7 +8,6 @@
 - "another user's" server (its own state dir) on the configured port is never reported or used
   as ours, and `spl server stop` does not touch it;
 - a foreground `spl serve` takes its port from the config file and the client finds it there.
-(The one-time conversion of the default model: test_server_lifecycle.)
 """
 
 from __future__ import annotations
@@ -136,3 +135,18 @@ def test_foreground_serve_takes_the_config_port_and_the_client_finds_it(tmp_path
         if proc.poll() is None:
             proc.kill()
             proc.wait()
+
+
+def test_the_one_time_conversion_shows_its_steps(tmp_path):
+    """A fresh cache: `spl server start` converts the default model (from the installed GGUF, no
+    download) and shows which step of the conversion runs, as /health reports it."""
+    env = isolated_env(tmp_path, XDG_CACHE_HOME=str(tmp_path / "cache"), SPL_PORT=str(free_port()))
+    try:
+        started = run_spl(env, "server", "start", timeout=600)
+        assert started.returncode == 0, started.stderr
+        lines = [line for line in started.stderr.splitlines() if "converting the default model" in line]
+        assert any("step 2/4: de-quantizing the GGUF weights" in line for line in lines), started.stderr
+        assert all(line.startswith("spl: [") for line in lines), lines  # with its bar
+        assert (tmp_path / "cache" / "spl" / "models" / "default" / "spl.json").is_file()
+    finally:
+        run_spl(env, "server", "stop", timeout=120)
