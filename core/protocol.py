@@ -226,7 +226,7 @@ class ListSessions(ApiCommand):
     @classmethod
     def read(cls, answer: dict) -> SessionListing:
         return {"sessions": answer["data"], **{k: answer.get(k) for k in ("count", "bytes", "resident",
-                                                                           "memory_budget")}}
+                                                                           "memory_budget", "evict_to_disk")}}
 
 
 @dataclass(frozen=True)

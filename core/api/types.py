@@ -80,6 +80,7 @@ class SessionListing(TypedDict):
     bytes: int
     resident: int
     memory_budget: int | None
+    evict_to_disk: bool  # past the budget, idle sessions go to disk (else a request is refused)
 
 
 class SnapshotInfo(TypedDict, total=False):

@@ -246,7 +246,7 @@ class ChatService:
         return self._persisted(self.manager.create(session_id, max_seq_len, ephemeral=ephemeral))
 
     def list_sessions(self) -> dict:
-        """``{"sessions": [info...], "count", "bytes", "resident", "memory_budget"}``."""
+        """``{"sessions": [info...], "count", "bytes", "resident", "memory_budget", "evict_to_disk"}``."""
         return self.manager.list().as_dict()
 
     def session_info(self, session_id: str) -> dict:

@@ -173,8 +173,9 @@ class SessionManager:
 
     def list(self) -> SessionInfos:
         """Info dicts of every session (oldest first); the list also carries the totals
-        (``.count``, ``.bytes``, ``.resident``, ``.memory_budget``; ``.as_dict()``)."""
-        return SessionInfos([s.info() for s in self.sessions.all()], memory_budget=self.memory_budget)
+        (``.count``, ``.bytes``, ``.resident``, ``.memory_budget``, ``.evict_to_disk``; ``.as_dict()``)."""
+        return SessionInfos([s.info() for s in self.sessions.all()], memory_budget=self.memory_budget,
+                            evict_to_disk=self.evict_to_disk)
 
     def info(self, session_id: str) -> dict:
         return self.lookup(session_id).info()

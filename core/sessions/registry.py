@@ -193,16 +193,17 @@ class Session:
 class SessionInfos(list):
     """``SessionManager.list()``: a list of session info dicts plus the totals."""
 
-    def __init__(self, infos, memory_budget=None):
+    def __init__(self, infos, memory_budget=None, evict_to_disk: bool = False):
         super().__init__(infos)
         self.count = len(infos)
         self.bytes = sum(i["bytes"] for i in infos)
         self.resident = sum(1 for i in infos if i["resident"])
         self.memory_budget = memory_budget
+        self.evict_to_disk = evict_to_disk  # past the budget, idle sessions go to disk
 
     def as_dict(self) -> dict:
-        return {"sessions": list(self), "count": self.count, "bytes": self.bytes,
-                "resident": self.resident, "memory_budget": self.memory_budget}
+        return {"sessions": list(self), "count": self.count, "bytes": self.bytes, "resident": self.resident,
+                "memory_budget": self.memory_budget, "evict_to_disk": self.evict_to_disk}
 
 
 class SessionRegistry:

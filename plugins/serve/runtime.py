@@ -238,12 +238,11 @@ class Runtime:
                                   "tokens_per_s": round(tokens / seconds, 1)}
 
     def memory_info(self, listing: SessionListing) -> dict:
-        """The session memory budget: ``{"budget", "used", "free", "max_seq_len_limit", "eviction"}``
-        (idle sessions go to disk when memory runs short only while every turn is journaled)."""
+        """The session memory budget: ``{"budget", "used", "free", "max_seq_len_limit", "eviction"}``."""
         budget, used, model = listing["memory_budget"], listing["bytes"], self.api.get_model()
         return {"budget": budget, "used": used, "free": None if budget is None else budget - used,
                 "max_seq_len_limit": model["max_seq_len_limit"], "default_max_seq_len": model["default_max_seq_len"],
-                "eviction": self.options.persist == "turn"}
+                "eviction": listing["evict_to_disk"]}
 
     def persist_info(self, listing: SessionListing) -> dict:
         """Durability at a glance: ``ok`` is False while some session's last persist failed
