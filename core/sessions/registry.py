@@ -239,10 +239,8 @@ class SessionRegistry:
         return session_id
 
     def add(self, session: Session) -> Session:
-        with self._lock:
-            if session.id in self._sessions:
-                raise Conflict(f"session {session.id!r} already exists", param="session_id")
-            self._sessions[session.id] = session
+        if not self.add_unless_taken(session):
+            raise Conflict(f"session {session.id!r} already exists", param="session_id")
         return session
 
     def add_unless_taken(self, session: Session) -> bool:
