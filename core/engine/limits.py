@@ -70,9 +70,10 @@ def check_bounds(request, prefix: str = "") -> None:
         ok = (isinstance(value, int) if integer else isinstance(value, (int, float)) and math.isfinite(value))
         ok = ok and not isinstance(value, bool) and bounds.get("ge", value) <= value <= bounds.get("le", value)
         if not ok or ("gt" in bounds and not value > bounds["gt"]):
-            low = f"[{bounds['ge']}" if "ge" in bounds else f"({bounds['gt']}"
-            raise InvalidRequest(f"{param} must be {'an integer' if integer else 'a number'} in {low}, "
-                                 f"{bounds['le']}], got {value!r}", param=param)
+            low = f"[{bounds['ge']}" if "ge" in bounds else f"({bounds['gt']}" if "gt" in bounds else "(-inf"
+            high = f"{bounds['le']}]" if "le" in bounds else "inf)"
+            raise InvalidRequest(f"{param} must be {'an integer' if integer else 'a number'} in {low}, {high}, "
+                                 f"got {value!r}", param=param)
 
 
 _PARAMS = {"logprobs": "top_logprobs"}  # the chat's name of the count of alternatives
